@@ -1,0 +1,225 @@
+//! The on-disk form of a record: a small JSON envelope around the pretty-printed record.
+//!
+//! ```text
+//! {
+//!   "schema": "SnapshotInstanceStatus",
+//!   "version": 1,
+//!   "sha256": "<hex of sha256(schema NUL version NUL record-bytes)>",
+//!   "record": { ... }
+//! }
+//! ```
+//!
+//! The checksum covers the schema name, the version and the exact bytes of `record` as they stand
+//! in the file (read back through `RawValue`), so any altered byte that still parses is caught.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+use crate::error::DecodeError;
+use crate::schema::FieldPath;
+use crate::{Record, Schema};
+
+const ENVELOPE_KEYS: [&str; 4] = ["schema", "version", "sha256", "record"];
+
+/// Records without an envelope (written by EVE) are read as this version.
+pub const PLAIN_VERSION: u32 = 1;
+
+/// How the bytes were laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A Cairn envelope with schema, version and checksum.
+    Envelope,
+    /// A bare JSON object as EVE writes it: no version, no checksum.
+    Plain,
+}
+
+/// A record decoded from bytes.
+#[derive(Debug)]
+pub struct Decoded<T> {
+    pub record: T,
+    /// The version the writer declared (before migration).
+    pub stored_version: u32,
+    pub format: Format,
+}
+
+/// The schema-independent view of a record: what `cairn record check` reports before it knows
+/// the type.
+#[derive(Debug, Clone)]
+pub struct Inspected {
+    /// `None` for a plain (EVE) record.
+    pub schema: Option<String>,
+    pub version: u32,
+    pub format: Format,
+    pub record: Value,
+}
+
+/// Serializes `record` into its envelope.
+pub fn encode<T: Record>(record: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let body = serde_json::to_string_pretty(record)?;
+    // JSON strings never hold a raw newline, so every newline is structure and re-indenting
+    // nests the record one level inside the envelope.
+    let body = body.replace('\n', "\n  ");
+    let digest = checksum(T::SCHEMA, T::VERSION, body.as_bytes());
+    let schema = serde_json::to_string(T::SCHEMA)?;
+    let mut out = String::with_capacity(body.len() + 160);
+    out.push_str("{\n  \"schema\": ");
+    out.push_str(&schema);
+    out.push_str(",\n  \"version\": ");
+    out.push_str(&T::VERSION.to_string());
+    out.push_str(",\n  \"sha256\": \"");
+    out.push_str(&digest);
+    out.push_str("\",\n  \"record\": ");
+    out.push_str(&body);
+    out.push_str("\n}\n");
+    Ok(out.into_bytes())
+}
+
+/// Decodes `bytes` as a `T`: envelope and checksum, schema name, migration of older versions,
+/// mandatory fields at every depth, then the typed value.
+pub fn decode<T: Record>(bytes: &[u8]) -> Result<Decoded<T>, DecodeError> {
+    let inspected = inspect(bytes)?;
+    match (&inspected.schema, inspected.format) {
+        (Some(found), _) if found != T::SCHEMA => {
+            return Err(DecodeError::WrongSchema {
+                expected: T::SCHEMA,
+                found: found.clone(),
+            });
+        }
+        (None, Format::Plain) if !T::PLAIN_IMPORT => {
+            return Err(DecodeError::NotARecord { schema: T::SCHEMA });
+        }
+        _ => {}
+    }
+    let mut value = inspected.record;
+    migrate::<T>(&mut value, inspected.version)?;
+    check_mandatory::<T>(&value)?;
+    let record = deserialize_value(value)?;
+    Ok(Decoded {
+        record,
+        stored_version: inspected.version,
+        format: inspected.format,
+    })
+}
+
+/// Reads the envelope and verifies the checksum without knowing the record's type.
+pub fn inspect(bytes: &[u8]) -> Result<Inspected, DecodeError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(DecodeError::Empty);
+    }
+    let text = std::str::from_utf8(bytes).map_err(|err| DecodeError::Malformed {
+        line: 1 + bytes[..err.valid_up_to()]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count(),
+        column: 0,
+        message: format!("not UTF-8 at byte {}", err.valid_up_to()),
+    })?;
+    let top: BTreeMap<String, Box<RawValue>> = serde_json::from_str(text).map_err(|err| {
+        if err.classify() == serde_json::error::Category::Data {
+            DecodeError::BadEnvelope("the top level is not a JSON object".into())
+        } else {
+            DecodeError::from_json(&err, bytes.len())
+        }
+    })?;
+
+    if !ENVELOPE_KEYS.iter().any(|k| top.contains_key(*k)) {
+        let record: Value =
+            serde_json::from_str(text).map_err(|err| DecodeError::from_json(&err, bytes.len()))?;
+        return Ok(Inspected {
+            schema: None,
+            version: PLAIN_VERSION,
+            format: Format::Plain,
+            record,
+        });
+    }
+
+    let field = |key: &str| {
+        top.get(key)
+            .ok_or_else(|| DecodeError::BadEnvelope(format!("`{key}` is missing")))
+    };
+    let schema: String = serde_json::from_str(field("schema")?.get())
+        .map_err(|_| DecodeError::BadEnvelope("`schema` is not a string".into()))?;
+    let version: u32 = serde_json::from_str(field("version")?.get())
+        .map_err(|_| DecodeError::BadEnvelope("`version` is not a whole number".into()))?;
+    if version == 0 {
+        return Err(DecodeError::BadEnvelope(
+            "`version` is 0; versions start at 1".into(),
+        ));
+    }
+    let stored: String = serde_json::from_str(field("sha256")?.get())
+        .map_err(|_| DecodeError::BadEnvelope("`sha256` is not a string".into()))?;
+    let raw = field("record")?.get();
+    let computed = checksum(&schema, version, raw.as_bytes());
+    if stored != computed {
+        return Err(DecodeError::Corrupt { stored, computed });
+    }
+    let record: Value =
+        serde_json::from_str(raw).map_err(|err| DecodeError::from_json(&err, bytes.len()))?;
+    Ok(Inspected {
+        schema: Some(schema),
+        version,
+        format: Format::Envelope,
+        record,
+    })
+}
+
+/// Brings an older record up to `T::VERSION` through the registered steps, one version at a time.
+/// A newer record is left as it is: its unknown fields are ignored and its mandatory fields checked.
+fn migrate<T: Record>(value: &mut Value, stored_version: u32) -> Result<(), DecodeError> {
+    let mut version = stored_version;
+    while version < T::VERSION {
+        let step =
+            T::migrations()
+                .iter()
+                .find(|m| m.from == version)
+                .ok_or(DecodeError::NoMigration {
+                    from: version,
+                    current: T::VERSION,
+                })?;
+        (step.apply)(value).map_err(|message| DecodeError::MigrationFailed {
+            from: version,
+            message,
+        })?;
+        version += 1;
+    }
+    Ok(())
+}
+
+/// Checks every mandatory field of `T` in `value`, naming each missing one by its full path.
+pub fn check_mandatory<T: Schema>(value: &Value) -> Result<(), DecodeError> {
+    let mut missing = Vec::new();
+    T::check_mandatory(value, &mut FieldPath::new(), &mut missing);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(DecodeError::MissingFields(missing))
+    }
+}
+
+/// Deserializes with the path of a mistyped field in the error.
+pub fn deserialize_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, DecodeError> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        DecodeError::Invalid {
+            path: if path == "." { "(record)".into() } else { path },
+            message: err.into_inner().to_string(),
+        }
+    })
+}
+
+fn checksum(schema: &str, version: u32, record: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(schema.as_bytes());
+    hasher.update([0]);
+    hasher.update(version.to_string().as_bytes());
+    hasher.update([0]);
+    hasher.update(record);
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
