@@ -1,0 +1,98 @@
+//! Applications: the controller's config for one, and the app-manager's status of it.
+
+use cairn_persist::Persist;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_repr::{Deserialize_repr, Serialize_repr};
+use uuid::Uuid;
+
+use crate::common::{
+    AppInstanceOpsCmd, ErrorDescription, UUIDandVersion, go_time, null_as_default,
+};
+use crate::domain::DomainSpec;
+use crate::snapshot::{SnapshotConfig, SnapshottingStatus};
+
+/// A volume an app uses, at a generation (EVE `VolumeRefConfig`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct VolumeRefConfig {
+    #[serde(rename = "VolumeID")]
+    #[persist(mandatory)]
+    pub volume_id: Uuid,
+    pub generation_counter: i64,
+    pub local_generation_counter: i64,
+    /// For process apps: where the volume's directory appears to the app.
+    pub mount_dir: String,
+}
+
+/// The controller's (or a rollback's local) config of one app. Persisted with each snapshot as
+/// `appInstanceConfig.json`; a rollback restores it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "AppInstanceConfig", version = 1, plain_import)]
+pub struct AppInstanceConfig {
+    #[serde(rename = "UUIDandVersion")]
+    #[persist(mandatory)]
+    pub uuid_and_version: UUIDandVersion,
+    pub display_name: String,
+    pub activate: bool,
+    #[serde(deserialize_with = "null_as_default")]
+    pub volume_ref_config_list: Vec<VolumeRefConfig>,
+    pub restart_cmd: AppInstanceOpsCmd,
+    pub purge_cmd: AppInstanceOpsCmd,
+    /// Counters raised on the device itself (EVE: local restart/purge), added to the controller's.
+    pub local_restart_cmd: AppInstanceOpsCmd,
+    pub local_purge_cmd: AppInstanceOpsCmd,
+    pub snapshot: SnapshotConfig,
+    /// Cairn: how the app runs (EVE derives this from `FixedResources` and its images).
+    pub domain: Option<DomainSpec>,
+}
+
+impl AppInstanceConfig {
+    pub fn app_uuid(&self) -> Uuid {
+        self.uuid_and_version.uuid
+    }
+}
+
+/// EVE's state of an app or volume (`SwState`); the numbers are EVE's.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize_repr, Deserialize_repr, Persist,
+)]
+#[repr(u8)]
+pub enum SwState {
+    #[default]
+    Initial = 100,
+    CreatingVolume = 109,
+    CreatedVolume = 110,
+    Installed = 111,
+    Booting = 114,
+    Running = 115,
+    Pausing = 116,
+    Paused = 117,
+    Halting = 118,
+    Halted = 119,
+    Broken = 120,
+    Unknown = 121,
+    Pending = 122,
+    Failed = 124,
+}
+
+/// The app-manager's view of one app. Key: app UUID.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "AppInstanceStatus", version = 1)]
+pub struct AppInstanceStatus {
+    /// The config in effect: after a rollback, the snapshot's version.
+    #[serde(rename = "UUIDandVersion")]
+    #[persist(mandatory)]
+    pub uuid_and_version: UUIDandVersion,
+    pub display_name: String,
+    pub state: SwState,
+    pub activated: bool,
+    #[serde(with = "go_time")]
+    pub boot_time: Option<DateTime<Utc>>,
+    pub snap_status: SnapshottingStatus,
+    pub error: ErrorDescription,
+    #[serde(deserialize_with = "null_as_default")]
+    pub warnings: Vec<String>,
+}

@@ -1,0 +1,116 @@
+//! Domains: how the domain-manager is asked to run an app, and what it reports.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use cairn_persist::Persist;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::common::{ErrorDescription, UUIDandVersion, go_time, null_as_default};
+use crate::volume::VolumeFormat;
+
+/// A qemu VM booted from a kernel and initrd.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    #[serde(rename = "MemoryMiB")]
+    pub memory_mib: u32,
+    pub cpus: u32,
+}
+
+/// A plain process; its volumes are directories.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct ProcessSpec {
+    pub command: PathBuf,
+    #[serde(deserialize_with = "null_as_default")]
+    pub args: Vec<String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<PathBuf>,
+}
+
+/// How an app runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(tag = "Kind")]
+pub enum DomainSpec {
+    Vm(VmSpec),
+    Process(ProcessSpec),
+}
+
+/// A volume as the domain sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct DiskConfig {
+    #[serde(rename = "VolumeKey")]
+    #[persist(mandatory)]
+    pub volume_key: String,
+    pub file_location: PathBuf,
+    pub format: VolumeFormat,
+    pub read_only: bool,
+    /// For process apps: where the directory appears to the app.
+    pub mount_dir: String,
+}
+
+/// app-manager → domain-manager. Key: app UUID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(rename_all = "PascalCase")]
+#[persist(record = "DomainConfig", version = 1)]
+pub struct DomainConfig {
+    #[serde(rename = "UUIDandVersion")]
+    #[persist(mandatory)]
+    pub uuid_and_version: UUIDandVersion,
+    #[serde(default)]
+    pub display_name: String,
+    #[serde(default)]
+    pub activate: bool,
+    #[persist(mandatory)]
+    pub spec: DomainSpec,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub disk_config_list: Vec<DiskConfig>,
+    #[serde(default)]
+    pub restart_counter: u32,
+    #[serde(default)]
+    pub purge_counter: u32,
+}
+
+impl DomainConfig {
+    pub fn app_uuid(&self) -> Uuid {
+        self.uuid_and_version.uuid
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]
+pub enum DomainState {
+    #[default]
+    Halted,
+    Booting,
+    Running,
+    Halting,
+    /// Died on its own or failed to start; see the error. Restarting is the app-manager's call.
+    Broken,
+}
+
+/// domain-manager → app-manager, cli. Key: app UUID.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "DomainStatus", version = 1)]
+pub struct DomainStatus {
+    #[serde(rename = "UUIDandVersion")]
+    #[persist(mandatory)]
+    pub uuid_and_version: UUIDandVersion,
+    pub display_name: String,
+    pub state: DomainState,
+    pub activated: bool,
+    pub pid: Option<u32>,
+    #[serde(with = "go_time")]
+    pub boot_time: Option<DateTime<Utc>>,
+    pub restart_counter: u32,
+    pub purge_counter: u32,
+    pub error: ErrorDescription,
+}

@@ -1,0 +1,58 @@
+//! Every message that crosses Cairn's bus or disk: config, status and snapshot records.
+//!
+//! Invariant: this crate does no I/O. Its types carry EVE's field names (PascalCase, `…ID`,
+//! `UUIDandVersion`) so that records EVE wrote load as they are; mandatory fields are declared
+//! with `#[persist(mandatory)]` and checked by `cairn-persist` at every depth.
+
+pub mod app;
+pub mod common;
+pub mod domain;
+pub mod layout;
+pub mod snapshot;
+pub mod volume;
+
+pub use app::{AppInstanceConfig, AppInstanceStatus, SwState, VolumeRefConfig};
+pub use common::{
+    AppInstanceOpsCmd, ErrorDescription, ErrorEntity, ErrorEntityType, ErrorSeverity,
+    UUIDandVersion,
+};
+pub use domain::{
+    DiskConfig, DomainConfig, DomainSpec, DomainState, DomainStatus, ProcessSpec, VmSpec,
+};
+pub use snapshot::{
+    SnapshotConfig, SnapshotDesc, SnapshotInstanceStatus, SnapshotType, SnapshotWhen,
+    SnapshottingStatus, VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus,
+};
+pub use volume::{
+    SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeState, VolumeStatus,
+    volume_key,
+};
+
+/// A message published on the bus: its topic is its type name, and each value has a key.
+pub trait Topic: cairn_persist::Record + Clone + PartialEq + Send + Sync + 'static {
+    /// The topic name, equal to the type name as in EVE.
+    const NAME: &'static str;
+    /// The key of this value within its topic.
+    fn key(&self) -> String;
+}
+
+macro_rules! topic {
+    ($ty:ty, |$v:ident| $key:expr) => {
+        impl Topic for $ty {
+            const NAME: &'static str = <$ty as cairn_persist::Record>::SCHEMA;
+            fn key(&self) -> String {
+                let $v = self;
+                $key
+            }
+        }
+    };
+}
+
+topic!(AppInstanceConfig, |v| v.uuid_and_version.uuid.to_string());
+topic!(AppInstanceStatus, |v| v.uuid_and_version.uuid.to_string());
+topic!(VolumeConfig, |v| v.key());
+topic!(VolumeStatus, |v| v.key());
+topic!(DomainConfig, |v| v.uuid_and_version.uuid.to_string());
+topic!(DomainStatus, |v| v.uuid_and_version.uuid.to_string());
+topic!(VolumesSnapshotConfig, |v| v.snapshot_id.to_string());
+topic!(VolumesSnapshotStatus, |v| v.snapshot_id.to_string());

@@ -1,0 +1,172 @@
+//! Snapshot config and records (DESIGN.md §3). Field names are EVE's, so the three files EVE
+//! writes under `/persist/snapshots/<id>/` load as they are.
+
+use std::collections::BTreeMap;
+
+use cairn_persist::Persist;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_repr::{Deserialize_repr, Serialize_repr};
+use uuid::Uuid;
+
+use crate::common::{
+    AppInstanceOpsCmd, ErrorDescription, UUIDandVersion, go_time, null_as_default,
+};
+
+/// When a snapshot is taken; numbers as the API's `SnapshotType`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize_repr, Deserialize_repr, Persist,
+)]
+#[repr(i32)]
+pub enum SnapshotType {
+    #[default]
+    Unspecified = 0,
+    /// Taken at the next upgrade or purge, with the config in use before the change.
+    AppUpdate = 1,
+    /// Stop the app now, take it, start again.
+    Immediate = 2,
+}
+
+/// One snapshot asked for by the controller (EVE `SnapshotDesc`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]
+#[serde(default)]
+pub struct SnapshotDesc {
+    #[serde(rename = "SnapshotID")]
+    #[persist(mandatory)]
+    pub snapshot_id: Uuid,
+    #[serde(rename = "SnapshotType")]
+    pub snapshot_type: SnapshotType,
+}
+
+/// The snapshot block of an app's config (EVE `SnapshotConfig`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct SnapshotConfig {
+    /// The snapshot the controller believes the app runs on; empty when none.
+    pub active_snapshot: String,
+    pub max_snapshots: u32,
+    /// A rollback to `active_snapshot` is asked for each time this counter increases.
+    pub rollback_cmd: AppInstanceOpsCmd,
+    #[serde(deserialize_with = "null_as_default")]
+    pub snapshots: Vec<SnapshotDesc>,
+}
+
+/// Why a snapshot was taken (EVE `SnapshotWhen`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize_repr, Deserialize_repr, Persist)]
+#[repr(u8)]
+pub enum SnapshotWhen {
+    #[default]
+    NoSnapshotTake = 0,
+    SnapshotImmediate = 1,
+    SnapshotOnUpgrade = 2,
+}
+
+/// The record of one snapshot of one app, persisted as `snapshotInstanceStatus.json`.
+/// EVE's mandatory fields: `Snapshot`, `AppInstanceID`, `ConfigVersion`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "SnapshotInstanceStatus", version = 1, plain_import)]
+pub struct SnapshotInstanceStatus {
+    #[persist(mandatory)]
+    pub snapshot: SnapshotDesc,
+    /// Whether the controller has been told about it.
+    pub reported: bool,
+    #[serde(with = "go_time")]
+    pub time_triggered: Option<DateTime<Utc>>,
+    #[serde(with = "go_time")]
+    pub time_created: Option<DateTime<Utc>>,
+    #[serde(rename = "AppInstanceID")]
+    #[persist(mandatory)]
+    pub app_instance_id: Uuid,
+    /// The app config the snapshot belongs to: the one restored by a rollback.
+    #[persist(mandatory)]
+    pub config_version: UUIDandVersion,
+    pub error: ErrorDescription,
+}
+
+/// The snapshot part of an app's status (EVE `SnapshottingStatus`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct SnapshottingStatus {
+    pub max_snapshots: u32,
+    #[serde(deserialize_with = "null_as_default")]
+    pub requested_snapshots: Vec<SnapshotInstanceStatus>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub available_snapshots: Vec<SnapshotInstanceStatus>,
+    /// Deletions wait for the app's next deactivation; they are reported as pending meanwhile.
+    #[serde(deserialize_with = "null_as_default")]
+    pub snapshots_to_be_deleted: Vec<SnapshotDesc>,
+    #[serde(
+        rename = "PreparedVolumesSnapshotConfigs",
+        deserialize_with = "null_as_default"
+    )]
+    pub prepared_volumes_snapshot_configs: Vec<VolumesSnapshotConfig>,
+    pub snapshot_taken_type: SnapshotWhen,
+    pub has_rollback_request: bool,
+    pub active_snapshot: String,
+    pub rollback_in_progress: bool,
+}
+
+/// What the volume-manager is asked to do with a snapshot; numbers as EVE's.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize_repr, Deserialize_repr, Persist,
+)]
+#[repr(u8)]
+pub enum VolumesSnapshotAction {
+    #[default]
+    Unspecified = 0,
+    Create = 1,
+    Rollback = 2,
+    Delete = 3,
+}
+
+/// app-manager → volume-manager: act on the snapshot of an app's volumes. Key: snapshot id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "VolumesSnapshotConfig", version = 1, plain_import)]
+pub struct VolumesSnapshotConfig {
+    #[serde(rename = "SnapshotID")]
+    #[persist(mandatory)]
+    pub snapshot_id: Uuid,
+    #[persist(mandatory)]
+    pub action: VolumesSnapshotAction,
+    #[serde(rename = "VolumeIDs", deserialize_with = "null_as_default")]
+    pub volume_ids: Vec<Uuid>,
+    #[serde(rename = "AppUUID")]
+    #[persist(mandatory)]
+    pub app_uuid: Uuid,
+    /// Cairn: increased to ask again for the same action (EVE would see an equal value and do
+    /// nothing).
+    pub request_counter: u64,
+}
+
+/// volume-manager → app-manager: the result, persisted as `volumesSnapshotStatus.json` before
+/// it is published. EVE's mandatory fields: `SnapshotID`, `VolumeSnapshotMeta`, `AppUUID`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "VolumesSnapshotStatus", version = 1, plain_import)]
+pub struct VolumesSnapshotStatus {
+    #[serde(rename = "SnapshotID")]
+    #[persist(mandatory)]
+    pub snapshot_id: Uuid,
+    /// Per volume id, the backend's own description of its snapshot (EVE keeps a bare
+    /// snapshot name here for qcow2).
+    #[persist(mandatory)]
+    pub volume_snapshot_meta: BTreeMap<Uuid, serde_json::Value>,
+    #[serde(with = "go_time")]
+    pub time_created: Option<DateTime<Utc>>,
+    #[serde(rename = "AppUUID")]
+    #[persist(mandatory)]
+    pub app_uuid: Uuid,
+    pub ref_count: i64,
+    pub result_of_action: VolumesSnapshotAction,
+    /// Cairn: the request this status answers, so a repeated request is seen as answered.
+    pub request_counter: u64,
+    /// Cairn: per-volume errors of the last action (EVE keeps only one error).
+    #[serde(deserialize_with = "null_as_default")]
+    pub volume_errors: BTreeMap<Uuid, String>,
+    /// EVE embeds `ErrorAndTimeWithSource`, so these keys sit at the top level.
+    pub error_source_type: String,
+    #[serde(flatten)]
+    pub error: ErrorDescription,
+}
