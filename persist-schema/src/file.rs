@@ -45,6 +45,14 @@ pub fn store_with_backup<T: Record>(path: &Path, record: &T) -> Result<(), Persi
     write_atomic(path, &bytes, true).map_err(|(op, e)| failure::<T>(path, ErrorKind::io(op, e)))
 }
 
+/// Like [`store`] but without fsync: atomic against a crash of the process (the rename), not
+/// against power loss. For files under the run root, which a reboot wipes anyway.
+pub fn store_unsynced<T: Record>(path: &Path, record: &T) -> Result<(), PersistError> {
+    let bytes = codec::encode(record).map_err(|e| failure::<T>(path, ErrorKind::Encode(e)))?;
+    write_atomic_with(path, &bytes, false, false)
+        .map_err(|(op, e)| failure::<T>(path, ErrorKind::io(op, e)))
+}
+
 /// Reads and validates the record at `path`.
 pub fn load<T: Record>(path: &Path) -> Result<Loaded<T>, PersistError> {
     read_record::<T>(path)
@@ -126,10 +134,18 @@ type IoStep = (&'static str, io::Error);
 /// Writes `bytes` to `path` atomically and durably; with `keep_backup`, the current content of
 /// `path` (if any) becomes `<path>.bak` first. The primary is never absent at any instant.
 pub fn write_atomic(path: &Path, bytes: &[u8], keep_backup: bool) -> Result<(), IoStep> {
+    write_atomic_with(path, bytes, keep_backup, true)
+}
+
+fn write_atomic_with(path: &Path, bytes: &[u8], keep_backup: bool, sync: bool) -> Result<(), IoStep> {
     let dir = parent_of(path);
-    create_dir_durable(dir).map_err(|e| ("creating the directory", e))?;
+    if sync {
+        create_dir_durable(dir).map_err(|e| ("creating the directory", e))?;
+    } else if !dir.is_dir() {
+        fs::create_dir_all(dir).map_err(|e| ("creating the directory", e))?;
+    }
     let tmp = sibling(path, ".", ".tmp");
-    if let Err(e) = write_synced(&tmp, bytes) {
+    if let Err(e) = write_file(&tmp, bytes, sync) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
@@ -138,10 +154,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8], keep_backup: bool) -> Result<(), 
         return Err(e);
     }
     fs::rename(&tmp, path).map_err(|e| ("renaming into place", e))?;
-    sync_dir(dir).map_err(|e| ("syncing the directory", e))
+    if sync {
+        sync_dir(dir).map_err(|e| ("syncing the directory", e))?;
+    }
+    Ok(())
 }
 
-fn write_synced(tmp: &Path, bytes: &[u8]) -> Result<(), IoStep> {
+fn write_file(tmp: &Path, bytes: &[u8], sync: bool) -> Result<(), IoStep> {
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -149,7 +168,10 @@ fn write_synced(tmp: &Path, bytes: &[u8]) -> Result<(), IoStep> {
         .open(tmp)
         .map_err(|e| ("creating the temporary file", e))?;
     file.write_all(bytes).map_err(|e| ("writing", e))?;
-    file.sync_all().map_err(|e| ("syncing", e))
+    if sync {
+        file.sync_all().map_err(|e| ("syncing", e))?;
+    }
+    Ok(())
 }
 
 /// Makes `<path>.bak` a copy of the current `path` without ever removing `path`: a hard link

@@ -24,7 +24,7 @@ pub use codec::{
 pub use error::{DecodeError, ErrorKind, PersistError};
 pub use file::{
     Loaded, Origin, backup_path, create_dir_durable, load, load_with_backup, remove,
-    remove_dir_durable, store, store_with_backup, sync_dir, write_atomic,
+    remove_dir_durable, store, store_unsynced, store_with_backup, sync_dir, write_atomic,
 };
 pub use schema::{FieldPath, Schema};
 // The derive refers to serde_json through this crate so users need not depend on it.

@@ -1,0 +1,1 @@
+//! Read-only D-Bus gateway (zbus): being written.

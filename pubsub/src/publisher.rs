@@ -1,0 +1,628 @@
+//! A publication: the owner of one topic. It keeps the table of keys, serves it on its socket to
+//! every subscriber (whole table, then synchronized, then live changes) and keeps it in files.
+//!
+//! Memory per subscriber is bounded: each subscriber has an outbox holding at most one pending
+//! value per key (the latest); values it had no time to read are counted as skipped.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::File;
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use cairn_types::Topic;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::access::{Access, Peer};
+use crate::frame::{self, Hello, PROTOCOL, ServerFrame};
+use crate::store::{KeyFiles, LoadProblem, run_topic_dir};
+use crate::{Bus, BusError};
+
+/// How long a connecting peer has to say what it wants.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A hello is tiny; anything bigger is garbage.
+const MAX_HELLO: usize = 64 << 10;
+/// Frames are batched into writes of about this size.
+const WRITE_BATCH: usize = 256 << 10;
+
+/// How a topic is published.
+#[derive(Debug, Clone, Default)]
+pub struct PublishOptions {
+    /// Keep key files under the persist root (survive reboots) and write them durably before
+    /// delivery; otherwise under the run root.
+    pub persistent: bool,
+    pub access: Access,
+}
+
+/// What one subscriber connection has cost so far.
+#[derive(Debug, Clone)]
+pub struct SubscriberStats {
+    pub peer: String,
+    /// Keys waiting in its outbox (at most one entry per key).
+    pub pending: usize,
+    /// Values replaced in its outbox before it read them.
+    pub skipped: u64,
+}
+
+pub struct Publication<T: Topic> {
+    shared: Arc<Shared<T>>,
+    accept: JoinHandle<()>,
+    flusher: Option<JoinHandle<()>>,
+    socket: PathBuf,
+    /// Held for the publication's lifetime: a second publisher of the topic fails to take it.
+    _lock: Flock<File>,
+}
+
+struct Shared<T: Topic> {
+    label: String,
+    agent: String,
+    epoch: u64,
+    uid: u32,
+    access: Access,
+    files: KeyFiles,
+    state: Mutex<State<T>>,
+    /// Serializes writers so that file order and delivery order agree.
+    gate: tokio::sync::Mutex<()>,
+    dirty: Mutex<BTreeMap<String, Option<T>>>,
+    dirty_notify: Notify,
+}
+
+struct State<T> {
+    table: BTreeMap<String, Entry<T>>,
+    outboxes: Vec<Arc<Outbox>>,
+    restarted: bool,
+    load_problems: Vec<LoadProblem>,
+}
+
+struct Entry<T> {
+    value: T,
+    wire: Arc<Vec<u8>>,
+}
+
+fn lock<M>(mutex: &Mutex<M>) -> MutexGuard<'_, M> {
+    // A panic while holding the lock leaves plain data behind; keep serving it.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<T: Topic> Publication<T> {
+    pub(crate) async fn open(bus: &Bus, options: PublishOptions) -> Result<Self, BusError> {
+        let agent_dir = bus.run_dir().join(bus.agent());
+        let socket = agent_dir.join(format!("{}.sock", T::NAME));
+        let label = format!("{}/{}", bus.agent(), T::NAME);
+        create_public_dir(&agent_dir)?;
+        let lock = take_lock(&agent_dir.join(format!("{}.lock", T::NAME)), &label)?;
+
+        let files = KeyFiles {
+            dir: if options.persistent {
+                cairn_types::layout::persistent_topic_dir(bus.persist_dir(), bus.agent(), T::NAME)
+            } else {
+                run_topic_dir(bus.run_dir(), bus.agent(), T::NAME)
+            },
+            durable: options.persistent,
+        };
+        let dir = files.clone();
+        let (loaded, load_problems) = tokio::task::spawn_blocking(move || dir.load_all::<T>())
+            .await
+            .map_err(|e| BusError::io("loading", &files.dir, std::io::Error::other(e)))?
+            .map_err(|e| BusError::io("loading", &files.dir, e))?;
+        for problem in &load_problems {
+            tracing::warn!(topic = %label, file = %problem.path.display(), "unreadable key file: {}", problem.error);
+        }
+        let mut table = BTreeMap::new();
+        for (key, value) in loaded {
+            let wire = Arc::new(encode(&label, &key, &value)?);
+            table.insert(key, Entry { value, wire });
+        }
+
+        let listener = bind_socket(&socket, &options.access)?;
+        let shared = Arc::new(Shared {
+            label: label.clone(),
+            agent: bus.agent().to_string(),
+            epoch: new_epoch(),
+            uid: nix::unistd::geteuid().as_raw(),
+            access: options.access,
+            files,
+            state: Mutex::new(State {
+                table,
+                outboxes: Vec::new(),
+                restarted: false,
+                load_problems,
+            }),
+            gate: tokio::sync::Mutex::new(()),
+            dirty: Mutex::new(BTreeMap::new()),
+            dirty_notify: Notify::new(),
+        });
+        tracing::debug!(topic = %label, epoch = shared.epoch, keys = lock_len(&shared), "publishing");
+        let accept = tokio::spawn(accept_loop(shared.clone(), listener));
+        let flusher = (!options.persistent).then(|| tokio::spawn(flush_loop(shared.clone())));
+        Ok(Self {
+            shared,
+            accept,
+            flusher,
+            socket,
+            _lock: lock,
+        })
+    }
+
+    /// Publishes `value` under its key. An equal value is not sent again (see [`republish`]).
+    /// For a persistent topic the key file is durable before any subscriber sees the value.
+    ///
+    /// [`republish`]: Self::republish
+    pub async fn publish(&self, value: T) -> Result<(), BusError> {
+        self.put(value, false).await
+    }
+
+    /// Publishes `value` and delivers it even if equal to the current one: a repeated request
+    /// must reach its handler (EVE suppresses it and a second identical rollback hangs).
+    pub async fn republish(&self, value: T) -> Result<(), BusError> {
+        self.put(value, true).await
+    }
+
+    async fn put(&self, value: T, repeat: bool) -> Result<(), BusError> {
+        let shared = &self.shared;
+        let _gate = shared.gate.lock().await;
+        let key = value.key();
+        if !repeat && lock(&shared.state).table.get(&key).is_some_and(|e| e.value == value) {
+            return Ok(());
+        }
+        let wire = Arc::new(encode(&shared.label, &key, &value)?);
+        if shared.files.durable {
+            let files = shared.files.clone();
+            let stored = value.clone();
+            tokio::task::spawn_blocking(move || files.write(&stored))
+                .await
+                .map_err(|e| BusError::io("writing", &shared.files.dir, std::io::Error::other(e)))?
+                .map_err(BusError::Persist)?;
+        } else {
+            lock(&shared.dirty).insert(key.clone(), Some(value.clone()));
+            shared.dirty_notify.notify_one();
+        }
+        let mut state = lock(&shared.state);
+        for outbox in &state.outboxes {
+            outbox.push(&key, Pending::Update { wire: wire.clone(), repeat });
+        }
+        state.table.insert(key, Entry { value, wire });
+        Ok(())
+    }
+
+    /// Removes `key`; subscribers get a delete with the last value. Removing an absent key is
+    /// a no-op.
+    pub async fn unpublish(&self, key: &str) -> Result<(), BusError> {
+        let shared = &self.shared;
+        let _gate = shared.gate.lock().await;
+        if !lock(&shared.state).table.contains_key(key) {
+            return Ok(());
+        }
+        if shared.files.durable {
+            let files = shared.files.clone();
+            let owned = key.to_string();
+            tokio::task::spawn_blocking(move || files.remove(&owned))
+                .await
+                .map_err(|e| BusError::io("removing", &shared.files.dir, std::io::Error::other(e)))?
+                .map_err(|e| BusError::io("removing", &shared.files.path_of(key), e))?;
+        } else {
+            lock(&shared.dirty).insert(key.to_string(), None);
+            shared.dirty_notify.notify_one();
+        }
+        let mut state = lock(&shared.state);
+        state.table.remove(key);
+        for outbox in &state.outboxes {
+            outbox.push(key, Pending::Delete);
+        }
+        Ok(())
+    }
+
+    /// Tells subscribers that this publisher has re-published its state after a restart, so
+    /// keys it has not re-published are really gone.
+    pub fn signal_restarted(&self) {
+        let mut state = lock(&self.shared.state);
+        state.restarted = true;
+        for outbox in &state.outboxes {
+            outbox.push_control(Control::Restarted);
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<T> {
+        lock(&self.shared.state).table.get(key).map(|e| e.value.clone())
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        lock(&self.shared.state).table.keys().cloned().collect()
+    }
+
+    pub fn values(&self) -> Vec<T> {
+        lock(&self.shared.state)
+            .table
+            .values()
+            .map(|e| e.value.clone())
+            .collect()
+    }
+
+    /// Key files that could not be read when this publication opened.
+    pub fn load_problems(&self) -> Vec<(PathBuf, String)> {
+        lock(&self.shared.state)
+            .load_problems
+            .iter()
+            .map(|p| (p.path.clone(), p.error.to_string()))
+            .collect()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn subscribers(&self) -> Vec<SubscriberStats> {
+        lock(&self.shared.state)
+            .outboxes
+            .iter()
+            .map(|o| o.stats())
+            .collect()
+    }
+
+    /// Waits until the run-root key files reflect every publish so far.
+    pub async fn flush(&self) -> Result<(), BusError> {
+        flush_dirty(&self.shared).await
+    }
+}
+
+impl<T: Topic> Drop for Publication<T> {
+    fn drop(&mut self) {
+        self.accept.abort();
+        if let Some(flusher) = &self.flusher {
+            flusher.abort();
+        }
+        for outbox in lock(&self.shared.state).outboxes.drain(..) {
+            outbox.close();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        // Best effort: values published just before the drop reach their files.
+        let pending = std::mem::take(&mut *lock(&self.shared.dirty));
+        write_dirty(&self.shared.files, pending);
+    }
+}
+
+fn lock_len<T: Topic>(shared: &Shared<T>) -> usize {
+    lock(&shared.state).table.len()
+}
+
+fn encode<T: Topic>(label: &str, key: &str, value: &T) -> Result<Vec<u8>, BusError> {
+    frame::encode_value(value).map_err(|e| BusError::Encode {
+        topic: label.to_string(),
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn new_epoch() -> u64 {
+    let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
+    high ^ low
+}
+
+/// The agent's directory under the run root: created 0755 so that permitted readers can reach
+/// the sockets, whose own mode and owner-checks guard them.
+fn create_public_dir(dir: &Path) -> Result<(), BusError> {
+    std::fs::create_dir_all(dir).map_err(|e| BusError::io("creating", dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| BusError::io("setting permissions of", dir, e))
+}
+
+fn take_lock(path: &Path, label: &str) -> Result<Flock<File>, BusError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| BusError::io("opening", path, e))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut locked) => {
+            let _ = locked.set_len(0);
+            let _ = write!(locked, "{}", std::process::id());
+            Ok(locked)
+        }
+        Err((_, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            Err(BusError::AlreadyPublished {
+                topic: label.to_string(),
+                holder: if holder.is_empty() {
+                    "another process".into()
+                } else {
+                    format!("pid {holder}")
+                },
+            })
+        }
+        Err((_, errno)) => Err(BusError::io("locking", path, errno.into())),
+    }
+}
+
+/// Binds under a temporary name, sets mode and group, then renames into place, so the socket
+/// never exists with looser permissions. A stale socket of a dead publisher (whose lock we now
+/// hold) is replaced by the rename.
+fn bind_socket(socket: &Path, access: &Access) -> Result<UnixListener, BusError> {
+    let tmp = socket.with_extension("sock.new");
+    let _ = std::fs::remove_file(&tmp);
+    let listener =
+        std::os::unix::net::UnixListener::bind(&tmp).map_err(|e| BusError::io("binding", &tmp, e))?;
+    let mode = access.socket_mode & 0o660;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| BusError::io("setting permissions of", &tmp, e))?;
+    if let Some(gid) = access.socket_group {
+        std::os::unix::fs::chown(&tmp, None, Some(gid))
+            .map_err(|e| BusError::io("changing the group of", &tmp, e))?;
+    }
+    std::fs::rename(&tmp, socket).map_err(|e| BusError::io("renaming", socket, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| BusError::io("configuring", socket, e))?;
+    UnixListener::from_std(listener).map_err(|e| BusError::io("registering", socket, e))
+}
+
+async fn accept_loop<T: Topic>(shared: Arc<Shared<T>>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve(shared.clone(), stream));
+            }
+            Err(e) => {
+                tracing::warn!(topic = %shared.label, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
+    let peer = match Peer::of(&stream) {
+        Ok(peer) => peer,
+        Err(e) => {
+            tracing::warn!(topic = %shared.label, "dropping a connection without credentials: {e}");
+            return;
+        }
+    };
+    let (mut reader, mut writer) = stream.into_split();
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, frame::read_frame(&mut reader, MAX_HELLO)).await
+    {
+        Ok(Ok(body)) => frame::decode::<Hello>(&body).map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no hello within {HELLO_TIMEOUT:?}")),
+    };
+    let refusal = match &hello {
+        Err(e) => Some(format!("bad hello: {e}")),
+        Ok(Hello::Subscribe { protocol, .. }) if *protocol != PROTOCOL => Some(format!(
+            "protocol {protocol} is not supported (this publisher speaks {PROTOCOL})"
+        )),
+        Ok(Hello::Subscribe { topic, .. }) if topic != T::NAME => Some(format!(
+            "this socket publishes {}, not {topic}",
+            T::NAME
+        )),
+        Ok(_) => shared.access.check(&peer, shared.uid).err(),
+    };
+    if let Some(reason) = refusal {
+        tracing::warn!(topic = %shared.label, peer = %peer, "refused: {reason}");
+        let mut buf = Vec::new();
+        if frame::encode_into(&mut buf, &ServerFrame::Refused { reason }).is_ok() {
+            let _ = writer.write_all(&buf).await;
+        }
+        return;
+    }
+
+    let outbox = Arc::new(Outbox::new(peer.to_string()));
+    let mut buf = Vec::new();
+    let welcome = ServerFrame::Welcome {
+        protocol: PROTOCOL,
+        topic: T::NAME.to_string(),
+        publisher: shared.agent.clone(),
+        epoch: shared.epoch,
+    };
+    if frame::encode_into(&mut buf, &welcome).is_err() {
+        return;
+    }
+    {
+        let mut state = lock(&shared.state);
+        for (key, entry) in &state.table {
+            outbox.push(key, Pending::Update { wire: entry.wire.clone(), repeat: false });
+        }
+        outbox.push_control(Control::Synchronized);
+        if state.restarted {
+            outbox.push_control(Control::Restarted);
+        }
+        state.outboxes.push(outbox.clone());
+    }
+    tracing::debug!(topic = %shared.label, peer = %peer, "subscriber connected");
+
+    // A subscriber sends nothing after its hello: a byte from it is a violation, EOF a goodbye.
+    let watcher = {
+        let outbox = outbox.clone();
+        let label = shared.label.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            match tokio::io::AsyncReadExt::read(&mut reader, &mut byte).await {
+                Ok(0) | Err(_) => {}
+                Ok(_) => tracing::warn!(topic = %label, peer = %peer, "subscriber wrote to a read-only topic; dropping it"),
+            }
+            outbox.close();
+        })
+    };
+
+    loop {
+        let closed = outbox.drain_into(&mut buf, WRITE_BATCH);
+        if !buf.is_empty() {
+            if let Err(e) = writer.write_all(&buf).await {
+                tracing::debug!(topic = %shared.label, peer = %peer, "subscriber gone: {e}");
+                break;
+            }
+            buf.clear();
+            continue;
+        }
+        if closed {
+            break;
+        }
+        outbox.notify.notified().await;
+    }
+    watcher.abort();
+    lock(&shared.state).outboxes.retain(|o| !Arc::ptr_eq(o, &outbox));
+}
+
+async fn flush_loop<T: Topic>(shared: Arc<Shared<T>>) {
+    loop {
+        shared.dirty_notify.notified().await;
+        if let Err(e) = flush_dirty(&shared).await {
+            tracing::warn!(topic = %shared.label, "writing key files failed: {e}");
+        }
+    }
+}
+
+async fn flush_dirty<T: Topic>(shared: &Arc<Shared<T>>) -> Result<(), BusError> {
+    let pending = std::mem::take(&mut *lock(&shared.dirty));
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let files = shared.files.clone();
+    tokio::task::spawn_blocking(move || write_dirty(&files, pending))
+        .await
+        .map_err(|e| BusError::io("writing", &shared.files.dir, std::io::Error::other(e)))
+}
+
+fn write_dirty<T: Topic>(files: &KeyFiles, pending: BTreeMap<String, Option<T>>) {
+    for (key, value) in pending {
+        let result = match &value {
+            Some(value) => files.write(value).map_err(|e| e.to_string()),
+            None => files.remove(&key).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(dir = %files.dir.display(), key = %key, "key file: {e}");
+        }
+    }
+}
+
+// ---- Outbox: per-subscriber queue with per-key coalescing ----
+
+#[derive(Clone)]
+enum Pending {
+    Update { wire: Arc<Vec<u8>>, repeat: bool },
+    Delete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Synchronized,
+    Restarted,
+}
+
+enum Slot {
+    Key(String),
+    Control(Control),
+}
+
+struct Outbox {
+    peer: String,
+    inner: Mutex<OutboxState>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    order: VecDeque<Slot>,
+    pending: HashMap<String, (Pending, u64)>,
+    skipped: u64,
+    closed: bool,
+}
+
+impl Outbox {
+    fn new(peer: String) -> Self {
+        Self {
+            peer,
+            inner: Mutex::new(OutboxState::default()),
+            notify: Notify::new(),
+        }
+    }
+
+    /// Queues the latest state of `key`, replacing an undelivered older one in place.
+    fn push(&self, key: &str, op: Pending) {
+        let mut state = lock(&self.inner);
+        if state.closed {
+            return;
+        }
+        match state.pending.get_mut(key) {
+            Some((queued, skipped)) => {
+                let repeat = matches!(queued, Pending::Update { repeat: true, .. });
+                *queued = match op {
+                    Pending::Update { wire, repeat: again } => Pending::Update {
+                        wire,
+                        repeat: repeat || again,
+                    },
+                    Pending::Delete => Pending::Delete,
+                };
+                *skipped += 1;
+                state.skipped += 1;
+            }
+            None => {
+                state.pending.insert(key.to_string(), (op, 0));
+                state.order.push_back(Slot::Key(key.to_string()));
+            }
+        }
+        drop(state);
+        self.notify.notify_one();
+    }
+
+    fn push_control(&self, control: Control) {
+        let mut state = lock(&self.inner);
+        if state.closed || matches!(state.order.back(), Some(Slot::Control(c)) if *c == control) {
+            return;
+        }
+        state.order.push_back(Slot::Control(control));
+        drop(state);
+        self.notify.notify_one();
+    }
+
+    fn close(&self) {
+        lock(&self.inner).closed = true;
+        self.notify.notify_one();
+    }
+
+    /// Moves queued frames into `buf` up to about `limit` bytes; returns whether it is closed.
+    fn drain_into(&self, buf: &mut Vec<u8>, limit: usize) -> bool {
+        let mut state = lock(&self.inner);
+        while buf.len() < limit {
+            let Some(slot) = state.order.pop_front() else { break };
+            let frame = match slot {
+                Slot::Control(Control::Synchronized) => ServerFrame::Synchronized,
+                Slot::Control(Control::Restarted) => ServerFrame::Restarted,
+                Slot::Key(key) => match state.pending.remove(&key) {
+                    Some((Pending::Update { wire, repeat }, skipped)) => ServerFrame::Update {
+                        key,
+                        value: wire.as_ref().clone(),
+                        skipped,
+                        repeat,
+                    },
+                    Some((Pending::Delete, skipped)) => ServerFrame::Delete { key, skipped },
+                    None => continue,
+                },
+            };
+            if let Err(e) = frame::encode_into(buf, &frame) {
+                tracing::error!(peer = %self.peer, "cannot encode a frame: {e}");
+            }
+        }
+        state.closed
+    }
+
+    fn stats(&self) -> SubscriberStats {
+        let state = lock(&self.inner);
+        SubscriberStats {
+            peer: self.peer.clone(),
+            pending: state.pending.len(),
+            skipped: state.skipped,
+        }
+    }
+}
