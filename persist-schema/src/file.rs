@@ -137,7 +137,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], keep_backup: bool) -> Result<(), 
     write_atomic_with(path, bytes, keep_backup, true)
 }
 
-fn write_atomic_with(path: &Path, bytes: &[u8], keep_backup: bool, sync: bool) -> Result<(), IoStep> {
+fn write_atomic_with(
+    path: &Path,
+    bytes: &[u8],
+    keep_backup: bool,
+    sync: bool,
+) -> Result<(), IoStep> {
     let dir = parent_of(path);
     if sync {
         create_dir_durable(dir).map_err(|e| ("creating the directory", e))?;

@@ -105,7 +105,12 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
     status
         .lines()
         .find_map(|line| line.strip_prefix("Groups:"))
-        .map(|groups| groups.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+        .map(|groups| {
+            groups
+                .split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -29,7 +29,9 @@ pub enum ServerFrame {
         epoch: u64,
     },
     /// The publisher refuses this peer (access control, wrong topic, wrong protocol).
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     /// The latest value of `key`. `skipped` counts newer-than-delivered values this subscriber
     /// never saw because it was slow (coalescing); `repeat` asks for delivery even if equal.
     Update {
@@ -64,13 +66,15 @@ pub enum FrameError {
 }
 
 /// Appends one frame for `body` to `buf`.
-pub fn encode_into<B: Serialize>(buf: &mut Vec<u8>, body: &B) -> Result<(), rmp_serde::encode::Error> {
+pub fn encode_into<B: Serialize>(
+    buf: &mut Vec<u8>,
+    body: &B,
+) -> Result<(), rmp_serde::encode::Error> {
     let start = buf.len();
     buf.extend_from_slice(&[0; 4]);
     rmp_serde::encode::write_named(buf, body)?;
-    let len = u32::try_from(buf.len() - start - 4).map_err(|_| {
-        rmp_serde::encode::Error::Syntax("frame larger than 4 GiB".into())
-    })?;
+    let len = u32::try_from(buf.len() - start - 4)
+        .map_err(|_| rmp_serde::encode::Error::Syntax("frame larger than 4 GiB".into()))?;
     buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
     Ok(())
 }
@@ -93,7 +97,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     let mut body = vec![0u8; len];
     match reader.read_exact(&mut body).await {
         Ok(_) => Ok(body),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated { len }),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(FrameError::Truncated { len })
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -126,11 +132,20 @@ mod tests {
         let body = read_frame(&mut reader, MAX_FRAME).await.unwrap();
         assert_eq!(decode::<ServerFrame>(&body).unwrap(), frame);
         let body = read_frame(&mut reader, MAX_FRAME).await.unwrap();
-        assert_eq!(decode::<ServerFrame>(&body).unwrap(), ServerFrame::Synchronized);
-        assert!(matches!(read_frame(&mut reader, MAX_FRAME).await, Err(FrameError::Closed)));
+        assert_eq!(
+            decode::<ServerFrame>(&body).unwrap(),
+            ServerFrame::Synchronized
+        );
+        assert!(matches!(
+            read_frame(&mut reader, MAX_FRAME).await,
+            Err(FrameError::Closed)
+        ));
 
         let mut reader = &buf[..3];
-        assert!(matches!(read_frame(&mut reader, MAX_FRAME).await, Err(FrameError::Closed)));
+        assert!(matches!(
+            read_frame(&mut reader, MAX_FRAME).await,
+            Err(FrameError::Closed)
+        ));
         let mut reader = &buf[..buf.len() - 1];
         let _ = read_frame(&mut reader, MAX_FRAME).await.unwrap();
         assert!(matches!(

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 pub use access::{Access, Peer};
 pub use cairn_types::Topic;
-pub use publisher::{PublishOptions, Publication, SubscriberStats};
+pub use publisher::{Publication, PublishOptions, SubscriberStats};
 pub use store::escape_key;
 pub use subscriber::{Event, Subscription, SubscriptionStats};
 
@@ -34,7 +34,11 @@ pub struct Bus {
 }
 
 impl Bus {
-    pub fn new(agent: impl Into<String>, run_dir: impl Into<PathBuf>, persist_dir: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        agent: impl Into<String>,
+        run_dir: impl Into<PathBuf>,
+        persist_dir: impl Into<PathBuf>,
+    ) -> Self {
         Self {
             agent: agent.into(),
             run_dir: run_dir.into(),
@@ -70,14 +74,20 @@ impl Bus {
     }
 
     /// Opens this agent's publication of `T`. Fails if another live process publishes it.
-    pub async fn publish<T: Topic>(&self, options: PublishOptions) -> Result<Publication<T>, BusError> {
+    pub async fn publish<T: Topic>(
+        &self,
+        options: PublishOptions,
+    ) -> Result<Publication<T>, BusError> {
         Publication::open(self, options).await
     }
 
     /// Subscribes to `publisher`'s topic `T`. Never fails: it connects (and reconnects) in the
     /// background, and events start once the publisher is there.
     pub fn subscribe<T: Topic>(&self, publisher: &str) -> Subscription<T> {
-        Subscription::open(socket_path(&self.run_dir, publisher, T::NAME), publisher.to_string())
+        Subscription::open(
+            socket_path(&self.run_dir, publisher, T::NAME),
+            publisher.to_string(),
+        )
     }
 }
 

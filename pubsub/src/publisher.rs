@@ -75,6 +75,9 @@ struct Shared<T: Topic> {
 
 struct State<T> {
     table: BTreeMap<String, Entry<T>>,
+    /// Keys reloaded from files at open and not published again since: the agent's restart
+    /// barrier ([`Publication::signal_restarted`]) removes them.
+    unconfirmed: std::collections::HashSet<String>,
     outboxes: Vec<Arc<Outbox>>,
     restarted: bool,
     load_problems: Vec<LoadProblem>,
@@ -87,7 +90,9 @@ struct Entry<T> {
 
 fn lock<M>(mutex: &Mutex<M>) -> MutexGuard<'_, M> {
     // A panic while holding the lock leaves plain data behind; keep serving it.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<T: Topic> Publication<T> {
@@ -129,6 +134,7 @@ impl<T: Topic> Publication<T> {
             access: options.access,
             files,
             state: Mutex::new(State {
+                unconfirmed: table.keys().cloned().collect(),
                 table,
                 outboxes: Vec::new(),
                 restarted: false,
@@ -168,8 +174,12 @@ impl<T: Topic> Publication<T> {
         let shared = &self.shared;
         let _gate = shared.gate.lock().await;
         let key = value.key();
-        if !repeat && lock(&shared.state).table.get(&key).is_some_and(|e| e.value == value) {
-            return Ok(());
+        {
+            let mut state = lock(&shared.state);
+            state.unconfirmed.remove(&key);
+            if !repeat && state.table.get(&key).is_some_and(|e| e.value == value) {
+                return Ok(());
+            }
         }
         let wire = Arc::new(encode(&shared.label, &key, &value)?);
         if shared.files.durable {
@@ -185,7 +195,13 @@ impl<T: Topic> Publication<T> {
         }
         let mut state = lock(&shared.state);
         for outbox in &state.outboxes {
-            outbox.push(&key, Pending::Update { wire: wire.clone(), repeat });
+            outbox.push(
+                &key,
+                Pending::Update {
+                    wire: wire.clone(),
+                    repeat,
+                },
+            );
         }
         state.table.insert(key, Entry { value, wire });
         Ok(())
@@ -196,8 +212,12 @@ impl<T: Topic> Publication<T> {
     pub async fn unpublish(&self, key: &str) -> Result<(), BusError> {
         let shared = &self.shared;
         let _gate = shared.gate.lock().await;
-        if !lock(&shared.state).table.contains_key(key) {
-            return Ok(());
+        {
+            let mut state = lock(&shared.state);
+            state.unconfirmed.remove(key);
+            if !state.table.contains_key(key) {
+                return Ok(());
+            }
         }
         if shared.files.durable {
             let files = shared.files.clone();
@@ -218,18 +238,32 @@ impl<T: Topic> Publication<T> {
         Ok(())
     }
 
-    /// Tells subscribers that this publisher has re-published its state after a restart, so
-    /// keys it has not re-published are really gone.
-    pub fn signal_restarted(&self) {
+    /// The restart barrier: this publisher has re-published its state after a restart. Keys
+    /// reloaded from files that were not published again since the publication opened are
+    /// removed (subscribers get their deletes), then subscribers get `Restarted`.
+    pub async fn signal_restarted(&self) -> Result<(), BusError> {
+        let stale: Vec<String> = lock(&self.shared.state)
+            .unconfirmed
+            .iter()
+            .cloned()
+            .collect();
+        for key in stale {
+            tracing::debug!(topic = %self.shared.label, key = %key, "not re-published after restart: removing");
+            self.unpublish(&key).await?;
+        }
         let mut state = lock(&self.shared.state);
         state.restarted = true;
         for outbox in &state.outboxes {
             outbox.push_control(Control::Restarted);
         }
+        Ok(())
     }
 
     pub fn get(&self, key: &str) -> Option<T> {
-        lock(&self.shared.state).table.get(key).map(|e| e.value.clone())
+        lock(&self.shared.state)
+            .table
+            .get(key)
+            .map(|e| e.value.clone())
     }
 
     pub fn keys(&self) -> Vec<String> {
@@ -351,8 +385,8 @@ fn take_lock(path: &Path, label: &str) -> Result<Flock<File>, BusError> {
 fn bind_socket(socket: &Path, access: &Access) -> Result<UnixListener, BusError> {
     let tmp = socket.with_extension("sock.new");
     let _ = std::fs::remove_file(&tmp);
-    let listener =
-        std::os::unix::net::UnixListener::bind(&tmp).map_err(|e| BusError::io("binding", &tmp, e))?;
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)
+        .map_err(|e| BusError::io("binding", &tmp, e))?;
     let mode = access.socket_mode & 0o660;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
         .map_err(|e| BusError::io("setting permissions of", &tmp, e))?;
@@ -390,9 +424,10 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
         }
     };
     let (mut reader, mut writer) = stream.into_split();
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, frame::read_frame(&mut reader, MAX_HELLO)).await
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, frame::read_frame(&mut reader, MAX_HELLO))
+        .await
     {
-        Ok(Ok(body)) => frame::decode::<Hello>(&body).map_err(|e| e.to_string()),
+        Ok(Ok(body)) => frame::decode::<Hello>(&body).map_err(|e| format!("malformed frame: {e}")),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no hello within {HELLO_TIMEOUT:?}")),
     };
@@ -401,10 +436,9 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
         Ok(Hello::Subscribe { protocol, .. }) if *protocol != PROTOCOL => Some(format!(
             "protocol {protocol} is not supported (this publisher speaks {PROTOCOL})"
         )),
-        Ok(Hello::Subscribe { topic, .. }) if topic != T::NAME => Some(format!(
-            "this socket publishes {}, not {topic}",
-            T::NAME
-        )),
+        Ok(Hello::Subscribe { topic, .. }) if topic != T::NAME => {
+            Some(format!("this socket publishes {}, not {topic}", T::NAME))
+        }
         Ok(_) => shared.access.check(&peer, shared.uid).err(),
     };
     if let Some(reason) = refusal {
@@ -430,7 +464,13 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
     {
         let mut state = lock(&shared.state);
         for (key, entry) in &state.table {
-            outbox.push(key, Pending::Update { wire: entry.wire.clone(), repeat: false });
+            outbox.push(
+                key,
+                Pending::Update {
+                    wire: entry.wire.clone(),
+                    repeat: false,
+                },
+            );
         }
         outbox.push_control(Control::Synchronized);
         if state.restarted {
@@ -449,7 +489,9 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
             let mut byte = [0u8; 1];
             match tokio::io::AsyncReadExt::read(&mut reader, &mut byte).await {
                 Ok(0) | Err(_) => {}
-                Ok(_) => tracing::warn!(topic = %label, peer = %peer, "subscriber wrote to a read-only topic; dropping it"),
+                Ok(_) => {
+                    tracing::warn!(topic = %label, peer = %peer, "subscriber wrote to a read-only topic; dropping it")
+                }
             }
             outbox.close();
         })
@@ -471,7 +513,9 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
         outbox.notify.notified().await;
     }
     watcher.abort();
-    lock(&shared.state).outboxes.retain(|o| !Arc::ptr_eq(o, &outbox));
+    lock(&shared.state)
+        .outboxes
+        .retain(|o| !Arc::ptr_eq(o, &outbox));
 }
 
 async fn flush_loop<T: Topic>(shared: Arc<Shared<T>>) {
@@ -558,7 +602,10 @@ impl Outbox {
             Some((queued, skipped)) => {
                 let repeat = matches!(queued, Pending::Update { repeat: true, .. });
                 *queued = match op {
-                    Pending::Update { wire, repeat: again } => Pending::Update {
+                    Pending::Update {
+                        wire,
+                        repeat: again,
+                    } => Pending::Update {
                         wire,
                         repeat: repeat || again,
                     },
@@ -595,7 +642,9 @@ impl Outbox {
     fn drain_into(&self, buf: &mut Vec<u8>, limit: usize) -> bool {
         let mut state = lock(&self.inner);
         while buf.len() < limit {
-            let Some(slot) = state.order.pop_front() else { break };
+            let Some(slot) = state.order.pop_front() else {
+                break;
+            };
             let frame = match slot {
                 Slot::Control(Control::Synchronized) => ServerFrame::Synchronized,
                 Slot::Control(Control::Restarted) => ServerFrame::Restarted,

@@ -26,28 +26,54 @@ const QUEUE: usize = 256;
 /// What a subscriber sees, in publication order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event<T> {
-    Create { key: String, value: T },
+    Create {
+        key: String,
+        value: T,
+    },
     /// `skipped` counts intermediate values this subscriber never saw (it was slow).
-    Modify { key: String, old: T, new: T, skipped: u64 },
-    Delete { key: String, last: T },
+    Modify {
+        key: String,
+        old: T,
+        new: T,
+        skipped: u64,
+    },
+    Delete {
+        key: String,
+        last: T,
+    },
     /// The whole table has been received (after each connect).
     Synchronized,
     /// The publisher has re-published everything after its restart.
     Restarted,
     /// The publisher process is a new one (new epoch); keys it no longer has are deleted once
     /// its table has been received.
-    PublisherRestarted { epoch: u64 },
+    PublisherRestarted {
+        epoch: u64,
+    },
     /// The publisher refused this subscriber; retried at the backoff cap.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 enum Wire<T> {
-    Welcome { epoch: u64 },
-    Update { key: String, value: T, skipped: u64, repeat: bool },
-    Delete { key: String },
+    Welcome {
+        epoch: u64,
+    },
+    Update {
+        key: String,
+        value: T,
+        skipped: u64,
+        repeat: bool,
+    },
+    Delete {
+        key: String,
+    },
     Synchronized,
     Restarted,
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 /// Counters a technician or a benchmark can read.
@@ -273,12 +299,15 @@ async fn session<T: Topic>(
             Err(FrameError::Closed) => return Ok(welcomed),
             Err(e) => return Err(SessionError::Frame(e.to_string())),
         };
-        let decoded: ServerFrame =
-            frame::decode(&body).map_err(|e| SessionError::Frame(format!("malformed frame: {e}")))?;
+        let decoded: ServerFrame = frame::decode(&body)
+            .map_err(|e| SessionError::Frame(format!("malformed frame: {e}")))?;
         stats.frames.fetch_add(1, Ordering::Relaxed);
         let wire = match decoded {
             ServerFrame::Welcome {
-                protocol, topic, epoch, ..
+                protocol,
+                topic,
+                epoch,
+                ..
             } => {
                 if protocol != PROTOCOL || topic != T::NAME {
                     return Err(SessionError::Frame(format!(

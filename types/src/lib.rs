@@ -29,7 +29,9 @@ pub use volume::{
 };
 
 /// A message published on the bus: its topic is its type name, and each value has a key.
-pub trait Topic: cairn_persist::Record + Clone + PartialEq + Send + Sync + 'static {
+pub trait Topic:
+    cairn_persist::Record + Clone + PartialEq + std::fmt::Debug + Send + Sync + 'static
+{
     /// The topic name, equal to the type name as in EVE.
     const NAME: &'static str;
     /// The key of this value within its topic.

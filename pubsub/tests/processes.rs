@@ -1,0 +1,384 @@
+//! The bus across real processes: a publisher SIGKILLed and restarted with fewer keys, a
+//! subscriber process restarted, and access control against children running as other uids.
+//!
+//! Children are this test binary re-executed on the ignored test `bus_child`, configured by
+//! environment; they report on stdout with lines starting `BUS `.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write as _};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use cairn_pubsub::{Access, Bus, Event, PublishOptions};
+use support::{Roots, TestStatus, next, status, until};
+
+const ROLE: &str = "CAIRN_BUS_CHILD";
+const AGENT: &str = "CAIRN_BUS_AGENT";
+const KEYS: &str = "CAIRN_BUS_KEYS";
+const CREDS: &str = "CAIRN_BUS_CREDS"; // uid:gid:group,group
+const NO_BARRIER: &str = "CAIRN_BUS_NO_BARRIER";
+const TECHNICIANS: u32 = 4242;
+
+// ---- the child side ----
+
+#[test]
+#[ignore = "runs only as a child process of the other tests"]
+fn bus_child() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    if let Ok(creds) = std::env::var(CREDS) {
+        drop_privileges(&creds);
+    }
+    let agent = std::env::var(AGENT).unwrap();
+    let bus = Bus::from_env(if role == "publisher" {
+        agent.as_str()
+    } else {
+        "reader"
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        match role.as_str() {
+            "publisher" => {
+                let publication = bus
+                    .publish::<TestStatus>(PublishOptions::default())
+                    .await
+                    .unwrap();
+                for key in std::env::var(KEYS)
+                    .unwrap()
+                    .split(',')
+                    .filter(|k| !k.is_empty())
+                {
+                    publication.publish(status(key, 1)).await.unwrap();
+                }
+                if std::env::var_os(NO_BARRIER).is_none() {
+                    publication.signal_restarted().await.unwrap();
+                }
+                say(&format!("READY {}", publication.epoch()));
+                std::future::pending::<()>().await;
+            }
+            "subscriber" => {
+                let mut sub = bus.subscribe::<TestStatus>(&agent);
+                say("STARTED");
+                loop {
+                    match sub.recv().await {
+                        Event::Create { key, value } => {
+                            say(&format!("CREATE {key} {}", value.value))
+                        }
+                        Event::Modify { key, new, .. } => {
+                            say(&format!("MODIFY {key} {}", new.value))
+                        }
+                        Event::Delete { key, .. } => say(&format!("DELETE {key}")),
+                        Event::Synchronized => say("SYNC"),
+                        Event::Refused { reason } => say(&format!("REFUSED {reason}")),
+                        other => say(&format!("OTHER {other:?}")),
+                    }
+                }
+            }
+            other => panic!("unknown child role {other}"),
+        }
+    });
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "BUS {line}").unwrap();
+    out.flush().unwrap();
+}
+
+fn drop_privileges(creds: &str) {
+    use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+    let mut parts = creds.split(':');
+    let uid: u32 = parts.next().unwrap().parse().unwrap();
+    let gid: u32 = parts.next().unwrap().parse().unwrap();
+    let groups: Vec<Gid> = parts
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .filter(|g| !g.is_empty())
+        .map(|g| Gid::from_raw(g.parse().unwrap()))
+        .collect();
+    setgroups(&groups).unwrap();
+    setgid(Gid::from_raw(gid)).unwrap();
+    setuid(Uid::from_raw(uid)).unwrap();
+}
+
+// ---- the parent side ----
+
+/// A child process and the `BUS` lines it printed; killed and reaped on drop.
+struct ChildBus {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl ChildBus {
+    fn spawn(roots: &Roots, role: &str, agent: &str, keys: &str, creds: Option<&str>) -> Self {
+        Self::spawn_with(roots, role, agent, keys, creds, &[])
+    }
+
+    fn spawn_with(
+        roots: &Roots,
+        role: &str,
+        agent: &str,
+        keys: &str,
+        creds: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .args([
+                "bus_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ROLE, role)
+            .env(AGENT, agent)
+            .env(KEYS, keys)
+            .env("CAIRN_RUN_DIR", roots.run())
+            .env("CAIRN_PERSIST_DIR", roots.persist())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .envs(env.iter().copied());
+        if let Some(creds) = creds {
+            command.env(CREDS, creds);
+        }
+        let mut child = command.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some((_, line)) = line.split_once("BUS ") {
+                    if tx.send(line.to_string()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The first line starting with `prefix`, skipping others; fails after `within`.
+    fn expect(&self, prefix: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("no line starting with {prefix:?} within {within:?}"),
+            }
+        }
+    }
+
+    /// Asserts that no line starting with `prefix` comes within `quiet`.
+    fn expect_none(&self, prefix: &str, quiet: Duration) {
+        let deadline = Instant::now() + quiet;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            assert!(!line.starts_with(prefix), "unexpected line {line:?}");
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ChildBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills the publisher of a,b,c, restarts it with a,b (`wipe`: without its key files, so it
+/// cannot know c), and returns the subscriber's events up to `stop` and their latency.
+async fn restart_without_c(
+    wipe: bool,
+    stop: fn(&Event<TestStatus>) -> bool,
+) -> (Vec<Event<TestStatus>>, Duration) {
+    let roots = Roots::new();
+    let first = ChildBus::spawn(&roots, "publisher", "volume-manager", "a,b,c", None);
+    first.expect("READY", Duration::from_secs(10));
+    let mut sub = roots
+        .bus("app-manager")
+        .subscribe::<TestStatus>("volume-manager");
+    let events = until(&mut sub, |e| *e == Event::Restarted).await;
+    assert_eq!(events.len(), 5, "{events:?}");
+
+    first.kill();
+    if wipe {
+        std::fs::remove_dir_all(roots.run().join("volume-manager/TestStatus")).unwrap();
+    }
+    let second = if wipe {
+        ChildBus::spawn_with(
+            &roots,
+            "publisher",
+            "volume-manager",
+            "a,b",
+            None,
+            &[(NO_BARRIER, "1")],
+        )
+    } else {
+        ChildBus::spawn(&roots, "publisher", "volume-manager", "a,b", None)
+    };
+    second.expect("READY", Duration::from_secs(10));
+    let ready = Instant::now();
+    let events = until(&mut sub, stop).await;
+    let latency = ready.elapsed();
+    assert!(
+        matches!(events.first(), Some(Event::PublisherRestarted { .. })),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&Event::Delete {
+            key: "c".into(),
+            last: status("c", 1)
+        }),
+        "{events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::Create { .. } | Event::Modify { .. })),
+        "unchanged keys produced events: {events:?}"
+    );
+    (events, latency)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_publisher_that_returns_without_a_key_produces_a_delete_within_a_second() {
+    // The restarted publisher reloads a,b,c from its key files, re-publishes a,b, and its
+    // restart barrier removes c.
+    let (events, latency) = restart_without_c(false, |e| *e == Event::Restarted).await;
+    eprintln!(
+        "delete of the vanished key seen {latency:?} after the new publisher was ready: {events:?}"
+    );
+    assert!(latency < Duration::from_secs(1), "took {latency:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_publisher_epoch_without_the_key_sweeps_it_at_resync() {
+    // No key files and no barrier: only the epoch change and the resync can remove c.
+    let (events, latency) = restart_without_c(true, |e| *e == Event::Synchronized).await;
+    assert!(!events.contains(&Event::Restarted), "{events:?}");
+    eprintln!("swept {latency:?} after the new publisher was ready");
+    assert!(latency < Duration::from_secs(1), "took {latency:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_subscriber_process_resyncs_the_full_table() {
+    let roots = Roots::new();
+    let publication = roots
+        .bus("volume-manager")
+        .publish::<TestStatus>(PublishOptions::default())
+        .await
+        .unwrap();
+    for key in ["a", "b", "c"] {
+        publication.publish(status(key, 1)).await.unwrap();
+    }
+    let reader = ChildBus::spawn(&roots, "subscriber", "volume-manager", "", None);
+    for _ in 0..3 {
+        reader.expect("CREATE", Duration::from_secs(10));
+    }
+    reader.expect("SYNC", Duration::from_secs(10));
+    reader.kill();
+
+    publication.unpublish("b").await.unwrap();
+    publication.publish(status("d", 2)).await.unwrap();
+    publication.publish(status("a", 5)).await.unwrap();
+
+    let reader = ChildBus::spawn(&roots, "subscriber", "volume-manager", "", None);
+    let mut creates: Vec<String> = (0..3)
+        .map(|_| reader.expect("CREATE", Duration::from_secs(10)))
+        .collect();
+    creates.sort();
+    assert_eq!(creates, vec!["CREATE a 5", "CREATE c 1", "CREATE d 2"]);
+    reader.expect("SYNC", Duration::from_secs(10));
+}
+
+fn drop_privileges_works() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_uids_are_refused_and_the_allowed_group_is_served() {
+    assert!(
+        drop_privileges_works(),
+        "this test starts children as other uids and needs root (CI runs as root)"
+    );
+    let roots = Roots::new();
+    // A status topic opened to the technicians' group.
+    let status_topic = roots
+        .bus("app-manager")
+        .publish::<TestStatus>(PublishOptions {
+            access: Access::with_group_readers(TECHNICIANS),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    status_topic.publish(status("app", 1)).await.unwrap();
+    // A topic whose socket the group can reach, but whose access list does not name it:
+    // only the SO_PEERCRED check stands in the way.
+    let internal = roots
+        .bus("domain-manager")
+        .publish::<TestStatus>(PublishOptions {
+            access: Access {
+                socket_group: Some(TECHNICIANS),
+                ..Access::agents()
+            },
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    internal.publish(status("vm", 1)).await.unwrap();
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(status_topic.socket_path()), 0o660);
+
+    let technician = ChildBus::spawn(
+        &roots,
+        "subscriber",
+        "app-manager",
+        "",
+        Some(&format!("4302:4302:{TECHNICIANS}")),
+    );
+    assert_eq!(
+        technician.expect("CREATE", Duration::from_secs(10)),
+        "CREATE app 1"
+    );
+
+    let stranger = ChildBus::spawn(&roots, "subscriber", "app-manager", "", Some("4301:4301:"));
+    stranger.expect("STARTED", Duration::from_secs(10));
+    stranger.expect_none("CREATE", Duration::from_secs(1));
+
+    let nosy = ChildBus::spawn(
+        &roots,
+        "subscriber",
+        "domain-manager",
+        "",
+        Some(&format!("4303:{TECHNICIANS}:")),
+    );
+    let refused = nosy.expect("REFUSED", Duration::from_secs(10));
+    assert!(refused.contains("uid 4303"), "{refused}");
+    nosy.expect_none("CREATE", Duration::from_millis(500));
+
+    // Root, and the publisher's own uid, are always served.
+    let mut own = roots.bus("cli").subscribe::<TestStatus>("domain-manager");
+    assert!(matches!(next(&mut own).await, Event::Create { .. }));
+}
