@@ -51,6 +51,34 @@ pub enum ServerFrame {
     Restarted,
 }
 
+/// [`ServerFrame`] with the value borrowed, for encoding without a copy and decoding straight
+/// out of the read buffer. Same variants, same order, same fields: the bytes are identical.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerFrameRef<'a> {
+    Welcome {
+        protocol: u32,
+        topic: String,
+        publisher: String,
+        epoch: u64,
+    },
+    Refused {
+        reason: String,
+    },
+    Update {
+        key: String,
+        #[serde(borrow, with = "serde_bytes")]
+        value: &'a [u8],
+        skipped: u64,
+        repeat: bool,
+    },
+    Delete {
+        key: String,
+        skipped: u64,
+    },
+    Synchronized,
+    Restarted,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("connection closed")]
@@ -152,6 +180,30 @@ mod tests {
             read_frame(&mut reader, MAX_FRAME).await,
             Err(FrameError::Truncated { .. })
         ));
+        // The borrowed form encodes to the same bytes and decodes from them.
+        let mut borrowed = Vec::new();
+        let value = [1u8, 2, 3];
+        encode_into(
+            &mut borrowed,
+            &ServerFrameRef::Update {
+                key: "k".into(),
+                value: &value,
+                skipped: 4,
+                repeat: true,
+            },
+        )
+        .unwrap();
+        encode_into(&mut borrowed, &ServerFrameRef::Synchronized).unwrap();
+        assert_eq!(borrowed, buf);
+        assert!(matches!(
+            decode::<ServerFrameRef<'_>>(&buf[4..]).unwrap(),
+            ServerFrameRef::Update {
+                value: [1, 2, 3],
+                skipped: 4,
+                ..
+            }
+        ));
+
         let huge = [0xffu8, 0xff, 0xff, 0xff];
         assert!(matches!(
             read_frame(&mut &huge[..], MAX_FRAME).await,

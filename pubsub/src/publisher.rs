@@ -15,12 +15,13 @@ use std::time::Duration;
 use cairn_types::Topic;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::access::{Access, Peer};
-use crate::frame::{self, Hello, PROTOCOL, ServerFrame};
+use crate::frame::{self, Hello, PROTOCOL, ServerFrame, ServerFrameRef};
 use crate::store::{KeyFiles, LoadProblem, run_topic_dir};
 use crate::{Bus, BusError};
 
@@ -28,6 +29,9 @@ use crate::{Bus, BusError};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// A hello is tiny; anything bigger is garbage.
 const MAX_HELLO: usize = 64 << 10;
+/// Run-root key files trail publishes by about this much: a burst of publishes costs one
+/// file write per key, and latency-sensitive delivery never waits on the disk.
+const FLUSH_DELAY: Duration = Duration::from_millis(20);
 /// Frames are batched into writes of about this size.
 const WRITE_BATCH: usize = 256 << 10;
 
@@ -450,7 +454,6 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
         return;
     }
 
-    let outbox = Arc::new(Outbox::new(peer.to_string()));
     let mut buf = Vec::new();
     let welcome = ServerFrame::Welcome {
         protocol: PROTOCOL,
@@ -458,9 +461,11 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
         publisher: shared.agent.clone(),
         epoch: shared.epoch,
     };
-    if frame::encode_into(&mut buf, &welcome).is_err() {
+    if frame::encode_into(&mut buf, &welcome).is_err() || writer.write_all(&buf).await.is_err() {
         return;
     }
+    buf.clear();
+    let outbox = Arc::new(Outbox::new(peer.to_string(), writer));
     {
         let mut state = lock(&shared.state);
         for (key, entry) in &state.table {
@@ -497,14 +502,16 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
         })
     };
 
+    // Whatever the publish path could not write directly is written here.
     loop {
-        let closed = outbox.drain_into(&mut buf, WRITE_BATCH);
-        if !buf.is_empty() {
-            if let Err(e) = writer.write_all(&buf).await {
+        let (offset, closed) = outbox.take_work(&mut buf, WRITE_BATCH);
+        if buf.len() > offset {
+            if let Err(e) = outbox.write_all(&buf[offset..]).await {
                 tracing::debug!(topic = %shared.label, peer = %peer, "subscriber gone: {e}");
                 break;
             }
             buf.clear();
+            outbox.done_writing();
             continue;
         }
         if closed {
@@ -512,6 +519,7 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
         }
         outbox.notify.notified().await;
     }
+    outbox.close();
     watcher.abort();
     lock(&shared.state)
         .outboxes
@@ -521,6 +529,7 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
 async fn flush_loop<T: Topic>(shared: Arc<Shared<T>>) {
     loop {
         shared.dirty_notify.notified().await;
+        tokio::time::sleep(FLUSH_DELAY).await;
         if let Err(e) = flush_dirty(&shared).await {
             tracing::warn!(topic = %shared.label, "writing key files failed: {e}");
         }
@@ -571,6 +580,7 @@ enum Slot {
 
 struct Outbox {
     peer: String,
+    writer: OwnedWriteHalf,
     inner: Mutex<OutboxState>,
     notify: Notify,
 }
@@ -579,46 +589,65 @@ struct Outbox {
 struct OutboxState {
     order: VecDeque<Slot>,
     pending: HashMap<String, (Pending, u64)>,
+    /// Bytes of a frame the publish path began writing and the socket did not take whole.
+    partial: Vec<u8>,
+    /// The writer task holds bytes taken from this outbox and is writing them.
+    writing: bool,
     skipped: u64,
     closed: bool,
 }
 
 impl Outbox {
-    fn new(peer: String) -> Self {
+    fn new(peer: String, writer: OwnedWriteHalf) -> Self {
         Self {
             peer,
+            writer,
             inner: Mutex::new(OutboxState::default()),
             notify: Notify::new(),
         }
     }
 
-    /// Queues the latest state of `key`, replacing an undelivered older one in place.
+    /// Queues the latest state of `key`, replacing an undelivered older one in place. When
+    /// nothing is queued or being written, the frame goes straight into the socket instead:
+    /// no task switch, which is what keeps delivery close to a raw socket write.
     fn push(&self, key: &str, op: Pending) {
         let mut state = lock(&self.inner);
         if state.closed {
             return;
         }
-        match state.pending.get_mut(key) {
-            Some((queued, skipped)) => {
-                let repeat = matches!(queued, Pending::Update { repeat: true, .. });
-                *queued = match op {
-                    Pending::Update {
-                        wire,
-                        repeat: again,
-                    } => Pending::Update {
-                        wire,
-                        repeat: repeat || again,
-                    },
-                    Pending::Delete => Pending::Delete,
-                };
-                *skipped += 1;
-                state.skipped += 1;
-            }
-            None => {
-                state.pending.insert(key.to_string(), (op, 0));
-                state.order.push_back(Slot::Key(key.to_string()));
-            }
+        if let Some((queued, skipped)) = state.pending.get_mut(key) {
+            let repeat = matches!(queued, Pending::Update { repeat: true, .. });
+            *queued = match op {
+                Pending::Update {
+                    wire,
+                    repeat: again,
+                } => Pending::Update {
+                    wire,
+                    repeat: repeat || again,
+                },
+                Pending::Delete => Pending::Delete,
+            };
+            *skipped += 1;
+            state.skipped += 1;
+            return;
         }
+        let frame = match &op {
+            Pending::Update { wire, repeat } => ServerFrameRef::Update {
+                key: key.to_string(),
+                value: wire,
+                skipped: 0,
+                repeat: *repeat,
+            },
+            Pending::Delete => ServerFrameRef::Delete {
+                key: key.to_string(),
+                skipped: 0,
+            },
+        };
+        if self.write_directly(&mut state, &frame) {
+            return;
+        }
+        state.pending.insert(key.to_string(), (op, 0));
+        state.order.push_back(Slot::Key(key.to_string()));
         drop(state);
         self.notify.notify_one();
     }
@@ -628,9 +657,45 @@ impl Outbox {
         if state.closed || matches!(state.order.back(), Some(Slot::Control(c)) if *c == control) {
             return;
         }
+        let frame = match control {
+            Control::Synchronized => ServerFrameRef::Synchronized,
+            Control::Restarted => ServerFrameRef::Restarted,
+        };
+        if self.write_directly(&mut state, &frame) {
+            return;
+        }
         state.order.push_back(Slot::Control(control));
         drop(state);
         self.notify.notify_one();
+    }
+
+    /// Writes `frame` now if nothing is ahead of it. Returns false if it must be queued.
+    fn write_directly(&self, state: &mut OutboxState, frame: &ServerFrameRef<'_>) -> bool {
+        if state.writing || !state.partial.is_empty() || !state.order.is_empty() {
+            return false;
+        }
+        let mut bytes = Vec::new();
+        if let Err(e) = frame::encode_into(&mut bytes, frame) {
+            tracing::error!(peer = %self.peer, "cannot encode a frame: {e}");
+            return true;
+        }
+        match self.writer.try_write(&bytes) {
+            Ok(n) if n == bytes.len() => {}
+            Ok(n) => {
+                bytes.drain(..n);
+                state.partial = bytes;
+                self.notify.notify_one();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                state.partial = bytes;
+                self.notify.notify_one();
+            }
+            Err(_) => {
+                state.closed = true;
+                self.notify.notify_one();
+            }
+        }
+        true
     }
 
     fn close(&self) {
@@ -638,32 +703,64 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Moves queued frames into `buf` up to about `limit` bytes; returns whether it is closed.
-    fn drain_into(&self, buf: &mut Vec<u8>, limit: usize) -> bool {
+    /// Hands the writer task its next bytes: the unfinished direct write first, then queued
+    /// frames up to about `limit` bytes. Returns where the new bytes start in `buf` and
+    /// whether the outbox is closed.
+    fn take_work(&self, buf: &mut Vec<u8>, limit: usize) -> (usize, bool) {
         let mut state = lock(&self.inner);
+        let offset = buf.len();
+        if !state.partial.is_empty() {
+            buf.append(&mut state.partial);
+        }
         while buf.len() < limit {
             let Some(slot) = state.order.pop_front() else {
                 break;
             };
-            let frame = match slot {
-                Slot::Control(Control::Synchronized) => ServerFrame::Synchronized,
-                Slot::Control(Control::Restarted) => ServerFrame::Restarted,
+            let encoded = match slot {
+                Slot::Control(Control::Synchronized) => {
+                    frame::encode_into(buf, &ServerFrameRef::Synchronized)
+                }
+                Slot::Control(Control::Restarted) => {
+                    frame::encode_into(buf, &ServerFrameRef::Restarted)
+                }
                 Slot::Key(key) => match state.pending.remove(&key) {
-                    Some((Pending::Update { wire, repeat }, skipped)) => ServerFrame::Update {
-                        key,
-                        value: wire.as_ref().clone(),
-                        skipped,
-                        repeat,
-                    },
-                    Some((Pending::Delete, skipped)) => ServerFrame::Delete { key, skipped },
+                    Some((Pending::Update { wire, repeat }, skipped)) => frame::encode_into(
+                        buf,
+                        &ServerFrameRef::Update {
+                            key,
+                            value: &wire,
+                            skipped,
+                            repeat,
+                        },
+                    ),
+                    Some((Pending::Delete, skipped)) => {
+                        frame::encode_into(buf, &ServerFrameRef::Delete { key, skipped })
+                    }
                     None => continue,
                 },
             };
-            if let Err(e) = frame::encode_into(buf, &frame) {
+            if let Err(e) = encoded {
                 tracing::error!(peer = %self.peer, "cannot encode a frame: {e}");
             }
         }
-        state.closed
+        state.writing = buf.len() > offset;
+        (offset, state.closed)
+    }
+
+    fn done_writing(&self) {
+        lock(&self.inner).writing = false;
+    }
+
+    async fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            self.writer.writable().await?;
+            match self.writer.try_write(bytes) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn stats(&self) -> SubscriberStats {

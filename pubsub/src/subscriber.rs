@@ -1,27 +1,28 @@
-//! A subscription to (publisher agent, topic). A background task keeps the connection up
-//! (reconnecting within milliseconds, with capped backoff) and decodes frames; the agent's own
-//! task turns them into events in [`Subscription::recv`], against its local copy of the table,
-//! so handlers never run concurrently and `get` agrees with the events handed out so far.
+//! A subscription to (publisher agent, topic), driven by the agent's own task: [`recv`] connects
+//! (and reconnects within milliseconds, with capped backoff), reads frames and turns them into
+//! events against the subscription's copy of the table. No background task: handlers never run
+//! concurrently, `get` agrees with the events handed out so far, and a subscriber that is busy
+//! simply stops reading, so its publisher coalesces instead of this side buffering.
+//!
+//! [`recv`] is cancel-safe: a partly read frame stays in the subscription's buffer, so it can be
+//! used in `tokio::select!` across several subscriptions.
+//!
+//! [`recv`]: Subscription::recv
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cairn_types::Topic;
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
-use crate::frame::{self, FrameError, Hello, MAX_FRAME, PROTOCOL, ServerFrame};
+use crate::frame::{self, Hello, MAX_FRAME, PROTOCOL, ServerFrameRef};
 
 const FIRST_RETRY: Duration = Duration::from_millis(2);
 const MAX_RETRY: Duration = Duration::from_millis(200);
-/// How many decoded frames may wait for the agent; beyond it the socket applies back-pressure
-/// and the publisher coalesces.
-const QUEUE: usize = 256;
+const READ_CHUNK: usize = 64 << 10;
 
 /// What a subscriber sees, in publication order.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,7 +57,44 @@ pub enum Event<T> {
     },
 }
 
-enum Wire<T> {
+/// Counters a technician or a benchmark can read.
+#[derive(Debug, Default, Clone)]
+pub struct SubscriptionStats {
+    pub connects: u64,
+    pub frames: u64,
+    /// Connections given up because of a protocol fault (malformed, oversized, cut frames).
+    pub dropped_connections: u64,
+    /// Values the publisher coalesced away because this subscriber was slow.
+    pub skipped: u64,
+}
+
+struct Connection {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// Start of the unread part of `buf`.
+    start: usize,
+    welcomed: bool,
+}
+
+pub struct Subscription<T: Topic> {
+    publisher: String,
+    label: String,
+    socket: PathBuf,
+    connection: Option<Connection>,
+    next_attempt: Option<Instant>,
+    retry: Duration,
+    waiting_logged: bool,
+    table: BTreeMap<String, T>,
+    epoch: Option<u64>,
+    /// Keys received since the last welcome, until the table is complete.
+    resync: Option<HashSet<String>>,
+    out: VecDeque<Event<T>>,
+    synchronized: bool,
+    stats: SubscriptionStats,
+}
+
+/// A frame decoded into owned values, so the connection buffer can be released.
+enum Received<T> {
     Welcome {
         epoch: u64,
     },
@@ -68,6 +106,7 @@ enum Wire<T> {
     },
     Delete {
         key: String,
+        skipped: u64,
     },
     Synchronized,
     Restarted,
@@ -76,57 +115,47 @@ enum Wire<T> {
     },
 }
 
-/// Counters a technician or a benchmark can read.
-#[derive(Debug, Default)]
-pub struct SubscriptionStats {
-    pub connects: AtomicU64,
-    pub frames: AtomicU64,
-    pub dropped_connections: AtomicU64,
-    pub skipped: AtomicU64,
-}
-
-pub struct Subscription<T: Topic> {
-    publisher: String,
-    rx: mpsc::Receiver<Wire<T>>,
-    task: JoinHandle<()>,
-    table: BTreeMap<String, T>,
-    epoch: Option<u64>,
-    /// Keys received since the last welcome, until the table is complete.
-    resync: Option<HashSet<String>>,
-    out: VecDeque<Event<T>>,
-    synchronized: bool,
-    stats: Arc<SubscriptionStats>,
-}
-
 impl<T: Topic> Subscription<T> {
     pub(crate) fn open(socket: PathBuf, publisher: String) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let stats = Arc::new(SubscriptionStats::default());
-        let label = format!("{publisher}/{}", T::NAME);
-        let task = tokio::spawn(connection_loop::<T>(socket, label, tx, stats.clone()));
         Self {
+            label: format!("{publisher}/{}", T::NAME),
             publisher,
-            rx,
-            task,
+            socket,
+            connection: None,
+            next_attempt: None,
+            retry: FIRST_RETRY,
+            waiting_logged: false,
             table: BTreeMap::new(),
             epoch: None,
             resync: None,
             out: VecDeque::new(),
             synchronized: false,
-            stats,
+            stats: SubscriptionStats::default(),
         }
     }
 
-    /// The next event. Never ends while the subscription lives (reconnects are internal).
+    /// The next event. Reconnects as needed; never returns an error (faults are logged and
+    /// counted, and the connection is made again).
     pub async fn recv(&mut self) -> Event<T> {
         loop {
             if let Some(event) = self.out.pop_front() {
                 return event;
             }
-            match self.rx.recv().await {
-                Some(wire) => self.apply(wire),
-                // The connection task only stops when aborted by drop.
-                None => std::future::pending::<()>().await,
+            if self.connection.is_none() {
+                self.connect().await;
+                continue;
+            }
+            match self.read_frame().await {
+                Ok(Some(received)) => self.apply(received),
+                Ok(None) => {
+                    tracing::debug!(topic = %self.label, "publisher closed the connection");
+                    self.disconnect();
+                }
+                Err(fault) => {
+                    self.stats.dropped_connections += 1;
+                    tracing::warn!(topic = %self.label, "dropping the connection: {fault}");
+                    self.disconnect();
+                }
             }
         }
     }
@@ -166,21 +195,130 @@ impl<T: Topic> Subscription<T> {
         &self.stats
     }
 
-    fn apply(&mut self, wire: Wire<T>) {
-        match wire {
-            Wire::Welcome { epoch } => {
+    fn disconnect(&mut self) {
+        self.connection = None;
+        self.next_attempt = Some(Instant::now() + self.retry);
+        self.retry = (self.retry * 2).min(MAX_RETRY);
+    }
+
+    /// One connection attempt, after the backoff delay. Cancel-safe: an interrupted attempt is
+    /// simply made again.
+    async fn connect(&mut self) {
+        if let Some(at) = self.next_attempt {
+            tokio::time::sleep_until(at).await;
+        }
+        let attempt = async {
+            let mut stream = UnixStream::connect(&self.socket).await?;
+            let mut hello = Vec::new();
+            frame::encode_into(
+                &mut hello,
+                &Hello::Subscribe {
+                    protocol: PROTOCOL,
+                    topic: T::NAME.to_string(),
+                },
+            )
+            .map_err(std::io::Error::other)?;
+            stream.write_all(&hello).await?;
+            Ok::<_, std::io::Error>(stream)
+        };
+        match attempt.await {
+            Ok(stream) => {
+                self.stats.connects += 1;
+                self.waiting_logged = false;
+                self.next_attempt = None;
+                self.connection = Some(Connection {
+                    stream,
+                    buf: Vec::with_capacity(READ_CHUNK),
+                    start: 0,
+                    welcomed: false,
+                });
+            }
+            Err(e) => {
+                if !self.waiting_logged {
+                    tracing::debug!(topic = %self.label, socket = %self.socket.display(), "waiting for the publisher: {e}");
+                    self.waiting_logged = true;
+                }
+                self.next_attempt = Some(Instant::now() + self.retry);
+                self.retry = (self.retry * 2).min(MAX_RETRY);
+            }
+        }
+    }
+
+    /// The next frame of the current connection, `None` at a clean end. Cancel-safe: bytes are
+    /// only ever appended to the connection's buffer by `read_buf`.
+    async fn read_frame(&mut self) -> Result<Option<Received<T>>, String> {
+        let Some(conn) = self.connection.as_mut() else {
+            return Ok(None);
+        };
+        loop {
+            let available = &conn.buf[conn.start..];
+            if available.len() >= 4 {
+                let len =
+                    u32::from_be_bytes([available[0], available[1], available[2], available[3]])
+                        as usize;
+                if len > MAX_FRAME {
+                    return Err(format!(
+                        "frame of {len} bytes exceeds the {MAX_FRAME} byte limit"
+                    ));
+                }
+                if available.len() >= 4 + len {
+                    let body_start = conn.start + 4;
+                    conn.start = body_start + len;
+                    let received =
+                        decode::<T>(&conn.buf[body_start..body_start + len], conn.welcomed);
+                    if conn.start == conn.buf.len() {
+                        conn.buf.clear();
+                        conn.start = 0;
+                    }
+                    let received = received?;
+                    if matches!(received, Received::Welcome { .. }) {
+                        conn.welcomed = true;
+                    }
+                    self.stats.frames += 1;
+                    return Ok(Some(received));
+                }
+                conn.buf.reserve(4 + len - available.len());
+            }
+            if conn.start > 0 && conn.start >= conn.buf.len() / 2 {
+                conn.buf.drain(..conn.start);
+                conn.start = 0;
+            }
+            conn.buf.reserve(READ_CHUNK);
+            let read = conn
+                .stream
+                .read_buf(&mut conn.buf)
+                .await
+                .map_err(|e| e.to_string())?;
+            if read == 0 {
+                return if conn.buf.len() == conn.start {
+                    Ok(None)
+                } else {
+                    Err(format!(
+                        "connection closed in the middle of a frame ({} bytes pending)",
+                        conn.buf.len() - conn.start
+                    ))
+                };
+            }
+        }
+    }
+
+    fn apply(&mut self, received: Received<T>) {
+        match received {
+            Received::Welcome { epoch } => {
+                self.retry = FIRST_RETRY;
                 if self.epoch.is_some_and(|old| old != epoch) {
                     self.out.push_back(Event::PublisherRestarted { epoch });
                 }
                 self.epoch = Some(epoch);
                 self.resync = Some(HashSet::new());
             }
-            Wire::Update {
+            Received::Update {
                 key,
                 value,
                 skipped,
                 repeat,
             } => {
+                self.stats.skipped += skipped;
                 if let Some(seen) = &mut self.resync {
                     seen.insert(key.clone());
                 }
@@ -195,12 +333,13 @@ impl<T: Topic> Subscription<T> {
                     }),
                 }
             }
-            Wire::Delete { key } => {
+            Received::Delete { key, skipped } => {
+                self.stats.skipped += skipped;
                 if let Some(last) = self.table.remove(&key) {
                     self.out.push_back(Event::Delete { key, last });
                 }
             }
-            Wire::Synchronized => {
+            Received::Synchronized => {
                 if let Some(seen) = self.resync.take() {
                     let gone: Vec<String> = self
                         .table
@@ -217,141 +356,52 @@ impl<T: Topic> Subscription<T> {
                 self.synchronized = true;
                 self.out.push_back(Event::Synchronized);
             }
-            Wire::Restarted => self.out.push_back(Event::Restarted),
-            Wire::Refused { reason } => self.out.push_back(Event::Refused { reason }),
-        }
-    }
-}
-
-impl<T: Topic> Drop for Subscription<T> {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn connection_loop<T: Topic>(
-    socket: PathBuf,
-    label: String,
-    tx: mpsc::Sender<Wire<T>>,
-    stats: Arc<SubscriptionStats>,
-) {
-    let mut retry = FIRST_RETRY;
-    let mut announced = false;
-    loop {
-        match UnixStream::connect(&socket).await {
-            Ok(stream) => {
-                stats.connects.fetch_add(1, Ordering::Relaxed);
-                match session::<T>(stream, &tx, &stats).await {
-                    Ok(welcomed) => {
-                        if welcomed {
-                            retry = FIRST_RETRY;
-                        }
-                        tracing::debug!(topic = %label, "publisher closed the connection");
-                    }
-                    Err(SessionError::Refused) => retry = MAX_RETRY,
-                    Err(SessionError::Receiver) => return,
-                    Err(SessionError::Frame(e)) => {
-                        stats.dropped_connections.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(topic = %label, "dropping the connection: {e}");
-                    }
-                }
-                announced = false;
-            }
-            Err(e) => {
-                if !announced {
-                    tracing::debug!(topic = %label, socket = %socket.display(), "waiting for the publisher: {e}");
-                    announced = true;
-                }
+            Received::Restarted => self.out.push_back(Event::Restarted),
+            Received::Refused { reason } => {
+                tracing::warn!(topic = %self.label, "refused by the publisher: {reason}");
+                self.connection = None;
+                self.retry = MAX_RETRY;
+                self.next_attempt = Some(Instant::now() + MAX_RETRY);
+                self.out.push_back(Event::Refused { reason });
             }
         }
-        tokio::time::sleep(retry).await;
-        retry = (retry * 2).min(MAX_RETRY);
     }
 }
 
-enum SessionError {
-    Refused,
-    Receiver,
-    Frame(String),
-}
-
-/// One connection: hello, then frames until it ends. `Ok(true)` if the publisher welcomed us.
-async fn session<T: Topic>(
-    mut stream: UnixStream,
-    tx: &mpsc::Sender<Wire<T>>,
-    stats: &SubscriptionStats,
-) -> Result<bool, SessionError> {
-    let mut hello = Vec::new();
-    let request = Hello::Subscribe {
-        protocol: PROTOCOL,
-        topic: T::NAME.to_string(),
-    };
-    frame::encode_into(&mut hello, &request).map_err(|e| SessionError::Frame(e.to_string()))?;
-    if stream.write_all(&hello).await.is_err() {
-        return Ok(false);
-    }
-    let (reader, _writer) = stream.into_split();
-    let mut reader = BufReader::with_capacity(256 << 10, reader);
-    let mut welcomed = false;
-    loop {
-        let body = match frame::read_frame(&mut reader, MAX_FRAME).await {
-            Ok(body) => body,
-            Err(FrameError::Closed) => return Ok(welcomed),
-            Err(e) => return Err(SessionError::Frame(e.to_string())),
-        };
-        let decoded: ServerFrame = frame::decode(&body)
-            .map_err(|e| SessionError::Frame(format!("malformed frame: {e}")))?;
-        stats.frames.fetch_add(1, Ordering::Relaxed);
-        let wire = match decoded {
-            ServerFrame::Welcome {
-                protocol,
-                topic,
-                epoch,
-                ..
-            } => {
-                if protocol != PROTOCOL || topic != T::NAME {
-                    return Err(SessionError::Frame(format!(
-                        "publisher speaks protocol {protocol} for {topic}, expected {PROTOCOL} for {}",
-                        T::NAME
-                    )));
-                }
-                welcomed = true;
-                Wire::Welcome { epoch }
+fn decode<T: Topic>(body: &[u8], welcomed: bool) -> Result<Received<T>, String> {
+    let decoded: ServerFrameRef<'_> =
+        frame::decode(body).map_err(|e| format!("malformed frame: {e}"))?;
+    Ok(match decoded {
+        ServerFrameRef::Welcome {
+            protocol,
+            topic,
+            epoch,
+            ..
+        } => {
+            if protocol != PROTOCOL || topic != T::NAME {
+                return Err(format!(
+                    "publisher speaks protocol {protocol} for {topic}, expected {PROTOCOL} for {}",
+                    T::NAME
+                ));
             }
-            ServerFrame::Refused { reason } => {
-                tracing::warn!(topic = T::NAME, "refused by the publisher: {reason}");
-                let _ = tx.send(Wire::Refused { reason }).await;
-                return Err(SessionError::Refused);
-            }
-            _ if !welcomed => {
-                return Err(SessionError::Frame("data before the welcome".into()));
-            }
-            ServerFrame::Update {
-                key,
-                value,
-                skipped,
-                repeat,
-            } => {
-                let value: T = frame::decode(&value).map_err(|e| {
-                    SessionError::Frame(format!("value of key {key} does not decode: {e}"))
-                })?;
-                stats.skipped.fetch_add(skipped, Ordering::Relaxed);
-                Wire::Update {
-                    key,
-                    value,
-                    skipped,
-                    repeat,
-                }
-            }
-            ServerFrame::Delete { key, skipped } => {
-                stats.skipped.fetch_add(skipped, Ordering::Relaxed);
-                Wire::Delete { key }
-            }
-            ServerFrame::Synchronized => Wire::Synchronized,
-            ServerFrame::Restarted => Wire::Restarted,
-        };
-        if tx.send(wire).await.is_err() {
-            return Err(SessionError::Receiver);
+            Received::Welcome { epoch }
         }
-    }
+        ServerFrameRef::Refused { reason } => Received::Refused { reason },
+        _ if !welcomed => return Err("data before the welcome".into()),
+        ServerFrameRef::Update {
+            key,
+            value,
+            skipped,
+            repeat,
+        } => Received::Update {
+            value: frame::decode(value)
+                .map_err(|e| format!("value of key {key} does not decode: {e}"))?,
+            key,
+            skipped,
+            repeat,
+        },
+        ServerFrameRef::Delete { key, skipped } => Received::Delete { key, skipped },
+        ServerFrameRef::Synchronized => Received::Synchronized,
+        ServerFrameRef::Restarted => Received::Restarted,
+    })
 }

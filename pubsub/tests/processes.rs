@@ -157,10 +157,10 @@ impl ChildBus {
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some((_, line)) = line.split_once("BUS ") {
-                    if tx.send(line.to_string()).is_err() {
-                        break;
-                    }
+                if let Some((_, line)) = line.split_once("BUS ")
+                    && tx.send(line.to_string()).is_err()
+                {
+                    break;
                 }
             }
         });
@@ -219,9 +219,27 @@ async fn restart_without_c(
     let events = until(&mut sub, |e| *e == Event::Restarted).await;
     assert_eq!(events.len(), 5, "{events:?}");
 
+    if !wipe {
+        // Let the key files catch up, so the restarted publisher reloads c and only its
+        // restart barrier can remove it.
+        let file = roots.run().join("volume-manager/TestStatus/c.json");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !file.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} never written",
+                file.display()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     first.kill();
     if wipe {
-        std::fs::remove_dir_all(roots.run().join("volume-manager/TestStatus")).unwrap();
+        // Key files trail publishes by a few ms, so they may not exist yet.
+        match std::fs::remove_dir_all(roots.run().join("volume-manager/TestStatus")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("{e}"),
+            _ => {}
+        }
     }
     let second = if wipe {
         ChildBus::spawn_with(
