@@ -12,6 +12,7 @@
 extern crate self as cairn_persist;
 
 mod codec;
+mod crash;
 mod error;
 mod file;
 pub mod schema;
@@ -21,6 +22,7 @@ pub use codec::{
     Decoded, Format, Inspected, PLAIN_VERSION, check_mandatory, decode, deserialize_value, encode,
     inspect,
 };
+pub use crash::{CRASH_AT_ENV, crash_point};
 pub use error::{DecodeError, ErrorKind, PersistError};
 pub use file::{
     Loaded, Origin, backup_path, create_dir_durable, load, load_with_backup, remove,

@@ -96,3 +96,6 @@ pub struct AppInstanceStatus {
     #[serde(deserialize_with = "null_as_default")]
     pub warnings: Vec<String>,
 }
+
+crate::topic!(AppInstanceConfig, |v| v.uuid_and_version.uuid.to_string());
+crate::topic!(AppInstanceStatus, |v| v.uuid_and_version.uuid.to_string());

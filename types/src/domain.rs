@@ -114,3 +114,6 @@ pub struct DomainStatus {
     pub purge_counter: u32,
     pub error: ErrorDescription,
 }
+
+crate::topic!(DomainConfig, |v| v.uuid_and_version.uuid.to_string());
+crate::topic!(DomainStatus, |v| v.uuid_and_version.uuid.to_string());

@@ -29,6 +29,7 @@ pub use volume::{
 };
 
 /// A message published on the bus: its topic is its type name, and each value has a key.
+/// Each module implements it for its own messages.
 pub trait Topic:
     cairn_persist::Record + Clone + PartialEq + std::fmt::Debug + Send + Sync + 'static
 {
@@ -38,9 +39,11 @@ pub trait Topic:
     fn key(&self) -> String;
 }
 
+/// Implements [`Topic`] for a record type, naming the topic after its schema.
+#[macro_export]
 macro_rules! topic {
     ($ty:ty, |$v:ident| $key:expr) => {
-        impl Topic for $ty {
+        impl $crate::Topic for $ty {
             const NAME: &'static str = <$ty as cairn_persist::Record>::SCHEMA;
             fn key(&self) -> String {
                 let $v = self;
@@ -49,12 +52,3 @@ macro_rules! topic {
         }
     };
 }
-
-topic!(AppInstanceConfig, |v| v.uuid_and_version.uuid.to_string());
-topic!(AppInstanceStatus, |v| v.uuid_and_version.uuid.to_string());
-topic!(VolumeConfig, |v| v.key());
-topic!(VolumeStatus, |v| v.key());
-topic!(DomainConfig, |v| v.uuid_and_version.uuid.to_string());
-topic!(DomainStatus, |v| v.uuid_and_version.uuid.to_string());
-topic!(VolumesSnapshotConfig, |v| v.snapshot_id.to_string());
-topic!(VolumesSnapshotStatus, |v| v.snapshot_id.to_string());

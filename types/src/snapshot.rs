@@ -170,3 +170,6 @@ pub struct VolumesSnapshotStatus {
     #[serde(flatten)]
     pub error: ErrorDescription,
 }
+
+crate::topic!(VolumesSnapshotConfig, |v| v.snapshot_id.to_string());
+crate::topic!(VolumesSnapshotStatus, |v| v.snapshot_id.to_string());

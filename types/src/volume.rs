@@ -118,3 +118,6 @@ impl VolumeStatus {
         )
     }
 }
+
+crate::topic!(VolumeConfig, |v| v.key());
+crate::topic!(VolumeStatus, |v| v.key());

@@ -1,0 +1,1 @@
+//! cairn-domain-manager: being written.

@@ -1,0 +1,1 @@
+//! cairn-volume-manager: being written.
