@@ -68,11 +68,7 @@ async fn subscriber_gets_the_table_then_synchronized_then_live_changes_in_order(
 #[tokio::test]
 async fn an_equal_value_is_not_sent_again_but_republish_delivers_it() {
     let roots = Roots::new();
-    let publication = roots
-        .bus("app-manager")
-        .publish::<TestStatus>(PublishOptions::default())
-        .await
-        .unwrap();
+    let publication = roots.publish("app-manager").await;
     publication.publish(status("rollback", 1)).await.unwrap();
     let mut sub = roots
         .bus("volume-manager")
@@ -97,11 +93,7 @@ async fn an_equal_value_is_not_sent_again_but_republish_delivers_it() {
 #[tokio::test]
 async fn two_subscribers_each_get_everything() {
     let roots = Roots::new();
-    let publication = roots
-        .bus("domain-manager")
-        .publish::<TestStatus>(PublishOptions::default())
-        .await
-        .unwrap();
+    let publication = roots.publish("domain-manager").await;
     let mut first = roots
         .bus("app-manager")
         .subscribe::<TestStatus>("domain-manager");
@@ -117,11 +109,7 @@ async fn two_subscribers_each_get_everything() {
 #[tokio::test]
 async fn a_new_subscriber_gets_the_full_table() {
     let roots = Roots::new();
-    let publication = roots
-        .bus("volume-manager")
-        .publish::<TestStatus>(PublishOptions::default())
-        .await
-        .unwrap();
+    let publication = roots.publish("volume-manager").await;
     for i in 0..50 {
         publication
             .publish(status(&format!("k{i:02}"), i))
@@ -151,11 +139,7 @@ async fn a_new_subscriber_gets_the_full_table() {
 #[tokio::test]
 async fn a_sixteen_mib_value_is_delivered_whole() {
     let roots = Roots::new();
-    let publication = roots
-        .bus("volume-manager")
-        .publish::<TestStatus>(PublishOptions::default())
-        .await
-        .unwrap();
+    let publication = roots.publish("volume-manager").await;
     let mut sub = roots
         .bus("app-manager")
         .subscribe::<TestStatus>("volume-manager");
@@ -211,21 +195,13 @@ async fn a_persistent_publication_survives_a_wiped_run_root() {
 async fn a_restarted_publisher_reloads_its_run_root_table_and_reports_unreadable_files() {
     let roots = Roots::new();
     {
-        let publication = roots
-            .bus("volume-manager")
-            .publish::<TestStatus>(PublishOptions::default())
-            .await
-            .unwrap();
+        let publication = roots.publish("volume-manager").await;
         publication.publish(status("v1", 1)).await.unwrap();
         publication.flush().await.unwrap();
     }
     let dir = roots.run().join("volume-manager/TestStatus");
     std::fs::write(dir.join("broken.json"), "{\"schema\": ").unwrap();
-    let publication = roots
-        .bus("volume-manager")
-        .publish::<TestStatus>(PublishOptions::default())
-        .await
-        .unwrap();
+    let publication = roots.publish("volume-manager").await;
     assert_eq!(publication.get("v1"), Some(status("v1", 1)));
     let problems = publication.load_problems();
     assert_eq!(problems.len(), 1);
@@ -236,11 +212,7 @@ async fn a_restarted_publisher_reloads_its_run_root_table_and_reports_unreadable
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscriber_costs_at_most_one_pending_value_per_key() {
     let roots = Roots::new();
-    let publication = roots
-        .bus("volume-manager")
-        .publish::<TestStatus>(PublishOptions::default())
-        .await
-        .unwrap();
+    let publication = roots.publish("volume-manager").await;
     let mut sub = roots
         .bus("app-manager")
         .subscribe::<TestStatus>("volume-manager");
@@ -386,11 +358,7 @@ impl LogCapture {
 async fn garbage_from_peers_is_dropped_with_a_log_line_and_disturbs_no_subscriber() {
     let (logs, _guard) = LogCapture::install();
     let roots = Roots::new();
-    let publication = roots
-        .bus("volume-manager")
-        .publish::<TestStatus>(PublishOptions::default())
-        .await
-        .unwrap();
+    let publication = roots.publish("volume-manager").await;
     let mut good = roots
         .bus("app-manager")
         .subscribe::<TestStatus>("volume-manager");
@@ -455,11 +423,7 @@ async fn a_subscriber_drops_a_publisher_that_sends_malformed_frames_and_reconnec
     let mut sub = roots.bus("app-manager").subscribe::<TestStatus>("fake");
 
     // Another topic from a real publisher must be unaffected throughout.
-    let real = roots
-        .bus("volume-manager")
-        .publish::<TestStatus>(PublishOptions::default())
-        .await
-        .unwrap();
+    let real = roots.publish("volume-manager").await;
     let mut other = roots
         .bus("app-manager")
         .subscribe::<TestStatus>("volume-manager");
@@ -520,20 +484,12 @@ async fn a_subscriber_drops_a_publisher_that_sends_malformed_frames_and_reconnec
 async fn the_restart_barrier_removes_reloaded_keys_that_were_not_published_again() {
     let roots = Roots::new();
     {
-        let publication = roots
-            .bus("domain-manager")
-            .publish::<TestStatus>(PublishOptions::default())
-            .await
-            .unwrap();
+        let publication = roots.publish("domain-manager").await;
         for key in ["kept", "changed", "stale"] {
             publication.publish(status(key, 1)).await.unwrap();
         }
     }
-    let publication = roots
-        .bus("domain-manager")
-        .publish::<TestStatus>(PublishOptions::default())
-        .await
-        .unwrap();
+    let publication = roots.publish("domain-manager").await;
     let mut sub = roots
         .bus("app-manager")
         .subscribe::<TestStatus>("domain-manager");

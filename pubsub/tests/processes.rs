@@ -300,11 +300,7 @@ async fn a_new_publisher_epoch_without_the_key_sweeps_it_at_resync() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_subscriber_process_resyncs_the_full_table() {
     let roots = Roots::new();
-    let publication = roots
-        .bus("volume-manager")
-        .publish::<TestStatus>(PublishOptions::default())
-        .await
-        .unwrap();
+    let publication = roots.publish("volume-manager").await;
     for key in ["a", "b", "c"] {
         publication.publish(status(key, 1)).await.unwrap();
     }

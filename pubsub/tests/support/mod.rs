@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cairn_persist::Persist;
-use cairn_pubsub::{Bus, Event, Subscription, Topic};
+use cairn_pubsub::{Bus, Event, Publication, PublishOptions, Subscription, Topic};
 use serde::{Deserialize, Serialize};
 
 /// A small topic for tests: `Name` is the key.
@@ -59,6 +59,14 @@ impl Roots {
 
     pub fn bus(&self, agent: &str) -> Bus {
         Bus::new(agent, self.run(), self.persist())
+    }
+
+    /// `agent`'s run-root publication of the test topic.
+    pub async fn publish(&self, agent: &str) -> Publication<TestStatus> {
+        self.bus(agent)
+            .publish::<TestStatus>(PublishOptions::default())
+            .await
+            .expect("publication opens")
     }
 }
 
