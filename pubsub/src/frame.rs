@@ -19,8 +19,10 @@ pub enum Hello {
     Subscribe { protocol: u32, topic: String },
 }
 
+/// What a publisher sends. The value bytes are borrowed: encoded without a copy from the
+/// publisher's table, decoded straight out of the subscriber's read buffer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum ServerFrame {
+pub enum ServerFrame<'a> {
     /// The publisher accepts; `epoch` changes each time the publisher process starts.
     Welcome {
         protocol: u32,
@@ -36,8 +38,8 @@ pub enum ServerFrame {
     /// never saw because it was slow (coalescing); `repeat` asks for delivery even if equal.
     Update {
         key: String,
-        #[serde(with = "serde_bytes")]
-        value: Vec<u8>,
+        #[serde(borrow, with = "serde_bytes")]
+        value: &'a [u8],
         skipped: u64,
         repeat: bool,
     },
@@ -48,34 +50,6 @@ pub enum ServerFrame {
     /// The whole table has been sent; live changes follow.
     Synchronized,
     /// The publisher has re-published everything after its own restart.
-    Restarted,
-}
-
-/// [`ServerFrame`] with the value borrowed, for encoding without a copy and decoding straight
-/// out of the read buffer. Same variants, same order, same fields: the bytes are identical.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum ServerFrameRef<'a> {
-    Welcome {
-        protocol: u32,
-        topic: String,
-        publisher: String,
-        epoch: u64,
-    },
-    Refused {
-        reason: String,
-    },
-    Update {
-        key: String,
-        #[serde(borrow, with = "serde_bytes")]
-        value: &'a [u8],
-        skipped: u64,
-        repeat: bool,
-    },
-    Delete {
-        key: String,
-        skipped: u64,
-    },
-    Synchronized,
     Restarted,
 }
 
@@ -148,9 +122,10 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_and_oversized_or_cut_frames_are_refused() {
         let mut buf = Vec::new();
+        let value = [1u8, 2, 3];
         let frame = ServerFrame::Update {
             key: "k".into(),
-            value: vec![1, 2, 3],
+            value: &value,
             skipped: 4,
             repeat: true,
         };
@@ -158,10 +133,10 @@ mod tests {
         encode_into(&mut buf, &ServerFrame::Synchronized).unwrap();
         let mut reader = &buf[..];
         let body = read_frame(&mut reader, MAX_FRAME).await.unwrap();
-        assert_eq!(decode::<ServerFrame>(&body).unwrap(), frame);
+        assert_eq!(decode::<ServerFrame<'_>>(&body).unwrap(), frame);
         let body = read_frame(&mut reader, MAX_FRAME).await.unwrap();
         assert_eq!(
-            decode::<ServerFrame>(&body).unwrap(),
+            decode::<ServerFrame<'_>>(&body).unwrap(),
             ServerFrame::Synchronized
         );
         assert!(matches!(
@@ -180,30 +155,6 @@ mod tests {
             read_frame(&mut reader, MAX_FRAME).await,
             Err(FrameError::Truncated { .. })
         ));
-        // The borrowed form encodes to the same bytes and decodes from them.
-        let mut borrowed = Vec::new();
-        let value = [1u8, 2, 3];
-        encode_into(
-            &mut borrowed,
-            &ServerFrameRef::Update {
-                key: "k".into(),
-                value: &value,
-                skipped: 4,
-                repeat: true,
-            },
-        )
-        .unwrap();
-        encode_into(&mut borrowed, &ServerFrameRef::Synchronized).unwrap();
-        assert_eq!(borrowed, buf);
-        assert!(matches!(
-            decode::<ServerFrameRef<'_>>(&buf[4..]).unwrap(),
-            ServerFrameRef::Update {
-                value: [1, 2, 3],
-                skipped: 4,
-                ..
-            }
-        ));
-
         let huge = [0xffu8, 0xff, 0xff, 0xff];
         assert!(matches!(
             read_frame(&mut &huge[..], MAX_FRAME).await,

@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::access::{Access, Peer};
-use crate::frame::{self, Hello, PROTOCOL, ServerFrame, ServerFrameRef};
+use crate::frame::{self, Hello, PROTOCOL, ServerFrame};
 use crate::store::{KeyFiles, LoadProblem, run_topic_dir};
 use crate::{Bus, BusError};
 
@@ -632,13 +632,13 @@ impl Outbox {
             return;
         }
         let frame = match &op {
-            Pending::Update { wire, repeat } => ServerFrameRef::Update {
+            Pending::Update { wire, repeat } => ServerFrame::Update {
                 key: key.to_string(),
                 value: wire,
                 skipped: 0,
                 repeat: *repeat,
             },
-            Pending::Delete => ServerFrameRef::Delete {
+            Pending::Delete => ServerFrame::Delete {
                 key: key.to_string(),
                 skipped: 0,
             },
@@ -658,8 +658,8 @@ impl Outbox {
             return;
         }
         let frame = match control {
-            Control::Synchronized => ServerFrameRef::Synchronized,
-            Control::Restarted => ServerFrameRef::Restarted,
+            Control::Synchronized => ServerFrame::Synchronized,
+            Control::Restarted => ServerFrame::Restarted,
         };
         if self.write_directly(&mut state, &frame) {
             return;
@@ -670,7 +670,7 @@ impl Outbox {
     }
 
     /// Writes `frame` now if nothing is ahead of it. Returns false if it must be queued.
-    fn write_directly(&self, state: &mut OutboxState, frame: &ServerFrameRef<'_>) -> bool {
+    fn write_directly(&self, state: &mut OutboxState, frame: &ServerFrame<'_>) -> bool {
         if state.writing || !state.partial.is_empty() || !state.order.is_empty() {
             return false;
         }
@@ -718,15 +718,15 @@ impl Outbox {
             };
             let encoded = match slot {
                 Slot::Control(Control::Synchronized) => {
-                    frame::encode_into(buf, &ServerFrameRef::Synchronized)
+                    frame::encode_into(buf, &ServerFrame::Synchronized)
                 }
                 Slot::Control(Control::Restarted) => {
-                    frame::encode_into(buf, &ServerFrameRef::Restarted)
+                    frame::encode_into(buf, &ServerFrame::Restarted)
                 }
                 Slot::Key(key) => match state.pending.remove(&key) {
                     Some((Pending::Update { wire, repeat }, skipped)) => frame::encode_into(
                         buf,
-                        &ServerFrameRef::Update {
+                        &ServerFrame::Update {
                             key,
                             value: &wire,
                             skipped,
@@ -734,7 +734,7 @@ impl Outbox {
                         },
                     ),
                     Some((Pending::Delete, skipped)) => {
-                        frame::encode_into(buf, &ServerFrameRef::Delete { key, skipped })
+                        frame::encode_into(buf, &ServerFrame::Delete { key, skipped })
                     }
                     None => continue,
                 },

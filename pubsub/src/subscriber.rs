@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
-use crate::frame::{self, Hello, MAX_FRAME, PROTOCOL, ServerFrameRef};
+use crate::frame::{self, Hello, MAX_FRAME, PROTOCOL, ServerFrame};
 
 const FIRST_RETRY: Duration = Duration::from_millis(2);
 const MAX_RETRY: Duration = Duration::from_millis(200);
@@ -369,10 +369,10 @@ impl<T: Topic> Subscription<T> {
 }
 
 fn decode<T: Topic>(body: &[u8], welcomed: bool) -> Result<Received<T>, String> {
-    let decoded: ServerFrameRef<'_> =
+    let decoded: ServerFrame<'_> =
         frame::decode(body).map_err(|e| format!("malformed frame: {e}"))?;
     Ok(match decoded {
-        ServerFrameRef::Welcome {
+        ServerFrame::Welcome {
             protocol,
             topic,
             epoch,
@@ -386,9 +386,9 @@ fn decode<T: Topic>(body: &[u8], welcomed: bool) -> Result<Received<T>, String> 
             }
             Received::Welcome { epoch }
         }
-        ServerFrameRef::Refused { reason } => Received::Refused { reason },
+        ServerFrame::Refused { reason } => Received::Refused { reason },
         _ if !welcomed => return Err("data before the welcome".into()),
-        ServerFrameRef::Update {
+        ServerFrame::Update {
             key,
             value,
             skipped,
@@ -400,8 +400,8 @@ fn decode<T: Topic>(body: &[u8], welcomed: bool) -> Result<Received<T>, String> 
             skipped,
             repeat,
         },
-        ServerFrameRef::Delete { key, skipped } => Received::Delete { key, skipped },
-        ServerFrameRef::Synchronized => Received::Synchronized,
-        ServerFrameRef::Restarted => Received::Restarted,
+        ServerFrame::Delete { key, skipped } => Received::Delete { key, skipped },
+        ServerFrame::Synchronized => Received::Synchronized,
+        ServerFrame::Restarted => Received::Restarted,
     })
 }

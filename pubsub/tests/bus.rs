@@ -449,7 +449,7 @@ async fn a_subscriber_drops_a_publisher_that_sends_malformed_frames_and_reconnec
                 &mut buf,
                 &frame::ServerFrame::Update {
                     key: format!("ok{round}"),
-                    value: frame::encode_value(&status(&format!("ok{round}"), round)).unwrap(),
+                    value: &frame::encode_value(&status(&format!("ok{round}"), round)).unwrap(),
                     skipped: 0,
                     repeat: false,
                 },
