@@ -1,0 +1,90 @@
+//! cairn-app-manager: application lifecycle and the snapshot state machine.
+//!
+//! `machine` holds the decisions, pure and unit-tested; the executor that carries its actions
+//! out over the bus and on disk comes with the rest of the agent.
+
+pub mod machine;
+
+use cairn_types::{
+    AppInstanceStatus, ErrorDescription, ErrorSeverity, SnapshotInstanceStatus, SnapshottingStatus,
+    SwState,
+};
+use chrono::{DateTime, Utc};
+use machine::{AppState, Phase, SnapshotRecord, SnapshotState};
+
+/// The record of one snapshot as EVE writes it (`snapshotInstanceStatus.json`).
+pub fn snapshot_instance_status(
+    state: &AppState,
+    record: &SnapshotRecord,
+) -> SnapshotInstanceStatus {
+    let config_version = record
+        .config
+        .as_ref()
+        .map(|c| c.uuid_and_version.clone())
+        .unwrap_or_else(|| state.version().clone());
+    SnapshotInstanceStatus {
+        snapshot: record.desc.clone(),
+        reported: false,
+        time_triggered: record.time_triggered,
+        time_created: record.time_created,
+        app_instance_id: state.app,
+        config_version,
+        error: record
+            .error
+            .as_ref()
+            .map(|e| {
+                ErrorDescription::new(
+                    e.clone(),
+                    ErrorSeverity::Error,
+                    record.time_triggered.unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
+                )
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// What the app-manager publishes about the app.
+pub fn app_status(state: &AppState) -> AppInstanceStatus {
+    let mut snap = SnapshottingStatus {
+        max_snapshots: state.controller.snapshot.max_snapshots,
+        active_snapshot: state.controller.snapshot.active_snapshot.clone(),
+        rollback_in_progress: state.local.is_some() && state.phase != Phase::Idle,
+        ..Default::default()
+    };
+    for record in &state.snapshots {
+        let status = snapshot_instance_status(state, record);
+        match record.state {
+            SnapshotState::Requested | SnapshotState::Triggered => {
+                snap.requested_snapshots.push(status)
+            }
+            SnapshotState::Available => snap.available_snapshots.push(status),
+            SnapshotState::PendingDeletion | SnapshotState::DeletionFailed => {
+                snap.snapshots_to_be_deleted.push(record.desc.clone())
+            }
+            SnapshotState::Failed | SnapshotState::Dropped => {}
+        }
+    }
+    let state_now = match (&state.phase, state.domain_active) {
+        (Phase::Starting, _) => SwState::Booting,
+        (Phase::Stopping, _) => SwState::Halting,
+        (Phase::Volume { .. }, _) => SwState::Halted,
+        (Phase::Idle, true) => SwState::Running,
+        (Phase::Idle, false) => SwState::Halted,
+    };
+    AppInstanceStatus {
+        uuid_and_version: state.version().clone(),
+        display_name: state.effective().display_name.clone(),
+        state: state_now,
+        activated: state.domain_active,
+        snap_status: snap,
+        error: state
+            .error
+            .as_ref()
+            .map(|e| {
+                ErrorDescription::new(e.clone(), ErrorSeverity::Error, DateTime::<Utc>::UNIX_EPOCH)
+            })
+            .unwrap_or_default(),
+        warnings: state.warnings.clone(),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,602 @@
+//! The app-manager's decisions for one app (DESIGN.md §3, §9), as a pure function:
+//! `step(state, input, now) → (state', actions)`. No I/O: the executor carries the actions out in
+//! order, and the first action is always [`Action::Persist`], so every intent is on disk before
+//! anything acts on it. After a restart the executor loads the state and feeds [`Input::Resume`],
+//! which re-issues whatever the current phase is waiting for.
+//!
+//! Rules, in EVE's terms:
+//! - a snapshot is Requested when it appears in the config; an IMMEDIATE one is triggered at once
+//!   (stop, take, start), an APP_UPDATE one at the next upgrade or purge, with the config that
+//!   was in use before the change;
+//! - volume snapshot operations run only while the domain is inactive; deletions are deferred to
+//!   the next deactivation and are never a reason to stop the app;
+//! - `max_snapshots` deletes the oldest available snapshots first, then drops the newest requests,
+//!   with a warning;
+//! - a rollback (rollback counter increased) replaces the controller's config by the snapshot's,
+//!   fixed up with the current snapshot list and counters, until the controller sends a new
+//!   version; a repeated rollback to the same snapshot is a new request (new request counter).
+
+use std::collections::{BTreeSet, VecDeque};
+
+use cairn_persist::Persist;
+use cairn_types::{
+    AppInstanceConfig, SnapshotDesc, SnapshotType, UUIDandVersion, VolumesSnapshotAction,
+    VolumesSnapshotConfig, VolumesSnapshotStatus,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Where a snapshot stands. Each snapshot the app-manager knows is in exactly one state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Persist)]
+pub enum SnapshotState {
+    /// In the config, not taken yet (APP_UPDATE waits for the next upgrade or purge).
+    Requested,
+    /// Taking it: queued or in progress at the volume-manager.
+    Triggered,
+    Available,
+    /// To be deleted at the next deactivation of the app.
+    PendingDeletion,
+    /// A deletion failed; retried at the next deactivation, reported with its error.
+    DeletionFailed,
+    /// Taking it failed; the error says why. Nothing of it is left on the volumes.
+    Failed,
+    /// Refused because `max_snapshots` was reached.
+    Dropped,
+}
+
+/// One snapshot of the app, as the app-manager tracks it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Persist)]
+pub struct SnapshotRecord {
+    #[persist(mandatory)]
+    pub desc: SnapshotDesc,
+    #[persist(mandatory)]
+    pub state: SnapshotState,
+    pub time_triggered: Option<DateTime<Utc>>,
+    pub time_created: Option<DateTime<Utc>>,
+    /// The config the snapshot belongs to: what a rollback restores.
+    pub config: Option<AppInstanceConfig>,
+    pub error: Option<String>,
+}
+
+impl SnapshotRecord {
+    pub fn id(&self) -> Uuid {
+        self.desc.snapshot_id
+    }
+
+    /// Counts against `max_snapshots`.
+    fn counts(&self) -> bool {
+        matches!(
+            self.state,
+            SnapshotState::Requested | SnapshotState::Triggered | SnapshotState::Available
+        )
+    }
+}
+
+/// A volume operation; runs only while the domain is inactive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Persist)]
+pub enum Step {
+    Create(Uuid),
+    Delete(Uuid),
+    Rollback(Uuid),
+}
+
+impl Step {
+    fn snapshot(self) -> Uuid {
+        match self {
+            Step::Create(id) | Step::Delete(id) | Step::Rollback(id) => id,
+        }
+    }
+
+    fn action(self) -> VolumesSnapshotAction {
+        match self {
+            Step::Create(_) => VolumesSnapshotAction::Create,
+            Step::Delete(_) => VolumesSnapshotAction::Delete,
+            Step::Rollback(_) => VolumesSnapshotAction::Rollback,
+        }
+    }
+}
+
+/// What the app is doing now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Persist)]
+pub enum Phase {
+    /// Nothing in progress.
+    Idle,
+    /// Asked the domain to stop; waiting for it to be inactive.
+    Stopping,
+    /// Waiting for the volume-manager's answer to `step`, asked with `counter`.
+    Volume { step: Step, counter: u64 },
+    /// Asked the domain to start; waiting for it to be active.
+    Starting,
+}
+
+/// Everything the app-manager must remember about one app across restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Persist)]
+#[persist(record = "AppManagerState", version = 1)]
+pub struct AppState {
+    #[persist(mandatory)]
+    pub app: Uuid,
+    /// The controller's latest config.
+    #[persist(mandatory)]
+    pub controller: AppInstanceConfig,
+    /// A rollback's config, in force instead of the controller's while the controller still
+    /// sends the version `local_over`.
+    pub local: Option<AppInstanceConfig>,
+    pub local_over: Option<String>,
+    /// The config the domain was last started with: "the config in use".
+    pub running: Option<AppInstanceConfig>,
+    pub domain_active: bool,
+    pub volumes_ready: bool,
+    /// In the order they were requested.
+    pub snapshots: Vec<SnapshotRecord>,
+    pub phase: Phase,
+    /// Volume steps waiting for the domain to be inactive.
+    pub steps: VecDeque<Step>,
+    /// Stop the domain (and start it again if the config says so) even with no steps queued.
+    pub restart_wanted: bool,
+    pub handled_rollback: u32,
+    pub handled_restart: u32,
+    pub handled_purge: u32,
+    pub request_counter: u64,
+    pub warnings: Vec<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The controller's config for this app, new or changed.
+    Config(AppInstanceConfig),
+    /// The domain settled: active (running) or inactive (halted or broken).
+    Domain {
+        active: bool,
+    },
+    /// Whether every volume the effective config refers to is ready.
+    Volumes {
+        ready: bool,
+    },
+    VolumesResult(VolumesSnapshotStatus),
+    /// The app-manager restarted with this state: re-issue what the current phase waits for.
+    Resume,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Write the state durably before carrying out the rest.
+    Persist,
+    /// Publish the app's DomainConfig.
+    Domain {
+        activate: bool,
+        config: Box<AppInstanceConfig>,
+    },
+    /// Publish (again, even if equal) a request to the volume-manager.
+    Volumes(VolumesSnapshotConfig),
+    /// Write `appInstanceConfig.json` and `snapshotInstanceStatus.json` of an available snapshot.
+    WriteSnapshot(Uuid),
+    /// Remove `/persist/snapshots/<id>/`.
+    RemoveSnapshot(Uuid),
+    /// Publish the AppInstanceStatus.
+    Status,
+}
+
+impl AppState {
+    /// The state for an app first seen with `config`: counters already in the config are not
+    /// requests (they were handled before this device knew the app).
+    pub fn new(config: AppInstanceConfig) -> Self {
+        Self {
+            app: config.app_uuid(),
+            handled_rollback: config.snapshot.rollback_cmd.counter,
+            handled_restart: config.restart_cmd.counter,
+            handled_purge: config.purge_cmd.counter,
+            controller: config,
+            local: None,
+            local_over: None,
+            running: None,
+            domain_active: false,
+            volumes_ready: false,
+            snapshots: Vec::new(),
+            phase: Phase::Idle,
+            steps: VecDeque::new(),
+            restart_wanted: false,
+            request_counter: 0,
+            warnings: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// The config in force: a rollback's local config, else the controller's.
+    pub fn effective(&self) -> &AppInstanceConfig {
+        self.local.as_ref().unwrap_or(&self.controller)
+    }
+
+    /// The version the app reports: what it runs, else what it will run.
+    pub fn version(&self) -> &UUIDandVersion {
+        &self
+            .running
+            .as_ref()
+            .unwrap_or_else(|| self.effective())
+            .uuid_and_version
+    }
+
+    pub fn snapshot(&self, id: Uuid) -> Option<&SnapshotRecord> {
+        self.snapshots.iter().find(|s| s.id() == id)
+    }
+
+    fn snapshot_mut(&mut self, id: Uuid) -> Option<&mut SnapshotRecord> {
+        self.snapshots.iter_mut().find(|s| s.id() == id)
+    }
+}
+
+/// One decision: the new state and what to do, `Persist` first and `Status` last.
+pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState, Vec<Action>) {
+    let mut actions = Vec::new();
+    match input {
+        Input::Config(config) => on_config(&mut state, config, now),
+        Input::Domain { active } => state.domain_active = active,
+        Input::Volumes { ready } => state.volumes_ready = ready,
+        Input::VolumesResult(result) => on_volumes_result(&mut state, result, now, &mut actions),
+        Input::Resume => resume(&state, &mut actions),
+    }
+    advance(&mut state, &mut actions);
+    actions.insert(0, Action::Persist);
+    actions.push(Action::Status);
+    (state, actions)
+}
+
+fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>) {
+    let before_version = state.controller.uuid_and_version.version.clone();
+    state.controller = config;
+    // A new version from the controller ends a rollback's override.
+    if state.local.is_some()
+        && state.local_over.as_deref() != Some(&state.controller.uuid_and_version.version)
+    {
+        state.local = None;
+        state.local_over = None;
+    }
+    if let Some(local) = &mut state.local {
+        fix_up(local, &state.controller);
+    }
+
+    let wanted: Vec<SnapshotDesc> = state.controller.snapshot.snapshots.clone();
+    let wanted_ids: BTreeSet<Uuid> = wanted.iter().map(|d| d.snapshot_id).collect();
+    for desc in wanted {
+        if state.snapshot(desc.snapshot_id).is_some() {
+            continue;
+        }
+        state.snapshots.push(SnapshotRecord {
+            desc: desc.clone(),
+            state: SnapshotState::Requested,
+            time_triggered: None,
+            time_created: None,
+            config: None,
+            error: None,
+        });
+        if desc.snapshot_type == SnapshotType::Immediate {
+            trigger(state, desc.snapshot_id, now);
+        }
+    }
+    // Snapshots gone from the config: never taken ones are forgotten, taken ones deleted at
+    // the next deactivation.
+    state.snapshots.retain(|s| {
+        wanted_ids.contains(&s.id())
+            || !matches!(
+                s.state,
+                SnapshotState::Requested | SnapshotState::Dropped | SnapshotState::Failed
+            )
+    });
+    for record in &mut state.snapshots {
+        if !wanted_ids.contains(&record.id()) && record.state == SnapshotState::Available {
+            record.state = SnapshotState::PendingDeletion;
+        }
+    }
+    // The rollback refers to the snapshots the controller saw: decide it before the limit
+    // pushes any out (a snapshot being rolled back to is deleted only after its rollback).
+    let rollback = state.controller.snapshot.rollback_cmd.counter;
+    if rollback > state.handled_rollback {
+        state.handled_rollback = rollback;
+        request_rollback(state);
+    }
+    enforce_max(state);
+
+    let purge = state.controller.purge_cmd.counter > state.handled_purge;
+    let restart = state.controller.restart_cmd.counter > state.handled_restart;
+    state.handled_purge = state.controller.purge_cmd.counter;
+    state.handled_restart = state.controller.restart_cmd.counter;
+    // An upgrade is a new version from the controller (a rollback's version is not one).
+    let upgrade =
+        state.running.is_some() && state.controller.uuid_and_version.version != before_version;
+    if upgrade || purge {
+        // APP_UPDATE snapshots capture the config in use before the change.
+        let waiting: Vec<Uuid> = state
+            .snapshots
+            .iter()
+            .filter(|s| {
+                s.state == SnapshotState::Requested
+                    && s.desc.snapshot_type == SnapshotType::AppUpdate
+            })
+            .map(SnapshotRecord::id)
+            .collect();
+        for id in waiting {
+            trigger(state, id, now);
+        }
+    }
+    if (upgrade || purge || restart) && state.running.is_some() {
+        state.restart_wanted = true;
+    }
+}
+
+/// Queues the taking of a snapshot with the config in use now.
+fn trigger(state: &mut AppState, id: Uuid, now: DateTime<Utc>) {
+    let config = state
+        .running
+        .clone()
+        .unwrap_or_else(|| state.effective().clone());
+    if let Some(record) = state.snapshot_mut(id) {
+        record.state = SnapshotState::Triggered;
+        record.time_triggered = Some(now);
+        record.config = Some(config);
+    }
+    state.steps.push_back(Step::Create(id));
+}
+
+fn request_rollback(state: &mut AppState) {
+    let target = state.controller.snapshot.active_snapshot.clone();
+    let found = target.parse::<Uuid>().ok().and_then(|id| {
+        state
+            .snapshot(id)
+            .filter(|s| s.state == SnapshotState::Available)
+            .and_then(|s| s.config.clone().map(|c| (id, c)))
+    });
+    let Some((id, mut config)) = found else {
+        state.warnings.push(format!(
+            "rollback to {target:?} refused: it is not an available snapshot of this app"
+        ));
+        return;
+    };
+    fix_up(&mut config, &state.controller);
+    state.local_over = Some(state.controller.uuid_and_version.version.clone());
+    state.local = Some(config);
+    state.steps.push_back(Step::Rollback(id));
+    state.restart_wanted = true;
+}
+
+/// A snapshot's config in force now keeps the controller's current snapshot list, counters
+/// and activation (EVE's fixupAppInstanceConfig).
+fn fix_up(local: &mut AppInstanceConfig, controller: &AppInstanceConfig) {
+    local.snapshot = controller.snapshot.clone();
+    local.restart_cmd = controller.restart_cmd.clone();
+    local.purge_cmd = controller.purge_cmd.clone();
+    local.local_restart_cmd = controller.local_restart_cmd.clone();
+    local.local_purge_cmd = controller.local_purge_cmd.clone();
+    local.activate = controller.activate;
+}
+
+/// Oldest available snapshots are deleted first, then the newest requests dropped.
+fn enforce_max(state: &mut AppState) {
+    let max = state.controller.snapshot.max_snapshots as usize;
+    if max == 0 {
+        return; // no limit configured
+    }
+    loop {
+        let counted = state.snapshots.iter().filter(|s| s.counts()).count();
+        if counted <= max {
+            return;
+        }
+        let oldest_available = state
+            .snapshots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == SnapshotState::Available)
+            .min_by_key(|(_, s)| s.time_created)
+            .map(|(i, _)| i);
+        if let Some(i) = oldest_available {
+            let record = &mut state.snapshots[i];
+            record.state = SnapshotState::PendingDeletion;
+            let note = format!(
+                "snapshot {} will be deleted to keep at most {max} snapshots",
+                record.id()
+            );
+            state.warnings.push(note);
+            continue;
+        }
+        let newest_request = state
+            .snapshots
+            .iter()
+            .rposition(|s| s.state == SnapshotState::Requested);
+        match newest_request {
+            Some(i) => {
+                let record = &mut state.snapshots[i];
+                record.state = SnapshotState::Dropped;
+                let note = format!(
+                    "snapshot {} dropped: at most {max} snapshots are kept",
+                    record.id()
+                );
+                state.warnings.push(note);
+            }
+            // Only snapshots being taken remain: they finish, the limit applies after.
+            None => return,
+        }
+    }
+}
+
+fn on_volumes_result(
+    state: &mut AppState,
+    result: VolumesSnapshotStatus,
+    now: DateTime<Utc>,
+    actions: &mut Vec<Action>,
+) {
+    let Phase::Volume { step, counter } = state.phase.clone() else {
+        return; // not waiting for anything: a stale or repeated answer
+    };
+    if result.snapshot_id != step.snapshot() || result.request_counter != counter {
+        return;
+    }
+    let failed = result.error.is_error() || !result.volume_errors.is_empty();
+    let reason = if result.error.is_error() {
+        result.error.error.clone()
+    } else {
+        result
+            .volume_errors
+            .iter()
+            .map(|(volume, e)| format!("volume {volume}: {e}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let id = step.snapshot();
+    let in_config = state
+        .controller
+        .snapshot
+        .snapshots
+        .iter()
+        .any(|d| d.snapshot_id == id);
+    match step {
+        Step::Create(_) => {
+            if let Some(record) = state.snapshot_mut(id) {
+                if failed {
+                    record.state = SnapshotState::Failed;
+                    record.error = Some(reason);
+                } else {
+                    record.state = if in_config {
+                        SnapshotState::Available
+                    } else {
+                        SnapshotState::PendingDeletion
+                    };
+                    record.time_created = Some(result.time_created.unwrap_or(now));
+                    actions.push(Action::WriteSnapshot(id));
+                }
+            }
+            enforce_max(state);
+        }
+        Step::Delete(_) => {
+            if failed {
+                if let Some(record) = state.snapshot_mut(id) {
+                    record.state = SnapshotState::DeletionFailed;
+                    record.error = Some(reason);
+                }
+            } else {
+                state.snapshots.retain(|s| s.id() != id);
+                actions.push(Action::RemoveSnapshot(id));
+            }
+        }
+        Step::Rollback(_) => {
+            if failed {
+                state.error = Some(format!("rollback to snapshot {id} failed: {reason}"));
+                state.local = None;
+                state.local_over = None;
+            } else {
+                state.error = None;
+            }
+        }
+    }
+    state.phase = Phase::Idle;
+    state.steps.retain(|s| *s != step);
+}
+
+/// After a restart: ask again for what the phase waits on. The domain and volume answers that
+/// may have been lost come back; answers that did arrive are matched by request counter.
+fn resume(state: &AppState, actions: &mut Vec<Action>) {
+    match &state.phase {
+        Phase::Idle => {}
+        Phase::Stopping => actions.push(domain_action(state, false)),
+        Phase::Starting => actions.push(domain_action(state, true)),
+        Phase::Volume { step, counter } => actions.push(volumes_action(state, *step, *counter)),
+    }
+}
+
+/// Drives the work forward as far as it can go without waiting.
+fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
+    match state.phase {
+        Phase::Volume { .. } => return,
+        Phase::Stopping if state.domain_active => return,
+        Phase::Starting if !state.domain_active => return,
+        Phase::Stopping => {
+            // A new deactivation: deletions that failed at an earlier one are tried again
+            // (never twice in one inactive window, so a lasting fault cannot loop).
+            for record in &mut state.snapshots {
+                if record.state == SnapshotState::DeletionFailed {
+                    record.state = SnapshotState::PendingDeletion;
+                }
+            }
+        }
+        Phase::Starting | Phase::Idle => {}
+    }
+    state.phase = Phase::Idle;
+
+    let has_work = !state.steps.is_empty() || state.restart_wanted;
+    if state.domain_active {
+        // Steps need the domain inactive; so does a config that no longer wants it running.
+        if has_work || !state.effective().activate {
+            state.phase = Phase::Stopping;
+            actions.push(domain_action(state, false));
+        }
+        return;
+    }
+    // Inactive: the moment for deferred deletions, then the queued steps, then the start.
+    queue_deletions(state);
+    if let Some(step) = state.steps.front().copied() {
+        state.request_counter += 1;
+        state.phase = Phase::Volume {
+            step,
+            counter: state.request_counter,
+        };
+        actions.push(volumes_action(state, step, state.request_counter));
+        return;
+    }
+    state.restart_wanted = false;
+    if state.effective().activate && state.volumes_ready {
+        state.running = Some(state.effective().clone());
+        state.phase = Phase::Starting;
+        actions.push(domain_action(state, true));
+    } else if !state.effective().activate {
+        state.running = None;
+    }
+}
+
+/// Deletions go first in an inactive window (they free space for what follows), except that a
+/// snapshot still to be rolled back to is kept until its rollback has run.
+fn queue_deletions(state: &mut AppState) {
+    let due: Vec<Uuid> = state
+        .snapshots
+        .iter()
+        .filter(|s| s.state == SnapshotState::PendingDeletion)
+        .map(SnapshotRecord::id)
+        .filter(|id| !state.steps.contains(&Step::Rollback(*id)))
+        .collect();
+    for id in due.into_iter().rev() {
+        if !state.steps.contains(&Step::Delete(id)) {
+            state.steps.push_front(Step::Delete(id));
+        }
+    }
+}
+
+fn domain_action(state: &AppState, activate: bool) -> Action {
+    Action::Domain {
+        activate,
+        config: Box::new(
+            state
+                .running
+                .clone()
+                .unwrap_or_else(|| state.effective().clone()),
+        ),
+    }
+}
+
+fn volumes_action(state: &AppState, step: Step, counter: u64) -> Action {
+    let config = match step {
+        // A snapshot covers the volumes of the config it belongs to.
+        Step::Create(id) | Step::Rollback(id) | Step::Delete(id) => state
+            .snapshot(id)
+            .and_then(|s| s.config.clone())
+            .unwrap_or_else(|| state.effective().clone()),
+    };
+    Action::Volumes(VolumesSnapshotConfig {
+        snapshot_id: step.snapshot(),
+        action: step.action(),
+        volume_ids: config
+            .volume_ref_config_list
+            .iter()
+            .map(|v| v.volume_id)
+            .collect(),
+        app_uuid: state.app,
+        request_counter: counter,
+    })
+}
