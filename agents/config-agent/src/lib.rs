@@ -1,0 +1,7 @@
+//! cairn-config-agent: the controller link (EVE API v2 subset) and the local config source.
+//!
+//! `proto` holds the API messages, `model` turns either source into the bus messages and
+//! validates them as a whole. The controller client, checkpoint and reporting come next.
+
+pub mod model;
+pub mod proto;

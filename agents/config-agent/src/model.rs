@@ -1,0 +1,512 @@
+//! The device's desired state, from either source — the controller's `EdgeDevConfig` or the
+//! local JSON file — converted into the bus messages and validated as a whole. A config with
+//! any fault is refused entirely; the error names the field and the fault.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use cairn_types::{
+    AppInstanceConfig, AppInstanceOpsCmd, DomainSpec, ProcessSpec, SnapshotConfig, SnapshotDesc,
+    SnapshotType, UUIDandVersion, VmSpec, VolumeConfig, VolumeFormat, VolumeOrigin,
+    VolumeRefConfig,
+};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::proto;
+
+/// What the config-agent publishes: one `AppInstanceConfig` per app, one `VolumeConfig` per
+/// volume, and the device's config items.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceConfig {
+    pub apps: Vec<AppInstanceConfig>,
+    pub volumes: Vec<VolumeConfig>,
+    pub config_items: BTreeMap<String, String>,
+}
+
+/// A refused config: `path` locates the field (`apps[1].snapshot.snapshots[0].id`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+// ---- the local JSON file (snake_case, the same content as the protobuf subset) ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalConfig {
+    #[serde(default)]
+    apps: Vec<LocalApp>,
+    #[serde(default)]
+    volumes: Vec<LocalVolume>,
+    #[serde(default)]
+    config_items: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalApp {
+    uuid: Uuid,
+    version: String,
+    #[serde(default)]
+    display_name: String,
+    #[serde(default = "yes")]
+    activate: bool,
+    #[serde(default)]
+    restart: u32,
+    #[serde(default)]
+    purge: u32,
+    #[serde(default)]
+    volume_refs: Vec<LocalVolumeRef>,
+    #[serde(default)]
+    snapshot: LocalSnapshotConfig,
+    domain: Option<LocalDomain>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalVolumeRef {
+    uuid: Uuid,
+    #[serde(default)]
+    generation_count: i64,
+    #[serde(default)]
+    mount_dir: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalSnapshotConfig {
+    #[serde(default)]
+    active_snapshot: String,
+    #[serde(default)]
+    rollback_counter: u32,
+    #[serde(default)]
+    max_snapshots: u32,
+    #[serde(default)]
+    snapshots: Vec<LocalSnapshotDesc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalSnapshotDesc {
+    id: Uuid,
+    #[serde(rename = "type")]
+    kind: LocalSnapshotType,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LocalSnapshotType {
+    AppUpdate,
+    Immediate,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum LocalDomain {
+    Vm {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        #[serde(default)]
+        append: String,
+        memory_mib: u32,
+        #[serde(default = "one")]
+        cpus: u32,
+    },
+    Process {
+        command: PathBuf,
+        #[serde(default)]
+        args: Vec<String>,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        working_dir: Option<PathBuf>,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalVolume {
+    uuid: Uuid,
+    #[serde(default)]
+    generation_count: i64,
+    #[serde(default)]
+    display_name: String,
+    #[serde(default)]
+    max_size_bytes: u64,
+    format: LocalFormat,
+    base_image: Option<LocalBaseImage>,
+    #[serde(default)]
+    purgeable: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LocalFormat {
+    Qcow2,
+    Raw,
+    Dir,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalBaseImage {
+    path: PathBuf,
+    sha256: String,
+}
+
+/// Parses and validates the local config file's text.
+pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
+    let deserializer = &mut serde_json::Deserializer::from_str(text);
+    let local: LocalConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        ConfigError::at(
+            if path == "." {
+                "(file)".to_string()
+            } else {
+                path
+            },
+            e.into_inner().to_string(),
+        )
+    })?;
+    let config = DeviceConfig {
+        apps: local.apps.into_iter().map(local_app).collect(),
+        volumes: local.volumes.into_iter().map(local_volume).collect(),
+        config_items: local.config_items,
+    };
+    validate(&config)?;
+    Ok(config)
+}
+
+fn local_app(app: LocalApp) -> AppInstanceConfig {
+    AppInstanceConfig {
+        uuid_and_version: UUIDandVersion {
+            uuid: app.uuid,
+            version: app.version,
+        },
+        display_name: app.display_name,
+        activate: app.activate,
+        volume_ref_config_list: app
+            .volume_refs
+            .into_iter()
+            .map(|v| VolumeRefConfig {
+                volume_id: v.uuid,
+                generation_counter: v.generation_count,
+                local_generation_counter: 0,
+                mount_dir: v.mount_dir,
+            })
+            .collect(),
+        restart_cmd: counter(app.restart),
+        purge_cmd: counter(app.purge),
+        snapshot: SnapshotConfig {
+            active_snapshot: app.snapshot.active_snapshot,
+            max_snapshots: app.snapshot.max_snapshots,
+            rollback_cmd: counter(app.snapshot.rollback_counter),
+            snapshots: app
+                .snapshot
+                .snapshots
+                .into_iter()
+                .map(|s| SnapshotDesc {
+                    snapshot_id: s.id,
+                    snapshot_type: match s.kind {
+                        LocalSnapshotType::AppUpdate => SnapshotType::AppUpdate,
+                        LocalSnapshotType::Immediate => SnapshotType::Immediate,
+                    },
+                })
+                .collect(),
+        },
+        domain: app.domain.map(|d| match d {
+            LocalDomain::Vm {
+                kernel,
+                initrd,
+                append,
+                memory_mib,
+                cpus,
+            } => DomainSpec::Vm(VmSpec {
+                kernel,
+                initrd,
+                append,
+                memory_mib,
+                cpus,
+            }),
+            LocalDomain::Process {
+                command,
+                args,
+                env,
+                working_dir,
+            } => DomainSpec::Process(ProcessSpec {
+                command,
+                args,
+                env,
+                working_dir,
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+fn local_volume(volume: LocalVolume) -> VolumeConfig {
+    VolumeConfig {
+        volume_id: volume.uuid,
+        generation_counter: volume.generation_count,
+        display_name: volume.display_name,
+        max_vol_size: volume.max_size_bytes,
+        format: match volume.format {
+            LocalFormat::Qcow2 => VolumeFormat::Qcow2,
+            LocalFormat::Raw => VolumeFormat::Raw,
+            LocalFormat::Dir => VolumeFormat::Dir,
+        },
+        origin: match volume.base_image {
+            Some(base) => VolumeOrigin::BaseImage {
+                path: base.path,
+                sha256: base.sha256,
+            },
+            None => VolumeOrigin::Blank,
+        },
+        purgeable: volume.purgeable,
+        ..Default::default()
+    }
+}
+
+fn counter(counter: u32) -> AppInstanceOpsCmd {
+    AppInstanceOpsCmd {
+        counter,
+        apply_time: String::new(),
+    }
+}
+
+// ---- the controller's EdgeDevConfig ----
+
+/// Converts and validates the controller's config.
+pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigError> {
+    let mut apps = Vec::new();
+    for (i, app) in config.apps.iter().enumerate() {
+        apps.push(proto_app(app, &format!("apps[{i}]"))?);
+    }
+    let mut volumes = Vec::new();
+    for (i, volume) in config.volumes.iter().enumerate() {
+        volumes.push(proto_volume(volume, &format!("volumes[{i}]"))?);
+    }
+    let config = DeviceConfig {
+        apps,
+        volumes,
+        config_items: config
+            .config_items
+            .iter()
+            .map(|item| (item.key.clone(), item.value.clone()))
+            .collect(),
+    };
+    validate(&config)?;
+    Ok(config)
+}
+
+fn parse_uuid(text: &str, path: &str) -> Result<Uuid, ConfigError> {
+    text.parse()
+        .map_err(|e| ConfigError::at(path, format!("{text:?} is not a UUID: {e}")))
+}
+
+fn proto_counter(cmd: &Option<proto::InstanceOpsCmd>) -> AppInstanceOpsCmd {
+    let cmd = cmd.clone().unwrap_or_default();
+    AppInstanceOpsCmd {
+        counter: cmd.counter,
+        apply_time: cmd.ops_time,
+    }
+}
+
+fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceConfig, ConfigError> {
+    let id = app
+        .uuidandversion
+        .as_ref()
+        .ok_or_else(|| ConfigError::at(format!("{path}.uuidandversion"), "missing"))?;
+    let snapshot = app.snapshot.clone().unwrap_or_default();
+    let mut snapshots = Vec::new();
+    for (i, desc) in snapshot.snapshots.iter().enumerate() {
+        let at = format!("{path}.snapshot.snapshots[{i}]");
+        snapshots.push(SnapshotDesc {
+            snapshot_id: parse_uuid(&desc.id, &format!("{at}.id"))?,
+            snapshot_type: match proto::SnapshotType::try_from(desc.r#type) {
+                Ok(proto::SnapshotType::AppUpdate) => SnapshotType::AppUpdate,
+                Ok(proto::SnapshotType::Immediate) => SnapshotType::Immediate,
+                Ok(proto::SnapshotType::Unspecified) => SnapshotType::Unspecified,
+                Err(_) => {
+                    return Err(ConfigError::at(
+                        format!("{at}.type"),
+                        format!("unknown snapshot type {}", desc.r#type),
+                    ));
+                }
+            },
+        });
+    }
+    let mut refs = Vec::new();
+    for (i, volume) in app.volume_ref_list.iter().enumerate() {
+        refs.push(VolumeRefConfig {
+            volume_id: parse_uuid(&volume.uuid, &format!("{path}.volume_ref_list[{i}].uuid"))?,
+            generation_counter: volume.generation_count,
+            local_generation_counter: 0,
+            mount_dir: volume.mount_dir.clone(),
+        });
+    }
+    let domain = match &app.cairn_domain {
+        None => None,
+        Some(d) => Some(proto_domain(d, &format!("{path}.cairn_domain"))?),
+    };
+    Ok(AppInstanceConfig {
+        uuid_and_version: UUIDandVersion {
+            uuid: parse_uuid(&id.uuid, &format!("{path}.uuidandversion.uuid"))?,
+            version: id.version.clone(),
+        },
+        display_name: app.displayname.clone(),
+        activate: app.activate,
+        volume_ref_config_list: refs,
+        restart_cmd: proto_counter(&app.restart),
+        purge_cmd: proto_counter(&app.purge),
+        snapshot: SnapshotConfig {
+            active_snapshot: snapshot.active_snapshot,
+            max_snapshots: snapshot.max_snapshots,
+            rollback_cmd: proto_counter(&snapshot.rollback_cmd),
+            snapshots,
+        },
+        domain,
+        ..Default::default()
+    })
+}
+
+fn proto_domain(d: &proto::CairnDomain, path: &str) -> Result<DomainSpec, ConfigError> {
+    match d.kind.as_str() {
+        "vm" => Ok(DomainSpec::Vm(VmSpec {
+            kernel: d.kernel.clone().into(),
+            initrd: d.initrd.clone().into(),
+            append: d.append.clone(),
+            memory_mib: d.memory_mib,
+            cpus: d.cpus.max(1),
+        })),
+        "process" => Ok(DomainSpec::Process(ProcessSpec {
+            command: d.command.clone().into(),
+            args: d.args.clone(),
+            env: d.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            working_dir: (!d.working_dir.is_empty()).then(|| d.working_dir.clone().into()),
+        })),
+        other => Err(ConfigError::at(
+            format!("{path}.kind"),
+            format!("{other:?} is not a domain kind (vm or process)"),
+        )),
+    }
+}
+
+fn proto_volume(volume: &proto::Volume, path: &str) -> Result<VolumeConfig, ConfigError> {
+    let format = match volume.cairn_format.as_str() {
+        "" | "qcow2" => VolumeFormat::Qcow2,
+        "raw" => VolumeFormat::Raw,
+        "dir" => VolumeFormat::Dir,
+        other => {
+            return Err(ConfigError::at(
+                format!("{path}.cairn_format"),
+                format!("{other:?} is not a volume format (qcow2, raw or dir)"),
+            ));
+        }
+    };
+    let max_vol_size = u64::try_from(volume.maxsizebytes).map_err(|_| {
+        ConfigError::at(
+            format!("{path}.maxsizebytes"),
+            format!("{} is negative", volume.maxsizebytes),
+        )
+    })?;
+    Ok(VolumeConfig {
+        volume_id: parse_uuid(&volume.uuid, &format!("{path}.uuid"))?,
+        generation_counter: volume.generation_count,
+        display_name: volume.display_name.clone(),
+        max_vol_size,
+        format,
+        origin: if volume.cairn_base_image.is_empty() {
+            VolumeOrigin::Blank
+        } else {
+            VolumeOrigin::BaseImage {
+                path: volume.cairn_base_image.clone().into(),
+                sha256: volume.cairn_base_sha256.clone(),
+            }
+        },
+        purgeable: volume.cairn_purgeable,
+        ..Default::default()
+    })
+}
+
+// ---- validation, shared by both sources ----
+
+/// Faults that no field type can express: duplicates and dangling references.
+pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
+    let mut apps: HashMap<Uuid, usize> = HashMap::new();
+    let mut snapshots: HashMap<Uuid, String> = HashMap::new();
+    let volumes: BTreeSet<Uuid> = config.volumes.iter().map(|v| v.volume_id).collect();
+    for (i, app) in config.apps.iter().enumerate() {
+        let uuid = app.app_uuid();
+        if let Some(first) = apps.insert(uuid, i) {
+            return Err(ConfigError::at(
+                format!("apps[{i}].uuid"),
+                format!("app {uuid} appears twice (also apps[{first}])"),
+            ));
+        }
+        for (j, desc) in app.snapshot.snapshots.iter().enumerate() {
+            let at = format!("apps[{i}].snapshot.snapshots[{j}].id");
+            if let Some(first) = snapshots.insert(desc.snapshot_id, at.clone()) {
+                return Err(ConfigError::at(
+                    at,
+                    format!("snapshot {} appears twice (also {first})", desc.snapshot_id),
+                ));
+            }
+        }
+        let active = &app.snapshot.active_snapshot;
+        if !active.is_empty() && active.parse::<Uuid>().is_err() {
+            return Err(ConfigError::at(
+                format!("apps[{i}].snapshot.active_snapshot"),
+                format!("{active:?} is not a UUID"),
+            ));
+        }
+        for (j, volume) in app.volume_ref_config_list.iter().enumerate() {
+            if !volumes.contains(&volume.volume_id) {
+                return Err(ConfigError::at(
+                    format!("apps[{i}].volume_refs[{j}].uuid"),
+                    format!("volume {} is not in the config's volumes", volume.volume_id),
+                ));
+            }
+        }
+        if let Some(DomainSpec::Vm(vm)) = &app.domain
+            && vm.memory_mib == 0
+        {
+            return Err(ConfigError::at(
+                format!("apps[{i}].domain.memory_mib"),
+                "a VM needs memory (MiB > 0)",
+            ));
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for (i, volume) in config.volumes.iter().enumerate() {
+        if !seen.insert((volume.volume_id, volume.generation_counter)) {
+            return Err(ConfigError::at(
+                format!("volumes[{i}].uuid"),
+                format!(
+                    "volume {} generation {} appears twice",
+                    volume.volume_id, volume.generation_counter
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Both config sources become the same bus messages, and every fault refuses the whole config
+//! with an error naming the field.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use cairn_config_agent::model::{ConfigError, from_local_json, from_proto};
+use cairn_config_agent::proto;
+use cairn_types::{DomainSpec, SnapshotType, VolumeFormat};
+use prost::Message;
+
+const APP: &str = "6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9";
+const VOLUME: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+const SNAP1: &str = "11111111-2222-4333-8444-555555555555";
+const SNAP2: &str = "66666666-7777-4888-8999-aaaaaaaaaaaa";
+
+fn local(snapshots: &str) -> String {
+    format!(
+        r#"{{
+  "apps": [{{
+    "uuid": "{APP}", "version": "3", "display_name": "sensor",
+    "volume_refs": [{{"uuid": "{VOLUME}", "mount_dir": "/data"}}],
+    "snapshot": {{"max_snapshots": 2, "snapshots": [{snapshots}]}},
+    "domain": {{"kind": "process", "command": "/bin/sh", "args": ["-c", "sleep 1000"]}}
+  }}],
+  "volumes": [{{"uuid": "{VOLUME}", "format": "qcow2", "max_size_bytes": 1048576}}],
+  "config_items": {{"timer.config.interval": "60"}}
+}}"#
+    )
+}
+
+fn err(result: Result<cairn_config_agent::model::DeviceConfig, ConfigError>) -> ConfigError {
+    result.expect_err("the config must be refused")
+}
+
+#[test]
+fn a_local_config_becomes_the_bus_messages() {
+    let config = from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "immediate"}}, {{"id": "{SNAP2}", "type": "app_update"}}"#
+    )))
+    .unwrap();
+    let app = &config.apps[0];
+    assert_eq!(app.app_uuid().to_string(), APP);
+    assert_eq!(app.uuid_and_version.version, "3");
+    assert!(app.activate, "activate defaults to true");
+    assert_eq!(app.snapshot.max_snapshots, 2);
+    assert_eq!(
+        app.snapshot.snapshots[0].snapshot_type,
+        SnapshotType::Immediate
+    );
+    assert_eq!(
+        app.snapshot.snapshots[1].snapshot_type,
+        SnapshotType::AppUpdate
+    );
+    assert_eq!(app.volume_ref_config_list[0].mount_dir, "/data");
+    assert!(matches!(&app.domain, Some(DomainSpec::Process(p)) if p.args.len() == 2));
+    assert_eq!(config.volumes[0].format, VolumeFormat::Qcow2);
+    assert_eq!(config.config_items["timer.config.interval"], "60");
+}
+
+#[test]
+fn a_malformed_uuid_names_its_field() {
+    let e = err(from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "immediate"}}, {{"id": "not-a-uuid", "type": "immediate"}}"#
+    ))));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[1].id");
+    assert!(e.message.contains("UUID"), "{e}");
+}
+
+#[test]
+fn a_misspelt_field_is_refused_with_its_path() {
+    let text = local("").replace("\"max_snapshots\"", "\"max_snapshot\"");
+    let e = err(from_local_json(&text));
+    assert_eq!(e.path, "apps[0].snapshot.max_snapshot");
+    assert!(e.message.contains("unknown field"), "{e}");
+}
+
+#[test]
+fn an_unknown_snapshot_type_is_refused() {
+    let e = err(from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "hourly"}}"#
+    ))));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[0].type");
+}
+
+#[test]
+fn a_duplicate_snapshot_id_is_refused() {
+    let e = err(from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "immediate"}}, {{"id": "{SNAP1}", "type": "app_update"}}"#
+    ))));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[1].id");
+    assert!(e.message.contains("appears twice"), "{e}");
+}
+
+#[test]
+fn a_reference_to_a_missing_volume_is_refused() {
+    let text = local("").replace(
+        &format!(r#""volumes": [{{"uuid": "{VOLUME}""#),
+        r#""volumes": [{"uuid": "99999999-9999-4999-8999-999999999999""#,
+    );
+    let e = err(from_local_json(&text));
+    assert_eq!(e.path, "apps[0].volume_refs[0].uuid");
+}
+
+#[test]
+fn a_vm_without_memory_is_refused() {
+    let text = local("").replace(
+        r#"{"kind": "process", "command": "/bin/sh", "args": ["-c", "sleep 1000"]}"#,
+        r#"{"kind": "vm", "kernel": "/k", "initrd": "/i", "memory_mib": 0}"#,
+    );
+    let e = err(from_local_json(&text));
+    assert_eq!(e.path, "apps[0].domain.memory_mib");
+}
+
+#[test]
+fn text_that_is_not_json_is_refused() {
+    let e = err(from_local_json("{\"apps\": [ {"));
+    assert!(e.message.contains("EOF"), "{e}");
+}
+
+fn proto_config(snapshot_ids: &[&str]) -> proto::EdgeDevConfig {
+    proto::EdgeDevConfig {
+        id: Some(proto::UuidAndVersion {
+            uuid: "dev".into(),
+            version: "1".into(),
+        }),
+        apps: vec![proto::AppInstanceConfig {
+            uuidandversion: Some(proto::UuidAndVersion {
+                uuid: APP.into(),
+                version: "3".into(),
+            }),
+            displayname: "sensor".into(),
+            activate: true,
+            volume_ref_list: vec![proto::VolumeRef {
+                uuid: VOLUME.into(),
+                generation_count: 0,
+                mount_dir: "/data".into(),
+            }],
+            snapshot: Some(proto::SnapshotConfig {
+                max_snapshots: 2,
+                snapshots: snapshot_ids
+                    .iter()
+                    .map(|id| proto::SnapshotDesc {
+                        id: id.to_string(),
+                        r#type: proto::SnapshotType::Immediate as i32,
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            cairn_domain: Some(proto::CairnDomain {
+                kind: "process".into(),
+                command: "/bin/sh".into(),
+                args: vec!["-c".into(), "sleep 1000".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        volumes: vec![proto::Volume {
+            uuid: VOLUME.into(),
+            maxsizebytes: 1 << 20,
+            cairn_format: "qcow2".into(),
+            ..Default::default()
+        }],
+        config_items: vec![proto::ConfigItem {
+            key: "timer.config.interval".into(),
+            value: "60".into(),
+        }],
+    }
+}
+
+#[test]
+fn the_controller_config_and_the_local_file_give_the_same_messages() {
+    let bytes = proto_config(&[SNAP1]).encode_to_vec();
+    let decoded = proto::EdgeDevConfig::decode(bytes.as_slice()).unwrap();
+    let from_controller = from_proto(&decoded).unwrap();
+    let from_file = from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "immediate"}}"#
+    )))
+    .unwrap();
+    assert_eq!(from_controller, from_file);
+}
+
+#[test]
+fn a_controller_config_with_an_invalid_uuid_or_duplicate_snapshot_is_refused() {
+    let e = err(from_proto(&proto_config(&["zzz"])));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[0].id");
+    let e = err(from_proto(&proto_config(&[SNAP1, SNAP1])));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[1].id");
+    let mut bad_kind = proto_config(&[]);
+    bad_kind.apps[0].cairn_domain.as_mut().unwrap().kind = "container".into();
+    let e = err(from_proto(&bad_kind));
+    assert_eq!(e.path, "apps[0].cairn_domain.kind");
+    let mut no_id = proto_config(&[]);
+    no_id.apps[0].uuidandversion = None;
+    assert_eq!(err(from_proto(&no_id)).path, "apps[0].uuidandversion");
+}
