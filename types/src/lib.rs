@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod common;
+pub mod device;
 pub mod domain;
 pub mod layout;
 pub mod snapshot;
@@ -16,6 +17,7 @@ pub use common::{
     AppInstanceOpsCmd, ErrorDescription, ErrorEntity, ErrorEntityType, ErrorSeverity,
     UUIDandVersion,
 };
+pub use device::{ConfigSource, DeviceStatus};
 pub use domain::{
     DiskConfig, DomainConfig, DomainSpec, DomainState, DomainStatus, ProcessSpec, VmSpec,
 };

@@ -3,5 +3,6 @@
 //! `proto` holds the API messages, `model` turns either source into the bus messages and
 //! validates them as a whole. The controller client, checkpoint and reporting come next.
 
+pub mod apply;
 pub mod model;
 pub mod proto;

@@ -1,0 +1,159 @@
+//! Putting a config in force: the config-agent's three publications and the local file source.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use cairn_pubsub::{Access, Bus, BusError, Publication, PublishOptions, Topic};
+use cairn_types::{
+    AppInstanceConfig, ConfigSource, DeviceStatus, ErrorDescription, ErrorSeverity, VolumeConfig,
+};
+use chrono::Utc;
+
+use crate::model::{self, DeviceConfig};
+
+/// What the config-agent publishes.
+pub struct Publications {
+    pub apps: Publication<AppInstanceConfig>,
+    pub volumes: Publication<VolumeConfig>,
+    pub device: Publication<DeviceStatus>,
+}
+
+impl Publications {
+    /// `technicians`: a group allowed to read the device status (the config topics stay
+    /// between agents).
+    pub async fn open(bus: &Bus, technicians: Option<u32>) -> Result<Self, BusError> {
+        let status_access = technicians
+            .map(Access::with_group_readers)
+            .unwrap_or_default();
+        Ok(Self {
+            apps: bus.publish(PublishOptions::default()).await?,
+            volumes: bus.publish(PublishOptions::default()).await?,
+            device: bus
+                .publish(PublishOptions {
+                    access: status_access,
+                    ..Default::default()
+                })
+                .await?,
+        })
+    }
+
+    /// Publishes `config` as a whole: volumes first (apps refer to them), then apps; keys no
+    /// longer in the config are removed.
+    pub async fn apply(&self, config: &DeviceConfig) -> Result<(), BusError> {
+        replace(&self.volumes, &config.volumes).await?;
+        replace(&self.apps, &config.apps).await?;
+        Ok(())
+    }
+
+    pub async fn status(&self, status: DeviceStatus) -> Result<(), BusError> {
+        self.device.publish(status).await
+    }
+
+    /// After the first config is in force: keys reloaded from before a restart and not
+    /// published again are removed.
+    pub async fn restarted(&self) -> Result<(), BusError> {
+        self.volumes.signal_restarted().await?;
+        self.apps.signal_restarted().await?;
+        self.device.signal_restarted().await
+    }
+}
+
+async fn replace<T: Topic>(publication: &Publication<T>, values: &[T]) -> Result<(), BusError> {
+    let keep: BTreeSet<String> = values.iter().map(Topic::key).collect();
+    for value in values {
+        publication.publish(value.clone()).await?;
+    }
+    for key in publication.keys() {
+        if !keep.contains(&key) {
+            publication.unpublish(&key).await?;
+        }
+    }
+    Ok(())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Follows the local config file: applies it at start and whenever its content changes. An
+/// unreadable or invalid file changes nothing but the device status, which says why.
+pub async fn follow_local_file(
+    publications: &Publications,
+    path: &Path,
+    poll: Duration,
+) -> Result<(), BusError> {
+    let source = ConfigSource::LocalFile {
+        path: path.display().to_string(),
+    };
+    let mut status = DeviceStatus {
+        config_source: source,
+        ..Default::default()
+    };
+    let mut applied_hash: Option<String> = None;
+    let mut first = true;
+    loop {
+        let outcome = read_local(path).await;
+        match outcome {
+            Ok((hash, _)) if applied_hash.as_deref() == Some(hash.as_str()) => {}
+            Ok((hash, config)) => {
+                publications.apply(&config).await?;
+                if first {
+                    publications.restarted().await?;
+                    first = false;
+                }
+                tracing::info!(file = %path.display(), apps = config.apps.len(), volumes = config.volumes.len(), "config applied");
+                status.last_config_hash = hash.clone();
+                status.last_config_time = Some(Utc::now());
+                status.apps = config.apps.len() as u32;
+                status.volumes = config.volumes.len() as u32;
+                status.last_error = ErrorDescription::default();
+                publications.status(status.clone()).await?;
+                applied_hash = Some(hash);
+            }
+            Err((hash, message)) => {
+                if status.last_error.error != message {
+                    tracing::warn!(file = %path.display(), "config refused, the previous one stays in force: {message}");
+                    status.last_error =
+                        ErrorDescription::new(message, ErrorSeverity::Error, Utc::now());
+                    publications.status(status.clone()).await?;
+                }
+                // Remember the refused content: going back to the content in force is then a
+                // change, which clears the error.
+                applied_hash = hash.or(applied_hash);
+            }
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// The file's hash and config, or (its hash if it could be read, why it was refused).
+async fn read_local(path: &Path) -> Result<(String, DeviceConfig), (Option<String>, String)> {
+    let bytes = tokio::fs::read(path).await.map_err(|e| {
+        (
+            None,
+            format!("config file {}: cannot read it: {e}", path.display()),
+        )
+    })?;
+    let hash = sha256_hex(&bytes);
+    let text = String::from_utf8(bytes).map_err(|_| {
+        (
+            Some(hash.clone()),
+            format!("config file {}: not UTF-8", path.display()),
+        )
+    })?;
+    let config = model::from_local_json(&text).map_err(|e| {
+        (
+            Some(hash.clone()),
+            format!("config file {} refused at {e}", path.display()),
+        )
+    })?;
+    Ok((hash, config))
+}
+
+/// The default poll interval of the local file.
+pub const LOCAL_POLL: Duration = Duration::from_millis(500);

@@ -1,0 +1,125 @@
+//! The config-agent as a process, on a local config file: applied at start, applied again when
+//! it changes, and an invalid file refused as a whole with the field named in DeviceStatus
+//! while the previous config stays in force.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cairn_pubsub::{Bus, Event, Subscription, Topic};
+use cairn_types::{AppInstanceConfig, DeviceStatus, VolumeConfig};
+
+const APP: &str = "6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9";
+const VOLUME: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+
+fn config(version: &str, max_snapshots: &str) -> String {
+    format!(
+        r#"{{"apps": [{{"uuid": "{APP}", "version": "{version}", "display_name": "sensor",
+            "volume_refs": [{{"uuid": "{VOLUME}"}}],
+            "snapshot": {{"max_snapshots": {max_snapshots}}},
+            "domain": {{"kind": "process", "command": "/bin/sleep", "args": ["1000"]}}}}],
+           "volumes": [{{"uuid": "{VOLUME}", "format": "qcow2", "max_size_bytes": 1048576}}]}}"#
+    )
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn next<T: Topic>(sub: &mut Subscription<T>) -> Event<T> {
+    tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .expect("an event within 10 s")
+}
+
+async fn until_status(
+    sub: &mut Subscription<DeviceStatus>,
+    done: impl Fn(&DeviceStatus) -> bool,
+) -> DeviceStatus {
+    loop {
+        if let Event::Create { value, .. } | Event::Modify { new: value, .. } = next(sub).await
+            && done(&value)
+        {
+            return value;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_file_is_applied_followed_and_refused_when_invalid() {
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("config.json");
+    std::fs::write(&file, config("1", "2")).unwrap();
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_cairn-config-agent"))
+            .args(["--config", file.to_str().unwrap(), "--poll-ms", "50"])
+            .env("CAIRN_RUN_DIR", root.path().join("run"))
+            .env("CAIRN_PERSIST_DIR", root.path().join("persist"))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let reader = Bus::new(
+        "app-manager",
+        root.path().join("run"),
+        root.path().join("persist"),
+    );
+    let mut apps = reader.subscribe::<AppInstanceConfig>("config-agent");
+    let mut volumes = reader.subscribe::<VolumeConfig>("config-agent");
+    let mut device = reader.subscribe::<DeviceStatus>("config-agent");
+
+    match next(&mut apps).await {
+        Event::Create { value, .. } => {
+            assert_eq!(value.uuid_and_version.version, "1");
+            assert_eq!(value.snapshot.max_snapshots, 2);
+        }
+        other => panic!("expected the app, got {other:?}"),
+    }
+    assert!(matches!(next(&mut volumes).await, Event::Create { .. }));
+    let status = until_status(&mut device, |s| s.apps == 1).await;
+    assert!(!status.last_error.is_error());
+    assert_eq!(status.volumes, 1);
+
+    // A change is applied again.
+    std::fs::write(&file, config("2", "2")).unwrap();
+    loop {
+        if let Event::Modify { new, .. } = next(&mut apps).await {
+            assert_eq!(new.uuid_and_version.version, "2");
+            break;
+        }
+    }
+
+    // An invalid file changes nothing but the status, which names the field.
+    std::fs::write(&file, config("3", "\"two\"")).unwrap();
+    let status = until_status(&mut device, |s| s.last_error.is_error()).await;
+    assert!(
+        status
+            .last_error
+            .error
+            .contains("apps[0].snapshot.max_snapshots"),
+        "{}",
+        status.last_error.error
+    );
+    assert_eq!(apps.get(APP).unwrap().uuid_and_version.version, "2");
+    if let Ok(event) = tokio::time::timeout(Duration::from_millis(300), apps.recv()).await {
+        panic!("the refused config reached the bus: {event:?}");
+    }
+
+    // Fixing the file applies it and clears the error.
+    std::fs::write(&file, config("3", "3")).unwrap();
+    let status = until_status(&mut device, |s| !s.last_error.is_error()).await;
+    assert_eq!(status.apps, 1);
+    loop {
+        if let Event::Modify { new, .. } = next(&mut apps).await
+            && new.uuid_and_version.version == "3"
+        {
+            break;
+        }
+    }
+}
