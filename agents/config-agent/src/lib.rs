@@ -4,5 +4,7 @@
 //! validates them as a whole. The controller client, checkpoint and reporting come next.
 
 pub mod apply;
+pub mod auth;
+pub mod checkpoint;
 pub mod model;
 pub mod proto;
