@@ -1,0 +1,300 @@
+//! What a technician reads: the agents' publications, taken over the bus sockets (read-only by
+//! construction), plus the snapshot records on disk that no agent could load.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cairn_pubsub::{Bus, Event, Topic, socket_path};
+use cairn_types::layout::{SNAPSHOT_INSTANCE_STATUS_FILE, snapshots_dir};
+use cairn_types::{
+    AppInstanceStatus, DeviceStatus, DomainStatus, SnapshotInstanceStatus, VolumeStatus,
+};
+use serde::Serialize;
+
+pub const AGENTS: [&str; 4] = [
+    "config-agent",
+    "app-manager",
+    "volume-manager",
+    "domain-manager",
+];
+
+/// The run and persist roots the device uses.
+#[derive(Debug, Clone)]
+pub struct Roots {
+    pub run: PathBuf,
+    pub persist: PathBuf,
+}
+
+impl Roots {
+    /// `--root DIR` → `DIR/run`, `DIR/persist`; else `CAIRN_RUN_DIR`/`CAIRN_PERSIST_DIR`; else the
+    /// demo root `./cairn-demo` if it exists; else the device defaults.
+    pub fn resolve(root: Option<&Path>) -> Self {
+        use cairn_types::layout::*;
+        if let Some(root) = root {
+            return Self::under(root);
+        }
+        let run = std::env::var_os(RUN_DIR_ENV).map(PathBuf::from);
+        let persist = std::env::var_os(PERSIST_DIR_ENV).map(PathBuf::from);
+        if run.is_some() || persist.is_some() {
+            return Self {
+                run: run.unwrap_or_else(|| DEFAULT_RUN_DIR.into()),
+                persist: persist.unwrap_or_else(|| DEFAULT_PERSIST_DIR.into()),
+            };
+        }
+        let demo = Path::new(DEMO_ROOT);
+        if demo.is_dir() {
+            return Self::under(demo);
+        }
+        Self {
+            run: DEFAULT_RUN_DIR.into(),
+            persist: DEFAULT_PERSIST_DIR.into(),
+        }
+    }
+
+    pub fn under(root: &Path) -> Self {
+        Self {
+            run: root.join("run"),
+            persist: root.join("persist"),
+        }
+    }
+
+    fn bus(&self) -> Bus {
+        Bus::new("cli", &self.run, &self.persist)
+    }
+}
+
+/// The demo device's root, relative to where `cairn up` runs.
+pub const DEMO_ROOT: &str = "cairn-demo";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentHealth {
+    pub agent: String,
+    /// `up`, `down` (no publisher on its socket) or `refused: <why>`.
+    pub state: String,
+}
+
+/// One snapshot as the technician sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotRow {
+    pub app: String,
+    pub app_name: String,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// requested, available, pending deletion, failed, corrupt.
+    pub state: String,
+    pub config_version: String,
+    pub time_triggered: Option<String>,
+    pub time_created: Option<String>,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceView {
+    pub run_dir: String,
+    pub persist_dir: String,
+    pub agents: Vec<AgentHealth>,
+    pub device: Option<DeviceStatus>,
+    pub apps: Vec<AppInstanceStatus>,
+    pub domains: Vec<DomainStatus>,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+impl DeviceView {
+    pub fn agents_down(&self) -> Vec<&str> {
+        self.agents
+            .iter()
+            .filter(|a| a.state != "up")
+            .map(|a| a.agent.as_str())
+            .collect()
+    }
+}
+
+enum Read<T> {
+    Values(Vec<T>),
+    Down,
+    Refused(String),
+}
+
+/// The whole table of `publisher`'s topic `T`, or why it could not be read within `wait`.
+async fn read<T: Topic>(roots: &Roots, publisher: &str, wait: Duration) -> Read<T> {
+    if !socket_path(&roots.run, publisher, T::NAME).exists() {
+        return Read::Down;
+    }
+    let mut sub = roots.bus().subscribe::<T>(publisher);
+    let outcome = tokio::time::timeout(wait, async {
+        loop {
+            match sub.recv().await {
+                Event::Synchronized => return None,
+                Event::Refused { reason } => return Some(reason),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    match outcome {
+        Ok(None) => Read::Values(sub.values().cloned().collect()),
+        Ok(Some(reason)) => Read::Refused(reason),
+        Err(_) => Read::Down,
+    }
+}
+
+/// Reads every agent's status topics.
+pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
+    let (device, apps, domains, volumes) = tokio::join!(
+        read::<DeviceStatus>(roots, "config-agent", wait),
+        read::<AppInstanceStatus>(roots, "app-manager", wait),
+        read::<DomainStatus>(roots, "domain-manager", wait),
+        read::<VolumeStatus>(roots, "volume-manager", wait),
+    );
+    let mut agents = Vec::new();
+    let mut health = |agent: &str, state: String| {
+        agents.push(AgentHealth {
+            agent: agent.to_string(),
+            state,
+        })
+    };
+    fn state<T>(read: &Read<T>) -> String {
+        match read {
+            Read::Values(_) => "up".into(),
+            Read::Down => "down".into(),
+            Read::Refused(reason) => format!("refused: {reason}"),
+        }
+    }
+    health("config-agent", state(&device));
+    health("app-manager", state(&apps));
+    health("volume-manager", state(&volumes));
+    health("domain-manager", state(&domains));
+    fn values<T>(read: Read<T>) -> Vec<T> {
+        match read {
+            Read::Values(values) => values,
+            _ => Vec::new(),
+        }
+    }
+    DeviceView {
+        run_dir: roots.run.display().to_string(),
+        persist_dir: roots.persist.display().to_string(),
+        agents,
+        device: values(device).into_iter().next(),
+        apps: values(apps),
+        domains: values(domains),
+        volumes: values(volumes),
+    }
+}
+
+fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> Option<String> {
+    t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+fn row(app: &AppInstanceStatus, s: &SnapshotInstanceStatus, state: &str) -> SnapshotRow {
+    SnapshotRow {
+        app: app.uuid_and_version.uuid.to_string(),
+        app_name: app.display_name.clone(),
+        id: s.snapshot.snapshot_id.to_string(),
+        kind: format!("{:?}", s.snapshot.snapshot_type),
+        state: state.to_string(),
+        config_version: s.config_version.version.clone(),
+        time_triggered: time(s.time_triggered),
+        time_created: time(s.time_created),
+        error: s.error.error.clone(),
+    }
+}
+
+/// Every snapshot the app-manager reports, and every record on disk that does not load.
+pub fn snapshot_rows(
+    view: &DeviceView,
+    persist: &Path,
+    app_filter: Option<&str>,
+) -> Vec<SnapshotRow> {
+    let wanted = |app: &AppInstanceStatus| {
+        app_filter
+            .is_none_or(|f| app.uuid_and_version.uuid.to_string() == f || app.display_name == f)
+    };
+    let mut rows = Vec::new();
+    for app in view.apps.iter().filter(|a| wanted(a)) {
+        let snap = &app.snap_status;
+        for s in &snap.available_snapshots {
+            rows.push(row(app, s, "available"));
+        }
+        for s in &snap.requested_snapshots {
+            rows.push(row(
+                app,
+                s,
+                if s.error.is_error() {
+                    "failed"
+                } else {
+                    "requested"
+                },
+            ));
+        }
+        for desc in &snap.snapshots_to_be_deleted {
+            rows.push(SnapshotRow {
+                app: app.uuid_and_version.uuid.to_string(),
+                app_name: app.display_name.clone(),
+                id: desc.snapshot_id.to_string(),
+                kind: format!("{:?}", desc.snapshot_type),
+                state: "pending deletion".into(),
+                config_version: String::new(),
+                time_triggered: None,
+                time_created: None,
+                error: String::new(),
+            });
+        }
+    }
+    // Records nobody can use are shown, never hidden.
+    if let Ok(entries) = std::fs::read_dir(snapshots_dir(persist)) {
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            let file = dir.join(SNAPSHOT_INSTANCE_STATUS_FILE);
+            let problem = match cairn_persist::load::<SnapshotInstanceStatus>(&file) {
+                Ok(_) => continue,
+                Err(e) if matches!(e.kind, cairn_persist::ErrorKind::NotFound) => {
+                    format!("{} has no {SNAPSHOT_INSTANCE_STATUS_FILE}", dir.display())
+                }
+                Err(e) => e.to_string(),
+            };
+            rows.push(SnapshotRow {
+                app: String::new(),
+                app_name: String::new(),
+                id: entry.file_name().to_string_lossy().into_owned(),
+                kind: String::new(),
+                state: "corrupt".into(),
+                config_version: String::new(),
+                time_triggered: None,
+                time_created: None,
+                error: problem,
+            });
+        }
+    }
+    rows
+}
+
+/// Publications present under the run root: `(agent, topic, socket)`.
+pub fn topics(roots: &Roots) -> Vec<(String, String, PathBuf)> {
+    let mut found = Vec::new();
+    let Ok(agents) = std::fs::read_dir(&roots.run) else {
+        return found;
+    };
+    for agent in agents.flatten() {
+        let Ok(files) = std::fs::read_dir(agent.path()) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let path = file.path();
+            if path.extension().is_some_and(|e| e == "sock")
+                && let Some(topic) = path.file_stem().and_then(|s| s.to_str())
+            {
+                found.push((
+                    agent.file_name().to_string_lossy().into_owned(),
+                    topic.to_string(),
+                    path.clone(),
+                ));
+            }
+        }
+    }
+    found.sort();
+    found
+}

@@ -1,0 +1,157 @@
+//! The technician's read-outs as a process: `cairn status/snapshots --json` against publishers
+//! on a real bus, a corrupt record planted on disk, and the message when nothing runs.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::Path;
+use std::process::Command;
+
+use cairn_pubsub::{Bus, PublishOptions};
+use cairn_types::layout::{SNAPSHOT_INSTANCE_STATUS_FILE, snapshot_dir};
+use cairn_types::{
+    AppInstanceStatus, DeviceStatus, SnapshotDesc, SnapshotInstanceStatus, SnapshottingStatus,
+    SwState, UUIDandVersion,
+};
+use uuid::Uuid;
+
+fn cairn(root: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_snapshots_read_the_bus_and_show_corrupt_records() {
+    let root = tempfile::tempdir().unwrap();
+    let (run, persist) = (root.path().join("run"), root.path().join("persist"));
+    let app = Uuid::from_u128(0xa11);
+    let snapshot = |n: u128| SnapshotInstanceStatus {
+        snapshot: SnapshotDesc {
+            snapshot_id: Uuid::from_u128(n),
+            ..Default::default()
+        },
+        app_instance_id: app,
+        config_version: UUIDandVersion {
+            uuid: app,
+            version: "1".into(),
+        },
+        ..Default::default()
+    };
+    let device = Bus::new("config-agent", &run, &persist)
+        .publish::<DeviceStatus>(PublishOptions::default())
+        .await
+        .unwrap();
+    device
+        .publish(DeviceStatus {
+            apps: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let apps = Bus::new("app-manager", &run, &persist)
+        .publish::<AppInstanceStatus>(PublishOptions::default())
+        .await
+        .unwrap();
+    apps.publish(AppInstanceStatus {
+        uuid_and_version: UUIDandVersion {
+            uuid: app,
+            version: "1".into(),
+        },
+        display_name: "sensor".into(),
+        state: SwState::Running,
+        activated: true,
+        snap_status: SnapshottingStatus {
+            available_snapshots: vec![snapshot(1)],
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // A planted record that lost its mandatory nested id.
+    let dir = snapshot_dir(&persist, Uuid::from_u128(2));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(SNAPSHOT_INSTANCE_STATUS_FILE),
+        format!(r#"{{"Snapshot": {{}}, "AppInstanceID": "{app}", "ConfigVersion": {{"UUID": "{app}"}}}}"#),
+    )
+    .unwrap();
+
+    let root_path = root.path().to_path_buf();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || cairn(&root_path, &["status", "--json"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let view: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(view["apps"][0]["DisplayName"], "sensor");
+    assert_eq!(view["apps"][0]["State"], 115, "Running, EVE's number");
+    let agents = view["agents"].as_array().unwrap();
+    assert!(
+        agents
+            .iter()
+            .any(|a| a["agent"] == "app-manager" && a["state"] == "up")
+    );
+    assert!(
+        agents
+            .iter()
+            .any(|a| a["agent"] == "domain-manager" && a["state"] == "down")
+    );
+
+    let root_path = root.path().to_path_buf();
+    let (code, out, _) =
+        tokio::task::spawn_blocking(move || cairn(&root_path, &["snapshots", "--json"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["state"] == "available" && r["id"] == Uuid::from_u128(1).to_string())
+    );
+    let corrupt = rows
+        .iter()
+        .find(|r| r["state"] == "corrupt")
+        .expect("the planted record is shown");
+    assert!(
+        corrupt["error"]
+            .as_str()
+            .unwrap()
+            .contains("Snapshot.SnapshotID"),
+        "{corrupt}"
+    );
+    drop((device, apps));
+}
+
+#[test]
+fn with_no_agents_it_says_how_to_start_them() {
+    let root = tempfile::tempdir().unwrap();
+    let (code, _, err) = cairn(root.path(), &["status"]);
+    assert_eq!(code, 3);
+    assert!(
+        err.contains("agents not running") && err.contains("cairn up"),
+        "{err}"
+    );
+}
+
+#[test]
+fn record_check_reports_a_missing_nested_field() {
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join(SNAPSHOT_INSTANCE_STATUS_FILE);
+    std::fs::write(&file, r#"{"Snapshot": {}, "AppInstanceID": "00000000-0000-0000-0000-000000000001", "ConfigVersion": {"UUID": "00000000-0000-0000-0000-000000000001"}}"#).unwrap();
+    let (code, out, _) = cairn(root.path(), &["record", "check", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("INVALID") && out.contains("Snapshot.SnapshotID"),
+        "{out}"
+    );
+}
