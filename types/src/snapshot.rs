@@ -165,10 +165,29 @@ pub struct VolumesSnapshotStatus {
     /// Cairn: per-volume errors of the last action (EVE keeps only one error).
     #[serde(deserialize_with = "null_as_default")]
     pub volume_errors: BTreeMap<Uuid, String>,
+    /// Cairn: the action persisted as an intent and not finished yet (`Unspecified` when none).
+    /// Written before any backend call, so a restarted volume-manager resumes or undoes it.
+    pub in_progress: VolumesSnapshotAction,
+    /// Cairn: the request counter of the action in progress.
+    pub in_progress_counter: u64,
     /// EVE embeds `ErrorAndTimeWithSource`, so these keys sit at the top level.
     pub error_source_type: String,
     #[serde(flatten)]
     pub error: ErrorDescription,
+}
+
+impl VolumesSnapshotStatus {
+    /// The typed metadata of one volume's snapshot (EVE's bare qcow2 snapshot name included).
+    pub fn meta_of(&self, volume_id: Uuid) -> Option<crate::volume::VolumeSnapshotMeta> {
+        self.volume_snapshot_meta
+            .get(&volume_id)
+            .map(crate::volume::VolumeSnapshotMeta::from_value)
+    }
+
+    /// Whether an action is recorded as begun and not finished.
+    pub fn is_in_progress(&self) -> bool {
+        self.in_progress != VolumesSnapshotAction::Unspecified
+    }
 }
 
 crate::topic!(VolumesSnapshotConfig, |v| v.snapshot_id.to_string());

@@ -119,5 +119,48 @@ impl VolumeStatus {
     }
 }
 
+/// What the volume-manager keeps per volume in `VolumesSnapshotStatus.VolumeSnapshotMeta`
+/// (serialized into that map's JSON value). EVE stores a bare string there (the qcow2 snapshot
+/// name); [`VolumeSnapshotMeta::from_value`] reads that as a qcow2 snapshot of that name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct VolumeSnapshotMeta {
+    /// The backend that made the snapshot.
+    pub backend: SnapshotBackendKind,
+    /// The snapshot's name on the backend (the snapshot UUID for Cairn's snapshots).
+    pub name: String,
+    /// The volume key (`<uuid>#<generation>`) the snapshot was taken of.
+    pub volume_key: String,
+    /// The volume's file or directory when the snapshot was taken.
+    pub file_location: PathBuf,
+    /// Where the snapshot itself lives when it is not inside the volume: the btrfs read-only
+    /// subvolume, the copy directory, the kept pre-purge volume; the ZFS `dataset@name`.
+    pub snapshot_location: PathBuf,
+    /// Bytes the snapshot took when made, if the backend knows (copy backend).
+    pub size: u64,
+}
+
+impl VolumeSnapshotMeta {
+    /// Reads Cairn's object or EVE's bare snapshot name; anything else yields an empty meta
+    /// whose `name` is the JSON text, so the caller can report it.
+    pub fn from_value(value: &serde_json::Value) -> Self {
+        match value {
+            serde_json::Value::String(name) => Self {
+                backend: SnapshotBackendKind::Qcow2,
+                name: name.clone(),
+                ..Self::default()
+            },
+            other => serde_json::from_value(other.clone()).unwrap_or_else(|_| Self {
+                name: other.to_string(),
+                ..Self::default()
+            }),
+        }
+    }
+
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
 crate::topic!(VolumeConfig, |v| v.key());
 crate::topic!(VolumeStatus, |v| v.key());

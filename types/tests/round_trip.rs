@@ -74,6 +74,7 @@ prop_compose! {
             time_created, app_uuid: app, ref_count: 1,
             result_of_action: VolumesSnapshotAction::Create, request_counter: counter,
             volume_errors: BTreeMap::new(), error_source_type: String::new(), error,
+            ..Default::default()
         }
     }
 }

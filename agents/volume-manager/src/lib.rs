@@ -1,1 +1,15 @@
-//! cairn-volume-manager: being written.
+//! cairn-volume-manager: volumes and their snapshot backends (qcow2, btrfs, ZFS, purgeable,
+//! copy), crash-safe. The core ([`manager::VolumeManager`]) turns `VolumeConfig` and
+//! `VolumesSnapshotConfig` into actions and statuses; `main.rs` only wires it to the bus.
+
+pub mod backend;
+pub mod error;
+pub mod manager;
+pub mod process;
+pub mod tools;
+pub mod volumes;
+
+pub use backend::{Backends, SnapshotBackend, VolumeRef};
+pub use error::VolumeError;
+pub use manager::{Publish, VolumeManager};
+pub use tools::Tools;

@@ -1,0 +1,198 @@
+//! Snapshot backends: one module per kind, all behind [`SnapshotBackend`]. A backend's snapshot
+//! is named by the snapshot UUID, so a restarted agent finds (and adopts) one it made before a
+//! crash instead of failing with "already exists". Every operation works from the metadata alone
+//! (no config needed), so an intent record is enough to finish or undo an interrupted action.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
+
+use crate::error::Result;
+
+pub mod btrfs;
+pub mod copy;
+pub mod purgeable;
+pub mod qcow2;
+#[cfg(feature = "zfs")]
+pub mod zfs;
+
+/// The volume a backend acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRef {
+    /// `<uuid>#<generation>`.
+    pub key: String,
+    /// Its file (qcow2) or directory.
+    pub path: PathBuf,
+}
+
+impl VolumeRef {
+    pub fn of_meta(meta: &VolumeSnapshotMeta) -> Self {
+        Self {
+            key: meta.volume_key.clone(),
+            path: meta.file_location.clone(),
+        }
+    }
+}
+
+/// create → metadata, rollback(metadata), delete(metadata).
+pub trait SnapshotBackend: Send + Sync {
+    fn kind(&self) -> SnapshotBackendKind;
+
+    /// The metadata a snapshot `name` of `volume` will have, before it exists (for the intent
+    /// record).
+    fn plan(&self, volume: &VolumeRef, name: &str) -> VolumeSnapshotMeta {
+        VolumeSnapshotMeta {
+            backend: self.kind(),
+            name: name.to_string(),
+            volume_key: volume.key.clone(),
+            file_location: volume.path.clone(),
+            ..VolumeSnapshotMeta::default()
+        }
+    }
+
+    /// Makes snapshot `name` of `volume`, or adopts it if it already exists. `fresh` says no
+    /// record of this snapshot existed before this request (a record always precedes a backend
+    /// snapshot), so nothing of this name can be there and a backend may skip looking.
+    fn create(
+        &self,
+        volume: &VolumeRef,
+        name: &str,
+        fresh: bool,
+    ) -> impl Future<Output = Result<VolumeSnapshotMeta>> + Send;
+
+    /// Brings the volume back to the snapshot's content.
+    fn rollback(&self, meta: &VolumeSnapshotMeta) -> impl Future<Output = Result<()>> + Send;
+
+    /// Removes the snapshot; one already gone is not an error.
+    fn delete(&self, meta: &VolumeSnapshotMeta) -> impl Future<Output = Result<()>> + Send;
+
+    /// Whether the snapshot exists on the backend.
+    fn exists(&self, meta: &VolumeSnapshotMeta) -> impl Future<Output = Result<bool>> + Send;
+}
+
+/// `<volumes>/.snapshots/<volume-key>/<name>`: where directory backends keep snapshots, on the
+/// same filesystem as the volume (btrfs snapshots and renames need that).
+pub fn snapshot_path(volume: &VolumeRef, name: &str) -> PathBuf {
+    let parent = volume.path.parent().unwrap_or(Path::new("/"));
+    parent.join(".snapshots").join(&volume.key).join(name)
+}
+
+/// Exchanges two paths atomically (renameat2 RENAME_EXCHANGE): the volume is either the old or
+/// the new content at every instant.
+pub fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    renameat2(AT_FDCWD, a, AT_FDCWD, b, RenameFlags::RENAME_EXCHANGE).map_err(std::io::Error::from)
+}
+
+/// All backends with their tools' availability; dispatches on the kind recorded in the metadata.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    pub tools: crate::tools::Tools,
+}
+
+macro_rules! dispatch {
+    ($self:ident, $kind:expr, $volume:expr, |$b:ident| $call:expr) => {{
+        $self.check($kind, $volume)?;
+        match $kind {
+            SnapshotBackendKind::Qcow2 => {
+                let $b = qcow2::Qcow2Backend;
+                $call
+            }
+            SnapshotBackendKind::Btrfs => {
+                let $b = btrfs::BtrfsBackend;
+                $call
+            }
+            SnapshotBackendKind::Copy => {
+                let $b = copy::CopyBackend;
+                $call
+            }
+            SnapshotBackendKind::Purgeable => {
+                let $b = purgeable::PurgeableBackend;
+                $call
+            }
+            #[cfg(feature = "zfs")]
+            SnapshotBackendKind::Zfs => {
+                let $b = zfs::ZfsBackend;
+                $call
+            }
+            other => Err(crate::error::VolumeError::Unsupported {
+                volume: $volume.to_string(),
+                what: format!("it has no snapshot backend ({other:?})"),
+            }),
+        }
+    }};
+}
+
+impl Backends {
+    /// Refuses a kind that cannot act: no backend, or its tool missing.
+    pub fn check(&self, kind: SnapshotBackendKind, volume: &str) -> Result<()> {
+        use crate::error::VolumeError;
+        let tool = match kind {
+            SnapshotBackendKind::Qcow2 => Some(&self.tools.qemu_img),
+            SnapshotBackendKind::Btrfs => Some(&self.tools.btrfs),
+            SnapshotBackendKind::Zfs if cfg!(feature = "zfs") => Some(&self.tools.zfs),
+            SnapshotBackendKind::Copy | SnapshotBackendKind::Purgeable => None,
+            SnapshotBackendKind::Zfs | SnapshotBackendKind::None => {
+                return Err(VolumeError::Unsupported {
+                    volume: volume.to_string(),
+                    what: format!(
+                        "it has no snapshot backend ({kind:?}): a raw image has no internal snapshots; use the qcow2 format or mark the volume purgeable"
+                    ),
+                });
+            }
+        };
+        match tool {
+            Some(tool) if !tool.is_available() => Err(VolumeError::ToolMissing {
+                volume: volume.to_string(),
+                tool: tool.name,
+                package: tool.package,
+                backend: match kind {
+                    SnapshotBackendKind::Qcow2 => "qcow2",
+                    SnapshotBackendKind::Btrfs => "btrfs",
+                    _ => "zfs",
+                },
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn plan(
+        &self,
+        kind: SnapshotBackendKind,
+        volume: &VolumeRef,
+        name: &str,
+    ) -> Result<VolumeSnapshotMeta> {
+        dispatch!(self, kind, &volume.key, |b| Ok(b.plan(volume, name)))
+    }
+
+    pub async fn create(
+        &self,
+        kind: SnapshotBackendKind,
+        volume: &VolumeRef,
+        name: &str,
+        fresh: bool,
+    ) -> Result<VolumeSnapshotMeta> {
+        dispatch!(self, kind, &volume.key, |b| b
+            .create(volume, name, fresh)
+            .await)
+    }
+
+    pub async fn rollback(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
+        dispatch!(self, meta.backend, &meta.volume_key, |b| b
+            .rollback(meta)
+            .await)
+    }
+
+    pub async fn delete(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
+        dispatch!(self, meta.backend, &meta.volume_key, |b| b
+            .delete(meta)
+            .await)
+    }
+
+    pub async fn exists(&self, meta: &VolumeSnapshotMeta) -> Result<bool> {
+        dispatch!(self, meta.backend, &meta.volume_key, |b| b
+            .exists(meta)
+            .await)
+    }
+}

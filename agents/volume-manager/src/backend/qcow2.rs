@@ -1,0 +1,215 @@
+//! qcow2 internal snapshots through `qemu-img snapshot -c/-a/-d/-l`, only while no VM holds the
+//! image (qemu's write lock makes `qemu-img` fail, reported as [`VolumeError::Locked`]).
+//! qemu-img accepts duplicate tags, so `create` lists first and adopts an existing snapshot.
+
+use std::path::Path;
+
+use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
+
+use super::{SnapshotBackend, VolumeRef};
+use crate::error::{Result, VolumeError};
+use crate::process::{self, COMMAND_TIMEOUT, CommandError};
+
+pub const TOOL: &str = "qemu-img";
+pub const PACKAGE: &str = "qemu-utils";
+
+#[derive(Debug, Clone, Default)]
+pub struct Qcow2Backend;
+
+/// Turns a qemu-img failure into what it means for the volume.
+pub fn classify(volume: &str, file: &Path, err: CommandError) -> VolumeError {
+    let stderr = err.stderr().to_string();
+    let lower = stderr.to_lowercase();
+    if snapshot_missing(&stderr) {
+        VolumeError::Command {
+            volume: volume.to_string(),
+            source: err,
+        }
+    } else if lower.contains("\"write\" lock")
+        || lower.contains("\"read\" lock")
+        || lower.contains("lock") && lower.contains("another process")
+    {
+        VolumeError::Locked {
+            volume: volume.to_string(),
+            file: file.to_path_buf(),
+            detail: stderr,
+        }
+    } else if lower.contains("no space left") {
+        VolumeError::NoSpace {
+            volume: volume.to_string(),
+            path: file.to_path_buf(),
+            detail: stderr,
+        }
+    } else if lower.contains("no such file") {
+        VolumeError::Missing {
+            volume: volume.to_string(),
+            path: file.to_path_buf(),
+        }
+    } else if lower.contains("not in qcow2 format")
+        || lower.contains("corrupt")
+        || lower.contains("unsupported qcow2 version")
+        || lower.contains("image is not in")
+        || lower.contains("invalid")
+    {
+        VolumeError::Corrupt {
+            volume: volume.to_string(),
+            file: file.to_path_buf(),
+            detail: stderr,
+        }
+    } else {
+        VolumeError::Command {
+            volume: volume.to_string(),
+            source: err,
+        }
+    }
+}
+
+fn is_not_found(e: &VolumeError) -> bool {
+    matches!(e, VolumeError::Command { source, .. } if snapshot_missing(source.stderr()))
+}
+
+/// qemu-img's words for "no snapshot of that name" (`-d`, `-a`).
+fn snapshot_missing(stderr: &str) -> bool {
+    stderr.contains("snapshot not found") || stderr.contains("Failed to load snapshot")
+}
+
+/// The tags in `qemu-img snapshot -l` output.
+pub fn parse_list(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .skip_while(|line| !line.starts_with("ID"))
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+/// The snapshot tags of `file` (read with `-U`, so it works while a VM runs).
+pub async fn list(volume: &str, file: &Path) -> Result<Vec<String>> {
+    if !file.exists() {
+        return Err(VolumeError::Missing {
+            volume: volume.to_string(),
+            path: file.to_path_buf(),
+        });
+    }
+    let out = process::run(
+        TOOL,
+        &[
+            "snapshot".as_ref(),
+            "-l".as_ref(),
+            "-U".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            file.as_os_str(),
+        ],
+        COMMAND_TIMEOUT,
+    )
+    .await
+    .map_err(|e| classify(volume, file, e))?;
+    Ok(parse_list(&out.stdout))
+}
+
+async fn snapshot_op(volume: &str, op: &str, name: &str, file: &Path) -> Result<()> {
+    process::run(
+        TOOL,
+        &[
+            "snapshot".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            op.as_ref(),
+            name.as_ref(),
+            file.as_os_str(),
+        ],
+        COMMAND_TIMEOUT,
+    )
+    .await
+    .map(drop)
+    .map_err(|e| classify(volume, file, e))
+}
+
+impl SnapshotBackend for Qcow2Backend {
+    fn kind(&self) -> SnapshotBackendKind {
+        SnapshotBackendKind::Qcow2
+    }
+
+    async fn create(
+        &self,
+        volume: &VolumeRef,
+        name: &str,
+        fresh: bool,
+    ) -> Result<VolumeSnapshotMeta> {
+        if !fresh
+            && list(&volume.key, &volume.path)
+                .await?
+                .iter()
+                .any(|tag| tag == name)
+        {
+            tracing::info!(volume = %volume.key, snapshot = name, "qcow2 snapshot already there: adopted");
+        } else {
+            if !volume.path.exists() {
+                return Err(VolumeError::Missing {
+                    volume: volume.key.clone(),
+                    path: volume.path.clone(),
+                });
+            }
+            snapshot_op(&volume.key, "-c", name, &volume.path).await?;
+        }
+        Ok(self.plan(volume, name))
+    }
+
+    async fn rollback(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
+        if !meta.file_location.exists() {
+            return Err(VolumeError::Missing {
+                volume: meta.volume_key.clone(),
+                path: meta.file_location.clone(),
+            });
+        }
+        match snapshot_op(&meta.volume_key, "-a", &meta.name, &meta.file_location).await {
+            Err(e) if is_not_found(&e) => Err(VolumeError::NoSnapshot {
+                volume: meta.volume_key.clone(),
+                snapshot: meta.name.clone(),
+            }),
+            other => other,
+        }
+    }
+
+    async fn delete(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
+        if !meta.file_location.exists() {
+            return Ok(()); // the volume went, and its internal snapshots with it
+        }
+        // One `-d`: Cairn never makes duplicate tags (it looks before creating unless fresh).
+        match snapshot_op(&meta.volume_key, "-d", &meta.name, &meta.file_location).await {
+            Err(e) if is_not_found(&e) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn exists(&self, meta: &VolumeSnapshotMeta) -> Result<bool> {
+        Ok(list(&meta.volume_key, &meta.file_location)
+            .await?
+            .contains(&meta.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_output_yields_the_tags() {
+        let out = "Snapshot list:\nID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT\n1         3f0c            0 B 2026-11-24 08:46:01 00:00:00.000          0\n2         b               0 B 2026-11-24 08:46:01 00:00:00.000          0\n";
+        assert_eq!(parse_list(out), vec!["3f0c", "b"]);
+        assert!(parse_list("").is_empty());
+    }
+
+    #[test]
+    fn the_write_lock_error_is_reported_as_a_running_vm() {
+        let err = CommandError::Failed {
+            command: "qemu-img snapshot".into(),
+            status: "exit status: 1".into(),
+            stderr: "qemu-img: Could not open 't.qcow2': Failed to get \"write\" lock\nIs another process using the image [t.qcow2]?".into(),
+        };
+        let e = classify("v#0", Path::new("t.qcow2"), err);
+        assert!(matches!(e, VolumeError::Locked { .. }), "{e}");
+        assert!(e.to_string().contains("stop the app"));
+    }
+}

@@ -1,0 +1,847 @@
+//! The volume-manager's core: config events in, actions on volumes and backends, statuses out.
+//!
+//! Snapshot record lifecycle (`<persist>/snapshots/<id>/volumesSnapshotStatus.json`):
+//! 1. intent: the record with `InProgress` = the action and the planned per-volume metadata is
+//!    written durably before any backend call;
+//! 2. the backend acts on each volume (snapshot name = the snapshot UUID);
+//! 3. the final record (`InProgress` cleared, `ResultOfAction`, `RequestCounter`, errors) is
+//!    written, then published. A successful delete removes the record instead.
+//!
+//! After a restart an in-progress record is resumed when its request is still there (a create
+//! adopts the backend snapshots already made) and undone when it is not.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use cairn_persist::crash_point;
+use cairn_types::common::{ErrorDescription, ErrorSeverity};
+use cairn_types::layout::{VOLUMES_SNAPSHOT_STATUS_FILE, snapshot_dir, snapshots_dir, volumes_dir};
+use cairn_types::snapshot::{VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus};
+use cairn_types::volume::{
+    SnapshotBackendKind, VolumeConfig, VolumeSnapshotMeta, VolumeState, VolumeStatus,
+};
+use uuid::Uuid;
+
+use crate::backend::{Backends, VolumeRef};
+use crate::error::VolumeError;
+use crate::tools::Tools;
+use crate::volumes;
+
+/// The agent's name on the bus.
+pub const AGENT: &str = "volume-manager";
+/// After the intent record is written, before any backend call.
+pub const CRASH_AFTER_INTENT_WRITE: &str = "volume-manager:after-intent-write";
+/// After a backend snapshot is made, before the record says so.
+pub const CRASH_AFTER_BACKEND_CREATE: &str = "volume-manager:after-backend-create";
+/// After the final record is written, before it is published.
+pub const CRASH_AFTER_RECORD_WRITE: &str = "volume-manager:after-record-write";
+/// After the backend snapshots are deleted, before the record is removed.
+pub const CRASH_AFTER_BACKEND_DELETE: &str = "volume-manager:after-backend-delete";
+
+/// What the bus layer must do with the outcome of a handler, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Publish {
+    Volume(VolumeStatus),
+    UnpublishVolume(String),
+    Snapshot(VolumesSnapshotStatus),
+    UnpublishSnapshot(String),
+}
+
+/// The path of a snapshot's volume record.
+pub fn record_path(persist: &Path, snapshot: Uuid) -> PathBuf {
+    snapshot_dir(persist, snapshot).join(VOLUMES_SNAPSHOT_STATUS_FILE)
+}
+
+pub struct VolumeManager {
+    persist: PathBuf,
+    volumes_dir: PathBuf,
+    backends: Backends,
+    configs: BTreeMap<String, VolumeConfig>,
+    statuses: BTreeMap<String, VolumeStatus>,
+    /// Volume keys that had a volume before this process started (from the reloaded publication).
+    known_before: BTreeSet<String>,
+    records: BTreeMap<Uuid, VolumesSnapshotStatus>,
+    /// Record files that could not be read: reported, never trusted, never deleted.
+    pub unreadable_records: Vec<(PathBuf, String)>,
+}
+
+fn now() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
+}
+
+fn error(text: impl Into<String>) -> ErrorDescription {
+    ErrorDescription::new(text, ErrorSeverity::Error, now())
+}
+
+impl VolumeManager {
+    /// Loads the snapshot records under `persist` and sweeps leftovers of interrupted volume work.
+    /// `previous` are the volume statuses the agent published before it restarted.
+    pub async fn open(persist: &Path, tools: Tools, previous: Vec<VolumeStatus>) -> Self {
+        let dir = snapshots_dir(persist);
+        let (records, unreadable_records) = tokio::task::spawn_blocking(move || load_records(&dir))
+            .await
+            .unwrap_or_default();
+        for (path, why) in &unreadable_records {
+            tracing::error!(path = %path.display(), "snapshot record unusable, left as it is: {why}");
+        }
+        let volumes_dir = volumes_dir(persist);
+        volumes::sweep_leftovers(&volumes_dir).await;
+        Self {
+            persist: persist.to_path_buf(),
+            volumes_dir,
+            backends: Backends { tools },
+            configs: BTreeMap::new(),
+            statuses: BTreeMap::new(),
+            known_before: previous
+                .iter()
+                .filter(|s| s.state == VolumeState::Ready)
+                .map(VolumeStatus::key)
+                .collect(),
+            records,
+            unreadable_records,
+        }
+    }
+
+    pub fn record(&self, snapshot: Uuid) -> Option<&VolumesSnapshotStatus> {
+        self.records.get(&snapshot)
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &VolumesSnapshotStatus> {
+        self.records.values()
+    }
+
+    pub fn volume_status(&self, key: &str) -> Option<&VolumeStatus> {
+        self.statuses.get(key)
+    }
+
+    pub fn volumes_dir(&self) -> &Path {
+        &self.volumes_dir
+    }
+
+    // ---- volumes -------------------------------------------------------------------------
+
+    /// `VolumeConfig` create or modify: make the volume, or adopt the one already there.
+    pub async fn handle_volume_config(&mut self, config: VolumeConfig) -> Vec<Publish> {
+        let key = config.key();
+        let path = volumes::volume_path(&self.volumes_dir, &config);
+        self.configs.insert(key.clone(), config.clone());
+        if let Some(status) = self.statuses.get_mut(&key)
+            && status.state == VolumeState::Ready
+            && path.exists()
+        {
+            status.display_name = config.display_name.clone();
+            return vec![Publish::Volume(status.clone())];
+        }
+        let backend = volumes::choose_backend(&config, &self.volumes_dir, &self.backends.tools);
+        let mut status = VolumeStatus {
+            volume_id: config.volume_id,
+            generation_counter: config.generation_counter,
+            local_generation_counter: config.local_generation_counter,
+            display_name: config.display_name.clone(),
+            state: VolumeState::Creating,
+            format: config.format,
+            backend,
+            file_location: path.clone(),
+            max_vol_size: config.max_vol_size,
+            ..VolumeStatus::default()
+        };
+        if let Err(e) = self.backends.check(backend, &key) {
+            status.warnings.push(format!("snapshots unavailable: {e}"));
+        }
+        let outcome = if path.exists() {
+            volumes::check_existing(&key, &path, config.format)
+        } else if self.known_before.contains(&key) || self.statuses.contains_key(&key) {
+            Err(VolumeError::Missing {
+                volume: key.clone(),
+                path: path.clone(),
+            })
+        } else {
+            volumes::create(&config, &path, backend, &self.backends.tools).await
+        };
+        match outcome {
+            Ok(()) => {
+                status.state = VolumeState::Ready;
+                status.current_size = volumes::allocated_size(&path);
+                tracing::info!(volume = %key, backend = ?backend, path = %path.display(), "volume ready");
+            }
+            Err(e) => {
+                tracing::error!(volume = %key, "volume failed: {e}");
+                status.state = VolumeState::Failed;
+                status.error = error(e.to_string());
+            }
+        }
+        self.statuses.insert(key, status.clone());
+        vec![Publish::Volume(status)]
+    }
+
+    /// `VolumeConfig` delete: the volume goes unless a snapshot still keeps it.
+    pub async fn handle_volume_config_delete(&mut self, key: &str) -> Vec<Publish> {
+        self.configs.remove(key);
+        self.collect_volumes().await
+    }
+
+    /// Volumes published by a previous run whose config is gone: removed unless a snapshot
+    /// keeps them.
+    pub async fn adopt_unconfigured(&mut self, previous: Vec<VolumeStatus>) -> Vec<Publish> {
+        for status in previous {
+            let key = status.key();
+            if !self.configs.contains_key(&key) {
+                self.statuses.entry(key).or_insert(status);
+            }
+        }
+        self.collect_volumes().await
+    }
+
+    fn keeping_snapshots(&self, key: &str) -> Vec<Uuid> {
+        self.records
+            .values()
+            .filter(|r| {
+                r.volume_snapshot_meta
+                    .values()
+                    .any(|m| VolumeSnapshotMeta::from_value(m).volume_key == key)
+            })
+            .map(|r| r.snapshot_id)
+            .collect()
+    }
+
+    /// Removes volumes no config and no snapshot refers to; marks the ones kept by snapshots.
+    async fn collect_volumes(&mut self) -> Vec<Publish> {
+        let mut out = Vec::new();
+        let orphans: Vec<String> = self
+            .statuses
+            .keys()
+            .filter(|k| !self.configs.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in orphans {
+            let keepers = self.keeping_snapshots(&key);
+            let Some(status) = self.statuses.get_mut(&key) else {
+                continue;
+            };
+            if !keepers.is_empty() {
+                let warning = format!("kept without config for snapshot(s) {keepers:?}");
+                if !status.warnings.contains(&warning) {
+                    status
+                        .warnings
+                        .retain(|w| !w.starts_with("kept without config"));
+                    status.warnings.push(warning);
+                    out.push(Publish::Volume(status.clone()));
+                }
+                continue;
+            }
+            let path = status.file_location.clone();
+            match volumes::remove(&key, &path).await {
+                Ok(()) => {
+                    tracing::info!(volume = %key, "volume deleted");
+                    self.statuses.remove(&key);
+                    out.push(Publish::UnpublishVolume(key));
+                }
+                Err(e) => {
+                    status.state = VolumeState::Failed;
+                    status.error = error(format!("cannot delete the volume: {e}"));
+                    out.push(Publish::Volume(status.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The current volume of `volume_id` (its highest configured generation).
+    fn current_volume(&self, volume_id: Uuid) -> Option<(VolumeRef, SnapshotBackendKind)> {
+        self.configs
+            .values()
+            .filter(|c| c.volume_id == volume_id)
+            .max_by_key(|c| c.generation_counter + c.local_generation_counter)
+            .and_then(|c| self.statuses.get(&c.key()))
+            .map(|s| {
+                (
+                    VolumeRef {
+                        key: s.key(),
+                        path: s.file_location.clone(),
+                    },
+                    s.backend,
+                )
+            })
+    }
+
+    fn mark_volume_failed(&mut self, key: &str, e: &VolumeError) -> Option<Publish> {
+        if !matches!(e, VolumeError::Missing { .. } | VolumeError::Corrupt { .. }) {
+            return None;
+        }
+        let status = self.statuses.get_mut(key)?;
+        status.state = VolumeState::Failed;
+        status.error = error(e.to_string());
+        Some(Publish::Volume(status.clone()))
+    }
+
+    // ---- snapshots -----------------------------------------------------------------------
+
+    async fn store(&self, record: &VolumesSnapshotStatus) -> Result<(), String> {
+        let path = record_path(&self.persist, record.snapshot_id);
+        let record = record.clone();
+        tokio::task::spawn_blocking(move || cairn_persist::store(&path, &record))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{e}; check the disk under the persist root"))
+    }
+
+    async fn remove_record(&self, snapshot: Uuid) -> Result<(), String> {
+        let path = record_path(&self.persist, snapshot);
+        tokio::task::spawn_blocking(move || {
+            for file in [cairn_persist::backup_path(&path), path.clone()] {
+                match std::fs::remove_file(&file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            // The directory is shared with the app-manager's files: removed only when empty.
+            // One fsync either way: of the parent if the directory went, else of the directory.
+            match path.parent() {
+                Some(dir) if std::fs::remove_dir(dir).is_ok() => {
+                    dir.parent().map_or(Ok(()), cairn_persist::sync_dir)
+                }
+                Some(dir) => cairn_persist::sync_dir(dir),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot remove the record of snapshot {snapshot}: {e}"))
+    }
+
+    /// A `VolumesSnapshotConfig` create or modify.
+    pub async fn handle_snapshot_config(&mut self, config: VolumesSnapshotConfig) -> Vec<Publish> {
+        if let Some(record) = self.records.get(&config.snapshot_id)
+            && !record.is_in_progress()
+            && record.result_of_action == config.action
+            && record.request_counter == config.request_counter
+        {
+            return vec![Publish::Snapshot(record.clone())]; // answered before a restart
+        }
+        tracing::info!(snapshot = %config.snapshot_id, app = %config.app_uuid, action = ?config.action, counter = config.request_counter, "snapshot request");
+        match config.action {
+            VolumesSnapshotAction::Create => self.create_snapshot(&config).await,
+            VolumesSnapshotAction::Rollback => self.rollback_snapshot(&config).await,
+            VolumesSnapshotAction::Delete => self.delete_snapshot(&config).await,
+            VolumesSnapshotAction::Unspecified => Vec::new(),
+        }
+    }
+
+    /// A `VolumesSnapshotConfig` delete: the status goes; an unfinished create is undone.
+    pub async fn handle_snapshot_config_delete(&mut self, snapshot: Uuid) -> Vec<Publish> {
+        let mut out = Vec::new();
+        if let Some(record) = self.records.get(&snapshot).cloned() {
+            out.extend(self.abandon(record).await);
+        }
+        out.push(Publish::UnpublishSnapshot(snapshot.to_string()));
+        out
+    }
+
+    /// After the snapshot requests are synchronized: in-progress records nobody asks for any more
+    /// are undone (create), finished (delete) or closed with an error (rollback).
+    pub async fn reconcile(&mut self, requested: &BTreeSet<Uuid>) -> Vec<Publish> {
+        let mut out = Vec::new();
+        let stale: Vec<VolumesSnapshotStatus> = self
+            .records
+            .values()
+            .filter(|r| r.is_in_progress() && !requested.contains(&r.snapshot_id))
+            .cloned()
+            .collect();
+        for record in stale {
+            out.extend(self.abandon(record).await);
+        }
+        out
+    }
+
+    async fn abandon(&mut self, record: VolumesSnapshotStatus) -> Vec<Publish> {
+        let id = record.snapshot_id;
+        match record.in_progress {
+            VolumesSnapshotAction::Create => {
+                tracing::info!(snapshot = %id, "undoing an unfinished create nobody asks for");
+                let (left, errors) = self.delete_metas(&record).await;
+                if left.is_empty() {
+                    if let Err(e) = self.remove_record(id).await {
+                        tracing::error!(snapshot = %id, "{e}");
+                    }
+                    self.records.remove(&id);
+                    return self.collect_volumes().await;
+                }
+                let mut record = record;
+                record.volume_snapshot_meta = left;
+                record.volume_errors = errors;
+                record.in_progress = VolumesSnapshotAction::Unspecified;
+                record.error = error(format!(
+                    "snapshot {id}: an interrupted create could not be fully undone; request a delete"
+                ));
+                let _ = self.store(&record).await;
+                self.records.insert(id, record);
+                Vec::new()
+            }
+            VolumesSnapshotAction::Delete => {
+                let config = VolumesSnapshotConfig {
+                    snapshot_id: id,
+                    action: VolumesSnapshotAction::Delete,
+                    volume_ids: Vec::new(),
+                    app_uuid: record.app_uuid,
+                    request_counter: record.in_progress_counter,
+                };
+                let _ = self.delete_snapshot(&config).await;
+                Vec::new()
+            }
+            VolumesSnapshotAction::Rollback => {
+                let mut record = record;
+                record.in_progress = VolumesSnapshotAction::Unspecified;
+                record.error = error(format!(
+                    "snapshot {id}: a rollback was interrupted by a restart and is no longer requested; the volumes may be partly rolled back, request the rollback again"
+                ));
+                let _ = self.store(&record).await;
+                self.records.insert(id, record);
+                Vec::new()
+            }
+            VolumesSnapshotAction::Unspecified => Vec::new(),
+        }
+    }
+
+    /// Deletes each volume's snapshot of `record`; returns the metadata of those that remain and
+    /// the errors.
+    async fn delete_metas(
+        &self,
+        record: &VolumesSnapshotStatus,
+    ) -> (BTreeMap<Uuid, serde_json::Value>, BTreeMap<Uuid, String>) {
+        let mut left = BTreeMap::new();
+        let mut errors = BTreeMap::new();
+        for (volume, value) in &record.volume_snapshot_meta {
+            let meta = VolumeSnapshotMeta::from_value(value);
+            let meta = self.complete_legacy_meta(*volume, meta);
+            if let Err(e) = self.backends.delete(&meta).await {
+                tracing::error!(snapshot = %record.snapshot_id, volume = %volume, "delete failed: {e}");
+                errors.insert(*volume, e.to_string());
+                left.insert(*volume, value.clone());
+            }
+        }
+        (left, errors)
+    }
+
+    /// EVE's records hold only the qcow2 snapshot name: fill in the volume from the config.
+    fn complete_legacy_meta(
+        &self,
+        volume: Uuid,
+        mut meta: VolumeSnapshotMeta,
+    ) -> VolumeSnapshotMeta {
+        if meta.file_location.as_os_str().is_empty()
+            && let Some((vref, _)) = self.current_volume(volume)
+        {
+            meta.volume_key = vref.key;
+            meta.file_location = vref.path;
+        }
+        if meta.volume_key.is_empty() {
+            meta.volume_key = volume.to_string();
+        }
+        meta
+    }
+
+    fn failed_status(
+        config: &VolumesSnapshotConfig,
+        text: String,
+        volume_errors: BTreeMap<Uuid, String>,
+    ) -> VolumesSnapshotStatus {
+        VolumesSnapshotStatus {
+            snapshot_id: config.snapshot_id,
+            app_uuid: config.app_uuid,
+            result_of_action: config.action,
+            request_counter: config.request_counter,
+            volume_errors,
+            error: error(text),
+            ..VolumesSnapshotStatus::default()
+        }
+    }
+
+    /// Writes the final record, then hands it out for publication.
+    async fn finish(&mut self, record: VolumesSnapshotStatus, out: &mut Vec<Publish>) {
+        let mut record = record;
+        if let Err(e) = self.store(&record).await {
+            tracing::error!(snapshot = %record.snapshot_id, "{e}");
+            if !record.error.is_error() {
+                record.error = error(format!(
+                    "snapshot {}: the action succeeded but its record could not be written: {e}",
+                    record.snapshot_id
+                ));
+            }
+        }
+        crash_point(CRASH_AFTER_RECORD_WRITE);
+        self.records.insert(record.snapshot_id, record.clone());
+        out.push(Publish::Snapshot(record));
+    }
+
+    /// Internal snapshots change an image's size on disk: the main loop calls this now and then
+    /// (not per operation, to keep the persistent status writes off the snapshot path). Image
+    /// files only; a directory tree is measured when the volume is made.
+    pub fn refresh_sizes(&mut self) -> Vec<Publish> {
+        let mut out = Vec::new();
+        let keys: Vec<String> = self.statuses.keys().cloned().collect();
+        for key in keys {
+            if let Some(status) = self.statuses.get_mut(&key)
+                && status.file_location.is_file()
+            {
+                let size = volumes::allocated_size(&status.file_location);
+                if size != status.current_size {
+                    status.current_size = size;
+                    out.push(Publish::Volume(status.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    async fn create_snapshot(&mut self, config: &VolumesSnapshotConfig) -> Vec<Publish> {
+        let id = config.snapshot_id;
+        let name = id.to_string();
+        let mut out = Vec::new();
+        let previous = self.records.get(&id).cloned();
+        if let Some(made) = previous.as_ref().filter(|p| {
+            !p.is_in_progress()
+                && p.result_of_action == VolumesSnapshotAction::Create
+                && !p.error.is_error()
+                && !p.volume_snapshot_meta.is_empty()
+        }) {
+            return self.repeat_create(config, made.clone()).await;
+        }
+
+        // Plan: the volume and backend of each requested volume, before touching anything. An
+        // interrupted or failed earlier attempt's metadata is reused (its snapshots are adopted).
+        let mut plan: Vec<(Uuid, VolumeSnapshotMeta)> = Vec::new();
+        for volume in &config.volume_ids {
+            let resumed = previous.as_ref().and_then(|r| r.meta_of(*volume));
+            let planned = match resumed {
+                Some(meta) => Ok(meta),
+                None => match self.current_volume(*volume) {
+                    None => Err(VolumeError::UnknownVolume { volume: *volume }),
+                    Some((vref, kind)) => self.backends.plan(kind, &vref, &name),
+                },
+            };
+            match planned {
+                Ok(meta) => plan.push((*volume, meta)),
+                Err(e) => {
+                    let text = format!(
+                        "snapshot {id}: volume {volume} cannot be snapshotted: {e}; no snapshot was made"
+                    );
+                    tracing::error!(snapshot = %id, volume = %volume, "{e}");
+                    let status = Self::failed_status(
+                        config,
+                        text,
+                        BTreeMap::from([(*volume, e.to_string())]),
+                    );
+                    // An interrupted attempt of this request is undone; a finished (failed)
+                    // one keeps its record.
+                    if let Some(p) = previous.filter(|p| p.is_in_progress()) {
+                        out.extend(self.abandon(p).await);
+                    }
+                    out.push(Publish::Snapshot(status));
+                    return out;
+                }
+            }
+        }
+
+        // Intent.
+        let mut record = VolumesSnapshotStatus {
+            snapshot_id: id,
+            app_uuid: config.app_uuid,
+            volume_snapshot_meta: plan.iter().map(|(v, m)| (*v, m.to_value())).collect(),
+            time_created: previous.as_ref().and_then(|p| p.time_created),
+            ref_count: previous.as_ref().map_or(0, |p| p.ref_count),
+            result_of_action: previous
+                .as_ref()
+                .map_or(VolumesSnapshotAction::Unspecified, |p| p.result_of_action),
+            request_counter: previous.as_ref().map_or(0, |p| p.request_counter),
+            in_progress: VolumesSnapshotAction::Create,
+            in_progress_counter: config.request_counter,
+            ..VolumesSnapshotStatus::default()
+        };
+        if let Err(e) = self.store(&record).await {
+            let text = format!(
+                "snapshot {id}: cannot write its intent record ({e}); no snapshot was made"
+            );
+            out.push(Publish::Snapshot(Self::failed_status(
+                config,
+                text,
+                BTreeMap::new(),
+            )));
+            return out;
+        }
+        self.records.insert(id, record.clone());
+        crash_point(CRASH_AFTER_INTENT_WRITE);
+
+        // Act, all or nothing.
+        let mut made = Vec::new();
+        for (k, (volume, meta)) in plan.iter().enumerate() {
+            match self
+                .backends
+                .create(
+                    meta.backend,
+                    &VolumeRef::of_meta(meta),
+                    &name,
+                    previous.is_none(),
+                )
+                .await
+            {
+                Ok(done) => {
+                    record.volume_snapshot_meta.insert(*volume, done.to_value());
+                    made.push(*volume);
+                    crash_point(CRASH_AFTER_BACKEND_CREATE);
+                }
+                Err(e) => {
+                    tracing::error!(snapshot = %id, volume = %volume, "snapshot failed: {e}");
+                    out.extend(self.mark_volume_failed(&meta.volume_key, &e));
+                    // Undo on volumes 0..k, and on k if the failure left a snapshot there.
+                    let mut undo = record.clone();
+                    undo.volume_snapshot_meta =
+                        plan[..k].iter().map(|(v, m)| (*v, m.to_value())).collect();
+                    if matches!(self.backends.exists(meta).await, Ok(true)) {
+                        undo.volume_snapshot_meta.insert(*volume, meta.to_value());
+                    }
+                    let (left, mut errors) = self.delete_metas(&undo).await;
+                    errors.insert(*volume, e.to_string());
+                    let undone: Vec<String> = made.iter().map(Uuid::to_string).collect();
+                    let mut text = format!(
+                        "snapshot {id}: creating it on volume {volume} (number {} of {}) failed: {e}; the snapshots already made on volumes [{}] were removed",
+                        k + 1,
+                        plan.len(),
+                        undone.join(", ")
+                    );
+                    if !left.is_empty() {
+                        text.push_str(
+                            "; some could not be removed (see the volume errors): request a delete",
+                        );
+                    }
+                    let mut status = Self::failed_status(config, text, errors);
+                    status.volume_snapshot_meta = left;
+                    self.finish(status, &mut out).await;
+                    return out;
+                }
+            }
+        }
+
+        record.in_progress = VolumesSnapshotAction::Unspecified;
+        record.in_progress_counter = 0;
+        record.result_of_action = VolumesSnapshotAction::Create;
+        record.request_counter = config.request_counter;
+        record.time_created = record.time_created.or(Some(now()));
+        record.volume_errors.clear();
+        record.error = ErrorDescription::default();
+        tracing::info!(snapshot = %id, app = %config.app_uuid, volumes = plan.len(), "snapshot created");
+        self.finish(record, &mut out).await;
+        out
+    }
+
+    /// Create again of a snapshot already made: every volume's snapshot must still be there.
+    /// Nothing is re-made: a snapshot re-taken now would not hold the content of its time.
+    async fn repeat_create(
+        &mut self,
+        config: &VolumesSnapshotConfig,
+        made: VolumesSnapshotStatus,
+    ) -> Vec<Publish> {
+        let id = config.snapshot_id;
+        let mut out = Vec::new();
+        let requested: BTreeSet<Uuid> = config.volume_ids.iter().copied().collect();
+        let have: BTreeSet<Uuid> = made.volume_snapshot_meta.keys().copied().collect();
+        if requested != have {
+            let text = format!(
+                "snapshot {id} already exists on volumes {have:?}; it cannot be made again on {requested:?}: delete it first or use a new snapshot id"
+            );
+            out.push(Publish::Snapshot(Self::failed_status(
+                config,
+                text,
+                BTreeMap::new(),
+            )));
+            return out;
+        }
+        let mut errors = BTreeMap::new();
+        for volume in &requested {
+            let Some(meta) = made.meta_of(*volume) else {
+                continue;
+            };
+            let meta = self.complete_legacy_meta(*volume, meta);
+            match self.backends.exists(&meta).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    errors.insert(*volume, format!("volume {volume}: snapshot {id} has vanished from the backend (removed outside Cairn?); delete this snapshot and take a new one"));
+                }
+                Err(e) => {
+                    errors.insert(*volume, e.to_string());
+                }
+            }
+        }
+        if errors.is_empty() {
+            let mut record = made;
+            record.request_counter = config.request_counter;
+            self.finish(record, &mut out).await;
+        } else {
+            let names: Vec<String> = errors.keys().map(Uuid::to_string).collect();
+            let text = format!(
+                "snapshot {id}: repeated create found it missing or unreadable on volumes [{}]",
+                names.join(", ")
+            );
+            let mut status = Self::failed_status(config, text, errors);
+            status.volume_snapshot_meta = made.volume_snapshot_meta;
+            status.time_created = made.time_created;
+            out.push(Publish::Snapshot(status));
+        }
+        out
+    }
+
+    async fn rollback_snapshot(&mut self, config: &VolumesSnapshotConfig) -> Vec<Publish> {
+        let id = config.snapshot_id;
+        let mut out = Vec::new();
+        let Some(mut record) = self.records.get(&id).cloned().filter(|r| {
+            r.in_progress != VolumesSnapshotAction::Create && !r.volume_snapshot_meta.is_empty()
+        }) else {
+            let text = format!(
+                "snapshot {id}: there is no complete snapshot of this id on this device; it cannot be rolled back to"
+            );
+            out.push(Publish::Snapshot(Self::failed_status(
+                config,
+                text,
+                BTreeMap::new(),
+            )));
+            return out;
+        };
+        let volumes: Vec<Uuid> = if config.volume_ids.is_empty() {
+            record.volume_snapshot_meta.keys().copied().collect()
+        } else {
+            config.volume_ids.clone()
+        };
+        record.in_progress = VolumesSnapshotAction::Rollback;
+        record.in_progress_counter = config.request_counter;
+        if let Err(e) = self.store(&record).await {
+            let text = format!(
+                "snapshot {id}: cannot write its intent record ({e}); nothing was rolled back"
+            );
+            out.push(Publish::Snapshot(Self::failed_status(
+                config,
+                text,
+                BTreeMap::new(),
+            )));
+            return out;
+        }
+        let mut errors = BTreeMap::new();
+        for volume in &volumes {
+            let Some(meta) = record.meta_of(*volume) else {
+                errors.insert(
+                    *volume,
+                    format!("volume {volume} is not part of snapshot {id}"),
+                );
+                continue;
+            };
+            let meta = self.complete_legacy_meta(*volume, meta);
+            if let Err(e) = self.backends.rollback(&meta).await {
+                tracing::error!(snapshot = %id, volume = %volume, "rollback failed: {e}");
+                out.extend(self.mark_volume_failed(&meta.volume_key, &e));
+                errors.insert(*volume, e.to_string());
+            }
+        }
+        record.in_progress = VolumesSnapshotAction::Unspecified;
+        record.in_progress_counter = 0;
+        record.result_of_action = VolumesSnapshotAction::Rollback;
+        record.request_counter = config.request_counter;
+        record.error = if errors.is_empty() {
+            tracing::info!(snapshot = %id, app = %config.app_uuid, "rolled back");
+            ErrorDescription::default()
+        } else {
+            let names: Vec<String> = errors.keys().map(Uuid::to_string).collect();
+            error(format!(
+                "snapshot {id}: rollback failed on volumes [{}] (see the volume errors); the app must stay stopped until a rollback succeeds",
+                names.join(", ")
+            ))
+        };
+        record.volume_errors = errors;
+        self.finish(record, &mut out).await;
+        out
+    }
+
+    async fn delete_snapshot(&mut self, config: &VolumesSnapshotConfig) -> Vec<Publish> {
+        let id = config.snapshot_id;
+        let mut out = Vec::new();
+        let Some(mut record) = self.records.get(&id).cloned() else {
+            // Already gone: a delete of nothing succeeds.
+            out.push(Publish::Snapshot(VolumesSnapshotStatus {
+                snapshot_id: id,
+                app_uuid: config.app_uuid,
+                result_of_action: VolumesSnapshotAction::Delete,
+                request_counter: config.request_counter,
+                ..VolumesSnapshotStatus::default()
+            }));
+            return out;
+        };
+        record.in_progress = VolumesSnapshotAction::Delete;
+        record.in_progress_counter = config.request_counter;
+        if let Err(e) = self.store(&record).await {
+            let text =
+                format!("snapshot {id}: cannot write its intent record ({e}); nothing was deleted");
+            out.push(Publish::Snapshot(Self::failed_status(
+                config,
+                text,
+                BTreeMap::new(),
+            )));
+            return out;
+        }
+        let intent_done = std::time::Instant::now();
+        let (left, errors) = self.delete_metas(&record).await;
+        crash_point(CRASH_AFTER_BACKEND_DELETE);
+        tracing::debug!(snapshot = %id, backend_ms = intent_done.elapsed().as_secs_f64() * 1e3, "backend delete done");
+        record.in_progress = VolumesSnapshotAction::Unspecified;
+        record.in_progress_counter = 0;
+        record.result_of_action = VolumesSnapshotAction::Delete;
+        record.request_counter = config.request_counter;
+        if left.is_empty() {
+            if let Err(e) = self.remove_record(id).await {
+                record.error = error(e);
+                self.finish(record, &mut out).await;
+                return out;
+            }
+            self.records.remove(&id);
+            tracing::info!(snapshot = %id, "snapshot deleted");
+            record.volume_snapshot_meta.clear();
+            record.volume_errors.clear();
+            record.error = ErrorDescription::default();
+            out.push(Publish::Snapshot(record));
+            out.extend(self.collect_volumes().await);
+        } else {
+            // A failed delete stays visible, with what is left and why.
+            let names: Vec<String> = errors.keys().map(Uuid::to_string).collect();
+            record.error = error(format!(
+                "snapshot {id}: delete failed on volumes [{}] (see the volume errors); fix the cause and request the delete again",
+                names.join(", ")
+            ));
+            record.volume_snapshot_meta = left;
+            record.volume_errors = errors;
+            self.finish(record, &mut out).await;
+        }
+        out
+    }
+}
+
+fn load_records(
+    dir: &Path,
+) -> (
+    BTreeMap<Uuid, VolumesSnapshotStatus>,
+    Vec<(PathBuf, String)>,
+) {
+    let mut records = BTreeMap::new();
+    let mut bad = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (records, bad);
+    };
+    for entry in entries.flatten() {
+        let path = entry.path().join(VOLUMES_SNAPSHOT_STATUS_FILE);
+        if !path.exists() {
+            continue;
+        }
+        match cairn_persist::load::<VolumesSnapshotStatus>(&path) {
+            Ok(loaded) => {
+                records.insert(loaded.record.snapshot_id, loaded.record);
+            }
+            Err(e) => bad.push((path, e.to_string())),
+        }
+    }
+    (records, bad)
+}

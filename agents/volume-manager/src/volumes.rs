@@ -1,0 +1,288 @@
+//! Making and removing volumes: qcow2 blank or from a verified base image, raw, and directory
+//! volumes (a btrfs subvolume when the volume root is on btrfs). A volume is built under a dot
+//! name and renamed into place, so a crash never leaves a half-made volume under its real name.
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use cairn_types::volume::{SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin};
+use sha2::{Digest, Sha256};
+
+use crate::backend::{btrfs, qcow2};
+use crate::error::{Result, VolumeError};
+use crate::process::{self, COMMAND_TIMEOUT};
+use crate::tools::Tools;
+
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// `<volumes>/<key>.qcow2`, `<key>.img` or `<key>/`.
+pub fn volume_path(volumes: &Path, config: &VolumeConfig) -> PathBuf {
+    let key = config.key();
+    match config.format {
+        VolumeFormat::Qcow2 => volumes.join(format!("{key}.qcow2")),
+        VolumeFormat::Raw => volumes.join(format!("{key}.img")),
+        VolumeFormat::Dir => volumes.join(key),
+    }
+}
+
+/// The snapshot backend for a volume, from its config, its filesystem and the tools present.
+pub fn choose_backend(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> SnapshotBackendKind {
+    if config.purgeable {
+        return SnapshotBackendKind::Purgeable;
+    }
+    match config.format {
+        VolumeFormat::Qcow2 => SnapshotBackendKind::Qcow2,
+        VolumeFormat::Raw => SnapshotBackendKind::None,
+        VolumeFormat::Dir => {
+            #[cfg(feature = "zfs")]
+            if tools.zfs.is_available() && zfs_served(volumes, config) {
+                return SnapshotBackendKind::Zfs;
+            }
+            if btrfs::is_btrfs(volumes) && tools.btrfs.is_available() {
+                SnapshotBackendKind::Btrfs
+            } else {
+                SnapshotBackendKind::Copy
+            }
+        }
+    }
+}
+
+#[cfg(feature = "zfs")]
+fn zfs_served(volumes: &Path, config: &VolumeConfig) -> bool {
+    // A dataset mountpoint is a mount of its own: its device differs from the parent's.
+    let path = volume_path(volumes, config);
+    match (std::fs::metadata(&path), std::fs::metadata(volumes)) {
+        (Ok(v), Ok(root)) => v.dev() != root.dev(),
+        _ => false,
+    }
+}
+
+/// Bytes allocated on disk for a file or a directory tree.
+pub fn allocated_size(path: &Path) -> u64 {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::read_dir(path)
+            .map(|entries| entries.flatten().map(|e| allocated_size(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(meta) => meta.blocks() * 512,
+        Err(_) => 0,
+    }
+}
+
+/// The hex sha256 of a file (blocking).
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Checks an existing volume is usable: present, and for qcow2 a qcow2 header.
+pub fn check_existing(key: &str, path: &Path, format: VolumeFormat) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|_| VolumeError::Missing {
+        volume: key.to_string(),
+        path: path.to_path_buf(),
+    })?;
+    if format == VolumeFormat::Qcow2 {
+        let mut magic = [0u8; 4];
+        let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic));
+        if meta.len() < 4 || read.is_err() || &magic != QCOW2_MAGIC {
+            return Err(VolumeError::Corrupt {
+                volume: key.to_string(),
+                file: path.to_path_buf(),
+                detail: "no qcow2 header (magic QFI\\xfb missing)".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn creating_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.creating"))
+}
+
+async fn verify_base(key: &str, base: &Path, expected: &str) -> Result<()> {
+    let path = base.to_path_buf();
+    let actual = tokio::task::spawn_blocking(move || sha256_file(&path))
+        .await
+        .map_err(|e| VolumeError::io(key, "cannot hash", base)(std::io::Error::other(e)))?
+        .map_err(VolumeError::io(key, "cannot read base image", base))?;
+    if !actual.eq_ignore_ascii_case(expected.trim()) {
+        return Err(VolumeError::Sha256Mismatch {
+            volume: key.to_string(),
+            path: base.to_path_buf(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+async fn qemu_img(key: &str, file: &Path, args: &[&std::ffi::OsStr]) -> Result<()> {
+    process::run(qcow2::TOOL, args, COMMAND_TIMEOUT)
+        .await
+        .map(drop)
+        .map_err(|e| qcow2::classify(key, file, e))
+}
+
+/// Creates the volume of `config` at `path` (which must not exist yet).
+pub async fn create(
+    config: &VolumeConfig,
+    path: &Path,
+    backend: SnapshotBackendKind,
+    tools: &Tools,
+) -> Result<()> {
+    let key = config.key();
+    let tmp = creating_path(path);
+    remove(&key, &tmp).await?;
+    if let Some(parent) = path.parent() {
+        let parent = parent.to_path_buf();
+        let p = parent.clone();
+        tokio::task::spawn_blocking(move || cairn_persist::create_dir_durable(&p))
+            .await
+            .map_err(|e| VolumeError::io(&key, "cannot create", &parent)(std::io::Error::other(e)))?
+            .map_err(VolumeError::io(&key, "cannot create", &parent))?;
+    }
+    let size = config.max_vol_size.to_string();
+    let needs_qemu = config.format == VolumeFormat::Qcow2
+        || matches!(config.origin, VolumeOrigin::BaseImage { .. });
+    if needs_qemu && config.format != VolumeFormat::Dir && !tools.qemu_img.is_available() {
+        return Err(VolumeError::ToolMissing {
+            volume: key,
+            tool: qcow2::TOOL,
+            package: qcow2::PACKAGE,
+            backend: "qcow2",
+        });
+    }
+    let result = match (&config.format, &config.origin) {
+        (VolumeFormat::Dir, VolumeOrigin::BaseImage { .. }) => Err(VolumeError::Unsupported {
+            volume: key.clone(),
+            what: "a directory volume cannot be made from a base image file; use qcow2 or raw"
+                .into(),
+        }),
+        (VolumeFormat::Dir, VolumeOrigin::Blank) => {
+            if backend == SnapshotBackendKind::Btrfs {
+                btrfs::create_subvolume(&key, &tmp).await
+            } else {
+                std::fs::create_dir(&tmp).map_err(VolumeError::io(&key, "cannot create", &tmp))
+            }
+        }
+        (format, VolumeOrigin::Blank) => {
+            let fmt = if *format == VolumeFormat::Qcow2 {
+                "qcow2"
+            } else {
+                "raw"
+            };
+            qemu_img(
+                &key,
+                &tmp,
+                &[
+                    "create".as_ref(),
+                    "-q".as_ref(),
+                    "-f".as_ref(),
+                    fmt.as_ref(),
+                    tmp.as_os_str(),
+                    size.as_ref(),
+                ],
+            )
+            .await
+        }
+        (format, VolumeOrigin::BaseImage { path: base, sha256 }) => {
+            verify_base(&key, base, sha256).await?;
+            let fmt = if *format == VolumeFormat::Qcow2 {
+                "qcow2"
+            } else {
+                "raw"
+            };
+            qemu_img(
+                &key,
+                &tmp,
+                &[
+                    "convert".as_ref(),
+                    "-O".as_ref(),
+                    fmt.as_ref(),
+                    base.as_os_str(),
+                    tmp.as_os_str(),
+                ],
+            )
+            .await
+        }
+    };
+    if let Err(e) = result {
+        let _ = remove(&key, &tmp).await;
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(VolumeError::io(&key, "cannot rename into", path))?;
+    if let Some(parent) = path.parent() {
+        let _ = cairn_persist::sync_dir(parent);
+    }
+    Ok(())
+}
+
+/// Removes a volume file, directory or btrfs subvolume; one already gone is not an error.
+pub async fn remove(key: &str, path: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if meta.is_dir() {
+        if meta.ino() == 256 && btrfs::is_btrfs(path) {
+            // inode 256 is the root of a btrfs subvolume
+            return btrfs::delete_subvolume(key, path).await;
+        }
+        let p = path.to_path_buf();
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&p))
+            .await
+            .map_err(|e| VolumeError::io(key, "cannot remove", path)(std::io::Error::other(e)))?
+            .map_err(VolumeError::io(key, "cannot remove", path))
+    } else {
+        std::fs::remove_file(path).map_err(VolumeError::io(key, "cannot remove", path))
+    }
+}
+
+/// Leftovers of interrupted work in the volumes directory: half-made volumes, partial copies.
+pub async fn sweep_leftovers(volumes: &Path) {
+    let Ok(entries) = std::fs::read_dir(volumes) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.ends_with(".creating") || name.ends_with(".rollback")) {
+            tracing::info!(path = %entry.path().display(), "removing leftover of an interrupted action");
+            if let Err(e) = remove(&name, &entry.path()).await {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn sha256_of_a_known_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x");
+        std::fs::write(&f, b"abc").unwrap();
+        assert_eq!(
+            sha256_file(&f).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,351 @@
+//! Test fixtures: temporary roots, loop-mounted filesystems, qemu-img helpers, and a bus harness
+//! that plays the config-agent and the app-manager against the real binary.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cairn_pubsub::{Bus, Event, Publication, PublishOptions, Subscription};
+use cairn_types::snapshot::{VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus};
+use cairn_types::volume::{VolumeConfig, VolumeFormat, VolumeOrigin, VolumeStatus};
+use uuid::Uuid;
+
+pub const MIB: u64 = 1 << 20;
+
+/// Runs a command that must succeed; returns stdout.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{program} is required by this test and could not run: {e} (CI installs it)")
+        });
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The snapshot tags in a qcow2 file.
+pub fn qcow2_tags(file: &Path) -> Vec<String> {
+    cairn_volume_manager::backend::qcow2::parse_list(&sh(
+        "qemu-img",
+        &[
+            "snapshot",
+            "-l",
+            "-U",
+            "-f",
+            "qcow2",
+            file.to_str().unwrap(),
+        ],
+    ))
+}
+
+/// Writes `len` bytes of `pattern` at offset 0 through qemu-io.
+pub fn qcow2_write(file: &Path, pattern: u8, len: u64) {
+    sh(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {pattern} 0 {len}"),
+            file.to_str().unwrap(),
+        ],
+    );
+}
+
+/// Whether the first `len` bytes read back as `pattern`.
+pub fn qcow2_reads(file: &Path, pattern: u8, len: u64) -> bool {
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("read -P {pattern} 0 {len}"),
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && !text.contains("Pattern verification failed")
+}
+
+pub fn volume(format: VolumeFormat, size: u64) -> VolumeConfig {
+    VolumeConfig {
+        volume_id: Uuid::new_v4(),
+        display_name: "test".into(),
+        max_vol_size: size,
+        format,
+        origin: VolumeOrigin::Blank,
+        ..VolumeConfig::default()
+    }
+}
+
+pub fn request(
+    id: Uuid,
+    action: VolumesSnapshotAction,
+    volumes: &[&VolumeConfig],
+    counter: u64,
+) -> VolumesSnapshotConfig {
+    VolumesSnapshotConfig {
+        snapshot_id: id,
+        action,
+        volume_ids: volumes.iter().map(|v| v.volume_id).collect(),
+        app_uuid: Uuid::from_u128(0xa99),
+        request_counter: counter,
+    }
+}
+
+/// A filesystem on a loop device of our own, mounted at `mount`; unmounted and detached on drop.
+pub struct LoopFs {
+    pub mount: PathBuf,
+    device: String,
+    image: PathBuf,
+}
+
+impl LoopFs {
+    pub fn new(kind: &str, mount: &Path, size_mib: u64) -> Self {
+        std::fs::create_dir_all(mount).unwrap();
+        let image = mount.with_extension("img");
+        sh(
+            "truncate",
+            &["-s", &format!("{size_mib}M"), image.to_str().unwrap()],
+        );
+        let device = sh("losetup", &["-f", "--show", image.to_str().unwrap()])
+            .trim()
+            .to_string();
+        let guard = Self {
+            mount: mount.to_path_buf(),
+            device: device.clone(),
+            image,
+        };
+        match kind {
+            "btrfs" => sh("mkfs.btrfs", &["-q", &device]),
+            other => sh(&format!("mkfs.{other}"), &["-q", &device]),
+        };
+        sh("mount", &[&device, mount.to_str().unwrap()]);
+        guard
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// A small tmpfs at `mount`, unmounted on drop.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn new(mount: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(mount).unwrap();
+        sh(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                mount.to_str().unwrap(),
+            ],
+        );
+        Self(mount.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The real binary as a child, stopped by its pid on drop.
+pub struct Agent {
+    pub child: std::process::Child,
+}
+
+impl Agent {
+    pub fn start(persist: &Path, run: &Path, crash_at: Option<&str>) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-volume-manager"));
+        cmd.env("CAIRN_PERSIST_DIR", persist)
+            .env("CAIRN_RUN_DIR", run)
+            .env_remove("CAIRN_CRASH_AT")
+            .env(
+                "RUST_LOG",
+                std::env::var("CAIRN_TEST_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            );
+        if let Some(point) = crash_at {
+            cmd.env("CAIRN_CRASH_AT", point);
+        }
+        Self {
+            child: cmd.spawn().unwrap(),
+        }
+    }
+
+    /// Waits for the agent to die at its crash point.
+    pub fn wait_killed(&mut self, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                use std::os::unix::process::ExitStatusExt;
+                assert_eq!(
+                    status.signal(),
+                    Some(9),
+                    "agent ended by {status}, not SIGKILL"
+                );
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the agent did not reach its crash point"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Plays the config-agent and the app-manager, and watches the volume-manager's statuses.
+pub struct Harness {
+    pub root: tempfile::TempDir,
+    pub persist: PathBuf,
+    pub run: PathBuf,
+    pub volume_configs: Publication<VolumeConfig>,
+    pub snapshot_configs: Publication<VolumesSnapshotConfig>,
+    pub volume_statuses: Subscription<VolumeStatus>,
+    pub snapshot_statuses: Subscription<VolumesSnapshotStatus>,
+}
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+impl Harness {
+    pub async fn new() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let persist = root.path().join("persist");
+        let run = root.path().join("run");
+        std::fs::create_dir_all(&persist).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        let config_agent = Bus::new("config-agent", &run, &persist);
+        let app_manager = Bus::new("app-manager", &run, &persist);
+        let watcher = Bus::new("test", &run, &persist);
+        Self {
+            volume_configs: config_agent
+                .publish(PublishOptions::default())
+                .await
+                .unwrap(),
+            snapshot_configs: app_manager
+                .publish(PublishOptions::default())
+                .await
+                .unwrap(),
+            volume_statuses: watcher.subscribe("volume-manager"),
+            snapshot_statuses: watcher.subscribe("volume-manager"),
+            root,
+            persist,
+            run,
+        }
+    }
+
+    pub fn agent(&self, crash_at: Option<&str>) -> Agent {
+        Agent::start(&self.persist, &self.run, crash_at)
+    }
+
+    /// Waits until the volume status of `key` satisfies `pred`.
+    pub async fn volume_where(
+        &mut self,
+        key: &str,
+        pred: impl Fn(&VolumeStatus) -> bool,
+    ) -> VolumeStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.volume_statuses.get(key)
+                && pred(s)
+            {
+                return s.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "volume {key}: no matching status; last {:?}",
+                self.volume_statuses.get(key)
+            );
+            let _ = tokio::time::timeout(left, self.volume_statuses.recv()).await;
+        }
+    }
+
+    pub async fn ready(&mut self, config: &VolumeConfig) -> VolumeStatus {
+        self.volume_where(&config.key(), |s| {
+            s.state != cairn_types::volume::VolumeState::Creating
+        })
+        .await
+    }
+
+    /// Waits until the snapshot status of `id` answers `counter` with `action`.
+    pub async fn answer(
+        &mut self,
+        id: Uuid,
+        action: VolumesSnapshotAction,
+        counter: u64,
+    ) -> VolumesSnapshotStatus {
+        let key = id.to_string();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.snapshot_statuses.get(&key)
+                && s.result_of_action == action
+                && s.request_counter == counter
+                && !s.is_in_progress()
+            {
+                return s.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "snapshot {id}: no answer to {action:?} #{counter}; last {:?}",
+                self.snapshot_statuses.get(&key)
+            );
+            let _ = tokio::time::timeout(left, self.snapshot_statuses.recv()).await;
+        }
+    }
+
+    /// The record on disk, if any.
+    pub fn record(&self, id: Uuid) -> Option<VolumesSnapshotStatus> {
+        let path = cairn_volume_manager::manager::record_path(&self.persist, id);
+        path.exists().then(|| {
+            cairn_persist::load::<VolumesSnapshotStatus>(&path)
+                .unwrap()
+                .record
+        })
+    }
+
+    pub fn volume_file(&self, config: &VolumeConfig) -> PathBuf {
+        cairn_volume_manager::volumes::volume_path(
+            &cairn_types::layout::volumes_dir(&self.persist),
+            config,
+        )
+    }
+}
+
+/// Discards events so the subscription's table stays current (use between steps).
+pub async fn drain<T: cairn_types::Topic>(sub: &mut Subscription<T>) {
+    while let Ok(_e) = tokio::time::timeout(Duration::from_millis(1), sub.recv()).await {
+        let _: &Event<T> = &_e;
+    }
+}

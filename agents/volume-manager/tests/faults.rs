@@ -1,0 +1,521 @@
+//! The core against real tools and real files: each bad input and fault of issue 4, and the
+//! btrfs, copy and purgeable backends. Tests needing root or tools fail (not skip) without them.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use cairn_types::snapshot::VolumesSnapshotAction::{Create, Delete, Rollback};
+use cairn_types::snapshot::VolumesSnapshotStatus;
+use cairn_types::volume::{
+    SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeState, VolumeStatus,
+};
+use cairn_volume_manager::tools::Tool;
+use cairn_volume_manager::{Publish, Tools, VolumeManager};
+use common::*;
+use uuid::Uuid;
+
+async fn tools() -> Tools {
+    let tools = Tools::detect().await;
+    assert!(
+        tools.qemu_img.is_available(),
+        "qemu-img is required (Debian qemu-utils)"
+    );
+    assert!(
+        tools.btrfs.is_available(),
+        "btrfs is required (Debian btrfs-progs)"
+    );
+    tools
+}
+
+async fn manager(persist: &Path) -> VolumeManager {
+    VolumeManager::open(persist, tools().await, Vec::new()).await
+}
+
+fn volume_of(out: &[Publish]) -> VolumeStatus {
+    out.iter()
+        .find_map(|p| match p {
+            Publish::Volume(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn snapshot_of(out: &[Publish]) -> VolumesSnapshotStatus {
+    out.iter()
+        .find_map(|p| match p {
+            Publish::Snapshot(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+async fn add(m: &mut VolumeManager, config: &VolumeConfig) -> VolumeStatus {
+    volume_of(&m.handle_volume_config(config.clone()).await)
+}
+
+fn corrupt_header(file: &Path) {
+    use std::io::{Seek, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.seek(std::io::SeekFrom::Start(0)).unwrap();
+    f.write_all(b"NOPE").unwrap();
+}
+
+#[tokio::test]
+async fn an_unknown_volume_id_is_refused_and_nothing_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let a = volume(VolumeFormat::Qcow2, 16 * MIB);
+    let a_status = add(&mut m, &a).await;
+    let ghost = volume(VolumeFormat::Qcow2, 16 * MIB);
+    let id = Uuid::new_v4();
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Create, &[&a, &ghost], 1))
+            .await,
+    );
+    assert!(
+        s.error.error.contains(&ghost.volume_id.to_string()),
+        "{}",
+        s.error.error
+    );
+    assert!(
+        s.error.error.contains("no volume with this id"),
+        "{}",
+        s.error.error
+    );
+    assert!(qcow2_tags(&a_status.file_location).is_empty());
+    assert!(m.record(id).is_none());
+}
+
+#[tokio::test]
+async fn a_raw_image_has_no_internal_snapshots_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let raw = volume(VolumeFormat::Raw, 16 * MIB);
+    let status = add(&mut m, &raw).await;
+    assert_eq!(status.state, VolumeState::Ready);
+    assert_eq!(status.backend, SnapshotBackendKind::None);
+    assert!(
+        status.warnings.iter().any(|w| w.contains("raw image")),
+        "{status:?}"
+    );
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(Uuid::new_v4(), Create, &[&raw], 1))
+            .await,
+    );
+    assert!(
+        s.error
+            .error
+            .contains("raw image has no internal snapshots"),
+        "{}",
+        s.error.error
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_qcow2_header_is_reported_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let a = volume(VolumeFormat::Qcow2, 16 * MIB);
+    let status = add(&mut m, &a).await;
+    corrupt_header(&status.file_location);
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(Uuid::new_v4(), Create, &[&a], 1))
+            .await,
+    );
+    assert!(s.error.error.contains("is corrupt"), "{}", s.error.error);
+    // A restarted agent adopting the file sees it too.
+    let mut m2 = manager(dir.path()).await;
+    let again = add(&mut m2, &a).await;
+    assert_eq!(again.state, VolumeState::Failed);
+    assert!(again.error.error.contains("no qcow2 header"), "{again:?}");
+}
+
+#[tokio::test]
+async fn a_base_image_is_used_only_when_its_sha256_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    sh(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"],
+    );
+    qcow2_write(&base, 0x5a, MIB);
+    let sha = cairn_volume_manager::volumes::sha256_file(&base).unwrap();
+    let mut m = manager(&dir.path().join("persist")).await;
+    let mut good = volume(VolumeFormat::Qcow2, 16 * MIB);
+    good.origin = VolumeOrigin::BaseImage {
+        path: base.clone(),
+        sha256: sha.clone(),
+    };
+    let s = add(&mut m, &good).await;
+    assert_eq!(s.state, VolumeState::Ready, "{s:?}");
+    assert!(qcow2_reads(&s.file_location, 0x5a, MIB));
+
+    let mut bad = volume(VolumeFormat::Qcow2, 16 * MIB);
+    bad.origin = VolumeOrigin::BaseImage {
+        path: base,
+        sha256: "00".repeat(32),
+    };
+    let s = add(&mut m, &bad).await;
+    assert_eq!(s.state, VolumeState::Failed);
+    assert!(
+        s.error.error.contains(&format!("has sha256 {sha}")),
+        "{}",
+        s.error.error
+    );
+    assert!(
+        !s.file_location.exists(),
+        "nothing made from an unverified image"
+    );
+}
+
+#[tokio::test]
+async fn a_failure_on_volume_k_removes_the_snapshots_made_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let vols: Vec<VolumeConfig> = (0..3)
+        .map(|_| volume(VolumeFormat::Qcow2, 16 * MIB))
+        .collect();
+    let mut files = Vec::new();
+    for v in &vols {
+        files.push(add(&mut m, v).await.file_location);
+    }
+    corrupt_header(&files[2]);
+    let id = Uuid::new_v4();
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Create, &vols.iter().collect::<Vec<_>>(), 1))
+            .await,
+    );
+    let third = vols[2].volume_id.to_string();
+    assert!(
+        s.error
+            .error
+            .contains(&format!("on volume {third} (number 3 of 3) failed")),
+        "{}",
+        s.error.error
+    );
+    assert_eq!(
+        s.volume_errors.keys().collect::<Vec<_>>(),
+        vec![&vols[2].volume_id]
+    );
+    assert!(s.volume_snapshot_meta.is_empty());
+    for f in &files[..2] {
+        assert!(
+            qcow2_tags(f).is_empty(),
+            "snapshot on an earlier volume was not removed"
+        );
+    }
+}
+
+/// Holds qemu's write lock on `file` as a running VM would, until dropped.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn new(file: &Path) -> Self {
+        let child = Command::new("qemu-io")
+            .args(["-f", "qcow2", file.to_str().unwrap()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        Self(child)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn an_image_held_by_a_vm_is_reported_and_a_failed_delete_stays_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let a = volume(VolumeFormat::Qcow2, 16 * MIB);
+    let file = add(&mut m, &a).await.file_location;
+    let id = Uuid::new_v4();
+    {
+        let _vm = Holder::new(&file);
+        let s = snapshot_of(
+            &m.handle_snapshot_config(request(id, Create, &[&a], 1))
+                .await,
+        );
+        assert!(
+            s.error.error.contains("in use by a running VM"),
+            "{}",
+            s.error.error
+        );
+    }
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Create, &[&a], 2))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+    {
+        let _vm = Holder::new(&file);
+        let s = snapshot_of(
+            &m.handle_snapshot_config(request(id, Delete, &[&a], 3))
+                .await,
+        );
+        assert!(s.error.error.contains("delete failed"), "{}", s.error.error);
+        assert!(s.volume_errors[&a.volume_id].contains("in use by a running VM"));
+        assert_eq!(
+            s.volume_snapshot_meta.len(),
+            1,
+            "what is left stays recorded"
+        );
+        assert!(m.record(id).is_some());
+    }
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Delete, &[&a], 4))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+    assert!(qcow2_tags(&file).is_empty());
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_snapshot_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let persist = dir.path().join("persist");
+    let volumes = cairn_types::layout::volumes_dir(&persist);
+    let _fs = LoopFs::new("ext4", &volumes, 8);
+    let mut m = manager(&persist).await;
+    let a = volume(VolumeFormat::Qcow2, 64 * MIB);
+    let file = add(&mut m, &a).await.file_location;
+    // Fill it up to the last block (the root-reserved ones too: the tests run as root).
+    for (name, bs) in [("fill", "64k"), ("fill-tail", "1k")] {
+        let _ = Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                &format!("of={}", volumes.join(name).display()),
+                &format!("bs={bs}"),
+            ])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let id = Uuid::new_v4();
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Create, &[&a], 1))
+            .await,
+    );
+    assert!(s.error.error.contains("no space left"), "{}", s.error.error);
+    assert!(qcow2_tags(&file).is_empty());
+    assert!(m.record(id).unwrap().volume_snapshot_meta.is_empty());
+    std::fs::remove_file(volumes.join("fill")).unwrap();
+    std::fs::remove_file(volumes.join("fill-tail")).unwrap();
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Create, &[&a], 2))
+            .await,
+    );
+    assert!(!s.error.is_error(), "retry after freeing space: {s:?}");
+}
+
+#[tokio::test]
+async fn btrfs_directory_volumes_snapshot_roll_back_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let persist = dir.path().join("persist");
+    let volumes = cairn_types::layout::volumes_dir(&persist);
+    let _fs = LoopFs::new("btrfs", &volumes, 300);
+    let mut m = manager(&persist).await;
+    let a = volume(VolumeFormat::Dir, 0);
+    let status = add(&mut m, &a).await;
+    assert_eq!(status.backend, SnapshotBackendKind::Btrfs, "{status:?}");
+    let path = status.file_location;
+    std::fs::write(path.join("data"), b"before").unwrap();
+    let id = Uuid::new_v4();
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Create, &[&a], 1))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+    let meta = s.meta_of(a.volume_id).unwrap();
+    assert!(
+        std::fs::write(meta.snapshot_location.join("x"), b"").is_err(),
+        "read-only snapshot"
+    );
+    std::fs::write(path.join("data"), b"after").unwrap();
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Rollback, &[&a], 2))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+    assert_eq!(std::fs::read(path.join("data")).unwrap(), b"before");
+    std::fs::write(path.join("data"), b"writable again").unwrap();
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Delete, &[&a], 3))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+    assert!(!meta.snapshot_location.exists());
+    let out = m.handle_volume_config_delete(&a.key()).await;
+    assert!(out.contains(&Publish::UnpublishVolume(a.key())));
+    assert!(!path.exists());
+}
+
+#[tokio::test]
+async fn plain_directory_volumes_are_snapshotted_by_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let a = volume(VolumeFormat::Dir, 0);
+    let status = add(&mut m, &a).await;
+    assert_eq!(status.backend, SnapshotBackendKind::Copy);
+    std::fs::write(status.file_location.join("f"), b"one").unwrap();
+    let id = Uuid::new_v4();
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Create, &[&a], 1))
+            .await,
+    );
+    assert_eq!(s.meta_of(a.volume_id).unwrap().size, 3);
+    std::fs::write(status.file_location.join("f"), b"two").unwrap();
+    snapshot_of(
+        &m.handle_snapshot_config(request(id, Rollback, &[&a], 2))
+            .await,
+    );
+    assert_eq!(
+        std::fs::read(status.file_location.join("f")).unwrap(),
+        b"one"
+    );
+}
+
+#[tokio::test]
+async fn a_purged_volume_is_kept_while_a_snapshot_refers_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let mut gen0 = volume(VolumeFormat::Qcow2, 16 * MIB);
+    gen0.purgeable = true;
+    let old = add(&mut m, &gen0).await;
+    assert_eq!(old.backend, SnapshotBackendKind::Purgeable);
+    qcow2_write(&old.file_location, 0x11, MIB);
+    let id = Uuid::new_v4();
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Create, &[&gen0], 1))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+    // Purge: a new generation replaces the old one.
+    let mut gen1 = gen0.clone();
+    gen1.generation_counter = 1;
+    let new = add(&mut m, &gen1).await;
+    assert_ne!(new.file_location, old.file_location);
+    let out = m.handle_volume_config_delete(&gen0.key()).await;
+    let kept = volume_of(&out);
+    assert!(
+        kept.warnings.iter().any(|w| w.contains(&id.to_string())),
+        "{kept:?}"
+    );
+    assert!(old.file_location.exists(), "kept for the snapshot");
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Rollback, &[&gen0], 2))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+    assert_eq!(
+        s.meta_of(gen0.volume_id).unwrap().snapshot_location,
+        old.file_location
+    );
+    // Rolled back: the app asks for generation 0 again and gets the kept volume.
+    let back = add(&mut m, &gen0).await;
+    assert!(qcow2_reads(&back.file_location, 0x11, MIB));
+    m.handle_volume_config_delete(&gen0.key()).await;
+    let out = m
+        .handle_snapshot_config(request(id, Delete, &[&gen0], 3))
+        .await;
+    assert!(
+        out.contains(&Publish::UnpublishVolume(gen0.key())),
+        "{out:?}"
+    );
+    assert!(
+        !old.file_location.exists(),
+        "released with its last snapshot"
+    );
+    assert!(new.file_location.exists());
+}
+
+#[tokio::test]
+async fn a_missing_tool_disables_its_backend_with_the_package_to_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tools = tools().await;
+    tools.qemu_img = Tool::missing("qemu-img", "qemu-utils");
+    let mut m = VolumeManager::open(dir.path(), tools, Vec::new()).await;
+    let a = volume(VolumeFormat::Qcow2, 16 * MIB);
+    let s = add(&mut m, &a).await;
+    assert_eq!(s.state, VolumeState::Failed);
+    assert!(
+        s.error
+            .error
+            .contains("install the Debian package qemu-utils"),
+        "{s:?}"
+    );
+    let d = add(&mut m, &volume(VolumeFormat::Dir, 0)).await;
+    assert_eq!(d.state, VolumeState::Ready, "other backends keep working");
+}
+
+#[test]
+fn an_eve_record_with_a_bare_snapshot_name_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("volumesSnapshotStatus.json");
+    let vol = Uuid::new_v4();
+    std::fs::write(
+        &path,
+        format!(r#"{{"SnapshotID":"{}","VolumeSnapshotMeta":{{"{vol}":"snap-1"}},"AppUUID":"{}","TimeCreated":"0001-01-01T00:00:00Z","RefCount":0,"ResultOfAction":1}}"#, Uuid::new_v4(), Uuid::new_v4()),
+    )
+    .unwrap();
+    let r = cairn_persist::load::<VolumesSnapshotStatus>(&path)
+        .unwrap()
+        .record;
+    let meta = r.meta_of(vol).unwrap();
+    assert_eq!(
+        (meta.backend, meta.name.as_str()),
+        (SnapshotBackendKind::Qcow2, "snap-1")
+    );
+    assert!(!r.is_in_progress());
+}
+
+#[tokio::test]
+async fn a_repeated_create_is_answered_again_without_remaking_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let a = volume(VolumeFormat::Qcow2, 16 * MIB);
+    let file = add(&mut m, &a).await.file_location;
+    let id = Uuid::new_v4();
+    let first = snapshot_of(
+        &m.handle_snapshot_config(request(id, Create, &[&a], 1))
+            .await,
+    );
+    let again = snapshot_of(
+        &m.handle_snapshot_config(request(id, Create, &[&a], 2))
+            .await,
+    );
+    assert!(!again.error.is_error(), "{again:?}");
+    assert_eq!(again.request_counter, 2);
+    assert_eq!(again.time_created, first.time_created);
+    assert_eq!(qcow2_tags(&file), vec![id.to_string()], "no duplicate tag");
+    assert_eq!(m.record(id).unwrap().request_counter, 2);
+    // Removed behind the agent's back: a repeat says so, and a rollback refuses.
+    sh(
+        "qemu-img",
+        &["snapshot", "-d", &id.to_string(), file.to_str().unwrap()],
+    );
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Create, &[&a], 3))
+            .await,
+    );
+    assert!(
+        s.volume_errors[&a.volume_id].contains("has vanished"),
+        "{s:?}"
+    );
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Rollback, &[&a], 4))
+            .await,
+    );
+    assert!(
+        s.volume_errors[&a.volume_id].contains("does not exist on the backend"),
+        "{s:?}"
+    );
+}
