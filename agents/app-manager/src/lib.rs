@@ -3,6 +3,7 @@
 //! `machine` holds the decisions, pure and unit-tested; the executor that carries its actions
 //! out over the bus and on disk comes with the rest of the agent.
 
+pub mod agent;
 pub mod machine;
 
 use cairn_types::{
@@ -54,14 +55,16 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
     for record in &state.snapshots {
         let status = snapshot_instance_status(state, record);
         match record.state {
-            SnapshotState::Requested | SnapshotState::Triggered => {
+            // A failed snapshot stays listed with its error, so the controller and the
+            // technician see why it is missing.
+            SnapshotState::Requested | SnapshotState::Triggered | SnapshotState::Failed => {
                 snap.requested_snapshots.push(status)
             }
             SnapshotState::Available => snap.available_snapshots.push(status),
             SnapshotState::PendingDeletion | SnapshotState::DeletionFailed => {
                 snap.snapshots_to_be_deleted.push(record.desc.clone())
             }
-            SnapshotState::Failed | SnapshotState::Dropped => {}
+            SnapshotState::Dropped => {}
         }
     }
     let state_now = match (&state.phase, state.domain_active) {

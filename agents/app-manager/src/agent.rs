@@ -1,0 +1,459 @@
+//! The I/O around the state machine: bus subscriptions become machine inputs, machine actions
+//! become publications and files. One task, one app at a time, so decisions never interleave.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cairn_persist::{Origin, crash_point};
+use cairn_pubsub::{Access, Bus, BusError, Event, Publication, PublishOptions, Subscription};
+use cairn_types::layout::{APP_INSTANCE_CONFIG_FILE, SNAPSHOT_INSTANCE_STATUS_FILE, snapshot_dir};
+use cairn_types::{
+    AppInstanceConfig, AppInstanceStatus, DiskConfig, DomainConfig, DomainState, DomainStatus,
+    VolumeState, VolumeStatus, VolumesSnapshotConfig, VolumesSnapshotStatus, volume_key,
+};
+use chrono::Utc;
+use uuid::Uuid;
+
+use crate::machine::{self, Action, AppState, Input};
+use crate::{app_status, snapshot_instance_status};
+
+/// How long a starting app-manager waits for the other agents' tables before deciding anyway.
+const SYNC_WAIT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Persist(#[from] cairn_persist::PersistError),
+}
+
+/// `<persist>/app-manager/apps/<uuid>.json`: one app's state machine.
+pub fn state_file(persist: &Path, app: Uuid) -> PathBuf {
+    persist
+        .join("app-manager")
+        .join("apps")
+        .join(format!("{app}.json"))
+}
+
+pub struct AppManager {
+    persist: PathBuf,
+    apps: BTreeMap<Uuid, AppState>,
+    /// Why an app's records could not be used, reported in its status.
+    problems: BTreeMap<Uuid, Vec<String>>,
+    /// The domain-manager's last error for an app (it could not start it, or it died).
+    domain_errors: BTreeMap<Uuid, cairn_types::ErrorDescription>,
+    domain_configs: Publication<DomainConfig>,
+    volume_requests: Publication<VolumesSnapshotConfig>,
+    statuses: Publication<AppInstanceStatus>,
+    configs: Subscription<AppInstanceConfig>,
+    domains: Subscription<DomainStatus>,
+    volumes: Subscription<VolumeStatus>,
+    results: Subscription<VolumesSnapshotStatus>,
+}
+
+impl AppManager {
+    pub async fn open(bus: &Bus, technicians: Option<u32>) -> Result<Self, AgentError> {
+        let status_access = technicians
+            .map(Access::with_group_readers)
+            .unwrap_or_default();
+        let mut manager = Self {
+            persist: bus.persist_dir().to_path_buf(),
+            apps: BTreeMap::new(),
+            problems: BTreeMap::new(),
+            domain_errors: BTreeMap::new(),
+            domain_configs: bus.publish(PublishOptions::default()).await?,
+            volume_requests: bus.publish(PublishOptions::default()).await?,
+            statuses: bus
+                .publish(PublishOptions {
+                    access: status_access,
+                    ..Default::default()
+                })
+                .await?,
+            configs: bus.subscribe("config-agent"),
+            domains: bus.subscribe("domain-manager"),
+            volumes: bus.subscribe("volume-manager"),
+            results: bus.subscribe("volume-manager"),
+        };
+        manager.load_states().await?;
+        Ok(manager)
+    }
+
+    /// Reads every persisted app state; an unreadable one is reported, never dropped silently.
+    async fn load_states(&mut self) -> Result<(), AgentError> {
+        let dir = self.persist.join("app-manager").join("apps");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(AgentError::Io {
+                    what: "reading",
+                    path: dir,
+                    source,
+                });
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(app) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<Uuid>().ok())
+            else {
+                continue;
+            };
+            let file = path.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                cairn_persist::load_with_backup::<AppState>(&file)
+            })
+            .await
+            .map_err(|e| AgentError::Io {
+                what: "loading",
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            match loaded {
+                Ok(loaded) => {
+                    if let Origin::Backup { primary_error } = &loaded.origin {
+                        self.report(
+                            app,
+                            format!("{}: used its backup: {primary_error}", path.display()),
+                        );
+                    }
+                    self.apps.insert(app, loaded.record);
+                }
+                Err(e) => self.report(app, e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, app: Uuid, problem: String) {
+        tracing::warn!(app = %app, "{problem}");
+        self.problems.entry(app).or_default().push(problem);
+    }
+
+    /// Runs until the bus fails.
+    pub async fn run(mut self) -> Result<(), AgentError> {
+        self.synchronize().await;
+        let apps: Vec<Uuid> = self.apps.keys().copied().collect();
+        for app in apps {
+            self.refresh_facts(app).await?;
+            self.input(app, Input::Resume).await?;
+        }
+        self.domain_configs.signal_restarted().await?;
+        self.volume_requests.signal_restarted().await?;
+        self.statuses.signal_restarted().await?;
+        loop {
+            tokio::select! {
+                event = self.configs.recv() => self.on_config(event).await?,
+                event = self.domains.recv() => self.on_domain(event).await?,
+                event = self.volumes.recv() => self.on_volume(event).await?,
+                event = self.results.recv() => self.on_result(event).await?,
+            }
+        }
+    }
+
+    /// Gives the other agents a moment to deliver their tables, so that the first decisions
+    /// after a restart are made on facts, not on an empty view.
+    async fn synchronize(&mut self) {
+        let wait = async {
+            while !(self.configs.is_synchronized()
+                && self.domains.is_synchronized()
+                && self.volumes.is_synchronized()
+                && self.results.is_synchronized())
+            {
+                tokio::select! {
+                    _ = self.configs.recv(), if !self.configs.is_synchronized() => {}
+                    _ = self.domains.recv(), if !self.domains.is_synchronized() => {}
+                    _ = self.volumes.recv(), if !self.volumes.is_synchronized() => {}
+                    _ = self.results.recv(), if !self.results.is_synchronized() => {}
+                }
+            }
+        };
+        if tokio::time::timeout(SYNC_WAIT, wait).await.is_err() {
+            tracing::warn!(
+                "not every agent answered within {SYNC_WAIT:?}; deciding on what is known"
+            );
+        }
+        // Configs that arrived while synchronizing are applied now.
+        let configs: Vec<AppInstanceConfig> = self.configs.values().cloned().collect();
+        for config in configs {
+            let app = config.app_uuid();
+            self.apps
+                .entry(app)
+                .or_insert_with(|| AppState::new(config.clone()));
+        }
+    }
+
+    /// Feeds the current domain and volume facts of `app` to its machine.
+    async fn refresh_facts(&mut self, app: Uuid) -> Result<(), AgentError> {
+        if let Some(config) = self.configs.get(&app.to_string()).cloned() {
+            self.input(app, Input::Config(config)).await?;
+        }
+        if let Some(active) = self.domains.get(&app.to_string()).and_then(domain_settled) {
+            self.input(app, Input::Domain { active }).await?;
+        }
+        let ready = self.volumes_ready(app);
+        self.input(app, Input::Volumes { ready }).await
+    }
+
+    async fn on_config(&mut self, event: Event<AppInstanceConfig>) -> Result<(), AgentError> {
+        match event {
+            Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                let app = value.app_uuid();
+                let first = match self.apps.entry(app) {
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert(AppState::new(value.clone()));
+                        true
+                    }
+                    std::collections::btree_map::Entry::Occupied(_) => false,
+                };
+                self.input(app, Input::Config(value)).await?;
+                if first {
+                    let ready = self.volumes_ready(app);
+                    self.input(app, Input::Volumes { ready }).await?;
+                }
+                Ok(())
+            }
+            Event::Delete { last, .. } => {
+                // The app is gone from the config: stop it. Its snapshots are kept until a
+                // later issue decides their fate (EVE deletes them with the app).
+                let app = last.app_uuid();
+                let mut stopped = last;
+                stopped.activate = false;
+                self.input(app, Input::Config(stopped)).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn on_domain(&mut self, event: Event<DomainStatus>) -> Result<(), AgentError> {
+        let (app, active) = match &event {
+            Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                let app = value.uuid_and_version.uuid;
+                let changed = self.domain_errors.get(&app) != Some(&value.error);
+                if changed && self.apps.contains_key(&app) {
+                    self.domain_errors.insert(app, value.error.clone());
+                    self.carry_out(app, Action::Status).await?;
+                }
+                (app, domain_settled(value))
+            }
+            Event::Delete { last, .. } => (last.uuid_and_version.uuid, Some(false)),
+            _ => return Ok(()),
+        };
+        match active {
+            Some(active) if self.apps.contains_key(&app) => {
+                self.input(app, Input::Domain { active }).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn on_volume(&mut self, event: Event<VolumeStatus>) -> Result<(), AgentError> {
+        if !matches!(
+            event,
+            Event::Create { .. } | Event::Modify { .. } | Event::Delete { .. }
+        ) {
+            return Ok(());
+        }
+        let apps: Vec<Uuid> = self.apps.keys().copied().collect();
+        for app in apps {
+            let ready = self.volumes_ready(app);
+            if self
+                .apps
+                .get(&app)
+                .is_some_and(|s| s.volumes_ready != ready)
+            {
+                self.input(app, Input::Volumes { ready }).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_result(&mut self, event: Event<VolumesSnapshotStatus>) -> Result<(), AgentError> {
+        if let Event::Create { value, .. } | Event::Modify { new: value, .. } = event
+            && self.apps.contains_key(&value.app_uuid)
+            && !value.is_in_progress()
+        {
+            let app = value.app_uuid;
+            return self.input(app, Input::VolumesResult(value)).await;
+        }
+        Ok(())
+    }
+
+    fn volumes_ready(&self, app: Uuid) -> bool {
+        let Some(state) = self.apps.get(&app) else {
+            return false;
+        };
+        state.effective().volume_ref_config_list.iter().all(|r| {
+            self.volumes
+                .get(&volume_key(
+                    r.volume_id,
+                    r.generation_counter + r.local_generation_counter,
+                ))
+                .is_some_and(|v| v.state == VolumeState::Ready)
+        })
+    }
+
+    /// One machine step for `app`, and its actions carried out in order.
+    async fn input(&mut self, app: Uuid, input: Input) -> Result<(), AgentError> {
+        let Some(state) = self.apps.remove(&app) else {
+            return Ok(());
+        };
+        let (state, actions) = machine::step(state, input, Utc::now());
+        self.apps.insert(app, state);
+        for action in actions {
+            self.carry_out(app, action).await?;
+        }
+        Ok(())
+    }
+
+    async fn carry_out(&mut self, app: Uuid, action: Action) -> Result<(), AgentError> {
+        let Some(state) = self.apps.get(&app).cloned() else {
+            return Ok(());
+        };
+        match action {
+            Action::Persist => {
+                let path = state_file(&self.persist, app);
+                let intent = state.phase != machine::Phase::Idle;
+                tokio::task::spawn_blocking(move || {
+                    cairn_persist::store_with_backup(&path, &state)
+                })
+                .await
+                .map_err(|e| AgentError::Io {
+                    what: "persisting",
+                    path: state_file(&self.persist, app),
+                    source: std::io::Error::other(e),
+                })??;
+                // Only states that carry work in progress are intents worth dying after.
+                if intent {
+                    crash_point("app-manager:after-persist-intent");
+                }
+            }
+            Action::Domain { activate, config } => match self.domain_config(&config, activate) {
+                Ok(domain) => self.domain_configs.publish(domain).await?,
+                Err(problem) => {
+                    self.report(app, problem);
+                }
+            },
+            Action::Volumes(request) => {
+                self.volume_requests.republish(request).await?;
+                crash_point("app-manager:after-volumes-request");
+            }
+            Action::WriteSnapshot(id) => self.write_snapshot_files(&state, id).await?,
+            Action::RemoveSnapshot(id) => {
+                let dir = snapshot_dir(&self.persist, id);
+                let target = dir.clone();
+                tokio::task::spawn_blocking(move || cairn_persist::remove_dir_durable(&target))
+                    .await
+                    .map_err(|e| AgentError::Io {
+                        what: "removing",
+                        path: dir.clone(),
+                        source: std::io::Error::other(e),
+                    })?
+                    .map_err(|source| AgentError::Io {
+                        what: "removing",
+                        path: dir,
+                        source,
+                    })?;
+            }
+            Action::Status => {
+                let mut status = app_status(&state);
+                if let Some(problems) = self.problems.get(&app) {
+                    status.warnings.extend(problems.iter().cloned());
+                }
+                // The app's own error first; else why its domain does not run.
+                if !status.error.is_error()
+                    && let Some(domain) = self.domain_errors.get(&app)
+                    && domain.is_error()
+                {
+                    status.error = domain.clone();
+                }
+                self.statuses.publish(status).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `appInstanceConfig.json` and `snapshotInstanceStatus.json` of an available snapshot, in
+    /// EVE's names, written with `cairn-persist`.
+    async fn write_snapshot_files(&self, state: &AppState, id: Uuid) -> Result<(), AgentError> {
+        let Some(record) = state.snapshot(id) else {
+            return Ok(());
+        };
+        let dir = snapshot_dir(&self.persist, id);
+        let config = record
+            .config
+            .clone()
+            .unwrap_or_else(|| state.effective().clone());
+        let status = snapshot_instance_status(state, record);
+        tokio::task::spawn_blocking(move || {
+            cairn_persist::store(&dir.join(APP_INSTANCE_CONFIG_FILE), &config)?;
+            cairn_persist::store(&dir.join(SNAPSHOT_INSTANCE_STATUS_FILE), &status)
+        })
+        .await
+        .map_err(|e| AgentError::Io {
+            what: "writing snapshot files of",
+            path: snapshot_dir(&self.persist, id),
+            source: std::io::Error::other(e),
+        })??;
+        Ok(())
+    }
+
+    /// The domain-manager's view of the app: its spec and its volumes' paths.
+    fn domain_config(
+        &self,
+        config: &AppInstanceConfig,
+        activate: bool,
+    ) -> Result<DomainConfig, String> {
+        let spec = config.domain.clone().ok_or_else(|| {
+            format!(
+                "app {} has no domain spec (vm or process): nothing to run",
+                config.app_uuid()
+            )
+        })?;
+        let mut disks = Vec::new();
+        for volume in &config.volume_ref_config_list {
+            let key = volume_key(
+                volume.volume_id,
+                volume.generation_counter + volume.local_generation_counter,
+            );
+            let status = self.volumes.get(&key);
+            disks.push(DiskConfig {
+                volume_key: key,
+                file_location: status.map(|s| s.file_location.clone()).unwrap_or_default(),
+                format: status.map(|s| s.format).unwrap_or_default(),
+                read_only: false,
+                mount_dir: volume.mount_dir.clone(),
+            });
+        }
+        Ok(DomainConfig {
+            uuid_and_version: config.uuid_and_version.clone(),
+            display_name: config.display_name.clone(),
+            activate,
+            spec,
+            disk_config_list: disks,
+            restart_counter: config.restart_cmd.counter + config.local_restart_cmd.counter,
+            purge_counter: config.purge_cmd.counter + config.local_purge_cmd.counter,
+        })
+    }
+}
+
+/// Whether a domain status is a settled state: `Some(true)` running, `Some(false)` stopped.
+fn domain_settled(status: &DomainStatus) -> Option<bool> {
+    match status.state {
+        DomainState::Running if status.activated => Some(true),
+        DomainState::Halted | DomainState::Broken if !status.activated => Some(false),
+        DomainState::Broken => Some(false),
+        _ => None,
+    }
+}
