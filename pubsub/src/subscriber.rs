@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cairn_types::Topic;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
@@ -201,14 +201,16 @@ impl<T: Topic> Subscription<T> {
         self.retry = (self.retry * 2).min(MAX_RETRY);
     }
 
-    /// One connection attempt, after the backoff delay. Cancel-safe: an interrupted attempt is
-    /// simply made again.
+    /// One connection attempt, after the backoff delay. The connect and the hello are made
+    /// synchronously (a local socket answers at once and a fresh socket takes a small hello
+    /// whole), so no `select!` can cancel an attempt halfway and leave the publisher a
+    /// connection without a hello; only the backoff sleep is a cancellation point.
     async fn connect(&mut self) {
         if let Some(at) = self.next_attempt {
             tokio::time::sleep_until(at).await;
         }
-        let attempt = async {
-            let mut stream = UnixStream::connect(&self.socket).await?;
+        let attempt = || -> std::io::Result<UnixStream> {
+            let mut stream = std::os::unix::net::UnixStream::connect(&self.socket)?;
             let mut hello = Vec::new();
             frame::encode_into(
                 &mut hello,
@@ -218,10 +220,11 @@ impl<T: Topic> Subscription<T> {
                 },
             )
             .map_err(std::io::Error::other)?;
-            stream.write_all(&hello).await?;
-            Ok::<_, std::io::Error>(stream)
+            std::io::Write::write_all(&mut stream, &hello)?;
+            stream.set_nonblocking(true)?;
+            UnixStream::from_std(stream)
         };
-        match attempt.await {
+        match attempt() {
             Ok(stream) => {
                 self.stats.connects += 1;
                 self.waiting_logged = false;
