@@ -113,7 +113,87 @@ pub struct DomainStatus {
     pub restart_counter: u32,
     pub purge_counter: u32,
     pub error: ErrorDescription,
+    /// The qemu accelerator in use (`kvm` or `tcg`); empty for a process.
+    pub accel: String,
+    /// How the domain last ended (`exit status 0`, `killed by signal 9`, or why it is unknown);
+    /// empty while it has not ended.
+    pub exit_status: String,
+    /// A running VM stopped by a `Pause` live operation.
+    pub paused: bool,
+    /// QMP socket of a VM (empty for a process).
+    pub qmp_socket: PathBuf,
+    /// The VM's serial console, or the process's stdout and stderr.
+    pub log_path: PathBuf,
 }
 
+/// A live operation on a running domain (VMs only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]
+pub enum DomainLiveOp {
+    /// Stop the guest's CPUs (QMP `stop`).
+    #[default]
+    Pause,
+    /// Continue a paused guest (QMP `cont`).
+    Resume,
+    /// Disk-only internal snapshot `Tag` of every writable qcow2 disk, atomically
+    /// (`transaction` of `blockdev-snapshot-internal-sync`).
+    DiskSnapshotCreate,
+    /// Delete the disk-only internal snapshot `Tag` from every writable qcow2 disk.
+    DiskSnapshotDelete,
+    /// Memory and disks: QMP `snapshot-save` job; vmstate goes into the first writable qcow2 disk.
+    StateSave,
+    /// Revert memory and disks to `Tag` (`snapshot-load` job); a paused VM stays paused.
+    StateLoad,
+    /// Delete the stateful snapshot `Tag` (`snapshot-delete` job).
+    StateDelete,
+}
+
+/// app-manager → domain-manager: run one live operation. Key: request UUID. Executed at most
+/// once per request UUID; repeating an operation takes a new request UUID.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "DomainLiveOpConfig", version = 1)]
+pub struct DomainLiveOpConfig {
+    #[serde(rename = "RequestID")]
+    #[persist(mandatory)]
+    pub request_id: Uuid,
+    #[serde(rename = "AppUUID")]
+    #[persist(mandatory)]
+    pub app_uuid: Uuid,
+    pub op: DomainLiveOp,
+    /// Snapshot name for the snapshot operations.
+    pub tag: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]
+pub enum DomainLiveOpState {
+    #[default]
+    InProgress,
+    Done,
+    Failed,
+}
+
+/// domain-manager → app-manager: the outcome of a [`DomainLiveOpConfig`]. Key: request UUID.
+/// Unpublished when the request is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "DomainLiveOpStatus", version = 1)]
+pub struct DomainLiveOpStatus {
+    #[serde(rename = "RequestID")]
+    #[persist(mandatory)]
+    pub request_id: Uuid,
+    #[serde(rename = "AppUUID")]
+    pub app_uuid: Uuid,
+    pub op: DomainLiveOp,
+    pub tag: String,
+    pub state: DomainLiveOpState,
+    pub error: ErrorDescription,
+    #[serde(with = "go_time")]
+    pub started: Option<DateTime<Utc>>,
+    /// Wall time of the operation in milliseconds, once finished.
+    pub duration_ms: u64,
+}
+
+crate::topic!(DomainLiveOpConfig, |v| v.request_id.to_string());
+crate::topic!(DomainLiveOpStatus, |v| v.request_id.to_string());
 crate::topic!(DomainConfig, |v| v.uuid_and_version.uuid.to_string());
 crate::topic!(DomainStatus, |v| v.uuid_and_version.uuid.to_string());

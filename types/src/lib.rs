@@ -19,7 +19,8 @@ pub use common::{
 };
 pub use device::{ConfigSource, DeviceStatus};
 pub use domain::{
-    DiskConfig, DomainConfig, DomainSpec, DomainState, DomainStatus, ProcessSpec, VmSpec,
+    DiskConfig, DomainConfig, DomainLiveOp, DomainLiveOpConfig, DomainLiveOpState,
+    DomainLiveOpStatus, DomainSpec, DomainState, DomainStatus, ProcessSpec, VmSpec,
 };
 pub use snapshot::{
     SnapshotConfig, SnapshotDesc, SnapshotInstanceStatus, SnapshotType, SnapshotWhen,

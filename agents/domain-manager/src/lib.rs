@@ -1,1 +1,15 @@
-//! cairn-domain-manager: being written.
+//! cairn-domain-manager: runs apps as qemu VMs (driven over QMP) or plain processes.
+//!
+//! `DomainConfig` (from the app-manager) → one [`domain::Domain`] task per app → `DomainStatus`.
+//! Live operations on running VMs (pause, resume, disk-only and memory snapshots) are requested
+//! with `DomainLiveOpConfig` and answered with `DomainLiveOpStatus`, both keyed by request id.
+//! Domains outlive the agent: a restarted domain-manager re-adopts them (pidfile, `/proc`, QMP).
+
+pub mod domain;
+pub mod launch;
+pub mod procfs;
+pub mod qmp;
+pub mod supervisor;
+
+pub use domain::Timeouts;
+pub use supervisor::{AGENT, Settings, Supervisor, SupervisorError};

@@ -1,1 +1,86 @@
-fn main() {}
+//! cairn-domain-manager: the agent binary. Arguments, logging, bus; the rest is the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use cairn_domain_manager::{AGENT, Settings, Supervisor, Timeouts};
+use cairn_pubsub::Bus;
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cairn-domain-manager",
+    about = "Runs Cairn apps as qemu VMs and processes"
+)]
+struct Args {
+    #[arg(long, env = "CAIRN_PERSIST_DIR", default_value = "/persist")]
+    persist_dir: PathBuf,
+    #[arg(long, env = "CAIRN_RUN_DIR", default_value = "/run/cairn")]
+    run_dir: PathBuf,
+    /// The qemu binary.
+    #[arg(long, env = "CAIRN_QEMU", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// `auto` (kvm when it works, else tcg), `kvm` or `tcg`.
+    #[arg(long, env = "CAIRN_ACCEL", default_value = "auto")]
+    accel: String,
+    /// Seconds a domain gets to stop on ACPI powerdown or SIGTERM before harder steps.
+    #[arg(long, default_value_t = 30.0)]
+    stop_timeout: f64,
+    /// Stop every domain when the agent is told to stop (the device is shutting down, as under
+    /// `cairn up`); by default domains keep running and the next start re-adopts them.
+    #[arg(long, env = "CAIRN_STOP_DOMAINS_ON_EXIT")]
+    stop_domains_on_exit: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    // One thread: the agent waits on sockets and children; a small footprint matters more.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build the tokio runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let stop = Duration::try_from_secs_f64(args.stop_timeout)
+        .context("--stop-timeout must be a non-negative number of seconds")?;
+    let stop_domains = args.stop_domains_on_exit;
+    let bus = Bus::new(AGENT, &args.run_dir, &args.persist_dir);
+    let settings = Settings {
+        qemu: args.qemu,
+        accel: args.accel,
+        timeouts: Timeouts {
+            stop,
+            ..Timeouts::default()
+        },
+    };
+    let supervisor = Supervisor::open(&bus, settings)
+        .await
+        .context("cannot start the domain-manager")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        if stop_domains {
+            tracing::info!("shutting down with the device: stopping the domains");
+        } else {
+            tracing::info!(
+                "shutting down; domains keep running and are re-adopted at the next start"
+            );
+        }
+    };
+    supervisor.run(shutdown, stop_domains).await?;
+    Ok(())
+}

@@ -1,0 +1,444 @@
+//! From a `DomainConfig` to the exact command that runs it: validation (nothing starts on a bad
+//! config), disk resolution against `VolumeStatus`, and the qemu / process command lines.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use cairn_types::{
+    DomainConfig, DomainSpec, ProcessSpec, VmSpec, VolumeFormat, VolumeState, VolumeStatus,
+};
+
+/// Files of one app under `<run>/domain-manager/apps/<app-uuid>/`.
+#[derive(Debug, Clone)]
+pub struct AppDir(pub PathBuf);
+
+impl AppDir {
+    pub fn new(run_dir: &Path, app: uuid::Uuid) -> Self {
+        Self(apps_dir(run_dir).join(app.to_string()))
+    }
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.0.join("qmp.sock")
+    }
+    /// Written by qemu itself (`-pidfile`), so it exists as soon as qemu runs.
+    pub fn qemu_pidfile(&self) -> PathBuf {
+        self.0.join("qemu.pid")
+    }
+    /// `<pid> <start time>` of a process app, written right after spawn.
+    pub fn process_pidfile(&self) -> PathBuf {
+        self.0.join("process.pid")
+    }
+    /// The VM's serial console.
+    pub fn console_log(&self) -> PathBuf {
+        self.0.join("console.log")
+    }
+    /// qemu's own stdout and stderr.
+    pub fn qemu_log(&self) -> PathBuf {
+        self.0.join("qemu.log")
+    }
+    /// A process app's stdout and stderr.
+    pub fn process_log(&self) -> PathBuf {
+        self.0.join("app.log")
+    }
+}
+
+/// `<run>/domain-manager/apps`.
+pub fn apps_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("domain-manager").join("apps")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("kernel file {0} does not exist: fix VmSpec.Kernel")]
+    MissingKernel(PathBuf),
+    #[error("initrd file {0} does not exist: fix VmSpec.Initrd or leave it empty")]
+    MissingInitrd(PathBuf),
+    #[error("VmSpec.Kernel is empty: a VM needs a kernel")]
+    NoKernel,
+    #[error("VmSpec.MemoryMiB is 0: give the VM memory")]
+    ZeroMemory,
+    #[error(
+        "volume {0} is unknown: no VolumeStatus has this key and DiskConfig.FileLocation is empty"
+    )]
+    UnknownVolume(String),
+    #[error("volume {key} is not ready (state {state:?}): wait for the volume-manager")]
+    VolumeNotReady { key: String, state: VolumeState },
+    #[error("volume {key}: file {path} does not exist")]
+    DiskMissing { key: String, path: PathBuf },
+    #[error("volume {key}: format {format:?} cannot be a VM disk (qcow2 or raw)")]
+    NotABlockDisk { key: String, format: VolumeFormat },
+    #[error("volume {key}: a process app needs directory volumes, not {format:?}")]
+    NotADirectory { key: String, format: VolumeFormat },
+    #[error("ProcessSpec.Command is empty")]
+    NoCommand,
+    #[error("command {0} does not exist")]
+    MissingCommand(PathBuf),
+    #[error("working directory {0} does not exist")]
+    MissingWorkingDir(PathBuf),
+}
+
+/// A disk resolved to a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub volume_key: String,
+    pub path: PathBuf,
+    pub format: VolumeFormat,
+    pub read_only: bool,
+    pub mount_dir: String,
+}
+
+/// Resolves each `DiskConfig`: the volume-manager's `VolumeStatus` for its key wins (and must be
+/// ready); otherwise the config's own `FileLocation`; otherwise the volume is unknown.
+pub fn resolve_disks(
+    config: &DomainConfig,
+    volumes: &HashMap<String, VolumeStatus>,
+) -> Result<Vec<Disk>, ConfigError> {
+    config
+        .disk_config_list
+        .iter()
+        .map(|d| {
+            let (path, format) = match volumes.get(&d.volume_key) {
+                Some(v) if v.state != VolumeState::Ready => {
+                    return Err(ConfigError::VolumeNotReady {
+                        key: d.volume_key.clone(),
+                        state: v.state,
+                    });
+                }
+                Some(v) => (v.file_location.clone(), v.format),
+                None if d.file_location.as_os_str().is_empty() => {
+                    return Err(ConfigError::UnknownVolume(d.volume_key.clone()));
+                }
+                None => (d.file_location.clone(), d.format),
+            };
+            if !path.exists() {
+                return Err(ConfigError::DiskMissing {
+                    key: d.volume_key.clone(),
+                    path,
+                });
+            }
+            Ok(Disk {
+                volume_key: d.volume_key.clone(),
+                path,
+                format,
+                read_only: d.read_only,
+                mount_dir: d.mount_dir.clone(),
+            })
+        })
+        .collect()
+}
+
+/// What to run, fully checked.
+#[derive(Debug, Clone)]
+pub enum Launch {
+    Vm {
+        args: Vec<String>,
+    },
+    Process {
+        spec: ProcessSpec,
+        disks: Vec<Disk>,
+        working_dir: Option<PathBuf>,
+    },
+}
+
+/// Checks `config` and builds its launch; `accel` is the accelerator detected at start.
+pub fn plan(
+    config: &DomainConfig,
+    volumes: &HashMap<String, VolumeStatus>,
+    dir: &AppDir,
+    accel: &str,
+) -> Result<Launch, ConfigError> {
+    let disks = resolve_disks(config, volumes)?;
+    match &config.spec {
+        DomainSpec::Vm(vm) => {
+            check_vm(vm)?;
+            for d in &disks {
+                if !matches!(d.format, VolumeFormat::Qcow2 | VolumeFormat::Raw) {
+                    return Err(ConfigError::NotABlockDisk {
+                        key: d.volume_key.clone(),
+                        format: d.format,
+                    });
+                }
+            }
+            Ok(Launch::Vm {
+                args: qemu_args(config, vm, &disks, dir, accel),
+            })
+        }
+        DomainSpec::Process(p) => {
+            if p.command.as_os_str().is_empty() {
+                return Err(ConfigError::NoCommand);
+            }
+            if p.command.components().count() > 1 && !p.command.exists() {
+                return Err(ConfigError::MissingCommand(p.command.clone()));
+            }
+            for d in &disks {
+                if d.format != VolumeFormat::Dir {
+                    return Err(ConfigError::NotADirectory {
+                        key: d.volume_key.clone(),
+                        format: d.format,
+                    });
+                }
+            }
+            let working_dir = p
+                .working_dir
+                .clone()
+                .or_else(|| disks.first().map(|d| d.path.clone()));
+            if let Some(wd) = &working_dir
+                && !wd.is_dir()
+            {
+                return Err(ConfigError::MissingWorkingDir(wd.clone()));
+            }
+            Ok(Launch::Process {
+                spec: p.clone(),
+                disks,
+                working_dir,
+            })
+        }
+    }
+}
+
+fn check_vm(vm: &VmSpec) -> Result<(), ConfigError> {
+    if vm.kernel.as_os_str().is_empty() {
+        return Err(ConfigError::NoKernel);
+    }
+    if !vm.kernel.is_file() {
+        return Err(ConfigError::MissingKernel(vm.kernel.clone()));
+    }
+    if !vm.initrd.as_os_str().is_empty() && !vm.initrd.is_file() {
+        return Err(ConfigError::MissingInitrd(vm.initrd.clone()));
+    }
+    if vm.memory_mib == 0 {
+        return Err(ConfigError::ZeroMemory);
+    }
+    Ok(())
+}
+
+/// qemu option values separate keys with commas; a comma inside a value is doubled.
+fn opt_escape(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
+/// Block node name of disk `i`: its format node; the file node is `<name>-file`.
+pub fn disk_node(i: usize) -> String {
+    format!("disk{i}")
+}
+
+/// The qemu command line (without the binary). Disks are `-blockdev`s with explicit node names
+/// so that QMP snapshot commands can name them; the console goes to a file so that it survives
+/// a domain-manager restart; `-no-reboot` turns a guest reboot or panic into a qemu exit.
+pub fn qemu_args(
+    config: &DomainConfig,
+    vm: &VmSpec,
+    disks: &[Disk],
+    dir: &AppDir,
+    accel: &str,
+) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    let name = format!("guest={}", config.app_uuid());
+    push(&["-name", &name, "-accel", accel]);
+    let mem = vm.memory_mib.to_string();
+    let cpus = vm.cpus.max(1).to_string();
+    push(&["-m", &mem, "-smp", &cpus]);
+    push(&["-display", "none", "-vga", "none", "-monitor", "none"]);
+    push(&["-nic", "none", "-no-reboot"]);
+    let console = format!("file,id=console,path={}", opt_escape(&dir.console_log()));
+    push(&["-chardev", &console, "-serial", "chardev:console"]);
+    let qmp = format!("unix:{},server=on,wait=off", opt_escape(&dir.qmp_socket()));
+    push(&["-qmp", &qmp]);
+    let pidfile = dir.qemu_pidfile().to_string_lossy().into_owned();
+    push(&["-pidfile", &pidfile]);
+    let kernel = vm.kernel.to_string_lossy().into_owned();
+    push(&["-kernel", &kernel]);
+    if !vm.initrd.as_os_str().is_empty() {
+        let initrd = vm.initrd.to_string_lossy().into_owned();
+        push(&["-initrd", &initrd]);
+    }
+    if !vm.append.is_empty() {
+        push(&["-append", &vm.append]);
+    }
+    for (i, d) in disks.iter().enumerate() {
+        let node = disk_node(i);
+        let ro = if d.read_only { "on" } else { "off" };
+        let file = format!(
+            "driver=file,node-name={node}-file,filename={},read-only={ro}",
+            opt_escape(&d.path)
+        );
+        let driver = match d.format {
+            VolumeFormat::Raw => "raw",
+            _ => "qcow2",
+        };
+        let format = format!("driver={driver},node-name={node},file={node}-file,read-only={ro}");
+        let device = format!("virtio-blk-pci,drive={node},id=vd{i}");
+        push(&["-blockdev", &file, "-blockdev", &format, "-device", &device]);
+    }
+    a
+}
+
+/// The accelerator: `kvm` when `/dev/kvm` opens and, three times in a row, the firmware of a
+/// diskless `-accel kvm` machine runs to its end ("No bootable device.") within `limit`; else
+/// `tcg`. On some hosts `/dev/kvm` opens and qemu starts, yet the vCPU stalls now and then:
+/// only running guest code, more than once, tells. The probe's files go to `work_dir`.
+pub async fn detect_accel(qemu: &Path, limit: Duration, work_dir: &Path) -> String {
+    let kvm_opens = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !kvm_opens || std::fs::create_dir_all(work_dir).is_err() {
+        return "tcg".into();
+    }
+    for _ in 0..3 {
+        if !kvm_firmware_completes(qemu, limit, work_dir).await {
+            return "tcg".into();
+        }
+    }
+    "kvm".into()
+}
+
+async fn kvm_firmware_completes(qemu: &Path, limit: Duration, work_dir: &Path) -> bool {
+    let debugcon = work_dir.join("kvm-probe.log");
+    let _ = std::fs::remove_file(&debugcon);
+    let chardev = format!("file,id=dbg,path={}", opt_escape(&debugcon));
+    let probe = tokio::process::Command::new(qemu)
+        .args([
+            "-accel",
+            "kvm",
+            "-M",
+            "pc",
+            "-m",
+            "16",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-no-reboot", "-chardev", &chardev])
+        .args(["-device", "isa-debugcon,iobase=0x402,chardev=dbg"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let Ok(mut child) = probe else {
+        return false;
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut works = false;
+    while tokio::time::Instant::now() < deadline {
+        let text = std::fs::read(&debugcon).unwrap_or_default();
+        if text.windows(18).any(|w| w == b"No bootable device") {
+            works = true;
+            break;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill().await;
+    let _ = std::fs::remove_file(&debugcon);
+    works
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_types::{DiskConfig, UUIDandVersion};
+
+    fn vm_config(kernel: &Path, memory: u32, disks: Vec<DiskConfig>) -> DomainConfig {
+        DomainConfig {
+            uuid_and_version: UUIDandVersion {
+                uuid: uuid::Uuid::new_v4(),
+                version: "1".into(),
+            },
+            display_name: "t".into(),
+            activate: true,
+            spec: DomainSpec::Vm(VmSpec {
+                kernel: kernel.to_path_buf(),
+                initrd: PathBuf::new(),
+                append: String::new(),
+                memory_mib: memory,
+                cpus: 1,
+            }),
+            disk_config_list: disks,
+            restart_counter: 0,
+            purge_counter: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn accel_falls_back_to_tcg_when_kvm_cannot_run() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let qemu = Path::new("/nonexistent/qemu-system-x86_64");
+        assert_eq!(
+            detect_accel(qemu, Duration::from_millis(200), tmp.path()).await,
+            "tcg"
+        );
+    }
+
+    #[test]
+    fn bad_vm_configs_are_named() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let kernel = tmp.path().join("vmlinuz");
+        std::fs::write(&kernel, b"k").expect("write");
+        let dir = AppDir(tmp.path().join("app"));
+        let none = HashMap::new();
+        let missing = vm_config(&tmp.path().join("nope"), 64, vec![]);
+        assert!(matches!(
+            plan(&missing, &none, &dir, "tcg"),
+            Err(ConfigError::MissingKernel(_))
+        ));
+        let zero = vm_config(&kernel, 0, vec![]);
+        assert_eq!(
+            plan(&zero, &none, &dir, "tcg").err(),
+            Some(ConfigError::ZeroMemory)
+        );
+        let unknown = vm_config(
+            &kernel,
+            64,
+            vec![DiskConfig {
+                volume_key: "v#0".into(),
+                ..DiskConfig::default()
+            }],
+        );
+        assert_eq!(
+            plan(&unknown, &none, &dir, "tcg").err(),
+            Some(ConfigError::UnknownVolume("v#0".into()))
+        );
+    }
+
+    #[test]
+    fn volume_status_location_wins_and_commas_are_escaped() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let kernel = tmp.path().join("vmlinuz");
+        std::fs::write(&kernel, b"k").expect("write");
+        let disk = tmp.path().join("a,b.qcow2");
+        std::fs::write(&disk, b"").expect("write");
+        let mut volumes = HashMap::new();
+        volumes.insert(
+            "v#0".to_string(),
+            VolumeStatus {
+                state: VolumeState::Ready,
+                file_location: disk.clone(),
+                format: VolumeFormat::Qcow2,
+                ..VolumeStatus::default()
+            },
+        );
+        let cfg = vm_config(
+            &kernel,
+            64,
+            vec![DiskConfig {
+                volume_key: "v#0".into(),
+                ..DiskConfig::default()
+            }],
+        );
+        let Ok(Launch::Vm { args }) = plan(&cfg, &volumes, &AppDir(tmp.path().into()), "tcg")
+        else {
+            panic!("plan failed");
+        };
+        assert!(
+            args.iter()
+                .any(|a| a.contains("a,,b.qcow2") && a.contains("node-name=disk0-file"))
+        );
+    }
+}
