@@ -148,6 +148,22 @@ impl AppManager {
         for app in apps {
             self.refresh_facts(app).await?;
             self.input(app, Input::Resume).await?;
+            // The domain request in force is published again, so the restart barrier below
+            // does not take it for a stale one and stop the app.
+            let request = self
+                .apps
+                .get(&app)
+                .and_then(|s| s.domain_request().map(|(on, c)| (on, c.clone())));
+            if let Some((activate, config)) = request {
+                self.carry_out(
+                    app,
+                    Action::Domain {
+                        activate,
+                        config: Box::new(config),
+                    },
+                )
+                .await?;
+            }
         }
         self.domain_configs.signal_restarted().await?;
         self.volume_requests.signal_restarted().await?;
@@ -203,7 +219,28 @@ impl AppManager {
             self.input(app, Input::Domain { active }).await?;
         }
         let ready = self.volumes_ready(app);
-        self.input(app, Input::Volumes { ready }).await
+        self.input(app, Input::Volumes { ready }).await?;
+        // An answer that arrived while this agent was down (or synchronizing) is in the
+        // table: repeating the request would not bring it again, since an equal value is
+        // not re-sent to a subscriber that reconnects.
+        let awaited = self.apps.get(&app).and_then(|s| match s.phase {
+            machine::Phase::Volume { step, counter } => Some((step, counter)),
+            _ => None,
+        });
+        if let Some((step, counter)) = awaited {
+            let id = match step {
+                machine::Step::Create(id)
+                | machine::Step::Delete(id)
+                | machine::Step::Rollback(id) => id,
+            };
+            if let Some(answer) = self.results.get(&id.to_string()).cloned()
+                && answer.request_counter == counter
+                && !answer.is_in_progress()
+            {
+                self.input(app, Input::VolumesResult(answer)).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn on_config(&mut self, event: Event<AppInstanceConfig>) -> Result<(), AgentError> {
@@ -284,6 +321,7 @@ impl AppManager {
             && self.apps.contains_key(&value.app_uuid)
             && !value.is_in_progress()
         {
+            tracing::info!(app = %value.app_uuid, snapshot = %value.snapshot_id, action = ?value.result_of_action, counter = value.request_counter, error = %value.error.error, "volume-manager answered");
             let app = value.app_uuid;
             return self.input(app, Input::VolumesResult(value)).await;
         }
@@ -309,7 +347,12 @@ impl AppManager {
         let Some(state) = self.apps.remove(&app) else {
             return Ok(());
         };
+        let before = state.phase.clone();
+        tracing::debug!(app = %app, ?input, "input");
         let (state, actions) = machine::step(state, input, Utc::now());
+        if state.phase != before {
+            tracing::info!(app = %app, from = ?before, to = ?state.phase, "app phase");
+        }
         self.apps.insert(app, state);
         for action in actions {
             self.carry_out(app, action).await?;
@@ -346,6 +389,7 @@ impl AppManager {
                 }
             },
             Action::Volumes(request) => {
+                tracing::info!(app = %app, snapshot = %request.snapshot_id, action = ?request.action, counter = request.request_counter, "asking the volume-manager");
                 self.volume_requests.republish(request).await?;
                 crash_point("app-manager:after-volumes-request");
             }

@@ -217,6 +217,17 @@ impl AppState {
             .uuid_and_version
     }
 
+    /// The domain request in force: what the last `Action::Domain` asked for, so that a
+    /// restarted app-manager can publish it again. `None` before the app was ever started.
+    pub fn domain_request(&self) -> Option<(bool, &AppInstanceConfig)> {
+        let config = self.running.as_ref().unwrap_or_else(|| self.effective());
+        match self.phase {
+            Phase::Stopping | Phase::Volume { .. } => Some((false, config)),
+            Phase::Starting => Some((true, config)),
+            Phase::Idle => self.running.as_ref().map(|running| (true, running)),
+        }
+    }
+
     pub fn snapshot(&self, id: Uuid) -> Option<&SnapshotRecord> {
         self.snapshots.iter().find(|s| s.id() == id)
     }

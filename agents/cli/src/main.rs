@@ -76,13 +76,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up { config } => {
             let root = cli.root.clone().unwrap_or_else(|| PathBuf::from(DEMO_ROOT));
+            // Agents and apps get absolute paths: an app runs in its own working directory.
+            std::fs::create_dir_all(&root)?;
+            let root = std::path::absolute(&root)?;
             let roots = Roots::under(&root);
             let config = match config {
                 Some(config) => config,
                 None => {
                     let demo = root.join("config.json");
                     if !demo.exists() {
-                        std::fs::create_dir_all(&root)?;
                         std::fs::write(&demo, up::DEMO_CONFIG)?;
                     }
                     demo

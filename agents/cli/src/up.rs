@@ -17,7 +17,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// An agent that ran this long before dying is restarted at once again.
 const STABLE: Duration = Duration::from_secs(30);
-const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Long enough for the domain-manager to power down its VMs (30 s stop timeout + quit + kill).
+const STOP_GRACE: Duration = Duration::from_secs(45);
 
 /// The demo device's config, used when `up` is given none.
 pub const DEMO_CONFIG: &str = include_str!("demo-config.json");
@@ -68,6 +69,10 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
         if agent == "config-agent" {
             args.push("--config".to_string());
             args.push(options.config.display().to_string());
+        }
+        if agent == "domain-manager" {
+            // Stopping the device stops its apps.
+            args.push("--stop-domains-on-exit".to_string());
         }
         supervisors.push(tokio::spawn(supervise(
             agent,
