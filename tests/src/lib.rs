@@ -1,0 +1,285 @@
+//! A device on a temporary root for end-to-end tests: the real agent binaries as processes
+//! (built by `cargo test --workspace` / `cargo nextest run --workspace` into the same target
+//! directory as the test), a local config file for the config-agent, and read-outs over the bus.
+
+#![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
+#![allow(clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_pubsub::{Bus, Event, Topic};
+use cairn_types::{AppInstanceStatus, VolumeStatus, layout};
+use uuid::Uuid;
+
+pub const AGENTS: [&str; 4] = [
+    "config-agent",
+    "volume-manager",
+    "domain-manager",
+    "app-manager",
+];
+
+pub struct Device {
+    pub root: tempfile::TempDir,
+    bin_dir: PathBuf,
+    agents: BTreeMap<String, Child>,
+}
+
+impl Default for Device {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Device {
+    pub fn new() -> Self {
+        // The test binary is target/<profile>/deps/<test>; the agents are in target/<profile>.
+        let exe = std::env::current_exe().unwrap();
+        let bin_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        for agent in AGENTS {
+            let binary = bin_dir.join(format!("cairn-{agent}"));
+            assert!(
+                binary.is_file(),
+                "{} is missing: run the tests for the whole workspace (cargo nextest run --workspace)",
+                binary.display()
+            );
+        }
+        Self {
+            root: tempfile::tempdir().unwrap(),
+            bin_dir,
+            agents: BTreeMap::new(),
+        }
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.path().join("run")
+    }
+
+    pub fn persist_dir(&self) -> PathBuf {
+        self.root.path().join("persist")
+    }
+
+    pub fn config_file(&self) -> PathBuf {
+        self.root.path().join("config.json")
+    }
+
+    /// Replaces the local config atomically (the agent polls it).
+    pub fn write_config(&self, json: &str) {
+        let tmp = self.root.path().join(".config.json.tmp");
+        std::fs::write(&tmp, json).unwrap();
+        std::fs::rename(&tmp, self.config_file()).unwrap();
+    }
+
+    /// Starts `agent`, optionally set to die at a named crash point.
+    pub fn start(&mut self, agent: &str, crash_at: Option<&str>) {
+        let mut command = Command::new(self.bin_dir.join(format!("cairn-{agent}")));
+        command
+            .env("CAIRN_RUN_DIR", self.run_dir())
+            .env("CAIRN_PERSIST_DIR", self.persist_dir())
+            .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("CAIRN_E2E_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit());
+        if agent == "config-agent" {
+            command.args([
+                "--config",
+                self.config_file().to_str().unwrap(),
+                "--poll-ms",
+                "50",
+            ]);
+        }
+        if let Some(point) = crash_at {
+            command.env("CAIRN_CRASH_AT", point);
+        }
+        let child = command.spawn().unwrap();
+        if let Some(mut old) = self.agents.insert(agent.to_string(), child) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+    }
+
+    pub fn start_all(&mut self) {
+        for agent in AGENTS {
+            self.start(agent, None);
+        }
+    }
+
+    pub fn kill(&mut self, agent: &str) {
+        if let Some(mut child) = self.agents.remove(agent) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether `agent` has died (by its own SIGKILL at a crash point), without waiting.
+    pub fn has_died(&mut self, agent: &str) -> bool {
+        let Some(child) = self.agents.get_mut(agent) else {
+            return false;
+        };
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                use std::os::unix::process::ExitStatusExt;
+                assert_eq!(
+                    status.signal(),
+                    Some(9),
+                    "{agent} ended otherwise: {status:?}"
+                );
+                self.agents.remove(agent);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A subscription to the app-manager's status, for polling loops.
+    pub fn app_statuses(&self) -> cairn_pubsub::Subscription<AppInstanceStatus> {
+        self.bus().subscribe("app-manager")
+    }
+
+    /// Whether `agent` died (by its own SIGKILL at a crash point) within `within`.
+    pub fn died_within(&mut self, agent: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let child = self.agents.get_mut(agent).unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                use std::os::unix::process::ExitStatusExt;
+                assert_eq!(
+                    status.signal(),
+                    Some(9),
+                    "{agent} ended otherwise: {status:?}"
+                );
+                self.agents.remove(agent);
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn bus(&self) -> Bus {
+        Bus::new("e2e", self.run_dir(), self.persist_dir())
+    }
+
+    /// The first value of `publisher`'s topic `T` (any key) that satisfies `done`.
+    pub async fn wait_for<T: Topic>(
+        &self,
+        publisher: &str,
+        within: Duration,
+        done: impl Fn(&T) -> bool,
+    ) -> Result<T, String> {
+        let mut sub = self.bus().subscribe::<T>(publisher);
+        let mut last = None;
+        let found = tokio::time::timeout(within, async {
+            loop {
+                if let Event::Create { value, .. } | Event::Modify { new: value, .. } =
+                    sub.recv().await
+                {
+                    if done(&value) {
+                        return value;
+                    }
+                    last = Some(value);
+                }
+            }
+        })
+        .await;
+        found.map_err(|_| format!("not within {within:?}; last seen: {last:#?}"))
+    }
+
+    pub async fn app_status(
+        &self,
+        within: Duration,
+        done: impl Fn(&AppInstanceStatus) -> bool,
+    ) -> Result<AppInstanceStatus, String> {
+        self.wait_for("app-manager", within, done).await
+    }
+
+    pub async fn volume(&self, within: Duration) -> VolumeStatus {
+        self.wait_for::<VolumeStatus>("volume-manager", within, |v| {
+            v.state == cairn_types::VolumeState::Ready
+        })
+        .await
+        .unwrap()
+    }
+
+    /// The snapshot directories under `<persist>/snapshots`.
+    pub fn snapshot_dirs(&self) -> BTreeSet<Uuid> {
+        let Ok(entries) = std::fs::read_dir(layout::snapshots_dir(&self.persist_dir())) else {
+            return BTreeSet::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+}
+
+/// The test guest built by `images/test-guest/build` (scripts/install-deps builds it).
+pub fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("CAIRN_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/cairn/test-guest")
+        });
+    assert!(
+        dir.join("vmlinuz").is_file() && dir.join("initramfs.cpio.gz").is_file(),
+        "the test guest is not built in {}: run images/test-guest/build",
+        dir.display()
+    );
+    dir
+}
+
+/// The internal snapshots of a qcow2 file, by name (`qemu-img snapshot -l`, shared lock).
+pub fn qcow2_snapshots(file: &Path) -> BTreeSet<String> {
+    let out = Command::new("qemu-img")
+        .args(["snapshot", "-l", "-U"])
+        .arg(file)
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        out.status.success(),
+        "qemu-img snapshot -l: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(2) // "Snapshot list:" and the header
+        .filter_map(|line| line.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        for (_, mut child) in std::mem::take(&mut self.agents) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // The domain-manager leaves domains running for re-adoption; this device's apps carry
+        // its root in their command line, so they can be found and stopped.
+        let marker = self.root.path().to_string_lossy().into_owned();
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for entry in procs.flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<i32>().ok())
+                else {
+                    continue;
+                };
+                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&marker)
+                    && pid != std::process::id() as i32
+                {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                }
+            }
+        }
+    }
+}
