@@ -84,7 +84,30 @@ impl AppManager {
             results: bus.subscribe("volume-manager"),
         };
         manager.load_states().await?;
+        manager.scan_snapshot_records().await;
         Ok(manager)
+    }
+
+    /// Checks every directory under `<persist>/snapshots`: a record that does not load, or a
+    /// directory without records, is reported in the status of the app it belongs to (found
+    /// from whichever of its files still names it), never dropped silently. A sound record the
+    /// app's state does not know is reported too: it is kept, not imported.
+    async fn scan_snapshot_records(&mut self) {
+        let persist = self.persist.clone();
+        let known: BTreeMap<Uuid, Vec<Uuid>> = self
+            .apps
+            .iter()
+            .map(|(app, s)| (*app, s.snapshots.iter().map(|r| r.id()).collect()))
+            .collect();
+        let found = tokio::task::spawn_blocking(move || scan(&persist, &known))
+            .await
+            .unwrap_or_default();
+        for (app, problem) in found {
+            match app {
+                Some(app) => self.report(app, problem),
+                None => tracing::warn!("{problem} (no record names its app)"),
+            }
+        }
     }
 
     /// Reads every persisted app state; an unreadable one is reported, never dropped silently.
@@ -490,6 +513,74 @@ impl AppManager {
             purge_counter: config.purge_cmd.counter + config.local_purge_cmd.counter,
         })
     }
+}
+
+/// The snapshot directories' problems, each with the app it belongs to when a file names it.
+fn scan(persist: &Path, known: &BTreeMap<Uuid, Vec<Uuid>>) -> Vec<(Option<Uuid>, String)> {
+    use cairn_types::layout::{VOLUMES_SNAPSHOT_STATUS_FILE, snapshots_dir};
+    use cairn_types::{SnapshotInstanceStatus, VolumesSnapshotStatus};
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(snapshots_dir(persist)) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let status =
+            cairn_persist::load::<SnapshotInstanceStatus>(&dir.join(SNAPSHOT_INSTANCE_STATUS_FILE));
+        let config = cairn_persist::load::<AppInstanceConfig>(&dir.join(APP_INSTANCE_CONFIG_FILE));
+        let volumes =
+            cairn_persist::load::<VolumesSnapshotStatus>(&dir.join(VOLUMES_SNAPSHOT_STATUS_FILE));
+        let app = status
+            .as_ref()
+            .ok()
+            .map(|s| s.record.app_instance_id)
+            .or_else(|| config.as_ref().ok().map(|c| c.record.app_uuid()))
+            .or_else(|| volumes.as_ref().ok().map(|v| v.record.app_uuid));
+        let missing =
+            |e: &cairn_persist::PersistError| matches!(e.kind, cairn_persist::ErrorKind::NotFound);
+        match (&status, &config, &volumes) {
+            (Err(a), Err(b), Err(c)) if missing(a) && missing(b) && missing(c) => {
+                out.push((
+                    app,
+                    format!("snapshot directory {} holds no records", dir.display()),
+                ));
+                continue;
+            }
+            _ => {}
+        }
+        // Files missing for a snapshot the app's state still tracks are about to be written.
+        let tracked = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<Uuid>().ok())
+            .is_some_and(|id| {
+                app.is_some_and(|a| known.get(&a).is_some_and(|ids| ids.contains(&id)))
+            });
+        let taking = volumes.as_ref().is_ok_and(|v| v.record.is_in_progress());
+        for err in [status.as_ref().err(), config.as_ref().err()]
+            .into_iter()
+            .flatten()
+        {
+            if !missing(err) {
+                out.push((app, format!("corrupt snapshot record: {err}")));
+            } else if !tracked && !taking {
+                out.push((app, format!("incomplete snapshot directory: {err}")));
+            }
+        }
+        if status.is_ok() && !tracked {
+            out.push((
+                app,
+                format!(
+                    "snapshot records in {} are not tracked by this app-manager: kept, not imported",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    out
 }
 
 /// Whether a domain status is a settled state: `Some(true)` running, `Some(false)` stopped.

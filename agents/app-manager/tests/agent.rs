@@ -327,3 +327,61 @@ async fn killed_right_after_asking_for_the_snapshot_it_asks_again_and_converges(
     drop(b);
     snapshot_files(&roots.persist(), SNAP);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_found_damaged_or_untracked_at_startup_are_reported_in_the_app_status() {
+    let roots = Roots {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let persist = roots.persist();
+    let app = Uuid::from_u128(APP);
+    // A damaged record whose config file still names the app.
+    let damaged = snapshot_dir(&persist, Uuid::from_u128(0xdead));
+    std::fs::create_dir_all(&damaged).unwrap();
+    cairn_persist::store(&damaged.join(APP_INSTANCE_CONFIG_FILE), &app_config(&[])).unwrap();
+    std::fs::write(
+        damaged.join(SNAPSHOT_INSTANCE_STATUS_FILE),
+        format!(r#"{{"Snapshot": {{}}, "AppInstanceID": "{app}", "ConfigVersion": {{"UUID": "{app}"}}}}"#),
+    )
+    .unwrap();
+    // A sound record (as EVE writes it) that this app-manager never made.
+    let foreign = snapshot_dir(&persist, Uuid::from_u128(0xf0e));
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(
+        foreign.join(SNAPSHOT_INSTANCE_STATUS_FILE),
+        format!(
+            r#"{{"Snapshot": {{"SnapshotID": "{}"}}, "AppInstanceID": "{app}", "ConfigVersion": {{"UUID": "{app}", "Version": "1"}}}}"#,
+            Uuid::from_u128(0xf0e)
+        ),
+    )
+    .unwrap();
+    // A directory with nothing in it: logged, and it must not disturb anything.
+    std::fs::create_dir_all(snapshot_dir(&persist, Uuid::from_u128(0xe11))).unwrap();
+
+    let backend = Arc::new(Mutex::new(Backend::default()));
+    let _tasks = stand_ins(&roots, backend).await;
+    let configs = roots
+        .bus("config-agent")
+        .publish::<AppInstanceConfig>(PublishOptions::default())
+        .await
+        .unwrap();
+    configs.publish(app_config(&[])).await.unwrap();
+    let _manager = AppManagerProcess::start(&roots, None);
+    let status = until_status(&roots, |s| s.activated && s.warnings.len() >= 2).await;
+    let warnings = status.warnings.join("\n");
+    assert!(
+        warnings.contains("corrupt snapshot record") && warnings.contains("Snapshot.SnapshotID"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains(&damaged.display().to_string()),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("not tracked") && warnings.contains(&foreign.display().to_string()),
+        "{warnings}"
+    );
+    // Reported, never removed.
+    assert!(damaged.join(SNAPSHOT_INSTANCE_STATUS_FILE).exists());
+    assert!(foreign.join(SNAPSHOT_INSTANCE_STATUS_FILE).exists());
+}
