@@ -119,15 +119,8 @@ impl SnapshotBackend for CopyBackend {
         SnapshotBackendKind::Copy
     }
 
-    fn plan(&self, volume: &VolumeRef, name: &str) -> VolumeSnapshotMeta {
-        VolumeSnapshotMeta {
-            backend: self.kind(),
-            name: name.to_string(),
-            volume_key: volume.key.clone(),
-            file_location: volume.path.clone(),
-            snapshot_location: snapshot_path(volume, name),
-            size: 0,
-        }
+    fn snapshot_location(&self, volume: &VolumeRef, name: &str) -> PathBuf {
+        snapshot_path(volume, name)
     }
 
     async fn create(

@@ -47,8 +47,16 @@ pub trait SnapshotBackend: Send + Sync {
             name: name.to_string(),
             volume_key: volume.key.clone(),
             file_location: volume.path.clone(),
+            snapshot_location: self.snapshot_location(volume, name),
             ..VolumeSnapshotMeta::default()
         }
+    }
+
+    /// Where snapshot `name` lives when it is not inside the volume itself (empty when it is,
+    /// as for qcow2 internal snapshots).
+    fn snapshot_location(&self, volume: &VolumeRef, name: &str) -> PathBuf {
+        let _ = (volume, name);
+        PathBuf::new()
     }
 
     /// Makes snapshot `name` of `volume`, or adopts it if it already exists. `fresh` says no

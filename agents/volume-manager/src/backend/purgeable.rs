@@ -4,6 +4,8 @@
 //! generation again, and the volume-manager adopts the kept volume. Deleting the snapshot releases
 //! the volume; the volume-manager removes it once no config refers to it either.
 
+use std::path::PathBuf;
+
 use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
 
 use super::{SnapshotBackend, VolumeRef};
@@ -17,15 +19,8 @@ impl SnapshotBackend for PurgeableBackend {
         SnapshotBackendKind::Purgeable
     }
 
-    fn plan(&self, volume: &VolumeRef, name: &str) -> VolumeSnapshotMeta {
-        VolumeSnapshotMeta {
-            backend: self.kind(),
-            name: name.to_string(),
-            volume_key: volume.key.clone(),
-            file_location: volume.path.clone(),
-            snapshot_location: volume.path.clone(),
-            size: 0,
-        }
+    fn snapshot_location(&self, volume: &VolumeRef, _name: &str) -> PathBuf {
+        volume.path.clone()
     }
 
     async fn create(
