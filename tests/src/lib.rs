@@ -25,6 +25,8 @@ pub struct Device {
     pub root: tempfile::TempDir,
     bin_dir: PathBuf,
     agents: BTreeMap<String, Child>,
+    /// The config-agent's source flags: empty for the local file, else a controller's.
+    controller_args: Vec<String>,
 }
 
 impl Default for Device {
@@ -50,7 +52,14 @@ impl Device {
             root: tempfile::tempdir().unwrap(),
             bin_dir,
             agents: BTreeMap::new(),
+            controller_args: Vec::new(),
         }
+    }
+
+    /// From now on the config-agent follows a controller: `args` are its flags (e.g. from
+    /// `cairn_test_controller::TestController::device_args`, plus timing flags).
+    pub fn follow_controller(&mut self, args: Vec<String>) {
+        self.controller_args = args;
     }
 
     pub fn run_dir(&self) -> PathBuf {
@@ -85,13 +94,15 @@ impl Device {
             )
             .stdin(Stdio::null())
             .stderr(Stdio::inherit());
-        if agent == "config-agent" {
+        if agent == "config-agent" && self.controller_args.is_empty() {
             command.args([
                 "--config",
                 self.config_file().to_str().unwrap(),
                 "--poll-ms",
                 "50",
             ]);
+        } else if agent == "config-agent" {
+            command.args(&self.controller_args);
         }
         if let Some(point) = crash_at {
             command.env("CAIRN_CRASH_AT", point);

@@ -41,6 +41,14 @@ pub struct DeviceStatus {
     pub volumes: u32,
     /// The last refused config or failed contact; empty when the last attempt succeeded.
     pub last_error: ErrorDescription,
+    /// The UUID the controller gave this device; empty before the first contact (or offline).
+    #[serde(rename = "DeviceUUID")]
+    pub device_uuid: String,
+    /// The last answer from the controller, whatever it was.
+    #[serde(with = "go_time")]
+    pub last_contact: Option<DateTime<Utc>>,
+    /// App reports queued for the controller, not yet accepted by it.
+    pub reports_pending: u32,
 }
 
 crate::topic!(DeviceStatus, |_v| "global".to_string());

@@ -1,17 +1,27 @@
-//! `cairn-config-agent`: puts the device's config in force on the bus.
+//! `cairn-config-agent`: puts the device's config in force on the bus, from a local file or
+//! from the controller.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use cairn_config_agent::apply::{LOCAL_POLL, Publications, follow_local_file};
+use cairn_config_agent::controller::Link;
+use cairn_config_agent::https::{Https, server_of_url};
+use cairn_config_agent::identity::{Identity, Seed};
+use cairn_config_agent::link::{self, LinkOptions};
 use cairn_pubsub::Bus;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "Cairn's config-agent: the controller link and the local config source"
+    about = "Cairn's config-agent: the controller link and the local config source",
+    long_about = "Cairn's config-agent: the controller link and the local config source.\n\n\
+        With --config FILE the device follows a local JSON file. Otherwise it follows the \
+        controller named in <persist>/config/server (set up once with --controller, \
+        --onboard-cert, --onboard-key, --serial and --root-cert; the files are kept under \
+        <persist>/config/ like EVE's /config partition)."
 )]
 struct Args {
     /// Persistent state root.
@@ -21,11 +31,39 @@ struct Args {
     #[arg(long, env = "CAIRN_RUN_DIR", default_value = "/run/cairn")]
     run_dir: PathBuf,
     /// A local JSON config file, applied at start and whenever it changes.
-    #[arg(long, env = "CAIRN_CONFIG")]
+    #[arg(long, env = "CAIRN_CONFIG", conflicts_with = "controller")]
     config: Option<PathBuf>,
     /// How often the local file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = LOCAL_POLL.as_millis() as u64)]
     poll_ms: u64,
+    /// The controller, `https://host:port`; stored in <persist>/config/server.
+    #[arg(long, env = "CAIRN_CONTROLLER")]
+    controller: Option<String>,
+    /// The onboarding certificate (PEM) used to register; copied to <persist>/config/.
+    #[arg(long, requires = "onboard_key")]
+    onboard_cert: Option<PathBuf>,
+    /// The onboarding certificate's private key (PKCS#8 PEM).
+    #[arg(long, requires = "onboard_cert")]
+    onboard_key: Option<PathBuf>,
+    /// The device's serial number, sent when registering.
+    #[arg(long)]
+    serial: Option<String>,
+    /// The root certificate the controller's certificates must chain to.
+    #[arg(long)]
+    root_cert: Option<PathBuf>,
+    /// Between config polls, in milliseconds (jittered; the controller's
+    /// `timer.config.interval` overrides it).
+    #[arg(long, default_value_t = 60_000)]
+    config_interval_ms: u64,
+    /// Deadline of one exchange with the controller, in milliseconds.
+    #[arg(long, default_value_t = 15_000)]
+    controller_timeout_ms: u64,
+    /// First wait after a failed exchange, in milliseconds; it doubles each time.
+    #[arg(long, default_value_t = 1_000)]
+    retry_ms: u64,
+    /// The longest wait between report retries, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    max_retry_ms: u64,
     /// A group whose members may read the device status (technicians).
     #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
     technicians_gid: Option<u32>,
@@ -46,18 +84,32 @@ async fn main() -> anyhow::Result<()> {
     let publications = Publications::open(&bus, args.technicians_gid)
         .await
         .context("opening the config-agent's publications")?;
-    let Some(config) = args.config else {
-        anyhow::bail!(
-            "no config source: give --config FILE (a controller link is not implemented yet)"
-        );
-    };
-    let poll = Duration::from_millis(args.poll_ms.max(10));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        result = follow_local_file(&publications, &config, poll) => {
-            result.context("publishing the config")?;
+    let source = async {
+        match &args.config {
+            Some(config) => {
+                let poll = Duration::from_millis(args.poll_ms.max(10));
+                follow_local_file(&publications, config, poll)
+                    .await
+                    .context("publishing the config")
+            }
+            None => {
+                let link = open_link(&args)?;
+                let options = LinkOptions {
+                    persist: args.persist_dir.clone(),
+                    interval: Duration::from_millis(args.config_interval_ms.max(10)),
+                    first_backoff: Duration::from_millis(args.retry_ms.max(1)),
+                    max_backoff: Duration::from_millis(args.max_retry_ms.max(args.retry_ms)),
+                };
+                link::run(&publications, &bus, link, options)
+                    .await
+                    .context("publishing the config")
+            }
         }
+    };
+    tokio::select! {
+        result = source => result?,
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
@@ -68,4 +120,29 @@ async fn main() -> anyhow::Result<()> {
         publication.context("writing the key files")?;
     }
     Ok(())
+}
+
+fn open_link(args: &Args) -> anyhow::Result<Link> {
+    let seed = Seed {
+        server: args
+            .controller
+            .as_deref()
+            .map(server_of_url)
+            .transpose()
+            .context("--controller")?,
+        root_cert: args.root_cert.clone(),
+        onboard_cert: args.onboard_cert.clone(),
+        onboard_key: args.onboard_key.clone(),
+        serial: args.serial.clone(),
+    };
+    let identity = Identity::open(&args.persist_dir, &seed)
+        .context("no config source: give --config FILE, or set the device up for a controller")?;
+    let https = Https::new(
+        &identity.server,
+        &identity.root_pem,
+        &identity.root_path(),
+        Duration::from_millis(args.controller_timeout_ms.max(1)),
+    )?;
+    tracing::info!(controller = %identity.server, serial = %identity.serial, "following the controller");
+    Ok(Link::new(https, identity))
 }

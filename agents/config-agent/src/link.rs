@@ -1,0 +1,308 @@
+//! The controller as the config source: poll the config on a jittered interval, put an accepted
+//! one in force (checkpoint first, then the bus), refuse a bad one as a whole, fall back to the
+//! checkpoint when the controller cannot be reached at boot, and report every app status change
+//! through the per-app queue. One task does all of it, one exchange at a time, so there is no
+//! shared link state to lock.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cairn_pubsub::{Bus, BusError, Event};
+use cairn_types::{AppInstanceStatus, ConfigSource, DeviceStatus, ErrorDescription, ErrorSeverity};
+use chrono::Utc;
+use tokio::time::{Instant, sleep_until};
+
+use crate::apply::Publications;
+use crate::checkpoint;
+use crate::controller::{Link, LinkError, Polled};
+use crate::model;
+use crate::report::{self, Queue};
+
+/// EVE's config item for the poll interval, in seconds.
+pub const CONFIG_INTERVAL_ITEM: &str = "timer.config.interval";
+
+pub struct LinkOptions {
+    pub persist: PathBuf,
+    /// Between config polls (each one jittered down by up to a quarter, so that devices that
+    /// booted together do not poll together). `timer.config.interval` overrides it.
+    pub interval: Duration,
+    /// First wait after a failed exchange; doubles up to `interval` (polls) or `max_backoff`
+    /// (reports).
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+enum Wake {
+    Poll,
+    Status(Box<Event<AppInstanceStatus>>),
+    Report,
+}
+
+/// Runs the link until the process ends; returns only on a bus failure.
+pub async fn run(
+    publications: &Publications,
+    bus: &Bus,
+    mut link: Link,
+    options: LinkOptions,
+) -> Result<(), BusError> {
+    let url = format!("https://{}", link.server());
+    let mut statuses = bus.subscribe::<AppInstanceStatus>("app-manager");
+    let mut queue = Queue::new(options.first_backoff, options.max_backoff);
+    let mut state = State {
+        status: DeviceStatus {
+            config_source: ConfigSource::None,
+            ..Default::default()
+        },
+        in_force: None,
+        refused: None,
+        restarted: false,
+        interval: options.interval,
+        checkpoint: None,
+    };
+    match checkpoint::load(&options.persist) {
+        Ok(restored) => state.checkpoint = Some(restored),
+        Err(checkpoint::CheckpointError::Persist(e))
+            if matches!(e.kind, cairn_persist::ErrorKind::NotFound) => {}
+        Err(e) => {
+            tracing::warn!("the checkpointed config cannot be used: {e}");
+            state.status.last_error =
+                ErrorDescription::new(e.to_string(), ErrorSeverity::Warning, Utc::now());
+        }
+    }
+    publications.status(state.status.clone()).await?;
+    let mut published = state.status.clone();
+    let mut next_poll = Instant::now();
+    let mut poll_backoff = options.first_backoff;
+    loop {
+        let wake = {
+            let report_due = queue
+                .due()
+                .filter(|_| link.device().is_some() || !state.offline());
+            tokio::select! {
+                _ = sleep_until(next_poll) => Wake::Poll,
+                event = statuses.recv() => Wake::Status(Box::new(event)),
+                _ = sleep_until(report_due.unwrap_or_else(Instant::now)), if report_due.is_some() => Wake::Report,
+            }
+        };
+        match wake {
+            Wake::Poll => {
+                let ok = state.poll(publications, &mut link, &url, &options).await?;
+                next_poll = if ok {
+                    poll_backoff = options.first_backoff;
+                    Instant::now() + jittered(state.interval)
+                } else {
+                    let wait = poll_backoff.min(state.interval);
+                    poll_backoff = (poll_backoff * 2).min(state.interval);
+                    Instant::now() + wait
+                };
+            }
+            Wake::Status(event) => match *event {
+                Event::Create { key, value }
+                | Event::Modify {
+                    key, new: value, ..
+                } => queue.put(key, Some(value)),
+                Event::Delete { key, .. } => queue.put(key, None),
+                _ => {}
+            },
+            Wake::Report => {
+                if let Some((app, report)) = queue.next() {
+                    let sent = match link.connect().await {
+                        Ok(device) => {
+                            link.send_info(report::app_info(device, &app, report.as_ref()))
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match sent {
+                        Ok(()) => {
+                            queue.sent(&app, &report);
+                            state.contact_ok();
+                        }
+                        Err(e) => {
+                            let wait = queue.failed();
+                            tracing::debug!(%app, "report not sent, next try in {wait:?}: {e}");
+                            state.contact_failed(&e);
+                        }
+                    }
+                }
+            }
+        }
+        state.status.reports_pending = queue.len() as u32;
+        if state.status != published {
+            publications.status(state.status.clone()).await?;
+            published = state.status.clone();
+        }
+    }
+}
+
+struct State {
+    status: DeviceStatus,
+    /// The hash of the config on the bus, if any.
+    in_force: Option<String>,
+    /// The last refused config's hash: the same config again is not looked at twice.
+    refused: Option<String>,
+    restarted: bool,
+    interval: Duration,
+    checkpoint: Option<checkpoint::Restored>,
+}
+
+impl State {
+    fn offline(&self) -> bool {
+        !self.status.controller_reachable
+    }
+
+    /// One config poll; `false` if the controller could not be asked.
+    async fn poll(
+        &mut self,
+        publications: &Publications,
+        link: &mut Link,
+        url: &str,
+        options: &LinkOptions,
+    ) -> Result<bool, BusError> {
+        let sent_hash = self
+            .in_force
+            .clone()
+            .or_else(|| self.checkpoint.as_ref().map(|c| c.hash.clone()))
+            .unwrap_or_default();
+        let polled = link.poll_config(&sent_hash).await;
+        if let Some(device) = link.device() {
+            self.status.device_uuid = device.to_string();
+        }
+        match polled {
+            Ok(Polled::Unchanged) => {
+                self.contact_ok();
+                self.status.last_error = ErrorDescription::default();
+                if self.status.config_source == ConfigSource::Checkpoint {
+                    // The checkpointed config is the controller's current one.
+                    self.status.config_source = ConfigSource::Controller {
+                        url: url.to_string(),
+                    };
+                }
+                if self.in_force.is_none()
+                    && let Some(restored) = self.checkpoint.take()
+                {
+                    // The controller's config is the checkpointed one.
+                    let source = ConfigSource::Controller {
+                        url: url.to_string(),
+                    };
+                    self.put_in_force(publications, &restored.hash, &restored.config, source)
+                        .await?;
+                }
+                Ok(true)
+            }
+            Ok(Polled::Config { hash, config }) => {
+                self.contact_ok();
+                if self.refused.as_deref() == Some(hash.as_str()) {
+                    return Ok(true);
+                }
+                match model::from_proto(&config) {
+                    Err(e) => {
+                        let message = format!(
+                            "config {hash} from the controller refused at {e}; the config in force stays"
+                        );
+                        tracing::warn!("{message}");
+                        self.status.last_error =
+                            ErrorDescription::new(message, ErrorSeverity::Error, Utc::now());
+                        self.refused = Some(hash);
+                    }
+                    Ok(model) => {
+                        self.refused = None;
+                        if let Some(seconds) = model
+                            .config_items
+                            .get(CONFIG_INTERVAL_ITEM)
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .filter(|s| *s > 0)
+                        {
+                            self.interval = Duration::from_secs(seconds);
+                        } else {
+                            self.interval = options.interval;
+                        }
+                        self.status.last_error = ErrorDescription::default();
+                        // Checkpoint first: a config on the bus is always one a reboot without
+                        // the controller would bring back.
+                        if let Err(e) = checkpoint::save(&options.persist, &hash, &config) {
+                            tracing::error!("the config is applied but not checkpointed: {e}");
+                            self.status.last_error = ErrorDescription::new(
+                                format!("config {hash} applied but not checkpointed: {e}"),
+                                ErrorSeverity::Warning,
+                                Utc::now(),
+                            );
+                        }
+                        self.checkpoint = None;
+                        let source = ConfigSource::Controller {
+                            url: url.to_string(),
+                        };
+                        self.put_in_force(publications, &hash, &model, source)
+                            .await?;
+                    }
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                // Said once per distinct fault, not at every retry of a long outage.
+                if self.status.last_error.error != e.to_string() {
+                    tracing::warn!("controller: {e}");
+                }
+                self.contact_failed(&e);
+                if self.in_force.is_none()
+                    && let Some(restored) = self.checkpoint.take()
+                {
+                    if let Some(why) = &restored.from_backup {
+                        tracing::warn!(
+                            "the checkpoint's primary copy is damaged ({why}); using its backup"
+                        );
+                    }
+                    tracing::info!(hash = %restored.hash, "the controller cannot be reached: the checkpointed config is applied");
+                    self.put_in_force(
+                        publications,
+                        &restored.hash,
+                        &restored.config,
+                        ConfigSource::Checkpoint,
+                    )
+                    .await?;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    async fn put_in_force(
+        &mut self,
+        publications: &Publications,
+        hash: &str,
+        config: &model::DeviceConfig,
+        source: ConfigSource,
+    ) -> Result<(), BusError> {
+        publications.apply(config).await?;
+        if !self.restarted {
+            publications.restarted().await?;
+            self.restarted = true;
+        }
+        tracing::info!(%hash, apps = config.apps.len(), volumes = config.volumes.len(), ?source, "config in force");
+        self.in_force = Some(hash.to_string());
+        self.status.config_source = source;
+        self.status.last_config_hash = hash.to_string();
+        self.status.last_config_time = Some(Utc::now());
+        self.status.apps = config.apps.len() as u32;
+        self.status.volumes = config.volumes.len() as u32;
+        Ok(())
+    }
+
+    fn contact_ok(&mut self) {
+        self.status.controller_reachable = true;
+        self.status.last_contact = Some(Utc::now());
+    }
+
+    fn contact_failed(&mut self, error: &LinkError) {
+        if error.reached_controller() {
+            self.status.last_contact = Some(Utc::now());
+        }
+        self.status.controller_reachable = error.reached_controller();
+        self.status.last_error =
+            ErrorDescription::new(error.to_string(), ErrorSeverity::Error, Utc::now());
+    }
+}
+
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.75 + 0.25 * fastrand::f64())
+}

@@ -1,0 +1,266 @@
+//! What the device tells the controller about its apps: `ZInfoApp` with `ZInfoSnapshot`
+//! entries, built from the app-manager's `AppInstanceStatus`, queued per app so that the newest
+//! status replaces one not sent yet, and retried with backoff while the controller is away.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cairn_types::{
+    AppInstanceStatus, ErrorDescription, ErrorSeverity, SnapshotInstanceStatus, SnapshotType,
+    SwState,
+};
+use chrono::{DateTime, Utc};
+use tokio::time::Instant;
+
+use crate::proto::{
+    self, ErrorInfo, InfoContent, Severity, ZInfoApp, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZSwState,
+};
+
+/// The info message for one app. `None` status: the app is gone (EVE sends the bare app id).
+pub fn app_info(device: uuid::Uuid, app: &str, status: Option<&AppInstanceStatus>) -> ZInfoMsg {
+    let mut info = ZInfoApp {
+        app_id: app.to_string(),
+        ..Default::default()
+    };
+    if let Some(status) = status {
+        info.app_version = status.uuid_and_version.version.clone();
+        info.app_name = status.display_name.clone();
+        info.boot_time = status.boot_time.map(timestamp);
+        info.state = sw_state(status.state) as i32;
+        if !status.error.error.is_empty() {
+            info.app_err.push(error_info(&status.error));
+        }
+        let snap = &status.snap_status;
+        // EVE reports the available snapshots; a failed one is reported too, with its error,
+        // so that the controller learns why a requested snapshot never appears.
+        info.snapshots = snap
+            .available_snapshots
+            .iter()
+            .chain(
+                snap.requested_snapshots
+                    .iter()
+                    .filter(|s| !s.error.error.is_empty()),
+            )
+            .map(snapshot_info)
+            .collect();
+    }
+    ZInfoMsg {
+        ztype: ZInfoTypes::ZiApp as i32,
+        dev_id: device.to_string(),
+        info_content: Some(InfoContent::Ainfo(info)),
+        at_time_stamp: Some(timestamp(Utc::now())),
+    }
+}
+
+fn snapshot_info(snapshot: &SnapshotInstanceStatus) -> ZInfoSnapshot {
+    ZInfoSnapshot {
+        id: snapshot.snapshot.snapshot_id.to_string(),
+        config_id: snapshot.config_version.uuid.to_string(),
+        config_version: snapshot.config_version.version.clone(),
+        create_time: snapshot.time_created.map(timestamp),
+        r#type: match snapshot.snapshot.snapshot_type {
+            SnapshotType::AppUpdate => proto::SnapshotType::AppUpdate,
+            SnapshotType::Immediate => proto::SnapshotType::Immediate,
+            _ => proto::SnapshotType::Unspecified,
+        } as i32,
+        snap_err: (!snapshot.error.error.is_empty()).then(|| error_info(&snapshot.error)),
+    }
+}
+
+fn error_info(error: &ErrorDescription) -> ErrorInfo {
+    ErrorInfo {
+        description: error.error.clone(),
+        timestamp: error.error_time.map(timestamp),
+        severity: match error.error_severity {
+            ErrorSeverity::Notice => Severity::Notice,
+            ErrorSeverity::Warning => Severity::Warning,
+            ErrorSeverity::Error => Severity::Error,
+            _ => Severity::Unspecified,
+        } as i32,
+        retry_condition: error.error_retry_condition.clone(),
+    }
+}
+
+/// Cairn's (EVE pillar's) app states onto the API's `ZSwState`.
+fn sw_state(state: SwState) -> ZSwState {
+    match state {
+        SwState::Initial => ZSwState::Initial,
+        SwState::CreatingVolume | SwState::CreatedVolume | SwState::Installed => {
+            ZSwState::Installed
+        }
+        SwState::Booting => ZSwState::Booting,
+        SwState::Running | SwState::Pausing | SwState::Paused => ZSwState::Running,
+        SwState::Halting => ZSwState::Halting,
+        SwState::Halted => ZSwState::Halted,
+        SwState::Pending => ZSwState::Pending,
+        SwState::Broken | SwState::Unknown | SwState::Failed => ZSwState::Error,
+    }
+}
+
+fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: time.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// Reports waiting to be sent: one per app, the newest. A failed send waits `backoff`,
+/// doubling up to `max_backoff`; a success resets it.
+pub struct Queue {
+    pending: BTreeMap<String, Option<AppInstanceStatus>>,
+    first_backoff: Duration,
+    max_backoff: Duration,
+    backoff: Duration,
+    not_before: Instant,
+}
+
+impl Queue {
+    pub fn new(first_backoff: Duration, max_backoff: Duration) -> Self {
+        Self {
+            pending: BTreeMap::new(),
+            first_backoff,
+            max_backoff,
+            backoff: first_backoff,
+            not_before: Instant::now(),
+        }
+    }
+
+    /// The app's newest status (`None`: deleted) replaces any unsent one.
+    pub fn put(&mut self, app: String, status: Option<AppInstanceStatus>) {
+        self.pending.insert(app, status);
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// When the next send may be tried, if anything waits.
+    pub fn due(&self) -> Option<Instant> {
+        (!self.pending.is_empty()).then_some(self.not_before)
+    }
+
+    /// The next report to send (it stays queued until [`Queue::sent`]).
+    pub fn next(&self) -> Option<(String, Option<AppInstanceStatus>)> {
+        self.pending
+            .iter()
+            .next()
+            .map(|(app, status)| (app.clone(), status.clone()))
+    }
+
+    /// `report` reached the controller: it leaves the queue unless a newer one replaced it.
+    pub fn sent(&mut self, app: &str, report: &Option<AppInstanceStatus>) {
+        if self.pending.get(app) == Some(report) {
+            self.pending.remove(app);
+        }
+        self.backoff = self.first_backoff;
+        self.not_before = Instant::now();
+    }
+
+    /// The send failed: everything waits, longer each time.
+    pub fn failed(&mut self) -> Duration {
+        let wait = self.backoff;
+        self.not_before = Instant::now() + wait;
+        self.backoff = (self.backoff * 2).min(self.max_backoff);
+        wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_types::{SnapshotDesc, SnapshottingStatus, UUIDandVersion};
+
+    fn status(version: &str, error: &str) -> AppInstanceStatus {
+        let app: uuid::Uuid = "6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9".parse().unwrap();
+        let snapshot = |id: &str, error: &str| SnapshotInstanceStatus {
+            snapshot: SnapshotDesc {
+                snapshot_id: id.parse().unwrap(),
+                snapshot_type: SnapshotType::Immediate,
+            },
+            time_created: (error.is_empty()).then(Utc::now),
+            app_instance_id: app,
+            config_version: UUIDandVersion {
+                uuid: app,
+                version: "1".into(),
+            },
+            error: if error.is_empty() {
+                ErrorDescription::default()
+            } else {
+                ErrorDescription::new(error, ErrorSeverity::Error, Utc::now())
+            },
+            ..Default::default()
+        };
+        AppInstanceStatus {
+            uuid_and_version: UUIDandVersion {
+                uuid: app,
+                version: version.into(),
+            },
+            display_name: "sensor".into(),
+            state: SwState::Running,
+            snap_status: SnapshottingStatus {
+                available_snapshots: vec![snapshot("11111111-1111-4111-8111-111111111111", "")],
+                requested_snapshots: vec![
+                    snapshot("22222222-2222-4222-8222-222222222222", ""),
+                    snapshot("33333333-3333-4333-8333-333333333333", error),
+                ],
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn available_and_failed_snapshots_are_reported_with_their_fields() {
+        let device = uuid::Uuid::new_v4();
+        let msg = app_info(device, "a", Some(&status("2", "disk full")));
+        let Some(InfoContent::Ainfo(app)) = msg.info_content else {
+            panic!("an app info")
+        };
+        assert_eq!(msg.dev_id, device.to_string());
+        assert_eq!(app.app_version, "2");
+        assert_eq!(app.state, ZSwState::Running as i32);
+        let ids: Vec<&str> = app.snapshots.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "11111111-1111-4111-8111-111111111111",
+                "33333333-3333-4333-8333-333333333333"
+            ]
+        );
+        let available = &app.snapshots[0];
+        assert_eq!(available.config_version, "1");
+        assert_eq!(available.r#type, proto::SnapshotType::Immediate as i32);
+        assert!(available.create_time.is_some() && available.snap_err.is_none());
+        let failed = &app.snapshots[1];
+        assert_eq!(failed.snap_err.as_ref().unwrap().description, "disk full");
+    }
+
+    #[test]
+    fn the_newest_report_replaces_an_unsent_one_and_failures_back_off() {
+        let mut queue = Queue::new(Duration::from_millis(100), Duration::from_millis(350));
+        queue.put("a".into(), Some(status("1", "")));
+        let (app, first) = queue.next().unwrap();
+        // While the first is on the wire, a newer status arrives: it is kept.
+        queue.put("a".into(), Some(status("2", "")));
+        queue.sent(&app, &first);
+        assert_eq!(queue.len(), 1);
+        let (_, second) = queue.next().unwrap();
+        assert_eq!(second.unwrap().uuid_and_version.version, "2");
+
+        let waits: Vec<u128> = (0..4).map(|_| queue.failed().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 350, 350]);
+        assert!(queue.due().unwrap() > Instant::now());
+        let (app, report) = queue.next().unwrap();
+        queue.sent(&app, &report);
+        assert!(queue.is_empty() && queue.due().is_none());
+        assert_eq!(
+            queue.failed().as_millis(),
+            100,
+            "success resets the backoff"
+        );
+    }
+}

@@ -1,0 +1,421 @@
+//! The config-agent against the test controller over real HTTPS (issue 7): EVE's sequence
+//! (certs → register → uuid → config → info), a snapshot request reaching `AppInstanceConfig`,
+//! app status reaching the controller as `ZInfoApp`, the checkpoint in force when the controller
+//! is down at boot, and every kind of bad answer refused with the last good config kept whole.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use cairn_config_agent::proto::{
+    self, AppInstanceConfig as ProtoApp, CairnDomain, EdgeDevConfig, InstanceOpsCmd,
+    SnapshotConfig, SnapshotDesc, UuidAndVersion, Volume, VolumeRef,
+};
+use cairn_e2e::Device;
+use cairn_test_controller::{Fault, TestController, Tls};
+use cairn_types::{AppInstanceConfig, ConfigSource, DeviceStatus, SnapshotType, VolumeConfig};
+
+const SERIAL: &str = "CAIRN-TEST-0001";
+const APP: &str = "6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9";
+const VOLUME: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+const SNAPSHOT: &str = "5ca1ab1e-0000-4000-8000-000000000001";
+const WITHIN: Duration = Duration::from_secs(15);
+
+/// A process app on a directory volume, at `version`, with `snapshots` requested.
+fn app_config(version: &str, snapshots: &[(&str, proto::SnapshotType)]) -> EdgeDevConfig {
+    EdgeDevConfig {
+        apps: vec![ProtoApp {
+            uuidandversion: Some(UuidAndVersion {
+                uuid: APP.into(),
+                version: version.into(),
+            }),
+            displayname: "sensor".into(),
+            activate: true,
+            restart: Some(InstanceOpsCmd::default()),
+            purge: Some(InstanceOpsCmd::default()),
+            volume_ref_list: vec![VolumeRef {
+                uuid: VOLUME.into(),
+                generation_count: 0,
+                mount_dir: "/data".into(),
+            }],
+            snapshot: Some(SnapshotConfig {
+                max_snapshots: 2,
+                snapshots: snapshots
+                    .iter()
+                    .map(|(id, kind)| SnapshotDesc {
+                        id: id.to_string(),
+                        r#type: *kind as i32,
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            cairn_domain: Some(CairnDomain {
+                kind: "process".into(),
+                command: "/bin/sh".into(),
+                args: vec![
+                    "-c".into(),
+                    "while :; do date >> \"$CAIRN_VOLUME_0/log\"; sleep 1; done".into(),
+                ],
+                ..Default::default()
+            }),
+        }],
+        volumes: vec![Volume {
+            uuid: VOLUME.into(),
+            maxsizebytes: 16 << 20,
+            display_name: "data".into(),
+            cairn_format: "dir".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The config-agent's flags for `controller`, with short timings.
+fn link_args(device: &Device, controller: &TestController) -> Vec<String> {
+    let mut args = controller
+        .device_args(&device.root.path().join("setup"), SERIAL)
+        .unwrap();
+    args.extend(
+        [
+            "--config-interval-ms",
+            "200",
+            "--controller-timeout-ms",
+            "700",
+            "--retry-ms",
+            "50",
+            "--max-retry-ms",
+            "400",
+        ]
+        .map(String::from),
+    );
+    args
+}
+
+async fn device_status(
+    device: &Device,
+    what: &str,
+    done: impl Fn(&DeviceStatus) -> bool,
+) -> DeviceStatus {
+    device
+        .wait_for::<DeviceStatus>("config-agent", WITHIN, done)
+        .await
+        .unwrap_or_else(|e| panic!("device status: {what}: {e}"))
+}
+
+async fn app(device: &Device, done: impl Fn(&AppInstanceConfig) -> bool) -> AppInstanceConfig {
+    device
+        .wait_for::<AppInstanceConfig>("config-agent", WITHIN, done)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_request_in_the_controller_config_reaches_the_app_config() {
+    let controller = TestController::start().await.unwrap();
+    let mut device = Device::new();
+    device.follow_controller(link_args(&device, &controller));
+    controller.set_config(
+        SERIAL,
+        app_config("1", &[(SNAPSHOT, proto::SnapshotType::Immediate)]),
+    );
+    device.start("config-agent", None);
+
+    let config = app(&device, |a| !a.snapshot.snapshots.is_empty()).await;
+    assert_eq!(config.uuid_and_version.version, "1");
+    assert_eq!(
+        config.snapshot.snapshots[0].snapshot_id.to_string(),
+        SNAPSHOT
+    );
+    assert_eq!(
+        config.snapshot.snapshots[0].snapshot_type,
+        SnapshotType::Immediate
+    );
+    assert_eq!(config.snapshot.max_snapshots, 2);
+
+    let expected_uuid = controller.device_uuid(SERIAL).to_string();
+    let status = device_status(&device, "in force from the controller", |s| {
+        matches!(s.config_source, ConfigSource::Controller { .. }) && s.apps == 1
+    })
+    .await;
+    assert!(status.controller_reachable);
+    assert_eq!(status.device_uuid, expected_uuid);
+    assert!(!status.last_error.is_error(), "{:?}", status.last_error);
+
+    // EVE's sequence, and the config is sent once: later polls carry its hash and get a 304.
+    controller
+        .wait_for(SERIAL, WITHIN, "a few polls", |d| d.config_requests >= 3)
+        .await
+        .unwrap();
+    let requests: Vec<String> = controller.requests().into_iter().map(|(r, _)| r).collect();
+    let first: Vec<&str> = requests.iter().take(4).map(String::as_str).collect();
+    assert_eq!(
+        first,
+        [
+            "GET /api/v2/edgedevice/certs",
+            "POST /api/v2/edgedevice/register",
+            "POST /api/v2/edgedevice/uuid",
+            &format!("POST /api/v2/edgedevice/id/{expected_uuid}/config"),
+        ]
+    );
+    let device_seen = controller.device(SERIAL).unwrap();
+    assert_eq!(
+        device_seen.configs_sent, 1,
+        "unchanged config is not sent again"
+    );
+    assert!(
+        controller
+            .requests()
+            .iter()
+            .any(|(r, s)| r.ends_with("/config") && *s == 304)
+    );
+
+    // A new version from the controller replaces it.
+    controller.set_config(SERIAL, app_config("2", &[]));
+    app(&device, |a| a.uuid_and_version.version == "2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_status_change_reaches_the_controller_as_zinfoapp_with_its_snapshot() {
+    let controller = TestController::start().await.unwrap();
+    let mut device = Device::new();
+    device.follow_controller(link_args(&device, &controller));
+    controller.set_config(
+        SERIAL,
+        app_config("1", &[(SNAPSHOT, proto::SnapshotType::Immediate)]),
+    );
+    device.start_all();
+
+    let reported = controller
+        .wait_for(
+            SERIAL,
+            Duration::from_secs(60),
+            "a running app with its snapshot",
+            |d| {
+                d.apps().get(APP).is_some_and(|a| {
+                    a.state == proto::ZSwState::Running as i32 && !a.snapshots.is_empty()
+                })
+            },
+        )
+        .await
+        .unwrap();
+    let app = &reported.apps()[APP];
+    assert_eq!(app.app_version, "1");
+    assert_eq!(app.app_name, "sensor");
+    let snapshot = &app.snapshots[0];
+    assert_eq!(snapshot.id, SNAPSHOT);
+    assert_eq!(snapshot.config_id, APP);
+    assert_eq!(snapshot.config_version, "1");
+    assert_eq!(snapshot.r#type, proto::SnapshotType::Immediate as i32);
+    assert!(snapshot.create_time.as_ref().is_some_and(|t| t.seconds > 0));
+    assert!(snapshot.snap_err.is_none());
+    // Every report names the device; each is a change (stop, take, start → several).
+    assert!(
+        reported
+            .infos
+            .iter()
+            .all(|i| i.dev_id == reported.uuid.to_string())
+    );
+    assert!(
+        reported.infos.len() >= 2,
+        "{} reports",
+        reported.infos.len()
+    );
+
+    // Reports queued while the controller refuses them arrive once it is back.
+    controller.set_fault(Some(Fault::Status(503)));
+    let before = controller.device(SERIAL).unwrap().infos.len();
+    controller.set_config(
+        SERIAL,
+        app_config("2", &[(SNAPSHOT, proto::SnapshotType::Immediate)]),
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(controller.device(SERIAL).unwrap().infos.len(), before);
+    controller.set_fault(None);
+    controller
+        .wait_for(SERIAL, Duration::from_secs(60), "version 2 reported", |d| {
+            d.apps()
+                .get(APP)
+                .is_some_and(|a| a.app_version == "2" && a.state == proto::ZSwState::Running as i32)
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_is_applied_when_the_controller_is_down_at_boot() {
+    let controller = TestController::start().await.unwrap();
+    let mut device = Device::new();
+    device.follow_controller(link_args(&device, &controller));
+    controller.set_config(
+        SERIAL,
+        app_config("7", &[(SNAPSHOT, proto::SnapshotType::AppUpdate)]),
+    );
+    device.start("config-agent", None);
+    app(&device, |a| a.uuid_and_version.version == "7").await;
+    let checkpoint = cairn_types::layout::last_config_checkpoint(&device.persist_dir());
+    assert!(checkpoint.is_file(), "the accepted config is checkpointed");
+
+    // Power cut: the agent dies, the run root is gone, and the controller is unreachable.
+    device.kill("config-agent");
+    drop(controller);
+    std::fs::remove_dir_all(device.run_dir()).unwrap();
+    device.start("config-agent", None);
+
+    let config = app(&device, |a| a.uuid_and_version.version == "7").await;
+    assert_eq!(
+        config.snapshot.snapshots[0].snapshot_id.to_string(),
+        SNAPSHOT
+    );
+    device
+        .wait_for::<VolumeConfig>("config-agent", WITHIN, |v| {
+            v.volume_id.to_string() == VOLUME
+        })
+        .await
+        .unwrap();
+    let status = device_status(&device, "the checkpoint in force", |s| {
+        s.config_source == ConfigSource::Checkpoint
+    })
+    .await;
+    assert!(!status.controller_reachable);
+    assert!(
+        status.last_error.error.contains("cannot connect"),
+        "{}",
+        status.last_error.error
+    );
+}
+
+/// Each bad answer: refused with a reason in DeviceStatus; the last good config stays whole on
+/// the bus and in the checkpoint; once the controller behaves, its new config is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_answers_are_refused_and_the_last_good_config_stays_in_force() {
+    let controller = TestController::start().await.unwrap();
+    let mut device = Device::new();
+    device.follow_controller(link_args(&device, &controller));
+    let mut good_hash = controller.set_config(SERIAL, app_config("1", &[]));
+    device.start("config-agent", None);
+    app(&device, |a| a.uuid_and_version.version == "1").await;
+    device_status(&device, "first config in force", |s| {
+        s.last_config_hash == good_hash
+    })
+    .await;
+
+    let mut other_device = app_config("2", &[]);
+    other_device.id = Some(UuidAndVersion {
+        uuid: "00000000-0000-4000-8000-0000000000ff".into(),
+        version: "2".into(),
+    });
+    let mut bad_uuid = app_config("2", &[]);
+    bad_uuid.apps[0].uuidandversion.as_mut().unwrap().uuid = "not-a-uuid".into();
+    let duplicate = app_config(
+        "2",
+        &[
+            (SNAPSHOT, proto::SnapshotType::Immediate),
+            (SNAPSHOT, proto::SnapshotType::AppUpdate),
+        ],
+    );
+    let cases: Vec<(&str, Option<Fault>, EdgeDevConfig, &str)> = vec![
+        (
+            "HTTP 500",
+            Some(Fault::Status(500)),
+            app_config("2", &[]),
+            "HTTP 500",
+        ),
+        (
+            "a timeout",
+            Some(Fault::Delay(Duration::from_millis(1500))),
+            app_config("2", &[]),
+            "no answer",
+        ),
+        (
+            "closed connections",
+            Some(Fault::Close),
+            app_config("2", &[]),
+            "closed the connection",
+        ),
+        (
+            "a bad signature",
+            Some(Fault::BadSignature),
+            app_config("2", &[]),
+            "signature does not verify",
+        ),
+        (
+            "malformed protobuf",
+            Some(Fault::Garbage),
+            app_config("2", &[]),
+            "not a valid AuthContainer",
+        ),
+        (
+            "a signer outside the root",
+            Some(Fault::ForeignSigner),
+            app_config("2", &[]),
+            "signed by another certificate",
+        ),
+        (
+            "a config for another device",
+            None,
+            other_device,
+            "is for device 00000000-0000-4000-8000-0000000000ff",
+        ),
+        (
+            "an invalid UUID",
+            None,
+            bad_uuid,
+            "apps[0].uuidandversion.uuid",
+        ),
+        (
+            "a duplicate snapshot id",
+            None,
+            duplicate,
+            "apps[0].snapshot.snapshots[1].id",
+        ),
+    ];
+    for (name, fault, config, reason) in cases {
+        controller.set_fault(fault);
+        controller.set_config(SERIAL, config);
+        let status = device_status(&device, name, |s| s.last_error.error.contains(reason)).await;
+        assert_eq!(
+            status.last_config_hash, good_hash,
+            "{name}: the good config stays"
+        );
+        // Nothing half-applied: the bus still holds exactly the good config.
+        let apps = device
+            .wait_for::<AppInstanceConfig>("config-agent", WITHIN, |_| true)
+            .await
+            .unwrap();
+        assert_eq!(apps.uuid_and_version.version, "1", "{name}");
+        let checkpoint = cairn_config_agent::checkpoint::load(&device.persist_dir()).unwrap();
+        assert_eq!(
+            checkpoint.hash, good_hash,
+            "{name}: the checkpoint keeps the good config"
+        );
+        // Once the controller behaves, its next config is applied and the error clears.
+        controller.set_fault(None);
+        let recovered = controller.set_config(SERIAL, app_config("1", &[]));
+        device_status(&device, "recovered", |s| {
+            s.last_config_hash == recovered && !s.last_error.is_error()
+        })
+        .await;
+        let checkpoint = cairn_config_agent::checkpoint::load(&device.persist_dir()).unwrap();
+        assert_eq!(checkpoint.hash, recovered);
+        good_hash = recovered;
+    }
+}
+
+/// A server whose TLS certificate does not chain to the device's root is not talked to at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_with_a_foreign_tls_certificate_is_refused() {
+    let impostor = TestController::start_with(Tls::Impostor).await.unwrap();
+    let mut device = Device::new();
+    device.follow_controller(link_args(&device, &impostor));
+    impostor.set_config(SERIAL, app_config("1", &[]));
+    device.start("config-agent", None);
+    let status = device_status(&device, "the TLS refusal", |s| {
+        s.last_error.error.contains("certificate is refused")
+    })
+    .await;
+    assert!(!status.controller_reachable);
+    assert!(status.last_config_hash.is_empty(), "nothing in force");
+    // Not one request went over the refused connection: the impostor learned nothing.
+    assert_eq!(impostor.requests(), []);
+    assert_eq!(impostor.device(SERIAL).unwrap().config_requests, 0);
+}
