@@ -48,21 +48,22 @@ struct Args {
     /// The device's serial number, sent when registering.
     #[arg(long)]
     serial: Option<String>,
-    /// The root certificate the controller's certificates must chain to.
-    #[arg(long)]
+    /// The root certificate the controller's certificates must chain to; copied to
+    /// <persist>/config/root-certificate.pem.
+    #[arg(long, env = "CAIRN_ROOT_CERT")]
     root_cert: Option<PathBuf>,
     /// Between config polls, in milliseconds (jittered; the controller's
     /// `timer.config.interval` overrides it).
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, env = "CAIRN_CONFIG_INTERVAL_MS", default_value_t = 60_000)]
     config_interval_ms: u64,
     /// Deadline of one exchange with the controller, in milliseconds.
-    #[arg(long, default_value_t = 15_000)]
+    #[arg(long, env = "CAIRN_CONTROLLER_TIMEOUT_MS", default_value_t = 15_000)]
     controller_timeout_ms: u64,
     /// First wait after a failed exchange, in milliseconds; it doubles each time.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, env = "CAIRN_RETRY_MS", default_value_t = 1_000)]
     retry_ms: u64,
     /// The longest wait between report retries, in milliseconds.
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, env = "CAIRN_MAX_RETRY_MS", default_value_t = 60_000)]
     max_retry_ms: u64,
     /// A group whose members may read the device status (technicians).
     #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
