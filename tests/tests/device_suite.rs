@@ -1,0 +1,400 @@
+//! The device end to end (issue 8): the four agents as real processes, the test controller over
+//! HTTPS, and a VM app on the test guest (TCG) with a qcow2 volume whose sector 0 holds the
+//! guest's counter. Each test drives the device only through the controller's config and
+//! checks what a technician and the controller would see, plus the disk itself.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use cairn_config_agent::proto::{
+    self, AppInstanceConfig as ProtoApp, CairnDomain, EdgeDevConfig, InstanceOpsCmd,
+    SnapshotConfig, SnapshotDesc, UuidAndVersion, Volume, VolumeRef,
+};
+use cairn_e2e::{Device, guest_dir, qcow2_snapshots};
+use cairn_test_controller::TestController;
+use cairn_types::{AppInstanceStatus, DomainStatus};
+use uuid::Uuid;
+
+const SERIAL: &str = "CAIRN-E2E-0001";
+const APP: &str = "e2e5a17e-0000-4000-8000-00000000a001";
+const VOLUME: &str = "e2e5a17e-0000-4000-8000-00000000b001";
+const S1: &str = "e2e5a17e-0000-4000-8000-00000000c001";
+const S2: &str = "e2e5a17e-0000-4000-8000-00000000c002";
+const S3: &str = "e2e5a17e-0000-4000-8000-00000000c003";
+const SETTLE: Duration = Duration::from_secs(90);
+
+/// What the controller asks of the app.
+#[derive(Clone)]
+struct Want {
+    version: &'static str,
+    snapshots: Vec<(&'static str, proto::SnapshotType)>,
+    max: u32,
+    restart: u32,
+    rollback: u32,
+    active: &'static str,
+}
+
+impl Want {
+    fn v(version: &'static str) -> Self {
+        Self {
+            version,
+            snapshots: Vec::new(),
+            max: 2,
+            restart: 0,
+            rollback: 0,
+            active: "",
+        }
+    }
+
+    fn snap(mut self, id: &'static str, kind: proto::SnapshotType) -> Self {
+        self.snapshots.push((id, kind));
+        self
+    }
+}
+
+fn edge_config(want: &Want) -> EdgeDevConfig {
+    let guest = guest_dir();
+    EdgeDevConfig {
+        apps: vec![ProtoApp {
+            uuidandversion: Some(UuidAndVersion {
+                uuid: APP.into(),
+                version: want.version.into(),
+            }),
+            displayname: "counter".into(),
+            activate: true,
+            restart: Some(InstanceOpsCmd {
+                counter: want.restart,
+                ops_time: String::new(),
+            }),
+            purge: Some(InstanceOpsCmd::default()),
+            volume_ref_list: vec![VolumeRef {
+                uuid: VOLUME.into(),
+                ..Default::default()
+            }],
+            snapshot: Some(SnapshotConfig {
+                active_snapshot: want.active.into(),
+                rollback_cmd: Some(InstanceOpsCmd {
+                    counter: want.rollback,
+                    ops_time: String::new(),
+                }),
+                max_snapshots: want.max,
+                snapshots: want
+                    .snapshots
+                    .iter()
+                    .map(|(id, kind)| SnapshotDesc {
+                        id: id.to_string(),
+                        r#type: *kind as i32,
+                    })
+                    .collect(),
+            }),
+            cairn_domain: Some(CairnDomain {
+                kind: "vm".into(),
+                kernel: guest.join("vmlinuz").display().to_string(),
+                initrd: guest.join("initramfs.cpio.gz").display().to_string(),
+                append: "console=ttyS0 cryptomgr.notests panic=-1 cairn.workload=counter".into(),
+                memory_mib: 128,
+                cpus: 1,
+                ..Default::default()
+            }),
+        }],
+        volumes: vec![Volume {
+            uuid: VOLUME.into(),
+            maxsizebytes: 1 << 20,
+            display_name: "counter-disk".into(),
+            cairn_format: "qcow2".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+struct Rig {
+    controller: TestController,
+    device: Device,
+}
+
+impl Rig {
+    async fn start(first: &Want) -> Self {
+        let controller = TestController::start().await.unwrap();
+        let mut device = Device::new();
+        let mut args = controller
+            .device_args(&device.root.path().join("setup"), SERIAL)
+            .unwrap();
+        args.extend(["--config-interval-ms", "200", "--retry-ms", "100"].map(String::from));
+        device.follow_controller(args);
+        controller.set_config(SERIAL, edge_config(first));
+        device.start_all();
+        Self { controller, device }
+    }
+
+    fn push(&self, want: &Want) {
+        self.controller.set_config(SERIAL, edge_config(want));
+    }
+
+    async fn status(
+        &self,
+        what: &str,
+        done: impl Fn(&AppInstanceStatus) -> bool,
+    ) -> AppInstanceStatus {
+        self.device
+            .app_status(SETTLE, done)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+
+    async fn volume_file(&self) -> PathBuf {
+        self.device.volume(SETTLE).await.file_location
+    }
+
+    async fn console_log(&self) -> PathBuf {
+        self.device
+            .wait_for::<DomainStatus>("domain-manager", SETTLE, |d| {
+                !d.log_path.as_os_str().is_empty()
+            })
+            .await
+            .unwrap()
+            .log_path
+    }
+}
+
+fn ids(list: &[cairn_types::SnapshotInstanceStatus]) -> BTreeSet<String> {
+    list.iter()
+        .map(|s| s.snapshot.snapshot_id.to_string())
+        .collect()
+}
+
+fn set(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+fn running(s: &AppInstanceStatus) -> bool {
+    s.activated && s.state == cairn_types::SwState::Running
+}
+
+/// The counter in sector 0 of `file`, or of its internal snapshot `snapshot` (read with a
+/// shared lock while the VM may hold the image).
+fn sector_counter(file: &Path, snapshot: Option<&str>) -> u64 {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let mut command = Command::new("qemu-img");
+    command.args(["convert", "-U", "-f", "qcow2", "-O", "raw"]);
+    if let Some(name) = snapshot {
+        command.args(["-l", &format!("snapshot.name={name}")]);
+    }
+    let status = command.arg(file).arg(out.path()).output().unwrap();
+    assert!(
+        status.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let bytes = std::fs::read(out.path()).unwrap();
+    let text: String = bytes[..512]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .map(|b| *b as char)
+        .collect();
+    text.parse().unwrap_or(0)
+}
+
+/// The `CAIRN-COUNTER N` values the guest printed since its console log was (re)opened.
+fn console_counters(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("CAIRN-COUNTER ")?.trim().parse().ok())
+        .collect()
+}
+
+async fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Snapshot on upgrade, rollback (the disk returns to the snapshot and the app runs the
+/// snapshot's version), an immediate snapshot, then a third snapshot with `max_snapshots = 2`.
+/// One device through all of it, as a technician would see it happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_snapshot_rollback_immediate_and_max_snapshots() {
+    use proto::SnapshotType::{AppUpdate, Immediate};
+    let v1 = Want::v("1").snap(S1, AppUpdate);
+    let rig = Rig::start(&v1).await;
+    let status = rig
+        .status("v1 running, S1 waiting for the upgrade", |s| {
+            running(s) && ids(&s.snap_status.requested_snapshots) == set(&[S1])
+        })
+        .await;
+    assert_eq!(status.uuid_and_version.version, "1");
+
+    // Snapshot on upgrade: taken with the config in use before it (v1), then v2 runs.
+    let v2 = Want::v("2").snap(S1, AppUpdate);
+    rig.push(&v2);
+    let status = rig
+        .status("v2 running with S1 available", |s| {
+            running(s)
+                && s.uuid_and_version.version == "2"
+                && ids(&s.snap_status.available_snapshots) == set(&[S1])
+        })
+        .await;
+    let s1 = &status.snap_status.available_snapshots[0];
+    assert_eq!(
+        s1.config_version.version, "1",
+        "an upgrade snapshot keeps the old config"
+    );
+    assert!(s1.time_created.is_some() && s1.time_triggered.is_some());
+    let file = rig.volume_file().await;
+    assert_eq!(qcow2_snapshots(&file), set(&[S1]));
+    let at_snapshot = sector_counter(&file, Some(S1));
+
+    // The guest keeps counting on v2, well past the snapshot.
+    until("the counter moves past the snapshot", SETTLE, || {
+        sector_counter(&file, None) > at_snapshot + 4
+    })
+    .await;
+    let before_rollback = sector_counter(&file, None);
+
+    // Rollback to S1: v1 again, and the disk as it was.
+    let rollback = Want {
+        rollback: 1,
+        active: S1,
+        ..v2.clone()
+    };
+    rig.push(&rollback);
+    let status = rig
+        .status("rolled back to S1", |s| {
+            running(s) && s.uuid_and_version.version == "1" && !s.snap_status.rollback_in_progress
+        })
+        .await;
+    assert_eq!(ids(&status.snap_status.available_snapshots), set(&[S1]));
+    let log = rig.console_log().await;
+    until("the guest counts after the rollback", SETTLE, || {
+        !console_counters(&log).is_empty()
+    })
+    .await;
+    let first_after = console_counters(&log)[0];
+    assert_eq!(
+        first_after,
+        at_snapshot + 1,
+        "the guest resumed from the snapshot's sector ({at_snapshot}), not from {before_rollback}"
+    );
+
+    // Immediate snapshot: stop, take, start.
+    let with_s2 = Want {
+        snapshots: vec![(S1, AppUpdate), (S2, Immediate)],
+        ..rollback.clone()
+    };
+    rig.push(&with_s2);
+    rig.status("S2 available and the app running again", |s| {
+        running(s) && ids(&s.snap_status.available_snapshots) == set(&[S1, S2])
+    })
+    .await;
+    assert_eq!(qcow2_snapshots(&file), set(&[S1, S2]));
+
+    // A third with max_snapshots = 2: the oldest available goes, the new one is taken.
+    let with_s3 = Want {
+        snapshots: vec![(S1, AppUpdate), (S2, Immediate), (S3, Immediate)],
+        ..with_s2
+    };
+    rig.push(&with_s3);
+    let status = rig
+        .status("S2 and S3 kept, S1 deleted", |s| {
+            running(s)
+                && ids(&s.snap_status.available_snapshots) == set(&[S2, S3])
+                && s.snap_status.snapshots_to_be_deleted.is_empty()
+        })
+        .await;
+    assert!(status.snap_status.available_snapshots.len() <= 2);
+    assert_eq!(qcow2_snapshots(&file), set(&[S2, S3]));
+    let dirs: BTreeSet<String> = rig
+        .device
+        .snapshot_dirs()
+        .iter()
+        .map(Uuid::to_string)
+        .collect();
+    assert_eq!(dirs, set(&[S2, S3]));
+
+    // The controller was told: its latest report lists exactly what the device keeps.
+    let reported = rig
+        .controller
+        .wait_for(SERIAL, SETTLE, "the report of S2 and S3", |d| {
+            d.apps().get(APP).is_some_and(|a| {
+                a.snapshots
+                    .iter()
+                    .map(|s| s.id.clone())
+                    .collect::<BTreeSet<_>>()
+                    == set(&[S2, S3])
+            })
+        })
+        .await
+        .unwrap();
+    assert!(
+        reported.apps()[APP]
+            .snapshots
+            .iter()
+            .all(|s| s.create_time.is_some())
+    );
+}
+
+/// A snapshot removed from the config is deleted at the next deactivation of the app, never by
+/// stopping it; meanwhile it is reported as pending deletion and is still on the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_waits_for_the_next_deactivation_and_is_reported_pending() {
+    use proto::SnapshotType::Immediate;
+    let rig = Rig::start(&Want::v("1").snap(S1, Immediate)).await;
+    let status = rig
+        .status("S1 available", |s| {
+            running(s) && ids(&s.snap_status.available_snapshots) == set(&[S1])
+        })
+        .await;
+    let boot = status.boot_time;
+    let file = rig.volume_file().await;
+
+    rig.push(&Want::v("1"));
+    let status = rig
+        .status("S1 pending deletion", |s| {
+            s.snap_status
+                .snapshots_to_be_deleted
+                .iter()
+                .any(|d| d.snapshot_id.to_string() == S1)
+        })
+        .await;
+    assert!(
+        running(&status),
+        "a deletion is never a reason to stop the app"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = rig.status("still pending", |_| true).await;
+    assert!(
+        running(&status) && status.boot_time == boot,
+        "the app was not restarted"
+    );
+    assert_eq!(status.snap_status.snapshots_to_be_deleted.len(), 1);
+    assert_eq!(
+        qcow2_snapshots(&file),
+        set(&[S1]),
+        "not deleted while the app runs"
+    );
+    assert!(rig.device.snapshot_dirs().contains(&S1.parse().unwrap()));
+
+    // The next deactivation (a restart) deletes it.
+    rig.push(&Want {
+        restart: 1,
+        ..Want::v("1")
+    });
+    rig.status("deleted at the restart", |s| {
+        running(s)
+            && s.snap_status.snapshots_to_be_deleted.is_empty()
+            && s.snap_status.available_snapshots.is_empty()
+    })
+    .await;
+    assert!(qcow2_snapshots(&file).is_empty());
+    assert!(rig.device.snapshot_dirs().is_empty());
+}
