@@ -294,3 +294,47 @@ impl Drop for Device {
         }
     }
 }
+
+impl Device {
+    /// A power cut and a boot: every agent and every app process of this device SIGKILLed, the
+    /// run root wiped (it is a tmpfs on a device), `/persist` kept; then the agents start again.
+    pub fn power_cycle(&mut self) {
+        for (_, mut child) in std::mem::take(&mut self.agents) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.kill_apps();
+        let _ = std::fs::remove_dir_all(self.run_dir());
+        self.start_all();
+    }
+
+    /// SIGKILLs this device's app processes (their command lines carry its root).
+    pub fn kill_apps(&self) {
+        let marker = self.root.path().to_string_lossy().into_owned();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let agents: BTreeSet<u32> = self.agents.values().map(Child::id).collect();
+        for entry in procs.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&marker)
+                && pid != std::process::id()
+                && !agents.contains(&pid)
+            {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+
+    /// The directory of a `dir` volume at a generation.
+    pub fn dir_volume(&self, volume: Uuid, generation: i64) -> PathBuf {
+        layout::volumes_dir(&self.persist_dir()).join(cairn_types::volume_key(volume, generation))
+    }
+}

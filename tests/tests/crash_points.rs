@@ -17,11 +17,12 @@ const APP: &str = "e2e0c0de-0000-4000-8000-00000000a001";
 const VOLUME: &str = "e2e0c0de-0000-4000-8000-00000000b001";
 const S1: &str = "e2e0c0de-0000-4000-8000-00000000c001";
 
-const POINTS: [(&str, &str); 6] = [
+const POINTS: [(&str, &str); 7] = [
     ("app-manager", "app-manager:after-persist-intent"),
     ("app-manager", "app-manager:after-volumes-request"),
     ("volume-manager", "volume-manager:after-intent-write"),
     ("volume-manager", "volume-manager:after-backend-create"),
+    ("volume-manager", "volume-manager:after-backend-rollback"),
     ("volume-manager", "volume-manager:after-record-write"),
     ("volume-manager", "volume-manager:after-backend-delete"),
 ];

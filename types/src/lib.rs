@@ -27,8 +27,8 @@ pub use snapshot::{
     SnapshottingStatus, VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus,
 };
 pub use volume::{
-    SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeState, VolumeStatus,
-    volume_key,
+    AppVolumeRefs, SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeState,
+    VolumeStatus, volume_key,
 };
 
 /// A message published on the bus: its topic is its type name, and each value has a key.

@@ -138,6 +138,11 @@ pub struct VolumesSnapshotConfig {
     /// Cairn: increased to ask again for the same action (EVE would see an equal value and do
     /// nothing).
     pub request_counter: u64,
+    /// Cairn: per volume id, the volume key (`<uuid>#<generation>`) to act on. A snapshot taken at
+    /// a purge must be of the pre-purge generation while the new one already exists; without a
+    /// key the volume-manager takes the highest configured generation (EVE's records).
+    #[serde(rename = "VolumeKeys", deserialize_with = "null_as_default")]
+    pub volume_keys: BTreeMap<Uuid, String>,
 }
 
 /// volume-manager → app-manager: the result, persisted as `volumesSnapshotStatus.json` before

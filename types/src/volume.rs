@@ -162,5 +162,22 @@ impl VolumeSnapshotMeta {
     }
 }
 
+/// app-manager → volume-manager: the volumes an app holds now (EVE: the `VolumeRefConfig`s
+/// zedmanager publishes to volumemgr). Key: app UUID. A volume whose config is gone (an old
+/// generation after a purge) stays while an app holds it: the app may still run on it, a
+/// snapshot may be about to be taken of it, or a rollback may have pointed the app back at it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "AppVolumeRefs", version = 1)]
+pub struct AppVolumeRefs {
+    #[serde(rename = "AppUUID")]
+    #[persist(mandatory)]
+    pub app_uuid: Uuid,
+    /// Volume keys (`<uuid>#<generation>`), as [`VolumeStatus::key`].
+    #[serde(deserialize_with = "null_as_default")]
+    pub volume_keys: std::collections::BTreeSet<String>,
+}
+
 crate::topic!(VolumeConfig, |v| v.key());
+crate::topic!(AppVolumeRefs, |v| v.app_uuid.to_string());
 crate::topic!(VolumeStatus, |v| v.key());

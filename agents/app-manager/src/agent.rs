@@ -9,13 +9,14 @@ use cairn_persist::{Origin, crash_point};
 use cairn_pubsub::{Access, Bus, BusError, Event, Publication, PublishOptions, Subscription};
 use cairn_types::layout::{APP_INSTANCE_CONFIG_FILE, SNAPSHOT_INSTANCE_STATUS_FILE, snapshot_dir};
 use cairn_types::{
-    AppInstanceConfig, AppInstanceStatus, DiskConfig, DomainConfig, DomainState, DomainStatus,
-    VolumeState, VolumeStatus, VolumesSnapshotConfig, VolumesSnapshotStatus, volume_key,
+    AppInstanceConfig, AppInstanceStatus, AppVolumeRefs, DiskConfig, DomainConfig, DomainState,
+    DomainStatus, VolumeState, VolumeStatus, VolumesSnapshotConfig, VolumesSnapshotStatus,
+    volume_key,
 };
 use chrono::Utc;
 use uuid::Uuid;
 
-use crate::machine::{self, Action, AppState, Input};
+use crate::machine::{self, Action, AppState, FoundSnapshot, Input};
 use crate::{app_status, snapshot_instance_status};
 
 /// How long a starting app-manager waits for the other agents' tables before deciding anyway.
@@ -53,6 +54,8 @@ pub struct AppManager {
     domain_errors: BTreeMap<Uuid, cairn_types::ErrorDescription>,
     domain_configs: Publication<DomainConfig>,
     volume_requests: Publication<VolumesSnapshotConfig>,
+    /// The volumes each app holds, so the volume-manager releases none still in use.
+    volume_refs: Publication<AppVolumeRefs>,
     statuses: Publication<AppInstanceStatus>,
     configs: Subscription<AppInstanceConfig>,
     domains: Subscription<DomainStatus>,
@@ -72,6 +75,7 @@ impl AppManager {
             domain_errors: BTreeMap::new(),
             domain_configs: bus.publish(PublishOptions::default()).await?,
             volume_requests: bus.publish(PublishOptions::default()).await?,
+            volume_refs: bus.publish(PublishOptions::default()).await?,
             statuses: bus
                 .publish(PublishOptions {
                     access: status_access,
@@ -84,30 +88,43 @@ impl AppManager {
             results: bus.subscribe("volume-manager"),
         };
         manager.load_states().await?;
-        manager.scan_snapshot_records().await;
         Ok(manager)
     }
 
-    /// Checks every directory under `<persist>/snapshots`: a record that does not load, or a
-    /// directory without records, is reported in the status of the app it belongs to (found
-    /// from whichever of its files still names it), never dropped silently. A sound record the
-    /// app's state does not know is reported too: it is kept, not imported.
-    async fn scan_snapshot_records(&mut self) {
+    /// Checks every directory under `<persist>/snapshots`, once the configs are known: a record
+    /// that does not load, or a directory without records, is reported in the status of the app
+    /// it belongs to (found from whichever of its files still names it), never dropped silently.
+    /// A complete, sound snapshot the app's state does not track is imported (the machine
+    /// decides whether the config wants it); an incomplete one is reported and kept.
+    async fn scan_snapshot_records(&mut self) -> Result<(), AgentError> {
         let persist = self.persist.clone();
         let known: BTreeMap<Uuid, Vec<Uuid>> = self
             .apps
             .iter()
             .map(|(app, s)| (*app, s.snapshots.iter().map(|r| r.id()).collect()))
             .collect();
-        let found = tokio::task::spawn_blocking(move || scan(&persist, &known))
+        let (problems, found) = tokio::task::spawn_blocking(move || scan(&persist, &known))
             .await
             .unwrap_or_default();
-        for (app, problem) in found {
+        for (app, problem) in problems {
             match app {
                 Some(app) => self.report(app, problem),
                 None => tracing::warn!("{problem} (no record names its app)"),
             }
         }
+        for (app, snapshot) in found {
+            if self.apps.contains_key(&app) {
+                tracing::info!(app = %app, snapshot = %snapshot.desc.snapshot_id, "importing a snapshot found on disk");
+                self.input(app, Input::Import(Box::new(snapshot))).await?;
+            } else {
+                let problem = format!(
+                    "snapshot {} found on disk belongs to app {app}, which is not in the config: kept, not imported",
+                    snapshot.desc.snapshot_id
+                );
+                self.report(app, problem);
+            }
+        }
+        Ok(())
     }
 
     /// Reads every persisted app state; an unreadable one is reported, never dropped silently.
@@ -167,6 +184,9 @@ impl AppManager {
     /// Runs until the bus fails.
     pub async fn run(mut self) -> Result<(), AgentError> {
         self.synchronize().await;
+        // Before the configs are applied: a snapshot listed in the config and found on disk
+        // is the one the controller means, not a new request to take it again.
+        self.scan_snapshot_records().await?;
         let apps: Vec<Uuid> = self.apps.keys().copied().collect();
         for app in apps {
             self.refresh_facts(app).await?;
@@ -190,6 +210,7 @@ impl AppManager {
         }
         self.domain_configs.signal_restarted().await?;
         self.volume_requests.signal_restarted().await?;
+        self.volume_refs.signal_restarted().await?;
         self.statuses.signal_restarted().await?;
         loop {
             tokio::select! {
@@ -365,20 +386,30 @@ impl AppManager {
         })
     }
 
-    /// One machine step for `app`, and its actions carried out in order.
+    /// One machine step for `app`, and its actions carried out in order. A step that changes
+    /// the volumes of the config in force (a purge, a rollback) makes the machine forget their
+    /// readiness; it is followed by the readiness of the new ones, from the volume table.
     async fn input(&mut self, app: Uuid, input: Input) -> Result<(), AgentError> {
-        let Some(state) = self.apps.remove(&app) else {
-            return Ok(());
-        };
-        let before = state.phase.clone();
-        tracing::debug!(app = %app, ?input, "input");
-        let (state, actions) = machine::step(state, input, Utc::now());
-        if state.phase != before {
-            tracing::info!(app = %app, from = ?before, to = ?state.phase, "app phase");
-        }
-        self.apps.insert(app, state);
-        for action in actions {
-            self.carry_out(app, action).await?;
+        let mut next = Some(input);
+        while let Some(input) = next.take() {
+            let Some(state) = self.apps.remove(&app) else {
+                return Ok(());
+            };
+            let before = state.phase.clone();
+            let was_ready = state.volumes_ready;
+            tracing::debug!(app = %app, ?input, "input");
+            let (state, actions) = machine::step(state, input, Utc::now());
+            if state.phase != before {
+                tracing::info!(app = %app, from = ?before, to = ?state.phase, "app phase");
+            }
+            self.apps.insert(app, state);
+            for action in actions {
+                self.carry_out(app, action).await?;
+            }
+            let forgotten = was_ready && self.apps.get(&app).is_some_and(|s| !s.volumes_ready);
+            if forgotten && self.volumes_ready(app) {
+                next = Some(Input::Volumes { ready: true });
+            }
         }
         Ok(())
     }
@@ -446,6 +477,13 @@ impl AppManager {
                     status.error = domain.clone();
                 }
                 self.statuses.publish(status).await?;
+                // Equal values are not sent again, so this costs nothing when nothing changed.
+                self.volume_refs
+                    .publish(AppVolumeRefs {
+                        app_uuid: app,
+                        volume_keys: state.volumes_in_use(),
+                    })
+                    .await?;
             }
         }
         Ok(())
@@ -515,13 +553,18 @@ impl AppManager {
     }
 }
 
-/// The snapshot directories' problems, each with the app it belongs to when a file names it.
-fn scan(persist: &Path, known: &BTreeMap<Uuid, Vec<Uuid>>) -> Vec<(Option<Uuid>, String)> {
+/// What the scan found: problems, each with the app it belongs to when a file names it, and
+/// complete snapshots no app state tracks, with their app.
+type ScanResult = (Vec<(Option<Uuid>, String)>, Vec<(Uuid, FoundSnapshot)>);
+
+/// Reads every snapshot directory (blocking).
+fn scan(persist: &Path, known: &BTreeMap<Uuid, Vec<Uuid>>) -> ScanResult {
     use cairn_types::layout::{VOLUMES_SNAPSHOT_STATUS_FILE, snapshots_dir};
     use cairn_types::{SnapshotInstanceStatus, VolumesSnapshotStatus};
-    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir(snapshots_dir(persist)) else {
-        return out;
+        return (problems, found);
     };
     for entry in entries.flatten() {
         let dir = entry.path();
@@ -543,7 +586,7 @@ fn scan(persist: &Path, known: &BTreeMap<Uuid, Vec<Uuid>>) -> Vec<(Option<Uuid>,
             |e: &cairn_persist::PersistError| matches!(e.kind, cairn_persist::ErrorKind::NotFound);
         match (&status, &config, &volumes) {
             (Err(a), Err(b), Err(c)) if missing(a) && missing(b) && missing(c) => {
-                out.push((
+                problems.push((
                     app,
                     format!("snapshot directory {} holds no records", dir.display()),
                 ));
@@ -551,36 +594,85 @@ fn scan(persist: &Path, known: &BTreeMap<Uuid, Vec<Uuid>>) -> Vec<(Option<Uuid>,
             }
             _ => {}
         }
-        // Files missing for a snapshot the app's state still tracks are about to be written.
-        let tracked = entry
+        let named = entry
             .file_name()
             .to_str()
-            .and_then(|n| n.parse::<Uuid>().ok())
-            .is_some_and(|id| {
-                app.is_some_and(|a| known.get(&a).is_some_and(|ids| ids.contains(&id)))
-            });
+            .and_then(|n| n.parse::<Uuid>().ok());
+        // Files missing for a snapshot the app's state still tracks are about to be written.
+        let tracked = named.is_some_and(|id| {
+            app.is_some_and(|a| known.get(&a).is_some_and(|ids| ids.contains(&id)))
+        });
         let taking = volumes.as_ref().is_ok_and(|v| v.record.is_in_progress());
         for err in [status.as_ref().err(), config.as_ref().err()]
             .into_iter()
             .flatten()
         {
             if !missing(err) {
-                out.push((app, format!("corrupt snapshot record: {err}")));
+                problems.push((app, format!("corrupt snapshot record: {err}")));
             } else if !tracked && !taking {
-                out.push((app, format!("incomplete snapshot directory: {err}")));
+                problems.push((app, format!("incomplete snapshot directory: {err}")));
             }
         }
-        if status.is_ok() && !tracked {
-            out.push((
+        if tracked {
+            continue;
+        }
+        let Ok(status) = status else {
+            continue;
+        };
+        let status = status.record;
+        // Importable: all three records sound, naming the same snapshot and app, and the
+        // volumes' snapshot finished without error (a rollback can then use it).
+        let why_not = match (&config, &volumes) {
+            (Err(_), _) => Some("its appInstanceConfig.json is unusable".to_string()),
+            (_, Err(e)) => Some(format!("its volume record is unusable: {e}")),
+            (Ok(c), Ok(v)) => {
+                let (c, v) = (&c.record, &v.record);
+                let id = status.snapshot.snapshot_id;
+                if named != Some(id) || v.snapshot_id != id {
+                    Some(format!(
+                        "its records name other snapshots ({id}, {}) than its directory",
+                        v.snapshot_id
+                    ))
+                } else if c.app_uuid() != status.app_instance_id
+                    || v.app_uuid != status.app_instance_id
+                {
+                    Some(format!(
+                        "its records name different apps ({}, {}, {})",
+                        status.app_instance_id,
+                        c.app_uuid(),
+                        v.app_uuid
+                    ))
+                } else if v.is_in_progress()
+                    || v.error.is_error()
+                    || v.volume_snapshot_meta.is_empty()
+                {
+                    Some("its volume snapshot is unfinished or failed".to_string())
+                } else {
+                    None
+                }
+            }
+        };
+        match (why_not, config, volumes) {
+            (None, Ok(config), Ok(volumes)) => found.push((
+                status.app_instance_id,
+                FoundSnapshot {
+                    desc: status.snapshot.clone(),
+                    config: config.record,
+                    time_triggered: status.time_triggered,
+                    time_created: status.time_created.or(volumes.record.time_created),
+                },
+            )),
+            (why_not, _, _) => problems.push((
                 app,
                 format!(
-                    "snapshot records in {} are not tracked by this app-manager: kept, not imported",
-                    dir.display()
+                    "snapshot records in {} are not tracked by this app-manager: kept, not imported ({})",
+                    dir.display(),
+                    why_not.unwrap_or_default()
                 ),
-            ));
+            )),
         }
     }
-    out
+    (problems, found)
 }
 
 /// Whether a domain status is a settled state: `Some(true)` running, `Some(false)` stopped.

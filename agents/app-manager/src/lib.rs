@@ -1,7 +1,7 @@
 //! cairn-app-manager: application lifecycle and the snapshot state machine.
 //!
-//! `machine` holds the decisions, pure and unit-tested; the executor that carries its actions
-//! out over the bus and on disk comes with the rest of the agent.
+//! `machine` holds the decisions, pure and unit-tested; `agent` is the executor that carries its
+//! actions out over the bus and on disk.
 
 pub mod agent;
 pub mod machine;
@@ -52,6 +52,7 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
         rollback_in_progress: state.local.is_some() && state.phase != Phase::Idle,
         ..Default::default()
     };
+    let mut warnings = state.warnings.clone();
     for record in &state.snapshots {
         let status = snapshot_instance_status(state, record);
         match record.state {
@@ -61,8 +62,17 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
                 snap.requested_snapshots.push(status)
             }
             SnapshotState::Available => snap.available_snapshots.push(status),
-            SnapshotState::PendingDeletion | SnapshotState::DeletionFailed => {
+            SnapshotState::PendingDeletion => {
                 snap.snapshots_to_be_deleted.push(record.desc.clone())
+            }
+            // Still to be deleted, and why the last attempt failed (EVE's gap 2 lost this).
+            SnapshotState::DeletionFailed => {
+                snap.snapshots_to_be_deleted.push(record.desc.clone());
+                warnings.push(format!(
+                    "deleting snapshot {} failed: {}; it is tried again at the next deactivation of the app",
+                    record.id(),
+                    record.error.as_deref().unwrap_or("no reason given")
+                ));
             }
             SnapshotState::Dropped => {}
         }
@@ -87,7 +97,7 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
                 ErrorDescription::new(e.clone(), ErrorSeverity::Error, DateTime::<Utc>::UNIX_EPOCH)
             })
             .unwrap_or_default(),
-        warnings: state.warnings.clone(),
+        warnings,
         ..Default::default()
     }
 }

@@ -14,14 +14,21 @@
 //!   with a warning;
 //! - a rollback (rollback counter increased) replaces the controller's config by the snapshot's,
 //!   fixed up with the current snapshot list and counters, until the controller sends a new
-//!   version; a repeated rollback to the same snapshot is a new request (new request counter).
+//!   version; a repeated rollback to the same snapshot is a new request (new request counter);
+//! - a purge is a purge counter increase or a new generation of a volume the app runs on: the
+//!   app's APP_UPDATE snapshots are taken of the old generation, then the app restarts on the new
+//!   one. The old generation is held ([`AppState::volumes_in_use`]) until nothing of the app
+//!   needs it, then released to the volume-manager, which keeps it only for a snapshot whose
+//!   backend is the whole volume (purgeable) and rolls the app back onto it by the restored config;
+//! - a sound snapshot found on disk that the state does not track (EVE's records, or a lost state
+//!   file) is imported as available when the config lists it, under the same `max_snapshots`.
 
 use std::collections::{BTreeSet, VecDeque};
 
 use cairn_persist::Persist;
 use cairn_types::{
     AppInstanceConfig, SnapshotDesc, SnapshotType, UUIDandVersion, VolumesSnapshotAction,
-    VolumesSnapshotConfig, VolumesSnapshotStatus,
+    VolumesSnapshotConfig, VolumesSnapshotStatus, volume_key,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -157,6 +164,19 @@ pub enum Input {
     VolumesResult(VolumesSnapshotStatus),
     /// The app-manager restarted with this state: re-issue what the current phase waits for.
     Resume,
+    /// A complete snapshot found on disk at start that this state does not track: EVE's
+    /// records, or ones left behind by a lost state file. Its volume record is complete.
+    Import(Box<FoundSnapshot>),
+}
+
+/// A snapshot's records as found under `/persist/snapshots/<id>/`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoundSnapshot {
+    pub desc: SnapshotDesc,
+    /// `appInstanceConfig.json`: what a rollback to it restores.
+    pub config: AppInstanceConfig,
+    pub time_triggered: Option<DateTime<Utc>>,
+    pub time_created: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -232,6 +252,28 @@ impl AppState {
         self.snapshots.iter().find(|s| s.id() == id)
     }
 
+    /// The volume keys this app holds: the ones its domain was started on, the ones the config
+    /// in force will start it on, and the ones of snapshots still to be taken or rolled back to.
+    /// The volume-manager releases no volume an app holds, so an old generation outlives its
+    /// config for as long as the app runs on it or a queued snapshot step needs it.
+    pub fn volumes_in_use(&self) -> BTreeSet<String> {
+        let mut keys = BTreeSet::new();
+        if let Some(running) = &self.running {
+            keys.extend(volume_keys(running));
+        }
+        if self.effective().activate {
+            keys.extend(volume_keys(self.effective()));
+        }
+        for step in &self.steps {
+            if let Step::Create(id) | Step::Rollback(id) = step
+                && let Some(config) = self.snapshot(*id).and_then(|s| s.config.as_ref())
+            {
+                keys.extend(volume_keys(config));
+            }
+        }
+        keys
+    }
+
     fn snapshot_mut(&mut self, id: Uuid) -> Option<&mut SnapshotRecord> {
         self.snapshots.iter_mut().find(|s| s.id() == id)
     }
@@ -240,12 +282,19 @@ impl AppState {
 /// One decision: the new state and what to do, `Persist` first and `Status` last.
 pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState, Vec<Action>) {
     let mut actions = Vec::new();
+    let volumes_before = volume_keys(state.effective());
     match input {
         Input::Config(config) => on_config(&mut state, config, now),
-        Input::Domain { active } => state.domain_active = active,
+        Input::Domain { active } => on_domain(&mut state, active),
         Input::Volumes { ready } => state.volumes_ready = ready,
         Input::VolumesResult(result) => on_volumes_result(&mut state, result, now, &mut actions),
         Input::Resume => resume(&state, &mut actions),
+        Input::Import(found) => import(&mut state, *found),
+    }
+    // Other volumes (a purge's new generation, a rollback's old one): not ready until the
+    // executor says they are, so the app never starts on a volume that is not there yet.
+    if volume_keys(state.effective()) != volumes_before {
+        state.volumes_ready = false;
     }
     advance(&mut state, &mut actions);
     actions.insert(0, Action::Persist);
@@ -266,6 +315,12 @@ fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>
     if let Some(local) = &mut state.local {
         fix_up(local, &state.controller);
     }
+    // A new generation of a volume the app runs on is a purge too (the controller's way of
+    // asking for fresh volumes). Decided before a rollback below changes the config in force.
+    let regenerated = state
+        .running
+        .as_ref()
+        .is_some_and(|running| volume_keys(running) != volume_keys(state.effective()));
 
     let wanted: Vec<SnapshotDesc> = state.controller.snapshot.snapshots.clone();
     let wanted_ids: BTreeSet<Uuid> = wanted.iter().map(|d| d.snapshot_id).collect();
@@ -308,7 +363,7 @@ fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>
     }
     enforce_max(state);
 
-    let purge = state.controller.purge_cmd.counter > state.handled_purge;
+    let purge = state.controller.purge_cmd.counter > state.handled_purge || regenerated;
     let restart = state.controller.restart_cmd.counter > state.handled_restart;
     state.handled_purge = state.controller.purge_cmd.counter;
     state.handled_restart = state.controller.restart_cmd.counter;
@@ -332,6 +387,55 @@ fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>
     }
     if (upgrade || purge || restart) && state.running.is_some() {
         state.restart_wanted = true;
+    }
+}
+
+/// Adopts a snapshot found on disk. Only one the config lists: the controller's list decides
+/// which snapshots exist, and one it does not list would be deleted at once; such records are
+/// left on disk, with a warning, for a technician to look at. The limit applies as to any new
+/// available snapshot: the oldest available go first.
+fn import(state: &mut AppState, found: FoundSnapshot) {
+    let id = found.desc.snapshot_id;
+    if state.snapshot(id).is_some() {
+        return;
+    }
+    let listed = state
+        .controller
+        .snapshot
+        .snapshots
+        .iter()
+        .find(|d| d.snapshot_id == id)
+        .cloned();
+    let Some(desc) = listed else {
+        let note = format!(
+            "snapshot {id} found on disk is not in the app's snapshot list: kept on disk, not imported"
+        );
+        if !state.warnings.contains(&note) {
+            state.warnings.push(note);
+        }
+        return;
+    };
+    state.snapshots.insert(
+        0,
+        SnapshotRecord {
+            desc,
+            state: SnapshotState::Available,
+            time_triggered: found.time_triggered,
+            time_created: found.time_created,
+            config: Some(found.config),
+            error: None,
+        },
+    );
+    enforce_max(state);
+}
+
+/// A domain found running that this state never started (its state file was lost) is adopted as
+/// running the config in force, so its request is published again and it is not stopped as a
+/// stale one at the restart barrier.
+fn on_domain(state: &mut AppState, active: bool) {
+    state.domain_active = active;
+    if active && state.running.is_none() && state.phase == Phase::Idle {
+        state.running = Some(state.effective().clone());
     }
 }
 
@@ -442,16 +546,20 @@ fn on_volumes_result(
         return;
     }
     let failed = result.error.is_error() || !result.volume_errors.is_empty();
-    let reason = if result.error.is_error() {
-        result.error.error.clone()
-    } else {
-        result
-            .volume_errors
-            .iter()
-            .map(|(volume, e)| format!("volume {volume}: {e}"))
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
+    // The summary and each volume's cause (the file, the errno), so the status says what to fix.
+    let reason = result
+        .error
+        .is_error()
+        .then(|| result.error.error.clone())
+        .into_iter()
+        .chain(
+            result
+                .volume_errors
+                .iter()
+                .map(|(volume, e)| format!("volume {volume}: {e}")),
+        )
+        .collect::<Vec<_>>()
+        .join("; ");
     let id = step.snapshot();
     let in_config = state
         .controller
@@ -599,15 +707,27 @@ fn volumes_action(state: &AppState, step: Step, counter: u64) -> Action {
             .and_then(|s| s.config.clone())
             .unwrap_or_else(|| state.effective().clone()),
     };
+    let refs = &config.volume_ref_config_list;
     Action::Volumes(VolumesSnapshotConfig {
         snapshot_id: step.snapshot(),
         action: step.action(),
-        volume_ids: config
-            .volume_ref_config_list
-            .iter()
-            .map(|v| v.volume_id)
-            .collect(),
+        volume_ids: refs.iter().map(|v| v.volume_id).collect(),
         app_uuid: state.app,
         request_counter: counter,
+        // The generation the snapshot's config uses: after a purge, the pre-purge one.
+        volume_keys: refs.iter().map(|v| (v.volume_id, ref_key(v))).collect(),
     })
+}
+
+/// The volume key a ref names: its id at its (controller + local) generation.
+pub fn ref_key(volume: &cairn_types::VolumeRefConfig) -> String {
+    volume_key(
+        volume.volume_id,
+        volume.generation_counter + volume.local_generation_counter,
+    )
+}
+
+/// The volume keys a config names.
+pub fn volume_keys(config: &AppInstanceConfig) -> BTreeSet<String> {
+    config.volume_ref_config_list.iter().map(ref_key).collect()
 }

@@ -8,7 +8,9 @@
 use std::collections::{BTreeSet, VecDeque};
 
 use cairn_app_manager::app_status;
-use cairn_app_manager::machine::{Action, AppState, Input, Phase, SnapshotState, step};
+use cairn_app_manager::machine::{
+    Action, AppState, FoundSnapshot, Input, Phase, SnapshotState, step, volume_keys,
+};
 use cairn_types::{
     AppInstanceConfig, ErrorDescription, ErrorSeverity, SnapshotConfig, SnapshotDesc, SnapshotType,
     UUIDandVersion, VolumeRefConfig, VolumesSnapshotAction, VolumesSnapshotStatus,
@@ -65,6 +67,11 @@ struct World {
     now: DateTime<Utc>,
     domain_active: bool,
     domain_config_version: Option<String>,
+    /// The volume keys the domain was last started on.
+    domain_volumes: BTreeSet<String>,
+    /// Whether the volume-manager has every volume a config names ready (the executor feeds
+    /// readiness after each step that changes the volumes in force).
+    volumes_exist: bool,
     backend: BTreeSet<Uuid>,
     files: BTreeSet<Uuid>,
     inbox: VecDeque<Input>,
@@ -82,6 +89,8 @@ impl World {
             now: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
             domain_active: false,
             domain_config_version: None,
+            domain_volumes: BTreeSet::new(),
+            volumes_exist: true,
             backend: BTreeSet::new(),
             files: BTreeSet::new(),
             inbox: VecDeque::new(),
@@ -95,12 +104,25 @@ impl World {
         world
     }
 
+    /// A world around a state made elsewhere, nothing fed to it yet.
+    fn around(state: AppState) -> Self {
+        let mut world = Self::new(config("0"));
+        world.take_log();
+        world.domain_active = false;
+        world.state = state.clone();
+        world.persisted = state;
+        world
+    }
+
     fn input(&mut self, input: Input) {
         self.now += Duration::seconds(1);
         let (state, actions) = step(self.state.clone(), input, self.now);
         self.state = state;
         for action in actions {
             self.carry_out(action);
+        }
+        if !self.state.volumes_ready && self.volumes_exist {
+            self.inbox.push_back(Input::Volumes { ready: true });
         }
     }
 
@@ -112,6 +134,7 @@ impl World {
                 self.domain_active = *activate;
                 if *activate {
                     self.domain_config_version = Some(config.uuid_and_version.version.clone());
+                    self.domain_volumes = volume_keys(config);
                 }
                 self.inbox.push_back(Input::Domain { active: *activate });
             }
@@ -385,6 +408,16 @@ fn a_failed_deletion_is_reported_failed_and_retried_at_the_next_deactivation() {
             .unwrap()
             .contains("disk full")
     );
+    let status = app_status(&world.state);
+    assert_eq!(status.snap_status.snapshots_to_be_deleted.len(), 1);
+    assert!(
+        status
+            .warnings
+            .iter()
+            .any(|w| w.contains(&id(1).to_string()) && w.contains("disk full")),
+        "the failure is in the status: {:?}",
+        status.warnings
+    );
 
     restarted.restart_cmd.counter = 2;
     world.config(restarted);
@@ -586,6 +619,8 @@ enum Change {
     FailNext,
     RestartManager,
     DeliverSome(u8),
+    /// The controller's purge by a new volume generation.
+    Regenerate,
 }
 
 fn change() -> impl Strategy<Value = Change> {
@@ -602,6 +637,7 @@ fn change() -> impl Strategy<Value = Change> {
         Just(Change::FailNext),
         Just(Change::RestartManager),
         (0u8..3).prop_map(Change::DeliverSome),
+        Just(Change::Regenerate),
     ]
 }
 
@@ -621,6 +657,7 @@ proptest! {
                 Change::Remove(n) => controller = without_snapshot(controller, 100 + n as u128),
                 Change::Upgrade => { version += 1; controller.uuid_and_version.version = version.to_string(); }
                 Change::Purge => controller.purge_cmd.counter += 1,
+                Change::Regenerate => controller.volume_ref_config_list[0].generation_counter += 1,
                 Change::Restart => controller.restart_cmd.counter += 1,
                 Change::Rollback(n) => {
                     controller.snapshot.active_snapshot = id(100 + n as u128).to_string();
@@ -664,8 +701,15 @@ proptest! {
         prop_assert!(world.backend.is_subset(&kept), "leaked: backend {:?}, records {:?}", world.backend, kept);
         prop_assert!(certain.is_subset(&world.backend), "lost: records {:?}, backend {:?}", certain, world.backend);
         prop_assert_eq!(&world.files, &kept);
-        // The app runs when it should.
+        // The app runs when it should, on the volumes of the config in force, and holds those
+        // only: an old generation is released once nothing needs it.
         prop_assert_eq!(world.domain_active, world.state.effective().activate);
+        let in_force = volume_keys(world.state.effective());
+        if world.domain_active {
+            prop_assert_eq!(&world.domain_volumes, &in_force);
+        }
+        let expected_holds = if world.domain_active { in_force } else { BTreeSet::new() };
+        prop_assert_eq!(world.state.volumes_in_use(), expected_holds);
     }
 }
 
@@ -695,4 +739,191 @@ fn a_snapshot_being_rolled_back_to_is_deleted_only_after_the_rollback() {
     let delete = order.iter().position(|k| *k == "delete");
     assert!(delete.is_none_or(|d| d > rollback), "{order:?}");
     assert!(world.domain_active);
+}
+
+// ---- purges by volume generation, and snapshots found on disk ----
+
+fn generation(mut c: AppInstanceConfig, g: i64) -> AppInstanceConfig {
+    c.volume_ref_config_list[0].generation_counter = g;
+    c
+}
+
+fn key(g: i64) -> String {
+    cairn_types::volume_key(id(VOLUME), g)
+}
+
+fn volume_requests(log: &[Action]) -> Vec<cairn_types::VolumesSnapshotConfig> {
+    log.iter()
+        .filter_map(|a| match a {
+            Action::Volumes(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_new_volume_generation_snapshots_the_old_one_then_runs_on_the_new() {
+    let base = with_snapshot(config("1"), 1, SnapshotType::AppUpdate);
+    let mut world = World::new(base.clone());
+    assert_eq!(world.domain_volumes, BTreeSet::from([key(0)]));
+    world.take_log();
+
+    // Same version, new generation: a purge. Step by step, to see the holds while it runs.
+    world.input(Input::Config(generation(base, 1)));
+    assert_eq!(world.state_of(1), Some(SnapshotState::Triggered));
+    assert!(
+        world.state.volumes_in_use().contains(&key(0)),
+        "the old generation is held while the app runs on it and its snapshot is due"
+    );
+    world.settle();
+    let log = world.take_log();
+    assert_eq!(kinds(&log), vec!["stop", "create", "write-files", "start"]);
+    let create = &volume_requests(&log)[0];
+    assert_eq!(
+        create.volume_keys.get(&id(VOLUME)),
+        Some(&key(0)),
+        "the purge's snapshot is of the pre-purge generation"
+    );
+    assert_eq!(world.domain_volumes, BTreeSet::from([key(1)]));
+    assert_eq!(world.state.volumes_in_use(), BTreeSet::from([key(1)]));
+    let record = world.state.snapshot(id(1)).unwrap();
+    assert_eq!(record.state, SnapshotState::Available);
+    assert_eq!(
+        volume_keys(record.config.as_ref().unwrap()),
+        BTreeSet::from([key(0)])
+    );
+}
+
+#[test]
+fn the_app_restarts_on_a_new_generation_only_once_it_is_ready() {
+    let mut world = World::new(config("1"));
+    world.volumes_exist = false;
+    world.take_log();
+    world.config(generation(config("1"), 1));
+    assert_eq!(kinds(&world.take_log()), vec!["stop"]);
+    assert!(!world.domain_active);
+    world.volumes_exist = true;
+    world.input(Input::Volumes { ready: true });
+    world.settle();
+    assert_eq!(kinds(&world.take_log()), vec!["start"]);
+    assert_eq!(world.domain_volumes, BTreeSet::from([key(1)]));
+}
+
+#[test]
+fn a_rollback_after_a_purge_points_the_app_back_at_the_old_generation() {
+    let base = with_snapshot(config("1"), 1, SnapshotType::AppUpdate);
+    let mut world = World::new(base.clone());
+    let purged = generation(with_snapshot(config("2"), 1, SnapshotType::AppUpdate), 1);
+    world.config(purged.clone());
+    assert_eq!(world.domain_volumes, BTreeSet::from([key(1)]));
+    world.take_log();
+
+    world.config(rollback_to(purged, 1, 1));
+    let log = world.take_log();
+    assert_eq!(kinds(&log), vec!["stop", "rollback", "start"]);
+    assert_eq!(
+        volume_requests(&log)[0].volume_keys.get(&id(VOLUME)),
+        Some(&key(0))
+    );
+    assert_eq!(world.domain_config_version.as_deref(), Some("1"));
+    assert_eq!(
+        world.domain_volumes,
+        BTreeSet::from([key(0)]),
+        "the app runs on the kept pre-purge volume"
+    );
+    assert_eq!(world.state.volumes_in_use(), BTreeSet::from([key(0)]));
+    assert_eq!(
+        world.state_of(1),
+        Some(SnapshotState::Available),
+        "a rollback is not an APP_UPDATE trigger"
+    );
+}
+
+fn found(n: u128, version: &str, created: DateTime<Utc>) -> FoundSnapshot {
+    FoundSnapshot {
+        desc: SnapshotDesc {
+            snapshot_id: id(n),
+            snapshot_type: SnapshotType::Immediate,
+        },
+        config: config(version),
+        time_triggered: Some(created - Duration::seconds(2)),
+        time_created: Some(created),
+    }
+}
+
+#[test]
+fn a_listed_snapshot_found_on_disk_is_imported_as_available_and_not_taken_again() {
+    // A lost state file: the fresh state knows the config, not its snapshots.
+    let listed = with_snapshot(config("2"), 1, SnapshotType::Immediate);
+    let created = Utc.with_ymd_and_hms(2025, 6, 1, 0, 0, 0).unwrap();
+    let state = AppState::new(listed.clone());
+    let (state, actions) = step(
+        state,
+        Input::Import(Box::new(found(1, "1", created))),
+        created,
+    );
+    assert!(kinds(&actions).is_empty(), "{actions:?}");
+    let record = state.snapshot(id(1)).unwrap();
+    assert_eq!(record.state, SnapshotState::Available);
+    assert_eq!(record.time_created, Some(created));
+    assert_eq!(
+        record.config.as_ref().unwrap().uuid_and_version.version,
+        "1",
+        "a rollback restores the config saved with it"
+    );
+    // The config that lists it then finds it taken: no stop, no create.
+    let mut world = World::around(state);
+    world.config(listed);
+    assert_eq!(kinds(&world.take_log()), vec!["start"]);
+    assert_eq!(world.state_of(1), Some(SnapshotState::Available));
+}
+
+#[test]
+fn an_unlisted_snapshot_found_on_disk_is_left_alone_with_a_warning() {
+    let world = World::new(config("1"));
+    let (state, actions) = step(
+        world.state,
+        Input::Import(Box::new(found(9, "1", world.now))),
+        world.now,
+    );
+    assert!(kinds(&actions).is_empty());
+    assert!(state.snapshot(id(9)).is_none());
+    assert!(
+        state
+            .warnings
+            .iter()
+            .any(|w| w.contains(&id(9).to_string()) && w.contains("not imported")),
+        "{:?}",
+        state.warnings
+    );
+}
+
+#[test]
+fn an_imported_snapshot_counts_against_max_snapshots_oldest_first() {
+    let mut c = with_snapshot(config("1"), 2, SnapshotType::Immediate);
+    c.snapshot.max_snapshots = 1;
+    let mut world = World::new(c.clone());
+    assert_eq!(world.state_of(2), Some(SnapshotState::Available));
+    // The config lists an older snapshot 1 as well, found on disk.
+    world.state.controller = with_snapshot(c, 1, SnapshotType::Immediate);
+    let older = world.now - Duration::days(1);
+    world.input(Input::Import(Box::new(found(1, "1", older))));
+    assert_eq!(world.state_of(1), Some(SnapshotState::PendingDeletion));
+    assert_eq!(world.state_of(2), Some(SnapshotState::Available));
+    assert!(world.state.warnings.iter().any(|w| w.contains("at most 1")));
+}
+
+#[test]
+fn a_domain_found_running_by_a_state_that_never_started_it_is_adopted_not_restarted() {
+    // A lost state file: the fresh state learns the domain runs.
+    let state = AppState::new(config("1"));
+    let (state, _) = step(state, Input::Config(config("1")), Utc::now());
+    let (state, a) = step(state, Input::Domain { active: true }, Utc::now());
+    let (state, b) = step(state, Input::Volumes { ready: true }, Utc::now());
+    assert!(kinds(&a).is_empty() && kinds(&b).is_empty(), "{a:?} {b:?}");
+    assert_eq!(
+        state.domain_request().map(|(on, c)| (on, c.clone())),
+        Some((true, config("1"))),
+        "the running domain's request is published again"
+    );
 }

@@ -62,6 +62,10 @@ pub enum VolumeError {
     #[error("volume {volume}: no volume with this id is configured; check the app's volume list")]
     UnknownVolume { volume: Uuid },
     #[error(
+        "volume {volume}: generation {key} is not on this device (purged and released?); a snapshot of it cannot be made"
+    )]
+    UnknownGeneration { volume: Uuid, key: String },
+    #[error(
         "volume {volume}: snapshot {snapshot} does not exist on the backend; it cannot be rolled back to"
     )]
     NoSnapshot { volume: String, snapshot: String },

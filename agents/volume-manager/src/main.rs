@@ -1,6 +1,6 @@
 //! cairn-volume-manager: the binary. Wires the core to the bus: `VolumeConfig` from the
-//! config-agent and `VolumesSnapshotConfig` from the app-manager in, `VolumeStatus` and
-//! `VolumesSnapshotStatus` out.
+//! config-agent, `VolumesSnapshotConfig` and `AppVolumeRefs` from the app-manager in,
+//! `VolumeStatus` and `VolumesSnapshotStatus` out.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use cairn_pubsub::{Bus, Event, Publication, PublishOptions};
 use cairn_types::snapshot::{VolumesSnapshotConfig, VolumesSnapshotStatus};
-use cairn_types::volume::{VolumeConfig, VolumeStatus};
+use cairn_types::volume::{AppVolumeRefs, VolumeConfig, VolumeStatus};
 use cairn_volume_manager::manager::AGENT;
 use cairn_volume_manager::{Publish, Tools, VolumeManager};
 use clap::Parser;
@@ -80,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
     let mut manager = VolumeManager::open(&args.persist_dir, tools, outputs.volumes.values()).await;
     let mut volume_configs = bus.subscribe::<VolumeConfig>("config-agent");
     let mut snapshot_configs = bus.subscribe::<VolumesSnapshotConfig>("app-manager");
+    let mut app_holds = bus.subscribe::<AppVolumeRefs>("app-manager");
     tracing::info!(persist = %args.persist_dir.display(), records = manager.records().count(), "volume-manager started");
 
     // Snapshot requests wait until the volumes are known.
@@ -143,6 +144,23 @@ async fn main() -> anyhow::Result<()> {
                 if !was && snapshots_restarted && let Err(e) = outputs.snapshots.signal_restarted().await {
                     tracing::error!("{e}");
                 }
+            }
+            event = app_holds.recv() => {
+                let actions = match event {
+                    Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                        manager.handle_app_volume_refs(value).await
+                    }
+                    Event::Delete { last, .. } => {
+                        manager.handle_app_volume_refs_delete(last.app_uuid).await
+                    }
+                    Event::Restarted => manager.handle_app_volume_refs_complete().await,
+                    Event::PublisherRestarted { .. } => {
+                        manager.handle_app_volume_refs_restarting();
+                        Vec::new()
+                    }
+                    _ => Vec::new(),
+                };
+                outputs.apply(actions).await;
             }
             _ = size_refresh.tick() => {
                 outputs.apply(manager.refresh_sizes()).await;

@@ -9,6 +9,13 @@
 //!
 //! After a restart an in-progress record is resumed when its request is still there (a create
 //! adopts the backend snapshots already made) and undone when it is not.
+//!
+//! A volume goes when no config, no snapshot record and no app refers to it. The apps' holds
+//! (`AppVolumeRefs`, from the app-manager) matter after a purge: the old generation has lost its
+//! config, but the app may still run on it, an APP_UPDATE snapshot may be about to be taken of
+//! it, or a rollback to a purgeable snapshot may have pointed the app back at it. Until the
+//! app-manager's table is known complete (its publication passed its restart barrier), no volume
+//! is released at all.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -18,7 +25,7 @@ use cairn_types::common::{ErrorDescription, ErrorSeverity};
 use cairn_types::layout::{VOLUMES_SNAPSHOT_STATUS_FILE, snapshot_dir, snapshots_dir, volumes_dir};
 use cairn_types::snapshot::{VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus};
 use cairn_types::volume::{
-    SnapshotBackendKind, VolumeConfig, VolumeSnapshotMeta, VolumeState, VolumeStatus,
+    AppVolumeRefs, SnapshotBackendKind, VolumeConfig, VolumeSnapshotMeta, VolumeState, VolumeStatus,
 };
 use uuid::Uuid;
 
@@ -37,6 +44,8 @@ pub const CRASH_AFTER_BACKEND_CREATE: &str = "volume-manager:after-backend-creat
 pub const CRASH_AFTER_RECORD_WRITE: &str = "volume-manager:after-record-write";
 /// After the backend snapshots are deleted, before the record is removed.
 pub const CRASH_AFTER_BACKEND_DELETE: &str = "volume-manager:after-backend-delete";
+/// After the volumes are rolled back, before the record says so.
+pub const CRASH_AFTER_BACKEND_ROLLBACK: &str = "volume-manager:after-backend-rollback";
 
 /// What the bus layer must do with the outcome of a handler, in order.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +72,10 @@ pub struct VolumeManager {
     records: BTreeMap<Uuid, VolumesSnapshotStatus>,
     /// Record files that could not be read: reported, never trusted, never deleted.
     pub unreadable_records: Vec<(PathBuf, String)>,
+    /// Per app, the volume keys it holds (the app-manager's `AppVolumeRefs`).
+    app_holds: BTreeMap<Uuid, BTreeSet<String>>,
+    /// Whether `app_holds` is the app-manager's whole table; until it is, nothing is released.
+    app_holds_known: bool,
 }
 
 fn now() -> chrono::DateTime<chrono::Utc> {
@@ -99,6 +112,8 @@ impl VolumeManager {
                 .collect(),
             records,
             unreadable_records,
+            app_holds: BTreeMap::new(),
+            app_holds_known: false,
         }
     }
 
@@ -192,6 +207,41 @@ impl VolumeManager {
         self.collect_volumes().await
     }
 
+    // ---- apps' holds ---------------------------------------------------------------------
+
+    /// `AppVolumeRefs` create or modify: volumes the app no longer holds may go.
+    pub async fn handle_app_volume_refs(&mut self, refs: AppVolumeRefs) -> Vec<Publish> {
+        self.app_holds.insert(refs.app_uuid, refs.volume_keys);
+        self.collect_volumes().await
+    }
+
+    /// `AppVolumeRefs` delete: the app holds nothing any more.
+    pub async fn handle_app_volume_refs_delete(&mut self, app: Uuid) -> Vec<Publish> {
+        self.app_holds.remove(&app);
+        self.collect_volumes().await
+    }
+
+    /// The app-manager's table is complete (its publication passed its restart barrier):
+    /// volumes nothing refers to may go from now on.
+    pub async fn handle_app_volume_refs_complete(&mut self) -> Vec<Publish> {
+        self.app_holds_known = true;
+        self.collect_volumes().await
+    }
+
+    /// The app-manager restarted: until its table is complete again, no volume is released (a
+    /// rebooted app-manager starts with an empty table).
+    pub fn handle_app_volume_refs_restarting(&mut self) {
+        self.app_holds_known = false;
+    }
+
+    fn holding_apps(&self, key: &str) -> Vec<Uuid> {
+        self.app_holds
+            .iter()
+            .filter(|(_, keys)| keys.contains(key))
+            .map(|(app, _)| *app)
+            .collect()
+    }
+
     fn keeping_snapshots(&self, key: &str) -> Vec<Uuid> {
         self.records
             .values()
@@ -215,11 +265,20 @@ impl VolumeManager {
             .collect();
         for key in orphans {
             let keepers = self.keeping_snapshots(&key);
+            let holders = self.holding_apps(&key);
+            let known = self.app_holds_known;
             let Some(status) = self.statuses.get_mut(&key) else {
                 continue;
             };
-            if !keepers.is_empty() {
-                let warning = format!("kept without config for snapshot(s) {keepers:?}");
+            if !keepers.is_empty() || !holders.is_empty() {
+                let mut why = Vec::new();
+                if !keepers.is_empty() {
+                    why.push(format!("snapshot(s) {keepers:?}"));
+                }
+                if !holders.is_empty() {
+                    why.push(format!("app(s) {holders:?} using it"));
+                }
+                let warning = format!("kept without config for {}", why.join(" and "));
                 if !status.warnings.contains(&warning) {
                     status
                         .warnings
@@ -227,6 +286,10 @@ impl VolumeManager {
                     status.warnings.push(warning);
                     out.push(Publish::Volume(status.clone()));
                 }
+                continue;
+            }
+            if !known {
+                tracing::debug!(volume = %key, "unconfigured; released once the app-manager's holds are known");
                 continue;
             }
             let path = status.file_location.clone();
@@ -244,6 +307,37 @@ impl VolumeManager {
             }
         }
         out
+    }
+
+    /// The volume a snapshot request names: the generation it asks for (a purge's snapshot is
+    /// of the pre-purge generation, configured or not), else the current one.
+    fn requested_volume(
+        &self,
+        config: &VolumesSnapshotConfig,
+        volume_id: Uuid,
+    ) -> Result<(VolumeRef, SnapshotBackendKind), VolumeError> {
+        let Some(key) = config.volume_keys.get(&volume_id) else {
+            return self
+                .current_volume(volume_id)
+                .ok_or(VolumeError::UnknownVolume { volume: volume_id });
+        };
+        match self.statuses.get(key) {
+            Some(s) if s.state == VolumeState::Ready => Ok((
+                VolumeRef {
+                    key: key.clone(),
+                    path: s.file_location.clone(),
+                },
+                s.backend,
+            )),
+            Some(s) => Err(VolumeError::Unsupported {
+                volume: key.clone(),
+                what: format!("it is {:?}, not ready: {}", s.state, s.error.error),
+            }),
+            None => Err(VolumeError::UnknownGeneration {
+                volume: volume_id,
+                key: key.clone(),
+            }),
+        }
     }
 
     /// The current volume of `volume_id` (its highest configured generation).
@@ -384,6 +478,7 @@ impl VolumeManager {
                     volume_ids: Vec::new(),
                     app_uuid: record.app_uuid,
                     request_counter: record.in_progress_counter,
+                    volume_keys: BTreeMap::new(),
                 };
                 let _ = self.delete_snapshot(&config).await;
                 Vec::new()
@@ -514,10 +609,9 @@ impl VolumeManager {
             let resumed = previous.as_ref().and_then(|r| r.meta_of(*volume));
             let planned = match resumed {
                 Some(meta) => Ok(meta),
-                None => match self.current_volume(*volume) {
-                    None => Err(VolumeError::UnknownVolume { volume: *volume }),
-                    Some((vref, kind)) => self.backends.plan(kind, &vref, &name),
-                },
+                None => self
+                    .requested_volume(config, *volume)
+                    .and_then(|(vref, kind)| self.backends.plan(kind, &vref, &name)),
             };
             match planned {
                 Ok(meta) => plan.push((*volume, meta)),
@@ -739,6 +833,7 @@ impl VolumeManager {
                 errors.insert(*volume, e.to_string());
             }
         }
+        crash_point(CRASH_AFTER_BACKEND_ROLLBACK);
         record.in_progress = VolumesSnapshotAction::Unspecified;
         record.in_progress_counter = 0;
         record.result_of_action = VolumesSnapshotAction::Rollback;

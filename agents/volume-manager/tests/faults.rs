@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use cairn_types::snapshot::VolumesSnapshotAction::{Create, Delete, Rollback};
 use cairn_types::snapshot::VolumesSnapshotStatus;
 use cairn_types::volume::{
-    SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeState, VolumeStatus,
+    AppVolumeRefs, SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeState,
+    VolumeStatus,
 };
 use cairn_volume_manager::tools::Tool;
 use cairn_volume_manager::{Publish, Tools, VolumeManager};
@@ -30,8 +31,11 @@ async fn tools() -> Tools {
     tools
 }
 
+/// A manager whose app-manager holds nothing (its table known): unused volumes go at once.
 async fn manager(persist: &Path) -> VolumeManager {
-    VolumeManager::open(persist, tools().await, Vec::new()).await
+    let mut m = VolumeManager::open(persist, tools().await, Vec::new()).await;
+    m.handle_app_volume_refs_complete().await;
+    m
 }
 
 fn volume_of(out: &[Publish]) -> VolumeStatus {
@@ -518,4 +522,72 @@ async fn a_repeated_create_is_answered_again_without_remaking_the_snapshot() {
         s.volume_errors[&a.volume_id].contains("does not exist on the backend"),
         "{s:?}"
     );
+}
+
+#[tokio::test]
+async fn a_purge_snapshot_is_taken_of_the_generation_the_request_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let gen0 = volume(VolumeFormat::Qcow2, 16 * MIB);
+    let old = add(&mut m, &gen0).await;
+    let mut gen1 = gen0.clone();
+    gen1.generation_counter = 1;
+    let new = add(&mut m, &gen1).await;
+    // The new generation exists already; the APP_UPDATE snapshot of the purge is of the old one.
+    let id = Uuid::new_v4();
+    let mut create = request(id, Create, &[&gen0], 1);
+    create.volume_keys = [(gen0.volume_id, gen0.key())].into();
+    let s = snapshot_of(&m.handle_snapshot_config(create).await);
+    assert!(!s.error.is_error(), "{s:?}");
+    assert_eq!(s.meta_of(gen0.volume_id).unwrap().volume_key, gen0.key());
+    assert_eq!(qcow2_tags(&old.file_location), vec![id.to_string()]);
+    assert!(qcow2_tags(&new.file_location).is_empty());
+    // A generation that is not on the device is refused by name, nothing made.
+    let mut gone = request(Uuid::new_v4(), Create, &[&gen0], 1);
+    gone.volume_keys = [(gen0.volume_id, format!("{}#7", gen0.volume_id))].into();
+    let s = snapshot_of(&m.handle_snapshot_config(gone).await);
+    assert!(s.error.error.contains("#7 is not on this device"), "{s:?}");
+}
+
+#[tokio::test]
+async fn an_unconfigured_volume_stays_while_an_app_holds_it_or_its_holds_are_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = VolumeManager::open(dir.path(), tools().await, Vec::new()).await;
+    let gen0 = volume(VolumeFormat::Dir, 0);
+    let old = add(&mut m, &gen0).await;
+    let app = Uuid::new_v4();
+    // The app-manager has not said what its apps hold yet (it may have just rebooted).
+    m.handle_volume_config_delete(&gen0.key()).await;
+    assert!(
+        old.file_location.exists(),
+        "released before the holds are known"
+    );
+    let out = m
+        .handle_app_volume_refs(AppVolumeRefs {
+            app_uuid: app,
+            volume_keys: [gen0.key()].into(),
+        })
+        .await;
+    m.handle_app_volume_refs_complete().await;
+    let kept = volume_of(&out);
+    assert!(
+        kept.warnings.iter().any(|w| w.contains(&app.to_string())),
+        "{kept:?}"
+    );
+    assert!(
+        old.file_location.exists(),
+        "released while the app holds it"
+    );
+    // The app lets go (it restarted on the new generation): the volume goes.
+    let out = m
+        .handle_app_volume_refs(AppVolumeRefs {
+            app_uuid: app,
+            volume_keys: Default::default(),
+        })
+        .await;
+    assert!(
+        out.contains(&Publish::UnpublishVolume(gen0.key())),
+        "{out:?}"
+    );
+    assert!(!old.file_location.exists());
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use cairn_pubsub::{Bus, Event, Publication, PublishOptions, Subscription};
 use cairn_types::snapshot::{VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus};
-use cairn_types::volume::{VolumeConfig, VolumeFormat, VolumeOrigin, VolumeStatus};
+use cairn_types::volume::{AppVolumeRefs, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeStatus};
 use uuid::Uuid;
 
 pub const MIB: u64 = 1 << 20;
@@ -97,6 +97,7 @@ pub fn request(
         volume_ids: volumes.iter().map(|v| v.volume_id).collect(),
         app_uuid: Uuid::from_u128(0xa99),
         request_counter: counter,
+        ..VolumesSnapshotConfig::default()
     }
 }
 
@@ -231,6 +232,8 @@ pub struct Harness {
     pub run: PathBuf,
     pub volume_configs: Publication<VolumeConfig>,
     pub snapshot_configs: Publication<VolumesSnapshotConfig>,
+    /// The app-manager's holds on volumes: none, its table complete.
+    pub app_holds: Publication<AppVolumeRefs>,
     pub volume_statuses: Subscription<VolumeStatus>,
     pub snapshot_statuses: Subscription<VolumesSnapshotStatus>,
 }
@@ -247,7 +250,13 @@ impl Harness {
         let config_agent = Bus::new("config-agent", &run, &persist);
         let app_manager = Bus::new("app-manager", &run, &persist);
         let watcher = Bus::new("test", &run, &persist);
+        let app_holds = app_manager
+            .publish(PublishOptions::default())
+            .await
+            .unwrap();
+        app_holds.signal_restarted().await.unwrap();
         Self {
+            app_holds,
             volume_configs: config_agent
                 .publish(PublishOptions::default())
                 .await
