@@ -187,6 +187,12 @@ impl<T: Topic> Subscription<T> {
         self.synchronized
     }
 
+    /// Whether the publisher is connected now (as of the last `recv()`): a dead publisher is
+    /// noticed when `recv()` reads its socket's end.
+    pub fn is_connected(&self) -> bool {
+        self.connection.is_some()
+    }
+
     pub fn publisher(&self) -> &str {
         &self.publisher
     }

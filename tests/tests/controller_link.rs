@@ -139,6 +139,10 @@ async fn a_snapshot_request_in_the_controller_config_reaches_the_app_config() {
     .await;
     assert!(status.controller_reachable);
     assert_eq!(status.device_uuid, expected_uuid);
+    assert!(
+        status.agent_pid > 0 && !status.agent_version.is_empty() && status.agent_started.is_some()
+    );
+    assert!(!status.app_manager_up, "no app-manager runs in this test");
     assert!(!status.last_error.is_error(), "{:?}", status.last_error);
 
     // EVE's sequence, and the config is sent once: later polls carry its hash and get a 304.
@@ -221,14 +225,20 @@ async fn an_app_status_change_reaches_the_controller_as_zinfoapp_with_its_snapsh
         reported.infos.len()
     );
 
+    let status = device_status(&device, "the app-manager seen", |s| s.app_manager_up).await;
+    assert_eq!(status.reports_pending, 0);
+
     // Reports queued while the controller refuses them arrive once it is back.
-    controller.set_fault(Some(Fault::Status(503)));
+    controller.set_fault(Some(Fault::RefuseReports(503)));
     let before = controller.device(SERIAL).unwrap().infos.len();
     controller.set_config(
         SERIAL,
         app_config("2", &[(SNAPSHOT, proto::SnapshotType::Immediate)]),
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    device_status(&device, "reports waiting", |s| {
+        s.reports_pending > 0 && s.last_error.error.contains("503")
+    })
+    .await;
     assert_eq!(controller.device(SERIAL).unwrap().infos.len(), before);
     controller.set_fault(None);
     controller

@@ -49,6 +49,13 @@ pub struct DeviceStatus {
     pub last_contact: Option<DateTime<Utc>>,
     /// App reports queued for the controller, not yet accepted by it.
     pub reports_pending: u32,
+    /// The config-agent's own health: its version, process and start time.
+    pub agent_version: String,
+    pub agent_pid: u32,
+    #[serde(with = "go_time")]
+    pub agent_started: Option<DateTime<Utc>>,
+    /// Whether the app-manager's status reaches the config-agent (the reports depend on it).
+    pub app_manager_up: bool,
 }
 
 crate::topic!(DeviceStatus, |_v| "global".to_string());

@@ -92,7 +92,7 @@ pub async fn follow_local_file(
     };
     let mut status = DeviceStatus {
         config_source: source,
-        ..Default::default()
+        ..agent_health()
     };
     let mut applied_hash: Option<String> = None;
     let mut first = true;
@@ -153,6 +153,16 @@ async fn read_local(path: &Path) -> Result<(String, DeviceConfig), (Option<Strin
         )
     })?;
     Ok((hash, config))
+}
+
+/// A `DeviceStatus` carrying the config-agent's own health.
+pub fn agent_health() -> DeviceStatus {
+    DeviceStatus {
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        agent_pid: std::process::id(),
+        agent_started: Some(Utc::now()),
+        ..Default::default()
+    }
 }
 
 /// The default poll interval of the local file.

@@ -51,7 +51,7 @@ pub async fn run(
     let mut state = State {
         status: DeviceStatus {
             config_source: ConfigSource::None,
-            ..Default::default()
+            ..crate::apply::agent_health()
         },
         in_force: None,
         refused: None,
@@ -128,6 +128,7 @@ pub async fn run(
             }
         }
         state.status.reports_pending = queue.len() as u32;
+        state.status.app_manager_up = statuses.is_synchronized() && statuses.is_connected();
         if state.status != published {
             publications.status(state.status.clone()).await?;
             published = state.status.clone();

@@ -44,6 +44,8 @@ use uuid::Uuid;
 pub enum Fault {
     /// Every request is answered with this HTTP status and no body.
     Status(u16),
+    /// Only reports (`info`) are answered with this status; config is served as usual.
+    RefuseReports(u16),
     /// Every answer comes this much later.
     Delay(Duration),
     /// Every connection is closed after the request is read, with no answer.
@@ -429,6 +431,9 @@ fn route(
             Some((id, "info")) => with_device(body, state, |device| {
                 if id != device.uuid.to_string() {
                     return empty(403);
+                }
+                if let Some(Fault::RefuseReports(status)) = fault {
+                    return empty(*status);
                 }
                 match payload::<ZInfoMsg>(body) {
                     Some(info) => {
