@@ -349,6 +349,12 @@ async fn bad_answers_are_refused_and_the_last_good_config_stays_in_force() {
             "signature does not verify",
         ),
         (
+            "a missing signature",
+            Some(Fault::NoSignature),
+            app_config("2", &[]),
+            "not a 64-byte r‖s signature",
+        ),
+        (
             "malformed protobuf",
             Some(Fault::Garbage),
             app_config("2", &[]),

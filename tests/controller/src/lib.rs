@@ -52,6 +52,8 @@ pub enum Fault {
     Close,
     /// Config answers carry a signature that does not verify.
     BadSignature,
+    /// Config answers carry no signature at all.
+    NoSignature,
     /// Config answers are not protobuf at all.
     Garbage,
     /// Config answers are signed by a certificate outside the device's root.
@@ -533,6 +535,11 @@ fn config(device: &mut Device, body: &[u8], pki: &Pki, fault: Option<&Fault>) ->
     match fault {
         Some(Fault::Garbage) => proto_answer(200, b"\xff\xffnot a protobuf message".to_vec()),
         Some(Fault::ForeignSigner) => signed(pki, &answer, Some(&pki.foreign)),
+        Some(Fault::NoSignature) => {
+            let mut sealed = pki.signer.seal(answer.encode_to_vec(), false);
+            sealed.signature_hash.clear();
+            proto_answer(200, sealed.encode_to_vec())
+        }
         Some(Fault::BadSignature) => {
             let mut sealed = pki.signer.seal(answer.encode_to_vec(), false);
             sealed.signature_hash[10] ^= 0x40;
