@@ -1,5 +1,8 @@
 //! The ZFS backend against zfs-fuse (userspace ZFS; kernel ZFS cannot load here), through the zfs
-//! CLI. Built only with `--features zfs`; needs root, /dev/fuse and the zfs-fuse package.
+//! CLI driver: zfs-fuse has no /dev/zfs, so the libzetta driver is not chosen (its choice and
+//! its failure without /dev/zfs are unit-tested in `backend::zfs`). Built only with
+//! `--features zfs` (which needs libzfslinux-dev: `agents/volume-manager/install-zfs-deps`);
+//! needs root, /dev/fuse and the zfs-fuse package.
 #![cfg(feature = "zfs")]
 #![allow(clippy::unwrap_used)]
 
@@ -10,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use cairn_types::snapshot::VolumesSnapshotAction::{Create, Delete, Rollback};
 use cairn_types::volume::{SnapshotBackendKind, VolumeFormat, VolumeState};
+use cairn_volume_manager::backend::zfs;
 use cairn_volume_manager::{Publish, Tools, VolumeManager};
 use common::*;
 use uuid::Uuid;
@@ -143,4 +147,53 @@ async fn zfs_dataset_volumes_snapshot_roll_back_and_delete() {
     assert!(!s.error.is_error(), "{s:?}");
     let listed = sh("zfs", &["list", "-H", "-t", "snapshot", "-o", "name"]);
     assert!(!listed.contains(&id.to_string()), "{listed}");
+
+    // Without /dev/zfs (zfs-fuse), the process's driver is the CLI, and says why.
+    if std::env::var_os(zfs::DRIVER_ENV).is_none() {
+        let driver = zfs::driver().as_ref().unwrap();
+        assert_eq!(
+            (driver.label(), zfs::driver_label()),
+            ("zfs (cli)", "zfs (cli)")
+        );
+        assert!(
+            driver.reason().contains(zfs::DEV_ZFS),
+            "{}",
+            driver.reason()
+        );
+    }
+
+    // Rolling back past a later snapshot removes it (`zfs rollback -r`; the libzetta driver
+    // does the same by destroying the snapshots listed after the target). libzetta lists with
+    // `zfs list -t snapshot -o name -Hr`, which must give creation order, not name order.
+    let (older, newer) = (Uuid::new_v4(), Uuid::new_v4());
+    let (first, second) = if older < newer {
+        (newer, older)
+    } else {
+        (older, newer)
+    };
+    for (i, sid) in [first, second].into_iter().enumerate() {
+        let s = snapshot(
+            m.handle_snapshot_config(request(sid, Create, &[&a], 10 + i as u64))
+                .await,
+        );
+        assert!(!s.error.is_error(), "{s:?}");
+    }
+    let dataset = format!("{}/v1", pool.name);
+    let listed = sh(
+        "zfs",
+        &["list", "-t", "snapshot", "-o", "name", "-Hr", &dataset],
+    );
+    assert_eq!(
+        zfs::libzetta_later_snapshots(&listed, &dataset, &format!("{dataset}@{first}")),
+        [format!("{dataset}@{second}")],
+        "{listed}"
+    );
+    let s = snapshot(
+        m.handle_snapshot_config(request(first, Rollback, &[&a], 12))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+    let listed = sh("zfs", &["list", "-H", "-t", "snapshot", "-o", "name"]);
+    assert!(listed.contains(&first.to_string()), "{listed}");
+    assert!(!listed.contains(&second.to_string()), "{listed}");
 }
