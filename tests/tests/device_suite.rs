@@ -90,6 +90,7 @@ fn edge_config(want: &Want) -> EdgeDevConfig {
                         r#type: *kind as i32,
                     })
                     .collect(),
+                ..Default::default()
             }),
             cairn_domain: Some(CairnDomain {
                 kind: "vm".into(),

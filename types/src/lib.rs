@@ -9,6 +9,7 @@ pub mod common;
 pub mod device;
 pub mod domain;
 pub mod layout;
+pub mod policy;
 pub mod snapshot;
 pub mod volume;
 
@@ -22,6 +23,7 @@ pub use domain::{
     DiskConfig, DomainConfig, DomainLiveOp, DomainLiveOpConfig, DomainLiveOpState,
     DomainLiveOpStatus, DomainSpec, DomainState, DomainStatus, ProcessSpec, VmSpec,
 };
+pub use policy::{Retention, SnapshotPolicy};
 pub use snapshot::{
     SnapshotConfig, SnapshotDesc, SnapshotInstanceStatus, SnapshotType, SnapshotWhen,
     SnapshottingStatus, VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus,

@@ -49,6 +49,9 @@ pub struct SnapshotConfig {
     pub rollback_cmd: AppInstanceOpsCmd,
     #[serde(deserialize_with = "null_as_default")]
     pub snapshots: Vec<SnapshotDesc>,
+    /// Cairn: schedule, expiry, retention and naming of device-originated snapshots; `None`
+    /// (EVE's configs, and most apps) is no policy. Boxed: most configs travel without one.
+    pub policy: Option<Box<crate::policy::SnapshotPolicy>>,
 }
 
 /// Why a snapshot was taken (EVE `SnapshotWhen`).

@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use cairn_types::{
-    AppInstanceConfig, AppInstanceOpsCmd, DomainSpec, ProcessSpec, SnapshotConfig, SnapshotDesc,
-    SnapshotType, UUIDandVersion, VmSpec, VolumeConfig, VolumeFormat, VolumeOrigin,
-    VolumeRefConfig,
+    AppInstanceConfig, AppInstanceOpsCmd, DomainSpec, ProcessSpec, Retention, SnapshotConfig,
+    SnapshotDesc, SnapshotPolicy, SnapshotType, UUIDandVersion, VmSpec, VolumeConfig, VolumeFormat,
+    VolumeOrigin, VolumeRefConfig,
 };
 use serde::Deserialize;
 use uuid::Uuid;
@@ -99,6 +99,29 @@ struct LocalSnapshotConfig {
     max_snapshots: u32,
     #[serde(default)]
     snapshots: Vec<LocalSnapshotDesc>,
+    #[serde(default)]
+    schedule: String,
+    #[serde(default)]
+    time_zone: String,
+    #[serde(default)]
+    schedule_when_stopped: bool,
+    #[serde(default)]
+    expiry: String,
+    #[serde(default)]
+    retention: LocalRetention,
+    #[serde(default)]
+    pattern: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LocalRetention {
+    keep_last: u32,
+    keep_hourly: u32,
+    keep_daily: u32,
+    keep_weekly: u32,
+    keep_monthly: u32,
+    keep_yearly: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,7 +211,12 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
         )
     })?;
     let config = DeviceConfig {
-        apps: local.apps.into_iter().map(local_app).collect(),
+        apps: local
+            .apps
+            .into_iter()
+            .enumerate()
+            .map(|(i, app)| local_app(app, &format!("apps[{i}]")))
+            .collect::<Result<_, _>>()?,
         volumes: local.volumes.into_iter().map(local_volume).collect(),
         config_items: local.config_items,
     };
@@ -196,8 +224,27 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
     Ok(config)
 }
 
-fn local_app(app: LocalApp) -> AppInstanceConfig {
-    AppInstanceConfig {
+fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError> {
+    let r = &app.snapshot.retention;
+    let policy = policy(
+        PolicyText {
+            schedule: &app.snapshot.schedule,
+            time_zone: &app.snapshot.time_zone,
+            when_stopped: app.snapshot.schedule_when_stopped,
+            expiry: &app.snapshot.expiry,
+            retention: Retention {
+                keep_last: r.keep_last,
+                keep_hourly: r.keep_hourly,
+                keep_daily: r.keep_daily,
+                keep_weekly: r.keep_weekly,
+                keep_monthly: r.keep_monthly,
+                keep_yearly: r.keep_yearly,
+            },
+            pattern: &app.snapshot.pattern,
+        },
+        &format!("{path}.snapshot"),
+    )?;
+    Ok(AppInstanceConfig {
         uuid_and_version: UUIDandVersion {
             uuid: app.uuid,
             version: app.version,
@@ -232,6 +279,7 @@ fn local_app(app: LocalApp) -> AppInstanceConfig {
                     },
                 })
                 .collect(),
+            policy,
         },
         domain: app.domain.map(|d| match d {
             LocalDomain::Vm {
@@ -260,7 +308,7 @@ fn local_app(app: LocalApp) -> AppInstanceConfig {
             }),
         }),
         ..Default::default()
-    }
+    })
 }
 
 fn local_volume(volume: LocalVolume) -> VolumeConfig {
@@ -316,6 +364,43 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
     };
     validate(&config)?;
     Ok(config)
+}
+
+/// A snapshot policy as either source spells it.
+struct PolicyText<'a> {
+    schedule: &'a str,
+    time_zone: &'a str,
+    when_stopped: bool,
+    expiry: &'a str,
+    retention: Retention,
+    pattern: &'a str,
+}
+
+/// Checks every part of a policy, naming the field at fault.
+fn policy(text: PolicyText<'_>, path: &str) -> Result<Option<Box<SnapshotPolicy>>, ConfigError> {
+    let wrong = |field: &str, e: cairn_types::policy::PolicyError| {
+        ConfigError::at(format!("{path}.{field}"), e.to_string())
+    };
+    cairn_types::policy::parse_zone(text.time_zone).map_err(|e| wrong("time_zone", e))?;
+    if !text.schedule.trim().is_empty() {
+        cairn_types::policy::Schedule::parse(text.schedule, text.time_zone)
+            .map_err(|e| wrong("schedule", e))?;
+    }
+    let expiry_seconds = if text.expiry.trim().is_empty() {
+        0
+    } else {
+        cairn_types::policy::parse_duration(text.expiry).map_err(|e| wrong("expiry", e))?
+    };
+    cairn_types::policy::check_pattern(text.pattern).map_err(|e| wrong("pattern", e))?;
+    let policy = SnapshotPolicy {
+        schedule: text.schedule.trim().to_string(),
+        time_zone: text.time_zone.trim().to_string(),
+        schedule_when_stopped: text.when_stopped,
+        expiry_seconds,
+        retention: text.retention,
+        pattern: text.pattern.to_string(),
+    };
+    Ok((policy != SnapshotPolicy::default()).then(|| Box::new(policy)))
 }
 
 fn parse_uuid(text: &str, path: &str) -> Result<Uuid, ConfigError> {
@@ -383,6 +468,28 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
             max_snapshots: snapshot.max_snapshots,
             rollback_cmd: proto_counter(&snapshot.rollback_cmd),
             snapshots,
+            policy: policy(
+                PolicyText {
+                    schedule: &snapshot.cairn_schedule,
+                    time_zone: &snapshot.cairn_time_zone,
+                    when_stopped: snapshot.cairn_schedule_when_stopped,
+                    expiry: &snapshot.cairn_expiry,
+                    retention: snapshot
+                        .cairn_retention
+                        .as_ref()
+                        .map(|r| Retention {
+                            keep_last: r.keep_last,
+                            keep_hourly: r.keep_hourly,
+                            keep_daily: r.keep_daily,
+                            keep_weekly: r.keep_weekly,
+                            keep_monthly: r.keep_monthly,
+                            keep_yearly: r.keep_yearly,
+                        })
+                        .unwrap_or_default(),
+                    pattern: &snapshot.cairn_pattern,
+                },
+                &format!("{path}.snapshot"),
+            )?,
         },
         domain,
         ..Default::default()

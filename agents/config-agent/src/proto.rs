@@ -180,6 +180,39 @@ pub struct SnapshotConfig {
     pub max_snapshots: u32,
     #[prost(message, repeated, tag = "4")]
     pub snapshots: Vec<SnapshotDesc>,
+    /// Cairn: 5-field cron or `@daily`-style schedule of device-originated snapshots.
+    #[prost(string, tag = "1000")]
+    pub cairn_schedule: String,
+    /// Cairn: the IANA zone of the schedule (empty = UTC).
+    #[prost(string, tag = "1001")]
+    pub cairn_time_zone: String,
+    #[prost(bool, tag = "1002")]
+    pub cairn_schedule_when_stopped: bool,
+    /// Cairn: `7d`, `2w`, `12h`: scheduled snapshots older than this are deleted.
+    #[prost(string, tag = "1003")]
+    pub cairn_expiry: String,
+    #[prost(message, optional, tag = "1004")]
+    pub cairn_retention: Option<CairnRetention>,
+    /// Cairn: names of scheduled snapshots (`auto-%Y%m%d-%H%M`, `%n`, `%a`).
+    #[prost(string, tag = "1005")]
+    pub cairn_pattern: String,
+}
+
+/// Cairn extension (field 1004 of `SnapshotConfig`): keep counts, 0 = rule off.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CairnRetention {
+    #[prost(uint32, tag = "1")]
+    pub keep_last: u32,
+    #[prost(uint32, tag = "2")]
+    pub keep_hourly: u32,
+    #[prost(uint32, tag = "3")]
+    pub keep_daily: u32,
+    #[prost(uint32, tag = "4")]
+    pub keep_weekly: u32,
+    #[prost(uint32, tag = "5")]
+    pub keep_monthly: u32,
+    #[prost(uint32, tag = "6")]
+    pub keep_yearly: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

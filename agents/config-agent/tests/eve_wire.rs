@@ -178,6 +178,12 @@ const UNSET_EXTENSIONS: &[&str] = &[
     "cairn_base_image: \"\"",
     "cairn_base_sha256: \"\"",
     "cairn_purgeable: false",
+    "cairn_schedule: \"\"",
+    "cairn_time_zone: \"\"",
+    "cairn_schedule_when_stopped: false",
+    "cairn_expiry: \"\"",
+    "cairn_retention: None",
+    "cairn_pattern: \"\"",
 ];
 
 /// A Cairn message must be fully populated for a check to mean anything: no empty string,
@@ -517,6 +523,7 @@ fn cairn_snapshot_config() -> c::SnapshotConfig {
         rollback_cmd: Some(cairn_ops(3)),
         max_snapshots: BIG_U32 + 1,
         snapshots: vec![cairn_snapshot_desc(1), cairn_snapshot_desc(2)],
+        ..Default::default()
     }
 }
 fn eve_snapshot_config() -> DynamicMessage {
@@ -1126,6 +1133,33 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
             "org.lfedge.eve.config.Volume#1002",
             "org.lfedge.eve.config.Volume#1003",
         ],
+    );
+
+    let policy = c::SnapshotConfig {
+        cairn_schedule: "0 3 * * *".into(),
+        cairn_time_zone: "Europe/Berlin".into(),
+        cairn_schedule_when_stopped: true,
+        cairn_expiry: "7d".into(),
+        cairn_retention: Some(c::CairnRetention {
+            keep_last: 1,
+            keep_hourly: 2,
+            keep_daily: 3,
+            keep_weekly: 4,
+            keep_monthly: 5,
+            keep_yearly: 6,
+        }),
+        cairn_pattern: "auto-%Y%m%d".into(),
+        ..cairn_snapshot_config()
+    };
+    eve_ignores_extensions(
+        &policy,
+        &eve_snapshot_config(),
+        &(1000..=1005)
+            .map(|n| format!("org.lfedge.eve.config.SnapshotConfig#{n}"))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
     );
 
     // Nested inside the whole config, too.

@@ -193,3 +193,87 @@ fn a_controller_config_with_an_invalid_uuid_or_duplicate_snapshot_is_refused() {
     no_id.apps[0].uuidandversion = None;
     assert_eq!(err(from_proto(&no_id)).path, "apps[0].uuidandversion");
 }
+
+/// The local config with `policy` (JSON members) added to the app's snapshot block.
+fn with_policy(policy: &str) -> String {
+    local("").replace(
+        r#""snapshot": {"max_snapshots": 2, "snapshots": []}"#,
+        &format!(r#""snapshot": {{"max_snapshots": 2, "snapshots": [], {policy}}}"#),
+    )
+}
+
+#[test]
+fn a_snapshot_policy_is_read_from_both_sources_alike() {
+    let local = from_local_json(&with_policy(
+        r#""schedule": "30 2 * * *", "time_zone": "Europe/Berlin", "schedule_when_stopped": true,
+           "expiry": "2w", "retention": {"keep_last": 3, "keep_daily": 7}, "pattern": "%a-%Y%m%d""#,
+    ))
+    .unwrap();
+    let policy = local.apps[0].snapshot.policy.as_deref().unwrap();
+    assert_eq!(policy.schedule, "30 2 * * *");
+    assert_eq!(policy.time_zone, "Europe/Berlin");
+    assert!(policy.schedule_when_stopped);
+    assert_eq!(policy.expiry_seconds, 14 * 86_400);
+    assert_eq!(policy.retention.keep_last, 3);
+    assert_eq!(policy.retention.keep_daily, 7);
+    assert_eq!(policy.pattern, "%a-%Y%m%d");
+
+    let mut edge = proto_config(&[]);
+    let snapshot = edge.apps[0].snapshot.get_or_insert_default();
+    snapshot.cairn_schedule = "30 2 * * *".into();
+    snapshot.cairn_time_zone = "Europe/Berlin".into();
+    snapshot.cairn_schedule_when_stopped = true;
+    snapshot.cairn_expiry = "2w".into();
+    snapshot.cairn_retention = Some(proto::CairnRetention {
+        keep_last: 3,
+        keep_daily: 7,
+        ..Default::default()
+    });
+    snapshot.cairn_pattern = "%a-%Y%m%d".into();
+    let controller = from_proto(&edge).unwrap();
+    assert_eq!(controller.apps[0].snapshot.policy.as_deref(), Some(policy));
+    // No policy fields, no policy: EVE's configs carry none.
+    assert!(
+        from_proto(&proto_config(&[])).unwrap().apps[0]
+            .snapshot
+            .policy
+            .is_none()
+    );
+}
+
+#[test]
+fn a_bad_policy_is_refused_naming_its_field() {
+    for (policy, field, says) in [
+        (
+            r#""schedule": "0 3 * *""#,
+            "apps[0].snapshot.schedule",
+            "5 fields",
+        ),
+        (
+            r#""schedule": "@fortnightly""#,
+            "apps[0].snapshot.schedule",
+            "@fortnightly",
+        ),
+        (
+            r#""time_zone": "Mars/Olympus""#,
+            "apps[0].snapshot.time_zone",
+            "IANA",
+        ),
+        (
+            r#""expiry": "7""#,
+            "apps[0].snapshot.expiry",
+            "without a unit",
+        ),
+        (r#""expiry": "7y""#, "apps[0].snapshot.expiry", "units are"),
+        (r#""pattern": "auto-%q""#, "apps[0].snapshot.pattern", "%q"),
+        (
+            r#""retention": {"keep_lots": 3}"#,
+            "apps[0].snapshot.retention",
+            "keep_lots",
+        ),
+    ] {
+        let e = err(from_local_json(&with_policy(policy)));
+        assert!(e.path.starts_with(field), "{policy}: {e}");
+        assert!(e.to_string().contains(says), "{policy}: {e}");
+    }
+}
