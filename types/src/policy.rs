@@ -222,6 +222,68 @@ pub fn snapshot_name(
     out
 }
 
+/// Which of `snapshots` (`(id, time created)`) a retention keeps, reading periods in `zone`.
+/// Proxmox's and sanoid's rules: newest first; `keep_last` keeps the newest N; each period rule
+/// then keeps the newest snapshot of each of its last N periods that hold one, skipping periods
+/// an earlier rule already covered. A retention with every count 0 keeps everything.
+pub fn retained<Id: Ord + Copy>(
+    snapshots: &[(Id, DateTime<Utc>)],
+    retention: &Retention,
+    zone: Tz,
+) -> std::collections::BTreeSet<Id> {
+    use std::collections::{BTreeSet, HashSet};
+    let mut newest_first: Vec<(Id, DateTime<Utc>)> = snapshots.to_vec();
+    newest_first.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+    if !retention.is_set() {
+        return newest_first.iter().map(|(id, _)| *id).collect();
+    }
+    let mut kept: BTreeSet<Id> = newest_first
+        .iter()
+        .take(retention.keep_last as usize)
+        .map(|(id, _)| *id)
+        .collect();
+    type Period = fn(NaiveDateTime) -> (i32, u32, u32, u32);
+    let rules: [(u32, Period); 5] = [
+        (retention.keep_hourly, |t| {
+            (t.year(), t.ordinal(), t.hour(), 0)
+        }),
+        (retention.keep_daily, |t| (t.year(), t.ordinal(), 0, 0)),
+        (retention.keep_weekly, |t| {
+            let w = t.iso_week();
+            (w.year(), w.week(), 0, 0)
+        }),
+        (retention.keep_monthly, |t| (t.year(), t.month(), 0, 0)),
+        (retention.keep_yearly, |t| (t.year(), 0, 0, 0)),
+    ];
+    for (count, period) in rules {
+        if count == 0 {
+            continue;
+        }
+        let local = |at: &DateTime<Utc>| at.with_timezone(&zone).naive_local();
+        let covered: HashSet<_> = newest_first
+            .iter()
+            .filter(|(id, _)| kept.contains(id))
+            .map(|(_, at)| period(local(at)))
+            .collect();
+        let mut chosen = HashSet::new();
+        for (id, at) in &newest_first {
+            if kept.contains(id) {
+                continue;
+            }
+            let key = period(local(at));
+            if covered.contains(&key) || chosen.contains(&key) {
+                continue;
+            }
+            if chosen.len() >= count as usize {
+                break;
+            }
+            chosen.insert(key);
+            kept.insert(*id);
+        }
+    }
+    kept
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +390,81 @@ mod tests {
         assert_eq!(night.len(), 5, "{night:?}");
         let distinct: std::collections::BTreeSet<_> = night.iter().collect();
         assert_eq!(distinct.len(), night.len());
+    }
+
+    /// Hourly snapshots over `days` days ending at `end`, ids 0 (oldest) upwards.
+    fn hourly(end: &str, hours: u32) -> Vec<(u32, DateTime<Utc>)> {
+        let end = utc(end);
+        (0..hours)
+            .map(|i| (i, end - chrono::Duration::hours((hours - 1 - i) as i64)))
+            .collect()
+    }
+
+    #[test]
+    fn retention_keeps_last_then_one_per_period() {
+        let snaps = hourly("2026-07-10T23:00:00Z", 24 * 10); // ten days, every hour
+        let keep = |r: Retention| retained(&snaps, &r, Tz::UTC);
+        let newest = snaps.len() as u32 - 1;
+
+        let last = keep(Retention {
+            keep_last: 3,
+            ..Default::default()
+        });
+        assert_eq!(last, [newest - 2, newest - 1, newest].into());
+
+        // keep_daily 3: the newest of each of the last three days.
+        let daily = keep(Retention {
+            keep_daily: 3,
+            ..Default::default()
+        });
+        assert_eq!(daily, [newest - 48, newest - 24, newest].into());
+
+        // keep_last 2 covers today already: keep_daily 2 then adds yesterday and the day before.
+        let both = keep(Retention {
+            keep_last: 2,
+            keep_daily: 2,
+            ..Default::default()
+        });
+        assert_eq!(both, [newest - 48, newest - 24, newest - 1, newest].into());
+
+        // Periods without a snapshot do not count: a gap of days is skipped over.
+        let sparse: Vec<(u32, DateTime<Utc>)> = [
+            (1, "2026-01-01T10:00:00Z"),
+            (2, "2026-01-05T10:00:00Z"),
+            (3, "2026-01-05T11:00:00Z"),
+        ]
+        .iter()
+        .map(|(id, t)| (*id, utc(t)))
+        .collect();
+        let r = Retention {
+            keep_daily: 2,
+            ..Default::default()
+        };
+        assert_eq!(retained(&sparse, &r, Tz::UTC), [1, 3].into());
+
+        // Nothing set: everything stays.
+        assert_eq!(keep(Retention::default()).len(), snaps.len());
+    }
+
+    #[test]
+    fn retention_periods_are_read_in_the_zone() {
+        // 21:00 and 23:30 UTC on 1 July: one UTC day, but 23:00 on 1 July and 01:30 on 2 July
+        // in Berlin, two days there.
+        let snaps = [
+            (1, utc("2026-07-01T21:00:00Z")),
+            (2, utc("2026-07-01T23:30:00Z")),
+        ];
+        let r = Retention {
+            keep_daily: 5,
+            ..Default::default()
+        };
+        assert_eq!(retained(&snaps, &r, Tz::UTC), [2].into());
+        assert_eq!(retained(&snaps, &r, Tz::Europe__Berlin), [1, 2].into());
+        let r = Retention {
+            keep_daily: 1,
+            ..Default::default()
+        };
+        assert_eq!(retained(&snaps, &r, Tz::Europe__Berlin), [2].into());
     }
 
     #[test]
