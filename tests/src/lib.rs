@@ -338,3 +338,22 @@ impl Device {
         layout::volumes_dir(&self.persist_dir()).join(cairn_types::volume_key(volume, generation))
     }
 }
+
+impl Device {
+    /// The directory of a `dir` volume at a controller generation and a local generation (a
+    /// bare purge's fresh volume, `<uuid>#<gen>.<local>`).
+    pub fn dir_volume_local(&self, volume: Uuid, generation: i64, local: i64) -> PathBuf {
+        layout::volumes_dir(&self.persist_dir()).join(cairn_types::volume::volume_key_local(
+            volume, generation, local,
+        ))
+    }
+
+    /// Waits until `cond` holds, polling; panics with `what` after `within`.
+    pub async fn until(&self, within: Duration, what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + within;
+        while !cond() {
+            assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -54,9 +54,10 @@ pub struct VolumeConfig {
 
 impl VolumeConfig {
     pub fn key(&self) -> String {
-        volume_key(
+        volume_key_local(
             self.volume_id,
-            self.generation_counter + self.local_generation_counter,
+            self.generation_counter,
+            self.local_generation_counter,
         )
     }
 }
@@ -64,6 +65,34 @@ impl VolumeConfig {
 /// The bus and file key of a volume at a generation, as EVE writes it.
 pub fn volume_key(volume_id: Uuid, generation: i64) -> String {
     format!("{volume_id}#{generation}")
+}
+
+/// The key of a volume at the controller's `generation` and the device's `local` generation:
+/// `<uuid>#<generation>` while `local` is 0 (every key the controller's configs name, and every
+/// key written before local generations existed), `<uuid>#<generation>.<local>` otherwise.
+///
+/// EVE writes `<uuid>#<generation + local>`, which makes the controller's next generation and a
+/// local purge of the current one the same key; Cairn keeps them apart. The app-manager gives a
+/// volume a new local generation at a bare purge (purge counter up, generation unchanged), and
+/// the volume-manager makes a fresh volume for it (see [`AppVolumeRefs`]).
+pub fn volume_key_local(volume_id: Uuid, generation: i64, local: i64) -> String {
+    if local == 0 {
+        volume_key(volume_id, generation)
+    } else {
+        format!("{volume_id}#{generation}.{local}")
+    }
+}
+
+/// The volume id, generation and local generation a key names, if it is one
+/// [`volume_key_local`] makes (`None` for anything else, including a non-canonical spelling).
+pub fn parse_volume_key(key: &str) -> Option<(Uuid, i64, i64)> {
+    let (id, rest) = key.split_once('#')?;
+    let id = id.parse::<Uuid>().ok()?;
+    let (generation, local) = match rest.split_once('.') {
+        Some((g, l)) => (g.parse::<i64>().ok()?, l.parse::<i64>().ok()?),
+        None => (rest.parse::<i64>().ok()?, 0),
+    };
+    (volume_key_local(id, generation, local) == key).then_some((id, generation, local))
 }
 
 /// The snapshot backend serving a volume.
@@ -112,9 +141,10 @@ pub struct VolumeStatus {
 
 impl VolumeStatus {
     pub fn key(&self) -> String {
-        volume_key(
+        volume_key_local(
             self.volume_id,
-            self.generation_counter + self.local_generation_counter,
+            self.generation_counter,
+            self.local_generation_counter,
         )
     }
 }
@@ -129,7 +159,7 @@ pub struct VolumeSnapshotMeta {
     pub backend: SnapshotBackendKind,
     /// The snapshot's name on the backend (the snapshot UUID for Cairn's snapshots).
     pub name: String,
-    /// The volume key (`<uuid>#<generation>`) the snapshot was taken of.
+    /// The volume key (`<uuid>#<generation>[.<local>]`) the snapshot was taken of.
     pub volume_key: String,
     /// The volume's file or directory when the snapshot was taken.
     pub file_location: PathBuf,
@@ -166,6 +196,11 @@ impl VolumeSnapshotMeta {
 /// zedmanager publishes to volumemgr). Key: app UUID. A volume whose config is gone (an old
 /// generation after a purge) stays while an app holds it: the app may still run on it, a
 /// snapshot may be about to be taken of it, or a rollback may have pointed the app back at it.
+///
+/// A held key is also a request: a key at a local generation (`<uuid>#<gen>.<local>`, made by a
+/// bare purge) has no `VolumeConfig` of its own, and the volume-manager makes a fresh volume for
+/// it from the config of `<uuid>#<gen>`. That config's own volume is then superseded: it goes
+/// once nothing holds it and no snapshot needs it, like an unconfigured generation.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
 #[serde(default, rename_all = "PascalCase")]
 #[persist(record = "AppVolumeRefs", version = 1)]
@@ -173,7 +208,8 @@ pub struct AppVolumeRefs {
     #[serde(rename = "AppUUID")]
     #[persist(mandatory)]
     pub app_uuid: Uuid,
-    /// Volume keys (`<uuid>#<generation>`), as [`VolumeStatus::key`].
+    /// Volume keys (`<uuid>#<generation>` or `<uuid>#<generation>.<local>`), as
+    /// [`VolumeStatus::key`].
     #[serde(deserialize_with = "null_as_default")]
     pub volume_keys: std::collections::BTreeSet<String>,
 }
@@ -181,3 +217,34 @@ pub struct AppVolumeRefs {
 crate::topic!(VolumeConfig, |v| v.key());
 crate::topic!(AppVolumeRefs, |v| v.app_uuid.to_string());
 crate::topic!(VolumeStatus, |v| v.key());
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn keys_without_a_local_generation_are_unchanged_and_local_ones_round_trip() {
+        let id = Uuid::from_u128(7);
+        assert_eq!(volume_key_local(id, 3, 0), volume_key(id, 3));
+        assert_eq!(parse_volume_key(&volume_key(id, 3)), Some((id, 3, 0)));
+        let local = volume_key_local(id, 3, 2);
+        assert_eq!(local, format!("{id}#3.2"));
+        assert_eq!(parse_volume_key(&local), Some((id, 3, 2)));
+        for bad in [
+            "x#1",
+            "",
+            &format!("{id}#1.0"),
+            &format!("{id}#a"),
+            &format!("{id}"),
+        ] {
+            assert_eq!(parse_volume_key(bad), None, "{bad}");
+        }
+        let status = VolumeStatus {
+            volume_id: id,
+            generation_counter: 3,
+            local_generation_counter: 2,
+            ..Default::default()
+        };
+        assert_eq!(status.key(), local);
+    }
+}

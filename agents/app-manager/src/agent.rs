@@ -11,7 +11,6 @@ use cairn_types::layout::{APP_INSTANCE_CONFIG_FILE, SNAPSHOT_INSTANCE_STATUS_FIL
 use cairn_types::{
     AppInstanceConfig, AppInstanceStatus, AppVolumeRefs, DiskConfig, DomainConfig, DomainState,
     DomainStatus, VolumeState, VolumeStatus, VolumesSnapshotConfig, VolumesSnapshotStatus,
-    volume_key,
 };
 use chrono::Utc;
 use uuid::Uuid;
@@ -378,10 +377,7 @@ impl AppManager {
         };
         state.effective().volume_ref_config_list.iter().all(|r| {
             self.volumes
-                .get(&volume_key(
-                    r.volume_id,
-                    r.generation_counter + r.local_generation_counter,
-                ))
+                .get(&machine::ref_key(r))
                 .is_some_and(|v| v.state == VolumeState::Ready)
         })
     }
@@ -528,10 +524,7 @@ impl AppManager {
         })?;
         let mut disks = Vec::new();
         for volume in &config.volume_ref_config_list {
-            let key = volume_key(
-                volume.volume_id,
-                volume.generation_counter + volume.local_generation_counter,
-            );
+            let key = machine::ref_key(volume);
             let status = self.volumes.get(&key);
             disks.push(DiskConfig {
                 volume_key: key,

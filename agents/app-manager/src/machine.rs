@@ -18,17 +18,26 @@
 //! - a purge is a purge counter increase or a new generation of a volume the app runs on: the
 //!   app's APP_UPDATE snapshots are taken of the old generation, then the app restarts on the new
 //!   one. The old generation is held ([`AppState::volumes_in_use`]) until nothing of the app
-//!   needs it, then released to the volume-manager, which keeps it only for a snapshot whose
-//!   backend is the whole volume (purgeable) and rolls the app back onto it by the restored config;
+//!   needs it, then released to the volume-manager, which keeps it only for a snapshot that
+//!   lives in it (qcow2 internal, purgeable: the whole volume) and rolls the app back onto it by
+//!   the restored config;
+//! - a bare purge (purge counter up, the controller's generation of a volume unchanged) gives
+//!   each volume a new *local generation* ([`AppState::local_generations`], EVE's
+//!   `LocalGenerationCounter`): its key becomes `<uuid>#<gen>.<local>`, a volume the controller
+//!   never configured. The new local generation is in the state persisted before anything acts
+//!   on it; the executor's holds (`AppVolumeRefs`) name the new key, which is how the
+//!   volume-manager learns to make it (from the config of `<uuid>#<gen>`); from then on it is a
+//!   generation change like the controller's: snapshots of the old keys, restart on the new,
+//!   old released. Local generations only grow, so a key once left is never reused fresh;
 //! - a sound snapshot found on disk that the state does not track (EVE's records, or a lost state
 //!   file) is imported as available when the config lists it, under the same `max_snapshots`.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use cairn_persist::Persist;
 use cairn_types::{
     AppInstanceConfig, SnapshotDesc, SnapshotType, UUIDandVersion, VolumesSnapshotAction,
-    VolumesSnapshotConfig, VolumesSnapshotStatus, volume_key,
+    VolumesSnapshotConfig, VolumesSnapshotStatus,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -117,6 +126,14 @@ pub enum Phase {
     Starting,
 }
 
+/// A volume's local generation: `local` counts the bare purges of the controller's
+/// `generation` of it (a new controller generation starts again at 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Persist)]
+pub struct LocalGeneration {
+    pub generation: i64,
+    pub local: i64,
+}
+
 /// Everything the app-manager must remember about one app across restarts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Persist)]
 #[persist(record = "AppManagerState", version = 1)]
@@ -147,6 +164,10 @@ pub struct AppState {
     pub request_counter: u64,
     pub warnings: Vec<String>,
     pub error: Option<String>,
+    /// Per volume id, the local generation bare purges gave it; stamped on the controller's
+    /// volume refs as `LocalGenerationCounter`. Absent in states written before it existed.
+    #[serde(default)]
+    pub local_generations: BTreeMap<Uuid, LocalGeneration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -220,6 +241,7 @@ impl AppState {
             request_counter: 0,
             warnings: Vec::new(),
             error: None,
+            local_generations: BTreeMap::new(),
         }
     }
 
@@ -305,6 +327,8 @@ pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState,
 fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>) {
     let before_version = state.controller.uuid_and_version.version.clone();
     state.controller = config;
+    // The controller names its generations; the local ones are this app-manager's.
+    stamp(&mut state.controller, &state.local_generations);
     // A new version from the controller ends a rollback's override.
     if state.local.is_some()
         && state.local_over.as_deref() != Some(&state.controller.uuid_and_version.version)
@@ -363,7 +387,13 @@ fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>
     }
     enforce_max(state);
 
-    let purge = state.controller.purge_cmd.counter > state.handled_purge || regenerated;
+    let counted = state.controller.purge_cmd.counter > state.handled_purge;
+    let purge = counted || regenerated;
+    if counted {
+        // Fresh volumes: the new keys are in the state persisted before any action, and the
+        // holds published after it ask the volume-manager for them.
+        next_local_generations(state);
+    }
     let restart = state.controller.restart_cmd.counter > state.handled_restart;
     state.handled_purge = state.controller.purge_cmd.counter;
     state.handled_restart = state.controller.restart_cmd.counter;
@@ -387,6 +417,68 @@ fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>
     }
     if (upgrade || purge || restart) && state.running.is_some() {
         state.restart_wanted = true;
+    }
+}
+
+/// A purge by the counter: each volume of the config in force gets its next local generation,
+/// unless the controller gives it a new generation in the same change (that one is fresh
+/// already). When the app runs on nothing, every volume does. Local generations only grow: the
+/// next one is above both the recorded one and the one the config in force names (a rollback's
+/// config may name an older one).
+fn next_local_generations(state: &mut AppState) {
+    let running: Option<BTreeMap<Uuid, i64>> = state.running.as_ref().map(|c| {
+        c.volume_ref_config_list
+            .iter()
+            .map(|r| (r.volume_id, r.generation_counter))
+            .collect()
+    });
+    let refs: Vec<(Uuid, i64, i64)> = state
+        .effective()
+        .volume_ref_config_list
+        .iter()
+        .map(|r| {
+            (
+                r.volume_id,
+                r.generation_counter,
+                r.local_generation_counter,
+            )
+        })
+        .collect();
+    for (volume, generation, local) in refs {
+        if running
+            .as_ref()
+            .is_some_and(|running| running.get(&volume) != Some(&generation))
+        {
+            continue;
+        }
+        let recorded = state
+            .local_generations
+            .get(&volume)
+            .filter(|l| l.generation == generation)
+            .map_or(0, |l| l.local);
+        state.local_generations.insert(
+            volume,
+            LocalGeneration {
+                generation,
+                local: recorded.max(local) + 1,
+            },
+        );
+    }
+    stamp(&mut state.controller, &state.local_generations);
+    if let Some(local) = &mut state.local {
+        stamp(local, &state.local_generations);
+    }
+}
+
+/// Puts the recorded local generations on a config's volume refs of the same controller
+/// generation (never lowering one the config already names).
+fn stamp(config: &mut AppInstanceConfig, locals: &BTreeMap<Uuid, LocalGeneration>) {
+    for r in &mut config.volume_ref_config_list {
+        if let Some(l) = locals.get(&r.volume_id)
+            && l.generation == r.generation_counter
+        {
+            r.local_generation_counter = r.local_generation_counter.max(l.local);
+        }
     }
 }
 
@@ -719,11 +811,12 @@ fn volumes_action(state: &AppState, step: Step, counter: u64) -> Action {
     })
 }
 
-/// The volume key a ref names: its id at its (controller + local) generation.
+/// The volume key a ref names: its id at its controller and local generations.
 pub fn ref_key(volume: &cairn_types::VolumeRefConfig) -> String {
-    volume_key(
+    cairn_types::volume::volume_key_local(
         volume.volume_id,
-        volume.generation_counter + volume.local_generation_counter,
+        volume.generation_counter,
+        volume.local_generation_counter,
     )
 }
 

@@ -651,6 +651,17 @@ proptest! {
         let mut world = World::new(controller.clone());
         let mut version = 1;
         for change in changes {
+            // A bare purge (the controller's generation the app runs on unchanged, or it runs
+            // on nothing) must move the config in force to new volume keys.
+            let bare_purge = matches!(change, Change::Purge) && {
+                let effective = world.state.effective();
+                world.state.running.as_ref().is_none_or(|r| {
+                    r.volume_ref_config_list.iter().map(|v| v.generation_counter).collect::<Vec<_>>()
+                        == effective.volume_ref_config_list.iter().map(|v| v.generation_counter).collect::<Vec<_>>()
+                })
+            };
+            let keys_before = volume_keys(world.state.effective());
+            let locals_before = world.state.local_generations.clone();
             match change {
                 Change::Immediate(n) => controller = with_snapshot(without_snapshot(controller, 100 + n as u128), 100 + n as u128, SnapshotType::Immediate),
                 Change::AppUpdate(n) => controller = with_snapshot(without_snapshot(controller, 100 + n as u128), 100 + n as u128, SnapshotType::AppUpdate),
@@ -674,6 +685,19 @@ proptest! {
             }
             world.input(Input::Config(controller.clone()));
             // Sometimes leave answers in flight; a later restart may lose them.
+            if bare_purge {
+                let keys_after = volume_keys(world.state.effective());
+                prop_assert!(keys_after.is_disjoint(&keys_before), "a purge kept {:?} (now {:?})", keys_before, keys_after);
+                // Persisted with the step that made it, before any action.
+                prop_assert_eq!(&world.persisted.local_generations, &world.state.local_generations);
+            }
+            // Local generations only grow within a controller generation: a key once left is
+            // never handed out fresh again.
+            for (volume, before) in &locals_before {
+                let now = world.state.local_generations.get(volume);
+                prop_assert!(now.is_some_and(|n| n.generation != before.generation || n.local >= before.local),
+                    "local generation of {} went from {:?} to {:?}", volume, before, now);
+            }
         }
         world.settle();
 
@@ -926,4 +950,189 @@ fn a_domain_found_running_by_a_state_that_never_started_it_is_adopted_not_restar
         Some((true, config("1"))),
         "the running domain's request is published again"
     );
+}
+
+// ---- purges by the counter: local generations ----
+
+fn purge(mut c: AppInstanceConfig, counter: u32) -> AppInstanceConfig {
+    c.purge_cmd.counter = counter;
+    c
+}
+
+/// The key of the volume at the controller's generation `g` and the local generation `l`.
+fn local_key(g: i64, l: i64) -> String {
+    cairn_types::volume::volume_key_local(id(VOLUME), g, l)
+}
+
+#[test]
+fn a_purge_counter_increase_gives_the_volume_a_new_local_generation_persisted_before_any_action() {
+    let base = with_snapshot(config("1"), 1, SnapshotType::AppUpdate);
+    let mut world = World::new(base.clone());
+    assert_eq!(world.domain_volumes, BTreeSet::from([key(0)]));
+    world.take_log();
+
+    world.input(Input::Config(purge(base.clone(), 1)));
+    let log = world.take_log();
+    assert_eq!(log.first(), Some(&Action::Persist), "{log:?}");
+    assert_eq!(
+        kinds(&log),
+        vec!["stop"],
+        "nothing but the stop before the snapshot"
+    );
+    let intent = &world.persisted;
+    assert_eq!(
+        intent
+            .local_generations
+            .get(&id(VOLUME))
+            .map(|l| (l.generation, l.local)),
+        Some((0, 1)),
+        "the new local generation is on disk before anything acts on it"
+    );
+    assert_eq!(
+        volume_keys(intent.effective()),
+        BTreeSet::from([local_key(0, 1)])
+    );
+    assert_eq!(intent.phase, Phase::Stopping);
+    // Held: the old volume (running, its snapshot due) and the new one (asked for).
+    assert_eq!(
+        world.state.volumes_in_use(),
+        BTreeSet::from([key(0), local_key(0, 1)])
+    );
+    assert!(
+        !world.state.volumes_ready,
+        "the new volume is not there yet"
+    );
+    assert_eq!(world.state_of(1), Some(SnapshotState::Triggered));
+
+    world.settle();
+    let log = world.take_log();
+    assert_eq!(kinds(&log), vec!["create", "write-files", "start"]);
+    assert_eq!(
+        volume_requests(&log)[0].volume_keys.get(&id(VOLUME)),
+        Some(&key(0)),
+        "the APP_UPDATE snapshot is of the old volume"
+    );
+    assert_eq!(
+        world.domain_volumes,
+        BTreeSet::from([local_key(0, 1)]),
+        "restarted on the new volume"
+    );
+    assert_eq!(
+        world.state.volumes_in_use(),
+        BTreeSet::from([local_key(0, 1)]),
+        "the old volume is released once the app left it"
+    );
+    let record = world.state.snapshot(id(1)).unwrap();
+    assert_eq!(record.state, SnapshotState::Available);
+    assert_eq!(
+        volume_keys(record.config.as_ref().unwrap()),
+        BTreeSet::from([key(0)])
+    );
+}
+
+#[test]
+fn each_purge_takes_a_new_local_generation_and_a_new_controller_generation_starts_again() {
+    let mut world = World::new(config("1"));
+    world.config(purge(config("1"), 1));
+    world.config(purge(config("1"), 2));
+    assert_eq!(world.domain_volumes, BTreeSet::from([local_key(0, 2)]));
+    // The controller's config itself does not change with a purge: the same config again is
+    // no purge, and the app stays on its local generation.
+    world.take_log();
+    world.config(purge(config("1"), 2));
+    assert!(kinds(&world.take_log()).is_empty());
+    assert_eq!(world.domain_volumes, BTreeSet::from([local_key(0, 2)]));
+    // Purge counter and a new generation at once: the new generation is fresh already.
+    world.config(purge(generation(config("1"), 1), 3));
+    assert_eq!(world.domain_volumes, BTreeSet::from([key(1)]));
+    assert_eq!(world.state.volumes_in_use(), BTreeSet::from([key(1)]));
+    world.config(purge(generation(config("1"), 1), 4));
+    assert_eq!(world.domain_volumes, BTreeSet::from([local_key(1, 1)]));
+}
+
+#[test]
+fn a_purge_of_a_stopped_app_waits_for_its_new_volume_to_start_it() {
+    let mut world = World::new(config("1"));
+    world.volumes_exist = false;
+    world.take_log();
+    world.config(purge(config("1"), 1));
+    assert_eq!(kinds(&world.take_log()), vec!["stop"]);
+    assert!(
+        !world.domain_active,
+        "not started on a volume that is not there"
+    );
+    world.volumes_exist = true;
+    world.input(Input::Volumes { ready: true });
+    world.settle();
+    assert_eq!(kinds(&world.take_log()), vec!["start"]);
+    assert_eq!(world.domain_volumes, BTreeSet::from([local_key(0, 1)]));
+}
+
+#[test]
+fn a_restart_right_after_the_purge_intent_was_persisted_converges() {
+    let base = with_snapshot(config("1"), 1, SnapshotType::AppUpdate);
+    let mut world = World::new(base.clone());
+    world.input(Input::Config(purge(base, 1)));
+    // app-manager:after-persist-intent: the stop may or may not have gone out; the domain's
+    // answer is lost with the process.
+    world.restart();
+    assert!(world.domain_active);
+    assert_eq!(world.domain_volumes, BTreeSet::from([local_key(0, 1)]));
+    assert_eq!(world.state_of(1), Some(SnapshotState::Available));
+    assert_eq!(
+        volume_keys(
+            world
+                .state
+                .snapshot(id(1))
+                .unwrap()
+                .config
+                .as_ref()
+                .unwrap()
+        ),
+        BTreeSet::from([key(0)])
+    );
+    assert_eq!(
+        world.state.volumes_in_use(),
+        BTreeSet::from([local_key(0, 1)])
+    );
+    // The reloaded state does not purge again.
+    world.take_log();
+    world.restart();
+    assert!(kinds(&world.take_log()).is_empty());
+}
+
+#[test]
+fn a_rollback_after_a_bare_purge_points_the_app_back_at_the_old_volume_and_a_new_purge_is_fresh() {
+    let base = with_snapshot(config("1"), 1, SnapshotType::AppUpdate);
+    let mut world = World::new(base.clone());
+    let purged = purge(with_snapshot(config("2"), 1, SnapshotType::AppUpdate), 1);
+    world.config(purged.clone());
+    assert_eq!(world.domain_volumes, BTreeSet::from([local_key(0, 1)]));
+    world.take_log();
+
+    world.config(rollback_to(purged.clone(), 1, 1));
+    let log = world.take_log();
+    assert_eq!(kinds(&log), vec!["stop", "rollback", "start"]);
+    assert_eq!(
+        volume_requests(&log)[0].volume_keys.get(&id(VOLUME)),
+        Some(&key(0))
+    );
+    assert_eq!(world.domain_config_version.as_deref(), Some("1"));
+    assert_eq!(world.domain_volumes, BTreeSet::from([key(0)]));
+    assert_eq!(world.state.volumes_in_use(), BTreeSet::from([key(0)]));
+
+    // A purge now (the rolled-back config in force) never reuses local generation 1.
+    world.config(purge(rollback_to(purged, 1, 1), 2));
+    assert_eq!(world.domain_volumes, BTreeSet::from([local_key(0, 2)]));
+    assert_eq!(world.domain_config_version.as_deref(), Some("1"));
+}
+
+#[test]
+fn a_state_written_before_local_generations_existed_loads() {
+    let world = World::new(config("1"));
+    let mut json = serde_json::to_value(&world.state).unwrap();
+    json.as_object_mut().unwrap().remove("local_generations");
+    let state: AppState = serde_json::from_value(json).unwrap();
+    assert!(state.local_generations.is_empty());
+    assert_eq!(volume_keys(state.effective()), BTreeSet::from([key(0)]));
 }

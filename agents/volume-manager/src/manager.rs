@@ -16,6 +16,21 @@
 //! it, or a rollback to a purgeable snapshot may have pointed the app back at it. Until the
 //! app-manager's table is known complete (its publication passed its restart barrier), no volume
 //! is released at all.
+//!
+//! Local generations (a bare purge: the app-manager wants fresh volumes while the controller's
+//! generation stays): a `VolumeConfig` `<uuid>#<gen>` configures the *line* (uuid, gen); the
+//! volumes of that line are `<uuid>#<gen>` (local generation 0, made when the config arrives) and
+//! `<uuid>#<gen>.<local>`, made from the same config (fresh, from its origin) when an app holds
+//! that key ([`VolumeManager::handle_app_volume_refs`]). A line's volume is *superseded* when a
+//! volume of a higher local generation of the line exists or is held: it is then released like
+//! an unconfigured one (kept while held or while a snapshot lives in it), and not made again
+//! when its config comes back after a restart (the persistent `VolumeStatus` of the newer one
+//! says it was superseded). Nothing is recorded besides the statuses and the holds.
+//!
+//! A snapshot keeps its volume only if it lives in it: qcow2 internal snapshots, the purgeable
+//! backend (the snapshot is the volume), ZFS (a dataset's snapshots go with it). Copy and btrfs
+//! snapshots are trees of their own, so a purged volume they were taken of is released; a
+//! rollback to one makes the volume again at its old place and reports it Ready.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -25,7 +40,8 @@ use cairn_types::common::{ErrorDescription, ErrorSeverity};
 use cairn_types::layout::{VOLUMES_SNAPSHOT_STATUS_FILE, snapshot_dir, snapshots_dir, volumes_dir};
 use cairn_types::snapshot::{VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus};
 use cairn_types::volume::{
-    AppVolumeRefs, SnapshotBackendKind, VolumeConfig, VolumeSnapshotMeta, VolumeState, VolumeStatus,
+    AppVolumeRefs, SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeSnapshotMeta,
+    VolumeState, VolumeStatus, parse_volume_key,
 };
 use uuid::Uuid;
 
@@ -135,19 +151,37 @@ impl VolumeManager {
 
     // ---- volumes -------------------------------------------------------------------------
 
-    /// `VolumeConfig` create or modify: make the volume, or adopt the one already there.
+    /// `VolumeConfig` create or modify: make the volume, or adopt the one already there; and the
+    /// held local generations of its line. A line's volume superseded by a newer local
+    /// generation (before a restart) is not made again unless an app holds it.
     pub async fn handle_volume_config(&mut self, config: VolumeConfig) -> Vec<Publish> {
         let key = config.key();
-        let path = volumes::volume_path(&self.volumes_dir, &config);
         self.configs.insert(key.clone(), config.clone());
+        let mut out = Vec::new();
+        let absent = !self.statuses.contains_key(&key)
+            && !volumes::volume_path(&self.volumes_dir, &config).exists();
+        if absent && self.superseded(&key, true) && self.holding_apps(&key).is_empty() {
+            tracing::info!(volume = %key, "superseded by a newer local generation: not made again");
+        } else {
+            out.push(self.make_volume(&config).await);
+        }
+        out.extend(self.make_held().await);
+        out
+    }
+
+    /// Makes the volume `config` names (its key, local generation included), or adopts the one
+    /// already there; a volume known before and now missing is reported, not made empty.
+    async fn make_volume(&mut self, config: &VolumeConfig) -> Publish {
+        let key = config.key();
+        let path = volumes::volume_path(&self.volumes_dir, config);
         if let Some(status) = self.statuses.get_mut(&key)
             && status.state == VolumeState::Ready
             && path.exists()
         {
             status.display_name = config.display_name.clone();
-            return vec![Publish::Volume(status.clone())];
+            return Publish::Volume(status.clone());
         }
-        let backend = volumes::choose_backend(&config, &self.volumes_dir, &self.backends.tools);
+        let backend = volumes::choose_backend(config, &self.volumes_dir, &self.backends.tools);
         let mut status = VolumeStatus {
             volume_id: config.volume_id,
             generation_counter: config.generation_counter,
@@ -171,7 +205,7 @@ impl VolumeManager {
                 path: path.clone(),
             })
         } else {
-            volumes::create(&config, &path, backend, &self.backends.tools).await
+            volumes::create(config, &path, backend, &self.backends.tools).await
         };
         match outcome {
             Ok(()) => {
@@ -186,7 +220,72 @@ impl VolumeManager {
             }
         }
         self.statuses.insert(key, status.clone());
-        vec![Publish::Volume(status)]
+        Publish::Volume(status)
+    }
+
+    /// Held keys with no volume whose line is configured: made from the line's config at the
+    /// held local generation (a bare purge's fresh volume; or, after a rollback to a snapshot
+    /// taken before the purge, the superseded line volume again).
+    async fn make_held(&mut self) -> Vec<Publish> {
+        let held: BTreeSet<String> = self.app_holds.values().flatten().cloned().collect();
+        let mut wanted = Vec::new();
+        for key in held {
+            if self.statuses.contains_key(&key) {
+                continue;
+            }
+            let Some((volume_id, generation, local)) = parse_volume_key(&key) else {
+                continue;
+            };
+            let line = self
+                .configs
+                .values()
+                .find(|c| c.volume_id == volume_id && c.generation_counter == generation);
+            if let Some(line) = line {
+                let mut config = line.clone();
+                config.local_generation_counter = local;
+                if config.key() == key {
+                    wanted.push(config);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for config in wanted {
+            tracing::info!(volume = %config.key(), "making the volume an app holds at a new local generation");
+            out.push(self.make_volume(&config).await);
+        }
+        out
+    }
+
+    /// Whether a volume of a higher local generation of `key`'s line exists or is held (or,
+    /// with `before`, was Ready before this process started).
+    fn superseded(&self, key: &str, before: bool) -> bool {
+        let Some((id, generation, local)) = parse_volume_key(key) else {
+            return false;
+        };
+        let known_before = before.then_some(&self.known_before).into_iter().flatten();
+        self.statuses
+            .keys()
+            .chain(known_before)
+            .chain(self.app_holds.values().flatten())
+            .filter_map(|k| parse_volume_key(k))
+            .any(|(i, g, l)| i == id && g == generation && l > local)
+    }
+
+    /// Whether `key`'s line (uuid, generation) is configured.
+    fn line_configured(&self, key: &str) -> bool {
+        match parse_volume_key(key) {
+            Some((id, generation, _)) => self
+                .configs
+                .values()
+                .any(|c| c.volume_id == id && c.generation_counter == generation),
+            None => self.configs.contains_key(key),
+        }
+    }
+
+    /// A configured line's newest volume is kept like a configured one, held or not (the app
+    /// may be deactivated: its purged volume is its data now).
+    fn line_current(&self, key: &str) -> bool {
+        self.line_configured(key) && !self.superseded(key, false)
     }
 
     /// `VolumeConfig` delete: the volume goes unless a snapshot still keeps it.
@@ -210,9 +309,12 @@ impl VolumeManager {
     // ---- apps' holds ---------------------------------------------------------------------
 
     /// `AppVolumeRefs` create or modify: volumes the app no longer holds may go.
+    /// Held keys of a new local generation are made first.
     pub async fn handle_app_volume_refs(&mut self, refs: AppVolumeRefs) -> Vec<Publish> {
         self.app_holds.insert(refs.app_uuid, refs.volume_keys);
-        self.collect_volumes().await
+        let mut out = self.make_held().await;
+        out.extend(self.collect_volumes().await);
+        out
     }
 
     /// `AppVolumeRefs` delete: the app holds nothing any more.
@@ -242,31 +344,40 @@ impl VolumeManager {
             .collect()
     }
 
+    /// Snapshots that live in the volume `key` (see the module doc): a copy or btrfs snapshot
+    /// does not keep its volume.
     fn keeping_snapshots(&self, key: &str) -> Vec<Uuid> {
         self.records
             .values()
             .filter(|r| {
-                r.volume_snapshot_meta
-                    .values()
-                    .any(|m| VolumeSnapshotMeta::from_value(m).volume_key == key)
+                r.volume_snapshot_meta.values().any(|m| {
+                    let meta = VolumeSnapshotMeta::from_value(m);
+                    meta.volume_key == key
+                        && !matches!(
+                            meta.backend,
+                            SnapshotBackendKind::Copy | SnapshotBackendKind::Btrfs
+                        )
+                })
             })
             .map(|r| r.snapshot_id)
             .collect()
     }
 
-    /// Removes volumes no config and no snapshot refers to; marks the ones kept by snapshots.
+    /// Removes volumes no config (or only a superseded one), no app and no snapshot living in
+    /// them refers to; marks the ones kept.
     async fn collect_volumes(&mut self) -> Vec<Publish> {
         let mut out = Vec::new();
         let orphans: Vec<String> = self
             .statuses
             .keys()
-            .filter(|k| !self.configs.contains_key(*k))
+            .filter(|k| !self.line_current(k))
             .cloned()
             .collect();
         for key in orphans {
             let keepers = self.keeping_snapshots(&key);
             let holders = self.holding_apps(&key);
             let known = self.app_holds_known;
+            let configured = self.line_configured(&key);
             let Some(status) = self.statuses.get_mut(&key) else {
                 continue;
             };
@@ -278,11 +389,17 @@ impl VolumeManager {
                 if !holders.is_empty() {
                     why.push(format!("app(s) {holders:?} using it"));
                 }
-                let warning = format!("kept without config for {}", why.join(" and "));
+                let what = if configured {
+                    "kept after a purge (superseded by a newer local generation)"
+                } else {
+                    "kept without config"
+                };
+                let warning = format!("{what} for {}", why.join(" and "));
                 if !status.warnings.contains(&warning) {
-                    status
-                        .warnings
-                        .retain(|w| !w.starts_with("kept without config"));
+                    status.warnings.retain(|w| {
+                        !w.starts_with("kept without config")
+                            && !w.starts_with("kept after a purge")
+                    });
                     status.warnings.push(warning);
                     out.push(Publish::Volume(status.clone()));
                 }
@@ -827,10 +944,13 @@ impl VolumeManager {
                 continue;
             };
             let meta = self.complete_legacy_meta(*volume, meta);
+            let released = !self.statuses.contains_key(&meta.volume_key);
             if let Err(e) = self.backends.rollback(&meta).await {
                 tracing::error!(snapshot = %id, volume = %volume, "rollback failed: {e}");
                 out.extend(self.mark_volume_failed(&meta.volume_key, &e));
                 errors.insert(*volume, e.to_string());
+            } else if released {
+                out.extend(self.restored_volume(*volume, &meta));
             }
         }
         crash_point(CRASH_AFTER_BACKEND_ROLLBACK);
@@ -851,6 +971,43 @@ impl VolumeManager {
         record.volume_errors = errors;
         self.finish(record, &mut out).await;
         out
+    }
+
+    /// A rollback of a snapshot that does not live in its volume (copy, btrfs) to a volume
+    /// released after a purge made the volume again at its old place: it is reported Ready
+    /// under its old key (kept from now on by the app that rolled back onto it).
+    fn restored_volume(&mut self, volume: Uuid, meta: &VolumeSnapshotMeta) -> Option<Publish> {
+        if !matches!(
+            meta.backend,
+            SnapshotBackendKind::Copy | SnapshotBackendKind::Btrfs
+        ) || !meta.file_location.is_dir()
+        {
+            return None;
+        }
+        let (volume_id, generation, local) =
+            parse_volume_key(&meta.volume_key).unwrap_or((volume, 0, 0));
+        let line = self
+            .configs
+            .values()
+            .find(|c| c.volume_id == volume_id && c.generation_counter == generation)
+            .or_else(|| self.configs.values().find(|c| c.volume_id == volume_id));
+        let status = VolumeStatus {
+            volume_id,
+            generation_counter: generation,
+            local_generation_counter: local,
+            display_name: line.map(|c| c.display_name.clone()).unwrap_or_default(),
+            state: VolumeState::Ready,
+            format: VolumeFormat::Dir,
+            backend: meta.backend,
+            file_location: meta.file_location.clone(),
+            max_vol_size: line.map_or(0, |c| c.max_vol_size),
+            current_size: volumes::allocated_size(&meta.file_location),
+            ..VolumeStatus::default()
+        };
+        tracing::info!(volume = %meta.volume_key, "a rollback made a released volume again");
+        self.statuses
+            .insert(meta.volume_key.clone(), status.clone());
+        Some(Publish::Volume(status))
     }
 
     async fn delete_snapshot(&mut self, config: &VolumesSnapshotConfig) -> Vec<Publish> {

@@ -591,3 +591,143 @@ async fn an_unconfigured_volume_stays_while_an_app_holds_it_or_its_holds_are_unk
     );
     assert!(!old.file_location.exists());
 }
+
+fn holds(keys: &[&str]) -> AppVolumeRefs {
+    AppVolumeRefs {
+        app_uuid: Uuid::from_u128(0xa99),
+        volume_keys: keys.iter().map(|k| k.to_string()).collect(),
+    }
+}
+
+fn volume_in(out: &[Publish], key: &str) -> Option<VolumeStatus> {
+    out.iter().find_map(|p| match p {
+        Publish::Volume(s) if s.key() == key => Some(s.clone()),
+        _ => None,
+    })
+}
+
+/// A bare purge: the app-manager holds `<uuid>#0.1`, a key no config names. The volume-manager
+/// makes it fresh from the config of `<uuid>#0`, releases `#0` once the app lets go (its copy
+/// snapshot does not live in it), does not make `#0` again after a restart, and a rollback to
+/// the snapshot makes `#0` again with the snapshot's content.
+#[tokio::test]
+async fn a_held_local_generation_is_made_fresh_and_supersedes_the_configured_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let gen0 = volume(VolumeFormat::Dir, 0);
+    let key0 = gen0.key();
+    let mut local1 = gen0.clone();
+    local1.local_generation_counter = 1;
+    let key1 = local1.key();
+    assert_eq!(key1, format!("{}#0.1", gen0.volume_id));
+    let old = add(&mut m, &gen0).await;
+    assert!(matches!(
+        old.backend,
+        SnapshotBackendKind::Copy | SnapshotBackendKind::Btrfs
+    ));
+    std::fs::write(old.file_location.join("data"), b"old").unwrap();
+    m.handle_app_volume_refs(holds(&[&key0])).await;
+    let id = Uuid::new_v4();
+    let mut create = request(id, Create, &[&gen0], 1);
+    create.volume_keys = [(gen0.volume_id, key0.clone())].into();
+    let s = snapshot_of(&m.handle_snapshot_config(create).await);
+    assert!(!s.error.is_error(), "{s:?}");
+
+    // The purge: both held while the app moves.
+    let out = m.handle_app_volume_refs(holds(&[&key0, &key1])).await;
+    let new = volume_in(&out, &key1).expect("the new local generation is made");
+    assert_eq!(new.state, VolumeState::Ready);
+    assert_eq!(new.local_generation_counter, 1);
+    assert!(new.file_location.is_dir() && !new.file_location.join("data").exists());
+    assert!(old.file_location.join("data").exists(), "held: kept");
+
+    // The app runs on the new one: the old one goes, its snapshot stays.
+    let out = m.handle_app_volume_refs(holds(&[&key1])).await;
+    assert!(
+        out.contains(&Publish::UnpublishVolume(key0.clone())),
+        "{out:?}"
+    );
+    assert!(!old.file_location.exists());
+    assert!(
+        m.record(id)
+            .unwrap()
+            .meta_of(gen0.volume_id)
+            .unwrap()
+            .snapshot_location
+            .is_dir()
+    );
+
+    // Restart: the config of #0 comes again; #0 is not made again, #0.1 is kept even unheld
+    // (the configured line's newest volume: a deactivated app keeps its data).
+    let previous = vec![m.volume_status(&key1).unwrap().clone()];
+    let mut m = VolumeManager::open(dir.path(), tools().await, previous.clone()).await;
+    let out = m.handle_volume_config(gen0.clone()).await;
+    assert!(volume_in(&out, &key0).is_none(), "{out:?}");
+    assert!(!old.file_location.exists());
+    m.adopt_unconfigured(previous).await;
+    let out = m.handle_app_volume_refs_complete().await;
+    assert!(out.is_empty(), "{out:?}");
+    assert!(new.file_location.is_dir());
+
+    // Rollback to the snapshot: the app holds #0 again; it is made and gets the old content.
+    let out = m.handle_app_volume_refs(holds(&[&key0])).await;
+    assert!(volume_in(&out, &key0).is_some(), "{out:?}");
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Rollback, &[&gen0], 2))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+    assert_eq!(
+        std::fs::read(old.file_location.join("data")).unwrap(),
+        b"old"
+    );
+    assert!(
+        new.file_location.is_dir(),
+        "the newest volume of the line stays"
+    );
+}
+
+/// After a purge by the controller's generation, a copy snapshot's volume is released with its
+/// config; a rollback makes it again at its old place and reports it Ready.
+#[tokio::test]
+async fn a_rollback_makes_a_released_volume_again_from_its_copy_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let gen0 = volume(VolumeFormat::Dir, 0);
+    let old = add(&mut m, &gen0).await;
+    std::fs::write(old.file_location.join("data"), b"old").unwrap();
+    let id = Uuid::new_v4();
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(id, Create, &[&gen0], 1))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+    let mut gen1 = gen0.clone();
+    gen1.generation_counter = 1;
+    add(&mut m, &gen1).await;
+    let out = m.handle_volume_config_delete(&gen0.key()).await;
+    assert!(
+        out.contains(&Publish::UnpublishVolume(gen0.key())),
+        "{out:?}"
+    );
+    assert!(!old.file_location.exists());
+
+    m.handle_app_volume_refs(holds(&[&gen0.key()])).await;
+    let mut rollback = request(id, Rollback, &[&gen0], 2);
+    rollback.volume_keys = [(gen0.volume_id, gen0.key())].into();
+    let out = m.handle_snapshot_config(rollback).await;
+    assert!(!snapshot_of(&out).error.is_error(), "{out:?}");
+    let back = volume_in(&out, &gen0.key()).expect("reported again");
+    assert_eq!(back.state, VolumeState::Ready);
+    assert_eq!(back.file_location, old.file_location);
+    assert_eq!(
+        std::fs::read(old.file_location.join("data")).unwrap(),
+        b"old"
+    );
+    // Held by the app that rolled back onto it; released when it lets go.
+    let out = m.handle_app_volume_refs(holds(&[&gen1.key()])).await;
+    assert!(
+        out.contains(&Publish::UnpublishVolume(gen0.key())),
+        "{out:?}"
+    );
+}
