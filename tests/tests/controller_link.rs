@@ -45,6 +45,7 @@ fn app_config(version: &str, snapshots: &[(&str, proto::SnapshotType)]) -> EdgeD
                     .map(|(id, kind)| SnapshotDesc {
                         id: id.to_string(),
                         r#type: *kind as i32,
+                        ..Default::default()
                     })
                     .collect(),
                 ..Default::default()

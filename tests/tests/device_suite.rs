@@ -88,6 +88,7 @@ fn edge_config(want: &Want) -> EdgeDevConfig {
                     .map(|(id, kind)| SnapshotDesc {
                         id: id.to_string(),
                         r#type: *kind as i32,
+                        ..Default::default()
                     })
                     .collect(),
                 ..Default::default()

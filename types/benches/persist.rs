@@ -24,6 +24,7 @@ fn typical() -> SnapshotInstanceStatus {
         snapshot: SnapshotDesc {
             snapshot_id: Uuid::new_v4(),
             snapshot_type: SnapshotType::Immediate,
+            ..Default::default()
         },
         reported: true,
         time_triggered: Some(Utc::now()),

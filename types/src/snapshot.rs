@@ -36,6 +36,16 @@ pub struct SnapshotDesc {
     pub snapshot_id: Uuid,
     #[serde(rename = "SnapshotType")]
     pub snapshot_type: SnapshotType,
+    /// Cairn: a name and a description for people; scheduled snapshots are named by their
+    /// policy's pattern.
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Description")]
+    pub description: String,
+    /// Cairn: expire this snapshot this long after it was taken; 0 = as its policy says
+    /// (scheduled snapshots by the policy's expiry, others never).
+    #[serde(rename = "ExpirySeconds")]
+    pub expiry_seconds: u64,
 }
 
 /// The snapshot block of an app's config (EVE `SnapshotConfig`).

@@ -47,6 +47,7 @@ fn any_desc() -> impl Strategy<Value = SnapshotDesc> {
     (any_uuid(), any_snapshot_type()).prop_map(|(snapshot_id, snapshot_type)| SnapshotDesc {
         snapshot_id,
         snapshot_type,
+        ..Default::default()
     })
 }
 

@@ -103,6 +103,7 @@ fn app_config(snapshots: &[(u128, SnapshotType)]) -> AppInstanceConfig {
                 .map(|(id, kind)| SnapshotDesc {
                     snapshot_id: Uuid::from_u128(*id),
                     snapshot_type: *kind,
+                    ..Default::default()
                 })
                 .collect(),
             ..Default::default()

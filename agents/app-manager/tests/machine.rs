@@ -50,6 +50,7 @@ fn with_snapshot(mut c: AppInstanceConfig, n: u128, kind: SnapshotType) -> AppIn
     c.snapshot.snapshots.push(SnapshotDesc {
         snapshot_id: id(n),
         snapshot_type: kind,
+        ..Default::default()
     });
     c
 }
@@ -868,6 +869,7 @@ fn found(n: u128, version: &str, created: DateTime<Utc>) -> FoundSnapshot {
         desc: SnapshotDesc {
             snapshot_id: id(n),
             snapshot_type: SnapshotType::Immediate,
+            ..Default::default()
         },
         config: config(version),
         time_triggered: Some(created - Duration::seconds(2)),

@@ -130,6 +130,12 @@ struct LocalSnapshotDesc {
     id: Uuid,
     #[serde(rename = "type")]
     kind: LocalSnapshotType,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    expiry: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,6 +250,20 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
         },
         &format!("{path}.snapshot"),
     )?;
+    let mut snapshots = Vec::new();
+    for (i, s) in app.snapshot.snapshots.into_iter().enumerate() {
+        let at = format!("{path}.snapshot.snapshots[{i}]");
+        snapshots.push(SnapshotDesc {
+            snapshot_id: s.id,
+            snapshot_type: match s.kind {
+                LocalSnapshotType::AppUpdate => SnapshotType::AppUpdate,
+                LocalSnapshotType::Immediate => SnapshotType::Immediate,
+            },
+            expiry_seconds: expiry(&s.expiry, &format!("{at}.expiry"))?,
+            name: s.name,
+            description: s.description,
+        });
+    }
     Ok(AppInstanceConfig {
         uuid_and_version: UUIDandVersion {
             uuid: app.uuid,
@@ -267,18 +287,7 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
             active_snapshot: app.snapshot.active_snapshot,
             max_snapshots: app.snapshot.max_snapshots,
             rollback_cmd: counter(app.snapshot.rollback_counter),
-            snapshots: app
-                .snapshot
-                .snapshots
-                .into_iter()
-                .map(|s| SnapshotDesc {
-                    snapshot_id: s.id,
-                    snapshot_type: match s.kind {
-                        LocalSnapshotType::AppUpdate => SnapshotType::AppUpdate,
-                        LocalSnapshotType::Immediate => SnapshotType::Immediate,
-                    },
-                })
-                .collect(),
+            snapshots,
             policy,
         },
         domain: app.domain.map(|d| match d {
@@ -403,6 +412,14 @@ fn policy(text: PolicyText<'_>, path: &str) -> Result<Option<Box<SnapshotPolicy>
     Ok((policy != SnapshotPolicy::default()).then(|| Box::new(policy)))
 }
 
+/// A per-snapshot expiry: empty is 0 (as the policy says).
+fn expiry(text: &str, path: &str) -> Result<u64, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(0);
+    }
+    cairn_types::policy::parse_duration(text).map_err(|e| ConfigError::at(path, e.to_string()))
+}
+
 fn parse_uuid(text: &str, path: &str) -> Result<Uuid, ConfigError> {
     text.parse()
         .map_err(|e| ConfigError::at(path, format!("{text:?} is not a UUID: {e}")))
@@ -438,6 +455,9 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
                     ));
                 }
             },
+            name: desc.cairn_name.clone(),
+            description: desc.cairn_description.clone(),
+            expiry_seconds: expiry(&desc.cairn_expiry, &format!("{at}.cairn_expiry"))?,
         });
     }
     let mut refs = Vec::new();

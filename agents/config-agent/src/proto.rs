@@ -168,6 +168,14 @@ pub struct SnapshotDesc {
     pub id: String,
     #[prost(enumeration = "SnapshotType", tag = "2")]
     pub r#type: i32,
+    /// Cairn: a name and a description for people.
+    #[prost(string, tag = "1000")]
+    pub cairn_name: String,
+    #[prost(string, tag = "1001")]
+    pub cairn_description: String,
+    /// Cairn: `7d`, `12h`: this snapshot expires that long after it was taken.
+    #[prost(string, tag = "1002")]
+    pub cairn_expiry: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -376,6 +384,12 @@ pub struct ZInfoSnapshot {
     pub r#type: i32,
     #[prost(message, optional, tag = "6")]
     pub snap_err: Option<ErrorInfo>,
+    /// Cairn: the snapshot's name and description (device-originated ones have theirs from the
+    /// policy's pattern).
+    #[prost(string, tag = "1000")]
+    pub cairn_name: String,
+    #[prost(string, tag = "1001")]
+    pub cairn_description: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

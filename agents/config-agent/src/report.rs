@@ -64,6 +64,8 @@ fn snapshot_info(snapshot: &SnapshotInstanceStatus) -> ZInfoSnapshot {
             _ => proto::SnapshotType::Unspecified,
         } as i32,
         snap_err: (!snapshot.error.error.is_empty()).then(|| error_info(&snapshot.error)),
+        cairn_name: snapshot.snapshot.name.clone(),
+        cairn_description: snapshot.snapshot.description.clone(),
     }
 }
 
@@ -180,6 +182,7 @@ mod tests {
             snapshot: SnapshotDesc {
                 snapshot_id: id.parse().unwrap(),
                 snapshot_type: SnapshotType::Immediate,
+                ..Default::default()
             },
             time_created: (error.is_empty()).then(Utc::now),
             app_instance_id: app,

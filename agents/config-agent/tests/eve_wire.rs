@@ -184,6 +184,9 @@ const UNSET_EXTENSIONS: &[&str] = &[
     "cairn_expiry: \"\"",
     "cairn_retention: None",
     "cairn_pattern: \"\"",
+    "cairn_name: \"\"",
+    "cairn_description: \"\"",
+    "cairn_expiry: \"\"",
 ];
 
 /// A Cairn message must be fully populated for a check to mean anything: no empty string,
@@ -505,6 +508,7 @@ fn cairn_snapshot_desc(n: u32) -> c::SnapshotDesc {
         } else {
             c::SnapshotType::AppUpdate as i32
         },
+        ..Default::default()
     }
 }
 fn eve_snapshot_desc(n: u32) -> DynamicMessage {
@@ -818,6 +822,7 @@ fn cairn_info_snapshot(n: u32) -> c::ZInfoSnapshot {
         create_time: Some(cairn_ts(i64::from(n))),
         r#type: c::SnapshotType::Immediate as i32,
         snap_err: Some(cairn_error(i64::from(n))),
+        ..Default::default()
     }
 }
 fn eve_info_snapshot(n: u32, extras: bool) -> DynamicMessage {
@@ -1160,6 +1165,35 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
+    );
+
+    let desc = c::SnapshotDesc {
+        cairn_name: "before-upgrade".into(),
+        cairn_description: "taken by hand".into(),
+        cairn_expiry: "7d".into(),
+        ..cairn_snapshot_desc(1)
+    };
+    eve_ignores_extensions(
+        &desc,
+        &eve_snapshot_desc(1),
+        &[
+            "org.lfedge.eve.config.SnapshotDesc#1000",
+            "org.lfedge.eve.config.SnapshotDesc#1001",
+            "org.lfedge.eve.config.SnapshotDesc#1002",
+        ],
+    );
+    let reported = c::ZInfoSnapshot {
+        cairn_name: "auto-20260702-0300".into(),
+        cairn_description: "scheduled".into(),
+        ..cairn_info_snapshot(1)
+    };
+    eve_ignores_extensions(
+        &reported,
+        &eve_info_snapshot(1, false),
+        &[
+            "org.lfedge.eve.info.ZInfoSnapshot#1000",
+            "org.lfedge.eve.info.ZInfoSnapshot#1001",
+        ],
     );
 
     // Nested inside the whole config, too.

@@ -142,6 +142,7 @@ fn proto_config(snapshot_ids: &[&str]) -> proto::EdgeDevConfig {
                     .map(|id| proto::SnapshotDesc {
                         id: id.to_string(),
                         r#type: proto::SnapshotType::Immediate as i32,
+                        ..Default::default()
                     })
                     .collect(),
                 ..Default::default()
@@ -276,4 +277,22 @@ fn a_bad_policy_is_refused_naming_its_field() {
         assert!(e.path.starts_with(field), "{policy}: {e}");
         assert!(e.to_string().contains(says), "{policy}: {e}");
     }
+}
+
+#[test]
+fn snapshots_carry_a_name_a_description_and_their_own_expiry() {
+    let config = from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "immediate", "name": "before-upgrade",
+             "description": "taken by hand", "expiry": "3d"}}"#
+    )))
+    .unwrap();
+    let desc = &config.apps[0].snapshot.snapshots[0];
+    assert_eq!(desc.name, "before-upgrade");
+    assert_eq!(desc.description, "taken by hand");
+    assert_eq!(desc.expiry_seconds, 3 * 86_400);
+
+    let e = err(from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "immediate", "expiry": "soon"}}"#
+    ))));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[0].expiry", "{e}");
 }
