@@ -1,12 +1,17 @@
 //! `cairn`: start and supervise a device (`up`), and read its state as a technician. Nothing here
-//! but `up` changes device state: the read-outs only subscribe.
+//! but `up` changes device state: the read-outs only subscribe to the agents' publications (a
+//! subscriber cannot write into a topic: the bus drops one that sends anything after its hello)
+//! and read records on disk; they create, change and remove no file.
 
 mod readout;
 mod record;
 mod up;
+mod watch;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use anyhow::Context;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -15,7 +20,13 @@ use readout::{DEMO_ROOT, DeviceView, Roots};
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "Cairn: run a device's apps, keep them recoverable, read its state"
+    about = "Cairn: run a device's apps, keep them recoverable, read its state",
+    after_help = "Only `cairn up` changes the device. Every other command is a read-out: it \
+                  subscribes to the agents' publications or reads records, and cannot change \
+                  any state. A non-root technician can run them when in the group given to \
+                  `cairn up --technicians-gid`.\n\n\
+                  Exit status: 0 ok, 1 invalid record (record check), 2 usage or other error, \
+                  3 agents not running, 4 not allowed to read the device."
 )]
 struct Cli {
     /// The device root: DIR/run and DIR/persist. Default: CAIRN_RUN_DIR/CAIRN_PERSIST_DIR, else
@@ -31,26 +42,62 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start the four agents and supervise them until Ctrl-C. With no --config (and no
-    /// --root), runs a demo device under ./cairn-demo on an embedded example config.
-    Up {
-        /// A local JSON config file (see agents/cli/src/demo-config.json).
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
-    /// The device, its controller link, the agents' health and the apps.
+    /// Start the four agents and supervise them until Ctrl-C (the only command that changes the
+    /// device). With no --config and no --controller, follows the controller the device was
+    /// set up for, else runs a demo device (under ./cairn-demo unless --root is given) on an
+    /// embedded example config.
+    Up(UpArgs),
+    /// Read-out: the device, its controller link, the agents' health and the apps.
     Status,
-    /// The apps and their states.
+    /// Read-out: the apps and their states.
     Apps,
-    /// Snapshots of every app, or of one (UUID or name).
+    /// Read-out: snapshots of every app, or of one (UUID or name).
     Snapshots { app: Option<String> },
-    /// The publications on the bus.
+    /// Read-out: live changes on the bus until Ctrl-C, one line per create, modify or delete
+    /// (time, publisher, topic, key, summary); with --json one object per line.
+    Watch {
+        /// Topics to watch (see `cairn topics`); all known topics when none is given.
+        topics: Vec<String>,
+        /// Also print each topic's current table first, as `create` lines.
+        #[arg(long)]
+        initial: bool,
+    },
+    /// Read-out: the publications on the bus.
     Topics,
-    /// Validates a persisted record: schema, version, mandatory fields, checksum.
+    /// Read-out: validates a persisted record: schema, version, mandatory fields, checksum.
     Record {
         #[command(subcommand)]
         action: RecordAction,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// A local JSON config file (see agents/cli/src/demo-config.json), applied again when it
+    /// changes.
+    #[arg(long, conflicts_with = "controller")]
+    config: Option<PathBuf>,
+    /// The controller's URL (EVE API v2); the config-agent onboards and follows it. The
+    /// controller flags are kept under <persist>/config/, so a later `cairn up` without any
+    /// source follows the same controller.
+    #[arg(long)]
+    controller: Option<String>,
+    /// The onboarding certificate (PEM) that registers the device with the controller.
+    #[arg(long, requires_all = ["controller", "onboard_key"])]
+    onboard_cert: Option<PathBuf>,
+    /// The onboarding certificate's private key (PKCS#8 PEM).
+    #[arg(long, requires_all = ["controller", "onboard_cert"])]
+    onboard_key: Option<PathBuf>,
+    /// The device's serial number, sent at registration.
+    #[arg(long, requires = "controller")]
+    serial: Option<String>,
+    /// The root certificate the controller's certificates must chain to.
+    #[arg(long, requires = "controller")]
+    root_cert: Option<PathBuf>,
+    /// A group whose members (technicians) may read the device and app status with the
+    /// read-outs, without being root.
+    #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
+    technicians_gid: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,32 +121,35 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Up { config } => {
+        Command::Up(args) => {
             let root = cli.root.clone().unwrap_or_else(|| PathBuf::from(DEMO_ROOT));
             // Agents and apps get absolute paths: an app runs in its own working directory.
-            std::fs::create_dir_all(&root)?;
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("creating the device root {}", root.display()))?;
             let root = std::path::absolute(&root)?;
             let roots = Roots::under(&root);
-            let config = match config {
-                Some(config) => config,
-                None => {
-                    let demo = root.join("config.json");
-                    if !demo.exists() {
-                        std::fs::write(&demo, up::DEMO_CONFIG)?;
-                    }
-                    demo
-                }
-            };
+            let source = config_source(args, &root)?;
             let bin_dir = std::env::current_exe()?
                 .parent()
                 .map(PathBuf::from)
                 .unwrap_or_default();
             up::up(up::UpOptions {
                 roots,
-                config,
+                source: source.0,
+                technicians_gid: source.1,
                 bin_dir,
             })
             .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch { topics, initial } => {
+            let topics = watch::select(&topics)?;
+            let roots = Roots::resolve(cli.root.as_deref());
+            let view = readout::device_view(&roots, WAIT).await;
+            if let Some(code) = unreadable(&view, &roots, cli.root.is_some()) {
+                return Ok(code);
+            }
+            watch::watch(&roots, &topics, cli.json, initial).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Record {
@@ -152,18 +202,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status | Command::Apps | Command::Snapshots { .. } => {
             let roots = Roots::resolve(cli.root.as_deref());
             let view = readout::device_view(&roots, WAIT).await;
-            let down = view.agents_down();
-            if down.len() == readout::AGENTS.len() {
-                eprintln!(
-                    "cairn: agents not running under {} — start them with `cairn up`{}",
-                    roots.run.display(),
-                    if cli.root.is_none() {
-                        " (or give --root DIR)"
-                    } else {
-                        ""
-                    }
-                );
-                return Ok(ExitCode::from(3));
+            if let Some(code) = unreadable(&view, &roots, cli.root.is_some()) {
+                return Ok(code);
             }
             match cli.command {
                 Command::Status => print_status(&view, cli.json)?,
@@ -177,6 +217,89 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The config-agent's arguments for the config source, checked, and the technicians' group.
+fn config_source(args: UpArgs, root: &Path) -> anyhow::Result<(Vec<String>, Option<u32>)> {
+    let existing = |what: &str, path: &Path| -> anyhow::Result<String> {
+        anyhow::ensure!(
+            path.is_file(),
+            "{what} {} not found: give the path of an existing file",
+            path.display()
+        );
+        Ok(std::path::absolute(path)?.display().to_string())
+    };
+    let mut source = Vec::new();
+    match (args.config, args.controller) {
+        (Some(config), _) => {
+            source.push("--config".to_string());
+            source.push(existing("config file", &config)?);
+        }
+        (None, Some(url)) => {
+            source.push("--controller".to_string());
+            source.push(url);
+            if let Some(cert) = args.onboard_cert {
+                source.push("--onboard-cert".to_string());
+                source.push(existing("onboarding certificate", &cert)?);
+            }
+            if let Some(key) = args.onboard_key {
+                source.push("--onboard-key".to_string());
+                source.push(existing("onboarding key", &key)?);
+            }
+            if let Some(serial) = args.serial {
+                source.push("--serial".to_string());
+                source.push(serial);
+            }
+            if let Some(root_cert) = args.root_cert {
+                source.push("--root-cert".to_string());
+                source.push(existing("root certificate", &root_cert)?);
+            }
+        }
+        // A device set up for a controller earlier follows it again.
+        (None, None) if root.join("persist/config/server").is_file() => {}
+        (None, None) => {
+            let demo = root.join("config.json");
+            if !demo.exists() {
+                std::fs::write(&demo, up::DEMO_CONFIG)
+                    .with_context(|| format!("writing the demo config {}", demo.display()))?;
+            }
+            source.push("--config".to_string());
+            source.push(demo.display().to_string());
+        }
+    }
+    Ok((source, args.technicians_gid))
+}
+
+/// The exit code and message when the device cannot be read: no agent answers (3), or this
+/// user may read none of them (4).
+fn unreadable(view: &DeviceView, roots: &Roots, root_given: bool) -> Option<ExitCode> {
+    if view.agents.iter().any(|a| a.state == "up") {
+        return None;
+    }
+    let refused: Vec<&readout::AgentHealth> = view
+        .agents
+        .iter()
+        .filter(|a| a.state.starts_with("refused"))
+        .collect();
+    if let Some(first) = refused.first() {
+        eprintln!(
+            "cairn: not allowed to read the device under {}: {} {}",
+            roots.run.display(),
+            first.agent,
+            first.state
+        );
+        return Some(ExitCode::from(4));
+    }
+    eprintln!(
+        "cairn: agents not running under {} — start them with `cairn up`{}",
+        roots.run.display(),
+        if root_given {
+            ""
+        } else {
+            " (or give --root DIR)"
+        }
+    );
+    Some(ExitCode::from(3))
 }
 
 fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
@@ -217,9 +340,19 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
     let agents: Vec<String> = view
         .agents
         .iter()
-        .map(|a| format!("{} {}", a.agent, a.state))
+        .map(|a| {
+            let state = a.state.split(':').next().unwrap_or_default();
+            format!("{} {state}", a.agent)
+        })
         .collect();
     println!("agents   {}", agents.join(" · "));
+    for a in view
+        .agents
+        .iter()
+        .filter(|a| a.state.starts_with("refused"))
+    {
+        println!("         {} {}", a.agent, a.state);
+    }
     print_apps(view, false)
 }
 

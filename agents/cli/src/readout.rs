@@ -100,16 +100,6 @@ pub struct DeviceView {
     pub volumes: Vec<VolumeStatus>,
 }
 
-impl DeviceView {
-    pub fn agents_down(&self) -> Vec<&str> {
-        self.agents
-            .iter()
-            .filter(|a| a.state != "up")
-            .map(|a| a.agent.as_str())
-            .collect()
-    }
-}
-
 enum Read<T> {
     Values(Vec<T>),
     Down,
@@ -118,8 +108,12 @@ enum Read<T> {
 
 /// The whole table of `publisher`'s topic `T`, or why it could not be read within `wait`.
 async fn read<T: Topic>(roots: &Roots, publisher: &str, wait: Duration) -> Read<T> {
-    if !socket_path(&roots.run, publisher, T::NAME).exists() {
+    let socket = socket_path(&roots.run, publisher, T::NAME);
+    if !socket.exists() {
         return Read::Down;
+    }
+    if let Some(reason) = socket_refusal(&socket) {
+        return Read::Refused(reason);
     }
     let mut sub = roots.bus().subscribe::<T>(publisher);
     let outcome = tokio::time::timeout(wait, async {
@@ -136,6 +130,41 @@ async fn read<T: Topic>(roots: &Roots, publisher: &str, wait: Duration) -> Read<
         Ok(None) => Read::Values(sub.values().cloned().collect()),
         Ok(Some(reason)) => Read::Refused(reason),
         Err(_) => Read::Down,
+    }
+}
+
+/// Why this user cannot connect to `socket`, if the file's mode or group shuts them out
+/// (connecting to a Unix socket needs write permission on it). The subscription itself would
+/// only retry silently; the technician needs the reason.
+pub fn socket_refusal(socket: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    match nix::unistd::access(socket, nix::unistd::AccessFlags::W_OK) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => None,
+        Err(errno) => {
+            let uid = nix::unistd::getuid();
+            Some(match std::fs::metadata(socket) {
+                Ok(m) if m.gid() != 0 => format!(
+                    "uid {uid} may not connect to {} (group {}, mode {:o}): ask for membership \
+                     of group {} (the technicians' group), or run as root",
+                    socket.display(),
+                    m.gid(),
+                    m.mode() & 0o777,
+                    m.gid()
+                ),
+                Ok(m) => format!(
+                    "uid {uid} may not connect to {} (mode {:o}, no technicians' group): this \
+                     topic is for agents and root only; technicians read the status topics when \
+                     the device runs with `cairn up --technicians-gid GID`",
+                    socket.display(),
+                    m.mode() & 0o777
+                ),
+                Err(_) => format!(
+                    "uid {uid} may not connect to {}: {}",
+                    socket.display(),
+                    errno.desc()
+                ),
+            })
+        }
     }
 }
 

@@ -25,7 +25,11 @@ pub const DEMO_CONFIG: &str = include_str!("demo-config.json");
 
 pub struct UpOptions {
     pub roots: Roots,
-    pub config: PathBuf,
+    /// The config-agent's config source: `--config FILE`, or `--controller URL` with the
+    /// onboarding flags, passed through as given.
+    pub source: Vec<String>,
+    /// Members of this group may read the status topics (config-agent, app-manager).
+    pub technicians_gid: Option<u32>,
     /// Where the agent binaries are (next to `cairn`).
     pub bin_dir: PathBuf,
 }
@@ -55,10 +59,14 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("creating {}", options.roots.persist.display()))?;
     eprintln!(
-        "cairn up: run {} persist {} config {} (logs in {})",
+        "cairn up: run {} persist {} config source {} (logs in {})",
         options.roots.run.display(),
         options.roots.persist.display(),
-        options.config.display(),
+        if options.source.is_empty() {
+            "the controller in <persist>/config/".to_string()
+        } else {
+            options.source.join(" ")
+        },
         logs.display()
     );
 
@@ -67,8 +75,14 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
     for (agent, binary) in binaries {
         let mut args = Vec::new();
         if agent == "config-agent" {
-            args.push("--config".to_string());
-            args.push(options.config.display().to_string());
+            args.extend(options.source.iter().cloned());
+        }
+        if let Some(gid) = options.technicians_gid
+            && matches!(agent.as_str(), "config-agent" | "app-manager")
+        {
+            // The agents that publish what a technician reads.
+            args.push("--technicians-gid".to_string());
+            args.push(gid.to_string());
         }
         if agent == "domain-manager" {
             // Stopping the device stops its apps.

@@ -155,3 +155,117 @@ fn record_check_reports_a_missing_nested_field() {
         "{out}"
     );
 }
+
+/// Every file under `dir`: path → (length, mtime, mode).
+fn tree(dir: &Path) -> std::collections::BTreeMap<std::path::PathBuf, (u64, i64, i64, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut files = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let meta = entry.path().symlink_metadata().unwrap();
+            if meta.is_dir() {
+                todo.push(entry.path());
+            }
+            files.insert(
+                entry.path(),
+                (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.mode()),
+            );
+        }
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_read_out_changes_a_file_of_the_device() {
+    let root = tempfile::tempdir().unwrap();
+    let (run, persist) = (root.path().join("run"), root.path().join("persist"));
+    let app = Uuid::from_u128(0xa12);
+    let apps = Bus::new("app-manager", &run, &persist)
+        .publish::<AppInstanceStatus>(PublishOptions {
+            persistent: true,
+            ..PublishOptions::default()
+        })
+        .await
+        .unwrap();
+    apps.publish(AppInstanceStatus {
+        uuid_and_version: UUIDandVersion {
+            uuid: app,
+            version: "1".into(),
+        },
+        display_name: "sensor".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = snapshot_dir(&persist, Uuid::from_u128(3));
+    std::fs::create_dir_all(&dir).unwrap();
+    let record = dir.join(SNAPSHOT_INSTANCE_STATUS_FILE);
+    std::fs::write(&record, "{}").unwrap();
+    apps.flush().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let before = tree(root.path());
+
+    let root_path = root.path().to_path_buf();
+    let record = record.to_str().unwrap().to_string();
+    tokio::task::spawn_blocking(move || {
+        for json in [false, true] {
+            let mut runs: Vec<Vec<&str>> = vec![
+                vec!["status"],
+                vec!["apps"],
+                vec!["snapshots"],
+                vec!["snapshots", "sensor"],
+                vec!["topics"],
+                vec!["record", "check", &record],
+            ];
+            if json {
+                runs.iter_mut().for_each(|args| args.push("--json"));
+            }
+            for args in runs {
+                let (code, _, err) = cairn(&root_path, &args);
+                assert!(code == 0 || code == 1, "cairn {args:?}: {err}");
+            }
+            let mut watch = Command::new(env!("CARGO_BIN_EXE_cairn"))
+                .arg("--root")
+                .arg(&root_path)
+                .args(if json {
+                    &["watch", "--json"][..]
+                } else {
+                    &["watch"]
+                })
+                .stderr(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut err = std::io::BufReader::new(watch.stderr.take().unwrap());
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+            assert!(line.contains("watching"), "{line}");
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(watch.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            )
+            .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let status = loop {
+                if let Some(status) = watch.try_wait().unwrap() {
+                    break status;
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = watch.kill();
+                    panic!("cairn watch did not end on SIGINT");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            assert!(status.success(), "{status:?}");
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        tree(root.path()),
+        before,
+        "a read-out created, changed or removed a file"
+    );
+    drop(apps);
+}

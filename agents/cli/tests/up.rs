@@ -1,0 +1,331 @@
+//! `cairn up` as a user runs it: the real agents under a temporary root, a killed agent
+//! restarted by the supervisor, SIGTERM stopping agents and apps, and the config source flags.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+#[test]
+fn up_runs_the_demo_restarts_a_killed_agent_and_stops_everything_on_sigterm() {
+    let mut up = Up::start(&[]);
+    let view = up.wait_status(Duration::from_secs(30), |v| {
+        demo_ready(v) && AGENTS.iter().all(|a| agent_state(v, a) == "up")
+    });
+    let app_pid = view["domains"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["UUIDandVersion"]["UUID"] == DEMO_APP))
+        .and_then(|d| d["Pid"].as_i64())
+        .expect("the demo app's domain reports its pid") as i32;
+    assert!(alive(app_pid), "the demo app process {app_pid} runs");
+    let first = up.agent_pids();
+    assert_eq!(first.len(), 4, "four agents under cairn up: {first:?}");
+
+    // The supervisor restarts an agent that dies.
+    let killed = first["volume-manager"];
+    kill(Pid::from_raw(killed), Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let restarted = loop {
+        if let Some(&pid) = up.agent_pids().get("volume-manager")
+            && pid != killed
+        {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "volume-manager not restarted within 10 s\n{}",
+            up.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!alive(killed));
+    up.wait_status(Duration::from_secs(10), |v| {
+        agent_state(v, "volume-manager") == "up" && demo_ready(v)
+    });
+    assert!(
+        up.log()
+            .contains("[volume-manager] exited (signal: 9 (SIGKILL))"),
+        "the supervisor says why it restarts:\n{}",
+        up.log()
+    );
+
+    let status = up.stop(Signal::SIGTERM, Duration::from_secs(60));
+    assert!(status.success(), "cairn up exits cleanly: {status:?}");
+    let mut all: Vec<i32> = first.values().copied().collect();
+    all.push(restarted);
+    for pid in all {
+        assert!(!alive(pid), "agent {pid} still runs after cairn up ended");
+    }
+    assert!(!alive(app_pid), "the app process {app_pid} still runs");
+    assert_eq!(
+        processes_mentioning(up.path()),
+        Vec::<i32>::new(),
+        "no process of this device is left"
+    );
+    let (code, _, err) = up.cairn(&["status"]);
+    assert_eq!(code, 3, "{err}");
+}
+
+#[test]
+fn up_with_config_runs_that_file() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("mine.json");
+    let app_id = "0000000a-0000-4000-8000-0000000000c1";
+    std::fs::write(
+        &config,
+        process_app_config(app_id, "custom-sensor", "7", &[]),
+    )
+    .unwrap();
+    let mut up = Up::start_in(root, &cairn_bin(), &["--config", config.to_str().unwrap()]);
+    let view = up.wait_status(Duration::from_secs(30), |v| {
+        app(v, "custom-sensor").is_some_and(|a| a["State"] == RUNNING)
+    });
+    assert!(
+        app(&view, "demo-logger").is_none(),
+        "the demo config is not used"
+    );
+    assert_eq!(view["apps"][0]["UUIDandVersion"]["Version"], "7");
+    assert_eq!(
+        view["device"]["ConfigSource"]["Path"],
+        config.to_str().unwrap(),
+        "{view}"
+    );
+    assert!(
+        !up.path().join("config.json").exists(),
+        "no demo config written"
+    );
+    let status = up.stop(Signal::SIGTERM, Duration::from_secs(60));
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn config_and_controller_are_mutually_exclusive() {
+    let root = tempfile::tempdir().unwrap();
+    let (code, _, err) = cairn(
+        root.path(),
+        &["up", "--config", "x.json", "--controller", "https://c"],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot be used with"), "{err}");
+    let (code, _, err) = cairn(root.path(), &["up", "--serial", "S1"]);
+    assert_eq!(code, 2, "--serial needs --controller: {err}");
+    assert!(err.contains("--controller"), "{err}");
+}
+
+/// The config-agent's controller flags are being written elsewhere; what `up` owes is passing
+/// them through unchanged, checked here with stand-in agent executables that record their
+/// arguments (the real `cairn` binary, copied next to them, is what runs).
+#[test]
+fn up_passes_the_controller_flags_to_the_config_agent_only() {
+    let root = tempfile::tempdir().unwrap();
+    let bin = root.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let cairn = bin.join("cairn");
+    std::fs::copy(cairn_bin(), &cairn).unwrap();
+    for agent in AGENTS {
+        let stub = bin.join(format!("cairn-{agent}"));
+        std::fs::write(
+            &stub,
+            format!(
+                "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"{}/args-{agent}.tmp\"\nmv \"{}/args-{agent}.tmp\" \"{}/args-{agent}\"\nexec sleep 300\n",
+                root.path().display(),
+                root.path().display(),
+                root.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let cert = root.path().join("onboard.cert.pem");
+    let key = root.path().join("onboard.key.pem");
+    let ca = root.path().join("root.pem");
+    std::fs::write(&cert, "cert").unwrap();
+    std::fs::write(&key, "key").unwrap();
+    std::fs::write(&ca, "root").unwrap();
+    let path = root.path().to_path_buf();
+    let mut up = Up::start_in(
+        root,
+        &cairn,
+        &[
+            "--controller",
+            "https://controller.example:8443",
+            "--onboard-cert",
+            cert.to_str().unwrap(),
+            "--onboard-key",
+            key.to_str().unwrap(),
+            "--serial",
+            "SN-0042",
+            "--root-cert",
+            ca.to_str().unwrap(),
+        ],
+    );
+    let args = |agent: &str| -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(path.join(format!("args-{agent}"))) {
+                return text.lines().map(str::to_string).collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{agent} not started\n{}",
+                up.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(
+        args("config-agent"),
+        [
+            "--controller",
+            "https://controller.example:8443",
+            "--onboard-cert",
+            cert.to_str().unwrap(),
+            "--onboard-key",
+            key.to_str().unwrap(),
+            "--serial",
+            "SN-0042",
+            "--root-cert",
+            ca.to_str().unwrap(),
+        ]
+    );
+    assert!(
+        !path.join("config.json").exists(),
+        "no demo config with a controller"
+    );
+    for agent in ["app-manager", "volume-manager", "domain-manager"] {
+        let args = args(agent);
+        assert!(
+            !args.iter().any(|a| a.starts_with("--controller")
+                || a.starts_with("--onboard")
+                || a == "--serial"),
+            "{agent} got {args:?}"
+        );
+    }
+    let status = up.stop(Signal::SIGTERM, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn up_names_a_missing_onboarding_file() {
+    let root = tempfile::tempdir().unwrap();
+    let missing = root.path().join("nope.pem");
+    let key = root.path().join("key.pem");
+    std::fs::write(&key, "key").unwrap();
+    let (code, _, err) = cairn(
+        root.path(),
+        &[
+            "up",
+            "--controller",
+            "https://c",
+            "--onboard-cert",
+            missing.to_str().unwrap(),
+            "--onboard-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("onboarding certificate") && err.contains("nope.pem"),
+        "{err}"
+    );
+    let (code, _, err) = cairn(
+        root.path(),
+        &[
+            "up",
+            "--controller",
+            "https://c",
+            "--onboard-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 2, "a key without its certificate: {err}");
+    assert!(err.contains("--onboard-cert"), "{err}");
+}
+
+/// With the real config-agent: the controller set-up reaches it (it keeps what it is given
+/// under <persist>/config/ before anything else), and a later `cairn up` with no source follows
+/// that controller instead of starting the demo.
+#[test]
+fn the_real_config_agent_receives_the_controller_setup_and_keeps_it() {
+    let root = tempfile::tempdir().unwrap();
+    let given = |name: &str, text: &str| {
+        let path = root.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let cert = given(
+        "my-onboard.pem",
+        "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+    );
+    let key = given(
+        "my-onboard.key",
+        "-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n",
+    );
+    let ca = given(
+        "my-root.pem",
+        "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+    );
+    let config_dir = root.path().join("persist/config");
+    let mut up = Up::start_in(
+        root,
+        &cairn_bin(),
+        &[
+            "--controller",
+            "https://127.0.0.1:9",
+            "--onboard-cert",
+            cert.to_str().unwrap(),
+            "--onboard-key",
+            key.to_str().unwrap(),
+            "--serial",
+            "SN-REAL-7",
+            "--root-cert",
+            ca.to_str().unwrap(),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let read = |name: &str| std::fs::read_to_string(config_dir.join(name)).unwrap_or_default();
+    while read("serial").trim() != "SN-REAL-7" || read("server").trim() != "127.0.0.1:9" {
+        assert!(
+            Instant::now() < deadline,
+            "the config-agent did not store the controller set-up\n{}",
+            up.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        read("onboard.cert.pem"),
+        std::fs::read_to_string(&cert).unwrap()
+    );
+    assert!(!up.path().join("config.json").exists(), "no demo config");
+    assert!(up.stop(Signal::SIGTERM, Duration::from_secs(30)).success());
+
+    // Again with no source: the config-agent gets no --config, the demo is not written.
+    let root = std::mem::replace(&mut up.root, tempfile::tempdir().unwrap());
+    drop(up);
+    let mut again = Up::start_in(root, &cairn_bin(), &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let args = loop {
+        if let Some(&pid) = again.agent_pids().get("config-agent") {
+            break cmdline(pid);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no config-agent\n{}",
+            again.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!args.iter().any(|a| a == "--config"), "{args:?}");
+    assert!(!again.path().join("config.json").exists(), "no demo config");
+    assert!(
+        again
+            .stop(Signal::SIGTERM, Duration::from_secs(30))
+            .success()
+    );
+}
