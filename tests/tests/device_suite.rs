@@ -400,3 +400,187 @@ async fn deletion_waits_for_the_next_deactivation_and_is_reported_pending() {
     assert!(qcow2_snapshots(&file).is_empty());
     assert!(rig.device.snapshot_dirs().is_empty());
 }
+
+/// The processes `cairn up` started for the device under `root`: their environment names its
+/// run root.
+fn processes_of(root: &Path) -> Vec<i32> {
+    let marker = format!("CAIRN_RUN_DIR={}", root.join("run").display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let environ = std::fs::read(e.path().join("environ")).ok()?;
+            environ
+                .split(|b| *b == 0)
+                .any(|kv| kv == marker.as_bytes())
+                .then_some(pid)
+        })
+        .collect()
+}
+
+fn cairn_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().join("cairn")
+}
+
+/// `cairn up` for the device under `root`, following `controller` (the config-agent's set-up
+/// flags are `cairn up`'s too).
+fn cairn_up(root: &Path, controller: &TestController) -> std::process::Child {
+    let args = controller.device_args(&root.join("setup"), SERIAL).unwrap();
+    Command::new(cairn_bin())
+        .args(["up", "--root"])
+        .arg(root)
+        .args(args)
+        .env("CAIRN_CONFIG_INTERVAL_MS", "200")
+        .env("CAIRN_RETRY_MS", "100")
+        .env(
+            "RUST_LOG",
+            std::env::var("CAIRN_E2E_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Every agent (and `cairn up` itself) SIGKILLed in the middle of a rollback, then `cairn up`
+/// again: the device finishes the rollback. Then a corrupt record planted in /persist shows in
+/// `cairn snapshots` with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agent_killed_mid_rollback_then_cairn_up_converges() {
+    use proto::SnapshotType::Immediate;
+    let controller = TestController::start().await.unwrap();
+    // The harness's device only lends its root and read-outs here: `cairn up` runs the agents.
+    let device = Device::new();
+    let root = device.root.path().to_path_buf();
+    let v1 = Want::v("1").snap(S1, Immediate);
+    controller.set_config(SERIAL, edge_config(&v1));
+    let mut up = cairn_up(&root, &controller);
+    let wait = |what: &'static str, done: fn(&AppInstanceStatus) -> bool| {
+        let device = &device;
+        async move {
+            device
+                .app_status(SETTLE, done)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+        }
+    };
+    wait("S1 available", |s| {
+        running(s) && ids(&s.snap_status.available_snapshots) == set(&[S1])
+    })
+    .await;
+    let v2 = Want { version: "2", ..v1 };
+    controller.set_config(SERIAL, edge_config(&v2));
+    wait("v2 running", |s| {
+        running(s) && s.uuid_and_version.version == "2"
+    })
+    .await;
+    let file = device.volume(SETTLE).await.file_location;
+    let at_snapshot = sector_counter(&file, Some(S1));
+
+    controller.set_config(
+        SERIAL,
+        edge_config(&Want {
+            rollback: 1,
+            active: S1,
+            ..v2
+        }),
+    );
+    let mid = wait("the rollback under way", |s| {
+        s.snap_status.rollback_in_progress
+    })
+    .await;
+    let mut killed = processes_of(&root);
+    killed.push(up.id() as i32);
+    for pid in &killed {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = up.wait();
+    eprintln!(
+        "killed {} processes mid-rollback (app state {:?}, activated {})",
+        killed.len(),
+        mid.state,
+        mid.activated
+    );
+    assert!(killed.len() >= 5, "cairn up and four agents: {killed:?}");
+
+    let mut up = cairn_up(&root, &controller);
+    let status = wait("the rollback completed after the restart", |s| {
+        running(s)
+            && s.uuid_and_version.version == "1"
+            && !s.snap_status.rollback_in_progress
+            && s.snap_status.requested_snapshots.is_empty()
+            && s.snap_status.snapshots_to_be_deleted.is_empty()
+    })
+    .await;
+    assert_eq!(ids(&status.snap_status.available_snapshots), set(&[S1]));
+    assert_eq!(
+        qcow2_snapshots(&file),
+        set(&[S1]),
+        "no snapshot leaked or lost on disk"
+    );
+    let dirs: BTreeSet<String> = device.snapshot_dirs().iter().map(Uuid::to_string).collect();
+    assert_eq!(dirs, set(&[S1]));
+    assert!(
+        sector_counter(&file, None) >= at_snapshot,
+        "the disk carries on from the snapshot"
+    );
+
+    // A corrupt record: a copy of S1's with one byte changed, under a new id.
+    let planted = "e2e5a17e-0000-4000-8000-0000000dead1";
+    let snapshots = cairn_types::layout::snapshots_dir(&device.persist_dir());
+    let record = std::fs::read(snapshots.join(S1).join("snapshotInstanceStatus.json")).unwrap();
+    let mut damaged = record.clone();
+    let at = damaged.len() / 2;
+    damaged[at] ^= 0x20;
+    std::fs::create_dir_all(snapshots.join(planted)).unwrap();
+    std::fs::write(
+        snapshots.join(planted).join("snapshotInstanceStatus.json"),
+        damaged,
+    )
+    .unwrap();
+    let out = Command::new(cairn_bin())
+        .args(["snapshots", "--json", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == planted)
+        .unwrap_or_else(|| panic!("the planted record is listed: {rows:#}"));
+    assert_eq!(row["state"], "corrupt", "{row:#}");
+    let reason = row["error"].as_str().unwrap();
+    assert!(
+        reason.contains("snapshotInstanceStatus.json")
+            && (reason.contains("checksum") || reason.contains("JSON")),
+        "the reason names the file and the fault: {reason}"
+    );
+    // The sound snapshot is still listed as available next to it.
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == S1 && r["state"] == "available")
+    );
+
+    // A clean stop: cairn up stops the app and the agents.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = up.wait();
+}
