@@ -211,7 +211,7 @@ impl VolumeManager {
             Ok(()) => {
                 status.state = VolumeState::Ready;
                 status.current_size = volumes::allocated_size(&path);
-                tracing::info!(volume = %key, backend = ?backend, path = %path.display(), "volume ready");
+                tracing::info!(volume = %key, backend = ?backend, driver = backend_driver(backend), path = %path.display(), "volume ready");
             }
             Err(e) => {
                 tracing::error!(volume = %key, "volume failed: {e}");
@@ -1096,4 +1096,14 @@ fn load_records(
         }
     }
     (records, bad)
+}
+
+/// The driver behind a backend, for the log: only ZFS has more than one.
+fn backend_driver(backend: SnapshotBackendKind) -> &'static str {
+    #[cfg(feature = "zfs")]
+    if backend == SnapshotBackendKind::Zfs {
+        return crate::backend::zfs::driver_label();
+    }
+    let _ = backend;
+    ""
 }
