@@ -77,10 +77,8 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
         if agent == "config-agent" {
             args.extend(options.source.iter().cloned());
         }
-        if let Some(gid) = options.technicians_gid
-            && matches!(agent.as_str(), "config-agent" | "app-manager")
-        {
-            // The agents that publish what a technician reads.
+        if let Some(gid) = options.technicians_gid {
+            // Every agent publishes a status a technician reads.
             args.push("--technicians-gid".to_string());
             args.push(gid.to_string());
         }

@@ -71,8 +71,18 @@ fn a_technician_in_the_group_reads_the_device_and_a_stranger_is_refused() {
         demo_ready(&view),
         "the technician sees the app and its snapshot: {view}"
     );
-    assert_eq!(agent_state(&view, "config-agent"), "up");
-    assert_eq!(agent_state(&view, "app-manager"), "up");
+    for agent in [
+        "config-agent",
+        "app-manager",
+        "volume-manager",
+        "domain-manager",
+    ] {
+        assert_eq!(
+            agent_state(&view, agent),
+            "up",
+            "{agent} is readable: {view}"
+        );
+    }
     assert!(view["device"]["ConfigSource"]["Path"].is_string(), "{view}");
     let (code, out, err) = cairn_as(
         TECHNICIAN_UID,

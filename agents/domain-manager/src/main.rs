@@ -31,6 +31,9 @@ struct Args {
     /// `cairn up`); by default domains keep running and the next start re-adopts them.
     #[arg(long, env = "CAIRN_STOP_DOMAINS_ON_EXIT")]
     stop_domains_on_exit: bool,
+    /// A group whose members may read the domains' status (technicians).
+    #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
+    technicians_gid: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +65,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             stop,
             ..Timeouts::default()
         },
+        technicians_gid: args.technicians_gid,
     };
     let supervisor = Supervisor::open(&bus, settings)
         .await

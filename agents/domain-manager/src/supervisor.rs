@@ -27,6 +27,8 @@ pub struct Settings {
     /// `auto`, `kvm` or `tcg`.
     pub accel: String,
     pub timeouts: Timeouts,
+    /// A group whose members may read `DomainStatus` (technicians).
+    pub technicians_gid: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +53,13 @@ impl Supervisor {
     /// instance left (from its reloaded `DomainStatus` table and the app directories).
     pub async fn open(bus: &Bus, settings: Settings) -> Result<Self, SupervisorError> {
         let statuses = bus
-            .publish::<DomainStatus>(PublishOptions::default())
+            .publish::<DomainStatus>(PublishOptions {
+                access: settings
+                    .technicians_gid
+                    .map(cairn_pubsub::Access::with_group_readers)
+                    .unwrap_or_default(),
+                ..PublishOptions::default()
+            })
             .await?;
         // Persistent: "InProgress" is on disk before the operation starts, so a request is never
         // run twice, even across a crash in the middle of it.

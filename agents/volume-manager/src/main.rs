@@ -26,6 +26,9 @@ struct Args {
     /// Run root (bus sockets).
     #[arg(long, env = "CAIRN_RUN_DIR", default_value = "/run/cairn")]
     run_dir: PathBuf,
+    /// A group whose members may read the volumes' status (technicians).
+    #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
+    technicians_gid: Option<u32>,
 }
 
 struct Outputs {
@@ -67,7 +70,10 @@ async fn main() -> anyhow::Result<()> {
         volumes: bus
             .publish::<VolumeStatus>(PublishOptions {
                 persistent: true,
-                ..PublishOptions::default()
+                access: args
+                    .technicians_gid
+                    .map(cairn_pubsub::Access::with_group_readers)
+                    .unwrap_or_default(),
             })
             .await
             .context("publishing VolumeStatus")?,
