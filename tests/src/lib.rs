@@ -357,3 +357,20 @@ impl Device {
         }
     }
 }
+
+impl Device {
+    /// The snapshots the copy or btrfs backend keeps of a `dir` volume at a generation
+    /// (`<persist>/volumes/.snapshots/<key>/<snapshot id>`).
+    pub fn dir_volume_snapshots(&self, volume: Uuid, generation: i64) -> BTreeSet<Uuid> {
+        let dir = layout::volumes_dir(&self.persist_dir())
+            .join(".snapshots")
+            .join(cairn_types::volume_key(volume, generation));
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return BTreeSet::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+}

@@ -59,7 +59,6 @@ fn app_config(version: &str, snapshots: &[(&str, proto::SnapshotType)]) -> EdgeD
                 ],
                 ..Default::default()
             }),
-            ..Default::default()
         }],
         volumes: vec![Volume {
             uuid: VOLUME.into(),

@@ -12,7 +12,7 @@ use cairn_types::{
     AppInstanceConfig, AppInstanceStatus, AppVolumeRefs, DiskConfig, DomainConfig, DomainState,
     DomainStatus, VolumeState, VolumeStatus, VolumesSnapshotConfig, VolumesSnapshotStatus,
 };
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::machine::{self, Action, AppState, FoundSnapshot, Input};
@@ -20,6 +20,11 @@ use crate::{app_status, snapshot_instance_status};
 
 /// How long a starting app-manager waits for the other agents' tables before deciding anyway.
 const SYNC_WAIT: Duration = Duration::from_secs(3);
+
+/// The longest the executor sleeps towards a wake-up time: the timer runs on the monotonic
+/// clock, the schedule on the wall clock, so a clock step (NTP after boot) is noticed within
+/// this long.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -56,6 +61,8 @@ pub struct AppManager {
     /// The volumes each app holds, so the volume-manager releases none still in use.
     volume_refs: Publication<AppVolumeRefs>,
     statuses: Publication<AppInstanceStatus>,
+    /// Per app, when its machine wants the next [`Input::Tick`] ([`machine::next_wakeup`]).
+    wakeups: BTreeMap<Uuid, DateTime<Utc>>,
     configs: Subscription<AppInstanceConfig>,
     domains: Subscription<DomainStatus>,
     volumes: Subscription<VolumeStatus>,
@@ -81,6 +88,7 @@ impl AppManager {
                     ..Default::default()
                 })
                 .await?,
+            wakeups: BTreeMap::new(),
             configs: bus.subscribe("config-agent"),
             domains: bus.subscribe("domain-manager"),
             volumes: bus.subscribe("volume-manager"),
@@ -212,13 +220,43 @@ impl AppManager {
         self.volume_refs.signal_restarted().await?;
         self.statuses.signal_restarted().await?;
         loop {
+            // Asleep until the earliest wake-up any app's machine asked for (schedule due,
+            // snapshot expiry), or a bus event; no polling when nothing is scheduled.
+            let sleep = self.wakeups.values().min().map(|at| {
+                (*at - Utc::now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO)
+                    .min(MAX_SLEEP)
+            });
             tokio::select! {
                 event = self.configs.recv() => self.on_config(event).await?,
                 event = self.domains.recv() => self.on_domain(event).await?,
                 event = self.volumes.recv() => self.on_volume(event).await?,
                 event = self.results.recv() => self.on_result(event).await?,
+                _ = tokio::time::sleep(sleep.unwrap_or(MAX_SLEEP)), if sleep.is_some() => {
+                    self.on_timer().await?;
+                }
             }
         }
+    }
+
+    /// Ticks every app whose wake-up time has come, each with a fresh snapshot id.
+    async fn on_timer(&mut self) -> Result<(), AgentError> {
+        let now = Utc::now();
+        let due: Vec<Uuid> = self
+            .wakeups
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(app, _)| *app)
+            .collect();
+        for app in due {
+            let new_id = Uuid::new_v4();
+            self.input(app, Input::Tick { new_id }).await?;
+            if let Some(record) = self.apps.get(&app).and_then(|s| s.snapshot(new_id)) {
+                tracing::info!(app = %app, snapshot = %new_id, name = %record.desc.name, "taking a scheduled snapshot");
+            }
+        }
+        Ok(())
     }
 
     /// Gives the other agents a moment to deliver their tables, so that the first decisions
@@ -310,6 +348,10 @@ impl AppManager {
                 let app = last.app_uuid();
                 let mut stopped = last;
                 stopped.activate = false;
+                // Nor does its schedule go on taking snapshots of it.
+                if let Some(policy) = stopped.snapshot.policy.as_mut() {
+                    policy.schedule.clear();
+                }
                 self.input(app, Input::Config(stopped)).await
             }
             _ => Ok(()),
@@ -394,10 +436,15 @@ impl AppManager {
             let before = state.phase.clone();
             let was_ready = state.volumes_ready;
             tracing::debug!(app = %app, ?input, "input");
-            let (state, actions) = machine::step(state, input, Utc::now());
+            let now = Utc::now();
+            let (state, actions) = machine::step(state, input, now);
             if state.phase != before {
                 tracing::info!(app = %app, from = ?before, to = ?state.phase, "app phase");
             }
+            match machine::next_wakeup(&state, now) {
+                Some(at) => self.wakeups.insert(app, at),
+                None => self.wakeups.remove(&app),
+            };
             self.apps.insert(app, state);
             for action in actions {
                 self.carry_out(app, action).await?;

@@ -31,10 +31,28 @@
 //!   old released. Local generations only grow, so a key once left is never reused fresh;
 //! - a sound snapshot found on disk that the state does not track (EVE's records, or a lost state
 //!   file) is imported as available when the config lists it, under the same `max_snapshots`.
+//!
+//! Beyond EVE (issue 10), the policy in the snapshot config runs here, at [`Input::Tick`]s the
+//! executor feeds at [`next_wakeup`]:
+//! - a due schedule takes a *scheduled* (device-originated) snapshot like an IMMEDIATE one
+//!   (stop, take, start; no stop when the app is inactive), with the executor's fresh id and a
+//!   name from the policy's pattern. The controller's list does not decide its fate: its
+//!   expiry and the retention do (and `max_snapshots`, as for any snapshot);
+//! - due times are counted from [`ScheduleState::last_due`], persisted: due times that passed
+//!   while the device was off give one snapshot at the next tick, not one each; a new schedule
+//!   (or a state from before schedules) starts counting when it is first seen. A due time is
+//!   skipped while the app is deactivated (unless `schedule_when_stopped`) or while a
+//!   scheduled snapshot is still being taken; it waits while the app's volumes are not ready;
+//! - before a scheduled snapshot is taken, expired snapshots and scheduled ones the retention
+//!   does not keep (over the scheduled available ones plus the new one) become pending
+//!   deletions; deletions run first in the stop window, so a full disk does not block the
+//!   schedule. Expiry also applies at any tick (a snapshot's own `expiry_seconds`, else the
+//!   policy's for scheduled ones); like every deletion it waits for the next deactivation.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use cairn_persist::Persist;
+use cairn_types::policy::{Schedule, SnapshotPolicy, retained, snapshot_name};
 use cairn_types::{
     AppInstanceConfig, SnapshotDesc, SnapshotType, UUIDandVersion, VolumesSnapshotAction,
     VolumesSnapshotConfig, VolumesSnapshotStatus,
@@ -73,11 +91,31 @@ pub struct SnapshotRecord {
     /// The config the snapshot belongs to: what a rollback restores.
     pub config: Option<AppInstanceConfig>,
     pub error: Option<String>,
+    /// Device-originated: taken by the app's schedule, not listed by the controller. Its
+    /// expiry and the retention delete it, never its absence from the controller's list.
+    /// Absent in states written before schedules existed.
+    #[serde(default)]
+    pub scheduled: bool,
 }
 
 impl SnapshotRecord {
     pub fn id(&self) -> Uuid {
         self.desc.snapshot_id
+    }
+
+    /// When this snapshot expires: its own `expiry_seconds`, else (scheduled ones only) the
+    /// policy's. `None`: never, or not taken yet.
+    pub fn expires_at(&self, policy: Option<&SnapshotPolicy>) -> Option<DateTime<Utc>> {
+        let seconds = match self.desc.expiry_seconds {
+            0 if self.scheduled => policy.map_or(0, |p| p.expiry_seconds),
+            own => own,
+        };
+        if seconds == 0 {
+            return None;
+        }
+        let seconds = i64::try_from(seconds).ok()?;
+        self.time_created?
+            .checked_add_signed(chrono::TimeDelta::try_seconds(seconds)?)
     }
 
     /// Counts against `max_snapshots`.
@@ -134,6 +172,20 @@ pub struct LocalGeneration {
     pub local: i64,
 }
 
+/// How far the policy's schedule has run (issue 10). Persisted with the app's state, so due
+/// times survive restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+pub struct ScheduleState {
+    /// The schedule (`<expression> @ <zone>`) the due times are counted for; a different one
+    /// starts counting afresh. Empty: no schedule.
+    pub key: String,
+    /// Due times up to this instant are handled (taken, or skipped); the next one is the
+    /// schedule's first due time after it. `None`: not counting.
+    pub last_due: Option<DateTime<Utc>>,
+    /// Scheduled snapshots taken so far: `%n` in their names.
+    pub counter: u64,
+}
+
 /// Everything the app-manager must remember about one app across restarts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Persist)]
 #[persist(record = "AppManagerState", version = 1)]
@@ -168,8 +220,17 @@ pub struct AppState {
     /// volume refs as `LocalGenerationCounter`. Absent in states written before it existed.
     #[serde(default)]
     pub local_generations: BTreeMap<Uuid, LocalGeneration>,
+    /// The snapshot policy's schedule. Absent in states written before schedules existed.
+    #[serde(default)]
+    pub schedule: ScheduleState,
+    /// Controller-listed snapshots deleted by their own expiry while the config still lists
+    /// them: not requested (taken) again. Forgotten once the config drops them.
+    #[serde(default)]
+    pub expired: BTreeSet<Uuid>,
 }
 
+// One input lives at a time, moved straight into `step`: its size costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// The controller's config for this app, new or changed.
@@ -188,6 +249,11 @@ pub enum Input {
     /// A complete snapshot found on disk at start that this state does not track: EVE's
     /// records, or ones left behind by a lost state file. Its volume record is complete.
     Import(Box<FoundSnapshot>),
+    /// The clock reached [`next_wakeup`]: apply expiry, and take a scheduled snapshot if one is
+    /// due, as `new_id` (a fresh v4 UUID from the executor; unused when nothing is due).
+    Tick {
+        new_id: Uuid,
+    },
 }
 
 /// A snapshot's records as found under `/persist/snapshots/<id>/`.
@@ -242,7 +308,14 @@ impl AppState {
             warnings: Vec::new(),
             error: None,
             local_generations: BTreeMap::new(),
+            schedule: ScheduleState::default(),
+            expired: BTreeSet::new(),
         }
+    }
+
+    /// The controller's snapshot policy (a rollback's config carries the same one).
+    pub fn policy(&self) -> Option<&SnapshotPolicy> {
+        self.controller.snapshot.policy.as_deref()
     }
 
     /// The config in force: a rollback's local config, else the controller's.
@@ -305,6 +378,7 @@ impl AppState {
 pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState, Vec<Action>) {
     let mut actions = Vec::new();
     let volumes_before = volume_keys(state.effective());
+    sync_schedule(&mut state, now);
     match input {
         Input::Config(config) => on_config(&mut state, config, now),
         Input::Domain { active } => on_domain(&mut state, active),
@@ -312,7 +386,10 @@ pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState,
         Input::VolumesResult(result) => on_volumes_result(&mut state, result, now, &mut actions),
         Input::Resume => resume(&state, &mut actions),
         Input::Import(found) => import(&mut state, *found),
+        Input::Tick { new_id } => on_tick(&mut state, new_id, now),
     }
+    // A policy that came with a config starts counting now.
+    sync_schedule(&mut state, now);
     // Other volumes (a purge's new generation, a rollback's old one): not ready until the
     // executor says they are, so the app never starts on a volume that is not there yet.
     if volume_keys(state.effective()) != volumes_before {
@@ -348,8 +425,10 @@ fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>
 
     let wanted: Vec<SnapshotDesc> = state.controller.snapshot.snapshots.clone();
     let wanted_ids: BTreeSet<Uuid> = wanted.iter().map(|d| d.snapshot_id).collect();
+    // An id the snapshot's own expiry deleted is not taken again while the config lists it.
+    state.expired.retain(|id| wanted_ids.contains(id));
     for desc in wanted {
-        if state.snapshot(desc.snapshot_id).is_some() {
+        if state.snapshot(desc.snapshot_id).is_some() || state.expired.contains(&desc.snapshot_id) {
             continue;
         }
         state.snapshots.push(SnapshotRecord {
@@ -359,22 +438,27 @@ fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>
             time_created: None,
             config: None,
             error: None,
+            scheduled: false,
         });
         if desc.snapshot_type == SnapshotType::Immediate {
             trigger(state, desc.snapshot_id, now);
         }
     }
     // Snapshots gone from the config: never taken ones are forgotten, taken ones deleted at
-    // the next deactivation.
+    // the next deactivation. Scheduled ones were never in it: their policy decides.
     state.snapshots.retain(|s| {
         wanted_ids.contains(&s.id())
+            || s.scheduled
             || !matches!(
                 s.state,
                 SnapshotState::Requested | SnapshotState::Dropped | SnapshotState::Failed
             )
     });
     for record in &mut state.snapshots {
-        if !wanted_ids.contains(&record.id()) && record.state == SnapshotState::Available {
+        if !wanted_ids.contains(&record.id())
+            && !record.scheduled
+            && record.state == SnapshotState::Available
+        {
             record.state = SnapshotState::PendingDeletion;
         }
     }
@@ -488,7 +572,7 @@ fn stamp(config: &mut AppInstanceConfig, locals: &BTreeMap<Uuid, LocalGeneration
 /// available snapshot: the oldest available go first.
 fn import(state: &mut AppState, found: FoundSnapshot) {
     let id = found.desc.snapshot_id;
-    if state.snapshot(id).is_some() {
+    if state.snapshot(id).is_some() || state.expired.contains(&id) {
         return;
     }
     let listed = state
@@ -516,6 +600,7 @@ fn import(state: &mut AppState, found: FoundSnapshot) {
             time_created: found.time_created,
             config: Some(found.config),
             error: None,
+            scheduled: false,
         },
     );
     enforce_max(state);
@@ -658,7 +743,8 @@ fn on_volumes_result(
         .snapshot
         .snapshots
         .iter()
-        .any(|d| d.snapshot_id == id);
+        .any(|d| d.snapshot_id == id)
+        || state.snapshot(id).is_some_and(|s| s.scheduled);
     match step {
         Step::Create(_) => {
             if let Some(record) = state.snapshot_mut(id) {
@@ -823,4 +909,211 @@ pub fn ref_key(volume: &cairn_types::VolumeRefConfig) -> String {
 /// The volume keys a config names.
 pub fn volume_keys(config: &AppInstanceConfig) -> BTreeSet<String> {
     config.volume_ref_config_list.iter().map(ref_key).collect()
+}
+
+// ---- the snapshot policy: schedule, expiry, retention (issue 10) ----
+
+/// The key a policy's schedule is counted under; empty when it has none.
+fn schedule_key(policy: Option<&SnapshotPolicy>) -> String {
+    match policy {
+        Some(p) if !p.schedule.trim().is_empty() => {
+            format!("{} @ {}", p.schedule.trim(), p.time_zone.trim())
+        }
+        _ => String::new(),
+    }
+}
+
+/// A schedule first seen (a new policy, a changed one, a state from before schedules) starts
+/// counting at `now`: it does not take a snapshot for due times before it arrived.
+fn sync_schedule(state: &mut AppState, now: DateTime<Utc>) {
+    let key = schedule_key(state.policy());
+    if key == state.schedule.key {
+        return;
+    }
+    state.schedule.last_due = (!key.is_empty()).then_some(now);
+    if let Some(p) = state.policy()
+        && !key.is_empty()
+        && let Err(e) = Schedule::parse(&p.schedule, &p.time_zone)
+    {
+        let note = format!("snapshot schedule not run: {e}");
+        if !state.warnings.contains(&note) {
+            state.warnings.push(note);
+        }
+    }
+    state.schedule.key = key;
+}
+
+/// What a due schedule does now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// Take a scheduled snapshot.
+    Take,
+    /// Mark it handled without a snapshot: the app is deactivated (and the policy does not
+    /// say `schedule_when_stopped`), or a scheduled snapshot is still being taken.
+    Skip,
+    /// Wait: the app's volumes are not ready. An input (their readiness) changes that.
+    Wait,
+}
+
+/// The parsed schedule and its first due time not handled yet, if the state counts one.
+fn pending_due(state: &AppState) -> Option<(Schedule, DateTime<Utc>)> {
+    let policy = state.policy()?;
+    let last = state.schedule.last_due?;
+    if state.schedule.key != schedule_key(Some(policy)) {
+        return None;
+    }
+    let schedule = Schedule::parse(&policy.schedule, &policy.time_zone).ok()?;
+    let next = schedule.next_after(last)?;
+    Some((schedule, next))
+}
+
+fn due_decision(state: &AppState) -> Due {
+    let when_stopped = state.policy().is_some_and(|p| p.schedule_when_stopped);
+    if !state.effective().activate && !when_stopped {
+        return Due::Skip;
+    }
+    let taking = state.snapshots.iter().any(|s| {
+        s.scheduled && matches!(s.state, SnapshotState::Requested | SnapshotState::Triggered)
+    });
+    if taking {
+        return Due::Skip;
+    }
+    if !state.volumes_ready {
+        return Due::Wait;
+    }
+    Due::Take
+}
+
+/// When the executor should feed the next [`Input::Tick`]: the schedule's next due time, or
+/// the first expiry of an available snapshot, whichever comes first. A due time that waits for
+/// an input (volumes not ready) is no reason to wake. After a tick at `now`, this is `None` or
+/// later than `now`, so the executor never spins.
+pub fn next_wakeup(state: &AppState, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let due = pending_due(state)
+        .map(|(_, at)| at)
+        .filter(|at| *at > now || due_decision(state) != Due::Wait);
+    // A schedule not counted yet (no step since its config) is synchronized by any tick.
+    let unsynced = (schedule_key(state.policy()) != state.schedule.key).then_some(now);
+    let expiry = state
+        .snapshots
+        .iter()
+        .filter(|s| s.state == SnapshotState::Available)
+        .filter_map(|s| s.expires_at(state.policy()))
+        .min();
+    [due, unsynced, expiry].into_iter().flatten().min()
+}
+
+/// Expiry, then the schedule.
+fn on_tick(state: &mut AppState, new_id: Uuid, now: DateTime<Utc>) {
+    expire(state, now);
+    let Some((schedule, next)) = pending_due(state) else {
+        return;
+    };
+    if next > now {
+        return;
+    }
+    let decision = due_decision(state);
+    if decision == Due::Wait {
+        return;
+    }
+    // Every due time up to now is handled by this one decision: one snapshot, not a burst.
+    state.schedule.last_due = Some(latest_due(&schedule, next, now));
+    if decision == Due::Skip || state.snapshot(new_id).is_some() {
+        return;
+    }
+    take_scheduled(state, &schedule, new_id, now);
+}
+
+/// The last due time of `schedule` at or before `now`, starting from `first` (itself due at or
+/// before `now`). Past a long downtime of a frequent schedule, `now` stands for it.
+fn latest_due(schedule: &Schedule, first: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
+    let mut at = first;
+    for _ in 0..10_000 {
+        match schedule.next_after(at) {
+            Some(next) if next <= now => at = next,
+            _ => return at,
+        }
+    }
+    now
+}
+
+/// Available snapshots past their expiry become pending deletions (deleted at the next
+/// deactivation, never a reason to stop the app).
+fn expire(state: &mut AppState, now: DateTime<Utc>) {
+    let policy = state.policy().cloned();
+    let mut expired = Vec::new();
+    for record in &mut state.snapshots {
+        if record.state == SnapshotState::Available
+            && record
+                .expires_at(policy.as_ref())
+                .is_some_and(|at| at <= now)
+        {
+            record.state = SnapshotState::PendingDeletion;
+            if !record.scheduled {
+                expired.push(record.id());
+            }
+        }
+    }
+    state.expired.extend(expired);
+}
+
+/// Retention first (over the scheduled available snapshots and the new one), then the new
+/// snapshot, triggered like an IMMEDIATE one; `max_snapshots` as for any new snapshot. The
+/// deletions this marks run before the new create in the same stop window.
+fn take_scheduled(state: &mut AppState, schedule: &Schedule, id: Uuid, now: DateTime<Utc>) {
+    let Some(policy) = state.policy().cloned() else {
+        return;
+    };
+    if policy.retention.is_set() {
+        let mut candidates: Vec<(Uuid, DateTime<Utc>)> = state
+            .snapshots
+            .iter()
+            .filter(|s| s.scheduled && s.state == SnapshotState::Available)
+            .map(|s| (s.id(), s.time_created.unwrap_or(now)))
+            .collect();
+        candidates.push((id, now));
+        let keep = retained(&candidates, &policy.retention, schedule.zone());
+        for record in &mut state.snapshots {
+            if record.scheduled
+                && record.state == SnapshotState::Available
+                && !keep.contains(&record.id())
+            {
+                record.state = SnapshotState::PendingDeletion;
+            }
+        }
+    }
+    // An earlier scheduled snapshot that failed was reported; nothing of it is on the volumes.
+    state
+        .snapshots
+        .retain(|s| !(s.scheduled && s.state == SnapshotState::Failed));
+    state.schedule.counter += 1;
+    let app_name = state.effective().display_name.clone();
+    let name = snapshot_name(
+        &policy.pattern,
+        now,
+        schedule.zone(),
+        state.schedule.counter,
+        &app_name,
+    );
+    state.snapshots.push(SnapshotRecord {
+        desc: SnapshotDesc {
+            snapshot_id: id,
+            snapshot_type: SnapshotType::Immediate,
+            name,
+            description: format!(
+                "scheduled ({} in {})",
+                policy.schedule.trim(),
+                schedule.zone()
+            ),
+            expiry_seconds: 0,
+        },
+        state: SnapshotState::Requested,
+        time_triggered: None,
+        time_created: None,
+        config: None,
+        error: None,
+        scheduled: true,
+    });
+    trigger(state, id, now);
+    enforce_max(state);
 }

@@ -9,11 +9,12 @@ use std::collections::{BTreeSet, VecDeque};
 
 use cairn_app_manager::app_status;
 use cairn_app_manager::machine::{
-    Action, AppState, FoundSnapshot, Input, Phase, SnapshotState, step, volume_keys,
+    Action, AppState, FoundSnapshot, Input, Phase, SnapshotState, next_wakeup, step, volume_keys,
 };
 use cairn_types::{
-    AppInstanceConfig, ErrorDescription, ErrorSeverity, SnapshotConfig, SnapshotDesc, SnapshotType,
-    UUIDandVersion, VolumeRefConfig, VolumesSnapshotAction, VolumesSnapshotStatus,
+    AppInstanceConfig, ErrorDescription, ErrorSeverity, SnapshotConfig, SnapshotDesc,
+    SnapshotPolicy, SnapshotType, UUIDandVersion, VolumeRefConfig, VolumesSnapshotAction,
+    VolumesSnapshotStatus,
 };
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use proptest::prelude::*;
@@ -79,6 +80,8 @@ struct World {
     log: Vec<Action>,
     fail_next_volume_op: bool,
     volume_ops_while_active: usize,
+    /// The fresh ids the executor hands to ticks.
+    next_id: u128,
 }
 
 impl World {
@@ -98,6 +101,7 @@ impl World {
             log: Vec::new(),
             fail_next_volume_op: false,
             volume_ops_while_active: 0,
+            next_id: 0x5c4e_0000,
         };
         world.input(Input::Config(first));
         world.input(Input::Volumes { ready: true });
@@ -207,6 +211,33 @@ impl World {
         self.state = self.persisted.clone();
         self.input(Input::Resume);
         self.settle();
+    }
+
+    /// The executor's timer: a tick with a fresh id, at the world's clock plus one second.
+    /// Returns the id it offered.
+    fn tick(&mut self) -> Uuid {
+        self.next_id += 1;
+        let new_id = id(self.next_id);
+        self.input(Input::Tick { new_id });
+        new_id
+    }
+
+    /// A tick at exactly `at`, then everything it sets off.
+    fn tick_at(&mut self, at: DateTime<Utc>) -> Uuid {
+        assert!(at > self.now, "the clock only moves forward");
+        self.now = at - Duration::seconds(1);
+        let new_id = self.tick();
+        self.settle();
+        new_id
+    }
+
+    /// The scheduled snapshots the machine tracks, oldest first.
+    fn scheduled(&self) -> Vec<&cairn_app_manager::machine::SnapshotRecord> {
+        self.state
+            .snapshots
+            .iter()
+            .filter(|s| s.scheduled)
+            .collect()
     }
 
     fn state_of(&self, n: u128) -> Option<SnapshotState> {
@@ -622,23 +653,29 @@ enum Change {
     DeliverSome(u8),
     /// The controller's purge by a new volume generation.
     Regenerate,
+    /// The executor's timer after this many minutes (the policy's schedule and expiry).
+    Tick(u8),
+    /// An IMMEDIATE snapshot with its own expiry of 30 minutes.
+    ImmediateExpiring(u8),
 }
 
 fn change() -> impl Strategy<Value = Change> {
     prop_oneof![
-        (0u8..6).prop_map(Change::Immediate),
-        (0u8..6).prop_map(Change::AppUpdate),
-        (0u8..6).prop_map(Change::Remove),
-        Just(Change::Upgrade),
-        Just(Change::Purge),
-        Just(Change::Restart),
-        (0u8..6).prop_map(Change::Rollback),
-        (1u8..4).prop_map(Change::Max),
-        any::<bool>().prop_map(Change::Activate),
-        Just(Change::FailNext),
-        Just(Change::RestartManager),
-        (0u8..3).prop_map(Change::DeliverSome),
-        Just(Change::Regenerate),
+        1 => (0u8..6).prop_map(Change::Immediate),
+        1 => (0u8..6).prop_map(Change::AppUpdate),
+        1 => (0u8..6).prop_map(Change::Remove),
+        1 => Just(Change::Upgrade),
+        1 => Just(Change::Purge),
+        1 => Just(Change::Restart),
+        1 => (0u8..6).prop_map(Change::Rollback),
+        1 => (1u8..4).prop_map(Change::Max),
+        1 => any::<bool>().prop_map(Change::Activate),
+        1 => Just(Change::FailNext),
+        1 => Just(Change::RestartManager),
+        1 => (0u8..3).prop_map(Change::DeliverSome),
+        1 => Just(Change::Regenerate),
+        4 => (1u8..90).prop_map(Change::Tick),
+        1 => (0u8..6).prop_map(Change::ImmediateExpiring),
     ]
 }
 
@@ -646,9 +683,20 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
     #[test]
-    fn random_histories_keep_the_invariants(changes in prop::collection::vec(change(), 1..40)) {
+    fn random_histories_keep_the_invariants(
+        changes in prop::collection::vec(change(), 1..40),
+        when_stopped in any::<bool>(),
+    ) {
         let mut controller = config("1");
         controller.snapshot.max_snapshots = 2;
+        // Every 20 minutes, keeping the newest 2, each expiring after 3 hours.
+        controller.snapshot.policy = Some(Box::new(SnapshotPolicy {
+            schedule: "*/20 * * * *".into(),
+            schedule_when_stopped: when_stopped,
+            expiry_seconds: 3 * 3_600,
+            retention: cairn_types::Retention { keep_last: 2, ..Default::default() },
+            ..Default::default()
+        }));
         let mut world = World::new(controller.clone());
         let mut version = 1;
         for change in changes {
@@ -683,6 +731,19 @@ proptest! {
                     for _ in 0..k { if let Some(i) = world.inbox.pop_front() { world.input(i); } }
                     continue;
                 }
+                Change::Tick(minutes) => {
+                    world.now += Duration::minutes(minutes as i64);
+                    world.tick();
+                    // The executor never spins: a tick moves the next wake-up past now.
+                    let next = next_wakeup(&world.state, world.now);
+                    prop_assert!(next.is_none_or(|w| w > world.now), "wake-up {:?} not after {}", next, world.now);
+                    continue;
+                }
+                Change::ImmediateExpiring(n) => {
+                    let n = 100 + n as u128;
+                    controller = with_snapshot(without_snapshot(controller, n), n, SnapshotType::Immediate);
+                    if let Some(d) = controller.snapshot.snapshots.last_mut() { d.expiry_seconds = 1_800; }
+                }
             }
             world.input(Input::Config(controller.clone()));
             // Sometimes leave answers in flight; a later restart may lose them.
@@ -709,6 +770,18 @@ proptest! {
         let available: BTreeSet<Uuid> = world.state.snapshots.iter()
             .filter(|s| s.state == SnapshotState::Available).map(|s| s.id()).collect();
         prop_assert!(available.len() <= max, "{} available > max {}", available.len(), max);
+        // The retention (keep_last 2) holds for the scheduled ones.
+        let scheduled = world.state.snapshots.iter()
+            .filter(|s| s.scheduled && s.state == SnapshotState::Available).count();
+        prop_assert!(scheduled <= 2, "{} scheduled available", scheduled);
+        // Nothing available is past its expiry for longer than until the next tick.
+        let policy = world.state.policy().cloned();
+        let next = next_wakeup(&world.state, world.now);
+        for s in world.state.snapshots.iter().filter(|s| s.state == SnapshotState::Available) {
+            if let Some(expires) = s.expires_at(policy.as_ref()) {
+                prop_assert!(next.is_some_and(|w| w <= expires), "no wake-up for the expiry of {}", s.id());
+            }
+        }
         // Each snapshot id appears once.
         let ids: Vec<Uuid> = world.state.snapshots.iter().map(|s| s.id()).collect();
         let unique: BTreeSet<Uuid> = ids.iter().copied().collect();
@@ -1137,4 +1210,388 @@ fn a_state_written_before_local_generations_existed_loads() {
     let state: AppState = serde_json::from_value(json).unwrap();
     assert!(state.local_generations.is_empty());
     assert_eq!(volume_keys(state.effective()), BTreeSet::from([key(0)]));
+}
+
+// ---- the snapshot policy: schedule, expiry, retention (issue 10) ----
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+/// `config("1")` with a policy (no `max_snapshots`: the policy's own rules are under test).
+fn scheduled_config(schedule: &str, zone: &str) -> AppInstanceConfig {
+    let mut c = config("1");
+    c.snapshot.max_snapshots = 0;
+    c.snapshot.policy = Some(Box::new(SnapshotPolicy {
+        schedule: schedule.into(),
+        time_zone: zone.into(),
+        pattern: "auto-%Y%m%d-%H%M-%n-%a".into(),
+        ..Default::default()
+    }));
+    c
+}
+
+fn with_policy(mut c: AppInstanceConfig, f: impl FnOnce(&mut SnapshotPolicy)) -> AppInstanceConfig {
+    f(c.snapshot.policy.as_mut().unwrap());
+    c
+}
+
+/// A running app whose hourly schedule started counting at 2026-01-01 00:00:0x UTC.
+fn hourly_world(f: impl FnOnce(&mut SnapshotPolicy)) -> (World, AppInstanceConfig) {
+    let c = with_policy(scheduled_config("0 * * * *", "UTC"), f);
+    let mut world = World::new(c.clone());
+    world.take_log();
+    (world, c)
+}
+
+#[test]
+fn a_due_schedule_takes_a_named_snapshot_with_the_fresh_id_like_an_immediate_one() {
+    let (mut world, _) = hourly_world(|_| {});
+    assert_eq!(
+        next_wakeup(&world.state, world.now),
+        Some(at("2026-01-01T01:00:00Z"))
+    );
+    // Not due yet: a tick changes nothing.
+    world.tick_at(at("2026-01-01T00:30:00Z"));
+    assert!(kinds(&world.take_log()).is_empty());
+    assert!(world.scheduled().is_empty());
+
+    let new_id = world.tick_at(at("2026-01-01T01:00:00Z"));
+    assert_eq!(
+        kinds(&world.take_log()),
+        vec!["stop", "create", "write-files", "start"]
+    );
+    let record = world.state.snapshot(new_id).unwrap();
+    assert!(record.scheduled);
+    assert_eq!(record.state, SnapshotState::Available);
+    assert_eq!(record.desc.name, "auto-20260101-0100-1-sensor");
+    assert_eq!(record.time_triggered, Some(at("2026-01-01T01:00:00Z")));
+    assert!(world.backend.contains(&new_id) && world.files.contains(&new_id));
+    assert!(world.domain_active);
+    // Reported like any snapshot, with its name.
+    let status = app_status(&world.state);
+    assert_eq!(status.snap_status.available_snapshots.len(), 1);
+    assert_eq!(
+        status.snap_status.available_snapshots[0].snapshot.name,
+        "auto-20260101-0100-1-sensor"
+    );
+    assert_eq!(
+        next_wakeup(&world.state, world.now),
+        Some(at("2026-01-01T02:00:00Z"))
+    );
+}
+
+#[test]
+fn due_times_missed_while_off_give_one_snapshot_not_a_burst() {
+    let (mut world, _) = hourly_world(|_| {});
+    world.tick_at(at("2026-01-01T01:00:00Z"));
+    // Off from 01:00:10 until 05:10: four due times passed. The state is reloaded.
+    world.now = at("2026-01-01T05:10:00Z");
+    world.restart();
+    assert!(
+        world.scheduled().len() == 1,
+        "a restart alone takes nothing"
+    );
+    assert_eq!(
+        next_wakeup(&world.state, world.now),
+        Some(at("2026-01-01T02:00:00Z")),
+        "overdue: the executor ticks at once"
+    );
+    world.take_log();
+    world.tick_at(at("2026-01-01T05:10:05Z"));
+    let log = world.take_log();
+    assert_eq!(kinds(&log).iter().filter(|k| **k == "create").count(), 1);
+    assert_eq!(world.scheduled().len(), 2);
+    assert_eq!(
+        world.scheduled()[1].desc.name,
+        "auto-20260101-0510-2-sensor"
+    );
+    assert_eq!(
+        world.state.schedule.last_due,
+        Some(at("2026-01-01T05:00:00Z")),
+        "the last due time passed is the one handled"
+    );
+    assert_eq!(
+        next_wakeup(&world.state, world.now),
+        Some(at("2026-01-01T06:00:00Z"))
+    );
+    // Another tick before 06:00 takes nothing more.
+    world.tick_at(at("2026-01-01T05:30:00Z"));
+    assert_eq!(world.scheduled().len(), 2);
+}
+
+#[test]
+fn a_fresh_state_starts_counting_from_now() {
+    // A new app with a schedule: nothing at once, the first snapshot at the first due time.
+    let (mut world, c) = hourly_world(|_| {});
+    world.tick();
+    world.settle();
+    assert!(world.scheduled().is_empty());
+
+    // A schedule that arrives with a config change starts counting then, too.
+    let mut plain = config("1");
+    plain.snapshot.max_snapshots = 0;
+    let mut world = World::new(plain);
+    world.now = at("2026-01-01T03:20:00Z");
+    world.config(c.clone());
+    world.tick();
+    world.settle();
+    assert!(world.scheduled().is_empty());
+    assert_eq!(
+        next_wakeup(&world.state, world.now),
+        Some(at("2026-01-01T04:00:00Z"))
+    );
+
+    // A state written before schedules existed (no schedule fields) counts from its first step.
+    let mut json = serde_json::to_value(&world.state).unwrap();
+    json.as_object_mut().unwrap().remove("schedule");
+    json.as_object_mut().unwrap().remove("expired");
+    let state: AppState = serde_json::from_value(json).unwrap();
+    let mut world = World::around(state);
+    world.now = at("2026-01-02T10:20:00Z");
+    world.input(Input::Resume);
+    world.settle();
+    world.tick();
+    world.settle();
+    assert!(world.scheduled().is_empty());
+    assert_eq!(
+        next_wakeup(&world.state, world.now),
+        Some(at("2026-01-02T11:00:00Z"))
+    );
+}
+
+#[test]
+fn a_state_written_before_scheduled_snapshots_existed_loads() {
+    let mut world = World::new(config("1"));
+    world.config(with_snapshot(config("1"), 1, SnapshotType::Immediate));
+    let mut json = serde_json::to_value(&world.state).unwrap();
+    for record in json["snapshots"].as_array_mut().unwrap() {
+        record.as_object_mut().unwrap().remove("scheduled");
+    }
+    let state: AppState = serde_json::from_value(json).unwrap();
+    assert!(!state.snapshot(id(1)).unwrap().scheduled);
+}
+
+#[test]
+fn a_scheduled_snapshot_survives_configs_that_do_not_list_it() {
+    let (mut world, c) = hourly_world(|_| {});
+    let s = world.tick_at(at("2026-01-01T01:00:00Z"));
+    // The controller's list changes (a snapshot added, then removed) and a new version comes.
+    let with = with_snapshot(c.clone(), 1, SnapshotType::Immediate);
+    world.config(with.clone());
+    world.config(without_snapshot(with, 1));
+    let mut upgraded = c;
+    upgraded.uuid_and_version.version = "2".into();
+    world.config(upgraded);
+    assert_eq!(
+        world.state.snapshot(s).unwrap().state,
+        SnapshotState::Available
+    );
+    assert_eq!(
+        world.state_of(1),
+        None,
+        "the controller's one went as usual"
+    );
+    assert!(world.backend.contains(&s) && world.files.contains(&s));
+}
+
+#[test]
+fn expiry_marks_pending_deletion_without_stopping_the_app() {
+    // Daily at 01:00, expiring after an hour.
+    let c = with_policy(scheduled_config("0 1 * * *", "UTC"), |p| {
+        p.expiry_seconds = 3_600
+    });
+    let mut world = World::new(c.clone());
+    let s = world.tick_at(at("2026-01-01T01:00:00Z"));
+    let created = world.state.snapshot(s).unwrap().time_created.unwrap();
+    assert_eq!(
+        next_wakeup(&world.state, world.now),
+        Some(created + Duration::hours(1)),
+        "the executor wakes for the expiry, before the next due time"
+    );
+    world.take_log();
+    world.tick_at(created + Duration::hours(1));
+    assert_eq!(
+        world.state.snapshot(s).unwrap().state,
+        SnapshotState::PendingDeletion
+    );
+    assert_eq!(world.stops(), 0, "expiry is never a reason to stop the app");
+    assert!(world.domain_active && world.backend.contains(&s));
+    assert_eq!(
+        next_wakeup(&world.state, world.now),
+        Some(at("2026-01-02T01:00:00Z"))
+    );
+    // Deleted at the next deactivation.
+    let mut restarted = c.clone();
+    restarted.restart_cmd.counter = 1;
+    world.config(restarted.clone());
+    assert_eq!(world.state.snapshot(s), None);
+    assert!(!world.backend.contains(&s) && !world.files.contains(&s));
+
+    // A controller snapshot expires by its own expiry only, and is not taken again while the
+    // config still lists it.
+    let mut listed = with_snapshot(restarted, 1, SnapshotType::Immediate);
+    listed.snapshot.snapshots[0].expiry_seconds = 600;
+    world.config(listed.clone());
+    assert_eq!(world.state_of(1), Some(SnapshotState::Available));
+    let expires = world
+        .state
+        .snapshot(id(1))
+        .unwrap()
+        .expires_at(None)
+        .unwrap();
+    world.tick_at(expires);
+    assert_eq!(world.state_of(1), Some(SnapshotState::PendingDeletion));
+    listed.restart_cmd.counter = 2;
+    world.config(listed.clone());
+    assert_eq!(world.state_of(1), None);
+    listed.uuid_and_version.version = "2".into();
+    world.take_log();
+    world.config(listed);
+    assert_eq!(world.state_of(1), None, "not requested again");
+    assert!(!kinds(&world.take_log()).contains(&"create"));
+
+    // A controller snapshot without its own expiry never expires, policy or not.
+    let mut forever = with_snapshot(c, 2, SnapshotType::Immediate);
+    forever.uuid_and_version.version = "3".into();
+    world.config(forever);
+    world.tick_at(at("2026-03-01T00:30:00Z"));
+    assert_eq!(world.state_of(2), Some(SnapshotState::Available));
+}
+
+#[test]
+fn retention_deletes_before_the_create_in_the_same_stop_window() {
+    let (mut world, _) = hourly_world(|p| p.retention.keep_last = 2);
+    let first = world.tick_at(at("2026-01-01T01:00:00Z"));
+    let second = world.tick_at(at("2026-01-01T02:00:00Z"));
+    world.take_log();
+    let third = world.tick_at(at("2026-01-01T03:00:00Z"));
+    let log = world.take_log();
+    assert_eq!(
+        kinds(&log),
+        vec![
+            "stop",
+            "delete",
+            "remove-files",
+            "create",
+            "write-files",
+            "start"
+        ],
+        "one stop window, the deletion first"
+    );
+    let deleted = log.iter().find_map(|a| match a {
+        Action::Volumes(r) if r.action == VolumesSnapshotAction::Delete => Some(r.snapshot_id),
+        _ => None,
+    });
+    assert_eq!(deleted, Some(first));
+    let kept: Vec<Uuid> = world.scheduled().iter().map(|s| s.id()).collect();
+    assert_eq!(kept, vec![second, third]);
+    assert_eq!(world.backend, BTreeSet::from([second, third]));
+}
+
+#[test]
+fn max_snapshots_holds_for_scheduled_snapshots_too() {
+    let (mut world, c) = hourly_world(|_| {});
+    let mut limited = c;
+    limited.snapshot.max_snapshots = 2;
+    world.config(limited);
+    let first = world.tick_at(at("2026-01-01T01:00:00Z"));
+    world.tick_at(at("2026-01-01T02:00:00Z"));
+    world.tick_at(at("2026-01-01T03:00:00Z"));
+    world.tick_at(at("2026-01-01T04:00:00Z"));
+    let available = world
+        .state
+        .snapshots
+        .iter()
+        .filter(|s| s.state == SnapshotState::Available)
+        .count();
+    assert_eq!(available, 2);
+    assert_eq!(world.state.snapshot(first), None, "the oldest went first");
+}
+
+#[test]
+fn a_stopped_app_is_snapshotted_only_with_schedule_when_stopped_and_without_a_start() {
+    let (mut world, c) = hourly_world(|_| {});
+    let mut stopped = c.clone();
+    stopped.activate = false;
+    world.config(stopped.clone());
+    assert!(!world.domain_active);
+    world.take_log();
+    world.tick_at(at("2026-01-01T01:00:00Z"));
+    assert!(world.scheduled().is_empty(), "skipped while stopped");
+    assert!(kinds(&world.take_log()).is_empty());
+    assert_eq!(
+        next_wakeup(&world.state, world.now),
+        Some(at("2026-01-01T02:00:00Z")),
+        "a skipped due time is handled"
+    );
+
+    world.config(with_policy(stopped, |p| p.schedule_when_stopped = true));
+    let s = world.tick_at(at("2026-01-01T02:00:00Z"));
+    assert_eq!(kinds(&world.take_log()), vec!["create", "write-files"]);
+    assert_eq!(
+        world.state.snapshot(s).unwrap().state,
+        SnapshotState::Available
+    );
+    assert!(!world.domain_active);
+}
+
+#[test]
+fn a_due_time_waits_for_the_volumes_and_then_takes_one() {
+    let (mut world, _) = hourly_world(|_| {});
+    world.volumes_exist = false;
+    world.input(Input::Volumes { ready: false });
+    world.settle();
+    world.take_log();
+    world.tick_at(at("2026-01-01T01:00:00Z"));
+    assert!(world.scheduled().is_empty());
+    assert_eq!(
+        next_wakeup(&world.state, world.now),
+        None,
+        "nothing to wake for until the volumes are ready"
+    );
+    world.volumes_exist = true;
+    world.input(Input::Volumes { ready: true });
+    world.settle();
+    let due = next_wakeup(&world.state, world.now).unwrap();
+    assert!(due <= world.now, "overdue once the volumes are ready");
+    world.tick();
+    world.settle();
+    assert_eq!(world.scheduled().len(), 1);
+}
+
+/// The scheduled snapshots taken between `from` and `until` with ticks every 15 minutes, by
+/// day in Berlin.
+fn berlin_days(from: &str, until: &str) -> Vec<u32> {
+    use chrono::Datelike;
+    let berlin = cairn_types::policy::parse_zone("Europe/Berlin").unwrap();
+    let c = scheduled_config("30 2 * * *", "Europe/Berlin");
+    let mut world = World::new(config("0"));
+    world.now = at(from);
+    world.config(c);
+    let mut t = at(from);
+    while t < at(until) {
+        t += Duration::minutes(15);
+        world.tick_at(t);
+        assert!(next_wakeup(&world.state, world.now).is_none_or(|w| w > world.now));
+    }
+    world
+        .scheduled()
+        .iter()
+        .map(|s| s.time_triggered.unwrap().with_timezone(&berlin).day())
+        .collect()
+}
+
+#[test]
+fn a_daily_schedule_takes_one_a_day_across_daylight_saving_changes() {
+    // 2026-03-29: 02:00 → 03:00, so 02:30 does not exist that day; it is due just after.
+    assert_eq!(
+        berlin_days("2026-03-27T12:00:00Z", "2026-03-31T12:00:00Z"),
+        vec![28, 29, 30, 31]
+    );
+    // 2026-10-25: 03:00 → 02:00, so 02:30 happens twice; it is taken once.
+    assert_eq!(
+        berlin_days("2026-10-23T12:00:00Z", "2026-10-27T12:00:00Z"),
+        vec![24, 25, 26, 27]
+    );
 }
