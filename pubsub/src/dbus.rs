@@ -12,6 +12,16 @@
 //! The workspace builds zbus without its `service` feature, so there is no `ObjectServer`: this
 //! module answers the standard interfaces (Properties, Introspectable, Peer, ObjectManager) itself,
 //! from one table. That also makes it read-only by construction: `Properties.Set` always fails.
+//!
+//! Tenants (DESIGN.md §8): a gateway can serve one tenant's view of a topic
+//! ([`Gateway::mirror_tenant`]: the keys whose value belongs to that tenant, and device-wide
+//! ones) under that tenant's own bus name, [`tenant_bus_name`] (`org.cairn.Tenant.<tenant>`). Who
+//! may talk to which name is then the D-Bus daemon's policy, as for any system service:
+//! [`tenant_policy`] writes the `<busconfig>` for `/etc/dbus-1/system.d/` that lets only the
+//! members of a tenant's group call that tenant's gateway and receive its signals, and lets the
+//! general technicians' group reach every gateway. The gateway itself checks no credentials:
+//! the daemon does, on every message (method calls by `send_destination`, which also matches a
+//! gateway addressed by its unique name; broadcast signals by `receive_sender`).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ops::Bound;
@@ -29,6 +39,10 @@ use crate::{Event, Subscription};
 
 /// Where the gateway's objects live, and where its `ObjectManager` is served.
 pub const ROOT_PATH: &str = "/org/cairn";
+/// The gateway's bus name for the whole device.
+pub const BUS_NAME: &str = "org.cairn.Bus";
+/// Tenant gateways own `org.cairn.Tenant.<tenant>` ([`tenant_bus_name`]).
+pub const TENANT_NAME_PREFIX: &str = "org.cairn.Tenant";
 /// The interface of every mirrored key.
 pub const INTERFACE: &str = "org.cairn.Topic1";
 
@@ -152,6 +166,33 @@ impl Gateway {
             objects: self.objects.clone(),
             publisher,
             topic: T::NAME,
+            tenant: None,
+        };
+        self.tasks.push(tokio::spawn(mirror.run(sub)));
+        Ok(())
+    }
+
+    /// Mirrors the keys of `sub` whose value belongs to `tenant` (`""`: the default tenant),
+    /// and its device-wide keys (`Topic::tenant() == None`); a value that moves to another
+    /// tenant leaves the tree. Meant for a gateway that owns [`tenant_bus_name`]`(tenant)`.
+    pub fn mirror_tenant<T: Topic>(
+        &mut self,
+        sub: Subscription<T>,
+        tenant: &str,
+    ) -> Result<(), GatewayError> {
+        let publisher = sub.publisher().to_string();
+        if !self.mirrored.insert((publisher.clone(), T::NAME)) {
+            return Err(GatewayError::AlreadyMirrored {
+                publisher,
+                topic: T::NAME.to_string(),
+            });
+        }
+        let mirror = Mirror {
+            conn: self.conn.clone(),
+            objects: self.objects.clone(),
+            publisher,
+            topic: T::NAME,
+            tenant: Some(tenant.to_string()),
         };
         self.tasks.push(tokio::spawn(mirror.run(sub)));
         Ok(())
@@ -181,6 +222,82 @@ async fn machine_id() -> Option<String> {
         }
     }
     None
+}
+
+/// The bus name of `tenant`'s gateway: `org.cairn.Tenant.<tenant>`, the tenant escaped as an
+/// object-path element ([`escape_path_element`]; `-` is `_2D`, the default tenant `""` is `_`),
+/// with a `_` in front if it starts with a digit (a bus name element must not). Tenant names
+/// as the config-agent accepts them (`[a-z0-9][a-z0-9_-]{0,62}`) map one to one.
+pub fn tenant_bus_name(tenant: &str) -> String {
+    let element = escape_path_element(tenant);
+    let lead = if element.starts_with(|c: char| c.is_ascii_digit()) {
+        "_"
+    } else {
+        ""
+    };
+    format!("{TENANT_NAME_PREFIX}.{lead}{element}")
+}
+
+/// A D-Bus daemon policy (`<busconfig>`, for `/etc/dbus-1/system.d/cairn-gateway.conf`) for the
+/// gateways: root owns [`BUS_NAME`] and the tenant names; members of `general_group` (the
+/// technicians, if any) reach every gateway; members of each `(tenant, group)` reach that
+/// tenant's gateway only; everyone else none. Groups are names or numeric gids (the daemon
+/// resolves either through the group database, so the group must exist there).
+///
+/// Method calls are gated by `send_destination` (which the daemon matches against every name
+/// the destination owns, so the unique name `:1.42` of a gateway is covered too), signals by
+/// `receive_sender`; replies to calls a peer was allowed to make stay allowed.
+pub fn tenant_policy(general_group: Option<&str>, tenants: &[(&str, &str)]) -> String {
+    let names: Vec<String> = std::iter::once(BUS_NAME.to_string())
+        .chain(tenants.iter().map(|(tenant, _)| tenant_bus_name(tenant)))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let allow = |name: &str| {
+        format!(
+            "    <allow send_destination=\"{name}\"/>\n    <allow receive_sender=\"{name}\"/>\n"
+        )
+    };
+    let mut xml = String::from(
+        "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\"\n          \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n\
+         <!-- Cairn's read-only D-Bus gateways: who may read which tenant's apps. Generated by\n              cairn_pubsub::dbus::tenant_policy. -->\n<busconfig>\n",
+    );
+    xml.push_str("  <policy user=\"root\">\n");
+    xml.push_str(&format!("    <allow own=\"{BUS_NAME}\"/>\n"));
+    xml.push_str(&format!(
+        "    <allow own_prefix=\"{TENANT_NAME_PREFIX}\"/>\n"
+    ));
+    for name in &names {
+        xml.push_str(&allow(name));
+    }
+    xml.push_str("  </policy>\n  <policy context=\"default\">\n");
+    for name in &names {
+        xml.push_str(&format!(
+            "    <deny send_destination=\"{name}\"/>\n    <deny receive_sender=\"{name}\"/>\n"
+        ));
+    }
+    xml.push_str("  </policy>\n");
+    if let Some(group) = general_group {
+        xml.push_str(&format!("  <policy group=\"{}\">\n", xml_escape(group)));
+        for name in &names {
+            xml.push_str(&allow(name));
+        }
+        xml.push_str("  </policy>\n");
+    }
+    for (tenant, group) in tenants {
+        xml.push_str(&format!("  <policy group=\"{}\">\n", xml_escape(group)));
+        xml.push_str(&allow(&tenant_bus_name(tenant)));
+        xml.push_str("  </policy>\n");
+    }
+    xml.push_str("</busconfig>\n");
+    xml
+}
+
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// `/org/cairn/<publisher>/<topic>/<key>`, each element escaped by [`escape_path_element`].
@@ -557,16 +674,34 @@ struct Mirror {
     objects: Arc<Mutex<Objects>>,
     publisher: String,
     topic: &'static str,
+    /// Only this tenant's values (and device-wide ones); `None`: every value.
+    tenant: Option<String>,
 }
 
 impl Mirror {
+    /// Whether `value` belongs in this mirror.
+    fn shows<T: Topic>(&self, value: &T) -> bool {
+        match (&self.tenant, value.tenant()) {
+            (None, _) | (_, None) => true,
+            (Some(mine), Some(theirs)) => mine == theirs,
+        }
+    }
+
     async fn run<T: Topic>(self, mut sub: Subscription<T>) {
         // The subscription retries a refusal every fraction of a second; say it once per streak.
         let mut refused = false;
         loop {
             let signal = match sub.recv().await {
-                Event::Create { key, value } => self.upsert(&key, &value),
-                Event::Modify { key, new, .. } => self.upsert(&key, &new),
+                Event::Create { key, value }
+                | Event::Modify {
+                    key, new: value, ..
+                } => {
+                    if self.shows(&value) {
+                        self.upsert(&key, &value)
+                    } else {
+                        self.remove(&key)
+                    }
+                }
                 Event::Delete { key, .. } => self.remove(&key),
                 Event::Synchronized => {
                     refused = false;
@@ -768,6 +903,49 @@ mod tests {
             object_path("volume-manager", "VolumeStatus", "a#1-b.c/d_e"),
             "/org/cairn/volume_2Dmanager/VolumeStatus/a_231_2Db_2Ec_2Fd_5Fe"
         );
+    }
+
+    #[test]
+    fn tenant_bus_names_are_valid_and_one_to_one() {
+        let tenants = ["a", "", "tenant-1", "tenant_1", "0ops", "x9"];
+        let names: BTreeSet<String> = tenants.iter().map(|t| tenant_bus_name(t)).collect();
+        assert_eq!(names.len(), tenants.len(), "{names:?}");
+        for name in &names {
+            assert!(
+                zbus::names::WellKnownName::try_from(name.as_str()).is_ok(),
+                "{name} is not a valid bus name"
+            );
+        }
+        assert_eq!(tenant_bus_name("a"), "org.cairn.Tenant.a");
+        assert_eq!(tenant_bus_name("0ops"), "org.cairn.Tenant._0ops");
+        assert_eq!(tenant_bus_name(""), "org.cairn.Tenant._");
+    }
+
+    #[test]
+    fn the_policy_denies_by_default_and_allows_each_group_its_tenant() {
+        let xml = tenant_policy(Some("technicians"), &[("a", "4411"), ("b", "tenant-b")]);
+        let default = xml
+            .split("<policy context=\"default\">")
+            .nth(1)
+            .and_then(|rest| rest.split("</policy>").next())
+            .expect("a default policy");
+        for name in ["org.cairn.Bus", "org.cairn.Tenant.a", "org.cairn.Tenant.b"] {
+            assert!(default.contains(&format!("<deny send_destination=\"{name}\"/>")));
+            assert!(default.contains(&format!("<deny receive_sender=\"{name}\"/>")));
+        }
+        let group = |g: &str| {
+            xml.split(&format!("<policy group=\"{g}\">"))
+                .nth(1)
+                .and_then(|rest| rest.split("</policy>").next())
+                .unwrap_or_else(|| panic!("no policy for {g}"))
+                .to_string()
+        };
+        assert!(group("4411").contains("send_destination=\"org.cairn.Tenant.a\""));
+        assert!(!group("4411").contains("org.cairn.Tenant.b"));
+        assert!(!group("4411").contains("org.cairn.Bus"));
+        assert!(group("tenant-b").contains("receive_sender=\"org.cairn.Tenant.b\""));
+        assert!(group("technicians").contains("send_destination=\"org.cairn.Tenant.b\""));
+        assert!(group("technicians").contains("send_destination=\"org.cairn.Bus\""));
     }
 
     #[test]

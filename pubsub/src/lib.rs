@@ -8,7 +8,8 @@
 //! Beyond EVE's bus: a publisher epoch so that subscribers notice a restart and sweep keys the
 //! new publisher no longer has; reconnection within milliseconds; no message size cap below
 //! [`frame::MAX_FRAME`]; explicit re-publish of an equal value; per-key coalescing that bounds
-//! what a slow subscriber costs; `SO_PEERCRED` access control; a read-only D-Bus gateway.
+//! what a slow subscriber costs; `SO_PEERCRED` access control, down to per-tenant scopes; a
+//! read-only D-Bus gateway.
 
 pub mod access;
 pub mod dbus;
@@ -19,7 +20,7 @@ mod subscriber;
 
 use std::path::{Path, PathBuf};
 
-pub use access::{Access, Peer};
+pub use access::{Access, Peer, Scope};
 pub use cairn_types::Topic;
 pub use publisher::{Publication, PublishOptions, SubscriberStats};
 pub use store::escape_key;

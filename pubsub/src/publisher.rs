@@ -3,6 +3,10 @@
 //!
 //! Memory per subscriber is bounded: each subscriber has an outbox holding at most one pending
 //! value per key (the latest); values it had no time to read are counted as skipped.
+//!
+//! A subscriber admitted for some tenants only ([`Scope::Tenants`]) gets just the keys whose
+//! value is in its scope: in the table sent on connect, in updates, and in deletes. A value that
+//! moves out of its scope is a delete for it; one that moves in is a create.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
@@ -20,7 +24,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::access::{Access, Peer};
+use crate::access::{Access, Peer, Scope};
 use crate::frame::{self, Hello, PROTOCOL, ServerFrame};
 use crate::store::{KeyFiles, LoadProblem, run_topic_dir};
 use crate::{Bus, BusError};
@@ -198,7 +202,18 @@ impl<T: Topic> Publication<T> {
             shared.dirty_notify.notify_one();
         }
         let mut state = lock(&shared.state);
+        let state = &mut *state;
+        let tenant = value.tenant();
         for outbox in &state.outboxes {
+            if !outbox.scope.is_all() && !outbox.scope.admits(tenant) {
+                // Out of this subscriber's scope: if it could see the old value, the key is
+                // gone for it.
+                let old = state.table.get(&key).map(|e| e.value.tenant());
+                if old.is_some_and(|old| outbox.scope.admits(old)) {
+                    outbox.push(&key, Pending::Delete);
+                }
+                continue;
+            }
             outbox.push(
                 &key,
                 Pending::Update {
@@ -235,9 +250,14 @@ impl<T: Topic> Publication<T> {
             shared.dirty_notify.notify_one();
         }
         let mut state = lock(&shared.state);
-        state.table.remove(key);
+        let Some(old) = state.table.remove(key) else {
+            return Ok(());
+        };
+        let tenant = old.value.tenant();
         for outbox in &state.outboxes {
-            outbox.push(key, Pending::Delete);
+            if outbox.scope.admits(tenant) {
+                outbox.push(key, Pending::Delete);
+            }
         }
         Ok(())
     }
@@ -391,7 +411,8 @@ fn bind_socket(socket: &Path, access: &Access) -> Result<UnixListener, BusError>
     let _ = std::fs::remove_file(&tmp);
     let listener = std::os::unix::net::UnixListener::bind(&tmp)
         .map_err(|e| BusError::io("binding", &tmp, e))?;
-    let mode = access.socket_mode & 0o660;
+    // 0660 at most, or 0666 for a topic with tenant readers (SO_PEERCRED is then the gate).
+    let mode = access.effective_socket_mode();
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
         .map_err(|e| BusError::io("setting permissions of", &tmp, e))?;
     if let Some(gid) = access.socket_group {
@@ -435,24 +456,27 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no hello within {HELLO_TIMEOUT:?}")),
     };
-    let refusal = match &hello {
-        Err(e) => Some(format!("bad hello: {e}")),
-        Ok(Hello::Subscribe { protocol, .. }) if *protocol != PROTOCOL => Some(format!(
+    let admitted = match &hello {
+        Err(e) => Err(format!("bad hello: {e}")),
+        Ok(Hello::Subscribe { protocol, .. }) if *protocol != PROTOCOL => Err(format!(
             "protocol {protocol} is not supported (this publisher speaks {PROTOCOL})"
         )),
         Ok(Hello::Subscribe { topic, .. }) if topic != T::NAME => {
-            Some(format!("this socket publishes {}, not {topic}", T::NAME))
+            Err(format!("this socket publishes {}, not {topic}", T::NAME))
         }
-        Ok(_) => shared.access.check(&peer, shared.uid).err(),
+        Ok(_) => shared.access.check(&peer, shared.uid),
     };
-    if let Some(reason) = refusal {
-        tracing::warn!(topic = %shared.label, peer = %peer, "refused: {reason}");
-        let mut buf = Vec::new();
-        if frame::encode_into(&mut buf, &ServerFrame::Refused { reason }).is_ok() {
-            let _ = writer.write_all(&buf).await;
+    let scope = match admitted {
+        Ok(scope) => scope,
+        Err(reason) => {
+            tracing::warn!(topic = %shared.label, peer = %peer, "refused: {reason}");
+            let mut buf = Vec::new();
+            if frame::encode_into(&mut buf, &ServerFrame::Refused { reason }).is_ok() {
+                let _ = writer.write_all(&buf).await;
+            }
+            return;
         }
-        return;
-    }
+    };
 
     let mut buf = Vec::new();
     let welcome = ServerFrame::Welcome {
@@ -465,10 +489,13 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
         return;
     }
     buf.clear();
-    let outbox = Arc::new(Outbox::new(peer.to_string(), writer));
+    let outbox = Arc::new(Outbox::new(peer.to_string(), writer, scope));
     {
         let mut state = lock(&shared.state);
         for (key, entry) in &state.table {
+            if !outbox.scope.admits(entry.value.tenant()) {
+                continue;
+            }
             outbox.push(
                 key,
                 Pending::Update {
@@ -483,7 +510,7 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
         }
         state.outboxes.push(outbox.clone());
     }
-    tracing::debug!(topic = %shared.label, peer = %peer, "subscriber connected");
+    tracing::debug!(topic = %shared.label, peer = %peer, scope = %outbox.scope, "subscriber connected");
 
     // A subscriber sends nothing after its hello: a byte from it is a violation, EOF a goodbye.
     let watcher = {
@@ -580,6 +607,8 @@ enum Slot {
 
 struct Outbox {
     peer: String,
+    /// What this subscriber may read; the publish path filters by it.
+    scope: Scope,
     writer: OwnedWriteHalf,
     inner: Mutex<OutboxState>,
     notify: Notify,
@@ -598,9 +627,10 @@ struct OutboxState {
 }
 
 impl Outbox {
-    fn new(peer: String, writer: OwnedWriteHalf) -> Self {
+    fn new(peer: String, writer: OwnedWriteHalf, scope: Scope) -> Self {
         Self {
             peer,
+            scope,
             writer,
             inner: Mutex::new(OutboxState::default()),
             notify: Notify::new(),

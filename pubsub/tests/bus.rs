@@ -148,6 +148,7 @@ async fn a_sixteen_mib_value_is_delivered_whole() {
         name: "big".into(),
         value: 1,
         blob: "z".repeat(16 << 20),
+        ..Default::default()
     };
     publication.publish(big.clone()).await.unwrap();
     match next(&mut sub).await {
@@ -229,6 +230,7 @@ async fn a_slow_subscriber_costs_at_most_one_pending_value_per_key() {
                 name: key,
                 value: i,
                 blob: pad.clone(),
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cairn_pubsub::{Access, Bus, Event, PublishOptions};
-use support::{Roots, TestStatus, next, status, until};
+use support::{Roots, TestStatus, next, status, tenant_status, until};
 
 const ROLE: &str = "CAIRN_BUS_CHILD";
 const AGENT: &str = "CAIRN_BUS_AGENT";
@@ -178,6 +178,35 @@ impl ChildBus {
                 Err(_) => panic!("no line starting with {prefix:?} within {within:?}"),
             }
         }
+    }
+
+    /// The next `count` lines, failing after `within`.
+    fn next_lines(&self, count: usize, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        (0..count)
+            .map(|i| {
+                self.lines
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    .unwrap_or_else(|_| panic!("line {i} of {count} not within {within:?}"))
+            })
+            .collect()
+    }
+
+    /// Every line up to (without) the first that starts with `prefix`, sorted.
+    fn lines_before(&self, prefix: &str, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => break,
+                Ok(line) if line == "STARTED" => continue,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("no line starting with {prefix:?} within {within:?}: {seen:?}"),
+            }
+        }
+        seen.sort();
+        seen
     }
 
     /// Asserts that no line starting with `prefix` comes within `quiet`.
@@ -395,4 +424,120 @@ async fn other_uids_are_refused_and_the_allowed_group_is_served() {
     // Root, and the publisher's own uid, are always served.
     let mut own = roots.bus("cli").subscribe::<TestStatus>("domain-manager");
     assert!(matches!(next(&mut own).await, Event::Create { .. }));
+}
+
+const TENANT_A: u32 = 4411;
+const TENANT_B: u32 = 4412;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_technicians_read_only_their_tenants_keys() {
+    if !drop_privileges_works() {
+        eprintln!(
+            "skipped: this test starts children as other uids and needs root (CI runs as root)"
+        );
+        return;
+    }
+    let roots = Roots::new();
+    let publication = roots
+        .bus("app-manager")
+        .publish::<TestStatus>(PublishOptions {
+            access: Access::with_group_readers(TECHNICIANS)
+                .with_tenant_readers([("a", TENANT_A), ("b", TENANT_B)]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Tenant technicians are in neither the socket's group nor each other's: the socket file
+    // is open to all, and SO_PEERCRED decides.
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(publication.socket_path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode, 0o666);
+    for value in [
+        tenant_status("a1", 1, "a"),
+        tenant_status("a2", 1, "a"),
+        tenant_status("b1", 1, "b"),
+        status("device", 1),
+    ] {
+        publication.publish(value).await.unwrap();
+    }
+    let spawn = |creds: String| {
+        let child = ChildBus::spawn(&roots, "subscriber", "app-manager", "", Some(&creds));
+        child.expect("STARTED", Duration::from_secs(10));
+        child
+    };
+    let tenant_a = spawn(format!("4401:4401:{TENANT_A}"));
+    let tenant_b = spawn(format!("4402:4402:{TENANT_B}"));
+    let technician = spawn(format!("4403:4403:{TECHNICIANS}"));
+    let stranger = spawn("4404:4404:".to_string());
+
+    let within = Duration::from_secs(10);
+    assert_eq!(
+        tenant_a.lines_before("SYNC", within),
+        ["CREATE a1 1", "CREATE a2 1", "CREATE device 1"]
+    );
+    assert_eq!(
+        tenant_b.lines_before("SYNC", within),
+        ["CREATE b1 1", "CREATE device 1"]
+    );
+    assert_eq!(
+        technician.lines_before("SYNC", within),
+        [
+            "CREATE a1 1",
+            "CREATE a2 1",
+            "CREATE b1 1",
+            "CREATE device 1"
+        ]
+    );
+    let refused = stranger.expect("REFUSED", within);
+    assert!(refused.contains("uid 4404"), "{refused}");
+
+    // Live: a new app of a, a change of b's app, an app moving from a to b, a removal of b's
+    // app, then a device-wide mark. Each reader sees its part, in order, and nothing else.
+    publication
+        .publish(tenant_status("a3", 1, "a"))
+        .await
+        .unwrap();
+    publication
+        .publish(tenant_status("b1", 2, "b"))
+        .await
+        .unwrap();
+    publication
+        .publish(tenant_status("a2", 2, "b"))
+        .await
+        .unwrap();
+    publication.unpublish("b1").await.unwrap();
+    publication.publish(status("mark", 1)).await.unwrap();
+
+    assert_eq!(
+        tenant_a.next_lines(3, within),
+        ["CREATE a3 1", "DELETE a2", "CREATE mark 1"]
+    );
+    assert_eq!(
+        tenant_b.next_lines(4, within),
+        ["MODIFY b1 2", "CREATE a2 2", "DELETE b1", "CREATE mark 1"]
+    );
+    assert_eq!(
+        technician.next_lines(5, within),
+        [
+            "CREATE a3 1",
+            "MODIFY b1 2",
+            "MODIFY a2 2",
+            "DELETE b1",
+            "CREATE mark 1"
+        ]
+    );
+    // Back from b to a: a create for a, a delete for b.
+    publication
+        .publish(tenant_status("a2", 3, "a"))
+        .await
+        .unwrap();
+    assert_eq!(tenant_a.next_lines(1, within), ["CREATE a2 3"]);
+    assert_eq!(tenant_b.next_lines(1, within), ["DELETE a2"]);
+    stranger.expect_none("CREATE", Duration::from_millis(300));
 }

@@ -59,6 +59,7 @@ fn app_config(version: &str, snapshots: &[(&str, proto::SnapshotType)]) -> EdgeD
                 ],
                 ..Default::default()
             }),
+            ..Default::default()
         }],
         volumes: vec![Volume {
             uuid: VOLUME.into(),

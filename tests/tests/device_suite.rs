@@ -102,6 +102,7 @@ fn edge_config(want: &Want) -> EdgeDevConfig {
                 cpus: 1,
                 ..Default::default()
             }),
+            ..Default::default()
         }],
         volumes: vec![Volume {
             uuid: VOLUME.into(),

@@ -35,6 +35,7 @@ fn typical() -> SnapshotInstanceStatus {
             version: "17".into(),
         },
         error: ErrorDescription::default(),
+        ..Default::default()
     }
 }
 

@@ -46,11 +46,29 @@ pub struct AppInstanceConfig {
     pub snapshot: SnapshotConfig,
     /// Cairn: how the app runs (EVE derives this from `FixedResources` and its images).
     pub domain: Option<DomainSpec>,
+    /// Cairn: the tenant the app belongs to; `""` is the default tenant. A technician admitted
+    /// for some tenants only reads their apps and snapshots.
+    pub tenant: String,
 }
 
 impl AppInstanceConfig {
     pub fn app_uuid(&self) -> Uuid {
         self.uuid_and_version.uuid
+    }
+}
+
+/// Whether `name` is a tenant name: empty (the default tenant) or `[a-z0-9][a-z0-9_-]{0,62}`, so
+/// that it fits in file names, D-Bus names and command lines as it is.
+pub fn is_tenant_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let plain = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    match bytes.split_first() {
+        None => true,
+        Some((first, rest)) => {
+            bytes.len() <= 63
+                && plain(first)
+                && rest.iter().all(|b| plain(b) || *b == b'_' || *b == b'-')
+        }
     }
 }
 
@@ -95,7 +113,26 @@ pub struct AppInstanceStatus {
     pub error: ErrorDescription,
     #[serde(deserialize_with = "null_as_default")]
     pub warnings: Vec<String>,
+    /// Cairn: the tenant of the app (from its config); `""` is the default tenant.
+    pub tenant: String,
 }
 
-crate::topic!(AppInstanceConfig, |v| v.uuid_and_version.uuid.to_string());
-crate::topic!(AppInstanceStatus, |v| v.uuid_and_version.uuid.to_string());
+impl crate::Topic for AppInstanceConfig {
+    const NAME: &'static str = <Self as cairn_persist::Record>::SCHEMA;
+    fn key(&self) -> String {
+        self.uuid_and_version.uuid.to_string()
+    }
+    fn tenant(&self) -> Option<&str> {
+        Some(&self.tenant)
+    }
+}
+
+impl crate::Topic for AppInstanceStatus {
+    const NAME: &'static str = <Self as cairn_persist::Record>::SCHEMA;
+    fn key(&self) -> String {
+        self.uuid_and_version.uuid.to_string()
+    }
+    fn tenant(&self) -> Option<&str> {
+        Some(&self.tenant)
+    }
+}

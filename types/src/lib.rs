@@ -42,6 +42,13 @@ pub trait Topic:
     const NAME: &'static str;
     /// The key of this value within its topic.
     fn key(&self) -> String;
+    /// The tenant this value belongs to, for topics whose values belong to one (apps and their
+    /// snapshots); `Some("")` is the default tenant. `None`: device-wide, e.g. `DeviceStatus`,
+    /// readable by every reader of the topic. The bus hands a reader admitted only for some
+    /// tenants just the values of those tenants and the device-wide ones.
+    fn tenant(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Implements [`Topic`] for a record type, naming the topic after its schema.

@@ -95,6 +95,8 @@ pub struct SnapshotInstanceStatus {
     #[persist(mandatory)]
     pub config_version: UUIDandVersion,
     pub error: ErrorDescription,
+    /// Cairn: the tenant of the app the snapshot belongs to; `""` is the default tenant.
+    pub tenant: String,
 }
 
 /// The snapshot part of an app's status (EVE `SnapshottingStatus`).

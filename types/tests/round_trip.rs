@@ -59,6 +59,7 @@ prop_compose! {
         SnapshotInstanceStatus {
             snapshot, reported, time_triggered, time_created, app_instance_id: app,
             config_version: UUIDandVersion { uuid: app, version }, error,
+            ..Default::default()
         }
     }
 }

@@ -70,10 +70,17 @@ pub struct AppManager {
 }
 
 impl AppManager {
-    pub async fn open(bus: &Bus, technicians: Option<u32>) -> Result<Self, AgentError> {
+    /// `technicians` read every app's status; each `(tenant, gid)` of `tenant_readers` makes
+    /// the members of `gid` readers of that tenant's apps only.
+    pub async fn open(
+        bus: &Bus,
+        technicians: Option<u32>,
+        tenant_readers: &[(String, u32)],
+    ) -> Result<Self, AgentError> {
         let status_access = technicians
             .map(Access::with_group_readers)
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .with_tenant_readers(tenant_readers.iter().cloned());
         let mut manager = Self {
             persist: bus.persist_dir().to_path_buf(),
             apps: BTreeMap::new(),

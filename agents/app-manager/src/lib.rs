@@ -41,6 +41,7 @@ pub fn snapshot_instance_status(
                 )
             })
             .unwrap_or_default(),
+        tenant: state.controller.tenant.clone(),
     }
 }
 
@@ -98,6 +99,7 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
             })
             .unwrap_or_default(),
         warnings,
+        tenant: state.controller.tenant.clone(),
         ..Default::default()
     }
 }

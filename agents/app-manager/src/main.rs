@@ -22,6 +22,14 @@ struct Args {
     /// A group whose members may read the app status (technicians).
     #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
     technicians_gid: Option<u32>,
+    /// TENANT:GID: members of group GID are technicians of TENANT only (repeatable); they see
+    /// that tenant's apps and snapshots and nothing of the others'.
+    #[arg(
+        long = "tenant-reader",
+        value_name = "TENANT:GID",
+        value_parser = cairn_pubsub::access::parse_tenant_reader
+    )]
+    tenant_readers: Vec<(String, u32)>,
 }
 
 #[tokio::main]
@@ -36,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let bus = Bus::new("app-manager", &args.run_dir, &args.persist_dir);
-    let manager = AppManager::open(&bus, args.technicians_gid)
+    let manager = AppManager::open(&bus, args.technicians_gid, &args.tenant_readers)
         .await
         .context("starting the app-manager")?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

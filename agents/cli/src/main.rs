@@ -98,6 +98,11 @@ struct UpArgs {
     /// read-outs, without being root.
     #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
     technicians_gid: Option<u32>,
+    /// TENANT:GID: members of group GID are technicians of TENANT only: they read that
+    /// tenant's apps and snapshots and the device status, nothing of other tenants
+    /// (repeatable; passed to the config-agent and the app-manager).
+    #[arg(long = "tenant-reader", value_name = "TENANT:GID", value_parser = cairn_pubsub::access::parse_tenant_reader)]
+    tenant_readers: Vec<(String, u32)>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("creating the device root {}", root.display()))?;
             let root = std::path::absolute(&root)?;
             let roots = Roots::under(&root);
+            let tenant_readers = args.tenant_readers.clone();
             let source = config_source(args, &root)?;
             let bin_dir = std::env::current_exe()?
                 .parent()
@@ -137,6 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 roots,
                 source: source.0,
                 technicians_gid: source.1,
+                tenant_readers,
                 bin_dir,
             })
             .await?;

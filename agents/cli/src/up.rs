@@ -30,6 +30,9 @@ pub struct UpOptions {
     pub source: Vec<String>,
     /// Members of this group may read the status topics (config-agent, app-manager).
     pub technicians_gid: Option<u32>,
+    /// `(tenant, gid)`: members of gid read that tenant's apps and the device status only
+    /// (config-agent, app-manager).
+    pub tenant_readers: Vec<(String, u32)>,
     /// Where the agent binaries are (next to `cairn`).
     pub bin_dir: PathBuf,
 }
@@ -81,6 +84,13 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
             // Every agent publishes a status a technician reads.
             args.push("--technicians-gid".to_string());
             args.push(gid.to_string());
+        }
+        if agent == "config-agent" || agent == "app-manager" {
+            // The two that publish what a tenant technician reads (device and app status).
+            for (tenant, gid) in &options.tenant_readers {
+                args.push("--tenant-reader".to_string());
+                args.push(format!("{tenant}:{gid}"));
+            }
         }
         if agent == "domain-manager" {
             // Stopping the device stops its apps.

@@ -21,11 +21,17 @@ pub struct Publications {
 
 impl Publications {
     /// `technicians`: a group allowed to read the device status (the config topics stay
-    /// between agents).
-    pub async fn open(bus: &Bus, technicians: Option<u32>) -> Result<Self, BusError> {
+    /// between agents). `tenant_readers`: `(tenant, gid)` groups whose members may read it too,
+    /// as tenant technicians (the device status belongs to no tenant, so they all read it).
+    pub async fn open(
+        bus: &Bus,
+        technicians: Option<u32>,
+        tenant_readers: &[(String, u32)],
+    ) -> Result<Self, BusError> {
         let status_access = technicians
             .map(Access::with_group_readers)
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .with_tenant_readers(tenant_readers.iter().cloned());
         Ok(Self {
             apps: bus.publish(PublishOptions::default()).await?,
             volumes: bus.publish(PublishOptions::default()).await?,

@@ -68,6 +68,10 @@ struct Args {
     /// A group whose members may read the device status (technicians).
     #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
     technicians_gid: Option<u32>,
+    /// TENANT:GID: members of group GID are technicians of TENANT only; they may read the
+    /// device status too (repeatable).
+    #[arg(long = "tenant-reader", value_name = "TENANT:GID", value_parser = cairn_pubsub::access::parse_tenant_reader)]
+    tenant_readers: Vec<(String, u32)>,
 }
 
 #[tokio::main]
@@ -82,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let bus = Bus::new("config-agent", &args.run_dir, &args.persist_dir);
-    let publications = Publications::open(&bus, args.technicians_gid)
+    let publications = Publications::open(&bus, args.technicians_gid, &args.tenant_readers)
         .await
         .context("opening the config-agent's publications")?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

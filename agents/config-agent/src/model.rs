@@ -72,6 +72,9 @@ struct LocalApp {
     #[serde(default)]
     snapshot: LocalSnapshotConfig,
     domain: Option<LocalDomain>,
+    /// The tenant the app belongs to; empty: the default tenant.
+    #[serde(default)]
+    tenant: String,
 }
 
 fn yes() -> bool {
@@ -231,6 +234,7 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
 }
 
 fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError> {
+    check_tenant(&app.tenant, &format!("{path}.tenant"))?;
     let r = &app.snapshot.retention;
     let policy = policy(
         PolicyText {
@@ -316,8 +320,25 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
                 working_dir,
             }),
         }),
+        tenant: app.tenant,
         ..Default::default()
     })
+}
+
+/// A tenant name: empty (the default tenant) or `[a-z0-9][a-z0-9_-]{0,62}`, so that it fits in
+/// file names, D-Bus names and command lines as it is.
+pub fn check_tenant(tenant: &str, path: &str) -> Result<(), ConfigError> {
+    if cairn_types::app::is_tenant_name(tenant) {
+        Ok(())
+    } else {
+        Err(ConfigError::at(
+            path,
+            format!(
+                "{tenant:?} is not a tenant name: 1 to 63 of a-z, 0-9, '_' and '-', starting with a \
+                 letter or digit (or empty, for the default tenant)"
+            ),
+        ))
+    }
 }
 
 fn local_volume(volume: LocalVolume) -> VolumeConfig {
@@ -473,6 +494,7 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
         None => None,
         Some(d) => Some(proto_domain(d, &format!("{path}.cairn_domain"))?),
     };
+    check_tenant(&app.cairn_tenant, &format!("{path}.tenant"))?;
     Ok(AppInstanceConfig {
         uuid_and_version: UUIDandVersion {
             uuid: parse_uuid(&id.uuid, &format!("{path}.uuidandversion.uuid"))?,
@@ -512,6 +534,7 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
             )?,
         },
         domain,
+        tenant: app.cairn_tenant.clone(),
         ..Default::default()
     })
 }

@@ -252,6 +252,10 @@ pub struct AppInstanceConfig {
     /// Cairn: how the app runs (EVE derives it from its images and `fixedresources`).
     #[prost(message, optional, tag = "1000")]
     pub cairn_domain: Option<CairnDomain>,
+    /// Cairn: the tenant the app belongs to (`[a-z0-9][a-z0-9_-]{0,62}`, empty: the default
+    /// tenant).
+    #[prost(string, tag = "1001")]
+    pub cairn_tenant: String,
 }
 
 /// Cairn extension (field 1000 of `AppInstanceConfig`).
@@ -477,6 +481,7 @@ mod tests {
             volume_ref_list: vec![VolumeRef::default()],
             snapshot: Some(SnapshotConfig::default()),
             cairn_domain: None,
+            cairn_tenant: String::new(),
         };
         let fields: Vec<u64> = keys(&app.encode_to_vec()).iter().map(|k| k >> 3).collect();
         assert_eq!(fields, vec![1, 2, 5, 9, 10, 16, 22]);

@@ -174,6 +174,7 @@ fn assert_same(path: &str, got: &DynamicMessage, want: &DynamicMessage) {
 /// both-ways checks leave them empty (`cairn_extensions_are_unknown_fields_to_eve` sets them).
 const UNSET_EXTENSIONS: &[&str] = &[
     "cairn_domain: None",
+    "cairn_tenant: \"\"",
     "cairn_format: \"\"",
     "cairn_base_image: \"\"",
     "cairn_base_sha256: \"\"",
@@ -573,6 +574,7 @@ fn cairn_app(n: u32) -> c::AppInstanceConfig {
         volume_ref_list: vec![cairn_volume_ref(10 * n + 1), cairn_volume_ref(10 * n + 2)],
         snapshot: Some(cairn_snapshot_config()),
         cairn_domain: None,
+        cairn_tenant: String::new(),
     }
 }
 fn eve_app(n: u32, extras: bool) -> DynamicMessage {
@@ -1114,12 +1116,16 @@ fn eve_ignores_extensions<M: Message + Default + PartialEq + Debug>(
 fn cairn_extensions_are_unknown_fields_to_eve() {
     let app = c::AppInstanceConfig {
         cairn_domain: Some(cairn_domain()),
+        cairn_tenant: "acme".into(),
         ..cairn_app(1)
     };
     eve_ignores_extensions(
         &app,
         &eve_app(1, false),
-        &["org.lfedge.eve.config.AppInstanceConfig#1000"],
+        &[
+            "org.lfedge.eve.config.AppInstanceConfig#1000",
+            "org.lfedge.eve.config.AppInstanceConfig#1001",
+        ],
     );
 
     let volume = c::Volume {
@@ -1210,9 +1216,9 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
     );
     let mut unknown = Vec::new();
     for i in 0..2 {
-        unknown.push(format!(
-            "org.lfedge.eve.config.EdgeDevConfig.apps[{i}]#1000"
-        ));
+        for n in [1000, 1001] {
+            unknown.push(format!("org.lfedge.eve.config.EdgeDevConfig.apps[{i}]#{n}"));
+        }
     }
     for i in 0..2 {
         for n in 1000..1004 {

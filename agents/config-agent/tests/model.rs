@@ -296,3 +296,44 @@ fn snapshots_carry_a_name_a_description_and_their_own_expiry() {
     ))));
     assert_eq!(e.path, "apps[0].snapshot.snapshots[0].expiry", "{e}");
 }
+
+#[test]
+fn the_tenant_of_an_app_comes_from_either_source_and_is_checked() {
+    let with_tenant = |tenant: &str| {
+        local("").replace(
+            r#""display_name": "sensor","#,
+            &format!(r#""display_name": "sensor", "tenant": "{tenant}","#),
+        )
+    };
+    let config = from_local_json(&with_tenant("acme-2")).unwrap();
+    assert_eq!(config.apps[0].tenant, "acme-2");
+    assert_eq!(
+        from_local_json(&local("")).unwrap().apps[0].tenant,
+        "",
+        "no tenant: the default tenant"
+    );
+
+    let mut controller = proto_config(&[]);
+    controller.apps[0].cairn_tenant = "acme-2".into();
+    let decoded = proto::EdgeDevConfig::decode(controller.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(from_proto(&decoded).unwrap().apps[0].tenant, "acme-2");
+    assert_eq!(from_proto(&decoded).unwrap(), config);
+
+    for bad in ["Acme", "-acme", "_a", "a b", "a.b", "ä", &"a".repeat(64)] {
+        let e = err(from_local_json(&with_tenant(bad)));
+        assert_eq!(e.path, "apps[0].tenant", "{bad:?}: {e}");
+        assert!(e.message.contains("tenant name"), "{e}");
+        controller.apps[0].cairn_tenant = bad.to_string();
+        assert_eq!(
+            err(from_proto(&controller)).path,
+            "apps[0].tenant",
+            "{bad:?}"
+        );
+    }
+    for good in ["a", "0", "a_b-c", &"z".repeat(63)] {
+        assert_eq!(
+            from_local_json(&with_tenant(good)).unwrap().apps[0].tenant,
+            good
+        );
+    }
+}

@@ -20,32 +20,125 @@ impl PrivateDbusDaemon {
     /// Starts the daemon and waits until it prints its address. Panics if it cannot: this is
     /// test support. Blocks for the few milliseconds the daemon takes to start.
     pub fn start() -> Self {
+        // A session bus that lets anyone own any name and send anything, and nothing else.
+        Self::start_with(
+            "session",
+            r#"  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+"#,
+        )
+    }
+
+    /// A bus with the system bus's default policy (any uid may connect; method calls, owning
+    /// names and eavesdropping denied unless allowed), then `policy` (a `<busconfig>` document
+    /// such as a file of `/etc/dbus-1/system.d/`), included as the system bus includes those.
+    /// Its socket is reachable by every uid.
+    ///
+    /// dbus-daemon admits a uid and finds its groups through the user and group databases, so
+    /// test users must exist there: `passwd` and `group` lines are appended to copies of
+    /// `/etc/passwd` and `/etc/group`, which are bind-mounted over the originals in a mount
+    /// namespace of the daemon's own (`unshare --mount`; needs root). The host's files are
+    /// untouched.
+    pub fn start_system_like(policy: &str, passwd: &[String], group: &[String]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for the policy");
+        let included = dir.path().join("policy.conf");
+        std::fs::write(&included, policy).expect("write the policy");
+        let mut users = Vec::new();
+        for (file, extra) in [("passwd", passwd), ("group", group)] {
+            let mut text = std::fs::read_to_string(format!("/etc/{file}")).unwrap_or_default();
+            for line in extra {
+                text.push_str(line);
+                text.push('\n');
+            }
+            let copy = dir.path().join(file);
+            std::fs::write(&copy, text).expect("write the user database");
+            users.push((format!("/etc/{file}"), copy));
+        }
+        let mut mounts = String::new();
+        for (target, copy) in &users {
+            mounts.push_str(&format!(
+                "mount --bind '{}' '{}' && ",
+                copy.display(),
+                target
+            ));
+        }
+        let mut command = Command::new("unshare");
+        command.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &format!("{mounts}exec dbus-daemon \"$@\""),
+            "sh",
+        ]);
+        let daemon = Self::start_command(
+            command,
+            "system",
+            &format!(
+                r#"  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>
+  </policy>
+  <include>{}</include>
+"#,
+                included.display()
+            ),
+        );
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the daemon's dir");
+        std::fs::set_permissions(
+            daemon.dir.path().join("bus"),
+            std::fs::Permissions::from_mode(0o777),
+        )
+        .expect("chmod the bus socket");
+        // The included file is read at start; its dir can go.
+        drop(dir);
+        daemon
+    }
+
+    fn start_with(kind: &str, policy: &str) -> Self {
+        Self::start_command(Command::new("dbus-daemon"), kind, policy)
+    }
+
+    /// `command` runs dbus-daemon (it is given the daemon's arguments) as this child's PID.
+    fn start_command(mut command: Command, kind: &str, policy: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for dbus-daemon");
         let socket = dir.path().join("bus");
         let config = dir.path().join("bus.conf");
-        // A session bus that lets anyone own any name and send anything, and nothing else.
         std::fs::write(
             &config,
             format!(
                 r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
-  <type>session</type>
+  <type>{kind}</type>
   <listen>unix:path={}</listen>
   <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
+{policy}</busconfig>
 "#,
                 socket.display()
             ),
         )
         .expect("write dbus-daemon config");
         let log = std::fs::File::create(dir.path().join("daemon.log")).expect("daemon log file");
-        let mut child = Command::new("dbus-daemon")
+        let mut child = command
             .arg("--nofork")
             .arg("--print-address=1")
             .arg(format!("--config-file={}", config.display()))

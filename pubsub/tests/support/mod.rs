@@ -9,7 +9,8 @@ use cairn_persist::Persist;
 use cairn_pubsub::{Bus, Event, Publication, PublishOptions, Subscription, Topic};
 use serde::{Deserialize, Serialize};
 
-/// A small topic for tests: `Name` is the key.
+/// A small topic for tests: `Name` is the key; a non-empty `Tenant` is the value's tenant (empty:
+/// device-wide, unlike the real app topics where empty is the default tenant).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Persist)]
 #[serde(default, rename_all = "PascalCase")]
 #[persist(record = "TestStatus", version = 1)]
@@ -18,12 +19,16 @@ pub struct TestStatus {
     pub name: String,
     pub value: u64,
     pub blob: String,
+    pub tenant: String,
 }
 
 impl Topic for TestStatus {
     const NAME: &'static str = "TestStatus";
     fn key(&self) -> String {
         self.name.clone()
+    }
+    fn tenant(&self) -> Option<&str> {
+        (!self.tenant.is_empty()).then_some(self.tenant.as_str())
     }
 }
 
@@ -32,6 +37,15 @@ pub fn status(name: &str, value: u64) -> TestStatus {
         name: name.into(),
         value,
         blob: String::new(),
+        tenant: String::new(),
+    }
+}
+
+/// A value of `tenant`.
+pub fn tenant_status(name: &str, value: u64, tenant: &str) -> TestStatus {
+    TestStatus {
+        tenant: tenant.into(),
+        ..status(name, value)
     }
 }
 
