@@ -54,6 +54,9 @@ pub struct AppManager {
     apps: BTreeMap<Uuid, AppState>,
     /// Why an app's records could not be used, reported in its status.
     problems: BTreeMap<Uuid, Vec<String>>,
+    /// Each app's state as it is on disk: a step that changes nothing is not written again
+    /// (after a restart most steps only confirm facts, and each write is an fsync or three).
+    persisted: BTreeMap<Uuid, AppState>,
     /// The domain-manager's last error for an app (it could not start it, or it died).
     domain_errors: BTreeMap<Uuid, cairn_types::ErrorDescription>,
     domain_configs: Publication<DomainConfig>,
@@ -85,6 +88,7 @@ impl AppManager {
             persist: bus.persist_dir().to_path_buf(),
             apps: BTreeMap::new(),
             problems: BTreeMap::new(),
+            persisted: BTreeMap::new(),
             domain_errors: BTreeMap::new(),
             domain_configs: bus.publish(PublishOptions::default()).await?,
             volume_requests: bus.publish(PublishOptions::default()).await?,
@@ -182,6 +186,7 @@ impl AppManager {
                             format!("{}: used its backup: {primary_error}", path.display()),
                         );
                     }
+                    self.persisted.insert(app, loaded.record.clone());
                     self.apps.insert(app, loaded.record);
                 }
                 Err(e) => self.report(app, e.to_string()),
@@ -470,10 +475,14 @@ impl AppManager {
         };
         match action {
             Action::Persist => {
+                if self.persisted.get(&app) == Some(&state) {
+                    return Ok(());
+                }
                 let path = state_file(&self.persist, app);
                 let intent = state.phase != machine::Phase::Idle;
+                let written = state.clone();
                 tokio::task::spawn_blocking(move || {
-                    cairn_persist::store_with_backup(&path, &state)
+                    cairn_persist::store_with_backup(&path, &written)
                 })
                 .await
                 .map_err(|e| AgentError::Io {
@@ -481,6 +490,7 @@ impl AppManager {
                     path: state_file(&self.persist, app),
                     source: std::io::Error::other(e),
                 })??;
+                self.persisted.insert(app, state);
                 // Only states that carry work in progress are intents worth dying after.
                 if intent {
                     crash_point("app-manager:after-persist-intent");

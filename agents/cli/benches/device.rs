@@ -65,12 +65,30 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // CAIRN_BENCH_ONLY=startup runs part (b, c) alone.
+    let only_startup = std::env::var("CAIRN_BENCH_ONLY").is_ok_and(|v| v == "startup");
+    eprintln!("(b, c) {APPS} apps × {SNAPSHOTS_PER_APP} snapshots…");
+    let startup = runtime.block_on(startup_with_history(&cairn));
+    if only_startup {
+        println!(
+            "| startup, CAIRN_ACCEL=auto | {} |",
+            startup.synchronized_auto
+        );
+        println!(
+            "| startup, CAIRN_ACCEL=tcg | {} |",
+            startup.synchronized_tcg
+        );
+        println!(
+            "| all apps running again (auto / tcg) | {} / {} |",
+            startup.running_auto, startup.running_tcg
+        );
+        println!("| idle RSS, 100 apps | {} |", startup.idle_rss);
+        return;
+    }
     eprintln!("(a) immediate snapshots of a process app on a directory volume…");
     let process = runtime.block_on(immediate_snapshot(&cairn, Kind::Process));
     eprintln!("(a) immediate snapshots of a VM on a qcow2 volume…");
     let vm = runtime.block_on(immediate_snapshot(&cairn, Kind::Vm));
-    eprintln!("(b, c) {APPS} apps × {SNAPSHOTS_PER_APP} snapshots…");
-    let startup = runtime.block_on(startup_with_history(&cairn));
 
     println!();
     println!(

@@ -307,9 +307,65 @@ async fn auto_accel(bus: &Bus, settings: &Settings) -> String {
     {
         return known.trim().to_string();
     }
+    // The probe boots a guest (up to three times, ~1.6 s where /dev/kvm opens but stalls), so
+    // its answer is also kept under /persist for the next boot, valid while the kernel, the
+    // qemu binary and the presence of /dev/kvm are the same.
+    let remembered = bus.persist_dir().join(AGENT).join("accel");
+    let host = host_key(&settings.qemu);
+    if let Ok(text) = std::fs::read_to_string(&remembered)
+        && let Some((accel, key)) = text.trim().split_once(' ')
+        && matches!(accel, "kvm" | "tcg")
+        && key == host
+    {
+        tracing::info!(
+            accel,
+            "accelerator as probed on an earlier boot of this host"
+        );
+        let _ = std::fs::write(&file, accel);
+        return accel.to_string();
+    }
     let accel = detect_accel(&settings.qemu, std::time::Duration::from_secs(2), &dir).await;
     if let Err(e) = std::fs::write(&file, &accel) {
         tracing::warn!(error = %e, "cannot record the accelerator in {}", file.display());
     }
+    if let Err((step, e)) =
+        cairn_persist::write_atomic(&remembered, format!("{accel} {host}\n").as_bytes(), false)
+    {
+        tracing::warn!(
+            "cannot remember the accelerator in {}: {step}: {e}",
+            remembered.display()
+        );
+    }
     accel
+}
+
+/// What the probe's answer depends on: the kernel, the qemu binary, whether /dev/kvm exists.
+fn host_key(qemu: &std::path::Path) -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let binary = which(qemu)
+        .and_then(|path| {
+            let meta = std::fs::metadata(&path).ok()?;
+            let mtime = meta
+                .modified()
+                .ok()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_secs();
+            Some(format!("{}:{}:{mtime}", path.display(), meta.len()))
+        })
+        .unwrap_or_else(|| qemu.display().to_string());
+    let kvm = std::path::Path::new("/dev/kvm").exists();
+    format!("kernel={} qemu={binary} kvm={kvm}", kernel.trim())
+}
+
+/// `qemu` itself if it names a file, else the first match on PATH.
+fn which(qemu: &std::path::Path) -> Option<std::path::PathBuf> {
+    if qemu.components().count() > 1 {
+        return Some(qemu.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(qemu))
+            .find(|candidate| candidate.is_file())
+    })
 }

@@ -465,3 +465,62 @@ async fn bad_configs_report_clear_errors_and_start_nothing() {
     }
     assert!(qemus_under(h.tmp.path()).is_empty(), "nothing started");
 }
+
+/// The accelerator probe boots a guest (seconds where /dev/kvm opens but stalls); its answer is
+/// kept under /persist and reused after a reboot (run root wiped) on the same host, and probed
+/// again when what it depends on changed.
+#[test]
+fn the_accelerator_probed_on_an_earlier_boot_is_reused_and_a_stale_one_is_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let persist = tmp.path().join("persist");
+    let remembered = persist.join("domain-manager").join("accel");
+    // One boot: start with --accel auto until the answer is known, then stop.
+    let boot = |n: u32| -> String {
+        let log = tmp.path().join(format!("boot-{n}.log"));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-domain-manager"))
+            .arg("--run-dir")
+            .arg(&run)
+            .arg("--persist-dir")
+            .arg(&persist)
+            .args(["--accel", "auto"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // The supervisor logs the choice once it is made ("accelerator accel=…").
+        let chosen = |text: &str| text.lines().any(|l| l.contains("supervisor: accelerator"));
+        let mut text = String::new();
+        while Instant::now() < deadline && !chosen(&text) {
+            std::thread::sleep(Duration::from_millis(50));
+            text = std::fs::read_to_string(&log).unwrap_or_default();
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&run);
+        assert!(chosen(&text), "no accelerator chosen:\n{text}");
+        text
+    };
+    let first = boot(1);
+    assert!(!first.contains("earlier boot"), "{first}");
+    let kept = std::fs::read_to_string(&remembered).unwrap();
+    let accel = kept.split_whitespace().next().unwrap().to_string();
+    assert!(matches!(accel.as_str(), "kvm" | "tcg"), "{kept}");
+    assert!(kept.contains("kernel=") && kept.contains("kvm="), "{kept}");
+
+    let second = boot(2);
+    assert!(
+        second.contains("earlier boot"),
+        "reused after a reboot:\n{second}"
+    );
+
+    // A remembered answer for another kernel is not trusted: probed again, and replaced.
+    std::fs::write(&remembered, "kvm kernel=0.0.0-other qemu=x kvm=true\n").unwrap();
+    let third = boot(3);
+    assert!(!third.contains("earlier boot"), "{third}");
+    assert_eq!(std::fs::read_to_string(&remembered).unwrap(), kept);
+}
