@@ -446,6 +446,41 @@ mod tests {
         assert_eq!(keep(Retention::default()).len(), snaps.len());
     }
 
+    /// Thirty daily snapshots (noon UTC, 1–30 June 2026; 1 June is a Monday, ISO week 23) with
+    /// keep-daily 7 + keep-weekly 4. Daily keeps 24–30 June, which cover ISO weeks 26 (22–28)
+    /// and 27 (29–30). Weekly then walks back from 23 June: 23 and 22 are in week 26, already
+    /// covered; 21 June (Sunday) is the newest of week 25, 14 June of week 24, 7 June of week 23;
+    /// no older week has a snapshot, so weekly keeps three, not four. Ten in all.
+    #[test]
+    fn retention_thirty_dailies_keep_daily_7_keep_weekly_4() {
+        let snaps: Vec<(u32, DateTime<Utc>)> = (1..=30)
+            .map(|day| (day, utc(&format!("2026-06-{day:02}T12:00:00Z"))))
+            .collect();
+        let r = Retention {
+            keep_daily: 7,
+            keep_weekly: 4,
+            ..Default::default()
+        };
+        assert_eq!(
+            retained(&snaps, &r, Tz::UTC),
+            [7, 14, 21, 24, 25, 26, 27, 28, 29, 30].into()
+        );
+        // keep-last 3 + keep-monthly 2 over the same month: 28–30, then May has none, so June
+        // is covered already and monthly adds nothing.
+        let r = Retention {
+            keep_last: 3,
+            keep_monthly: 2,
+            ..Default::default()
+        };
+        assert_eq!(retained(&snaps, &r, Tz::UTC), [28, 29, 30].into());
+        // keep-weekly 2 alone: the newest of weeks 27 and 26.
+        let r = Retention {
+            keep_weekly: 2,
+            ..Default::default()
+        };
+        assert_eq!(retained(&snaps, &r, Tz::UTC), [28, 30].into());
+    }
+
     #[test]
     fn retention_periods_are_read_in_the_zone() {
         // 21:00 and 23:30 UTC on 1 July: one UTC day, but 23:00 on 1 July and 01:30 on 2 July
