@@ -27,6 +27,8 @@ pub struct Device {
     agents: BTreeMap<String, Child>,
     /// The config-agent's source flags: empty for the local file, else a controller's.
     controller_args: Vec<String>,
+    /// Extra environment for one agent (e.g. an injected clock for the app-manager).
+    agent_env: BTreeMap<String, Vec<(String, String)>>,
 }
 
 impl Default for Device {
@@ -53,7 +55,16 @@ impl Device {
             bin_dir,
             agents: BTreeMap::new(),
             controller_args: Vec::new(),
+            agent_env: BTreeMap::new(),
         }
+    }
+
+    /// From its next start on, `agent` runs with `key=value` in its environment.
+    pub fn set_agent_env(&mut self, agent: &str, key: &str, value: &str) {
+        self.agent_env
+            .entry(agent.to_string())
+            .or_default()
+            .push((key.to_string(), value.to_string()));
     }
 
     /// From now on the config-agent follows a controller: `args` are its flags (e.g. from
@@ -106,6 +117,9 @@ impl Device {
         }
         if let Some(point) = crash_at {
             command.env("CAIRN_CRASH_AT", point);
+        }
+        for (key, value) in self.agent_env.get(agent).into_iter().flatten() {
+            command.env(key, value);
         }
         let child = command.spawn().unwrap();
         if let Some(mut old) = self.agents.insert(agent.to_string(), child) {

@@ -31,7 +31,8 @@ use uuid::Uuid;
 const APP: &str = "e2e0ea90-0000-4000-8000-00000000a010";
 const VOLUME: &str = "e2e0ea90-0000-4000-8000-00000000b010";
 
-const SETTLE: Duration = Duration::from_secs(20);
+/// Generous: CI runs this next to the VM tests on two cores.
+const SETTLE: Duration = Duration::from_secs(60);
 
 fn config(device: &Device) -> String {
     let marker = device.root.path().display();
@@ -161,4 +162,76 @@ async fn scheduled_snapshots_are_named_survive_a_restart_without_a_burst_and_kee
     assert_eq!(one_available(&status).unwrap().snapshot.snapshot_id, s2);
     assert_eq!(runs(&volume), 3);
     assert_eq!(device.snapshot_dirs(), BTreeSet::from([s2]));
+}
+
+/// Issue 10's check: a device with `@hourly` and keep-last 3, under an injected clock (the
+/// app-manager's `CAIRN_TEST_CLOCK`: device time starts at 20:00 UTC on 28 March 2026, the eve
+/// of Europe's spring-forward, and runs 1,800 times faster, an hour every 2 s), ends with exactly
+/// the 3 newest scheduled snapshots. The hours cross 02:00 Europe/Berlin, which does not exist
+/// that night: names are read in that zone, one per hour, none doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hourly_schedule_with_keep_last_3_ends_with_the_3_newest() {
+    let mut device = Device::new();
+    device.set_agent_env(
+        "app-manager",
+        "CAIRN_TEST_CLOCK",
+        "2026-03-28T20:00:00Zx1800",
+    );
+    let marker = device.root.path().display().to_string();
+    device.write_config(&format!(
+        r#"{{
+  "apps": [{{
+    "uuid": "{APP}", "version": "1", "display_name": "hourly",
+    "volume_refs": [{{"uuid": "{VOLUME}", "generation_count": 0}}],
+    "snapshot": {{"schedule": "@hourly", "time_zone": "Europe/Berlin",
+                  "retention": {{"keep_last": 3}}, "pattern": "h-%n-%d%H%M"}},
+    "domain": {{"kind": "process", "command": "/bin/sh",
+                "args": ["-c", "while :; do sleep 1; done", "{marker}"]}}
+  }}],
+  "volumes": [{{"uuid": "{VOLUME}", "generation_count": 0, "format": "dir"}}]
+}}"#
+    ));
+    device.start_all();
+
+    // Until the eighth scheduled snapshot (about 16 s of real time) is available.
+    let counter = |name: &str| -> u64 { name.split('-').nth(1).unwrap().parse().unwrap() };
+    let status = device
+        .app_status(Duration::from_secs(90), |s| {
+            s.activated
+                && s.snap_status.requested_snapshots.is_empty()
+                && s.snap_status.snapshots_to_be_deleted.is_empty()
+                && s.snap_status
+                    .available_snapshots
+                    .iter()
+                    .any(|a| counter(&a.snapshot.name) >= 8)
+        })
+        .await
+        .unwrap();
+    // Stop the clock's effects before reading the disk: no further snapshot may start.
+    device.kill("app-manager");
+    let available = &status.snap_status.available_snapshots;
+    let mut counters: Vec<u64> = available
+        .iter()
+        .map(|a| counter(&a.snapshot.name))
+        .collect();
+    counters.sort();
+    let newest = *counters.last().unwrap();
+    assert_eq!(
+        counters,
+        [newest - 2, newest - 1, newest],
+        "exactly the 3 newest: {:?}",
+        available
+            .iter()
+            .map(|a| &a.snapshot.name)
+            .collect::<Vec<_>>()
+    );
+    // Each was taken in its own hour: three distinct Berlin wall-clock hours, in order.
+    let hours: BTreeSet<String> = available
+        .iter()
+        .map(|a| a.snapshot.name.rsplit('-').next().unwrap().to_string())
+        .collect();
+    assert_eq!(hours.len(), 3, "{hours:?}");
+    // The records and the volume's snapshot copies agree with the status.
+    let ids: BTreeSet<Uuid> = available.iter().map(|a| a.snapshot.snapshot_id).collect();
+    assert_eq!(device.snapshot_dirs(), ids);
 }

@@ -46,6 +46,11 @@ pub struct SnapshotDesc {
     /// (scheduled snapshots by the policy's expiry, others never).
     #[serde(rename = "ExpirySeconds")]
     pub expiry_seconds: u64,
+    /// Cairn: the consistency group this snapshot belongs to (nil: none). The members of a
+    /// group snapshot each list their own snapshot with the same group id; they are taken (and
+    /// rolled back) together, all or nothing, at one logical time.
+    #[serde(rename = "GroupID")]
+    pub group_id: Uuid,
 }
 
 /// The snapshot block of an app's config (EVE `SnapshotConfig`).

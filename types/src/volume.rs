@@ -32,6 +32,16 @@ pub enum VolumeOrigin {
         #[serde(rename = "Sha256")]
         sha256: String,
     },
+    /// A clone: a copy of volume `volume`'s state in snapshot `snapshot` (read from that
+    /// snapshot's `volumesSnapshotStatus.json`). The copy is independent of its source: deleting
+    /// or rolling back the source volume or snapshot afterwards does not touch it. The origin only
+    /// matters when the volume is made (first time, or a purge's fresh generation).
+    Snapshot {
+        #[serde(rename = "SnapshotID")]
+        snapshot: Uuid,
+        #[serde(rename = "VolumeID")]
+        volume: Uuid,
+    },
 }
 
 /// config-agent → volume-manager. Key: `<VolumeID>#<generation>`.
@@ -221,6 +231,28 @@ crate::topic!(VolumeStatus, |v| v.key());
 #[cfg(test)]
 mod key_tests {
     use super::*;
+
+    #[test]
+    fn a_clone_origin_round_trips_and_older_origins_read_as_before() {
+        let origin = VolumeOrigin::Snapshot {
+            snapshot: Uuid::from_u128(1),
+            volume: Uuid::from_u128(2),
+        };
+        let text = serde_json::to_string(&origin).unwrap_or_default();
+        assert!(text.contains(r#""Type":"Snapshot""#), "{text}");
+        assert!(
+            text.contains("SnapshotID") && text.contains("VolumeID"),
+            "{text}"
+        );
+        assert_eq!(
+            serde_json::from_str::<VolumeOrigin>(&text).ok(),
+            Some(origin)
+        );
+        assert_eq!(
+            serde_json::from_str::<VolumeOrigin>(r#"{"Type":"Blank"}"#).ok(),
+            Some(VolumeOrigin::Blank)
+        );
+    }
 
     #[test]
     fn keys_without_a_local_generation_are_unchanged_and_local_ones_round_trip() {

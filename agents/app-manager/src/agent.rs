@@ -39,6 +39,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Persist(#[from] cairn_persist::PersistError),
+    #[error("{0}")]
+    Clock(String),
 }
 
 /// `<persist>/app-manager/apps/<uuid>.json`: one app's state machine.
@@ -66,10 +68,14 @@ pub struct AppManager {
     statuses: Publication<AppInstanceStatus>,
     /// Per app, when its machine wants the next [`Input::Tick`] ([`machine::next_wakeup`]).
     wakeups: BTreeMap<Uuid, DateTime<Utc>>,
+    /// The wall clock, or a test's ([`crate::clock`]): every `now` the machine sees comes from it.
+    clock: crate::clock::Clock,
     configs: Subscription<AppInstanceConfig>,
     domains: Subscription<DomainStatus>,
     volumes: Subscription<VolumeStatus>,
     results: Subscription<VolumesSnapshotStatus>,
+    /// Consistency groups are coordinated once every app's state is resumed after a start.
+    coordinating: bool,
 }
 
 impl AppManager {
@@ -100,10 +106,12 @@ impl AppManager {
                 })
                 .await?,
             wakeups: BTreeMap::new(),
+            clock: crate::clock::Clock::from_env().map_err(AgentError::Clock)?,
             configs: bus.subscribe("config-agent"),
             domains: bus.subscribe("domain-manager"),
             volumes: bus.subscribe("volume-manager"),
             results: bus.subscribe("volume-manager"),
+            coordinating: false,
         };
         manager.load_states().await?;
         Ok(manager)
@@ -227,6 +235,9 @@ impl AppManager {
                 .await?;
             }
         }
+        // Every app is resumed: the groups in progress go on where they stood.
+        self.coordinating = true;
+        self.coordinate_groups().await?;
         self.domain_configs.signal_restarted().await?;
         self.volume_requests.signal_restarted().await?;
         self.volume_refs.signal_restarted().await?;
@@ -234,12 +245,11 @@ impl AppManager {
         loop {
             // Asleep until the earliest wake-up any app's machine asked for (schedule due,
             // snapshot expiry), or a bus event; no polling when nothing is scheduled.
-            let sleep = self.wakeups.values().min().map(|at| {
-                (*at - Utc::now())
-                    .to_std()
-                    .unwrap_or(Duration::ZERO)
-                    .min(MAX_SLEEP)
-            });
+            let sleep = self
+                .wakeups
+                .values()
+                .min()
+                .map(|at| self.clock.until(*at).min(MAX_SLEEP));
             tokio::select! {
                 event = self.configs.recv() => self.on_config(event).await?,
                 event = self.domains.recv() => self.on_domain(event).await?,
@@ -254,7 +264,7 @@ impl AppManager {
 
     /// Ticks every app whose wake-up time has come, each with a fresh snapshot id.
     async fn on_timer(&mut self) -> Result<(), AgentError> {
-        let now = Utc::now();
+        let now = self.clock.now();
         let due: Vec<Uuid> = self
             .wakeups
             .iter()
@@ -436,10 +446,39 @@ impl AppManager {
         })
     }
 
+    /// One machine step for `app` (see [`Self::input_one`]), then whatever it unblocks in the
+    /// consistency groups.
+    async fn input(&mut self, app: Uuid, input: Input) -> Result<(), AgentError> {
+        self.input_one(app, input).await?;
+        self.coordinate_groups().await
+    }
+
+    /// Tells the members of the consistency groups in progress what the others' states allow
+    /// ([`machine::coordinate`]), until nothing more is unblocked.
+    async fn coordinate_groups(&mut self) -> Result<(), AgentError> {
+        if !self.coordinating {
+            return Ok(());
+        }
+        // Each round moves some member on for good (a barrier passed, a snapshot failed);
+        // the bound only guards against a bug turning this into a spin.
+        for _ in 0..64 {
+            let inputs = machine::coordinate(&self.apps, self.clock.now());
+            if inputs.is_empty() {
+                return Ok(());
+            }
+            for (app, input) in inputs {
+                tracing::info!(app = %app, ?input, "consistency group");
+                self.input_one(app, input).await?;
+            }
+        }
+        tracing::warn!("consistency groups still moving after 64 rounds; going on later");
+        Ok(())
+    }
+
     /// One machine step for `app`, and its actions carried out in order. A step that changes
     /// the volumes of the config in force (a purge, a rollback) makes the machine forget their
     /// readiness; it is followed by the readiness of the new ones, from the volume table.
-    async fn input(&mut self, app: Uuid, input: Input) -> Result<(), AgentError> {
+    async fn input_one(&mut self, app: Uuid, input: Input) -> Result<(), AgentError> {
         let mut next = Some(input);
         while let Some(input) = next.take() {
             let Some(state) = self.apps.remove(&app) else {
@@ -448,7 +487,7 @@ impl AppManager {
             let before = state.phase.clone();
             let was_ready = state.volumes_ready;
             tracing::debug!(app = %app, ?input, "input");
-            let now = Utc::now();
+            let now = self.clock.now();
             let (state, actions) = machine::step(state, input, now);
             if state.phase != before {
                 tracing::info!(app = %app, from = ?before, to = ?state.phase, "app phase");

@@ -4,6 +4,7 @@
 //! actions out over the bus and on disk.
 
 pub mod agent;
+pub mod clock;
 pub mod machine;
 
 use cairn_types::{
@@ -81,7 +82,7 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
     let state_now = match (&state.phase, state.domain_active) {
         (Phase::Starting, _) => SwState::Booting,
         (Phase::Stopping, _) => SwState::Halting,
-        (Phase::Volume { .. }, _) => SwState::Halted,
+        (Phase::Volume { .. } | Phase::Group { .. }, _) => SwState::Halted,
         (Phase::Idle, true) => SwState::Running,
         (Phase::Idle, false) => SwState::Halted,
     };

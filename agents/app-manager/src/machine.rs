@@ -162,6 +162,12 @@ pub enum Phase {
     Volume { step: Step, counter: u64 },
     /// Asked the domain to start; waiting for it to be active.
     Starting,
+    /// A step of a consistency group's snapshot (its create, or a rollback to it), domain
+    /// inactive: waiting for the other members. `done: false`: at the first barrier, until every
+    /// member is stopped ([`Input::GroupGo`]); `done: true`: the step succeeded, at the second
+    /// barrier, until every member's has ([`Input::GroupDone`]) or the group failed
+    /// ([`Input::GroupAbort`]). The domain stays down meanwhile.
+    Group { step: Step, done: bool },
 }
 
 /// A volume's local generation: `local` counts the bare purges of the controller's
@@ -254,6 +260,20 @@ pub enum Input {
     Tick {
         new_id: Uuid,
     },
+    /// Consistency groups: every member is stopped at the first barrier; take (or roll back)
+    /// now. A create records `at` as its time: one logical time for the whole group.
+    GroupGo {
+        at: DateTime<Utc>,
+    },
+    /// Every member's step succeeded: the group snapshot is available (or the rollback done);
+    /// start again.
+    GroupDone,
+    /// The group snapshot `snapshot` of this app failed at some member: it is Failed with
+    /// `reason`, and deleted from the volumes if it was taken already.
+    GroupAbort {
+        snapshot: Uuid,
+        reason: String,
+    },
 }
 
 /// A snapshot's records as found under `/persist/snapshots/<id>/`.
@@ -337,7 +357,7 @@ impl AppState {
     pub fn domain_request(&self) -> Option<(bool, &AppInstanceConfig)> {
         let config = self.running.as_ref().unwrap_or_else(|| self.effective());
         match self.phase {
-            Phase::Stopping | Phase::Volume { .. } => Some((false, config)),
+            Phase::Stopping | Phase::Volume { .. } | Phase::Group { .. } => Some((false, config)),
             Phase::Starting => Some((true, config)),
             Phase::Idle => self.running.as_ref().map(|running| (true, running)),
         }
@@ -387,6 +407,9 @@ pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState,
         Input::Resume => resume(&state, &mut actions),
         Input::Import(found) => import(&mut state, *found),
         Input::Tick { new_id } => on_tick(&mut state, new_id, now),
+        Input::GroupGo { at } => group_go(&mut state, at, &mut actions),
+        Input::GroupDone => group_done(&mut state, &mut actions),
+        Input::GroupAbort { snapshot, reason } => group_abort(&mut state, snapshot, reason),
     }
     // A policy that came with a config starts counting now.
     sync_schedule(&mut state, now);
@@ -745,6 +768,40 @@ fn on_volumes_result(
         .iter()
         .any(|d| d.snapshot_id == id)
         || state.snapshot(id).is_some_and(|s| s.scheduled);
+    if let Some(group) = group_of(state, step) {
+        let app = state.app;
+        state.steps.retain(|s| *s != step);
+        state.phase = Phase::Idle;
+        match (step, failed) {
+            // Taken: wait at the second barrier, domain down, not available yet.
+            (_, false) => {
+                if let Step::Rollback(_) = step {
+                    state.error = None;
+                }
+                if let Some(record) = state.snapshot_mut(id)
+                    && record.time_created.is_none()
+                {
+                    record.time_created = Some(result.time_created.unwrap_or(now));
+                }
+                state.phase = Phase::Group { step, done: true };
+            }
+            (Step::Create(_), true) => {
+                if let Some(record) = state.snapshot_mut(id) {
+                    record.state = SnapshotState::Failed;
+                    record.time_created = None;
+                    record.error = Some(format!("group {group} failed at member {app}: {reason}"));
+                }
+            }
+            (_, true) => {
+                state.error = Some(format!(
+                    "rollback to snapshot {id} (group {group}) failed: {reason}"
+                ));
+                state.local = None;
+                state.local_over = None;
+            }
+        }
+        return;
+    }
     match step {
         Step::Create(_) => {
             if let Some(record) = state.snapshot_mut(id) {
@@ -770,7 +827,11 @@ fn on_volumes_result(
                     record.error = Some(reason);
                 }
             } else {
-                state.snapshots.retain(|s| s.id() != id);
+                // A group snapshot undone because another member failed stays listed as
+                // Failed, with the reason; its volumes and records are gone.
+                state
+                    .snapshots
+                    .retain(|s| s.id() != id || s.state == SnapshotState::Failed);
                 actions.push(Action::RemoveSnapshot(id));
             }
         }
@@ -796,13 +857,15 @@ fn resume(state: &AppState, actions: &mut Vec<Action>) {
         Phase::Stopping => actions.push(domain_action(state, false)),
         Phase::Starting => actions.push(domain_action(state, true)),
         Phase::Volume { step, counter } => actions.push(volumes_action(state, *step, *counter)),
+        // The executor coordinates the group again once every app has resumed.
+        Phase::Group { .. } => {}
     }
 }
 
 /// Drives the work forward as far as it can go without waiting.
 fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
     match state.phase {
-        Phase::Volume { .. } => return,
+        Phase::Volume { .. } | Phase::Group { .. } => return,
         Phase::Stopping if state.domain_active => return,
         Phase::Starting if !state.domain_active => return,
         Phase::Stopping => {
@@ -830,12 +893,12 @@ fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
     // Inactive: the moment for deferred deletions, then the queued steps, then the start.
     queue_deletions(state);
     if let Some(step) = state.steps.front().copied() {
-        state.request_counter += 1;
-        state.phase = Phase::Volume {
-            step,
-            counter: state.request_counter,
-        };
-        actions.push(volumes_action(state, step, state.request_counter));
+        if group_of(state, step).is_some() {
+            // The other members must be stopped too before anything is taken or rolled back.
+            state.phase = Phase::Group { step, done: false };
+            return;
+        }
+        start_step(state, step, actions);
         return;
     }
     state.restart_wanted = false;
@@ -846,6 +909,16 @@ fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
     } else if !state.effective().activate {
         state.running = None;
     }
+}
+
+/// Asks the volume-manager for `step`, with a new request counter.
+fn start_step(state: &mut AppState, step: Step, actions: &mut Vec<Action>) {
+    state.request_counter += 1;
+    state.phase = Phase::Volume {
+        step,
+        counter: state.request_counter,
+    };
+    actions.push(volumes_action(state, step, state.request_counter));
 }
 
 /// Deletions go first in an inactive window (they free space for what follows), except that a
@@ -1069,7 +1142,10 @@ fn take_scheduled(state: &mut AppState, schedule: &Schedule, id: Uuid, now: Date
             .snapshots
             .iter()
             .filter(|s| s.scheduled && s.state == SnapshotState::Available)
-            .map(|s| (s.id(), s.time_created.unwrap_or(now)))
+            // The time the schedule took it (this machine's clock), not the volume-manager's
+            // stamp: periods are about which due time a snapshot stands for, and the two clocks
+            // need not agree (a test's injected clock, a clock stepped in between).
+            .map(|s| (s.id(), s.time_triggered.or(s.time_created).unwrap_or(now)))
             .collect();
         candidates.push((id, now));
         let keep = retained(&candidates, &policy.retention, schedule.zone());
@@ -1106,6 +1182,7 @@ fn take_scheduled(state: &mut AppState, schedule: &Schedule, id: Uuid, now: Date
                 schedule.zone()
             ),
             expiry_seconds: 0,
+            group_id: Uuid::nil(),
         },
         state: SnapshotState::Requested,
         time_triggered: None,
@@ -1116,4 +1193,215 @@ fn take_scheduled(state: &mut AppState, schedule: &Schedule, id: Uuid, now: Date
     });
     trigger(state, id, now);
     enforce_max(state);
+}
+
+// ---- consistency groups (issue 10) ----
+//
+// A group snapshot is one snapshot per member app, each listing the same `group_id`. Each
+// member's machine stops its app as for an IMMEDIATE snapshot, then waits in [`Phase::Group`]
+// before its create (first barrier) and after it (second barrier); [`coordinate`], over every
+// app's state, tells the members when to go on. A rollback to a grouped snapshot waits at the
+// same barriers, so no member starts on the restored config before every member is restored.
+// Everything a barrier decides on is in the persisted states, so a restart resumes the group
+// where it stood (a create in flight is asked again, like any other).
+
+/// The consistency group of a step's snapshot: creates and rollbacks of grouped snapshots wait
+/// for the other members; deletions never do.
+pub fn group_of(state: &AppState, step: Step) -> Option<Uuid> {
+    match step {
+        Step::Create(id) | Step::Rollback(id) => state
+            .snapshot(id)
+            .map(|s| s.desc.group_id)
+            .filter(|g| !g.is_nil()),
+        Step::Delete(_) => None,
+    }
+}
+
+fn group_go(state: &mut AppState, at: DateTime<Utc>, actions: &mut Vec<Action>) {
+    let Phase::Group { step, done: false } = state.phase else {
+        return;
+    };
+    if let Step::Create(id) = step
+        && let Some(record) = state.snapshot_mut(id)
+    {
+        record.time_created = Some(at);
+    }
+    start_step(state, step, actions);
+}
+
+fn group_done(state: &mut AppState, actions: &mut Vec<Action>) {
+    let Phase::Group { step, done: true } = state.phase else {
+        return;
+    };
+    state.phase = Phase::Idle;
+    if let Step::Create(id) = step {
+        let in_config = state
+            .controller
+            .snapshot
+            .snapshots
+            .iter()
+            .any(|d| d.snapshot_id == id);
+        if let Some(record) = state.snapshot_mut(id)
+            && record.state == SnapshotState::Triggered
+        {
+            record.state = if in_config {
+                SnapshotState::Available
+            } else {
+                SnapshotState::PendingDeletion
+            };
+            actions.push(Action::WriteSnapshot(id));
+        }
+        enforce_max(state);
+    }
+}
+
+fn group_abort(state: &mut AppState, snapshot: Uuid, reason: String) {
+    let create = Step::Create(snapshot);
+    // A create in flight is answered first; the executor aborts it after.
+    if matches!(state.phase, Phase::Volume { step, .. } if step == create) {
+        return;
+    }
+    let Some(record) = state.snapshot_mut(snapshot) else {
+        return;
+    };
+    if record.state != SnapshotState::Triggered {
+        return;
+    }
+    record.state = SnapshotState::Failed;
+    record.time_created = None;
+    record.error = Some(reason);
+    let taken = state.phase
+        == (Phase::Group {
+            step: create,
+            done: true,
+        });
+    if matches!(state.phase, Phase::Group { step, .. } if step == create) {
+        state.phase = Phase::Idle;
+    }
+    state.steps.retain(|s| *s != create);
+    if taken {
+        // Undo it before the app starts again: all or nothing.
+        state.steps.push_front(Step::Delete(snapshot));
+    }
+}
+
+/// Where a member stands in a group step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stand {
+    /// Not at the first barrier yet (stopping, other steps first).
+    Before,
+    Waiting,
+    /// Asked the volume-manager.
+    Acting,
+    /// At the second barrier.
+    Done,
+}
+
+fn stand(state: &AppState, wanted: Step) -> Stand {
+    match state.phase {
+        Phase::Group { step, done: false } if step == wanted => Stand::Waiting,
+        Phase::Group { step, done: true } if step == wanted => Stand::Done,
+        Phase::Volume { step, .. } if step == wanted => Stand::Acting,
+        _ => Stand::Before,
+    }
+}
+
+/// One group step over its members: `(app, snapshot, stand, time already recorded)`.
+type Members = Vec<(Uuid, Uuid, Stand, Option<DateTime<Utc>>)>;
+
+/// What the members of the consistency groups in progress are told, given every app's state:
+/// - a group in which a member's snapshot failed (or was dropped by `max_snapshots`) is
+///   aborted on every other member (each deletes what it took, then starts again);
+/// - once no member is before the first barrier, the waiting ones go, all with one time (the
+///   one already recorded by a member that went before a restart, else `now`);
+/// - once every member is at the second barrier, all are done.
+///
+/// Rollbacks to a group's snapshots follow the same barriers among the members asked to roll
+/// back. The executor feeds these inputs and calls this again until it returns nothing.
+pub fn coordinate(apps: &BTreeMap<Uuid, AppState>, now: DateTime<Utc>) -> Vec<(Uuid, Input)> {
+    let mut creates: BTreeMap<Uuid, Members> = BTreeMap::new();
+    let mut rollbacks: BTreeMap<Uuid, Members> = BTreeMap::new();
+    let mut failures: BTreeMap<Uuid, String> = BTreeMap::new();
+    for (app, state) in apps {
+        for record in &state.snapshots {
+            let group = record.desc.group_id;
+            if group.is_nil() {
+                continue;
+            }
+            let id = record.id();
+            match record.state {
+                SnapshotState::Triggered => {
+                    creates.entry(group).or_default().push((
+                        *app,
+                        id,
+                        stand(state, Step::Create(id)),
+                        record.time_created,
+                    ));
+                }
+                SnapshotState::Failed => {
+                    failures.entry(group).or_insert_with(|| {
+                        record
+                            .error
+                            .clone()
+                            .unwrap_or_else(|| format!("group {group} failed at member {app}"))
+                    });
+                }
+                SnapshotState::Dropped => {
+                    failures.entry(group).or_insert_with(|| {
+                        format!(
+                            "group {group} failed at member {app}: its snapshot {id} was dropped (max_snapshots)"
+                        )
+                    });
+                }
+                _ => {}
+            }
+            let rollback = Step::Rollback(id);
+            let position = stand(state, rollback);
+            if position != Stand::Before || state.steps.contains(&rollback) {
+                rollbacks
+                    .entry(group)
+                    .or_default()
+                    .push((*app, id, position, None));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (group, members) in creates {
+        if let Some(reason) = failures.get(&group) {
+            for (app, snapshot, position, _) in members {
+                if position != Stand::Acting {
+                    out.push((
+                        app,
+                        Input::GroupAbort {
+                            snapshot,
+                            reason: reason.clone(),
+                        },
+                    ));
+                }
+            }
+            continue;
+        }
+        barriers(&members, now, &mut out);
+    }
+    for members in rollbacks.values() {
+        barriers(members, now, &mut out);
+    }
+    out
+}
+
+fn barriers(members: &Members, now: DateTime<Utc>, out: &mut Vec<(Uuid, Input)>) {
+    if members.iter().any(|m| m.2 == Stand::Before) {
+        return;
+    }
+    if members.iter().all(|m| m.2 == Stand::Done) {
+        out.extend(members.iter().map(|m| (m.0, Input::GroupDone)));
+        return;
+    }
+    let at = members.iter().filter_map(|m| m.3).min().unwrap_or(now);
+    out.extend(
+        members
+            .iter()
+            .filter(|m| m.2 == Stand::Waiting)
+            .map(|m| (m.0, Input::GroupGo { at })),
+    );
 }

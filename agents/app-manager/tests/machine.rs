@@ -1595,3 +1595,180 @@ fn a_daily_schedule_takes_one_a_day_across_daylight_saving_changes() {
         vec![24, 25, 26, 27]
     );
 }
+
+// ---- consistency groups (issue 10): two worlds and the executor's coordination ----
+
+const GROUP: u128 = 0x6209;
+
+/// Member app `app` at `version`, listing its snapshot `snapshot` of the group when given.
+fn member(app: u128, version: &str, snapshot: Option<u128>) -> AppInstanceConfig {
+    let mut c = config(version);
+    c.uuid_and_version.uuid = id(app);
+    if let Some(n) = snapshot {
+        c.snapshot.snapshots.push(SnapshotDesc {
+            snapshot_id: id(n),
+            snapshot_type: SnapshotType::Immediate,
+            group_id: id(GROUP),
+            ..Default::default()
+        });
+    }
+    c
+}
+
+/// The executor's coordination over the worlds' states, until nothing moves.
+fn coordinate(worlds: &mut [World]) {
+    for _ in 0..20 {
+        let states = worlds
+            .iter()
+            .map(|w| (w.state.app, w.state.clone()))
+            .collect();
+        let now = worlds.iter().map(|w| w.now).max().unwrap();
+        let inputs = cairn_app_manager::machine::coordinate(&states, now);
+        if inputs.is_empty() {
+            return;
+        }
+        for (app, input) in inputs {
+            let world = worlds.iter_mut().find(|w| w.state.app == app).unwrap();
+            world.input(input);
+            world.settle();
+        }
+    }
+    panic!("the group never settled");
+}
+
+fn two_members() -> Vec<World> {
+    vec![
+        World::new(member(0xa1, "1", None)),
+        World::new(member(0xa2, "1", None)),
+    ]
+}
+
+fn waiting(world: &World) -> bool {
+    matches!(world.state.phase, Phase::Group { done: false, .. }) && !world.domain_active
+}
+
+#[test]
+fn a_group_snapshot_waits_for_every_member_then_takes_all_at_one_time() {
+    let mut worlds = two_members();
+    worlds[0].config(member(0xa1, "1", Some(0xc1)));
+    // Stopped, nothing asked of the volume-manager: member 2 is not stopped yet.
+    assert!(waiting(&worlds[0]));
+    assert!(worlds[0].backend.is_empty());
+    worlds[1].config(member(0xa2, "1", Some(0xc2)));
+    assert!(waiting(&worlds[1]));
+    coordinate(&mut worlds);
+    let times: Vec<_> = [(0, 0xc1), (1, 0xc2)]
+        .iter()
+        .map(|&(w, n)| {
+            let world = &worlds[w];
+            assert_eq!(world.state_of(n), Some(SnapshotState::Available));
+            assert!(world.backend.contains(&id(n)) && world.files.contains(&id(n)));
+            assert!(world.domain_active, "member {w} runs again");
+            assert_eq!(world.state.phase, Phase::Idle);
+            world.state.snapshot(id(n)).unwrap().time_created.unwrap()
+        })
+        .collect();
+    assert_eq!(times[0], times[1], "one logical time");
+}
+
+#[test]
+fn a_group_snapshot_failing_at_one_member_is_undone_on_every_member() {
+    let mut worlds = two_members();
+    worlds[0].config(member(0xa1, "1", Some(0xc1)));
+    worlds[1].config(member(0xa2, "1", Some(0xc2)));
+    worlds[1].fail_next_volume_op = true;
+    coordinate(&mut worlds);
+    for (w, n) in [(0, 0xc1), (1, 0xc2)] {
+        let world = &worlds[w];
+        assert_eq!(world.state_of(n), Some(SnapshotState::Failed), "member {w}");
+        let error = world.state.snapshot(id(n)).unwrap().error.clone().unwrap();
+        assert!(
+            error.contains(&id(GROUP).to_string()) && error.contains(&id(0xa2).to_string()),
+            "names the group and the failed member: {error}"
+        );
+        assert!(world.backend.is_empty(), "member {w}: nothing left taken");
+        assert!(world.files.is_empty(), "member {w}: no records");
+        assert!(world.domain_active, "member {w} runs again");
+        // Reported with its error, like any failed snapshot.
+        let status = app_status(&world.state);
+        assert!(status.snap_status.available_snapshots.is_empty());
+        assert!(status.snap_status.requested_snapshots[0].error.is_error());
+    }
+    // Not taken again: the config still lists it, failed.
+    worlds[0].config(member(0xa1, "1", Some(0xc1)));
+    coordinate(&mut worlds);
+    assert!(worlds[0].backend.is_empty());
+}
+
+#[test]
+fn a_group_resumes_at_its_barrier_after_a_restart() {
+    let mut worlds = two_members();
+    worlds[0].config(member(0xa1, "1", Some(0xc1)));
+    worlds[1].config(member(0xa2, "1", Some(0xc2)));
+    // Both go, both take theirs; member 1 restarts before being told the group is done.
+    let at = worlds[1].now;
+    for world in worlds.iter_mut() {
+        world.input(Input::GroupGo { at });
+        world.settle();
+        assert!(matches!(world.state.phase, Phase::Group { done: true, .. }));
+        assert!(!world.domain_active);
+    }
+    worlds[0].restart();
+    assert!(!worlds[0].domain_active, "still held at the second barrier");
+    coordinate(&mut worlds);
+    for (w, n) in [(0, 0xc1), (1, 0xc2)] {
+        assert_eq!(worlds[w].state_of(n), Some(SnapshotState::Available));
+        assert_eq!(
+            worlds[w].state.snapshot(id(n)).unwrap().time_created,
+            Some(at)
+        );
+        assert!(worlds[w].domain_active);
+    }
+}
+
+#[test]
+fn a_group_rollback_restarts_no_member_before_every_member_is_rolled_back() {
+    let mut worlds = two_members();
+    worlds[0].config(member(0xa1, "1", Some(0xc1)));
+    worlds[1].config(member(0xa2, "1", Some(0xc2)));
+    coordinate(&mut worlds);
+    worlds[0].config(member(0xa1, "2", Some(0xc1)));
+    worlds[1].config(member(0xa2, "2", Some(0xc2)));
+    let rollback = |app: u128, n: u128| {
+        let mut c = member(app, "2", Some(n));
+        c.snapshot.active_snapshot = id(n).to_string();
+        c.snapshot.rollback_cmd.counter = 1;
+        c
+    };
+    // Member 1 is told first: stopped, its volumes not rolled back until member 2 is stopped
+    // too (the executor coordinates after each input; here, after both).
+    worlds[0].config(rollback(0xa1, 0xc1));
+    assert!(waiting(&worlds[0]));
+    assert!(worlds[1].domain_active);
+    worlds[1].config(rollback(0xa2, 0xc2));
+    assert!(waiting(&worlds[1]));
+    // One round: both roll back; neither starts before both are done.
+    let states = worlds
+        .iter()
+        .map(|w| (w.state.app, w.state.clone()))
+        .collect();
+    let inputs = cairn_app_manager::machine::coordinate(&states, worlds[1].now);
+    assert_eq!(inputs.len(), 2);
+    worlds[0].input(inputs[0].1.clone());
+    worlds[0].settle();
+    assert!(matches!(
+        worlds[0].state.phase,
+        Phase::Group { done: true, .. }
+    ));
+    assert!(
+        !worlds[0].domain_active,
+        "held until member 2 is rolled back"
+    );
+    coordinate(&mut worlds);
+    for world in &worlds {
+        assert!(world.domain_active);
+        assert_eq!(world.domain_config_version.as_deref(), Some("1"));
+        assert_eq!(world.state.phase, Phase::Idle);
+        assert!(world.state.error.is_none());
+    }
+}

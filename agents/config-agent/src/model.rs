@@ -75,6 +75,15 @@ struct LocalApp {
     /// The tenant the app belongs to; empty: the default tenant.
     #[serde(default)]
     tenant: String,
+    /// This app is a clone of another app's snapshot.
+    clone_of: Option<LocalCloneOf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalCloneOf {
+    app: Uuid,
+    snapshot: Uuid,
 }
 
 fn yes() -> bool {
@@ -139,6 +148,9 @@ struct LocalSnapshotDesc {
     description: String,
     #[serde(default)]
     expiry: String,
+    /// The consistency group this snapshot belongs to.
+    #[serde(default)]
+    group: Option<Uuid>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,7 +231,20 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
             e.into_inner().to_string(),
         )
     })?;
-    let config = DeviceConfig {
+    let clones: Vec<CloneSpec> = local
+        .apps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, app)| {
+            app.clone_of.as_ref().map(|c| CloneSpec {
+                app: i,
+                field: "clone_of",
+                source: c.app,
+                snapshot: c.snapshot,
+            })
+        })
+        .collect();
+    let mut config = DeviceConfig {
         apps: local
             .apps
             .into_iter()
@@ -230,6 +255,7 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
         config_items: local.config_items,
     };
     validate(&config)?;
+    apply_clones(&mut config, &clones)?;
     Ok(config)
 }
 
@@ -266,6 +292,7 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
             expiry_seconds: expiry(&s.expiry, &format!("{at}.expiry"))?,
             name: s.name,
             description: s.description,
+            group_id: s.group.unwrap_or_default(),
         });
     }
     Ok(AppInstanceConfig {
@@ -376,14 +403,24 @@ fn counter(counter: u32) -> AppInstanceOpsCmd {
 /// Converts and validates the controller's config.
 pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigError> {
     let mut apps = Vec::new();
+    let mut clones = Vec::new();
     for (i, app) in config.apps.iter().enumerate() {
         apps.push(proto_app(app, &format!("apps[{i}]"))?);
+        if let Some(clone) = &app.cairn_clone {
+            let at = format!("apps[{i}].cairn_clone");
+            clones.push(CloneSpec {
+                app: i,
+                field: "cairn_clone",
+                source: parse_uuid(&clone.app, &format!("{at}.app"))?,
+                snapshot: parse_uuid(&clone.snapshot, &format!("{at}.snapshot"))?,
+            });
+        }
     }
     let mut volumes = Vec::new();
     for (i, volume) in config.volumes.iter().enumerate() {
         volumes.push(proto_volume(volume, &format!("volumes[{i}]"))?);
     }
-    let config = DeviceConfig {
+    let mut config = DeviceConfig {
         apps,
         volumes,
         config_items: config
@@ -393,6 +430,7 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
             .collect(),
     };
     validate(&config)?;
+    apply_clones(&mut config, &clones)?;
     Ok(config)
 }
 
@@ -479,6 +517,11 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
             name: desc.cairn_name.clone(),
             description: desc.cairn_description.clone(),
             expiry_seconds: expiry(&desc.cairn_expiry, &format!("{at}.cairn_expiry"))?,
+            group_id: if desc.cairn_group.trim().is_empty() {
+                Uuid::nil()
+            } else {
+                parse_uuid(desc.cairn_group.trim(), &format!("{at}.cairn_group"))?
+            },
         });
     }
     let mut refs = Vec::new();
@@ -613,6 +656,7 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
                 format!("app {uuid} appears twice (also apps[{first}])"),
             ));
         }
+        let mut groups: HashMap<Uuid, usize> = HashMap::new();
         for (j, desc) in app.snapshot.snapshots.iter().enumerate() {
             let at = format!("apps[{i}].snapshot.snapshots[{j}].id");
             if let Some(first) = snapshots.insert(desc.snapshot_id, at.clone()) {
@@ -620,6 +664,28 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
                     at,
                     format!("snapshot {} appears twice (also {first})", desc.snapshot_id),
                 ));
+            }
+            // A group snapshot is one snapshot per member app, taken now (IMMEDIATE).
+            if !desc.group_id.is_nil() {
+                let at = format!("apps[{i}].snapshot.snapshots[{j}].group");
+                if let Some(first) = groups.insert(desc.group_id, j) {
+                    return Err(ConfigError::at(
+                        at,
+                        format!(
+                            "group {} is listed twice by this app (also snapshots[{first}]): a member takes one snapshot of a group",
+                            desc.group_id
+                        ),
+                    ));
+                }
+                if desc.snapshot_type != SnapshotType::Immediate {
+                    return Err(ConfigError::at(
+                        at,
+                        format!(
+                            "snapshot {} of group {} must be of type immediate",
+                            desc.snapshot_id, desc.group_id
+                        ),
+                    ));
+                }
             }
         }
         let active = &app.snapshot.active_snapshot;
@@ -656,6 +722,149 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
                     volume.volume_id, volume.generation_counter
                 ),
             ));
+        }
+    }
+    Ok(())
+}
+
+// ---- clones ----
+
+/// An app made from another app's snapshot, as either source names it.
+#[derive(Debug, Clone)]
+struct CloneSpec {
+    /// The clone's index in the config's apps.
+    app: usize,
+    /// The field's name in its source (`clone_of`, `cairn_clone`), for errors.
+    field: &'static str,
+    /// The app cloned.
+    source: Uuid,
+    /// The snapshot of `source` the clone starts from.
+    snapshot: Uuid,
+}
+
+/// Turns each clone spec into origins of the clone's volumes: its volume `j` (a volume of its
+/// own, declared in the config's volumes) starts as a copy of the source app's volume `j` in the
+/// snapshot (`VolumeOrigin::Snapshot`, made by the volume-manager from the snapshot's record).
+/// Checks: the source app is in the config and is not the clone, the snapshot is listed in the
+/// source's snapshots, both have as many volumes, of the same format, no volume of the clone is
+/// used by another app, and none has a base image. Run after [`validate`] (the volume refs are
+/// known to name configured volumes).
+///
+/// The origin only matters when a volume is made: once the clone exists, its spec may be
+/// dropped from the config (it must be before the snapshot leaves the source's list) and the
+/// clone lives on as an ordinary app.
+fn apply_clones(config: &mut DeviceConfig, clones: &[CloneSpec]) -> Result<(), ConfigError> {
+    for spec in clones {
+        let i = spec.app;
+        let at = format!("apps[{i}].{}", spec.field);
+        let clone = &config.apps[i];
+        if spec.source == clone.app_uuid() {
+            return Err(ConfigError::at(
+                format!("{at}.app"),
+                "an app cannot be a clone of itself",
+            ));
+        }
+        let Some((k, source)) = config
+            .apps
+            .iter()
+            .enumerate()
+            .find(|(_, a)| a.app_uuid() == spec.source)
+        else {
+            return Err(ConfigError::at(
+                format!("{at}.app"),
+                format!("app {} is not in the config's apps", spec.source),
+            ));
+        };
+        if !source
+            .snapshot
+            .snapshots
+            .iter()
+            .any(|d| d.snapshot_id == spec.snapshot)
+        {
+            return Err(ConfigError::at(
+                format!("{at}.snapshot"),
+                format!(
+                    "snapshot {} is not in the snapshots of app {} (apps[{k}].snapshot.snapshots)",
+                    spec.snapshot, spec.source
+                ),
+            ));
+        }
+        let (mine, theirs) = (
+            &clone.volume_ref_config_list,
+            &source.volume_ref_config_list,
+        );
+        if mine.len() != theirs.len() {
+            return Err(ConfigError::at(
+                format!("apps[{i}].volume_refs"),
+                format!(
+                    "a clone has one volume of its own per volume of its source: {} here, {} in app {} (apps[{k}])",
+                    mine.len(),
+                    theirs.len(),
+                    spec.source
+                ),
+            ));
+        }
+        let mut origins = Vec::new();
+        for (j, (to, from)) in mine.iter().zip(theirs).enumerate() {
+            let at = format!("apps[{i}].volume_refs[{j}].uuid");
+            if let Some((n, other)) = config.apps.iter().enumerate().find(|(n, a)| {
+                *n != i
+                    && a.volume_ref_config_list
+                        .iter()
+                        .any(|r| r.volume_id == to.volume_id)
+            }) {
+                return Err(ConfigError::at(
+                    at,
+                    format!(
+                        "volume {} is also used by app {} (apps[{n}]); a clone's volumes must be its own new volumes",
+                        to.volume_id,
+                        other.app_uuid()
+                    ),
+                ));
+            }
+            let format_of = |id: Uuid, generation: i64| {
+                config
+                    .volumes
+                    .iter()
+                    .find(|v| v.volume_id == id && v.generation_counter == generation)
+                    .or_else(|| config.volumes.iter().find(|v| v.volume_id == id))
+                    .map(|v| v.format)
+            };
+            let (want, have) = (
+                format_of(from.volume_id, from.generation_counter),
+                format_of(to.volume_id, to.generation_counter),
+            );
+            if want != have {
+                return Err(ConfigError::at(
+                    at,
+                    format!(
+                        "volume {} is {have:?} but the volume it clones ({} of app {}) is {want:?}; a clone has its source's formats",
+                        to.volume_id, from.volume_id, spec.source
+                    ),
+                ));
+            }
+            origins.push((to.volume_id, from.volume_id));
+        }
+        for (to, from) in origins {
+            for (n, volume) in config.volumes.iter_mut().enumerate() {
+                if volume.volume_id != to {
+                    continue;
+                }
+                if matches!(volume.origin, VolumeOrigin::BaseImage { .. }) {
+                    return Err(ConfigError::at(
+                        format!("volumes[{n}].base_image"),
+                        format!(
+                            "volume {to} is a clone's volume (app {}): its content comes from snapshot {}, it cannot also have a base image",
+                            config.apps[i].app_uuid(),
+                            spec.snapshot
+                        ),
+                    ));
+                }
+                volume.origin = VolumeOrigin::Snapshot {
+                    snapshot: spec.snapshot,
+                    volume: from,
+                };
+            }
         }
     }
     Ok(())

@@ -176,6 +176,9 @@ pub struct SnapshotDesc {
     /// Cairn: `7d`, `12h`: this snapshot expires that long after it was taken.
     #[prost(string, tag = "1002")]
     pub cairn_expiry: String,
+    /// Cairn: the consistency group (a UUID) of this snapshot; empty when none.
+    #[prost(string, tag = "1003")]
+    pub cairn_group: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -256,6 +259,20 @@ pub struct AppInstanceConfig {
     /// tenant).
     #[prost(string, tag = "1001")]
     pub cairn_tenant: String,
+    /// Cairn: this app is a clone of another app's snapshot (its volumes start as copies of
+    /// the snapshot's volumes).
+    #[prost(message, optional, tag = "1002")]
+    pub cairn_clone: Option<CairnClone>,
+}
+
+/// Cairn extension (field 1002 of `AppInstanceConfig`): the app and the snapshot (UUIDs) a
+/// clone is made from.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CairnClone {
+    #[prost(string, tag = "1")]
+    pub app: String,
+    #[prost(string, tag = "2")]
+    pub snapshot: String,
 }
 
 /// Cairn extension (field 1000 of `AppInstanceConfig`).
@@ -482,6 +499,7 @@ mod tests {
             snapshot: Some(SnapshotConfig::default()),
             cairn_domain: None,
             cairn_tenant: String::new(),
+            cairn_clone: None,
         };
         let fields: Vec<u64> = keys(&app.encode_to_vec()).iter().map(|k| k >> 3).collect();
         assert_eq!(fields, vec![1, 2, 5, 9, 10, 16, 22]);

@@ -175,6 +175,7 @@ fn assert_same(path: &str, got: &DynamicMessage, want: &DynamicMessage) {
 const UNSET_EXTENSIONS: &[&str] = &[
     "cairn_domain: None",
     "cairn_tenant: \"\"",
+    "cairn_clone: None",
     "cairn_format: \"\"",
     "cairn_base_image: \"\"",
     "cairn_base_sha256: \"\"",
@@ -188,6 +189,7 @@ const UNSET_EXTENSIONS: &[&str] = &[
     "cairn_name: \"\"",
     "cairn_description: \"\"",
     "cairn_expiry: \"\"",
+    "cairn_group: \"\"",
 ];
 
 /// A Cairn message must be fully populated for a check to mean anything: no empty string,
@@ -575,6 +577,7 @@ fn cairn_app(n: u32) -> c::AppInstanceConfig {
         snapshot: Some(cairn_snapshot_config()),
         cairn_domain: None,
         cairn_tenant: String::new(),
+        cairn_clone: None,
     }
 }
 fn eve_app(n: u32, extras: bool) -> DynamicMessage {
@@ -1117,6 +1120,10 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
     let app = c::AppInstanceConfig {
         cairn_domain: Some(cairn_domain()),
         cairn_tenant: "acme".into(),
+        cairn_clone: Some(c::CairnClone {
+            app: "a".into(),
+            snapshot: "s".into(),
+        }),
         ..cairn_app(1)
     };
     eve_ignores_extensions(
@@ -1125,6 +1132,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
         &[
             "org.lfedge.eve.config.AppInstanceConfig#1000",
             "org.lfedge.eve.config.AppInstanceConfig#1001",
+            "org.lfedge.eve.config.AppInstanceConfig#1002",
         ],
     );
 
@@ -1177,6 +1185,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
         cairn_name: "before-upgrade".into(),
         cairn_description: "taken by hand".into(),
         cairn_expiry: "7d".into(),
+        cairn_group: "99999999-8888-4777-8666-555555555555".into(),
         ..cairn_snapshot_desc(1)
     };
     eve_ignores_extensions(
@@ -1186,6 +1195,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
             "org.lfedge.eve.config.SnapshotDesc#1000",
             "org.lfedge.eve.config.SnapshotDesc#1001",
             "org.lfedge.eve.config.SnapshotDesc#1002",
+            "org.lfedge.eve.config.SnapshotDesc#1003",
         ],
     );
     let reported = c::ZInfoSnapshot {
@@ -1216,7 +1226,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
     );
     let mut unknown = Vec::new();
     for i in 0..2 {
-        for n in [1000, 1001] {
+        for n in [1000, 1001, 1002] {
             unknown.push(format!("org.lfedge.eve.config.EdgeDevConfig.apps[{i}]#{n}"));
         }
     }

@@ -5,7 +5,7 @@
 
 use cairn_config_agent::model::{ConfigError, from_local_json, from_proto};
 use cairn_config_agent::proto;
-use cairn_types::{DomainSpec, SnapshotType, VolumeFormat};
+use cairn_types::{DomainSpec, SnapshotType, VolumeFormat, VolumeOrigin};
 use prost::Message;
 
 const APP: &str = "6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9";
@@ -298,6 +298,46 @@ fn snapshots_carry_a_name_a_description_and_their_own_expiry() {
 }
 
 #[test]
+fn a_snapshot_names_its_consistency_group_in_either_source_and_is_checked() {
+    const GROUP: &str = "99999999-8888-4777-8666-555555555555";
+    let config = from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "immediate", "group": "{GROUP}"}}"#
+    )))
+    .unwrap();
+    let desc = &config.apps[0].snapshot.snapshots[0];
+    assert_eq!(desc.group_id, GROUP.parse::<uuid::Uuid>().unwrap());
+    // No group: nil.
+    let config = from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "immediate"}}"#
+    )))
+    .unwrap();
+    assert!(config.apps[0].snapshot.snapshots[0].group_id.is_nil());
+
+    // A member takes one snapshot of a group, an immediate one.
+    let e = err(from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "immediate", "group": "{GROUP}"}},
+           {{"id": "{SNAP2}", "type": "immediate", "group": "{GROUP}"}}"#
+    ))));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[1].group", "{e}");
+    let e = err(from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "app_update", "group": "{GROUP}"}}"#
+    ))));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[0].group", "{e}");
+    assert!(e.to_string().contains("immediate"), "{e}");
+
+    let mut edge = proto_config(&[SNAP1]);
+    edge.apps[0].snapshot.as_mut().unwrap().snapshots[0].cairn_group = GROUP.into();
+    let controller = from_proto(&edge).unwrap();
+    assert_eq!(
+        controller.apps[0].snapshot.snapshots[0].group_id,
+        GROUP.parse::<uuid::Uuid>().unwrap()
+    );
+    edge.apps[0].snapshot.as_mut().unwrap().snapshots[0].cairn_group = "nope".into();
+    let e = err(from_proto(&edge));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[0].cairn_group", "{e}");
+}
+
+#[test]
 fn the_tenant_of_an_app_comes_from_either_source_and_is_checked() {
     let with_tenant = |tenant: &str| {
         local("").replace(
@@ -335,5 +375,148 @@ fn the_tenant_of_an_app_comes_from_either_source_and_is_checked() {
             from_local_json(&with_tenant(good)).unwrap().apps[0].tenant,
             good
         );
+    }
+}
+
+// ---- clones ----
+
+const CLONE: &str = "c10e0000-0000-4000-8000-000000000001";
+const CLONE_VOLUME: &str = "c10e0000-0000-4000-8000-0000000000b1";
+
+/// The `local` config plus app CLONE cloned from (APP, SNAP1) onto its own volume.
+fn local_clone(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "immediate"}}"#
+    )))
+    .unwrap();
+    v["apps"].as_array_mut().unwrap().push(serde_json::json!({
+        "uuid": CLONE, "version": "1",
+        "volume_refs": [{"uuid": CLONE_VOLUME}],
+        "clone_of": {"app": APP, "snapshot": SNAP1},
+    }));
+    v["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"uuid": CLONE_VOLUME, "format": "qcow2"}));
+    edit(&mut v);
+    v.to_string()
+}
+
+#[test]
+fn a_clone_spec_gives_the_clone_volumes_their_snapshot_origin() {
+    let config = from_local_json(&local_clone(|_| {})).unwrap();
+    let volume = |id: &str| {
+        config
+            .volumes
+            .iter()
+            .find(|v| v.volume_id.to_string() == id)
+            .unwrap()
+    };
+    assert_eq!(
+        volume(CLONE_VOLUME).origin,
+        VolumeOrigin::Snapshot {
+            snapshot: SNAP1.parse().unwrap(),
+            volume: VOLUME.parse().unwrap(),
+        }
+    );
+    assert_eq!(volume(VOLUME).origin, VolumeOrigin::Blank);
+    assert_eq!(config.apps[1].app_uuid().to_string(), CLONE);
+
+    // The controller's field 1002 says the same.
+    let mut controller = proto_config(&[SNAP1]);
+    let mut app = controller.apps[0].clone();
+    app.uuidandversion = Some(proto::UuidAndVersion {
+        uuid: CLONE.into(),
+        version: "1".into(),
+    });
+    app.volume_ref_list[0].uuid = CLONE_VOLUME.into();
+    app.snapshot = None;
+    app.cairn_clone = Some(proto::CairnClone {
+        app: APP.into(),
+        snapshot: SNAP1.into(),
+    });
+    controller.apps.push(app);
+    let mut volume = controller.volumes[0].clone();
+    volume.uuid = CLONE_VOLUME.into();
+    controller.volumes.push(volume);
+    let bytes = controller.encode_to_vec();
+    let decoded = proto::EdgeDevConfig::decode(bytes.as_slice()).unwrap();
+    let from_controller = from_proto(&decoded).unwrap();
+    assert_eq!(
+        from_controller
+            .volumes
+            .iter()
+            .find(|v| v.volume_id.to_string() == CLONE_VOLUME)
+            .unwrap()
+            .origin,
+        volume_origin_of_clone()
+    );
+
+    let mut bad = decoded.clone();
+    bad.apps[1].cairn_clone.as_mut().unwrap().snapshot = "nope".into();
+    assert_eq!(err(from_proto(&bad)).path, "apps[1].cairn_clone.snapshot");
+    let mut bad = decoded;
+    bad.apps[1].cairn_clone.as_mut().unwrap().snapshot = SNAP2.into();
+    assert_eq!(err(from_proto(&bad)).path, "apps[1].cairn_clone.snapshot");
+}
+
+fn volume_origin_of_clone() -> VolumeOrigin {
+    VolumeOrigin::Snapshot {
+        snapshot: SNAP1.parse().unwrap(),
+        volume: VOLUME.parse().unwrap(),
+    }
+}
+
+#[test]
+fn a_bad_clone_spec_is_refused_naming_its_field() {
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(Edit, &str, &str)> = vec![
+        (
+            Box::new(|v| v["apps"][1]["clone_of"]["app"] = CLONE_VOLUME.into()),
+            "apps[1].clone_of.app",
+            "not in the config's apps",
+        ),
+        (
+            Box::new(|v| v["apps"][1]["clone_of"]["app"] = CLONE.into()),
+            "apps[1].clone_of.app",
+            "itself",
+        ),
+        (
+            Box::new(|v| v["apps"][1]["clone_of"]["snapshot"] = SNAP2.into()),
+            "apps[1].clone_of.snapshot",
+            "is not in the snapshots of app",
+        ),
+        (
+            Box::new(|v| v["apps"][1]["clone_of"]["snapshot"] = "x".into()),
+            "apps[1].clone_of.snapshot",
+            "UUID",
+        ),
+        (
+            Box::new(|v| v["apps"][1]["volume_refs"] = serde_json::json!([])),
+            "apps[1].volume_refs",
+            "0 here, 1 in app",
+        ),
+        (
+            Box::new(|v| v["apps"][1]["volume_refs"][0]["uuid"] = VOLUME.into()),
+            "apps[1].volume_refs[0].uuid",
+            "also used by app",
+        ),
+        (
+            Box::new(|v| v["volumes"][1]["format"] = "dir".into()),
+            "apps[1].volume_refs[0].uuid",
+            "a clone has its source's formats",
+        ),
+        (
+            Box::new(|v| {
+                v["volumes"][1]["base_image"] = serde_json::json!({"path": "/b", "sha256": "ab"})
+            }),
+            "volumes[1].base_image",
+            "cannot also have a base image",
+        ),
+    ];
+    for (edit, path, words) in cases {
+        let e = err(from_local_json(&local_clone(edit)));
+        assert_eq!(e.path, path, "{e}");
+        assert!(e.message.contains(words), "{e}");
     }
 }

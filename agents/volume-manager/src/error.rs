@@ -69,6 +69,15 @@ pub enum VolumeError {
         "volume {volume}: snapshot {snapshot} does not exist on the backend; it cannot be rolled back to"
     )]
     NoSnapshot { volume: String, snapshot: String },
+    #[error(
+        "volume {volume}: cannot be cloned from volume {source_volume} in snapshot {snapshot}: {why}; the clone is made when that snapshot is available"
+    )]
+    CloneSourceUnavailable {
+        volume: String,
+        snapshot: Uuid,
+        source_volume: Uuid,
+        why: String,
+    },
 }
 
 impl VolumeError {

@@ -32,6 +32,14 @@
 //! snapshots are trees of their own, so a purged volume they were taken of is released; a
 //! rollback to one makes the volume again at its old place and reports it Ready.
 
+//!
+//! Clones (`VolumeOrigin::Snapshot`, made by the config-agent from an app's `clone_of`): a new
+//! volume made as a copy of another volume's state in a snapshot, read from that snapshot's
+//! record ([`volumes::create_clone`] says how per backend). While the snapshot is not available
+//! (not taken yet, being taken, failed, being deleted or deleted) the clone is `Failed` with the
+//! reason, and it is made as soon as a create of that snapshot succeeds (or its config comes
+//! again). Once made, a clone is an ordinary volume: nothing ties it to its source.
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -40,8 +48,8 @@ use cairn_types::common::{ErrorDescription, ErrorSeverity};
 use cairn_types::layout::{VOLUMES_SNAPSHOT_STATUS_FILE, snapshot_dir, snapshots_dir, volumes_dir};
 use cairn_types::snapshot::{VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus};
 use cairn_types::volume::{
-    AppVolumeRefs, SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeSnapshotMeta,
-    VolumeState, VolumeStatus, parse_volume_key,
+    AppVolumeRefs, SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin,
+    VolumeSnapshotMeta, VolumeState, VolumeStatus, parse_volume_key,
 };
 use uuid::Uuid;
 
@@ -197,13 +205,31 @@ impl VolumeManager {
         if let Err(e) = self.backends.check(backend, &key) {
             status.warnings.push(format!("snapshots unavailable: {e}"));
         }
+        // A clone still waiting for its snapshot (Failed, never made) is tried again.
+        let waiting_clone = matches!(config.origin, VolumeOrigin::Snapshot { .. })
+            && !self.known_before.contains(&key)
+            && self
+                .statuses
+                .get(&key)
+                .is_some_and(|s| s.state == VolumeState::Failed);
         let outcome = if path.exists() {
             volumes::check_existing(&key, &path, config.format)
-        } else if self.known_before.contains(&key) || self.statuses.contains_key(&key) {
+        } else if !waiting_clone
+            && (self.known_before.contains(&key) || self.statuses.contains_key(&key))
+        {
             Err(VolumeError::Missing {
                 volume: key.clone(),
                 path: path.clone(),
             })
+        } else if let VolumeOrigin::Snapshot { snapshot, volume } = config.origin {
+            match self.clone_source(&key, snapshot, volume).await {
+                Ok(source) => {
+                    tracing::info!(volume = %key, snapshot = %snapshot, source = %source.volume_key, backend = ?source.backend, "cloning a volume from a snapshot");
+                    volumes::create_clone(config, &path, backend, &source, &self.backends.tools)
+                        .await
+                }
+                Err(e) => Err(e),
+            }
         } else {
             volumes::create(config, &path, backend, &self.backends.tools).await
         };
@@ -221,6 +247,78 @@ impl VolumeManager {
         }
         self.statuses.insert(key, status.clone());
         Publish::Volume(status)
+    }
+
+    /// The metadata of volume `source` in snapshot `snapshot`, from the snapshot's record, for
+    /// cloning it into `key`: refused (with the reason) while the snapshot is not complete and
+    /// present on its backend: not taken yet, being taken, failed, being deleted or deleted.
+    async fn clone_source(
+        &self,
+        key: &str,
+        snapshot: Uuid,
+        source: Uuid,
+    ) -> Result<VolumeSnapshotMeta, VolumeError> {
+        let unavailable = |why: String| VolumeError::CloneSourceUnavailable {
+            volume: key.to_string(),
+            snapshot,
+            source_volume: source,
+            why,
+        };
+        let Some(record) = self.records.get(&snapshot) else {
+            return Err(unavailable(
+                "the snapshot is not on this device (not taken yet, or deleted)".into(),
+            ));
+        };
+        match record.in_progress {
+            VolumesSnapshotAction::Create => {
+                return Err(unavailable("the snapshot is being taken".into()));
+            }
+            VolumesSnapshotAction::Delete => {
+                return Err(unavailable("the snapshot is being deleted".into()));
+            }
+            _ => {}
+        }
+        if record.result_of_action == VolumesSnapshotAction::Create && record.error.is_error() {
+            return Err(unavailable(format!(
+                "the snapshot failed: {}",
+                record.error.error
+            )));
+        }
+        let Some(meta) = record.meta_of(source) else {
+            return Err(unavailable(
+                "the snapshot does not include that volume".into(),
+            ));
+        };
+        let meta = self.complete_legacy_meta(source, meta);
+        match self.backends.exists(&meta).await {
+            Ok(true) => Ok(meta),
+            Ok(false) => Err(unavailable(
+                "the snapshot is no longer on its backend (removed outside Cairn?)".into(),
+            )),
+            Err(e) => Err(unavailable(format!("its backend cannot read it: {e}"))),
+        }
+    }
+
+    /// Clone volumes waiting for `snapshot` (Failed because it was not available): made now.
+    async fn make_waiting_clones(&mut self, snapshot: Uuid) -> Vec<Publish> {
+        let waiting: Vec<VolumeConfig> = self
+            .configs
+            .values()
+            .filter(|c| {
+                matches!(c.origin, VolumeOrigin::Snapshot { snapshot: s, .. } if s == snapshot)
+                    && self
+                        .statuses
+                        .get(&c.key())
+                        .is_some_and(|s| s.state == VolumeState::Failed)
+            })
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for config in waiting {
+            tracing::info!(volume = %config.key(), snapshot = %snapshot, "snapshot available: making the clone waiting for it");
+            out.push(self.make_volume(&config).await);
+        }
+        out
     }
 
     /// Held keys with no volume whose line is configured: made from the line's config at the
@@ -531,7 +629,11 @@ impl VolumeManager {
         }
         tracing::info!(snapshot = %config.snapshot_id, app = %config.app_uuid, action = ?config.action, counter = config.request_counter, "snapshot request");
         match config.action {
-            VolumesSnapshotAction::Create => self.create_snapshot(&config).await,
+            VolumesSnapshotAction::Create => {
+                let mut out = self.create_snapshot(&config).await;
+                out.extend(self.make_waiting_clones(config.snapshot_id).await);
+                out
+            }
             VolumesSnapshotAction::Rollback => self.rollback_snapshot(&config).await,
             VolumesSnapshotAction::Delete => self.delete_snapshot(&config).await,
             VolumesSnapshotAction::Unspecified => Vec::new(),

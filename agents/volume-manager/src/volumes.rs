@@ -6,10 +6,12 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use cairn_types::volume::{SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin};
+use cairn_types::volume::{
+    SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeSnapshotMeta,
+};
 use sha2::{Digest, Sha256};
 
-use crate::backend::{btrfs, qcow2};
+use crate::backend::{btrfs, copy, qcow2};
 use crate::error::{Result, VolumeError};
 use crate::process::{self, COMMAND_TIMEOUT};
 use crate::tools::Tools;
@@ -170,6 +172,12 @@ pub async fn create(
         });
     }
     let result = match (&config.format, &config.origin) {
+        (_, VolumeOrigin::Snapshot { snapshot, volume }) => Err(VolumeError::Unsupported {
+            volume: key.clone(),
+            what: format!(
+                "a clone (of volume {volume} in snapshot {snapshot}) is made from the snapshot's record, not from its config alone"
+            ),
+        }),
         (VolumeFormat::Dir, VolumeOrigin::BaseImage { .. }) => Err(VolumeError::Unsupported {
             volume: key.clone(),
             what: "a directory volume cannot be made from a base image file; use qcow2 or raw"
@@ -232,6 +240,158 @@ pub async fn create(
         let _ = cairn_persist::sync_dir(parent);
     }
     Ok(())
+}
+
+/// Creates the clone volume of `config` at `path` (which must not exist yet) as a copy of the
+/// snapshot `source` describes (read from the snapshot's `volumesSnapshotStatus.json`):
+///
+/// - qcow2 internal snapshot: `qemu-img convert -U -f qcow2 -O <format> -l snapshot.name=<S>`
+///   (`-U`: the source may be in use by its running VM; an internal snapshot's clusters do not
+///   change while it exists);
+/// - btrfs: a writable `btrfs subvolume snapshot` of the read-only snapshot subvolume;
+/// - copy backend: a copy of the snapshot's directory (`copy_file_range`, which reflinks where
+///   the filesystem can);
+/// - purgeable: a copy of the kept volume (`qemu-img convert` for an image, a tree copy for a
+///   directory);
+/// - ZFS: a copy of the snapshot's directory `<mountpoint>/.zfs/snapshot/<S>` when the
+///   filesystem shows it (kernel ZFS does; a `zfs clone` would stay tied to its origin snapshot,
+///   and send/receive would need a dataset of its own for the clone), else refused.
+///
+/// Like [`create`], the copy is made under a dot name (`.<name>.creating`, removed at the next
+/// start by [`sweep_leftovers`]) and renamed into place, so a crash never leaves a half clone.
+/// The clone shares nothing with its source: deleting or rolling back the source afterwards
+/// does not touch it.
+pub async fn create_clone(
+    config: &VolumeConfig,
+    path: &Path,
+    backend: SnapshotBackendKind,
+    source: &VolumeSnapshotMeta,
+    tools: &Tools,
+) -> Result<()> {
+    let key = config.key();
+    let tmp = creating_path(path);
+    remove(&key, &tmp).await?;
+    if let Some(parent) = path.parent() {
+        let parent = parent.to_path_buf();
+        let p = parent.clone();
+        tokio::task::spawn_blocking(move || cairn_persist::create_dir_durable(&p))
+            .await
+            .map_err(|e| VolumeError::io(&key, "cannot create", &parent)(std::io::Error::other(e)))?
+            .map_err(VolumeError::io(&key, "cannot create", &parent))?;
+    }
+    let unsupported = |what: String| VolumeError::Unsupported {
+        volume: key.clone(),
+        what,
+    };
+    let image_format = match config.format {
+        VolumeFormat::Qcow2 => Some("qcow2"),
+        VolumeFormat::Raw => Some("raw"),
+        VolumeFormat::Dir => None,
+    };
+    if image_format.is_some() && !tools.qemu_img.is_available() {
+        return Err(VolumeError::ToolMissing {
+            volume: key,
+            tool: qcow2::TOOL,
+            package: qcow2::PACKAGE,
+            backend: "qcow2",
+        });
+    }
+    let snapshot_option = format!("snapshot.name={}", source.name);
+    let result = match (image_format, source.backend) {
+        (Some(fmt), SnapshotBackendKind::Qcow2) => {
+            qemu_img(
+                &key,
+                &source.file_location,
+                &[
+                    "convert".as_ref(),
+                    "-U".as_ref(),
+                    "-f".as_ref(),
+                    "qcow2".as_ref(),
+                    "-O".as_ref(),
+                    fmt.as_ref(),
+                    "-l".as_ref(),
+                    snapshot_option.as_ref(),
+                    source.file_location.as_os_str(),
+                    tmp.as_os_str(),
+                ],
+            )
+            .await
+        }
+        (Some(fmt), SnapshotBackendKind::Purgeable) if source.snapshot_location.is_file() => {
+            qemu_img(
+                &key,
+                &source.snapshot_location,
+                &[
+                    "convert".as_ref(),
+                    "-U".as_ref(),
+                    "-f".as_ref(),
+                    fmt.as_ref(),
+                    "-O".as_ref(),
+                    fmt.as_ref(),
+                    source.snapshot_location.as_os_str(),
+                    tmp.as_os_str(),
+                ],
+            )
+            .await
+        }
+        (None, SnapshotBackendKind::Btrfs) if backend == SnapshotBackendKind::Btrfs => {
+            btrfs::writable_snapshot(&key, &source.snapshot_location, &tmp).await
+        }
+        (None, SnapshotBackendKind::Btrfs | SnapshotBackendKind::Copy)
+        | (None, SnapshotBackendKind::Purgeable) => {
+            copy_into(&key, &source.snapshot_location, &tmp, backend).await
+        }
+        (None, SnapshotBackendKind::Zfs) => {
+            let dir = source
+                .file_location
+                .join(".zfs")
+                .join("snapshot")
+                .join(&source.name);
+            if dir.is_dir() {
+                copy_into(&key, &dir, &tmp, backend).await
+            } else {
+                Err(unsupported(format!(
+                    "the ZFS snapshot {} does not show as {} (snapdir not available on this ZFS), so it cannot be copied; clone it with `zfs send | zfs receive` by hand",
+                    source.snapshot_location.display(),
+                    dir.display()
+                )))
+            }
+        }
+        (_, kind) => Err(unsupported(format!(
+            "a {:?} volume cannot be cloned from a {kind:?} snapshot (volume {}); the clone's format must be the source volume's",
+            config.format, source.volume_key
+        ))),
+    };
+    if let Err(e) = result {
+        let _ = remove(&key, &tmp).await;
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(VolumeError::io(&key, "cannot rename into", path))?;
+    if let Some(parent) = path.parent() {
+        let _ = cairn_persist::sync_dir(parent);
+    }
+    Ok(())
+}
+
+/// Makes the directory (a subvolume on the btrfs backend) `to` and copies the tree `from` into
+/// it; a missing `from` is reported as a missing snapshot.
+async fn copy_into(key: &str, from: &Path, to: &Path, backend: SnapshotBackendKind) -> Result<()> {
+    if !from.is_dir() {
+        return Err(VolumeError::NoSnapshot {
+            volume: key.to_string(),
+            snapshot: from.display().to_string(),
+        });
+    }
+    if backend == SnapshotBackendKind::Btrfs {
+        btrfs::create_subvolume(key, to).await?;
+    } else {
+        std::fs::create_dir(to).map_err(VolumeError::io(key, "cannot create", to))?;
+    }
+    let (k, f, t) = (key.to_string(), from.to_path_buf(), to.to_path_buf());
+    tokio::task::spawn_blocking(move || copy::copy_contents(&k, &f, &t))
+        .await
+        .map_err(|e| VolumeError::io(key, "cannot copy to", to)(std::io::Error::other(e)))?
+        .map(drop)
 }
 
 /// Removes a volume file, directory or btrfs subvolume; one already gone is not an error.

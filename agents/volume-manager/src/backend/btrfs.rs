@@ -64,6 +64,26 @@ pub async fn delete_subvolume(volume: &str, path: &Path) -> Result<()> {
     .await
 }
 
+/// `btrfs subvolume snapshot <from> <to>`: a writable snapshot (a clone's volume).
+pub async fn writable_snapshot(volume: &str, from: &Path, to: &Path) -> Result<()> {
+    if !from.exists() {
+        return Err(VolumeError::NoSnapshot {
+            volume: volume.to_string(),
+            snapshot: from.display().to_string(),
+        });
+    }
+    btrfs(
+        volume,
+        &[
+            "subvolume".as_ref(),
+            "snapshot".as_ref(),
+            from.as_os_str(),
+            to.as_os_str(),
+        ],
+    )
+    .await
+}
+
 fn ensure_parent(volume: &str, path: &Path) -> Result<()> {
     if let Some(parent) = path.parent() {
         cairn_persist::create_dir_durable(parent).map_err(VolumeError::io(

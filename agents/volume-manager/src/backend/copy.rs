@@ -36,8 +36,28 @@ pub fn copy_tree(volume: &str, from: &Path, to: &Path) -> Result<u64> {
     Ok(done)
 }
 
+/// Copies what the tree `from` holds into the existing directory `to` (a clone's new volume),
+/// logging progress; returns bytes copied.
+pub fn copy_contents(volume: &str, from: &Path, to: &Path) -> Result<u64> {
+    let total = tree_size(from);
+    let mut done = 0u64;
+    let mut next_report = PROGRESS_STEP;
+    copy_entries(volume, from, to, &mut |bytes| {
+        done += bytes;
+        if done >= next_report {
+            next_report += PROGRESS_STEP;
+            tracing::info!(volume, copied = done, total, "copying volume");
+        }
+    })?;
+    Ok(done)
+}
+
 fn copy_dir(volume: &str, from: &Path, to: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
     std::fs::create_dir(to).map_err(VolumeError::io(volume, "cannot create directory", to))?;
+    copy_entries(volume, from, to, progress)
+}
+
+fn copy_entries(volume: &str, from: &Path, to: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
     let entries = std::fs::read_dir(from).map_err(VolumeError::io(volume, "cannot read", from))?;
     for entry in entries {
         let entry = entry.map_err(VolumeError::io(volume, "cannot read", from))?;
