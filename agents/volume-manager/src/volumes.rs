@@ -142,6 +142,22 @@ async fn qemu_img(key: &str, file: &Path, args: &[&std::ffi::OsStr]) -> Result<(
         .map_err(|e| qcow2::classify(key, file, e))
 }
 
+/// The temporary name a new volume is built under (`.<name>.creating`, cleared of any leftover),
+/// with its parent directory made durably.
+async fn staging(key: &str, path: &Path) -> Result<PathBuf> {
+    let tmp = creating_path(path);
+    remove(key, &tmp).await?;
+    if let Some(parent) = path.parent() {
+        let parent = parent.to_path_buf();
+        let p = parent.clone();
+        tokio::task::spawn_blocking(move || cairn_persist::create_dir_durable(&p))
+            .await
+            .map_err(|e| VolumeError::io(key, "cannot create", &parent)(std::io::Error::other(e)))?
+            .map_err(VolumeError::io(key, "cannot create", &parent))?;
+    }
+    Ok(tmp)
+}
+
 /// Creates the volume of `config` at `path` (which must not exist yet).
 pub async fn create(
     config: &VolumeConfig,
@@ -150,16 +166,7 @@ pub async fn create(
     tools: &Tools,
 ) -> Result<()> {
     let key = config.key();
-    let tmp = creating_path(path);
-    remove(&key, &tmp).await?;
-    if let Some(parent) = path.parent() {
-        let parent = parent.to_path_buf();
-        let p = parent.clone();
-        tokio::task::spawn_blocking(move || cairn_persist::create_dir_durable(&p))
-            .await
-            .map_err(|e| VolumeError::io(&key, "cannot create", &parent)(std::io::Error::other(e)))?
-            .map_err(VolumeError::io(&key, "cannot create", &parent))?;
-    }
+    let tmp = staging(&key, path).await?;
     let size = config.max_vol_size.to_string();
     let needs_qemu = config.format == VolumeFormat::Qcow2
         || matches!(config.origin, VolumeOrigin::BaseImage { .. });
@@ -269,16 +276,7 @@ pub async fn create_clone(
     tools: &Tools,
 ) -> Result<()> {
     let key = config.key();
-    let tmp = creating_path(path);
-    remove(&key, &tmp).await?;
-    if let Some(parent) = path.parent() {
-        let parent = parent.to_path_buf();
-        let p = parent.clone();
-        tokio::task::spawn_blocking(move || cairn_persist::create_dir_durable(&p))
-            .await
-            .map_err(|e| VolumeError::io(&key, "cannot create", &parent)(std::io::Error::other(e)))?
-            .map_err(VolumeError::io(&key, "cannot create", &parent))?;
-    }
+    let tmp = staging(&key, path).await?;
     let unsupported = |what: String| VolumeError::Unsupported {
         volume: key.clone(),
         what,
