@@ -754,6 +754,11 @@ impl VolumeManager {
         meta
     }
 
+    /// A request answered with `text` alone, no volume touched.
+    fn refusal(config: &VolumesSnapshotConfig, text: String) -> Publish {
+        Publish::Snapshot(Self::failed_status(config, text, BTreeMap::new()))
+    }
+
     fn failed_status(
         config: &VolumesSnapshotConfig,
         text: String,
@@ -874,11 +879,7 @@ impl VolumeManager {
             let text = format!(
                 "snapshot {id}: cannot write its intent record ({e}); no snapshot was made"
             );
-            out.push(Publish::Snapshot(Self::failed_status(
-                config,
-                text,
-                BTreeMap::new(),
-            )));
+            out.push(Self::refusal(config, text));
             return out;
         }
         self.records.insert(id, record.clone());
@@ -961,11 +962,7 @@ impl VolumeManager {
             let text = format!(
                 "snapshot {id} already exists on volumes {have:?}; it cannot be made again on {requested:?}: delete it first or use a new snapshot id"
             );
-            out.push(Publish::Snapshot(Self::failed_status(
-                config,
-                text,
-                BTreeMap::new(),
-            )));
+            out.push(Self::refusal(config, text));
             return out;
         }
         let mut errors = BTreeMap::new();
@@ -1011,11 +1008,7 @@ impl VolumeManager {
             let text = format!(
                 "snapshot {id}: there is no complete snapshot of this id on this device; it cannot be rolled back to"
             );
-            out.push(Publish::Snapshot(Self::failed_status(
-                config,
-                text,
-                BTreeMap::new(),
-            )));
+            out.push(Self::refusal(config, text));
             return out;
         };
         let volumes: Vec<Uuid> = if config.volume_ids.is_empty() {
@@ -1029,11 +1022,7 @@ impl VolumeManager {
             let text = format!(
                 "snapshot {id}: cannot write its intent record ({e}); nothing was rolled back"
             );
-            out.push(Publish::Snapshot(Self::failed_status(
-                config,
-                text,
-                BTreeMap::new(),
-            )));
+            out.push(Self::refusal(config, text));
             return out;
         }
         let mut errors = BTreeMap::new();
@@ -1131,11 +1120,7 @@ impl VolumeManager {
         if let Err(e) = self.store(&record).await {
             let text =
                 format!("snapshot {id}: cannot write its intent record ({e}); nothing was deleted");
-            out.push(Publish::Snapshot(Self::failed_status(
-                config,
-                text,
-                BTreeMap::new(),
-            )));
+            out.push(Self::refusal(config, text));
             return out;
         }
         let intent_done = std::time::Instant::now();
