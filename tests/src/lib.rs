@@ -101,10 +101,10 @@ impl Device {
             .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
-                std::env::var("CAIRN_E2E_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("CAIRN_E2E_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdin(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(self.log_file(agent));
         if agent == "config-agent" && self.controller_args.is_empty() {
             command.args([
                 "--config",
@@ -280,8 +280,50 @@ pub fn qcow2_snapshots(file: &Path) -> BTreeSet<String> {
         .collect()
 }
 
+impl Device {
+    /// Where `agent`'s stderr goes: `<root>/agent-logs/<agent>.log`, appended to by each of
+    /// its starts.
+    pub fn agent_log(&self, agent: &str) -> PathBuf {
+        self.root
+            .path()
+            .join("agent-logs")
+            .join(format!("{agent}.log"))
+    }
+
+    fn log_file(&self, agent: &str) -> Stdio {
+        let path = self.agent_log(agent);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        Stdio::from(file)
+    }
+
+    /// The last `lines` lines of every agent's log, for a failing test's output.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for agent in AGENTS {
+            let text = std::fs::read_to_string(self.agent_log(agent)).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            out.push_str(&format!("--- {agent} (last {} lines) ---\n", tail.len()));
+            for line in tail {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
 impl Drop for Device {
     fn drop(&mut self) {
+        // A failing test shows what the agents did.
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tails(60));
+        }
         for (_, mut child) in std::mem::take(&mut self.agents) {
             let _ = child.kill();
             let _ = child.wait();
