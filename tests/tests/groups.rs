@@ -24,7 +24,10 @@ const SNAPS: [&str; 2] = [
     "e2e06a00-0000-4000-8000-00000000c001",
     "e2e06a00-0000-4000-8000-00000000c002",
 ];
+/// The group snapshot both members list.
 const GROUP: &str = "e2e06a00-0000-4000-8000-00000000d001";
+/// The consistency group the device's config declares with both apps as members.
+const PAIR: &str = "e2e06a00-0000-4000-8000-00000000e001";
 
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -32,8 +35,20 @@ fn uuid(s: &str) -> Uuid {
     s.parse().unwrap()
 }
 
-/// Both apps at `version`; with `group`, each lists its snapshot of the group.
+/// Both apps at `version`, members of the group `PAIR`; with `group`, each lists its snapshot
+/// of the group snapshot `GROUP`.
 fn config(device: &Device, version: &str, group: bool, rollback: u32) -> String {
+    config_with_policy(device, version, group, rollback, "")
+}
+
+/// [`config`] with `policy` (JSON members, e.g. `"schedule": "@hourly"`) in the group.
+fn config_with_policy(
+    device: &Device,
+    version: &str,
+    group: bool,
+    rollback: u32,
+    policy: &str,
+) -> String {
     let marker = device.root.path().display();
     let apps: Vec<String> = (0..2)
         .map(|i| {
@@ -64,10 +79,18 @@ fn config(device: &Device, version: &str, group: bool, rollback: u32) -> String 
         .iter()
         .map(|v| format!(r#"{{"uuid": "{v}", "generation_count": 0, "format": "dir"}}"#))
         .collect();
+    let policy = if policy.is_empty() {
+        String::new()
+    } else {
+        format!(", {policy}")
+    };
     format!(
-        r#"{{"apps": [{}], "volumes": [{}]}}"#,
+        r#"{{"apps": [{}], "volumes": [{}],
+            "groups": [{{"id": "{PAIR}", "name": "pair", "members": ["{}", "{}"]{policy}}}]}}"#,
         apps.join(", "),
-        volumes.join(", ")
+        volumes.join(", "),
+        APPS[0],
+        APPS[1]
     )
 }
 
@@ -75,6 +98,14 @@ fn config(device: &Device, version: &str, group: bool, rollback: u32) -> String 
 async fn members(
     device: &Device,
     done: impl Fn(usize, &AppInstanceStatus) -> bool,
+) -> BTreeMap<usize, AppInstanceStatus> {
+    settled(device, |latest| latest.iter().all(|(i, s)| done(*i, s))).await
+}
+
+/// Waits until the members' latest statuses, together, satisfy `done`; returns them by app.
+async fn settled(
+    device: &Device,
+    done: impl Fn(&BTreeMap<usize, AppInstanceStatus>) -> bool,
 ) -> BTreeMap<usize, AppInstanceStatus> {
     let mut sub = device.app_statuses();
     let mut latest: BTreeMap<usize, AppInstanceStatus> = BTreeMap::new();
@@ -87,7 +118,7 @@ async fn members(
                     .position(|a| uuid(a) == value.uuid_and_version.uuid)
             {
                 latest.insert(i, value);
-                if latest.len() == 2 && latest.iter().all(|(i, s)| done(*i, s)) {
+                if latest.len() == 2 && done(&latest) {
                     return;
                 }
             }
@@ -243,5 +274,102 @@ async fn a_group_rollback_returns_every_member_to_the_snapshot() {
         // The volume is the snapshot's again: the runs of version 2 are gone.
         let runs = runs(&device, *i);
         assert_eq!(runs, vec!["1", "1"], "member {i}");
+    }
+}
+
+/// Scheduled group snapshots under an injected clock (the app-manager's `CAIRN_TEST_CLOCK`:
+/// an hour every 2 s): at each due time both members take their snapshot of one group
+/// snapshot, at one time, and the group's keep-last 2 leaves the two newest on each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_schedule_snapshots_every_member_together_and_keeps_its_retention() {
+    let mut device = Device::new();
+    device.set_agent_env(
+        "app-manager",
+        "CAIRN_TEST_CLOCK",
+        "2026-05-04T10:00:00Zx1800",
+    );
+    device.write_config(&config_with_policy(
+        &device,
+        "1",
+        false,
+        0,
+        r#""schedule": "@hourly", "retention": {"keep_last": 2}, "pattern": "pair-%n-%a""#,
+    ));
+    device.start_all();
+    let counter = |name: &str| -> u64 { name.split('-').nth(1).unwrap().parse().unwrap() };
+    let groups_of = |s: &AppInstanceStatus| -> Vec<Uuid> {
+        let mut ids: Vec<Uuid> = s
+            .snap_status
+            .available_snapshots
+            .iter()
+            .map(|a| a.snapshot.group_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    // Both members past their fourth scheduled snapshot, seen at the same point.
+    let statuses = settled(&device, |latest| {
+        latest.values().all(|s| {
+            running(s, "1")
+                && s.snap_status.requested_snapshots.is_empty()
+                && s.snap_status
+                    .available_snapshots
+                    .iter()
+                    .any(|a| counter(&a.snapshot.name) >= 4)
+        }) && groups_of(&latest[&0]) == groups_of(&latest[&1])
+    })
+    .await;
+    device.kill("app-manager");
+    // Per group snapshot: the members' (counter, time created).
+    let mut taken: BTreeMap<Uuid, Vec<(usize, u64, _)>> = BTreeMap::new();
+    for (i, s) in &statuses {
+        let available = &s.snap_status.available_snapshots;
+        assert_eq!(
+            available.len(),
+            2,
+            "member {i} keeps the 2 newest: {available:#?}"
+        );
+        for a in available {
+            assert!(!a.snapshot.group_id.is_nil(), "a group snapshot");
+            assert!(
+                a.snapshot.name.ends_with(&format!("-member-{i}")),
+                "{}",
+                a.snapshot.name
+            );
+            taken.entry(a.snapshot.group_id).or_default().push((
+                *i,
+                counter(&a.snapshot.name),
+                a.time_created,
+            ));
+        }
+    }
+    assert_eq!(
+        taken.len(),
+        2,
+        "the same two group snapshots on both members: {taken:#?}"
+    );
+    for (group_snapshot, members) in &taken {
+        assert_eq!(members.len(), 2, "{group_snapshot}: both members");
+        assert_eq!(members[0].1, members[1].1, "{group_snapshot}: one due time");
+        assert_eq!(
+            members[0].2, members[1].2,
+            "{group_snapshot}: one logical time"
+        );
+    }
+    // On the volumes: exactly the kept ones.
+    for (i, s) in &statuses {
+        let kept: std::collections::BTreeSet<Uuid> = s
+            .snap_status
+            .available_snapshots
+            .iter()
+            .map(|a| a.snapshot.snapshot_id)
+            .collect();
+        device
+            .until(
+                SETTLE,
+                "older group snapshots deleted from the volume",
+                || device.dir_volume_snapshots(uuid(VOLUMES[*i]), 0) == kept,
+            )
+            .await;
     }
 }

@@ -49,6 +49,44 @@ pub struct AppInstanceConfig {
     /// Cairn: the tenant the app belongs to; `""` is the default tenant. A technician admitted
     /// for some tenants only reads their apps and snapshots.
     pub tenant: String,
+    /// Cairn: the consistency group this app is a member of (an app is in at most one), as the
+    /// device's config declares it; `None`: in none. Boxed: most apps are in none.
+    pub group: Option<Box<crate::policy::ConsistencyGroup>>,
+    /// Cairn: commands run on the device around each snapshot of the app (issue 11).
+    pub quiesce: Option<QuiesceHooks>,
+}
+
+/// Cairn: quiesce hooks of an app, run on the device (not in the guest) around every snapshot
+/// the app-manager takes of it: `pre` before the volumes are snapshotted (for a snapshot that
+/// stops the app, before the stop, so the app can still flush), `post` after, whatever the
+/// outcome, once `pre` ran. Each is an argv; empty: no such hook.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct QuiesceHooks {
+    pub pre: Vec<String>,
+    pub post: Vec<String>,
+    /// Each hook's process group is killed after this long; 0: [`Self::DEFAULT_TIMEOUT_SECONDS`].
+    pub timeout_seconds: u32,
+    /// A VM with a guest agent (`VmSpec::guest_agent`) whose filesystems cannot be frozen
+    /// for a live snapshot: take the snapshot anyway (crash-consistent, with a warning)
+    /// instead of failing it.
+    pub proceed_without_guest_agent: bool,
+}
+
+impl QuiesceHooks {
+    pub const DEFAULT_TIMEOUT_SECONDS: u32 = 30;
+
+    pub fn timeout_seconds(&self) -> u32 {
+        match self.timeout_seconds {
+            0 => Self::DEFAULT_TIMEOUT_SECONDS,
+            s => s,
+        }
+    }
+
+    /// No hook to run (the block may still carry options).
+    pub fn is_empty(&self) -> bool {
+        self.pre.is_empty() && self.post.is_empty()
+    }
 }
 
 impl AppInstanceConfig {

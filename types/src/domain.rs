@@ -21,6 +21,10 @@ pub struct VmSpec {
     #[serde(rename = "MemoryMiB")]
     pub memory_mib: u32,
     pub cpus: u32,
+    /// Cairn: the guest runs qemu-guest-agent. The VM gets its virtio-serial port
+    /// (`org.qemu.guest_agent.0`, socket `qga.sock` in the app's run directory), and live
+    /// snapshots freeze the guest's filesystems through it (issue 11).
+    pub guest_agent: bool,
 }
 
 /// A plain process; its volumes are directories.
@@ -77,6 +81,10 @@ pub struct DomainConfig {
     pub restart_counter: u32,
     #[serde(default)]
     pub purge_counter: u32,
+    /// Cairn: start the VM from the memory and device state saved under this internal snapshot
+    /// tag (`-loadvm`), after a rollback to a stateful snapshot; empty: boot.
+    #[serde(default)]
+    pub load_state_tag: String,
 }
 
 impl DomainConfig {
@@ -191,6 +199,8 @@ pub struct DomainLiveOpStatus {
     pub started: Option<DateTime<Utc>>,
     /// Wall time of the operation in milliseconds, once finished.
     pub duration_ms: u64,
+    /// How long the guest's CPUs were stopped by the operation, in milliseconds.
+    pub pause_ms: u64,
 }
 
 crate::topic!(DomainLiveOpConfig, |v| v.request_id.to_string());

@@ -8,6 +8,7 @@ pub mod app;
 pub mod common;
 pub mod device;
 pub mod domain;
+pub mod export;
 pub mod layout;
 pub mod policy;
 pub mod snapshot;
@@ -23,14 +24,17 @@ pub use domain::{
     DiskConfig, DomainConfig, DomainLiveOp, DomainLiveOpConfig, DomainLiveOpState,
     DomainLiveOpStatus, DomainSpec, DomainState, DomainStatus, ProcessSpec, VmSpec,
 };
-pub use policy::{Retention, SnapshotPolicy};
+pub use export::{
+    ExportAction, ExportConfig, ExportKind, ExportManifest, ExportState, ExportStatus,
+};
+pub use policy::{ConsistencyGroup, Retention, SnapshotPolicy};
 pub use snapshot::{
-    SnapshotConfig, SnapshotDesc, SnapshotInstanceStatus, SnapshotType, SnapshotWhen,
+    SnapshotConfig, SnapshotDesc, SnapshotInstanceStatus, SnapshotMode, SnapshotType, SnapshotWhen,
     SnapshottingStatus, VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus,
 };
 pub use volume::{
-    AppVolumeRefs, SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeState,
-    VolumeStatus, volume_key,
+    AppVolumeRefs, DirRestoreMode, SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin,
+    VolumeState, VolumeStatus, volume_key,
 };
 
 /// A message published on the bus: its topic is its type name, and each value has a key.

@@ -9,6 +9,7 @@ use cairn_persist::Persist;
 use chrono::{DateTime, Datelike, NaiveDateTime, Timelike, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// How many snapshots of each kind a retention keeps; 0 = that rule is off. Applied in field
 /// order: the newest `keep_last`, then one per hour for the last `keep_hourly` hours that have a
@@ -47,6 +48,37 @@ pub struct SnapshotPolicy {
     /// Names of scheduled snapshots: strftime fields (`%Y%m%d-%H%M`, in the schedule's zone),
     /// `%n` a counter, `%a` the app's name. Empty = `auto-%Y%m%d-%H%M`.
     pub pattern: String,
+    /// How scheduled snapshots are taken (issue 11): stopped (default), live or stateful.
+    pub mode: crate::snapshot::SnapshotMode,
+}
+
+/// A consistency group (issue 10): apps snapshotted together, all or none, at one logical
+/// time. Declared once in the device's config; the config-agent hands each member a copy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct ConsistencyGroup {
+    #[serde(rename = "ID")]
+    pub id: Uuid,
+    pub name: String,
+    /// The member apps' UUIDs. A group snapshot waits for every one of them.
+    pub members: Vec<Uuid>,
+    /// Scheduled group snapshots: every member takes its snapshot of each due time, under one
+    /// group snapshot id derived from the group and the due time (`schedule_when_stopped` does
+    /// not apply: a group takes every member, running or not).
+    pub policy: Option<Box<SnapshotPolicy>>,
+}
+
+impl ConsistencyGroup {
+    /// The group snapshot of due time `due`: the same id on every member, whichever clock
+    /// reading its machine took it at.
+    pub fn scheduled_snapshot(&self, due: DateTime<Utc>) -> Uuid {
+        Uuid::new_v5(&self.id, due.to_rfc3339().as_bytes())
+    }
+
+    /// Member `app`'s own snapshot of group snapshot `group_snapshot`.
+    pub fn member_snapshot(group_snapshot: Uuid, app: Uuid) -> Uuid {
+        Uuid::new_v5(&group_snapshot, app.as_bytes())
+    }
 }
 
 pub const DEFAULT_PATTERN: &str = "auto-%Y%m%d-%H%M";

@@ -51,6 +51,23 @@ pub struct SnapshotDesc {
     /// rolled back) together, all or nothing, at one logical time.
     #[serde(rename = "GroupID")]
     pub group_id: Uuid,
+    /// Cairn: how the snapshot is taken (issue 11); absent in EVE's records: stopped.
+    #[serde(rename = "Mode")]
+    pub mode: SnapshotMode,
+}
+
+/// Cairn: how a snapshot is taken (issue 11).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Stop the app, take it, start the app again (EVE's way).
+    #[default]
+    Stopped,
+    /// No stop: a VM is paused briefly while its qcow2 disks are snapshotted; directory
+    /// volumes of a process need a copy-on-write backend (btrfs, zfs).
+    Live,
+    /// Live, plus a VM's memory and device state: a rollback resumes the VM where it was.
+    Stateful,
 }
 
 /// The snapshot block of an app's config (EVE `SnapshotConfig`).
@@ -102,6 +119,10 @@ pub struct SnapshotInstanceStatus {
     pub error: ErrorDescription,
     /// Cairn: the tenant of the app the snapshot belongs to; `""` is the default tenant.
     pub tenant: String,
+    /// Cairn: how long a live or stateful snapshot paused the VM, in milliseconds (0: not
+    /// paused, or a stopped snapshot).
+    #[serde(rename = "PauseMs")]
+    pub pause_ms: u64,
 }
 
 /// The snapshot part of an app's status (EVE `SnapshottingStatus`).
@@ -163,6 +184,10 @@ pub struct VolumesSnapshotConfig {
     /// key the volume-manager takes the highest configured generation (EVE's records).
     #[serde(rename = "VolumeKeys", deserialize_with = "null_as_default")]
     pub volume_keys: BTreeMap<Uuid, String>,
+    /// Cairn: a create while the app runs (issue 11). A VM's qcow2 disks were snapshotted by
+    /// the domain-manager under the snapshot id's tag: the volume-manager records that snapshot
+    /// without writing the image. Directory volumes need a copy-on-write backend.
+    pub live: bool,
 }
 
 /// volume-manager → app-manager: the result, persisted as `volumesSnapshotStatus.json` before

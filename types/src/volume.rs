@@ -42,6 +42,15 @@ pub enum VolumeOrigin {
         #[serde(rename = "VolumeID")]
         volume: Uuid,
     },
+    /// Restored from an export (`cairn export`): volume `volume` of the export directory `dir`
+    /// (an incremental one with its chain). The export is verified (every sha256 of the chain)
+    /// before the volume is made from it, as an independent qcow2.
+    Export {
+        #[serde(rename = "Dir")]
+        dir: PathBuf,
+        #[serde(rename = "VolumeID")]
+        volume: Uuid,
+    },
 }
 
 /// config-agent → volume-manager. Key: `<VolumeID>#<generation>`.
@@ -60,6 +69,25 @@ pub struct VolumeConfig {
     pub origin: VolumeOrigin,
     /// Snapshots of a purgeable volume keep the whole pre-purge volume.
     pub purgeable: bool,
+    /// How a directory volume is snapshotted and restored (Cairn; `Auto` for other formats).
+    pub restore_mode: DirRestoreMode,
+}
+
+/// The snapshot/restore mode of a directory volume, chosen per volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]
+pub enum DirRestoreMode {
+    /// The volume-manager chooses from the filesystem: btrfs swap on btrfs, else copy.
+    #[default]
+    Auto,
+    /// Read-only subvolume snapshot; restore swaps in a writable snapshot of it.
+    BtrfsSwap,
+    /// Snapshot = squashfs image of the tree; the volume is an overlay on the image it was
+    /// restored from; restore drops the upper layer.
+    SquashfsOverlay,
+    /// Snapshot = rsync copy (hard links to the previous one); restore moves changed files back.
+    Rsync,
+    /// Snapshot = full copy; restore copies it back and swaps it in.
+    Copy,
 }
 
 impl VolumeConfig {
@@ -115,6 +143,10 @@ pub enum SnapshotBackendKind {
     Zfs,
     Purgeable,
     Copy,
+    /// A squashfs image of the tree; the volume is an overlayfs over it.
+    Squashfs,
+    /// An rsync copy of the tree.
+    Rsync,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]

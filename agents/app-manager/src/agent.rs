@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use cairn_persist::{Origin, crash_point};
 use cairn_pubsub::{Access, Bus, BusError, Event, Publication, PublishOptions, Subscription};
+use cairn_types::domain::{
+    DomainLiveOp, DomainLiveOpConfig, DomainLiveOpState, DomainLiveOpStatus,
+};
 use cairn_types::layout::{APP_INSTANCE_CONFIG_FILE, SNAPSHOT_INSTANCE_STATUS_FILE, snapshot_dir};
 use cairn_types::{
     AppInstanceConfig, AppInstanceStatus, AppVolumeRefs, DiskConfig, DomainConfig, DomainState,
@@ -76,6 +79,19 @@ pub struct AppManager {
     results: Subscription<VolumesSnapshotStatus>,
     /// Consistency groups are coordinated once every app's state is resumed after a start.
     coordinating: bool,
+    /// Issue 11: live operations asked of the domain-manager, and its answers.
+    live_requests: Publication<DomainLiveOpConfig>,
+    live_results: Subscription<DomainLiveOpStatus>,
+    /// Per app, the live request published for its machine's live step.
+    live_published: BTreeMap<Uuid, Uuid>,
+    /// Per app, the `Resume` asked for a domain found paused with no live step in progress
+    /// (the domain-manager or this agent died mid-snapshot).
+    unpausing: BTreeMap<Uuid, Uuid>,
+    /// Quiesce hooks run in their own tasks ([`crate::hooks`]) and end here.
+    hook_results: tokio::sync::mpsc::UnboundedReceiver<crate::hooks::HookDone>,
+    hook_sender: tokio::sync::mpsc::UnboundedSender<crate::hooks::HookDone>,
+    /// The run root: where the domain-manager puts a VM's guest agent port.
+    run: PathBuf,
 }
 
 impl AppManager {
@@ -90,6 +106,7 @@ impl AppManager {
             .map(Access::with_group_readers)
             .unwrap_or_default()
             .with_tenant_readers(tenant_readers.iter().cloned());
+        let (hook_sender, hook_results) = tokio::sync::mpsc::unbounded_channel();
         let mut manager = Self {
             persist: bus.persist_dir().to_path_buf(),
             apps: BTreeMap::new(),
@@ -112,6 +129,13 @@ impl AppManager {
             volumes: bus.subscribe("volume-manager"),
             results: bus.subscribe("volume-manager"),
             coordinating: false,
+            live_requests: bus.publish(PublishOptions::default()).await?,
+            live_results: bus.subscribe("domain-manager"),
+            live_published: BTreeMap::new(),
+            unpausing: BTreeMap::new(),
+            hook_results,
+            hook_sender,
+            run: bus.run_dir().to_path_buf(),
         };
         manager.load_states().await?;
         Ok(manager)
@@ -214,6 +238,14 @@ impl AppManager {
         // Before the configs are applied: a snapshot listed in the config and found on disk
         // is the one the controller means, not a new request to take it again.
         self.scan_snapshot_records().await?;
+        // Hooks an earlier run left going end before any interrupted hook is judged.
+        let owner = self.persist.clone();
+        let orphans = tokio::task::spawn_blocking(move || crate::hooks::kill_orphans(&owner))
+            .await
+            .unwrap_or_default();
+        if !orphans.is_empty() {
+            tracing::warn!(pids = ?orphans, "killed quiesce hooks left running by the previous app-manager");
+        }
         let apps: Vec<Uuid> = self.apps.keys().copied().collect();
         for app in apps {
             self.refresh_facts(app).await?;
@@ -241,6 +273,7 @@ impl AppManager {
         self.domain_configs.signal_restarted().await?;
         self.volume_requests.signal_restarted().await?;
         self.volume_refs.signal_restarted().await?;
+        self.live_requests.signal_restarted().await?;
         self.statuses.signal_restarted().await?;
         loop {
             // Asleep until the earliest wake-up any app's machine asked for (schedule due,
@@ -255,6 +288,12 @@ impl AppManager {
                 event = self.domains.recv() => self.on_domain(event).await?,
                 event = self.volumes.recv() => self.on_volume(event).await?,
                 event = self.results.recv() => self.on_result(event).await?,
+                event = self.live_results.recv() => self.on_live_result(event).await?,
+                Some(done) = self.hook_results.recv() => {
+                    if self.apps.contains_key(&done.app) {
+                        self.input(done.app, done.input).await?;
+                    }
+                }
                 _ = tokio::time::sleep(sleep.unwrap_or(MAX_SLEEP)), if sleep.is_some() => {
                     self.on_timer().await?;
                 }
@@ -343,6 +382,19 @@ impl AppManager {
                 self.input(app, Input::VolumesResult(answer)).await?;
             }
         }
+        // Likewise a live operation's answer (issue 11).
+        let live = self.apps.get(&app).and_then(crate::live::live_request);
+        if let Some(request) = live {
+            self.sync_live_request(app).await?;
+            if let Some(answer) = self
+                .live_results
+                .get(&request.request_id.to_string())
+                .cloned()
+                && answer.state != DomainLiveOpState::InProgress
+            {
+                self.input(app, Input::LiveOpResult(answer)).await?;
+            }
+        }
         Ok(())
     }
 
@@ -374,6 +426,8 @@ impl AppManager {
                 if let Some(policy) = stopped.snapshot.policy.as_mut() {
                     policy.schedule.clear();
                 }
+                // Nor its group's: the other members no longer count on it.
+                stopped.group = None;
                 self.input(app, Input::Config(stopped)).await
             }
             _ => Ok(()),
@@ -389,6 +443,7 @@ impl AppManager {
                     self.domain_errors.insert(app, value.error.clone());
                     self.carry_out(app, Action::Status).await?;
                 }
+                self.unpause_if_stranded(value).await?;
                 (app, domain_settled(value))
             }
             Event::Delete { last, .. } => (last.uuid_and_version.uuid, Some(false)),
@@ -432,6 +487,73 @@ impl AppManager {
             let app = value.app_uuid;
             return self.input(app, Input::VolumesResult(value)).await;
         }
+        Ok(())
+    }
+
+    /// Publishes the live request the app's machine waits on (again, after a restart: the
+    /// domain-manager runs a request id at most once and keeps its answer) and withdraws the
+    /// one it no longer needs.
+    async fn sync_live_request(&mut self, app: Uuid) -> Result<(), AgentError> {
+        let wanted = self.apps.get(&app).and_then(crate::live::live_request);
+        let wanted_id = wanted.as_ref().map(|r| r.request_id);
+        if let Some(old) = self.live_published.get(&app).copied()
+            && Some(old) != wanted_id
+        {
+            self.live_requests.unpublish(&old.to_string()).await?;
+            self.live_published.remove(&app);
+        }
+        if let Some(request) = wanted
+            && self.live_published.get(&app) != Some(&request.request_id)
+        {
+            tracing::info!(app = %app, op = ?request.op, tag = %request.tag, request = %request.request_id, "asking the domain-manager for a live operation");
+            self.live_published.insert(app, request.request_id);
+            self.live_requests.publish(request).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_live_result(&mut self, event: Event<DomainLiveOpStatus>) -> Result<(), AgentError> {
+        let (Event::Create { value, .. } | Event::Modify { new: value, .. }) = event else {
+            return Ok(());
+        };
+        if value.state == DomainLiveOpState::InProgress {
+            return Ok(());
+        }
+        let app = value.app_uuid;
+        if self.unpausing.get(&app) == Some(&value.request_id) {
+            tracing::info!(app = %app, state = ?value.state, error = %value.error.error, "paused domain resumed");
+            self.unpausing.remove(&app);
+            self.live_requests
+                .unpublish(&value.request_id.to_string())
+                .await?;
+            return Ok(());
+        }
+        if self.live_published.get(&app) == Some(&value.request_id) {
+            tracing::info!(app = %app, op = ?value.op, state = ?value.state, pause_ms = value.pause_ms, ms = value.duration_ms, error = %value.error.error, "domain-manager answered a live operation");
+            return self.input(app, Input::LiveOpResult(value)).await;
+        }
+        Ok(())
+    }
+
+    /// A VM left paused by a live step that did not finish (a crash in the middle) is resumed:
+    /// no live step of this app is in progress, so nothing wants it paused.
+    async fn unpause_if_stranded(&mut self, status: &DomainStatus) -> Result<(), AgentError> {
+        let app = status.uuid_and_version.uuid;
+        let idle = self.apps.get(&app).is_some_and(|s| s.live.is_none());
+        if !(status.paused && status.state == DomainState::Running && idle)
+            || self.unpausing.contains_key(&app)
+        {
+            return Ok(());
+        }
+        let request = DomainLiveOpConfig {
+            request_id: Uuid::new_v4(),
+            app_uuid: app,
+            op: DomainLiveOp::Resume,
+            tag: String::new(),
+        };
+        tracing::warn!(app = %app, "domain found paused with no live snapshot in progress: resuming it");
+        self.unpausing.insert(app, request.request_id);
+        self.live_requests.publish(request).await?;
         Ok(())
     }
 
@@ -500,6 +622,7 @@ impl AppManager {
             for action in actions {
                 self.carry_out(app, action).await?;
             }
+            self.sync_live_request(app).await?;
             let forgotten = was_ready && self.apps.get(&app).is_some_and(|s| !s.volumes_ready);
             if forgotten && self.volumes_ready(app) {
                 next = Some(Input::Volumes { ready: true });
@@ -536,7 +659,13 @@ impl AppManager {
                 }
             }
             Action::Domain { activate, config } => match self.domain_config(&config, activate) {
-                Ok(domain) => self.domain_configs.publish(domain).await?,
+                Ok(mut domain) => {
+                    // A rollback to a stateful snapshot starts from its memory state.
+                    if activate {
+                        domain.load_state_tag = crate::live::load_state_tag(&state);
+                    }
+                    self.domain_configs.publish(domain).await?
+                }
                 Err(problem) => {
                     self.report(app, problem);
                 }
@@ -547,6 +676,25 @@ impl AppManager {
                 crash_point("app-manager:after-volumes-request");
             }
             Action::WriteSnapshot(id) => self.write_snapshot_files(&state, id).await?,
+            Action::RunHook(request) => {
+                // The hook sees the volumes it quiesces by their paths on the device.
+                let volumes = request
+                    .volume_keys
+                    .iter()
+                    .filter_map(|key| self.volumes.get(key))
+                    .map(|v| v.file_location.clone())
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .collect();
+                tracing::info!(app = %app, snapshot = %request.snapshot, hook = request.kind.name(), command = %crate::hooks::display_command(&request.argv), timeout_s = request.timeout_seconds, "running a quiesce hook");
+                let guest_agent = crate::guest_agent::socket(&self.run, app);
+                crate::hooks::spawn(
+                    *request,
+                    volumes,
+                    self.persist.clone(),
+                    guest_agent,
+                    self.hook_sender.clone(),
+                );
+            }
             Action::RemoveSnapshot(id) => {
                 let dir = snapshot_dir(&self.persist, id);
                 let target = dir.clone();
@@ -645,6 +793,7 @@ impl AppManager {
             disk_config_list: disks,
             restart_counter: config.restart_cmd.counter + config.local_restart_cmd.counter,
             purge_counter: config.purge_cmd.counter + config.local_purge_cmd.counter,
+            load_state_tag: String::new(),
         })
     }
 }

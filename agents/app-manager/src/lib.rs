@@ -5,6 +5,9 @@
 
 pub mod agent;
 pub mod clock;
+pub mod guest_agent;
+pub mod hooks;
+pub mod live;
 pub mod machine;
 
 use cairn_types::{
@@ -43,6 +46,7 @@ pub fn snapshot_instance_status(
             })
             .unwrap_or_default(),
         tenant: state.controller.tenant.clone(),
+        pause_ms: live::pause_ms(state, record.id()),
     }
 }
 
@@ -82,8 +86,11 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
     let state_now = match (&state.phase, state.domain_active) {
         (Phase::Starting, _) => SwState::Booting,
         (Phase::Stopping, _) => SwState::Halting,
+        // A live snapshot is taken while the app runs (issue 11).
+        (Phase::Volume { .. }, true) if state.live.is_some() => SwState::Running,
         (Phase::Volume { .. } | Phase::Group { .. }, _) => SwState::Halted,
-        (Phase::Idle, true) => SwState::Running,
+        (Phase::Idle | Phase::Hook { .. }, true) => SwState::Running,
+        (Phase::Hook { .. }, false) => SwState::Halted,
         (Phase::Idle, false) => SwState::Halted,
     };
     AppInstanceStatus {

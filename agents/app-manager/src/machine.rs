@@ -52,7 +52,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use cairn_persist::Persist;
-use cairn_types::policy::{Schedule, SnapshotPolicy, retained, snapshot_name};
+use cairn_types::policy::{ConsistencyGroup, Schedule, SnapshotPolicy, retained, snapshot_name};
 use cairn_types::{
     AppInstanceConfig, SnapshotDesc, SnapshotType, UUIDandVersion, VolumesSnapshotAction,
     VolumesSnapshotConfig, VolumesSnapshotStatus,
@@ -60,6 +60,9 @@ use cairn_types::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+mod quiesce;
+pub use quiesce::{HookKind, HookRequest, QuiesceStage, SnapshotOutcome};
 
 /// Where a snapshot stands. Each snapshot the app-manager knows is in exactly one state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Persist)]
@@ -96,6 +99,10 @@ pub struct SnapshotRecord {
     /// Absent in states written before schedules existed.
     #[serde(default)]
     pub scheduled: bool,
+    /// Scheduled snapshots: the due time they stand for (every member of a group takes the
+    /// same one). Absent in states written before it existed.
+    #[serde(default)]
+    pub due: Option<DateTime<Utc>>,
 }
 
 impl SnapshotRecord {
@@ -106,6 +113,7 @@ impl SnapshotRecord {
     /// When this snapshot expires: its own `expiry_seconds`, else (scheduled ones only) the
     /// policy's. `None`: never, or not taken yet.
     pub fn expires_at(&self, policy: Option<&SnapshotPolicy>) -> Option<DateTime<Utc>> {
+        // A group's scheduled snapshot: `policy` is the group's (see `AppState::policy_for`).
         let seconds = match self.desc.expiry_seconds {
             0 if self.scheduled => policy.map_or(0, |p| p.expiry_seconds),
             own => own,
@@ -168,6 +176,13 @@ pub enum Phase {
     /// barrier, until every member's has ([`Input::GroupDone`]) or the group failed
     /// ([`Input::GroupAbort`]). The domain stays down meanwhile.
     Group { step: Step, done: bool },
+    /// A quiesce hook of `snapshot` runs on the device (issue 11, [`quiesce`]): waiting for its
+    /// end ([`Input::Hook`] with `counter`). The domain stays as it is meanwhile.
+    Hook {
+        snapshot: Uuid,
+        kind: HookKind,
+        counter: u64,
+    },
 }
 
 /// A volume's local generation: `local` counts the bare purges of the controller's
@@ -229,10 +244,26 @@ pub struct AppState {
     /// The snapshot policy's schedule. Absent in states written before schedules existed.
     #[serde(default)]
     pub schedule: ScheduleState,
+    /// The schedule of the app's consistency group, counted by every member alike.
+    #[serde(default)]
+    pub group_schedule: ScheduleState,
     /// Controller-listed snapshots deleted by their own expiry while the config still lists
     /// them: not requested (taken) again. Forgotten once the config drops them.
     #[serde(default)]
     pub expired: BTreeSet<Uuid>,
+    /// Issue 11: the live or stateful create in progress (see [`crate::live`]).
+    #[serde(default)]
+    pub live: Option<crate::live::LiveStep>,
+    /// Issue 11: pause time and saved memory of each live or stateful snapshot taken.
+    #[serde(default)]
+    pub live_snapshots: BTreeMap<Uuid, crate::live::LiveRecord>,
+    /// Issue 11: start the domain by loading this snapshot's memory state (a rollback to a
+    /// stateful snapshot), until it runs.
+    #[serde(default)]
+    pub load_state: Option<Uuid>,
+    /// Snapshots past their `pre` hook point whose `post` hook is still owed (issue 11).
+    #[serde(default)]
+    pub quiesced: BTreeMap<Uuid, QuiesceStage>,
 }
 
 // One input lives at a time, moved straight into `step`: its size costs nothing.
@@ -274,6 +305,19 @@ pub enum Input {
         snapshot: Uuid,
         reason: String,
     },
+    /// Issue 11: the domain-manager's answer to a live operation.
+    LiveOpResult(cairn_types::domain::DomainLiveOpStatus),
+    /// A quiesce hook the executor ran for `snapshot` ended: `failure` says why it failed
+    /// (exit status, timeout, not runnable, with its last output), `None` if it succeeded.
+    Hook {
+        snapshot: Uuid,
+        kind: HookKind,
+        counter: u64,
+        failure: Option<String>,
+        /// Something the app's status should say although the hook succeeded (a guest
+        /// freeze given up on, as configured).
+        note: Option<String>,
+    },
 }
 
 /// A snapshot's records as found under `/persist/snapshots/<id>/`.
@@ -303,6 +347,9 @@ pub enum Action {
     RemoveSnapshot(Uuid),
     /// Publish the AppInstanceStatus.
     Status,
+    /// Run a quiesce hook on the device and answer with [`Input::Hook`]; never blocks the
+    /// machine's other apps.
+    RunHook(Box<HookRequest>),
 }
 
 impl AppState {
@@ -329,13 +376,54 @@ impl AppState {
             error: None,
             local_generations: BTreeMap::new(),
             schedule: ScheduleState::default(),
+            group_schedule: ScheduleState::default(),
             expired: BTreeSet::new(),
+            live: None,
+            live_snapshots: BTreeMap::new(),
+            load_state: None,
+            quiesced: BTreeMap::new(),
         }
     }
 
     /// The controller's snapshot policy (a rollback's config carries the same one).
     pub fn policy(&self) -> Option<&SnapshotPolicy> {
         self.controller.snapshot.policy.as_deref()
+    }
+
+    /// The consistency group the controller's config makes this app a member of.
+    pub fn group(&self) -> Option<&ConsistencyGroup> {
+        self.controller.group.as_deref()
+    }
+
+    /// The policy that governs `record`'s expiry: its group's for a group's scheduled
+    /// snapshot, else the app's.
+    pub fn policy_for(&self, record: &SnapshotRecord) -> Option<&SnapshotPolicy> {
+        if record.scheduled && !record.desc.group_id.is_nil() {
+            self.group().and_then(|g| g.policy.as_deref())
+        } else {
+            self.policy()
+        }
+    }
+
+    fn policy_of(&self, which: Which) -> Option<&SnapshotPolicy> {
+        match which {
+            Which::Own => self.policy(),
+            Which::Group => self.group().and_then(|g| g.policy.as_deref()),
+        }
+    }
+
+    fn schedule_of(&self, which: Which) -> &ScheduleState {
+        match which {
+            Which::Own => &self.schedule,
+            Which::Group => &self.group_schedule,
+        }
+    }
+
+    fn schedule_of_mut(&mut self, which: Which) -> &mut ScheduleState {
+        match which {
+            Which::Own => &mut self.schedule,
+            Which::Group => &mut self.group_schedule,
+        }
     }
 
     /// The config in force: a rollback's local config, else the controller's.
@@ -356,10 +444,20 @@ impl AppState {
     /// restarted app-manager can publish it again. `None` before the app was ever started.
     pub fn domain_request(&self) -> Option<(bool, &AppInstanceConfig)> {
         let config = self.running.as_ref().unwrap_or_else(|| self.effective());
+        // A live snapshot is taken while the domain runs (issue 11).
+        if self.live.is_some() && self.domain_active {
+            return Some((true, config));
+        }
         match self.phase {
             Phase::Stopping | Phase::Volume { .. } | Phase::Group { .. } => Some((false, config)),
             Phase::Starting => Some((true, config)),
             Phase::Idle => self.running.as_ref().map(|running| (true, running)),
+            // A hook runs beside the domain as it is: running (a `pre` before the stop), or
+            // stopped for the snapshot.
+            Phase::Hook { .. } if self.domain_active => {
+                self.running.as_ref().map(|running| (true, running))
+            }
+            Phase::Hook { .. } => Some((false, config)),
         }
     }
 
@@ -404,13 +502,25 @@ pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState,
         Input::Domain { active } => on_domain(&mut state, active),
         Input::Volumes { ready } => state.volumes_ready = ready,
         Input::VolumesResult(result) => on_volumes_result(&mut state, result, now, &mut actions),
-        Input::Resume => resume(&state, &mut actions),
+        Input::Resume => {
+            quiesce::on_resume(&mut state);
+            resume(&state, &mut actions)
+        }
         Input::Import(found) => import(&mut state, *found),
         Input::Tick { new_id } => on_tick(&mut state, new_id, now),
         Input::GroupGo { at } => group_go(&mut state, at, &mut actions),
         Input::GroupDone => group_done(&mut state, &mut actions),
         Input::GroupAbort { snapshot, reason } => group_abort(&mut state, snapshot, reason),
+        Input::LiveOpResult(result) => crate::live::on_result(&mut state, result),
+        Input::Hook {
+            snapshot,
+            kind,
+            counter,
+            failure,
+            note,
+        } => quiesce::on_hook_result(&mut state, snapshot, kind, counter, failure, note),
     }
+    crate::live::settle(&mut state);
     // A policy that came with a config starts counting now.
     sync_schedule(&mut state, now);
     // Other volumes (a purge's new generation, a rollback's old one): not ready until the
@@ -462,6 +572,7 @@ fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>
             config: None,
             error: None,
             scheduled: false,
+            due: None,
         });
         if desc.snapshot_type == SnapshotType::Immediate {
             trigger(state, desc.snapshot_id, now);
@@ -624,6 +735,7 @@ fn import(state: &mut AppState, found: FoundSnapshot) {
             config: Some(found.config),
             error: None,
             scheduled: false,
+            due: None,
         },
     );
     enforce_max(state);
@@ -842,6 +954,7 @@ fn on_volumes_result(
                 state.local_over = None;
             } else {
                 state.error = None;
+                crate::live::rolled_back(state, id);
             }
         }
     }
@@ -859,13 +972,19 @@ fn resume(state: &AppState, actions: &mut Vec<Action>) {
         Phase::Volume { step, counter } => actions.push(volumes_action(state, *step, *counter)),
         // The executor coordinates the group again once every app has resumed.
         Phase::Group { .. } => {}
+        // Only a `post` is left here ([`quiesce::on_resume`] failed an interrupted `pre`).
+        Phase::Hook { .. } => {
+            if let Some(request) = quiesce::hook_request(state) {
+                actions.push(Action::RunHook(Box::new(request)));
+            }
+        }
     }
 }
 
 /// Drives the work forward as far as it can go without waiting.
 fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
     match state.phase {
-        Phase::Volume { .. } | Phase::Group { .. } => return,
+        Phase::Volume { .. } | Phase::Group { .. } | Phase::Hook { .. } => return,
         Phase::Stopping if state.domain_active => return,
         Phase::Starting if !state.domain_active => return,
         Phase::Stopping => {
@@ -880,9 +999,29 @@ fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
         Phase::Starting | Phase::Idle => {}
     }
     state.phase = Phase::Idle;
+    // A settled snapshot's `post` hook (a thaw) comes before anything else.
+    if quiesce::thaw(state, actions) {
+        return;
+    }
+    // A live or stateful create in progress goes on while the domain runs (issue 11).
+    match crate::live::go_on(state) {
+        crate::live::Next::Usual => {}
+        crate::live::Next::Wait => return,
+        crate::live::Next::Volume(step) => return start_step(state, step, actions),
+    }
 
     let has_work = !state.steps.is_empty() || state.restart_wanted;
     if state.domain_active {
+        // A snapshot's `pre` hook runs while the app still runs, so it can flush.
+        if quiesce::freeze_before_stop(state, actions) {
+            return;
+        }
+        // A live or stateful create at the head of the queue needs no stop (issue 11).
+        match crate::live::take(state) {
+            crate::live::Next::Usual => {}
+            crate::live::Next::Wait => return,
+            crate::live::Next::Volume(step) => return start_step(state, step, actions),
+        }
         // Steps need the domain inactive; so does a config that no longer wants it running.
         if has_work || !state.effective().activate {
             state.phase = Phase::Stopping;
@@ -893,6 +1032,9 @@ fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
     // Inactive: the moment for deferred deletions, then the queued steps, then the start.
     queue_deletions(state);
     if let Some(step) = state.steps.front().copied() {
+        if quiesce::freeze_before_step(state, step, actions) {
+            return;
+        }
         if group_of(state, step).is_some() {
             // The other members must be stopped too before anything is taken or rolled back.
             state.phase = Phase::Group { step, done: false };
@@ -967,6 +1109,7 @@ fn volumes_action(state: &AppState, step: Step, counter: u64) -> Action {
         request_counter: counter,
         // The generation the snapshot's config uses: after a purge, the pre-purge one.
         volume_keys: refs.iter().map(|v| (v.volume_id, ref_key(v))).collect(),
+        live: crate::live::is_live_step(state, step),
     })
 }
 
@@ -985,12 +1128,39 @@ pub fn volume_keys(config: &AppInstanceConfig) -> BTreeSet<String> {
 }
 
 // ---- the snapshot policy: schedule, expiry, retention (issue 10) ----
+//
+// Two schedules run side by side: the app's own policy, and its consistency group's. A group's
+// schedule runs on every member alike: each member's machine counts the same due times and
+// takes, at each, its own snapshot under one group snapshot id derived from the group and the
+// due time, so the members meet at the group's barriers without asking each other (see
+// [`coordinate`] for a member that cannot).
 
-/// The key a policy's schedule is counted under; empty when it has none.
-fn schedule_key(policy: Option<&SnapshotPolicy>) -> String {
-    match policy {
+/// Which of an app's two schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    /// The app's own policy (`SnapshotConfig.policy`).
+    Own,
+    /// Its consistency group's policy.
+    Group,
+}
+
+const SCHEDULES: [Which; 2] = [Which::Own, Which::Group];
+
+/// Whether `record` was taken by schedule `which`.
+fn taken_by(record: &SnapshotRecord, which: Which) -> bool {
+    record.scheduled && record.desc.group_id.is_nil() == (which == Which::Own)
+}
+
+/// The key a schedule is counted under; empty when there is none. A group's names the group,
+/// so that moving to another group starts counting afresh.
+fn schedule_key(state: &AppState, which: Which) -> String {
+    match state.policy_of(which) {
         Some(p) if !p.schedule.trim().is_empty() => {
-            format!("{} @ {}", p.schedule.trim(), p.time_zone.trim())
+            let text = format!("{} @ {}", p.schedule.trim(), p.time_zone.trim());
+            match (which, state.group()) {
+                (Which::Group, Some(g)) => format!("group {}: {text}", g.id),
+                _ => text,
+            }
         }
         _ => String::new(),
     }
@@ -999,21 +1169,26 @@ fn schedule_key(policy: Option<&SnapshotPolicy>) -> String {
 /// A schedule first seen (a new policy, a changed one, a state from before schedules) starts
 /// counting at `now`: it does not take a snapshot for due times before it arrived.
 fn sync_schedule(state: &mut AppState, now: DateTime<Utc>) {
-    let key = schedule_key(state.policy());
-    if key == state.schedule.key {
-        return;
-    }
-    state.schedule.last_due = (!key.is_empty()).then_some(now);
-    if let Some(p) = state.policy()
-        && !key.is_empty()
-        && let Err(e) = Schedule::parse(&p.schedule, &p.time_zone)
-    {
-        let note = format!("snapshot schedule not run: {e}");
-        if !state.warnings.contains(&note) {
-            state.warnings.push(note);
+    for which in SCHEDULES {
+        let key = schedule_key(state, which);
+        if key == state.schedule_of(which).key {
+            continue;
         }
+        state.schedule_of_mut(which).last_due = (!key.is_empty()).then_some(now);
+        if let Some(p) = state.policy_of(which)
+            && !key.is_empty()
+            && let Err(e) = Schedule::parse(&p.schedule, &p.time_zone)
+        {
+            let note = match which {
+                Which::Own => format!("snapshot schedule not run: {e}"),
+                Which::Group => format!("group snapshot schedule not run: {e}"),
+            };
+            if !state.warnings.contains(&note) {
+                state.warnings.push(note);
+            }
+        }
+        state.schedule_of_mut(which).key = key;
     }
-    state.schedule.key = key;
 }
 
 /// What a due schedule does now.
@@ -1029,10 +1204,11 @@ enum Due {
 }
 
 /// The parsed schedule and its first due time not handled yet, if the state counts one.
-fn pending_due(state: &AppState) -> Option<(Schedule, DateTime<Utc>)> {
-    let policy = state.policy()?;
-    let last = state.schedule.last_due?;
-    if state.schedule.key != schedule_key(Some(policy)) {
+fn pending_due(state: &AppState, which: Which) -> Option<(Schedule, DateTime<Utc>)> {
+    let policy = state.policy_of(which)?;
+    let counted = state.schedule_of(which);
+    let last = counted.last_due?;
+    if counted.key != schedule_key(state, which) {
         return None;
     }
     let schedule = Schedule::parse(&policy.schedule, &policy.time_zone).ok()?;
@@ -1040,13 +1216,15 @@ fn pending_due(state: &AppState) -> Option<(Schedule, DateTime<Utc>)> {
     Some((schedule, next))
 }
 
-fn due_decision(state: &AppState) -> Due {
-    let when_stopped = state.policy().is_some_and(|p| p.schedule_when_stopped);
+fn due_decision(state: &AppState, which: Which) -> Due {
+    // A group takes every member, running or not: the others wait for it at the barrier.
+    let when_stopped =
+        which == Which::Group || state.policy().is_some_and(|p| p.schedule_when_stopped);
     if !state.effective().activate && !when_stopped {
         return Due::Skip;
     }
     let taking = state.snapshots.iter().any(|s| {
-        s.scheduled && matches!(s.state, SnapshotState::Requested | SnapshotState::Triggered)
+        taken_by(s, which) && matches!(s.state, SnapshotState::Requested | SnapshotState::Triggered)
     });
     if taking {
         return Due::Skip;
@@ -1057,44 +1235,65 @@ fn due_decision(state: &AppState) -> Due {
     Due::Take
 }
 
-/// When the executor should feed the next [`Input::Tick`]: the schedule's next due time, or
+/// When the executor should feed the next [`Input::Tick`]: the schedules' next due times, or
 /// the first expiry of an available snapshot, whichever comes first. A due time that waits for
 /// an input (volumes not ready) is no reason to wake. After a tick at `now`, this is `None` or
 /// later than `now`, so the executor never spins.
 pub fn next_wakeup(state: &AppState, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let due = pending_due(state)
-        .map(|(_, at)| at)
-        .filter(|at| *at > now || due_decision(state) != Due::Wait);
-    // A schedule not counted yet (no step since its config) is synchronized by any tick.
-    let unsynced = (schedule_key(state.policy()) != state.schedule.key).then_some(now);
-    let expiry = state
-        .snapshots
-        .iter()
-        .filter(|s| s.state == SnapshotState::Available)
-        .filter_map(|s| s.expires_at(state.policy()))
-        .min();
-    [due, unsynced, expiry].into_iter().flatten().min()
+    let mut times = Vec::new();
+    for which in SCHEDULES {
+        times.extend(
+            pending_due(state, which)
+                .map(|(_, at)| at)
+                .filter(|at| *at > now || due_decision(state, which) != Due::Wait),
+        );
+        // A schedule not counted yet (no step since its config) is synchronized by any tick.
+        if schedule_key(state, which) != state.schedule_of(which).key {
+            times.push(now);
+        }
+    }
+    times.extend(
+        state
+            .snapshots
+            .iter()
+            .filter(|s| s.state == SnapshotState::Available)
+            .filter_map(|s| s.expires_at(state.policy_for(s))),
+    );
+    times.into_iter().min()
 }
 
-/// Expiry, then the schedule.
+/// Expiry, then the app's schedule, then its group's.
 fn on_tick(state: &mut AppState, new_id: Uuid, now: DateTime<Utc>) {
     expire(state, now);
-    let Some((schedule, next)) = pending_due(state) else {
-        return;
-    };
-    if next > now {
-        return;
+    for which in SCHEDULES {
+        let Some((schedule, next)) = pending_due(state, which) else {
+            continue;
+        };
+        if next > now {
+            continue;
+        }
+        let decision = due_decision(state, which);
+        if decision == Due::Wait {
+            continue;
+        }
+        // Every due time up to now is handled by this one decision: one snapshot, not a burst.
+        let due = latest_due(&schedule, next, now);
+        state.schedule_of_mut(which).last_due = Some(due);
+        if decision == Due::Skip {
+            continue;
+        }
+        let id = match (which, state.group()) {
+            (Which::Own, _) => new_id,
+            (Which::Group, Some(group)) => {
+                ConsistencyGroup::member_snapshot(group.scheduled_snapshot(due), state.app)
+            }
+            (Which::Group, None) => continue,
+        };
+        if state.snapshot(id).is_some() {
+            continue;
+        }
+        take_scheduled(state, which, &schedule, id, due, now);
     }
-    let decision = due_decision(state);
-    if decision == Due::Wait {
-        return;
-    }
-    // Every due time up to now is handled by this one decision: one snapshot, not a burst.
-    state.schedule.last_due = Some(latest_due(&schedule, next, now));
-    if decision == Due::Skip || state.snapshot(new_id).is_some() {
-        return;
-    }
-    take_scheduled(state, &schedule, new_id, now);
 }
 
 /// The last due time of `schedule` at or before `now`, starting from `first` (itself due at or
@@ -1113,44 +1312,60 @@ fn latest_due(schedule: &Schedule, first: DateTime<Utc>, now: DateTime<Utc>) -> 
 /// Available snapshots past their expiry become pending deletions (deleted at the next
 /// deactivation, never a reason to stop the app).
 fn expire(state: &mut AppState, now: DateTime<Utc>) {
-    let policy = state.policy().cloned();
-    let mut expired = Vec::new();
-    for record in &mut state.snapshots {
-        if record.state == SnapshotState::Available
-            && record
-                .expires_at(policy.as_ref())
+    let due: Vec<Uuid> = state
+        .snapshots
+        .iter()
+        .filter(|s| s.state == SnapshotState::Available)
+        .filter(|s| {
+            s.expires_at(state.policy_for(s))
                 .is_some_and(|at| at <= now)
-        {
-            record.state = SnapshotState::PendingDeletion;
-            if !record.scheduled {
-                expired.push(record.id());
-            }
+        })
+        .map(SnapshotRecord::id)
+        .collect();
+    for id in due {
+        let Some(record) = state.snapshot_mut(id) else {
+            continue;
+        };
+        record.state = SnapshotState::PendingDeletion;
+        if !record.scheduled {
+            state.expired.insert(id);
         }
     }
-    state.expired.extend(expired);
 }
 
-/// Retention first (over the scheduled available snapshots and the new one), then the new
-/// snapshot, triggered like an IMMEDIATE one; `max_snapshots` as for any new snapshot. The
-/// deletions this marks run before the new create in the same stop window.
-fn take_scheduled(state: &mut AppState, schedule: &Schedule, id: Uuid, now: DateTime<Utc>) {
-    let Some(policy) = state.policy().cloned() else {
+/// Retention first (over the available snapshots of the same schedule plus the new one), then
+/// the new snapshot, triggered like an IMMEDIATE one; `max_snapshots` as for any new snapshot.
+/// The deletions this marks run before the new create in the same stop window. A group's
+/// snapshot belongs to the group snapshot of `due`: the same on every member.
+fn take_scheduled(
+    state: &mut AppState,
+    which: Which,
+    schedule: &Schedule,
+    id: Uuid,
+    due: DateTime<Utc>,
+    now: DateTime<Utc>,
+) {
+    let Some(policy) = state.policy_of(which).cloned() else {
         return;
     };
     if policy.retention.is_set() {
         let mut candidates: Vec<(Uuid, DateTime<Utc>)> = state
             .snapshots
             .iter()
-            .filter(|s| s.scheduled && s.state == SnapshotState::Available)
-            // The time the schedule took it (this machine's clock), not the volume-manager's
-            // stamp: periods are about which due time a snapshot stands for, and the two clocks
-            // need not agree (a test's injected clock, a clock stepped in between).
-            .map(|s| (s.id(), s.time_triggered.or(s.time_created).unwrap_or(now)))
+            .filter(|s| taken_by(s, which) && s.state == SnapshotState::Available)
+            // The due time the schedule took it for (this machine's clock), not the
+            // volume-manager's stamp: periods are about which due time a snapshot stands for,
+            // and the two clocks need not agree (a test's injected clock, a clock stepped in
+            // between).
+            .map(|s| {
+                let at = s.due.or(s.time_triggered).or(s.time_created);
+                (s.id(), at.unwrap_or(now))
+            })
             .collect();
-        candidates.push((id, now));
+        candidates.push((id, due));
         let keep = retained(&candidates, &policy.retention, schedule.zone());
         for record in &mut state.snapshots {
-            if record.scheduled
+            if taken_by(record, which)
                 && record.state == SnapshotState::Available
                 && !keep.contains(&record.id())
             {
@@ -1161,14 +1376,43 @@ fn take_scheduled(state: &mut AppState, schedule: &Schedule, id: Uuid, now: Date
     // An earlier scheduled snapshot that failed was reported; nothing of it is on the volumes.
     state
         .snapshots
-        .retain(|s| !(s.scheduled && s.state == SnapshotState::Failed));
-    state.schedule.counter += 1;
+        .retain(|s| !(taken_by(s, which) && s.state == SnapshotState::Failed));
+    let counter = {
+        let counted = state.schedule_of_mut(which);
+        counted.counter += 1;
+        counted.counter
+    };
     let app_name = state.effective().display_name.clone();
+    let (group_id, named_at, description) = match (which, state.group()) {
+        (Which::Group, Some(group)) => (
+            group.scheduled_snapshot(due),
+            due,
+            format!(
+                "scheduled for group {} ({} in {})",
+                if group.name.is_empty() {
+                    group.id.to_string()
+                } else {
+                    group.name.clone()
+                },
+                policy.schedule.trim(),
+                schedule.zone()
+            ),
+        ),
+        _ => (
+            Uuid::nil(),
+            now,
+            format!(
+                "scheduled ({} in {})",
+                policy.schedule.trim(),
+                schedule.zone()
+            ),
+        ),
+    };
     let name = snapshot_name(
         &policy.pattern,
-        now,
+        named_at,
         schedule.zone(),
-        state.schedule.counter,
+        counter,
         &app_name,
     );
     state.snapshots.push(SnapshotRecord {
@@ -1176,13 +1420,15 @@ fn take_scheduled(state: &mut AppState, schedule: &Schedule, id: Uuid, now: Date
             snapshot_id: id,
             snapshot_type: SnapshotType::Immediate,
             name,
-            description: format!(
-                "scheduled ({} in {})",
-                policy.schedule.trim(),
-                schedule.zone()
-            ),
+            description,
             expiry_seconds: 0,
-            group_id: Uuid::nil(),
+            group_id,
+            // A group's snapshots are taken stopped: its members meet at stop barriers.
+            mode: if which == Which::Own {
+                policy.mode
+            } else {
+                cairn_types::SnapshotMode::Stopped
+            },
         },
         state: SnapshotState::Requested,
         time_triggered: None,
@@ -1190,6 +1436,7 @@ fn take_scheduled(state: &mut AppState, schedule: &Schedule, id: Uuid, now: Date
         config: None,
         error: None,
         scheduled: true,
+        due: Some(due),
     });
     trigger(state, id, now);
     enforce_max(state);
@@ -1240,7 +1487,9 @@ fn group_done(state: &mut AppState, actions: &mut Vec<Action>) {
             .snapshot
             .snapshots
             .iter()
-            .any(|d| d.snapshot_id == id);
+            .any(|d| d.snapshot_id == id)
+            // A scheduled one was never listed: its policy decides its fate.
+            || state.snapshot(id).is_some_and(|s| s.scheduled);
         if let Some(record) = state.snapshot_mut(id)
             && record.state == SnapshotState::Triggered
         {
@@ -1365,11 +1614,28 @@ pub fn coordinate(apps: &BTreeMap<Uuid, AppState>, now: DateTime<Utc>) -> Vec<(U
             }
         }
     }
+    // A declared group waits for every member, and fails for one that cannot come.
+    for (group, members) in creates.iter_mut() {
+        if failures.contains_key(group) {
+            continue;
+        }
+        match absent_members(apps, *group, members) {
+            Ok(waiting) => members.extend(
+                waiting
+                    .into_iter()
+                    .map(|app| (app, Uuid::nil(), Stand::Before, None)),
+            ),
+            Err(reason) => {
+                failures.insert(*group, reason);
+            }
+        }
+    }
     let mut out = Vec::new();
     for (group, members) in creates {
         if let Some(reason) = failures.get(&group) {
             for (app, snapshot, position, _) in members {
-                if position != Stand::Acting {
+                // A member that never listed it has nothing to abort.
+                if position != Stand::Acting && !snapshot.is_nil() {
                     out.push((
                         app,
                         Input::GroupAbort {
@@ -1387,6 +1653,60 @@ pub fn coordinate(apps: &BTreeMap<Uuid, AppState>, now: DateTime<Utc>) -> Vec<(U
         barriers(members, now, &mut out);
     }
     out
+}
+
+/// The members of group snapshot `snapshot`'s declared group (the group of the apps taking it)
+/// that have not listed it yet: they are waited for. `Err`: one of them cannot come — it is
+/// not on this device, or its group schedule passed the snapshot's due time without taking it
+/// (its schedule started counting after it, or it skipped it). An undeclared group (apps
+/// without a group config) is whoever lists it.
+fn absent_members(
+    apps: &BTreeMap<Uuid, AppState>,
+    snapshot: Uuid,
+    members: &Members,
+) -> Result<Vec<Uuid>, String> {
+    let Some(group) = members
+        .iter()
+        .find_map(|m| apps.get(&m.0).and_then(AppState::group))
+    else {
+        return Ok(Vec::new());
+    };
+    let due = members
+        .iter()
+        .find_map(|m| apps.get(&m.0)?.snapshot(m.1)?.due);
+    let label = if group.name.is_empty() {
+        group.id.to_string()
+    } else {
+        format!("{} ({})", group.name, group.id)
+    };
+    let mut waiting = Vec::new();
+    for app in &group.members {
+        if members.iter().any(|m| m.0 == *app) {
+            continue;
+        }
+        let Some(state) = apps.get(app) else {
+            return Err(format!(
+                "group {label} snapshot {snapshot} failed at member {app}: the app is not on this device"
+            ));
+        };
+        // Listed already: failed (its failure aborts the group) or past the barriers.
+        if state.snapshots.iter().any(|s| s.desc.group_id == snapshot) {
+            continue;
+        }
+        if let Some(due) = due {
+            let counted = &state.group_schedule;
+            let joins = !counted.key.is_empty()
+                && counted.key == schedule_key(state, Which::Group)
+                && counted.last_due.is_some_and(|last| last < due);
+            if !joins {
+                return Err(format!(
+                    "group {label} snapshot {snapshot} failed at member {app}: it did not take the snapshot due at {due} (its group schedule started after that time or skipped it)"
+                ));
+            }
+        }
+        waiting.push(*app);
+    }
+    Ok(waiting)
 }
 
 fn barriers(members: &Members, now: DateTime<Utc>, out: &mut Vec<(Uuid, Input)>) {

@@ -190,6 +190,8 @@ impl World {
                 self.files.remove(snapshot);
             }
             Action::Status => {}
+            // Hooks end when a test says how ([`Input::Hook`]).
+            Action::RunHook(_) => {}
         }
         self.log.push(action);
     }
@@ -280,6 +282,10 @@ fn kinds(actions: &[Action]) -> Vec<&'static str> {
             }),
             Action::WriteSnapshot(_) => Some("write-files"),
             Action::RemoveSnapshot(_) => Some("remove-files"),
+            Action::RunHook(r) => Some(match r.kind {
+                cairn_app_manager::machine::HookKind::Pre => "pre-hook",
+                cairn_app_manager::machine::HookKind::Post => "post-hook",
+            }),
             Action::Persist | Action::Status => None,
         })
         .collect()
@@ -1770,5 +1776,959 @@ fn a_group_rollback_restarts_no_member_before_every_member_is_rolled_back() {
         assert_eq!(world.domain_config_version.as_deref(), Some("1"));
         assert_eq!(world.state.phase, Phase::Idle);
         assert!(world.state.error.is_none());
+    }
+}
+
+// ---- quiesce hooks (issue 11) ----
+
+use cairn_app_manager::machine::{HookKind, SnapshotOutcome};
+
+fn hooked(mut c: AppInstanceConfig) -> AppInstanceConfig {
+    c.quiesce = Some(cairn_types::app::QuiesceHooks {
+        pre: vec!["/usr/bin/flush".into()],
+        post: vec!["/usr/bin/resume".into()],
+        timeout_seconds: 5,
+        ..Default::default()
+    });
+    c
+}
+
+/// The hook the machine waits for, as the executor asked for it.
+fn running_hook(world: &World) -> (Uuid, HookKind, u64) {
+    match world.state.phase {
+        Phase::Hook {
+            snapshot,
+            kind,
+            counter,
+        } => (snapshot, kind, counter),
+        ref other => panic!("no hook running: {other:?}"),
+    }
+}
+
+/// The running hook ends (`failure: None`: it succeeded), and everything it sets off.
+fn hook_ends(world: &mut World, kind: HookKind, failure: Option<&str>) {
+    let (snapshot, running, counter) = running_hook(world);
+    assert_eq!(running, kind);
+    world.input(Input::Hook {
+        snapshot,
+        kind,
+        counter,
+        failure: failure.map(str::to_string),
+        note: None,
+    });
+    world.settle();
+}
+
+fn hook_requests(log: &[Action]) -> Vec<cairn_app_manager::machine::HookRequest> {
+    log.iter()
+        .filter_map(|a| match a {
+            Action::RunHook(r) => Some((**r).clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_pre_hook_runs_before_the_stop_and_the_volume_request_and_the_post_hook_after() {
+    let mut world = World::new(hooked(config("1")));
+    world.take_log();
+    world.config(with_snapshot(
+        hooked(config("1")),
+        1,
+        SnapshotType::Immediate,
+    ));
+    // The app still runs while its pre hook flushes it; nothing else is asked yet.
+    let log = world.take_log();
+    assert_eq!(kinds(&log), ["pre-hook"]);
+    assert!(world.domain_active);
+    assert_eq!(
+        app_status(&world.state).state,
+        cairn_types::SwState::Running
+    );
+    let pre = &hook_requests(&log)[0];
+    assert_eq!(
+        (
+            pre.snapshot,
+            pre.argv.clone(),
+            pre.timeout_seconds,
+            pre.outcome
+        ),
+        (id(1), vec!["/usr/bin/flush".to_string()], 5, None)
+    );
+    assert_eq!(pre.volume_keys, [key(0)]);
+    // The hook is an intent on disk before the executor runs it.
+    assert!(matches!(world.persisted.phase, Phase::Hook { .. }));
+
+    hook_ends(&mut world, HookKind::Pre, None);
+    let log = world.take_log();
+    assert_eq!(kinds(&log), ["stop", "create", "write-files", "post-hook"]);
+    assert_eq!(hook_requests(&log)[0].outcome, Some(SnapshotOutcome::Taken));
+    // The post hook runs before the app starts again.
+    assert!(!world.domain_active);
+    hook_ends(&mut world, HookKind::Post, None);
+    assert_eq!(kinds(&world.take_log()), ["start"]);
+    assert_eq!(world.state_of(1), Some(SnapshotState::Available));
+    assert!(world.state.quiesced.is_empty());
+    assert!(world.state.warnings.is_empty());
+}
+
+#[test]
+fn a_failing_pre_hook_takes_nothing_fails_the_snapshot_and_still_runs_the_post_hook() {
+    let mut world = World::new(hooked(config("1")));
+    world.config(with_snapshot(
+        hooked(config("1")),
+        1,
+        SnapshotType::Immediate,
+    ));
+    world.take_log();
+    let reason = "pre hook /usr/bin/flush failed: exit 3: cannot flush";
+    hook_ends(&mut world, HookKind::Pre, Some(reason));
+    let log = world.take_log();
+    // No stop, no volume request: only the thaw, told the snapshot failed.
+    assert_eq!(kinds(&log), ["post-hook"]);
+    assert_eq!(
+        hook_requests(&log)[0].outcome,
+        Some(SnapshotOutcome::Failed)
+    );
+    assert!(world.backend.is_empty());
+    assert_eq!(world.state_of(1), Some(SnapshotState::Failed));
+    assert_eq!(
+        world.state.snapshot(id(1)).unwrap().error.as_deref(),
+        Some(reason)
+    );
+    hook_ends(&mut world, HookKind::Post, None);
+    // The app kept running all along.
+    assert!(kinds(&world.take_log()).is_empty());
+    assert!(world.domain_active);
+    let status = app_status(&world.state);
+    assert_eq!(status.state, cairn_types::SwState::Running);
+    let failed = &status.snap_status.requested_snapshots[0];
+    assert_eq!(failed.error.error, reason);
+}
+
+#[test]
+fn a_failing_pre_hook_while_the_app_is_down_for_another_snapshot_starts_it_again() {
+    let mut world = World::new(hooked(config("1")));
+    let two = with_snapshot(
+        with_snapshot(hooked(config("1")), 1, SnapshotType::Immediate),
+        2,
+        SnapshotType::Immediate,
+    );
+    world.config(two);
+    hook_ends(&mut world, HookKind::Pre, None); // snapshot 1: stop, create, then its post
+    hook_ends(&mut world, HookKind::Post, None);
+    world.take_log();
+    // Snapshot 2's pre hook runs with the app down, before its volume request.
+    assert_eq!(running_hook(&world).0, id(2));
+    assert!(!world.domain_active);
+    hook_ends(
+        &mut world,
+        HookKind::Pre,
+        Some("pre hook x timed out after 5s"),
+    );
+    assert_eq!(kinds(&world.take_log()), ["post-hook"]);
+    hook_ends(&mut world, HookKind::Post, None);
+    assert_eq!(kinds(&world.take_log()), ["start"]);
+    assert!(world.domain_active);
+    assert_eq!(world.state_of(1), Some(SnapshotState::Available));
+    assert_eq!(world.state_of(2), Some(SnapshotState::Failed));
+    assert_eq!(world.backend, BTreeSet::from([id(1)]));
+}
+
+#[test]
+fn a_failing_post_hook_keeps_the_snapshot_and_warns() {
+    let mut world = World::new(hooked(config("1")));
+    world.config(with_snapshot(
+        hooked(config("1")),
+        1,
+        SnapshotType::Immediate,
+    ));
+    hook_ends(&mut world, HookKind::Pre, None);
+    hook_ends(
+        &mut world,
+        HookKind::Post,
+        Some("post hook /usr/bin/resume failed: exit 1: busy"),
+    );
+    assert_eq!(world.state_of(1), Some(SnapshotState::Available));
+    assert!(world.domain_active);
+    let warnings = app_status(&world.state).warnings;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("post hook /usr/bin/resume failed: exit 1: busy")),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn a_restart_during_the_pre_hook_fails_the_snapshot_cleanly_and_runs_the_post_hook() {
+    let mut world = World::new(hooked(config("1")));
+    world.config(with_snapshot(
+        hooked(config("1")),
+        1,
+        SnapshotType::Immediate,
+    ));
+    assert_eq!(running_hook(&world).1, HookKind::Pre);
+    world.take_log();
+    world.restart();
+    let log = world.take_log();
+    assert_eq!(kinds(&log), ["post-hook"]);
+    assert_eq!(world.state_of(1), Some(SnapshotState::Failed));
+    let error = world.state.snapshot(id(1)).unwrap().error.clone().unwrap();
+    assert!(error.contains("interrupted by a restart"), "{error}");
+    assert!(world.backend.is_empty());
+    hook_ends(&mut world, HookKind::Post, None);
+    assert!(world.domain_active);
+}
+
+#[test]
+fn a_restart_during_the_post_hook_runs_it_again() {
+    let mut world = World::new(hooked(config("1")));
+    world.config(with_snapshot(
+        hooked(config("1")),
+        1,
+        SnapshotType::Immediate,
+    ));
+    hook_ends(&mut world, HookKind::Pre, None);
+    let (_, kind, counter) = running_hook(&world);
+    assert_eq!(kind, HookKind::Post);
+    world.take_log();
+    world.restart();
+    let log = world.take_log();
+    assert_eq!(kinds(&log), ["post-hook"]);
+    assert_eq!(hook_requests(&log)[0].counter, counter);
+    hook_ends(&mut world, HookKind::Post, None);
+    assert_eq!(kinds(&world.take_log()), ["start"]);
+    assert_eq!(world.state_of(1), Some(SnapshotState::Available));
+}
+
+#[test]
+fn a_post_hook_alone_runs_after_the_snapshot() {
+    let mut c = hooked(config("1"));
+    c.quiesce.as_mut().unwrap().pre.clear();
+    let mut world = World::new(c.clone());
+    world.take_log();
+    world.config(with_snapshot(c, 1, SnapshotType::Immediate));
+    assert_eq!(
+        kinds(&world.take_log()),
+        ["stop", "create", "write-files", "post-hook"]
+    );
+    hook_ends(&mut world, HookKind::Post, None);
+    assert!(world.domain_active);
+}
+
+#[test]
+fn a_failing_pre_hook_of_one_group_member_aborts_the_group_and_thaws_the_other() {
+    let mut worlds = vec![
+        World::new(hooked(member(0xa1, "1", None))),
+        World::new(hooked(member(0xa2, "1", None))),
+    ];
+    worlds[0].config(hooked(member(0xa1, "1", Some(0xc1))));
+    worlds[1].config(hooked(member(0xa2, "1", Some(0xc2))));
+    // Member 1 flushed and waits, stopped, at the barrier; member 2's pre hook fails.
+    hook_ends(&mut worlds[0], HookKind::Pre, None);
+    assert!(waiting(&worlds[0]));
+    hook_ends(
+        &mut worlds[1],
+        HookKind::Pre,
+        Some("pre hook /usr/bin/flush failed: exit 3: cannot flush"),
+    );
+    coordinate(&mut worlds);
+    for (world, snapshot) in worlds.iter_mut().zip([0xc1, 0xc2]) {
+        assert_eq!(world.state_of(snapshot), Some(SnapshotState::Failed));
+        assert!(world.backend.is_empty());
+        hook_ends(world, HookKind::Post, None);
+        assert!(
+            world.domain_active,
+            "member {:?} not running",
+            world.state.app
+        );
+    }
+    let error = worlds[0].state.snapshot(id(0xc1)).unwrap().error.clone();
+    assert!(error.unwrap().contains("cannot flush"));
+}
+
+// ---- declared consistency groups and their schedules (issue 10) ----
+
+const DECLARED: u128 = 0x6d00;
+
+/// The group `DECLARED` with `members`, and its hourly schedule with keep-last 2 when
+/// `scheduled`.
+fn declared(members: &[u128], scheduled: bool) -> cairn_types::ConsistencyGroup {
+    cairn_types::ConsistencyGroup {
+        id: id(DECLARED),
+        name: "plant".into(),
+        members: members.iter().map(|&m| id(m)).collect(),
+        policy: scheduled.then(|| {
+            Box::new(SnapshotPolicy {
+                schedule: "@hourly".into(),
+                pattern: "plant-%H%M-%a".into(),
+                retention: cairn_types::Retention {
+                    keep_last: 2,
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+        }),
+    }
+}
+
+/// Member `app` of `group`, listing its snapshot `snapshot` of the group snapshot `GROUP`.
+fn declared_member(
+    app: u128,
+    snapshot: Option<u128>,
+    group: &cairn_types::ConsistencyGroup,
+) -> AppInstanceConfig {
+    let mut c = member(app, "1", snapshot);
+    c.group = Some(Box::new(group.clone()));
+    c
+}
+
+fn group_snapshots(world: &World) -> Vec<&cairn_app_manager::machine::SnapshotRecord> {
+    world
+        .state
+        .snapshots
+        .iter()
+        .filter(|s| !s.desc.group_id.is_nil())
+        .collect()
+}
+
+#[test]
+fn a_group_schedule_takes_every_member_under_one_group_snapshot_and_keeps_its_retention() {
+    let group = declared(&[0xa1, 0xa2], true);
+    let mut worlds = vec![
+        World::new(declared_member(0xa1, None, &group)),
+        World::new(declared_member(0xa2, None, &group)),
+    ];
+    for hour in 1..=3 {
+        let due = at(&format!("2026-01-01T0{hour}:00:00Z"));
+        for world in &worlds {
+            assert_eq!(
+                next_wakeup(&world.state, world.now),
+                Some(due),
+                "hour {hour}"
+            );
+        }
+        // The executor ticks the apps one after the other, coordinating after each.
+        worlds[0].tick_at(due);
+        coordinate(&mut worlds);
+        assert!(
+            waiting(&worlds[0]),
+            "member 1 waits for member 2 to take its due time"
+        );
+        worlds[1].tick_at(due);
+        coordinate(&mut worlds);
+        let group_snapshot = group.scheduled_snapshot(due);
+        let mut times = BTreeSet::new();
+        for world in &worlds {
+            let taken = world
+                .state
+                .snapshots
+                .iter()
+                .find(|s| s.desc.group_id == group_snapshot)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "each member took its snapshot of the due time: {:#?}",
+                        world.state.snapshots
+                    )
+                });
+            assert_eq!(taken.state, SnapshotState::Available);
+            assert!(taken.scheduled);
+            assert_eq!(taken.due, Some(due));
+            assert!(taken.desc.name.starts_with(&format!("plant-0{hour}00-")));
+            assert_eq!(
+                taken.id(),
+                cairn_types::ConsistencyGroup::member_snapshot(group_snapshot, world.state.app)
+            );
+            times.insert(taken.time_created.unwrap());
+            assert!(world.domain_active);
+        }
+        assert_eq!(times.len(), 1, "one logical time for the group");
+    }
+    // keep-last 2 on every member: the 01:00 group snapshot is gone everywhere.
+    for world in &worlds {
+        let kept: Vec<_> = group_snapshots(world)
+            .iter()
+            .map(|s| s.due.unwrap())
+            .collect();
+        assert_eq!(
+            kept,
+            [at("2026-01-01T02:00:00Z"), at("2026-01-01T03:00:00Z")],
+            "member {}",
+            world.state.app
+        );
+        assert_eq!(world.backend.len(), 2);
+    }
+}
+
+#[test]
+fn a_group_schedule_takes_a_stopped_member_too() {
+    let group = declared(&[0xa1, 0xa2], true);
+    let mut stopped = declared_member(0xa2, None, &group);
+    stopped.activate = false;
+    let mut worlds = vec![
+        World::new(declared_member(0xa1, None, &group)),
+        World::new(stopped),
+    ];
+    let due = at("2026-01-01T01:00:00Z");
+    worlds[0].tick_at(due);
+    worlds[1].tick_at(due);
+    coordinate(&mut worlds);
+    for world in &worlds {
+        assert_eq!(group_snapshots(world)[0].state, SnapshotState::Available);
+    }
+    assert!(worlds[0].domain_active);
+    assert!(!worlds[1].domain_active, "a stopped member stays stopped");
+}
+
+#[test]
+fn a_member_whose_group_schedule_started_after_the_due_time_fails_the_group_instead_of_holding_it()
+{
+    let group = declared(&[0xa1, 0xa2], true);
+    let mut first = World::new(declared_member(0xa1, None, &group));
+    // Member 2's config arrives 30 s after the due time: it counts from then on.
+    let mut late = World::new(member(0xa2, "1", None));
+    late.now = at("2026-01-01T01:00:30Z");
+    late.config(declared_member(0xa2, None, &group));
+    first.tick_at(at("2026-01-01T01:00:00Z"));
+    let mut worlds = vec![first, late];
+    coordinate(&mut worlds);
+    let taken = group_snapshots(&worlds[0])[0];
+    assert_eq!(taken.state, SnapshotState::Failed);
+    let error = taken.error.clone().unwrap();
+    assert!(
+        error.contains("plant") && error.contains(&id(0xa2).to_string()) && error.contains("due"),
+        "names the group, the member and why: {error}"
+    );
+    assert!(worlds[0].backend.is_empty(), "nothing left taken");
+    assert!(worlds[0].domain_active, "member 1 runs again");
+    // The next due time is taken by both.
+    let due = at("2026-01-01T02:00:00Z");
+    worlds[0].tick_at(due);
+    worlds[1].tick_at(due);
+    coordinate(&mut worlds);
+    for world in &worlds {
+        let latest = *group_snapshots(world).last().unwrap();
+        assert_eq!(latest.due, Some(due));
+        assert_eq!(latest.state, SnapshotState::Available);
+    }
+}
+
+#[test]
+fn a_requested_group_snapshot_waits_for_a_declared_member_whose_request_has_not_arrived() {
+    let group = declared(&[0xa1, 0xa2], false);
+    let mut worlds = vec![
+        World::new(declared_member(0xa1, None, &group)),
+        World::new(declared_member(0xa2, None, &group)),
+    ];
+    worlds[0].config(declared_member(0xa1, Some(0xc1), &group));
+    coordinate(&mut worlds);
+    assert!(waiting(&worlds[0]), "held at the barrier, not taken alone");
+    assert!(worlds[0].backend.is_empty());
+    worlds[1].config(declared_member(0xa2, Some(0xc2), &group));
+    coordinate(&mut worlds);
+    assert_eq!(worlds[0].state_of(0xc1), Some(SnapshotState::Available));
+    assert_eq!(worlds[1].state_of(0xc2), Some(SnapshotState::Available));
+}
+
+#[test]
+fn a_declared_member_missing_from_the_device_fails_the_group() {
+    let group = declared(&[0xa1, 0xa2, 0xa3], false);
+    let mut worlds = vec![
+        World::new(declared_member(0xa1, Some(0xc1), &group)),
+        World::new(declared_member(0xa2, Some(0xc2), &group)),
+    ];
+    coordinate(&mut worlds);
+    for (w, n) in [(0, 0xc1), (1, 0xc2)] {
+        let record = worlds[w].state.snapshot(id(n)).unwrap();
+        assert_eq!(record.state, SnapshotState::Failed, "member {w}");
+        let error = record.error.clone().unwrap();
+        assert!(
+            error.contains(&id(0xa3).to_string()) && error.contains("not on this device"),
+            "{error}"
+        );
+        assert!(worlds[w].backend.is_empty());
+        assert!(worlds[w].domain_active);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(120))]
+
+    /// All or nothing, whatever member fails and whichever members restart between the
+    /// executor's coordination rounds: every member ends with its snapshot of the group
+    /// available at one time, or every member with it failed and nothing of it on any
+    /// volume; every member runs again.
+    #[test]
+    fn a_group_snapshot_is_all_or_nothing_across_failures_and_restarts(
+        size in 2usize..=4,
+        failing in proptest::option::of(0usize..4),
+        order in Just(()).prop_perturb(|_, mut rng| {
+            let mut order: Vec<usize> = (0..4).collect();
+            for i in (1..order.len()).rev() {
+                let j = (rng.next_u32() as usize) % (i + 1);
+                order.swap(i, j);
+            }
+            order
+        }),
+        restarts in proptest::collection::vec((0usize..4, 0usize..6), 0..4),
+        scheduled in any::<bool>(),
+    ) {
+        let apps: Vec<u128> = (0..size as u128).map(|i| 0xa1 + i).collect();
+        let group = declared(&apps, scheduled);
+        let mut worlds: Vec<World> = apps
+            .iter()
+            .map(|&a| World::new(declared_member(a, None, &group)))
+            .collect();
+        let failing = failing.filter(|f| *f < size);
+        if let Some(f) = failing {
+            worlds[f].fail_next_volume_op = true;
+        }
+        let due = at("2026-01-01T01:00:00Z");
+        // The members get their request (a tick or a config) in `order`, with restarts and
+        // coordination rounds in between.
+        for (round, &w) in order.iter().filter(|&&w| w < size).enumerate() {
+            if scheduled {
+                worlds[w].tick_at(due);
+            } else {
+                let app = apps[w];
+                worlds[w].config(declared_member(app, Some(0xc0 + app), &group));
+            }
+            for &(r, when) in &restarts {
+                if r < size && when == round {
+                    worlds[r].restart();
+                }
+            }
+            let states = worlds.iter().map(|w| (w.state.app, w.state.clone())).collect();
+            let now = worlds.iter().map(|w| w.now).max().unwrap();
+            for (app, input) in cairn_app_manager::machine::coordinate(&states, now) {
+                let world = worlds.iter_mut().find(|w| w.state.app == app).unwrap();
+                world.input(input);
+                world.settle();
+            }
+        }
+        coordinate(&mut worlds);
+        let records: Vec<_> = worlds.iter().map(|w| group_snapshots(w)[0].clone()).collect();
+        let available = records.iter().filter(|r| r.state == SnapshotState::Available).count();
+        if failing.is_some() {
+            prop_assert_eq!(available, 0, "a failing member leaves no snapshot on any");
+            for (world, record) in worlds.iter().zip(&records) {
+                prop_assert_eq!(record.state, SnapshotState::Failed);
+                prop_assert!(world.backend.is_empty(), "member {} keeps nothing", world.state.app);
+            }
+        } else {
+            prop_assert_eq!(available, size, "every member took it");
+            let times: BTreeSet<_> = records.iter().map(|r| r.time_created).collect();
+            prop_assert_eq!(times.len(), 1, "one logical time");
+            for (world, record) in worlds.iter().zip(&records) {
+                prop_assert!(world.backend.contains(&record.id()));
+            }
+        }
+        for world in &worlds {
+            prop_assert!(world.domain_active, "member {} runs again", world.state.app);
+            prop_assert_eq!(&world.state.phase, &Phase::Idle);
+        }
+    }
+}
+
+// ---- issue 11: live and stateful snapshots ----
+
+fn vm_config(version: &str) -> AppInstanceConfig {
+    let mut c = config(version);
+    c.domain = Some(cairn_types::DomainSpec::Vm(cairn_types::VmSpec::default()));
+    c
+}
+
+fn with_mode(
+    mut c: AppInstanceConfig,
+    n: u128,
+    mode: cairn_types::SnapshotMode,
+) -> AppInstanceConfig {
+    c.snapshot.snapshots.push(SnapshotDesc {
+        snapshot_id: id(n),
+        snapshot_type: SnapshotType::Immediate,
+        mode,
+        ..Default::default()
+    });
+    c
+}
+
+/// The domain-manager's answer to the live request in force.
+fn live_answer(world: &World, pause_ms: u64, ok: bool) -> Input {
+    use cairn_types::domain::{DomainLiveOpState, DomainLiveOpStatus};
+    let request = cairn_app_manager::live::live_request(&world.state).expect("a live request");
+    Input::LiveOpResult(DomainLiveOpStatus {
+        request_id: request.request_id,
+        app_uuid: request.app_uuid,
+        op: request.op,
+        tag: request.tag,
+        state: if ok {
+            DomainLiveOpState::Done
+        } else {
+            DomainLiveOpState::Failed
+        },
+        error: if ok {
+            ErrorDescription::default()
+        } else {
+            ErrorDescription::new("QMP transaction failed", ErrorSeverity::Error, world.now)
+        },
+        pause_ms,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn a_live_snapshot_of_a_vm_is_taken_without_a_stop_and_records_its_pause() {
+    use cairn_app_manager::live::live_request;
+    use cairn_types::domain::DomainLiveOp;
+    let mut world = World::new(vm_config("1"));
+    world.take_log();
+    world.config(with_mode(
+        vm_config("1"),
+        1,
+        cairn_types::SnapshotMode::Live,
+    ));
+    // The domain-manager is asked first, under the tag the volume-manager names it by.
+    let request = live_request(&world.state).expect("a live request");
+    assert_eq!(request.op, DomainLiveOp::DiskSnapshotCreate);
+    assert_eq!(request.tag, id(1).to_string());
+    assert_eq!(world.stops(), 0, "no stop for a live snapshot");
+    assert_eq!(world.state_of(1), Some(SnapshotState::Triggered));
+    assert_eq!(
+        world.persisted.live, world.state.live,
+        "the live step is persisted first"
+    );
+
+    world.input(live_answer(&world, 42, true));
+    world.settle();
+    let log = world.take_log();
+    let recorded: Vec<_> = log
+        .iter()
+        .filter_map(|a| match a {
+            Action::Volumes(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(recorded.len(), 1);
+    assert!(
+        recorded[0].live,
+        "the volume-manager records it, it does not take it"
+    );
+    assert_eq!(
+        kinds(&log),
+        vec!["create", "write-files"],
+        "no stop, no start"
+    );
+    assert_eq!(world.state_of(1), Some(SnapshotState::Available));
+    assert!(world.domain_active);
+    assert!(world.state.live.is_none());
+    let status = app_status(&world.state);
+    assert_eq!(status.snap_status.available_snapshots[0].pause_ms, 42);
+    assert_eq!(status.state, cairn_types::SwState::Running);
+}
+
+#[test]
+fn a_live_step_survives_a_restart_and_the_domain_stays_wanted() {
+    use cairn_app_manager::live::live_request;
+    let mut world = World::new(vm_config("1"));
+    world.config(with_mode(
+        vm_config("1"),
+        1,
+        cairn_types::SnapshotMode::Live,
+    ));
+    let before = live_request(&world.state).unwrap();
+    world.take_log();
+    world.restart();
+    assert_eq!(
+        live_request(&world.state).map(|r| r.request_id),
+        Some(before.request_id),
+        "the same request is asked again (the domain-manager runs it at most once)"
+    );
+    assert_eq!(world.stops(), 0);
+    assert!(matches!(world.state.domain_request(), Some((true, _))));
+    world.input(live_answer(&world, 5, true));
+    world.settle();
+    assert_eq!(world.state_of(1), Some(SnapshotState::Available));
+}
+
+#[test]
+fn a_failed_live_operation_fails_the_snapshot_and_leaves_the_app_running() {
+    let mut world = World::new(vm_config("1"));
+    world.config(with_mode(
+        vm_config("1"),
+        1,
+        cairn_types::SnapshotMode::Live,
+    ));
+    world.take_log();
+    world.input(live_answer(&world, 0, false));
+    world.settle();
+    assert_eq!(world.state_of(1), Some(SnapshotState::Failed));
+    let error = world.state.snapshot(id(1)).unwrap().error.clone().unwrap();
+    assert!(error.contains("QMP transaction failed"), "{error}");
+    assert!(
+        kinds(&world.take_log()).is_empty(),
+        "nothing stopped, nothing asked"
+    );
+    assert!(world.domain_active);
+}
+
+#[test]
+fn a_live_snapshot_of_a_process_goes_straight_to_the_volume_manager() {
+    let mut process = config("1");
+    process.domain = Some(cairn_types::DomainSpec::Process(
+        cairn_types::ProcessSpec::default(),
+    ));
+    let mut world = World::new(process.clone());
+    world.take_log();
+    world.config(with_mode(process, 1, cairn_types::SnapshotMode::Live));
+    assert!(cairn_app_manager::live::live_request(&world.state).is_none());
+    let log = world.take_log();
+    assert_eq!(kinds(&log), vec!["create", "write-files"]);
+    assert!(
+        log.iter()
+            .any(|a| matches!(a, Action::Volumes(r) if r.live))
+    );
+    assert_eq!(world.state_of(1), Some(SnapshotState::Available));
+}
+
+#[test]
+fn a_rollback_to_a_stateful_snapshot_starts_the_vm_from_its_memory() {
+    let mut world = World::new(vm_config("1"));
+    world.config(with_mode(
+        vm_config("1"),
+        1,
+        cairn_types::SnapshotMode::Stateful,
+    ));
+    assert_eq!(
+        cairn_app_manager::live::live_request(&world.state)
+            .unwrap()
+            .op,
+        cairn_types::domain::DomainLiveOp::StateSave
+    );
+    world.input(live_answer(&world, 180, true));
+    world.settle();
+    assert_eq!(world.state_of(1), Some(SnapshotState::Available));
+    world.take_log();
+
+    let mut rollback = with_mode(vm_config("1"), 1, cairn_types::SnapshotMode::Stateful);
+    rollback.snapshot.active_snapshot = id(1).to_string();
+    rollback.snapshot.rollback_cmd.counter = 1;
+    world.input(Input::Config(rollback));
+    // Step by step, to see what the start is asked with.
+    let mut load_at_start = None;
+    while let Some(input) = world.inbox.pop_front() {
+        world.input(input);
+        if load_at_start.is_none()
+            && world
+                .log
+                .iter()
+                .any(|a| matches!(a, Action::Domain { activate: true, .. }))
+        {
+            load_at_start = Some(cairn_app_manager::live::load_state_tag(&world.state));
+        }
+    }
+    assert_eq!(kinds(&world.take_log()), vec!["stop", "rollback", "start"]);
+    assert_eq!(
+        load_at_start.as_deref(),
+        Some(id(1).to_string().as_str()),
+        "the start loads the saved memory state"
+    );
+    assert!(
+        world.state.load_state.is_none(),
+        "once running, later starts boot"
+    );
+}
+
+#[test]
+fn a_rollback_to_a_live_snapshot_boots() {
+    let mut world = World::new(vm_config("1"));
+    world.config(with_mode(
+        vm_config("1"),
+        1,
+        cairn_types::SnapshotMode::Live,
+    ));
+    world.input(live_answer(&world, 3, true));
+    world.settle();
+    let mut rollback = with_mode(vm_config("1"), 1, cairn_types::SnapshotMode::Live);
+    rollback.snapshot.active_snapshot = id(1).to_string();
+    rollback.snapshot.rollback_cmd.counter = 1;
+    world.input(Input::Config(rollback));
+    let mut loads = Vec::new();
+    while let Some(input) = world.inbox.pop_front() {
+        world.input(input);
+        loads.push(cairn_app_manager::live::load_state_tag(&world.state));
+    }
+    assert!(
+        loads.iter().all(String::is_empty),
+        "disk state only: {loads:?}"
+    );
+}
+
+#[test]
+fn a_scheduled_snapshot_runs_the_hooks_with_its_name() {
+    let c = hooked(scheduled_config("0 * * * *", "UTC"));
+    let mut world = World::new(c);
+    world.take_log();
+    let new_id = world.tick_at(at("2026-01-01T01:00:00Z"));
+    let log = world.take_log();
+    assert_eq!(kinds(&log), ["pre-hook"]);
+    let pre = &hook_requests(&log)[0];
+    assert_eq!(
+        (
+            pre.snapshot,
+            pre.snapshot_name.as_str(),
+            pre.app_name.as_str()
+        ),
+        (new_id, "auto-20260101-0100-1-sensor", "sensor")
+    );
+    hook_ends(&mut world, HookKind::Pre, None);
+    hook_ends(&mut world, HookKind::Post, None);
+    assert_eq!(
+        world.state.snapshot(new_id).map(|s| s.state),
+        Some(SnapshotState::Available)
+    );
+    assert!(world.domain_active);
+}
+
+#[test]
+fn the_post_hook_of_a_live_vm_snapshot_waits_until_the_snapshot_is_recorded() {
+    let mut c = hooked(config("1"));
+    c.domain = Some(cairn_types::DomainSpec::Vm(Default::default()));
+    let mut world = World::new(c.clone());
+    world.take_log();
+    let mut live = with_snapshot(c, 1, SnapshotType::Immediate);
+    live.snapshot.snapshots[0].mode = cairn_types::SnapshotMode::Live;
+    world.config(live);
+    assert_eq!(kinds(&world.take_log()), ["pre-hook"]);
+    hook_ends(&mut world, HookKind::Pre, None);
+    // The domain-manager snapshots the running VM: no stop, and no thaw yet.
+    let log = world.take_log();
+    assert!(kinds(&log).is_empty(), "{log:#?}\n{:#?}", world.state.phase);
+    assert!(world.domain_active);
+    let request = world.state.live.as_ref().unwrap().request;
+    world.input(Input::LiveOpResult(
+        cairn_types::domain::DomainLiveOpStatus {
+            request_id: request,
+            app_uuid: world.state.app,
+            state: cairn_types::domain::DomainLiveOpState::Done,
+            ..Default::default()
+        },
+    ));
+    world.settle();
+    let log = world.take_log();
+    assert_eq!(kinds(&log), ["create", "write-files", "post-hook"]);
+    assert_eq!(hook_requests(&log)[0].outcome, Some(SnapshotOutcome::Taken));
+    hook_ends(&mut world, HookKind::Post, None);
+    assert_eq!(world.state_of(1), Some(SnapshotState::Available));
+    assert!(world.domain_active);
+}
+
+#[test]
+fn a_guest_agent_vm_is_frozen_for_a_live_snapshot_only_and_thawed_after_it() {
+    let vm = cairn_types::DomainSpec::Vm(cairn_types::VmSpec {
+        guest_agent: true,
+        ..Default::default()
+    });
+    let mut c = config("1");
+    c.domain = Some(vm);
+    let mut world = World::new(c.clone());
+    world.take_log();
+    // Stopped: no freeze (the shutdown flushes; a frozen guest could not shut down), and no
+    // hooks configured: nothing runs.
+    world.config(with_snapshot(c.clone(), 1, SnapshotType::Immediate));
+    assert_eq!(
+        kinds(&world.take_log()),
+        ["stop", "create", "write-files", "start"]
+    );
+    // Live: the freeze is the pre step, the thaw the post step.
+    let mut live = with_snapshot(
+        with_snapshot(c.clone(), 1, SnapshotType::Immediate),
+        2,
+        SnapshotType::Immediate,
+    );
+    live.snapshot.snapshots[1].mode = cairn_types::SnapshotMode::Live;
+    world.config(live.clone());
+    let log = world.take_log();
+    assert_eq!(kinds(&log), ["pre-hook"]);
+    let pre = &hook_requests(&log)[0];
+    assert!(pre.guest && pre.argv.is_empty());
+    hook_ends(&mut world, HookKind::Pre, None);
+    let request = world.state.live.as_ref().unwrap().request;
+    world.input(Input::LiveOpResult(
+        cairn_types::domain::DomainLiveOpStatus {
+            request_id: request,
+            app_uuid: world.state.app,
+            state: cairn_types::domain::DomainLiveOpState::Done,
+            ..Default::default()
+        },
+    ));
+    world.settle();
+    let log = world.take_log();
+    assert_eq!(kinds(&log), ["create", "write-files", "post-hook"]);
+    assert!(hook_requests(&log)[0].guest);
+    hook_ends(&mut world, HookKind::Post, None);
+    // A freeze that fails fails the snapshot; the executor undid it, so no thaw is asked.
+    live.snapshot.snapshots.push(SnapshotDesc {
+        snapshot_id: id(3),
+        snapshot_type: SnapshotType::Immediate,
+        mode: cairn_types::SnapshotMode::Live,
+        ..Default::default()
+    });
+    world.config(live);
+    hook_ends(
+        &mut world,
+        HookKind::Pre,
+        Some("guest fsfreeze failed: no guest agent answered within 2s on x"),
+    );
+    assert_eq!(world.state_of(3), Some(SnapshotState::Failed));
+    assert!(
+        world.state.quiesced.is_empty(),
+        "{:?}",
+        world.state.quiesced
+    );
+    assert!(world.domain_active);
+}
+
+#[test]
+fn a_scheduled_snapshot_is_taken_in_the_policy_mode() {
+    let (mut world, _) = hourly_world(|p| p.mode = cairn_types::SnapshotMode::Live);
+    let id = world.tick_at(at("2026-01-01T01:00:00Z"));
+    let record = world.state.snapshot(id).unwrap();
+    assert_eq!(record.desc.mode, cairn_types::SnapshotMode::Live);
+    assert_eq!(record.state, SnapshotState::Available);
+    // Live on a process app: straight to the volume-manager, the app never stopped.
+    assert_eq!(world.stops(), 0);
+}
+
+#[test]
+fn a_post_hook_warning_is_about_the_latest_snapshot_only() {
+    let mut world = World::new(hooked(config("1")));
+    let mut c = hooked(config("1"));
+    let post_warnings = |world: &World| {
+        world
+            .state
+            .warnings
+            .iter()
+            .filter(|w| w.contains("post hook"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    for (n, failure) in [
+        (1, Some("post hook x failed: exit 1")),
+        (2, Some("post hook x failed: exit 2")),
+        (3, None),
+    ] {
+        c = with_snapshot(c, n, SnapshotType::Immediate);
+        world.config(c.clone());
+        hook_ends(&mut world, HookKind::Pre, None);
+        hook_ends(&mut world, HookKind::Post, failure);
+        let warnings = post_warnings(&world);
+        match failure {
+            Some(reason) => {
+                assert_eq!(warnings.len(), 1, "{warnings:?}");
+                assert!(warnings[0].contains(reason) && warnings[0].contains(&id(n).to_string()));
+            }
+            None => assert!(warnings.is_empty(), "{warnings:?}"),
+        }
     }
 }

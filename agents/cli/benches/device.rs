@@ -835,6 +835,8 @@ struct Observer {
     task: tokio::task::JoinHandle<()>,
 }
 
+// One update lives at a time, matched straight away: its size costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Update {
     Config(Event<AppInstanceConfig>),
     DomainConfig(Event<DomainConfig>),

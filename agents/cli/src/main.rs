@@ -3,6 +3,8 @@
 //! subscriber cannot write into a topic: the bus drops one that sends anything after its hello)
 //! and read records on disk; they create, change and remove no file.
 
+mod dbus;
+mod export;
 mod readout;
 mod record;
 mod up;
@@ -21,7 +23,8 @@ use readout::{DEMO_ROOT, DeviceView, Roots};
 #[command(
     version,
     about = "Cairn: run a device's apps, keep them recoverable, read its state",
-    after_help = "Only `cairn up` changes the device. Every other command is a read-out: it \
+    after_help = "Only `cairn up` changes the device. `cairn export` writes only into its target \
+                  directory. Every other command is a read-out: it \
                   subscribes to the agents' publications or reads records, and cannot change \
                   any state. A non-root technician can run them when in the group given to \
                   `cairn up --technicians-gid`.\n\n\
@@ -64,6 +67,39 @@ enum Command {
     },
     /// Read-out: the publications on the bus.
     Topics,
+    /// Export snapshot SNAPSHOT (UUID) of an app to a directory: zstd qcow2 per volume and a
+    /// manifest with sha256s, made by the volume-manager. Writes only into DIR (a new
+    /// `<app>-<snapshot>-<time>` directory there); changes no volume, snapshot or app. Ctrl-C
+    /// cancels (the unfinished export is removed). Exit 0 done, 1 failed, 130 cancelled.
+    Export {
+        snapshot: uuid::Uuid,
+        /// The directory to export into (a mounted disk or share).
+        #[arg(long = "to", value_name = "DIR")]
+        to: PathBuf,
+        /// Carry only what changed since the previous export of this app in DIR (falls back to
+        /// a full export, saying why, when the change tracking cannot be trusted).
+        #[arg(long)]
+        incremental: bool,
+    },
+    /// Re-read an export directory (and the chain it builds on) and check every checksum.
+    /// Read-only. Exit 0 when all match, 1 naming the damaged volume and file otherwise.
+    Verify { dir: PathBuf },
+    /// Restore from an export: with --print-config, prints the app config saved in the export
+    /// and the volumes to declare (origin `Export`) in the device config. Reads DIR only.
+    Import {
+        dir: PathBuf,
+        #[arg(long, required = true)]
+        print_config: bool,
+    },
+    /// Prints the D-Bus daemon policy (for /etc/dbus-1/system.d/) of the read-out that
+    /// `cairn up --dbus` serves: members of the technicians' group read every gateway, members
+    /// of a tenant's group only that tenant's. Changes nothing.
+    DbusPolicy {
+        #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
+        technicians_gid: Option<u32>,
+        #[arg(long = "tenant-reader", value_name = "TENANT:GID", value_parser = cairn_pubsub::access::parse_tenant_reader)]
+        tenant_readers: Vec<(String, u32)>,
+    },
     /// Read-out: validates a persisted record: schema, version, mandatory fields, checksum.
     Record {
         #[command(subcommand)]
@@ -103,6 +139,12 @@ struct UpArgs {
     /// (repeatable; passed to the config-agent and the app-manager).
     #[arg(long = "tenant-reader", value_name = "TENANT:GID", value_parser = cairn_pubsub::access::parse_tenant_reader)]
     tenant_readers: Vec<(String, u32)>,
+    /// Serve the read-only D-Bus read-out on the bus at this address (e.g.
+    /// `unix:path=/run/dbus/system_bus_socket`): `org.cairn.Bus`, and
+    /// `org.cairn.Tenant.<tenant>` for each --tenant-reader. Install the daemon's policy from
+    /// `cairn dbus-policy` first.
+    #[arg(long, value_name = "ADDRESS")]
+    dbus: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,6 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let root = std::path::absolute(&root)?;
             let roots = Roots::under(&root);
             let tenant_readers = args.tenant_readers.clone();
+            let dbus = args.dbus.clone();
             let source = config_source(args, &root)?;
             let bin_dir = std::env::current_exe()?
                 .parent()
@@ -145,8 +188,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 technicians_gid: source.1,
                 tenant_readers,
                 bin_dir,
+                dbus,
             })
             .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DbusPolicy {
+            technicians_gid,
+            tenant_readers,
+        } => {
+            print!("{}", dbus::policy(technicians_gid, &tenant_readers)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch { topics, initial } => {
@@ -182,6 +233,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Export {
+            snapshot,
+            to,
+            incremental,
+        } => {
+            let roots = Roots::resolve(cli.root.as_deref());
+            let request = export::JobRequest {
+                action: cairn_types::ExportAction::Export,
+                snapshot,
+                target: to,
+                incremental,
+            };
+            export::run(&roots, request, cli.json).await
+        }
+        Command::Verify { dir } => {
+            let roots = Roots::resolve(cli.root.as_deref());
+            let request = export::JobRequest {
+                action: cairn_types::ExportAction::Verify,
+                snapshot: uuid::Uuid::nil(),
+                target: dir,
+                incremental: false,
+            };
+            export::run(&roots, request, cli.json).await
+        }
+        Command::Import { dir, .. } => export::print_config(&dir),
         Command::Topics => {
             let roots = Roots::resolve(cli.root.as_deref());
             let topics = readout::topics(&roots);
@@ -385,6 +461,10 @@ fn print_apps(view: &DeviceView, json: bool) -> anyhow::Result<()> {
             s.snapshots_to_be_deleted.len(),
             app.error.error
         );
+        // E.g. a quiesce hook that failed after its snapshot was taken (issue 11).
+        for warning in &app.warnings {
+            println!("  warning: {warning}");
+        }
     }
     Ok(())
 }
@@ -395,12 +475,18 @@ fn print_snapshots(rows: &[readout::SnapshotRow], json: bool) -> anyhow::Result<
         return Ok(());
     }
     println!(
-        "{:<16} {:<36} {:<10} {:<16} {:<7} {:<19} {:<19}  ERROR",
-        "APP", "SNAPSHOT", "TYPE", "STATE", "CONFIG", "TRIGGERED", "CREATED"
+        "{:<16} {:<36} {:<10} {:<16} {:<7} {:<19} {:<19} {:<8} {:>8}  ERROR",
+        "APP", "SNAPSHOT", "TYPE", "STATE", "CONFIG", "TRIGGERED", "CREATED", "MODE", "PAUSE"
     );
     for r in rows {
+        // The pause of a live or stateful snapshot (issue 11).
+        let pause = if r.pause_ms > 0 {
+            format!("{} ms", r.pause_ms)
+        } else {
+            "-".to_string()
+        };
         println!(
-            "{:<16} {:<36} {:<10} {:<16} {:<7} {:<19} {:<19}  {}",
+            "{:<16} {:<36} {:<10} {:<16} {:<7} {:<19} {:<19} {:<8} {:>8}  {}",
             r.app_name,
             r.id,
             r.kind,
@@ -408,6 +494,8 @@ fn print_snapshots(rows: &[readout::SnapshotRow], json: bool) -> anyhow::Result<
             r.config_version,
             r.time_triggered.as_deref().unwrap_or("-"),
             r.time_created.as_deref().unwrap_or("-"),
+            r.mode,
+            pause,
             r.error
         );
     }

@@ -58,7 +58,7 @@ impl Roots {
         }
     }
 
-    fn bus(&self) -> Bus {
+    pub fn bus(&self) -> Bus {
         Bus::new("cli", &self.run, &self.persist)
     }
 }
@@ -86,6 +86,10 @@ pub struct SnapshotRow {
     pub config_version: String,
     pub time_triggered: Option<String>,
     pub time_created: Option<String>,
+    /// How it is taken: stopped, live, stateful (issue 11).
+    pub mode: String,
+    /// How long a live or stateful snapshot paused the VM, in milliseconds (0: not paused).
+    pub pause_ms: u64,
     pub error: String,
 }
 
@@ -215,6 +219,10 @@ fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> Option<String> {
     t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
 }
 
+fn mode(mode: cairn_types::SnapshotMode) -> String {
+    format!("{mode:?}").to_lowercase()
+}
+
 fn row(app: &AppInstanceStatus, s: &SnapshotInstanceStatus, state: &str) -> SnapshotRow {
     SnapshotRow {
         app: app.uuid_and_version.uuid.to_string(),
@@ -225,6 +233,8 @@ fn row(app: &AppInstanceStatus, s: &SnapshotInstanceStatus, state: &str) -> Snap
         config_version: s.config_version.version.clone(),
         time_triggered: time(s.time_triggered),
         time_created: time(s.time_created),
+        mode: mode(s.snapshot.mode),
+        pause_ms: s.pause_ms,
         error: s.error.error.clone(),
     }
 }
@@ -266,6 +276,8 @@ pub fn snapshot_rows(
                 config_version: String::new(),
                 time_triggered: None,
                 time_created: None,
+                mode: mode(desc.mode),
+                pause_ms: 0,
                 error: String::new(),
             });
         }
@@ -294,6 +306,8 @@ pub fn snapshot_rows(
                 config_version: String::new(),
                 time_triggered: None,
                 time_created: None,
+                mode: String::new(),
+                pause_ms: 0,
                 error: problem,
             });
         }

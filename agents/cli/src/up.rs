@@ -35,6 +35,8 @@ pub struct UpOptions {
     pub tenant_readers: Vec<(String, u32)>,
     /// Where the agent binaries are (next to `cairn`).
     pub bin_dir: PathBuf,
+    /// The D-Bus bus to serve the read-out on (`--dbus`).
+    pub dbus: Option<String>,
 }
 
 /// The agent binary's path, or what to do when it is missing.
@@ -102,6 +104,22 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
             args,
             options.roots.clone(),
             logs.clone(),
+            stopping.clone(),
+        )));
+    }
+
+    if let Some(address) = options.dbus.clone() {
+        // One gateway per tenant, however many groups read it.
+        let tenants: std::collections::BTreeSet<String> = options
+            .tenant_readers
+            .iter()
+            .map(|(t, _)| t.clone())
+            .collect();
+        let tenants = tenants.into_iter().collect();
+        supervisors.push(tokio::spawn(crate::dbus::serve(
+            address,
+            options.roots.clone(),
+            tenants,
             stopping.clone(),
         )));
     }

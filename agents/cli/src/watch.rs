@@ -7,8 +7,8 @@ use std::io::Write;
 use cairn_pubsub::{Bus, Event, Topic, socket_path};
 use cairn_types::{
     AppInstanceConfig, AppInstanceStatus, DeviceStatus, DomainConfig, DomainLiveOpConfig,
-    DomainLiveOpStatus, DomainStatus, VolumeConfig, VolumeStatus, VolumesSnapshotConfig,
-    VolumesSnapshotStatus,
+    DomainLiveOpStatus, DomainStatus, ExportStatus, VolumeConfig, VolumeStatus,
+    VolumesSnapshotConfig, VolumesSnapshotStatus,
 };
 use chrono::{DateTime, Local, Utc};
 use serde::Serialize;
@@ -31,7 +31,7 @@ const fn known<T: Topic>(publisher: &'static str) -> KnownTopic {
 }
 
 /// Every publication the four agents make (DESIGN.md §2), in data-flow order.
-pub const KNOWN_TOPICS: [KnownTopic; 11] = [
+pub const KNOWN_TOPICS: [KnownTopic; 12] = [
     known::<DeviceStatus>("config-agent"),
     known::<AppInstanceConfig>("config-agent"),
     known::<VolumeConfig>("config-agent"),
@@ -41,6 +41,7 @@ pub const KNOWN_TOPICS: [KnownTopic; 11] = [
     known::<VolumesSnapshotConfig>("app-manager"),
     known::<VolumeStatus>("volume-manager"),
     known::<VolumesSnapshotStatus>("volume-manager"),
+    known::<ExportStatus>("volume-manager"),
     known::<DomainStatus>("domain-manager"),
     known::<DomainLiveOpStatus>("domain-manager"),
 ];
@@ -152,6 +153,7 @@ pub async fn watch(
             VolumesSnapshotConfig,
             VolumeStatus,
             VolumesSnapshotStatus,
+            ExportStatus,
             DomainStatus,
             DomainLiveOpStatus
         );
@@ -434,6 +436,24 @@ impl Summary for DomainStatus {
 impl Summary for DomainLiveOpConfig {
     fn summary(&self) -> String {
         format!("{:?} {} app {}", self.op, self.tag, short(&self.app_uuid))
+    }
+}
+
+impl Summary for ExportStatus {
+    fn summary(&self) -> String {
+        let error = if self.error.is_empty() {
+            String::new()
+        } else {
+            format!(" error: {}", self.error)
+        };
+        format!(
+            "{:?} {:?} {}/{} bytes {}{error}",
+            self.action,
+            self.state,
+            self.bytes_done,
+            self.bytes_total,
+            self.export_dir.display()
+        )
     }
 }
 

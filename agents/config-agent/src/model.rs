@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use cairn_types::{
-    AppInstanceConfig, AppInstanceOpsCmd, DomainSpec, ProcessSpec, Retention, SnapshotConfig,
-    SnapshotDesc, SnapshotPolicy, SnapshotType, UUIDandVersion, VmSpec, VolumeConfig, VolumeFormat,
-    VolumeOrigin, VolumeRefConfig,
+    AppInstanceConfig, AppInstanceOpsCmd, ConsistencyGroup, DirRestoreMode, DomainSpec,
+    ProcessSpec, Retention, SnapshotConfig, SnapshotDesc, SnapshotPolicy, SnapshotType,
+    UUIDandVersion, VmSpec, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeRefConfig,
 };
 use serde::Deserialize;
 use uuid::Uuid;
@@ -52,6 +52,28 @@ struct LocalConfig {
     volumes: Vec<LocalVolume>,
     #[serde(default)]
     config_items: BTreeMap<String, String>,
+    /// Consistency groups: apps snapshotted together, all or none.
+    #[serde(default)]
+    groups: Vec<LocalGroup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalGroup {
+    id: Uuid,
+    #[serde(default)]
+    name: String,
+    members: Vec<Uuid>,
+    #[serde(default)]
+    schedule: String,
+    #[serde(default)]
+    time_zone: String,
+    #[serde(default)]
+    expiry: String,
+    #[serde(default)]
+    retention: LocalRetention,
+    #[serde(default)]
+    pattern: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +99,28 @@ struct LocalApp {
     tenant: String,
     /// This app is a clone of another app's snapshot.
     clone_of: Option<LocalCloneOf>,
+    /// Commands run on the device around each snapshot of the app.
+    quiesce: Option<LocalQuiesce>,
+}
+
+/// Quiesce hooks: each an argv (`["/usr/bin/flush", "--all"]`) or a shell command string
+/// (run by `/bin/sh -c`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalQuiesce {
+    pre: Option<LocalCommand>,
+    post: Option<LocalCommand>,
+    timeout_seconds: Option<u32>,
+    /// A VM's guest agent that cannot freeze it does not fail a live snapshot.
+    #[serde(default)]
+    proceed_without_guest_agent: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum LocalCommand {
+    Argv(Vec<String>),
+    Shell(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,6 +161,9 @@ struct LocalSnapshotConfig {
     time_zone: String,
     #[serde(default)]
     schedule_when_stopped: bool,
+    /// How scheduled snapshots are taken.
+    #[serde(default)]
+    schedule_mode: cairn_types::SnapshotMode,
     #[serde(default)]
     expiry: String,
     #[serde(default)]
@@ -151,6 +198,9 @@ struct LocalSnapshotDesc {
     /// The consistency group this snapshot belongs to.
     #[serde(default)]
     group: Option<Uuid>,
+    /// `stopped` (default), `live` or `stateful`.
+    #[serde(default)]
+    mode: cairn_types::SnapshotMode,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +221,9 @@ enum LocalDomain {
         memory_mib: u32,
         #[serde(default = "one")]
         cpus: u32,
+        /// The guest runs qemu-guest-agent: live snapshots freeze its filesystems.
+        #[serde(default)]
+        guest_agent: bool,
     },
     Process {
         command: PathBuf,
@@ -198,8 +251,24 @@ struct LocalVolume {
     max_size_bytes: u64,
     format: LocalFormat,
     base_image: Option<LocalBaseImage>,
+    /// Restore the volume from an export made by `cairn export` (Cairn).
+    from_export: Option<LocalFromExport>,
     #[serde(default)]
     purgeable: bool,
+    /// A directory volume's restore mode (Cairn).
+    #[serde(default)]
+    restore_mode: LocalRestoreMode,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LocalRestoreMode {
+    #[default]
+    Auto,
+    BtrfsSwap,
+    SquashfsOverlay,
+    Rsync,
+    Copy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +277,15 @@ enum LocalFormat {
     Qcow2,
     Raw,
     Dir,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalFromExport {
+    /// The export directory (the newest link of a chain).
+    dir: PathBuf,
+    /// The volume's id in the export's manifest.
+    volume_uuid: Uuid,
 }
 
 #[derive(Debug, Deserialize)]
@@ -251,16 +329,82 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
             .enumerate()
             .map(|(i, app)| local_app(app, &format!("apps[{i}]")))
             .collect::<Result<_, _>>()?,
-        volumes: local.volumes.into_iter().map(local_volume).collect(),
+        volumes: local
+            .volumes
+            .into_iter()
+            .enumerate()
+            .map(|(i, volume)| {
+                if volume.base_image.is_some() && volume.from_export.is_some() {
+                    return Err(ConfigError::at(
+                        format!("volumes[{i}].from_export"),
+                        "a volume has one origin: base_image or from_export, not both",
+                    ));
+                }
+                Ok(local_volume(volume))
+            })
+            .collect::<Result<_, _>>()?,
         config_items: local.config_items,
     };
+    let groups = local
+        .groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| local_group(g, &format!("groups[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
     validate(&config)?;
+    apply_groups(&mut config, groups, "groups")?;
     apply_clones(&mut config, &clones)?;
     Ok(config)
 }
 
+fn local_group(group: LocalGroup, path: &str) -> Result<ConsistencyGroup, ConfigError> {
+    let r = &group.retention;
+    let policy = policy(
+        PolicyText {
+            schedule: &group.schedule,
+            time_zone: &group.time_zone,
+            when_stopped: false,
+            expiry: &group.expiry,
+            retention: local_retention(r),
+            pattern: &group.pattern,
+            // A group snapshot stops its members (they meet at stop barriers).
+            mode: cairn_types::SnapshotMode::Stopped,
+        },
+        path,
+    )?;
+    Ok(ConsistencyGroup {
+        id: group.id,
+        name: group.name,
+        members: group.members,
+        policy,
+    })
+}
+
 fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError> {
     check_tenant(&app.tenant, &format!("{path}.tenant"))?;
+    let quiesce = match &app.quiesce {
+        None => None,
+        Some(q) => {
+            let argv = |c: &Option<LocalCommand>| match c {
+                None => None,
+                Some(LocalCommand::Argv(argv)) => Some(argv.clone()),
+                Some(LocalCommand::Shell(line)) if line.trim().is_empty() => Some(Vec::new()),
+                Some(LocalCommand::Shell(line)) => {
+                    Some(vec!["/bin/sh".into(), "-c".into(), line.clone()])
+                }
+            };
+            Some(quiesce_hooks(
+                QuiesceText {
+                    pre: argv(&q.pre),
+                    post: argv(&q.post),
+                    timeout_seconds: q.timeout_seconds,
+                    proceed_without_guest_agent: q.proceed_without_guest_agent,
+                },
+                app.uuid,
+                &format!("{path}.quiesce"),
+            )?)
+        }
+    };
     let r = &app.snapshot.retention;
     let policy = policy(
         PolicyText {
@@ -268,15 +412,9 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
             time_zone: &app.snapshot.time_zone,
             when_stopped: app.snapshot.schedule_when_stopped,
             expiry: &app.snapshot.expiry,
-            retention: Retention {
-                keep_last: r.keep_last,
-                keep_hourly: r.keep_hourly,
-                keep_daily: r.keep_daily,
-                keep_weekly: r.keep_weekly,
-                keep_monthly: r.keep_monthly,
-                keep_yearly: r.keep_yearly,
-            },
+            retention: local_retention(r),
             pattern: &app.snapshot.pattern,
+            mode: app.snapshot.schedule_mode,
         },
         &format!("{path}.snapshot"),
     )?;
@@ -293,6 +431,7 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
             name: s.name,
             description: s.description,
             group_id: s.group.unwrap_or_default(),
+            mode: s.mode,
         });
     }
     Ok(AppInstanceConfig {
@@ -328,12 +467,14 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
                 append,
                 memory_mib,
                 cpus,
+                guest_agent,
             } => DomainSpec::Vm(VmSpec {
                 kernel,
                 initrd,
                 append,
                 memory_mib,
                 cpus,
+                guest_agent,
             }),
             LocalDomain::Process {
                 command,
@@ -348,8 +489,60 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
             }),
         }),
         tenant: app.tenant,
+        quiesce,
         ..Default::default()
     })
+}
+
+/// Quiesce hooks as either source gives them: `None` where a field is absent.
+struct QuiesceText {
+    pre: Option<Vec<String>>,
+    post: Option<Vec<String>>,
+    timeout_seconds: Option<u32>,
+    proceed_without_guest_agent: bool,
+}
+
+/// Checks an app's quiesce hooks: a hook given is a runnable argv, the timeout at least 1 s,
+/// and at least one hook is given.
+fn quiesce_hooks(
+    text: QuiesceText,
+    app: Uuid,
+    path: &str,
+) -> Result<cairn_types::app::QuiesceHooks, ConfigError> {
+    let command = |argv: Option<Vec<String>>, field: &str| match argv {
+        None => Ok(Vec::new()),
+        Some(argv) if argv.first().is_none_or(|c| c.trim().is_empty()) => Err(ConfigError::at(
+            format!("{path}.{field}"),
+            format!("app {app}: the {field} hook is an empty command"),
+        )),
+        Some(argv) => Ok(argv),
+    };
+    let hooks = cairn_types::app::QuiesceHooks {
+        pre: command(text.pre, "pre")?,
+        post: command(text.post, "post")?,
+        timeout_seconds: match text.timeout_seconds {
+            None => 0,
+            Some(0) => {
+                return Err(ConfigError::at(
+                    format!("{path}.timeout_seconds"),
+                    format!(
+                        "app {app}: a hook timeout of 0 s leaves no time to run it; give at \
+                         least 1 (or leave it out for {} s)",
+                        cairn_types::app::QuiesceHooks::DEFAULT_TIMEOUT_SECONDS
+                    ),
+                ));
+            }
+            Some(seconds) => seconds,
+        },
+        proceed_without_guest_agent: text.proceed_without_guest_agent,
+    };
+    if hooks == cairn_types::app::QuiesceHooks::default() {
+        return Err(ConfigError::at(
+            path,
+            format!("app {app}: names neither a pre nor a post hook, nor any option"),
+        ));
+    }
+    Ok(hooks)
 }
 
 /// A tenant name: empty (the default tenant) or `[a-z0-9][a-z0-9_-]{0,62}`, so that it fits in
@@ -384,9 +577,22 @@ fn local_volume(volume: LocalVolume) -> VolumeConfig {
                 path: base.path,
                 sha256: base.sha256,
             },
-            None => VolumeOrigin::Blank,
+            None => match volume.from_export {
+                Some(export) => VolumeOrigin::Export {
+                    dir: export.dir,
+                    volume: export.volume_uuid,
+                },
+                None => VolumeOrigin::Blank,
+            },
         },
         purgeable: volume.purgeable,
+        restore_mode: match volume.restore_mode {
+            LocalRestoreMode::Auto => DirRestoreMode::Auto,
+            LocalRestoreMode::BtrfsSwap => DirRestoreMode::BtrfsSwap,
+            LocalRestoreMode::SquashfsOverlay => DirRestoreMode::SquashfsOverlay,
+            LocalRestoreMode::Rsync => DirRestoreMode::Rsync,
+            LocalRestoreMode::Copy => DirRestoreMode::Copy,
+        },
         ..Default::default()
     }
 }
@@ -420,6 +626,10 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
     for (i, volume) in config.volumes.iter().enumerate() {
         volumes.push(proto_volume(volume, &format!("volumes[{i}]"))?);
     }
+    let mut groups = Vec::new();
+    for (i, group) in config.cairn_groups.iter().enumerate() {
+        groups.push(proto_group(group, &format!("cairn_groups[{i}]"))?);
+    }
     let mut config = DeviceConfig {
         apps,
         volumes,
@@ -430,8 +640,41 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
             .collect(),
     };
     validate(&config)?;
+    apply_groups(&mut config, groups, "cairn_groups")?;
     apply_clones(&mut config, &clones)?;
     Ok(config)
+}
+
+fn proto_group(group: &proto::CairnGroup, path: &str) -> Result<ConsistencyGroup, ConfigError> {
+    let members = group
+        .members
+        .iter()
+        .enumerate()
+        .map(|(j, m)| parse_uuid(m, &format!("{path}.members[{j}]")))
+        .collect::<Result<_, _>>()?;
+    let policy = policy(
+        PolicyText {
+            schedule: &group.schedule,
+            time_zone: &group.time_zone,
+            when_stopped: false,
+            expiry: &group.expiry,
+            retention: group
+                .retention
+                .as_ref()
+                .map(proto_retention)
+                .unwrap_or_default(),
+            pattern: &group.pattern,
+            // A group snapshot stops its members (they meet at stop barriers).
+            mode: cairn_types::SnapshotMode::Stopped,
+        },
+        path,
+    )?;
+    Ok(ConsistencyGroup {
+        id: parse_uuid(&group.id, &format!("{path}.id"))?,
+        name: group.name.clone(),
+        members,
+        policy,
+    })
 }
 
 /// A snapshot policy as either source spells it.
@@ -442,6 +685,7 @@ struct PolicyText<'a> {
     expiry: &'a str,
     retention: Retention,
     pattern: &'a str,
+    mode: cairn_types::SnapshotMode,
 }
 
 /// Checks every part of a policy, naming the field at fault.
@@ -464,11 +708,34 @@ fn policy(text: PolicyText<'_>, path: &str) -> Result<Option<Box<SnapshotPolicy>
         schedule: text.schedule.trim().to_string(),
         time_zone: text.time_zone.trim().to_string(),
         schedule_when_stopped: text.when_stopped,
+        mode: text.mode,
         expiry_seconds,
         retention: text.retention,
         pattern: text.pattern.to_string(),
     };
     Ok((policy != SnapshotPolicy::default()).then(|| Box::new(policy)))
+}
+
+fn local_retention(r: &LocalRetention) -> Retention {
+    Retention {
+        keep_last: r.keep_last,
+        keep_hourly: r.keep_hourly,
+        keep_daily: r.keep_daily,
+        keep_weekly: r.keep_weekly,
+        keep_monthly: r.keep_monthly,
+        keep_yearly: r.keep_yearly,
+    }
+}
+
+fn proto_retention(r: &proto::CairnRetention) -> Retention {
+    Retention {
+        keep_last: r.keep_last,
+        keep_hourly: r.keep_hourly,
+        keep_daily: r.keep_daily,
+        keep_weekly: r.keep_weekly,
+        keep_monthly: r.keep_monthly,
+        keep_yearly: r.keep_yearly,
+    }
 }
 
 /// A per-snapshot expiry: empty is 0 (as the policy says).
@@ -522,6 +789,7 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
             } else {
                 parse_uuid(desc.cairn_group.trim(), &format!("{at}.cairn_group"))?
             },
+            mode: snapshot_mode(&desc.cairn_mode, &format!("{at}.cairn_mode"))?,
         });
     }
     let mut refs = Vec::new();
@@ -562,22 +830,34 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
                     retention: snapshot
                         .cairn_retention
                         .as_ref()
-                        .map(|r| Retention {
-                            keep_last: r.keep_last,
-                            keep_hourly: r.keep_hourly,
-                            keep_daily: r.keep_daily,
-                            keep_weekly: r.keep_weekly,
-                            keep_monthly: r.keep_monthly,
-                            keep_yearly: r.keep_yearly,
-                        })
+                        .map(proto_retention)
                         .unwrap_or_default(),
                     pattern: &snapshot.cairn_pattern,
+                    mode: snapshot_mode(
+                        &snapshot.cairn_schedule_mode,
+                        &format!("{path}.snapshot.cairn_schedule_mode"),
+                    )?,
                 },
                 &format!("{path}.snapshot"),
             )?,
         },
         domain,
         tenant: app.cairn_tenant.clone(),
+        quiesce: match &app.cairn_quiesce {
+            None => None,
+            // Protobuf cannot tell an empty list or a 0 from an absent one: empty is no hook,
+            // 0 the default timeout.
+            Some(q) => Some(quiesce_hooks(
+                QuiesceText {
+                    pre: (!q.pre.is_empty()).then(|| q.pre.clone()),
+                    post: (!q.post.is_empty()).then(|| q.post.clone()),
+                    timeout_seconds: (q.timeout_seconds != 0).then_some(q.timeout_seconds),
+                    proceed_without_guest_agent: q.proceed_without_guest_agent,
+                },
+                parse_uuid(&id.uuid, &format!("{path}.uuidandversion.uuid"))?,
+                &format!("{path}.cairn_quiesce"),
+            )?),
+        },
         ..Default::default()
     })
 }
@@ -590,6 +870,7 @@ fn proto_domain(d: &proto::CairnDomain, path: &str) -> Result<DomainSpec, Config
             append: d.append.clone(),
             memory_mib: d.memory_mib,
             cpus: d.cpus.max(1),
+            guest_agent: d.guest_agent,
         })),
         "process" => Ok(DomainSpec::Process(ProcessSpec {
             command: d.command.clone().into(),
@@ -616,6 +897,21 @@ fn proto_volume(volume: &proto::Volume, path: &str) -> Result<VolumeConfig, Conf
             ));
         }
     };
+    let restore_mode = match volume.cairn_restore_mode.as_str() {
+        "" | "auto" => DirRestoreMode::Auto,
+        "btrfs_swap" => DirRestoreMode::BtrfsSwap,
+        "squashfs_overlay" => DirRestoreMode::SquashfsOverlay,
+        "rsync" => DirRestoreMode::Rsync,
+        "copy" => DirRestoreMode::Copy,
+        other => {
+            return Err(ConfigError::at(
+                format!("{path}.cairn_restore_mode"),
+                format!(
+                    "{other:?} is not a restore mode (auto, btrfs_swap, squashfs_overlay, rsync or copy)"
+                ),
+            ));
+        }
+    };
     let max_vol_size = u64::try_from(volume.maxsizebytes).map_err(|_| {
         ConfigError::at(
             format!("{path}.maxsizebytes"),
@@ -637,6 +933,7 @@ fn proto_volume(volume: &proto::Volume, path: &str) -> Result<VolumeConfig, Conf
             }
         },
         purgeable: volume.cairn_purgeable,
+        restore_mode,
         ..Default::default()
     })
 }
@@ -644,6 +941,20 @@ fn proto_volume(volume: &proto::Volume, path: &str) -> Result<VolumeConfig, Conf
 // ---- validation, shared by both sources ----
 
 /// Faults that no field type can express: duplicates and dangling references.
+/// A snapshot mode by its name; empty is `stopped`.
+fn snapshot_mode(text: &str, path: &str) -> Result<cairn_types::SnapshotMode, ConfigError> {
+    use cairn_types::SnapshotMode;
+    match text.trim() {
+        "" | "stopped" => Ok(SnapshotMode::Stopped),
+        "live" => Ok(SnapshotMode::Live),
+        "stateful" => Ok(SnapshotMode::Stateful),
+        other => Err(ConfigError::at(
+            path,
+            format!("unknown snapshot mode {other:?}: use stopped, live or stateful"),
+        )),
+    }
+}
+
 pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
     let mut apps: HashMap<Uuid, usize> = HashMap::new();
     let mut snapshots: HashMap<Uuid, String> = HashMap::new();
@@ -663,6 +974,28 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
                 return Err(ConfigError::at(
                     at,
                     format!("snapshot {} appears twice (also {first})", desc.snapshot_id),
+                ));
+            }
+            // Group members meet at stop barriers: a group snapshot stops them.
+            if !desc.group_id.is_nil() && desc.mode != cairn_types::SnapshotMode::Stopped {
+                return Err(ConfigError::at(
+                    format!("apps[{i}].snapshot.snapshots[{j}].mode"),
+                    format!(
+                        "snapshot {} of group snapshot {} is {:?}: a group snapshot is taken stopped",
+                        desc.snapshot_id, desc.group_id, desc.mode
+                    ),
+                ));
+            }
+            // Memory state exists only for a VM.
+            if desc.mode == cairn_types::SnapshotMode::Stateful
+                && !matches!(app.domain, Some(DomainSpec::Vm(_)))
+            {
+                return Err(ConfigError::at(
+                    format!("apps[{i}].snapshot.snapshots[{j}].mode"),
+                    format!(
+                        "snapshot {} of app {uuid} ({}) is stateful, but the app is not a VM: only a VM has memory state to save; use live or stopped",
+                        desc.snapshot_id, app.display_name
+                    ),
                 ));
             }
             // A group snapshot is one snapshot per member app, taken now (IMMEDIATE).
@@ -687,6 +1020,21 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
                     ));
                 }
             }
+        }
+        if app
+            .snapshot
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.mode == cairn_types::SnapshotMode::Stateful)
+            && !matches!(app.domain, Some(DomainSpec::Vm(_)))
+        {
+            return Err(ConfigError::at(
+                format!("apps[{i}].snapshot.schedule_mode"),
+                format!(
+                    "app {uuid} ({}) schedules stateful snapshots, but it is not a VM: only a VM has memory state to save; use live or stopped",
+                    app.display_name
+                ),
+            ));
         }
         let active = &app.snapshot.active_snapshot;
         if !active.is_empty() && active.parse::<Uuid>().is_err() {
@@ -714,6 +1062,17 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
     }
     let mut seen = BTreeSet::new();
     for (i, volume) in config.volumes.iter().enumerate() {
+        if matches!(volume.origin, VolumeOrigin::Export { .. })
+            && volume.format != VolumeFormat::Qcow2
+        {
+            return Err(ConfigError::at(
+                format!("volumes[{i}].format"),
+                format!(
+                    "volume {} is restored from an export, which holds qcow2 images: its format must be qcow2",
+                    volume.volume_id
+                ),
+            ));
+        }
         if !seen.insert((volume.volume_id, volume.generation_counter)) {
             return Err(ConfigError::at(
                 format!("volumes[{i}].uuid"),
@@ -723,6 +1082,118 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+// ---- consistency groups ----
+
+/// Checks the groups against the apps and hands each member its group. `list` is the groups'
+/// name in the source (`groups` in the local file, `cairn_groups` in the protobuf).
+///
+/// - a group has an id, members, each an app of this config, each in no other group;
+/// - a group snapshot (a snapshot with a group id) is listed by every member of one group, so
+///   that its members arrive in one config and none waits for a request that never comes;
+/// - an app that lists a group snapshot is a member of a group.
+fn apply_groups(
+    config: &mut DeviceConfig,
+    groups: Vec<ConsistencyGroup>,
+    list: &str,
+) -> Result<(), ConfigError> {
+    let apps: HashMap<Uuid, usize> = config
+        .apps
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.app_uuid(), i))
+        .collect();
+    let mut ids: HashMap<Uuid, usize> = HashMap::new();
+    let mut member_of: HashMap<Uuid, usize> = HashMap::new();
+    for (i, group) in groups.iter().enumerate() {
+        let at = format!("{list}[{i}]");
+        if group.id.is_nil() {
+            return Err(ConfigError::at(
+                format!("{at}.id"),
+                "a group needs an id (a UUID, not nil)",
+            ));
+        }
+        if let Some(first) = ids.insert(group.id, i) {
+            return Err(ConfigError::at(
+                format!("{at}.id"),
+                format!("group {} appears twice (also {list}[{first}])", group.id),
+            ));
+        }
+        if group.members.is_empty() {
+            return Err(ConfigError::at(
+                format!("{at}.members"),
+                format!("group {} has no members", group.id),
+            ));
+        }
+        for (j, member) in group.members.iter().enumerate() {
+            let at = format!("{at}.members[{j}]");
+            if !apps.contains_key(member) {
+                return Err(ConfigError::at(
+                    at,
+                    format!("app {member} is not in the config's apps"),
+                ));
+            }
+            if let Some(other) = member_of.insert(*member, i) {
+                return Err(ConfigError::at(
+                    at,
+                    if other == i {
+                        format!("app {member} is listed twice")
+                    } else {
+                        format!(
+                            "app {member} is already a member of group {} ({list}[{other}]): an app is in one group at most",
+                            groups[other].id
+                        )
+                    },
+                ));
+            }
+        }
+    }
+    // Every group snapshot: its group, and which members list it.
+    let mut listed: BTreeMap<Uuid, (usize, BTreeSet<Uuid>)> = BTreeMap::new();
+    for (i, app) in config.apps.iter().enumerate() {
+        for (j, desc) in app.snapshot.snapshots.iter().enumerate() {
+            if desc.group_id.is_nil() {
+                continue;
+            }
+            let at = format!("apps[{i}].snapshot.snapshots[{j}].group");
+            let Some(&g) = member_of.get(&app.app_uuid()) else {
+                return Err(ConfigError::at(
+                    at,
+                    format!(
+                        "app {} lists group snapshot {} but is a member of no group (declare the group and its members in groups)",
+                        app.app_uuid(),
+                        desc.group_id
+                    ),
+                ));
+            };
+            let entry = listed.entry(desc.group_id).or_insert((g, BTreeSet::new()));
+            if entry.0 != g {
+                return Err(ConfigError::at(
+                    at,
+                    format!(
+                        "group snapshot {} is listed by members of two groups ({} and {})",
+                        desc.group_id, groups[entry.0].id, groups[g].id
+                    ),
+                ));
+            }
+            entry.1.insert(app.app_uuid());
+        }
+    }
+    for (snapshot, (g, members)) in &listed {
+        if let Some(missing) = groups[*g].members.iter().find(|m| !members.contains(m)) {
+            return Err(ConfigError::at(
+                format!("{list}[{g}].members"),
+                format!(
+                    "member app {missing} does not list group snapshot {snapshot}: every member lists its own snapshot of it"
+                ),
+            ));
+        }
+    }
+    for (app, g) in member_of {
+        config.apps[apps[&app]].group = Some(Box::new(groups[g].clone()));
     }
     Ok(())
 }

@@ -144,6 +144,31 @@ pub struct EdgeDevConfig {
     pub config_items: Vec<ConfigItem>,
     #[prost(message, repeated, tag = "21")]
     pub volumes: Vec<Volume>,
+    /// Cairn: the consistency groups.
+    #[prost(message, repeated, tag = "1000")]
+    pub cairn_groups: Vec<CairnGroup>,
+}
+
+/// Cairn extension (field 1000 of `EdgeDevConfig`): a consistency group, its members (app
+/// UUIDs) and the policy of its scheduled group snapshots.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CairnGroup {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(string, repeated, tag = "3")]
+    pub members: Vec<String>,
+    #[prost(string, tag = "4")]
+    pub schedule: String,
+    #[prost(string, tag = "5")]
+    pub time_zone: String,
+    #[prost(string, tag = "6")]
+    pub expiry: String,
+    #[prost(message, optional, tag = "7")]
+    pub retention: Option<CairnRetention>,
+    #[prost(string, tag = "8")]
+    pub pattern: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -179,6 +204,9 @@ pub struct SnapshotDesc {
     /// Cairn: the consistency group (a UUID) of this snapshot; empty when none.
     #[prost(string, tag = "1003")]
     pub cairn_group: String,
+    /// Cairn: `stopped` (empty: the same), `live` or `stateful` (issue 11).
+    #[prost(string, tag = "1004")]
+    pub cairn_mode: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -207,6 +235,9 @@ pub struct SnapshotConfig {
     /// Cairn: names of scheduled snapshots (`auto-%Y%m%d-%H%M`, `%n`, `%a`).
     #[prost(string, tag = "1005")]
     pub cairn_pattern: String,
+    /// Cairn: how scheduled snapshots are taken: `stopped` (empty), `live` or `stateful`.
+    #[prost(string, tag = "1006")]
+    pub cairn_schedule_mode: String,
 }
 
 /// Cairn extension (field 1004 of `SnapshotConfig`): keep counts, 0 = rule off.
@@ -263,6 +294,24 @@ pub struct AppInstanceConfig {
     /// the snapshot's volumes).
     #[prost(message, optional, tag = "1002")]
     pub cairn_clone: Option<CairnClone>,
+    /// Cairn: commands run on the device around each snapshot of the app (issue 11).
+    #[prost(message, optional, tag = "1003")]
+    pub cairn_quiesce: Option<CairnQuiesce>,
+}
+
+/// Cairn extension (field 1003 of `AppInstanceConfig`): quiesce hooks, each an argv (empty:
+/// none); `timeout_seconds` 0 is the default (30 s).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CairnQuiesce {
+    #[prost(string, repeated, tag = "1")]
+    pub pre: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    pub post: Vec<String>,
+    #[prost(uint32, tag = "3")]
+    pub timeout_seconds: u32,
+    /// A guest agent that cannot freeze the guest does not fail a live snapshot.
+    #[prost(bool, tag = "4")]
+    pub proceed_without_guest_agent: bool,
 }
 
 /// Cairn extension (field 1002 of `AppInstanceConfig`): the app and the snapshot (UUIDs) a
@@ -299,6 +348,9 @@ pub struct CairnDomain {
     pub env: std::collections::HashMap<String, String>,
     #[prost(string, tag = "10")]
     pub working_dir: String,
+    /// `vm`: the guest runs qemu-guest-agent (issue 11).
+    #[prost(bool, tag = "11")]
+    pub guest_agent: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -341,6 +393,10 @@ pub struct Volume {
     pub cairn_base_sha256: String,
     #[prost(bool, tag = "1003")]
     pub cairn_purgeable: bool,
+    /// Cairn: a directory volume's restore mode: `auto` (or empty), `btrfs_swap`,
+    /// `squashfs_overlay`, `rsync` or `copy`.
+    #[prost(string, tag = "1004")]
+    pub cairn_restore_mode: String,
 }
 
 // ---- org.lfedge.eve.info ----
@@ -411,6 +467,9 @@ pub struct ZInfoSnapshot {
     pub cairn_name: String,
     #[prost(string, tag = "1001")]
     pub cairn_description: String,
+    /// Cairn: how long a live or stateful snapshot paused the VM, in milliseconds.
+    #[prost(uint64, tag = "1002")]
+    pub cairn_pause_ms: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -500,6 +559,7 @@ mod tests {
             cairn_domain: None,
             cairn_tenant: String::new(),
             cairn_clone: None,
+            cairn_quiesce: None,
         };
         let fields: Vec<u64> = keys(&app.encode_to_vec()).iter().map(|k| k >> 3).collect();
         assert_eq!(fields, vec![1, 2, 5, 9, 10, 16, 22]);

@@ -66,6 +66,7 @@ fn snapshot_info(snapshot: &SnapshotInstanceStatus) -> ZInfoSnapshot {
         snap_err: (!snapshot.error.error.is_empty()).then(|| error_info(&snapshot.error)),
         cairn_name: snapshot.snapshot.name.clone(),
         cairn_description: snapshot.snapshot.description.clone(),
+        cairn_pause_ms: snapshot.pause_ms,
     }
 }
 

@@ -176,20 +176,26 @@ const UNSET_EXTENSIONS: &[&str] = &[
     "cairn_domain: None",
     "cairn_tenant: \"\"",
     "cairn_clone: None",
+    "cairn_quiesce: None",
     "cairn_format: \"\"",
     "cairn_base_image: \"\"",
     "cairn_base_sha256: \"\"",
     "cairn_purgeable: false",
+    "cairn_restore_mode: \"\"",
     "cairn_schedule: \"\"",
     "cairn_time_zone: \"\"",
     "cairn_schedule_when_stopped: false",
     "cairn_expiry: \"\"",
     "cairn_retention: None",
     "cairn_pattern: \"\"",
+    "cairn_schedule_mode: \"\"",
     "cairn_name: \"\"",
     "cairn_description: \"\"",
     "cairn_expiry: \"\"",
     "cairn_group: \"\"",
+    "cairn_mode: \"\"",
+    "cairn_pause_ms: 0",
+    "cairn_groups: []",
 ];
 
 /// A Cairn message must be fully populated for a check to mean anything: no empty string,
@@ -578,6 +584,7 @@ fn cairn_app(n: u32) -> c::AppInstanceConfig {
         cairn_domain: None,
         cairn_tenant: String::new(),
         cairn_clone: None,
+        cairn_quiesce: None,
     }
 }
 fn eve_app(n: u32, extras: bool) -> DynamicMessage {
@@ -680,6 +687,7 @@ fn cairn_volume(n: u32) -> c::Volume {
         cairn_base_image: String::new(),
         cairn_base_sha256: String::new(),
         cairn_purgeable: false,
+        cairn_restore_mode: String::new(),
     }
 }
 fn eve_volume(n: u32, extras: bool) -> DynamicMessage {
@@ -709,6 +717,7 @@ fn cairn_edge_dev_config() -> c::EdgeDevConfig {
         apps: vec![cairn_app(1), cairn_app(2)],
         config_items: vec![cairn_config_item(1), cairn_config_item(2)],
         volumes: vec![cairn_volume(11), cairn_volume(12)],
+        cairn_groups: Vec::new(),
     }
 }
 fn eve_edge_dev_config(extras: bool) -> DynamicMessage {
@@ -1095,6 +1104,7 @@ fn cairn_domain() -> c::CairnDomain {
         ]
         .into(),
         working_dir: "/srv".into(),
+        guest_agent: true,
     }
 }
 
@@ -1124,6 +1134,12 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
             app: "a".into(),
             snapshot: "s".into(),
         }),
+        cairn_quiesce: Some(c::CairnQuiesce {
+            pre: vec!["/usr/bin/flush".into()],
+            post: vec!["/usr/bin/resume".into()],
+            timeout_seconds: 10,
+            proceed_without_guest_agent: true,
+        }),
         ..cairn_app(1)
     };
     eve_ignores_extensions(
@@ -1133,6 +1149,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
             "org.lfedge.eve.config.AppInstanceConfig#1000",
             "org.lfedge.eve.config.AppInstanceConfig#1001",
             "org.lfedge.eve.config.AppInstanceConfig#1002",
+            "org.lfedge.eve.config.AppInstanceConfig#1003",
         ],
     );
 
@@ -1141,6 +1158,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
         cairn_base_image: "/var/lib/cairn/base.qcow2".into(),
         cairn_base_sha256: "ab".repeat(32),
         cairn_purgeable: true,
+        cairn_restore_mode: "squashfs_overlay".into(),
         ..cairn_volume(1)
     };
     eve_ignores_extensions(
@@ -1151,6 +1169,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
             "org.lfedge.eve.config.Volume#1001",
             "org.lfedge.eve.config.Volume#1002",
             "org.lfedge.eve.config.Volume#1003",
+            "org.lfedge.eve.config.Volume#1004",
         ],
     );
 
@@ -1168,12 +1187,13 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
             keep_yearly: 6,
         }),
         cairn_pattern: "auto-%Y%m%d".into(),
+        cairn_schedule_mode: "live".into(),
         ..cairn_snapshot_config()
     };
     eve_ignores_extensions(
         &policy,
         &eve_snapshot_config(),
-        &(1000..=1005)
+        &(1000..=1006)
             .map(|n| format!("org.lfedge.eve.config.SnapshotConfig#{n}"))
             .collect::<Vec<_>>()
             .iter()
@@ -1186,6 +1206,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
         cairn_description: "taken by hand".into(),
         cairn_expiry: "7d".into(),
         cairn_group: "99999999-8888-4777-8666-555555555555".into(),
+        cairn_mode: "live".into(),
         ..cairn_snapshot_desc(1)
     };
     eve_ignores_extensions(
@@ -1196,11 +1217,13 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
             "org.lfedge.eve.config.SnapshotDesc#1001",
             "org.lfedge.eve.config.SnapshotDesc#1002",
             "org.lfedge.eve.config.SnapshotDesc#1003",
+            "org.lfedge.eve.config.SnapshotDesc#1004",
         ],
     );
     let reported = c::ZInfoSnapshot {
         cairn_name: "auto-20260702-0300".into(),
         cairn_description: "scheduled".into(),
+        cairn_pause_ms: 42,
         ..cairn_info_snapshot(1)
     };
     eve_ignores_extensions(
@@ -1209,6 +1232,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
         &[
             "org.lfedge.eve.info.ZInfoSnapshot#1000",
             "org.lfedge.eve.info.ZInfoSnapshot#1001",
+            "org.lfedge.eve.info.ZInfoSnapshot#1002",
         ],
     );
 
@@ -1216,6 +1240,23 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
     let config = c::EdgeDevConfig {
         apps: vec![app.clone(), app],
         volumes: vec![volume.clone(), volume],
+        cairn_groups: vec![c::CairnGroup {
+            id: "99999999-8888-4777-8666-555555555555".into(),
+            name: "plant".into(),
+            members: vec!["00000000-0000-4000-8000-000000000101".into()],
+            schedule: "@hourly".into(),
+            time_zone: "Europe/Berlin".into(),
+            expiry: "2w".into(),
+            retention: Some(c::CairnRetention {
+                keep_last: 1,
+                keep_hourly: 2,
+                keep_daily: 3,
+                keep_weekly: 4,
+                keep_monthly: 5,
+                keep_yearly: 6,
+            }),
+            pattern: "plant-%n".into(),
+        }],
         ..cairn_edge_dev_config()
     };
     let mut want = eve_edge_dev_config(false);
@@ -1224,14 +1265,14 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
         "volumes",
         msgs([eve_volume(1, false), eve_volume(1, false)]),
     );
-    let mut unknown = Vec::new();
+    let mut unknown = vec!["org.lfedge.eve.config.EdgeDevConfig#1000".to_string()];
     for i in 0..2 {
-        for n in [1000, 1001, 1002] {
+        for n in 1000..=1003 {
             unknown.push(format!("org.lfedge.eve.config.EdgeDevConfig.apps[{i}]#{n}"));
         }
     }
     for i in 0..2 {
-        for n in 1000..1004 {
+        for n in 1000..=1004 {
             unknown.push(format!(
                 "org.lfedge.eve.config.EdgeDevConfig.volumes[{i}]#{n}"
             ));

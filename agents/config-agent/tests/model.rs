@@ -165,6 +165,7 @@ fn proto_config(snapshot_ids: &[&str]) -> proto::EdgeDevConfig {
             key: "timer.config.interval".into(),
             value: "60".into(),
         }],
+        cairn_groups: Vec::new(),
     }
 }
 
@@ -297,44 +298,206 @@ fn snapshots_carry_a_name_a_description_and_their_own_expiry() {
     assert_eq!(e.path, "apps[0].snapshot.snapshots[0].expiry", "{e}");
 }
 
+/// The local config of `local(snapshots)` with `groups` (a JSON list) added.
+fn with_groups(config: String, groups: &str) -> String {
+    config.replacen(
+        r#""config_items""#,
+        &format!(r#""groups": {groups}, "config_items""#),
+        1,
+    )
+}
+
+const GROUP: &str = "99999999-8888-4777-8666-555555555555";
+const GROUP_SNAPSHOT: &str = "99999999-8888-4777-8666-5555555555aa";
+
 #[test]
-fn a_snapshot_names_its_consistency_group_in_either_source_and_is_checked() {
-    const GROUP: &str = "99999999-8888-4777-8666-555555555555";
-    let config = from_local_json(&local(&format!(
-        r#"{{"id": "{SNAP1}", "type": "immediate", "group": "{GROUP}"}}"#
-    )))
+fn a_snapshot_names_its_group_snapshot_in_either_source_and_is_checked() {
+    let only_member = format!(r#"[{{"id": "{GROUP}", "name": "plant", "members": ["{APP}"]}}]"#);
+    let config = from_local_json(&with_groups(
+        local(&format!(
+            r#"{{"id": "{SNAP1}", "type": "immediate", "group": "{GROUP_SNAPSHOT}"}}"#
+        )),
+        &only_member,
+    ))
     .unwrap();
     let desc = &config.apps[0].snapshot.snapshots[0];
-    assert_eq!(desc.group_id, GROUP.parse::<uuid::Uuid>().unwrap());
-    // No group: nil.
+    assert_eq!(desc.group_id, GROUP_SNAPSHOT.parse::<uuid::Uuid>().unwrap());
+    let group = config.apps[0]
+        .group
+        .as_ref()
+        .expect("the member has its group");
+    assert_eq!(group.id, GROUP.parse::<uuid::Uuid>().unwrap());
+    assert_eq!(group.name, "plant");
+    // No group snapshot: nil.
     let config = from_local_json(&local(&format!(
         r#"{{"id": "{SNAP1}", "type": "immediate"}}"#
     )))
     .unwrap();
     assert!(config.apps[0].snapshot.snapshots[0].group_id.is_nil());
+    assert!(config.apps[0].group.is_none());
 
-    // A member takes one snapshot of a group, an immediate one.
+    // A group snapshot on an app that is in no group.
     let e = err(from_local_json(&local(&format!(
-        r#"{{"id": "{SNAP1}", "type": "immediate", "group": "{GROUP}"}},
-           {{"id": "{SNAP2}", "type": "immediate", "group": "{GROUP}"}}"#
+        r#"{{"id": "{SNAP1}", "type": "immediate", "group": "{GROUP_SNAPSHOT}"}}"#
     ))));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[0].group", "{e}");
+    assert!(e.message.contains("member of no group"), "{e}");
+    // A member takes one snapshot of a group snapshot, an immediate one.
+    let e = err(from_local_json(&with_groups(
+        local(&format!(
+            r#"{{"id": "{SNAP1}", "type": "immediate", "group": "{GROUP_SNAPSHOT}"}},
+               {{"id": "{SNAP2}", "type": "immediate", "group": "{GROUP_SNAPSHOT}"}}"#
+        )),
+        &only_member,
+    )));
     assert_eq!(e.path, "apps[0].snapshot.snapshots[1].group", "{e}");
-    let e = err(from_local_json(&local(&format!(
-        r#"{{"id": "{SNAP1}", "type": "app_update", "group": "{GROUP}"}}"#
-    ))));
+    let e = err(from_local_json(&with_groups(
+        local(&format!(
+            r#"{{"id": "{SNAP1}", "type": "app_update", "group": "{GROUP_SNAPSHOT}"}}"#
+        )),
+        &only_member,
+    )));
     assert_eq!(e.path, "apps[0].snapshot.snapshots[0].group", "{e}");
     assert!(e.to_string().contains("immediate"), "{e}");
 
     let mut edge = proto_config(&[SNAP1]);
-    edge.apps[0].snapshot.as_mut().unwrap().snapshots[0].cairn_group = GROUP.into();
+    edge.apps[0].snapshot.as_mut().unwrap().snapshots[0].cairn_group = GROUP_SNAPSHOT.into();
+    edge.cairn_groups.push(proto::CairnGroup {
+        id: GROUP.into(),
+        name: "plant".into(),
+        members: vec![APP.into()],
+        schedule: "@hourly".into(),
+        retention: Some(proto::CairnRetention {
+            keep_last: 3,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     let controller = from_proto(&edge).unwrap();
     assert_eq!(
         controller.apps[0].snapshot.snapshots[0].group_id,
-        GROUP.parse::<uuid::Uuid>().unwrap()
+        GROUP_SNAPSHOT.parse::<uuid::Uuid>().unwrap()
     );
+    let policy = controller.apps[0]
+        .group
+        .as_ref()
+        .unwrap()
+        .policy
+        .as_ref()
+        .unwrap();
+    assert_eq!(policy.schedule, "@hourly");
+    assert_eq!(policy.retention.keep_last, 3);
+    edge.cairn_groups[0].schedule = "every hour".into();
+    let e = err(from_proto(&edge));
+    assert_eq!(e.path, "cairn_groups[0].schedule", "{e}");
+    edge.cairn_groups[0].schedule = "@hourly".into();
     edge.apps[0].snapshot.as_mut().unwrap().snapshots[0].cairn_group = "nope".into();
     let e = err(from_proto(&edge));
     assert_eq!(e.path, "apps[0].snapshot.snapshots[0].cairn_group", "{e}");
+}
+
+/// Two apps, `APP` and `OTHER`, each listing `snapshots(app)`, with `groups`.
+fn two_apps(groups: &str, snapshots: impl Fn(&str) -> String) -> String {
+    let app = |uuid: &str, volume: &str| {
+        format!(
+            r#"{{"uuid": "{uuid}", "version": "1", "volume_refs": [{{"uuid": "{volume}"}}],
+                "snapshot": {{"snapshots": [{}]}},
+                "domain": {{"kind": "process", "command": "/bin/sh", "args": ["-c", "sleep 1000"]}}}}"#,
+            snapshots(uuid)
+        )
+    };
+    format!(
+        r#"{{"apps": [{}, {}],
+            "volumes": [{{"uuid": "{VOLUME}", "format": "dir"}}, {{"uuid": "{OTHER_VOLUME}", "format": "dir"}}],
+            "groups": {groups}}}"#,
+        app(APP, VOLUME),
+        app(OTHER, OTHER_VOLUME)
+    )
+}
+
+const OTHER: &str = "0ede0000-0000-4000-8000-000000000002";
+const OTHER_VOLUME: &str = "0ede0000-0000-4000-8000-0000000000b2";
+
+#[test]
+fn a_group_names_its_members_and_every_member_lists_each_group_snapshot() {
+    let group = format!(
+        r#"[{{"id": "{GROUP}", "members": ["{APP}", "{OTHER}"], "schedule": "@daily",
+              "time_zone": "Europe/Berlin", "expiry": "2w", "retention": {{"keep_daily": 7}},
+              "pattern": "plant-%Y%m%d"}}]"#
+    );
+    let snapshot = |app: &str| {
+        let id = if app == APP { SNAP1 } else { SNAP2 };
+        format!(r#"{{"id": "{id}", "type": "immediate", "group": "{GROUP_SNAPSHOT}"}}"#)
+    };
+    let config = from_local_json(&two_apps(&group, snapshot)).unwrap();
+    for app in &config.apps {
+        let group = app.group.as_ref().expect("each member has its group");
+        assert_eq!(group.members.len(), 2);
+        let policy = group.policy.as_ref().unwrap();
+        assert_eq!(policy.time_zone, "Europe/Berlin");
+        assert_eq!(policy.expiry_seconds, 14 * 24 * 3600);
+        assert_eq!(policy.retention.keep_daily, 7);
+        assert_eq!(policy.pattern, "plant-%Y%m%d");
+    }
+
+    // One member does not list the group snapshot: it would never join.
+    let e = err(from_local_json(&two_apps(&group, |app| {
+        if app == APP {
+            snapshot(app)
+        } else {
+            String::new()
+        }
+    })));
+    assert_eq!(e.path, "groups[0].members", "{e}");
+    assert!(
+        e.message.contains(OTHER) && e.message.contains(GROUP_SNAPSHOT),
+        "{e}"
+    );
+
+    // A member that is not an app of the config.
+    let stranger = "0ede0000-0000-4000-8000-00000000dead";
+    let e = err(from_local_json(&two_apps(
+        &format!(r#"[{{"id": "{GROUP}", "members": ["{APP}", "{stranger}"]}}]"#),
+        |_| String::new(),
+    )));
+    assert_eq!(e.path, "groups[0].members[1]", "{e}");
+    assert!(e.message.contains(stranger), "{e}");
+
+    // An app in two groups.
+    let e = err(from_local_json(&two_apps(
+        &format!(
+            r#"[{{"id": "{GROUP}", "members": ["{APP}"]}},
+                {{"id": "{GROUP_SNAPSHOT}", "members": ["{OTHER}", "{APP}"]}}]"#
+        ),
+        |_| String::new(),
+    )));
+    assert_eq!(e.path, "groups[1].members[1]", "{e}");
+    assert!(e.message.contains("one group at most"), "{e}");
+
+    // No members; a nil id; the same id twice.
+    let e = err(from_local_json(&two_apps(
+        &format!(r#"[{{"id": "{GROUP}", "members": []}}]"#),
+        |_| String::new(),
+    )));
+    assert_eq!(e.path, "groups[0].members", "{e}");
+    let e = err(from_local_json(&two_apps(
+        r#"[{"id": "00000000-0000-0000-0000-000000000000", "members": []}]"#,
+        |_| String::new(),
+    )));
+    assert_eq!(e.path, "groups[0].id", "{e}");
+    let e = err(from_local_json(&two_apps(
+        &format!(
+            r#"[{{"id": "{GROUP}", "members": ["{APP}"]}}, {{"id": "{GROUP}", "members": ["{OTHER}"]}}]"#
+        ),
+        |_| String::new(),
+    )));
+    assert_eq!(e.path, "groups[1].id", "{e}");
+    // A group policy is checked like an app's.
+    let e = err(from_local_json(&two_apps(
+        &format!(r#"[{{"id": "{GROUP}", "members": ["{APP}"], "expiry": "soon"}}]"#),
+        |_| String::new(),
+    )));
+    assert_eq!(e.path, "groups[0].expiry", "{e}");
 }
 
 #[test]
@@ -519,4 +682,163 @@ fn a_bad_clone_spec_is_refused_naming_its_field() {
         assert_eq!(e.path, path, "{e}");
         assert!(e.message.contains(words), "{e}");
     }
+}
+
+// ---- quiesce hooks (issue 11) ----
+
+/// The local config with `quiesce` (a JSON object) on its app.
+fn local_quiesce(quiesce: &str) -> String {
+    local("").replace(
+        r#""domain":"#,
+        &format!(r#""quiesce": {quiesce}, "domain":"#),
+    )
+}
+
+#[test]
+fn quiesce_hooks_are_an_argv_or_a_shell_command_with_a_default_timeout() {
+    let config = from_local_json(&local_quiesce(
+        r#"{"pre": ["/usr/bin/flush", "--all"], "post": "echo thawed >> /tmp/log"}"#,
+    ))
+    .unwrap();
+    let hooks = config.apps[0].quiesce.clone().unwrap();
+    assert_eq!(hooks.pre, ["/usr/bin/flush", "--all"]);
+    assert_eq!(hooks.post, ["/bin/sh", "-c", "echo thawed >> /tmp/log"]);
+    assert_eq!(hooks.timeout_seconds(), 30);
+    assert_eq!(from_local_json(&local("")).unwrap().apps[0].quiesce, None);
+}
+
+#[test]
+fn an_empty_hook_command_is_refused_naming_the_app_and_the_field() {
+    for pre in [r#"[]"#, r#""  ""#, r#"["", "x"]"#] {
+        let e = err(from_local_json(&local_quiesce(&format!(
+            r#"{{"pre": {pre}, "post": ["/bin/true"]}}"#
+        ))));
+        assert_eq!(e.path, "apps[0].quiesce.pre", "{pre}: {e}");
+        assert!(e.message.contains(APP), "{e}");
+    }
+}
+
+#[test]
+fn a_zero_hook_timeout_or_a_block_without_hooks_is_refused() {
+    let e = err(from_local_json(&local_quiesce(
+        r#"{"pre": ["/bin/true"], "timeout_seconds": 0}"#,
+    )));
+    assert_eq!(e.path, "apps[0].quiesce.timeout_seconds");
+    assert!(e.message.contains(APP), "{e}");
+    let e = err(from_local_json(&local_quiesce(r#"{}"#)));
+    assert_eq!(e.path, "apps[0].quiesce");
+}
+
+#[test]
+fn quiesce_hooks_travel_in_the_cairn_extension_of_the_protobuf() {
+    let mut config = proto_config(&[]);
+    config.apps[0].cairn_quiesce = Some(proto::CairnQuiesce {
+        pre: vec!["/usr/bin/flush".into()],
+        post: vec![],
+        timeout_seconds: 0,
+        proceed_without_guest_agent: false,
+    });
+    let decoded = proto::EdgeDevConfig::decode(config.encode_to_vec().as_slice()).unwrap();
+    let hooks = from_proto(&decoded).unwrap().apps[0]
+        .quiesce
+        .clone()
+        .unwrap();
+    assert_eq!(hooks.pre, ["/usr/bin/flush"]);
+    assert!(hooks.post.is_empty());
+    assert_eq!(hooks.timeout_seconds(), 30);
+
+    config.apps[0].cairn_quiesce = Some(proto::CairnQuiesce {
+        pre: vec![String::new()],
+        post: vec![],
+        timeout_seconds: 3,
+        proceed_without_guest_agent: false,
+    });
+    let e = err(from_proto(&config));
+    assert_eq!(e.path, "apps[0].cairn_quiesce.pre");
+}
+
+// ---- issue 11: snapshot modes ----
+
+#[test]
+fn a_snapshot_mode_is_read_from_both_sources_alike() {
+    use cairn_types::SnapshotMode;
+    let from_file = from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "immediate", "mode": "live"}}, {{"id": "{SNAP2}", "type": "immediate"}}"#
+    )))
+    .unwrap();
+    let modes: Vec<_> = from_file.apps[0]
+        .snapshot
+        .snapshots
+        .iter()
+        .map(|d| d.mode)
+        .collect();
+    assert_eq!(modes, vec![SnapshotMode::Live, SnapshotMode::Stopped]);
+    let mut edge = proto_config(&[SNAP1, SNAP2]);
+    edge.apps[0].snapshot.as_mut().unwrap().snapshots[0].cairn_mode = "live".into();
+    let bytes = edge.encode_to_vec();
+    let from_controller =
+        from_proto(&proto::EdgeDevConfig::decode(bytes.as_slice()).unwrap()).unwrap();
+    assert_eq!(from_controller, from_file);
+
+    edge.apps[0].snapshot.as_mut().unwrap().snapshots[0].cairn_mode = "hot".into();
+    let e = err(from_proto(&edge));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[0].cairn_mode", "{e}");
+    assert!(e.message.contains("hot"), "{e}");
+}
+
+#[test]
+fn a_stateful_snapshot_of_a_process_is_refused_naming_the_app_and_snapshot() {
+    let e = err(from_local_json(&local(&format!(
+        r#"{{"id": "{SNAP1}", "type": "immediate", "mode": "stateful"}}"#
+    ))));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[0].mode", "{e}");
+    assert!(e.message.contains(APP), "names the app: {e}");
+    assert!(e.message.contains(SNAP1), "names the snapshot: {e}");
+    assert!(e.message.contains("not a VM"), "says why: {e}");
+}
+
+#[test]
+fn a_schedule_mode_is_read_from_both_sources_and_stateful_needs_a_vm() {
+    let with_mode = |mode: &str| {
+        local("").replacen(
+            r#""max_snapshots": 2,"#,
+            &format!(r#""max_snapshots": 2, "schedule": "@daily", "schedule_mode": "{mode}","#),
+            1,
+        )
+    };
+    let config = from_local_json(&with_mode("live")).unwrap();
+    let policy = config.apps[0].snapshot.policy.as_ref().unwrap();
+    assert_eq!(policy.mode, cairn_types::SnapshotMode::Live);
+    // The test app is a process: it has no memory state to save.
+    let e = err(from_local_json(&with_mode("stateful")));
+    assert_eq!(e.path, "apps[0].snapshot.schedule_mode", "{e}");
+    assert!(e.message.contains("not a VM"), "{e}");
+    let e = err(from_local_json(&with_mode("paused")));
+    assert_eq!(e.path, "apps[0].snapshot.schedule_mode", "{e}");
+
+    let mut edge = proto_config(&[]);
+    let snapshot = edge.apps[0].snapshot.as_mut().unwrap();
+    snapshot.cairn_schedule = "@daily".into();
+    snapshot.cairn_schedule_mode = "live".into();
+    let controller = from_proto(&edge).unwrap();
+    assert_eq!(
+        controller.apps[0].snapshot.policy,
+        config.apps[0].snapshot.policy
+    );
+    edge.apps[0].snapshot.as_mut().unwrap().cairn_schedule_mode = "sometimes".into();
+    let e = err(from_proto(&edge));
+    assert_eq!(e.path, "apps[0].snapshot.cairn_schedule_mode", "{e}");
+}
+
+#[test]
+fn a_group_snapshot_is_taken_stopped_and_says_so_when_asked_otherwise() {
+    let config = with_groups(
+        local(&format!(
+            r#"{{"id": "{SNAP1}", "type": "immediate", "group": "{GROUP_SNAPSHOT}", "mode": "live"}}"#
+        )),
+        &format!(r#"[{{"id": "{GROUP}", "members": ["{APP}"]}}]"#),
+    );
+    let e = err(from_local_json(&config));
+    assert_eq!(e.path, "apps[0].snapshot.snapshots[0].mode", "{e}");
+    assert!(e.message.contains("taken stopped"), "{e}");
 }

@@ -251,7 +251,13 @@ impl Domain {
             );
         }
         let spawned = match &launch {
-            Launch::Vm { args } => self.spawn_vm(args).await,
+            Launch::Vm {
+                args,
+                clear_bitmaps,
+            } => match crate::launch::clear_export_bitmaps(clear_bitmaps).await {
+                Ok(()) => self.spawn_vm(args).await,
+                Err(e) => Err(e),
+            },
             Launch::Process {
                 spec,
                 disks,
@@ -640,9 +646,10 @@ impl Domain {
         let result = self.run_live_op(&request).await;
         status.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match result {
-            Ok(()) => {
+            Ok(paused) => {
                 status.state = DomainLiveOpState::Done;
-                tracing::info!(app = %self.app, op = ?request.op, tag = %request.tag, ms = status.duration_ms, "live operation done");
+                status.pause_ms = u64::try_from(paused.as_millis()).unwrap_or(u64::MAX);
+                tracing::info!(app = %self.app, op = ?request.op, tag = %request.tag, ms = status.duration_ms, pause_ms = status.pause_ms, "live operation done");
             }
             Err(text) => {
                 tracing::warn!(app = %self.app, op = ?request.op, error = %text, "live operation failed");
@@ -656,7 +663,8 @@ impl Domain {
         self.publish().await;
     }
 
-    async fn run_live_op(&mut self, request: &DomainLiveOpConfig) -> Result<(), String> {
+    /// Runs `request`; `Ok` holds how long it kept the guest's CPUs stopped.
+    async fn run_live_op(&mut self, request: &DomainLiveOpConfig) -> Result<Duration, String> {
         let op = request.op;
         if !matches!(&self.running, Some(r) if r.kind == Kind::Vm) {
             return Err(format!("{op:?}: app {} is not a running VM", self.app));
@@ -672,6 +680,7 @@ impl Domain {
             .map_err(fail)?;
         let tag = request.tag.as_str();
         let job_id = format!("cairn-{}", request.request_id);
+        let mut paused = Duration::ZERO;
         match op {
             DomainLiveOp::Pause => {
                 qmp.execute("stop", None).await.map_err(fail)?;
@@ -688,11 +697,7 @@ impl Domain {
                     ));
                 }
                 if op == DomainLiveOp::DiskSnapshotCreate {
-                    let actions: Vec<Value> = nodes
-                        .iter()
-                        .map(|n| json!({"type": "blockdev-snapshot-internal-sync", "data": {"device": n, "name": tag}}))
-                        .collect();
-                    qmp.execute("transaction", Some(json!({ "actions": actions })))
+                    paused = disk_snapshot_paused(&mut qmp, &nodes, tag)
                         .await
                         .map_err(fail)?;
                 } else {
@@ -728,15 +733,51 @@ impl Domain {
                         json!({"job-id": job_id, "tag": tag, "devices": nodes}),
                     ),
                 };
+                let was_running = qmp.query_status().await.map_err(fail)?.running;
+                let at = Instant::now();
                 qmp.run_job(command, &job_id, args, t.job)
                     .await
                     .map_err(fail)?;
+                // snapshot-save and -load stop the guest for the whole job.
+                if was_running && op != DomainLiveOp::StateDelete {
+                    paused = at.elapsed();
+                }
             }
         }
         let state = qmp.query_status().await.map_err(fail)?;
         self.status.paused = !state.running;
-        Ok(())
+        Ok(paused)
     }
+}
+
+/// One atomic internal snapshot `tag` of `nodes` with the guest's CPUs stopped around it (a
+/// guest paused already stays paused); returns how long they were stopped.
+async fn disk_snapshot_paused(
+    qmp: &mut Qmp,
+    nodes: &[String],
+    tag: &str,
+) -> Result<Duration, QmpError> {
+    let running = qmp.query_status().await?.running;
+    let actions: Vec<Value> = nodes
+        .iter()
+        .map(|n| json!({"type": "blockdev-snapshot-internal-sync", "data": {"device": n, "name": tag}}))
+        .collect();
+    if !running {
+        qmp.execute("transaction", Some(json!({ "actions": actions })))
+            .await?;
+        return Ok(Duration::ZERO);
+    }
+    qmp.execute("stop", None).await?;
+    let at = Instant::now();
+    let taken = qmp
+        .execute("transaction", Some(json!({ "actions": actions })))
+        .await;
+    // Resumed whatever the outcome: a failed snapshot must not leave the guest stopped.
+    let resumed = qmp.execute("cont", None).await;
+    let paused = at.elapsed();
+    taken?;
+    resumed?;
+    Ok(paused)
 }
 
 /// Format nodes of writable qcow2 disks, in disk order.

@@ -21,6 +21,10 @@ impl AppDir {
     pub fn qmp_socket(&self) -> PathBuf {
         self.0.join("qmp.sock")
     }
+    /// The guest agent's virtio-serial port, when the VM has one (`VmSpec::guest_agent`).
+    pub fn guest_agent_socket(&self) -> PathBuf {
+        self.0.join("qga.sock")
+    }
     /// Written by qemu itself (`-pidfile`), so it exists as soon as qemu runs.
     pub fn qemu_pidfile(&self) -> PathBuf {
         self.0.join("qemu.pid")
@@ -133,6 +137,10 @@ pub fn resolve_disks(
 pub enum Launch {
     Vm {
         args: Vec<String>,
+        /// The qcow2 disks to clear of dirty bitmaps before qemu starts: a start that loads a
+        /// memory state (`-loadvm`) is refused by qemu while a disk has one ("Device has
+        /// active dirty bitmaps"), and exports leave Cairn's on the volumes.
+        clear_bitmaps: Vec<PathBuf>,
     },
     Process {
         spec: ProcessSpec,
@@ -160,8 +168,18 @@ pub fn plan(
                     });
                 }
             }
+            let clear_bitmaps = if config.load_state_tag.is_empty() {
+                Vec::new()
+            } else {
+                disks
+                    .iter()
+                    .filter(|d| d.format == VolumeFormat::Qcow2 && !d.read_only)
+                    .map(|d| d.path.clone())
+                    .collect()
+            };
             Ok(Launch::Vm {
                 args: qemu_args(config, vm, &disks, dir, accel),
+                clear_bitmaps,
             })
         }
         DomainSpec::Process(p) => {
@@ -223,6 +241,64 @@ pub fn disk_node(i: usize) -> String {
     format!("disk{i}")
 }
 
+/// Removes the dirty bitmaps Cairn's exports keep on `disks` (`cairn-*`), so that qemu can
+/// load a memory state from them; the next incremental export of such a disk falls back to a
+/// full one and says the bitmap is missing. A bitmap Cairn did not make stops the start with
+/// an error that names it: removing it would lose someone else's change tracking.
+pub async fn clear_export_bitmaps(disks: &[PathBuf]) -> Result<(), String> {
+    for disk in disks {
+        let info = tokio::process::Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(disk)
+            .output()
+            .await
+            .map_err(|e| format!("cannot run qemu-img info on {}: {e}", disk.display()))?;
+        if !info.status.success() {
+            return Err(format!(
+                "qemu-img info {}: {}",
+                disk.display(),
+                String::from_utf8_lossy(&info.stderr).trim()
+            ));
+        }
+        let json: serde_json::Value = serde_json::from_slice(&info.stdout)
+            .map_err(|e| format!("qemu-img info {}: {e}", disk.display()))?;
+        let names: Vec<String> = json
+            .pointer("/format-specific/data/bitmaps")
+            .and_then(serde_json::Value::as_array)
+            .map(|all| {
+                all.iter()
+                    .filter_map(|b| b.get("name").and_then(serde_json::Value::as_str))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in names {
+            if !name.starts_with("cairn-") {
+                return Err(format!(
+                    "{} has dirty bitmap {name:?}, which Cairn did not make: qemu cannot load the memory state while it is there",
+                    disk.display()
+                ));
+            }
+            let out = tokio::process::Command::new("qemu-img")
+                .args(["bitmap", "--remove"])
+                .arg(disk)
+                .arg(&name)
+                .output()
+                .await
+                .map_err(|e| format!("cannot run qemu-img bitmap on {}: {e}", disk.display()))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "removing bitmap {name} from {}: {}",
+                    disk.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            tracing::info!(disk = %disk.display(), bitmap = %name, "dirty bitmap removed to load a memory state");
+        }
+    }
+    Ok(())
+}
+
 /// The qemu command line (without the binary). Disks are `-blockdev`s with explicit node names
 /// so that QMP snapshot commands can name them; the console goes to a file so that it survives
 /// a domain-manager restart; `-no-reboot` turns a guest reboot or panic into a qemu exit.
@@ -246,6 +322,18 @@ pub fn qemu_args(
     push(&["-chardev", &console, "-serial", "chardev:console"]);
     let qmp = format!("unix:{},server=on,wait=off", opt_escape(&dir.qmp_socket()));
     push(&["-qmp", &qmp]);
+    if vm.guest_agent {
+        // qemu-guest-agent's port; the app-manager talks to it for fsfreeze/thaw.
+        let qga = format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            opt_escape(&dir.guest_agent_socket())
+        );
+        push(&["-chardev", &qga, "-device", "virtio-serial-pci,id=vser0"]);
+        push(&[
+            "-device",
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]);
+    }
     let pidfile = dir.qemu_pidfile().to_string_lossy().into_owned();
     push(&["-pidfile", &pidfile]);
     let kernel = vm.kernel.to_string_lossy().into_owned();
@@ -256,6 +344,10 @@ pub fn qemu_args(
     }
     if !vm.append.is_empty() {
         push(&["-append", &vm.append]);
+    }
+    // A rollback to a stateful snapshot: resume from its memory and device state.
+    if !config.load_state_tag.is_empty() {
+        push(&["-loadvm", &config.load_state_tag]);
     }
     for (i, d) in disks.iter().enumerate() {
         let node = disk_node(i);
@@ -359,10 +451,12 @@ mod tests {
                 append: String::new(),
                 memory_mib: memory,
                 cpus: 1,
+                guest_agent: false,
             }),
             disk_config_list: disks,
             restart_counter: 0,
             purge_counter: 0,
+            load_state_tag: String::new(),
         }
     }
 
@@ -374,6 +468,43 @@ mod tests {
             detect_accel(qemu, Duration::from_millis(200), tmp.path()).await,
             "tcg"
         );
+    }
+
+    #[test]
+    fn a_vm_with_a_guest_agent_gets_its_port() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let kernel = tmp.path().join("vmlinuz");
+        let dir = AppDir(tmp.path().join("app"));
+        let cfg = vm_config(&kernel, 64, vec![]);
+        let DomainSpec::Vm(mut vm) = cfg.spec.clone() else {
+            panic!("a vm");
+        };
+        let port = "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0";
+        assert!(!qemu_args(&cfg, &vm, &[], &dir, "tcg").contains(&port.to_string()));
+        vm.guest_agent = true;
+        let args = qemu_args(&cfg, &vm, &[], &dir, "tcg");
+        assert!(args.contains(&port.to_string()), "{args:?}");
+        let socket = format!("path={}", dir.guest_agent_socket().display());
+        assert!(
+            args.iter()
+                .any(|a| a.starts_with("socket,id=qga0,") && a.contains(&socket))
+        );
+    }
+
+    #[test]
+    fn a_load_state_tag_starts_qemu_from_that_snapshot() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let kernel = tmp.path().join("vmlinuz");
+        let dir = AppDir(tmp.path().join("app"));
+        let DomainSpec::Vm(vm) = vm_config(&kernel, 64, vec![]).spec else {
+            panic!("a vm");
+        };
+        let mut cfg = vm_config(&kernel, 64, vec![]);
+        assert!(!qemu_args(&cfg, &vm, &[], &dir, "tcg").contains(&"-loadvm".to_string()));
+        cfg.load_state_tag = "snap-1".into();
+        let args = qemu_args(&cfg, &vm, &[], &dir, "tcg");
+        let at = args.iter().position(|a| a == "-loadvm").expect("-loadvm");
+        assert_eq!(args[at + 1], "snap-1");
     }
 
     #[test]
@@ -432,7 +563,7 @@ mod tests {
                 ..DiskConfig::default()
             }],
         );
-        let Ok(Launch::Vm { args }) = plan(&cfg, &volumes, &AppDir(tmp.path().into()), "tcg")
+        let Ok(Launch::Vm { args, .. }) = plan(&cfg, &volumes, &AppDir(tmp.path().into()), "tcg")
         else {
             panic!("plan failed");
         };
@@ -440,5 +571,64 @@ mod tests {
             args.iter()
                 .any(|a| a.contains("a,,b.qcow2") && a.contains("node-name=disk0-file"))
         );
+    }
+
+    fn bitmaps(disk: &Path) -> Vec<String> {
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(disk)
+            .output()
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json.pointer("/format-specific/data/bitmaps")
+            .and_then(serde_json::Value::as_array)
+            .map(|all| {
+                all.iter()
+                    .map(|b| b["name"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn export_bitmaps_are_cleared_before_a_memory_state_is_loaded_and_foreign_ones_stop_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = tmp.path().join("d.qcow2");
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        for name in ["cairn-a", "cairn-b"] {
+            let status = std::process::Command::new("qemu-img")
+                .args(["bitmap", "--add", "--enable"])
+                .arg(&disk)
+                .arg(name)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        clear_export_bitmaps(std::slice::from_ref(&disk))
+            .await
+            .unwrap();
+        assert!(bitmaps(&disk).is_empty(), "Cairn's bitmaps are gone");
+
+        let status = std::process::Command::new("qemu-img")
+            .args(["bitmap", "--add", "--enable"])
+            .arg(&disk)
+            .arg("backup-tool")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let e = clear_export_bitmaps(std::slice::from_ref(&disk))
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("backup-tool") && e.contains("did not make"),
+            "{e}"
+        );
+        assert_eq!(bitmaps(&disk), ["backup-tool"], "someone else's is kept");
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod export;
 pub mod manager;
 pub mod process;
 pub mod tools;

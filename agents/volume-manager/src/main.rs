@@ -7,8 +7,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cairn_pubsub::{Bus, Event, Publication, PublishOptions};
+use cairn_types::export::{ExportConfig, ExportStatus};
 use cairn_types::snapshot::{VolumesSnapshotConfig, VolumesSnapshotStatus};
 use cairn_types::volume::{AppVolumeRefs, VolumeConfig, VolumeStatus};
+use cairn_volume_manager::export::{ExportJobs, JobSource};
 use cairn_volume_manager::manager::AGENT;
 use cairn_volume_manager::{Publish, Tools, VolumeManager};
 use clap::Parser;
@@ -90,6 +92,19 @@ async fn main() -> anyhow::Result<()> {
     let mut volume_configs = bus.subscribe::<VolumeConfig>("config-agent");
     let mut snapshot_configs = bus.subscribe::<VolumesSnapshotConfig>("app-manager");
     let mut app_holds = bus.subscribe::<AppVolumeRefs>("app-manager");
+    // Export jobs (issue 11): requested by `cairn`, run in tasks of their own.
+    let export_statuses = bus
+        .publish::<ExportStatus>(PublishOptions {
+            persistent: false,
+            access: args
+                .technicians_gid
+                .map(cairn_pubsub::Access::with_group_readers)
+                .unwrap_or_default(),
+        })
+        .await
+        .context("publishing ExportStatus")?;
+    let mut export_configs = bus.subscribe::<ExportConfig>("cli");
+    let (mut exports, mut export_updates) = ExportJobs::open(&args.persist_dir).await;
     tracing::info!(persist = %args.persist_dir.display(), records = manager.records().count(), "volume-manager started");
 
     // Snapshot requests wait until the volumes are known.
@@ -171,6 +186,20 @@ async fn main() -> anyhow::Result<()> {
                 };
                 outputs.apply(actions).await;
             }
+            event = export_configs.recv() => match event {
+                Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                    let source = export_source(&manager, &value);
+                    exports.handle_config(value, source);
+                }
+                Event::Delete { key, .. } => exports.handle_config_delete(&key),
+                _ => {}
+            },
+            Some(status) = export_updates.recv() => {
+                exports.note(&status);
+                if let Err(e) = export_statuses.publish(status).await {
+                    tracing::error!("publishing ExportStatus: {e}");
+                }
+            }
             _ = size_refresh.tick() => {
                 outputs.apply(manager.refresh_sizes()).await;
             }
@@ -180,6 +209,24 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("volume-manager stopping");
     Ok(())
+}
+
+/// The snapshot record and volume names an export job needs, from the manager's state.
+fn export_source(manager: &VolumeManager, config: &ExportConfig) -> JobSource {
+    let record = manager.record(config.snapshot_id).cloned();
+    let volume_names = record
+        .iter()
+        .flat_map(|r| r.volume_snapshot_meta.keys())
+        .filter_map(|id| {
+            let meta = record.as_ref()?.meta_of(*id)?;
+            let status = manager.volume_status(&meta.volume_key)?;
+            Some((*id, status.display_name.clone()))
+        })
+        .collect();
+    JobSource {
+        record,
+        volume_names,
+    }
 }
 
 async fn handle_snapshot_event(

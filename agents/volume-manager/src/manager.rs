@@ -213,7 +213,10 @@ impl VolumeManager {
                 .get(&key)
                 .is_some_and(|s| s.state == VolumeState::Failed);
         let outcome = if path.exists() {
-            volumes::check_existing(&key, &path, config.format)
+            match volumes::check_existing(&key, &path, config.format) {
+                Ok(()) => volumes::activate(&key, &path, backend).await,
+                Err(e) => Err(e),
+            }
         } else if !waiting_clone
             && (self.known_before.contains(&key) || self.statuses.contains_key(&key))
         {
@@ -453,7 +456,10 @@ impl VolumeManager {
                     meta.volume_key == key
                         && !matches!(
                             meta.backend,
-                            SnapshotBackendKind::Copy | SnapshotBackendKind::Btrfs
+                            SnapshotBackendKind::Copy
+                                | SnapshotBackendKind::Btrfs
+                                | SnapshotBackendKind::Squashfs
+                                | SnapshotBackendKind::Rsync
                         )
                 })
             })
@@ -698,6 +704,7 @@ impl VolumeManager {
                     app_uuid: record.app_uuid,
                     request_counter: record.in_progress_counter,
                     volume_keys: BTreeMap::new(),
+                    live: false,
                 };
                 let _ = self.delete_snapshot(&config).await;
                 Vec::new()
@@ -837,6 +844,13 @@ impl VolumeManager {
                     .requested_volume(config, *volume)
                     .and_then(|(vref, kind)| self.backends.plan(kind, &vref, &name)),
             };
+            // Issue 11: a live create needs a backend that can take one.
+            let planned = planned.and_then(|meta| {
+                if config.live {
+                    crate::backend::qcow2::check_live(&meta.volume_key, meta.backend)?;
+                }
+                Ok(meta)
+            });
             match planned {
                 Ok(meta) => plan.push((*volume, meta)),
                 Err(e) => {
@@ -888,16 +902,21 @@ impl VolumeManager {
         // Act, all or nothing.
         let mut made = Vec::new();
         for (k, (volume, meta)) in plan.iter().enumerate() {
-            match self
-                .backends
-                .create(
-                    meta.backend,
-                    &VolumeRef::of_meta(meta),
-                    &name,
-                    previous.is_none(),
-                )
-                .await
-            {
+            // A running VM's disk was snapshotted by the domain-manager: record it only.
+            let made_live = config.live && meta.backend == SnapshotBackendKind::Qcow2;
+            let created = if made_live {
+                crate::backend::qcow2::adopt_live(&VolumeRef::of_meta(meta), &name).await
+            } else {
+                self.backends
+                    .create(
+                        meta.backend,
+                        &VolumeRef::of_meta(meta),
+                        &name,
+                        previous.is_none(),
+                    )
+                    .await
+            };
+            match created {
                 Ok(done) => {
                     record.volume_snapshot_meta.insert(*volume, done.to_value());
                     made.push(*volume);
@@ -1070,7 +1089,10 @@ impl VolumeManager {
     fn restored_volume(&mut self, volume: Uuid, meta: &VolumeSnapshotMeta) -> Option<Publish> {
         if !matches!(
             meta.backend,
-            SnapshotBackendKind::Copy | SnapshotBackendKind::Btrfs
+            SnapshotBackendKind::Copy
+                | SnapshotBackendKind::Btrfs
+                | SnapshotBackendKind::Squashfs
+                | SnapshotBackendKind::Rsync
         ) || !meta.file_location.is_dir()
         {
             return None;

@@ -54,6 +54,10 @@ pub struct Tools {
     pub qemu_img: Tool,
     pub btrfs: Tool,
     pub zfs: Tool,
+    /// mksquashfs: the squashfs_overlay restore mode.
+    pub squashfs: Tool,
+    /// rsync: the rsync restore mode.
+    pub rsync: Tool,
 }
 
 impl Tools {
@@ -77,6 +81,18 @@ impl Tools {
             )
             .await,
             zfs,
+            squashfs: Tool::probe(
+                backend::squashfs::TOOL,
+                backend::squashfs::PACKAGE,
+                &["-version"],
+            )
+            .await,
+            rsync: Tool::probe(
+                backend::rsync::TOOL,
+                backend::rsync::PACKAGE,
+                &["--version"],
+            )
+            .await,
         }
     }
 }

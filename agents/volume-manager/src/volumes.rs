@@ -11,7 +11,7 @@ use cairn_types::volume::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::backend::{btrfs, copy, qcow2};
+use crate::backend::{btrfs, copy, qcow2, restore_mode, squashfs};
 use crate::error::{Result, VolumeError};
 use crate::process::{self, COMMAND_TIMEOUT};
 use crate::tools::Tools;
@@ -37,6 +37,9 @@ pub fn choose_backend(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> S
         VolumeFormat::Qcow2 => SnapshotBackendKind::Qcow2,
         VolumeFormat::Raw => SnapshotBackendKind::None,
         VolumeFormat::Dir => {
+            if let Some(kind) = restore_mode::kind(config.restore_mode) {
+                return kind; // checked when the volume is made
+            }
             #[cfg(feature = "zfs")]
             if tools.zfs.is_available() && zfs_served(volumes, config) {
                 return SnapshotBackendKind::Zfs;
@@ -166,6 +169,7 @@ pub async fn create(
     tools: &Tools,
 ) -> Result<()> {
     let key = config.key();
+    restore_mode::check(config, path.parent().unwrap_or(path), tools)?;
     let tmp = staging(&key, path).await?;
     let size = config.max_vol_size.to_string();
     let needs_qemu = config.format == VolumeFormat::Qcow2
@@ -184,6 +188,14 @@ pub async fn create(
             what: format!(
                 "a clone (of volume {volume} in snapshot {snapshot}) is made from the snapshot's record, not from its config alone"
             ),
+        }),
+        (VolumeFormat::Qcow2, VolumeOrigin::Export { dir, volume }) => {
+            crate::export::import::materialize(&key, dir, *volume, &tmp).await
+        }
+        (_, VolumeOrigin::Export { .. }) => Err(VolumeError::Unsupported {
+            volume: key.clone(),
+            what: "a volume restored from an export must be qcow2 (exports hold qcow2 images)"
+                .into(),
         }),
         (VolumeFormat::Dir, VolumeOrigin::BaseImage { .. }) => Err(VolumeError::Unsupported {
             volume: key.clone(),
@@ -246,7 +258,17 @@ pub async fn create(
     if let Some(parent) = path.parent() {
         let _ = cairn_persist::sync_dir(parent);
     }
-    Ok(())
+    activate(&key, path, backend).await
+}
+
+/// Brings an existing volume into service: a squashfs-overlay volume's mounts are adopted or
+/// made again (they do not survive a reboot). Nothing to do for the other backends.
+pub async fn activate(key: &str, path: &Path, backend: SnapshotBackendKind) -> Result<()> {
+    if backend == SnapshotBackendKind::Squashfs || squashfs::has_state(path) {
+        squashfs::activate(key, path).await
+    } else {
+        Ok(())
+    }
 }
 
 /// Creates the clone volume of `config` at `path` (which must not exist yet) as a copy of the
@@ -276,6 +298,7 @@ pub async fn create_clone(
     tools: &Tools,
 ) -> Result<()> {
     let key = config.key();
+    restore_mode::check(config, path.parent().unwrap_or(path), tools)?;
     let tmp = staging(&key, path).await?;
     let unsupported = |what: String| VolumeError::Unsupported {
         volume: key.clone(),
@@ -335,8 +358,11 @@ pub async fn create_clone(
         (None, SnapshotBackendKind::Btrfs) if backend == SnapshotBackendKind::Btrfs => {
             btrfs::writable_snapshot(&key, &source.snapshot_location, &tmp).await
         }
+        (None, SnapshotBackendKind::Squashfs) => {
+            unsquash_into(&key, &source.snapshot_location, &tmp, backend, tools).await
+        }
         (None, SnapshotBackendKind::Btrfs | SnapshotBackendKind::Copy)
-        | (None, SnapshotBackendKind::Purgeable) => {
+        | (None, SnapshotBackendKind::Rsync | SnapshotBackendKind::Purgeable) => {
             copy_into(&key, &source.snapshot_location, &tmp, backend).await
         }
         (None, SnapshotBackendKind::Zfs) => {
@@ -368,7 +394,7 @@ pub async fn create_clone(
     if let Some(parent) = path.parent() {
         let _ = cairn_persist::sync_dir(parent);
     }
-    Ok(())
+    activate(&key, path, backend).await
 }
 
 /// Makes the directory (a subvolume on the btrfs backend) `to` and copies the tree `from` into
@@ -392,8 +418,56 @@ async fn copy_into(key: &str, from: &Path, to: &Path, backend: SnapshotBackendKi
         .map(drop)
 }
 
+/// Makes the directory (a subvolume on the btrfs backend) `to` and unpacks the squashfs image
+/// `from` into it.
+async fn unsquash_into(
+    key: &str,
+    from: &Path,
+    to: &Path,
+    backend: SnapshotBackendKind,
+    tools: &Tools,
+) -> Result<()> {
+    if !from.is_file() {
+        return Err(VolumeError::NoSnapshot {
+            volume: key.to_string(),
+            snapshot: from.display().to_string(),
+        });
+    }
+    if !tools.squashfs.is_available() {
+        return Err(VolumeError::ToolMissing {
+            volume: key.to_string(),
+            tool: "unsquashfs",
+            package: squashfs::PACKAGE,
+            backend: "squashfs_overlay",
+        });
+    }
+    if backend == SnapshotBackendKind::Btrfs {
+        btrfs::create_subvolume(key, to).await?;
+    } else {
+        std::fs::create_dir(to).map_err(VolumeError::io(key, "cannot create", to))?;
+    }
+    let args: [&std::ffi::OsStr; 6] = [
+        "-f".as_ref(),
+        "-q".as_ref(),
+        "-n".as_ref(),
+        "-d".as_ref(),
+        to.as_os_str(),
+        from.as_os_str(),
+    ];
+    process::run("unsquashfs", &args, COMMAND_TIMEOUT * 30)
+        .await
+        .map(drop)
+        .map_err(|source| VolumeError::Command {
+            volume: key.to_string(),
+            source,
+        })
+}
+
 /// Removes a volume file, directory or btrfs subvolume; one already gone is not an error.
 pub async fn remove(key: &str, path: &Path) -> Result<()> {
+    if squashfs::has_state(path) {
+        return squashfs::remove_volume(key, path).await;
+    }
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());
     };

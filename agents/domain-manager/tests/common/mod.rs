@@ -329,6 +329,7 @@ pub fn vm_config(app: Uuid, disk: Option<&Path>, activate: bool) -> DomainConfig
             append: "console=ttyS0 quiet panic=-1 cryptomgr.notests cairn.workload=counter".into(),
             memory_mib: 256,
             cpus: 1,
+            guest_agent: false,
         }),
         disk_config_list: disk
             .map(|d| {
@@ -343,6 +344,7 @@ pub fn vm_config(app: Uuid, disk: Option<&Path>, activate: bool) -> DomainConfig
             .unwrap_or_default(),
         restart_counter: 0,
         purge_counter: 0,
+        load_state_tag: String::new(),
     }
 }
 
@@ -369,6 +371,7 @@ pub fn process_config(app: Uuid, script: &str, volume: &Path, activate: bool) ->
         }],
         restart_counter: 0,
         purge_counter: 0,
+        load_state_tag: String::new(),
     }
 }
 

@@ -14,6 +14,9 @@ pub mod btrfs;
 pub mod copy;
 pub mod purgeable;
 pub mod qcow2;
+pub mod restore_mode;
+pub mod rsync;
+pub mod squashfs;
 #[cfg(feature = "zfs")]
 pub mod zfs;
 
@@ -119,6 +122,14 @@ macro_rules! dispatch {
                 let $b = purgeable::PurgeableBackend;
                 $call
             }
+            SnapshotBackendKind::Squashfs => {
+                let $b = squashfs::SquashfsBackend;
+                $call
+            }
+            SnapshotBackendKind::Rsync => {
+                let $b = rsync::RsyncBackend;
+                $call
+            }
             #[cfg(feature = "zfs")]
             SnapshotBackendKind::Zfs => {
                 let $b = zfs::ZfsBackend;
@@ -140,6 +151,8 @@ impl Backends {
             SnapshotBackendKind::Qcow2 => Some(&self.tools.qemu_img),
             SnapshotBackendKind::Btrfs => Some(&self.tools.btrfs),
             SnapshotBackendKind::Zfs if cfg!(feature = "zfs") => Some(&self.tools.zfs),
+            SnapshotBackendKind::Squashfs => Some(&self.tools.squashfs),
+            SnapshotBackendKind::Rsync => Some(&self.tools.rsync),
             SnapshotBackendKind::Copy | SnapshotBackendKind::Purgeable => None,
             SnapshotBackendKind::Zfs | SnapshotBackendKind::None => {
                 return Err(VolumeError::Unsupported {
@@ -158,6 +171,8 @@ impl Backends {
                 backend: match kind {
                     SnapshotBackendKind::Qcow2 => "qcow2",
                     SnapshotBackendKind::Btrfs => "btrfs",
+                    SnapshotBackendKind::Squashfs => "squashfs_overlay",
+                    SnapshotBackendKind::Rsync => "rsync",
                     _ => "zfs",
                 },
             }),
@@ -181,21 +196,30 @@ impl Backends {
         name: &str,
         fresh: bool,
     ) -> Result<VolumeSnapshotMeta> {
-        dispatch!(self, kind, &volume.key, |b| b
+        let meta = dispatch!(self, kind, &volume.key, |b| b
             .create(volume, name, fresh)
-            .await)
+            .await)?;
+        // Change tracking for incremental exports (qcow2 volumes already tracked).
+        crate::export::bitmap::after_create(&meta).await;
+        Ok(meta)
     }
 
     pub async fn rollback(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
+        // qemu refuses to apply a snapshot while the image has bitmaps (export tracking).
+        let tracked = crate::export::bitmap::before_rollback(meta).await;
         dispatch!(self, meta.backend, &meta.volume_key, |b| b
             .rollback(meta)
-            .await)
+            .await)?;
+        crate::export::bitmap::after_rollback(meta, tracked).await;
+        Ok(())
     }
 
     pub async fn delete(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
         dispatch!(self, meta.backend, &meta.volume_key, |b| b
             .delete(meta)
-            .await)
+            .await)?;
+        crate::export::bitmap::after_delete(meta).await;
+        Ok(())
     }
 
     pub async fn exists(&self, meta: &VolumeSnapshotMeta) -> Result<bool> {

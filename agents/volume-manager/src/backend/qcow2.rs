@@ -126,6 +126,45 @@ async fn snapshot_op(volume: &str, op: &str, name: &str, file: &Path) -> Result<
     .map_err(|e| classify(volume, file, e))
 }
 
+/// Records the internal snapshot `name` the domain-manager took of a running VM's disk
+/// (issue 11: live and stateful snapshots). The VM holds the image's write lock, so nothing is
+/// written: the tag is looked up read-only (`-l -U`) and must be there.
+pub async fn adopt_live(volume: &VolumeRef, name: &str) -> Result<VolumeSnapshotMeta> {
+    if !list(&volume.key, &volume.path)
+        .await?
+        .iter()
+        .any(|tag| tag == name)
+    {
+        return Err(VolumeError::Unsupported {
+            volume: volume.key.clone(),
+            what: format!(
+                "the live snapshot {name} is not in {} (the domain-manager did not take it): nothing recorded",
+                volume.path.display()
+            ),
+        });
+    }
+    tracing::info!(volume = %volume.key, snapshot = name, "live qcow2 snapshot recorded");
+    Ok(Qcow2Backend.plan(volume, name))
+}
+
+/// Whether a volume of `kind` can be snapshotted while its app runs: qcow2 through the
+/// domain-manager (the VM's own block layer), btrfs and ZFS (atomic copy-on-write snapshots of
+/// a live tree). A copy of a tree being written would be torn: refused, naming the backend.
+pub fn check_live(volume: &str, kind: SnapshotBackendKind) -> Result<()> {
+    match kind {
+        SnapshotBackendKind::Qcow2 | SnapshotBackendKind::Btrfs | SnapshotBackendKind::Zfs => {
+            Ok(())
+        }
+        other => Err(VolumeError::Unsupported {
+            volume: volume.to_string(),
+            what: format!(
+                "a live snapshot needs a copy-on-write backend (qcow2 of a VM, btrfs, zfs); this volume's backend is {}: take the snapshot with mode stopped",
+                format!("{other:?}").to_lowercase()
+            ),
+        }),
+    }
+}
+
 impl SnapshotBackend for Qcow2Backend {
     fn kind(&self) -> SnapshotBackendKind {
         SnapshotBackendKind::Qcow2

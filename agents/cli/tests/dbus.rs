@@ -1,0 +1,196 @@
+//! `cairn up --dbus`: the device's read-only D-Bus read-out, read with `busctl` from a private
+//! `dbus-daemon`, the way a technician's tool reads it: the general gateway shows every app, a
+//! tenant's gateway only that tenant's apps (and the device), and `cairn dbus-policy` prints the
+//! daemon policy that gives each group its gateways.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+#[path = "../../../pubsub/tests/support/dbus_daemon.rs"]
+mod dbus_daemon;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Up, output};
+use dbus_daemon::PrivateDbusDaemon;
+
+const NORTH_APP: &str = "d8b50000-0000-4000-8000-00000000a001";
+const SOUTH_APP: &str = "d8b50000-0000-4000-8000-00000000a002";
+
+/// Two process apps, one per tenant, each on its own directory volume.
+fn two_tenants_config() -> String {
+    let app = |uuid: &str, name: &str, tenant: &str, volume: &str| {
+        format!(
+            r#"{{"uuid": "{uuid}", "version": "1", "display_name": "{name}", "tenant": "{tenant}",
+                "volume_refs": [{{"uuid": "{volume}"}}],
+                "domain": {{"kind": "process", "command": "/bin/sh", "args": ["-c", "while :; do sleep 1; done"]}}}}"#
+        )
+    };
+    let volumes = [
+        "d8b50000-0000-4000-8000-00000000b001",
+        "d8b50000-0000-4000-8000-00000000b002",
+    ];
+    format!(
+        r#"{{"apps": [{}, {}],
+            "volumes": [{{"uuid": "{}", "format": "dir"}}, {{"uuid": "{}", "format": "dir"}}]}}"#,
+        app(NORTH_APP, "pump", "north", volumes[0]),
+        app(SOUTH_APP, "valve", "south", volumes[1]),
+        volumes[0],
+        volumes[1]
+    )
+}
+
+/// `busctl --address=ADDRESS tree --list NAME`, or its error output.
+fn tree(address: &str, name: &str) -> Result<String, String> {
+    let (code, out, err) = output(
+        Command::new("busctl")
+            .arg(format!("--address={address}"))
+            .args(["--no-pager", "tree", "--list", name]),
+    );
+    if code == 0 { Ok(out) } else { Err(err) }
+}
+
+/// Polls `tree` of `name` until `done` holds; panics with the last tree and the log.
+fn wait_tree(up: &Up, address: &str, name: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let last = tree(address, name);
+        if let Ok(text) = &last
+            && done(text)
+        {
+            return text.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not as expected; last: {last:?}\n--- cairn up log ---\n{}",
+            up.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn app_object(app: &str) -> String {
+    cairn_pubsub::dbus::object_path("app-manager", "AppInstanceStatus", app)
+}
+
+/// The path under which `publisher`'s `topic` keys are objects.
+fn topic_prefix(publisher: &str, topic: &str) -> String {
+    let any = cairn_pubsub::dbus::object_path(publisher, topic, "x");
+    any.trim_end_matches('x').to_string()
+}
+
+#[test]
+fn up_serves_every_status_on_dbus_and_each_tenant_only_its_own() {
+    let daemon = PrivateDbusDaemon::start();
+    let address = daemon.address().to_string();
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("device.json");
+    std::fs::write(&config, two_tenants_config()).unwrap();
+    let up = Up::start_in(
+        root,
+        &common::cairn_bin(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--dbus",
+            &address,
+            "--tenant-reader",
+            "north:4242",
+        ],
+    );
+
+    // The general gateway: both apps, their volumes and domains, and the device.
+    let all = wait_tree(&up, &address, "org.cairn.Bus", |t| {
+        t.contains(&app_object(NORTH_APP))
+            && t.contains(&app_object(SOUTH_APP))
+            && t.contains(&topic_prefix("config-agent", "DeviceStatus"))
+            && t.contains(&topic_prefix("volume-manager", "VolumeStatus"))
+            && t.contains(&topic_prefix("domain-manager", "DomainStatus"))
+    });
+    // North's gateway: its app and the device status, nothing of south.
+    let north = wait_tree(&up, &address, "org.cairn.Tenant.north", |t| {
+        t.contains(&app_object(NORTH_APP))
+            && t.contains(&topic_prefix("config-agent", "DeviceStatus"))
+    });
+    assert!(
+        !north.contains(&app_object(SOUTH_APP)),
+        "north sees south's app:\n{north}"
+    );
+    assert!(
+        !north.contains("VolumeStatus"),
+        "north sees device-wide volumes:\n{north}"
+    );
+    // South has no reader: no gateway of its own.
+    assert!(tree(&address, "org.cairn.Tenant.south").is_err());
+
+    // The app's status as JSON, readable as a property.
+    let (code, out, err) = output(Command::new("busctl").args([
+        &format!("--address={address}"),
+        "--no-pager",
+        "get-property",
+        "org.cairn.Bus",
+        &app_object(NORTH_APP),
+        "org.cairn.Topic1",
+        "Json",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("pump"),
+        "the app's status names it: {out}\n{all}"
+    );
+    drop(daemon);
+}
+
+#[test]
+fn up_runs_on_when_the_dbus_bus_cannot_be_reached_and_says_why() {
+    let root = tempfile::tempdir().unwrap();
+    let missing = root.path().join("no-such-bus");
+    let address = format!("unix:path={}", missing.display());
+    let up = Up::start_in(root, &common::cairn_bin(), &["--dbus", &address]);
+    // The demo device comes up regardless.
+    up.wait_status(Duration::from_secs(60), common::demo_ready);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !up.log().contains("D-Bus read-out on") {
+        assert!(
+            Instant::now() < deadline,
+            "no word on the D-Bus read-out:\n{}",
+            up.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = up.log();
+    assert!(
+        log.contains(&format!("D-Bus read-out on {address} unavailable")),
+        "names the bus and says it is unavailable:\n{log}"
+    );
+}
+
+#[test]
+fn dbus_policy_gives_the_technicians_every_gateway_and_a_tenant_its_own() {
+    // Group 0 is root's on every machine; the policy names groups, not ids.
+    let (code, out, err) = common::cairn(
+        std::path::Path::new("/nonexistent"),
+        &[
+            "dbus-policy",
+            "--technicians-gid",
+            "0",
+            "--tenant-reader",
+            "north:0",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("<busconfig>"), "{out}");
+    assert!(out.contains("org.cairn.Tenant.north"), "{out}");
+    assert!(out.contains(r#"group="root""#), "{out}");
+    // A group that does not exist cannot be written into a policy.
+    let (code, _, err) = common::cairn(
+        std::path::Path::new("/nonexistent"),
+        &["dbus-policy", "--tenant-reader", "north:4000000000"],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("4000000000") && err.contains("groupadd"),
+        "{err}"
+    );
+}

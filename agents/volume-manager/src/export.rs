@@ -1,0 +1,29 @@
+//! Exports of snapshots to a target directory, their verification, and the change tracking that
+//! makes incremental exports possible.
+//!
+//! An export is a directory `<target>/<app>-<snapshot>-<time>/` with one zstd-compressed qcow2
+//! per volume and `manifest.json` (sha256 of every file, the app config, the chain link). It is
+//! written as `<name>.partial/`, fsynced, the manifest last, then renamed: a directory without
+//! the suffix is always complete. A job record (`<persist>/volume-manager/exports/<job>.json`) is
+//! written before the partial directory is made, so a restart removes what a killed job left.
+//!
+//! Change tracking: a persistent qcow2 dirty bitmap `cairn-<snapshot>` on the volume records
+//! every cluster written after that snapshot. A full export of snapshot S starts tracking (adds
+//! `cairn-S`) when the volume still equals S; from then on every qemu-img snapshot of the volume
+//! gets its own bitmap. An incremental export of S2 over a previous export of S reads only the
+//! clusters `cairn-S` marks, from S2's state (`qemu-nbd -l S2 -B cairn-S`), into a qcow2 whose
+//! backing file is the previous export. qemu refuses to apply an internal snapshot while the
+//! image has bitmaps, so a rollback drops them and restarts tracking at the snapshot rolled back
+//! to. A bitmap that is missing or `in-use` (a VM running, or one that crashed before storing it)
+//! makes the export full, and the status and manifest say why.
+
+pub mod bitmap;
+pub mod import;
+mod job;
+pub mod verify;
+
+pub use job::{ExportJobs, JobSource};
+pub use verify::{VerifyError, verify_export};
+
+/// Crash point: after the first volume file of an export is written, before the manifest.
+pub const CRASH_MID_EXPORT: &str = "volume-manager:mid-export";

@@ -1,0 +1,59 @@
+//! Making a volume from an export (`VolumeOrigin::Export`): the export and its chain are
+//! verified first, then the last link is converted (through its backing chain) into a new,
+//! independent qcow2.
+
+use std::path::Path;
+
+use uuid::Uuid;
+
+use super::verify;
+use crate::error::VolumeError;
+
+/// Writes volume `volume` of the export in `dir` into `out` (which must not exist).
+pub async fn materialize(
+    key: &str,
+    dir: &Path,
+    volume: Uuid,
+    out: &Path,
+) -> Result<(), VolumeError> {
+    let failed = |what: String| VolumeError::Unsupported {
+        volume: key.to_string(),
+        what,
+    };
+    let checked = dir.to_path_buf();
+    let (manifest, _) =
+        tokio::task::spawn_blocking(move || verify::verify_export(&checked, &mut |_, _| true))
+            .await
+            .map_err(|e| failed(format!("verifying export {}: {e}", dir.display())))?
+            .map_err(|e| failed(format!("cannot be restored from the export: {e}")))?;
+    let entry = manifest.volume(volume).ok_or_else(|| {
+        failed(format!(
+            "export {} has no volume {volume} (it has {})",
+            dir.display(),
+            manifest
+                .volumes
+                .iter()
+                .map(|v| v.volume_id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let source = dir.join(&entry.file);
+    tracing::info!(volume = key, export = %dir.display(), file = %entry.file, kind = ?entry.kind, "restoring a volume from an export");
+    crate::process::run(
+        "qemu-img",
+        &[
+            "convert".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            source.as_os_str(),
+            out.as_os_str(),
+        ],
+        std::time::Duration::from_secs(24 * 3600),
+    )
+    .await
+    .map(drop)
+    .map_err(|e| crate::backend::qcow2::classify(key, out, e))
+}

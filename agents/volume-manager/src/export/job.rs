@@ -1,0 +1,1155 @@
+//! Export and verify jobs: each runs in its own tokio task beside the manager's work, reports
+//! progress through a channel (at most every [`PROGRESS_EVERY`]), and is cancelled through a
+//! watch flag (its qemu processes die with it: `kill_on_drop`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cairn_types::export::{
+    ExportAction, ExportBase, ExportConfig, ExportJobRecord, ExportKind, ExportManifest,
+    ExportState, ExportStatus, ExportVolumeResult, MANIFEST_FILE, MANIFEST_FORMAT, ManifestVolume,
+    PARTIAL_SUFFIX,
+};
+use cairn_types::layout::{APP_INSTANCE_CONFIG_FILE, snapshot_dir};
+use cairn_types::snapshot::{VolumesSnapshotAction, VolumesSnapshotStatus};
+use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use super::bitmap;
+use super::verify::{self, VerifyError};
+
+/// Progress is published at most this often.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+/// A target with less free space than this is refused before anything is written.
+const MIN_FREE: u64 = 16 << 20;
+/// Dirty extents closer than this are read as one (fewer qemu-img runs, a little more data).
+const MERGE_GAP: u64 = 1 << 20;
+const TOOL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// What the manager knows about the snapshot an export job names.
+#[derive(Debug, Clone, Default)]
+pub struct JobSource {
+    pub record: Option<VolumesSnapshotStatus>,
+    /// Display names of the volumes, by id.
+    pub volume_names: BTreeMap<Uuid, String>,
+}
+
+/// The jobs of this process and the outcomes of finished ones (a job runs at most once per id).
+pub struct ExportJobs {
+    persist: PathBuf,
+    running: HashMap<Uuid, watch::Sender<bool>>,
+    finished: HashMap<Uuid, ExportStatus>,
+    tx: mpsc::UnboundedSender<ExportStatus>,
+}
+
+fn jobs_dir(persist: &Path) -> PathBuf {
+    persist.join("volume-manager").join("exports")
+}
+
+fn job_record_path(persist: &Path, job: Uuid) -> PathBuf {
+    jobs_dir(persist).join(format!("{job}.json"))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl ExportJobs {
+    /// Removes what jobs killed with a previous process left (their partial directories) and
+    /// returns their Failed statuses, to publish.
+    pub async fn open(persist: &Path) -> (Self, mpsc::UnboundedReceiver<ExportStatus>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let dir = jobs_dir(persist);
+        let interrupted = tokio::task::spawn_blocking(move || sweep_interrupted(&dir))
+            .await
+            .unwrap_or_default();
+        let mut jobs = Self {
+            persist: persist.to_path_buf(),
+            running: HashMap::new(),
+            finished: HashMap::new(),
+            tx,
+        };
+        for status in interrupted {
+            jobs.finished.insert(status.job_id, status.clone());
+            let _ = jobs.tx.send(status);
+        }
+        (jobs, rx)
+    }
+
+    /// An `ExportConfig` create or modify: starts the job, or cancels it.
+    pub fn handle_config(&mut self, config: ExportConfig, source: JobSource) {
+        if let Some(cancel) = self.running.get(&config.job_id) {
+            if config.cancel {
+                tracing::info!(job = %config.job_id, "export cancel requested");
+                let _ = cancel.send(true);
+            }
+            return;
+        }
+        if self.finished.contains_key(&config.job_id) {
+            return;
+        }
+        if config.cancel {
+            let status = ExportStatus {
+                job_id: config.job_id,
+                action: config.action,
+                state: ExportState::Cancelled,
+                error: "cancelled before it started".into(),
+                ..ExportStatus::default()
+            };
+            self.finished.insert(config.job_id, status.clone());
+            let _ = self.tx.send(status);
+            return;
+        }
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        self.running.insert(config.job_id, cancel_tx);
+        let tx = self.tx.clone();
+        let persist = self.persist.clone();
+        tracing::info!(job = %config.job_id, action = ?config.action, snapshot = %config.snapshot_id, target = %config.target_dir.display(), incremental = config.incremental, "export job started");
+        tokio::spawn(async move {
+            let status = run_job(&persist, config, source, cancel_rx, tx.clone()).await;
+            let _ = tx.send(status);
+        });
+    }
+
+    /// The request is gone: a running job is cancelled.
+    pub fn handle_config_delete(&mut self, job: &str) {
+        if let Ok(id) = job.parse::<Uuid>()
+            && let Some(cancel) = self.running.get(&id)
+        {
+            tracing::info!(job = %id, "export request withdrawn: cancelling");
+            let _ = cancel.send(true);
+        }
+    }
+
+    /// Notes a status the bus is about to publish; a final one ends the job.
+    pub fn note(&mut self, status: &ExportStatus) {
+        if status.state != ExportState::Running {
+            self.running.remove(&status.job_id);
+            tracing::info!(job = %status.job_id, state = ?status.state, dir = %status.export_dir.display(), error = %status.error, "export job ended");
+            self.finished.insert(status.job_id, status.clone());
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.running.is_empty()
+    }
+}
+
+fn sweep_interrupted(dir: &Path) -> Vec<ExportStatus> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json")
+            || path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
+            continue;
+        }
+        match cairn_persist::load::<ExportJobRecord>(&path) {
+            Ok(loaded) => {
+                let record = loaded.record;
+                let removed = remove_partial(&record.partial_dir);
+                tracing::warn!(job = %record.job_id, partial = %record.partial_dir.display(), "export interrupted by a restart: partial export removed");
+                out.push(ExportStatus {
+                    job_id: record.job_id,
+                    state: ExportState::Failed,
+                    error: format!(
+                        "interrupted: the volume-manager stopped during the export; the unfinished {} was {}",
+                        record.partial_dir.display(),
+                        if removed { "removed" } else { "not found" }
+                    ),
+                    ..ExportStatus::default()
+                });
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), "export job record unusable: {e}");
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    out
+}
+
+fn remove_partial(dir: &Path) -> bool {
+    // Only ever a `.partial` directory: never anything that looks complete.
+    if !dir
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().ends_with(PARTIAL_SUFFIX))
+    {
+        return false;
+    }
+    std::fs::remove_dir_all(dir).is_ok()
+}
+
+/// Publishes progress at most every [`PROGRESS_EVERY`].
+struct Progress {
+    status: ExportStatus,
+    tx: mpsc::UnboundedSender<ExportStatus>,
+    last: Option<Instant>,
+}
+
+impl Progress {
+    fn set(&mut self, done: u64) {
+        self.status.bytes_done = done.min(self.status.bytes_total);
+        if self.last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+            self.last = Some(Instant::now());
+            let _ = self.tx.send(self.status.clone());
+        }
+    }
+}
+
+async fn run_job(
+    persist: &Path,
+    config: ExportConfig,
+    source: JobSource,
+    mut cancel: watch::Receiver<bool>,
+    tx: mpsc::UnboundedSender<ExportStatus>,
+) -> ExportStatus {
+    let mut progress = Progress {
+        status: ExportStatus {
+            job_id: config.job_id,
+            action: config.action,
+            state: ExportState::Running,
+            ..ExportStatus::default()
+        },
+        tx,
+        last: None,
+    };
+    let _ = progress.tx.send(progress.status.clone());
+    let mut partial: Option<PathBuf> = None;
+    let outcome = {
+        let work = async {
+            match config.action {
+                ExportAction::Export => {
+                    export(persist, &config, &source, &mut progress, &mut partial).await
+                }
+                ExportAction::Verify => verify_job(&config, &mut progress).await.map(|()| None),
+            }
+        };
+        tokio::select! {
+            result = work => result,
+            _ = cancel.wait_for(|c| *c) => Err(JobError::Cancelled),
+        }
+    };
+    let outcome = match (outcome, partial.take()) {
+        (Ok(Some(final_dir)), Some(dir)) => {
+            match finish(persist, config.job_id, dir.clone(), final_dir.clone()).await {
+                Ok(()) => {
+                    progress.status.export_dir = final_dir;
+                    Ok(())
+                }
+                Err(e) => {
+                    partial = Some(dir);
+                    Err(e)
+                }
+            }
+        }
+        (result, dir) => {
+            partial = dir;
+            result.map(drop)
+        }
+    };
+    let mut status = progress.status.clone();
+    match outcome {
+        Ok(()) => status.state = ExportState::Done,
+        Err(e) => {
+            status.state = match e {
+                JobError::Cancelled => ExportState::Cancelled,
+                _ => ExportState::Failed,
+            };
+            status.error = e.to_string();
+            status.export_dir = PathBuf::new();
+            if let Some(dir) = partial {
+                let record = job_record_path(persist, config.job_id);
+                let _ = tokio::task::spawn_blocking(move || {
+                    remove_partial(&dir);
+                    let _ = std::fs::remove_file(record);
+                })
+                .await;
+            }
+        }
+    }
+    status
+}
+
+async fn verify_job(config: &ExportConfig, progress: &mut Progress) -> Result<(), JobError> {
+    let dir = config.target_dir.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u64, u64)>();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let handle = tokio::task::spawn_blocking(move || {
+        verify::verify_export(&dir, &mut |done, total| {
+            let _ = tx.send((done, total));
+            stop_rx.try_recv().is_err()
+        })
+    });
+    // Stops the blocking read when this future is dropped (cancel).
+    struct Stop(std::sync::mpsc::Sender<()>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let _stop = Stop(stop_tx);
+    while let Some((done, total)) = rx.recv().await {
+        progress.status.bytes_total = total;
+        progress.set(done);
+    }
+    let result = handle
+        .await
+        .map_err(|e| JobError::Failed(format!("verify task: {e}")))?;
+    match result {
+        Ok((manifest, total)) => {
+            progress.status.bytes_total = total;
+            progress.status.bytes_done = total;
+            progress.status.export_dir = config.target_dir.clone();
+            progress.status.volumes = manifest
+                .volumes
+                .iter()
+                .map(|v| ExportVolumeResult {
+                    volume_id: v.volume_id,
+                    file: v.file.clone(),
+                    kind: v.kind,
+                    size: 0,
+                    data_bytes: v.virtual_size,
+                    fallback_reason: v.fallback_reason.clone(),
+                })
+                .collect();
+            Ok(())
+        }
+        Err(VerifyError::Cancelled) => Err(JobError::Cancelled),
+        Err(e) => Err(JobError::Failed(format!("verify failed: {e}"))),
+    }
+}
+
+/// One volume to export.
+struct Plan {
+    meta: VolumeSnapshotMeta,
+    volume_id: Uuid,
+    name: String,
+    virtual_size: u64,
+    /// The base link for an incremental export, or why there is none.
+    base: Result<BaseLink, String>,
+}
+
+fn refuse(text: String) -> JobError {
+    JobError::Refused(text)
+}
+
+async fn export(
+    persist: &Path,
+    config: &ExportConfig,
+    source: &JobSource,
+    progress: &mut Progress,
+    partial: &mut Option<PathBuf>,
+) -> Result<Option<PathBuf>, JobError> {
+    let snapshot = config.snapshot_id;
+    let record = source.record.as_ref().ok_or_else(|| {
+        refuse(format!(
+            "snapshot {snapshot} is not available on this device (not taken yet, or deleted)"
+        ))
+    })?;
+    if record.is_in_progress() {
+        return Err(refuse(format!(
+            "snapshot {snapshot} is not available: it is being {}",
+            if record.in_progress == VolumesSnapshotAction::Delete {
+                "deleted"
+            } else {
+                "taken or rolled back"
+            }
+        )));
+    }
+    if record.result_of_action == VolumesSnapshotAction::Create && record.error.is_error() {
+        return Err(refuse(format!(
+            "snapshot {snapshot} is not available: it failed ({})",
+            record.error.error
+        )));
+    }
+    let target = &config.target_dir;
+    match tokio::fs::metadata(target).await {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(refuse(format!(
+                "target {} is not a directory",
+                target.display()
+            )));
+        }
+        Err(e) => {
+            return Err(refuse(format!(
+                "target {} cannot be used: {e}",
+                target.display()
+            )));
+        }
+    }
+    let free = nix::sys::statvfs::statvfs(target)
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .map_err(|e| {
+            refuse(format!(
+                "target {}: cannot read its free space: {e}",
+                target.display()
+            ))
+        })?;
+    if free < MIN_FREE {
+        return Err(refuse(format!(
+            "target {} is full: {free} bytes free, at least {MIN_FREE} needed",
+            target.display()
+        )));
+    }
+    let app = record.app_uuid;
+    if !config.app_uuid.is_nil() && config.app_uuid != app {
+        return Err(refuse(format!(
+            "snapshot {snapshot} belongs to app {app}, not to app {}",
+            config.app_uuid
+        )));
+    }
+    let app_config = load_app_config(persist, snapshot).await;
+    let app_name = app_config
+        .get("DisplayName")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let snapshot_time = record.time_created;
+    let snapshot_name = snapshot_name(&app_config, snapshot);
+
+    // Leftovers of this app's interrupted jobs on this target go first (only this app's: a
+    // share may hold other devices' exports in progress).
+    let target_clone = target.clone();
+    let _ = tokio::task::spawn_blocking(move || sweep_partials(&target_clone, app)).await;
+
+    // The base for an incremental export: the newest complete export of this app in the target
+    // made from an older snapshot.
+    let base = if config.incremental {
+        let target = target.clone();
+        let time = snapshot_time;
+        tokio::task::spawn_blocking(move || find_base(&target, app, snapshot, time))
+            .await
+            .unwrap_or_else(|e| Err(format!("looking for a base export: {e}")))
+    } else {
+        Err(String::new())
+    };
+
+    let mut plans = Vec::new();
+    for (volume_id, value) in &record.volume_snapshot_meta {
+        let meta = VolumeSnapshotMeta::from_value(value);
+        let name = source
+            .volume_names
+            .get(volume_id)
+            .cloned()
+            .unwrap_or_default();
+        if meta.backend != SnapshotBackendKind::Qcow2 {
+            return Err(refuse(format!(
+                "volume {volume_id} ({name}) of snapshot {snapshot}: export of {:?} volumes is not supported yet (qcow2 only)",
+                meta.backend
+            )));
+        }
+        let info = bitmap::info(&meta.file_location).await.map_err(|e| {
+            refuse(format!(
+                "volume {volume_id} ({name}): {} cannot be read: {e}",
+                meta.file_location.display()
+            ))
+        })?;
+        let plan_base = match &base {
+            Err(why) => Err(why.clone()),
+            Ok((dir, manifest, sha)) => {
+                incremental_base(&meta, &info, *volume_id, dir, manifest, sha)
+            }
+        };
+        plans.push(Plan {
+            meta,
+            volume_id: *volume_id,
+            name,
+            virtual_size: info.virtual_size,
+            base: plan_base,
+        });
+    }
+    if plans.is_empty() {
+        return Err(refuse(format!(
+            "snapshot {snapshot} has no volume to export"
+        )));
+    }
+
+    let stamp = chrono::Utc::now();
+    let dir_name = format!("{app}-{snapshot}-{}", stamp.format("%Y%m%dT%H%M%S%.3fZ"));
+    let final_dir = target.join(&dir_name);
+    let partial_dir = target.join(format!("{dir_name}{PARTIAL_SUFFIX}"));
+    // Intent first: a killed job's partial directory is found and removed at the next start.
+    let job_record = ExportJobRecord {
+        job_id: config.job_id,
+        partial_dir: partial_dir.clone(),
+        started: Some(stamp),
+    };
+    let record_path = job_record_path(persist, config.job_id);
+    {
+        let path = record_path.clone();
+        tokio::task::spawn_blocking(move || cairn_persist::store(&path, &job_record))
+            .await
+            .map_err(|e| JobError::Failed(e.to_string()))?
+            .map_err(|e| JobError::Failed(format!("writing the export job record: {e}")))?;
+    }
+    tokio::fs::create_dir(&partial_dir)
+        .await
+        .map_err(|e| JobError::Failed(format!("creating {}: {e}", partial_dir.display())))?;
+    *partial = Some(partial_dir.clone());
+
+    // Totals: full volumes by virtual size, incremental ones by their changed extents.
+    let mut extents: Vec<Option<Vec<(u64, u64)>>> = Vec::new();
+    let mut nbd: Vec<Option<Nbd>> = Vec::new();
+    for plan in &mut plans {
+        if let Ok(base) = &plan.base {
+            let bitmap_name = bitmap::name(&base.snapshot.to_string());
+            match Nbd::start(&plan.meta, Some(&bitmap_name)).await {
+                Ok(server) => match server.dirty_extents(&bitmap_name, plan.virtual_size).await {
+                    Ok(found) => {
+                        extents.push(Some(found));
+                        nbd.push(Some(server));
+                        continue;
+                    }
+                    Err(e) => plan.base = Err(e),
+                },
+                Err(e) => plan.base = Err(format!("{e}: a full export instead")),
+            }
+        }
+        extents.push(None);
+        nbd.push(None);
+    }
+    progress.status.bytes_total = plans
+        .iter()
+        .zip(&extents)
+        .map(|(p, e)| match e {
+            Some(list) => list.iter().map(|(_, l)| l).sum(),
+            None => p.virtual_size,
+        })
+        .sum();
+    progress.set(0);
+
+    let mut manifest_volumes = Vec::new();
+    let mut done = 0u64;
+    for ((plan, found), server) in plans.iter().zip(extents).zip(nbd) {
+        let file = format!("{}.qcow2", plan.volume_id);
+        let out = partial_dir.join(&file);
+        let fail = |what: String| {
+            JobError::Failed(format!("volume {} ({}): {what}", plan.volume_id, plan.name))
+        };
+        let fallback_reason = if config.incremental {
+            match &plan.base {
+                Err(why) => why.clone(),
+                Ok(_) => String::new(),
+            }
+        } else {
+            String::new()
+        };
+        let (kind, base, data_bytes) = match (found, server, &plan.base) {
+            (Some(list), Some(server), Ok(base)) => {
+                let backing = Path::new("..").join(&base.link.dir).join(&base.file);
+                create_overlay(&out, &backing, plan.virtual_size)
+                    .await
+                    .map_err(&fail)?;
+                let mut copied = 0u64;
+                for (offset, len) in &list {
+                    server
+                        .copy_extent(&out, *offset, *len)
+                        .await
+                        .map_err(&fail)?;
+                    copied += len;
+                    progress.set(done + copied);
+                }
+                drop(server);
+                (ExportKind::Incremental, Some(base.link.clone()), copied)
+            }
+            _ => {
+                let base_done = done;
+                convert_full(&plan.meta, &out, &mut |fraction| {
+                    progress.set(base_done + (fraction * plan.virtual_size as f64) as u64)
+                })
+                .await
+                .map_err(&fail)?;
+                (ExportKind::Full, None, plan.virtual_size)
+            }
+        };
+        done += data_bytes;
+        progress.set(done);
+        let (sha, size) = {
+            let file_path = out.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
+                let out = file_path;
+                let f = std::fs::File::open(&out)?;
+                f.sync_all()?;
+                let size = f.metadata()?.len();
+                Ok((verify::sha256_file(&out, &mut |_| true)?, size))
+            })
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(format!("reading back {}: {e}", out.display())))?
+        };
+        if kind == ExportKind::Full && config.incremental {
+            progress.status.fell_back_to_full = true;
+        }
+        progress.status.volumes.push(ExportVolumeResult {
+            volume_id: plan.volume_id,
+            file: file.clone(),
+            kind,
+            size,
+            data_bytes,
+            fallback_reason: fallback_reason.clone(),
+        });
+        manifest_volumes.push(ManifestVolume {
+            volume_id: plan.volume_id,
+            display_name: plan.name.clone(),
+            file,
+            virtual_size: plan.virtual_size,
+            sha256: sha,
+            kind,
+            base,
+            fallback_reason,
+        });
+        cairn_persist::crash_point(super::CRASH_MID_EXPORT);
+        // Tracking starts at this snapshot if the volume still equals it.
+        if kind == ExportKind::Full {
+            start_tracking(&plan.meta).await;
+        }
+    }
+
+    let manifest = ExportManifest {
+        format: MANIFEST_FORMAT,
+        app_uuid: app,
+        app_name,
+        snapshot_id: snapshot,
+        snapshot_name,
+        snapshot_time,
+        export_time: Some(stamp),
+        app_config,
+        volumes: manifest_volumes,
+    };
+    let text = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| JobError::Failed(format!("encoding the manifest: {e}")))?;
+    // The snapshot was read with force-share: had it been deleted meanwhile, what was read
+    // cannot be trusted. Deleted snapshots never come back under the same name.
+    for plan in &plans {
+        let tags = crate::backend::qcow2::list(&plan.meta.volume_key, &plan.meta.file_location)
+            .await
+            .map_err(|e| JobError::Failed(e.to_string()))?;
+        if !tags.contains(&plan.meta.name) {
+            return Err(JobError::Failed(format!(
+                "volume {} ({}): snapshot {snapshot} was deleted during the export",
+                plan.volume_id, plan.name
+            )));
+        }
+    }
+    {
+        let partial_dir = partial_dir.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            write_synced(&partial_dir.join(MANIFEST_FILE), &text)?;
+            std::fs::File::open(&partial_dir)?.sync_all()
+        })
+        .await
+        .map_err(|e| JobError::Failed(e.to_string()))?
+        .map_err(|e| JobError::Failed(format!("writing the manifest: {e}")))?;
+    }
+    progress.status.bytes_done = progress.status.bytes_total;
+    Ok(Some(final_dir))
+}
+
+/// Renames the written export to its final name (not cancellable: it is complete) and drops
+/// the job record.
+async fn finish(
+    persist: &Path,
+    job: Uuid,
+    partial: PathBuf,
+    final_dir: PathBuf,
+) -> Result<(), JobError> {
+    let record = job_record_path(persist, job);
+    let target = final_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let shown = final_dir.display().to_string();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        std::fs::rename(&partial, &final_dir)?;
+        std::fs::File::open(&target)?.sync_all()?;
+        let _ = std::fs::remove_file(record);
+        Ok(())
+    })
+    .await
+    .map_err(|e| JobError::Failed(e.to_string()))?
+    .map_err(|e| JobError::Failed(format!("finishing {shown}: {e}")))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// The app config saved with the snapshot, as a JSON value (the envelope's record if it has one).
+async fn load_app_config(persist: &Path, snapshot: Uuid) -> serde_json::Value {
+    let path = snapshot_dir(persist, snapshot).join(APP_INSTANCE_CONFIG_FILE);
+    let Ok(bytes) = tokio::fs::read(&path).await else {
+        return serde_json::Value::Null;
+    };
+    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    match value.get("record") {
+        Some(record) if value.get("schema").is_some() => record.clone(),
+        _ => value,
+    }
+}
+
+/// The snapshot's name as the app config lists it, if it does.
+fn snapshot_name(app_config: &serde_json::Value, snapshot: Uuid) -> String {
+    let id = snapshot.to_string();
+    app_config
+        .pointer("/Snapshot/Snapshots")
+        .and_then(serde_json::Value::as_array)
+        .and_then(|list| {
+            list.iter()
+                .find(|s| s.get("SnapshotID").and_then(|v| v.as_str()) == Some(id.as_str()))
+        })
+        .and_then(|s| s.get("Name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn sweep_partials(target: &Path, app: Uuid) {
+    let Ok(entries) = std::fs::read_dir(target) else {
+        return;
+    };
+    let prefix = format!("{app}-");
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with(&prefix)
+            && path.is_dir()
+            && remove_partial(&path)
+        {
+            tracing::warn!(dir = %path.display(), "removed an unfinished export left by an interrupted job");
+        }
+    }
+}
+
+/// The newest complete export of `app` in `target` from a snapshot older than `time`: its
+/// directory, manifest and manifest sha256.
+fn find_base(
+    target: &Path,
+    app: Uuid,
+    snapshot: Uuid,
+    time: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<(PathBuf, ExportManifest, String), String> {
+    let entries =
+        std::fs::read_dir(target).map_err(|e| format!("reading {}: {e}", target.display()))?;
+    let mut best: Option<(PathBuf, ExportManifest, String)> = None;
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Ok((manifest, sha)) = verify::read_manifest(&dir) else {
+            continue;
+        };
+        if manifest.app_uuid != app || manifest.snapshot_id == snapshot {
+            continue;
+        }
+        if let (Some(base_time), Some(time)) = (manifest.snapshot_time, time)
+            && base_time >= time
+        {
+            continue;
+        }
+        if best
+            .as_ref()
+            .is_none_or(|(_, b, _)| b.export_time < manifest.export_time)
+        {
+            best = Some((dir, manifest, sha));
+        }
+    }
+    best.ok_or_else(|| {
+        format!(
+            "no previous export of this app from an older snapshot in {}",
+            target.display()
+        )
+    })
+}
+
+/// The previous link of an incremental volume's chain.
+struct BaseLink {
+    link: ExportBase,
+    /// The volume's file in the base export.
+    file: String,
+    /// The base export's snapshot: its bitmap tracks the changes since.
+    snapshot: Uuid,
+}
+
+/// Whether `meta`'s volume can be exported incrementally over `manifest`: the base has this
+/// volume at the same size and a trustworthy bitmap tracks changes since the base's snapshot.
+fn incremental_base(
+    meta: &VolumeSnapshotMeta,
+    info: &bitmap::ImageInfo,
+    volume: Uuid,
+    dir: &Path,
+    manifest: &ExportManifest,
+    sha: &str,
+) -> Result<BaseLink, String> {
+    let base_volume = manifest.volume(volume).ok_or_else(|| {
+        format!(
+            "the previous export {} does not include this volume",
+            dir.display()
+        )
+    })?;
+    if base_volume.virtual_size != info.virtual_size {
+        return Err(format!(
+            "the volume's size changed since the previous export ({} -> {} bytes)",
+            base_volume.virtual_size, info.virtual_size
+        ));
+    }
+    let wanted = bitmap::name(&manifest.snapshot_id.to_string());
+    let found = info.bitmaps.iter().find(|b| b.name == wanted).ok_or_else(|| {
+        format!(
+            "no change-tracking bitmap {wanted} on {} (lost after a crash or a rollback, or the volume changed before its previous export): a full export instead",
+            meta.file_location.display()
+        )
+    })?;
+    if let Some(why) = found.unusable() {
+        return Err(format!("{why}: a full export instead"));
+    }
+    Ok(BaseLink {
+        link: ExportBase {
+            dir: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            manifest_sha256: sha.to_string(),
+        },
+        file: base_volume.file.clone(),
+        snapshot: manifest.snapshot_id,
+    })
+}
+
+/// `qemu-img convert` of snapshot `meta` into a zstd-compressed qcow2, reporting the fraction done.
+async fn convert_full(
+    meta: &VolumeSnapshotMeta,
+    out: &Path,
+    progress: &mut (dyn FnMut(f64) + Send),
+) -> Result<(), String> {
+    let mut child = tokio::process::Command::new("qemu-img")
+        .args(["convert", "-p", "-U", "-f", "qcow2", "-l"])
+        .arg(format!("snapshot.name={}", meta.name))
+        .args(["-c", "-O", "qcow2", "-o", "compression_type=zstd"])
+        .arg(&meta.file_location)
+        .arg(out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run qemu-img convert: {e}"))?;
+    let mut stdout = child.stdout.take().ok_or("qemu-img: no stdout")?;
+    let mut stderr = child.stderr.take().ok_or("qemu-img: no stderr")?;
+    let err_task = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+    // -p prints "    (12.34/100%)\r" repeatedly.
+    let mut buf = [0u8; 512];
+    let mut line = String::new();
+    loop {
+        let n = stdout
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("reading qemu-img progress: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        for &b in &buf[..n] {
+            if b == b'\r' || b == b'\n' {
+                if let Some(p) = parse_percent(&line) {
+                    progress(p / 100.0);
+                }
+                line.clear();
+            } else {
+                line.push(b as char);
+            }
+        }
+    }
+    let status = tokio::time::timeout(TOOL_TIMEOUT, child.wait())
+        .await
+        .map_err(|_| "qemu-img convert did not finish".to_string())?
+        .map_err(|e| format!("qemu-img convert: {e}"))?;
+    let stderr = err_task.await.unwrap_or_default();
+    if !status.success() {
+        return Err(classify_write(&format!(
+            "qemu-img convert of snapshot {} of {} failed ({status}): {}",
+            meta.name,
+            meta.file_location.display(),
+            stderr.trim()
+        )));
+    }
+    Ok(())
+}
+
+fn classify_write(text: &str) -> String {
+    if text.to_lowercase().contains("no space left") {
+        format!("the target is full: {text}")
+    } else {
+        text.to_string()
+    }
+}
+
+fn parse_percent(line: &str) -> Option<f64> {
+    let inner = line.trim().strip_prefix('(')?;
+    let (value, _) = inner.split_once('/')?;
+    value.parse().ok()
+}
+
+async fn create_overlay(out: &Path, backing: &Path, size: u64) -> Result<(), String> {
+    crate::process::run(
+        "qemu-img",
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-o".as_ref(),
+            "compression_type=zstd,cluster_size=65536".as_ref(),
+            "-b".as_ref(),
+            backing.as_os_str(),
+            "-F".as_ref(),
+            "qcow2".as_ref(),
+            out.as_os_str(),
+            size.to_string().as_ref(),
+        ],
+        crate::process::COMMAND_TIMEOUT,
+    )
+    .await
+    .map(drop)
+    .map_err(|e| classify_write(&e.to_string()))
+}
+
+/// A `qemu-nbd` serving a snapshot's state read-only with a bitmap of the live image; killed
+/// when dropped.
+struct Nbd {
+    child: tokio::process::Child,
+    socket: PathBuf,
+}
+
+impl Drop for Nbd {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// A path inside a qemu option string (commas doubled).
+fn opt_path(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+impl Nbd {
+    /// Serves snapshot `meta` of its volume read-only, with the volume's bitmap `bitmap` if
+    /// given. `force-share`: the export never holds a lock that would stop a VM, a snapshot or
+    /// a rollback of the volume.
+    async fn start(meta: &VolumeSnapshotMeta, bitmap: Option<&str>) -> Result<Self, String> {
+        let socket =
+            std::env::temp_dir().join(format!("cairn-export-{}.sock", Uuid::new_v4().simple()));
+        let mut command = tokio::process::Command::new("qemu-nbd");
+        command
+            .args(["-r", "-t", "--shared=4", "--image-opts", "-l"])
+            .arg(format!("snapshot.name={}", meta.name));
+        if let Some(bitmap) = bitmap {
+            command.arg("-B").arg(bitmap);
+        }
+        let child = command
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!(
+                "driver=qcow2,force-share=on,file.driver=file,file.filename={}",
+                opt_path(&meta.file_location)
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot run qemu-nbd (Debian package qemu-utils): {e}"))?;
+        let mut server = Self { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !server.socket.exists() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                let mut text = String::new();
+                if let Some(mut err) = server.child.stderr.take() {
+                    let _ = err.read_to_string(&mut text).await;
+                }
+                return Err(format!(
+                    "qemu-nbd could not serve snapshot {} of {} ({status}): {}",
+                    meta.name,
+                    meta.file_location.display(),
+                    text.trim()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err("qemu-nbd did not start within 10 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(server)
+    }
+
+    fn nbd_opts(&self) -> String {
+        format!(
+            "driver=nbd,server.type=unix,server.path={}",
+            self.socket.display()
+        )
+    }
+
+    /// The extents the bitmap marks dirty, cluster-aligned and merged across small gaps.
+    async fn dirty_extents(&self, bitmap: &str, size: u64) -> Result<Vec<(u64, u64)>, String> {
+        let opts = format!(
+            "{},x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}",
+            self.nbd_opts()
+        );
+        let out = crate::process::run(
+            "qemu-img",
+            &["map", "--output=json", "--image-opts", opts.as_str()],
+            crate::process::COMMAND_TIMEOUT,
+        )
+        .await
+        .map_err(|e| format!("reading bitmap {bitmap}: {e}: a full export instead"))?;
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&out.stdout)
+            .map_err(|e| format!("qemu-img map output: {e}: a full export instead"))?;
+        // With x-dirty-bitmap a dirty extent reads as "data": false.
+        let dirty = entries.iter().filter_map(|e| {
+            let start = e.get("start")?.as_u64()?;
+            let length = e.get("length")?.as_u64()?;
+            let data = e.get("data")?.as_bool()?;
+            (!data).then_some((start, length))
+        });
+        Ok(merge_extents(dirty, size))
+    }
+
+    /// Copies `[offset, offset+len)` of the snapshot into `out` at the same place, compressed.
+    async fn copy_extent(&self, out: &Path, offset: u64, len: u64) -> Result<(), String> {
+        let source = format!(
+            "driver=raw,offset={offset},size={len},file.{}",
+            self.nbd_opts().replace(",", ",file.")
+        );
+        let target = format!(
+            "driver=raw,offset={offset},size={len},file.driver=compress,file.file.driver=qcow2,file.file.file.driver=file,file.file.file.filename={}",
+            opt_path(out)
+        );
+        crate::process::run(
+            "qemu-img",
+            &[
+                "convert",
+                "-n",
+                "--image-opts",
+                source.as_str(),
+                "--target-image-opts",
+                target.as_str(),
+            ],
+            TOOL_TIMEOUT,
+        )
+        .await
+        .map(drop)
+        .map_err(|e| classify_write(&format!("copying changed clusters {offset}+{len}: {e}")))
+    }
+}
+
+/// Aligns extents to 64 KiB clusters (the end clamped to `size`) and merges those less than
+/// [`MERGE_GAP`] apart.
+fn merge_extents(extents: impl Iterator<Item = (u64, u64)>, size: u64) -> Vec<(u64, u64)> {
+    const CLUSTER: u64 = 65536;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, len) in extents {
+        if len == 0 {
+            continue;
+        }
+        let begin = start / CLUSTER * CLUSTER;
+        let end = (start + len)
+            .div_ceil(CLUSTER)
+            .saturating_mul(CLUSTER)
+            .min(size);
+        match out.last_mut() {
+            Some((s, l)) if begin <= *s + *l + MERGE_GAP => *l = end.max(*s + *l) - *s,
+            _ => out.push((begin, end - begin)),
+        }
+    }
+    out
+}
+
+/// After a full export of snapshot `meta`: if the volume has no bitmap for it and still equals
+/// it, one is added, so the next export can be incremental. Needs the volume free (no VM).
+async fn start_tracking(meta: &VolumeSnapshotMeta) {
+    let wanted = bitmap::name(&meta.name);
+    let Ok(info) = bitmap::info(&meta.file_location).await else {
+        return;
+    };
+    if info.bitmaps.iter().any(|b| b.name == wanted) {
+        return;
+    }
+    // The volume must still equal the snapshot: compare it against the snapshot's state.
+    let Ok(server) = Nbd::start(meta, None).await else {
+        return;
+    };
+    let active = format!(
+        "driver=qcow2,force-share=on,file.driver=file,file.filename={}",
+        opt_path(&meta.file_location)
+    );
+    let nbd = server.nbd_opts();
+    let same = crate::process::run(
+        "qemu-img",
+        &[
+            "compare",
+            "-U",
+            "-q",
+            "--image-opts",
+            nbd.as_str(),
+            active.as_str(),
+        ],
+        TOOL_TIMEOUT,
+    )
+    .await
+    .is_ok();
+    drop(server);
+    if !same {
+        tracing::info!(volume = %meta.volume_key, snapshot = %meta.name, "volume changed since the snapshot: change tracking starts with its next snapshot");
+        // From the next snapshot on, the volume is tracked.
+        let _ = bitmap::add_marker(&meta.file_location).await;
+        return;
+    }
+    match bitmap::add(&meta.file_location, &wanted).await {
+        Ok(()) => {
+            tracing::info!(volume = %meta.volume_key, bitmap = %wanted, "change tracking started for incremental exports")
+        }
+        Err(e) => {
+            tracing::warn!(volume = %meta.volume_key, "change tracking not started (is the app running?): {e}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_are_cluster_aligned_and_close_ones_merged() {
+        let got = merge_extents(
+            [(100, 10), (70000, 10), (10 << 20, 65536)].into_iter(),
+            64 << 20,
+        );
+        assert_eq!(got, vec![(0, 131072), (10 << 20, 65536)]);
+        assert_eq!(merge_extents([(0, 100)].into_iter(), 50), vec![(0, 50)]);
+    }
+
+    #[test]
+    fn qemu_img_progress_lines_parse() {
+        assert_eq!(parse_percent("    (12.50/100%)"), Some(12.5));
+        assert_eq!(parse_percent("garbage"), None);
+    }
+}

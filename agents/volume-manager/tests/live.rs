@@ -1,0 +1,141 @@
+//! Live creates (issue 11): a VM's qcow2 snapshot taken by the domain-manager is recorded
+//! without writing the image; a directory on btrfs is snapshotted while a process writes to
+//! it; a directory on the plain copy backend is refused, naming the volume and the backend.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::path::Path;
+
+use cairn_types::snapshot::VolumesSnapshotAction::{Create, Delete};
+use cairn_types::snapshot::{VolumesSnapshotConfig, VolumesSnapshotStatus};
+use cairn_types::volume::{SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeStatus};
+use cairn_volume_manager::{Publish, Tools, VolumeManager};
+use common::*;
+use uuid::Uuid;
+
+async fn manager(persist: &Path) -> VolumeManager {
+    let mut m = VolumeManager::open(persist, Tools::detect().await, Vec::new()).await;
+    m.handle_app_volume_refs_complete().await;
+    m
+}
+
+async fn add(m: &mut VolumeManager, config: &VolumeConfig) -> VolumeStatus {
+    m.handle_volume_config(config.clone())
+        .await
+        .into_iter()
+        .find_map(|p| match p {
+            Publish::Volume(s) => Some(s),
+            _ => None,
+        })
+        .unwrap()
+}
+
+async fn ask(m: &mut VolumeManager, request: VolumesSnapshotConfig) -> VolumesSnapshotStatus {
+    m.handle_snapshot_config(request)
+        .await
+        .into_iter()
+        .find_map(|p| match p {
+            Publish::Snapshot(s) => Some(s),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn live(mut request: VolumesSnapshotConfig) -> VolumesSnapshotConfig {
+    request.live = true;
+    request
+}
+
+#[tokio::test]
+async fn a_live_qcow2_snapshot_is_recorded_not_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let a = volume(VolumeFormat::Qcow2, 1 << 20);
+    let file = add(&mut m, &a).await.file_location;
+    let id = Uuid::new_v4();
+
+    // Not taken by the domain-manager: nothing to record, and nothing is made instead.
+    let refused = ask(&mut m, live(request(id, Create, &[&a], 1))).await;
+    assert!(refused.error.is_error());
+    let text = format!("{} {:?}", refused.error.error, refused.volume_errors);
+    assert!(text.contains(&a.key()) && text.contains("live"), "{text}");
+    assert!(
+        qcow2_tags(&file).is_empty(),
+        "no snapshot made in its place"
+    );
+
+    // As the domain-manager leaves it: the tag of the snapshot id in the image.
+    sh(
+        "qemu-img",
+        &["snapshot", "-c", &id.to_string(), file.to_str().unwrap()],
+    );
+    let recorded = ask(&mut m, live(request(id, Create, &[&a], 2))).await;
+    assert!(!recorded.error.is_error(), "{recorded:?}");
+    let meta = recorded.meta_of(a.volume_id).unwrap();
+    assert_eq!(meta.backend, SnapshotBackendKind::Qcow2);
+    assert_eq!(meta.name, id.to_string());
+    assert_eq!(qcow2_tags(&file), vec![id.to_string()], "one tag, adopted");
+
+    // Deleted like any other once the VM is down.
+    let deleted = ask(&mut m, request(id, Delete, &[&a], 3)).await;
+    assert!(!deleted.error.is_error(), "{deleted:?}");
+    assert!(qcow2_tags(&file).is_empty());
+}
+
+#[tokio::test]
+async fn a_live_snapshot_of_a_copy_backend_directory_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path()).await;
+    let a = volume(VolumeFormat::Dir, 0);
+    let status = add(&mut m, &a).await;
+    assert_eq!(status.backend, SnapshotBackendKind::Copy);
+    let id = Uuid::new_v4();
+    let s = ask(&mut m, live(request(id, Create, &[&a], 1))).await;
+    assert!(s.error.is_error());
+    let text = format!("{} {:?}", s.error.error, s.volume_errors);
+    assert!(text.contains(&a.key()), "names the volume: {text}");
+    assert!(
+        text.contains("backend is copy"),
+        "names the backend: {text}"
+    );
+    assert!(s.volume_snapshot_meta.is_empty(), "nothing copied: {s:?}");
+}
+
+#[tokio::test]
+async fn a_btrfs_directory_is_snapshotted_live_while_a_process_writes() {
+    if !Tools::detect().await.btrfs.is_available() {
+        panic!("btrfs is required (Debian btrfs-progs)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let persist = dir.path().join("persist");
+    let volumes = cairn_types::layout::volumes_dir(&persist);
+    let _fs = LoopFs::new("btrfs", &volumes, 300);
+    let mut m = manager(&persist).await;
+    let a = volume(VolumeFormat::Dir, 0);
+    let status = add(&mut m, &a).await;
+    assert_eq!(status.backend, SnapshotBackendKind::Btrfs, "{status:?}");
+    let path = status.file_location;
+    // A writer that keeps appending while the snapshot is taken.
+    let mut writer = std::process::Command::new("/bin/sh")
+        .args(["-c", "while :; do echo line >> log; done"])
+        .current_dir(&path)
+        .spawn()
+        .unwrap();
+    while !path.join("log").exists() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let id = Uuid::new_v4();
+    let s = ask(&mut m, live(request(id, Create, &[&a], 1))).await;
+    let _ = writer.kill();
+    let _ = writer.wait();
+    assert!(!s.error.is_error(), "{s:?}");
+    let meta = s.meta_of(a.volume_id).unwrap();
+    let frozen = std::fs::read(meta.snapshot_location.join("log")).unwrap();
+    assert!(!frozen.is_empty());
+    assert!(
+        frozen.len() <= std::fs::read(path.join("log")).unwrap().len(),
+        "the snapshot holds the tree as of its instant"
+    );
+}
