@@ -46,6 +46,23 @@ pub struct PublishOptions {
     /// delivery; otherwise under the run root.
     pub persistent: bool,
     pub access: Access,
+    /// Run-root topics: write the key file (atomically, without fsync) before delivering, not
+    /// behind. A publisher SIGKILLed right after a publish then comes back with that value and
+    /// not an older one, which its subscribers would act on before the agent corrects it (a
+    /// stopped app started again, an old request answered). For configs and requests; a
+    /// status may lag, and is written behind for throughput.
+    pub write_through: bool,
+}
+
+impl PublishOptions {
+    /// A run-root publication for configs and requests: key files written before delivery
+    /// ([`PublishOptions::write_through`]), default access.
+    pub fn for_requests() -> Self {
+        Self {
+            write_through: true,
+            ..Self::default()
+        }
+    }
 }
 
 /// What one subscriber connection has cost so far.
@@ -74,6 +91,9 @@ struct Shared<T: Topic> {
     uid: u32,
     access: Access,
     files: KeyFiles,
+    /// Key files written before delivery ([`PublishOptions::write_through`]; always when
+    /// durable).
+    write_through: bool,
     state: Mutex<State<T>>,
     /// Serializes writers so that file order and delivery order agree.
     gate: tokio::sync::Mutex<()>,
@@ -140,6 +160,7 @@ impl<T: Topic> Publication<T> {
             epoch: new_epoch(),
             uid: nix::unistd::geteuid().as_raw(),
             access: options.access,
+            write_through: options.write_through || files.durable,
             files,
             state: Mutex::new(State {
                 unconfirmed: table.keys().cloned().collect(),
@@ -190,7 +211,7 @@ impl<T: Topic> Publication<T> {
             }
         }
         let wire = Arc::new(encode(&shared.label, &key, &value)?);
-        if shared.files.durable {
+        if shared.write_through {
             let files = shared.files.clone();
             let stored = value.clone();
             tokio::task::spawn_blocking(move || files.write(&stored))
@@ -238,7 +259,7 @@ impl<T: Topic> Publication<T> {
                 return Ok(());
             }
         }
-        if shared.files.durable {
+        if shared.write_through {
             let files = shared.files.clone();
             let owned = key.to_string();
             tokio::task::spawn_blocking(move || files.remove(&owned))

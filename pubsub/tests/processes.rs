@@ -22,6 +22,10 @@ const AGENT: &str = "CAIRN_BUS_AGENT";
 const KEYS: &str = "CAIRN_BUS_KEYS";
 const CREDS: &str = "CAIRN_BUS_CREDS"; // uid:gid:group,group
 const NO_BARRIER: &str = "CAIRN_BUS_NO_BARRIER";
+/// The publisher writes its key files through (`PublishOptions::for_requests`).
+const WRITE_THROUGH: &str = "CAIRN_BUS_WRITE_THROUGH";
+/// The publisher then publishes key `a` again with each value from 2 up to this one.
+const BUMP_A_TO: &str = "CAIRN_BUS_BUMP_A_TO";
 const TECHNICIANS: u32 = 4242;
 
 // ---- the child side ----
@@ -48,16 +52,22 @@ fn bus_child() {
     runtime.block_on(async move {
         match role.as_str() {
             "publisher" => {
-                let publication = bus
-                    .publish::<TestStatus>(PublishOptions::default())
-                    .await
-                    .unwrap();
+                let options = if std::env::var_os(WRITE_THROUGH).is_some() {
+                    PublishOptions::for_requests()
+                } else {
+                    PublishOptions::default()
+                };
+                let publication = bus.publish::<TestStatus>(options).await.unwrap();
                 for key in std::env::var(KEYS)
                     .unwrap()
                     .split(',')
                     .filter(|k| !k.is_empty())
                 {
                     publication.publish(status(key, 1)).await.unwrap();
+                }
+                let bump: u64 = std::env::var(BUMP_A_TO).map_or(0, |v| v.parse().unwrap());
+                for value in 2..=bump {
+                    publication.publish(status("a", value)).await.unwrap();
                 }
                 if std::env::var_os(NO_BARRIER).is_none() {
                     publication.signal_restarted().await.unwrap();
@@ -540,4 +550,54 @@ async fn tenant_technicians_read_only_their_tenants_keys() {
     assert_eq!(tenant_a.next_lines(1, within), ["CREATE a2 3"]);
     assert_eq!(tenant_b.next_lines(1, within), ["DELETE a2"]);
     stranger.expect_none("CREATE", Duration::from_millis(300));
+}
+
+/// A config or request publisher SIGKILLed right after its last publish comes back with that
+/// value: its key files are written before delivery, so the restarted publisher cannot hand
+/// its subscribers an older value to act on (seen in CI: an app-manager killed just after
+/// starting an app came back with the key file of the stop before, and the app was stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_publisher_killed_right_after_a_publish_comes_back_with_that_value() {
+    let roots = Roots::new();
+    let child = ChildBus::spawn_with(
+        &roots,
+        "publisher",
+        "app-manager",
+        "a",
+        None,
+        &[(WRITE_THROUGH, "1"), (BUMP_A_TO, "300")],
+    );
+    child.expect("READY", Duration::from_secs(10));
+    child.kill();
+    let file = roots.run().join("app-manager/TestStatus/a.json");
+    let stored = cairn_persist::load::<TestStatus>(&file).unwrap().record;
+    assert_eq!(
+        stored.value, 300,
+        "the key file holds the last value published"
+    );
+
+    // The restarted publisher serves it to a subscriber as it was: no older value, no churn.
+    let again = ChildBus::spawn_with(
+        &roots,
+        "publisher",
+        "app-manager",
+        "",
+        None,
+        &[(WRITE_THROUGH, "1"), (NO_BARRIER, "1")],
+    );
+    again.expect("READY", Duration::from_secs(10));
+    let mut sub = roots
+        .bus("domain-manager")
+        .subscribe::<TestStatus>("app-manager");
+    let events = until(&mut sub, |e| *e == Event::Synchronized).await;
+    assert_eq!(
+        events,
+        [
+            Event::Create {
+                key: "a".into(),
+                value: status("a", 300)
+            },
+            Event::Synchronized
+        ]
+    );
 }

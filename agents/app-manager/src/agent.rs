@@ -113,9 +113,9 @@ impl AppManager {
             problems: BTreeMap::new(),
             persisted: BTreeMap::new(),
             domain_errors: BTreeMap::new(),
-            domain_configs: bus.publish(PublishOptions::default()).await?,
-            volume_requests: bus.publish(PublishOptions::default()).await?,
-            volume_refs: bus.publish(PublishOptions::default()).await?,
+            domain_configs: bus.publish(PublishOptions::for_requests()).await?,
+            volume_requests: bus.publish(PublishOptions::for_requests()).await?,
+            volume_refs: bus.publish(PublishOptions::for_requests()).await?,
             statuses: bus
                 .publish(PublishOptions {
                     access: status_access,
@@ -129,7 +129,7 @@ impl AppManager {
             volumes: bus.subscribe("volume-manager"),
             results: bus.subscribe("volume-manager"),
             coordinating: false,
-            live_requests: bus.publish(PublishOptions::default()).await?,
+            live_requests: bus.publish(PublishOptions::for_requests()).await?,
             live_results: bus.subscribe("domain-manager"),
             live_published: BTreeMap::new(),
             unpausing: BTreeMap::new(),

@@ -42,7 +42,7 @@ pub async fn run(roots: &Roots, request: JobRequest, json: bool) -> anyhow::Resu
         .with_context(|| format!("resolving {}", request.target.display()))?;
     let bus = Bus::new("cli", &roots.run, &roots.persist);
     let publication = bus
-        .publish::<ExportConfig>(PublishOptions::default())
+        .publish::<ExportConfig>(PublishOptions::for_requests())
         .await
         .map_err(|e| match e {
             BusError::AlreadyPublished { holder, .. } => anyhow!(

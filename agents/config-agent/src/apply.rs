@@ -33,8 +33,8 @@ impl Publications {
             .unwrap_or_default()
             .with_tenant_readers(tenant_readers.iter().cloned());
         Ok(Self {
-            apps: bus.publish(PublishOptions::default()).await?,
-            volumes: bus.publish(PublishOptions::default()).await?,
+            apps: bus.publish(PublishOptions::for_requests()).await?,
+            volumes: bus.publish(PublishOptions::for_requests()).await?,
             device: bus
                 .publish(PublishOptions {
                     access: status_access,

@@ -76,11 +76,12 @@ async fn main() -> anyhow::Result<()> {
                     .technicians_gid
                     .map(cairn_pubsub::Access::with_group_readers)
                     .unwrap_or_default(),
+                ..Default::default()
             })
             .await
             .context("publishing VolumeStatus")?,
         snapshots: bus
-            .publish::<VolumesSnapshotStatus>(PublishOptions::default())
+            .publish::<VolumesSnapshotStatus>(PublishOptions::for_requests())
             .await
             .context("publishing VolumesSnapshotStatus")?,
     };
@@ -100,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
                 .technicians_gid
                 .map(cairn_pubsub::Access::with_group_readers)
                 .unwrap_or_default(),
+            ..Default::default()
         })
         .await
         .context("publishing ExportStatus")?;
