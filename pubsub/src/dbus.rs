@@ -91,6 +91,8 @@ pub struct Gateway {
     objects: Arc<Mutex<Objects>>,
     mirrored: HashSet<(String, &'static str)>,
     tasks: Vec<JoinHandle<()>>,
+    /// Turns true when the connection to the bus is gone (the daemon stopped or restarted).
+    closed: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Gateway {
@@ -128,13 +130,20 @@ impl Gateway {
             by_path: BTreeMap::new(),
             machine_id,
         }));
-        let server = tokio::spawn(serve_calls(conn.clone(), calls, objects.clone()));
+        let (gone, closed) = tokio::sync::watch::channel(false);
+        let conn_for_server = conn.clone();
+        let objects_for_server = objects.clone();
+        let server = tokio::spawn(async move {
+            serve_calls(conn_for_server, calls, objects_for_server).await;
+            let _ = gone.send(true);
+        });
         // From here on, dropping `gateway` on an error also stops the server.
         let gateway = Self {
             conn,
             objects,
             mirrored: HashSet::new(),
             tasks: vec![server],
+            closed,
         };
 
         // Exclusively: zbus's `request_name` would let a later connection take the name over.
@@ -196,6 +205,13 @@ impl Gateway {
         };
         self.tasks.push(tokio::spawn(mirror.run(sub)));
         Ok(())
+    }
+
+    /// Resolves once the connection to the bus is gone (the daemon stopped or restarted): the
+    /// objects are unreachable and the name is lost; connect a new gateway to serve again.
+    pub async fn closed(&self) {
+        let mut closed = self.closed.clone();
+        let _ = closed.wait_for(|gone| *gone).await;
     }
 
     /// How many keys are currently exposed, over all mirrored publications.

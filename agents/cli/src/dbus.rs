@@ -8,7 +8,8 @@
 //! daemon's policy: `cairn dbus-policy` prints it for `/etc/dbus-1/system.d/`.
 //!
 //! A bus that cannot be reached is no reason to stop the device: the read-out says why on
-//! stderr and tries again with backoff, while the agents run on.
+//! stderr and tries again with backoff, while the agents run on. A connection lost later (the
+//! daemon restarted) is made again the same way.
 
 use std::time::Duration;
 
@@ -42,10 +43,18 @@ pub async fn serve(
                         .map(|t| format!(", {}", tenant_bus_name(t)))
                         .collect::<String>()
                 );
-                // Dropping the gateways releases their names.
-                let _ = stopping.wait_for(|stop| *stop).await;
+                retry = FIRST_RETRY;
+                // All gateways are connections to the one daemon: the general one stands for
+                // them.
+                let lost = gateways[0].closed();
+                tokio::select! {
+                    // Dropping the gateways releases their names.
+                    _ = stopping.wait_for(|stop| *stop) => return,
+                    () = lost => {
+                        eprintln!("cairn up: D-Bus read-out on {address}: connection lost; connecting again");
+                    }
+                }
                 drop(gateways);
-                return;
             }
             Err(e) => {
                 eprintln!(

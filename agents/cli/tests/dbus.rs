@@ -194,3 +194,26 @@ fn dbus_policy_gives_the_technicians_every_gateway_and_a_tenant_its_own() {
         "{err}"
     );
 }
+
+#[test]
+fn the_read_out_comes_back_when_the_dbus_daemon_restarts() {
+    let mut daemon = PrivateDbusDaemon::start();
+    // The socket's address, not the GUID's: a restarted daemon has a new GUID.
+    let address = daemon.path_address();
+    let up = Up::start(&["--dbus", &address]);
+    up.wait_status(Duration::from_secs(60), common::demo_ready);
+    wait_tree(&up, &address, "org.cairn.Bus", |t| {
+        t.contains(&topic_prefix("app-manager", "AppInstanceStatus"))
+    });
+    daemon.restart();
+    // The supervisor notices, connects again and mirrors the whole table again.
+    wait_tree(&up, &address, "org.cairn.Bus", |t| {
+        t.contains(&topic_prefix("app-manager", "AppInstanceStatus"))
+            && t.contains(&topic_prefix("config-agent", "DeviceStatus"))
+    });
+    assert!(
+        up.log().contains("connection lost; connecting again"),
+        "says what happened:\n{}",
+        up.log()
+    );
+}

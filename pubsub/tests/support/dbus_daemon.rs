@@ -118,7 +118,7 @@ impl PrivateDbusDaemon {
     }
 
     /// `command` runs dbus-daemon (it is given the daemon's arguments) as this child's PID.
-    fn start_command(mut command: Command, kind: &str, policy: &str) -> Self {
+    fn start_command(command: Command, kind: &str, policy: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for dbus-daemon");
         let socket = dir.path().join("bus");
         let config = dir.path().join("bus.conf");
@@ -137,40 +137,28 @@ impl PrivateDbusDaemon {
             ),
         )
         .expect("write dbus-daemon config");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("daemon log file");
-        let mut child = command
-            .arg("--nofork")
-            .arg("--print-address=1")
-            .arg(format!("--config-file={}", config.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("start dbus-daemon (is it installed?)");
-
-        // Read the address on a thread: a silent daemon fails the test instead of hanging it.
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
-            let _ = tx.send(read);
-        });
-        let address = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(line)) if !line.trim().is_empty() => line.trim().to_string(),
-            outcome => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log =
-                    std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
-                panic!("dbus-daemon printed no address ({outcome:?}); its log:\n{log}");
-            }
-        };
+        let (child, address) = launch(command, dir.path());
         Self {
             child,
             address,
             dir,
         }
+    }
+
+    /// Stops the daemon and starts a new one on the same socket and config, with a new GUID:
+    /// what a client sees when the system bus restarts. For daemons made by [`Self::start`].
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.dir.path().join("bus"));
+        let (child, address) = launch(Command::new("dbus-daemon"), self.dir.path());
+        self.child = child;
+        self.address = address;
+    }
+
+    /// The socket's address without the GUID: it still holds after [`Self::restart`].
+    pub fn path_address(&self) -> String {
+        format!("unix:path={}", self.dir.path().join("bus").display())
     }
 
     /// The bus address, e.g. `unix:path=/tmp/.tmpXXXX/bus,guid=...`.
@@ -189,4 +177,39 @@ impl Drop for PrivateDbusDaemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `command` (dbus-daemon, or a wrapper given its arguments) on the config in `dir`, and
+/// waits until it prints its address.
+fn launch(mut command: Command, dir: &std::path::Path) -> (Child, String) {
+    let config = dir.join("bus.conf");
+    let log = std::fs::File::create(dir.join("daemon.log")).expect("daemon log file");
+    let mut child = command
+        .arg("--nofork")
+        .arg("--print-address=1")
+        .arg(format!("--config-file={}", config.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("start dbus-daemon (is it installed?)");
+
+    // Read the address on a thread: a silent daemon fails the test instead of hanging it.
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+        let _ = tx.send(read);
+    });
+    let address = match rx.recv_timeout(START_TIMEOUT) {
+        Ok(Ok(line)) if !line.trim().is_empty() => line.trim().to_string(),
+        outcome => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+            panic!("dbus-daemon printed no address ({outcome:?}); its log:\n{log}");
+        }
+    };
+    (child, address)
 }
