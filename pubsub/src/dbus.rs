@@ -163,22 +163,7 @@ impl Gateway {
 
     /// Mirrors every key of `sub` as an object until the gateway is dropped.
     pub fn mirror<T: Topic>(&mut self, sub: Subscription<T>) -> Result<(), GatewayError> {
-        let publisher = sub.publisher().to_string();
-        if !self.mirrored.insert((publisher.clone(), T::NAME)) {
-            return Err(GatewayError::AlreadyMirrored {
-                publisher,
-                topic: T::NAME.to_string(),
-            });
-        }
-        let mirror = Mirror {
-            conn: self.conn.clone(),
-            objects: self.objects.clone(),
-            publisher,
-            topic: T::NAME,
-            tenant: None,
-        };
-        self.tasks.push(tokio::spawn(mirror.run(sub)));
-        Ok(())
+        self.spawn_mirror(sub, None)
     }
 
     /// Mirrors the keys of `sub` whose value belongs to `tenant` (`""`: the default tenant),
@@ -188,6 +173,15 @@ impl Gateway {
         &mut self,
         sub: Subscription<T>,
         tenant: &str,
+    ) -> Result<(), GatewayError> {
+        self.spawn_mirror(sub, Some(tenant.to_string()))
+    }
+
+    /// Mirrors `sub`, all of it or (`tenant`) that tenant's view, until the gateway is dropped.
+    fn spawn_mirror<T: Topic>(
+        &mut self,
+        sub: Subscription<T>,
+        tenant: Option<String>,
     ) -> Result<(), GatewayError> {
         let publisher = sub.publisher().to_string();
         if !self.mirrored.insert((publisher.clone(), T::NAME)) {
@@ -201,7 +195,7 @@ impl Gateway {
             objects: self.objects.clone(),
             publisher,
             topic: T::NAME,
-            tenant: Some(tenant.to_string()),
+            tenant,
         };
         self.tasks.push(tokio::spawn(mirror.run(sub)));
         Ok(())

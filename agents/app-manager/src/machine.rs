@@ -873,13 +873,7 @@ fn on_volumes_result(
         .collect::<Vec<_>>()
         .join("; ");
     let id = step.snapshot();
-    let in_config = state
-        .controller
-        .snapshot
-        .snapshots
-        .iter()
-        .any(|d| d.snapshot_id == id)
-        || state.snapshot(id).is_some_and(|s| s.scheduled);
+    let in_config = wanted(state, id);
     if let Some(group) = group_of(state, step) {
         let app = state.app;
         state.steps.retain(|s| *s != step);
@@ -979,6 +973,19 @@ fn resume(state: &AppState, actions: &mut Vec<Action>) {
             }
         }
     }
+}
+
+/// Whether snapshot `id`, just taken, is still wanted: listed by the controller's config, or
+/// scheduled (never listed: its policy decides its fate). An unwanted one becomes a pending
+/// deletion.
+fn wanted(state: &AppState, id: Uuid) -> bool {
+    state
+        .controller
+        .snapshot
+        .snapshots
+        .iter()
+        .any(|d| d.snapshot_id == id)
+        || state.snapshot(id).is_some_and(|s| s.scheduled)
 }
 
 /// Drives the work forward as far as it can go without waiting.
@@ -1482,14 +1489,7 @@ fn group_done(state: &mut AppState, actions: &mut Vec<Action>) {
     };
     state.phase = Phase::Idle;
     if let Step::Create(id) = step {
-        let in_config = state
-            .controller
-            .snapshot
-            .snapshots
-            .iter()
-            .any(|d| d.snapshot_id == id)
-            // A scheduled one was never listed: its policy decides its fate.
-            || state.snapshot(id).is_some_and(|s| s.scheduled);
+        let in_config = wanted(state, id);
         if let Some(record) = state.snapshot_mut(id)
             && record.state == SnapshotState::Triggered
         {

@@ -66,16 +66,18 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let bus = Bus::new(AGENT, &args.run_dir, &args.persist_dir);
+    // Technicians read the volumes and the export jobs.
+    let status_access = args
+        .technicians_gid
+        .map(cairn_pubsub::Access::with_group_readers)
+        .unwrap_or_default();
     let outputs = Outputs {
         // Persistent: a restarted agent must know which volumes it had, so that a volume file
         // deleted while it was down is reported, not silently recreated empty.
         volumes: bus
             .publish::<VolumeStatus>(PublishOptions {
                 persistent: true,
-                access: args
-                    .technicians_gid
-                    .map(cairn_pubsub::Access::with_group_readers)
-                    .unwrap_or_default(),
+                access: status_access.clone(),
                 ..Default::default()
             })
             .await
@@ -96,11 +98,7 @@ async fn main() -> anyhow::Result<()> {
     // Export jobs (issue 11): requested by `cairn`, run in tasks of their own.
     let export_statuses = bus
         .publish::<ExportStatus>(PublishOptions {
-            persistent: false,
-            access: args
-                .technicians_gid
-                .map(cairn_pubsub::Access::with_group_readers)
-                .unwrap_or_default(),
+            access: status_access,
             ..Default::default()
         })
         .await

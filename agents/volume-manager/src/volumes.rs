@@ -250,15 +250,27 @@ pub async fn create(
             .await
         }
     };
-    if let Err(e) = result {
-        let _ = remove(&key, &tmp).await;
+    put_in_place(&key, &tmp, path, backend, result).await
+}
+
+/// The end of making a volume in its staging place `tmp`: after a failure `tmp` goes; else it
+/// is renamed to `path` (durably) and brought into service.
+async fn put_in_place(
+    key: &str,
+    tmp: &Path,
+    path: &Path,
+    backend: SnapshotBackendKind,
+    made: Result<()>,
+) -> Result<()> {
+    if let Err(e) = made {
+        let _ = remove(key, tmp).await;
         return Err(e);
     }
-    std::fs::rename(&tmp, path).map_err(VolumeError::io(&key, "cannot rename into", path))?;
+    std::fs::rename(tmp, path).map_err(VolumeError::io(key, "cannot rename into", path))?;
     if let Some(parent) = path.parent() {
         let _ = cairn_persist::sync_dir(parent);
     }
-    activate(&key, path, backend).await
+    activate(key, path, backend).await
 }
 
 /// Brings an existing volume into service: a squashfs-overlay volume's mounts are adopted or
@@ -386,15 +398,7 @@ pub async fn create_clone(
             config.format, source.volume_key
         ))),
     };
-    if let Err(e) = result {
-        let _ = remove(&key, &tmp).await;
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(VolumeError::io(&key, "cannot rename into", path))?;
-    if let Some(parent) = path.parent() {
-        let _ = cairn_persist::sync_dir(parent);
-    }
-    activate(&key, path, backend).await
+    put_in_place(&key, &tmp, path, backend, result).await
 }
 
 /// Makes the directory (a subvolume on the btrfs backend) `to` and copies the tree `from` into

@@ -84,17 +84,6 @@ pub async fn writable_snapshot(volume: &str, from: &Path, to: &Path) -> Result<(
     .await
 }
 
-fn ensure_parent(volume: &str, path: &Path) -> Result<()> {
-    if let Some(parent) = path.parent() {
-        cairn_persist::create_dir_durable(parent).map_err(VolumeError::io(
-            volume,
-            "cannot create directory",
-            parent,
-        ))?;
-    }
-    Ok(())
-}
-
 /// Where an interrupted rollback's scratch subvolume lives (removed before the next one).
 pub fn rollback_scratch(volume: &Path) -> PathBuf {
     let name = volume
@@ -131,7 +120,7 @@ impl SnapshotBackend for BtrfsBackend {
             tracing::info!(volume = %volume.key, snapshot = name, "btrfs snapshot already there: adopted");
             return Ok(meta);
         }
-        ensure_parent(&volume.key, &meta.snapshot_location)?;
+        super::ensure_parent(&volume.key, &meta.snapshot_location)?;
         btrfs(
             &volume.key,
             &[

@@ -23,26 +23,30 @@ fn partial(path: &Path) -> PathBuf {
 
 /// Copies the tree `from` into the new directory `to`, logging progress; returns bytes copied.
 pub fn copy_tree(volume: &str, from: &Path, to: &Path) -> Result<u64> {
-    let total = tree_size(from);
-    let mut done = 0u64;
-    let mut next_report = PROGRESS_STEP;
-    copy_dir(volume, from, to, &mut |bytes| {
-        done += bytes;
-        if done >= next_report {
-            next_report += PROGRESS_STEP;
-            tracing::info!(volume, copied = done, total, "copying volume");
-        }
-    })?;
-    Ok(done)
+    with_progress(volume, from, |progress| {
+        copy_dir(volume, from, to, progress)
+    })
 }
 
 /// Copies what the tree `from` holds into the existing directory `to` (a clone's new volume),
 /// logging progress; returns bytes copied.
 pub fn copy_contents(volume: &str, from: &Path, to: &Path) -> Result<u64> {
+    with_progress(volume, from, |progress| {
+        copy_entries(volume, from, to, progress)
+    })
+}
+
+/// Runs `copy` with a progress callback that logs every `PROGRESS_STEP` bytes of the tree
+/// `from`; returns the bytes copied.
+fn with_progress(
+    volume: &str,
+    from: &Path,
+    copy: impl FnOnce(&mut dyn FnMut(u64)) -> Result<()>,
+) -> Result<u64> {
     let total = tree_size(from);
     let mut done = 0u64;
     let mut next_report = PROGRESS_STEP;
-    copy_entries(volume, from, to, &mut |bytes| {
+    copy(&mut |bytes| {
         done += bytes;
         if done >= next_report {
             next_report += PROGRESS_STEP;
@@ -169,13 +173,7 @@ impl SnapshotBackend for CopyBackend {
         meta.size = blocking(&volume.key, move || {
             let tmp = partial(&to);
             remove_tree(&key, &tmp)?;
-            if let Some(parent) = to.parent() {
-                cairn_persist::create_dir_durable(parent).map_err(VolumeError::io(
-                    &key,
-                    "cannot create directory",
-                    parent,
-                ))?;
-            }
+            super::ensure_parent(&key, &to)?;
             let copied = copy_tree(&key, &from, &tmp).inspect_err(|_| {
                 let _ = std::fs::remove_dir_all(&tmp);
             })?;

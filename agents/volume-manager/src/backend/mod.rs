@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
 
-use crate::error::Result;
+use crate::error::{Result, VolumeError};
 
 pub mod btrfs;
 pub mod copy;
@@ -80,6 +80,18 @@ pub trait SnapshotBackend: Send + Sync {
 
     /// Whether the snapshot exists on the backend.
     fn exists(&self, meta: &VolumeSnapshotMeta) -> impl Future<Output = Result<bool>> + Send;
+}
+
+/// Makes the directory `path` goes into, durably (its own entry in its parent too).
+pub fn ensure_parent(volume: &str, path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        cairn_persist::create_dir_durable(parent).map_err(VolumeError::io(
+            volume,
+            "cannot create directory",
+            parent,
+        ))?;
+    }
+    Ok(())
 }
 
 /// `<volumes>/.snapshots/<volume-key>/<name>`: where directory backends keep snapshots, on the

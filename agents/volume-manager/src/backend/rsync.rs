@@ -114,11 +114,7 @@ impl SnapshotBackend for RsyncBackend {
             let tmp = partial(&snap);
             remove_tree(key, &tmp)?;
             let parent = snap.parent().unwrap_or(Path::new("/"));
-            cairn_persist::create_dir_durable(parent).map_err(VolumeError::io(
-                key,
-                "cannot create directory",
-                parent,
-            ))?;
+            super::ensure_parent(key, &snap)?;
             let mut args: Vec<std::ffi::OsString> = COMMON.iter().map(Into::into).collect();
             args.push("--delete".into());
             if let Some(previous) = previous_snapshot(parent, &snap) {

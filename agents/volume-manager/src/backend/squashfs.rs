@@ -447,13 +447,7 @@ impl SnapshotBackend for SquashfsBackend {
         activate(&volume.key, &volume.path).await?;
         let tmp = partial(&meta.snapshot_location);
         let _ = std::fs::remove_file(&tmp);
-        if let Some(parent) = meta.snapshot_location.parent() {
-            cairn_persist::create_dir_durable(parent).map_err(VolumeError::io(
-                &volume.key,
-                "cannot create directory",
-                parent,
-            ))?;
-        }
+        super::ensure_parent(&volume.key, &meta.snapshot_location)?;
         let built = process::run(
             TOOL,
             &[
