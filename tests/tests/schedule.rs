@@ -41,7 +41,7 @@ fn config(device: &Device) -> String {
   "apps": [{{
     "uuid": "{APP}", "version": "1", "display_name": "scheduled",
     "volume_refs": [{{"uuid": "{VOLUME}", "generation_count": 0}}],
-    "snapshot": {{"schedule": "* * * * *", "time_zone": "UTC", "expiry": "10m",
+    "snapshot": {{"max_snapshots": 8, "schedule": "* * * * *", "time_zone": "UTC", "expiry": "10m",
                   "retention": {{"keep_last": 1}}, "pattern": "e2e-%n-%H%M"}},
     "domain": {{"kind": "process", "command": "/bin/sh",
                 "args": ["-c", "echo run >> runs; while :; do sleep 1; done", "{marker}"]}}
@@ -189,7 +189,7 @@ async fn an_hourly_schedule_with_keep_last_3_ends_with_the_3_newest() {
   "apps": [{{
     "uuid": "{APP}", "version": "1", "display_name": "hourly",
     "volume_refs": [{{"uuid": "{VOLUME}", "generation_count": 0}}],
-    "snapshot": {{"schedule": "@hourly", "time_zone": "Europe/Berlin",
+    "snapshot": {{"max_snapshots": 8, "schedule": "@hourly", "time_zone": "Europe/Berlin",
                   "retention": {{"keep_last": 3}}, "pattern": "h-%n-%d%H%M"}},
     "domain": {{"kind": "process", "command": "/bin/sh",
                 "args": ["-c", "while :; do sleep 1; done", "{marker}"]}}

@@ -54,6 +54,36 @@ pub struct AppInstanceConfig {
     pub group: Option<Box<crate::policy::ConsistencyGroup>>,
     /// Cairn: commands run on the device around each snapshot of the app (issue 11).
     pub quiesce: Option<QuiesceHooks>,
+    /// Cairn: what the device does when the app's domain ends without being asked to, or
+    /// cannot be started (issue 17). EVE has no field for it.
+    pub restart_policy: RestartPolicy,
+}
+
+/// Cairn: when the app-manager starts an app again whose domain ended on its own or failed to
+/// start. A restart waits 1 s, doubling per failure in a row up to 600 s (EVE's
+/// `timer.boot.retry`); a run of 60 s or more ends the row. A restart command, a new version,
+/// a purge or a rollback from the controller always tries at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    /// After any end: a crash, a kill, a clean exit, a failed start (systemd's `always`).
+    #[default]
+    Always,
+    /// After a crash, a kill or a failed start, not after a clean exit (status 0).
+    OnFailure,
+    /// Never by itself: the app stays broken, reporting why, until the controller restarts
+    /// it (EVE's handling of a crashed domain).
+    Never,
+}
+
+impl RestartPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on_failure",
+            RestartPolicy::Never => "never",
+        }
+    }
 }
 
 /// Cairn: quiesce hooks of an app, run on the device (not in the guest) around every snapshot
@@ -153,6 +183,11 @@ pub struct AppInstanceStatus {
     pub warnings: Vec<String>,
     /// Cairn: the tenant of the app (from its config); `""` is the default tenant.
     pub tenant: String,
+    /// Cairn: how many times the device started the app again by its restart policy.
+    pub restarts: u32,
+    /// Cairn: the app's last unasked end or failed start, kept after it runs again; empty:
+    /// none since the device knows the app.
+    pub last_failure: ErrorDescription,
 }
 
 impl crate::Topic for AppInstanceConfig {

@@ -14,7 +14,7 @@ pub mod policy;
 pub mod snapshot;
 pub mod volume;
 
-pub use app::{AppInstanceConfig, AppInstanceStatus, SwState, VolumeRefConfig};
+pub use app::{AppInstanceConfig, AppInstanceStatus, RestartPolicy, SwState, VolumeRefConfig};
 pub use common::{
     AppInstanceOpsCmd, ErrorDescription, ErrorEntity, ErrorEntityType, ErrorSeverity,
     UUIDandVersion,

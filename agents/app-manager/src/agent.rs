@@ -92,6 +92,9 @@ pub struct AppManager {
     hook_sender: tokio::sync::mpsc::UnboundedSender<crate::hooks::HookDone>,
     /// The run root: where the domain-manager puts a VM's guest agent port.
     run: PathBuf,
+    /// Per app, an input an action's outcome gave (a domain request that could not be made),
+    /// fed to its machine right after the step's actions.
+    follow_ups: BTreeMap<Uuid, Input>,
 }
 
 impl AppManager {
@@ -136,6 +139,7 @@ impl AppManager {
             hook_results,
             hook_sender,
             run: bus.run_dir().to_path_buf(),
+            follow_ups: BTreeMap::new(),
         };
         manager.load_states().await?;
         Ok(manager)
@@ -266,6 +270,9 @@ impl AppManager {
                 )
                 .await?;
             }
+            if let Some(input) = self.follow_ups.remove(&app) {
+                self.input(app, input).await?;
+            }
         }
         // Every app is resumed: the groups in progress go on where they stood.
         self.coordinating = true;
@@ -357,8 +364,8 @@ impl AppManager {
         if let Some(config) = self.configs.get(&app.to_string()).cloned() {
             self.input(app, Input::Config(config)).await?;
         }
-        if let Some(active) = self.domains.get(&app.to_string()).and_then(domain_settled) {
-            self.input(app, Input::Domain { active }).await?;
+        if let Some(input) = self.domains.get(&app.to_string()).and_then(domain_input) {
+            self.input(app, input).await?;
         }
         let ready = self.volumes_ready(app);
         self.input(app, Input::Volumes { ready }).await?;
@@ -435,7 +442,7 @@ impl AppManager {
     }
 
     async fn on_domain(&mut self, event: Event<DomainStatus>) -> Result<(), AgentError> {
-        let (app, active) = match &event {
+        let (app, input) = match &event {
             Event::Create { value, .. } | Event::Modify { new: value, .. } => {
                 let app = value.uuid_and_version.uuid;
                 let changed = self.domain_errors.get(&app) != Some(&value.error);
@@ -444,15 +451,16 @@ impl AppManager {
                     self.carry_out(app, Action::Status).await?;
                 }
                 self.unpause_if_stranded(value).await?;
-                (app, domain_settled(value))
+                (app, domain_input(value))
             }
-            Event::Delete { last, .. } => (last.uuid_and_version.uuid, Some(false)),
+            Event::Delete { last, .. } => (
+                last.uuid_and_version.uuid,
+                Some(Input::Domain { active: false }),
+            ),
             _ => return Ok(()),
         };
-        match active {
-            Some(active) if self.apps.contains_key(&app) => {
-                self.input(app, Input::Domain { active }).await
-            }
+        match input {
+            Some(input) if self.apps.contains_key(&app) => self.input(app, input).await,
             _ => Ok(()),
         }
     }
@@ -627,6 +635,9 @@ impl AppManager {
             if forgotten && self.volumes_ready(app) {
                 next = Some(Input::Volumes { ready: true });
             }
+            if next.is_none() {
+                next = self.follow_ups.remove(&app);
+            }
         }
         Ok(())
     }
@@ -658,18 +669,25 @@ impl AppManager {
                     crash_point("app-manager:after-persist-intent");
                 }
             }
-            Action::Domain { activate, config } => match self.domain_config(&config, activate) {
-                Ok(mut domain) => {
-                    // A rollback to a stateful snapshot starts from its memory state.
-                    if activate {
-                        domain.load_state_tag = crate::live::load_state_tag(&state);
+            Action::Domain { activate, config } => {
+                match self.domain_config(&config, activate, state.restarts) {
+                    Ok(mut domain) => {
+                        // A rollback to a stateful snapshot starts from its memory state.
+                        if activate {
+                            domain.load_state_tag = crate::live::load_state_tag(&state);
+                        }
+                        self.domain_configs.publish(domain).await?
                     }
-                    self.domain_configs.publish(domain).await?
+                    // The app is broken for this reason, not left starting (issue 17).
+                    Err(reason) if activate => {
+                        tracing::warn!(app = %app, "{reason}");
+                        self.follow_ups.insert(app, Input::CannotStart { reason });
+                    }
+                    Err(problem) => {
+                        self.report(app, problem);
+                    }
                 }
-                Err(problem) => {
-                    self.report(app, problem);
-                }
-            },
+            }
             Action::Volumes(request) => {
                 tracing::info!(app = %app, snapshot = %request.snapshot_id, action = ?request.action, counter = request.request_counter, "asking the volume-manager");
                 self.volume_requests.republish(request).await?;
@@ -766,6 +784,7 @@ impl AppManager {
         &self,
         config: &AppInstanceConfig,
         activate: bool,
+        restarts: u32,
     ) -> Result<DomainConfig, String> {
         let spec = config.domain.clone().ok_or_else(|| {
             format!(
@@ -791,7 +810,7 @@ impl AppManager {
             activate,
             spec,
             disk_config_list: disks,
-            restart_counter: config.restart_cmd.counter + config.local_restart_cmd.counter,
+            restart_counter: machine::domain_restart_counter(config, restarts),
             purge_counter: config.purge_cmd.counter + config.local_purge_cmd.counter,
             load_state_tag: String::new(),
         })
@@ -920,12 +939,22 @@ fn scan(persist: &Path, known: &BTreeMap<Uuid, Vec<Uuid>>) -> ScanResult {
     (problems, found)
 }
 
-/// Whether a domain status is a settled state: `Some(true)` running, `Some(false)` stopped.
-fn domain_settled(status: &DomainStatus) -> Option<bool> {
+/// What a settled domain status tells the machine: running, stopped, or ended on its own /
+/// failed to start (with its generation, so the machine matches it to the start it made).
+fn domain_input(status: &DomainStatus) -> Option<Input> {
     match status.state {
-        DomainState::Running if status.activated => Some(true),
-        DomainState::Halted | DomainState::Broken if !status.activated => Some(false),
-        DomainState::Broken => Some(false),
+        DomainState::Running if status.activated => Some(Input::Domain { active: true }),
+        DomainState::Halted if !status.activated => Some(Input::Domain { active: false }),
+        DomainState::Broken => Some(Input::DomainBroken {
+            version: status.uuid_and_version.version.clone(),
+            restart_counter: status.restart_counter,
+            reason: if status.error.error.is_empty() {
+                format!("domain broken ({})", status.exit_status)
+            } else {
+                status.error.error.clone()
+            },
+            clean_exit: status.exit_status == "exit status 0",
+        }),
         _ => None,
     }
 }

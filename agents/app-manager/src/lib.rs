@@ -93,21 +93,40 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
         (Phase::Hook { .. }, false) => SwState::Halted,
         (Phase::Idle, false) => SwState::Halted,
     };
+    // Issue 17: an app held by a failure is broken, and says why and what comes next.
+    let held = machine::restart::retry_condition(state);
+    let state_now = match &held {
+        Some(_) if !state.domain_active && state.phase == Phase::Idle => SwState::Broken,
+        _ => state_now,
+    };
+    let failure_error = |f: &machine::Failure| {
+        ErrorDescription::new(f.reason.clone(), ErrorSeverity::Error, f.at)
+    };
+    let error = match (&state.error, &state.failure, held) {
+        (Some(e), _, _) => {
+            ErrorDescription::new(e.clone(), ErrorSeverity::Error, DateTime::<Utc>::UNIX_EPOCH)
+        }
+        (None, Some(failure), Some(retry)) => ErrorDescription {
+            error_retry_condition: retry,
+            ..failure_error(failure)
+        },
+        _ => ErrorDescription::default(),
+    };
     AppInstanceStatus {
         uuid_and_version: state.version().clone(),
         display_name: state.effective().display_name.clone(),
         state: state_now,
         activated: state.domain_active,
         snap_status: snap,
-        error: state
-            .error
-            .as_ref()
-            .map(|e| {
-                ErrorDescription::new(e.clone(), ErrorSeverity::Error, DateTime::<Utc>::UNIX_EPOCH)
-            })
-            .unwrap_or_default(),
+        error,
         warnings,
         tenant: state.controller.tenant.clone(),
+        restarts: state.restarts,
+        last_failure: state
+            .failure
+            .as_ref()
+            .map(failure_error)
+            .unwrap_or_default(),
         ..Default::default()
     }
 }

@@ -62,7 +62,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 mod quiesce;
+pub mod restart;
 pub use quiesce::{HookKind, HookRequest, QuiesceStage, SnapshotOutcome};
+pub use restart::{Failure, domain_restart_counter};
 
 /// Where a snapshot stands. Each snapshot the app-manager knows is in exactly one state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Persist)]
@@ -264,6 +266,16 @@ pub struct AppState {
     /// Snapshots past their `pre` hook point whose `post` hook is still owed (issue 11).
     #[serde(default)]
     pub quiesced: BTreeMap<Uuid, QuiesceStage>,
+    /// Issue 17: the last unasked end or failed start of the domain, and whether it holds
+    /// the next start ([`restart`]).
+    #[serde(default)]
+    pub failure: Option<Failure>,
+    /// Issue 17: starts made by the restart policy; part of the domain's restart counter.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Issue 17: when the domain was last seen running after a start.
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
 }
 
 // One input lives at a time, moved straight into `step`: its size costs nothing.
@@ -272,9 +284,22 @@ pub struct AppState {
 pub enum Input {
     /// The controller's config for this app, new or changed.
     Config(AppInstanceConfig),
-    /// The domain settled: active (running) or inactive (halted or broken).
+    /// The domain settled: active (running) or inactive (halted).
     Domain {
         active: bool,
+    },
+    /// The domain ended without being asked to, or could not be started (issue 17): the
+    /// generation it had (version, restart counter), why, and whether it exited cleanly.
+    DomainBroken {
+        version: String,
+        restart_counter: u32,
+        reason: String,
+        clean_exit: bool,
+    },
+    /// The executor cannot even ask for the domain (the config has nothing to run): the app
+    /// cannot start until its config changes.
+    CannotStart {
+        reason: String,
     },
     /// Whether every volume the effective config refers to is ready.
     Volumes {
@@ -382,6 +407,9 @@ impl AppState {
             live_snapshots: BTreeMap::new(),
             load_state: None,
             quiesced: BTreeMap::new(),
+            failure: None,
+            restarts: 0,
+            started_at: None,
         }
     }
 
@@ -499,7 +527,21 @@ pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState,
     sync_schedule(&mut state, now);
     match input {
         Input::Config(config) => on_config(&mut state, config, now),
-        Input::Domain { active } => on_domain(&mut state, active),
+        Input::Domain { active } => on_domain(&mut state, active, now),
+        Input::DomainBroken {
+            version,
+            restart_counter,
+            reason,
+            clean_exit,
+        } => restart::on_broken(
+            &mut state,
+            restart_counter,
+            &version,
+            reason,
+            clean_exit,
+            now,
+        ),
+        Input::CannotStart { reason } => cannot_start(&mut state, reason, now),
         Input::Volumes { ready } => state.volumes_ready = ready,
         Input::VolumesResult(result) => on_volumes_result(&mut state, result, now, &mut actions),
         Input::Resume => {
@@ -507,7 +549,10 @@ pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState,
             resume(&state, &mut actions)
         }
         Input::Import(found) => import(&mut state, *found),
-        Input::Tick { new_id } => on_tick(&mut state, new_id, now),
+        Input::Tick { new_id } => {
+            restart::on_tick(&mut state, now);
+            on_tick(&mut state, new_id, now)
+        }
         Input::GroupGo { at } => group_go(&mut state, at, &mut actions),
         Input::GroupDone => group_done(&mut state, &mut actions),
         Input::GroupAbort { snapshot, reason } => group_abort(&mut state, snapshot, reason),
@@ -536,6 +581,7 @@ pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState,
 
 fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>) {
     let before_version = state.controller.uuid_and_version.version.clone();
+    let before_domain = state.effective().domain.clone();
     state.controller = config;
     // The controller names its generations; the local ones are this app-manager's.
     stamp(&mut state.controller, &state.local_generations);
@@ -599,7 +645,8 @@ fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>
     // The rollback refers to the snapshots the controller saw: decide it before the limit
     // pushes any out (a snapshot being rolled back to is deleted only after its rollback).
     let rollback = state.controller.snapshot.rollback_cmd.counter;
-    if rollback > state.handled_rollback {
+    let rolled_back = rollback > state.handled_rollback;
+    if rolled_back {
         state.handled_rollback = rollback;
         request_rollback(state);
     }
@@ -636,6 +683,13 @@ fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>
     if (upgrade || purge || restart) && state.running.is_some() {
         state.restart_wanted = true;
     }
+    // The controller asked for a new start (a new version, a purge, a restart, a rollback):
+    // a failed app tries again at once; one no longer activated forgets its failure.
+    let respecified = state.effective().domain != before_domain;
+    if upgrade || purge || restart || rolled_back || respecified {
+        restart::release(state);
+    }
+    restart::on_deactivated(state);
 }
 
 /// A purge by the counter: each volume of the config in force gets its next local generation,
@@ -744,11 +798,36 @@ fn import(state: &mut AppState, found: FoundSnapshot) {
 /// A domain found running that this state never started (its state file was lost) is adopted as
 /// running the config in force, so its request is published again and it is not stopped as a
 /// stale one at the restart barrier.
-fn on_domain(state: &mut AppState, active: bool) {
+fn on_domain(state: &mut AppState, active: bool, now: DateTime<Utc>) {
     state.domain_active = active;
     if active && state.running.is_none() && state.phase == Phase::Idle {
         state.running = Some(state.effective().clone());
     }
+    if active {
+        restart::on_running(state, now);
+    }
+}
+
+/// Nothing can be asked of the domain-manager (the config names nothing to run): the app is
+/// broken for that reason until a config changes it, never left starting.
+fn cannot_start(state: &mut AppState, reason: String, now: DateTime<Utc>) {
+    if state.phase == Phase::Starting {
+        state.phase = Phase::Idle;
+    }
+    let counter = state
+        .running
+        .as_ref()
+        .map_or(0, |c| domain_restart_counter(c, state.restarts));
+    let consecutive = state.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
+    state.started_at = None;
+    state.failure = Some(Failure {
+        reason,
+        at: now,
+        consecutive,
+        counter,
+        held: true,
+        retry_at: None,
+    });
 }
 
 /// Queues the taking of a snapshot with the config in use now.
@@ -797,12 +876,17 @@ fn fix_up(local: &mut AppInstanceConfig, controller: &AppInstanceConfig) {
     local.activate = controller.activate;
 }
 
-/// Oldest available snapshots are deleted first, then the newest requests dropped.
+/// Oldest available snapshots are deleted first, then the newest requests dropped. As in EVE,
+/// `max_snapshots` 0 keeps no snapshot at all (not "no limit"): each one goes, with a warning
+/// that says so.
 fn enforce_max(state: &mut AppState) {
     let max = state.controller.snapshot.max_snapshots as usize;
-    if max == 0 {
-        return; // no limit configured
-    }
+    let why = if max == 0 {
+        "max_snapshots is 0, which keeps no snapshot (EVE's meaning); raise it to keep snapshots"
+            .to_string()
+    } else {
+        format!("at most {max} snapshots are kept")
+    };
     loop {
         let counted = state.snapshots.iter().filter(|s| s.counts()).count();
         if counted <= max {
@@ -818,10 +902,7 @@ fn enforce_max(state: &mut AppState) {
         if let Some(i) = oldest_available {
             let record = &mut state.snapshots[i];
             record.state = SnapshotState::PendingDeletion;
-            let note = format!(
-                "snapshot {} will be deleted to keep at most {max} snapshots",
-                record.id()
-            );
+            let note = format!("snapshot {} will be deleted: {why}", record.id());
             state.warnings.push(note);
             continue;
         }
@@ -833,10 +914,7 @@ fn enforce_max(state: &mut AppState) {
             Some(i) => {
                 let record = &mut state.snapshots[i];
                 record.state = SnapshotState::Dropped;
-                let note = format!(
-                    "snapshot {} dropped: at most {max} snapshots are kept",
-                    record.id()
-                );
+                let note = format!("snapshot {} dropped: {why}", record.id());
                 state.warnings.push(note);
             }
             // Only snapshots being taken remain: they finish, the limit applies after.
@@ -990,6 +1068,8 @@ fn wanted(state: &AppState, id: Uuid) -> bool {
 
 /// Drives the work forward as far as it can go without waiting.
 fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
+    // The domain request in force still asks it to run (it broke while running).
+    let asked_to_run = matches!(state.domain_request(), Some((true, _)));
     match state.phase {
         Phase::Volume { .. } | Phase::Group { .. } | Phase::Hook { .. } => return,
         Phase::Stopping if state.domain_active => return,
@@ -1052,10 +1132,20 @@ fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
     }
     state.restart_wanted = false;
     if state.effective().activate && state.volumes_ready {
+        // A failure holds the start until its backoff passed, or the controller asks.
+        if !restart::may_start(state) {
+            return;
+        }
+        restart::starting(state);
         state.running = Some(state.effective().clone());
         state.phase = Phase::Starting;
         actions.push(domain_action(state, true));
     } else if !state.effective().activate {
+        // A domain that broke is inactive already, but its request must say stopped too, or
+        // a restarted domain-manager would start what the config stops.
+        if asked_to_run && !state.domain_active {
+            actions.push(domain_action(state, false));
+        }
         state.running = None;
     }
 }
@@ -1236,6 +1326,10 @@ fn due_decision(state: &AppState, which: Which) -> Due {
     if taking {
         return Due::Skip;
     }
+    // Nothing may be kept: taking it only to delete it would stop the app for nothing.
+    if state.controller.snapshot.max_snapshots == 0 {
+        return Due::Skip;
+    }
     if !state.volumes_ready {
         return Due::Wait;
     }
@@ -1266,6 +1360,7 @@ pub fn next_wakeup(state: &AppState, now: DateTime<Utc>) -> Option<DateTime<Utc>
             .filter(|s| s.state == SnapshotState::Available)
             .filter_map(|s| s.expires_at(state.policy_for(s))),
     );
+    times.extend(restart::wakeup(state));
     times.into_iter().min()
 }
 
@@ -1287,6 +1382,14 @@ fn on_tick(state: &mut AppState, new_id: Uuid, now: DateTime<Utc>) {
         let due = latest_due(&schedule, next, now);
         state.schedule_of_mut(which).last_due = Some(due);
         if decision == Due::Skip {
+            if state.controller.snapshot.max_snapshots == 0 {
+                let note = "scheduled snapshots are not taken: max_snapshots is 0, which keeps no \
+                            snapshot (EVE's meaning)"
+                    .to_string();
+                if !state.warnings.contains(&note) {
+                    state.warnings.push(note);
+                }
+            }
             continue;
         }
         let id = match (which, state.group()) {

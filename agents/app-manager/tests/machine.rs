@@ -1224,10 +1224,10 @@ fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
 
-/// `config("1")` with a policy (no `max_snapshots`: the policy's own rules are under test).
+/// `config("1")` with a policy and a limit it never reaches (the policy's own rules are under test).
 fn scheduled_config(schedule: &str, zone: &str) -> AppInstanceConfig {
     let mut c = config("1");
-    c.snapshot.max_snapshots = 0;
+    c.snapshot.max_snapshots = 1000;
     c.snapshot.policy = Some(Box::new(SnapshotPolicy {
         schedule: schedule.into(),
         time_zone: zone.into(),
@@ -1336,7 +1336,7 @@ fn a_fresh_state_starts_counting_from_now() {
 
     // A schedule that arrives with a config change starts counting then, too.
     let mut plain = config("1");
-    plain.snapshot.max_snapshots = 0;
+    plain.snapshot.max_snapshots = 1000;
     let mut world = World::new(plain);
     world.now = at("2026-01-01T03:20:00Z");
     world.config(c.clone());

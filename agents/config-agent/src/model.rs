@@ -101,6 +101,10 @@ struct LocalApp {
     clone_of: Option<LocalCloneOf>,
     /// Commands run on the device around each snapshot of the app.
     quiesce: Option<LocalQuiesce>,
+    /// When the device starts the app again by itself: `always` (default), `on_failure`,
+    /// `never` (issue 17).
+    #[serde(default)]
+    restart_policy: String,
 }
 
 /// Quiesce hooks: each an argv (`["/usr/bin/flush", "--all"]`) or a shell command string
@@ -490,6 +494,7 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
         }),
         tenant: app.tenant,
         quiesce,
+        restart_policy: restart_policy(&app.restart_policy, &format!("{path}.restart_policy"))?,
         ..Default::default()
     })
 }
@@ -843,6 +848,10 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
         },
         domain,
         tenant: app.cairn_tenant.clone(),
+        restart_policy: restart_policy(
+            &app.cairn_restart_policy,
+            &format!("{path}.cairn_restart_policy"),
+        )?,
         quiesce: match &app.cairn_quiesce {
             None => None,
             // Protobuf cannot tell an empty list or a 0 from an absent one: empty is no hook,
@@ -951,6 +960,19 @@ fn snapshot_mode(text: &str, path: &str) -> Result<cairn_types::SnapshotMode, Co
         other => Err(ConfigError::at(
             path,
             format!("unknown snapshot mode {other:?}: use stopped, live or stateful"),
+        )),
+    }
+}
+
+fn restart_policy(text: &str, path: &str) -> Result<cairn_types::RestartPolicy, ConfigError> {
+    use cairn_types::RestartPolicy;
+    match text.trim() {
+        "" | "always" => Ok(RestartPolicy::Always),
+        "on_failure" => Ok(RestartPolicy::OnFailure),
+        "never" => Ok(RestartPolicy::Never),
+        other => Err(ConfigError::at(
+            path,
+            format!("unknown restart policy {other:?}: use always, on_failure or never"),
         )),
     }
 }

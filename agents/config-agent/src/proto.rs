@@ -297,6 +297,10 @@ pub struct AppInstanceConfig {
     /// Cairn: commands run on the device around each snapshot of the app (issue 11).
     #[prost(message, optional, tag = "1003")]
     pub cairn_quiesce: Option<CairnQuiesce>,
+    /// Cairn: when the device starts the app again by itself: `always` (empty), `on_failure`,
+    /// `never` (issue 17).
+    #[prost(string, tag = "1004")]
+    pub cairn_restart_policy: String,
 }
 
 /// Cairn extension (field 1003 of `AppInstanceConfig`): quiesce hooks, each an argv (empty:
@@ -490,6 +494,12 @@ pub struct ZInfoApp {
     pub volume_refs: Vec<String>,
     #[prost(message, repeated, tag = "18")]
     pub snapshots: Vec<ZInfoSnapshot>,
+    /// Cairn: how many times the device started the app again by its restart policy.
+    #[prost(uint32, tag = "1000")]
+    pub cairn_restarts: u32,
+    /// Cairn: the app's last unasked end or failed start, kept after it runs again.
+    #[prost(message, optional, tag = "1001")]
+    pub cairn_last_failure: Option<ErrorInfo>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -560,6 +570,7 @@ mod tests {
             cairn_tenant: String::new(),
             cairn_clone: None,
             cairn_quiesce: None,
+            cairn_restart_policy: String::new(),
         };
         let fields: Vec<u64> = keys(&app.encode_to_vec()).iter().map(|k| k >> 3).collect();
         assert_eq!(fields, vec![1, 2, 5, 9, 10, 16, 22]);

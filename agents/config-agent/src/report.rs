@@ -30,6 +30,10 @@ pub fn app_info(device: uuid::Uuid, app: &str, status: Option<&AppInstanceStatus
         if !status.error.error.is_empty() {
             info.app_err.push(error_info(&status.error));
         }
+        info.cairn_restarts = status.restarts;
+        if !status.last_failure.error.is_empty() {
+            info.cairn_last_failure = Some(error_info(&status.last_failure));
+        }
         let snap = &status.snap_status;
         // EVE reports the available snapshots; a failed one is reported too, with its error,
         // so that the controller learns why a requested snapshot never appears.

@@ -196,6 +196,9 @@ const UNSET_EXTENSIONS: &[&str] = &[
     "cairn_mode: \"\"",
     "cairn_pause_ms: 0",
     "cairn_groups: []",
+    "cairn_restart_policy: \"\"",
+    "cairn_restarts: 0",
+    "cairn_last_failure: None",
 ];
 
 /// A Cairn message must be fully populated for a check to mean anything: no empty string,
@@ -585,6 +588,7 @@ fn cairn_app(n: u32) -> c::AppInstanceConfig {
         cairn_tenant: String::new(),
         cairn_clone: None,
         cairn_quiesce: None,
+        cairn_restart_policy: String::new(),
     }
 }
 fn eve_app(n: u32, extras: bool) -> DynamicMessage {
@@ -863,6 +867,8 @@ fn cairn_info_app() -> c::ZInfoApp {
         state: c::ZSwState::Running as i32,
         volume_refs: vec!["vol-a".into(), "vol-b".into()],
         snapshots: vec![cairn_info_snapshot(1), cairn_info_snapshot(2)],
+        cairn_restarts: 0,
+        cairn_last_failure: None,
     }
 }
 fn eve_info_app(extras: bool) -> DynamicMessage {
@@ -1140,6 +1146,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
             timeout_seconds: 10,
             proceed_without_guest_agent: true,
         }),
+        cairn_restart_policy: "on_failure".into(),
         ..cairn_app(1)
     };
     eve_ignores_extensions(
@@ -1150,6 +1157,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
             "org.lfedge.eve.config.AppInstanceConfig#1001",
             "org.lfedge.eve.config.AppInstanceConfig#1002",
             "org.lfedge.eve.config.AppInstanceConfig#1003",
+            "org.lfedge.eve.config.AppInstanceConfig#1004",
         ],
     );
 
@@ -1267,7 +1275,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
     );
     let mut unknown = vec!["org.lfedge.eve.config.EdgeDevConfig#1000".to_string()];
     for i in 0..2 {
-        for n in 1000..=1003 {
+        for n in 1000..=1004 {
             unknown.push(format!("org.lfedge.eve.config.EdgeDevConfig.apps[{i}]#{n}"));
         }
     }
