@@ -1,0 +1,186 @@
+//! Issue 17, the app lifecycle across the real agents: an app whose process dies is started
+//! again by its restart policy, with the failure and the restart count reported; a version that
+//! cannot run is reported Broken with the reason, and a good version after it runs at once,
+//! with no agent restarted.
+//!
+//! The app is a shell process on a `dir` volume that appends its pid to `pids` at each start.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::Path;
+use std::time::Duration;
+
+use cairn_e2e::Device;
+use cairn_types::SwState;
+use uuid::Uuid;
+
+const APP: &str = "e2e0ea90-0000-4000-8000-00000000a017";
+const VOLUME: &str = "e2e0ea90-0000-4000-8000-00000000b017";
+
+/// Generous: CI runs this next to the VM tests on two cores.
+const SETTLE: Duration = Duration::from_secs(60);
+
+fn config(device: &Device, version: &str, command: &str, policy: &str) -> String {
+    let marker = device.root.path().display();
+    format!(
+        r#"{{
+  "apps": [{{
+    "uuid": "{APP}", "version": "{version}", "display_name": "lifecycle",
+    "restart_policy": "{policy}",
+    "volume_refs": [{{"uuid": "{VOLUME}", "generation_count": 0}}],
+    "snapshot": {{"max_snapshots": 2}},
+    "domain": {{"kind": "process", "command": "{command}",
+                "args": ["-c", "echo $$ >> pids; while :; do sleep 1; done", "{marker}"]}}
+  }}],
+  "volumes": [{{"uuid": "{VOLUME}", "generation_count": 0, "format": "dir"}}]
+}}"#
+    )
+}
+
+fn pids(volume: &Path) -> Vec<i32> {
+    std::fs::read_to_string(volume.join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// The live processes whose command line carries this device's root: its app processes.
+fn app_processes(device: &Device) -> Vec<i32> {
+    let marker = device.root.path().to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            String::from_utf8_lossy(&cmdline).contains(&marker)
+                && String::from_utf8_lossy(&cmdline).starts_with("/bin/sh")
+                && !zombie
+        })
+        .collect()
+}
+
+fn volume(device: &Device) -> std::path::PathBuf {
+    device.dir_volume(VOLUME.parse::<Uuid>().unwrap(), 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_app_process_is_restarted_by_its_policy_with_the_failure_reported() {
+    let mut device = Device::new();
+    device.write_config(&config(&device, "1", "/bin/sh", "always"));
+    device.start_all();
+    let volume = volume(&device);
+    device
+        .until(SETTLE, "the app ran", || pids(&volume).len() == 1)
+        .await;
+    let first = pids(&volume)[0];
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    let status = device
+        .app_status(SETTLE, |s| s.restarts == 1 && s.state == SwState::Running)
+        .await
+        .unwrap_or_else(|last| panic!("not restarted: {last}\n{}", device.log_tails(30)));
+    assert!(
+        status.last_failure.error.contains("signal 9"),
+        "{:?}",
+        status.last_failure
+    );
+    assert!(status.error.error.is_empty(), "{:?}", status.error);
+    device
+        .until(SETTLE, "the app started again", || pids(&volume).len() == 2)
+        .await;
+    assert_eq!(app_processes(&device).len(), 1, "exactly one copy runs");
+    for agent in cairn_e2e::AGENTS {
+        assert!(!device.has_died(agent), "{agent} died");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_app_under_policy_never_stays_broken_until_the_restart_counter() {
+    let mut device = Device::new();
+    device.write_config(&config(&device, "1", "/bin/sh", "never"));
+    device.start_all();
+    let volume = volume(&device);
+    device
+        .until(SETTLE, "the app ran", || pids(&volume).len() == 1)
+        .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids(&volume)[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = device
+        .app_status(SETTLE, |s| s.state == SwState::Broken)
+        .await
+        .unwrap();
+    assert!(status.error.error.contains("signal 9"), "{:?}", status.error);
+    assert!(
+        status.error.error_retry_condition.contains("restart counter"),
+        "{:?}",
+        status.error
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(pids(&volume).len(), 1, "not restarted by the device");
+
+    let restarted = config(&device, "1", "/bin/sh", "never")
+        .replace(r#""restart_policy""#, r#""restart": 1, "restart_policy""#);
+    device.write_config(&restarted);
+    device
+        .app_status(SETTLE, |s| s.state == SwState::Running && s.error.error.is_empty())
+        .await
+        .unwrap();
+    device
+        .until(SETTLE, "the restart command started it", || {
+            pids(&volume).len() == 2
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_version_is_reported_broken_and_a_good_one_after_it_recovers_without_restarts() {
+    let mut device = Device::new();
+    device.write_config(&config(&device, "1", "/bin/sh", "always"));
+    device.start_all();
+    let volume = volume(&device);
+    device
+        .until(SETTLE, "the app ran", || pids(&volume).len() == 1)
+        .await;
+
+    // A typo in the command: version 2 cannot start.
+    device.write_config(&config(&device, "2", "/bin/shh", "always"));
+    let status = device
+        .app_status(SETTLE, |s| {
+            s.state == SwState::Broken && s.uuid_and_version.version == "2"
+        })
+        .await
+        .unwrap_or_else(|last| panic!("not broken: {last}\n{}", device.log_tails(30)));
+    assert!(status.error.error.contains("/bin/shh"), "{:?}", status.error);
+    assert!(!status.error.error_retry_condition.is_empty());
+
+    // The fix: version 3 runs at once, reported as such.
+    device.write_config(&config(&device, "3", "/bin/sh", "always"));
+    let status = device
+        .app_status(SETTLE, |s| {
+            s.state == SwState::Running && s.uuid_and_version.version == "3"
+        })
+        .await
+        .unwrap_or_else(|last| panic!("not recovered: {last}\n{}", device.log_tails(30)));
+    assert!(status.error.error.is_empty(), "{:?}", status.error);
+    device
+        .until(SETTLE, "version 3 started", || pids(&volume).len() == 2)
+        .await;
+    assert_eq!(app_processes(&device).len(), 1);
+    for agent in cairn_e2e::AGENTS {
+        assert!(!device.has_died(agent), "{agent} died: nothing was restarted");
+    }
+}
