@@ -26,7 +26,9 @@ fn app_config(h: &Harness, app: Uuid, ignore_term: bool, activate: bool) -> Doma
         "trap 'exit 0' TERM"
     };
     let script = format!(
-        "[ -e \"$CAIRN_VOLUME_0/fail\" ] && exit 3; {trap}; while :; do sleep 0.05; done # app {app}"
+        "[ -e \"$CAIRN_VOLUME_0/fail\" ] && exit 3; {trap}; while :; do sleep 0.05; done # app {app} in {}",
+        // The directory names the test, so that the harness ends what a failed test left.
+        volume.display()
     );
     process_config(app, &script, &volume, activate)
 }
