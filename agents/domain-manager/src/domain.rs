@@ -84,6 +84,18 @@ enum Kind {
     Process,
 }
 
+/// A domain found running that this task did not start: left by a previous domain-manager, or
+/// found before a start (never a second copy beside it).
+struct Found {
+    id: ProcessId,
+    kind: Kind,
+    /// From its marker; `None` for a process started before markers existed.
+    restart_counter: Option<u32>,
+    /// `None` when it can be driven; otherwise why it cannot (a qemu that answers no QMP and
+    /// survived SIGKILL): kept tracked, Broken, so that nothing starts beside it.
+    fault: Option<String>,
+}
+
 /// A live domain: its process and how its end is reported.
 struct Running {
     id: ProcessId,
@@ -161,6 +173,12 @@ impl Domain {
                 Some(Command::LiveOp(op)) => self.live_op(op).await,
                 Some(Command::Delete) => {
                     self.stop().await;
+                    if self.running.is_some() {
+                        // Its directory is how the next domain-manager finds it: keep it.
+                        tracing::error!(app = %self.app, "domain deleted while its process survives SIGKILL");
+                        self.publish().await;
+                        break;
+                    }
                     if let Err(e) = self.shared.statuses.unpublish(&self.app.to_string()).await {
                         tracing::warn!(app = %self.app, error = %e, "could not unpublish DomainStatus");
                     }
@@ -250,12 +268,19 @@ impl Domain {
                 format!("cannot create {}: {e}", self.dir.0.display()),
             );
         }
+        // The one place that starts a domain checks first that none of this app runs: whatever
+        // lost track of it, a second copy never writes to the same volumes.
+        if let Some(found) = self.find_live().await {
+            tracing::error!(app = %self.app, pid = found.id.pid, kind = ?found.kind, "a domain of this app is running untracked: adopting it instead of starting a second");
+            self.track(found, generation(config));
+            return;
+        }
         let spawned = match &launch {
             Launch::Vm {
                 args,
                 clear_bitmaps,
             } => match crate::launch::clear_export_bitmaps(clear_bitmaps).await {
-                Ok(()) => self.spawn_vm(args).await,
+                Ok(()) => self.spawn_vm(args, config.restart_counter).await,
                 Err(e) => Err(e),
             },
             Launch::Process {
@@ -263,7 +288,7 @@ impl Domain {
                 disks,
                 working_dir,
             } => {
-                self.spawn_process(spec, disks, working_dir.as_deref())
+                self.spawn_process(spec, disks, working_dir.as_deref(), config.restart_counter)
                     .await
             }
         };
@@ -289,6 +314,8 @@ impl Domain {
                 self.status.qmp_socket = PathBuf::new();
                 self.status.log_path = self.dir.process_log();
                 self.set_state(DomainState::Running);
+                self.publish().await;
+                cairn_persist::crash_point("domain-manager:process-running");
             }
             Kind::Vm => {
                 self.status.accel = self.shared.accel.clone();
@@ -301,9 +328,18 @@ impl Domain {
         }
     }
 
+    /// The environment that marks a process as this app's, from its first instruction on
+    /// (see [`procfs::scan`]).
+    fn marker(&self, restart_counter: u32) -> Vec<(&'static str, String)> {
+        let mut vars = procfs::marker(&self.shared.run_dir, &self.app.to_string()).to_vec();
+        vars.push((procfs::RESTART_VAR, restart_counter.to_string()));
+        vars
+    }
+
     async fn spawn_vm(
         &self,
         args: &[String],
+        restart_counter: u32,
     ) -> Result<(ProcessId, Kind, oneshot::Receiver<String>), String> {
         for stale in [self.dir.qmp_socket(), self.dir.qemu_pidfile()] {
             let _ = tokio::fs::remove_file(stale).await;
@@ -315,6 +351,7 @@ impl Domain {
             .map_err(|e| format!("cannot reopen {}: {e}", self.dir.qemu_log().display()))?;
         let child = tokio::process::Command::new(&self.shared.qemu)
             .args(args)
+            .envs(self.marker(restart_counter))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -331,6 +368,7 @@ impl Domain {
         spec: &cairn_types::ProcessSpec,
         disks: &[crate::launch::Disk],
         working_dir: Option<&Path>,
+        restart_counter: u32,
     ) -> Result<(ProcessId, Kind, oneshot::Receiver<String>), String> {
         let path = self.dir.process_log();
         let log = std::fs::OpenOptions::new()
@@ -361,15 +399,15 @@ impl Domain {
         if let Some(wd) = working_dir {
             command.current_dir(wd);
         }
+        // Set last: the app's own env cannot take the marker away.
+        command.envs(self.marker(restart_counter));
         let child = command
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", spec.command.display()))?;
         let (id, exit) = watch_child(child)?;
-        let record = format!("{} {}\n", id.pid, id.start_time);
-        let pidfile = self.dir.process_pidfile();
-        if let Err(e) = tokio::fs::write(&pidfile, record).await {
-            tracing::warn!(app = %self.app, error = %e, "cannot write {}", pidfile.display());
-        }
+        cairn_persist::crash_point("domain-manager:process-spawned");
+        self.write_pidfile(id).await;
+        cairn_persist::crash_point("domain-manager:process-pidfile");
         tracing::info!(app = %self.app, pid = id.pid, "process started");
         Ok((id, Kind::Process, exit))
     }
@@ -487,6 +525,7 @@ impl Domain {
             }
             Kind::Process => {
                 procfs::signal_group(pid, Signal::SIGTERM);
+                cairn_persist::crash_point("domain-manager:process-stop-signalled");
                 how = wait_exit(&mut running.exit, t.stop).await;
                 if how.is_none() {
                     tracing::warn!(app = %self.app, "process ignored SIGTERM for {:?}: SIGKILL", t.stop);
@@ -497,7 +536,21 @@ impl Domain {
         if how.is_none() {
             how = wait_exit(&mut running.exit, t.kill).await;
         }
-        let how = how.unwrap_or_else(|| format!("pid {pid} survived SIGKILL"));
+        let Some(how) = how else {
+            // Stuck in the kernel: not Halted while it lives, and still tracked so that
+            // nothing starts beside it; its end is reported when it comes.
+            let text = format!("pid {pid} of app {} survived SIGKILL", self.app);
+            tracing::error!(app = %self.app, pid, "{text}");
+            self.set_state(DomainState::Broken);
+            self.status.error = error_now(text, self.app);
+            self.running = Some(running);
+            self.publish().await;
+            return;
+        };
+        if running.kind == Kind::Process {
+            self.sweep_stragglers(pid).await;
+            let _ = tokio::fs::remove_file(self.dir.process_pidfile()).await;
+        }
         tracing::info!(app = %self.app, %how, "domain stopped");
         self.set_state(DomainState::Halted);
         self.status.activated = false;
@@ -507,46 +560,30 @@ impl Domain {
         self.publish().await;
     }
 
-    /// Re-adopts a domain a previous domain-manager started: qemu found by its pidfile, checked
-    /// in `/proc` to be a qemu serving this app's QMP socket, and answering QMP; a process by
-    /// its pidfile, checked by start time. Never starts anything.
+    /// Re-adopts a domain a previous domain-manager started (see [`Self::find_live`]). Never
+    /// starts anything.
     async fn adopt(&mut self) {
         let was = self.status.state;
-        let vm = self.adopt_vm().await;
-        let found = match vm {
-            Some(found) => Some(found),
-            None => self.adopt_process(),
-        };
-        match found {
-            Some((id, kind)) => {
-                tracing::info!(app = %self.app, pid = id.pid, ?kind, "re-adopted running domain");
-                let (tx, rx) = oneshot::channel();
-                tokio::spawn(async move {
-                    procfs::wait_gone(id, Duration::from_millis(100)).await;
-                    let _ = tx.send(
-                        "exited while not a child of this domain-manager: exit status unknown"
-                            .into(),
-                    );
-                });
-                self.status.pid = Some(id.pid);
-                self.status.activated = true;
-                self.set_state(DomainState::Running);
-                self.running = Some(Running {
-                    id,
-                    kind,
-                    exit: rx,
-                    generation: (
-                        self.status.uuid_and_version.version.clone(),
-                        self.status.restart_counter,
-                    ),
-                });
+        let last = (
+            self.status.uuid_and_version.version.clone(),
+            self.status.restart_counter,
+        );
+        match self.find_live().await {
+            Some(found) => {
+                tracing::info!(app = %self.app, pid = found.id.pid, kind = ?found.kind, "re-adopted running domain");
+                self.track(found, last);
                 self.publish().await;
             }
-            None if matches!(
-                was,
-                DomainState::Booting | DomainState::Running | DomainState::Halting
-            ) =>
-            {
+            None if was == DomainState::Halting => {
+                // It was being stopped and is gone: the stop is done.
+                self.set_state(DomainState::Halted);
+                self.status.activated = false;
+                self.status.pid = None;
+                self.status.exit_status =
+                    "stopped while the domain-manager was down: exit status unknown".into();
+                self.publish().await;
+            }
+            None if matches!(was, DomainState::Booting | DomainState::Running) => {
                 self.set_state(DomainState::Broken);
                 self.status.activated = false;
                 self.status.pid = None;
@@ -559,10 +596,7 @@ impl Domain {
                     ),
                     self.app,
                 );
-                self.broken_generation = Some((
-                    self.status.uuid_and_version.version.clone(),
-                    self.status.restart_counter,
-                ));
+                self.broken_generation = Some(last);
                 self.publish().await;
             }
             None => {
@@ -572,20 +606,94 @@ impl Domain {
                     // Only a directory was left: nothing to report until a config comes.
                     return;
                 }
+                if was == DomainState::Broken {
+                    // Broken stays broken across a restart: a new restart counter starts it.
+                    self.broken_generation = Some(last);
+                }
                 self.publish().await;
             }
         }
     }
 
-    async fn adopt_vm(&mut self) -> Option<(ProcessId, Kind)> {
+    /// The domain of this app running now, whoever started it: qemu by its pidfile or a
+    /// `/proc` scan for its QMP socket; a process by its marker (group leaders marked with
+    /// this run directory and app) or a pidfile of an older version. Of several copies the
+    /// oldest is kept (a child of the app is always younger than the app, so the oldest is
+    /// never one of its children) and the others are killed with their groups.
+    async fn find_live(&mut self) -> Option<Found> {
+        match self.find_vm().await {
+            Some(found) => Some(found),
+            None => self.find_process().await,
+        }
+    }
+
+    /// Tracks a domain it did not start as Running (or Broken, when it cannot be driven).
+    fn track(&mut self, found: Found, generation: (String, u32)) {
+        let id = found.id;
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            procfs::wait_gone(id, Duration::from_millis(100)).await;
+            let _ = tx.send(
+                "exited while not a child of this domain-manager: exit status unknown".into(),
+            );
+        });
+        self.status.pid = Some(id.pid);
+        self.status.activated = true;
+        match found.kind {
+            Kind::Process => {
+                self.status.accel.clear();
+                self.status.qmp_socket = PathBuf::new();
+                self.status.log_path = self.dir.process_log();
+            }
+            Kind::Vm => {
+                self.status.accel = self.shared.accel.clone();
+                self.status.qmp_socket = self.dir.qmp_socket();
+                self.status.log_path = self.dir.console_log();
+            }
+        }
+        match found.fault {
+            None => {
+                self.status.error = ErrorDescription::default();
+                self.set_state(DomainState::Running);
+            }
+            Some(text) => {
+                self.status.error = error_now(text, self.app);
+                self.set_state(DomainState::Broken);
+            }
+        }
+        self.running = Some(Running {
+            id,
+            kind: found.kind,
+            exit: rx,
+            generation: (generation.0, found.restart_counter.unwrap_or(generation.1)),
+        });
+    }
+
+    async fn find_vm(&mut self) -> Option<Found> {
         let socket = self.dir.qmp_socket();
         let from_pidfile = tokio::fs::read_to_string(self.dir.qemu_pidfile())
             .await
             .ok()
-            .and_then(|t| t.trim().parse::<u32>().ok())
-            .filter(|pid| procfs::is_our_qemu(*pid, &socket));
-        let pid = from_pidfile.or_else(|| procfs::find_our_qemu(&socket))?;
-        let id = procfs::identify(pid)?;
+            .and_then(|t| t.trim().parse::<u32>().ok());
+        let scan = socket.clone();
+        let mut qemus = tokio::task::spawn_blocking(move || procfs::find_our_qemus(&scan))
+            .await
+            .unwrap_or_default();
+        if qemus.is_empty() {
+            return None;
+        }
+        // qemu writes its pidfile itself once it holds its disks: that one is the real owner.
+        let keep = qemus
+            .iter()
+            .position(|q| Some(q.pid) == from_pidfile)
+            .unwrap_or(0);
+        let id = qemus.remove(keep);
+        for other in &qemus {
+            tracing::error!(app = %self.app, pid = other.pid, kept = id.pid, "a second qemu of this app: killing it");
+            procfs::signal(other.pid, Signal::SIGKILL);
+        }
+        self.wait_all_gone(&qemus).await;
+        let restart_counter = procfs::restart_counter(id.pid);
         // It may have been started an instant before the previous instance died: give it the
         // boot timeout to open its QMP socket.
         let deadline = Instant::now() + self.shared.timeouts.boot;
@@ -595,38 +703,137 @@ impl Domain {
                     if let Ok(state) = qmp.query_status().await {
                         self.status.paused = !state.running;
                     }
-                    self.status.qmp_socket = socket;
-                    self.status.log_path = self.dir.console_log();
-                    self.status.accel = self.shared.accel.clone();
-                    return Some((id, Kind::Vm));
+                    return Some(Found {
+                        id,
+                        kind: Kind::Vm,
+                        restart_counter,
+                        fault: None,
+                    });
                 }
                 Err(e) if Instant::now() >= deadline || !procfs::is_running(id) => break e,
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
         // Ours but unreachable: end it rather than ever run a second qemu on its disks.
-        tracing::error!(app = %self.app, pid, error = %error, "our qemu does not answer QMP: killing it");
-        procfs::signal(pid, Signal::SIGKILL);
-        let _ = tokio::time::timeout(
-            self.shared.timeouts.kill,
-            procfs::wait_gone(id, Duration::from_millis(20)),
-        )
-        .await;
-        None
-    }
-
-    fn adopt_process(&mut self) -> Option<(ProcessId, Kind)> {
-        let text = std::fs::read_to_string(self.dir.process_pidfile()).ok()?;
-        let mut fields = text.split_whitespace();
-        let id = ProcessId {
-            pid: fields.next()?.parse().ok()?,
-            start_time: fields.next()?.parse().ok()?,
-        };
-        if !procfs::is_running(id) {
+        tracing::error!(app = %self.app, pid = id.pid, error = %error, "our qemu does not answer QMP: killing it");
+        procfs::signal(id.pid, Signal::SIGKILL);
+        if self.wait_all_gone(&[id]).await {
             return None;
         }
-        self.status.log_path = self.dir.process_log();
-        Some((id, Kind::Process))
+        Some(Found {
+            id,
+            kind: Kind::Vm,
+            restart_counter,
+            fault: Some(format!(
+                "qemu pid {} of app {} answers no QMP ({error}) and survived SIGKILL",
+                id.pid, self.app
+            )),
+        })
+    }
+
+    async fn find_process(&mut self) -> Option<Found> {
+        let from_pidfile = tokio::fs::read_to_string(self.dir.process_pidfile())
+            .await
+            .ok()
+            .and_then(|text| {
+                let mut fields = text.split_whitespace();
+                Some(ProcessId {
+                    pid: fields.next()?.parse().ok()?,
+                    start_time: fields.next()?.parse().ok()?,
+                })
+            })
+            .filter(|id| procfs::is_running(*id));
+        let (run_dir, app) = (self.shared.run_dir.clone(), self.app.to_string());
+        let marked = tokio::task::spawn_blocking(move || procfs::marked(&run_dir, &app))
+            .await
+            .unwrap_or_default();
+        let mut leaders = procfs::leaders(&marked);
+        if let Some(id) = from_pidfile
+            && !leaders.iter().any(|l| l.id == id)
+        {
+            // Started by a domain-manager that did not mark its processes yet.
+            leaders.push(procfs::Marked {
+                id,
+                ppid: 0,
+                pgid: id.pid,
+                restart_counter: None,
+            });
+            leaders.sort_by_key(|l| (l.id.start_time, l.id.pid));
+        }
+        let (keep, others) = leaders.split_first()?;
+        for other in others {
+            tracing::error!(app = %self.app, pid = other.id.pid, kept = keep.id.pid, "a second copy of this app's process: killing its group");
+            procfs::signal_group(other.id.pid, Signal::SIGKILL);
+        }
+        let others: Vec<ProcessId> = others.iter().map(|o| o.id).collect();
+        self.wait_all_gone(&others).await;
+        if from_pidfile != Some(keep.id) {
+            self.write_pidfile(keep.id).await;
+        }
+        Some(Found {
+            id: keep.id,
+            kind: Kind::Process,
+            restart_counter: keep.restart_counter,
+            fault: None,
+        })
+    }
+
+    /// Waits up to the kill timeout for `ids` to end; whether they did.
+    async fn wait_all_gone(&self, ids: &[ProcessId]) -> bool {
+        let all = async {
+            for id in ids {
+                procfs::wait_gone(*id, Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(self.shared.timeouts.kill, all)
+            .await
+            .is_ok()
+    }
+
+    /// `<pid> <start time>`, replaced whole (a reader never sees half a record). Only a
+    /// shortcut for re-adoption: the marker finds the process without it.
+    async fn write_pidfile(&self, id: ProcessId) {
+        let pidfile = self.dir.process_pidfile();
+        let temporary = self.dir.0.join(".process.pid.new");
+        let record = format!("{} {}\n", id.pid, id.start_time);
+        let written = match tokio::fs::write(&temporary, record).await {
+            Ok(()) => tokio::fs::rename(&temporary, &pidfile).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            tracing::warn!(app = %self.app, error = %e, "cannot write {}", pidfile.display());
+        }
+    }
+
+    /// After the process stopped: processes of the app that escaped its group (a child with a
+    /// group or session of its own) get SIGTERM, then SIGKILL after the kill timeout. A stopped
+    /// app leaves nothing running on its volumes.
+    async fn sweep_stragglers(&self, leader: u32) {
+        let deadline = Instant::now() + self.shared.timeouts.kill;
+        let mut termed = false;
+        loop {
+            let (run_dir, app) = (self.shared.run_dir.clone(), self.app.to_string());
+            let left = tokio::task::spawn_blocking(move || procfs::marked(&run_dir, &app))
+                .await
+                .unwrap_or_default();
+            if left.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                for m in &left {
+                    tracing::warn!(app = %self.app, pid = m.id.pid, "process of the app outlived its stop: SIGKILL");
+                    procfs::signal(m.id.pid, Signal::SIGKILL);
+                }
+                return;
+            }
+            if !termed {
+                for m in left.iter().filter(|m| m.pgid != leader) {
+                    procfs::signal(m.id.pid, Signal::SIGTERM);
+                }
+                termed = true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Runs one live operation and publishes its outcome under the request's key.

@@ -67,15 +67,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         technicians_gid: args.technicians_gid,
     };
+    // Before the re-adoption, which can take a while: a stop asked meanwhile still stops the
+    // domains it adopts.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let supervisor = Supervisor::open(&bus, settings)
         .await
         .context("cannot start the domain-manager")?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot handle SIGTERM")?;
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt.recv() => {}
         }
         if stop_domains {
             tracing::info!("shutting down with the device: stopping the domains");

@@ -1,5 +1,9 @@
 //! What `/proc` says about a pid: alive (not a zombie), its start time (to tell a reused pid
-//! from ours), its command line. Used for domains this process did not start itself.
+//! from ours), its command line, its marker. Used for domains this process did not start itself.
+//!
+//! Every process the domain-manager starts carries a marker in its environment
+//! ([`OWNER_VAR`], [`APP_VAR`]): it exists from the process's first instruction on, so a
+//! domain-manager killed before it could record the pid still finds its processes again.
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,24 +19,164 @@ pub struct ProcessId {
     pub start_time: u64,
 }
 
-/// `(state, start_time)` from `/proc/<pid>/stat`; `None` when the process does not exist.
-fn stat(pid: u32) -> Option<(char, u64)> {
+/// Names the domain-manager (by its run directory) that started a process.
+pub const OWNER_VAR: &str = "CAIRN_DOMAIN_OWNER";
+/// Names the app (its UUID) a process was started for.
+pub const APP_VAR: &str = "CAIRN_DOMAIN_APP";
+/// The restart counter a process was started for, so a re-adopted domain knows its generation
+/// even when its `DomainStatus` was not written yet.
+pub const RESTART_VAR: &str = "CAIRN_DOMAIN_RESTART_COUNTER";
+
+/// The fields of `/proc/<pid>/stat` used here.
+#[derive(Debug, Clone, Copy)]
+struct Stat {
+    state: char,
+    ppid: u32,
+    pgid: u32,
+    start_time: u64,
+}
+
+/// `/proc/<pid>/stat`; `None` when the process does not exist.
+fn stat(pid: u32) -> Option<Stat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may hold spaces: parse after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first()?.chars().next()?;
-    // Field 22 overall is index 19 after the name (fields 3.. start at index 0).
-    let start_time = fields.get(19)?.parse().ok()?;
-    Some((state, start_time))
+    // Field 3 overall (state) is index 0 here; ppid 4, pgrp 5, starttime 22.
+    Some(Stat {
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        pgid: fields.get(2)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+fn is_dead(state: char) -> bool {
+    matches!(state, 'Z' | 'X' | 'x')
 }
 
 /// The identity of a live process, `None` if it is gone or a zombie.
 pub fn identify(pid: u32) -> Option<ProcessId> {
-    match stat(pid)? {
-        ('Z' | 'X' | 'x', _) => None,
-        (_, start_time) => Some(ProcessId { pid, start_time }),
+    let s = stat(pid)?;
+    (!is_dead(s.state)).then_some(ProcessId {
+        pid,
+        start_time: s.start_time,
+    })
+}
+
+/// A live process carrying the marker of one owner and app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Marked {
+    pub id: ProcessId,
+    pub ppid: u32,
+    pub pgid: u32,
+    /// From [`RESTART_VAR`], when it parses.
+    pub restart_counter: Option<u32>,
+}
+
+impl Marked {
+    pub fn is_group_leader(&self) -> bool {
+        self.id.pid == self.pgid
     }
+}
+
+/// The value of `var` in a raw `/proc/<pid>/environ`.
+fn env_value<'a>(environ: &'a [u8], var: &str) -> Option<&'a [u8]> {
+    environ.split(|b| *b == 0).find_map(|entry| {
+        entry
+            .strip_prefix(var.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"="))
+    })
+}
+
+/// The marker values that [`marked`] looks for: the canonical run directory names the owner.
+pub fn marker(run_dir: &Path, app: &str) -> [(&'static str, String); 2] {
+    let owner = std::fs::canonicalize(run_dir).unwrap_or_else(|_| run_dir.to_path_buf());
+    [
+        (OWNER_VAR, owner.to_string_lossy().into_owned()),
+        (APP_VAR, app.to_string()),
+    ]
+}
+
+/// Every live process marked by the domain-manager of `run_dir`, with the app it was marked
+/// for (the app's own children inherit the marker). Blocking: walks `/proc`.
+pub fn scan(run_dir: &Path) -> Vec<(String, Marked)> {
+    let [(_, owner), _] = marker(run_dir, "");
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        // Another user's process, or one that just ended: not ours.
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if env_value(&environ, OWNER_VAR) != Some(owner.as_bytes()) {
+            continue;
+        }
+        let Some(app) = env_value(&environ, APP_VAR) else {
+            continue;
+        };
+        let Some(s) = stat(pid).filter(|s| !is_dead(s.state)) else {
+            continue;
+        };
+        let restart_counter = env_value(&environ, RESTART_VAR)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse().ok());
+        let marked = Marked {
+            id: ProcessId {
+                pid,
+                start_time: s.start_time,
+            },
+            ppid: s.ppid,
+            pgid: s.pgid,
+            restart_counter,
+        };
+        found.push((String::from_utf8_lossy(app).into_owned(), marked));
+    }
+    found
+}
+
+/// Every live process marked for `app` by the domain-manager of `run_dir`. Blocking.
+pub fn marked(run_dir: &Path, app: &str) -> Vec<Marked> {
+    scan(run_dir)
+        .into_iter()
+        .filter(|(a, _)| a == app)
+        .map(|(_, m)| m)
+        .collect()
+}
+
+/// The restart counter a live process was marked with.
+pub fn restart_counter(pid: u32) -> Option<u32> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    std::str::from_utf8(env_value(&environ, RESTART_VAR)?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The processes among `marked` that the domain-manager started itself: group leaders whose
+/// parent is not itself a process of the app (a child of the app that made its own group is
+/// part of the app, not a second copy of it). Oldest first.
+pub fn leaders(marked: &[Marked]) -> Vec<Marked> {
+    let mut leaders: Vec<Marked> = marked
+        .iter()
+        .filter(|m| m.is_group_leader() && !marked.iter().any(|p| p.id.pid == m.ppid))
+        .copied()
+        .collect();
+    leaders.sort_by_key(|m| (m.id.start_time, m.id.pid));
+    leaders
 }
 
 /// Whether this exact process (same pid, same start time) still runs; a zombie does not.
@@ -62,14 +206,21 @@ pub fn is_our_qemu(pid: u32, qmp_socket: &Path) -> bool {
         && args.iter().any(|a| a.contains(socket.as_ref()))
 }
 
-/// A live qemu serving `qmp_socket`, found by scanning `/proc`: for a qemu whose pidfile is not
-/// written yet (the domain-manager died right after starting it).
-pub fn find_our_qemu(qmp_socket: &Path) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
+/// Every live qemu serving `qmp_socket`, found by scanning `/proc`, oldest first: for a qemu
+/// whose pidfile is not written yet (the domain-manager died right after starting it).
+/// Blocking: walks `/proc`.
+pub fn find_our_qemus(qmp_socket: &Path) -> Vec<ProcessId> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found: Vec<ProcessId> = procs
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .find(|pid| is_our_qemu(*pid, qmp_socket) && identify(*pid).is_some())
+        .filter(|pid| is_our_qemu(*pid, qmp_socket))
+        .filter_map(identify)
+        .collect();
+    found.sort_by_key(|id| (id.start_time, id.pid));
+    found
 }
 
 /// Waits until the process is gone, polling `/proc` (it is not our child, so it cannot be
@@ -116,5 +267,32 @@ mod tests {
             start_time: id.start_time + 1,
             ..id
         }));
+    }
+
+    #[test]
+    fn env_value_matches_whole_names_only() {
+        let environ = b"CAIRN_DOMAIN_APPX=no\0CAIRN_DOMAIN_APP=a1\0OTHER=1\0";
+        assert_eq!(env_value(environ, APP_VAR), Some(&b"a1"[..]));
+        assert_eq!(env_value(environ, "MISSING"), None);
+    }
+
+    #[test]
+    fn a_child_that_made_its_own_group_is_not_a_second_leader() {
+        let m = |pid, ppid, pgid, start_time| Marked {
+            id: ProcessId { pid, start_time },
+            ppid,
+            pgid,
+            restart_counter: None,
+        };
+        // 10: the app (leader); 11: its child in its group; 12: its child in a group of its
+        // own; 20: a second copy started by another domain-manager run, younger.
+        let all = [
+            m(20, 1, 20, 50),
+            m(10, 1, 10, 5),
+            m(11, 10, 10, 6),
+            m(12, 10, 12, 7),
+        ];
+        let found: Vec<u32> = leaders(&all).iter().map(|l| l.id.pid).collect();
+        assert_eq!(found, vec![10, 20]);
     }
 }

@@ -50,7 +50,8 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Opens the publications, detects the accelerator and re-adopts every domain a previous
-    /// instance left (from its reloaded `DomainStatus` table and the app directories).
+    /// instance left (from its reloaded `DomainStatus` table, the app directories and the
+    /// processes carrying its marker).
     pub async fn open(bus: &Bus, settings: Settings) -> Result<Self, SupervisorError> {
         let statuses = bus
             .publish::<DomainStatus>(PublishOptions {
@@ -101,6 +102,17 @@ impl Supervisor {
                 }
             }
         }
+        // A process is marked from its first instruction, before any record of it: the apps
+        // of marked processes are found even when nothing else was written.
+        let run_dir = bus.run_dir().to_path_buf();
+        let marked = tokio::task::spawn_blocking(move || crate::procfs::scan(&run_dir))
+            .await
+            .unwrap_or_default();
+        apps.extend(
+            marked
+                .iter()
+                .filter_map(|(app, _)| Uuid::parse_str(app).ok()),
+        );
         let mut domains = HashMap::new();
         for app in apps {
             let tx = Domain::start(app, shared.clone(), previous.get(&app).cloned()).await;

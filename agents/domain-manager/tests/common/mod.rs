@@ -92,6 +92,44 @@ pub fn qemus_under(root: &Path) -> Vec<u32> {
     found
 }
 
+/// `(state, ppid, pgid)` of a live process from `/proc/<pid>/stat`; `None` if gone.
+fn proc_stat(pid: u32) -> Option<(char, u32, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    Some((state, f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+}
+
+/// Live process groups leaders (not zombies) whose command line mentions `token`: the running
+/// copies of a process app whose script names it (the app's own children share its group).
+pub fn process_apps_mentioning(token: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&raw).contains(token) {
+            continue;
+        }
+        if let Some((state, _, pgid)) = proc_stat(pid)
+            && state != 'Z'
+            && pgid == pid
+        {
+            found.push(pid);
+        }
+    }
+    found.sort_unstable();
+    found
+}
+
 pub struct Harness {
     pub tmp: tempfile::TempDir,
     pub run: PathBuf,
@@ -104,6 +142,8 @@ pub struct Harness {
     starts: u32,
     /// `--stop-timeout` given to the domain-manager, in seconds.
     pub stop_timeout: String,
+    /// More arguments for the next domain-manager started.
+    pub extra_args: Vec<String>,
 }
 
 impl Harness {
@@ -132,6 +172,7 @@ impl Harness {
             manager: None,
             starts: 0,
             stop_timeout: "20".into(),
+            extra_args: Vec::new(),
         };
         h.start_manager_crashing_at(point);
         h
@@ -155,6 +196,7 @@ impl Harness {
             .args(["--stop-timeout", &self.stop_timeout])
             // DESIGN.md §10: KVM does not work on these machines (it opens, then stalls).
             .args(["--accel", "tcg"])
+            .args(&self.extra_args)
             .env(
                 "RUST_LOG",
                 std::env::var("CAIRN_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -306,6 +348,13 @@ impl Drop for Harness {
         // Whatever a failed test left: only qemus of this test's own roots, by pid.
         for pid in qemus_under(self.tmp.path()) {
             let _ = nix::sys::signal::kill(
+                Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            reap(pid);
+        }
+        for pid in process_apps_mentioning(&self.tmp.path().to_string_lossy()) {
+            let _ = nix::sys::signal::killpg(
                 Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
