@@ -59,3 +59,39 @@ pub struct DeviceStatus {
 }
 
 crate::topic!(DeviceStatus, |_v| "global".to_string());
+
+/// config-agent → agents: the device-wide settings of the config in force (EVE's
+/// `configItems`, published like EVE's `ConfigItemValueMap`). One value, key `global`,
+/// published only while a config is in force: an absent value means "not known yet".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "ConfigItemValueMap", version = 1)]
+pub struct ConfigItemValueMap {
+    pub items: std::collections::BTreeMap<String, String>,
+}
+
+crate::topic!(ConfigItemValueMap, |_v| "global".to_string());
+
+/// How long a volume whose uuid left the config is kept before it is deleted, in seconds
+/// (`0`: at once, as EVE does). A config item, in the local file's `config_items` and in the
+/// controller's `configItems`.
+pub const VOLUME_DELETE_GRACE_ITEM: &str = "cairn.volume.delete.grace.seconds";
+
+/// The grace when the config does not set it: a day, so that a mistake made at the end of a
+/// shift is still recoverable the next morning, while the space comes back without anyone
+/// acting.
+pub const DEFAULT_VOLUME_DELETE_GRACE_SECONDS: u64 = 24 * 3600;
+
+impl ConfigItemValueMap {
+    /// The volume deletion grace in force, or why the item's value is not one.
+    pub fn volume_delete_grace_seconds(&self) -> Result<u64, String> {
+        match self.items.get(VOLUME_DELETE_GRACE_ITEM) {
+            None => Ok(DEFAULT_VOLUME_DELETE_GRACE_SECONDS),
+            Some(text) => text.trim().parse::<u64>().map_err(|_| {
+                format!(
+                    "{VOLUME_DELETE_GRACE_ITEM} is {text:?}: give a whole number of seconds (0 deletes a removed volume at once; default {DEFAULT_VOLUME_DELETE_GRACE_SECONDS})"
+                )
+            }),
+        }
+    }
+}

@@ -19,7 +19,7 @@ pub use common::{
     AppInstanceOpsCmd, ErrorDescription, ErrorEntity, ErrorEntityType, ErrorSeverity,
     UUIDandVersion,
 };
-pub use device::{ConfigSource, DeviceStatus};
+pub use device::{ConfigItemValueMap, ConfigSource, DeviceStatus};
 pub use domain::{
     DiskConfig, DomainConfig, DomainLiveOp, DomainLiveOpConfig, DomainLiveOpState,
     DomainLiveOpStatus, DomainSpec, DomainState, DomainStatus, ProcessSpec, VmSpec,
@@ -33,8 +33,8 @@ pub use snapshot::{
     SnapshottingStatus, VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus,
 };
 pub use volume::{
-    AppVolumeRefs, DirRestoreMode, SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin,
-    VolumeState, VolumeStatus, volume_key,
+    AppVolumeRefs, DirRestoreMode, PendingDeletion, SnapshotBackendKind, VolumeConfig,
+    VolumeFormat, VolumeOrigin, VolumeState, VolumeStatus, volume_key,
 };
 
 /// A message published on the bus: its topic is its type name, and each value has a key.

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use cairn_persist::Persist;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -179,6 +180,24 @@ pub struct VolumeStatus {
     pub error: ErrorDescription,
     #[serde(deserialize_with = "null_as_default")]
     pub warnings: Vec<String>,
+    /// Set while the volume, gone from the config, is kept for the deletion grace period
+    /// (Cairn; absent in EVE's records).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_deletion: Option<PendingDeletion>,
+}
+
+/// A volume whose uuid left the config: detached (no app can use it), kept with its data and
+/// the snapshots living in it until `delete_at`, and given back as it is if the same volume
+/// (uuid and generation) comes back into the config before then.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct PendingDeletion {
+    /// When the volume-manager saw the volume leave the config; the deadline counts from it.
+    pub since: Option<DateTime<Utc>>,
+    /// When it will be deleted (`since` + the grace period in force).
+    pub delete_at: Option<DateTime<Utc>>,
+    /// Why it is pending deletion, for the technician and the controller.
+    pub reason: String,
 }
 
 impl VolumeStatus {

@@ -436,6 +436,20 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
     {
         println!("         {} {}", a.agent, a.state);
     }
+    // A volume that left the config is kept for its grace before it is deleted (issue 17).
+    for v in &view.volumes {
+        if let Some(p) = &v.pending_deletion {
+            println!(
+                "volume   {} {} pending deletion at {}: {}",
+                v.display_name,
+                v.key(),
+                p.delete_at
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                    .unwrap_or_else(|| "(unknown)".into()),
+                p.reason
+            );
+        }
+    }
     print_apps(view, false)
 }
 

@@ -502,12 +502,17 @@ impl Summary for VolumesSnapshotStatus {
 impl Summary for VolumeStatus {
     fn summary(&self) -> String {
         format!(
-            "{} {:?} {:?} backend {:?} {} B{}",
+            "{} {:?} {:?} backend {:?} {} B{}{}",
             self.display_name,
             self.format,
             self.state,
             self.backend,
             self.current_size,
+            self.pending_deletion
+                .as_ref()
+                .and_then(|p| p.delete_at)
+                .map(|t| format!(" pending deletion at {}", t.format("%Y-%m-%d %H:%M:%S UTC")))
+                .unwrap_or_default(),
             error_suffix(&self.error)
         )
     }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use cairn_pubsub::{Access, Bus, BusError, Publication, PublishOptions, Topic};
 use cairn_types::{
-    AppInstanceConfig, ConfigSource, DeviceStatus, ErrorDescription, ErrorSeverity, VolumeConfig,
+    AppInstanceConfig, ConfigItemValueMap, ConfigSource, DeviceStatus, ErrorDescription,
+    ErrorSeverity, VolumeConfig,
 };
 use chrono::Utc;
 
@@ -16,6 +17,8 @@ use crate::model::{self, DeviceConfig};
 pub struct Publications {
     pub apps: Publication<AppInstanceConfig>,
     pub volumes: Publication<VolumeConfig>,
+    /// The config items in force (EVE's `ConfigItemValueMap`), e.g. the volume deletion grace.
+    pub items: Publication<ConfigItemValueMap>,
     pub device: Publication<DeviceStatus>,
 }
 
@@ -35,6 +38,7 @@ impl Publications {
         Ok(Self {
             apps: bus.publish(PublishOptions::for_requests()).await?,
             volumes: bus.publish(PublishOptions::for_requests()).await?,
+            items: bus.publish(PublishOptions::for_requests()).await?,
             device: bus
                 .publish(PublishOptions {
                     access: status_access,
@@ -44,9 +48,15 @@ impl Publications {
         })
     }
 
-    /// Publishes `config` as a whole: volumes first (apps refer to them), then apps; keys no
-    /// longer in the config are removed.
+    /// Publishes `config` as a whole: its items first (a grace period that comes with a volume's
+    /// removal applies to it), volumes (apps refer to them), then apps; keys no longer in the
+    /// config are removed.
     pub async fn apply(&self, config: &DeviceConfig) -> Result<(), BusError> {
+        self.items
+            .publish(ConfigItemValueMap {
+                items: config.config_items.clone(),
+            })
+            .await?;
         replace(&self.volumes, &config.volumes).await?;
         replace(&self.apps, &config.apps).await?;
         Ok(())
@@ -59,6 +69,7 @@ impl Publications {
     /// After the first config is in force: keys reloaded from before a restart and not
     /// published again are removed.
     pub async fn restarted(&self) -> Result<(), BusError> {
+        self.items.signal_restarted().await?;
         self.volumes.signal_restarted().await?;
         self.apps.signal_restarted().await?;
         self.device.signal_restarted().await
@@ -153,9 +164,10 @@ async fn read_local(path: &Path) -> Result<(String, DeviceConfig), (Option<Strin
         )
     })?;
     let config = model::from_local_json(&text).map_err(|e| {
+        let at = if e.path.is_empty() { ":" } else { " at" };
         (
             Some(hash.clone()),
-            format!("config file {} refused at {e}", path.display()),
+            format!("config file {} refused{at} {e}", path.display()),
         )
     })?;
     Ok((hash, config))

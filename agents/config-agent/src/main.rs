@@ -121,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
     for publication in [
         publications.apps.flush().await,
         publications.volumes.flush().await,
+        publications.items.flush().await,
     ] {
         publication.context("writing the key files")?;
     }

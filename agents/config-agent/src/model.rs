@@ -1,6 +1,14 @@
 //! The device's desired state, from either source — the controller's `EdgeDevConfig` or the
 //! local JSON file — converted into the bus messages and validated as a whole. A config with
 //! any fault is refused entirely; the error names the field and the fault.
+//!
+//! The smallest local config is an object naming `apps` or `volumes` (or both):
+//! `{"apps": [], "volumes": []}` is a device that runs nothing, said on purpose. Anything else
+//! at the top level — an array (serde would read it as a struct with every field defaulted),
+//! `{}`, `null`, a number, a string, an object with only `config_items` or `groups` — is refused
+//! by name, because applying it would remove every app and volume by accident. (The controller's
+//! protobuf cannot tell an empty list from an absent one: there an empty config is EVE's "run
+//! nothing"; the volume-manager's deletion grace is what protects the data then.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -25,8 +33,9 @@ pub struct DeviceConfig {
 }
 
 /// A refused config: `path` locates the field (`apps[1].snapshot.snapshots[0].id`).
+/// An empty `path` is the whole file (its top level).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{path}: {message}")]
+#[error("{}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
 pub struct ConfigError {
     pub path: String,
     pub message: String,
@@ -299,8 +308,43 @@ struct LocalBaseImage {
     sha256: String,
 }
 
+/// What the top level of a local config file must be; `path` of the error is empty.
+fn check_top_level(text: &str) -> Result<(), ConfigError> {
+    const WANT: &str = "a device config is an object with `apps` and `volumes` \
+                        (`{\"apps\": [], \"volumes\": []}` for a device that runs nothing)";
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| ConfigError::at("", format!("not JSON ({e}); {WANT}")))?;
+    let kind = match &value {
+        serde_json::Value::Object(fields) => {
+            let known = ["apps", "volumes", "config_items", "groups"];
+            // An unknown key is named by the typed parse below, with its place.
+            if fields.keys().any(|k| !known.contains(&k.as_str()))
+                || fields.contains_key("apps")
+                || fields.contains_key("volumes")
+            {
+                return Ok(());
+            }
+            if fields.is_empty() {
+                "an empty object"
+            } else {
+                "an object naming neither `apps` nor `volumes`"
+            }
+        }
+        serde_json::Value::Array(_) => "a JSON array",
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+    };
+    Err(ConfigError::at(
+        "",
+        format!("the top level is {kind}; {WANT}"),
+    ))
+}
+
 /// Parses and validates the local config file's text.
 pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
+    check_top_level(text)?;
     let deserializer = &mut serde_json::Deserializer::from_str(text);
     let local: LocalConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
@@ -978,6 +1022,18 @@ fn restart_policy(text: &str, path: &str) -> Result<cairn_types::RestartPolicy, 
 }
 
 pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
+    let items = cairn_types::ConfigItemValueMap {
+        items: config.config_items.clone(),
+    };
+    if let Err(why) = items.volume_delete_grace_seconds() {
+        return Err(ConfigError::at(
+            format!(
+                "config_items[{:?}]",
+                cairn_types::device::VOLUME_DELETE_GRACE_ITEM
+            ),
+            why,
+        ));
+    }
     let mut apps: HashMap<Uuid, usize> = HashMap::new();
     let mut snapshots: HashMap<Uuid, String> = HashMap::new();
     let volumes: BTreeSet<Uuid> = config.volumes.iter().map(|v| v.volume_id).collect();

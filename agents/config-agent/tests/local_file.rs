@@ -130,3 +130,84 @@ async fn the_local_file_is_applied_followed_and_refused_when_invalid() {
         }
     }
 }
+
+/// Issue 17: `[]` (read by serde as a config of nothing) deleted the device's volumes. Each
+/// top level that is not a device config is refused in DeviceStatus, naming the file and what
+/// the top level is; the volume and app stay published; `{"apps": [], "volumes": []}` on
+/// purpose empties the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_is_not_a_device_config_is_refused_and_changes_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("config.json");
+    std::fs::write(&file, config("1", "2")).unwrap();
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_cairn-config-agent"))
+            .args(["--config", file.to_str().unwrap(), "--poll-ms", "50"])
+            .env("CAIRN_RUN_DIR", root.path().join("run"))
+            .env("CAIRN_PERSIST_DIR", root.path().join("persist"))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let reader = Bus::new(
+        "volume-manager",
+        root.path().join("run"),
+        root.path().join("persist"),
+    );
+    let mut apps = reader.subscribe::<AppInstanceConfig>("config-agent");
+    let mut volumes = reader.subscribe::<VolumeConfig>("config-agent");
+    let mut items = reader.subscribe::<cairn_types::ConfigItemValueMap>("config-agent");
+    let mut device = reader.subscribe::<DeviceStatus>("config-agent");
+    first_value(&mut apps).await;
+    first_value(&mut volumes).await;
+    first_value(&mut items).await;
+    until_status(&mut device, |s| s.volumes == 1).await;
+
+    for (text, kind) in [
+        ("[]", "a JSON array"),
+        ("{}", "an empty object"),
+        ("null", "null"),
+        ("42", "a number"),
+        ("\"config\"", "a string"),
+        (r#"{"config_items": {}}"#, "an object naming neither"),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let want = format!(
+            "config file {} refused: the top level is {kind}",
+            file.display()
+        );
+        let status = until_status(&mut device, |s| s.last_error.error.starts_with(&want)).await;
+        assert!(
+            status
+                .last_error
+                .error
+                .contains("a device config is an object with `apps` and `volumes`"),
+            "{}",
+            status.last_error.error
+        );
+        assert_eq!(
+            status.volumes, 1,
+            "{text}: the config in force is unchanged"
+        );
+    }
+    assert!(volumes.get(&format!("{VOLUME}#0")).is_some());
+    assert!(apps.get(APP).is_some());
+    for _ in 0..3 {
+        if let Ok(event) = tokio::time::timeout(Duration::from_millis(200), volumes.recv()).await {
+            assert!(
+                !matches!(event, Event::Delete { .. }),
+                "a refused config removed a volume: {event:?}"
+            );
+        }
+    }
+
+    // Said on purpose, an empty device is applied.
+    std::fs::write(&file, r#"{"apps": [], "volumes": []}"#).unwrap();
+    let status = until_status(&mut device, |s| s.volumes == 0).await;
+    assert!(!status.last_error.is_error(), "{:?}", status.last_error);
+    loop {
+        if let Event::Delete { .. } = next(&mut volumes).await {
+            break;
+        }
+    }
+}

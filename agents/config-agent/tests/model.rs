@@ -842,3 +842,80 @@ fn a_group_snapshot_is_taken_stopped_and_says_so_when_asked_otherwise() {
     assert_eq!(e.path, "apps[0].snapshot.snapshots[0].mode", "{e}");
     assert!(e.message.contains("taken stopped"), "{e}");
 }
+
+/// Issue 17: serde reads a JSON array as a struct with every field defaulted, so `[]` was a
+/// config of 0 apps and 0 volumes that deleted the device's volumes. Every top level that is
+/// not an object naming `apps` or `volumes` is refused, saying what it is.
+#[test]
+fn a_top_level_that_is_not_a_device_config_is_refused_by_name() {
+    for (text, kind) in [
+        ("[]", "a JSON array"),
+        ("[{\"apps\": []}]", "a JSON array"),
+        ("{}", "an empty object"),
+        ("null", "null"),
+        ("0", "a number"),
+        ("true", "a boolean"),
+        ("\"apps\"", "a string"),
+        (
+            r#"{"config_items": {"timer.config.interval": "60"}}"#,
+            "an object naming neither `apps` nor `volumes`",
+        ),
+    ] {
+        let e = err(from_local_json(text));
+        assert_eq!(e.path, "", "{text}: the whole file is at fault");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the top level is {kind}; a device config is an object with `apps` and `volumes` (`{{\"apps\": [], \"volumes\": []}}` for a device that runs nothing)"
+            ),
+            "{text}"
+        );
+    }
+    // An unknown key is still named with its place.
+    let e = err(from_local_json(r#"{"app": []}"#));
+    assert!(e.to_string().contains("unknown field `app`"), "{e}");
+}
+
+/// A device that runs nothing, said on purpose, is a config.
+#[test]
+fn an_explicitly_empty_device_is_a_config() {
+    for text in [
+        r#"{"apps": [], "volumes": []}"#,
+        r#"{"apps": []}"#,
+        r#"{"volumes": []}"#,
+    ] {
+        let config = from_local_json(text).unwrap();
+        assert!(
+            config.apps.is_empty() && config.volumes.is_empty(),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn the_volume_deletion_grace_is_a_number_of_seconds() {
+    let with = |value: &str| {
+        format!(
+            r#"{{"apps": [], "volumes": [], "config_items": {{"cairn.volume.delete.grace.seconds": "{value}"}}}}"#
+        )
+    };
+    let config = from_local_json(&with("0")).unwrap();
+    assert_eq!(
+        config.config_items["cairn.volume.delete.grace.seconds"],
+        "0"
+    );
+    let e = err(from_local_json(&with("1d")));
+    assert_eq!(
+        e.path,
+        "config_items[\"cairn.volume.delete.grace.seconds\"]"
+    );
+    assert!(e.message.contains("whole number of seconds"), "{e}");
+    // The controller's configItems are checked alike.
+    let mut proto = proto_config(&[]);
+    proto.config_items.push(proto::ConfigItem {
+        key: "cairn.volume.delete.grace.seconds".into(),
+        value: "-5".into(),
+    });
+    let e = err(from_proto(&proto));
+    assert!(e.message.contains("whole number of seconds"), "{e}");
+}

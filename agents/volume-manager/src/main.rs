@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cairn_pubsub::{Bus, Event, Publication, PublishOptions};
+use cairn_types::ConfigItemValueMap;
 use cairn_types::export::{ExportConfig, ExportStatus};
 use cairn_types::snapshot::{VolumesSnapshotConfig, VolumesSnapshotStatus};
 use cairn_types::volume::{AppVolumeRefs, VolumeConfig, VolumeStatus};
@@ -95,6 +96,8 @@ async fn main() -> anyhow::Result<()> {
     let mut volume_configs = bus.subscribe::<VolumeConfig>("config-agent");
     let mut snapshot_configs = bus.subscribe::<VolumesSnapshotConfig>("app-manager");
     let mut app_holds = bus.subscribe::<AppVolumeRefs>("app-manager");
+    // The config items: the deletion grace of a volume that left the config.
+    let mut config_items = bus.subscribe::<ConfigItemValueMap>("config-agent");
     // Export jobs (issue 11): requested by `cairn`, run in tasks of their own.
     let export_statuses = bus
         .publish::<ExportStatus>(PublishOptions {
@@ -118,7 +121,26 @@ async fn main() -> anyhow::Result<()> {
         .context("installing the SIGTERM handler")?;
 
     loop {
+        // Woken at the next deletion deadline; at least each minute, against clock jumps.
+        let deletion_due = manager.next_deletion().map(|at| {
+            ((at - chrono::Utc::now()).to_std().unwrap_or_default()
+                + std::time::Duration::from_millis(10))
+            .min(std::time::Duration::from_secs(60))
+        });
         tokio::select! {
+            event = config_items.recv() => {
+                let actions = match event {
+                    Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                        manager.handle_config_items(Some(&value)).await
+                    }
+                    Event::Delete { .. } => manager.handle_config_items(None).await,
+                    _ => Vec::new(),
+                };
+                outputs.apply(actions).await;
+            }
+            _ = tokio::time::sleep(deletion_due.unwrap_or_default()), if deletion_due.is_some() => {
+                outputs.apply(manager.handle_deletion_due().await).await;
+            }
             event = volume_configs.recv() => {
                 let actions = match event {
                     Event::Create { value, .. } | Event::Modify { new: value, .. } => {

@@ -27,6 +27,17 @@
 //! when its config comes back after a restart (the persistent `VolumeStatus` of the newer one
 //! says it was superseded). Nothing is recorded besides the statuses and the holds.
 //!
+//! Deletion grace (issue 17): a volume whose uuid leaves the config entirely (no generation of
+//! it configured) is not deleted at once. It is detached (no `VolumeConfig` names it, so no app
+//! may use it), kept with its data and the snapshots living in it, and reported in
+//! `VolumeStatus.PendingDeletion` with the reason and the deadline: `since` + the grace in force
+//! (config item `cairn.volume.delete.grace.seconds`, default 24 h; 0 is EVE's immediate
+//! deletion). The status is persistent and written before delivery, so a restart keeps counting
+//! from the same `since`; a deadline is acted on only once the config items are known (never
+//! early on a default). The same key configured again within the grace gets the volume back as
+//! it is. A superseded generation (the uuid still configured at another generation: a purge)
+//! keeps the rules above; so does a volume past its deadline (holds and snapshots keep it).
+//!
 //! A snapshot keeps its volume only if it lives in it: qcow2 internal snapshots, the purgeable
 //! backend (the snapshot is the volume), ZFS (a dataset's snapshots go with it). Copy and btrfs
 //! snapshots are trees of their own, so a purged volume they were taken of is released; a
@@ -100,6 +111,8 @@ pub struct VolumeManager {
     app_holds: BTreeMap<Uuid, BTreeSet<String>>,
     /// Whether `app_holds` is the app-manager's whole table; until it is, nothing is released.
     app_holds_known: bool,
+    /// The deletion grace of a volume that left the config, once the config items are known.
+    delete_grace: Option<chrono::Duration>,
 }
 
 fn now() -> chrono::DateTime<chrono::Utc> {
@@ -138,6 +151,7 @@ impl VolumeManager {
             unreadable_records,
             app_holds: BTreeMap::new(),
             app_holds_known: false,
+            delete_grace: None,
         }
     }
 
@@ -187,6 +201,9 @@ impl VolumeManager {
             && path.exists()
         {
             status.display_name = config.display_name.clone();
+            if status.pending_deletion.take().is_some() {
+                tracing::info!(volume = %key, "back in the config within its deletion grace: kept as it is");
+            }
             return Publish::Volume(status.clone());
         }
         let backend = volumes::choose_backend(config, &self.volumes_dir, &self.backends.tools);
@@ -398,13 +415,23 @@ impl VolumeManager {
     /// Volumes published by a previous run whose config is gone: removed unless a snapshot
     /// keeps them.
     pub async fn adopt_unconfigured(&mut self, previous: Vec<VolumeStatus>) -> Vec<Publish> {
+        let mut adopted = Vec::new();
         for status in previous {
             let key = status.key();
             if !self.configs.contains_key(&key) {
-                self.statuses.entry(key).or_insert(status);
+                self.statuses.entry(key.clone()).or_insert(status);
+                adopted.push(key);
             }
         }
-        self.collect_volumes().await
+        let mut out = self.collect_volumes().await;
+        // Published again before the restart barrier, which drops what was not: a kept volume
+        // (pending deletion, or held) must stay visible.
+        for key in adopted {
+            if let Some(status) = self.statuses.get(&key) {
+                out.push(Publish::Volume(status.clone()));
+            }
+        }
+        out
     }
 
     // ---- apps' holds ---------------------------------------------------------------------
@@ -435,6 +462,117 @@ impl VolumeManager {
     /// rebooted app-manager starts with an empty table).
     pub fn handle_app_volume_refs_restarting(&mut self) {
         self.app_holds_known = false;
+    }
+
+    // ---- deletion grace ------------------------------------------------------------------
+
+    /// The config items in force (`None`: not known, e.g. no config in force yet): the grace
+    /// applies to every volume pending deletion, counted from when it left the config.
+    pub async fn handle_config_items(
+        &mut self,
+        items: Option<&cairn_types::ConfigItemValueMap>,
+    ) -> Vec<Publish> {
+        self.delete_grace = items.map(|items| {
+            let seconds = items.volume_delete_grace_seconds().unwrap_or_else(|why| {
+                // The config-agent refuses such a config; a longer wait is the safe side.
+                tracing::warn!("{why}; the default applies");
+                cairn_types::device::DEFAULT_VOLUME_DELETE_GRACE_SECONDS
+            });
+            chrono::Duration::seconds(i64::try_from(seconds).unwrap_or(i64::MAX / 1000))
+        });
+        let mut out = Vec::new();
+        let grace = self.grace_or_default();
+        for status in self.statuses.values_mut() {
+            if let Some(pending) = status.pending_deletion.as_mut() {
+                let delete_at = pending.since.map(|since| since + grace);
+                if pending.delete_at != delete_at {
+                    pending.delete_at = delete_at;
+                    out.push(Publish::Volume(status.clone()));
+                }
+            }
+        }
+        tracing::info!(
+            grace_s = grace.num_seconds(),
+            known = self.delete_grace.is_some(),
+            "volume deletion grace"
+        );
+        out.extend(self.collect_volumes().await);
+        out
+    }
+
+    fn grace_or_default(&self) -> chrono::Duration {
+        self.delete_grace.unwrap_or_else(|| {
+            chrono::Duration::seconds(
+                cairn_types::device::DEFAULT_VOLUME_DELETE_GRACE_SECONDS as i64,
+            )
+        })
+    }
+
+    /// The earliest deadline still to come of a volume pending deletion, once the grace is
+    /// known. (One passed is acted on at once; if a hold or a snapshot keeps the volume, their
+    /// release collects it.)
+    pub fn next_deletion(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.delete_grace?;
+        let now = now();
+        self.statuses
+            .values()
+            .filter_map(|s| s.pending_deletion.as_ref()?.delete_at)
+            .filter(|at| *at > now)
+            .min()
+    }
+
+    /// A deadline passed: the volumes due go (unless held or kept by a snapshot).
+    pub async fn handle_deletion_due(&mut self) -> Vec<Publish> {
+        self.collect_volumes().await
+    }
+
+    /// Whether `key`'s volume is kept for its deletion grace: its uuid has left the config
+    /// and the deadline has not passed (or the grace is not known yet). Marks it pending the
+    /// first time, in `out`.
+    fn in_grace(&mut self, key: &str, out: &mut Vec<Publish>) -> bool {
+        let Some((id, _, _)) = parse_volume_key(key) else {
+            return false;
+        };
+        if self.configs.values().any(|c| c.volume_id == id) {
+            return false; // superseded by another generation: a purge, EVE's rules
+        }
+        let grace = self.grace_or_default();
+        let known = self.delete_grace.is_some();
+        let Some(status) = self.statuses.get_mut(key) else {
+            return false;
+        };
+        if status.pending_deletion.is_none() {
+            if known && grace.is_zero() {
+                return false;
+            }
+            let since = now();
+            let delete_at = since + grace;
+            status.pending_deletion = Some(cairn_types::PendingDeletion {
+                since: Some(since),
+                delete_at: Some(delete_at),
+                reason: format!(
+                    "volume {id} is no longer in the config: detached and kept with its data until its deletion time; put it back in the config (same uuid and generation) to keep it (config item {} sets the grace)",
+                    cairn_types::device::VOLUME_DELETE_GRACE_ITEM
+                ),
+            });
+            tracing::warn!(volume = %key, %delete_at, "left the config: pending deletion");
+            out.push(Publish::Volume(status.clone()));
+            return true;
+        }
+        if !known {
+            return true;
+        }
+        // The grace in force counts from `since` (a grace changed while the agent was down
+        // applies too).
+        let Some(pending) = status.pending_deletion.as_mut() else {
+            return false;
+        };
+        let delete_at = pending.since.map(|since| since + grace);
+        if pending.delete_at != delete_at {
+            pending.delete_at = delete_at;
+            out.push(Publish::Volume(status.clone()));
+        }
+        delete_at.is_none_or(|at| now() < at)
     }
 
     fn holding_apps(&self, key: &str) -> Vec<Uuid> {
@@ -478,6 +616,9 @@ impl VolumeManager {
             .cloned()
             .collect();
         for key in orphans {
+            if self.in_grace(&key, &mut out) {
+                continue;
+            }
             let keepers = self.keeping_snapshots(&key);
             let holders = self.holding_apps(&key);
             let known = self.app_holds_known;

@@ -26,6 +26,7 @@ async fn manager(persist: &Path) -> VolumeManager {
         "qemu-img is required (Debian qemu-utils)"
     );
     let mut m = VolumeManager::open(persist, tools, Vec::new()).await;
+    immediate_deletion(&mut m).await;
     m.handle_app_volume_refs_complete().await;
     m
 }

@@ -34,6 +34,7 @@ async fn tools() -> Tools {
 /// A manager whose app-manager holds nothing (its table known): unused volumes go at once.
 async fn manager(persist: &Path) -> VolumeManager {
     let mut m = VolumeManager::open(persist, tools().await, Vec::new()).await;
+    immediate_deletion(&mut m).await;
     m.handle_app_volume_refs_complete().await;
     m
 }
@@ -447,6 +448,7 @@ async fn a_missing_tool_disables_its_backend_with_the_package_to_install() {
     let mut tools = tools().await;
     tools.qemu_img = Tool::missing("qemu-img", "qemu-utils");
     let mut m = VolumeManager::open(dir.path(), tools, Vec::new()).await;
+    immediate_deletion(&mut m).await;
     let a = volume(VolumeFormat::Qcow2, 16 * MIB);
     let s = add(&mut m, &a).await;
     assert_eq!(s.state, VolumeState::Failed);
@@ -553,6 +555,7 @@ async fn a_purge_snapshot_is_taken_of_the_generation_the_request_names() {
 async fn an_unconfigured_volume_stays_while_an_app_holds_it_or_its_holds_are_unknown() {
     let dir = tempfile::tempdir().unwrap();
     let mut m = VolumeManager::open(dir.path(), tools().await, Vec::new()).await;
+    immediate_deletion(&mut m).await;
     let gen0 = volume(VolumeFormat::Dir, 0);
     let old = add(&mut m, &gen0).await;
     let app = Uuid::new_v4();
@@ -661,6 +664,7 @@ async fn a_held_local_generation_is_made_fresh_and_supersedes_the_configured_vol
     // (the configured line's newest volume: a deactivated app keeps its data).
     let previous = vec![m.volume_status(&key1).unwrap().clone()];
     let mut m = VolumeManager::open(dir.path(), tools().await, previous.clone()).await;
+    immediate_deletion(&mut m).await;
     let out = m.handle_volume_config(gen0.clone()).await;
     assert!(volume_in(&out, &key0).is_none(), "{out:?}");
     assert!(!old.file_location.exists());

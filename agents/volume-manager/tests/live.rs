@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 async fn manager(persist: &Path) -> VolumeManager {
     let mut m = VolumeManager::open(persist, Tools::detect().await, Vec::new()).await;
+    immediate_deletion(&mut m).await;
     m.handle_app_volume_refs_complete().await;
     m
 }

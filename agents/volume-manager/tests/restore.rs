@@ -50,6 +50,7 @@ fn dir_volume(mode: DirRestoreMode) -> VolumeConfig {
 
 async fn open(persist: &Path, tools: Tools, previous: Vec<VolumeStatus>) -> VolumeManager {
     let mut m = VolumeManager::open(persist, tools, previous).await;
+    immediate_deletion(&mut m).await;
     m.handle_app_volume_refs_complete().await;
     m
 }
@@ -409,6 +410,7 @@ async fn squashfs_mounts_are_adopted_or_remade_when_the_agent_restarts() {
         .await
         .unwrap();
     assert!(!h.answer(id, Delete, 4).await.error.is_error());
+    h.set_delete_grace(0).await;
     h.volume_configs.unpublish(&a.key()).await.unwrap();
     let deadline = std::time::Instant::now() + WAIT;
     while path.exists() && std::time::Instant::now() < deadline {
@@ -494,6 +496,7 @@ async fn a_squashfs_restore_killed_half_way_is_finished_after_restart() {
             .unwrap();
         assert!(!h.answer(snap, Delete, counter).await.error.is_error());
     }
+    h.set_delete_grace(0).await;
     h.volume_configs.unpublish(&a.key()).await.unwrap();
     let deadline = std::time::Instant::now() + WAIT;
     while path.exists() && std::time::Instant::now() < deadline {

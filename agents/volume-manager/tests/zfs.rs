@@ -96,6 +96,7 @@ async fn zfs_dataset_volumes_snapshot_roll_back_and_delete() {
     let tools = Tools::detect().await;
     assert!(tools.zfs.is_available(), "{:?}", tools.zfs.available);
     let mut m = VolumeManager::open(&persist, tools, Vec::new()).await;
+    immediate_deletion(&mut m).await;
     let a = volume(VolumeFormat::Dir, 0);
     let path = cairn_volume_manager::volumes::volume_path(&volumes, &a);
     // The dataset serving the volume, mounted where the volume lives.

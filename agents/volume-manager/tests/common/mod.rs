@@ -231,6 +231,8 @@ pub struct Harness {
     pub persist: PathBuf,
     pub run: PathBuf,
     pub volume_configs: Publication<VolumeConfig>,
+    /// The config items in force (the volume deletion grace): none set, i.e. the default.
+    pub config_items: Publication<cairn_types::ConfigItemValueMap>,
     pub snapshot_configs: Publication<VolumesSnapshotConfig>,
     /// The app-manager's holds on volumes: none, its table complete.
     pub app_holds: Publication<AppVolumeRefs>,
@@ -255,8 +257,17 @@ impl Harness {
             .await
             .unwrap();
         app_holds.signal_restarted().await.unwrap();
+        let config_items = config_agent
+            .publish(PublishOptions::default())
+            .await
+            .unwrap();
+        config_items
+            .publish(cairn_types::ConfigItemValueMap::default())
+            .await
+            .unwrap();
         Self {
             app_holds,
+            config_items,
             volume_configs: config_agent
                 .publish(PublishOptions::default())
                 .await
@@ -271,6 +282,16 @@ impl Harness {
             persist,
             run,
         }
+    }
+
+    /// Sets the deletion grace of a volume that leaves the config (0: at once, as EVE).
+    pub async fn set_delete_grace(&self, seconds: u64) {
+        let mut items = cairn_types::ConfigItemValueMap::default();
+        items.items.insert(
+            cairn_types::device::VOLUME_DELETE_GRACE_ITEM.into(),
+            seconds.to_string(),
+        );
+        self.config_items.publish(items).await.unwrap();
     }
 
     pub fn agent(&self, crash_at: Option<&str>) -> Agent {
@@ -357,4 +378,15 @@ pub async fn drain<T: cairn_types::Topic>(sub: &mut Subscription<T>) {
     while let Ok(_e) = tokio::time::timeout(Duration::from_millis(1), sub.recv()).await {
         let _: &Event<T> = &_e;
     }
+}
+
+/// A manager run in-process with EVE's immediate deletion of a volume that leaves the config
+/// (grace 0): the tests of deletion rules other than the grace.
+pub async fn immediate_deletion(m: &mut cairn_volume_manager::VolumeManager) {
+    let mut items = cairn_types::ConfigItemValueMap::default();
+    items.items.insert(
+        cairn_types::device::VOLUME_DELETE_GRACE_ITEM.into(),
+        "0".into(),
+    );
+    m.handle_config_items(Some(&items)).await;
 }
