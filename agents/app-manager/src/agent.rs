@@ -481,6 +481,9 @@ impl AppManager {
                 .is_some_and(|s| s.volumes_ready != ready)
             {
                 self.input(app, Input::Volumes { ready }).await?;
+            } else if !ready {
+                // Still waiting: the status says for what (a volume's error may have come).
+                self.carry_out(app, Action::Status).await?;
             }
         }
         Ok(())
@@ -563,6 +566,38 @@ impl AppManager {
         self.unpausing.insert(app, request.request_id);
         self.live_requests.publish(request).await?;
         Ok(())
+    }
+
+    /// An app the config wants running that waits for its volumes says so (issue 17): creating
+    /// them, or Broken with the error of a volume that cannot be made.
+    fn explain_waiting_volumes(&self, state: &AppState, status: &mut AppInstanceStatus) {
+        let waiting = state.effective().activate
+            && !state.domain_active
+            && state.phase == machine::Phase::Idle
+            && !state.volumes_ready;
+        if !waiting || status.state != cairn_types::SwState::Halted {
+            return;
+        }
+        status.state = cairn_types::SwState::CreatingVolume;
+        let failed = state.effective().volume_ref_config_list.iter().find_map(|r| {
+            let key = machine::ref_key(r);
+            self.volumes
+                .get(&key)
+                .filter(|v| v.error.is_error())
+                .map(|v| (key, v.error.clone()))
+        });
+        if let Some((key, error)) = failed
+            && !status.error.is_error()
+        {
+            status.state = cairn_types::SwState::Broken;
+            status.error = cairn_types::ErrorDescription {
+                error: format!(
+                    "app {} cannot start: volume {key}: {}",
+                    state.app, error.error
+                ),
+                ..error
+            };
+        }
     }
 
     fn volumes_ready(&self, app: Uuid) -> bool {
@@ -741,6 +776,7 @@ impl AppManager {
                 {
                     status.error = domain.clone();
                 }
+                self.explain_waiting_volumes(&state, &mut status);
                 self.statuses.publish(status).await?;
                 // Equal values are not sent again, so this costs nothing when nothing changed.
                 self.volume_refs
