@@ -340,3 +340,41 @@ pub fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Every living agent process of the device under `root`, found by a /proc scan (executable
+/// `cairn-<agent>`, `root` in its environment): (agent, pid), whoever started it.
+pub fn agent_processes(root: &Path) -> Vec<(String, i32)> {
+    let mut found: Vec<(String, i32)> = processes_mentioning(root)
+        .into_iter()
+        .filter_map(|pid| {
+            let exe = cmdline(pid).into_iter().next()?;
+            let agent = AGENTS
+                .iter()
+                .find(|a| exe.ends_with(&format!("cairn-{a}")))?;
+            Some((agent.to_string(), pid))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Waits until none of `pids` runs; panics naming those that still do.
+pub fn wait_gone(pids: &[i32], within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {left:?} still run after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The agent binary next to `cairn`.
+pub fn agent_bin(agent: &str) -> PathBuf {
+    cairn_bin().with_file_name(format!("cairn-{agent}"))
+}
