@@ -306,9 +306,10 @@ fn start(
     // SAFETY: between fork and exec only async-signal-safe calls (prctl, getppid), no allocation.
     unsafe {
         command.pre_exec(move || {
-            // SIGTERM, not SIGKILL: an orphaned agent shuts down as on Ctrl-C (records written,
-            // the domain-manager stops the apps), so no app runs on without its agents.
-            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+            // SIGKILL, not SIGTERM: the agent's stderr is a pipe to the dead supervisor, so a
+            // graceful stop fails at its first log line (tracing's fallback eprintln panics on
+            // EPIPE). A SIGKILL is a crash every agent survives; apps run on, re-adopted later.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // The supervisor may have died before the line above: then nobody will signal.
             if nix::unistd::getppid() != supervisor {
                 return Err(std::io::Error::from(nix::errno::Errno::ESRCH));

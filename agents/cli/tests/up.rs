@@ -337,18 +337,24 @@ fn the_real_config_agent_receives_the_controller_setup_and_keeps_it() {
 #[test]
 fn a_sigkilled_up_takes_its_agents_along_and_the_next_up_runs_one_set() {
     let mut up = Up::start(&[]);
-    up.wait_status(Duration::from_secs(30), |v| {
-        AGENTS.iter().all(|a| agent_state(v, a) == "up")
+    let view = up.wait_status(Duration::from_secs(30), |v| {
+        demo_ready(v) && AGENTS.iter().all(|a| agent_state(v, a) == "up")
     });
+    let app_pid = view["domains"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["UUIDandVersion"]["UUID"] == DEMO_APP))
+        .and_then(|d| d["Pid"].as_i64())
+        .expect("the demo app's domain reports its pid") as i32;
     let first: Vec<i32> = up.agent_pids().values().copied().collect();
     assert_eq!(first.len(), 4, "{first:?}");
     up.stop(Signal::SIGKILL, Duration::from_secs(10));
-    // SIGTERM to the agents: the domain-manager stops its app first (bounded by its timeouts).
     wait_gone(
         &first,
-        Duration::from_secs(60),
+        Duration::from_secs(10),
         "agents of the killed cairn up",
     );
+    // The agents got SIGKILL: the app runs on, to be re-adopted.
+    assert!(alive(app_pid), "the demo app runs on");
 
     let root = std::mem::replace(&mut up.root, tempfile::tempdir().unwrap());
     drop(up);
@@ -366,6 +372,11 @@ fn a_sigkilled_up_takes_its_agents_along_and_the_next_up_runs_one_set() {
     assert!(
         agents.iter().all(|(a, pid)| children.get(a) == Some(pid)),
         "every agent is a child of the new cairn up: {agents:?} vs {children:?}"
+    );
+    assert_eq!(
+        app_processes(again.path()),
+        [app_pid],
+        "the demo app was re-adopted, not started twice"
     );
     assert!(
         !again.log().contains("already published"),
@@ -413,6 +424,16 @@ fn a_second_up_on_the_same_root_is_refused_naming_the_first() {
     assert_eq!(agent_processes(up.path()).len(), 4);
 }
 
+/// A child of the test that is killed and reaped when the test ends, failed or not.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Start time of `pid` (/proc/<pid>/stat field 22), as `cairn up` records it.
 fn start_time(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -431,14 +452,16 @@ fn orphans_of_a_dead_supervisor_are_shown_as_such_and_stopped_before_new_agents_
     std::fs::create_dir_all(run.join("agents")).unwrap();
     let orphan = |agent: &str| {
         let log = std::fs::File::create(root.path().join(format!("orphan-{agent}.log"))).unwrap();
-        Command::new(agent_bin(agent))
-            .env("CAIRN_RUN_DIR", &run)
-            .env("CAIRN_PERSIST_DIR", &persist)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        Reaped(
+            Command::new(agent_bin(agent))
+                .env("CAIRN_RUN_DIR", &run)
+                .env("CAIRN_PERSIST_DIR", &persist)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
     };
     let mut recorded = orphan("volume-manager");
     let mut unrecorded = orphan("app-manager");
@@ -449,7 +472,7 @@ fn orphans_of_a_dead_supervisor_are_shown_as_such_and_stopped_before_new_agents_
         assert!(Instant::now() < deadline, "the orphans did not publish");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (recorded_pid, unrecorded_pid) = (recorded.id() as i32, unrecorded.id() as i32);
+    let (recorded_pid, unrecorded_pid) = (recorded.0.id() as i32, unrecorded.0.id() as i32);
     std::fs::write(
         run.join("agents/volume-manager.pid"),
         format!("{recorded_pid} {}\n", start_time(recorded_pid)),
@@ -482,8 +505,8 @@ fn orphans_of_a_dead_supervisor_are_shown_as_such_and_stopped_before_new_agents_
         AGENTS.iter().all(|a| agent_state(v, a) == "up")
     });
     assert!(!alive(recorded_pid) && !alive(unrecorded_pid));
-    let _ = recorded.wait();
-    let _ = unrecorded.wait();
+    let _ = recorded.0.wait();
+    let _ = unrecorded.0.wait();
     let log = up.log();
     let stopped = log
         .find("orphan agent(s) stopped")

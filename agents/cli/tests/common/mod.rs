@@ -378,3 +378,29 @@ pub fn wait_gone(pids: &[i32], within: Duration, what: &str) {
 pub fn agent_bin(agent: &str) -> PathBuf {
     cairn_bin().with_file_name(format!("cairn-{agent}"))
 }
+
+/// The app processes of the device under `root` (not agents, not `cairn` itself, not an app's
+/// own children such as the demo's `sleep`).
+pub fn app_processes(root: &Path) -> Vec<i32> {
+    let all: Vec<i32> = processes_mentioning(root)
+        .into_iter()
+        .filter(|pid| {
+            cmdline(*pid)
+                .first()
+                .is_some_and(|exe| !exe.contains("cairn"))
+        })
+        .collect();
+    let parent = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    all.iter()
+        .copied()
+        .filter(|pid| parent(*pid).is_none_or(|p| !all.contains(&p)))
+        .collect()
+}
