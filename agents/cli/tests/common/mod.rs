@@ -342,9 +342,10 @@ pub fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
 }
 
 /// Every living agent process of the device under `root`, found by a /proc scan (executable
-/// `cairn-<agent>`, `root` in its environment): (agent, pid), whoever started it.
+/// `cairn-<agent>`, `root` in its environment): (agent, pid), whoever started it. An agent's
+/// child between fork and exec looks like the agent: it is not counted.
 pub fn agent_processes(root: &Path) -> Vec<(String, i32)> {
-    let mut found: Vec<(String, i32)> = processes_mentioning(root)
+    let found: Vec<(String, i32)> = processes_mentioning(root)
         .into_iter()
         .filter_map(|pid| {
             let exe = cmdline(pid).into_iter().next()?;
@@ -354,8 +355,23 @@ pub fn agent_processes(root: &Path) -> Vec<(String, i32)> {
             Some((agent.to_string(), pid))
         })
         .collect();
+    let pids: Vec<i32> = found.iter().map(|(_, pid)| *pid).collect();
+    let mut found: Vec<(String, i32)> = found
+        .into_iter()
+        .filter(|(_, pid)| parent_of(*pid).is_none_or(|p| !pids.contains(&p)))
+        .collect();
     found.sort();
     found
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Waits until none of `pids` runs; panics naming those that still do.
@@ -390,17 +406,8 @@ pub fn app_processes(root: &Path) -> Vec<i32> {
                 .is_some_and(|exe| !exe.contains("cairn"))
         })
         .collect();
-    let parent = |pid: i32| -> Option<i32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat.rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
     all.iter()
         .copied()
-        .filter(|pid| parent(*pid).is_none_or(|p| !all.contains(&p)))
+        .filter(|pid| parent_of(*pid).is_none_or(|p| !all.contains(&p)))
         .collect()
 }
