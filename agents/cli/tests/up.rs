@@ -373,10 +373,13 @@ fn a_sigkilled_up_takes_its_agents_along_and_the_next_up_runs_one_set() {
         agents.iter().all(|(a, pid)| children.get(a) == Some(pid)),
         "every agent is a child of the new cairn up: {agents:?} vs {children:?}"
     );
+    let apps = app_processes(again.path());
     assert_eq!(
-        app_processes(again.path()),
+        apps,
         [app_pid],
-        "the demo app was re-adopted, not started twice"
+        "the demo app was re-adopted, not started twice: {:?}\n{}",
+        apps.iter().map(|p| cmdline(*p)).collect::<Vec<_>>(),
+        again.log()
     );
     assert!(
         !again.log().contains("already published"),

@@ -395,15 +395,17 @@ pub fn agent_bin(agent: &str) -> PathBuf {
     cairn_bin().with_file_name(format!("cairn-{agent}"))
 }
 
-/// The app processes of the device under `root` (not agents, not `cairn` itself, not an app's
-/// own children such as the demo's `sleep`).
+/// The app processes of the device under `root`: those the domain-manager gave an app's
+/// environment (`CAIRN_VOLUME_<n>`, `CAIRN_DOMAIN_APP`), not their own children such as the
+/// demo's `sleep`, nor the agents' tools (`rsync`, `qemu-img`).
 pub fn app_processes(root: &Path) -> Vec<i32> {
     let all: Vec<i32> = processes_mentioning(root)
         .into_iter()
         .filter(|pid| {
-            cmdline(*pid)
-                .first()
-                .is_some_and(|exe| !exe.contains("cairn"))
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            environ.split(|b| *b == 0).any(|var| {
+                var.starts_with(b"CAIRN_VOLUME_") || var.starts_with(b"CAIRN_DOMAIN_APP=")
+            })
         })
         .collect();
     all.iter()
