@@ -531,3 +531,93 @@ fn orphans_of_a_dead_supervisor_are_shown_as_such_and_stopped_before_new_agents_
     assert!(!log.contains("already published"), "{log}");
     assert_eq!(agent_processes(up.path()).len(), 4, "one set of agents");
 }
+
+/// A stranger that takes an agent's topic while the supervisor waits to restart it: the agent
+/// says so without a backtrace (even with RUST_BACKTRACE=1), the supervisor names the holder in
+/// one line and stops it, and the agent runs again — no restart loop against the holder.
+#[test]
+fn an_agent_whose_topic_is_held_says_so_in_one_line_and_the_holder_is_stopped() {
+    let up = Up::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &cairn_bin(),
+        &[],
+        &[("RUST_BACKTRACE", "1")],
+    );
+    up.wait_status(Duration::from_secs(30), |v| {
+        AGENTS.iter().all(|a| agent_state(v, a) == "up")
+    });
+    let (run, persist) = (up.path().join("run"), up.path().join("persist"));
+    let lock = run.join("volume-manager/VolumeStatus.lock");
+    // The stranger must take the topic in the supervisor's restart delay: tried a few times.
+    let mut stranger = None;
+    for _ in 0..5 {
+        let Some(&supervised) = up.agent_pids().get("volume-manager") else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        kill(Pid::from_raw(supervised), Signal::SIGKILL).unwrap();
+        wait_gone(&[supervised], Duration::from_secs(5), "the killed agent");
+        let mut candidate = Reaped(
+            Command::new(agent_bin("volume-manager"))
+                .env("CAIRN_RUN_DIR", &run)
+                .env("CAIRN_PERSIST_DIR", &persist)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let pid = candidate.0.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let won = loop {
+            if std::fs::read_to_string(&lock).is_ok_and(|holder| holder.trim() == pid.to_string()) {
+                break true;
+            }
+            if candidate.0.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if won {
+            stranger = Some(candidate);
+            break;
+        }
+        drop(candidate);
+        up.wait_status(Duration::from_secs(30), |v| {
+            agent_state(v, "volume-manager") == "up"
+        });
+    }
+    let stranger = stranger.expect("a stranger took the topic in one of 5 tries");
+    let stranger_pid = stranger.0.id() as i32;
+    let said = format!("[volume-manager] cannot start: its topic is held by pid {stranger_pid}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !up.log().contains(&said) {
+        assert!(
+            Instant::now() < deadline,
+            "the supervisor names the holder:\n{}",
+            up.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_gone(&[stranger_pid], Duration::from_secs(50), "the stranger");
+    up.wait_status(Duration::from_secs(30), |v| {
+        AGENTS.iter().all(|a| agent_state(v, a) == "up")
+    });
+    let supervised = up.agent_pids()["volume-manager"];
+    assert_eq!(
+        std::fs::read_to_string(&lock).unwrap().trim(),
+        supervised.to_string(),
+        "the supervised agent publishes again"
+    );
+    let log = up.log();
+    assert!(
+        !log.contains("stack backtrace") && !log.contains("Stack backtrace"),
+        "no backtrace for a held topic:\n{log}"
+    );
+    assert_eq!(
+        log.matches(&said).count(),
+        1,
+        "one line, not a restart loop:\n{log}"
+    );
+    drop(stranger);
+}

@@ -53,12 +53,23 @@ impl Up {
     }
 
     pub fn start_in(root: tempfile::TempDir, cairn: &Path, args: &[&str]) -> Self {
+        Self::start_with_env(root, cairn, args, &[])
+    }
+
+    /// As `start_in`, with more environment for `cairn up` (and so its agents).
+    pub fn start_with_env(
+        root: tempfile::TempDir,
+        cairn: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = std::fs::File::create(root.path().join("up.log")).unwrap();
         let child = Command::new(cairn)
             .arg("--root")
             .arg(root.path())
             .arg("up")
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
