@@ -7,6 +7,7 @@ mod dbus;
 mod export;
 mod readout;
 mod record;
+mod supervision;
 mod up;
 mod watch;
 
@@ -356,7 +357,8 @@ fn config_source(args: UpArgs, root: &Path) -> anyhow::Result<(Vec<String>, Opti
 /// The exit code and message when the device cannot be read: no agent answers (3), or this
 /// user may read none of them (4).
 fn unreadable(view: &DeviceView, roots: &Roots, root_given: bool) -> Option<ExitCode> {
-    if view.agents.iter().any(|a| a.state == "up") {
+    // An orphan's publications are still the device's state: readable.
+    if view.agents.iter().any(|a| a.state.starts_with("up")) {
         return None;
     }
     let refused: Vec<&readout::AgentHealth> = view
@@ -424,7 +426,12 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
         .agents
         .iter()
         .map(|a| {
-            let state = a.state.split(':').next().unwrap_or_default();
+            // A refusal's reason follows on its own line; an orphan's state is shown whole.
+            let state = if a.state.starts_with("refused") {
+                "refused"
+            } else {
+                &a.state
+            };
             format!("{} {state}", a.agent)
         })
         .collect();

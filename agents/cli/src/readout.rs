@@ -11,6 +11,8 @@ use cairn_types::{
 };
 use serde::Serialize;
 
+use crate::supervision::Supervisor;
+
 pub const AGENTS: [&str; 4] = [
     "config-agent",
     "app-manager",
@@ -69,7 +71,8 @@ pub const DEMO_ROOT: &str = "cairn-demo";
 #[derive(Debug, Clone, Serialize)]
 pub struct AgentHealth {
     pub agent: String,
-    /// `up`, `down` (no publisher on its socket) or `refused: <why>`.
+    /// `up`, `up (no supervisor: orphan pid N; …)` (its `cairn up` died without stopping it),
+    /// `down` (no publisher on its socket) or `refused: <why>`.
     pub state: String,
 }
 
@@ -81,7 +84,8 @@ pub struct SnapshotRow {
     pub id: String,
     #[serde(rename = "type")]
     pub kind: String,
-    /// requested, available, pending deletion, failed, corrupt.
+    /// requested, being taken (a directory with no record yet), available, pending deletion,
+    /// failed, corrupt.
     pub state: String,
     pub config_version: String,
     pub time_triggered: Option<String>,
@@ -187,17 +191,43 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
             state,
         })
     };
-    fn state<T>(read: &Read<T>) -> String {
+    // An agent that answers while the `cairn up` that started it is gone is an orphan: nobody
+    // restarts it, and a new `cairn up` will stop it. It is never called plainly `up`.
+    let supervisor = crate::supervision::supervisor(&roots.run);
+    let state = |read_state: String, agent: &str, topic: &str| -> String {
+        match supervisor {
+            Supervisor::Gone(up) if read_state == "up" => {
+                let pid = crate::supervision::topic_holder(&roots.run, agent, topic)
+                    .map(|pid| format!(" pid {pid}"))
+                    .unwrap_or_default();
+                format!("up (no supervisor: orphan{pid}; its cairn up pid {up} is gone)")
+            }
+            _ => read_state,
+        }
+    };
+    fn read_state<T>(read: &Read<T>) -> String {
         match read {
             Read::Values(_) => "up".into(),
             Read::Down => "down".into(),
             Read::Refused(reason) => format!("refused: {reason}"),
         }
     }
-    health("config-agent", state(&device));
-    health("app-manager", state(&apps));
-    health("volume-manager", state(&volumes));
-    health("domain-manager", state(&domains));
+    health(
+        "config-agent",
+        state(read_state(&device), "config-agent", DeviceStatus::NAME),
+    );
+    health(
+        "app-manager",
+        state(read_state(&apps), "app-manager", AppInstanceStatus::NAME),
+    );
+    health(
+        "volume-manager",
+        state(read_state(&volumes), "volume-manager", VolumeStatus::NAME),
+    );
+    health(
+        "domain-manager",
+        state(read_state(&domains), "domain-manager", DomainStatus::NAME),
+    );
     fn values<T>(read: Read<T>) -> Vec<T> {
         match read {
             Read::Values(values) => values,
@@ -239,7 +269,40 @@ fn row(app: &AppInstanceStatus, s: &SnapshotInstanceStatus, state: &str) -> Snap
     }
 }
 
-/// Every snapshot the app-manager reports, and every record on disk that does not load.
+/// What a snapshot directory on disk holds, when not a record that loads.
+enum OnDisk {
+    /// The record exists and does not load: the reason, naming the file and the fault.
+    Corrupt(String),
+    /// No record yet: the snapshot is being taken (the volume-manager writes its files first,
+    /// the app-manager the record last), or its create was interrupted.
+    NoRecord(PathBuf),
+}
+
+/// Snapshot directories whose record is missing or does not load, by snapshot id.
+fn unloadable_records(persist: &Path) -> std::collections::BTreeMap<String, OnDisk> {
+    let mut found = std::collections::BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(snapshots_dir(persist)) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let file = dir.join(SNAPSHOT_INSTANCE_STATUS_FILE);
+        let state = match cairn_persist::load::<SnapshotInstanceStatus>(&file) {
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind, cairn_persist::ErrorKind::NotFound) => OnDisk::NoRecord(dir),
+            Err(e) => OnDisk::Corrupt(e.to_string()),
+        };
+        found.insert(entry.file_name().to_string_lossy().into_owned(), state);
+    }
+    found
+}
+
+/// Every snapshot the app-manager reports, and every record on disk that does not load; one
+/// row per snapshot: a reported snapshot whose record is corrupt is shown `corrupt`, not also
+/// `available`.
 pub fn snapshot_rows(
     view: &DeviceView,
     persist: &Path,
@@ -249,13 +312,40 @@ pub fn snapshot_rows(
         app_filter
             .is_none_or(|f| app.uuid_and_version.uuid.to_string() == f || app.display_name == f)
     };
+    let mut on_disk = unloadable_records(persist);
     let mut rows = Vec::new();
-    for app in view.apps.iter().filter(|a| wanted(a)) {
+    for app in view.apps.iter() {
         let snap = &app.snap_status;
+        let listed = !wanted(app);
         for s in &snap.available_snapshots {
-            rows.push(row(app, s, "available"));
+            let id = s.snapshot.snapshot_id.to_string();
+            let row_state = match on_disk.remove(&id) {
+                Some(OnDisk::Corrupt(problem)) => {
+                    let mut corrupt = row(app, s, "corrupt");
+                    corrupt.error = problem;
+                    if !listed {
+                        rows.push(corrupt);
+                    }
+                    continue;
+                }
+                // Its record is being written: the app-manager reports it available first.
+                Some(OnDisk::NoRecord(_)) | None => "available",
+            };
+            if !listed {
+                rows.push(row(app, s, row_state));
+            }
         }
         for s in &snap.requested_snapshots {
+            // Its directory without a record is this snapshot being taken, shown by this row.
+            if matches!(
+                on_disk.get(&s.snapshot.snapshot_id.to_string()),
+                Some(OnDisk::NoRecord(_))
+            ) {
+                on_disk.remove(&s.snapshot.snapshot_id.to_string());
+            }
+            if listed {
+                continue;
+            }
             rows.push(row(
                 app,
                 s,
@@ -267,6 +357,16 @@ pub fn snapshot_rows(
             ));
         }
         for desc in &snap.snapshots_to_be_deleted {
+            // Being removed: a missing record is the removal under way.
+            if matches!(
+                on_disk.get(&desc.snapshot_id.to_string()),
+                Some(OnDisk::NoRecord(_))
+            ) {
+                on_disk.remove(&desc.snapshot_id.to_string());
+            }
+            if listed {
+                continue;
+            }
             rows.push(SnapshotRow {
                 app: app.uuid_and_version.uuid.to_string(),
                 app_name: app.display_name.clone(),
@@ -283,34 +383,31 @@ pub fn snapshot_rows(
         }
     }
     // Records nobody can use are shown, never hidden.
-    if let Ok(entries) = std::fs::read_dir(snapshots_dir(persist)) {
-        for entry in entries.flatten() {
-            let dir = entry.path();
-            if !dir.is_dir() {
-                continue;
-            }
-            let file = dir.join(SNAPSHOT_INSTANCE_STATUS_FILE);
-            let problem = match cairn_persist::load::<SnapshotInstanceStatus>(&file) {
-                Ok(_) => continue,
-                Err(e) if matches!(e.kind, cairn_persist::ErrorKind::NotFound) => {
-                    format!("{} has no {SNAPSHOT_INSTANCE_STATUS_FILE}", dir.display())
-                }
-                Err(e) => e.to_string(),
-            };
-            rows.push(SnapshotRow {
-                app: String::new(),
-                app_name: String::new(),
-                id: entry.file_name().to_string_lossy().into_owned(),
-                kind: String::new(),
-                state: "corrupt".into(),
-                config_version: String::new(),
-                time_triggered: None,
-                time_created: None,
-                mode: String::new(),
-                pause_ms: 0,
-                error: problem,
-            });
-        }
+    for (id, state) in on_disk {
+        let (state, error) = match state {
+            OnDisk::Corrupt(problem) => ("corrupt", problem),
+            OnDisk::NoRecord(dir) => (
+                "being taken",
+                format!(
+                    "{} has no {SNAPSHOT_INSTANCE_STATUS_FILE} yet: the snapshot is being taken, \
+                     or its create was interrupted",
+                    dir.display()
+                ),
+            ),
+        };
+        rows.push(SnapshotRow {
+            app: String::new(),
+            app_name: String::new(),
+            id,
+            kind: String::new(),
+            state: state.into(),
+            config_version: String::new(),
+            time_triggered: None,
+            time_created: None,
+            mode: String::new(),
+            pause_ms: 0,
+            error,
+        });
     }
     rows
 }

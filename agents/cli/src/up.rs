@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -10,13 +11,16 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::readout::{AGENTS, Roots};
+use crate::supervision::{self, ProcessId, UpLock};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// An agent that ran this long before dying is restarted at once again.
-const STABLE: Duration = Duration::from_secs(30);
+/// An agent that ran this long before dying was healthy: it is restarted after FIRST_BACKOFF,
+/// whatever happened before. Shorter runs are a crash loop and double the delay.
+const STABLE: Duration = Duration::from_secs(10);
 /// Long enough for the domain-manager to power down its VMs (30 s stop timeout + quit + kill).
 const STOP_GRACE: Duration = Duration::from_secs(45);
 
@@ -60,6 +64,10 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(&logs)
         .await
         .with_context(|| format!("creating {}", logs.display()))?;
+    // One supervisor per device: a second one would start a second set of agents.
+    let lock = UpLock::take(&options.roots.run)?;
+    // Agents of a supervisor that died without stopping them hold the topics: they go first.
+    stop_orphans(&options.roots.run).await;
     tokio::fs::create_dir_all(&options.roots.persist)
         .await
         .with_context(|| format!("creating {}", options.roots.persist.display()))?;
@@ -135,8 +143,40 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
     for supervisor in supervisors {
         let _ = supervisor.await;
     }
+    lock.release();
     eprintln!("cairn up: stopped");
     Ok(())
+}
+
+/// Stops the agents no living supervisor started (an earlier `cairn up` killed in a way their
+/// parent-death signal did not cover), saying which and why.
+async fn stop_orphans(run: &Path) {
+    let dir = run.to_path_buf();
+    let orphans = tokio::task::spawn_blocking(move || supervision::orphans(&dir, &AGENTS))
+        .await
+        .unwrap_or_default();
+    if orphans.is_empty() {
+        return;
+    }
+    for orphan in &orphans {
+        eprintln!(
+            "cairn up: stopping orphan {} pid {} ({}), left by a cairn up that is gone",
+            orphan.agent, orphan.process.pid, orphan.found_by
+        );
+    }
+    supervision::stop_orphans(&orphans, STOP_GRACE).await;
+    eprintln!("cairn up: {} orphan agent(s) stopped", orphans.len());
+}
+
+/// The delay before restarting an agent that ran for `ran_for` and died, given the delay used
+/// before its previous restart (zero at first): a healthy run restarts quickly, a crash loop
+/// doubles the delay up to MAX_BACKOFF.
+pub fn restart_delay(previous: Duration, ran_for: Duration) -> Duration {
+    if ran_for >= STABLE {
+        FIRST_BACKOFF
+    } else {
+        (previous * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF)
+    }
 }
 
 /// Runs one agent, restarting it with backoff when it dies, until told to stop.
@@ -148,17 +188,18 @@ async fn supervise(
     logs: PathBuf,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Duration::ZERO;
     loop {
         let started = Instant::now();
-        let mut child = match start(&agent, &binary, &args, &roots, &logs) {
-            Ok(child) => child,
+        let held = Arc::new(Mutex::new(None));
+        let (mut child, forwards) = match start(&agent, &binary, &args, &roots, &logs, &held) {
+            Ok(started) => started,
             Err(e) => {
-                eprintln!("[{agent}] cannot start: {e:#}");
+                backoff = restart_delay(backoff, Duration::ZERO);
+                eprintln!("[{agent}] cannot start: {e:#}; retrying in {backoff:?}");
                 if wait_or_stop(&mut stopping, backoff).await {
                     return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         };
@@ -170,18 +211,50 @@ async fn supervise(
             stop(&agent, &mut child).await;
             return;
         };
+        let ran_for = started.elapsed();
         let how = match status {
             Ok(status) => status.to_string(),
             Err(e) => format!("unknown exit ({e})"),
         };
-        if started.elapsed() > STABLE {
-            backoff = FIRST_BACKOFF;
+        // Its last words may name a process holding its topic; they are read to the end first
+        // (bounded: a grandchild may keep the pipe open).
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            for forward in forwards {
+                let _ = forward.await;
+            }
+        })
+        .await;
+        let holder = held.lock().ok().and_then(|mut h| h.take());
+        if let Some(holder) = holder {
+            // Not a crash of the agent: a stranger holds its topic. Stop it and start again.
+            eprintln!(
+                "[{agent}] cannot start: its topic is held by pid {holder}, which this cairn up \
+                 did not start; stopping it"
+            );
+            let (dir, name) = (roots.run.clone(), agent.clone());
+            let orphans =
+                tokio::task::spawn_blocking(move || supervision::orphans(&dir, &[name.as_str()]))
+                    .await
+                    .unwrap_or_default();
+            supervision::stop_orphans(&orphans, STOP_GRACE).await;
+            if wait_or_stop(&mut stopping, FIRST_BACKOFF).await {
+                return;
+            }
+            continue;
         }
-        eprintln!("[{agent}] exited ({how}); restarting in {backoff:?}");
+        backoff = restart_delay(backoff, ran_for);
+        let why = if ran_for >= STABLE {
+            "healthy run: quick restart"
+        } else {
+            "crash loop: backing off"
+        };
+        eprintln!(
+            "[{agent}] exited ({how}) after {:.1} s; restarting in {backoff:?} ({why})",
+            ran_for.as_secs_f64()
+        );
         if wait_or_stop(&mut stopping, backoff).await {
             return;
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -194,14 +267,29 @@ async fn wait_or_stop(stopping: &mut watch::Receiver<bool>, delay: Duration) -> 
     stopped || *stopping.borrow()
 }
 
+/// Where an agent's output names the process holding its topic (`BusError::AlreadyPublished`).
+type Holder = Arc<Mutex<Option<i32>>>;
+
+/// Starts the agent and records its pid; its output is forwarded by the returned tasks.
+// pre_exec is the only way to set the parent-death signal in the child: std has no safe one.
+#[allow(unsafe_code)]
 fn start(
     agent: &str,
     binary: &Path,
     args: &[String],
     roots: &Roots,
     logs: &Path,
-) -> anyhow::Result<Child> {
-    let mut child = Command::new(binary)
+    held: &Holder,
+) -> anyhow::Result<(Child, Vec<JoinHandle<()>>)> {
+    // The parent-death signal is sent when the *thread* that forked ends, not the process: only
+    // the main thread lives exactly as long as `cairn up` (main runs a current-thread runtime).
+    let supervisor = nix::unistd::getpid();
+    anyhow::ensure!(
+        nix::unistd::gettid() == supervisor,
+        "agents must be started from the main thread (the runtime is current-thread)"
+    );
+    let mut command = Command::new(binary);
+    command
         .args(args)
         .env("CAIRN_RUN_DIR", &roots.run)
         .env("CAIRN_PERSIST_DIR", &roots.persist)
@@ -210,10 +298,37 @@ fn start(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // An agent's error is one cause chain, not a backtrace per restart (panics keep theirs).
+        command.env("RUST_LIB_BACKTRACE", "0");
+    }
+    // SAFETY: between fork and exec only async-signal-safe calls (prctl, getppid), no allocation.
+    unsafe {
+        command.pre_exec(move || {
+            // SIGKILL, not SIGTERM: the agent's stderr is a pipe to the dead supervisor, so a
+            // graceful stop fails at its first log line (tracing's fallback eprintln panics on
+            // EPIPE). A SIGKILL is a crash every agent survives; apps run on, re-adopted later.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The supervisor may have died before the line above: then nobody will signal.
+            if nix::unistd::getppid() != supervisor {
+                return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .spawn()
         .with_context(|| format!("spawning {}", binary.display()))?;
+    // Found again by the next `cairn up` should this one die without its agents.
+    if let Some(process) = child.id().and_then(|pid| ProcessId::of(pid as i32)) {
+        let record = supervision::agent_record_path(&roots.run, agent);
+        if let Err(e) = process.record(&record) {
+            eprintln!("[{agent}] pid {} not recorded: {e:#}", process.pid);
+        }
+    }
     let log = logs.join(format!("{agent}.log"));
+    let mut forwards = Vec::new();
     for stream in [
         child
             .stdout
@@ -227,9 +342,14 @@ fn start(
     .into_iter()
     .flatten()
     {
-        tokio::spawn(forward(agent.to_string(), stream, log.clone()));
+        forwards.push(tokio::spawn(forward(
+            agent.to_string(),
+            stream,
+            log.clone(),
+            held.clone(),
+        )));
     }
-    Ok(child)
+    Ok((child, forwards))
 }
 
 /// Each line of an agent's output goes to stderr with the agent's name, and to its log file.
@@ -237,6 +357,7 @@ async fn forward(
     agent: String,
     stream: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
     log: PathBuf,
+    held: Holder,
 ) {
     let mut file = tokio::fs::OpenOptions::new()
         .create(true)
@@ -246,11 +367,23 @@ async fn forward(
         .ok();
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(pid) = topic_holder(&line)
+            && let Ok(mut held) = held.lock()
+        {
+            *held = Some(pid);
+        }
         eprintln!("[{agent}] {line}");
         if let Some(file) = file.as_mut() {
             let _ = file.write_all(format!("{line}\n").as_bytes()).await;
         }
     }
+}
+
+/// The pid in the bus's "topic … is already published by pid N" error line.
+fn topic_holder(line: &str) -> Option<i32> {
+    let (_, after) = line.split_once("already published by pid ")?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 async fn stop(agent: &str, child: &mut Child) {
@@ -263,5 +396,42 @@ async fn stop(agent: &str, child: &mut Child) {
             eprintln!("[{agent}] did not stop within {STOP_GRACE:?}; killing it");
             let _ = child.kill().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_death_after_a_healthy_run_restarts_quickly_and_a_crash_loop_backs_off() {
+        // A crash loop: each quick exit doubles the delay, up to the cap.
+        let mut delay = Duration::ZERO;
+        let mut delays = Vec::new();
+        for _ in 0..9 {
+            delay = restart_delay(delay, Duration::from_millis(200));
+            delays.push(delay.as_millis());
+        }
+        assert_eq!(
+            delays,
+            [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+        // Then a healthy run and a single death: back to a quick restart, whatever came before.
+        assert_eq!(restart_delay(delay, STABLE), FIRST_BACKOFF);
+        // Killed every 12 s (a torture run): every death follows a healthy run.
+        let mut delay = Duration::ZERO;
+        for _ in 0..10 {
+            delay = restart_delay(delay, Duration::from_secs(12));
+            assert_eq!(delay, FIRST_BACKOFF);
+        }
+    }
+
+    #[test]
+    fn the_holder_of_a_topic_is_read_from_the_bus_error() {
+        let line = "Error: publishing VolumeStatus\n";
+        assert_eq!(topic_holder(line), None);
+        let line = "    topic volume-manager/VolumeStatus is already published by pid 4242: \
+                    one publisher per topic";
+        assert_eq!(topic_holder(line), Some(4242));
     }
 }

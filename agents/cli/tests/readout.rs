@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::Command;
 
 use cairn_pubsub::{Bus, PublishOptions};
-use cairn_types::layout::{SNAPSHOT_INSTANCE_STATUS_FILE, snapshot_dir};
+use cairn_types::layout::{
+    SNAPSHOT_INSTANCE_STATUS_FILE, VOLUMES_SNAPSHOT_STATUS_FILE, snapshot_dir,
+};
 use cairn_types::{
     AppInstanceStatus, DeviceStatus, SnapshotDesc, SnapshotInstanceStatus, SnapshottingStatus,
     SwState, UUIDandVersion,
@@ -267,5 +269,91 @@ async fn no_read_out_changes_a_file_of_the_device() {
         before,
         "a read-out created, changed or removed a file"
     );
+    drop(apps);
+}
+
+/// One row per snapshot: a snapshot the app-manager reports available whose record on disk is
+/// corrupt is listed `corrupt` (with its app), not also `available`; a snapshot directory with
+/// no record yet (the volume-manager writes its files first) is a snapshot being taken, not a
+/// corrupt one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_is_listed_once_and_a_snapshot_being_taken_is_not_corrupt() {
+    let root = tempfile::tempdir().unwrap();
+    let (run, persist) = (root.path().join("run"), root.path().join("persist"));
+    let app = Uuid::from_u128(0xa13);
+    let snapshot = |n: u128| SnapshotInstanceStatus {
+        snapshot: SnapshotDesc {
+            snapshot_id: Uuid::from_u128(n),
+            ..Default::default()
+        },
+        app_instance_id: app,
+        config_version: UUIDandVersion {
+            uuid: app,
+            version: "1".into(),
+        },
+        ..Default::default()
+    };
+    let apps = Bus::new("app-manager", &run, &persist)
+        .publish::<AppInstanceStatus>(PublishOptions::default())
+        .await
+        .unwrap();
+    apps.publish(AppInstanceStatus {
+        uuid_and_version: UUIDandVersion {
+            uuid: app,
+            version: "1".into(),
+        },
+        display_name: "sensor".into(),
+        snap_status: SnapshottingStatus {
+            available_snapshots: vec![snapshot(1)],
+            requested_snapshots: vec![snapshot(5)],
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Snapshot 1: reported available, its record damaged on disk.
+    let dir = snapshot_dir(&persist, Uuid::from_u128(1));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(SNAPSHOT_INSTANCE_STATUS_FILE), "{\"schema\": ").unwrap();
+    // Snapshot 5: requested, being taken: the volume-manager's file is there, no record yet.
+    let dir = snapshot_dir(&persist, Uuid::from_u128(5));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(VOLUMES_SNAPSHOT_STATUS_FILE), "{}").unwrap();
+    // Snapshot 6: a directory no app reports yet (the create just began).
+    std::fs::create_dir_all(snapshot_dir(&persist, Uuid::from_u128(6))).unwrap();
+
+    let root_path = root.path().to_path_buf();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || cairn(&root_path, &["snapshots", "--json"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows_of = |n: u128| -> Vec<serde_json::Value> {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["id"] == Uuid::from_u128(n).to_string())
+            .cloned()
+            .collect()
+    };
+    let one = rows_of(1);
+    assert_eq!(one.len(), 1, "one row for snapshot 1: {one:#?}");
+    assert_eq!(one[0]["state"], "corrupt", "{one:#?}");
+    assert_eq!(one[0]["app_name"], "sensor", "{one:#?}");
+    assert!(
+        one[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains(SNAPSHOT_INSTANCE_STATUS_FILE),
+        "{one:#?}"
+    );
+    let five = rows_of(5);
+    assert_eq!(five.len(), 1, "one row for snapshot 5: {five:#?}");
+    assert_eq!(five[0]["state"], "requested", "{five:#?}");
+    let six = rows_of(6);
+    assert_eq!(six.len(), 1, "{six:#?}");
+    assert_eq!(six[0]["state"], "being taken", "{six:#?}");
     drop(apps);
 }

@@ -5,7 +5,9 @@
 
 mod common;
 
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -328,4 +330,294 @@ fn the_real_config_agent_receives_the_controller_setup_and_keeps_it() {
             .stop(Signal::SIGTERM, Duration::from_secs(30))
             .success()
     );
+}
+
+/// The agents of a `cairn up` killed with SIGKILL die with it (parent-death signal); a new
+/// `cairn up` on the same root then runs exactly one set of agents, all `up`.
+#[test]
+fn a_sigkilled_up_takes_its_agents_along_and_the_next_up_runs_one_set() {
+    let mut up = Up::start(&[]);
+    let view = up.wait_status(Duration::from_secs(30), |v| {
+        demo_ready(v) && AGENTS.iter().all(|a| agent_state(v, a) == "up")
+    });
+    let app_pid = view["domains"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["UUIDandVersion"]["UUID"] == DEMO_APP))
+        .and_then(|d| d["Pid"].as_i64())
+        .expect("the demo app's domain reports its pid") as i32;
+    let first: Vec<i32> = up.agent_pids().values().copied().collect();
+    assert_eq!(first.len(), 4, "{first:?}");
+    up.stop(Signal::SIGKILL, Duration::from_secs(10));
+    wait_gone(
+        &first,
+        Duration::from_secs(10),
+        "agents of the killed cairn up",
+    );
+    // The agents got SIGKILL: the app runs on, to be re-adopted.
+    assert!(alive(app_pid), "the demo app runs on");
+
+    let root = std::mem::replace(&mut up.root, tempfile::tempdir().unwrap());
+    drop(up);
+    let again = Up::start_in(root, &cairn_bin(), &[]);
+    again.wait_status(Duration::from_secs(30), |v| {
+        demo_ready(v) && AGENTS.iter().all(|a| agent_state(v, a) == "up")
+    });
+    let agents = agent_processes(again.path());
+    let mut names: Vec<&str> = agents.iter().map(|(a, _)| a.as_str()).collect();
+    names.sort();
+    let mut expected = AGENTS.to_vec();
+    expected.sort();
+    assert_eq!(names, expected, "exactly one set of agents: {agents:?}");
+    let children = again.agent_pids();
+    assert!(
+        agents.iter().all(|(a, pid)| children.get(a) == Some(pid)),
+        "every agent is a child of the new cairn up: {agents:?} vs {children:?}"
+    );
+    let apps = app_processes(again.path());
+    assert_eq!(
+        apps,
+        [app_pid],
+        "the demo app was re-adopted, not started twice: {:?}\n{}",
+        apps.iter().map(|p| cmdline(*p)).collect::<Vec<_>>(),
+        again.log()
+    );
+    assert!(
+        !again.log().contains("already published"),
+        "no agent met a stale publisher:\n{}",
+        again.log()
+    );
+}
+
+/// A second `cairn up` on the same root refuses at once, naming the first one's pid, and the
+/// first one's agents are untouched.
+#[test]
+fn a_second_up_on_the_same_root_is_refused_naming_the_first() {
+    let up = Up::start(&[]);
+    up.wait_status(Duration::from_secs(30), |v| {
+        AGENTS.iter().all(|a| agent_state(v, a) == "up")
+    });
+    let before = up.agent_pids();
+    let mut second = Command::new(cairn_bin())
+        .arg("--root")
+        .arg(up.path())
+        .arg("up")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut second, Duration::from_secs(10));
+    let mut err = String::new();
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("already supervises") && err.contains(&format!("pid {}", up.pid())),
+        "the refusal names the running cairn up: {err}"
+    );
+    assert_eq!(
+        up.agent_pids(),
+        before,
+        "the first one's agents are untouched"
+    );
+    assert_eq!(agent_processes(up.path()).len(), 4);
+}
+
+/// A child of the test that is killed and reaped when the test ends, failed or not.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start time of `pid` (/proc/<pid>/stat field 22), as `cairn up` records it.
+fn start_time(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let (_, rest) = stat.rsplit_once(')').unwrap();
+    rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+/// Agents left by a supervisor that died in a way their parent-death signal does not cover
+/// (here: started directly, one recorded in the pid file of a dead `cairn up`, one found only
+/// by the topic lock it holds): the read-out does not call them `up`, and the next `cairn up`
+/// stops them before it starts its own.
+#[test]
+fn orphans_of_a_dead_supervisor_are_shown_as_such_and_stopped_before_new_agents_start() {
+    let root = tempfile::tempdir().unwrap();
+    let (run, persist) = (root.path().join("run"), root.path().join("persist"));
+    std::fs::create_dir_all(run.join("agents")).unwrap();
+    let orphan = |agent: &str| {
+        let log = std::fs::File::create(root.path().join(format!("orphan-{agent}.log"))).unwrap();
+        Reaped(
+            Command::new(agent_bin(agent))
+                .env("CAIRN_RUN_DIR", &run)
+                .env("CAIRN_PERSIST_DIR", &persist)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut recorded = orphan("volume-manager");
+    let mut unrecorded = orphan("app-manager");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !run.join("volume-manager/VolumeStatus.sock").exists()
+        || !run.join("app-manager/AppInstanceStatus.sock").exists()
+    {
+        assert!(Instant::now() < deadline, "the orphans did not publish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (recorded_pid, unrecorded_pid) = (recorded.0.id() as i32, unrecorded.0.id() as i32);
+    std::fs::write(
+        run.join("agents/volume-manager.pid"),
+        format!("{recorded_pid} {}\n", start_time(recorded_pid)),
+    )
+    .unwrap();
+    // The supervisor that recorded it is gone: a pid that ran and ended.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    std::fs::write(run.join("cairn-up.lock"), format!("{gone_pid} 1\n")).unwrap();
+
+    let (code, out, err) = cairn(root.path(), &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let view: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for (agent, pid) in [
+        ("volume-manager", recorded_pid),
+        ("app-manager", unrecorded_pid),
+    ] {
+        let state = agent_state(&view, agent);
+        assert!(
+            state.starts_with(&format!("up (no supervisor: orphan pid {pid}")),
+            "{agent} is shown as an orphan: {state}"
+        );
+    }
+    let (_, text, _) = cairn(root.path(), &["status"]);
+    assert!(text.contains("orphan pid"), "{text}");
+
+    let up = Up::start_in(root, &cairn_bin(), &[]);
+    up.wait_status(Duration::from_secs(60), |v| {
+        AGENTS.iter().all(|a| agent_state(v, a) == "up")
+    });
+    assert!(!alive(recorded_pid) && !alive(unrecorded_pid));
+    let _ = recorded.0.wait();
+    let _ = unrecorded.0.wait();
+    let log = up.log();
+    let stopped = log
+        .find("orphan agent(s) stopped")
+        .unwrap_or_else(|| panic!("the orphans' stop is logged:\n{log}"));
+    for (agent, pid) in [
+        ("volume-manager", recorded_pid),
+        ("app-manager", unrecorded_pid),
+    ] {
+        assert!(
+            log.contains(&format!("stopping orphan {agent} pid {pid}")),
+            "{agent} is named:\n{log}"
+        );
+    }
+    assert!(
+        log.find("\n[")
+            .is_none_or(|first_agent_line| first_agent_line > stopped),
+        "no agent started before the orphans were stopped:\n{log}"
+    );
+    assert!(!log.contains("already published"), "{log}");
+    assert_eq!(agent_processes(up.path()).len(), 4, "one set of agents");
+}
+
+/// A stranger that takes an agent's topic while the supervisor waits to restart it: the agent
+/// says so without a backtrace (even with RUST_BACKTRACE=1), the supervisor names the holder in
+/// one line and stops it, and the agent runs again — no restart loop against the holder.
+#[test]
+fn an_agent_whose_topic_is_held_says_so_in_one_line_and_the_holder_is_stopped() {
+    let up = Up::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &cairn_bin(),
+        &[],
+        &[("RUST_BACKTRACE", "1")],
+    );
+    up.wait_status(Duration::from_secs(30), |v| {
+        AGENTS.iter().all(|a| agent_state(v, a) == "up")
+    });
+    let (run, persist) = (up.path().join("run"), up.path().join("persist"));
+    let lock = run.join("volume-manager/VolumeStatus.lock");
+    // The stranger must take the topic in the supervisor's restart delay: tried a few times.
+    let mut stranger = None;
+    for _ in 0..5 {
+        let Some(&supervised) = up.agent_pids().get("volume-manager") else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        kill(Pid::from_raw(supervised), Signal::SIGKILL).unwrap();
+        wait_gone(&[supervised], Duration::from_secs(5), "the killed agent");
+        let mut candidate = Reaped(
+            Command::new(agent_bin("volume-manager"))
+                .env("CAIRN_RUN_DIR", &run)
+                .env("CAIRN_PERSIST_DIR", &persist)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let pid = candidate.0.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let won = loop {
+            if std::fs::read_to_string(&lock).is_ok_and(|holder| holder.trim() == pid.to_string()) {
+                break true;
+            }
+            if candidate.0.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if won {
+            stranger = Some(candidate);
+            break;
+        }
+        drop(candidate);
+        up.wait_status(Duration::from_secs(30), |v| {
+            agent_state(v, "volume-manager") == "up"
+        });
+    }
+    let stranger = stranger.expect("a stranger took the topic in one of 5 tries");
+    let stranger_pid = stranger.0.id() as i32;
+    let said = format!("[volume-manager] cannot start: its topic is held by pid {stranger_pid}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !up.log().contains(&said) {
+        assert!(
+            Instant::now() < deadline,
+            "the supervisor names the holder:\n{}",
+            up.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_gone(&[stranger_pid], Duration::from_secs(50), "the stranger");
+    up.wait_status(Duration::from_secs(30), |v| {
+        AGENTS.iter().all(|a| agent_state(v, a) == "up")
+    });
+    let supervised = up.agent_pids()["volume-manager"];
+    assert_eq!(
+        std::fs::read_to_string(&lock).unwrap().trim(),
+        supervised.to_string(),
+        "the supervised agent publishes again"
+    );
+    let log = up.log();
+    assert!(
+        !log.contains("stack backtrace") && !log.contains("Stack backtrace"),
+        "no backtrace for a held topic:\n{log}"
+    );
+    assert_eq!(
+        log.matches(&said).count(),
+        1,
+        "one line, not a restart loop:\n{log}"
+    );
+    drop(stranger);
 }

@@ -53,12 +53,23 @@ impl Up {
     }
 
     pub fn start_in(root: tempfile::TempDir, cairn: &Path, args: &[&str]) -> Self {
+        Self::start_with_env(root, cairn, args, &[])
+    }
+
+    /// As `start_in`, with more environment for `cairn up` (and so its agents).
+    pub fn start_with_env(
+        root: tempfile::TempDir,
+        cairn: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = std::fs::File::create(root.path().join("up.log")).unwrap();
         let child = Command::new(cairn)
             .arg("--root")
             .arg(root.path())
             .arg("up")
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -339,4 +350,77 @@ pub fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Every living agent process of the device under `root`, found by a /proc scan (executable
+/// `cairn-<agent>`, `root` in its environment): (agent, pid), whoever started it. An agent's
+/// child between fork and exec looks like the agent: it is not counted.
+pub fn agent_processes(root: &Path) -> Vec<(String, i32)> {
+    let found: Vec<(String, i32)> = processes_mentioning(root)
+        .into_iter()
+        .filter_map(|pid| {
+            let exe = cmdline(pid).into_iter().next()?;
+            let agent = AGENTS
+                .iter()
+                .find(|a| exe.ends_with(&format!("cairn-{a}")))?;
+            Some((agent.to_string(), pid))
+        })
+        .collect();
+    let pids: Vec<i32> = found.iter().map(|(_, pid)| *pid).collect();
+    let mut found: Vec<(String, i32)> = found
+        .into_iter()
+        .filter(|(_, pid)| parent_of(*pid).is_none_or(|p| !pids.contains(&p)))
+        .collect();
+    found.sort();
+    found
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Waits until none of `pids` runs; panics naming those that still do.
+pub fn wait_gone(pids: &[i32], within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {left:?} still run after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The agent binary next to `cairn`.
+pub fn agent_bin(agent: &str) -> PathBuf {
+    cairn_bin().with_file_name(format!("cairn-{agent}"))
+}
+
+/// The app processes of the device under `root`: those the domain-manager gave an app's
+/// environment (`CAIRN_VOLUME_<n>`, `CAIRN_DOMAIN_APP`), not their own children such as the
+/// demo's `sleep`, nor the agents' tools (`rsync`, `qemu-img`).
+pub fn app_processes(root: &Path) -> Vec<i32> {
+    let all: Vec<i32> = processes_mentioning(root)
+        .into_iter()
+        .filter(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            environ.split(|b| *b == 0).any(|var| {
+                var.starts_with(b"CAIRN_VOLUME_") || var.starts_with(b"CAIRN_DOMAIN_APP=")
+            })
+        })
+        .collect();
+    all.iter()
+        .copied()
+        .filter(|pid| parent_of(*pid).is_none_or(|p| !all.contains(&p)))
+        .collect()
 }
