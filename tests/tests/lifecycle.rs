@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cairn_e2e::Device;
-use cairn_types::SwState;
+use cairn_types::{DeviceStatus, SwState};
 use uuid::Uuid;
 
 const APP: &str = "e2e0ea90-0000-4000-8000-00000000a017";
@@ -182,5 +182,71 @@ async fn a_bad_version_is_reported_broken_and_a_good_one_after_it_recovers_witho
     assert_eq!(app_processes(&device).len(), 1);
     for agent in cairn_e2e::AGENTS {
         assert!(!device.has_died(agent), "{agent} died: nothing was restarted");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_died_while_every_agent_was_down_is_restarted_when_they_come_back() {
+    let mut device = Device::new();
+    device.write_config(&config(&device, "1", "/bin/sh", "always"));
+    device.start_all();
+    let volume = volume(&device);
+    device
+        .until(SETTLE, "the app ran", || pids(&volume).len() == 1)
+        .await;
+    device
+        .app_status(SETTLE, |s| s.state == SwState::Running)
+        .await
+        .unwrap();
+    // Every agent SIGKILLed, `/run` kept (not a reboot); then the app dies too.
+    for agent in cairn_e2e::AGENTS {
+        device.kill(agent);
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids(&volume)[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    device.start_all();
+
+    let status = device
+        .app_status(SETTLE, |s| s.restarts == 1 && s.state == SwState::Running)
+        .await
+        .unwrap_or_else(|last| panic!("not restarted: {last}\n{}", device.log_tails(30)));
+    assert!(
+        status.last_failure.error.contains("domain-manager was down"),
+        "{:?}",
+        status.last_failure
+    );
+    device
+        .until(SETTLE, "the app started again", || pids(&volume).len() == 2)
+        .await;
+    assert_eq!(app_processes(&device).len(), 1, "exactly one copy runs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_holding_an_array_or_an_empty_object_is_refused_and_deletes_nothing() {
+    let mut device = Device::new();
+    device.write_config(&config(&device, "1", "/bin/sh", "always"));
+    device.start_all();
+    let volume = volume(&device);
+    device
+        .until(SETTLE, "the app ran", || pids(&volume).len() == 1)
+        .await;
+
+    for bad in ["[]", "{}", "null"] {
+        device.write_config(bad);
+        let file = device.config_file().display().to_string();
+        let status = device
+            .wait_for::<DeviceStatus>("config-agent", SETTLE, |d| {
+                d.last_error.error.contains(&file) && d.last_error.error.contains("refused")
+            })
+            .await
+            .unwrap_or_else(|last| panic!("{bad} not refused: {last}"));
+        assert_eq!(status.apps, 1, "{bad}: the config in force stays");
+        // The old config-agent applied "0 apps, 0 volumes" and the volume went within 0.5 s.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(pids(&volume).len(), 1, "{bad}: the volume and its data are kept");
+        assert_eq!(app_processes(&device).len(), 1, "{bad}: the app still runs");
     }
 }

@@ -21,6 +21,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// An agent that ran this long before dying was healthy: it is restarted after FIRST_BACKOFF,
 /// whatever happened before. Shorter runs are a crash loop and double the delay.
 const STABLE: Duration = Duration::from_secs(10);
+/// An agent SIGKILLed from outside after running this long is restarted after FIRST_BACKOFF.
+const KILLED_AFTER_START: Duration = Duration::from_secs(1);
 /// Long enough for the domain-manager to power down its VMs (30 s stop timeout + quit + kill).
 const STOP_GRACE: Duration = Duration::from_secs(45);
 
@@ -170,9 +172,11 @@ async fn stop_orphans(run: &Path) {
 
 /// The delay before restarting an agent that ran for `ran_for` and died, given the delay used
 /// before its previous restart (zero at first): a healthy run restarts quickly, a crash loop
-/// doubles the delay up to MAX_BACKOFF.
-pub fn restart_delay(previous: Duration, ran_for: Duration) -> Duration {
-    if ran_for >= STABLE {
+/// doubles the delay up to MAX_BACKOFF. An agent SIGKILLed from outside (an operator, the OOM
+/// killer) after it got going did not fail by itself: it restarts quickly too, so repeated
+/// kills never stretch the time to converge.
+pub fn restart_delay(previous: Duration, ran_for: Duration, sigkilled: bool) -> Duration {
+    if ran_for >= STABLE || (sigkilled && ran_for >= KILLED_AFTER_START) {
         FIRST_BACKOFF
     } else {
         (previous * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF)
@@ -195,7 +199,7 @@ async fn supervise(
         let (mut child, forwards) = match start(&agent, &binary, &args, &roots, &logs, &held) {
             Ok(started) => started,
             Err(e) => {
-                backoff = restart_delay(backoff, Duration::ZERO);
+                backoff = restart_delay(backoff, Duration::ZERO, false);
                 eprintln!("[{agent}] cannot start: {e:#}; retrying in {backoff:?}");
                 if wait_or_stop(&mut stopping, backoff).await {
                     return;
@@ -212,6 +216,10 @@ async fn supervise(
             return;
         };
         let ran_for = started.elapsed();
+        let sigkilled = status.as_ref().is_ok_and(|s| {
+            use std::os::unix::process::ExitStatusExt;
+            s.signal() == Some(Signal::SIGKILL as i32)
+        });
         let how = match status {
             Ok(status) => status.to_string(),
             Err(e) => format!("unknown exit ({e})"),
@@ -242,9 +250,11 @@ async fn supervise(
             }
             continue;
         }
-        backoff = restart_delay(backoff, ran_for);
+        backoff = restart_delay(backoff, ran_for, sigkilled);
         let why = if ran_for >= STABLE {
             "healthy run: quick restart"
+        } else if sigkilled && ran_for >= KILLED_AFTER_START {
+            "killed from outside: quick restart"
         } else {
             "crash loop: backing off"
         };
@@ -409,7 +419,7 @@ mod tests {
         let mut delay = Duration::ZERO;
         let mut delays = Vec::new();
         for _ in 0..9 {
-            delay = restart_delay(delay, Duration::from_millis(200));
+            delay = restart_delay(delay, Duration::from_millis(200), false);
             delays.push(delay.as_millis());
         }
         assert_eq!(
@@ -417,13 +427,22 @@ mod tests {
             [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
         );
         // Then a healthy run and a single death: back to a quick restart, whatever came before.
-        assert_eq!(restart_delay(delay, STABLE), FIRST_BACKOFF);
+        assert_eq!(restart_delay(delay, STABLE, false), FIRST_BACKOFF);
         // Killed every 12 s (a torture run): every death follows a healthy run.
         let mut delay = Duration::ZERO;
         for _ in 0..10 {
-            delay = restart_delay(delay, Duration::from_secs(12));
+            delay = restart_delay(delay, Duration::from_secs(12), false);
             assert_eq!(delay, FIRST_BACKOFF);
         }
+        // SIGKILLed from outside every 2 s: not a crash loop either.
+        let mut delay = Duration::ZERO;
+        for _ in 0..10 {
+            delay = restart_delay(delay, Duration::from_secs(2), true);
+            assert_eq!(delay, FIRST_BACKOFF);
+        }
+        // But SIGKILLed at once after each start is a loop like any other.
+        let delay = restart_delay(FIRST_BACKOFF, Duration::from_millis(100), true);
+        assert_eq!(delay, FIRST_BACKOFF * 2);
     }
 
     #[test]

@@ -222,6 +222,33 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_app_is_an_error_with_its_reason_retry_condition_and_restarts() {
+        let mut broken = status("2", "");
+        broken.state = SwState::Broken;
+        broken.error = ErrorDescription {
+            error_retry_condition: "restarting at 2026-12-07T10:00:00Z".into(),
+            ..ErrorDescription::new(
+                "process of app a ended on its own: killed by signal 9",
+                ErrorSeverity::Error,
+                Utc::now(),
+            )
+        };
+        broken.restarts = 3;
+        broken.last_failure = broken.error.clone();
+        let msg = app_info(uuid::Uuid::new_v4(), "a", Some(&broken));
+        let Some(InfoContent::Ainfo(app)) = msg.info_content else {
+            panic!("an app info")
+        };
+        assert_eq!(app.state, ZSwState::Error as i32);
+        let err = &app.app_err[0];
+        assert!(err.description.contains("killed by signal 9"));
+        assert_eq!(err.severity, Severity::Error as i32);
+        assert_eq!(err.retry_condition, "restarting at 2026-12-07T10:00:00Z");
+        assert_eq!(app.cairn_restarts, 3);
+        assert!(app.cairn_last_failure.is_some());
+    }
+
+    #[test]
     fn available_and_failed_snapshots_are_reported_with_their_fields() {
         let device = uuid::Uuid::new_v4();
         let msg = app_info(device, "a", Some(&status("2", "disk full")));

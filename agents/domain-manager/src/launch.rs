@@ -391,6 +391,12 @@ pub async fn detect_accel(qemu: &Path, limit: Duration, work_dir: &Path) -> Stri
 async fn kvm_firmware_completes(qemu: &Path, limit: Duration, work_dir: &Path) -> bool {
     let debugcon = work_dir.join("kvm-probe.log");
     let _ = std::fs::remove_file(&debugcon);
+    // A KVM that cannot give the default CPU model its baseline features (seen: SSE3 missing
+    // under nested virtualization) still runs the firmware, but a Linux guest hangs at once.
+    let warnings = work_dir.join("kvm-probe.stderr");
+    let Ok(stderr) = std::fs::File::create(&warnings) else {
+        return false;
+    };
     let chardev = format!("file,id=dbg,path={}", opt_escape(&debugcon));
     let probe = tokio::process::Command::new(qemu)
         .args([
@@ -408,7 +414,7 @@ async fn kvm_firmware_completes(qemu: &Path, limit: Duration, work_dir: &Path) -
         .args(["-device", "isa-debugcon,iobase=0x402,chardev=dbg"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn();
     let Ok(mut child) = probe else {
@@ -429,6 +435,12 @@ async fn kvm_firmware_completes(qemu: &Path, limit: Duration, work_dir: &Path) -
     }
     let _ = child.kill().await;
     let _ = std::fs::remove_file(&debugcon);
+    let said = std::fs::read_to_string(&warnings).unwrap_or_default();
+    let _ = std::fs::remove_file(&warnings);
+    if said.contains("host doesn't support requested feature") {
+        tracing::warn!(warning = %said.trim(), "KVM lacks CPU features the guest needs: using TCG");
+        return false;
+    }
     works
 }
 
