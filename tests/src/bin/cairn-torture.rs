@@ -210,6 +210,7 @@ fn change_config(
 // ---- the processes of the device, from /proc ----
 
 struct ProcInfo {
+    ppid: i32,
     pgid: i32,
     zombie: bool,
     argv: Vec<String>,
@@ -220,6 +221,7 @@ fn proc_info(pid: i32) -> Option<ProcInfo> {
     // The command name is in parentheses and may hold spaces: parse after the last ')'.
     let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
     let state = fields.first()?.chars().next()?;
+    let ppid = fields.get(1)?.parse().ok()?;
     let pgid = fields.get(2)?.parse().ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let argv = cmdline
@@ -228,6 +230,7 @@ fn proc_info(pid: i32) -> Option<ProcInfo> {
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     Some(ProcInfo {
+        ppid,
         pgid,
         zombie: matches!(state, 'Z' | 'X' | 'x'),
         argv,
@@ -267,6 +270,7 @@ fn census(root: &Path) -> Census {
     let run_env = format!("CAIRN_RUN_DIR={}", root.join("run").display());
     let me = std::process::id() as i32;
     let mut census = Census::default();
+    let mut agent_parents = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return census;
     };
@@ -285,7 +289,7 @@ fn census(root: &Path) -> Census {
             census.all.push(pid);
         } else if let Some(agent) = AGENTS.iter().find(|a| name == format!("cairn-{a}")) {
             if environ(pid).contains(&run_env) {
-                census.agents.entry(agent).or_default().push(pid);
+                agent_parents.push((*agent, pid, info.ppid));
                 census.all.push(pid);
             }
         } else if has_marker {
@@ -299,6 +303,15 @@ fn census(root: &Path) -> Census {
                     None => census.unmarked_apps.push(pid),
                 }
             }
+        }
+    }
+    // An agent's child between fork and exec still looks like the agent: not a second one.
+    for (agent, pid, ppid) in &agent_parents {
+        let forked = agent_parents
+            .iter()
+            .any(|(other, parent, _)| other == agent && parent == ppid);
+        if !forked {
+            census.agents.entry(agent).or_default().push(*pid);
         }
     }
     census
@@ -420,8 +433,10 @@ fn uuid_entries(dir: &Path) -> BTreeSet<Uuid> {
 /// What keeps the device from having converged.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
-    /// A process missing or more than one of a kind.
+    /// A process missing.
     Process(String),
+    /// More than one live process of one kind.
+    Duplicate(String),
     /// An app not Running, or a snapshot still in flight.
     App(String),
     /// A snapshot directory without its available snapshot, or the reverse.
@@ -451,8 +466,10 @@ fn one_of_each_process(census: &Census, plans: &[AppPlan], faults: &mut Vec<Faul
     let mut most = census.supervisors.len();
     let mut count = |what: String, pids: &[i32], faults: &mut Vec<Fault>| {
         most = most.max(pids.len());
-        if pids.len() != 1 {
-            faults.push(Fault::Process(format!("{} {what}: {pids:?}", pids.len())));
+        match pids.len() {
+            0 => faults.push(Fault::Process(format!("no {what}"))),
+            1 => {}
+            n => faults.push(Fault::Duplicate(format!("{n} {what}: {pids:?}"))),
         }
     };
     count("cairn up".into(), &census.supervisors, faults);
@@ -589,7 +606,10 @@ fn look(device: &Device, plans: &[AppPlan]) -> Look {
             Snapshots::default()
         }
     };
-    if faults.iter().all(|f| matches!(f, Fault::Process(_))) {
+    if faults
+        .iter()
+        .all(|f| matches!(f, Fault::Process(_) | Fault::Duplicate(_)))
+    {
         // Only a settled app-manager view says which directories should exist.
         snapshots_on_disk_match(device, plans, &snapshots, &mut faults);
     }
@@ -610,6 +630,7 @@ fn short(ids: &BTreeSet<Uuid>) -> String {
 
 /// Polls until the device converged or `bound` passed; the last look and the time taken.
 fn wait_for_convergence(
+    iteration: usize,
     device: &Device,
     plans: &[AppPlan],
     since: Instant,
@@ -619,6 +640,11 @@ fn wait_for_convergence(
     loop {
         let seen = look(device, plans);
         figures.most_of_one_kind = figures.most_of_one_kind.max(seen.most_of_one_kind);
+        for fault in &seen.faults {
+            if let Fault::Duplicate(what) = fault {
+                figures.duplicates.insert(format!("#{iteration}: {what}"));
+            }
+        }
         for (id, error) in &seen.snapshots.failed {
             figures.failed.entry(*id).or_insert_with(|| error.clone());
         }
@@ -687,6 +713,11 @@ fn kill_victim(
     };
     if let Some(pid) = pid {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        // A SIGKILLed process lingers for a moment; counted then, it would look recovered.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proc_info(pid).is_some_and(|p| !p.zombie) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     Ok(pid)
 }
@@ -702,6 +733,8 @@ struct Figures {
     converged: Vec<Duration>,
     stuck: Vec<(usize, String, Vec<Fault>)>,
     most_of_one_kind: usize,
+    /// Each duplicate seen, by iteration (`#0` is the first start).
+    duplicates: BTreeSet<String>,
     duplicates_after: usize,
     leaks: BTreeSet<String>,
     failed: BTreeMap<Uuid, String>,
@@ -751,6 +784,9 @@ impl Figures {
             "duplicate processes: at most {} of one kind seen during the run; {} iteration(s) ended with a duplicate",
             self.most_of_one_kind, self.duplicates_after
         );
+        for duplicate in self.duplicates.iter().take(5) {
+            println!("  {duplicate}");
+        }
         println!("leaked snapshots (either way): {}", self.leaks.len());
         for leak in self.leaks.iter().take(5) {
             println!("  {leak}");
@@ -847,8 +883,14 @@ fn run(options: &Options, device: &mut Device, figures: &mut Figures) -> anyhow:
         .collect();
     device.write_config(&config_json(&plans, &marker))?;
     device.start_supervisor()?;
-    let (first, converged) =
-        wait_for_convergence(device, &plans, Instant::now(), FIRST_START_BOUND, figures);
+    let (first, converged) = wait_for_convergence(
+        0,
+        device,
+        &plans,
+        Instant::now(),
+        FIRST_START_BOUND,
+        figures,
+    );
     if converged.is_none() {
         bail!(
             "the device did not start within {FIRST_START_BOUND:?}: {:?}",
@@ -876,7 +918,14 @@ fn run(options: &Options, device: &mut Device, figures: &mut Figures) -> anyhow:
             (_, Some(pid)) => format!("{change}; killed {kind} (pid {pid})"),
             (_, None) => format!("{change}; {kind} had no process to kill"),
         };
-        let (seen, took) = wait_for_convergence(device, &plans, killed_at, CONVERGE_BOUND, figures);
+        let (seen, took) = wait_for_convergence(
+            iteration,
+            device,
+            &plans,
+            killed_at,
+            CONVERGE_BOUND,
+            figures,
+        );
         match took {
             Some(took) => {
                 println!(
