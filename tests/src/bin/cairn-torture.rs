@@ -257,6 +257,8 @@ fn program_name(info: &ProcInfo) -> &str {
 struct Census {
     supervisors: Vec<i32>,
     agents: BTreeMap<&'static str, Vec<i32>>,
+    /// Each agent process's parent pid.
+    parents: BTreeMap<i32, i32>,
     /// App process group leaders, by the app their domain-manager marked them with.
     apps: BTreeMap<Uuid, Vec<i32>>,
     /// App process group leaders without a readable app marker.
@@ -312,6 +314,7 @@ fn census(root: &Path) -> Census {
             .any(|(other, parent, _)| other == agent && parent == ppid);
         if !forked {
             census.agents.entry(agent).or_default().push(*pid);
+            census.parents.insert(*pid, *ppid);
         }
     }
     census
@@ -481,6 +484,7 @@ fn one_of_each_process(census: &Census, plans: &[AppPlan], faults: &mut Vec<Faul
         let pids = census.apps.get(&app.uuid).map(Vec::as_slice).unwrap_or(&[]);
         count(format!("app {i} process groups"), pids, faults);
     }
+    agents_owned_by_the_supervisor(census, faults);
     if !census.unmarked_apps.is_empty() {
         faults.push(Fault::Process(format!(
             "app processes without CAIRN_DOMAIN_APP: {:?}",
@@ -488,6 +492,24 @@ fn one_of_each_process(census: &Census, plans: &[AppPlan], faults: &mut Vec<Faul
         )));
     }
     most
+}
+
+/// Every agent is a child of the live `cairn up`: an agent left by a killed supervisor is an
+/// orphan even when it is the only one of its kind (the new supervisor cannot stop it).
+fn agents_owned_by_the_supervisor(census: &Census, faults: &mut Vec<Fault>) {
+    let [supervisor] = census.supervisors.as_slice() else {
+        return;
+    };
+    for (agent, pids) in &census.agents {
+        for pid in pids {
+            let parent = census.parents.get(pid).copied().unwrap_or(0);
+            if parent != *supervisor {
+                faults.push(Fault::Process(format!(
+                    "{agent} {pid} is not a child of cairn up {supervisor} (parent {parent})"
+                )));
+            }
+        }
+    }
 }
 
 /// Each app Running, nothing in flight, its available snapshots the listed ones that did not
