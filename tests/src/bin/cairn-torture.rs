@@ -663,8 +663,11 @@ fn wait_for_convergence(
         let seen = look(device, plans);
         figures.most_of_one_kind = figures.most_of_one_kind.max(seen.most_of_one_kind);
         for fault in &seen.faults {
-            if let Fault::Duplicate(what) = fault {
-                figures.duplicates.insert(format!("#{iteration}: {what}"));
+            let seen = |what: &String| format!("#{iteration}: {what}");
+            if let Fault::Duplicate(what) = fault
+                && !figures.duplicates.contains(&seen(what))
+            {
+                figures.duplicates.push(seen(what));
             }
         }
         for (id, error) in &seen.snapshots.failed {
@@ -755,8 +758,8 @@ struct Figures {
     converged: Vec<Duration>,
     stuck: Vec<(usize, String, Vec<Fault>)>,
     most_of_one_kind: usize,
-    /// Each duplicate seen, by iteration (`#0` is the first start).
-    duplicates: BTreeSet<String>,
+    /// Each duplicate seen, in order, by iteration (`#0` is the first start).
+    duplicates: Vec<String>,
     duplicates_after: usize,
     leaks: BTreeSet<String>,
     failed: BTreeMap<Uuid, String>,
@@ -803,8 +806,10 @@ impl Figures {
             }
         }
         println!(
-            "duplicate processes: at most {} of one kind seen during the run; {} iteration(s) ended with a duplicate",
-            self.most_of_one_kind, self.duplicates_after
+            "duplicate processes: at most {} of one kind seen during the run ({} sighting(s)); {} iteration(s) ended with a duplicate",
+            self.most_of_one_kind,
+            self.duplicates.len(),
+            self.duplicates_after
         );
         for duplicate in self.duplicates.iter().take(5) {
             println!("  {duplicate}");
