@@ -123,9 +123,16 @@ async fn a_crashed_app_under_policy_never_stays_broken_until_the_restart_counter
         .app_status(SETTLE, |s| s.state == SwState::Broken)
         .await
         .unwrap();
-    assert!(status.error.error.contains("signal 9"), "{:?}", status.error);
     assert!(
-        status.error.error_retry_condition.contains("restart counter"),
+        status.error.error.contains("signal 9"),
+        "{:?}",
+        status.error
+    );
+    assert!(
+        status
+            .error
+            .error_retry_condition
+            .contains("restart counter"),
         "{:?}",
         status.error
     );
@@ -136,7 +143,9 @@ async fn a_crashed_app_under_policy_never_stays_broken_until_the_restart_counter
         .replace(r#""restart_policy""#, r#""restart": 1, "restart_policy""#);
     device.write_config(&restarted);
     device
-        .app_status(SETTLE, |s| s.state == SwState::Running && s.error.error.is_empty())
+        .app_status(SETTLE, |s| {
+            s.state == SwState::Running && s.error.error.is_empty()
+        })
         .await
         .unwrap();
     device
@@ -164,7 +173,11 @@ async fn a_bad_version_is_reported_broken_and_a_good_one_after_it_recovers_witho
         })
         .await
         .unwrap_or_else(|last| panic!("not broken: {last}\n{}", device.log_tails(30)));
-    assert!(status.error.error.contains("/bin/shh"), "{:?}", status.error);
+    assert!(
+        status.error.error.contains("/bin/shh"),
+        "{:?}",
+        status.error
+    );
     assert!(!status.error.error_retry_condition.is_empty());
 
     // The fix: version 3 runs at once, reported as such.
@@ -181,7 +194,10 @@ async fn a_bad_version_is_reported_broken_and_a_good_one_after_it_recovers_witho
         .await;
     assert_eq!(app_processes(&device).len(), 1);
     for agent in cairn_e2e::AGENTS {
-        assert!(!device.has_died(agent), "{agent} died: nothing was restarted");
+        assert!(
+            !device.has_died(agent),
+            "{agent} died: nothing was restarted"
+        );
     }
 }
 
@@ -214,7 +230,10 @@ async fn an_app_that_died_while_every_agent_was_down_is_restarted_when_they_come
         .await
         .unwrap_or_else(|last| panic!("not restarted: {last}\n{}", device.log_tails(30)));
     assert!(
-        status.last_failure.error.contains("domain-manager was down"),
+        status
+            .last_failure
+            .error
+            .contains("domain-manager was down"),
         "{:?}",
         status.last_failure
     );
@@ -246,7 +265,11 @@ async fn a_config_file_holding_an_array_or_an_empty_object_is_refused_and_delete
         assert_eq!(status.apps, 1, "{bad}: the config in force stays");
         // The old config-agent applied "0 apps, 0 volumes" and the volume went within 0.5 s.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(pids(&volume).len(), 1, "{bad}: the volume and its data are kept");
+        assert_eq!(
+            pids(&volume).len(),
+            1,
+            "{bad}: the volume and its data are kept"
+        );
         assert_eq!(app_processes(&device).len(), 1, "{bad}: the app still runs");
     }
 }

@@ -579,13 +579,17 @@ impl AppManager {
             return;
         }
         status.state = cairn_types::SwState::CreatingVolume;
-        let failed = state.effective().volume_ref_config_list.iter().find_map(|r| {
-            let key = machine::ref_key(r);
-            self.volumes
-                .get(&key)
-                .filter(|v| v.error.is_error())
-                .map(|v| (key, v.error.clone()))
-        });
+        let failed = state
+            .effective()
+            .volume_ref_config_list
+            .iter()
+            .find_map(|r| {
+                let key = machine::ref_key(r);
+                self.volumes
+                    .get(&key)
+                    .filter(|v| v.error.is_error())
+                    .map(|v| (key, v.error.clone()))
+            });
         if let Some((key, error)) = failed
             && !status.error.is_error()
         {

@@ -99,9 +99,8 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
         Some(_) if !state.domain_active && state.phase == Phase::Idle => SwState::Broken,
         _ => state_now,
     };
-    let failure_error = |f: &machine::Failure| {
-        ErrorDescription::new(f.reason.clone(), ErrorSeverity::Error, f.at)
-    };
+    let failure_error =
+        |f: &machine::Failure| ErrorDescription::new(f.reason.clone(), ErrorSeverity::Error, f.at);
     let error = match (&state.error, &state.failure, held) {
         (Some(e), _, _) => {
             ErrorDescription::new(e.clone(), ErrorSeverity::Error, DateTime::<Utc>::UNIX_EPOCH)

@@ -91,14 +91,15 @@ impl Device {
                 Action::Domain { activate, config } => self.domain(activate, &config),
                 Action::Volumes(request) => {
                     assert!(self.running.is_none(), "volume step while the domain runs");
-                    self.inbox.push_back(Input::VolumesResult(VolumesSnapshotStatus {
-                        snapshot_id: request.snapshot_id,
-                        app_uuid: request.app_uuid,
-                        request_counter: request.request_counter,
-                        result_of_action: request.action,
-                        time_created: Some(self.now),
-                        ..Default::default()
-                    }));
+                    self.inbox
+                        .push_back(Input::VolumesResult(VolumesSnapshotStatus {
+                            snapshot_id: request.snapshot_id,
+                            app_uuid: request.app_uuid,
+                            request_counter: request.request_counter,
+                            result_of_action: request.action,
+                            time_created: Some(self.now),
+                            ..Default::default()
+                        }));
                 }
                 _ => {}
             }
@@ -197,7 +198,10 @@ fn a_killed_app_is_broken_with_its_reason_then_restarted_after_the_first_backoff
 
     let status = device.status();
     assert_eq!(status.state, SwState::Broken);
-    assert!(status.error.error.contains("killed by signal 9"), "{status:?}");
+    assert!(
+        status.error.error.contains("killed by signal 9"),
+        "{status:?}"
+    );
     assert!(
         status.error.error_retry_condition.contains("restarting at"),
         "{status:?}"
@@ -230,7 +234,10 @@ fn failures_in_a_row_back_off_doubling_up_to_the_limit_and_a_stable_run_ends_the
         device.wait(wait - 1);
         assert!(device.running.is_none(), "failure {n}: not before {wait} s");
         device.wait(1);
-        assert!(device.running.is_some(), "failure {n}: restarted after {wait} s");
+        assert!(
+            device.running.is_some(),
+            "failure {n}: restarted after {wait} s"
+        );
     }
     // A long healthy run: the next failure is the first of a new row.
     device.wait(STABLE_SECONDS);
@@ -250,13 +257,20 @@ fn restart_policy_never_keeps_the_app_broken_until_the_controller_restarts_it() 
     let status = device.status();
     assert_eq!(status.state, SwState::Broken);
     assert!(
-        status.error.error_retry_condition.contains("restart counter"),
+        status
+            .error
+            .error_retry_condition
+            .contains("restart counter"),
         "{status:?}"
     );
 
     c.restart_cmd.counter += 1;
     device.config(c);
-    assert_eq!(device.starts.len(), 2, "the restart command starts it at once");
+    assert_eq!(
+        device.starts.len(),
+        2,
+        "the restart command starts it at once"
+    );
     assert_eq!(device.status().state, SwState::Running);
 }
 
@@ -337,7 +351,11 @@ fn a_snapshot_requested_while_the_app_is_broken_is_taken() {
         Some(SnapshotState::Available)
     );
     assert_eq!(device.state.phase, Phase::Idle);
-    assert_eq!(device.status().state, SwState::Broken, "still broken, and says so");
+    assert_eq!(
+        device.status().state,
+        SwState::Broken,
+        "still broken, and says so"
+    );
 }
 
 #[test]
@@ -387,7 +405,11 @@ fn an_app_that_cannot_be_asked_to_start_is_broken_with_the_reason_not_booting() 
     assert_eq!(status.state, SwState::Broken, "{status:?}");
     assert!(status.error.error.contains("no domain spec"));
     device.wait(3600);
-    assert_eq!(device.status().state, SwState::Broken, "no retry of the same config");
+    assert_eq!(
+        device.status().state,
+        SwState::Broken,
+        "no retry of the same config"
+    );
     device.config(config("3", "/bin/sleep"));
     assert_eq!(device.status().state, SwState::Running);
 }
@@ -402,7 +424,10 @@ fn a_config_that_stops_the_app_forgets_its_failure() {
     assert_eq!(device.status().state, SwState::Halted);
     assert!(device.status().error.error.is_empty());
     device.wait(3600);
-    assert!(device.running.is_none(), "not restarted while the config stops it");
+    assert!(
+        device.running.is_none(),
+        "not restarted while the config stops it"
+    );
     c.activate = true;
     device.config(c);
     assert_eq!(device.status().state, SwState::Running);
@@ -419,7 +444,10 @@ fn max_snapshots_zero_keeps_no_snapshot_as_in_eve() {
     });
     let device = Device::new(c);
     assert_eq!(
-        device.state.snapshot(Uuid::from_u128(0x51)).map(|s| s.state),
+        device
+            .state
+            .snapshot(Uuid::from_u128(0x51))
+            .map(|s| s.state),
         Some(SnapshotState::Dropped)
     );
     let status = device.status();
