@@ -61,7 +61,7 @@ pub struct AppInstanceConfig {
 
 /// Cairn: when the app-manager starts an app again whose domain ended on its own or failed to
 /// start. A restart waits 1 s, doubling per failure in a row up to 600 s (EVE's
-/// `timer.boot.retry`); a run of 60 s or more ends the row. A restart command, a new version,
+/// `timer.boot.retry`); a run of 10 s or more ends the row. A restart command, a new version,
 /// a purge or a rollback from the controller always tries at once.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
 #[serde(rename_all = "snake_case")]

@@ -30,7 +30,7 @@ pub const FIRST_BACKOFF_SECONDS: i64 = 1;
 /// The longest wait between restarts: EVE's `timer.boot.retry` default.
 pub const MAX_BACKOFF_SECONDS: i64 = 600;
 /// A domain that ran this long before it ended starts a new row of failures.
-pub const STABLE_SECONDS: i64 = 60;
+pub const STABLE_SECONDS: i64 = 10;
 
 /// The app's last unasked end or failed start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Persist)]
