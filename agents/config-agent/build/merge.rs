@@ -108,14 +108,16 @@ pub fn merge_cairn_fields(
             }
             if let Some(eve) = message.field.iter().find(|f| f.number() == field.number()) {
                 return Err(fault(format!(
-                    "{at}: {target} already has field {} = {}",
+                    "{at}: {target} already has field {} = {}; give Cairn's field the next free \
+                     number from {FIRST_CAIRN_FIELD}",
                     eve.name(),
                     eve.number()
                 )));
             }
             if let Some(eve) = message.field.iter().find(|f| f.name() == field.name()) {
                 return Err(fault(format!(
-                    "{at}: {target} already has a field named {} (= {})",
+                    "{at}: {target} already has a field named {} (= {}); name Cairn's field \
+                     cairn_<what it is>",
                     eve.name(),
                     eve.number()
                 )));
