@@ -75,6 +75,8 @@ impl Signer256 {
                 Vec::new()
             },
             protected_payload: Some(AuthBody { payload }),
+            // Not encrypted: no cipher context or data.
+            ..Default::default()
         }
     }
 

@@ -85,7 +85,8 @@ pub enum Polled {
     Unchanged,
     Config {
         hash: String,
-        config: EdgeDevConfig,
+        /// Boxed: EVE's whole EdgeDevConfig is large next to `Unchanged`.
+        config: Box<EdgeDevConfig>,
     },
 }
 
@@ -188,7 +189,7 @@ impl Link {
         }
         Ok(Polled::Config {
             hash: answer.config_hash,
-            config,
+            config: Box::new(config),
         })
     }
 
@@ -262,11 +263,11 @@ impl Link {
     }
 
     async fn register(&mut self) -> Result<(), LinkError> {
+        // `onBoardKey` is deprecated in EVE and `softSerial` optional: both left empty.
         let message = ZRegisterMsg {
-            on_board_key: String::new(),
             pem_cert: self.identity.device.cert_pem().to_vec(),
             serial: self.identity.serial.clone(),
-            soft_serial: String::new(),
+            ..Default::default()
         };
         let container = self.identity.onboard.seal(message.encode_to_vec(), true);
         let response = self.https.post(REGISTER, container.encode_to_vec()).await?;

@@ -85,6 +85,7 @@ fn error_info(error: &ErrorDescription) -> ErrorInfo {
             _ => Severity::Unspecified,
         } as i32,
         retry_condition: error.error_retry_condition.clone(),
+        ..Default::default()
     }
 }
 

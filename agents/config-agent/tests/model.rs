@@ -166,6 +166,7 @@ fn proto_config(snapshot_ids: &[&str]) -> proto::EdgeDevConfig {
             value: "60".into(),
         }],
         cairn_groups: Vec::new(),
+        ..Default::default()
     }
 }
 

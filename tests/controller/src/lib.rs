@@ -461,6 +461,7 @@ fn certs(pki: &Pki, fault: Option<&Fault>) -> Answer {
             cert_hash: Sha256::digest(signer.cert_pem()).to_vec(),
             r#type: ZCertType::CertTypeControllerSigning as i32,
             cert: signer.cert_pem().to_vec(),
+            ..Default::default()
         }],
     };
     let sealed = signer.seal(list.encode_to_vec(), false);
