@@ -206,7 +206,8 @@ impl VolumeManager {
             }
             return Publish::Volume(status.clone());
         }
-        let backend = volumes::choose_backend(config, &self.volumes_dir, &self.backends.tools);
+        let choice = volumes::choose_backend(config, &self.volumes_dir, &self.backends.tools);
+        let backend = choice.kind;
         let mut status = VolumeStatus {
             volume_id: config.volume_id,
             generation_counter: config.generation_counter,
@@ -215,6 +216,7 @@ impl VolumeManager {
             state: VolumeState::Creating,
             format: config.format,
             backend,
+            backend_reason: choice.reason,
             file_location: path.clone(),
             max_vol_size: config.max_vol_size,
             ..VolumeStatus::default()
@@ -257,7 +259,7 @@ impl VolumeManager {
             Ok(()) => {
                 status.state = VolumeState::Ready;
                 status.current_size = volumes::allocated_size(&path);
-                tracing::info!(volume = %key, backend = ?backend, driver = backend_driver(backend), path = %path.display(), "volume ready");
+                tracing::info!(volume = %key, backend = ?backend, reason = %status.backend_reason, driver = backend_driver(backend), path = %path.display(), "volume ready");
             }
             Err(e) => {
                 tracing::error!(volume = %key, "volume failed: {e}");

@@ -28,26 +28,83 @@ pub fn volume_path(volumes: &Path, config: &VolumeConfig) -> PathBuf {
     }
 }
 
+/// The snapshot backend chosen for a volume, and why (for its status and the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendChoice {
+    pub kind: SnapshotBackendKind,
+    /// `<backend>: <reason>`, e.g. `btrfs: /persist/volumes is on btrfs`.
+    pub reason: String,
+}
+
+impl BackendChoice {
+    fn new(kind: SnapshotBackendKind, reason: String) -> Self {
+        Self { kind, reason }
+    }
+}
+
 /// The snapshot backend for a volume, from its config, its filesystem and the tools present.
-pub fn choose_backend(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> SnapshotBackendKind {
+/// The filesystem is that of the volumes directory, or of its nearest existing ancestor when it
+/// is not made yet (a fresh device root): the directory will be made there.
+pub fn choose_backend(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> BackendChoice {
+    use SnapshotBackendKind as K;
     if config.purgeable {
-        return SnapshotBackendKind::Purgeable;
+        return BackendChoice::new(
+            K::Purgeable,
+            "purgeable: the volume is purgeable (its snapshot keeps the whole volume)".into(),
+        );
     }
     match config.format {
-        VolumeFormat::Qcow2 => SnapshotBackendKind::Qcow2,
-        VolumeFormat::Raw => SnapshotBackendKind::None,
+        VolumeFormat::Qcow2 => BackendChoice::new(K::Qcow2, "qcow2: format".into()),
+        VolumeFormat::Raw => {
+            BackendChoice::new(K::None, "none: format raw (no internal snapshots)".into())
+        }
         VolumeFormat::Dir => {
             if let Some(kind) = restore_mode::kind(config.restore_mode) {
-                return kind; // checked when the volume is made
+                // checked when the volume is made
+                return BackendChoice::new(
+                    kind,
+                    format!(
+                        "{}: restore mode {}",
+                        format!("{kind:?}").to_lowercase(),
+                        restore_mode::name(config.restore_mode)
+                    ),
+                );
             }
             #[cfg(feature = "zfs")]
             if tools.zfs.is_available() && zfs_served(volumes, config) {
-                return SnapshotBackendKind::Zfs;
+                return BackendChoice::new(
+                    K::Zfs,
+                    format!(
+                        "zfs: {} is a ZFS dataset's mountpoint",
+                        volume_path(volumes, config).display()
+                    ),
+                );
             }
-            if btrfs::is_btrfs(volumes) && tools.btrfs.is_available() {
-                SnapshotBackendKind::Btrfs
-            } else {
-                SnapshotBackendKind::Copy
+            let dir = crate::backend::nearest_existing(volumes);
+            let fs = crate::backend::fs_name(dir);
+            let path = volume_path(volumes, config);
+            if !btrfs::is_btrfs(dir) {
+                return BackendChoice::new(
+                    K::Copy,
+                    format!("copy: {} is on {fs}, no btrfs/zfs", dir.display()),
+                );
+            }
+            if let Err(missing) = &tools.btrfs.available {
+                return BackendChoice::new(
+                    K::Copy,
+                    format!("copy: {} is on btrfs, but {missing}", dir.display()),
+                );
+            }
+            match std::fs::symlink_metadata(&path) {
+                // inode 256 is the root of a btrfs subvolume; only a subvolume can be snapshotted
+                Ok(meta) if meta.is_dir() && meta.ino() != 256 => BackendChoice::new(
+                    K::Copy,
+                    format!(
+                        "copy: {} is a plain directory on btrfs, not a subvolume (made by the copy backend)",
+                        path.display()
+                    ),
+                ),
+                _ => BackendChoice::new(K::Btrfs, format!("btrfs: {} is on btrfs", dir.display())),
             }
         }
     }

@@ -363,6 +363,60 @@ async fn btrfs_directory_volumes_snapshot_roll_back_and_delete() {
     assert!(!path.exists());
 }
 
+/// A fresh device root on btrfs: `<persist>/volumes` does not exist yet when the first volume's
+/// backend is chosen; the filesystem it will be made on decides, and the status says why.
+#[tokio::test]
+async fn a_fresh_root_on_btrfs_gives_directory_volumes_the_btrfs_backend_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let persist = dir.path().join("persist");
+    let _fs = LoopFs::new("btrfs", &persist, 300);
+    let volumes = cairn_types::layout::volumes_dir(&persist);
+    assert!(!volumes.exists());
+    let mut m = manager(&persist).await;
+    let a = volume(VolumeFormat::Dir, 0);
+    let status = add(&mut m, &a).await;
+    assert_eq!(status.state, VolumeState::Ready, "{status:?}");
+    assert_eq!(status.backend, SnapshotBackendKind::Btrfs, "{status:?}");
+    assert!(
+        status.backend_reason.starts_with("btrfs: ")
+            && status.backend_reason.contains("is on btrfs"),
+        "{}",
+        status.backend_reason
+    );
+    let q = volume(VolumeFormat::Qcow2, 16 * MIB);
+    let status = add(&mut m, &q).await;
+    assert_eq!(status.backend_reason, "qcow2: format", "{status:?}");
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(Uuid::new_v4(), Create, &[&a], 1))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+    let meta = s.meta_of(a.volume_id).unwrap();
+    assert!(
+        std::fs::write(meta.snapshot_location.join("x"), b"").is_err(),
+        "a read-only btrfs snapshot, not a copy"
+    );
+}
+
+/// A directory volume on a filesystem without snapshots is copied, and its status names the
+/// filesystem.
+#[tokio::test]
+async fn a_directory_volume_off_btrfs_says_it_is_copied_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let persist = dir.path().join("persist");
+    let _fs = LoopFs::new("ext4", &persist, 64);
+    let mut m = manager(&persist).await;
+    let a = volume(VolumeFormat::Dir, 0);
+    let status = add(&mut m, &a).await;
+    assert_eq!(status.backend, SnapshotBackendKind::Copy, "{status:?}");
+    assert!(
+        status.backend_reason.starts_with("copy: ")
+            && status.backend_reason.contains("is on ext2/3/4"),
+        "{}",
+        status.backend_reason
+    );
+}
+
 #[tokio::test]
 async fn plain_directory_volumes_are_snapshotted_by_copy() {
     let dir = tempfile::tempdir().unwrap();

@@ -94,6 +94,31 @@ pub fn ensure_parent(volume: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The filesystem `path` lies on, for messages: `btrfs`, `ext2/3/4`, ...
+pub fn fs_name(path: &Path) -> String {
+    use nix::sys::statfs::{
+        BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC,
+        statfs,
+    };
+    match statfs(path).map(|fs| fs.filesystem_type()) {
+        Ok(t) if t == BTRFS_SUPER_MAGIC => "btrfs".into(),
+        Ok(t) if t == EXT4_SUPER_MAGIC => "ext2/3/4".into(),
+        Ok(t) if t == TMPFS_MAGIC => "tmpfs".into(),
+        Ok(t) if t == XFS_SUPER_MAGIC => "xfs".into(),
+        Ok(t) if t == OVERLAYFS_SUPER_MAGIC => "overlayfs".into(),
+        Ok(t) => format!("a filesystem of type {:#x}", t.0),
+        Err(e) => format!("an unreadable filesystem ({e})"),
+    }
+}
+
+/// `path` or its nearest existing ancestor: the filesystem a directory not made yet (the
+/// volumes directory of a fresh device) will be made on.
+pub fn nearest_existing(path: &Path) -> &Path {
+    path.ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"))
+}
+
 /// `<volumes>/.snapshots/<volume-key>/<name>`: where directory backends keep snapshots, on the
 /// same filesystem as the volume (btrfs snapshots and renames need that).
 pub fn snapshot_path(volume: &VolumeRef, name: &str) -> PathBuf {

@@ -32,29 +32,6 @@ pub fn kind(mode: DirRestoreMode) -> Option<SnapshotBackendKind> {
     }
 }
 
-fn fs_name(path: &Path) -> String {
-    use nix::sys::statfs::{
-        BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC,
-        statfs,
-    };
-    match statfs(path).map(|fs| fs.filesystem_type()) {
-        Ok(t) if t == BTRFS_SUPER_MAGIC => "btrfs".into(),
-        Ok(t) if t == EXT4_SUPER_MAGIC => "ext2/3/4".into(),
-        Ok(t) if t == TMPFS_MAGIC => "tmpfs".into(),
-        Ok(t) if t == XFS_SUPER_MAGIC => "xfs".into(),
-        Ok(t) if t == OVERLAYFS_SUPER_MAGIC => "overlayfs".into(),
-        Ok(t) => format!("a filesystem of type {:#x}", t.0),
-        Err(e) => format!("an unreadable filesystem ({e})"),
-    }
-}
-
-/// `path` or its nearest existing ancestor (the volumes directory may not be made yet).
-fn existing(path: &Path) -> &Path {
-    path.ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"))
-}
-
 /// Refuses a volume whose restore mode cannot work here, naming the mode, the missing command
 /// and its Debian package, or the missing kernel feature, or the wrong filesystem.
 pub fn check(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> Result<()> {
@@ -90,13 +67,13 @@ pub fn check(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> Result<()>
         DirRestoreMode::Auto | DirRestoreMode::Copy => Ok(()),
         DirRestoreMode::BtrfsSwap => {
             tool_missing(&tools.btrfs)?;
-            if btrfs::is_btrfs(existing(volumes)) {
+            if btrfs::is_btrfs(super::nearest_existing(volumes)) {
                 Ok(())
             } else {
                 refuse(format!(
                     "it needs the volumes directory {} on btrfs, and it is on {}; use rsync, squashfs_overlay or copy",
                     volumes.display(),
-                    fs_name(existing(volumes))
+                    super::fs_name(super::nearest_existing(volumes))
                 ))
             }
         }
