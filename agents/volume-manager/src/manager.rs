@@ -64,9 +64,9 @@ use cairn_types::volume::{
 };
 use uuid::Uuid;
 
+use crate::backend::Tools;
 use crate::backend::{Backends, VolumeRef};
 use crate::error::VolumeError;
-use crate::tools::Tools;
 use crate::volumes;
 
 /// The agent's name on the bus.
@@ -233,7 +233,7 @@ impl VolumeManager {
                 .is_some_and(|s| s.state == VolumeState::Failed);
         let outcome = if path.exists() {
             match volumes::check_existing(&key, &path, config.format) {
-                Ok(()) => volumes::activate(&key, &path, backend).await,
+                Ok(()) => self.backends.activate(backend, &key, &path).await,
                 Err(e) => Err(e),
             }
         } else if !waiting_clone
@@ -247,13 +247,12 @@ impl VolumeManager {
             match self.clone_source(&key, snapshot, volume).await {
                 Ok(source) => {
                     tracing::info!(volume = %key, snapshot = %snapshot, source = %source.volume_key, backend = ?source.backend, "cloning a volume from a snapshot");
-                    volumes::create_clone(config, &path, backend, &source, &self.backends.tools)
-                        .await
+                    volumes::create_clone(config, &path, backend, &source, &self.backends).await
                 }
                 Err(e) => Err(e),
             }
         } else {
-            volumes::create(config, &path, backend, &self.backends.tools).await
+            volumes::create(config, &path, backend, &self.backends).await
         };
         match outcome {
             Ok(()) => {
@@ -990,7 +989,7 @@ impl VolumeManager {
             // Issue 11: a live create needs a backend that can take one.
             let planned = planned.and_then(|meta| {
                 if config.live {
-                    crate::backend::qcow2::check_live(&meta.volume_key, meta.backend)?;
+                    self.backends.check_live(meta.backend, &meta.volume_key)?;
                 }
                 Ok(meta)
             });
@@ -1046,9 +1045,9 @@ impl VolumeManager {
         let mut made = Vec::new();
         for (k, (volume, meta)) in plan.iter().enumerate() {
             // A running VM's disk was snapshotted by the domain-manager: record it only.
-            let made_live = config.live && meta.backend == SnapshotBackendKind::Qcow2;
+            let made_live = config.live && self.backends.live_taken_by_hypervisor(meta.backend);
             let created = if made_live {
-                crate::backend::qcow2::adopt_live(&VolumeRef::of_meta(meta), &name).await
+                self.backends.adopt_live(meta, &name).await
             } else {
                 self.backends
                     .create(
@@ -1352,10 +1351,5 @@ fn load_records(
 
 /// The driver behind a backend, for the log: only ZFS has more than one.
 fn backend_driver(backend: SnapshotBackendKind) -> &'static str {
-    #[cfg(feature = "zfs")]
-    if backend == SnapshotBackendKind::Zfs {
-        return crate::backend::zfs::driver_label();
-    }
-    let _ = backend;
-    ""
+    Backends::driver(backend)
 }

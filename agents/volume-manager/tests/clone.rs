@@ -22,7 +22,7 @@ use uuid::Uuid;
 async fn manager(persist: &Path) -> VolumeManager {
     let tools = Tools::detect().await;
     assert!(
-        tools.qemu_img.is_available(),
+        tools.usable(SnapshotBackendKind::Qcow2).is_ok(),
         "qemu-img is required (Debian qemu-utils)"
     );
     let mut m = VolumeManager::open(persist, tools, Vec::new()).await;

@@ -21,11 +21,11 @@ use uuid::Uuid;
 async fn tools() -> Tools {
     let tools = Tools::detect().await;
     assert!(
-        tools.qemu_img.is_available(),
+        tools.usable(SnapshotBackendKind::Qcow2).is_ok(),
         "qemu-img is required (Debian qemu-utils)"
     );
     assert!(
-        tools.btrfs.is_available(),
+        tools.usable(SnapshotBackendKind::Btrfs).is_ok(),
         "btrfs is required (Debian btrfs-progs)"
     );
     tools
@@ -500,7 +500,10 @@ async fn a_purged_volume_is_kept_while_a_snapshot_refers_to_it() {
 async fn a_missing_tool_disables_its_backend_with_the_package_to_install() {
     let dir = tempfile::tempdir().unwrap();
     let mut tools = tools().await;
-    tools.qemu_img = Tool::missing("qemu-img", "qemu-utils");
+    tools.set(
+        SnapshotBackendKind::Qcow2,
+        Tool::missing("qemu-img", "qemu-utils"),
+    );
     let mut m = VolumeManager::open(dir.path(), tools, Vec::new()).await;
     immediate_deletion(&mut m).await;
     let a = volume(VolumeFormat::Qcow2, 16 * MIB);

@@ -106,7 +106,11 @@ async fn a_live_snapshot_of_a_copy_backend_directory_is_refused_naming_it() {
 
 #[tokio::test]
 async fn a_btrfs_directory_is_snapshotted_live_while_a_process_writes() {
-    if !Tools::detect().await.btrfs.is_available() {
+    if Tools::detect()
+        .await
+        .usable(SnapshotBackendKind::Btrfs)
+        .is_err()
+    {
         panic!("btrfs is required (Debian btrfs-progs)");
     }
     let dir = tempfile::tempdir().unwrap();

@@ -619,7 +619,10 @@ async fn btrfs_swap_without_btrfs_progs_or_off_btrfs_fails_at_creation() {
         "{s:?}"
     );
 
-    tools.btrfs = Tool::missing("btrfs", "btrfs-progs");
+    tools.set(
+        SnapshotBackendKind::Btrfs,
+        Tool::missing("btrfs", "btrfs-progs"),
+    );
     let mut m = open(&dir.path().join("other"), tools, Vec::new()).await;
     let b = dir_volume(DirRestoreMode::BtrfsSwap);
     let s = volume_of(&m.handle_volume_config(b.clone()).await);

@@ -6,9 +6,8 @@ use std::path::Path;
 
 use cairn_types::volume::{DirRestoreMode, SnapshotBackendKind, VolumeConfig, VolumeFormat};
 
-use super::{btrfs, squashfs};
+use super::Backends;
 use crate::error::{Result, VolumeError};
-use crate::tools::{Tool, Tools};
 
 /// The mode as the config spells it.
 pub fn name(mode: DirRestoreMode) -> &'static str {
@@ -34,7 +33,7 @@ pub fn kind(mode: DirRestoreMode) -> Option<SnapshotBackendKind> {
 
 /// Refuses a volume whose restore mode cannot work here, naming the mode, the missing command
 /// and its Debian package, or the missing kernel feature, or the wrong filesystem.
-pub fn check(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> Result<()> {
+pub fn check(config: &VolumeConfig, volumes: &Path, backends: &Backends) -> Result<()> {
     let mode = config.restore_mode;
     if mode == DirRestoreMode::Auto {
         return Ok(());
@@ -57,33 +56,8 @@ pub fn check(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> Result<()>
                 .into(),
         );
     }
-    let tool_missing = |tool: &Tool| -> Result<()> {
-        match &tool.available {
-            Ok(()) => Ok(()),
-            Err(reason) => refuse(reason.clone()),
-        }
-    };
-    match mode {
-        DirRestoreMode::Auto | DirRestoreMode::Copy => Ok(()),
-        DirRestoreMode::BtrfsSwap => {
-            tool_missing(&tools.btrfs)?;
-            if btrfs::is_btrfs(super::nearest_existing(volumes)) {
-                Ok(())
-            } else {
-                refuse(format!(
-                    "it needs the volumes directory {} on btrfs, and it is on {}; use rsync, squashfs_overlay or copy",
-                    volumes.display(),
-                    super::fs_name(super::nearest_existing(volumes))
-                ))
-            }
-        }
-        DirRestoreMode::SquashfsOverlay => {
-            tool_missing(&tools.squashfs)?;
-            match squashfs::kernel_missing() {
-                Some(why) => refuse(why),
-                None => Ok(()),
-            }
-        }
-        DirRestoreMode::Rsync => tool_missing(&tools.rsync),
+    match kind(mode).and_then(|kind| backends.host_missing(kind, volumes)) {
+        Some(why) => refuse(why),
+        None => Ok(()),
     }
 }

@@ -638,7 +638,7 @@ async fn export(
     // The snapshot was read with force-share: had it been deleted meanwhile, what was read
     // cannot be trusted. Deleted snapshots never come back under the same name.
     for plan in &plans {
-        let tags = crate::backend::qcow2::list(&plan.meta.volume_key, &plan.meta.file_location)
+        let tags = crate::backend::image_snapshots(&plan.meta.volume_key, &plan.meta.file_location)
             .await
             .map_err(|e| JobError::Failed(e.to_string()))?;
         if !tags.contains(&plan.meta.name) {
