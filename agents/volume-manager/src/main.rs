@@ -220,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             _ = size_refresh.tick() => {
-                outputs.apply(manager.refresh_sizes()).await;
+                outputs.apply(manager.refresh_sizes().await).await;
             }
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,

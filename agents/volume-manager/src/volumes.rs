@@ -75,7 +75,8 @@ pub fn choose_backend(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> B
     }
 }
 
-/// Bytes allocated on disk for a file or a directory tree.
+/// Bytes allocated on disk for a file or a directory tree (blocking: a walk).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn allocated_size(path: &Path) -> u64 {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.is_dir() => std::fs::read_dir(path)
@@ -84,6 +85,20 @@ pub fn allocated_size(path: &Path) -> u64 {
         Ok(meta) => meta.blocks() * 512,
         Err(_) => 0,
     }
+}
+
+/// [`allocated_size`] off the runtime (a directory volume is a whole tree to walk).
+pub async fn allocated_size_blocking(path: &Path) -> u64 {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || allocated_size(&p))
+        .await
+        .unwrap_or(0)
+}
+
+/// [`check_existing`] off the runtime.
+pub async fn check_existing_blocking(key: &str, path: &Path, format: VolumeFormat) -> Result<()> {
+    let (k, p) = (key.to_string(), path.to_path_buf());
+    backend::blocking(key, move || check_existing(&k, &p, format)).await
 }
 
 /// The hex sha256 of a file (blocking).
@@ -158,7 +173,7 @@ async fn staging(key: &str, path: &Path) -> Result<PathBuf> {
     if let Some(parent) = path.parent() {
         let parent = parent.to_path_buf();
         let p = parent.clone();
-        tokio::task::spawn_blocking(move || cairn_persist::create_dir_durable(&p))
+        tokio::task::spawn_blocking(move || create_dir_durable(&p))
             .await
             .map_err(|e| VolumeError::io(key, "cannot create", &parent)(std::io::Error::other(e)))?
             .map_err(VolumeError::io(key, "cannot create", &parent))?;
@@ -262,15 +277,23 @@ async fn put_in_place(
         return Err(e);
     }
     let (k, from, to) = (key.to_string(), tmp.to_path_buf(), path.to_path_buf());
-    backend::blocking(key, move || {
-        std::fs::rename(&from, &to).map_err(VolumeError::io(&k, "cannot rename into", &to))?;
-        if let Some(parent) = to.parent() {
-            let _ = cairn_persist::sync_dir(parent);
-        }
-        Ok(())
-    })
-    .await?;
+    backend::blocking(key, move || rename_durably(&k, &from, &to)).await?;
     backends.activate(kind, key, path).await
+}
+
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
+    cairn_persist::create_dir_durable(dir)
+}
+
+/// Renames the made volume into place, and its directory entry durably (blocking).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn rename_durably(key: &str, from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to).map_err(VolumeError::io(key, "cannot rename into", to))?;
+    if let Some(parent) = to.parent() {
+        let _ = cairn_persist::sync_dir(parent);
+    }
+    Ok(())
 }
 
 /// Creates the clone volume of `config` at `path` (which must not exist yet) as a copy of the
@@ -325,6 +348,7 @@ pub async fn remove(key: &str, path: &Path) -> Result<()> {
 /// Leftovers of interrupted work in the volumes directory: half-made volumes, partial copies.
 pub async fn sweep_leftovers(volumes: &Path) {
     let dir = volumes.to_path_buf();
+    #[allow(clippy::disallowed_methods)] // on the blocking pool
     let leftovers = tokio::task::spawn_blocking(move || {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();

@@ -3,6 +3,7 @@
 //! The clone holds the snapshot-time content, is independent of its source (deleting or rolling
 //! back the source afterwards leaves it alone), and a clone of a snapshot that is not available
 //! fails with the reason and is made once the snapshot is taken.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 mod common;

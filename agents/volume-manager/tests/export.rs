@@ -1,5 +1,6 @@
 //! Exports through the real volume-manager binary over the bus, on real qcow2 volumes: verify,
 //! damage detection, incremental exports from dirty bitmaps, fallback, cancel, crash.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 mod common;

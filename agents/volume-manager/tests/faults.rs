@@ -1,5 +1,6 @@
 //! The core against real tools and real files: each bad input and fault of issue 4, and the
 //! btrfs, copy and purgeable backends. Tests needing root or tools fail (not skip) without them.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 mod common;

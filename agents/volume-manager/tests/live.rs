@@ -1,6 +1,7 @@
 //! Live creates (issue 11): a VM's qcow2 snapshot taken by the domain-manager is recorded
 //! without writing the image; a directory on btrfs is snapshotted while a process writes to
 //! it; a directory on the plain copy backend is refused, naming the volume and the backend.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 #[path = "common/mod.rs"]

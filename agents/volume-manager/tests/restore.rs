@@ -3,6 +3,7 @@
 //! Each mode: snapshot, change, restore gives the snapshot's tree back (content, modes, links),
 //! also across a restart; delete leaves no mount and no loop device; a mode whose tool is
 //! missing fails when the volume is made, naming the Debian package. Needs root.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 mod common;

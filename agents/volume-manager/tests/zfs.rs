@@ -4,6 +4,7 @@
 //! `--features zfs` (which needs libzfslinux-dev: `agents/volume-manager/install-zfs-deps`);
 //! needs root, /dev/fuse and the zfs-fuse package.
 #![cfg(feature = "zfs")]
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 mod common;

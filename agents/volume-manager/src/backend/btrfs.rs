@@ -220,6 +220,7 @@ impl SnapshotBackend for BtrfsBackend {
         )
         .await?;
         let (k, from, to) = (volume.clone(), scratch.clone(), meta.file_location.clone());
+        #[allow(clippy::disallowed_methods)] // on the blocking pool
         let exchanged = super::blocking(volume, move || {
             if to.exists() {
                 exchange(&from, &to).map_err(VolumeError::io(

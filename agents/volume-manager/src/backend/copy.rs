@@ -2,6 +2,9 @@
 //! (`copy_file_range`, which reflinks where the filesystem can), made under a `.partial` name
 //! and renamed when complete, so only complete copies are ever adopted. Progress is logged.
 
+// File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 
 use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};

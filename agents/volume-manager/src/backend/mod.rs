@@ -296,6 +296,7 @@ pub async fn is_dir_blocking(path: &Path) -> bool {
 }
 
 /// Removes the tree at `path`; one already gone is not an error (blocking).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn remove_tree(volume: &str, path: &Path) -> Result<()> {
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -306,6 +307,7 @@ pub fn remove_tree(volume: &str, path: &Path) -> Result<()> {
 }
 
 /// Removes the file at `path`; one already gone is not an error (blocking).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn remove_file(volume: &str, path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -343,6 +345,7 @@ async fn remove_plain(key: &str, path: &Path) -> Result<()> {
 }
 
 /// Makes the directory `path` goes into, durably (its own entry in its parent too).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn ensure_parent(volume: &str, path: &Path) -> Result<()> {
     if let Some(parent) = path.parent() {
         cairn_persist::create_dir_durable(parent).map_err(VolumeError::io(

@@ -8,6 +8,9 @@
 //! a file rewritten with the same size within the same timestamp tick would be missed, as with
 //! any rsync quick check.
 
+// File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

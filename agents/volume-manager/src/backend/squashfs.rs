@@ -13,6 +13,9 @@
 //! - loop devices are made by `mount -o loop` with autoclear, so unmounting the lower layer frees
 //!   its device; delete also detaches any device still backed by the volume's own base image.
 
+// File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -278,7 +281,7 @@ pub async fn activate(key: &str, volume: &Path) -> Result<()> {
 /// Loop devices backed by `image` (`losetup -j`): only the volume's own base image is asked
 /// about, so no other device is ever touched.
 async fn loop_devices_of(key: &str, image: &Path) -> Result<Vec<String>> {
-    if !image.exists() {
+    if !super::exists_blocking(image).await {
         return Ok(Vec::new());
     }
     let out = process::run(

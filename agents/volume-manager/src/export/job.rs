@@ -2,6 +2,9 @@
 //! progress through a channel (at most every [`PROGRESS_EVERY`]), and is cancelled through a
 //! watch flag (its qemu processes die with it: `kill_on_drop`).
 
+// File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
