@@ -399,6 +399,32 @@ async fn a_fresh_root_on_btrfs_gives_directory_volumes_the_btrfs_backend_and_say
     );
 }
 
+/// A directory volume found on btrfs as a plain directory (made by the copy backend, as on a
+/// fresh root before the fix) cannot be snapshotted by btrfs: it stays with the copy backend,
+/// and says why, instead of failing at its first snapshot.
+#[tokio::test]
+async fn a_plain_directory_volume_on_btrfs_stays_with_the_copy_backend_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let persist = dir.path().join("persist");
+    let volumes = cairn_types::layout::volumes_dir(&persist);
+    let _fs = LoopFs::new("btrfs", &volumes, 300);
+    let mut m = manager(&persist).await;
+    let a = volume(VolumeFormat::Dir, 0);
+    std::fs::create_dir(volumes.join(a.key())).unwrap();
+    let status = add(&mut m, &a).await;
+    assert_eq!(status.backend, SnapshotBackendKind::Copy, "{status:?}");
+    assert!(
+        status.backend_reason.contains("not a subvolume"),
+        "{}",
+        status.backend_reason
+    );
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(Uuid::new_v4(), Create, &[&a], 1))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+}
+
 /// A directory volume on a filesystem without snapshots is copied, and its status names the
 /// filesystem.
 #[tokio::test]
