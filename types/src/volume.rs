@@ -173,6 +173,10 @@ pub struct VolumeStatus {
     pub state: VolumeState,
     pub format: VolumeFormat,
     pub backend: SnapshotBackendKind,
+    /// Why `backend` was chosen, e.g. `btrfs: /persist/volumes is on btrfs` (Cairn; absent in
+    /// EVE's records and in Cairn's before it was added).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub backend_reason: String,
     pub file_location: PathBuf,
     pub max_vol_size: u64,
     /// Bytes allocated on disk.

@@ -2,6 +2,7 @@
 //! received) against raw `qemu-img convert -c -O qcow2 -o compression_type=zstd` of the same
 //! snapshot in the same run; incremental export size against the bytes changed; verify speed.
 //! Prints figures; never fails on timing. Run: `cargo bench -p cairn-volume-manager --bench export`.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 #[path = "../tests/common/mod.rs"]

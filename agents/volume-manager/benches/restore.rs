@@ -5,6 +5,7 @@
 //! with the volume's filesystem synced after it) and the ratio against copy, measured in this
 //! run. Page cache is warm (the tree was just written). Never fails on timing.
 //! Run: `cargo bench -p cairn-volume-manager --bench restore` (as root).
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 #[path = "../tests/common/mod.rs"]

@@ -2,6 +2,7 @@
 //! over the bus (request published → answer received), against the raw tool calls on the same
 //! volumes, for an app with 1 and 4 volumes of 512 MiB written each; qcow2 and btrfs.
 //! Prints medians; never fails on timing. Run: `cargo bench -p cairn-volume-manager`.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 #[path = "../tests/common/mod.rs"]

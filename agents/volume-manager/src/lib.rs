@@ -7,10 +7,9 @@ pub mod error;
 pub mod export;
 pub mod manager;
 pub mod process;
-pub mod tools;
 pub mod volumes;
 
 pub use backend::{Backends, SnapshotBackend, VolumeRef};
+pub use backend::{Tools, tools};
 pub use error::VolumeError;
 pub use manager::{Publish, VolumeManager};
-pub use tools::Tools;

@@ -89,9 +89,6 @@ async fn main() -> anyhow::Result<()> {
             .context("publishing VolumesSnapshotStatus")?,
     };
     let tools = Tools::detect().await;
-    // The ZFS driver (libzetta or CLI) is chosen and logged at start, not at the first use.
-    #[cfg(feature = "zfs")]
-    let _ = cairn_volume_manager::backend::zfs::driver();
     let mut manager = VolumeManager::open(&args.persist_dir, tools, outputs.volumes.values()).await;
     let mut volume_configs = bus.subscribe::<VolumeConfig>("config-agent");
     let mut snapshot_configs = bus.subscribe::<VolumesSnapshotConfig>("app-manager");
@@ -223,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             _ = size_refresh.tick() => {
-                outputs.apply(manager.refresh_sizes()).await;
+                outputs.apply(manager.refresh_sizes().await).await;
             }
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,

@@ -64,9 +64,9 @@ use cairn_types::volume::{
 };
 use uuid::Uuid;
 
+use crate::backend::Tools;
 use crate::backend::{Backends, VolumeRef};
 use crate::error::VolumeError;
-use crate::tools::Tools;
 use crate::volumes;
 
 /// The agent's name on the bus.
@@ -206,7 +206,8 @@ impl VolumeManager {
             }
             return Publish::Volume(status.clone());
         }
-        let backend = volumes::choose_backend(config, &self.volumes_dir, &self.backends.tools);
+        let choice = volumes::choose_backend(config, &self.volumes_dir, &self.backends.tools);
+        let backend = choice.kind;
         let mut status = VolumeStatus {
             volume_id: config.volume_id,
             generation_counter: config.generation_counter,
@@ -215,6 +216,7 @@ impl VolumeManager {
             state: VolumeState::Creating,
             format: config.format,
             backend,
+            backend_reason: choice.reason,
             file_location: path.clone(),
             max_vol_size: config.max_vol_size,
             ..VolumeStatus::default()
@@ -230,8 +232,8 @@ impl VolumeManager {
                 .get(&key)
                 .is_some_and(|s| s.state == VolumeState::Failed);
         let outcome = if path.exists() {
-            match volumes::check_existing(&key, &path, config.format) {
-                Ok(()) => volumes::activate(&key, &path, backend).await,
+            match volumes::check_existing_blocking(&key, &path, config.format).await {
+                Ok(()) => self.backends.activate(backend, &key, &path).await,
                 Err(e) => Err(e),
             }
         } else if !waiting_clone
@@ -245,19 +247,18 @@ impl VolumeManager {
             match self.clone_source(&key, snapshot, volume).await {
                 Ok(source) => {
                     tracing::info!(volume = %key, snapshot = %snapshot, source = %source.volume_key, backend = ?source.backend, "cloning a volume from a snapshot");
-                    volumes::create_clone(config, &path, backend, &source, &self.backends.tools)
-                        .await
+                    volumes::create_clone(config, &path, backend, &source, &self.backends).await
                 }
                 Err(e) => Err(e),
             }
         } else {
-            volumes::create(config, &path, backend, &self.backends.tools).await
+            volumes::create(config, &path, backend, &self.backends).await
         };
         match outcome {
             Ok(()) => {
                 status.state = VolumeState::Ready;
-                status.current_size = volumes::allocated_size(&path);
-                tracing::info!(volume = %key, backend = ?backend, driver = backend_driver(backend), path = %path.display(), "volume ready");
+                status.current_size = volumes::allocated_size_blocking(&path).await;
+                tracing::info!(volume = %key, backend = ?backend, reason = %status.backend_reason, driver = backend_driver(backend), path = %path.display(), "volume ready");
             }
             Err(e) => {
                 tracing::error!(volume = %key, "volume failed: {e}");
@@ -735,7 +736,9 @@ impl VolumeManager {
     async fn store(&self, record: &VolumesSnapshotStatus) -> Result<(), String> {
         let path = record_path(&self.persist, record.snapshot_id);
         let record = record.clone();
-        tokio::task::spawn_blocking(move || cairn_persist::store(&path, &record))
+        #[allow(clippy::disallowed_methods)] // on the blocking pool
+        let stored = tokio::task::spawn_blocking(move || cairn_persist::store(&path, &record));
+        stored
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("{e}; check the disk under the persist root"))
@@ -743,7 +746,8 @@ impl VolumeManager {
 
     async fn remove_record(&self, snapshot: Uuid) -> Result<(), String> {
         let path = record_path(&self.persist, snapshot);
-        tokio::task::spawn_blocking(move || {
+        #[allow(clippy::disallowed_methods)] // on the blocking pool
+        let removed = tokio::task::spawn_blocking(move || {
             for file in [cairn_persist::backup_path(&path), path.clone()] {
                 match std::fs::remove_file(&file) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -759,10 +763,11 @@ impl VolumeManager {
                 Some(dir) => cairn_persist::sync_dir(dir),
                 None => Ok(()),
             }
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot remove the record of snapshot {snapshot}: {e}"))
+        });
+        removed
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot remove the record of snapshot {snapshot}: {e}"))
     }
 
     /// A `VolumesSnapshotConfig` create or modify.
@@ -943,18 +948,29 @@ impl VolumeManager {
     /// Internal snapshots change an image's size on disk: the main loop calls this now and then
     /// (not per operation, to keep the persistent status writes off the snapshot path). Image
     /// files only; a directory tree is measured when the volume is made.
-    pub fn refresh_sizes(&mut self) -> Vec<Publish> {
+    pub async fn refresh_sizes(&mut self) -> Vec<Publish> {
+        let files: Vec<(String, PathBuf)> = self
+            .statuses
+            .iter()
+            .map(|(key, status)| (key.clone(), status.file_location.clone()))
+            .collect();
+        // One stat per volume: off the runtime, all together.
+        let sizes = tokio::task::spawn_blocking(move || {
+            files
+                .into_iter()
+                .filter(|(_, path)| path.is_file())
+                .map(|(key, path)| (key, volumes::allocated_size(&path)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
         let mut out = Vec::new();
-        let keys: Vec<String> = self.statuses.keys().cloned().collect();
-        for key in keys {
+        for (key, size) in sizes {
             if let Some(status) = self.statuses.get_mut(&key)
-                && status.file_location.is_file()
+                && size != status.current_size
             {
-                let size = volumes::allocated_size(&status.file_location);
-                if size != status.current_size {
-                    status.current_size = size;
-                    out.push(Publish::Volume(status.clone()));
-                }
+                status.current_size = size;
+                out.push(Publish::Volume(status.clone()));
             }
         }
         out
@@ -988,7 +1004,7 @@ impl VolumeManager {
             // Issue 11: a live create needs a backend that can take one.
             let planned = planned.and_then(|meta| {
                 if config.live {
-                    crate::backend::qcow2::check_live(&meta.volume_key, meta.backend)?;
+                    self.backends.check_live(meta.backend, &meta.volume_key)?;
                 }
                 Ok(meta)
             });
@@ -1044,9 +1060,9 @@ impl VolumeManager {
         let mut made = Vec::new();
         for (k, (volume, meta)) in plan.iter().enumerate() {
             // A running VM's disk was snapshotted by the domain-manager: record it only.
-            let made_live = config.live && meta.backend == SnapshotBackendKind::Qcow2;
+            let made_live = config.live && self.backends.live_taken_by_hypervisor(meta.backend);
             let created = if made_live {
-                crate::backend::qcow2::adopt_live(&VolumeRef::of_meta(meta), &name).await
+                self.backends.adopt_live(meta, &name).await
             } else {
                 self.backends
                     .create(
@@ -1201,7 +1217,8 @@ impl VolumeManager {
                 out.extend(self.mark_volume_failed(&meta.volume_key, &e));
                 errors.insert(*volume, e.to_string());
             } else if released {
-                out.extend(self.restored_volume(*volume, &meta));
+                let size = volumes::allocated_size_blocking(&meta.file_location).await;
+                out.extend(self.restored_volume(*volume, &meta, size));
             }
         }
         crash_point(CRASH_AFTER_BACKEND_ROLLBACK);
@@ -1227,7 +1244,12 @@ impl VolumeManager {
     /// A rollback of a snapshot that does not live in its volume (copy, btrfs) to a volume
     /// released after a purge made the volume again at its old place: it is reported Ready
     /// under its old key (kept from now on by the app that rolled back onto it).
-    fn restored_volume(&mut self, volume: Uuid, meta: &VolumeSnapshotMeta) -> Option<Publish> {
+    fn restored_volume(
+        &mut self,
+        volume: Uuid,
+        meta: &VolumeSnapshotMeta,
+        current_size: u64,
+    ) -> Option<Publish> {
         if !matches!(
             meta.backend,
             SnapshotBackendKind::Copy
@@ -1255,7 +1277,7 @@ impl VolumeManager {
             backend: meta.backend,
             file_location: meta.file_location.clone(),
             max_vol_size: line.map_or(0, |c| c.max_vol_size),
-            current_size: volumes::allocated_size(&meta.file_location),
+            current_size,
             ..VolumeStatus::default()
         };
         tracing::info!(volume = %meta.volume_key, "a rollback made a released volume again");
@@ -1322,6 +1344,7 @@ impl VolumeManager {
     }
 }
 
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 fn load_records(
     dir: &Path,
 ) -> (
@@ -1350,10 +1373,5 @@ fn load_records(
 
 /// The driver behind a backend, for the log: only ZFS has more than one.
 fn backend_driver(backend: SnapshotBackendKind) -> &'static str {
-    #[cfg(feature = "zfs")]
-    if backend == SnapshotBackendKind::Zfs {
-        return crate::backend::zfs::driver_label();
-    }
-    let _ = backend;
-    ""
+    Backends::driver(backend)
 }

@@ -11,10 +11,8 @@ use cairn_types::volume::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::backend::{btrfs, copy, qcow2, restore_mode, squashfs};
+use crate::backend::{self, Backends, CloneTarget, Tools, restore_mode};
 use crate::error::{Result, VolumeError};
-use crate::process::{self, COMMAND_TIMEOUT};
-use crate::tools::Tools;
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 
@@ -28,42 +26,57 @@ pub fn volume_path(volumes: &Path, config: &VolumeConfig) -> PathBuf {
     }
 }
 
+/// The snapshot backend chosen for a volume, and why (for its status and the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendChoice {
+    pub kind: SnapshotBackendKind,
+    /// `<backend>: <reason>`, e.g. `btrfs: /persist/volumes is on btrfs`.
+    pub reason: String,
+}
+
+impl BackendChoice {
+    fn new(kind: SnapshotBackendKind, reason: String) -> Self {
+        Self { kind, reason }
+    }
+}
+
 /// The snapshot backend for a volume, from its config, its filesystem and the tools present.
-pub fn choose_backend(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> SnapshotBackendKind {
+/// The filesystem is that of the volumes directory, or of its nearest existing ancestor when it
+/// is not made yet (a fresh device root): the directory will be made there.
+pub fn choose_backend(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> BackendChoice {
+    use SnapshotBackendKind as K;
     if config.purgeable {
-        return SnapshotBackendKind::Purgeable;
+        return BackendChoice::new(
+            K::Purgeable,
+            "purgeable: the volume is purgeable (its snapshot keeps the whole volume)".into(),
+        );
     }
     match config.format {
-        VolumeFormat::Qcow2 => SnapshotBackendKind::Qcow2,
-        VolumeFormat::Raw => SnapshotBackendKind::None,
+        VolumeFormat::Qcow2 => BackendChoice::new(K::Qcow2, "qcow2: format".into()),
+        VolumeFormat::Raw => {
+            BackendChoice::new(K::None, "none: format raw (no internal snapshots)".into())
+        }
         VolumeFormat::Dir => {
             if let Some(kind) = restore_mode::kind(config.restore_mode) {
-                return kind; // checked when the volume is made
+                // checked when the volume is made
+                return BackendChoice::new(
+                    kind,
+                    format!(
+                        "{}: restore mode {}",
+                        format!("{kind:?}").to_lowercase(),
+                        restore_mode::name(config.restore_mode)
+                    ),
+                );
             }
-            #[cfg(feature = "zfs")]
-            if tools.zfs.is_available() && zfs_served(volumes, config) {
-                return SnapshotBackendKind::Zfs;
-            }
-            if btrfs::is_btrfs(volumes) && tools.btrfs.is_available() {
-                SnapshotBackendKind::Btrfs
-            } else {
-                SnapshotBackendKind::Copy
-            }
+            let (kind, reason) =
+                backend::choose_auto(volumes, &volume_path(volumes, config), tools);
+            BackendChoice::new(kind, reason)
         }
     }
 }
 
-#[cfg(feature = "zfs")]
-fn zfs_served(volumes: &Path, config: &VolumeConfig) -> bool {
-    // A dataset mountpoint is a mount of its own: its device differs from the parent's.
-    let path = volume_path(volumes, config);
-    match (std::fs::metadata(&path), std::fs::metadata(volumes)) {
-        (Ok(v), Ok(root)) => v.dev() != root.dev(),
-        _ => false,
-    }
-}
-
-/// Bytes allocated on disk for a file or a directory tree.
+/// Bytes allocated on disk for a file or a directory tree (blocking: a walk).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn allocated_size(path: &Path) -> u64 {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.is_dir() => std::fs::read_dir(path)
@@ -72,6 +85,20 @@ pub fn allocated_size(path: &Path) -> u64 {
         Ok(meta) => meta.blocks() * 512,
         Err(_) => 0,
     }
+}
+
+/// [`allocated_size`] off the runtime (a directory volume is a whole tree to walk).
+pub async fn allocated_size_blocking(path: &Path) -> u64 {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || allocated_size(&p))
+        .await
+        .unwrap_or(0)
+}
+
+/// [`check_existing`] off the runtime.
+pub async fn check_existing_blocking(key: &str, path: &Path, format: VolumeFormat) -> Result<()> {
+    let (k, p) = (key.to_string(), path.to_path_buf());
+    backend::blocking(key, move || check_existing(&k, &p, format)).await
 }
 
 /// The hex sha256 of a file (blocking).
@@ -138,13 +165,6 @@ async fn verify_base(key: &str, base: &Path, expected: &str) -> Result<()> {
     Ok(())
 }
 
-async fn qemu_img(key: &str, file: &Path, args: &[&std::ffi::OsStr]) -> Result<()> {
-    process::run(qcow2::TOOL, args, COMMAND_TIMEOUT)
-        .await
-        .map(drop)
-        .map_err(|e| qcow2::classify(key, file, e))
-}
-
 /// The temporary name a new volume is built under (`.<name>.creating`, cleared of any leftover),
 /// with its parent directory made durably.
 async fn staging(key: &str, path: &Path) -> Result<PathBuf> {
@@ -153,7 +173,7 @@ async fn staging(key: &str, path: &Path) -> Result<PathBuf> {
     if let Some(parent) = path.parent() {
         let parent = parent.to_path_buf();
         let p = parent.clone();
-        tokio::task::spawn_blocking(move || cairn_persist::create_dir_durable(&p))
+        tokio::task::spawn_blocking(move || create_dir_durable(&p))
             .await
             .map_err(|e| VolumeError::io(key, "cannot create", &parent)(std::io::Error::other(e)))?
             .map_err(VolumeError::io(key, "cannot create", &parent))?;
@@ -165,22 +185,17 @@ async fn staging(key: &str, path: &Path) -> Result<PathBuf> {
 pub async fn create(
     config: &VolumeConfig,
     path: &Path,
-    backend: SnapshotBackendKind,
-    tools: &Tools,
+    kind: SnapshotBackendKind,
+    backends: &Backends,
 ) -> Result<()> {
     let key = config.key();
-    restore_mode::check(config, path.parent().unwrap_or(path), tools)?;
+    restore_mode::check(config, path.parent().unwrap_or(path), backends)?;
     let tmp = staging(&key, path).await?;
     let size = config.max_vol_size.to_string();
     let needs_qemu = config.format == VolumeFormat::Qcow2
         || matches!(config.origin, VolumeOrigin::BaseImage { .. });
-    if needs_qemu && config.format != VolumeFormat::Dir && !tools.qemu_img.is_available() {
-        return Err(VolumeError::ToolMissing {
-            volume: key,
-            tool: qcow2::TOOL,
-            package: qcow2::PACKAGE,
-            backend: "qcow2",
-        });
+    if needs_qemu && config.format != VolumeFormat::Dir {
+        backends.check_image_tool(&key)?;
     }
     let result = match (&config.format, &config.origin) {
         (_, VolumeOrigin::Snapshot { snapshot, volume }) => Err(VolumeError::Unsupported {
@@ -202,20 +217,14 @@ pub async fn create(
             what: "a directory volume cannot be made from a base image file; use qcow2 or raw"
                 .into(),
         }),
-        (VolumeFormat::Dir, VolumeOrigin::Blank) => {
-            if backend == SnapshotBackendKind::Btrfs {
-                btrfs::create_subvolume(&key, &tmp).await
-            } else {
-                std::fs::create_dir(&tmp).map_err(VolumeError::io(&key, "cannot create", &tmp))
-            }
-        }
+        (VolumeFormat::Dir, VolumeOrigin::Blank) => backends.make(kind, &key, &tmp).await,
         (format, VolumeOrigin::Blank) => {
             let fmt = if *format == VolumeFormat::Qcow2 {
                 "qcow2"
             } else {
                 "raw"
             };
-            qemu_img(
+            backend::qemu_img(
                 &key,
                 &tmp,
                 &[
@@ -236,7 +245,7 @@ pub async fn create(
             } else {
                 "raw"
             };
-            qemu_img(
+            backend::qemu_img(
                 &key,
                 &tmp,
                 &[
@@ -250,7 +259,7 @@ pub async fn create(
             .await
         }
     };
-    put_in_place(&key, &tmp, path, backend, result).await
+    put_in_place(&key, &tmp, path, kind, backends, result).await
 }
 
 /// The end of making a volume in its staging place `tmp`: after a failure `tmp` goes; else it
@@ -259,28 +268,32 @@ async fn put_in_place(
     key: &str,
     tmp: &Path,
     path: &Path,
-    backend: SnapshotBackendKind,
+    kind: SnapshotBackendKind,
+    backends: &Backends,
     made: Result<()>,
 ) -> Result<()> {
     if let Err(e) = made {
         let _ = remove(key, tmp).await;
         return Err(e);
     }
-    std::fs::rename(tmp, path).map_err(VolumeError::io(key, "cannot rename into", path))?;
-    if let Some(parent) = path.parent() {
-        let _ = cairn_persist::sync_dir(parent);
-    }
-    activate(key, path, backend).await
+    let (k, from, to) = (key.to_string(), tmp.to_path_buf(), path.to_path_buf());
+    backend::blocking(key, move || rename_durably(&k, &from, &to)).await?;
+    backends.activate(kind, key, path).await
 }
 
-/// Brings an existing volume into service: a squashfs-overlay volume's mounts are adopted or
-/// made again (they do not survive a reboot). Nothing to do for the other backends.
-pub async fn activate(key: &str, path: &Path, backend: SnapshotBackendKind) -> Result<()> {
-    if backend == SnapshotBackendKind::Squashfs || squashfs::has_state(path) {
-        squashfs::activate(key, path).await
-    } else {
-        Ok(())
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
+    cairn_persist::create_dir_durable(dir)
+}
+
+/// Renames the made volume into place, and its directory entry durably (blocking).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn rename_durably(key: &str, from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to).map_err(VolumeError::io(key, "cannot rename into", to))?;
+    if let Some(parent) = to.parent() {
+        let _ = cairn_persist::sync_dir(parent);
     }
+    Ok(())
 }
 
 /// Creates the clone volume of `config` at `path` (which must not exist yet) as a copy of the
@@ -305,203 +318,57 @@ pub async fn activate(key: &str, path: &Path, backend: SnapshotBackendKind) -> R
 pub async fn create_clone(
     config: &VolumeConfig,
     path: &Path,
-    backend: SnapshotBackendKind,
+    kind: SnapshotBackendKind,
     source: &VolumeSnapshotMeta,
-    tools: &Tools,
+    backends: &Backends,
 ) -> Result<()> {
     let key = config.key();
-    restore_mode::check(config, path.parent().unwrap_or(path), tools)?;
+    restore_mode::check(config, path.parent().unwrap_or(path), backends)?;
     let tmp = staging(&key, path).await?;
-    let unsupported = |what: String| VolumeError::Unsupported {
-        volume: key.clone(),
-        what,
-    };
-    let image_format = match config.format {
-        VolumeFormat::Qcow2 => Some("qcow2"),
-        VolumeFormat::Raw => Some("raw"),
-        VolumeFormat::Dir => None,
-    };
-    if image_format.is_some() && !tools.qemu_img.is_available() {
-        return Err(VolumeError::ToolMissing {
-            volume: key,
-            tool: qcow2::TOOL,
-            package: qcow2::PACKAGE,
-            backend: "qcow2",
-        });
+    if config.format != VolumeFormat::Dir {
+        backends.check_image_tool(&key)?;
     }
-    let snapshot_option = format!("snapshot.name={}", source.name);
-    let result = match (image_format, source.backend) {
-        (Some(fmt), SnapshotBackendKind::Qcow2) => {
-            qemu_img(
-                &key,
-                &source.file_location,
-                &[
-                    "convert".as_ref(),
-                    "-U".as_ref(),
-                    "-f".as_ref(),
-                    "qcow2".as_ref(),
-                    "-O".as_ref(),
-                    fmt.as_ref(),
-                    "-l".as_ref(),
-                    snapshot_option.as_ref(),
-                    source.file_location.as_os_str(),
-                    tmp.as_os_str(),
-                ],
-            )
-            .await
-        }
-        (Some(fmt), SnapshotBackendKind::Purgeable) if source.snapshot_location.is_file() => {
-            qemu_img(
-                &key,
-                &source.snapshot_location,
-                &[
-                    "convert".as_ref(),
-                    "-U".as_ref(),
-                    "-f".as_ref(),
-                    fmt.as_ref(),
-                    "-O".as_ref(),
-                    fmt.as_ref(),
-                    source.snapshot_location.as_os_str(),
-                    tmp.as_os_str(),
-                ],
-            )
-            .await
-        }
-        (None, SnapshotBackendKind::Btrfs) if backend == SnapshotBackendKind::Btrfs => {
-            btrfs::writable_snapshot(&key, &source.snapshot_location, &tmp).await
-        }
-        (None, SnapshotBackendKind::Squashfs) => {
-            unsquash_into(&key, &source.snapshot_location, &tmp, backend, tools).await
-        }
-        (None, SnapshotBackendKind::Btrfs | SnapshotBackendKind::Copy)
-        | (None, SnapshotBackendKind::Rsync | SnapshotBackendKind::Purgeable) => {
-            copy_into(&key, &source.snapshot_location, &tmp, backend).await
-        }
-        (None, SnapshotBackendKind::Zfs) => {
-            let dir = source
-                .file_location
-                .join(".zfs")
-                .join("snapshot")
-                .join(&source.name);
-            if dir.is_dir() {
-                copy_into(&key, &dir, &tmp, backend).await
-            } else {
-                Err(unsupported(format!(
-                    "the ZFS snapshot {} does not show as {} (snapdir not available on this ZFS), so it cannot be copied; clone it with `zfs send | zfs receive` by hand",
-                    source.snapshot_location.display(),
-                    dir.display()
-                )))
-            }
-        }
-        (_, kind) => Err(unsupported(format!(
-            "a {:?} volume cannot be cloned from a {kind:?} snapshot (volume {}); the clone's format must be the source volume's",
-            config.format, source.volume_key
-        ))),
+    let target = CloneTarget {
+        key: &key,
+        path: &tmp,
+        format: config.format,
+        kind,
+        backends,
     };
-    put_in_place(&key, &tmp, path, backend, result).await
+    let result = backends.clone_to(source, &target).await;
+    put_in_place(&key, &tmp, path, kind, backends, result).await
 }
 
-/// Makes the directory (a subvolume on the btrfs backend) `to` and copies the tree `from` into
-/// it; a missing `from` is reported as a missing snapshot.
-async fn copy_into(key: &str, from: &Path, to: &Path, backend: SnapshotBackendKind) -> Result<()> {
-    if !from.is_dir() {
-        return Err(VolumeError::NoSnapshot {
-            volume: key.to_string(),
-            snapshot: from.display().to_string(),
-        });
-    }
-    if backend == SnapshotBackendKind::Btrfs {
-        btrfs::create_subvolume(key, to).await?;
-    } else {
-        std::fs::create_dir(to).map_err(VolumeError::io(key, "cannot create", to))?;
-    }
-    let (k, f, t) = (key.to_string(), from.to_path_buf(), to.to_path_buf());
-    tokio::task::spawn_blocking(move || copy::copy_contents(&k, &f, &t))
-        .await
-        .map_err(|e| VolumeError::io(key, "cannot copy to", to)(std::io::Error::other(e)))?
-        .map(drop)
-}
-
-/// Makes the directory (a subvolume on the btrfs backend) `to` and unpacks the squashfs image
-/// `from` into it.
-async fn unsquash_into(
-    key: &str,
-    from: &Path,
-    to: &Path,
-    backend: SnapshotBackendKind,
-    tools: &Tools,
-) -> Result<()> {
-    if !from.is_file() {
-        return Err(VolumeError::NoSnapshot {
-            volume: key.to_string(),
-            snapshot: from.display().to_string(),
-        });
-    }
-    if !tools.squashfs.is_available() {
-        return Err(VolumeError::ToolMissing {
-            volume: key.to_string(),
-            tool: "unsquashfs",
-            package: squashfs::PACKAGE,
-            backend: "squashfs_overlay",
-        });
-    }
-    if backend == SnapshotBackendKind::Btrfs {
-        btrfs::create_subvolume(key, to).await?;
-    } else {
-        std::fs::create_dir(to).map_err(VolumeError::io(key, "cannot create", to))?;
-    }
-    let args: [&std::ffi::OsStr; 6] = [
-        "-f".as_ref(),
-        "-q".as_ref(),
-        "-n".as_ref(),
-        "-d".as_ref(),
-        to.as_os_str(),
-        from.as_os_str(),
-    ];
-    process::run("unsquashfs", &args, COMMAND_TIMEOUT * 30)
-        .await
-        .map(drop)
-        .map_err(|source| VolumeError::Command {
-            volume: key.to_string(),
-            source,
-        })
-}
-
-/// Removes a volume file, directory or btrfs subvolume; one already gone is not an error.
+/// Removes a volume file, directory, or one its backend owns (a btrfs subvolume, an overlay);
+/// one already gone is not an error.
 pub async fn remove(key: &str, path: &Path) -> Result<()> {
-    if squashfs::has_state(path) {
-        return squashfs::remove_volume(key, path).await;
-    }
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(());
-    };
-    if meta.is_dir() {
-        if meta.ino() == 256 && btrfs::is_btrfs(path) {
-            // inode 256 is the root of a btrfs subvolume
-            return btrfs::delete_subvolume(key, path).await;
-        }
-        let p = path.to_path_buf();
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&p))
-            .await
-            .map_err(|e| VolumeError::io(key, "cannot remove", path)(std::io::Error::other(e)))?
-            .map_err(VolumeError::io(key, "cannot remove", path))
-    } else {
-        std::fs::remove_file(path).map_err(VolumeError::io(key, "cannot remove", path))
-    }
+    backend::remove_volume(key, path).await
 }
 
 /// Leftovers of interrupted work in the volumes directory: half-made volumes, partial copies.
 pub async fn sweep_leftovers(volumes: &Path) {
-    let Ok(entries) = std::fs::read_dir(volumes) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && (name.ends_with(".creating") || name.ends_with(".rollback")) {
-            tracing::info!(path = %entry.path().display(), "removing leftover of an interrupted action");
-            if let Err(e) = remove(&name, &entry.path()).await {
-                tracing::warn!("{e}");
-            }
+    let dir = volumes.to_path_buf();
+    #[allow(clippy::disallowed_methods)] // on the blocking pool
+    let leftovers = tokio::task::spawn_blocking(move || {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                (name.starts_with('.')
+                    && (name.ends_with(".creating") || name.ends_with(".rollback")))
+                .then(|| (name, entry.path()))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for (name, path) in leftovers {
+        tracing::info!(path = %path.display(), "removing leftover of an interrupted action");
+        if let Err(e) = remove(&name, &path).await {
+            tracing::warn!("{e}");
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The real binary over the bus, with real qemu-img: the snapshot cycle, repeated requests, and
 //! a SIGKILL at each named crash point followed by a restart that must converge with nothing
 //! leaked or lost (`qemu-img snapshot -l` matches the records).
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 mod common;

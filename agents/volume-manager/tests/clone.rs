@@ -3,6 +3,7 @@
 //! The clone holds the snapshot-time content, is independent of its source (deleting or rolling
 //! back the source afterwards leaves it alone), and a clone of a snapshot that is not available
 //! fails with the reason and is made once the snapshot is taken.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -22,7 +23,7 @@ use uuid::Uuid;
 async fn manager(persist: &Path) -> VolumeManager {
     let tools = Tools::detect().await;
     assert!(
-        tools.qemu_img.is_available(),
+        tools.usable(SnapshotBackendKind::Qcow2).is_ok(),
         "qemu-img is required (Debian qemu-utils)"
     );
     let mut m = VolumeManager::open(persist, tools, Vec::new()).await;

@@ -1,5 +1,6 @@
 //! Exports through the real volume-manager binary over the bus, on real qcow2 volumes: verify,
 //! damage detection, incremental exports from dirty bitmaps, fallback, cancel, crash.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -654,4 +655,52 @@ async fn a_full_target_is_refused_and_one_that_fills_up_leaves_no_partial_export
         failed.error
     );
     assert!(entries(&small.0).is_empty(), "{:?}", entries(&small.0));
+}
+
+/// The app config saved with the snapshot is read with the record loader: one that fails its
+/// checks (here a mandatory field missing) fails the export naming the file, instead of being
+/// copied into the manifest as it is; a sound one gives the manifest its name and content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_config_is_read_as_a_record_and_a_bad_one_fails_the_export_naming_it() {
+    use cairn_types::app::AppInstanceConfig;
+    use cairn_types::snapshot::SnapshotDesc;
+    let mut h = Harness::new().await;
+    let _agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    let (config, _) = volume_with_data(&mut h, 16, 1).await;
+    let id = snapshot(&mut h, &config, 1).await;
+    let target = h.root.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    let file = cairn_types::layout::snapshot_dir(&h.persist, id)
+        .join(cairn_types::layout::APP_INSTANCE_CONFIG_FILE);
+
+    std::fs::write(&file, br#"{"DisplayName": "web"}"#).unwrap();
+    let bad = cli.run(ExportAction::Export, id, &target, false).await;
+    assert_eq!(bad.state, ExportState::Failed, "{bad:?}");
+    assert!(
+        bad.error.contains(&file.display().to_string()) && bad.error.contains("UUIDandVersion"),
+        "{}",
+        bad.error
+    );
+    assert!(entries(&target).is_empty());
+
+    let mut app = AppInstanceConfig {
+        display_name: "web".into(),
+        ..AppInstanceConfig::default()
+    };
+    app.uuid_and_version.uuid = Uuid::new_v4();
+    app.snapshot.snapshots.push(SnapshotDesc {
+        snapshot_id: id,
+        name: "before-upgrade".into(),
+        ..SnapshotDesc::default()
+    });
+    cairn_persist::store(&file, &app).unwrap();
+    let done = cli.run(ExportAction::Export, id, &target, false).await;
+    assert_eq!(done.state, ExportState::Done, "{}", done.error);
+    let m = manifest(&done.export_dir);
+    assert_eq!(
+        (m.app_name.as_str(), m.snapshot_name.as_str()),
+        ("web", "before-upgrade")
+    );
+    assert_eq!(m.app_config["DisplayName"], "web");
 }

@@ -1,5 +1,6 @@
 //! The core against real tools and real files: each bad input and fault of issue 4, and the
 //! btrfs, copy and purgeable backends. Tests needing root or tools fail (not skip) without them.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -21,11 +22,11 @@ use uuid::Uuid;
 async fn tools() -> Tools {
     let tools = Tools::detect().await;
     assert!(
-        tools.qemu_img.is_available(),
+        tools.usable(SnapshotBackendKind::Qcow2).is_ok(),
         "qemu-img is required (Debian qemu-utils)"
     );
     assert!(
-        tools.btrfs.is_available(),
+        tools.usable(SnapshotBackendKind::Btrfs).is_ok(),
         "btrfs is required (Debian btrfs-progs)"
     );
     tools
@@ -363,6 +364,86 @@ async fn btrfs_directory_volumes_snapshot_roll_back_and_delete() {
     assert!(!path.exists());
 }
 
+/// A fresh device root on btrfs: `<persist>/volumes` does not exist yet when the first volume's
+/// backend is chosen; the filesystem it will be made on decides, and the status says why.
+#[tokio::test]
+async fn a_fresh_root_on_btrfs_gives_directory_volumes_the_btrfs_backend_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let persist = dir.path().join("persist");
+    let _fs = LoopFs::new("btrfs", &persist, 300);
+    let volumes = cairn_types::layout::volumes_dir(&persist);
+    assert!(!volumes.exists());
+    let mut m = manager(&persist).await;
+    let a = volume(VolumeFormat::Dir, 0);
+    let status = add(&mut m, &a).await;
+    assert_eq!(status.state, VolumeState::Ready, "{status:?}");
+    assert_eq!(status.backend, SnapshotBackendKind::Btrfs, "{status:?}");
+    assert!(
+        status.backend_reason.starts_with("btrfs: ")
+            && status.backend_reason.contains("is on btrfs"),
+        "{}",
+        status.backend_reason
+    );
+    let q = volume(VolumeFormat::Qcow2, 16 * MIB);
+    let status = add(&mut m, &q).await;
+    assert_eq!(status.backend_reason, "qcow2: format", "{status:?}");
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(Uuid::new_v4(), Create, &[&a], 1))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+    let meta = s.meta_of(a.volume_id).unwrap();
+    assert!(
+        std::fs::write(meta.snapshot_location.join("x"), b"").is_err(),
+        "a read-only btrfs snapshot, not a copy"
+    );
+}
+
+/// A directory volume found on btrfs as a plain directory (made by the copy backend, as on a
+/// fresh root before the fix) cannot be snapshotted by btrfs: it stays with the copy backend,
+/// and says why, instead of failing at its first snapshot.
+#[tokio::test]
+async fn a_plain_directory_volume_on_btrfs_stays_with_the_copy_backend_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let persist = dir.path().join("persist");
+    let volumes = cairn_types::layout::volumes_dir(&persist);
+    let _fs = LoopFs::new("btrfs", &volumes, 300);
+    let mut m = manager(&persist).await;
+    let a = volume(VolumeFormat::Dir, 0);
+    std::fs::create_dir(volumes.join(a.key())).unwrap();
+    let status = add(&mut m, &a).await;
+    assert_eq!(status.backend, SnapshotBackendKind::Copy, "{status:?}");
+    assert!(
+        status.backend_reason.contains("not a subvolume"),
+        "{}",
+        status.backend_reason
+    );
+    let s = snapshot_of(
+        &m.handle_snapshot_config(request(Uuid::new_v4(), Create, &[&a], 1))
+            .await,
+    );
+    assert!(!s.error.is_error(), "{s:?}");
+}
+
+/// A directory volume on a filesystem without snapshots is copied, and its status names the
+/// filesystem.
+#[tokio::test]
+async fn a_directory_volume_off_btrfs_says_it_is_copied_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let persist = dir.path().join("persist");
+    let _fs = LoopFs::new("ext4", &persist, 64);
+    let mut m = manager(&persist).await;
+    let a = volume(VolumeFormat::Dir, 0);
+    let status = add(&mut m, &a).await;
+    assert_eq!(status.backend, SnapshotBackendKind::Copy, "{status:?}");
+    assert!(
+        status.backend_reason.starts_with("copy: ")
+            && status.backend_reason.contains("is on ext2/3/4"),
+        "{}",
+        status.backend_reason
+    );
+}
+
 #[tokio::test]
 async fn plain_directory_volumes_are_snapshotted_by_copy() {
     let dir = tempfile::tempdir().unwrap();
@@ -446,7 +527,10 @@ async fn a_purged_volume_is_kept_while_a_snapshot_refers_to_it() {
 async fn a_missing_tool_disables_its_backend_with_the_package_to_install() {
     let dir = tempfile::tempdir().unwrap();
     let mut tools = tools().await;
-    tools.qemu_img = Tool::missing("qemu-img", "qemu-utils");
+    tools.set(
+        SnapshotBackendKind::Qcow2,
+        Tool::missing("qemu-img", "qemu-utils"),
+    );
     let mut m = VolumeManager::open(dir.path(), tools, Vec::new()).await;
     immediate_deletion(&mut m).await;
     let a = volume(VolumeFormat::Qcow2, 16 * MIB);

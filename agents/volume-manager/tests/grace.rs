@@ -2,6 +2,7 @@
 //! reported pending deletion with its deadline, given back with its data (and the snapshots
 //! living in it) when it comes back, deleted once the grace has passed (0: at once, as EVE), and
 //! a volume-manager SIGKILLed during the grace keeps counting from the same time.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 mod common;

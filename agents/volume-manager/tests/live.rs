@@ -1,6 +1,7 @@
 //! Live creates (issue 11): a VM's qcow2 snapshot taken by the domain-manager is recorded
 //! without writing the image; a directory on btrfs is snapshotted while a process writes to
 //! it; a directory on the plain copy backend is refused, naming the volume and the backend.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 #[path = "common/mod.rs"]
@@ -106,7 +107,11 @@ async fn a_live_snapshot_of_a_copy_backend_directory_is_refused_naming_it() {
 
 #[tokio::test]
 async fn a_btrfs_directory_is_snapshotted_live_while_a_process_writes() {
-    if !Tools::detect().await.btrfs.is_available() {
+    if Tools::detect()
+        .await
+        .usable(SnapshotBackendKind::Btrfs)
+        .is_err()
+    {
         panic!("btrfs is required (Debian btrfs-progs)");
     }
     let dir = tempfile::tempdir().unwrap();

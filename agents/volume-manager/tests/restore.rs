@@ -3,6 +3,7 @@
 //! Each mode: snapshot, change, restore gives the snapshot's tree back (content, modes, links),
 //! also across a restart; delete leaves no mount and no loop device; a mode whose tool is
 //! missing fails when the volume is made, naming the Debian package. Needs root.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -619,7 +620,10 @@ async fn btrfs_swap_without_btrfs_progs_or_off_btrfs_fails_at_creation() {
         "{s:?}"
     );
 
-    tools.btrfs = Tool::missing("btrfs", "btrfs-progs");
+    tools.set(
+        SnapshotBackendKind::Btrfs,
+        Tool::missing("btrfs", "btrfs-progs"),
+    );
     let mut m = open(&dir.path().join("other"), tools, Vec::new()).await;
     let b = dir_volume(DirRestoreMode::BtrfsSwap);
     let s = volume_of(&m.handle_volume_config(b.clone()).await);

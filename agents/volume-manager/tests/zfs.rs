@@ -4,6 +4,7 @@
 //! `--features zfs` (which needs libzfslinux-dev: `agents/volume-manager/install-zfs-deps`);
 //! needs root, /dev/fuse and the zfs-fuse package.
 #![cfg(feature = "zfs")]
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -94,7 +95,11 @@ async fn zfs_dataset_volumes_snapshot_roll_back_and_delete() {
     std::fs::create_dir_all(&volumes).unwrap();
     let pool = Pool::new(&dir.path().join("pool.img"), &dir.path().join("pool"));
     let tools = Tools::detect().await;
-    assert!(tools.zfs.is_available(), "{:?}", tools.zfs.available);
+    assert!(
+        tools.usable(SnapshotBackendKind::Zfs).is_ok(),
+        "{:?}",
+        tools.usable(SnapshotBackendKind::Zfs)
+    );
     let mut m = VolumeManager::open(&persist, tools, Vec::new()).await;
     immediate_deletion(&mut m).await;
     let a = volume(VolumeFormat::Dir, 0);

@@ -2,11 +2,15 @@
 //! writable snapshot of it and exchanges it with the volume in one `renameat2`, then deletes the
 //! old content.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
 
-use super::{SnapshotBackend, VolumeRef, exchange, snapshot_path};
+use super::{
+    Auto, CloneTarget, SnapshotBackend, ToolSpec, VolumeRef, exchange, exists_blocking,
+    snapshot_path,
+};
 use crate::error::{Result, VolumeError};
 use crate::process::{self, COMMAND_TIMEOUT};
 
@@ -52,9 +56,18 @@ pub async fn create_subvolume(volume: &str, path: &Path) -> Result<()> {
     .await
 }
 
+/// Whether `path` is the root of a btrfs subvolume (inode 256 on btrfs).
+fn is_subvolume(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.ino() == 256) && is_btrfs(path)
+}
+
 /// `btrfs subvolume delete <path>`; a missing path is not an error.
 pub async fn delete_subvolume(volume: &str, path: &Path) -> Result<()> {
-    if std::fs::symlink_metadata(path).is_err() {
+    let p = path.to_path_buf();
+    let there = tokio::task::spawn_blocking(move || std::fs::symlink_metadata(p).is_ok())
+        .await
+        .unwrap_or(true);
+    if !there {
         return Ok(());
     }
     btrfs(
@@ -66,7 +79,7 @@ pub async fn delete_subvolume(volume: &str, path: &Path) -> Result<()> {
 
 /// `btrfs subvolume snapshot <from> <to>`: a writable snapshot (a clone's volume).
 pub async fn writable_snapshot(volume: &str, from: &Path, to: &Path) -> Result<()> {
-    if !from.exists() {
+    if !exists_blocking(from).await {
         return Err(VolumeError::NoSnapshot {
             volume: volume.to_string(),
             snapshot: from.display().to_string(),
@@ -84,18 +97,75 @@ pub async fn writable_snapshot(volume: &str, from: &Path, to: &Path) -> Result<(
     .await
 }
 
-/// Where an interrupted rollback's scratch subvolume lives (removed before the next one).
-pub fn rollback_scratch(volume: &Path) -> PathBuf {
-    let name = volume
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    volume.with_file_name(format!(".{name}.rollback"))
-}
-
 impl SnapshotBackend for BtrfsBackend {
     fn kind(&self) -> SnapshotBackendKind {
         SnapshotBackendKind::Btrfs
+    }
+
+    fn name(&self) -> &'static str {
+        "btrfs"
+    }
+
+    fn tool(&self) -> Option<ToolSpec> {
+        Some(ToolSpec {
+            name: TOOL,
+            package: PACKAGE,
+            probe: &["--version"],
+        })
+    }
+
+    fn live(&self) -> bool {
+        true // an atomic read-only snapshot of the live tree
+    }
+
+    fn host_missing(&self, volumes: &Path) -> Option<String> {
+        let dir = super::nearest_existing(volumes);
+        (!is_btrfs(dir)).then(|| {
+            format!(
+                "it needs the volumes directory {} on btrfs, and it is on {}; use rsync, squashfs_overlay or copy",
+                volumes.display(),
+                super::fs_name(dir)
+            )
+        })
+    }
+
+    fn auto(&self, volumes: &Path, path: &Path) -> Auto {
+        let dir = super::nearest_existing(volumes);
+        if !is_btrfs(dir) {
+            return Auto::No;
+        }
+        match std::fs::symlink_metadata(path) {
+            // Only a subvolume can be snapshotted: a plain directory (made by the copy
+            // backend) stays with it.
+            Ok(meta) if meta.is_dir() && meta.ino() != 256 => Auto::Cannot(format!(
+                "{} is a plain directory on btrfs, not a subvolume (made by the copy backend)",
+                path.display()
+            )),
+            _ => Auto::Serves(format!("{} is on btrfs", dir.display())),
+        }
+    }
+
+    fn owns(&self, path: &Path) -> bool {
+        is_subvolume(path)
+    }
+
+    async fn make(&self, key: &str, path: &Path) -> Result<()> {
+        create_subvolume(key, path).await
+    }
+
+    async fn remove(&self, key: &str, path: &Path) -> Result<()> {
+        delete_subvolume(key, path).await
+    }
+
+    async fn clone_to(&self, source: &VolumeSnapshotMeta, target: &CloneTarget<'_>) -> Result<()> {
+        if target.image_format().is_some() {
+            return Err(target.mismatch(source));
+        }
+        if target.kind == SnapshotBackendKind::Btrfs {
+            writable_snapshot(target.key, &source.snapshot_location, target.path).await
+        } else {
+            target.copy_tree(&source.snapshot_location).await
+        }
     }
 
     fn snapshot_location(&self, volume: &VolumeRef, name: &str) -> PathBuf {
@@ -109,18 +179,12 @@ impl SnapshotBackend for BtrfsBackend {
         fresh: bool,
     ) -> Result<VolumeSnapshotMeta> {
         let _ = fresh; // looking is as cheap as not
-        let meta = self.plan(volume, name);
-        if !volume.path.exists() {
-            return Err(VolumeError::Missing {
-                volume: volume.key.clone(),
-                path: volume.path.clone(),
-            });
-        }
-        if meta.snapshot_location.exists() {
-            tracing::info!(volume = %volume.key, snapshot = name, "btrfs snapshot already there: adopted");
+        let (meta, there) = super::create_preamble(self, volume, name, true).await?;
+        if there {
             return Ok(meta);
         }
-        super::ensure_parent(&volume.key, &meta.snapshot_location)?;
+        let (key, location) = (volume.key.clone(), meta.snapshot_location.clone());
+        super::blocking(&volume.key, move || super::ensure_parent(&key, &location)).await?;
         btrfs(
             &volume.key,
             &[
@@ -137,13 +201,13 @@ impl SnapshotBackend for BtrfsBackend {
 
     async fn rollback(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
         let volume = &meta.volume_key;
-        if !meta.snapshot_location.exists() {
+        if !exists_blocking(&meta.snapshot_location).await {
             return Err(VolumeError::NoSnapshot {
                 volume: volume.clone(),
                 snapshot: meta.name.clone(),
             });
         }
-        let scratch = rollback_scratch(&meta.file_location);
+        let scratch = super::rollback_scratch(&meta.file_location);
         delete_subvolume(volume, &scratch).await?;
         btrfs(
             volume,
@@ -155,19 +219,28 @@ impl SnapshotBackend for BtrfsBackend {
             ],
         )
         .await?;
-        if meta.file_location.exists() {
-            exchange(&scratch, &meta.file_location).map_err(VolumeError::io(
-                volume,
-                "cannot exchange the rolled-back subvolume with",
-                &meta.file_location,
-            ))?;
+        let (k, from, to) = (volume.clone(), scratch.clone(), meta.file_location.clone());
+        #[allow(clippy::disallowed_methods)] // on the blocking pool
+        let exchanged = super::blocking(volume, move || {
+            if to.exists() {
+                exchange(&from, &to).map_err(VolumeError::io(
+                    &k,
+                    "cannot exchange the rolled-back subvolume with",
+                    &to,
+                ))?;
+                Ok(true)
+            } else {
+                std::fs::rename(&from, &to).map_err(VolumeError::io(
+                    &k,
+                    "cannot move the rolled-back subvolume to",
+                    &to,
+                ))?;
+                Ok(false)
+            }
+        })
+        .await?;
+        if exchanged {
             delete_subvolume(volume, &scratch).await?;
-        } else {
-            std::fs::rename(&scratch, &meta.file_location).map_err(VolumeError::io(
-                volume,
-                "cannot move the rolled-back subvolume to",
-                &meta.file_location,
-            ))?;
         }
         Ok(())
     }
@@ -177,6 +250,6 @@ impl SnapshotBackend for BtrfsBackend {
     }
 
     async fn exists(&self, meta: &VolumeSnapshotMeta) -> Result<bool> {
-        Ok(meta.snapshot_location.exists())
+        Ok(exists_blocking(&meta.snapshot_location).await)
     }
 }

@@ -2,11 +2,17 @@
 //! (`copy_file_range`, which reflinks where the filesystem can), made under a `.partial` name
 //! and renamed when complete, so only complete copies are ever adopted. Progress is logged.
 
+// File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 
 use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
 
-use super::{SnapshotBackend, VolumeRef, exchange, snapshot_path};
+use super::{
+    CloneTarget, SnapshotBackend, VolumeRef, blocking, exchange, is_dir_blocking, partial,
+    remove_tree, snapshot_path,
+};
 use crate::error::{Result, VolumeError};
 
 #[derive(Debug, Clone, Default)]
@@ -14,12 +20,6 @@ pub struct CopyBackend;
 
 /// Log a progress line every this many bytes.
 const PROGRESS_STEP: u64 = 256 << 20;
-
-fn partial(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
-}
 
 /// Copies the tree `from` into the new directory `to`, logging progress; returns bytes copied.
 pub fn copy_tree(volume: &str, from: &Path, to: &Path) -> Result<u64> {
@@ -115,32 +115,20 @@ pub fn tree_size(path: &Path) -> u64 {
     }
 }
 
-fn remove_tree(volume: &str, path: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(VolumeError::io(volume, "cannot remove", path)(e))
-        }
-        _ => Ok(()),
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    volume: &str,
-    job: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(job)
-        .await
-        .map_err(|e| VolumeError::Io {
-            volume: volume.to_string(),
-            what: "copy task failed",
-            path: PathBuf::new(),
-            source: std::io::Error::other(e),
-        })?
-}
-
 impl SnapshotBackend for CopyBackend {
     fn kind(&self) -> SnapshotBackendKind {
         SnapshotBackendKind::Copy
+    }
+
+    fn name(&self) -> &'static str {
+        "copy"
+    }
+
+    async fn clone_to(&self, source: &VolumeSnapshotMeta, target: &CloneTarget<'_>) -> Result<()> {
+        if target.image_format().is_some() {
+            return Err(target.mismatch(source));
+        }
+        target.copy_tree(&source.snapshot_location).await
     }
 
     fn snapshot_location(&self, volume: &VolumeRef, name: &str) -> PathBuf {
@@ -154,23 +142,16 @@ impl SnapshotBackend for CopyBackend {
         fresh: bool,
     ) -> Result<VolumeSnapshotMeta> {
         let _ = fresh; // looking is as cheap as not
-        let mut meta = self.plan(volume, name);
-        if !volume.path.is_dir() {
-            return Err(VolumeError::Missing {
-                volume: volume.key.clone(),
-                path: volume.path.clone(),
-            });
-        }
-        if meta.snapshot_location.exists() {
-            meta.size = tree_size(&meta.snapshot_location);
-            return Ok(meta);
-        }
+        let (mut meta, there) = super::create_preamble(self, volume, name, true).await?;
         let (key, from, to) = (
             volume.key.clone(),
             volume.path.clone(),
             meta.snapshot_location.clone(),
         );
         meta.size = blocking(&volume.key, move || {
+            if there {
+                return Ok(tree_size(&to));
+            }
             let tmp = partial(&to);
             remove_tree(&key, &tmp)?;
             super::ensure_parent(&key, &to)?;
@@ -185,7 +166,7 @@ impl SnapshotBackend for CopyBackend {
     }
 
     async fn rollback(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
-        if !meta.snapshot_location.is_dir() {
+        if !is_dir_blocking(&meta.snapshot_location).await {
             return Err(VolumeError::NoSnapshot {
                 volume: meta.volume_key.clone(),
                 snapshot: meta.name.clone(),
@@ -197,7 +178,7 @@ impl SnapshotBackend for CopyBackend {
             meta.file_location.clone(),
         );
         blocking(&meta.volume_key, move || {
-            let scratch = super::btrfs::rollback_scratch(&vol);
+            let scratch = super::rollback_scratch(&vol);
             remove_tree(&key, &scratch)?;
             copy_tree(&key, &snap, &scratch)?;
             if vol.exists() {
@@ -228,7 +209,7 @@ impl SnapshotBackend for CopyBackend {
     }
 
     async fn exists(&self, meta: &VolumeSnapshotMeta) -> Result<bool> {
-        Ok(meta.snapshot_location.is_dir())
+        Ok(is_dir_blocking(&meta.snapshot_location).await)
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
 
-use super::{SnapshotBackend, VolumeRef};
+use super::{CloneTarget, SnapshotBackend, VolumeRef, exists_blocking};
 use crate::error::{Result, VolumeError};
 
 #[derive(Debug, Clone, Default)]
@@ -17,6 +17,41 @@ pub struct PurgeableBackend;
 impl SnapshotBackend for PurgeableBackend {
     fn kind(&self) -> SnapshotBackendKind {
         SnapshotBackendKind::Purgeable
+    }
+
+    fn name(&self) -> &'static str {
+        "purgeable"
+    }
+
+    /// A copy of the kept volume: `qemu-img convert` for an image, a tree copy for a directory.
+    async fn clone_to(&self, source: &VolumeSnapshotMeta, target: &CloneTarget<'_>) -> Result<()> {
+        let kept = &source.snapshot_location;
+        let p = kept.clone();
+        let is_file = tokio::task::spawn_blocking(move || p.is_file())
+            .await
+            .unwrap_or(false);
+        match target.image_format() {
+            None => target.copy_tree(kept).await,
+            Some(fmt) if is_file => {
+                target.backends.check_image_tool(target.key)?;
+                super::qemu_img(
+                    target.key,
+                    kept,
+                    &[
+                        "convert".as_ref(),
+                        "-U".as_ref(),
+                        "-f".as_ref(),
+                        fmt.as_ref(),
+                        "-O".as_ref(),
+                        fmt.as_ref(),
+                        kept.as_os_str(),
+                        target.path.as_os_str(),
+                    ],
+                )
+                .await
+            }
+            Some(_) => Err(target.mismatch(source)),
+        }
     }
 
     fn snapshot_location(&self, volume: &VolumeRef, _name: &str) -> PathBuf {
@@ -29,18 +64,13 @@ impl SnapshotBackend for PurgeableBackend {
         name: &str,
         fresh: bool,
     ) -> Result<VolumeSnapshotMeta> {
-        let _ = fresh; // looking is as cheap as not
-        if !volume.path.exists() {
-            return Err(VolumeError::Missing {
-                volume: volume.key.clone(),
-                path: volume.path.clone(),
-            });
-        }
-        Ok(self.plan(volume, name))
+        let _ = fresh; // nothing to make: the kept volume is the snapshot
+        let (meta, _) = super::create_preamble(self, volume, name, false).await?;
+        Ok(meta)
     }
 
     async fn rollback(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
-        if meta.snapshot_location.exists() {
+        if exists_blocking(&meta.snapshot_location).await {
             Ok(())
         } else {
             Err(VolumeError::Missing {
@@ -55,6 +85,6 @@ impl SnapshotBackend for PurgeableBackend {
     }
 
     async fn exists(&self, meta: &VolumeSnapshotMeta) -> Result<bool> {
-        Ok(meta.snapshot_location.exists())
+        Ok(exists_blocking(&meta.snapshot_location).await)
     }
 }

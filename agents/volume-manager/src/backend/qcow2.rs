@@ -6,7 +6,7 @@ use std::path::Path;
 
 use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
 
-use super::{SnapshotBackend, VolumeRef};
+use super::{CloneTarget, SnapshotBackend, ToolSpec, VolumeRef, exists_blocking};
 use crate::error::{Result, VolumeError};
 use crate::process::{self, COMMAND_TIMEOUT, CommandError};
 
@@ -83,9 +83,17 @@ pub fn parse_list(stdout: &str) -> Vec<String> {
         .collect()
 }
 
+/// Runs qemu-img on the image `file` of volume `volume`.
+pub async fn run_qemu_img(volume: &str, file: &Path, args: &[&std::ffi::OsStr]) -> Result<()> {
+    process::run(TOOL, args, COMMAND_TIMEOUT)
+        .await
+        .map(drop)
+        .map_err(|e| classify(volume, file, e))
+}
+
 /// The snapshot tags of `file` (read with `-U`, so it works while a VM runs).
 pub async fn list(volume: &str, file: &Path) -> Result<Vec<String>> {
-    if !file.exists() {
+    if !exists_blocking(file).await {
         return Err(VolumeError::Missing {
             volume: volume.to_string(),
             path: file.to_path_buf(),
@@ -126,48 +134,78 @@ async fn snapshot_op(volume: &str, op: &str, name: &str, file: &Path) -> Result<
     .map_err(|e| classify(volume, file, e))
 }
 
-/// Records the internal snapshot `name` the domain-manager took of a running VM's disk
-/// (issue 11: live and stateful snapshots). The VM holds the image's write lock, so nothing is
-/// written: the tag is looked up read-only (`-l -U`) and must be there.
-pub async fn adopt_live(volume: &VolumeRef, name: &str) -> Result<VolumeSnapshotMeta> {
-    if !list(&volume.key, &volume.path)
-        .await?
-        .iter()
-        .any(|tag| tag == name)
-    {
-        return Err(VolumeError::Unsupported {
-            volume: volume.key.clone(),
-            what: format!(
-                "the live snapshot {name} is not in {} (the domain-manager did not take it): nothing recorded",
-                volume.path.display()
-            ),
-        });
-    }
-    tracing::info!(volume = %volume.key, snapshot = name, "live qcow2 snapshot recorded");
-    Ok(Qcow2Backend.plan(volume, name))
-}
-
-/// Whether a volume of `kind` can be snapshotted while its app runs: qcow2 through the
-/// domain-manager (the VM's own block layer), btrfs and ZFS (atomic copy-on-write snapshots of
-/// a live tree). A copy of a tree being written would be torn: refused, naming the backend.
-pub fn check_live(volume: &str, kind: SnapshotBackendKind) -> Result<()> {
-    match kind {
-        SnapshotBackendKind::Qcow2 | SnapshotBackendKind::Btrfs | SnapshotBackendKind::Zfs => {
-            Ok(())
-        }
-        other => Err(VolumeError::Unsupported {
-            volume: volume.to_string(),
-            what: format!(
-                "a live snapshot needs a copy-on-write backend (qcow2 of a VM, btrfs, zfs); this volume's backend is {}: take the snapshot with mode stopped",
-                format!("{other:?}").to_lowercase()
-            ),
-        }),
-    }
-}
-
 impl SnapshotBackend for Qcow2Backend {
     fn kind(&self) -> SnapshotBackendKind {
         SnapshotBackendKind::Qcow2
+    }
+
+    fn name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn tool(&self) -> Option<ToolSpec> {
+        Some(ToolSpec {
+            name: TOOL,
+            package: PACKAGE,
+            probe: &["--version"],
+        })
+    }
+
+    fn live(&self) -> bool {
+        true // through the domain-manager: the VM's own block layer
+    }
+
+    fn live_taken_by_hypervisor(&self) -> bool {
+        true
+    }
+
+    /// Records the internal snapshot `name` the domain-manager took of a running VM's disk.
+    /// The VM holds the image's write lock, so nothing is written: the tag is looked up
+    /// read-only (`-l -U`) and must be there.
+    async fn adopt_live(&self, volume: &VolumeRef, name: &str) -> Result<VolumeSnapshotMeta> {
+        if !list(&volume.key, &volume.path)
+            .await?
+            .iter()
+            .any(|tag| tag == name)
+        {
+            return Err(VolumeError::Unsupported {
+                volume: volume.key.clone(),
+                what: format!(
+                    "the live snapshot {name} is not in {} (the domain-manager did not take it): nothing recorded",
+                    volume.path.display()
+                ),
+            });
+        }
+        tracing::info!(volume = %volume.key, snapshot = name, "live qcow2 snapshot recorded");
+        Ok(self.plan(volume, name))
+    }
+
+    /// `qemu-img convert -U -f qcow2 -O <format> -l snapshot.name=<S>` (`-U`: the source may
+    /// be in use by its running VM; an internal snapshot's clusters do not change while it
+    /// exists).
+    async fn clone_to(&self, source: &VolumeSnapshotMeta, target: &CloneTarget<'_>) -> Result<()> {
+        let Some(fmt) = target.image_format() else {
+            return Err(target.mismatch(source));
+        };
+        target.backends.check_image_tool(target.key)?;
+        let snapshot_option = format!("snapshot.name={}", source.name);
+        run_qemu_img(
+            target.key,
+            &source.file_location,
+            &[
+                "convert".as_ref(),
+                "-U".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-O".as_ref(),
+                fmt.as_ref(),
+                "-l".as_ref(),
+                snapshot_option.as_ref(),
+                source.file_location.as_os_str(),
+                target.path.as_os_str(),
+            ],
+        )
+        .await
     }
 
     async fn create(
@@ -176,27 +214,16 @@ impl SnapshotBackend for Qcow2Backend {
         name: &str,
         fresh: bool,
     ) -> Result<VolumeSnapshotMeta> {
-        if !fresh
-            && list(&volume.key, &volume.path)
-                .await?
-                .iter()
-                .any(|tag| tag == name)
-        {
-            tracing::info!(volume = %volume.key, snapshot = name, "qcow2 snapshot already there: adopted");
-        } else {
-            if !volume.path.exists() {
-                return Err(VolumeError::Missing {
-                    volume: volume.key.clone(),
-                    path: volume.path.clone(),
-                });
-            }
+        // Listing costs a command: a fresh request cannot find its snapshot there.
+        let (meta, there) = super::create_preamble(self, volume, name, !fresh).await?;
+        if !there {
             snapshot_op(&volume.key, "-c", name, &volume.path).await?;
         }
-        Ok(self.plan(volume, name))
+        Ok(meta)
     }
 
     async fn rollback(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
-        if !meta.file_location.exists() {
+        if !exists_blocking(&meta.file_location).await {
             return Err(VolumeError::Missing {
                 volume: meta.volume_key.clone(),
                 path: meta.file_location.clone(),
@@ -212,7 +239,7 @@ impl SnapshotBackend for Qcow2Backend {
     }
 
     async fn delete(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
-        if !meta.file_location.exists() {
+        if !exists_blocking(&meta.file_location).await {
             return Ok(()); // the volume went, and its internal snapshots with it
         }
         // One `-d`: Cairn never makes duplicate tags (it looks before creating unless fresh).

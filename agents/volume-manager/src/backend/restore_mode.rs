@@ -6,9 +6,8 @@ use std::path::Path;
 
 use cairn_types::volume::{DirRestoreMode, SnapshotBackendKind, VolumeConfig, VolumeFormat};
 
-use super::{btrfs, squashfs};
+use super::Backends;
 use crate::error::{Result, VolumeError};
-use crate::tools::{Tool, Tools};
 
 /// The mode as the config spells it.
 pub fn name(mode: DirRestoreMode) -> &'static str {
@@ -32,32 +31,9 @@ pub fn kind(mode: DirRestoreMode) -> Option<SnapshotBackendKind> {
     }
 }
 
-fn fs_name(path: &Path) -> String {
-    use nix::sys::statfs::{
-        BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC,
-        statfs,
-    };
-    match statfs(path).map(|fs| fs.filesystem_type()) {
-        Ok(t) if t == BTRFS_SUPER_MAGIC => "btrfs".into(),
-        Ok(t) if t == EXT4_SUPER_MAGIC => "ext2/3/4".into(),
-        Ok(t) if t == TMPFS_MAGIC => "tmpfs".into(),
-        Ok(t) if t == XFS_SUPER_MAGIC => "xfs".into(),
-        Ok(t) if t == OVERLAYFS_SUPER_MAGIC => "overlayfs".into(),
-        Ok(t) => format!("a filesystem of type {:#x}", t.0),
-        Err(e) => format!("an unreadable filesystem ({e})"),
-    }
-}
-
-/// `path` or its nearest existing ancestor (the volumes directory may not be made yet).
-fn existing(path: &Path) -> &Path {
-    path.ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"))
-}
-
 /// Refuses a volume whose restore mode cannot work here, naming the mode, the missing command
 /// and its Debian package, or the missing kernel feature, or the wrong filesystem.
-pub fn check(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> Result<()> {
+pub fn check(config: &VolumeConfig, volumes: &Path, backends: &Backends) -> Result<()> {
     let mode = config.restore_mode;
     if mode == DirRestoreMode::Auto {
         return Ok(());
@@ -80,33 +56,8 @@ pub fn check(config: &VolumeConfig, volumes: &Path, tools: &Tools) -> Result<()>
                 .into(),
         );
     }
-    let tool_missing = |tool: &Tool| -> Result<()> {
-        match &tool.available {
-            Ok(()) => Ok(()),
-            Err(reason) => refuse(reason.clone()),
-        }
-    };
-    match mode {
-        DirRestoreMode::Auto | DirRestoreMode::Copy => Ok(()),
-        DirRestoreMode::BtrfsSwap => {
-            tool_missing(&tools.btrfs)?;
-            if btrfs::is_btrfs(existing(volumes)) {
-                Ok(())
-            } else {
-                refuse(format!(
-                    "it needs the volumes directory {} on btrfs, and it is on {}; use rsync, squashfs_overlay or copy",
-                    volumes.display(),
-                    fs_name(existing(volumes))
-                ))
-            }
-        }
-        DirRestoreMode::SquashfsOverlay => {
-            tool_missing(&tools.squashfs)?;
-            match squashfs::kernel_missing() {
-                Some(why) => refuse(why),
-                None => Ok(()),
-            }
-        }
-        DirRestoreMode::Rsync => tool_missing(&tools.rsync),
+    match kind(mode).and_then(|kind| backends.host_missing(kind, volumes)) {
+        Some(why) => refuse(why),
+        None => Ok(()),
     }
 }

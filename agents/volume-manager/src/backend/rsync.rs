@@ -8,12 +8,18 @@
 //! a file rewritten with the same size within the same timestamp tick would be missed, as with
 //! any rsync quick check.
 
+// File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
 
-use super::{SnapshotBackend, VolumeRef, snapshot_path};
+use super::{
+    CloneTarget, SnapshotBackend, ToolSpec, VolumeRef, blocking, is_dir_blocking, partial,
+    remove_tree, snapshot_path,
+};
 use crate::error::{Result, VolumeError};
 use crate::process;
 
@@ -28,12 +34,6 @@ const COMMON: &[&str] = &["-aHX", "--numeric-ids", "--modify-window=-1"];
 
 #[derive(Debug, Clone, Default)]
 pub struct RsyncBackend;
-
-fn partial(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
-}
 
 /// `<dir>/` : rsync copies a directory's content (and its own attributes) with the slash.
 fn contents(dir: &Path) -> std::ffi::OsString {
@@ -76,18 +76,28 @@ async fn rsync(volume: &str, args: Vec<std::ffi::OsString>) -> Result<()> {
         })
 }
 
-fn remove_tree(volume: &str, path: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(VolumeError::io(volume, "cannot remove", path)(e))
-        }
-        _ => Ok(()),
-    }
-}
-
 impl SnapshotBackend for RsyncBackend {
     fn kind(&self) -> SnapshotBackendKind {
         SnapshotBackendKind::Rsync
+    }
+
+    fn name(&self) -> &'static str {
+        "rsync"
+    }
+
+    fn tool(&self) -> Option<ToolSpec> {
+        Some(ToolSpec {
+            name: TOOL,
+            package: PACKAGE,
+            probe: &["--version"],
+        })
+    }
+
+    async fn clone_to(&self, source: &VolumeSnapshotMeta, target: &CloneTarget<'_>) -> Result<()> {
+        if target.image_format().is_some() {
+            return Err(target.mismatch(source));
+        }
+        target.copy_tree(&source.snapshot_location).await
     }
 
     fn snapshot_location(&self, volume: &VolumeRef, name: &str) -> PathBuf {
@@ -101,23 +111,21 @@ impl SnapshotBackend for RsyncBackend {
         fresh: bool,
     ) -> Result<VolumeSnapshotMeta> {
         let _ = fresh; // looking is as cheap as not
-        let mut meta = self.plan(volume, name);
+        let (mut meta, there) = super::create_preamble(self, volume, name, true).await?;
         let key = &volume.key;
-        if !volume.path.is_dir() {
-            return Err(VolumeError::Missing {
-                volume: key.clone(),
-                path: volume.path.clone(),
-            });
-        }
         let snap = meta.snapshot_location.clone();
-        if !snap.is_dir() {
+        if !there {
             let tmp = partial(&snap);
-            remove_tree(key, &tmp)?;
-            let parent = snap.parent().unwrap_or(Path::new("/"));
-            super::ensure_parent(key, &snap)?;
+            let (k, t, s) = (key.clone(), tmp.clone(), snap.clone());
+            let previous = blocking(key, move || {
+                remove_tree(&k, &t)?;
+                super::ensure_parent(&k, &s)?;
+                Ok(previous_snapshot(s.parent().unwrap_or(Path::new("/")), &s))
+            })
+            .await?;
             let mut args: Vec<std::ffi::OsString> = COMMON.iter().map(Into::into).collect();
             args.push("--delete".into());
-            if let Some(previous) = previous_snapshot(parent, &snap) {
+            if let Some(previous) = previous {
                 let mut link = std::ffi::OsString::from("--link-dest=");
                 link.push(previous.as_os_str());
                 args.push(link);
@@ -125,34 +133,38 @@ impl SnapshotBackend for RsyncBackend {
             args.push(contents(&volume.path));
             args.push(contents(&tmp));
             if let Err(e) = rsync(key, args).await {
-                let _ = std::fs::remove_dir_all(&tmp);
+                let (k, t) = (key.clone(), tmp.clone());
+                let _ = blocking(key, move || remove_tree(&k, &t)).await;
                 return Err(e);
             }
-            std::fs::rename(&tmp, &snap).map_err(VolumeError::io(
-                key,
-                "cannot rename to",
-                &snap,
-            ))?;
-            let _ = cairn_persist::sync_dir(parent);
+            let (k, s) = (key.clone(), snap.clone());
+            blocking(key, move || {
+                std::fs::rename(&tmp, &s).map_err(VolumeError::io(&k, "cannot rename to", &s))?;
+                if let Some(parent) = s.parent() {
+                    let _ = cairn_persist::sync_dir(parent);
+                }
+                Ok(())
+            })
+            .await?;
         }
-        meta.size = super::copy::tree_size(&snap);
+        meta.size = blocking(key, move || Ok(super::copy::tree_size(&snap))).await?;
         Ok(meta)
     }
 
     async fn rollback(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
         let key = &meta.volume_key;
-        if !meta.snapshot_location.is_dir() {
+        if !is_dir_blocking(&meta.snapshot_location).await {
             return Err(VolumeError::NoSnapshot {
                 volume: key.clone(),
                 snapshot: meta.name.clone(),
             });
         }
         // A volume released after a purge is made again at its old place.
-        std::fs::create_dir_all(&meta.file_location).map_err(VolumeError::io(
-            key,
-            "cannot create",
-            &meta.file_location,
-        ))?;
+        let (k, vol) = (key.clone(), meta.file_location.clone());
+        blocking(key, move || {
+            std::fs::create_dir_all(&vol).map_err(VolumeError::io(&k, "cannot create", &vol))
+        })
+        .await?;
         let mut args: Vec<std::ffi::OsString> = COMMON.iter().map(Into::into).collect();
         args.push("--delete".into());
         args.push(contents(&meta.snapshot_location));
@@ -162,20 +174,14 @@ impl SnapshotBackend for RsyncBackend {
 
     async fn delete(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
         let (key, snap) = (meta.volume_key.clone(), meta.snapshot_location.clone());
-        tokio::task::spawn_blocking(move || {
+        blocking(&meta.volume_key, move || {
             remove_tree(&key, &partial(&snap))?;
             remove_tree(&key, &snap)
         })
         .await
-        .map_err(|e| VolumeError::Io {
-            volume: meta.volume_key.clone(),
-            what: "delete task failed",
-            path: meta.snapshot_location.clone(),
-            source: std::io::Error::other(e),
-        })?
     }
 
     async fn exists(&self, meta: &VolumeSnapshotMeta) -> Result<bool> {
-        Ok(meta.snapshot_location.is_dir())
+        Ok(is_dir_blocking(&meta.snapshot_location).await)
     }
 }

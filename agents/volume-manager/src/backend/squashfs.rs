@@ -13,12 +13,18 @@
 //! - loop devices are made by `mount -o loop` with autoclear, so unmounting the lower layer frees
 //!   its device; delete also detaches any device still backed by the volume's own base image.
 
+// File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
 
-use super::{SnapshotBackend, VolumeRef, snapshot_path};
+use super::{
+    CloneTarget, SnapshotBackend, ToolSpec, VolumeRef, blocking, partial, remove_file, remove_tree,
+    snapshot_path,
+};
 use crate::error::{Result, VolumeError};
 use crate::process::{self, COMMAND_TIMEOUT};
 
@@ -222,9 +228,14 @@ pub async fn activate(key: &str, volume: &Path) -> Result<()> {
         tracing::debug!(volume = key, "overlay already mounted: adopted");
         return Ok(());
     }
-    mkdirs(key, &[volume, &l.lower, &l.empty, &l.upper, &l.work])?;
-    move_entries(key, volume, &l.upper)?;
-    let lowerdir = if l.base.is_file() {
+    let (k, lay, point) = (key.to_string(), l.clone(), volume.to_path_buf());
+    let has_base = blocking(key, move || {
+        mkdirs(&k, &[&point, &lay.lower, &lay.empty, &lay.upper, &lay.work])?;
+        move_entries(&k, &point, &lay.upper)?;
+        Ok(lay.base.is_file())
+    })
+    .await?;
+    let lowerdir = if has_base {
         if mounted_type(&l.lower).is_none() {
             run(
                 key,
@@ -270,7 +281,7 @@ pub async fn activate(key: &str, volume: &Path) -> Result<()> {
 /// Loop devices backed by `image` (`losetup -j`): only the volume's own base image is asked
 /// about, so no other device is ever touched.
 async fn loop_devices_of(key: &str, image: &Path) -> Result<Vec<String>> {
-    if !image.exists() {
+    if !super::exists_blocking(image).await {
         return Ok(Vec::new());
     }
     let out = process::run(
@@ -305,15 +316,6 @@ pub async fn deactivate(key: &str, volume: &Path) -> Result<()> {
     Ok(())
 }
 
-fn remove_tree(key: &str, path: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(VolumeError::io(key, "cannot remove", path)(e))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// Removes a squashfs-overlay volume: mounts, loop devices, layers and the mount point.
 pub async fn remove_volume(key: &str, volume: &Path) -> Result<()> {
     deactivate(key, volume).await?;
@@ -329,26 +331,6 @@ pub async fn remove_volume(key: &str, volume: &Path) -> Result<()> {
         }
     })
     .await
-}
-
-async fn blocking<T: Send + 'static>(
-    volume: &str,
-    job: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(job)
-        .await
-        .map_err(|e| VolumeError::Io {
-            volume: volume.to_string(),
-            what: "background task failed",
-            path: PathBuf::new(),
-            source: std::io::Error::other(e),
-        })?
-}
-
-fn partial(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
 }
 
 fn file_size(path: &Path) -> u64 {
@@ -420,6 +402,81 @@ impl SnapshotBackend for SquashfsBackend {
         SnapshotBackendKind::Squashfs
     }
 
+    fn name(&self) -> &'static str {
+        "squashfs_overlay"
+    }
+
+    fn tool(&self) -> Option<ToolSpec> {
+        Some(ToolSpec {
+            name: TOOL,
+            package: PACKAGE,
+            probe: &["-version"],
+        })
+    }
+
+    fn host_missing(&self, _volumes: &Path) -> Option<String> {
+        kernel_missing()
+    }
+
+    fn owns(&self, path: &Path) -> bool {
+        has_state(path)
+    }
+
+    async fn remove(&self, key: &str, path: &Path) -> Result<()> {
+        remove_volume(key, path).await
+    }
+
+    async fn activate(&self, key: &str, path: &Path) -> Result<()> {
+        activate(key, path).await
+    }
+
+    /// Makes the directory volume and unpacks the snapshot's image into it.
+    async fn clone_to(&self, source: &VolumeSnapshotMeta, target: &CloneTarget<'_>) -> Result<()> {
+        if target.image_format().is_some() {
+            return Err(target.mismatch(source));
+        }
+        let from = &source.snapshot_location;
+        let f = from.clone();
+        if !tokio::task::spawn_blocking(move || f.is_file())
+            .await
+            .unwrap_or(false)
+        {
+            return Err(VolumeError::NoSnapshot {
+                volume: target.key.to_string(),
+                snapshot: from.display().to_string(),
+            });
+        }
+        if target
+            .backends
+            .tools
+            .usable(SnapshotBackendKind::Squashfs)
+            .is_err()
+        {
+            return Err(VolumeError::ToolMissing {
+                volume: target.key.to_string(),
+                tool: "unsquashfs",
+                package: PACKAGE,
+                backend: self.name(),
+            });
+        }
+        target.make_dir().await?;
+        let args: [&std::ffi::OsStr; 6] = [
+            "-f".as_ref(),
+            "-q".as_ref(),
+            "-n".as_ref(),
+            "-d".as_ref(),
+            target.path.as_os_str(),
+            from.as_os_str(),
+        ];
+        process::run("unsquashfs", &args, COMMAND_TIMEOUT * 30)
+            .await
+            .map(drop)
+            .map_err(|source| VolumeError::Command {
+                volume: target.key.to_string(),
+                source,
+            })
+    }
+
     /// `<volumes>/.snapshots/<key>/<name>.sqfs`.
     fn snapshot_location(&self, volume: &VolumeRef, name: &str) -> PathBuf {
         snapshot_path(volume, &format!("{name}.sqfs"))
@@ -432,59 +489,63 @@ impl SnapshotBackend for SquashfsBackend {
         fresh: bool,
     ) -> Result<VolumeSnapshotMeta> {
         let _ = fresh; // looking is as cheap as not
-        let mut meta = self.plan(volume, name);
-        if !volume.path.is_dir() {
-            return Err(VolumeError::Missing {
-                volume: volume.key.clone(),
-                path: volume.path.clone(),
-            });
+        let (mut meta, there) = super::create_preamble(self, volume, name, true).await?;
+        let key = &volume.key;
+        if !there {
+            // The image is of the merged view: never of a bare mount point.
+            activate(key, &volume.path).await?;
+            let tmp = partial(&meta.snapshot_location);
+            let (k, t, location) = (key.clone(), tmp.clone(), meta.snapshot_location.clone());
+            blocking(key, move || {
+                remove_file(&k, &t)?;
+                super::ensure_parent(&k, &location)
+            })
+            .await?;
+            let built = process::run(
+                TOOL,
+                &[
+                    volume.path.as_os_str(),
+                    tmp.as_os_str(),
+                    "-noappend".as_ref(),
+                    "-no-progress".as_ref(),
+                    "-quiet".as_ref(),
+                    "-comp".as_ref(),
+                    "lz4".as_ref(),
+                ],
+                BUILD_TIMEOUT,
+            )
+            .await;
+            if let Err(e) = built {
+                let (k, t) = (key.clone(), tmp.clone());
+                let _ = blocking(key, move || remove_file(&k, &t)).await;
+                return Err(command_error(key, e));
+            }
+            let (k, location) = (key.clone(), meta.snapshot_location.clone());
+            blocking(key, move || {
+                let file =
+                    std::fs::File::open(&tmp).map_err(VolumeError::io(&k, "cannot open", &tmp))?;
+                file.sync_all()
+                    .map_err(VolumeError::io(&k, "cannot sync", &tmp))?;
+                std::fs::rename(&tmp, &location).map_err(VolumeError::io(
+                    &k,
+                    "cannot rename to",
+                    &location,
+                ))?;
+                if let Some(parent) = location.parent() {
+                    let _ = cairn_persist::sync_dir(parent);
+                }
+                Ok(())
+            })
+            .await?;
         }
-        if meta.snapshot_location.is_file() {
-            meta.size = file_size(&meta.snapshot_location);
-            return Ok(meta);
-        }
-        // The image is of the merged view: never of a bare mount point.
-        activate(&volume.key, &volume.path).await?;
-        let tmp = partial(&meta.snapshot_location);
-        let _ = std::fs::remove_file(&tmp);
-        super::ensure_parent(&volume.key, &meta.snapshot_location)?;
-        let built = process::run(
-            TOOL,
-            &[
-                volume.path.as_os_str(),
-                tmp.as_os_str(),
-                "-noappend".as_ref(),
-                "-no-progress".as_ref(),
-                "-quiet".as_ref(),
-                "-comp".as_ref(),
-                "lz4".as_ref(),
-            ],
-            BUILD_TIMEOUT,
-        )
-        .await;
-        if let Err(e) = built {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(command_error(&volume.key, e));
-        }
-        let file =
-            std::fs::File::open(&tmp).map_err(VolumeError::io(&volume.key, "cannot open", &tmp))?;
-        file.sync_all()
-            .map_err(VolumeError::io(&volume.key, "cannot sync", &tmp))?;
-        std::fs::rename(&tmp, &meta.snapshot_location).map_err(VolumeError::io(
-            &volume.key,
-            "cannot rename to",
-            &meta.snapshot_location,
-        ))?;
-        if let Some(parent) = meta.snapshot_location.parent() {
-            let _ = cairn_persist::sync_dir(parent);
-        }
-        meta.size = file_size(&meta.snapshot_location);
+        let location = meta.snapshot_location.clone();
+        meta.size = blocking(key, move || Ok(file_size(&location))).await?;
         Ok(meta)
     }
 
     async fn rollback(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
         let key = &meta.volume_key;
-        if !meta.snapshot_location.is_file() {
+        if !self.exists(meta).await? {
             return Err(VolumeError::NoSnapshot {
                 volume: key.clone(),
                 snapshot: meta.name.clone(),
@@ -524,22 +585,17 @@ impl SnapshotBackend for SquashfsBackend {
 
     async fn delete(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
         // The volume's base is a link of its own: deleting the snapshot leaves it standing.
-        for path in [
-            partial(&meta.snapshot_location),
-            meta.snapshot_location.clone(),
-        ] {
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(VolumeError::io(&meta.volume_key, "cannot remove", &path)(e));
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+        let (k, location) = (meta.volume_key.clone(), meta.snapshot_location.clone());
+        blocking(&meta.volume_key, move || {
+            remove_file(&k, &partial(&location))?;
+            remove_file(&k, &location)
+        })
+        .await
     }
 
     async fn exists(&self, meta: &VolumeSnapshotMeta) -> Result<bool> {
-        Ok(meta.snapshot_location.is_file())
+        let location = meta.snapshot_location.clone();
+        blocking(&meta.volume_key, move || Ok(location.is_file())).await
     }
 }
 

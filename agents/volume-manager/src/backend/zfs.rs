@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
 
-use super::{SnapshotBackend, VolumeRef};
+use super::{Auto, CloneTarget, SnapshotBackend, ToolSpec, VolumeRef};
 use crate::error::{Result, VolumeError};
 use crate::process::{self, COMMAND_TIMEOUT};
 
@@ -289,6 +289,63 @@ impl ZfsBackend {
 impl SnapshotBackend for ZfsBackend {
     fn kind(&self) -> SnapshotBackendKind {
         SnapshotBackendKind::Zfs
+    }
+
+    fn name(&self) -> &'static str {
+        "zfs"
+    }
+
+    fn tool(&self) -> Option<ToolSpec> {
+        Some(ToolSpec {
+            name: TOOL,
+            package: PACKAGE,
+            probe: &["list", "-H"],
+        })
+    }
+
+    fn driver(&self) -> &'static str {
+        driver_label()
+    }
+
+    fn live(&self) -> bool {
+        true // an atomic dataset snapshot of the live tree
+    }
+
+    fn auto(&self, volumes: &Path, path: &Path) -> Auto {
+        use std::os::unix::fs::MetadataExt;
+        // A dataset mountpoint is a mount of its own: its device differs from the parent's.
+        match (std::fs::metadata(path), std::fs::metadata(volumes)) {
+            (Ok(v), Ok(root)) if v.dev() != root.dev() => {
+                Auto::Serves(format!("{} is a ZFS dataset's mountpoint", path.display()))
+            }
+            _ => Auto::No,
+        }
+    }
+
+    /// A copy of the snapshot's directory `<mountpoint>/.zfs/snapshot/<S>` when the filesystem
+    /// shows it (kernel ZFS does; a `zfs clone` would stay tied to its origin snapshot, and
+    /// send/receive would need a dataset of its own for the clone), else refused.
+    async fn clone_to(&self, source: &VolumeSnapshotMeta, target: &CloneTarget<'_>) -> Result<()> {
+        if target.image_format().is_some() {
+            return Err(target.mismatch(source));
+        }
+        let dir = source
+            .file_location
+            .join(".zfs")
+            .join("snapshot")
+            .join(&source.name);
+        if super::is_dir_blocking(&dir).await {
+            target.copy_tree(&dir).await
+        } else {
+            Err(VolumeError::Unsupported {
+                volume: target.key.to_string(),
+                what: format!(
+                    "the ZFS snapshot {} does not show as {} (snapdir not available on this ZFS), so it cannot be copied; clone it with `zfs send | zfs receive` by hand",
+                    source.snapshot_location.display(),
+                    dir.display()
+                ),
+            })
+        }
     }
 
     async fn create(

@@ -126,6 +126,14 @@ pub async fn remove(file: &Path, name: &str) -> Result<(), String> {
 /// qcow2 header extension type of the persistent bitmaps directory.
 const BITMAPS_EXTENSION: u32 = 0x2385_2875;
 
+/// [`may_have_bitmaps`] off the runtime (it reads the image header).
+async fn may_have_bitmaps_blocking(file: &Path) -> bool {
+    let f = file.to_path_buf();
+    tokio::task::spawn_blocking(move || may_have_bitmaps(&f))
+        .await
+        .unwrap_or(true)
+}
+
 /// Whether `file` is a qcow2 image with persistent bitmaps, read from its header (no process:
 /// the snapshot hooks run on every qcow2 snapshot, and most volumes are not tracked). Errs on
 /// the safe side: anything unreadable counts as "may have bitmaps".
@@ -173,7 +181,9 @@ fn tracked(info: &ImageInfo) -> bool {
 
 /// After a qcow2 snapshot is made of a volume whose changes are tracked: a bitmap for it too.
 pub async fn after_create(meta: &VolumeSnapshotMeta) {
-    if meta.backend != SnapshotBackendKind::Qcow2 || !may_have_bitmaps(&meta.file_location) {
+    if meta.backend != SnapshotBackendKind::Qcow2
+        || !may_have_bitmaps_blocking(&meta.file_location).await
+    {
         return;
     }
     let Ok(info) = info(&meta.file_location).await else {
@@ -196,7 +206,9 @@ pub async fn after_create(meta: &VolumeSnapshotMeta) {
 /// go (their tracking is lost: the next incremental export from them is full). Returns whether
 /// there were any, to restart tracking after the rollback.
 pub async fn before_rollback(meta: &VolumeSnapshotMeta) -> bool {
-    if meta.backend != SnapshotBackendKind::Qcow2 || !may_have_bitmaps(&meta.file_location) {
+    if meta.backend != SnapshotBackendKind::Qcow2
+        || !may_have_bitmaps_blocking(&meta.file_location).await
+    {
         return false;
     }
     let Ok(info) = info(&meta.file_location).await else {
@@ -221,7 +233,9 @@ pub async fn after_rollback(meta: &VolumeSnapshotMeta, had: bool) {
 
 /// After a snapshot is deleted: its bitmap goes too.
 pub async fn after_delete(meta: &VolumeSnapshotMeta) {
-    if meta.backend != SnapshotBackendKind::Qcow2 || !may_have_bitmaps(&meta.file_location) {
+    if meta.backend != SnapshotBackendKind::Qcow2
+        || !may_have_bitmaps_blocking(&meta.file_location).await
+    {
         return;
     }
     let wanted = name(&meta.name);

@@ -55,5 +55,5 @@ pub async fn materialize(
     )
     .await
     .map(drop)
-    .map_err(|e| crate::backend::qcow2::classify(key, out, e))
+    .map_err(|e| crate::backend::image_error(key, out, e))
 }

@@ -2,11 +2,15 @@
 //! progress through a channel (at most every [`PROGRESS_EVERY`]), and is cancelled through a
 //! watch flag (its qemu processes die with it: `kill_on_drop`).
 
+// File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use cairn_types::app::AppInstanceConfig;
 use cairn_types::export::{
     ExportAction, ExportBase, ExportConfig, ExportJobRecord, ExportKind, ExportManifest,
     ExportState, ExportStatus, ExportVolumeResult, MANIFEST_FILE, MANIFEST_FORMAT, ManifestVolume,
@@ -415,14 +419,27 @@ async fn export(
             config.app_uuid
         )));
     }
-    let app_config = load_app_config(persist, snapshot).await;
-    let app_name = app_config
-        .get("DisplayName")
-        .and_then(serde_json::Value::as_str)
-        .unwrap_or_default()
-        .to_string();
+    let saved = load_app_config(persist, snapshot).await?;
+    let app_name = saved
+        .as_ref()
+        .map(|c| c.display_name.clone())
+        .unwrap_or_default();
+    let snapshot_name = saved
+        .as_ref()
+        .and_then(|c| {
+            c.snapshot
+                .snapshots
+                .iter()
+                .find(|s| s.snapshot_id == snapshot)
+        })
+        .map(|s| s.name.clone())
+        .unwrap_or_default();
+    let app_config = match &saved {
+        Some(c) => serde_json::to_value(c)
+            .map_err(|e| JobError::Failed(format!("encoding the app config: {e}")))?,
+        None => serde_json::Value::Null,
+    };
     let snapshot_time = record.time_created;
-    let snapshot_name = snapshot_name(&app_config, snapshot);
 
     // Leftovers of this app's interrupted jobs on this target go first (only this app's: a
     // share may hold other devices' exports in progress).
@@ -638,7 +655,7 @@ async fn export(
     // The snapshot was read with force-share: had it been deleted meanwhile, what was read
     // cannot be trusted. Deleted snapshots never come back under the same name.
     for plan in &plans {
-        let tags = crate::backend::qcow2::list(&plan.meta.volume_key, &plan.meta.file_location)
+        let tags = crate::backend::image_snapshots(&plan.meta.volume_key, &plan.meta.file_location)
             .await
             .map_err(|e| JobError::Failed(e.to_string()))?;
         if !tags.contains(&plan.meta.name) {
@@ -694,33 +711,31 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// The app config saved with the snapshot, as a JSON value (the envelope's record if it has one).
-async fn load_app_config(persist: &Path, snapshot: Uuid) -> serde_json::Value {
+/// The app config the app-manager saved with the snapshot (`appInstanceConfig.json`), read with
+/// the record loader (checksum, migrations, mandatory fields) off the runtime; `None` when
+/// there is none (a snapshot the app-manager did not describe). An unusable one refuses the
+/// export, naming the file: the manifest would otherwise carry a config nobody can trust.
+async fn load_app_config(
+    persist: &Path,
+    snapshot: Uuid,
+) -> Result<Option<AppInstanceConfig>, JobError> {
     let path = snapshot_dir(persist, snapshot).join(APP_INSTANCE_CONFIG_FILE);
-    let Ok(bytes) = tokio::fs::read(&path).await else {
-        return serde_json::Value::Null;
-    };
-    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    match value.get("record") {
-        Some(record) if value.get("schema").is_some() => record.clone(),
-        _ => value,
-    }
-}
-
-/// The snapshot's name as the app config lists it, if it does.
-fn snapshot_name(app_config: &serde_json::Value, snapshot: Uuid) -> String {
-    let id = snapshot.to_string();
-    app_config
-        .pointer("/Snapshot/Snapshots")
-        .and_then(serde_json::Value::as_array)
-        .and_then(|list| {
-            list.iter()
-                .find(|s| s.get("SnapshotID").and_then(|v| v.as_str()) == Some(id.as_str()))
-        })
-        .and_then(|s| s.get("Name"))
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_string()
+    tokio::task::spawn_blocking(move || {
+        if !path.exists() {
+            tracing::info!(snapshot = %snapshot, path = %path.display(), "no app config saved with the snapshot: the manifest carries none");
+            return Ok(None);
+        }
+        cairn_persist::load::<AppInstanceConfig>(&path)
+            .map(|loaded| Some(loaded.record))
+            .map_err(|e| {
+                refuse(format!(
+                    "snapshot {snapshot}: its app config {} is unusable ({e}); the export would not carry it",
+                    path.display()
+                ))
+            })
+    })
+    .await
+    .map_err(|e| JobError::Failed(format!("reading the app config: {e}")))?
 }
 
 fn sweep_partials(target: &Path, app: Uuid) {

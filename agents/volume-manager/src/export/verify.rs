@@ -1,6 +1,9 @@
 //! Re-reading an export: every file's sha256 against the manifest, and each chain link's
 //! manifest against the sha256 its successor recorded. Read-only.
 
+// File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
+#![allow(clippy::disallowed_methods)]
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 

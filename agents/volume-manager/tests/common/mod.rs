@@ -1,5 +1,6 @@
 //! Test fixtures: temporary roots, loop-mounted filesystems, qemu-img helpers, and a bus harness
 //! that plays the config-agent and the app-manager against the real binary.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 #![allow(clippy::unwrap_used, dead_code)]
 
 use std::path::{Path, PathBuf};
