@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use cairn_config_agent::apply::{LOCAL_POLL, Publications, follow_local_file};
+use cairn_config_agent::apply::{LOCAL_SAFETY_NET, Publications, follow_local_file};
 use cairn_config_agent::controller::Link;
 use cairn_config_agent::https::{Https, server_of_url};
 use cairn_config_agent::identity::{Identity, Seed};
@@ -33,8 +33,9 @@ struct Args {
     /// A local JSON config file, applied at start and whenever it changes.
     #[arg(long, env = "CAIRN_CONFIG", conflicts_with = "controller")]
     config: Option<PathBuf>,
-    /// How often the local file is checked for changes, in milliseconds.
-    #[arg(long, default_value_t = LOCAL_POLL.as_millis() as u64)]
+    /// How often the local file is re-read besides the kernel's change events (a safety net),
+    /// in milliseconds.
+    #[arg(long, default_value_t = LOCAL_SAFETY_NET.as_millis() as u64)]
     poll_ms: u64,
     /// The controller, `https://host:port`; stored in <persist>/config/server.
     #[arg(long, env = "CAIRN_CONTROLLER")]
@@ -94,8 +95,8 @@ async fn main() -> anyhow::Result<()> {
     let source = async {
         match &args.config {
             Some(config) => {
-                let poll = Duration::from_millis(args.poll_ms.max(10));
-                follow_local_file(&publications, config, poll)
+                let safety_net = Duration::from_millis(args.poll_ms.max(10));
+                follow_local_file(&publications, config, safety_net)
                     .await
                     .context("publishing the config")
             }
