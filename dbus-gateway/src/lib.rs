@@ -1,4 +1,4 @@
-//! Read-only D-Bus gateway (DESIGN.md §5): mirrors chosen publications as D-Bus objects so that
+//! Read-only D-Bus gateway: mirrors chosen publications as D-Bus objects so that
 //! `busctl` and `gdbus` on the device can read them. The Unix-socket bus stays the primary path;
 //! nothing here can write into a topic.
 //!
@@ -13,7 +13,7 @@
 //! module answers the standard interfaces (Properties, Introspectable, Peer, ObjectManager) itself,
 //! from one table. That also makes it read-only by construction: `Properties.Set` always fails.
 //!
-//! Tenants (DESIGN.md §8): a gateway can serve one tenant's view of a topic
+//! Tenants: a gateway can serve one tenant's view of a topic
 //! ([`Gateway::mirror_tenant`]: the keys whose value belongs to that tenant, and device-wide
 //! ones) under that tenant's own bus name, [`tenant_bus_name`] (`org.cairn.Tenant.<tenant>`). Who
 //! may talk to which name is then the D-Bus daemon's policy, as for any system service:

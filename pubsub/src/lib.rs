@@ -1,4 +1,4 @@
-//! Cairn's local bus (DESIGN.md §5): broker-less, typed publications over Unix sockets.
+//! Cairn's local bus: broker-less, typed publications over Unix sockets.
 //!
 //! A publisher owns a topic (named by its type) and serves it on `<run>/<agent>/<Topic>.sock`,
 //! keeping one JSON file per key under the run root, or under `<persist>/status/` for a

@@ -1,4 +1,4 @@
-//! The app-manager's decisions for one app (DESIGN.md §3, §9), as a pure function:
+//! The app-manager's decisions for one app, as a pure function:
 //! `step(state, input, now) → (state', actions)`. No I/O: the executor carries the actions out in
 //! order, and the first action is always [`Action::Persist`], so every intent is on disk before
 //! anything acts on it. After a restart the executor loads the state and feeds [`Input::Resume`],
@@ -185,7 +185,7 @@ pub enum Phase {
     /// barrier, until every member's has ([`Input::GroupDone`]) or the group failed
     /// ([`Input::GroupAbort`]). The domain stays down meanwhile.
     Group { step: Step, done: bool },
-    /// A quiesce hook of `snapshot` runs on the device (issue 11, [`quiesce`]): waiting for its
+    /// A quiesce hook of `snapshot` runs on the device ([`quiesce`]): waiting for its
     /// end ([`Input::Hook`] with `counter`). The domain stays as it is meanwhile.
     Hook {
         snapshot: Uuid,
@@ -202,7 +202,7 @@ pub struct LocalGeneration {
     pub local: i64,
 }
 
-/// How far the policy's schedule has run (issue 10). Persisted with the app's state, so due
+/// How far the policy's schedule has run. Persisted with the app's state, so due
 /// times survive restarts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
 pub struct ScheduleState {
@@ -270,7 +270,7 @@ pub struct AppState {
     /// stateful snapshot), until it runs.
     #[serde(default)]
     pub load_state: Option<Uuid>,
-    /// Snapshots past their `pre` hook point whose `post` hook is still owed (issue 11).
+    /// Snapshots past their `pre` hook point whose `post` hook is still owed.
     #[serde(default)]
     pub quiesced: BTreeMap<Uuid, QuiesceStage>,
     /// Issue 17: the last unasked end or failed start of the domain, and whether it holds
@@ -295,7 +295,7 @@ pub enum Input {
     Domain {
         active: bool,
     },
-    /// The domain ended without being asked to, or could not be started (issue 17): the
+    /// The domain ended without being asked to, or could not be started: the
     /// generation it had (version, restart counter), why, and whether it exited cleanly.
     DomainBroken {
         version: String,
@@ -479,7 +479,7 @@ impl AppState {
     /// restarted app-manager can publish it again. `None` before the app was ever started.
     pub fn domain_request(&self) -> Option<(bool, &AppInstanceConfig)> {
         let config = self.running.as_ref().unwrap_or_else(|| self.effective());
-        // A live snapshot is taken while the domain runs (issue 11).
+        // A live snapshot is taken while the domain runs.
         if self.live.is_some() && self.domain_active {
             return Some((true, config));
         }
@@ -1097,7 +1097,7 @@ fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
     if quiesce::thaw(state, actions) {
         return;
     }
-    // A live or stateful create in progress goes on while the domain runs (issue 11).
+    // A live or stateful create in progress goes on while the domain runs.
     match crate::live::go_on(state) {
         crate::live::Next::Usual => {}
         crate::live::Next::Wait => return,
@@ -1110,7 +1110,7 @@ fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
         if quiesce::freeze_before_stop(state, actions) {
             return;
         }
-        // A live or stateful create at the head of the queue needs no stop (issue 11).
+        // A live or stateful create at the head of the queue needs no stop.
         match crate::live::take(state) {
             crate::live::Next::Usual => {}
             crate::live::Next::Wait => return,

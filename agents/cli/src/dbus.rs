@@ -1,4 +1,4 @@
-//! `cairn up --dbus ADDRESS`: the device's read-only D-Bus read-out (DESIGN.md §5, §8).
+//! `cairn up --dbus ADDRESS`: the device's read-only D-Bus read-out.
 //!
 //! `cairn up` serves, next to the agents it supervises, the gateways of `cairn_dbus` on
 //! the D-Bus bus at ADDRESS: `org.cairn.Bus` mirrors the status every agent publishes
