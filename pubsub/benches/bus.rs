@@ -2,18 +2,12 @@
 //! - publish → subscriber event latency (p50/p99) for 256 B and 64 KiB values, next to the
 //!   one-way time (echo round trip / 2) of the same bytes over a raw Unix socket pair;
 //! - throughput of small updates for a run-root topic and a persistent (fsynced) topic;
-//! - a zbus method round trip over a private dbus-daemon;
 //! - RSS of an idle process holding one publication and one subscription.
 //!
 //! `cargo bench -p cairn-pubsub --bench bus`. Targets: p50 ≤ 2× raw one-way; ≥ 100,000 small
 //! run-root updates/s delivered; idle pair < 5 MiB RSS. Timing never fails the run.
 
 #![allow(clippy::unwrap_used)] // a benchmark that cannot set up has nothing to report
-
-#[path = "../tests/support/dbus_daemon.rs"]
-mod dbus_daemon;
-#[path = "zbus_rtt.rs"]
-mod zbus_rtt;
 
 use std::time::{Duration, Instant};
 
@@ -270,13 +264,6 @@ fn main() {
         "persistent topic (fsync per update): 400 updates in {:.0} ms: {:.0} updates/s ({events} events)",
         elapsed.as_secs_f64() * 1e3,
         400.0 / elapsed.as_secs_f64()
-    );
-
-    let mut rtt = runtime.block_on(zbus_rtt::zbus_round_trips(2000));
-    println!(
-        "zbus method round trip over a private dbus-daemon: p50 {:.1} µs, p99 {:.1} µs",
-        us(percentile(&mut rtt, 0.5)),
-        us(percentile(&mut rtt, 0.99))
     );
 
     let rss = idle_pair_rss_kib(root.path());

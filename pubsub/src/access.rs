@@ -2,7 +2,7 @@
 //! gate (0660 or stricter); the peer's credentials from `SO_PEERCRED` are checked against the
 //! topic's list on accept and decide the peer's [`Scope`].
 //!
-//! Tenant readers (DESIGN.md §8, multi-tenant isolation): a group can be admitted for one tenant
+//! Tenant readers (multi-tenant isolation): a group can be admitted for one tenant
 //! only. A peer admitted by the general rules (own uid, root, listed uids or groups) reads the
 //! whole topic; a peer admitted only through tenant groups reads the values whose
 //! [`Topic::tenant`](cairn_types::Topic::tenant) is one of its tenants, and the device-wide

@@ -1,4 +1,4 @@
-//! Cairn's local bus (DESIGN.md §5): broker-less, typed publications over Unix sockets.
+//! Cairn's local bus: broker-less, typed publications over Unix sockets.
 //!
 //! A publisher owns a topic (named by its type) and serves it on `<run>/<agent>/<Topic>.sock`,
 //! keeping one JSON file per key under the run root, or under `<persist>/status/` for a
@@ -8,11 +8,10 @@
 //! Beyond EVE's bus: a publisher epoch so that subscribers notice a restart and sweep keys the
 //! new publisher no longer has; reconnection within milliseconds; no message size cap below
 //! [`frame::MAX_FRAME`]; explicit re-publish of an equal value; per-key coalescing that bounds
-//! what a slow subscriber costs; `SO_PEERCRED` access control, down to per-tenant scopes; a
-//! read-only D-Bus gateway.
+//! what a slow subscriber costs; `SO_PEERCRED` access control, down to per-tenant scopes. The read-only
+//! D-Bus gateway over these subscriptions is its own crate, `cairn-dbus`.
 
 pub mod access;
-pub mod dbus;
 pub mod frame;
 mod publisher;
 mod store;

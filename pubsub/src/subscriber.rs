@@ -84,6 +84,9 @@ pub struct Subscription<T: Topic> {
     next_attempt: Option<Instant>,
     retry: Duration,
     waiting_logged: bool,
+    /// The last refusal logged at warn level: a refused subscriber retries five times a second,
+    /// and only a change of reason (or a refusal after a welcome) is logged again.
+    refusal_logged: Option<String>,
     table: BTreeMap<String, T>,
     epoch: Option<u64>,
     /// Keys received since the last welcome, until the table is complete.
@@ -125,6 +128,7 @@ impl<T: Topic> Subscription<T> {
             next_attempt: None,
             retry: FIRST_RETRY,
             waiting_logged: false,
+            refusal_logged: None,
             table: BTreeMap::new(),
             epoch: None,
             resync: None,
@@ -199,6 +203,12 @@ impl<T: Topic> Subscription<T> {
 
     pub fn stats(&self) -> &SubscriptionStats {
         &self.stats
+    }
+
+    /// Bytes reserved for the current connection's unread frames: bounded by what the publisher
+    /// sent, never by the length a frame declares.
+    pub fn buffer_capacity(&self) -> usize {
+        self.connection.as_ref().map_or(0, |c| c.buf.capacity())
     }
 
     fn disconnect(&mut self) {
@@ -286,12 +296,14 @@ impl<T: Topic> Subscription<T> {
                     self.stats.frames += 1;
                     return Ok(Some(received));
                 }
-                conn.buf.reserve(4 + len - available.len());
             }
             if conn.start > 0 && conn.start >= conn.buf.len() / 2 {
                 conn.buf.drain(..conn.start);
                 conn.start = 0;
             }
+            // Room for what may arrive, never for what a frame merely declares: a garbage or
+            // hostile length under the cap costs nothing until its bytes are actually sent
+            // (the buffer still grows geometrically for a large frame that does arrive).
             conn.buf.reserve(READ_CHUNK);
             let read = conn
                 .stream
@@ -315,6 +327,9 @@ impl<T: Topic> Subscription<T> {
         match received {
             Received::Welcome { epoch } => {
                 self.retry = FIRST_RETRY;
+                if self.refusal_logged.take().is_some() {
+                    tracing::info!(topic = %self.label, "admitted by the publisher after being refused");
+                }
                 if self.epoch.is_some_and(|old| old != epoch) {
                     self.out.push_back(Event::PublisherRestarted { epoch });
                 }
@@ -367,7 +382,12 @@ impl<T: Topic> Subscription<T> {
             }
             Received::Restarted => self.out.push_back(Event::Restarted),
             Received::Refused { reason } => {
-                tracing::warn!(topic = %self.label, "refused by the publisher: {reason}");
+                if self.refusal_logged.as_deref() == Some(reason.as_str()) {
+                    tracing::debug!(topic = %self.label, "refused by the publisher again: {reason}");
+                } else {
+                    tracing::warn!(topic = %self.label, "refused by the publisher (retrying every {} ms; logged once): {reason}", MAX_RETRY.as_millis());
+                    self.refusal_logged = Some(reason.clone());
+                }
                 self.connection = None;
                 self.retry = MAX_RETRY;
                 self.next_attempt = Some(Instant::now() + MAX_RETRY);

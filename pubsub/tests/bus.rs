@@ -530,3 +530,120 @@ async fn the_restart_barrier_removes_reloaded_keys_that_were_not_published_again
             .exists()
     );
 }
+
+/// A fake publisher on `<run>/fake/TestStatus.sock`, for tests of what a subscriber does with
+/// a publisher's misbehaviour.
+fn fake_publisher(roots: &Roots) -> tokio::net::UnixListener {
+    let dir = roots.run().join("fake");
+    std::fs::create_dir_all(&dir).unwrap();
+    tokio::net::UnixListener::bind(dir.join("TestStatus.sock")).unwrap()
+}
+
+fn welcome() -> Vec<u8> {
+    let mut buf = Vec::new();
+    frame::encode_into(
+        &mut buf,
+        &frame::ServerFrame::Welcome {
+            protocol: frame::PROTOCOL,
+            topic: "TestStatus".into(),
+            publisher: "fake".into(),
+            epoch: 1,
+        },
+    )
+    .unwrap();
+    buf
+}
+
+#[tokio::test]
+async fn a_subscriber_refused_again_and_again_logs_it_once() {
+    let (logs, _guard) = LogCapture::install();
+    let roots = Roots::new();
+    let listener = fake_publisher(&roots);
+    let mut sub = roots.bus("app-manager").subscribe::<TestStatus>("fake");
+    let fake = tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            frame::encode_into(
+                &mut buf,
+                &frame::ServerFrame::Refused {
+                    reason: "uid 1000 may not read TestStatus".into(),
+                },
+            )
+            .unwrap();
+            let _ = conn.write_all(&buf).await;
+        }
+    });
+    for _ in 0..5 {
+        assert!(matches!(next(&mut sub).await, Event::Refused { .. }));
+    }
+    let text = logs.text();
+    let warned = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("refused by the publisher"))
+        .count();
+    assert_eq!(warned, 1, "five refusals, one warning:\n{text}");
+    fake.abort();
+}
+
+#[tokio::test]
+async fn a_subscriber_allocates_for_bytes_received_not_for_a_declared_frame_length() {
+    let (logs, _guard) = LogCapture::install();
+    let roots = Roots::new();
+    let listener = fake_publisher(&roots);
+    let mut sub = roots.bus("app-manager").subscribe::<TestStatus>("fake");
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let fake = tokio::spawn(async move {
+        // First connection: a good update, then a frame declaring the cap of which only a few
+        // bytes ever come; all in one write, so the declaration is in the subscriber's buffer
+        // when the update is handed out.
+        let (mut first, _) = listener.accept().await.unwrap();
+        let mut buf = welcome();
+        frame::encode_into(
+            &mut buf,
+            &frame::ServerFrame::Update {
+                key: "ok".into(),
+                value: &frame::encode_value(&status("ok", 1)).unwrap(),
+                skipped: 0,
+                repeat: false,
+            },
+        )
+        .unwrap();
+        buf.extend_from_slice(&(frame::MAX_FRAME as u32).to_be_bytes());
+        buf.extend_from_slice(&[0x82, 0xa1, b'x']);
+        first.write_all(&buf).await.unwrap();
+        first_tx.send(first).unwrap();
+        // Second connection: a length over the cap (4 GiB).
+        let (mut second, _) = listener.accept().await.unwrap();
+        let mut buf = welcome();
+        buf.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        second.write_all(&buf).await.unwrap();
+        second
+    });
+    assert_eq!(next(&mut sub).await, created("ok", 1));
+    let first = first_rx.await.unwrap();
+    // The declared frame never completes: this recv can only wait.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), sub.recv())
+            .await
+            .is_err()
+    );
+    assert!(
+        sub.buffer_capacity() < 1 << 20,
+        "a declared {} byte frame reserved {} bytes",
+        frame::MAX_FRAME,
+        sub.buffer_capacity()
+    );
+
+    // The publisher leaves mid-frame; on the next connection it declares more than the cap:
+    // that connection is dropped with a log line too, and the subscriber goes on.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !logs.text().contains("exceeds the") {
+        assert!(Instant::now() < deadline, "no log line:\n{}", logs.text());
+        let _ = tokio::time::timeout(Duration::from_millis(50), sub.recv()).await;
+    }
+    assert!(sub.stats().dropped_connections >= 2);
+    let second = fake.await.unwrap();
+    drop(second);
+}

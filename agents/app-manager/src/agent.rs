@@ -389,7 +389,7 @@ impl AppManager {
                 self.input(app, Input::VolumesResult(answer)).await?;
             }
         }
-        // Likewise a live operation's answer (issue 11).
+        // Likewise a live operation's answer.
         let live = self.apps.get(&app).and_then(crate::live::live_request);
         if let Some(request) = live {
             self.sync_live_request(app).await?;
@@ -568,7 +568,7 @@ impl AppManager {
         Ok(())
     }
 
-    /// An app the config wants running that waits for its volumes says so (issue 17): creating
+    /// An app the config wants running that waits for its volumes says so: creating
     /// them, or Broken with the error of a volume that cannot be made.
     fn explain_waiting_volumes(&self, state: &AppState, status: &mut AppInstanceStatus) {
         let waiting = state.effective().activate
@@ -717,7 +717,7 @@ impl AppManager {
                         }
                         self.domain_configs.publish(domain).await?
                     }
-                    // The app is broken for this reason, not left starting (issue 17).
+                    // The app is broken for this reason, not left starting.
                     Err(reason) if activate => {
                         tracing::warn!(app = %app, "{reason}");
                         self.follow_ups.insert(app, Input::CannotStart { reason });

@@ -1,4 +1,4 @@
-//! Talks to a VM's qemu-guest-agent (issue 11) over the virtio-serial port the domain-manager
+//! Talks to a VM's qemu-guest-agent over the virtio-serial port the domain-manager
 //! gives a VM whose spec says `guest_agent` (`<run>/domain-manager/apps/<app>/qga.sock`): the
 //! filesystem freeze and thaw around a live snapshot, run by the hook executor as part of the
 //! `pre` and `post` steps, so they share the hooks' ordering and crash safety.

@@ -1,4 +1,4 @@
-//! Runs an app's quiesce hooks on the device (issue 11) for the executor: one task per hook,
+//! Runs an app's quiesce hooks on the device for the executor: one task per hook,
 //! so a slow hook never holds up the other apps. The machine decides when
 //! ([`crate::machine::HookRequest`]); this module only runs the command and says how it went.
 //!

@@ -86,7 +86,7 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
     let state_now = match (&state.phase, state.domain_active) {
         (Phase::Starting, _) => SwState::Booting,
         (Phase::Stopping, _) => SwState::Halting,
-        // A live snapshot is taken while the app runs (issue 11).
+        // A live snapshot is taken while the app runs.
         (Phase::Volume { .. }, true) if state.live.is_some() => SwState::Running,
         (Phase::Volume { .. } | Phase::Group { .. }, _) => SwState::Halted,
         (Phase::Idle | Phase::Hook { .. }, true) => SwState::Running,

@@ -1,4 +1,4 @@
-//! Live and stateful snapshots (issue 11): the part of the machine's decisions that takes a
+//! Live and stateful snapshots: the part of the machine's decisions that takes a
 //! snapshot without stopping the app, and rolls a VM back into its saved memory state.
 //!
 //! - A create whose snapshot asks for mode `live` or `stateful`, at the head of the queue while

@@ -1,4 +1,4 @@
-//! The app-manager's decisions for one app (DESIGN.md §3, §9), as a pure function:
+//! The app-manager's decisions for one app, as a pure function:
 //! `step(state, input, now) → (state', actions)`. No I/O: the executor carries the actions out in
 //! order, and the first action is always [`Action::Persist`], so every intent is on disk before
 //! anything acts on it. After a restart the executor loads the state and feeds [`Input::Resume`],
@@ -32,8 +32,9 @@
 //! - a sound snapshot found on disk that the state does not track (EVE's records, or a lost state
 //!   file) is imported as available when the config lists it, under the same `max_snapshots`.
 //!
-//! Beyond EVE (issue 10), the policy in the snapshot config runs here, at [`Input::Tick`]s the
-//! executor feeds at [`next_wakeup`]:
+//! Beyond EVE, the policy in the snapshot config runs here (`machine/policy.rs`; the consistency
+//! groups' barriers are `machine/groups.rs`), at [`Input::Tick`]s the executor feeds at
+//! [`next_wakeup`]:
 //! - a due schedule takes a *scheduled* (device-originated) snapshot like an IMMEDIATE one
 //!   (stop, take, start; no stop when the app is inactive), with the executor's fresh id and a
 //!   name from the policy's pattern. The controller's list does not decide its fate: its
@@ -52,7 +53,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use cairn_persist::Persist;
-use cairn_types::policy::{ConsistencyGroup, Schedule, SnapshotPolicy, retained, snapshot_name};
+use cairn_types::policy::{ConsistencyGroup, SnapshotPolicy};
 use cairn_types::{
     AppInstanceConfig, SnapshotDesc, SnapshotType, UUIDandVersion, VolumesSnapshotAction,
     VolumesSnapshotConfig, VolumesSnapshotStatus,
@@ -61,8 +62,14 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+mod groups;
+mod policy;
 mod quiesce;
 pub mod restart;
+pub use groups::{coordinate, group_of};
+use groups::{group_abort, group_done, group_go};
+pub use policy::next_wakeup;
+use policy::{Which, on_tick, sync_schedule};
 pub use quiesce::{HookKind, HookRequest, QuiesceStage, SnapshotOutcome};
 pub use restart::{Failure, domain_restart_counter};
 
@@ -178,7 +185,7 @@ pub enum Phase {
     /// barrier, until every member's has ([`Input::GroupDone`]) or the group failed
     /// ([`Input::GroupAbort`]). The domain stays down meanwhile.
     Group { step: Step, done: bool },
-    /// A quiesce hook of `snapshot` runs on the device (issue 11, [`quiesce`]): waiting for its
+    /// A quiesce hook of `snapshot` runs on the device ([`quiesce`]): waiting for its
     /// end ([`Input::Hook`] with `counter`). The domain stays as it is meanwhile.
     Hook {
         snapshot: Uuid,
@@ -195,7 +202,7 @@ pub struct LocalGeneration {
     pub local: i64,
 }
 
-/// How far the policy's schedule has run (issue 10). Persisted with the app's state, so due
+/// How far the policy's schedule has run. Persisted with the app's state, so due
 /// times survive restarts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
 pub struct ScheduleState {
@@ -263,7 +270,7 @@ pub struct AppState {
     /// stateful snapshot), until it runs.
     #[serde(default)]
     pub load_state: Option<Uuid>,
-    /// Snapshots past their `pre` hook point whose `post` hook is still owed (issue 11).
+    /// Snapshots past their `pre` hook point whose `post` hook is still owed.
     #[serde(default)]
     pub quiesced: BTreeMap<Uuid, QuiesceStage>,
     /// Issue 17: the last unasked end or failed start of the domain, and whether it holds
@@ -288,7 +295,7 @@ pub enum Input {
     Domain {
         active: bool,
     },
-    /// The domain ended without being asked to, or could not be started (issue 17): the
+    /// The domain ended without being asked to, or could not be started: the
     /// generation it had (version, restart counter), why, and whether it exited cleanly.
     DomainBroken {
         version: String,
@@ -472,7 +479,7 @@ impl AppState {
     /// restarted app-manager can publish it again. `None` before the app was ever started.
     pub fn domain_request(&self) -> Option<(bool, &AppInstanceConfig)> {
         let config = self.running.as_ref().unwrap_or_else(|| self.effective());
-        // A live snapshot is taken while the domain runs (issue 11).
+        // A live snapshot is taken while the domain runs.
         if self.live.is_some() && self.domain_active {
             return Some((true, config));
         }
@@ -1090,7 +1097,7 @@ fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
     if quiesce::thaw(state, actions) {
         return;
     }
-    // A live or stateful create in progress goes on while the domain runs (issue 11).
+    // A live or stateful create in progress goes on while the domain runs.
     match crate::live::go_on(state) {
         crate::live::Next::Usual => {}
         crate::live::Next::Wait => return,
@@ -1103,7 +1110,7 @@ fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
         if quiesce::freeze_before_stop(state, actions) {
             return;
         }
-        // A live or stateful create at the head of the queue needs no stop (issue 11).
+        // A live or stateful create at the head of the queue needs no stop.
         match crate::live::take(state) {
             crate::live::Next::Usual => {}
             crate::live::Next::Wait => return,
@@ -1222,609 +1229,4 @@ pub fn ref_key(volume: &cairn_types::VolumeRefConfig) -> String {
 /// The volume keys a config names.
 pub fn volume_keys(config: &AppInstanceConfig) -> BTreeSet<String> {
     config.volume_ref_config_list.iter().map(ref_key).collect()
-}
-
-// ---- the snapshot policy: schedule, expiry, retention (issue 10) ----
-//
-// Two schedules run side by side: the app's own policy, and its consistency group's. A group's
-// schedule runs on every member alike: each member's machine counts the same due times and
-// takes, at each, its own snapshot under one group snapshot id derived from the group and the
-// due time, so the members meet at the group's barriers without asking each other (see
-// [`coordinate`] for a member that cannot).
-
-/// Which of an app's two schedules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Which {
-    /// The app's own policy (`SnapshotConfig.policy`).
-    Own,
-    /// Its consistency group's policy.
-    Group,
-}
-
-const SCHEDULES: [Which; 2] = [Which::Own, Which::Group];
-
-/// Whether `record` was taken by schedule `which`.
-fn taken_by(record: &SnapshotRecord, which: Which) -> bool {
-    record.scheduled && record.desc.group_id.is_nil() == (which == Which::Own)
-}
-
-/// The key a schedule is counted under; empty when there is none. A group's names the group,
-/// so that moving to another group starts counting afresh.
-fn schedule_key(state: &AppState, which: Which) -> String {
-    match state.policy_of(which) {
-        Some(p) if !p.schedule.trim().is_empty() => {
-            let text = format!("{} @ {}", p.schedule.trim(), p.time_zone.trim());
-            match (which, state.group()) {
-                (Which::Group, Some(g)) => format!("group {}: {text}", g.id),
-                _ => text,
-            }
-        }
-        _ => String::new(),
-    }
-}
-
-/// A schedule first seen (a new policy, a changed one, a state from before schedules) starts
-/// counting at `now`: it does not take a snapshot for due times before it arrived.
-fn sync_schedule(state: &mut AppState, now: DateTime<Utc>) {
-    for which in SCHEDULES {
-        let key = schedule_key(state, which);
-        if key == state.schedule_of(which).key {
-            continue;
-        }
-        state.schedule_of_mut(which).last_due = (!key.is_empty()).then_some(now);
-        if let Some(p) = state.policy_of(which)
-            && !key.is_empty()
-            && let Err(e) = Schedule::parse(&p.schedule, &p.time_zone)
-        {
-            let note = match which {
-                Which::Own => format!("snapshot schedule not run: {e}"),
-                Which::Group => format!("group snapshot schedule not run: {e}"),
-            };
-            if !state.warnings.contains(&note) {
-                state.warnings.push(note);
-            }
-        }
-        state.schedule_of_mut(which).key = key;
-    }
-}
-
-/// What a due schedule does now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Due {
-    /// Take a scheduled snapshot.
-    Take,
-    /// Mark it handled without a snapshot: the app is deactivated (and the policy does not
-    /// say `schedule_when_stopped`), or a scheduled snapshot is still being taken.
-    Skip,
-    /// Wait: the app's volumes are not ready. An input (their readiness) changes that.
-    Wait,
-}
-
-/// The parsed schedule and its first due time not handled yet, if the state counts one.
-fn pending_due(state: &AppState, which: Which) -> Option<(Schedule, DateTime<Utc>)> {
-    let policy = state.policy_of(which)?;
-    let counted = state.schedule_of(which);
-    let last = counted.last_due?;
-    if counted.key != schedule_key(state, which) {
-        return None;
-    }
-    let schedule = Schedule::parse(&policy.schedule, &policy.time_zone).ok()?;
-    let next = schedule.next_after(last)?;
-    Some((schedule, next))
-}
-
-fn due_decision(state: &AppState, which: Which) -> Due {
-    // A group takes every member, running or not: the others wait for it at the barrier.
-    let when_stopped =
-        which == Which::Group || state.policy().is_some_and(|p| p.schedule_when_stopped);
-    if !state.effective().activate && !when_stopped {
-        return Due::Skip;
-    }
-    let taking = state.snapshots.iter().any(|s| {
-        taken_by(s, which) && matches!(s.state, SnapshotState::Requested | SnapshotState::Triggered)
-    });
-    if taking {
-        return Due::Skip;
-    }
-    // Nothing may be kept: taking it only to delete it would stop the app for nothing.
-    if state.controller.snapshot.max_snapshots == 0 {
-        return Due::Skip;
-    }
-    if !state.volumes_ready {
-        return Due::Wait;
-    }
-    Due::Take
-}
-
-/// When the executor should feed the next [`Input::Tick`]: the schedules' next due times, or
-/// the first expiry of an available snapshot, whichever comes first. A due time that waits for
-/// an input (volumes not ready) is no reason to wake. After a tick at `now`, this is `None` or
-/// later than `now`, so the executor never spins.
-pub fn next_wakeup(state: &AppState, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let mut times = Vec::new();
-    for which in SCHEDULES {
-        times.extend(
-            pending_due(state, which)
-                .map(|(_, at)| at)
-                .filter(|at| *at > now || due_decision(state, which) != Due::Wait),
-        );
-        // A schedule not counted yet (no step since its config) is synchronized by any tick.
-        if schedule_key(state, which) != state.schedule_of(which).key {
-            times.push(now);
-        }
-    }
-    times.extend(
-        state
-            .snapshots
-            .iter()
-            .filter(|s| s.state == SnapshotState::Available)
-            .filter_map(|s| s.expires_at(state.policy_for(s))),
-    );
-    times.extend(restart::wakeup(state));
-    times.into_iter().min()
-}
-
-/// Expiry, then the app's schedule, then its group's.
-fn on_tick(state: &mut AppState, new_id: Uuid, now: DateTime<Utc>) {
-    expire(state, now);
-    for which in SCHEDULES {
-        let Some((schedule, next)) = pending_due(state, which) else {
-            continue;
-        };
-        if next > now {
-            continue;
-        }
-        let decision = due_decision(state, which);
-        if decision == Due::Wait {
-            continue;
-        }
-        // Every due time up to now is handled by this one decision: one snapshot, not a burst.
-        let due = latest_due(&schedule, next, now);
-        state.schedule_of_mut(which).last_due = Some(due);
-        if decision == Due::Skip {
-            if state.controller.snapshot.max_snapshots == 0 {
-                let note = "scheduled snapshots are not taken: max_snapshots is 0, which keeps no \
-                            snapshot (EVE's meaning)"
-                    .to_string();
-                if !state.warnings.contains(&note) {
-                    state.warnings.push(note);
-                }
-            }
-            continue;
-        }
-        let id = match (which, state.group()) {
-            (Which::Own, _) => new_id,
-            (Which::Group, Some(group)) => {
-                ConsistencyGroup::member_snapshot(group.scheduled_snapshot(due), state.app)
-            }
-            (Which::Group, None) => continue,
-        };
-        if state.snapshot(id).is_some() {
-            continue;
-        }
-        take_scheduled(state, which, &schedule, id, due, now);
-    }
-}
-
-/// The last due time of `schedule` at or before `now`, starting from `first` (itself due at or
-/// before `now`). Past a long downtime of a frequent schedule, `now` stands for it.
-fn latest_due(schedule: &Schedule, first: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
-    let mut at = first;
-    for _ in 0..10_000 {
-        match schedule.next_after(at) {
-            Some(next) if next <= now => at = next,
-            _ => return at,
-        }
-    }
-    now
-}
-
-/// Available snapshots past their expiry become pending deletions (deleted at the next
-/// deactivation, never a reason to stop the app).
-fn expire(state: &mut AppState, now: DateTime<Utc>) {
-    let due: Vec<Uuid> = state
-        .snapshots
-        .iter()
-        .filter(|s| s.state == SnapshotState::Available)
-        .filter(|s| {
-            s.expires_at(state.policy_for(s))
-                .is_some_and(|at| at <= now)
-        })
-        .map(SnapshotRecord::id)
-        .collect();
-    for id in due {
-        let Some(record) = state.snapshot_mut(id) else {
-            continue;
-        };
-        record.state = SnapshotState::PendingDeletion;
-        if !record.scheduled {
-            state.expired.insert(id);
-        }
-    }
-}
-
-/// Retention first (over the available snapshots of the same schedule plus the new one), then
-/// the new snapshot, triggered like an IMMEDIATE one; `max_snapshots` as for any new snapshot.
-/// The deletions this marks run before the new create in the same stop window. A group's
-/// snapshot belongs to the group snapshot of `due`: the same on every member.
-fn take_scheduled(
-    state: &mut AppState,
-    which: Which,
-    schedule: &Schedule,
-    id: Uuid,
-    due: DateTime<Utc>,
-    now: DateTime<Utc>,
-) {
-    let Some(policy) = state.policy_of(which).cloned() else {
-        return;
-    };
-    if policy.retention.is_set() {
-        let mut candidates: Vec<(Uuid, DateTime<Utc>)> = state
-            .snapshots
-            .iter()
-            .filter(|s| taken_by(s, which) && s.state == SnapshotState::Available)
-            // The due time the schedule took it for (this machine's clock), not the
-            // volume-manager's stamp: periods are about which due time a snapshot stands for,
-            // and the two clocks need not agree (a test's injected clock, a clock stepped in
-            // between).
-            .map(|s| {
-                let at = s.due.or(s.time_triggered).or(s.time_created);
-                (s.id(), at.unwrap_or(now))
-            })
-            .collect();
-        candidates.push((id, due));
-        let keep = retained(&candidates, &policy.retention, schedule.zone());
-        for record in &mut state.snapshots {
-            if taken_by(record, which)
-                && record.state == SnapshotState::Available
-                && !keep.contains(&record.id())
-            {
-                record.state = SnapshotState::PendingDeletion;
-            }
-        }
-    }
-    // An earlier scheduled snapshot that failed was reported; nothing of it is on the volumes.
-    state
-        .snapshots
-        .retain(|s| !(taken_by(s, which) && s.state == SnapshotState::Failed));
-    let counter = {
-        let counted = state.schedule_of_mut(which);
-        counted.counter += 1;
-        counted.counter
-    };
-    let app_name = state.effective().display_name.clone();
-    let (group_id, named_at, description) = match (which, state.group()) {
-        (Which::Group, Some(group)) => (
-            group.scheduled_snapshot(due),
-            due,
-            format!(
-                "scheduled for group {} ({} in {})",
-                if group.name.is_empty() {
-                    group.id.to_string()
-                } else {
-                    group.name.clone()
-                },
-                policy.schedule.trim(),
-                schedule.zone()
-            ),
-        ),
-        _ => (
-            Uuid::nil(),
-            now,
-            format!(
-                "scheduled ({} in {})",
-                policy.schedule.trim(),
-                schedule.zone()
-            ),
-        ),
-    };
-    let name = snapshot_name(
-        &policy.pattern,
-        named_at,
-        schedule.zone(),
-        counter,
-        &app_name,
-    );
-    state.snapshots.push(SnapshotRecord {
-        desc: SnapshotDesc {
-            snapshot_id: id,
-            snapshot_type: SnapshotType::Immediate,
-            name,
-            description,
-            expiry_seconds: 0,
-            group_id,
-            // A group's snapshots are taken stopped: its members meet at stop barriers.
-            mode: if which == Which::Own {
-                policy.mode
-            } else {
-                cairn_types::SnapshotMode::Stopped
-            },
-        },
-        state: SnapshotState::Requested,
-        time_triggered: None,
-        time_created: None,
-        config: None,
-        error: None,
-        scheduled: true,
-        due: Some(due),
-    });
-    trigger(state, id, now);
-    enforce_max(state);
-}
-
-// ---- consistency groups (issue 10) ----
-//
-// A group snapshot is one snapshot per member app, each listing the same `group_id`. Each
-// member's machine stops its app as for an IMMEDIATE snapshot, then waits in [`Phase::Group`]
-// before its create (first barrier) and after it (second barrier); [`coordinate`], over every
-// app's state, tells the members when to go on. A rollback to a grouped snapshot waits at the
-// same barriers, so no member starts on the restored config before every member is restored.
-// Everything a barrier decides on is in the persisted states, so a restart resumes the group
-// where it stood (a create in flight is asked again, like any other).
-
-/// The consistency group of a step's snapshot: creates and rollbacks of grouped snapshots wait
-/// for the other members; deletions never do.
-pub fn group_of(state: &AppState, step: Step) -> Option<Uuid> {
-    match step {
-        Step::Create(id) | Step::Rollback(id) => state
-            .snapshot(id)
-            .map(|s| s.desc.group_id)
-            .filter(|g| !g.is_nil()),
-        Step::Delete(_) => None,
-    }
-}
-
-fn group_go(state: &mut AppState, at: DateTime<Utc>, actions: &mut Vec<Action>) {
-    let Phase::Group { step, done: false } = state.phase else {
-        return;
-    };
-    if let Step::Create(id) = step
-        && let Some(record) = state.snapshot_mut(id)
-    {
-        record.time_created = Some(at);
-    }
-    start_step(state, step, actions);
-}
-
-fn group_done(state: &mut AppState, actions: &mut Vec<Action>) {
-    let Phase::Group { step, done: true } = state.phase else {
-        return;
-    };
-    state.phase = Phase::Idle;
-    if let Step::Create(id) = step {
-        let in_config = wanted(state, id);
-        if let Some(record) = state.snapshot_mut(id)
-            && record.state == SnapshotState::Triggered
-        {
-            record.state = if in_config {
-                SnapshotState::Available
-            } else {
-                SnapshotState::PendingDeletion
-            };
-            actions.push(Action::WriteSnapshot(id));
-        }
-        enforce_max(state);
-    }
-}
-
-fn group_abort(state: &mut AppState, snapshot: Uuid, reason: String) {
-    let create = Step::Create(snapshot);
-    // A create in flight is answered first; the executor aborts it after.
-    if matches!(state.phase, Phase::Volume { step, .. } if step == create) {
-        return;
-    }
-    let Some(record) = state.snapshot_mut(snapshot) else {
-        return;
-    };
-    if record.state != SnapshotState::Triggered {
-        return;
-    }
-    record.state = SnapshotState::Failed;
-    record.time_created = None;
-    record.error = Some(reason);
-    let taken = state.phase
-        == (Phase::Group {
-            step: create,
-            done: true,
-        });
-    if matches!(state.phase, Phase::Group { step, .. } if step == create) {
-        state.phase = Phase::Idle;
-    }
-    state.steps.retain(|s| *s != create);
-    if taken {
-        // Undo it before the app starts again: all or nothing.
-        state.steps.push_front(Step::Delete(snapshot));
-    }
-}
-
-/// Where a member stands in a group step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stand {
-    /// Not at the first barrier yet (stopping, other steps first).
-    Before,
-    Waiting,
-    /// Asked the volume-manager.
-    Acting,
-    /// At the second barrier.
-    Done,
-}
-
-fn stand(state: &AppState, wanted: Step) -> Stand {
-    match state.phase {
-        Phase::Group { step, done: false } if step == wanted => Stand::Waiting,
-        Phase::Group { step, done: true } if step == wanted => Stand::Done,
-        Phase::Volume { step, .. } if step == wanted => Stand::Acting,
-        _ => Stand::Before,
-    }
-}
-
-/// One group step over its members: `(app, snapshot, stand, time already recorded)`.
-type Members = Vec<(Uuid, Uuid, Stand, Option<DateTime<Utc>>)>;
-
-/// What the members of the consistency groups in progress are told, given every app's state:
-/// - a group in which a member's snapshot failed (or was dropped by `max_snapshots`) is
-///   aborted on every other member (each deletes what it took, then starts again);
-/// - once no member is before the first barrier, the waiting ones go, all with one time (the
-///   one already recorded by a member that went before a restart, else `now`);
-/// - once every member is at the second barrier, all are done.
-///
-/// Rollbacks to a group's snapshots follow the same barriers among the members asked to roll
-/// back. The executor feeds these inputs and calls this again until it returns nothing.
-pub fn coordinate(apps: &BTreeMap<Uuid, AppState>, now: DateTime<Utc>) -> Vec<(Uuid, Input)> {
-    let mut creates: BTreeMap<Uuid, Members> = BTreeMap::new();
-    let mut rollbacks: BTreeMap<Uuid, Members> = BTreeMap::new();
-    let mut failures: BTreeMap<Uuid, String> = BTreeMap::new();
-    for (app, state) in apps {
-        for record in &state.snapshots {
-            let group = record.desc.group_id;
-            if group.is_nil() {
-                continue;
-            }
-            let id = record.id();
-            match record.state {
-                SnapshotState::Triggered => {
-                    creates.entry(group).or_default().push((
-                        *app,
-                        id,
-                        stand(state, Step::Create(id)),
-                        record.time_created,
-                    ));
-                }
-                SnapshotState::Failed => {
-                    failures.entry(group).or_insert_with(|| {
-                        record
-                            .error
-                            .clone()
-                            .unwrap_or_else(|| format!("group {group} failed at member {app}"))
-                    });
-                }
-                SnapshotState::Dropped => {
-                    failures.entry(group).or_insert_with(|| {
-                        format!(
-                            "group {group} failed at member {app}: its snapshot {id} was dropped (max_snapshots)"
-                        )
-                    });
-                }
-                _ => {}
-            }
-            let rollback = Step::Rollback(id);
-            let position = stand(state, rollback);
-            if position != Stand::Before || state.steps.contains(&rollback) {
-                rollbacks
-                    .entry(group)
-                    .or_default()
-                    .push((*app, id, position, None));
-            }
-        }
-    }
-    // A declared group waits for every member, and fails for one that cannot come.
-    for (group, members) in creates.iter_mut() {
-        if failures.contains_key(group) {
-            continue;
-        }
-        match absent_members(apps, *group, members) {
-            Ok(waiting) => members.extend(
-                waiting
-                    .into_iter()
-                    .map(|app| (app, Uuid::nil(), Stand::Before, None)),
-            ),
-            Err(reason) => {
-                failures.insert(*group, reason);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    for (group, members) in creates {
-        if let Some(reason) = failures.get(&group) {
-            for (app, snapshot, position, _) in members {
-                // A member that never listed it has nothing to abort.
-                if position != Stand::Acting && !snapshot.is_nil() {
-                    out.push((
-                        app,
-                        Input::GroupAbort {
-                            snapshot,
-                            reason: reason.clone(),
-                        },
-                    ));
-                }
-            }
-            continue;
-        }
-        barriers(&members, now, &mut out);
-    }
-    for members in rollbacks.values() {
-        barriers(members, now, &mut out);
-    }
-    out
-}
-
-/// The members of group snapshot `snapshot`'s declared group (the group of the apps taking it)
-/// that have not listed it yet: they are waited for. `Err`: one of them cannot come — it is
-/// not on this device, or its group schedule passed the snapshot's due time without taking it
-/// (its schedule started counting after it, or it skipped it). An undeclared group (apps
-/// without a group config) is whoever lists it.
-fn absent_members(
-    apps: &BTreeMap<Uuid, AppState>,
-    snapshot: Uuid,
-    members: &Members,
-) -> Result<Vec<Uuid>, String> {
-    let Some(group) = members
-        .iter()
-        .find_map(|m| apps.get(&m.0).and_then(AppState::group))
-    else {
-        return Ok(Vec::new());
-    };
-    let due = members
-        .iter()
-        .find_map(|m| apps.get(&m.0)?.snapshot(m.1)?.due);
-    let label = if group.name.is_empty() {
-        group.id.to_string()
-    } else {
-        format!("{} ({})", group.name, group.id)
-    };
-    let mut waiting = Vec::new();
-    for app in &group.members {
-        if members.iter().any(|m| m.0 == *app) {
-            continue;
-        }
-        let Some(state) = apps.get(app) else {
-            return Err(format!(
-                "group {label} snapshot {snapshot} failed at member {app}: the app is not on this device"
-            ));
-        };
-        // Listed already: failed (its failure aborts the group) or past the barriers.
-        if state.snapshots.iter().any(|s| s.desc.group_id == snapshot) {
-            continue;
-        }
-        if let Some(due) = due {
-            let counted = &state.group_schedule;
-            let joins = !counted.key.is_empty()
-                && counted.key == schedule_key(state, Which::Group)
-                && counted.last_due.is_some_and(|last| last < due);
-            if !joins {
-                return Err(format!(
-                    "group {label} snapshot {snapshot} failed at member {app}: it did not take the snapshot due at {due} (its group schedule started after that time or skipped it)"
-                ));
-            }
-        }
-        waiting.push(*app);
-    }
-    Ok(waiting)
-}
-
-fn barriers(members: &Members, now: DateTime<Utc>, out: &mut Vec<(Uuid, Input)>) {
-    if members.iter().any(|m| m.2 == Stand::Before) {
-        return;
-    }
-    if members.iter().all(|m| m.2 == Stand::Done) {
-        out.extend(members.iter().map(|m| (m.0, Input::GroupDone)));
-        return;
-    }
-    let at = members.iter().filter_map(|m| m.3).min().unwrap_or(now);
-    out.extend(
-        members
-            .iter()
-            .filter(|m| m.2 == Stand::Waiting)
-            .map(|m| (m.0, Input::GroupGo { at })),
-    );
 }

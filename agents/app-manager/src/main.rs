@@ -1,10 +1,8 @@
 //! `cairn-app-manager`: application lifecycle and snapshots, driven by the bus.
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use cairn_app_manager::agent::AppManager;
-use cairn_pubsub::Bus;
+use cairn_startup::{CommonArgs, StopSignals, init_logging};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -13,15 +11,8 @@ use clap::Parser;
     about = "Cairn's app-manager: application lifecycle and the snapshot state machine"
 )]
 struct Args {
-    /// Persistent state root.
-    #[arg(long, env = "CAIRN_PERSIST_DIR", default_value = "/persist")]
-    persist_dir: PathBuf,
-    /// Runtime root: bus sockets and volatile files.
-    #[arg(long, env = "CAIRN_RUN_DIR", default_value = "/run/cairn")]
-    run_dir: PathBuf,
-    /// A group whose members may read the app status (technicians).
-    #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
-    technicians_gid: Option<u32>,
+    #[command(flatten)]
+    common: CommonArgs,
     /// TENANT:GID: members of group GID are technicians of TENANT only (repeatable); they see
     /// that tenant's apps and snapshots and nothing of the others'.
     #[arg(
@@ -34,25 +25,16 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging();
     let args = Args::parse();
-    let bus = Bus::new("app-manager", &args.run_dir, &args.persist_dir);
-    let manager = AppManager::open(&bus, args.technicians_gid, &args.tenant_readers)
+    let mut stop = StopSignals::install()?;
+    let bus = args.common.bus("app-manager");
+    let manager = AppManager::open(&bus, args.common.technicians_gid, &args.tenant_readers)
         .await
         .context("starting the app-manager")?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     tokio::select! {
         result = manager.run() => result.context("app-manager stopped")?,
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+        _ = stop.recv() => {}
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
-//! `cairn up --dbus ADDRESS`: the device's read-only D-Bus read-out (DESIGN.md §5, §8).
+//! `cairn up --dbus ADDRESS`: the device's read-only D-Bus read-out.
 //!
-//! `cairn up` serves, next to the agents it supervises, the gateways of `cairn_pubsub::dbus` on
+//! `cairn up` serves, next to the agents it supervises, the gateways of `cairn_dbus` on
 //! the D-Bus bus at ADDRESS: `org.cairn.Bus` mirrors the status every agent publishes
 //! (`DeviceStatus`, `AppInstanceStatus`, `VolumeStatus`, `DomainStatus`), and each tenant given
 //! with `--tenant-reader TENANT:GID` gets its own name, `org.cairn.Tenant.<tenant>`, that mirrors
@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use cairn_pubsub::dbus::{Gateway, tenant_bus_name, tenant_policy};
+use cairn_dbus::{Gateway, tenant_bus_name, tenant_policy};
 use cairn_types::{AppInstanceStatus, DeviceStatus, DomainStatus, VolumeStatus};
 use tokio::sync::watch;
 

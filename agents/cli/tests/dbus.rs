@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
-#[path = "../../../pubsub/tests/support/dbus_daemon.rs"]
+#[path = "../../../dbus-gateway/tests/support/dbus_daemon.rs"]
 mod dbus_daemon;
 
 use std::process::Command;
@@ -71,12 +71,12 @@ fn wait_tree(up: &Up, address: &str, name: &str, done: impl Fn(&str) -> bool) ->
 }
 
 fn app_object(app: &str) -> String {
-    cairn_pubsub::dbus::object_path("app-manager", "AppInstanceStatus", app)
+    cairn_dbus::object_path("app-manager", "AppInstanceStatus", app)
 }
 
 /// The path under which `publisher`'s `topic` keys are objects.
 fn topic_prefix(publisher: &str, topic: &str) -> String {
-    let any = cairn_pubsub::dbus::object_path(publisher, topic, "x");
+    let any = cairn_dbus::object_path(publisher, topic, "x");
     any.trim_end_matches('x').to_string()
 }
 

@@ -12,6 +12,7 @@ use cairn_types::{
 use chrono::Utc;
 
 use crate::model::{self, DeviceConfig};
+use crate::watch::FileWatch;
 
 /// What the config-agent publishes.
 pub struct Publications {
@@ -99,10 +100,14 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Follows the local config file: applies it at start and whenever its content changes. An
 /// unreadable or invalid file changes nothing but the device status, which says why.
+///
+/// The kernel says when the file changed (an inotify watch on its directory); `safety_net` is
+/// a slow re-read besides, for what inotify cannot see (a symlink's target changed, a
+/// network file system, a watch that could not be set up).
 pub async fn follow_local_file(
     publications: &Publications,
     path: &Path,
-    poll: Duration,
+    safety_net: Duration,
 ) -> Result<(), BusError> {
     let source = ConfigSource::LocalFile {
         path: path.display().to_string(),
@@ -113,6 +118,7 @@ pub async fn follow_local_file(
     };
     let mut applied_hash: Option<String> = None;
     let mut first = true;
+    let mut watch = start_watch(path);
     loop {
         let outcome = read_local(path).await;
         match outcome {
@@ -144,7 +150,41 @@ pub async fn follow_local_file(
                 applied_hash = hash.or(applied_hash);
             }
         }
-        tokio::time::sleep(poll).await;
+        watch = wait_for_change(watch, path, safety_net).await;
+    }
+}
+
+fn start_watch(path: &Path) -> Option<FileWatch> {
+    match FileWatch::new(path) {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), "{e}; re-reading the file on the safety-net interval only");
+            None
+        }
+    }
+}
+
+/// Waits until the watch names the file or the safety net is due; returns the watch to use
+/// next (a new one after the old one ended, or after a safety-net pass without one).
+async fn wait_for_change(
+    watch: Option<FileWatch>,
+    path: &Path,
+    safety_net: Duration,
+) -> Option<FileWatch> {
+    let Some(mut watch) = watch else {
+        tokio::time::sleep(safety_net).await;
+        return start_watch(path);
+    };
+    tokio::select! {
+        changed = watch.changed() => match changed {
+            Ok(()) => Some(watch),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), "{e}; watching again");
+                // Re-armed before the caller re-reads, so nothing between the two is missed.
+                start_watch(path)
+            }
+        },
+        _ = tokio::time::sleep(safety_net) => Some(watch),
     }
 }
 
@@ -183,5 +223,6 @@ pub fn agent_health() -> DeviceStatus {
     }
 }
 
-/// The default poll interval of the local file.
-pub const LOCAL_POLL: Duration = Duration::from_millis(500);
+/// The default safety-net interval of the local file: inotify says when it changes, this
+/// re-read only catches what inotify cannot see.
+pub const LOCAL_SAFETY_NET: Duration = Duration::from_secs(30);

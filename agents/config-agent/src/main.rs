@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use cairn_config_agent::apply::{LOCAL_POLL, Publications, follow_local_file};
+use cairn_config_agent::apply::{LOCAL_SAFETY_NET, Publications, follow_local_file};
 use cairn_config_agent::controller::Link;
 use cairn_config_agent::https::{Https, server_of_url};
 use cairn_config_agent::identity::{Identity, Seed};
 use cairn_config_agent::link::{self, LinkOptions};
-use cairn_pubsub::Bus;
+use cairn_startup::{CommonArgs, StopSignals, init_logging};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -24,17 +24,14 @@ use clap::Parser;
         <persist>/config/ like EVE's /config partition)."
 )]
 struct Args {
-    /// Persistent state root.
-    #[arg(long, env = "CAIRN_PERSIST_DIR", default_value = "/persist")]
-    persist_dir: PathBuf,
-    /// Runtime root: bus sockets and volatile files.
-    #[arg(long, env = "CAIRN_RUN_DIR", default_value = "/run/cairn")]
-    run_dir: PathBuf,
+    #[command(flatten)]
+    common: CommonArgs,
     /// A local JSON config file, applied at start and whenever it changes.
     #[arg(long, env = "CAIRN_CONFIG", conflicts_with = "controller")]
     config: Option<PathBuf>,
-    /// How often the local file is checked for changes, in milliseconds.
-    #[arg(long, default_value_t = LOCAL_POLL.as_millis() as u64)]
+    /// How often the local file is re-read besides the kernel's change events (a safety net),
+    /// in milliseconds.
+    #[arg(long, default_value_t = LOCAL_SAFETY_NET.as_millis() as u64)]
     poll_ms: u64,
     /// The controller, `https://host:port`; stored in <persist>/config/server.
     #[arg(long, env = "CAIRN_CONTROLLER")]
@@ -65,9 +62,6 @@ struct Args {
     /// The longest wait between report retries, in milliseconds.
     #[arg(long, env = "CAIRN_MAX_RETRY_MS", default_value_t = 60_000)]
     max_retry_ms: u64,
-    /// A group whose members may read the device status (technicians).
-    #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
-    technicians_gid: Option<u32>,
     /// TENANT:GID: members of group GID are technicians of TENANT only; they may read the
     /// device status too (repeatable).
     #[arg(long = "tenant-reader", value_name = "TENANT:GID", value_parser = cairn_pubsub::access::parse_tenant_reader)]
@@ -76,33 +70,25 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging();
     let args = Args::parse();
-    let bus = Bus::new("config-agent", &args.run_dir, &args.persist_dir);
-    let publications = Publications::open(&bus, args.technicians_gid, &args.tenant_readers)
+    let mut stop = StopSignals::install()?;
+    let bus = args.common.bus("config-agent");
+    let publications = Publications::open(&bus, args.common.technicians_gid, &args.tenant_readers)
         .await
         .context("opening the config-agent's publications")?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     let source = async {
         match &args.config {
             Some(config) => {
-                let poll = Duration::from_millis(args.poll_ms.max(10));
-                follow_local_file(&publications, config, poll)
+                let safety_net = Duration::from_millis(args.poll_ms.max(10));
+                follow_local_file(&publications, config, safety_net)
                     .await
                     .context("publishing the config")
             }
             None => {
                 let link = open_link(&args)?;
                 let options = LinkOptions {
-                    persist: args.persist_dir.clone(),
+                    persist: args.common.persist_dir.clone(),
                     interval: Duration::from_millis(args.config_interval_ms.max(10)),
                     first_backoff: Duration::from_millis(args.retry_ms.max(1)),
                     max_backoff: Duration::from_millis(args.max_retry_ms.max(args.retry_ms)),
@@ -115,8 +101,7 @@ async fn main() -> anyhow::Result<()> {
     };
     tokio::select! {
         result = source => result?,
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+        _ = stop.recv() => {}
     }
     for publication in [
         publications.apps.flush().await,
@@ -141,7 +126,7 @@ fn open_link(args: &Args) -> anyhow::Result<Link> {
         onboard_key: args.onboard_key.clone(),
         serial: args.serial.clone(),
     };
-    let identity = Identity::open(&args.persist_dir, &seed)
+    let identity = Identity::open(&args.common.persist_dir, &seed)
         .context("no config source: give --config FILE, or set the device up for a controller")?;
     let https = Https::new(
         &identity.server,

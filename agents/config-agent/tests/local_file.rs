@@ -23,6 +23,9 @@ fn config(version: &str, max_snapshots: &str) -> String {
     )
 }
 
+/// The safety-net re-read far beyond every wait below: a change must be seen through inotify.
+const SAFETY_NET_MS: &str = "600000";
+
 struct Agent(Child);
 
 impl Drop for Agent {
@@ -68,7 +71,12 @@ async fn the_local_file_is_applied_followed_and_refused_when_invalid() {
     std::fs::write(&file, config("1", "2")).unwrap();
     let _agent = Agent(
         Command::new(env!("CARGO_BIN_EXE_cairn-config-agent"))
-            .args(["--config", file.to_str().unwrap(), "--poll-ms", "50"])
+            .args([
+                "--config",
+                file.to_str().unwrap(),
+                "--poll-ms",
+                SAFETY_NET_MS,
+            ])
             .env("CAIRN_RUN_DIR", root.path().join("run"))
             .env("CAIRN_PERSIST_DIR", root.path().join("persist"))
             .stderr(Stdio::inherit())
@@ -102,6 +110,17 @@ async fn the_local_file_is_applied_followed_and_refused_when_invalid() {
         }
     }
 
+    // A file replaced by rename (a new inode, as editors and tooling write it) is seen too.
+    let tmp = root.path().join(".config.json.tmp");
+    std::fs::write(&tmp, config("2b", "2")).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    loop {
+        if let Event::Modify { new, .. } = next(&mut apps).await {
+            assert_eq!(new.uuid_and_version.version, "2b");
+            break;
+        }
+    }
+
     // An invalid file changes nothing but the status, which names the field.
     std::fs::write(&file, config("3", "\"two\"")).unwrap();
     let status = until_status(&mut device, |s| s.last_error.is_error()).await;
@@ -113,7 +132,7 @@ async fn the_local_file_is_applied_followed_and_refused_when_invalid() {
         "{}",
         status.last_error.error
     );
-    assert_eq!(apps.get(APP).unwrap().uuid_and_version.version, "2");
+    assert_eq!(apps.get(APP).unwrap().uuid_and_version.version, "2b");
     if let Ok(event) = tokio::time::timeout(Duration::from_millis(300), apps.recv()).await {
         panic!("the refused config reached the bus: {event:?}");
     }
@@ -142,7 +161,12 @@ async fn a_file_that_is_not_a_device_config_is_refused_and_changes_nothing() {
     std::fs::write(&file, config("1", "2")).unwrap();
     let _agent = Agent(
         Command::new(env!("CARGO_BIN_EXE_cairn-config-agent"))
-            .args(["--config", file.to_str().unwrap(), "--poll-ms", "50"])
+            .args([
+                "--config",
+                file.to_str().unwrap(),
+                "--poll-ms",
+                SAFETY_NET_MS,
+            ])
             .env("CAIRN_RUN_DIR", root.path().join("run"))
             .env("CAIRN_PERSIST_DIR", root.path().join("persist"))
             .stderr(Stdio::inherit())

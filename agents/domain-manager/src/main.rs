@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cairn_domain_manager::{AGENT, Settings, Supervisor, Timeouts};
-use cairn_pubsub::Bus;
+use cairn_startup::{CommonArgs, StopSignals, init_logging};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -14,10 +14,8 @@ use clap::Parser;
     about = "Runs Cairn apps as qemu VMs and processes"
 )]
 struct Args {
-    #[arg(long, env = "CAIRN_PERSIST_DIR", default_value = "/persist")]
-    persist_dir: PathBuf,
-    #[arg(long, env = "CAIRN_RUN_DIR", default_value = "/run/cairn")]
-    run_dir: PathBuf,
+    #[command(flatten)]
+    common: CommonArgs,
     /// The qemu binary.
     #[arg(long, env = "CAIRN_QEMU", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
@@ -31,19 +29,10 @@ struct Args {
     /// `cairn up`); by default domains keep running and the next start re-adopts them.
     #[arg(long, env = "CAIRN_STOP_DOMAINS_ON_EXIT")]
     stop_domains_on_exit: bool,
-    /// A group whose members may read the domains' status (technicians).
-    #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
-    technicians_gid: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_logging();
     let args = Args::parse();
     // One thread: the agent waits on sockets and children; a small footprint matters more.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -57,7 +46,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stop = Duration::try_from_secs_f64(args.stop_timeout)
         .context("--stop-timeout must be a non-negative number of seconds")?;
     let stop_domains = args.stop_domains_on_exit;
-    let bus = Bus::new(AGENT, &args.run_dir, &args.persist_dir);
+    let bus = args.common.bus(AGENT);
     let settings = Settings {
         qemu: args.qemu,
         accel: args.accel,
@@ -65,21 +54,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             stop,
             ..Timeouts::default()
         },
-        technicians_gid: args.technicians_gid,
+        technicians_gid: args.common.technicians_gid,
     };
     // Before the re-adoption, which can take a while: a stop asked meanwhile still stops the
     // domains it adopts.
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut signals = StopSignals::install()?;
     let supervisor = Supervisor::open(&bus, settings)
         .await
         .context("cannot start the domain-manager")?;
     let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = interrupt.recv() => {}
-        }
+        signals.recv().await;
         if stop_domains {
             tracing::info!("shutting down with the device: stopping the domains");
         } else {

@@ -1,4 +1,4 @@
-//! Quiesce hooks (issue 11): the app's `pre` command runs before a snapshot of it is taken and
+//! Quiesce hooks: the app's `pre` command runs before a snapshot of it is taken and
 //! its `post` command after, on the device, carried out by the executor ([`crate::hooks`]).
 //!
 //! - `pre` runs right before the stop when the snapshot stops the app (so the app can still

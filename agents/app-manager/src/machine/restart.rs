@@ -1,4 +1,4 @@
-//! The restart policy (issue 17): what the machine does when the app's domain ends without
+//! The restart policy: what the machine does when the app's domain ends without
 //! being asked to, or cannot be started.
 //!
 //! EVE parks a crashed domain in BROKEN until the controller sends a restart command, and

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use cairn_pubsub::dbus::{self, Gateway, GatewayError, INTERFACE, ROOT_PATH};
+use cairn_dbus::{self as dbus, Gateway, GatewayError, INTERFACE, ROOT_PATH};
 use cairn_pubsub::{Bus, Publication, PublishOptions, Topic};
 use cairn_types::VolumeStatus;
 use dbus_daemon::PrivateDbusDaemon;

@@ -14,7 +14,7 @@ mod dbus_daemon;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_pubsub::dbus::{self, Gateway, ROOT_PATH};
+use cairn_dbus::{self as dbus, Gateway, ROOT_PATH};
 use cairn_pubsub::{Bus, PublishOptions};
 use cairn_types::{AppInstanceStatus, UUIDandVersion};
 use dbus_daemon::PrivateDbusDaemon;

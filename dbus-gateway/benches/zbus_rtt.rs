@@ -2,7 +2,7 @@
 //! it, through the daemon, as `busctl` or a technician's tool would reach the gateway.
 //!
 //! A module, not a bench target: the includer also includes `tests/support/dbus_daemon.rs` as
-//! `crate::dbus_daemon` (the pubsub bench, and the D-Bus tests for a smoke run).
+//! `crate::dbus_daemon` (the `zbus` bench, and the D-Bus tests for a smoke run).
 
 use std::pin::Pin;
 use std::time::{Duration, Instant};
