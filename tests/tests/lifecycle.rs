@@ -214,6 +214,17 @@ async fn an_app_that_died_while_every_agent_was_down_is_restarted_when_they_come
         .app_status(SETTLE, |s| s.state == SwState::Running)
         .await
         .unwrap();
+    // The domain-manager's key files are written behind: once its file says Running, a
+    // restarted domain-manager knows the app ran (else it would just start it, unreported).
+    let key_file = device
+        .run_dir()
+        .join("domain-manager/DomainStatus")
+        .join(format!("{APP}.json"));
+    device
+        .until(SETTLE, "the domain-manager's key file says Running", || {
+            std::fs::read_to_string(&key_file).is_ok_and(|t| t.contains("\"Running\""))
+        })
+        .await;
     // Every agent SIGKILLed, `/run` kept (not a reboot); then the app dies too.
     for agent in cairn_e2e::AGENTS {
         device.kill(agent);

@@ -472,6 +472,19 @@ mod tests {
         };
         let mut orphan = spawn(owner.path());
         let mut neighbour = spawn(other.path());
+        // Between fork and exec a child still shows its parent's environment: wait for exec.
+        for child in [&orphan, &neighbour] {
+            let environ = format!("/proc/{}/environ", child.id());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !std::fs::read(&environ)
+                .unwrap_or_default()
+                .windows(OWNER_VAR.len())
+                .any(|w| w == OWNER_VAR.as_bytes())
+            {
+                assert!(std::time::Instant::now() < deadline, "sleep never ran");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         let killed = kill_orphans(owner.path());
         assert_eq!(killed, [orphan.id() as i32]);
         assert_eq!(orphan.wait().unwrap().signal(), Some(9));
