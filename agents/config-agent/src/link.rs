@@ -16,7 +16,7 @@ use crate::apply::Publications;
 use crate::checkpoint;
 use crate::controller::{Link, LinkError, Polled};
 use crate::model;
-use crate::report::{self, Queue};
+use crate::report::{self, Queue, Report};
 
 /// EVE's config item for the poll interval, in seconds.
 pub const CONFIG_INTERVAL_ITEM: &str = "timer.config.interval";
@@ -60,7 +60,12 @@ pub async fn run(
         checkpoint: None,
     };
     match checkpoint::load(&options.persist) {
-        Ok(restored) => state.checkpoint = Some(restored),
+        Ok(restored) => {
+            // The checkpointed config is the controller's until it says otherwise (a 304 says
+            // nothing new), so its poll interval holds from the first poll on.
+            state.interval = poll_interval(&restored.config, options.interval);
+            state.checkpoint = Some(restored);
+        }
         Err(checkpoint::CheckpointError::Persist(e))
             if matches!(e.kind, cairn_persist::ErrorKind::NotFound) => {}
         Err(e) => {
@@ -73,6 +78,7 @@ pub async fn run(
     let mut published = state.status.clone();
     let mut next_poll = Instant::now();
     let mut poll_backoff = options.first_backoff;
+    let mut device_facts: Option<crate::proto::ZInfoDevice> = None;
     loop {
         let wake = {
             let report_due = queue
@@ -87,6 +93,18 @@ pub async fn run(
         match wake {
             Wake::Poll => {
                 let ok = state.poll(publications, &mut link, &url, &options).await?;
+                // At start and whenever a fact changes (looked at with each poll).
+                let persist = options.persist.clone();
+                if let Ok(facts) =
+                    tokio::task::spawn_blocking(move || report::device_facts(&persist)).await
+                    && device_facts.as_ref() != Some(&facts)
+                {
+                    queue.put(
+                        report::DEVICE_KEY.to_string(),
+                        Report::Device(Box::new(facts.clone())),
+                    );
+                    device_facts = Some(facts);
+                }
                 next_poll = if ok {
                     poll_backoff = options.first_backoff;
                     Instant::now() + jittered(state.interval)
@@ -100,16 +118,23 @@ pub async fn run(
                 Event::Create { key, value }
                 | Event::Modify {
                     key, new: value, ..
-                } => queue.put(key, Some(value)),
-                Event::Delete { key, .. } => queue.put(key, None),
+                } => queue.put(key, Report::App(Some(value))),
+                Event::Delete { key, .. } => queue.put(key, Report::App(None)),
                 _ => {}
             },
             Wake::Report => {
                 if let Some((app, report)) = queue.next() {
                     let sent = match link.connect().await {
                         Ok(device) => {
-                            link.send_info(report::app_info(device, &app, report.as_ref()))
-                                .await
+                            let info = match &report {
+                                Report::App(status) => {
+                                    report::app_info(device, &app, status.as_ref())
+                                }
+                                Report::Device(facts) => {
+                                    report::device_info(device, (**facts).clone())
+                                }
+                            };
+                            link.send_info(info).await
                         }
                         Err(e) => Err(e),
                     };
@@ -208,16 +233,7 @@ impl State {
                     }
                     Ok(model) => {
                         self.refused = None;
-                        if let Some(seconds) = model
-                            .config_items
-                            .get(CONFIG_INTERVAL_ITEM)
-                            .and_then(|v| v.parse::<u64>().ok())
-                            .filter(|s| *s > 0)
-                        {
-                            self.interval = Duration::from_secs(seconds);
-                        } else {
-                            self.interval = options.interval;
-                        }
+                        self.interval = poll_interval(&model, options.interval);
                         self.status.last_error = ErrorDescription::default();
                         // Checkpoint first: a config on the bus is always one a reboot without
                         // the controller would bring back.
@@ -302,6 +318,16 @@ impl State {
         self.status.last_error =
             ErrorDescription::new(error.to_string(), ErrorSeverity::Error, Utc::now());
     }
+}
+
+/// `timer.config.interval` of `config` (seconds), else `default`.
+fn poll_interval(config: &model::DeviceConfig, default: Duration) -> Duration {
+    config
+        .config_items
+        .get(CONFIG_INTERVAL_ITEM)
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(default, Duration::from_secs)
 }
 
 fn jittered(interval: Duration) -> Duration {
