@@ -216,6 +216,11 @@ async fn an_app_status_change_reaches_the_controller_as_zinfoapp_with_its_snapsh
     let app = &reported.apps()[APP];
     assert_eq!(app.app_version, "1");
     assert_eq!(app.app_name, "sensor");
+    assert_eq!(
+        app.volume_refs,
+        [VOLUME],
+        "the app's volumes in the config in force"
+    );
     let snapshot = &app.snapshots[0];
     assert_eq!(snapshot.id, SNAPSHOT);
     assert_eq!(snapshot.config_id, APP);

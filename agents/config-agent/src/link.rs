@@ -4,6 +4,7 @@
 //! through the per-app queue. One task does all of it, one exchange at a time, so there is no
 //! shared link state to lock.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -58,6 +59,7 @@ pub async fn run(
         restarted: false,
         interval: options.interval,
         checkpoint: None,
+        volume_refs: BTreeMap::new(),
     };
     match checkpoint::load(&options.persist) {
         Ok(restored) => {
@@ -128,7 +130,9 @@ pub async fn run(
                         Ok(device) => {
                             let info = match &report {
                                 Report::App(status) => {
-                                    report::app_info(device, &app, status.as_ref())
+                                    let volumes =
+                                        state.volume_refs.get(&app).map_or(&[][..], Vec::as_slice);
+                                    report::app_info(device, &app, status.as_ref(), volumes)
                                 }
                                 Report::Device(facts) => {
                                     report::device_info(device, (**facts).clone())
@@ -170,6 +174,8 @@ struct State {
     restarted: bool,
     interval: Duration,
     checkpoint: Option<checkpoint::Restored>,
+    /// Each app's volume ids in the config in force, for `ZInfoApp.volumeRefs`.
+    volume_refs: BTreeMap<String, Vec<String>>,
 }
 
 impl State {
@@ -301,6 +307,17 @@ impl State {
         self.status.last_config_hash = hash.to_string();
         self.status.last_config_time = Some(Utc::now());
         self.status.apps = config.apps.len() as u32;
+        self.volume_refs = config
+            .apps
+            .iter()
+            .map(|app| {
+                let volumes = app.volume_ref_config_list.iter();
+                (
+                    app.uuid_and_version.uuid.to_string(),
+                    volumes.map(|v| v.volume_id.to_string()).collect(),
+                )
+            })
+            .collect();
         self.status.volumes = config.volumes.len() as u32;
         Ok(())
     }

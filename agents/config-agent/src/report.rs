@@ -113,7 +113,14 @@ pub fn device_info(device: uuid::Uuid, info: ZInfoDevice) -> ZInfoMsg {
 }
 
 /// The info message for one app. `None` status: the app is gone (EVE sends the bare app id).
-pub fn app_info(device: uuid::Uuid, app: &str, status: Option<&AppInstanceStatus>) -> ZInfoMsg {
+/// `volume_refs`: the app's volume ids in the config in force (the app-manager's status does
+/// not carry them).
+pub fn app_info(
+    device: uuid::Uuid,
+    app: &str,
+    status: Option<&AppInstanceStatus>,
+    volume_refs: &[String],
+) -> ZInfoMsg {
     let mut info = ZInfoApp {
         app_id: app.to_string(),
         ..Default::default()
@@ -123,6 +130,7 @@ pub fn app_info(device: uuid::Uuid, app: &str, status: Option<&AppInstanceStatus
         info.app_name = status.display_name.clone();
         info.boot_time = status.boot_time.map(timestamp);
         info.state = sw_state(status.state) as i32;
+        info.volume_refs = volume_refs.to_vec();
         if !status.error.error.is_empty() {
             info.app_err.push(error_info(&status.error));
         }
@@ -332,7 +340,7 @@ mod tests {
         };
         broken.restarts = 3;
         broken.last_failure = broken.error.clone();
-        let msg = app_info(uuid::Uuid::new_v4(), "a", Some(&broken));
+        let msg = app_info(uuid::Uuid::new_v4(), "a", Some(&broken), &[]);
         let Some(InfoContent::Ainfo(app)) = msg.info_content else {
             panic!("an app info")
         };
@@ -348,13 +356,20 @@ mod tests {
     #[test]
     fn available_and_failed_snapshots_are_reported_with_their_fields() {
         let device = uuid::Uuid::new_v4();
-        let msg = app_info(device, "a", Some(&status("2", "disk full")));
+        let volume = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d".to_string();
+        let msg = app_info(
+            device,
+            "a",
+            Some(&status("2", "disk full")),
+            std::slice::from_ref(&volume),
+        );
         let Some(InfoContent::Ainfo(app)) = msg.info_content else {
             panic!("an app info")
         };
         assert_eq!(msg.dev_id, device.to_string());
         assert_eq!(app.app_version, "2");
         assert_eq!(app.state, ZSwState::Running as i32);
+        assert_eq!(app.volume_refs, [volume]);
         let ids: Vec<&str> = app.snapshots.iter().map(|s| s.id.as_str()).collect();
         assert_eq!(
             ids,
