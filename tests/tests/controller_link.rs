@@ -74,13 +74,22 @@ fn app_config(version: &str, snapshots: &[(&str, proto::SnapshotType)]) -> EdgeD
 
 /// The config-agent's flags for `controller`, with short timings.
 fn link_args(device: &Device, controller: &TestController) -> Vec<String> {
+    link_args_polling_every(device, controller, "200")
+}
+
+/// [`link_args`] with the device's own poll interval, in milliseconds.
+fn link_args_polling_every(
+    device: &Device,
+    controller: &TestController,
+    interval_ms: &str,
+) -> Vec<String> {
     let mut args = controller
         .device_args(&device.root.path().join("setup"), SERIAL)
         .unwrap();
     args.extend(
         [
             "--config-interval-ms",
-            "200",
+            interval_ms,
             "--controller-timeout-ms",
             "700",
             "--retry-ms",
@@ -207,6 +216,11 @@ async fn an_app_status_change_reaches_the_controller_as_zinfoapp_with_its_snapsh
     let app = &reported.apps()[APP];
     assert_eq!(app.app_version, "1");
     assert_eq!(app.app_name, "sensor");
+    assert_eq!(
+        app.volume_refs,
+        [VOLUME],
+        "the app's volumes in the config in force"
+    );
     let snapshot = &app.snapshots[0];
     assert_eq!(snapshot.id, SNAPSHOT);
     assert_eq!(snapshot.config_id, APP);
@@ -439,4 +453,93 @@ async fn a_controller_with_a_foreign_tls_certificate_is_refused() {
     // Not one request went over the refused connection: the impostor learned nothing.
     assert_eq!(impostor.requests(), []);
     assert_eq!(impostor.device(SERIAL).unwrap().config_requests, 0);
+}
+
+/// The controller's `timer.config.interval` holds across a restart that finds the config
+/// unchanged (every poll a 304), not the device's own (here a minute) until a new config comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_poll_interval_holds_across_a_restart_with_an_unchanged_config() {
+    let controller = TestController::start().await.unwrap();
+    let mut device = Device::new();
+    device.follow_controller(link_args_polling_every(&device, &controller, "60000"));
+    let mut config = app_config("1", &[]);
+    config.config_items.push(proto::ConfigItem {
+        key: cairn_config_agent::link::CONFIG_INTERVAL_ITEM.into(),
+        value: "1".into(),
+    });
+    controller.set_config(SERIAL, config);
+    device.start("config-agent", None);
+    app(&device, |a| a.uuid_and_version.version == "1").await;
+    controller
+        .wait_for(SERIAL, WITHIN, "polls at the controller's interval", |d| {
+            d.config_requests >= 3
+        })
+        .await
+        .unwrap();
+
+    device.kill("config-agent");
+    let before = controller.device(SERIAL).unwrap().config_requests;
+    device.start("config-agent", None);
+    // Three polls after the restart: with the device's own interval only the first would come.
+    let seen = controller
+        .wait_for(
+            SERIAL,
+            WITHIN,
+            "polls at the controller's interval again",
+            |d| d.config_requests >= before + 3,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.configs_sent, 1,
+        "the restart found the config unchanged"
+    );
+}
+
+/// The device reports itself as EVE's `ZInfoDevice` at start: machine facts, the agent as the
+/// active image and the API capability Cairn claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_reports_zinfodevice_at_start() {
+    let controller = TestController::start().await.unwrap();
+    let mut device = Device::new();
+    device.follow_controller(link_args(&device, &controller));
+    controller.set_config(SERIAL, app_config("1", &[]));
+    device.start("config-agent", None);
+
+    let seen = controller
+        .wait_for(SERIAL, WITHIN, "a device report", |d| {
+            d.device_info().is_some()
+        })
+        .await
+        .unwrap();
+    let info = seen.device_info().unwrap();
+    let msg = seen
+        .infos
+        .iter()
+        .find(|i| matches!(i.info_content, Some(proto::InfoContent::Dinfo(_))))
+        .unwrap();
+    assert_eq!(msg.dev_id, seen.uuid.to_string());
+    assert_eq!(msg.ztype, proto::ZInfoTypes::ZiDevice as i32);
+    assert!(info.ncpu > 0 && info.memory > 0 && info.storage > 0);
+    assert_eq!(info.state, proto::ZDeviceState::ZdeviceStateOnline as i32);
+    assert_eq!(
+        info.api_capability,
+        cairn_config_agent::report::API_CAPABILITY as i32
+    );
+    assert_eq!(info.sw_list.len(), 1);
+    assert_eq!(info.sw_list[0].partition_label, "IMGA");
+    assert!(info.sw_list[0].activated && !info.sw_list[0].short_version.is_empty());
+    // Facts that do not change are not sent again at every poll.
+    controller
+        .wait_for(SERIAL, WITHIN, "a few polls", |d| d.config_requests >= 5)
+        .await
+        .unwrap();
+    let reports = controller
+        .device(SERIAL)
+        .unwrap()
+        .infos
+        .iter()
+        .filter(|i| matches!(i.info_content, Some(proto::InfoContent::Dinfo(_))))
+        .count();
+    assert_eq!(reports, 1);
 }

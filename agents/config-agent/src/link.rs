@@ -4,6 +4,7 @@
 //! through the per-app queue. One task does all of it, one exchange at a time, so there is no
 //! shared link state to lock.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use crate::apply::Publications;
 use crate::checkpoint;
 use crate::controller::{Link, LinkError, Polled};
 use crate::model;
-use crate::report::{self, Queue};
+use crate::report::{self, Queue, Report};
 
 /// EVE's config item for the poll interval, in seconds.
 pub const CONFIG_INTERVAL_ITEM: &str = "timer.config.interval";
@@ -58,9 +59,15 @@ pub async fn run(
         restarted: false,
         interval: options.interval,
         checkpoint: None,
+        volume_refs: BTreeMap::new(),
     };
     match checkpoint::load(&options.persist) {
-        Ok(restored) => state.checkpoint = Some(restored),
+        Ok(restored) => {
+            // The checkpointed config is the controller's until it says otherwise (a 304 says
+            // nothing new), so its poll interval holds from the first poll on.
+            state.interval = poll_interval(&restored.config, options.interval);
+            state.checkpoint = Some(restored);
+        }
         Err(checkpoint::CheckpointError::Persist(e))
             if matches!(e.kind, cairn_persist::ErrorKind::NotFound) => {}
         Err(e) => {
@@ -73,6 +80,7 @@ pub async fn run(
     let mut published = state.status.clone();
     let mut next_poll = Instant::now();
     let mut poll_backoff = options.first_backoff;
+    let mut device_facts: Option<crate::proto::ZInfoDevice> = None;
     loop {
         let wake = {
             let report_due = queue
@@ -87,6 +95,18 @@ pub async fn run(
         match wake {
             Wake::Poll => {
                 let ok = state.poll(publications, &mut link, &url, &options).await?;
+                // At start and whenever a fact changes (looked at with each poll).
+                let persist = options.persist.clone();
+                if let Ok(facts) =
+                    tokio::task::spawn_blocking(move || report::device_facts(&persist)).await
+                    && device_facts.as_ref() != Some(&facts)
+                {
+                    queue.put(
+                        report::DEVICE_KEY.to_string(),
+                        Report::Device(Box::new(facts.clone())),
+                    );
+                    device_facts = Some(facts);
+                }
                 next_poll = if ok {
                     poll_backoff = options.first_backoff;
                     Instant::now() + jittered(state.interval)
@@ -100,16 +120,25 @@ pub async fn run(
                 Event::Create { key, value }
                 | Event::Modify {
                     key, new: value, ..
-                } => queue.put(key, Some(value)),
-                Event::Delete { key, .. } => queue.put(key, None),
+                } => queue.put(key, Report::App(Some(value))),
+                Event::Delete { key, .. } => queue.put(key, Report::App(None)),
                 _ => {}
             },
             Wake::Report => {
                 if let Some((app, report)) = queue.next() {
                     let sent = match link.connect().await {
                         Ok(device) => {
-                            link.send_info(report::app_info(device, &app, report.as_ref()))
-                                .await
+                            let info = match &report {
+                                Report::App(status) => {
+                                    let volumes =
+                                        state.volume_refs.get(&app).map_or(&[][..], Vec::as_slice);
+                                    report::app_info(device, &app, status.as_ref(), volumes)
+                                }
+                                Report::Device(facts) => {
+                                    report::device_info(device, (**facts).clone())
+                                }
+                            };
+                            link.send_info(info).await
                         }
                         Err(e) => Err(e),
                     };
@@ -145,6 +174,8 @@ struct State {
     restarted: bool,
     interval: Duration,
     checkpoint: Option<checkpoint::Restored>,
+    /// Each app's volume ids in the config in force, for `ZInfoApp.volumeRefs`.
+    volume_refs: BTreeMap<String, Vec<String>>,
 }
 
 impl State {
@@ -208,16 +239,7 @@ impl State {
                     }
                     Ok(model) => {
                         self.refused = None;
-                        if let Some(seconds) = model
-                            .config_items
-                            .get(CONFIG_INTERVAL_ITEM)
-                            .and_then(|v| v.parse::<u64>().ok())
-                            .filter(|s| *s > 0)
-                        {
-                            self.interval = Duration::from_secs(seconds);
-                        } else {
-                            self.interval = options.interval;
-                        }
+                        self.interval = poll_interval(&model, options.interval);
                         self.status.last_error = ErrorDescription::default();
                         // Checkpoint first: a config on the bus is always one a reboot without
                         // the controller would bring back.
@@ -285,6 +307,17 @@ impl State {
         self.status.last_config_hash = hash.to_string();
         self.status.last_config_time = Some(Utc::now());
         self.status.apps = config.apps.len() as u32;
+        self.volume_refs = config
+            .apps
+            .iter()
+            .map(|app| {
+                let volumes = app.volume_ref_config_list.iter();
+                (
+                    app.uuid_and_version.uuid.to_string(),
+                    volumes.map(|v| v.volume_id.to_string()).collect(),
+                )
+            })
+            .collect();
         self.status.volumes = config.volumes.len() as u32;
         Ok(())
     }
@@ -302,6 +335,16 @@ impl State {
         self.status.last_error =
             ErrorDescription::new(error.to_string(), ErrorSeverity::Error, Utc::now());
     }
+}
+
+/// `timer.config.interval` of `config` (seconds), else `default`.
+fn poll_interval(config: &model::DeviceConfig, default: Duration) -> Duration {
+    config
+        .config_items
+        .get(CONFIG_INTERVAL_ITEM)
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(default, Duration::from_secs)
 }
 
 fn jittered(interval: Duration) -> Duration {

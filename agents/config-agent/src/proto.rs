@@ -17,7 +17,8 @@ pub use crate::eve::org::lfedge::eve::config::{
 };
 pub use crate::eve::org::lfedge::eve::info::z_info_msg::InfoContent;
 pub use crate::eve::org::lfedge::eve::info::{
-    ErrorInfo, Severity, ZInfoApp, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZSwState,
+    ApiCapability, ErrorInfo, Severity, ZDeviceState, ZInfoApp, ZInfoDevSw, ZInfoDevice,
+    ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZSwState,
 };
 pub use crate::eve::org::lfedge::eve::register::ZRegisterMsg;
 pub use crate::eve::org::lfedge::eve::uuid::{UuidRequest, UuidResponse};

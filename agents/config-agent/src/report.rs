@@ -1,8 +1,10 @@
-//! What the device tells the controller about its apps: `ZInfoApp` with `ZInfoSnapshot`
-//! entries, built from the app-manager's `AppInstanceStatus`, queued per app so that the newest
-//! status replaces one not sent yet, and retried with backoff while the controller is away.
+//! What the device tells the controller: `ZInfoDevice` (the machine and the agent), and about
+//! its apps `ZInfoApp` with `ZInfoSnapshot` entries, built from the app-manager's
+//! `AppInstanceStatus`; queued per object so that the newest report replaces one not sent yet,
+//! and retried with backoff while the controller is away.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use cairn_types::{
@@ -13,11 +15,112 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use crate::proto::{
-    self, ErrorInfo, InfoContent, Severity, ZInfoApp, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZSwState,
+    self, ApiCapability, ErrorInfo, InfoContent, Severity, ZDeviceState, ZInfoApp, ZInfoDevSw,
+    ZInfoDevice, ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZSwState,
 };
 
+/// The queue's key of the device's own report (app keys are UUIDs).
+pub const DEVICE_KEY: &str = "device";
+
+/// What Cairn tells the controller through `api_capability`. EVE's values are ordinal ("a
+/// larger number indicates all lower numbers are also supported"): Cairn has volume snapshots
+/// (5) and immediate snapshots (13) but not `BaseOs.retry_update` (1), the shutdown command (2),
+/// `start_delay_in_seconds` (3) or EdgeView (4), so any value above 0 would claim what it lacks.
+pub const API_CAPABILITY: ApiCapability = ApiCapability::Unspecified;
+
+/// One report waiting for the controller.
+// At most one per app is queued, so the app variant's size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// The app's newest status; `None`: the app is gone.
+    App(Option<AppInstanceStatus>),
+    Device(Box<ZInfoDevice>),
+}
+
+/// The device's facts as far as the machine tells them; what cannot be read stays empty.
+/// Blocking (reads `/proc`, `/sys` and `statvfs` of `persist`).
+pub fn device_facts(persist: &Path) -> ZInfoDevice {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let cpuinfo = read("/proc/cpuinfo");
+    let ncpu = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let ncpu = if ncpu > 0 {
+        ncpu
+    } else {
+        std::thread::available_parallelism().map_or(0, usize::from)
+    };
+    let memory_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let storage = nix::sys::statvfs::statvfs(persist)
+        .map(|s| (s.blocks() * s.fragment_size()) >> 20)
+        .unwrap_or(0);
+    let boot_time = read("/proc/stat")
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 });
+    let minfo = ZInfoManufacturer {
+        manufacturer: read("/sys/class/dmi/id/sys_vendor"),
+        product_name: read("/sys/class/dmi/id/product_name"),
+        version: read("/sys/class/dmi/id/product_version"),
+        ..Default::default()
+    };
+    ZInfoDevice {
+        machine_arch: std::env::consts::ARCH.to_string(),
+        cpu_arch: std::env::consts::ARCH.to_string(),
+        ncpu: ncpu as u32,
+        memory: memory_kib >> 10,
+        storage,
+        // EVE's "SMART is not available".
+        power_cycle_counter: -1,
+        minfo: (minfo != ZInfoManufacturer::default()).then_some(minfo),
+        boot_time,
+        host_name: read("/proc/sys/kernel/hostname"),
+        // Cairn has no A/B image: the running agent is the one "partition", active.
+        sw_list: vec![ZInfoDevSw {
+            activated: true,
+            partition_label: "IMGA".into(),
+            partition_state: "active".into(),
+            status: ZSwState::Running as i32,
+            short_version: env!("CARGO_PKG_VERSION").into(),
+            long_version: format!("cairn {}", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        }],
+        state: ZDeviceState::ZdeviceStateOnline as i32,
+        api_capability: API_CAPABILITY as i32,
+        ..Default::default()
+    }
+}
+
+/// The info message for the device.
+pub fn device_info(device: uuid::Uuid, info: ZInfoDevice) -> ZInfoMsg {
+    ZInfoMsg {
+        ztype: ZInfoTypes::ZiDevice as i32,
+        dev_id: device.to_string(),
+        info_content: Some(InfoContent::Dinfo(info)),
+        at_time_stamp: Some(timestamp(Utc::now())),
+    }
+}
+
 /// The info message for one app. `None` status: the app is gone (EVE sends the bare app id).
-pub fn app_info(device: uuid::Uuid, app: &str, status: Option<&AppInstanceStatus>) -> ZInfoMsg {
+/// `volume_refs`: the app's volume ids in the config in force (the app-manager's status does
+/// not carry them).
+pub fn app_info(
+    device: uuid::Uuid,
+    app: &str,
+    status: Option<&AppInstanceStatus>,
+    volume_refs: &[String],
+) -> ZInfoMsg {
     let mut info = ZInfoApp {
         app_id: app.to_string(),
         ..Default::default()
@@ -27,6 +130,7 @@ pub fn app_info(device: uuid::Uuid, app: &str, status: Option<&AppInstanceStatus
         info.app_name = status.display_name.clone();
         info.boot_time = status.boot_time.map(timestamp);
         info.state = sw_state(status.state) as i32;
+        info.volume_refs = volume_refs.to_vec();
         if !status.error.error.is_empty() {
             info.app_err.push(error_info(&status.error));
         }
@@ -115,7 +219,7 @@ fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
 /// Reports waiting to be sent: one per app, the newest. A failed send waits `backoff`,
 /// doubling up to `max_backoff`; a success resets it.
 pub struct Queue {
-    pending: BTreeMap<String, Option<AppInstanceStatus>>,
+    pending: BTreeMap<String, Report>,
     first_backoff: Duration,
     max_backoff: Duration,
     backoff: Duration,
@@ -133,9 +237,9 @@ impl Queue {
         }
     }
 
-    /// The app's newest status (`None`: deleted) replaces any unsent one.
-    pub fn put(&mut self, app: String, status: Option<AppInstanceStatus>) {
-        self.pending.insert(app, status);
+    /// The object's newest report replaces any unsent one.
+    pub fn put(&mut self, key: String, report: Report) {
+        self.pending.insert(key, report);
     }
 
     pub fn len(&self) -> usize {
@@ -152,17 +256,17 @@ impl Queue {
     }
 
     /// The next report to send (it stays queued until [`Queue::sent`]).
-    pub fn next(&self) -> Option<(String, Option<AppInstanceStatus>)> {
+    pub fn next(&self) -> Option<(String, Report)> {
         self.pending
             .iter()
             .next()
-            .map(|(app, status)| (app.clone(), status.clone()))
+            .map(|(key, report)| (key.clone(), report.clone()))
     }
 
     /// `report` reached the controller: it leaves the queue unless a newer one replaced it.
-    pub fn sent(&mut self, app: &str, report: &Option<AppInstanceStatus>) {
-        if self.pending.get(app) == Some(report) {
-            self.pending.remove(app);
+    pub fn sent(&mut self, key: &str, report: &Report) {
+        if self.pending.get(key) == Some(report) {
+            self.pending.remove(key);
         }
         self.backoff = self.first_backoff;
         self.not_before = Instant::now();
@@ -236,7 +340,7 @@ mod tests {
         };
         broken.restarts = 3;
         broken.last_failure = broken.error.clone();
-        let msg = app_info(uuid::Uuid::new_v4(), "a", Some(&broken));
+        let msg = app_info(uuid::Uuid::new_v4(), "a", Some(&broken), &[]);
         let Some(InfoContent::Ainfo(app)) = msg.info_content else {
             panic!("an app info")
         };
@@ -252,13 +356,20 @@ mod tests {
     #[test]
     fn available_and_failed_snapshots_are_reported_with_their_fields() {
         let device = uuid::Uuid::new_v4();
-        let msg = app_info(device, "a", Some(&status("2", "disk full")));
+        let volume = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d".to_string();
+        let msg = app_info(
+            device,
+            "a",
+            Some(&status("2", "disk full")),
+            std::slice::from_ref(&volume),
+        );
         let Some(InfoContent::Ainfo(app)) = msg.info_content else {
             panic!("an app info")
         };
         assert_eq!(msg.dev_id, device.to_string());
         assert_eq!(app.app_version, "2");
         assert_eq!(app.state, ZSwState::Running as i32);
+        assert_eq!(app.volume_refs, [volume]);
         let ids: Vec<&str> = app.snapshots.iter().map(|s| s.id.as_str()).collect();
         assert_eq!(
             ids,
@@ -278,14 +389,17 @@ mod tests {
     #[test]
     fn the_newest_report_replaces_an_unsent_one_and_failures_back_off() {
         let mut queue = Queue::new(Duration::from_millis(100), Duration::from_millis(350));
-        queue.put("a".into(), Some(status("1", "")));
+        queue.put("a".into(), Report::App(Some(status("1", ""))));
         let (app, first) = queue.next().unwrap();
         // While the first is on the wire, a newer status arrives: it is kept.
-        queue.put("a".into(), Some(status("2", "")));
+        queue.put("a".into(), Report::App(Some(status("2", ""))));
         queue.sent(&app, &first);
         assert_eq!(queue.len(), 1);
         let (_, second) = queue.next().unwrap();
-        assert_eq!(second.unwrap().uuid_and_version.version, "2");
+        let Report::App(Some(second)) = second else {
+            panic!("an app report")
+        };
+        assert_eq!(second.uuid_and_version.version, "2");
 
         let waits: Vec<u128> = (0..4).map(|_| queue.failed().as_millis()).collect();
         assert_eq!(waits, [100, 200, 350, 350]);

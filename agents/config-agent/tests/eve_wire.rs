@@ -1417,3 +1417,72 @@ fn every_eve_field_survives_the_generated_types() {
     whole::<g::logs::LogEntry>("logs.LogEntry");
     whole::<g::logs::LogBundle>("logs.LogBundle");
 }
+
+/// The device report as the link sends it: every field is one of EVE's `ZInfoDevice`, with the
+/// machine's facts, the agent as the active "IMGA" software and the API capability Cairn claims.
+#[test]
+fn the_device_report_decodes_with_eves_zinfodevice() {
+    let persist = tempfile::tempdir().unwrap();
+    let device = uuid::Uuid::new_v4();
+    let msg = cairn_config_agent::report::device_info(
+        device,
+        cairn_config_agent::report::device_facts(persist.path()),
+    );
+    let desc = pool()
+        .get_message_by_name("org.lfedge.eve.info.ZInfoMsg")
+        .unwrap();
+    let got = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice()).unwrap();
+    let unknown = unknown_fields("ZInfoMsg", &got);
+    assert!(unknown.is_empty(), "fields EVE does not know: {unknown:?}");
+    let ztype = got
+        .get_field_by_name("ztype")
+        .unwrap()
+        .as_enum_number()
+        .unwrap();
+    let types = pool()
+        .get_enum_by_name("org.lfedge.eve.info.ZInfoTypes")
+        .unwrap();
+    assert_eq!(types.get_value(ztype).unwrap().name(), "ZiDevice");
+    assert_eq!(
+        got.get_field_by_name("devId").unwrap().as_str(),
+        Some(device.to_string().as_str())
+    );
+    let info = got.get_field_by_name("dinfo").unwrap();
+    let info = info.as_message().expect("a dinfo member");
+    let field = |name: &str| info.get_field_by_name(name).unwrap().into_owned();
+    assert!(field("ncpu").as_u32().unwrap() > 0);
+    assert!(field("memory").as_u64().unwrap() > 0, "MiB of memory");
+    assert!(field("storage").as_u64().unwrap() > 0, "MiB under persist");
+    assert!(info.has_field_by_name("bootTime"));
+    assert!(!field("HostName").as_str().unwrap().is_empty());
+    let states = pool()
+        .get_enum_by_name("org.lfedge.eve.info.ZDeviceState")
+        .unwrap();
+    let state = field("state").as_enum_number().unwrap();
+    assert_eq!(
+        states.get_value(state).unwrap().name(),
+        "ZDEVICE_STATE_ONLINE"
+    );
+    // EVE's capabilities are ordinal: Cairn lacks 1-4 (BaseOs retry, shutdown, start delay,
+    // EdgeView), so it may claim none, whatever snapshots it has.
+    let capabilities = pool()
+        .get_enum_by_name("org.lfedge.eve.info.APICapability")
+        .unwrap();
+    let claimed = field("api_capability").as_enum_number().unwrap();
+    assert_eq!(
+        capabilities.get_value(claimed).unwrap().name(),
+        "API_CAPABILITY_UNSPECIFIED"
+    );
+    let sw = field("swList");
+    let sw = sw.as_list().unwrap();
+    assert_eq!(sw.len(), 1);
+    let image = sw[0].as_message().unwrap();
+    let sw_field = |name: &str| image.get_field_by_name(name).unwrap().into_owned();
+    assert_eq!(sw_field("partitionLabel").as_str(), Some("IMGA"));
+    assert_eq!(sw_field("partitionState").as_str(), Some("active"));
+    assert_eq!(sw_field("activated").as_bool(), Some(true));
+    assert_eq!(
+        sw_field("shortVersion").as_str(),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+}

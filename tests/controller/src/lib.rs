@@ -25,8 +25,8 @@ use cairn_config_agent::auth::{self, Signer256};
 use cairn_config_agent::controller::{CERTS, REGISTER, UUID};
 use cairn_config_agent::proto::{
     AuthContainer, ConfigRequest, ConfigResponse, EdgeDevConfig, HashAlgorithm, InfoContent,
-    UuidAndVersion, UuidResponse, ZCert, ZCertType, ZControllerCert, ZInfoApp, ZInfoMsg,
-    ZRegisterMsg,
+    UuidAndVersion, UuidResponse, ZCert, ZCertType, ZControllerCert, ZInfoApp, ZInfoDevice,
+    ZInfoMsg, ZRegisterMsg,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -87,6 +87,17 @@ impl Device {
             }
         }
         apps
+    }
+
+    /// The latest device report, if any came.
+    pub fn device_info(&self) -> Option<ZInfoDevice> {
+        self.infos
+            .iter()
+            .rev()
+            .find_map(|info| match &info.info_content {
+                Some(InfoContent::Dinfo(device)) => Some(device.clone()),
+                _ => None,
+            })
     }
 }
 
