@@ -121,6 +121,8 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
         warnings,
         tenant: state.controller.tenant.clone(),
         restarts: state.restarts,
+        // When the domain was last seen running after a start (EVE: `bootTime`).
+        boot_time: state.started_at.filter(|_| state.domain_active),
         last_failure: state
             .failure
             .as_ref()

@@ -810,9 +810,7 @@ fn on_domain(state: &mut AppState, active: bool, now: DateTime<Utc>) {
     if active && state.running.is_none() && state.phase == Phase::Idle {
         state.running = Some(state.effective().clone());
     }
-    if active {
-        restart::on_running(state, now);
-    }
+    restart::on_domain(state, active, now);
 }
 
 /// Nothing can be asked of the domain-manager (the config names nothing to run): the app is
@@ -834,6 +832,7 @@ fn cannot_start(state: &mut AppState, reason: String, now: DateTime<Utc>) {
         counter,
         held: true,
         retry_at: None,
+        restarted: false,
     });
 }
 

@@ -194,7 +194,12 @@ impl Device {
 fn a_killed_app_is_broken_with_its_reason_then_restarted_after_the_first_backoff() {
     let mut device = Device::new(config("1", "/bin/sleep"));
     assert_eq!(device.starts.len(), 1);
+    let first_boot = device
+        .status()
+        .boot_time
+        .expect("a running app has a boot time");
     device.kill_app();
+    assert_eq!(device.status().boot_time, None, "not running: no boot time");
 
     let status = device.status();
     assert_eq!(status.state, SwState::Broken);
@@ -216,6 +221,7 @@ fn a_killed_app_is_broken_with_its_reason_then_restarted_after_the_first_backoff
     assert!(status.error.error.is_empty());
     assert_eq!(status.restarts, 1);
     assert!(status.last_failure.error.contains("killed by signal 9"));
+    assert!(status.boot_time.is_some_and(|t| t > first_boot));
 }
 
 #[test]

@@ -44,6 +44,9 @@ pub struct Failure {
     /// Whether the next start waits: until `retry_at`, or (`None`) for the controller.
     pub held: bool,
     pub retry_at: Option<DateTime<Utc>>,
+    /// The start after this failure was made (as a new generation).
+    #[serde(default)]
+    pub restarted: bool,
 }
 
 /// The restart counter the domain-manager is given: the controller's and the local restart
@@ -114,6 +117,7 @@ pub(super) fn on_broken(
         counter,
         held: true,
         retry_at: restart.then(|| now + backoff(consecutive)),
+        restarted: false,
     });
 }
 
@@ -139,16 +143,22 @@ pub(super) fn may_start(state: &AppState) -> bool {
     !state.failure.as_ref().is_some_and(|f| f.held)
 }
 
-/// The machine starts the domain: after a failure, as a new generation.
+/// The machine starts the domain: the first start after a failure is a new generation.
 pub(super) fn starting(state: &mut AppState) {
-    if state.failure.is_some() && state.started_at.is_none() {
+    if let Some(failure) = &mut state.failure
+        && !failure.restarted
+    {
+        failure.restarted = true;
         state.restarts = state.restarts.wrapping_add(1);
     }
 }
 
-/// The domain runs: the run's start is what the stability rule measures from.
-pub(super) fn on_running(state: &mut AppState, now: DateTime<Utc>) {
-    if state.started_at.is_none() {
+/// The domain runs, or stopped as asked: a run's start is what the stability rule measures
+/// from, and the app's boot time.
+pub(super) fn on_domain(state: &mut AppState, active: bool, now: DateTime<Utc>) {
+    if !active {
+        state.started_at = None;
+    } else if state.started_at.is_none() {
         state.started_at = Some(now);
     }
 }
