@@ -57,6 +57,10 @@ pub struct AppInstanceConfig {
     /// Cairn: what the device does when the app's domain ends without being asked to, or
     /// cannot be started (issue 17). EVE has no field for it.
     pub restart_policy: RestartPolicy,
+    /// Cairn: why the device cannot run this app as configured (the field and the reason),
+    /// set by the config-agent for what EVE can express and Cairn cannot run yet. The app is
+    /// accepted and reported broken with this reason; `domain` is then `None`.
+    pub unrunnable: Option<String>,
 }
 
 /// Cairn: when the app-manager starts an app again whose domain ended on its own or failed to

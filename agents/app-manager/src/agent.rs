@@ -826,6 +826,9 @@ impl AppManager {
         activate: bool,
         restarts: u32,
     ) -> Result<DomainConfig, String> {
+        if let Some(reason) = &config.unrunnable {
+            return Err(reason.clone());
+        }
         let spec = config.domain.clone().ok_or_else(|| {
             format!(
                 "app {} has no domain spec (vm or process): nothing to run",

@@ -128,6 +128,5 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
             .as_ref()
             .map(failure_error)
             .unwrap_or_default(),
-        ..Default::default()
     }
 }

@@ -850,9 +850,17 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
             mount_dir: volume.mount_dir.clone(),
         });
     }
-    let domain = match &app.cairn_domain {
-        None => None,
-        Some(d) => Some(proto_domain(d, &format!("{path}.cairn_domain"))?),
+    // Cairn's extension wins over EVE's fields: only a Cairn-aware controller sends it, and it
+    // can say more (a process, a guest agent). EVE's fields alone describe a VM.
+    let (domain, unrunnable) = match &app.cairn_domain {
+        Some(d) => (
+            Some(proto_domain(d, &format!("{path}.cairn_domain"))?),
+            None,
+        ),
+        None => match eve_domain(app) {
+            Ok(spec) => (Some(spec), None),
+            Err(reason) => (None, Some(reason)),
+        },
     };
     check_tenant(&app.cairn_tenant, &format!("{path}.tenant"))?;
     Ok(AppInstanceConfig {
@@ -891,6 +899,7 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
             )?,
         },
         domain,
+        unrunnable,
         tenant: app.cairn_tenant.clone(),
         restart_policy: restart_policy(
             &app.cairn_restart_policy,
@@ -913,6 +922,83 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
         },
         ..Default::default()
     })
+}
+
+/// The domain of an app described only with EVE's fields: a direct-kernel-boot VM from
+/// `fixedresources`, its disks in `volumeRefList` order. What EVE can express and Cairn cannot
+/// run yet is not a fault of the config: `Err` says which field and why, and the app is
+/// accepted and reported broken with it (EVE's field names, as the controller knows them).
+fn eve_domain(app: &proto::AppInstanceConfig) -> Result<DomainSpec, String> {
+    // EVE: "VolumeRefs ... will supersede drives"; drives name images, not volumes.
+    if app.volume_ref_list.is_empty() && !app.drives.is_empty() {
+        return Err(
+            "drives: EVE's deprecated drives (images, not volumes) are not supported; list the app's volumes in volumeRefList"
+                .into(),
+        );
+    }
+    let Some(vm) = &app.fixedresources else {
+        return Err(
+            "fixedresources: missing: nothing says how to run the app (give fixedresources with memory, kernel and ramdisk)"
+                .into(),
+        );
+    };
+    let mode = match proto::VmMode::try_from(vm.virtualization_mode) {
+        // On KVM, EVE runs PV and HVM alike as a q35 VM; both boot a kernel directly here.
+        Ok(mode @ (proto::VmMode::Pv | proto::VmMode::Hvm)) => mode.as_str_name(),
+        Ok(proto::VmMode::Legacy) => {
+            return Err(
+                "fixedresources.virtualizationMode LEGACY: emulated IDE disks and e1000 network are not supported; use HVM or PV (virtio)"
+                    .into(),
+            );
+        }
+        Ok(proto::VmMode::Fml) => {
+            return Err(
+                "fixedresources.virtualizationMode FML: the machine-learning mode (GPU passthrough) is not supported; use HVM or PV"
+                    .into(),
+            );
+        }
+        Ok(proto::VmMode::Nohyper) => {
+            return Err(
+                "fixedresources.virtualizationMode NOHYPER: containers without a hypervisor are not supported yet; run the app as a VM (HVM or PV)"
+                    .into(),
+            );
+        }
+        Ok(proto::VmMode::Filler) => {
+            return Err(
+                "fixedresources.virtualizationMode 2 (PVH): not supported; use HVM or PV".into(),
+            );
+        }
+        Err(_) => {
+            return Err(format!(
+                "fixedresources.virtualizationMode {}: not a mode EVE defines; use HVM or PV",
+                vm.virtualization_mode
+            ));
+        }
+    };
+    if !vm.bootloader.is_empty() {
+        return Err(format!(
+            "fixedresources.bootloader {:?}: a firmware or boot loader is not supported yet; give fixedresources.kernel and ramdisk instead",
+            vm.bootloader
+        ));
+    }
+    if vm.kernel.is_empty() {
+        return Err(format!(
+            "fixedresources.virtualizationMode {mode} without fixedresources.kernel: booting from a disk is not supported yet; give kernel and ramdisk"
+        ));
+    }
+    if vm.memory == 0 {
+        return Err("fixedresources.memory 0: a VM needs memory (KiB > 0)".into());
+    }
+    Ok(DomainSpec::Vm(VmSpec {
+        kernel: vm.kernel.clone().into(),
+        initrd: vm.ramdisk.clone().into(),
+        append: vm.extraargs.clone(),
+        // EVE's memory is in KiB, rounded up to whole MiB as EVE's KVM does.
+        memory_mib: vm.memory.div_ceil(1024),
+        // EVE's default is one VCPU.
+        cpus: vm.vcpus.max(1),
+        guest_agent: false,
+    }))
 }
 
 fn proto_domain(d: &proto::CairnDomain, path: &str) -> Result<DomainSpec, ConfigError> {

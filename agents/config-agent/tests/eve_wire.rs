@@ -1486,3 +1486,68 @@ fn the_device_report_decodes_with_eves_zinfodevice() {
         Some(env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// An app as EVE's controller encodes it, set by EVE's field names only (no Cairn field):
+/// its `fixedresources` and `volumeRefList` become the VM the device runs (issue 18).
+#[test]
+fn an_eve_encoded_vm_app_becomes_a_direct_kernel_boot_vm() {
+    let app = eve(
+        "config.AppInstanceConfig",
+        vec![
+            ("uuidandversion", m(eve_uv(100))),
+            ("displayname", s("vm")),
+            ("activate", Value::Bool(true)),
+            (
+                "fixedresources",
+                m(eve(
+                    "config.VmConfig",
+                    vec![
+                        ("kernel", s("/boot/vmlinuz")),
+                        ("ramdisk", s("/boot/initrd")),
+                        ("extraargs", s("console=ttyS0")),
+                        // KiB: 256 MiB.
+                        ("memory", Value::U32(262_144)),
+                        ("vcpus", Value::U32(2)),
+                        ("virtualizationMode", e(1)),
+                    ],
+                )),
+            ),
+            (
+                "volumeRefList",
+                msgs([eve_volume_ref(2), eve_volume_ref(1)]),
+            ),
+        ],
+    );
+    let edge = eve(
+        "config.EdgeDevConfig",
+        vec![
+            ("apps", msgs([app])),
+            (
+                "volumes",
+                msgs([eve_volume(1, false), eve_volume(2, false)]),
+            ),
+        ],
+    );
+    let config = c::EdgeDevConfig::decode(edge.encode_to_vec().as_slice()).unwrap();
+    let device = cairn_config_agent::model::from_proto(&config).unwrap();
+    let app = &device.apps[0];
+    assert_eq!(app.unrunnable, None);
+    assert_eq!(
+        app.domain,
+        Some(cairn_types::DomainSpec::Vm(cairn_types::VmSpec {
+            kernel: "/boot/vmlinuz".into(),
+            initrd: "/boot/initrd".into(),
+            append: "console=ttyS0".into(),
+            memory_mib: 256,
+            cpus: 2,
+            guest_agent: false,
+        }))
+    );
+    let disks: Vec<_> = app
+        .volume_ref_config_list
+        .iter()
+        .map(|v| v.volume_id)
+        .collect();
+    let volume = |n: u32| cairn_volume_ref(n).uuid.parse::<uuid::Uuid>().unwrap();
+    assert_eq!(disks, [volume(2), volume(1)]);
+}
