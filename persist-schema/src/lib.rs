@@ -1,4 +1,4 @@
-//! Mandatory-field, versioned, checksummed, crash-safe records (DESIGN.md §4).
+//! Mandatory-field, versioned, checksummed, crash-safe records.
 //!
 //! A type derives [`Persist`] to declare its schema name, its version and its mandatory fields:
 //! [`load`] rejects a record that lacks one (at any depth, with the field's path), accepts unknown

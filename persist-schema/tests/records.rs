@@ -1,4 +1,4 @@
-//! The loading rules of DESIGN.md §4: EVE's deserialization cases, then what EVE does not check
+//! The loading rules of ARCHITECTURE.md ("How a record is stored and read"): EVE's deserialization cases, then what EVE does not check
 //! (nested, in-`Vec`, flattened and map-value mandatory fields), versions, damage and backups.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test

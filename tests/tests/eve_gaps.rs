@@ -1,4 +1,4 @@
-//! EVE's snapshot gaps (DESIGN.md §9, 1–4), each shown closed across the real agents, and the
+//! EVE's snapshot gaps (docs/design.md, 1–4), each shown closed across the real agents, and the
 //! purge and record-import paths of the app-manager (issue 6) end to end. Each test runs the four
 //! agents as processes on a temporary device root; the app is a shell process on a directory
 //! volume (copy backend, or purgeable), which starts in milliseconds where a VM would take

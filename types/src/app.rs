@@ -52,10 +52,10 @@ pub struct AppInstanceConfig {
     /// Cairn: the consistency group this app is a member of (an app is in at most one), as the
     /// device's config declares it; `None`: in none. Boxed: most apps are in none.
     pub group: Option<Box<crate::policy::ConsistencyGroup>>,
-    /// Cairn: commands run on the device around each snapshot of the app (issue 11).
+    /// Cairn: commands run on the device around each snapshot of the app.
     pub quiesce: Option<QuiesceHooks>,
     /// Cairn: what the device does when the app's domain ends without being asked to, or
-    /// cannot be started (issue 17). EVE has no field for it.
+    /// cannot be started. EVE has no field for it.
     pub restart_policy: RestartPolicy,
     /// Cairn: why the device cannot run this app as configured (the field and the reason),
     /// set by the config-agent for what EVE can express and Cairn cannot run yet. The app is

@@ -23,7 +23,7 @@ pub struct VmSpec {
     pub cpus: u32,
     /// Cairn: the guest runs qemu-guest-agent. The VM gets its virtio-serial port
     /// (`org.qemu.guest_agent.0`, socket `qga.sock` in the app's run directory), and live
-    /// snapshots freeze the guest's filesystems through it (issue 11).
+    /// snapshots freeze the guest's filesystems through it.
     pub guest_agent: bool,
 }
 

@@ -1,4 +1,4 @@
-//! Where things live under the persist and run roots (DESIGN.md §4). Paths only, no I/O.
+//! Where things live under the persist and run roots. Paths only, no I/O.
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,4 @@
-//! Snapshot policies beyond EVE (issue 10, DESIGN.md §8): a schedule in a time zone, expiry,
+//! Snapshot policies beyond EVE: a schedule in a time zone, expiry,
 //! retention counts applied as Proxmox and sanoid do, and a naming pattern. Parsing lives here,
 //! next to the types, so that the config-agent (which refuses a bad policy as a whole) and the
 //! app-manager (which runs it) read a policy the same way. Pure: no I/O, no clock.
@@ -48,11 +48,11 @@ pub struct SnapshotPolicy {
     /// Names of scheduled snapshots: strftime fields (`%Y%m%d-%H%M`, in the schedule's zone),
     /// `%n` a counter, `%a` the app's name. Empty = `auto-%Y%m%d-%H%M`.
     pub pattern: String,
-    /// How scheduled snapshots are taken (issue 11): stopped (default), live or stateful.
+    /// How scheduled snapshots are taken: stopped (default), live or stateful.
     pub mode: crate::snapshot::SnapshotMode,
 }
 
-/// A consistency group (issue 10): apps snapshotted together, all or none, at one logical
+/// A consistency group: apps snapshotted together, all or none, at one logical
 /// time. Declared once in the device's config; the config-agent hands each member a copy.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]
 #[serde(default, rename_all = "PascalCase")]

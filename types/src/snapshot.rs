@@ -1,4 +1,4 @@
-//! Snapshot config and records (DESIGN.md §3). Field names are EVE's, so the three files EVE
+//! Snapshot config and records. Field names are EVE's, so the three files EVE
 //! writes under `/persist/snapshots/<id>/` load as they are.
 
 use std::collections::BTreeMap;
@@ -51,12 +51,12 @@ pub struct SnapshotDesc {
     /// rolled back) together, all or nothing, at one logical time.
     #[serde(rename = "GroupID")]
     pub group_id: Uuid,
-    /// Cairn: how the snapshot is taken (issue 11); absent in EVE's records: stopped.
+    /// Cairn: how the snapshot is taken; absent in EVE's records: stopped.
     #[serde(rename = "Mode")]
     pub mode: SnapshotMode,
 }
 
-/// Cairn: how a snapshot is taken (issue 11).
+/// Cairn: how a snapshot is taken.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotMode {
@@ -184,7 +184,7 @@ pub struct VolumesSnapshotConfig {
     /// key the volume-manager takes the highest configured generation (EVE's records).
     #[serde(rename = "VolumeKeys", deserialize_with = "null_as_default")]
     pub volume_keys: BTreeMap<Uuid, String>,
-    /// Cairn: a create while the app runs (issue 11). A VM's qcow2 disks were snapshotted by
+    /// Cairn: a create while the app runs. A VM's qcow2 disks were snapshotted by
     /// the domain-manager under the snapshot id's tag: the volume-manager records that snapshot
     /// without writing the image. Directory volumes need a copy-on-write backend.
     pub live: bool,

@@ -79,7 +79,7 @@ pub struct AppManager {
     results: Subscription<VolumesSnapshotStatus>,
     /// Consistency groups are coordinated once every app's state is resumed after a start.
     coordinating: bool,
-    /// Issue 11: live operations asked of the domain-manager, and its answers.
+    /// Live operations asked of the domain-manager, and its answers.
     live_requests: Publication<DomainLiveOpConfig>,
     live_results: Subscription<DomainLiveOpStatus>,
     /// Per app, the live request published for its machine's live step.

@@ -93,7 +93,7 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
         (Phase::Hook { .. }, false) => SwState::Halted,
         (Phase::Idle, false) => SwState::Halted,
     };
-    // Issue 17: an app held by a failure is broken, and says why and what comes next.
+    // An app held by a failure is broken, and says why and what comes next.
     let held = machine::restart::retry_condition(state);
     let state_now = match &held {
         Some(_) if !state.domain_active && state.phase == Phase::Idle => SwState::Broken,

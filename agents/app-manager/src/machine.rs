@@ -260,27 +260,27 @@ pub struct AppState {
     /// them: not requested (taken) again. Forgotten once the config drops them.
     #[serde(default)]
     pub expired: BTreeSet<Uuid>,
-    /// Issue 11: the live or stateful create in progress (see [`crate::live`]).
+    /// The live or stateful create in progress (see [`crate::live`]).
     #[serde(default)]
     pub live: Option<crate::live::LiveStep>,
-    /// Issue 11: pause time and saved memory of each live or stateful snapshot taken.
+    /// Pause time and saved memory of each live or stateful snapshot taken.
     #[serde(default)]
     pub live_snapshots: BTreeMap<Uuid, crate::live::LiveRecord>,
-    /// Issue 11: start the domain by loading this snapshot's memory state (a rollback to a
+    /// Start the domain by loading this snapshot's memory state (a rollback to a
     /// stateful snapshot), until it runs.
     #[serde(default)]
     pub load_state: Option<Uuid>,
     /// Snapshots past their `pre` hook point whose `post` hook is still owed.
     #[serde(default)]
     pub quiesced: BTreeMap<Uuid, QuiesceStage>,
-    /// Issue 17: the last unasked end or failed start of the domain, and whether it holds
+    /// The last unasked end or failed start of the domain, and whether it holds
     /// the next start ([`restart`]).
     #[serde(default)]
     pub failure: Option<Failure>,
-    /// Issue 17: starts made by the restart policy; part of the domain's restart counter.
+    /// Starts made by the restart policy; part of the domain's restart counter.
     #[serde(default)]
     pub restarts: u32,
-    /// Issue 17: when the domain was last seen running after a start.
+    /// When the domain was last seen running after a start.
     #[serde(default)]
     pub started_at: Option<DateTime<Utc>>,
 }
@@ -337,7 +337,7 @@ pub enum Input {
         snapshot: Uuid,
         reason: String,
     },
-    /// Issue 11: the domain-manager's answer to a live operation.
+    /// The domain-manager's answer to a live operation.
     LiveOpResult(cairn_types::domain::DomainLiveOpStatus),
     /// A quiesce hook the executor ran for `snapshot` ended: `failure` says why it failed
     /// (exit status, timeout, not runnable, with its last output), `None` if it succeeded.

@@ -1,6 +1,6 @@
 //! The snapshot state machine against a simulated device: a domain that settles when asked, a
 //! volume backend that keeps a set of snapshots (and can be told to fail), snapshot files.
-//! One test per rule of DESIGN.md §3, tests for EVE's gaps 2–4, and a property test over random
+//! One test per rule of EVE's snapshot semantics (docs/design.md), tests for EVE's gaps 2–4, and a property test over random
 //! sequences of config changes, failures and restarts.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test

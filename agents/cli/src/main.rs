@@ -443,7 +443,7 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
     {
         println!("         {} {}", a.agent, a.state);
     }
-    // A volume that left the config is kept for its grace before it is deleted (issue 17).
+    // A volume that left the config is kept for its grace before it is deleted.
     for v in &view.volumes {
         if let Some(p) = &v.pending_deletion {
             println!(
@@ -482,7 +482,7 @@ fn print_apps(view: &DeviceView, json: bool) -> anyhow::Result<()> {
             s.snapshots_to_be_deleted.len(),
             app.error.error
         );
-        // E.g. a quiesce hook that failed after its snapshot was taken (issue 11).
+        // E.g. a quiesce hook that failed after its snapshot was taken.
         for warning in &app.warnings {
             println!("  warning: {warning}");
         }
@@ -500,7 +500,7 @@ fn print_snapshots(rows: &[readout::SnapshotRow], json: bool) -> anyhow::Result<
         "APP", "SNAPSHOT", "TYPE", "STATE", "CONFIG", "TRIGGERED", "CREATED", "MODE", "PAUSE"
     );
     for r in rows {
-        // The pause of a live or stateful snapshot (issue 11).
+        // The pause of a live or stateful snapshot.
         let pause = if r.pause_ms > 0 {
             format!("{} ms", r.pause_ms)
         } else {

@@ -90,7 +90,7 @@ pub struct SnapshotRow {
     pub config_version: String,
     pub time_triggered: Option<String>,
     pub time_created: Option<String>,
-    /// How it is taken: stopped, live, stateful (issue 11).
+    /// How it is taken: stopped, live, stateful.
     pub mode: String,
     /// How long a live or stateful snapshot paused the VM, in milliseconds (0: not paused).
     pub pause_ms: u64,

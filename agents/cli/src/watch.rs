@@ -30,7 +30,7 @@ const fn known<T: Topic>(publisher: &'static str) -> KnownTopic {
     }
 }
 
-/// Every publication the four agents make (DESIGN.md §2), in data-flow order.
+/// Every publication the four agents make, in data-flow order.
 pub const KNOWN_TOPICS: [KnownTopic; 12] = [
     known::<DeviceStatus>("config-agent"),
     known::<AppInstanceConfig>("config-agent"),

@@ -111,7 +111,7 @@ struct LocalApp {
     /// Commands run on the device around each snapshot of the app.
     quiesce: Option<LocalQuiesce>,
     /// When the device starts the app again by itself: `always` (default), `on_failure`,
-    /// `never` (issue 17).
+    /// `never`.
     #[serde(default)]
     restart_policy: String,
 }

@@ -95,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
     let mut app_holds = bus.subscribe::<AppVolumeRefs>("app-manager");
     // The config items: the deletion grace of a volume that left the config.
     let mut config_items = bus.subscribe::<ConfigItemValueMap>("config-agent");
-    // Export jobs (issue 11): requested by `cairn`, run in tasks of their own.
+    // Export jobs: requested by `cairn`, run in tasks of their own.
     let export_statuses = bus
         .publish::<ExportStatus>(PublishOptions {
             access: status_access,

@@ -27,7 +27,7 @@
 //! when its config comes back after a restart (the persistent `VolumeStatus` of the newer one
 //! says it was superseded). Nothing is recorded besides the statuses and the holds.
 //!
-//! Deletion grace (issue 17): a volume whose uuid leaves the config entirely (no generation of
+//! Deletion grace: a volume whose uuid leaves the config entirely (no generation of
 //! it configured) is not deleted at once. It is detached (no `VolumeConfig` names it, so no app
 //! may use it), kept with its data and the snapshots living in it, and reported in
 //! `VolumeStatus.PendingDeletion` with the reason and the deadline: `since` + the grace in force
@@ -1001,7 +1001,7 @@ impl VolumeManager {
                     .requested_volume(config, *volume)
                     .and_then(|(vref, kind)| self.backends.plan(kind, &vref, &name)),
             };
-            // Issue 11: a live create needs a backend that can take one.
+            // A live create needs a backend that can take one.
             let planned = planned.and_then(|meta| {
                 if config.live {
                     self.backends.check_live(meta.backend, &meta.volume_key)?;

@@ -194,7 +194,7 @@ impl Harness {
             .arg("--persist-dir")
             .arg(&self.persist)
             .args(["--stop-timeout", &self.stop_timeout])
-            // DESIGN.md §10: KVM does not work on these machines (it opens, then stalls).
+            // docs/design.md: KVM does not work on these machines (it opens, then stalls).
             .args(["--accel", "tcg"])
             .args(&self.extra_args)
             .env(
