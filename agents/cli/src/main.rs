@@ -443,6 +443,24 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
     {
         println!("         {} {}", a.agent, a.state);
     }
+    // Each volume with the backend that snapshots it and why that one (a technician's first
+    // question when a snapshot is slow or refused).
+    for v in &view.volumes {
+        let backend = if v.backend_reason.is_empty() {
+            format!("{:?}", v.backend)
+        } else {
+            v.backend_reason.clone()
+        };
+        println!(
+            "volume   {} {} {:?}  backend {backend}",
+            v.display_name,
+            v.key(),
+            v.state
+        );
+        if v.error.is_error() {
+            println!("         error: {}", v.error.error);
+        }
+    }
     // A volume that left the config is kept for its grace before it is deleted.
     for v in &view.volumes {
         if let Some(p) = &v.pending_deletion {
