@@ -262,6 +262,39 @@ pub fn guest_dir() -> PathBuf {
 }
 
 /// The internal snapshots of a qcow2 file, by name (`qemu-img snapshot -l`, shared lock).
+/// The counter the test guest (`cairn.workload=counter`) keeps in sector 0 of `file`, or of
+/// its internal snapshot `snapshot` (read with a shared lock while the VM may hold the image).
+pub fn sector_counter(file: &Path, snapshot: Option<&str>) -> u64 {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let mut command = Command::new("qemu-img");
+    command.args(["convert", "-U", "-f", "qcow2", "-O", "raw"]);
+    if let Some(name) = snapshot {
+        command.args(["-l", &format!("snapshot.name={name}")]);
+    }
+    let status = command.arg(file).arg(out.path()).output().unwrap();
+    assert!(
+        status.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let bytes = std::fs::read(out.path()).unwrap();
+    let text: String = bytes[..512]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .map(|b| *b as char)
+        .collect();
+    text.parse().unwrap_or(0)
+}
+
+/// The `CAIRN-COUNTER N` values the test guest printed since its console log was (re)opened.
+pub fn console_counters(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("CAIRN-COUNTER ")?.trim().parse().ok())
+        .collect()
+}
+
 pub fn qcow2_snapshots(file: &Path) -> BTreeSet<String> {
     let out = Command::new("qemu-img")
         .args(["snapshot", "-l", "-U"])

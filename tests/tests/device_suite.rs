@@ -14,7 +14,7 @@ use cairn_config_agent::proto::{
     self, AppInstanceConfig as ProtoApp, CairnDomain, EdgeDevConfig, InstanceOpsCmd,
     SnapshotConfig, SnapshotDesc, UuidAndVersion, Volume, VolumeRef,
 };
-use cairn_e2e::{Device, guest_dir, qcow2_snapshots};
+use cairn_e2e::{Device, console_counters, guest_dir, qcow2_snapshots, sector_counter};
 use cairn_test_controller::TestController;
 use cairn_types::{AppInstanceStatus, DomainStatus};
 use uuid::Uuid;
@@ -176,39 +176,6 @@ fn set(ids: &[&str]) -> BTreeSet<String> {
 
 fn running(s: &AppInstanceStatus) -> bool {
     s.activated && s.state == cairn_types::SwState::Running
-}
-
-/// The counter in sector 0 of `file`, or of its internal snapshot `snapshot` (read with a
-/// shared lock while the VM may hold the image).
-fn sector_counter(file: &Path, snapshot: Option<&str>) -> u64 {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let mut command = Command::new("qemu-img");
-    command.args(["convert", "-U", "-f", "qcow2", "-O", "raw"]);
-    if let Some(name) = snapshot {
-        command.args(["-l", &format!("snapshot.name={name}")]);
-    }
-    let status = command.arg(file).arg(out.path()).output().unwrap();
-    assert!(
-        status.status.success(),
-        "qemu-img convert: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let bytes = std::fs::read(out.path()).unwrap();
-    let text: String = bytes[..512]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .map(|b| *b as char)
-        .collect();
-    text.parse().unwrap_or(0)
-}
-
-/// The `CAIRN-COUNTER N` values the guest printed since its console log was (re)opened.
-fn console_counters(log: &Path) -> Vec<u64> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("CAIRN-COUNTER ")?.trim().parse().ok())
-        .collect()
 }
 
 async fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {

@@ -5,15 +5,13 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use cairn_config_agent::proto::{
     self, AppInstanceConfig as ProtoApp, EdgeDevConfig, InstanceOpsCmd, SnapshotConfig,
     SnapshotDesc, UuidAndVersion, VmConfig, VmMode, Volume, VolumeRef, ZInfoApp,
 };
-use cairn_e2e::{Device, guest_dir};
+use cairn_e2e::{Device, console_counters, guest_dir, sector_counter};
 use cairn_test_controller::TestController;
 use cairn_types::DomainStatus;
 
@@ -107,38 +105,6 @@ async fn reported(
 
 fn running(app: &ZInfoApp) -> bool {
     app.state == proto::ZSwState::Running as i32
-}
-
-/// The counter in sector 0 of `file`, or of its internal snapshot `snapshot` (shared lock).
-fn sector_counter(file: &Path, snapshot: Option<&str>) -> u64 {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let mut command = Command::new("qemu-img");
-    command.args(["convert", "-U", "-f", "qcow2", "-O", "raw"]);
-    if let Some(name) = snapshot {
-        command.args(["-l", &format!("snapshot.name={name}")]);
-    }
-    let status = command.arg(file).arg(out.path()).output().unwrap();
-    assert!(
-        status.status.success(),
-        "qemu-img convert: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let bytes = std::fs::read(out.path()).unwrap();
-    let text: String = bytes[..512]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .map(|b| *b as char)
-        .collect();
-    text.parse().unwrap_or(0)
-}
-
-/// The `CAIRN-COUNTER N` values the guest printed since its console log was (re)opened.
-fn console_counters(log: &Path) -> Vec<u64> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("CAIRN-COUNTER ")?.trim().parse().ok())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,22 +69,32 @@ fn volume(device: &Device) -> std::path::PathBuf {
     device.dir_volume(VOLUME.parse::<Uuid>().unwrap(), 0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_app_process_is_restarted_by_its_policy_with_the_failure_reported() {
+/// A device running the app under `policy`, once the app has started: the device and its volume.
+async fn running_device(policy: &str) -> (Device, std::path::PathBuf) {
     let mut device = Device::new();
-    device.write_config(&config(&device, "1", "/bin/sh", "always"));
+    device.write_config(&config(&device, "1", "/bin/sh", policy));
     device.start_all();
     let volume = volume(&device);
     device
         .until(SETTLE, "the app ran", || pids(&volume).len() == 1)
         .await;
-    let first = pids(&volume)[0];
+    (device, volume)
+}
 
+fn sigkill(pid: i32) {
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(first),
+        nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_app_process_is_restarted_by_its_policy_with_the_failure_reported() {
+    let (mut device, volume) = running_device("always").await;
+    let first = pids(&volume)[0];
+
+    sigkill(first);
 
     let status = device
         .app_status(SETTLE, |s| s.restarts == 1 && s.state == SwState::Running)
@@ -107,18 +117,8 @@ async fn a_killed_app_process_is_restarted_by_its_policy_with_the_failure_report
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_app_under_policy_never_stays_broken_until_the_restart_counter() {
-    let mut device = Device::new();
-    device.write_config(&config(&device, "1", "/bin/sh", "never"));
-    device.start_all();
-    let volume = volume(&device);
-    device
-        .until(SETTLE, "the app ran", || pids(&volume).len() == 1)
-        .await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pids(&volume)[0]),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let (device, volume) = running_device("never").await;
+    sigkill(pids(&volume)[0]);
     let status = device
         .app_status(SETTLE, |s| s.state == SwState::Broken)
         .await
@@ -157,13 +157,7 @@ async fn a_crashed_app_under_policy_never_stays_broken_until_the_restart_counter
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_version_is_reported_broken_and_a_good_one_after_it_recovers_without_restarts() {
-    let mut device = Device::new();
-    device.write_config(&config(&device, "1", "/bin/sh", "always"));
-    device.start_all();
-    let volume = volume(&device);
-    device
-        .until(SETTLE, "the app ran", || pids(&volume).len() == 1)
-        .await;
+    let (mut device, volume) = running_device("always").await;
 
     // A typo in the command: version 2 cannot start.
     device.write_config(&config(&device, "2", "/bin/shh", "always"));
@@ -203,13 +197,7 @@ async fn a_bad_version_is_reported_broken_and_a_good_one_after_it_recovers_witho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_that_died_while_every_agent_was_down_is_restarted_when_they_come_back() {
-    let mut device = Device::new();
-    device.write_config(&config(&device, "1", "/bin/sh", "always"));
-    device.start_all();
-    let volume = volume(&device);
-    device
-        .until(SETTLE, "the app ran", || pids(&volume).len() == 1)
-        .await;
+    let (mut device, volume) = running_device("always").await;
     device
         .app_status(SETTLE, |s| s.state == SwState::Running)
         .await
@@ -229,11 +217,7 @@ async fn an_app_that_died_while_every_agent_was_down_is_restarted_when_they_come
     for agent in cairn_e2e::AGENTS {
         device.kill(agent);
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pids(&volume)[0]),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    sigkill(pids(&volume)[0]);
     device.start_all();
 
     let status = device
@@ -256,13 +240,7 @@ async fn an_app_that_died_while_every_agent_was_down_is_restarted_when_they_come
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_file_holding_an_array_or_an_empty_object_is_refused_and_deletes_nothing() {
-    let mut device = Device::new();
-    device.write_config(&config(&device, "1", "/bin/sh", "always"));
-    device.start_all();
-    let volume = volume(&device);
-    device
-        .until(SETTLE, "the app ran", || pids(&volume).len() == 1)
-        .await;
+    let (device, volume) = running_device("always").await;
 
     for bad in ["[]", "{}", "null"] {
         device.write_config(bad);

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use cairn_e2e::{Device, guest_dir, qcow2_snapshots};
+use cairn_e2e::{Device, console_counters, guest_dir, qcow2_snapshots};
 use cairn_types::{AppInstanceStatus, DomainStatus, SnapshotInstanceStatus};
 use uuid::Uuid;
 
@@ -74,15 +74,6 @@ async fn domain(device: &Device, done: impl Fn(&DomainStatus) -> bool) -> Domain
         .wait_for::<DomainStatus>("domain-manager", SETTLE, done)
         .await
         .unwrap()
-}
-
-/// The `CAIRN-COUNTER N` values in the console log since it was (re)opened.
-fn console_counters(log: &Path) -> Vec<u64> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("CAIRN-COUNTER ")?.trim().parse().ok())
-        .collect()
 }
 
 fn last_counter(log: &Path) -> u64 {

@@ -466,12 +466,12 @@ impl AppManager {
     }
 
     async fn on_volume(&mut self, event: Event<VolumeStatus>) -> Result<(), AgentError> {
-        if !matches!(
-            event,
-            Event::Create { .. } | Event::Modify { .. } | Event::Delete { .. }
-        ) {
-            return Ok(());
-        }
+        let key = match &event {
+            Event::Create { key, .. } | Event::Modify { key, .. } | Event::Delete { key, .. } => {
+                key.clone()
+            }
+            _ => return Ok(()),
+        };
         let apps: Vec<Uuid> = self.apps.keys().copied().collect();
         for app in apps {
             let ready = self.volumes_ready(app);
@@ -481,8 +481,15 @@ impl AppManager {
                 .is_some_and(|s| s.volumes_ready != ready)
             {
                 self.input(app, Input::Volumes { ready }).await?;
-            } else if !ready {
-                // Still waiting: the status says for what (a volume's error may have come).
+            } else if !ready
+                && self.apps.get(&app).is_some_and(|s| {
+                    s.effective()
+                        .volume_ref_config_list
+                        .iter()
+                        .any(|r| machine::ref_key(r) == key)
+                })
+            {
+                // Still waiting on this volume: the status says for what (its error may have come).
                 self.carry_out(app, Action::Status).await?;
             }
         }

@@ -548,7 +548,7 @@ pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState,
             clean_exit,
             now,
         ),
-        Input::CannotStart { reason } => cannot_start(&mut state, reason, now),
+        Input::CannotStart { reason } => restart::cannot_start(&mut state, reason, now),
         Input::Volumes { ready } => state.volumes_ready = ready,
         Input::VolumesResult(result) => on_volumes_result(&mut state, result, now, &mut actions),
         Input::Resume => {
@@ -811,29 +811,6 @@ fn on_domain(state: &mut AppState, active: bool, now: DateTime<Utc>) {
         state.running = Some(state.effective().clone());
     }
     restart::on_domain(state, active, now);
-}
-
-/// Nothing can be asked of the domain-manager (the config names nothing to run): the app is
-/// broken for that reason until a config changes it, never left starting.
-fn cannot_start(state: &mut AppState, reason: String, now: DateTime<Utc>) {
-    if state.phase == Phase::Starting {
-        state.phase = Phase::Idle;
-    }
-    let counter = state
-        .running
-        .as_ref()
-        .map_or(0, |c| domain_restart_counter(c, state.restarts));
-    let consecutive = state.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
-    state.started_at = None;
-    state.failure = Some(Failure {
-        reason,
-        at: now,
-        consecutive,
-        counter,
-        held: true,
-        retry_at: None,
-        restarted: false,
-    });
 }
 
 /// Queues the taking of a snapshot with the config in use now.

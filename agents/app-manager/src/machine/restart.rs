@@ -109,6 +109,39 @@ pub(super) fn on_broken(
         RestartPolicy::OnFailure => !clean,
         RestartPolicy::Never => false,
     };
+    record(
+        state,
+        reason,
+        counter,
+        consecutive,
+        restart.then(|| now + backoff(consecutive)),
+        now,
+    );
+}
+
+/// Nothing can be asked of the domain-manager (the config names nothing to run): the app is
+/// broken for that reason until a config changes it, never left starting.
+pub(super) fn cannot_start(state: &mut AppState, reason: String, now: DateTime<Utc>) {
+    if state.phase == Phase::Starting {
+        state.phase = Phase::Idle;
+    }
+    let counter = state
+        .running
+        .as_ref()
+        .map_or(0, |c| domain_restart_counter(c, state.restarts));
+    let consecutive = state.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
+    record(state, reason, counter, consecutive, None, now);
+}
+
+/// The failure that holds the next start: until `retry_at`, or (`None`) for the controller.
+fn record(
+    state: &mut AppState,
+    reason: String,
+    counter: u32,
+    consecutive: u32,
+    retry_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) {
     state.started_at = None;
     state.failure = Some(Failure {
         reason,
@@ -116,7 +149,7 @@ pub(super) fn on_broken(
         consecutive,
         counter,
         held: true,
-        retry_at: restart.then(|| now + backoff(consecutive)),
+        retry_at,
         restarted: false,
     });
 }
