@@ -195,6 +195,11 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a hook or the app has written its line to `path` (a shell creates the file first).
+fn written(path: &Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|t| !t.trim().is_empty())
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -213,7 +218,7 @@ async fn hooks_quiesce_a_snapshot_and_a_failing_or_hanging_pre_hook_aborts_it_cl
     for a in &apps {
         let pid = device.dir_volume(uuid(a.volume), 0).join("app.pid");
         device
-            .until(SETTLE, "the app wrote its pid", || pid.is_file())
+            .until(SETTLE, "the app wrote its pid", || written(&pid))
             .await;
     }
 
@@ -246,7 +251,7 @@ async fn hooks_quiesce_a_snapshot_and_a_failing_or_hanging_pre_hook_aborts_it_cl
     );
     device
         .until(SETTLE, "the flushing app's post hook ran", || {
-            post_marker(&device, FLUSHING).is_file()
+            written(&post_marker(&device, FLUSHING))
         })
         .await;
     assert_eq!(read(&post_marker(&device, FLUSHING)), "post taken");
@@ -296,8 +301,9 @@ async fn hooks_quiesce_a_snapshot_and_a_failing_or_hanging_pre_hook_aborts_it_cl
         );
         assert_eq!(runs(&device, a.volume), 1, "app {i} was stopped");
         device
+            // The hook's shell creates the file before it writes its line: wait for the line.
             .until(SETTLE, "the post hook ran", || {
-                post_marker(&device, i).is_file()
+                std::fs::read_to_string(post_marker(&device, i)).is_ok_and(|t| !t.trim().is_empty())
             })
             .await;
         assert_eq!(read(&post_marker(&device, i)), "post failed", "app {i}");
@@ -331,7 +337,7 @@ async fn an_app_manager_killed_during_a_pre_hook_fails_the_snapshot_kills_the_ho
     // dies.
     device
         .until(SETTLE, "the hanging pre hook started", || {
-            hang_pid_file(&device).is_file()
+            written(&hang_pid_file(&device))
         })
         .await;
     let sleeper: i32 = read(&hang_pid_file(&device)).parse().unwrap();
@@ -355,7 +361,7 @@ async fn an_app_manager_killed_during_a_pre_hook_fails_the_snapshot_kills_the_ho
         .await;
     device
         .until(SETTLE, "the post hook ran", || {
-            post_marker(&device, HANGING).is_file()
+            written(&post_marker(&device, HANGING))
         })
         .await;
     assert_eq!(read(&post_marker(&device, HANGING)), "post failed");
@@ -443,7 +449,7 @@ async fn a_vm_whose_guest_agent_does_not_answer_fails_a_live_snapshot_or_proceed
     assert!(cairn_e2e::qcow2_snapshots(&file).is_empty());
     device
         .until(SETTLE, "the post hook ran", || {
-            post_marker(&device, 9).is_file()
+            written(&post_marker(&device, 9))
         })
         .await;
     assert_eq!(read(&post_marker(&device, 9)), "post failed");
