@@ -11,10 +11,12 @@ use uuid::Uuid;
 use crate::common::{ErrorDescription, UUIDandVersion, go_time, null_as_default};
 use crate::volume::VolumeFormat;
 
-/// A qemu VM booted from a kernel and initrd.
+/// A qemu VM booted from a kernel and initrd, or from its first disk.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
 #[serde(default, rename_all = "PascalCase")]
 pub struct VmSpec {
+    /// Empty: no direct kernel boot; the BIOS (SeaBIOS) boots the first disk, and `initrd`
+    /// and `append` must be empty too (the disk's boot loader has its own).
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub append: String,

@@ -58,8 +58,14 @@ pub enum ConfigError {
     MissingKernel(PathBuf),
     #[error("initrd file {0} does not exist: fix VmSpec.Initrd or leave it empty")]
     MissingInitrd(PathBuf),
-    #[error("VmSpec.Kernel is empty: a VM needs a kernel")]
-    NoKernel,
+    #[error(
+        "VmSpec.Kernel is empty, so the VM boots its first disk through the BIOS, but it has no disk: give it a bootable volume or a kernel"
+    )]
+    NoBootDisk,
+    #[error(
+        "VmSpec.Initrd or VmSpec.Append without VmSpec.Kernel: a disk boot takes both from the disk's boot loader"
+    )]
+    BootArgsWithoutKernel,
     #[error("VmSpec.MemoryMiB is 0: give the VM memory")]
     ZeroMemory,
     #[error(
@@ -159,7 +165,7 @@ pub fn plan(
     let disks = resolve_disks(config, volumes)?;
     match &config.spec {
         DomainSpec::Vm(vm) => {
-            check_vm(vm)?;
+            check_vm(vm, &disks)?;
             for d in &disks {
                 if !matches!(d.format, VolumeFormat::Qcow2 | VolumeFormat::Raw) {
                     return Err(ConfigError::NotABlockDisk {
@@ -215,11 +221,15 @@ pub fn plan(
     }
 }
 
-fn check_vm(vm: &VmSpec) -> Result<(), ConfigError> {
+fn check_vm(vm: &VmSpec, disks: &[Disk]) -> Result<(), ConfigError> {
     if vm.kernel.as_os_str().is_empty() {
-        return Err(ConfigError::NoKernel);
-    }
-    if !vm.kernel.is_file() {
+        if disks.is_empty() {
+            return Err(ConfigError::NoBootDisk);
+        }
+        if !vm.initrd.as_os_str().is_empty() || !vm.append.is_empty() {
+            return Err(ConfigError::BootArgsWithoutKernel);
+        }
+    } else if !vm.kernel.is_file() {
         return Err(ConfigError::MissingKernel(vm.kernel.clone()));
     }
     if !vm.initrd.as_os_str().is_empty() && !vm.initrd.is_file() {
@@ -302,6 +312,8 @@ pub async fn clear_export_bitmaps(disks: &[PathBuf]) -> Result<(), String> {
 /// The qemu command line (without the binary). Disks are `-blockdev`s with explicit node names
 /// so that QMP snapshot commands can name them; the console goes to a file so that it survives
 /// a domain-manager restart; `-no-reboot` turns a guest reboot or panic into a qemu exit.
+/// Without a kernel the machine's firmware (SeaBIOS, qemu's default on a pc machine) boots the
+/// first disk, which alone gets a `bootindex`.
 pub fn qemu_args(
     config: &DomainConfig,
     vm: &VmSpec,
@@ -336,14 +348,17 @@ pub fn qemu_args(
     }
     let pidfile = dir.qemu_pidfile().to_string_lossy().into_owned();
     push(&["-pidfile", &pidfile]);
-    let kernel = vm.kernel.to_string_lossy().into_owned();
-    push(&["-kernel", &kernel]);
-    if !vm.initrd.as_os_str().is_empty() {
-        let initrd = vm.initrd.to_string_lossy().into_owned();
-        push(&["-initrd", &initrd]);
-    }
-    if !vm.append.is_empty() {
-        push(&["-append", &vm.append]);
+    let disk_boot = vm.kernel.as_os_str().is_empty();
+    if !disk_boot {
+        let kernel = vm.kernel.to_string_lossy().into_owned();
+        push(&["-kernel", &kernel]);
+        if !vm.initrd.as_os_str().is_empty() {
+            let initrd = vm.initrd.to_string_lossy().into_owned();
+            push(&["-initrd", &initrd]);
+        }
+        if !vm.append.is_empty() {
+            push(&["-append", &vm.append]);
+        }
     }
     // A rollback to a stateful snapshot: resume from its memory and device state.
     if !config.load_state_tag.is_empty() {
@@ -361,7 +376,10 @@ pub fn qemu_args(
             _ => "qcow2",
         };
         let format = format!("driver={driver},node-name={node},file={node}-file,read-only={ro}");
-        let device = format!("virtio-blk-pci,drive={node},id=vd{i}");
+        let mut device = format!("virtio-blk-pci,drive={node},id=vd{i}");
+        if disk_boot && i == 0 {
+            device.push_str(",bootindex=0");
+        }
         push(&["-blockdev", &file, "-blockdev", &format, "-device", &device]);
     }
     a
@@ -517,6 +535,63 @@ mod tests {
         let args = qemu_args(&cfg, &vm, &[], &dir, "tcg");
         let at = args.iter().position(|a| a == "-loadvm").expect("-loadvm");
         assert_eq!(args[at + 1], "snap-1");
+    }
+
+    #[test]
+    fn a_vm_without_a_kernel_boots_its_first_disk_through_the_bios() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = AppDir(tmp.path().join("app"));
+        let mut volumes = HashMap::new();
+        let mut disks = Vec::new();
+        for key in ["boot#0", "data#0"] {
+            let file = tmp.path().join(format!("{key}.qcow2"));
+            std::fs::write(&file, b"").expect("write");
+            volumes.insert(
+                key.to_string(),
+                VolumeStatus {
+                    state: VolumeState::Ready,
+                    file_location: file,
+                    format: VolumeFormat::Qcow2,
+                    ..VolumeStatus::default()
+                },
+            );
+            disks.push(DiskConfig {
+                volume_key: key.into(),
+                ..DiskConfig::default()
+            });
+        }
+        let cfg = vm_config(Path::new(""), 64, disks);
+        let Ok(Launch::Vm { args, .. }) = plan(&cfg, &volumes, &dir, "tcg") else {
+            panic!("a disk boot is planned");
+        };
+        for option in ["-kernel", "-initrd", "-append"] {
+            assert!(!args.contains(&option.to_string()), "{option}: {args:?}");
+        }
+        let devices: Vec<&String> = args
+            .iter()
+            .filter(|a| a.starts_with("virtio-blk-pci"))
+            .collect();
+        assert_eq!(
+            devices,
+            [
+                "virtio-blk-pci,drive=disk0,id=vd0,bootindex=0",
+                "virtio-blk-pci,drive=disk1,id=vd1"
+            ]
+        );
+
+        let diskless = vm_config(Path::new(""), 64, vec![]);
+        assert_eq!(
+            plan(&diskless, &volumes, &dir, "tcg").err(),
+            Some(ConfigError::NoBootDisk)
+        );
+        let mut with_append = cfg.clone();
+        if let DomainSpec::Vm(vm) = &mut with_append.spec {
+            vm.append = "console=ttyS0".into();
+        }
+        assert_eq!(
+            plan(&with_append, &volumes, &dir, "tcg").err(),
+            Some(ConfigError::BootArgsWithoutKernel)
+        );
     }
 
     #[test]

@@ -93,6 +93,60 @@ async fn vm_boots_is_readopted_after_manager_kill_and_stops_with_disk_synced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_without_a_kernel_boots_its_first_disk_through_the_bios_and_keeps_its_counter_there() {
+    become_subreaper();
+    let mut h = Harness::new().await;
+    let app = Uuid::new_v4();
+    let disk = boot_disk_copy(h.tmp.path());
+    let started = Instant::now();
+    h.configs
+        .publish(disk_boot_config(app, &disk, true))
+        .await
+        .unwrap();
+    let running = h
+        .wait_status(app, "Running", |s| s.state == DomainState::Running)
+        .await;
+    let console = running.log_path.clone();
+    // SeaBIOS ran syslinux from the disk, which started the kernel: its banner, then the
+    // BOOT_IMAGE it passes (qemu -kernel passes none).
+    wait_console(&console, "the guest booted by syslinux", |t| {
+        t.contains("SYSLINUX") && t.contains("CAIRN-GUEST-BOOTED") && t.contains("boot=/vmlinuz")
+    })
+    .await;
+    eprintln!("BIOS boot to marker: {:?}", started.elapsed());
+    let pid = running.pid.expect("a running VM has a pid");
+    wait_console(&console, "the counter going", |_| {
+        counters(&console, 0).last().copied().unwrap_or(0) >= 2
+    })
+    .await;
+
+    h.configs
+        .publish(disk_boot_config(app, &disk, false))
+        .await
+        .unwrap();
+    h.wait_status(app, "Halted", |s| s.state == DomainState::Halted)
+        .await;
+    reap(pid);
+    let last = *counters(&console, 0).last().unwrap();
+    assert_eq!(
+        disk_counter_at(&disk, BOOT_DISK_COUNTER_OFFSET),
+        Some(last),
+        "the guest synced its last counter to its data partition"
+    );
+    let mbr = std::process::Command::new("qemu-io")
+        .args(["-r", "-U", "-f", "qcow2", "-c", "read -P 0x55 510 1"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&mbr.stdout);
+    assert!(
+        mbr.status.success() && said.contains("read 1/1") && !said.contains("verification failed"),
+        "the boot sector's signature is intact: {}",
+        String::from_utf8_lossy(&mbr.stdout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_live_ops_stateful_load_reverts_counter_and_disk_and_outside_kill_breaks() {
     become_subreaper();
     let mut h = Harness::new().await;

@@ -30,7 +30,8 @@ pub fn guest_dir() -> PathBuf {
                 PathBuf::from(std::env::var_os("HOME").expect("HOME"))
                     .join(".cache/cairn/test-guest")
             });
-        if !dir.join("vmlinuz").is_file() || !dir.join("initramfs.cpio.gz").is_file() {
+        let built = ["vmlinuz", "initramfs.cpio.gz", "disk.qcow2"];
+        if !built.iter().all(|f| dir.join(f).is_file()) {
             let build = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/test-guest/build");
             let out = Command::new(&build)
                 .output()
@@ -397,6 +398,25 @@ pub fn vm_config(app: Uuid, disk: Option<&Path>, activate: bool) -> DomainConfig
     }
 }
 
+/// The test guest booted from a copy of its bootable disk (`disk.qcow2`) through the BIOS: no
+/// kernel, the disk is the VM's first and only one.
+pub fn disk_boot_config(app: Uuid, disk: &Path, activate: bool) -> DomainConfig {
+    let mut config = vm_config(app, Some(disk), activate);
+    config.spec = DomainSpec::Vm(VmSpec {
+        memory_mib: 256,
+        cpus: 1,
+        ..VmSpec::default()
+    });
+    config
+}
+
+/// A writable copy of the test guest's bootable disk under `dir`.
+pub fn boot_disk_copy(dir: &Path) -> PathBuf {
+    let copy = dir.join("boot.qcow2");
+    std::fs::copy(guest_dir().join("disk.qcow2"), &copy).expect("copy disk.qcow2");
+    copy
+}
+
 pub fn process_config(app: Uuid, script: &str, volume: &Path, activate: bool) -> DomainConfig {
     DomainConfig {
         uuid_and_version: UUIDandVersion {
@@ -459,8 +479,18 @@ pub async fn wait_console(console: &Path, what: &str, pred: impl Fn(&str) -> boo
 
 /// Sector 0 of a qcow2 image as the guest's counter (`qemu-io -r -U`, so also while qemu runs).
 pub fn disk_counter(disk: &Path) -> Option<u64> {
+    disk_counter_at(disk, 0)
+}
+
+/// Where the test guest's bootable `disk.qcow2` keeps its counter: partition 2 (`/dev/vda2`),
+/// which starts at sector 67584 (images/test-guest/build).
+pub const BOOT_DISK_COUNTER_OFFSET: u64 = 67584 * 512;
+
+/// The counter in the sector at byte `offset` of a qcow2 image.
+pub fn disk_counter_at(disk: &Path, offset: u64) -> Option<u64> {
+    let read = format!("read -v {offset} 512");
     let out = Command::new("qemu-io")
-        .args(["-r", "-U", "-f", "qcow2", "-c", "read -v 0 512"])
+        .args(["-r", "-U", "-f", "qcow2", "-c", &read])
         .arg(disk)
         .output()
         .expect("qemu-io (qemu-utils) must be installed");
