@@ -924,8 +924,9 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
     })
 }
 
-/// The domain of an app described only with EVE's fields: a direct-kernel-boot VM from
-/// `fixedresources`, its disks in `volumeRefList` order. What EVE can express and Cairn cannot
+/// The domain of an app described only with EVE's fields: a VM from `fixedresources`, its
+/// disks in `volumeRefList` order, booted from `kernel` directly or, without one, from its first
+/// disk through the BIOS (EVE's KVM on amd64: no `bootloader` means qemu's SeaBIOS). What EVE can express and Cairn cannot
 /// run yet is not a fault of the config: `Err` says which field and why, and the app is
 /// accepted and reported broken with it (EVE's field names, as the controller knows them).
 fn eve_domain(app: &proto::AppInstanceConfig) -> Result<DomainSpec, String> {
@@ -943,7 +944,7 @@ fn eve_domain(app: &proto::AppInstanceConfig) -> Result<DomainSpec, String> {
         );
     };
     let mode = match proto::VmMode::try_from(vm.virtualization_mode) {
-        // On KVM, EVE runs PV and HVM alike as a q35 VM; both boot a kernel directly here.
+        // On KVM, EVE runs PV and HVM alike as a q35 VM, from a kernel or from the first disk.
         Ok(mode @ (proto::VmMode::Pv | proto::VmMode::Hvm)) => mode.as_str_name(),
         Ok(proto::VmMode::Legacy) => {
             return Err(
@@ -975,21 +976,32 @@ fn eve_domain(app: &proto::AppInstanceConfig) -> Result<DomainSpec, String> {
             ));
         }
     };
-    if !vm.bootloader.is_empty() {
-        return Err(format!(
-            "fixedresources.bootloader {:?}: a firmware or boot loader is not supported yet; give fixedresources.kernel and ramdisk instead",
-            vm.bootloader
-        ));
-    }
+    firmware(vm)?;
     if vm.kernel.is_empty() {
-        return Err(format!(
-            "fixedresources.virtualizationMode {mode} without fixedresources.kernel: booting from a disk is not supported yet; give kernel and ramdisk"
-        ));
+        if !vm.ramdisk.is_empty() {
+            return Err(format!(
+                "fixedresources.ramdisk {:?} without fixedresources.kernel: a ramdisk needs the kernel it belongs to; give kernel, or neither to boot from the first disk",
+                vm.ramdisk
+            ));
+        }
+        // qemu takes a command line only with -kernel; a disk's boot loader has its own.
+        if !vm.extraargs.is_empty() {
+            return Err(format!(
+                "fixedresources.extraargs {:?} without fixedresources.kernel: a disk boot takes its command line from the disk's boot loader; drop extraargs or give kernel",
+                vm.extraargs
+            ));
+        }
+        if app.volume_ref_list.is_empty() {
+            return Err(format!(
+                "fixedresources.virtualizationMode {mode} without fixedresources.kernel boots from the first disk, and volumeRefList is empty: give the app a bootable volume or a kernel"
+            ));
+        }
     }
     if vm.memory == 0 {
         return Err("fixedresources.memory 0: a VM needs memory (KiB > 0)".into());
     }
     Ok(DomainSpec::Vm(VmSpec {
+        // Empty: the domain-manager boots the first disk through SeaBIOS.
         kernel: vm.kernel.clone().into(),
         initrd: vm.ramdisk.clone().into(),
         append: vm.extraargs.clone(),
@@ -999,6 +1011,29 @@ fn eve_domain(app: &proto::AppInstanceConfig) -> Result<DomainSpec, String> {
         cpus: vm.vcpus.max(1),
         guest_agent: false,
     }))
+}
+
+/// EVE's firmware choice for a KVM VM on amd64 (zedmanager's `MaybeAddDomainConfig`): no
+/// `bootloader` (or the `pygrub` EVE drops) is qemu's default SeaBIOS, as is EVE's own
+/// `seabios.bin`; OVMF (`ovmf.bin`, `OVMF_CODE.fd`) is UEFI. `boot_mode` is read by EVE's
+/// kubevirt only; Cairn refuses UEFI there too rather than boot a UEFI disk through a BIOS.
+fn firmware(vm: &proto::VmConfig) -> Result<(), String> {
+    const UEFI: &str = "UEFI firmware (OVMF) is not supported yet: Cairn boots disks through SeaBIOS (legacy BIOS, MBR disks); use a BIOS-bootable disk or give fixedresources.kernel";
+    match vm.bootloader.as_str() {
+        "" | "/usr/bin/pygrub" | "/usr/lib/xen/boot/seabios.bin" => {}
+        loader if loader.to_ascii_lowercase().contains("ovmf") => {
+            return Err(format!("fixedresources.bootloader {loader:?}: {UEFI}"));
+        }
+        loader => {
+            return Err(format!(
+                "fixedresources.bootloader {loader:?}: not a firmware Cairn knows (EVE's /usr/lib/xen/boot/seabios.bin or none boots through SeaBIOS)"
+            ));
+        }
+    }
+    if vm.boot_mode == proto::VmBootMode::Uefi as i32 {
+        return Err(format!("fixedresources.bootMode VM_BOOT_MODE_UEFI: {UEFI}"));
+    }
+    Ok(())
 }
 
 fn proto_domain(d: &proto::CairnDomain, path: &str) -> Result<DomainSpec, ConfigError> {

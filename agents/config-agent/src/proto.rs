@@ -12,8 +12,8 @@ pub use crate::eve::org::lfedge::eve::common::HashAlgorithm;
 pub use crate::eve::org::lfedge::eve::config::UuiDandVersion as UuidAndVersion;
 pub use crate::eve::org::lfedge::eve::config::{
     AppInstanceConfig, ConfigItem, ConfigRequest, ConfigResponse, Drive, EdgeDevConfig,
-    InstanceOpsCmd, SnapshotConfig, SnapshotDesc, SnapshotType, VmConfig, VmMode, Volume,
-    VolumeContentOrigin, VolumeContentOriginType, VolumeRef,
+    InstanceOpsCmd, SnapshotConfig, SnapshotDesc, SnapshotType, VmBootMode, VmConfig, VmMode,
+    Volume, VolumeContentOrigin, VolumeContentOriginType, VolumeRef,
 };
 pub use crate::eve::org::lfedge::eve::info::z_info_msg::InfoContent;
 pub use crate::eve::org::lfedge::eve::info::{

@@ -101,6 +101,48 @@ fn eves_fixedresources_make_a_direct_kernel_boot_vm_with_disks_in_volume_ref_lis
 }
 
 #[test]
+fn hvm_or_pv_without_a_kernel_boots_its_first_disk_through_the_bios() {
+    for (mode, bootloader) in [
+        (VmMode::Hvm, ""),
+        (VmMode::Pv, ""),
+        // EVE's own SeaBIOS path and the pygrub EVE drops mean the same firmware.
+        (VmMode::Hvm, "/usr/lib/xen/boot/seabios.bin"),
+        (VmMode::Hvm, "/usr/bin/pygrub"),
+    ] {
+        let mut vm = vm_resources();
+        vm.kernel.clear();
+        vm.ramdisk.clear();
+        vm.extraargs.clear();
+        vm.virtualization_mode = mode as i32;
+        vm.bootloader = bootloader.into();
+        let mut app = eve_app(APP, Some(vm));
+        app.volume_ref_list = [ROOT, DATA]
+            .map(|uuid| VolumeRef {
+                uuid: uuid.into(),
+                ..Default::default()
+            })
+            .to_vec();
+        let device = config(vec![app]);
+        let app = &device.apps[0];
+        assert_eq!(app.unrunnable, None, "{mode:?} {bootloader:?}");
+        assert_eq!(
+            app.domain,
+            Some(DomainSpec::Vm(VmSpec {
+                kernel: "".into(),
+                initrd: "".into(),
+                append: String::new(),
+                memory_mib: 98,
+                cpus: 2,
+                guest_agent: false,
+            })),
+            "{mode:?} {bootloader:?}"
+        );
+        // The boot disk is the first of volumeRefList.
+        assert_eq!(app.volume_ref_config_list[0].volume_id.to_string(), ROOT);
+    }
+}
+
+#[test]
 fn what_cairn_cannot_run_is_an_accepted_app_that_names_the_field_and_the_reason() {
     let with = |edit: fn(&mut VmConfig)| {
         let mut vm = vm_resources();
@@ -109,13 +151,26 @@ fn what_cairn_cannot_run_is_an_accepted_app_that_names_the_field_and_the_reason(
     };
     let cases: Vec<(&str, Option<VmConfig>, Vec<proto::Drive>, &str)> = vec![
         (
-            "HVM booting from a disk",
+            "a disk boot without a disk",
             with(|vm| {
                 vm.kernel.clear();
                 vm.ramdisk.clear();
+                vm.extraargs.clear();
             }),
             vec![],
-            "fixedresources.virtualizationMode HVM without fixedresources.kernel: booting from a disk is not supported yet",
+            "fixedresources.virtualizationMode HVM without fixedresources.kernel boots from the first disk, and volumeRefList is empty",
+        ),
+        (
+            "a ramdisk without its kernel",
+            with(|vm| vm.kernel.clear()),
+            vec![],
+            "fixedresources.ramdisk \"/guest/initramfs.cpio.gz\" without fixedresources.kernel",
+        ),
+        (
+            "UEFI by boot mode",
+            with(|vm| vm.boot_mode = proto::VmBootMode::Uefi as i32),
+            vec![],
+            "fixedresources.bootMode VM_BOOT_MODE_UEFI: UEFI firmware (OVMF) is not supported yet",
         ),
         (
             "NOHYPER",
@@ -148,10 +203,16 @@ fn what_cairn_cannot_run_is_an_accepted_app_that_names_the_field_and_the_reason(
             "fixedresources.memory 0",
         ),
         (
-            "a boot loader",
+            "UEFI by EVE's OVMF boot loader",
             with(|vm| vm.bootloader = "/usr/lib/xen/boot/ovmf.bin".into()),
             vec![],
-            "fixedresources.bootloader",
+            "fixedresources.bootloader \"/usr/lib/xen/boot/ovmf.bin\": UEFI firmware (OVMF) is not supported yet",
+        ),
+        (
+            "a boot loader Cairn does not know",
+            with(|vm| vm.bootloader = "/boot/grub.efi".into()),
+            vec![],
+            "fixedresources.bootloader \"/boot/grub.efi\": not a firmware Cairn knows",
         ),
         ("no fixedresources", None, vec![], "fixedresources: missing"),
         (
