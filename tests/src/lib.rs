@@ -265,6 +265,15 @@ pub fn guest_dir() -> PathBuf {
 /// The counter the test guest (`cairn.workload=counter`) keeps in sector 0 of `file`, or of
 /// its internal snapshot `snapshot` (read with a shared lock while the VM may hold the image).
 pub fn sector_counter(file: &Path, snapshot: Option<&str>) -> u64 {
+    sector_counter_at(file, snapshot, 0)
+}
+
+/// Where the test guest's bootable `disk.qcow2` keeps its counter: partition 2 (`/dev/vda2`),
+/// which starts at sector 67584 (images/test-guest/build).
+pub const BOOT_DISK_COUNTER_OFFSET: usize = 67584 * 512;
+
+/// The counter in the sector at byte `offset` of `file` (or of its internal snapshot).
+pub fn sector_counter_at(file: &Path, snapshot: Option<&str>, offset: usize) -> u64 {
     let out = tempfile::NamedTempFile::new().unwrap();
     let mut command = Command::new("qemu-img");
     command.args(["convert", "-U", "-f", "qcow2", "-O", "raw"]);
@@ -278,7 +287,7 @@ pub fn sector_counter(file: &Path, snapshot: Option<&str>) -> u64 {
         String::from_utf8_lossy(&status.stderr)
     );
     let bytes = std::fs::read(out.path()).unwrap();
-    let text: String = bytes[..512]
+    let text: String = bytes[offset..offset + 512]
         .iter()
         .take_while(|b| b.is_ascii_digit())
         .map(|b| *b as char)

@@ -1,6 +1,7 @@
 //! A stock EVE controller's app (issue 18): the config carries only EVE's fields, no Cairn
 //! extension. A VM described by `fixedresources` (kernel, ramdisk, extraargs, memory in KiB)
-//! boots, is snapshotted and rolled back; an app in a mode Cairn cannot run is reported to the
+//! boots, is snapshotted and rolled back, and so does one without a kernel that boots its
+//! first disk through the BIOS; an app in a mode Cairn cannot run is reported to the
 //! controller as ERROR with an `appErr` naming the field.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
@@ -11,7 +12,10 @@ use cairn_config_agent::proto::{
     self, AppInstanceConfig as ProtoApp, EdgeDevConfig, InstanceOpsCmd, SnapshotConfig,
     SnapshotDesc, UuidAndVersion, VmConfig, VmMode, Volume, VolumeRef, ZInfoApp,
 };
-use cairn_e2e::{Device, console_counters, guest_dir, sector_counter};
+use cairn_e2e::{
+    BOOT_DISK_COUNTER_OFFSET, Device, console_counters, guest_dir, sector_counter,
+    sector_counter_at,
+};
 use cairn_test_controller::TestController;
 use cairn_types::DomainStatus;
 
@@ -74,6 +78,27 @@ fn eve_config(mode: VmMode, snapshots: &[&str], rollback: u32, active: &str) -> 
         }],
         ..Default::default()
     }
+}
+
+/// The same app as EVE describes a VM that boots from its disk: no kernel, ramdisk or
+/// extraargs, the first volume (large enough for the test guest's 34 MiB `disk.qcow2`) is the
+/// boot disk. `activate` false lets the test fill the volume before the first boot.
+fn eve_disk_boot_config(
+    activate: bool,
+    snapshots: &[&str],
+    rollback: u32,
+    active: &str,
+) -> EdgeDevConfig {
+    let mut config = eve_config(VmMode::Hvm, snapshots, rollback, active);
+    let app = &mut config.apps[0];
+    app.activate = activate;
+    if let Some(vm) = app.fixedresources.as_mut() {
+        vm.kernel.clear();
+        vm.ramdisk.clear();
+        vm.extraargs.clear();
+    }
+    config.volumes[0].maxsizebytes = 64 << 20;
+    config
 }
 
 async fn follow(controller: &TestController, config: EdgeDevConfig) -> Device {
@@ -171,4 +196,88 @@ async fn an_app_in_a_mode_cairn_cannot_run_is_reported_as_error_naming_the_field
         "{:?}",
         app.app_err
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hvm_vm_without_a_kernel_boots_its_disk_through_the_bios_and_survives_a_rollback() {
+    let controller = TestController::start().await.unwrap();
+    let disk = guest_dir().join("disk.qcow2");
+    assert!(
+        disk.is_file(),
+        "{} is missing: run images/test-guest/build",
+        disk.display()
+    );
+    let device = follow(&controller, eve_disk_boot_config(false, &[], 0, "")).await;
+
+    // No content tree yet: the test writes the bootable disk into the blank volume the
+    // volume-manager made, in place (-n), before the app is first activated.
+    let file = device.volume(SETTLE).await.file_location;
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "qcow2", "-O", "qcow2"])
+        .arg(&disk)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    controller.set_config(SERIAL, eve_disk_boot_config(true, &[], 0, ""));
+    let app = reported(&controller, "the disk-booted VM running", running).await;
+    assert!(app.app_err.is_empty(), "{:?}", app.app_err);
+    let log = device
+        .wait_for::<DomainStatus>("domain-manager", SETTLE, |d| {
+            !d.log_path.as_os_str().is_empty()
+        })
+        .await
+        .unwrap()
+        .log_path;
+    // SeaBIOS ran syslinux from the disk (its banner), which passed the kernel BOOT_IMAGE.
+    device
+        .until(SETTLE, "the guest booted from its disk", || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("SYSLINUX") && text.contains("boot=/vmlinuz")
+        })
+        .await;
+    let counter = |snapshot| sector_counter_at(&file, snapshot, BOOT_DISK_COUNTER_OFFSET);
+    device
+        .until(SETTLE, "the guest counts on its data partition", || {
+            counter(None) >= 2
+        })
+        .await;
+
+    controller.set_config(SERIAL, eve_disk_boot_config(true, &[S1], 0, ""));
+    reported(&controller, "S1 taken and the VM running again", |a| {
+        running(a)
+            && a.snapshots
+                .iter()
+                .any(|s| s.id == S1 && s.snap_err.is_none())
+    })
+    .await;
+    let at_snapshot = counter(Some(S1));
+    assert!(
+        at_snapshot >= 2,
+        "the snapshot holds the count: {at_snapshot}"
+    );
+    device
+        .until(SETTLE, "the counter moves past the snapshot", || {
+            counter(None) > at_snapshot + 3
+        })
+        .await;
+
+    // Rollback: the VM boots its disk again as the snapshot left it and counts on from there.
+    controller.set_config(SERIAL, eve_disk_boot_config(true, &[S1], 1, S1));
+    device
+        .until(
+            SETTLE,
+            "the disk-booted guest counts from the snapshot",
+            || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                text.contains("SYSLINUX")
+                    && console_counters(&log).first() == Some(&(at_snapshot + 1))
+            },
+        )
+        .await;
+    reported(&controller, "the VM running after the rollback", running).await;
 }
