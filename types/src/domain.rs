@@ -205,6 +205,40 @@ pub struct DomainLiveOpStatus {
     pub pause_ms: u64,
 }
 
+/// domain-manager → config-agent: what an app's processes use, gathered from `/proc` every
+/// few seconds (EVE's `DomainMetric`, published by domainmgr for zedagent's metrics). Key: app
+/// UUID. Memory in MiB; CPU in nanoseconds since the domain started, divided by its VCPUs as
+/// EVE does (`CPUScaled` says by how many).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "DomainMetric", version = 1)]
+pub struct DomainMetric {
+    #[serde(rename = "UUIDandVersion")]
+    #[persist(mandatory)]
+    pub uuid_and_version: UUIDandVersion,
+    #[serde(rename = "CPUTotalNs")]
+    pub cpu_total_ns: u64,
+    #[serde(rename = "CPUScaled")]
+    pub cpu_scaled: u32,
+    /// The VM's memory (`VmSpec.MemoryMiB`); 0 for a process, which has no allotment.
+    #[serde(rename = "AllocatedMB")]
+    pub allocated_mb: u32,
+    /// Resident memory of all the app's processes (qemu's own included for a VM).
+    pub used_memory: u32,
+    /// The highest `used_memory` seen (the processes' peak resident sets).
+    pub max_used_memory: u32,
+    /// `allocated_mb - used_memory` for a VM; the host's available memory for a process.
+    pub available_memory: u32,
+    pub used_memory_percent: f64,
+    #[serde(with = "go_time")]
+    pub last_heard: Option<DateTime<Utc>>,
+    /// Some process of the app runs.
+    pub activated: bool,
+    /// Cairn: how many processes were counted.
+    pub processes: u32,
+}
+
+crate::topic!(DomainMetric, |v| v.uuid_and_version.uuid.to_string());
 crate::topic!(DomainLiveOpConfig, |v| v.request_id.to_string());
 crate::topic!(DomainLiveOpStatus, |v| v.request_id.to_string());
 crate::topic!(DomainConfig, |v| v.uuid_and_version.uuid.to_string());

@@ -22,7 +22,7 @@ pub use common::{
 pub use device::{ConfigItemValueMap, ConfigSource, DeviceStatus};
 pub use domain::{
     DiskConfig, DomainConfig, DomainLiveOp, DomainLiveOpConfig, DomainLiveOpState,
-    DomainLiveOpStatus, DomainSpec, DomainState, DomainStatus, ProcessSpec, VmSpec,
+    DomainLiveOpStatus, DomainMetric, DomainSpec, DomainState, DomainStatus, ProcessSpec, VmSpec,
 };
 pub use export::{
     ExportAction, ExportConfig, ExportKind, ExportManifest, ExportState, ExportStatus,

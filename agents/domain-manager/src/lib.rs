@@ -7,6 +7,7 @@
 
 pub mod domain;
 pub mod launch;
+pub mod metrics;
 pub mod procfs;
 pub mod qmp;
 pub mod supervisor;

@@ -4,10 +4,13 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use cairn_pubsub::{Bus, BusError, Event, PublishOptions, Subscription};
+use cairn_pubsub::{Bus, BusError, Event, Publication, PublishOptions, Subscription};
 use cairn_types::domain::{DomainLiveOpConfig, DomainLiveOpState, DomainLiveOpStatus};
-use cairn_types::{DomainConfig, DomainStatus, ErrorDescription, ErrorSeverity, VolumeStatus};
+use cairn_types::{
+    DomainConfig, DomainMetric, DomainStatus, ErrorDescription, ErrorSeverity, VolumeStatus,
+};
 use chrono::Utc;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -29,6 +32,8 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// A group whose members may read `DomainStatus` (technicians).
     pub technicians_gid: Option<u32>,
+    /// How often each app's `DomainMetric` is gathered from `/proc`.
+    pub metric_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +51,8 @@ pub struct Supervisor {
     live_op_requests: Subscription<DomainLiveOpConfig>,
     volumes: Subscription<VolumeStatus>,
     restarted_signalled: bool,
+    metrics: Publication<DomainMetric>,
+    metric_interval: Duration,
 }
 
 impl Supervisor {
@@ -69,6 +76,9 @@ impl Supervisor {
                 persistent: true,
                 ..PublishOptions::default()
             })
+            .await?;
+        let metrics = bus
+            .publish::<DomainMetric>(PublishOptions::default())
             .await?;
         let accel = match settings.accel.as_str() {
             "auto" => auto_accel(bus, &settings).await,
@@ -140,6 +150,8 @@ impl Supervisor {
             live_op_requests: bus.subscribe(APP_MANAGER),
             volumes: bus.subscribe(VOLUME_MANAGER),
             restarted_signalled: false,
+            metrics,
+            metric_interval: settings.metric_interval,
         })
     }
 
@@ -158,6 +170,8 @@ impl Supervisor {
         stop_domains: bool,
     ) -> Result<(), SupervisorError> {
         tokio::pin!(shutdown);
+        let mut metrics_due = tokio::time::interval(self.metric_interval);
+        metrics_due.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = &mut shutdown => {
@@ -169,8 +183,40 @@ impl Supervisor {
                 event = self.configs.recv() => self.on_config(event).await?,
                 event = self.live_op_requests.recv() => self.on_live_op(event).await?,
                 event = self.volumes.recv() => self.on_volume(event),
+                _ = metrics_due.tick() => self.publish_metrics().await?,
             }
         }
+    }
+
+    /// One `DomainMetric` per app with a config or a marked process; the others are withdrawn.
+    async fn publish_metrics(&mut self) -> Result<(), SupervisorError> {
+        let run_dir = self.shared.run_dir.clone();
+        let Ok((usage, available)) =
+            tokio::task::spawn_blocking(move || crate::metrics::gather(&run_dir)).await
+        else {
+            return Ok(());
+        };
+        let now = Utc::now();
+        let mut apps: HashSet<Uuid> = self.domains.keys().copied().collect();
+        apps.extend(usage.keys().filter_map(|a| Uuid::parse_str(a).ok()));
+        for app in &apps {
+            let key = app.to_string();
+            let metric = crate::metrics::metric(
+                *app,
+                self.configs.get(&key),
+                usage.get(&key),
+                self.metrics.get(&key).as_ref(),
+                available,
+                now,
+            );
+            self.metrics.publish(metric).await?;
+        }
+        for key in self.metrics.keys() {
+            if Uuid::parse_str(&key).map_or(true, |app| !apps.contains(&app)) {
+                self.metrics.unpublish(&key).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Stops every domain and waits for their tasks to end.

@@ -578,3 +578,63 @@ fn the_accelerator_probed_on_an_earlier_boot_is_reused_and_a_stale_one_is_not() 
     assert!(!third.contains("earlier boot"), "{third}");
     assert_eq!(std::fs::read_to_string(&remembered).unwrap(), kept);
 }
+
+/// The next `DomainMetric` of `app` that satisfies `pred`, within `WAIT`.
+async fn wait_metric(
+    metrics: &mut cairn_pubsub::Subscription<cairn_types::DomainMetric>,
+    app: Uuid,
+    what: &str,
+    pred: impl Fn(&cairn_types::DomainMetric) -> bool,
+) -> cairn_types::DomainMetric {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(m) = metrics.get(&app.to_string())
+            && pred(m)
+        {
+            return m.clone();
+        }
+        let got = tokio::time::timeout_at(deadline, metrics.recv()).await;
+        assert!(
+            got.is_ok(),
+            "no DomainMetric `{what}` for {app} within {WAIT:?}; last: {:#?}",
+            metrics.get(&app.to_string())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_cpu_and_memory_are_published_as_its_domain_metric() {
+    let mut h = Harness::new().await;
+    let mut metrics = cairn_pubsub::Bus::new("config-agent", &h.run, &h.persist)
+        .subscribe::<cairn_types::DomainMetric>("domain-manager");
+    let app = Uuid::new_v4();
+    let volume = h.tmp.path().join("volume");
+    std::fs::create_dir(&volume).unwrap();
+    // Some CPU time first (a busy loop of a few hundred milliseconds), then a child that
+    // keeps the marker: both processes count.
+    let script = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; sleep 600 & wait";
+    h.configs
+        .publish(process_config(app, script, &volume, true))
+        .await
+        .unwrap();
+    let running = wait_metric(&mut metrics, app, "busy and two processes", |m| {
+        m.activated && m.processes == 2 && m.cpu_total_ns >= 100_000_000
+    })
+    .await;
+    assert!(running.used_memory > 0 && running.max_used_memory >= running.used_memory);
+    assert!(running.last_heard.is_some());
+    eprintln!("metric of the running app: {running:?}");
+
+    h.configs
+        .publish(process_config(app, script, &volume, false))
+        .await
+        .unwrap();
+    h.wait_status(app, "Halted", |s| s.state == DomainState::Halted)
+        .await;
+    let stopped = wait_metric(&mut metrics, app, "stopped", |m| !m.activated).await;
+    assert_eq!(stopped.used_memory, 0);
+    assert!(
+        stopped.cpu_total_ns >= running.cpu_total_ns,
+        "the CPU total is kept"
+    );
+}
