@@ -13,7 +13,7 @@ use crate::https::{Https, HttpsError};
 use crate::identity::Identity;
 use crate::proto::{
     AuthContainer, ConfigRequest, ConfigResponse, EdgeDevConfig, UuidRequest, UuidResponse,
-    ZCertType, ZControllerCert, ZInfoMsg, ZRegisterMsg,
+    ZCertType, ZControllerCert, ZInfoMsg, ZMetricMsg, ZRegisterMsg,
 };
 
 pub const CERTS: &str = "/api/v2/edgedevice/certs";
@@ -26,6 +26,11 @@ pub fn config_path(device: Uuid) -> String {
 
 pub fn info_path(device: Uuid) -> String {
     format!("/api/v2/edgedevice/id/{device}/info")
+}
+
+/// EVE's zedagent posts `ZMetricMsg` here (`URLPathString(server, devUUID, "metrics")`).
+pub fn metrics_path(device: Uuid) -> String {
+    format!("/api/v2/edgedevice/id/{device}/metrics")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +205,17 @@ impl Link {
         match response.status {
             200..=202 => Ok(()),
             status => Err(self.forget_on_refusal("info", status, &response.body)),
+        }
+    }
+
+    /// One metrics report, signed like every other message. Not queued: as in EVE, a report
+    /// that does not get through is dropped and the next interval's takes its place.
+    pub async fn send_metrics(&mut self, metrics: ZMetricMsg) -> Result<(), LinkError> {
+        let device = self.connect().await?;
+        let response = self.post_signed(&metrics_path(device), metrics).await?;
+        match response.status {
+            200..=202 => Ok(()),
+            status => Err(self.forget_on_refusal("metrics", status, &response.body)),
         }
     }
 

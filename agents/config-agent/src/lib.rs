@@ -17,6 +17,7 @@ pub mod eve;
 pub mod https;
 pub mod identity;
 pub mod link;
+pub mod metrics;
 pub mod model;
 pub mod proto;
 pub mod report;

@@ -1,7 +1,7 @@
 //! The controller as the config source: poll the config on a jittered interval, put an accepted
 //! one in force (checkpoint first, then the bus), refuse a bad one as a whole, fall back to the
-//! checkpoint when the controller cannot be reached at boot, and report every app status change
-//! through the per-app queue. One task does all of it, one exchange at a time, so there is no
+//! checkpoint when the controller cannot be reached at boot, report every app and volume status
+//! change through the per-object queue, and send a metrics report every metrics interval. One task does all of it, one exchange at a time, so there is no
 //! shared link state to lock.
 
 use std::collections::BTreeMap;
@@ -9,13 +9,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cairn_pubsub::{Bus, BusError, Event};
-use cairn_types::{AppInstanceStatus, ConfigSource, DeviceStatus, ErrorDescription, ErrorSeverity};
+use cairn_types::{
+    AppInstanceStatus, ConfigSource, DeviceStatus, DomainMetric, ErrorDescription, ErrorSeverity,
+    VolumeStatus,
+};
 use chrono::Utc;
 use tokio::time::{Instant, sleep_until};
 
 use crate::apply::Publications;
 use crate::checkpoint;
 use crate::controller::{Link, LinkError, Polled};
+use crate::metrics;
 use crate::model;
 use crate::report::{self, Queue, Report};
 
@@ -27,6 +31,8 @@ pub struct LinkOptions {
     /// Between config polls (each one jittered down by up to a quarter, so that devices that
     /// booted together do not poll together). `timer.config.interval` overrides it.
     pub interval: Duration,
+    /// Between metrics reports; `timer.metric.interval` overrides it.
+    pub metric_interval: Duration,
     /// First wait after a failed exchange; doubles up to `interval` (polls) or `max_backoff`
     /// (reports).
     pub first_backoff: Duration,
@@ -36,7 +42,11 @@ pub struct LinkOptions {
 enum Wake {
     Poll,
     Status(Box<Event<AppInstanceStatus>>),
+    Volume(Box<Event<VolumeStatus>>),
+    /// A `DomainMetric` came: the subscription's table is all the metrics report needs.
+    DomainMetric,
     Report,
+    Metrics,
 }
 
 /// Runs the link until the process ends; returns only on a bus failure.
@@ -48,6 +58,8 @@ pub async fn run(
 ) -> Result<(), BusError> {
     let url = format!("https://{}", link.server());
     let mut statuses = bus.subscribe::<AppInstanceStatus>("app-manager");
+    let mut volumes = bus.subscribe::<VolumeStatus>("volume-manager");
+    let mut domain_metrics = bus.subscribe::<DomainMetric>("domain-manager");
     let mut queue = Queue::new(options.first_backoff, options.max_backoff);
     let mut state = State {
         status: DeviceStatus {
@@ -58,6 +70,7 @@ pub async fn run(
         refused: None,
         restarted: false,
         interval: options.interval,
+        metric_interval: options.metric_interval,
         checkpoint: None,
         volume_refs: BTreeMap::new(),
     };
@@ -66,6 +79,8 @@ pub async fn run(
             // The checkpointed config is the controller's until it says otherwise (a 304 says
             // nothing new), so its poll interval holds from the first poll on.
             state.interval = poll_interval(&restored.config, options.interval);
+            state.metric_interval =
+                metrics::interval(&restored.config.config_items, options.metric_interval);
             state.checkpoint = Some(restored);
         }
         Err(checkpoint::CheckpointError::Persist(e))
@@ -79,6 +94,8 @@ pub async fn run(
     publications.status(state.status.clone()).await?;
     let mut published = state.status.clone();
     let mut next_poll = Instant::now();
+    // The first report at start, as EVE's zedagent sends one before its ticker runs.
+    let mut next_metrics = Instant::now();
     let mut poll_backoff = options.first_backoff;
     let mut device_facts: Option<crate::proto::ZInfoDevice> = None;
     loop {
@@ -89,6 +106,9 @@ pub async fn run(
             tokio::select! {
                 _ = sleep_until(next_poll) => Wake::Poll,
                 event = statuses.recv() => Wake::Status(Box::new(event)),
+                event = volumes.recv() => Wake::Volume(Box::new(event)),
+                _ = domain_metrics.recv() => Wake::DomainMetric,
+                _ = sleep_until(next_metrics) => Wake::Metrics,
                 _ = sleep_until(report_due.unwrap_or_else(Instant::now)), if report_due.is_some() => Wake::Report,
             }
         };
@@ -124,6 +144,63 @@ pub async fn run(
                 Event::Delete { key, .. } => queue.put(key, Report::App(None)),
                 _ => {}
             },
+            Wake::Volume(event) => match *event {
+                Event::Create { value, .. } | Event::Modify { new: value, .. } => queue.put(
+                    report::volume_key(&value.volume_id.to_string()),
+                    Report::Volume(Some(Box::new(value))),
+                ),
+                Event::Delete { last, .. } => {
+                    // EVE reports by volume UUID: another generation still there is the news.
+                    let uuid = last.volume_id;
+                    let other = volumes
+                        .values()
+                        .filter(|v| v.volume_id == uuid)
+                        .max_by_key(|v| (v.generation_counter, v.local_generation_counter))
+                        .cloned();
+                    queue.put(
+                        report::volume_key(&uuid.to_string()),
+                        Report::Volume(other.map(Box::new)),
+                    );
+                }
+                _ => {}
+            },
+            Wake::DomainMetric => {}
+            Wake::Metrics => {
+                next_metrics = Instant::now() + jittered(state.metric_interval);
+                let persist = options.persist.clone();
+                let usage = tokio::task::spawn_blocking(move || metrics::device_usage(&persist))
+                    .await
+                    .unwrap_or_default();
+                let apps: Vec<AppInstanceStatus> = statuses.values().cloned().collect();
+                let domains: BTreeMap<String, DomainMetric> = domain_metrics
+                    .values()
+                    .map(|m| (m.uuid_and_version.uuid.to_string(), m.clone()))
+                    .collect();
+                let volume_list: Vec<VolumeStatus> = volumes.values().cloned().collect();
+                let sent = match link.connect().await {
+                    Ok(device) => {
+                        let inputs = metrics::Inputs {
+                            persist: &options.persist,
+                            usage: &usage,
+                            apps: &apps,
+                            domains: &domains,
+                            volumes: &volume_list,
+                            volume_refs: &state.volume_refs,
+                        };
+                        let report = metrics::report(device, &inputs, Utc::now());
+                        link.send_metrics(report).await
+                    }
+                    Err(e) => Err(e),
+                };
+                match sent {
+                    Ok(()) => state.contact_ok(),
+                    Err(e) => {
+                        // As in EVE: dropped; the next interval's report replaces it.
+                        tracing::debug!("metrics not sent: {e}");
+                        state.contact_failed(&e);
+                    }
+                }
+            }
             Wake::Report => {
                 if let Some((app, report)) = queue.next() {
                     let sent = match link.connect().await {
@@ -136,6 +213,10 @@ pub async fn run(
                                 }
                                 Report::Device(facts) => {
                                     report::device_info(device, (**facts).clone())
+                                }
+                                Report::Volume(status) => {
+                                    let uuid = app.strip_prefix("volume/").unwrap_or(&app);
+                                    report::volume_info(device, uuid, status.as_deref())
                                 }
                             };
                             link.send_info(info).await
@@ -173,6 +254,7 @@ struct State {
     refused: Option<String>,
     restarted: bool,
     interval: Duration,
+    metric_interval: Duration,
     checkpoint: Option<checkpoint::Restored>,
     /// Each app's volume ids in the config in force, for `ZInfoApp.volumeRefs`.
     volume_refs: BTreeMap<String, Vec<String>>,
@@ -240,6 +322,8 @@ impl State {
                     Ok(model) => {
                         self.refused = None;
                         self.interval = poll_interval(&model, options.interval);
+                        self.metric_interval =
+                            metrics::interval(&model.config_items, options.metric_interval);
                         self.status.last_error = ErrorDescription::default();
                         // Checkpoint first: a config on the bus is always one a reboot without
                         // the controller would bring back.

@@ -53,6 +53,10 @@ struct Args {
     /// `timer.config.interval` overrides it).
     #[arg(long, env = "CAIRN_CONFIG_INTERVAL_MS", default_value_t = 60_000)]
     config_interval_ms: u64,
+    /// Milliseconds between two metrics reports to the controller (EVE's default; the
+    /// config's `timer.metric.interval` overrides it, within EVE's 5 s to 1 h).
+    #[arg(long, env = "CAIRN_METRIC_INTERVAL_MS", default_value_t = 60_000)]
+    metric_interval_ms: u64,
     /// Deadline of one exchange with the controller, in milliseconds.
     #[arg(long, env = "CAIRN_CONTROLLER_TIMEOUT_MS", default_value_t = 15_000)]
     controller_timeout_ms: u64,
@@ -90,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
                 let options = LinkOptions {
                     persist: args.common.persist_dir.clone(),
                     interval: Duration::from_millis(args.config_interval_ms.max(10)),
+                    metric_interval: Duration::from_millis(args.metric_interval_ms.max(10)),
                     first_backoff: Duration::from_millis(args.retry_ms.max(1)),
                     max_backoff: Duration::from_millis(args.max_retry_ms.max(args.retry_ms)),
                 };

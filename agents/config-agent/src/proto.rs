@@ -17,8 +17,13 @@ pub use crate::eve::org::lfedge::eve::config::{
 };
 pub use crate::eve::org::lfedge::eve::info::z_info_msg::InfoContent;
 pub use crate::eve::org::lfedge::eve::info::{
-    ApiCapability, ErrorInfo, Severity, ZDeviceState, ZInfoApp, ZInfoDevSw, ZInfoDevice,
-    ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZSwState,
+    ApiCapability, ErrorInfo, Severity, VolumeResources, ZDeviceState, ZInfoApp, ZInfoDevSw,
+    ZInfoDevice, ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZInfoVolume, ZSwState,
+};
+pub use crate::eve::org::lfedge::eve::metrics::z_metric_msg::MetricContent;
+pub use crate::eve::org::lfedge::eve::metrics::{
+    AppCpuMetric, AppDiskMetric, AppMemoryMetric, AppMetric, DeviceMemoryMetric, DeviceMetric,
+    DiskMetric, MemoryMetric, ZMetricMsg, ZMetricVolume,
 };
 pub use crate::eve::org::lfedge::eve::register::ZRegisterMsg;
 pub use crate::eve::org::lfedge::eve::uuid::{UuidRequest, UuidResponse};

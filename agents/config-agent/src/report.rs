@@ -1,6 +1,7 @@
-//! What the device tells the controller: `ZInfoDevice` (the machine and the agent), and about
+//! What the device tells the controller: `ZInfoDevice` (the machine and the agent), about
 //! its apps `ZInfoApp` with `ZInfoSnapshot` entries, built from the app-manager's
-//! `AppInstanceStatus`; queued per object so that the newest report replaces one not sent yet,
+//! `AppInstanceStatus`, and about its volumes `ZInfoVolume` from the volume-manager's
+//! `VolumeStatus`; queued per object so that the newest report replaces one not sent yet,
 //! and retried with backoff while the controller is away.
 
 use std::collections::BTreeMap;
@@ -9,18 +10,25 @@ use std::time::Duration;
 
 use cairn_types::{
     AppInstanceStatus, ErrorDescription, ErrorSeverity, SnapshotInstanceStatus, SnapshotType,
-    SwState,
+    SwState, VolumeState, VolumeStatus,
 };
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use crate::proto::{
-    self, ApiCapability, ErrorInfo, InfoContent, Severity, ZDeviceState, ZInfoApp, ZInfoDevSw,
-    ZInfoDevice, ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZSwState,
+    self, ApiCapability, ErrorInfo, InfoContent, Severity, VolumeResources, ZDeviceState, ZInfoApp,
+    ZInfoDevSw, ZInfoDevice, ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZInfoVolume,
+    ZSwState,
 };
 
 /// The queue's key of the device's own report (app keys are UUIDs).
 pub const DEVICE_KEY: &str = "device";
+
+/// The queue's key of a volume's report: the volume's UUID behind a prefix, so that it never
+/// meets an app's key.
+pub fn volume_key(volume: &str) -> String {
+    format!("volume/{volume}")
+}
 
 /// What Cairn tells the controller through `api_capability`. EVE's values are ordinal ("a
 /// larger number indicates all lower numbers are also supported"): Cairn has volume snapshots
@@ -36,6 +44,8 @@ pub enum Report {
     /// The app's newest status; `None`: the app is gone.
     App(Option<AppInstanceStatus>),
     Device(Box<ZInfoDevice>),
+    /// The volume's newest status; `None`: the volume is gone.
+    Volume(Option<Box<VolumeStatus>>),
 }
 
 /// The device's facts as far as the machine tells them; what cannot be read stays empty.
@@ -156,6 +166,54 @@ pub fn app_info(
         ztype: ZInfoTypes::ZiApp as i32,
         dev_id: device.to_string(),
         info_content: Some(InfoContent::Ainfo(info)),
+        at_time_stamp: Some(timestamp(Utc::now())),
+    }
+}
+
+/// The info message for one volume (EVE's `PublishVolumeToZedCloud`). `None` status: the volume
+/// is gone (EVE sends the bare UUID).
+pub fn volume_info(device: uuid::Uuid, volume: &str, status: Option<&VolumeStatus>) -> ZInfoMsg {
+    let mut info = ZInfoVolume {
+        uuid: volume.to_string(),
+        ..Default::default()
+    };
+    if let Some(status) = status {
+        info.display_name = status.display_name.clone();
+        info.generation_count = status.generation_counter;
+        info.state = match status.state {
+            VolumeState::Creating => ZSwState::CreatingVolume,
+            // EVE keeps CREATED_VOLUME while it deletes; Cairn's volume exists until it is gone.
+            VolumeState::Ready | VolumeState::Deleting => ZSwState::CreatedVolume,
+            VolumeState::Failed => ZSwState::Error,
+        } as i32;
+        info.progress_percentage = match status.state {
+            VolumeState::Creating => 0,
+            _ => 100,
+        };
+        info.resources = Some(VolumeResources {
+            max_size_bytes: status.max_vol_size,
+            cur_size_bytes: status.current_size,
+        });
+        if !status.error.error.is_empty() {
+            info.volume_err = Some(error_info(&status.error));
+        } else if let Some(pending) = &status.pending_deletion {
+            // Cairn's deletion grace: the controller learns the volume is detached and when it goes.
+            info.volume_err = Some(ErrorInfo {
+                description: pending.reason.clone(),
+                timestamp: pending.since.map(timestamp),
+                severity: Severity::Notice as i32,
+                retry_condition: pending
+                    .delete_at
+                    .map(|at| format!("deleted at {}", at.to_rfc3339()))
+                    .unwrap_or_default(),
+                ..Default::default()
+            });
+        }
+    }
+    ZInfoMsg {
+        ztype: ZInfoTypes::ZiVolume as i32,
+        dev_id: device.to_string(),
+        info_content: Some(InfoContent::Vinfo(info)),
         at_time_stamp: Some(timestamp(Utc::now())),
     }
 }
@@ -384,6 +442,70 @@ mod tests {
         assert!(available.create_time.is_some() && available.snap_err.is_none());
         let failed = &app.snapshots[1];
         assert_eq!(failed.snap_err.as_ref().unwrap().description, "disk full");
+    }
+
+    #[test]
+    fn a_volume_is_reported_with_its_state_sizes_generation_and_error() {
+        let device = uuid::Uuid::new_v4();
+        let volume = VolumeStatus {
+            volume_id: "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d".parse().unwrap(),
+            generation_counter: 2,
+            display_name: "data".into(),
+            state: VolumeState::Ready,
+            max_vol_size: 64 << 20,
+            current_size: 3 << 20,
+            ..Default::default()
+        };
+        let uuid = volume.volume_id.to_string();
+        let msg = volume_info(device, &uuid, Some(&volume));
+        assert_eq!(msg.ztype, ZInfoTypes::ZiVolume as i32);
+        let Some(InfoContent::Vinfo(info)) = msg.info_content else {
+            panic!("a volume info")
+        };
+        assert_eq!(
+            (info.uuid.as_str(), info.display_name.as_str()),
+            (uuid.as_str(), "data")
+        );
+        assert_eq!(info.state, ZSwState::CreatedVolume as i32);
+        assert_eq!((info.progress_percentage, info.generation_count), (100, 2));
+        assert_eq!(
+            info.resources,
+            Some(VolumeResources {
+                max_size_bytes: 64 << 20,
+                cur_size_bytes: 3 << 20
+            })
+        );
+        assert!(info.volume_err.is_none());
+
+        let failed = VolumeStatus {
+            state: VolumeState::Failed,
+            error: ErrorDescription::new(
+                "qemu-img create failed",
+                ErrorSeverity::Error,
+                Utc::now(),
+            ),
+            ..volume.clone()
+        };
+        let Some(InfoContent::Vinfo(info)) = volume_info(device, &uuid, Some(&failed)).info_content
+        else {
+            panic!("a volume info")
+        };
+        assert_eq!(info.state, ZSwState::Error as i32);
+        assert_eq!(
+            info.volume_err.unwrap().description,
+            "qemu-img create failed"
+        );
+
+        let Some(InfoContent::Vinfo(gone)) = volume_info(device, &uuid, None).info_content else {
+            panic!("a volume info")
+        };
+        assert_eq!(
+            gone,
+            ZInfoVolume {
+                uuid,
+                ..Default::default()
+            }
+        );
     }
 
     #[test]

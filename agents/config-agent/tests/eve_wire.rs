@@ -1551,3 +1551,175 @@ fn an_eve_encoded_vm_app_becomes_a_direct_kernel_boot_vm() {
     let volume = |n: u32| cairn_volume_ref(n).uuid.parse::<uuid::Uuid>().unwrap();
     assert_eq!(disks, [volume(2), volume(1)]);
 }
+
+/// The named field of an EVE message, by EVE's field name.
+fn field_of(msg: &DynamicMessage, name: &str) -> Value {
+    msg.get_field_by_name(name)
+        .unwrap_or_else(|| panic!("{}: EVE has no field {name}", msg.descriptor().full_name()))
+        .into_owned()
+}
+
+/// The metrics report as the link sends it: every field is one of EVE's `ZMetricMsg`, with the
+/// device's memory, CPU and persist disk, each app's CPU, memory and disks, each volume's sizes.
+#[test]
+fn the_metrics_report_decodes_with_eves_zmetricmsg() {
+    use cairn_types::{AppInstanceStatus, DomainMetric, SwState, UUIDandVersion, VolumeStatus};
+    let persist = tempfile::tempdir().unwrap();
+    let device = uuid::Uuid::new_v4();
+    let app = uuid::Uuid::new_v4();
+    let volume = uuid::Uuid::new_v4();
+    let usage = cairn_config_agent::metrics::device_usage(persist.path());
+    let apps = [AppInstanceStatus {
+        uuid_and_version: UUIDandVersion {
+            uuid: app,
+            version: "1".into(),
+        },
+        display_name: "sensor".into(),
+        state: SwState::Running,
+        ..Default::default()
+    }];
+    let domains = std::collections::BTreeMap::from([(
+        app.to_string(),
+        DomainMetric {
+            cpu_total_ns: 7_000_000_000,
+            allocated_mb: 128,
+            used_memory: 40,
+            available_memory: 88,
+            ..Default::default()
+        },
+    )]);
+    let volumes = [VolumeStatus {
+        volume_id: volume,
+        display_name: "data".into(),
+        file_location: "/persist/volumes/data.qcow2".into(),
+        max_vol_size: 16 << 20,
+        current_size: 1 << 20,
+        ..Default::default()
+    }];
+    let refs = std::collections::BTreeMap::from([(app.to_string(), vec![volume.to_string()])]);
+    let inputs = cairn_config_agent::metrics::Inputs {
+        persist: persist.path(),
+        usage: &usage,
+        apps: &apps,
+        domains: &domains,
+        volumes: &volumes,
+        volume_refs: &refs,
+    };
+    let msg = cairn_config_agent::metrics::report(device, &inputs, chrono::Utc::now());
+    let desc = pool()
+        .get_message_by_name("org.lfedge.eve.metrics.ZMetricMsg")
+        .unwrap();
+    let got = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice()).unwrap();
+    let unknown = unknown_fields("ZMetricMsg", &got);
+    assert!(unknown.is_empty(), "fields EVE does not know: {unknown:?}");
+    assert_eq!(
+        field_of(&got, "devID").as_str(),
+        Some(device.to_string().as_str())
+    );
+    assert!(got.has_field_by_name("atTimeStamp"));
+
+    let dm = field_of(&got, "dm");
+    let dm = dm.as_message().expect("a device metric");
+    let memory = field_of(dm, "memory");
+    let memory = memory.as_message().unwrap();
+    assert!(
+        field_of(memory, "usedMem").as_u32().unwrap() > 0,
+        "MiB in use"
+    );
+    assert!(
+        field_of(memory, "availMem").as_u32().unwrap() > 0,
+        "MiB available"
+    );
+    let cpu = field_of(dm, "cpuMetric");
+    assert!(
+        field_of(cpu.as_message().unwrap(), "total_ns")
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let disks = field_of(dm, "disk");
+    let disk = disks.as_list().unwrap()[0].as_message().unwrap().clone();
+    assert_eq!(
+        field_of(&disk, "mountPath").as_str(),
+        Some(persist.path().to_string_lossy().as_ref())
+    );
+    assert!(
+        field_of(&disk, "total").as_u64().unwrap() > 0,
+        "MiB under persist"
+    );
+
+    let am = field_of(&got, "am");
+    let am = am.as_list().unwrap()[0].as_message().unwrap().clone();
+    assert_eq!(
+        field_of(&am, "AppID").as_str(),
+        Some(app.to_string().as_str())
+    );
+    assert_eq!(field_of(&am, "AppName").as_str(), Some("sensor"));
+    let cpu = field_of(&am, "cpu");
+    assert_eq!(
+        field_of(cpu.as_message().unwrap(), "total").as_u64(),
+        Some(7)
+    );
+    let memory = field_of(&am, "appMemory");
+    let memory = memory.as_message().unwrap();
+    assert_eq!(field_of(memory, "allocatedMB").as_u32(), Some(128));
+    assert_eq!(field_of(memory, "usedMB").as_u32(), Some(40));
+    let disks = field_of(&am, "disk");
+    let disk = disks.as_list().unwrap()[0].as_message().unwrap().clone();
+    assert_eq!(field_of(&disk, "provisioned").as_u64(), Some(16));
+    assert_eq!(field_of(&disk, "diskType").as_str(), Some("QCOW2"));
+
+    let vm = field_of(&got, "vm");
+    let vm = vm.as_list().unwrap()[0].as_message().unwrap().clone();
+    assert_eq!(
+        field_of(&vm, "uuid").as_str(),
+        Some(volume.to_string().as_str())
+    );
+    assert_eq!(field_of(&vm, "totalBytes").as_u64(), Some(16 << 20));
+    assert_eq!(field_of(&vm, "usedBytes").as_u64(), Some(1 << 20));
+    assert_eq!(field_of(&vm, "freeBytes").as_u64(), Some(15 << 20));
+}
+
+/// A volume's report as the link sends it: EVE's `ZInfoMsg` of type ZiVolume with a `vinfo`.
+#[test]
+fn the_volume_report_decodes_with_eves_zinfovolume() {
+    use cairn_types::{VolumeState, VolumeStatus};
+    let device = uuid::Uuid::new_v4();
+    let status = VolumeStatus {
+        volume_id: uuid::Uuid::new_v4(),
+        generation_counter: 3,
+        display_name: "data".into(),
+        state: VolumeState::Ready,
+        max_vol_size: 16 << 20,
+        current_size: 1 << 20,
+        ..Default::default()
+    };
+    let uuid = status.volume_id.to_string();
+    let msg = cairn_config_agent::report::volume_info(device, &uuid, Some(&status));
+    let desc = pool()
+        .get_message_by_name("org.lfedge.eve.info.ZInfoMsg")
+        .unwrap();
+    let got = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice()).unwrap();
+    let unknown = unknown_fields("ZInfoMsg", &got);
+    assert!(unknown.is_empty(), "fields EVE does not know: {unknown:?}");
+    let types = pool()
+        .get_enum_by_name("org.lfedge.eve.info.ZInfoTypes")
+        .unwrap();
+    let ztype = field_of(&got, "ztype").as_enum_number().unwrap();
+    assert_eq!(types.get_value(ztype).unwrap().name(), "ZiVolume");
+    let info = field_of(&got, "vinfo");
+    let info = info.as_message().expect("a vinfo member");
+    assert_eq!(field_of(info, "uuid").as_str(), Some(uuid.as_str()));
+    assert_eq!(field_of(info, "displayName").as_str(), Some("data"));
+    assert_eq!(field_of(info, "generation_count").as_i64(), Some(3));
+    assert_eq!(field_of(info, "progressPercentage").as_u32(), Some(100));
+    let states = pool()
+        .get_enum_by_name("org.lfedge.eve.info.ZSwState")
+        .unwrap();
+    let state = field_of(info, "state").as_enum_number().unwrap();
+    assert_eq!(states.get_value(state).unwrap().name(), "CREATED_VOLUME");
+    let resources = field_of(info, "resources");
+    let resources = resources.as_message().unwrap();
+    assert_eq!(field_of(resources, "maxSizeBytes").as_u64(), Some(16 << 20));
+    assert_eq!(field_of(resources, "curSizeBytes").as_u64(), Some(1 << 20));
+}

@@ -26,7 +26,7 @@ use cairn_config_agent::controller::{CERTS, REGISTER, UUID};
 use cairn_config_agent::proto::{
     AuthContainer, ConfigRequest, ConfigResponse, EdgeDevConfig, HashAlgorithm, InfoContent,
     UuidAndVersion, UuidResponse, ZCert, ZCertType, ZControllerCert, ZInfoApp, ZInfoDevice,
-    ZInfoMsg, ZRegisterMsg,
+    ZInfoMsg, ZInfoVolume, ZMetricMsg, ZRegisterMsg,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -75,6 +75,17 @@ pub struct Device {
     pub configs_sent: u32,
     /// Every info message, in arrival order.
     pub infos: Vec<ZInfoMsg>,
+    /// Every metrics report, in arrival order, with the bytes it took on the wire (the signed
+    /// `AuthContainer` body, the `ZMetricMsg` inside).
+    pub metrics: Vec<Metrics>,
+}
+
+/// One metrics report as it arrived.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub report: ZMetricMsg,
+    pub body_bytes: usize,
+    pub payload_bytes: usize,
 }
 
 impl Device {
@@ -87,6 +98,17 @@ impl Device {
             }
         }
         apps
+    }
+
+    /// The latest report of each volume.
+    pub fn volumes(&self) -> BTreeMap<String, ZInfoVolume> {
+        let mut volumes = BTreeMap::new();
+        for info in &self.infos {
+            if let Some(InfoContent::Vinfo(volume)) = &info.info_content {
+                volumes.insert(volume.uuid.clone(), volume.clone());
+            }
+        }
+        volumes
     }
 
     /// The latest device report, if any came.
@@ -440,6 +462,32 @@ fn route(
                     return empty(403);
                 }
                 config(device, body, pki, fault)
+            }),
+            Some((id, "metrics")) => with_device(body, state, |device| {
+                if id != device.uuid.to_string() {
+                    return empty(403);
+                }
+                if let Some(Fault::RefuseReports(status)) = fault {
+                    return empty(*status);
+                }
+                let Some(container) = AuthContainer::decode(body).ok() else {
+                    return empty(422);
+                };
+                let payload = container.protected_payload.map(|p| p.payload);
+                match payload
+                    .as_deref()
+                    .and_then(|p| ZMetricMsg::decode(p).ok().map(|m| (m, p.len())))
+                {
+                    Some((report, payload_bytes)) => {
+                        device.metrics.push(Metrics {
+                            report,
+                            body_bytes: body.len(),
+                            payload_bytes,
+                        });
+                        empty(201)
+                    }
+                    None => empty(422),
+                }
             }),
             Some((id, "info")) => with_device(body, state, |device| {
                 if id != device.uuid.to_string() {
