@@ -543,3 +543,112 @@ async fn the_device_reports_zinfodevice_at_start() {
         .count();
     assert_eq!(reports, 1);
 }
+
+/// `n` process apps, each on its own directory volume, as [`app_config`] makes one.
+fn apps_config(n: usize) -> EdgeDevConfig {
+    let one = app_config("1", &[]);
+    let mut config = EdgeDevConfig::default();
+    for i in 0..n {
+        let mut app = one.apps[0].clone();
+        let mut volume = one.volumes[0].clone();
+        let app_uuid = format!("6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0{i:02}");
+        volume.uuid = format!("0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c{i:02}");
+        app.uuidandversion.as_mut().unwrap().uuid = app_uuid;
+        app.displayname = format!("sensor-{i}");
+        app.volume_ref_list[0].uuid = volume.uuid.clone();
+        config.apps.push(app);
+        config.volumes.push(volume);
+    }
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_volume_infos_reach_the_controller_at_eves_endpoint() {
+    let controller = TestController::start().await.unwrap();
+    let mut device = Device::new();
+    let mut args = link_args(&device, &controller);
+    args.extend(["--metric-interval-ms", "500"].map(String::from));
+    device.follow_controller(args);
+    let config = apps_config(3);
+    controller.set_config(SERIAL, config.clone());
+    device.start_all();
+    let settle = Duration::from_secs(60);
+
+    // Every volume is reported once made, by its UUID, as EVE's ZInfoVolume.
+    let created = proto::ZSwState::CreatedVolume as i32;
+    let seen = controller
+        .wait_for(SERIAL, settle, "ZInfoVolume of the three volumes", |d| {
+            let volumes = d.volumes();
+            config
+                .volumes
+                .iter()
+                .all(|v| volumes.get(&v.uuid).is_some_and(|i| i.state == created))
+        })
+        .await
+        .unwrap();
+    let info = &seen.volumes()[&config.volumes[0].uuid];
+    assert_eq!(info.display_name, "data");
+    assert_eq!(info.progress_percentage, 100);
+    assert_eq!(
+        info.resources.as_ref().map(|r| r.max_size_bytes),
+        Some(16 << 20)
+    );
+    let metrics_post = format!("POST /api/v2/edgedevice/id/{}/metrics", seen.uuid);
+    let requests = controller.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|(line, status)| line == &metrics_post && *status == 201),
+        "metrics go to EVE's endpoint: {requests:?}"
+    );
+
+    // A report once each app's processes were measured by the domain-manager.
+    let measured = |m: &proto::ZMetricMsg| {
+        m.am.len() == 3
+            && m.am.iter().all(|a| {
+                a.app_memory.as_ref().is_some_and(|mem| mem.used_mb > 0) && a.disk.len() == 1
+            })
+            && m.vm.len() == 3
+    };
+    let seen = controller
+        .wait_for(
+            SERIAL,
+            settle,
+            "a metrics report with three measured apps",
+            |d| d.metrics.iter().any(|m| measured(&m.report)),
+        )
+        .await
+        .unwrap();
+    let report = seen
+        .metrics
+        .iter()
+        .rev()
+        .find(|m| measured(&m.report))
+        .unwrap();
+    assert_eq!(report.report.dev_id, seen.uuid.to_string());
+    let Some(proto::MetricContent::Dm(dm)) = &report.report.metric_content else {
+        panic!("no device metrics: {:?}", report.report)
+    };
+    assert!(
+        dm.memory
+            .as_ref()
+            .is_some_and(|m| m.used_mem > 0 && m.avail_mem > 0)
+    );
+    assert!(dm.cpu_metric.as_ref().is_some_and(|c| c.total_ns > 0));
+    assert_eq!(
+        dm.disk[0].mount_path,
+        device.persist_dir().display().to_string()
+    );
+    let mut names: Vec<&str> = report
+        .report
+        .am
+        .iter()
+        .map(|a| a.app_name.as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["sensor-0", "sensor-1", "sensor-2"]);
+    eprintln!(
+        "metrics report, 3 apps and 3 volumes: {} bytes ZMetricMsg, {} bytes signed body",
+        report.payload_bytes, report.body_bytes
+    );
+}
