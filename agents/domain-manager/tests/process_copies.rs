@@ -216,15 +216,14 @@ fn wait_on_disk(run: &Path, app: Uuid, needle: &str) {
     }
 }
 
-/// The status key file on disk, as a restarted domain-manager reads it.
+/// The status key file on disk, as a restarted domain-manager reads it (its `DomainMetric`
+/// has a key file of the same name in its own topic directory).
 fn status_on_disk(run: &Path, app: Uuid) -> String {
-    let Ok(dirs) = std::fs::read_dir(run.join("domain-manager")) else {
-        return String::new();
-    };
-    dirs.flatten()
-        .filter_map(|d| std::fs::read_to_string(d.path().join(format!("{app}.json"))).ok())
-        .next()
-        .unwrap_or_default()
+    let file = run
+        .join("domain-manager")
+        .join("DomainStatus")
+        .join(format!("{app}.json"));
+    std::fs::read_to_string(file).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
