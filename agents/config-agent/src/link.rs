@@ -215,7 +215,7 @@ pub async fn run(
                                     report::device_info(device, (**facts).clone())
                                 }
                                 Report::Volume(status) => {
-                                    let uuid = app.strip_prefix("volume/").unwrap_or(&app);
+                                    let uuid = report::volume_of_key(&app);
                                     report::volume_info(device, uuid, status.as_deref())
                                 }
                             };

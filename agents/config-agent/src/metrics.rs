@@ -85,15 +85,18 @@ pub fn device_usage(persist: &Path) -> DeviceUsage {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .unwrap_or(0)
     };
-    let (persist_total_mib, persist_free_mib) = nix::sys::statvfs::statvfs(persist)
-        .map(|s| {
-            let unit = s.fragment_size();
-            (s.blocks() * unit / MIB, s.blocks_available() * unit / MIB)
-        })
-        .unwrap_or((0, 0));
-    let persist_used_mib = nix::sys::statvfs::statvfs(persist)
-        .map(|s| (s.blocks() - s.blocks_free()) * s.fragment_size() / MIB)
-        .unwrap_or(0);
+    // Free is what a non-root writer may still use, as df shows it.
+    let (persist_total_mib, persist_used_mib, persist_free_mib) =
+        nix::sys::statvfs::statvfs(persist)
+            .map(|s| {
+                let unit = s.fragment_size();
+                (
+                    s.blocks() * unit / MIB,
+                    s.blocks().saturating_sub(s.blocks_free()) * unit / MIB,
+                    s.blocks_available() * unit / MIB,
+                )
+            })
+            .unwrap_or((0, 0, 0));
     DeviceUsage {
         uptime_s,
         cpu_busy_ns: busy_ticks * (1_000_000_000 / USER_HZ) / cpus,

@@ -24,10 +24,17 @@ use crate::proto::{
 /// The queue's key of the device's own report (app keys are UUIDs).
 pub const DEVICE_KEY: &str = "device";
 
-/// The queue's key of a volume's report: the volume's UUID behind a prefix, so that it never
-/// meets an app's key.
+/// Before a volume's UUID in the queue's key of its report, so that it never meets an app's key.
+const VOLUME_KEY_PREFIX: &str = "volume/";
+
+/// The queue's key of a volume's report.
 pub fn volume_key(volume: &str) -> String {
-    format!("volume/{volume}")
+    format!("{VOLUME_KEY_PREFIX}{volume}")
+}
+
+/// The volume UUID of a queue key made by [`volume_key`].
+pub fn volume_of_key(key: &str) -> &str {
+    key.strip_prefix(VOLUME_KEY_PREFIX).unwrap_or(key)
 }
 
 /// What Cairn tells the controller through `api_capability`. EVE's values are ordinal ("a
