@@ -106,7 +106,17 @@ async fn follow(controller: &TestController, config: EdgeDevConfig) -> Device {
     let mut args = controller
         .device_args(&device.root.path().join("setup"), SERIAL)
         .unwrap();
-    args.extend(["--config-interval-ms", "200", "--retry-ms", "100"].map(String::from));
+    args.extend(
+        [
+            "--config-interval-ms",
+            "200",
+            "--retry-ms",
+            "100",
+            "--metric-interval-ms",
+            "500",
+        ]
+        .map(String::from),
+    );
     device.follow_controller(args);
     controller.set_config(SERIAL, config);
     device.start_all();
@@ -240,6 +250,20 @@ async fn an_hvm_vm_without_a_kernel_boots_its_disk_through_the_bios_and_survives
             text.contains("SYSLINUX") && text.contains("boot=/vmlinuz")
         })
         .await;
+    // The controller's metrics show the VM's memory: its 128 MiB allotment, some of it in use.
+    controller
+        .wait_for(SERIAL, SETTLE, "the VM's memory in a metrics report", |d| {
+            d.metrics.iter().any(|m| {
+                m.report.am.iter().any(|a| {
+                    a.app_id == APP
+                        && a.app_memory
+                            .as_ref()
+                            .is_some_and(|mem| mem.allocated_mb == 128 && mem.used_mb > 0)
+                })
+            })
+        })
+        .await
+        .unwrap();
     let counter = |snapshot| sector_counter_at(&file, snapshot, BOOT_DISK_COUNTER_OFFSET);
     device
         .until(SETTLE, "the guest counts on its data partition", || {
