@@ -651,4 +651,26 @@ async fn metrics_and_volume_infos_reach_the_controller_at_eves_endpoint() {
         "metrics report, 3 apps and 3 volumes: {} bytes ZMetricMsg, {} bytes signed body",
         report.payload_bytes, report.body_bytes
     );
+
+    // The third app and its volume leave the config: the volume, kept for the deletion grace,
+    // is reported again with a notice that says until when.
+    controller.set_config(SERIAL, apps_config(2));
+    let third = config.volumes[2].uuid.clone();
+    let notice = proto::Severity::Notice as i32;
+    let seen = controller
+        .wait_for(
+            SERIAL,
+            settle,
+            "the removed volume's pending deletion",
+            |d| {
+                d.volumes()
+                    .get(&third)
+                    .and_then(|v| v.volume_err.as_ref())
+                    .is_some_and(|e| e.severity == notice)
+            },
+        )
+        .await
+        .unwrap();
+    let err = seen.volumes()[&third].volume_err.clone().unwrap();
+    assert!(err.retry_condition.starts_with("deleted at "), "{err:?}");
 }
