@@ -165,6 +165,11 @@ pub async fn run(
                 _ => {}
             },
             Wake::DomainMetric => {}
+            // Not before the device has a UUID while the controller is away: the next poll may
+            // register it, and the report follows that poll.
+            Wake::Metrics if link.device().is_none() && state.offline() => {
+                next_metrics = next_poll.max(Instant::now() + options.first_backoff);
+            }
             Wake::Metrics => {
                 next_metrics = Instant::now() + jittered(state.metric_interval);
                 let persist = options.persist.clone();
