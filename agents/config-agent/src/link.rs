@@ -1,8 +1,8 @@
 //! The controller as the config source: poll the config on a jittered interval, put an accepted
 //! one in force (checkpoint first, then the bus), refuse a bad one as a whole, fall back to the
 //! checkpoint when the controller cannot be reached at boot, report every app and volume status
-//! change through the per-object queue, and send a metrics report every metrics interval. One task does all of it, one exchange at a time, so there is no
-//! shared link state to lock.
+//! change through the per-object queue, and send a metrics report every metrics interval. One
+//! task does all of it, one exchange at a time, so there is no shared link state to lock.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
