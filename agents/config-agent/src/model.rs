@@ -926,8 +926,8 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
 
 /// The domain of an app described only with EVE's fields: a VM from `fixedresources`, its
 /// disks in `volumeRefList` order, booted from `kernel` directly or, without one, from its first
-/// disk through the BIOS (EVE's KVM on amd64: no `bootloader` means qemu's SeaBIOS). What EVE can express and Cairn cannot
-/// run yet is not a fault of the config: `Err` says which field and why, and the app is
+/// disk through the BIOS (EVE's KVM on amd64: no `bootloader` means qemu's SeaBIOS). What EVE
+/// can express and Cairn cannot run yet is not a fault of the config: `Err` says which field and why, and the app is
 /// accepted and reported broken with it (EVE's field names, as the controller knows them).
 fn eve_domain(app: &proto::AppInstanceConfig) -> Result<DomainSpec, String> {
     // EVE: "VolumeRefs ... will supersede drives"; drives name images, not volumes.
