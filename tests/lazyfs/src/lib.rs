@@ -367,16 +367,14 @@ impl Filesystem for Fuse {
         flags: u32,
         reply: ReplyEmpty,
     ) {
-        let no_replace = flags & libc::RENAME_NOREPLACE != 0;
-        if flags & !libc::RENAME_NOREPLACE != 0 {
-            reply.error(libc::EINVAL);
-            return;
-        }
-        empty(
-            self.model()
-                .rename(parent, name, newparent, newname, no_replace),
-            reply,
-        );
+        let mut model = self.model();
+        let done = match flags {
+            0 => model.rename(parent, name, newparent, newname, false),
+            libc::RENAME_NOREPLACE => model.rename(parent, name, newparent, newname, true),
+            libc::RENAME_EXCHANGE => model.exchange(parent, name, newparent, newname),
+            _ => Err(libc::EINVAL),
+        };
+        empty(done, reply);
     }
 
     fn link(

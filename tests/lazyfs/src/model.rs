@@ -573,6 +573,35 @@ impl Model {
         Ok(())
     }
 
+    /// `renameat2(RENAME_EXCHANGE)`: the two names swap their objects.
+    pub fn exchange(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+    ) -> Result<(), Errno> {
+        self.begin()?;
+        let a = self.lookup(parent, name)?;
+        let b = self.lookup(new_parent, new_name)?;
+        let what = format!(
+            "exchange {} <-> {}",
+            self.name_of(parent, name),
+            self.name_of(new_parent, new_name)
+        );
+        self.dir_live_mut(parent)?.insert(name.to_owned(), b);
+        self.dir_live_mut(new_parent)?
+            .insert(new_name.to_owned(), a);
+        for (ino, up) in [(a, new_parent), (b, parent)] {
+            if let Some(Body::Dir { parent: p, .. }) = self.nodes.get_mut(&ino).map(|n| &mut n.body)
+            {
+                *p = up;
+            }
+        }
+        self.count(what);
+        Ok(())
+    }
+
     pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, Errno> {
         self.begin()?;
         let what = format!(
