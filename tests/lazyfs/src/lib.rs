@@ -24,11 +24,18 @@
 //! waiting for data). It catches a rename of a file whose data was never fsynced, which
 //! [`CrashMode::DropAll`] hides by dropping the rename too.
 //!
+//! [`LazyFs::fail_at`] injects a disk error instead: the chosen request fails with EIO and
+//! changes nothing (a failed fsync makes nothing durable), and the workload goes on; a crash
+//! afterwards shows whether a failure was acknowledged as a success.
+//!
 //! # Limits
 //!
 //! - Each request is atomic: no torn writes, no reordering or partial persistence of the
 //!   unsynced writes of one file, and no subset of the unsynced directory changes survives
 //!   (it is all of them, [`CrashMode::KeepEntries`], or none, [`CrashMode::DropAll`]).
+//! - An injected EIO fails one whole request; a write is not partly applied. What a real
+//!   file system does to the page cache after a failed fsync (ext4 marks it clean) is not
+//!   modelled: here the data stays dirty and a later fsync can still make it durable.
 //! - Mode changes are kept with the data of the file; times, owners and xattrs are not
 //!   modelled (owners are those of the mounting user); no symlinks, devices or mmap.
 //! - The kernel caches nothing (attribute and entry timeouts 0, direct I/O), so a read always
@@ -167,6 +174,12 @@ impl LazyFs {
         self.model().arm(n);
     }
 
+    /// Counts from zero and fails the `n`-th counted request (from 1) with EIO, changing
+    /// nothing; the requests after it run as usual. A disk error, as on a failed fsync.
+    pub fn fail_at(&self, n: u64) {
+        self.model().fail_at(n);
+    }
+
     pub fn crash_now(&self) {
         self.model().freeze();
     }
@@ -197,6 +210,7 @@ impl LazyFs {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        unmount(&self.mountpoint);
         session.join();
         let mut model = self.model();
         model.sync_all();
@@ -215,6 +229,33 @@ impl Drop for LazyFs {
         if let Err(e) = self.stop() {
             eprintln!("lazyfs: {e}");
         }
+    }
+}
+
+/// Unmounts, retrying while busy: a child forked by another thread of the test process holds
+/// copies of its open files until it execs, and a busy unmount would leave the session's join
+/// waiting for ever. Lazily at last, so that the session ends when the last file closes.
+fn unmount(mountpoint: &Path) {
+    let umount = |lazy: bool| {
+        let mut command = std::process::Command::new("umount");
+        if lazy {
+            command.arg("-l");
+        }
+        command
+            .arg(mountpoint)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    for _ in 0..50 {
+        if umount(false) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !umount(true) {
+        eprintln!("lazyfs: cannot unmount {}", mountpoint.display());
     }
 }
 

@@ -65,6 +65,8 @@ pub struct Model {
     /// Changing or syncing requests since the last [`Model::reset_ops`] or arm.
     ops: u64,
     crash_after: Option<u64>,
+    /// The counted request that fails with EIO, changing nothing (a disk error).
+    fail_at: Option<u64>,
     crashed: bool,
     mode: CrashMode,
     /// The operations counted since the last reset, for a failure's message.
@@ -95,6 +97,7 @@ impl Model {
             next_ino: ROOT + 1,
             ops: 0,
             crash_after: None,
+            fail_at: None,
             crashed: false,
             mode: CrashMode::DropAll,
             log: Vec::new(),
@@ -235,7 +238,15 @@ impl Model {
 
     pub fn reset_ops(&mut self) {
         self.ops = 0;
+        self.fail_at = None;
         self.log.clear();
+    }
+
+    /// Counts from zero and fails the `n`-th counted request (from 1) with EIO: it changes
+    /// nothing and the ones after it run normally.
+    pub fn fail_at(&mut self, n: u64) {
+        self.reset_ops();
+        self.fail_at = Some(n);
     }
 
     pub fn ops(&self) -> u64 {
@@ -314,6 +325,17 @@ impl Model {
 
     fn begin(&self) -> Result<(), Errno> {
         if self.crashed { Err(libc::EIO) } else { Ok(()) }
+    }
+
+    /// Before a changing or syncing request: refused after the crash, or failed if it is the
+    /// one chosen to fail (counted, not carried out).
+    fn change(&mut self) -> Result<(), Errno> {
+        self.begin()?;
+        if self.fail_at == Some(self.ops + 1) {
+            self.count("failed with EIO (injected)".into());
+            return Err(libc::EIO);
+        }
+        Ok(())
     }
 
     /// Counts a changing or syncing request that was carried out, and crashes if it was the
@@ -446,7 +468,7 @@ impl Model {
         mode: u32,
         dir: bool,
     ) -> Result<u64, Errno> {
-        self.begin()?;
+        self.change()?;
         if self.dir_live(parent)?.contains_key(name) {
             return Err(libc::EEXIST);
         }
@@ -482,7 +504,7 @@ impl Model {
     }
 
     pub fn link(&mut self, ino: u64, parent: u64, name: &OsStr) -> Result<(), Errno> {
-        self.begin()?;
+        self.change()?;
         if self.nodes.get(&ino).ok_or(libc::ENOENT)?.is_dir() {
             return Err(libc::EPERM);
         }
@@ -500,7 +522,7 @@ impl Model {
     }
 
     pub fn remove(&mut self, parent: u64, name: &OsStr, dir: bool) -> Result<(), Errno> {
-        self.begin()?;
+        self.change()?;
         let ino = self.lookup(parent, name)?;
         match (&self.nodes.get(&ino).ok_or(libc::ENOENT)?.body, dir) {
             (Body::Dir { live, .. }, true) if !live.is_empty() => return Err(libc::ENOTEMPTY),
@@ -526,7 +548,7 @@ impl Model {
         new_name: &OsStr,
         no_replace: bool,
     ) -> Result<(), Errno> {
-        self.begin()?;
+        self.change()?;
         let ino = self.lookup(parent, name)?;
         let is_dir = self.nodes.get(&ino).ok_or(libc::ENOENT)?.is_dir();
         if let Some(target) = self.dir_live(new_parent)?.get(new_name).copied() {
@@ -581,7 +603,7 @@ impl Model {
         new_parent: u64,
         new_name: &OsStr,
     ) -> Result<(), Errno> {
-        self.begin()?;
+        self.change()?;
         let a = self.lookup(parent, name)?;
         let b = self.lookup(new_parent, new_name)?;
         let what = format!(
@@ -603,7 +625,7 @@ impl Model {
     }
 
     pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, Errno> {
-        self.begin()?;
+        self.change()?;
         let what = format!(
             "write {} bytes at {offset} to {}",
             data.len(),
@@ -635,6 +657,7 @@ impl Model {
         if size.is_none() && mode.is_none() {
             return Ok(());
         }
+        self.change()?;
         let what = format!(
             "setattr {} size {size:?} mode {:?}",
             self.path_of(ino),
@@ -657,7 +680,7 @@ impl Model {
 
     /// fsync or fdatasync of a file, fsync of a directory: its live state becomes durable.
     pub fn sync(&mut self, ino: u64) -> Result<(), Errno> {
-        self.begin()?;
+        self.change()?;
         let what = format!("fsync {}", self.path_of(ino));
         match &mut self.nodes.get_mut(&ino).ok_or(libc::ENOENT)?.body {
             Body::File { live, durable } => *durable = live.clone(),
@@ -739,6 +762,18 @@ mod tests {
         assert_eq!(model.sync(a), Err(libc::EIO));
         model.reboot();
         assert!(content(&model, ROOT, "a").is_none());
+    }
+
+    #[test]
+    fn an_injected_failure_changes_nothing_and_the_rest_goes_on() {
+        let mut model = Model::new();
+        model.fail_at(3);
+        let a = file(&mut model, ROOT, "a", b"1");
+        assert_eq!(model.sync(a), Err(libc::EIO));
+        model.sync(a).unwrap();
+        model.sync(ROOT).unwrap();
+        model.reboot();
+        assert_eq!(content(&model, ROOT, "a").unwrap(), b"1");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use cairn_lazyfs::{CrashMode, LazyFs, fuse_unusable};
 use cairn_persist::{Origin, Persist};
+use cairn_types::volume::DirRestoreMode;
 use serde::{Deserialize, Serialize};
 
 /// A mounted lazy file system over a backing directory; both temporary.
@@ -57,31 +58,57 @@ impl Rig {
     }
 }
 
-/// What a workload did to one record: its value acknowledged last, and the one in flight.
-/// Values are sequence numbers; `None` is "no record".
+/// What a workload did to one record: its value acknowledged last, and the ones attempted
+/// since (in flight at the cut, or failed: either may have reached the disk). Values are
+/// sequence numbers; `None` is "no record".
 #[derive(Debug, Default, Clone)]
 struct Track {
     acked: Option<u64>,
-    in_flight: Option<Option<u64>>,
+    attempted: Vec<Option<u64>>,
 }
 
-#[derive(Debug, Default)]
-struct Ledger {
+struct Ledger<'a> {
     records: BTreeMap<String, Track>,
+    /// Nothing starts or returns after the power cut: the process died with it. (Here it goes
+    /// on, every request failing, and must not count as acknowledged what it does then.)
+    fs: &'a LazyFs,
 }
 
-impl Ledger {
+impl<'a> Ledger<'a> {
+    fn new(fs: &'a LazyFs) -> Self {
+        Self {
+            records: BTreeMap::new(),
+            fs,
+        }
+    }
+
     /// Before the call that writes `value` (or removes, `None`) for `key`.
     fn begin(&mut self, key: &str, value: Option<u64>) {
-        self.records.entry(key.to_string()).or_default().in_flight = Some(value);
+        if self.fs.crashed() {
+            return;
+        }
+        self.records
+            .entry(key.to_string())
+            .or_default()
+            .attempted
+            .push(value);
+    }
+
+    /// What `key` held before the workload, acknowledged long ago.
+    fn known(&mut self, key: &str, value: Option<u64>) {
+        self.records.entry(key.to_string()).or_default().acked = value;
     }
 
     /// The call returned success: the update is acknowledged.
     fn ack(&mut self, key: &str) {
+        if self.fs.crashed() {
+            return;
+        }
         let track = self.records.entry(key.to_string()).or_default();
-        if let Some(value) = track.in_flight.take() {
+        if let Some(value) = track.attempted.pop() {
             track.acked = value;
         }
+        track.attempted.clear();
     }
 }
 
@@ -96,13 +123,14 @@ enum Found {
 #[derive(Debug, Default)]
 struct Figures {
     points: u64,
+    faults: u64,
     unreadable: Vec<String>,
     from_backup: u64,
     lost: Vec<String>,
 }
 
 impl Figures {
-    fn judge(&mut self, n: u64, ledger: &Ledger, found: &BTreeMap<String, Found>, log: &str) {
+    fn judge(&mut self, cut: &str, ledger: &Ledger, found: &BTreeMap<String, Found>, log: &str) {
         for (key, track) in &ledger.records {
             let got = found.get(key).unwrap_or(&Found::Absent);
             let value = match got {
@@ -114,35 +142,45 @@ impl Figures {
                 }
                 Found::Absent => None,
                 Found::Unreadable(why) => {
-                    self.unreadable
-                        .push(format!("crash after request {n}: {key}: {why}\n{log}"));
+                    self.unreadable.push(format!("{cut}: {key}: {why}\n{log}"));
                     continue;
                 }
             };
-            let allowed = value == track.acked || track.in_flight == Some(value);
+            let allowed = value == track.acked || track.attempted.contains(&value);
             if !allowed {
                 self.lost.push(format!(
-                    "crash after request {n}: {key} reads {value:?}, acknowledged {:?}, in flight {:?}\n{log}",
-                    track.acked, track.in_flight
+                    "{cut}: {key} reads {value:?}, acknowledged {:?}, attempted since {:?}\n{log}",
+                    track.acked, track.attempted
                 ));
             }
         }
         for (key, got) in found {
             if let (false, Found::Unreadable(why)) = (ledger.records.contains_key(key), got) {
-                self.unreadable
-                    .push(format!("crash after request {n}: {key}: {why}\n{log}"));
+                self.unreadable.push(format!("{cut}: {key}: {why}\n{log}"));
             }
         }
     }
 }
 
-/// Counts the workload's requests, then cuts the power after each of them in turn.
+/// Where the power is cut in one run.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// Right after the n-th counted request (0: before the first).
+    After(u64),
+    /// The n-th request fails with EIO (a disk error), the workload goes on, and the power
+    /// is cut when it is done: a failure acknowledged as a success shows as a lost update.
+    FailThenEnd(u64),
+}
+
+/// Counts the workload's requests, then cuts the power after each of them in turn, and then
+/// fails each of them in turn with the cut at the end.
 fn crash_everywhere(
     rig: &Rig,
     name: &str,
     mode: CrashMode,
+    faults: bool,
     setup: &mut dyn FnMut(&Path),
-    workload: &mut dyn FnMut(&Path, &mut Ledger),
+    workload: &mut dyn FnMut(&Path, &mut Ledger<'_>),
     check: &mut dyn FnMut(&Path) -> BTreeMap<String, Found>,
 ) -> Figures {
     rig.fs.set_mode(mode);
@@ -150,25 +188,31 @@ fn crash_everywhere(
     setup(&rig.root());
     rig.fs.sync();
     rig.fs.reset_ops();
-    let mut ledger = Ledger::default();
+    let mut ledger = Ledger::new(&rig.fs);
     workload(&rig.root(), &mut ledger);
     let total = rig.fs.ops();
     assert!(!rig.fs.crashed(), "{name}: the counting run crashed");
     for (key, track) in &ledger.records {
         assert!(
-            track.in_flight.is_none(),
+            track.attempted.is_empty(),
             "{name}: {key} not acknowledged without a crash"
         );
     }
 
     let mut figures = Figures::default();
-    for n in 0..=total {
+    let cuts = (0..=total)
+        .map(Cut::After)
+        .chain((1..=total).filter(|_| faults).map(Cut::FailThenEnd));
+    for cut in cuts {
         rig.fs.reboot().unwrap();
         rig.wipe();
         setup(&rig.root());
         rig.fs.sync();
-        rig.fs.crash_after(n);
-        let mut ledger = Ledger::default();
+        match cut {
+            Cut::After(n) => rig.fs.crash_after(n),
+            Cut::FailThenEnd(n) => rig.fs.fail_at(n),
+        }
+        let mut ledger = Ledger::new(&rig.fs);
         workload(&rig.root(), &mut ledger);
         let log = rig.fs.op_log();
         let log = format!(
@@ -180,13 +224,17 @@ fn crash_everywhere(
         );
         rig.fs.reboot().unwrap();
         let found = check(&rig.root());
-        figures.points += 1;
-        figures.judge(n, &ledger, &found, &log);
+        match cut {
+            Cut::After(_) => figures.points += 1,
+            Cut::FailThenEnd(_) => figures.faults += 1,
+        }
+        figures.judge(&format!("{cut:?}"), &ledger, &found, &log);
     }
     rig.fs.reboot().unwrap();
     println!(
-        "power cuts: {name} ({mode:?}): {} crash points, {} records unreadable, {} loaded from .bak, {} acknowledged updates lost",
+        "power cuts: {name} ({mode:?}): {} crash points, {} injected EIO + cut, {} records unreadable, {} loaded from .bak, {} acknowledged updates lost",
         figures.points,
+        figures.faults,
         figures.unreadable.len(),
         figures.from_backup,
         figures.lost.len()
@@ -208,15 +256,19 @@ fn assert_clean(name: &str, figures: &Figures) {
     );
 }
 
+/// Power cuts at every request in both crash modes; with `faults`, also EIO at every request
+/// (for workloads whose check judges records only: a failed snapshot action has outcomes of
+/// its own, reported to the controller, that these checks do not model).
 fn both_modes(
     name: &str,
+    faults: bool,
     setup: &mut dyn FnMut(&Path),
-    workload: &mut dyn FnMut(&Path, &mut Ledger),
+    workload: &mut dyn FnMut(&Path, &mut Ledger<'_>),
     check: &mut dyn FnMut(&Path) -> BTreeMap<String, Found>,
 ) {
     let Some(rig) = Rig::new() else { return };
     for mode in [CrashMode::DropAll, CrashMode::KeepEntries] {
-        let figures = crash_everywhere(&rig, name, mode, setup, workload, check);
+        let figures = crash_everywhere(&rig, name, mode, faults, setup, workload, check);
         assert_clean(name, &figures);
     }
 }
@@ -255,6 +307,7 @@ fn persist_store_and_remove_survive_a_cut_at_every_request() {
     let path = |root: &Path, name: &str| root.join("records").join("deep").join(name);
     both_modes(
         "cairn_persist::store/remove",
+        true,
         &mut |_| {},
         &mut |root, ledger| {
             for seq in 1..=3 {
@@ -289,6 +342,7 @@ fn persist_store_with_backup_survives_a_cut_at_every_request() {
     let path = |root: &Path| root.join("checkpoint").join("record");
     both_modes(
         "cairn_persist::store_with_backup",
+        true,
         &mut |_| {},
         &mut |root, ledger| {
             for seq in 1..=4 {
@@ -339,6 +393,7 @@ fn the_config_checkpoint_survives_a_cut_at_every_request() {
     use cairn_config_agent::checkpoint;
     both_modes(
         "config-agent checkpoint",
+        true,
         &mut |_| {},
         &mut |root, ledger| {
             for seq in 1..=3 {
@@ -412,6 +467,7 @@ fn a_persistent_topic_survives_a_cut_at_every_request() {
     let keys = [volume_status(1, 0).key(), volume_status(2, 0).key()];
     both_modes(
         "bus persistent topic",
+        true,
         &mut |_| {},
         &mut |root, ledger| {
             rt.block_on(async {
@@ -474,9 +530,16 @@ fn a_persistent_topic_survives_a_cut_at_every_request() {
 /// What the volume held when the snapshot was taken.
 const VOLUME_CONTENT: &[u8] = b"the volume's content at snapshot time";
 
-fn dir_volume() -> cairn_types::volume::VolumeConfig {
+/// The restore modes of a directory volume on a plain file system: the copy backend (what
+/// `auto` chooses off btrfs) and rsync.
+const RESTORE_MODES: [DirRestoreMode; 2] = [DirRestoreMode::Auto, DirRestoreMode::Rsync];
+
+const VOLUME_ID: uuid::Uuid = uuid::Uuid::from_u128(0x501);
+
+fn dir_volume(mode: DirRestoreMode) -> cairn_types::volume::VolumeConfig {
     cairn_types::volume::VolumeConfig {
-        volume_id: uuid::Uuid::from_u128(0x501),
+        restore_mode: mode,
+        volume_id: VOLUME_ID,
         display_name: "data".into(),
         max_vol_size: 1 << 20,
         format: cairn_types::volume::VolumeFormat::Dir,
@@ -489,7 +552,7 @@ fn snapshot_request() -> cairn_types::snapshot::VolumesSnapshotConfig {
     cairn_types::snapshot::VolumesSnapshotConfig {
         snapshot_id: uuid::Uuid::from_u128(0x5a0),
         action: cairn_types::snapshot::VolumesSnapshotAction::Create,
-        volume_ids: vec![dir_volume().volume_id],
+        volume_ids: vec![VOLUME_ID],
         app_uuid: uuid::Uuid::from_u128(0xa99),
         request_counter: 1,
         ..Default::default()
@@ -531,17 +594,24 @@ fn snapshot_content(record: &cairn_types::snapshot::VolumesSnapshotStatus) -> Re
 /// written long before would be; the crash points are the snapshot's requests.
 #[test]
 fn a_snapshot_record_and_its_snapshot_survive_a_cut_at_every_request() {
+    for mode in RESTORE_MODES {
+        snapshot_create_in(mode);
+    }
+}
+
+fn snapshot_create_in(mode: DirRestoreMode) {
     use cairn_volume_manager::Publish;
     let rt = runtime();
     let key = "snapshot 5a0";
     both_modes(
-        "volume-manager snapshot create",
+        &format!("volume-manager snapshot create, restore mode {mode:?}"),
+        false,
         &mut |root| {
             rt.block_on(async {
                 // Not counted: the volume and its content exist before the snapshot.
                 let mut m = volume_manager(root).await;
                 m.handle_app_volume_refs_complete().await;
-                let out = m.handle_volume_config(dir_volume()).await;
+                let out = m.handle_volume_config(dir_volume(mode)).await;
                 let Some(Publish::Volume(volume)) = out.first() else {
                     panic!("no volume made: {out:?}");
                 };
@@ -553,7 +623,7 @@ fn a_snapshot_record_and_its_snapshot_survive_a_cut_at_every_request() {
                 // A restarted manager, as after the reboot that made the volume durable.
                 let mut m = volume_manager(root).await;
                 m.handle_app_volume_refs_complete().await;
-                m.handle_volume_config(dir_volume()).await;
+                m.handle_volume_config(dir_volume(mode)).await;
                 ledger.begin(key, Some(1));
                 let out = m.handle_snapshot_config(snapshot_request()).await;
                 let made = out.iter().any(|p| {
@@ -589,7 +659,7 @@ fn a_snapshot_record_and_its_snapshot_survive_a_cut_at_every_request() {
                 out.insert(key.to_string(), state);
                 // And the device converges: the request asked again ends made, and right.
                 m.handle_app_volume_refs_complete().await;
-                m.handle_volume_config(dir_volume()).await;
+                m.handle_volume_config(dir_volume(mode)).await;
                 let again = m.handle_snapshot_config(snapshot_request()).await;
                 let converged = again.iter().find_map(|p| match p {
                     Publish::Snapshot(s) => Some(s.clone()),
@@ -618,10 +688,10 @@ fn a_snapshot_record_and_its_snapshot_survive_a_cut_at_every_request() {
 const LATER_CONTENT: &[u8] = b"written after the snapshot";
 
 /// The volume's file, as a manager restarted on `root` finds the volume.
-async fn volume_file(m: &mut cairn_volume_manager::VolumeManager) -> PathBuf {
+async fn volume_file(m: &mut cairn_volume_manager::VolumeManager, mode: DirRestoreMode) -> PathBuf {
     use cairn_volume_manager::Publish;
     m.handle_app_volume_refs_complete().await;
-    let out = m.handle_volume_config(dir_volume()).await;
+    let out = m.handle_volume_config(dir_volume(mode)).await;
     match out.first() {
         Some(Publish::Volume(volume)) => volume.file_location.join("file"),
         other => panic!("no volume: {other:?}"),
@@ -633,6 +703,12 @@ async fn volume_file(m: &mut cairn_volume_manager::VolumeManager) -> PathBuf {
 /// acknowledged rollback, the snapshot's.
 #[test]
 fn a_rollback_survives_a_cut_at_every_request() {
+    for mode in RESTORE_MODES {
+        rollback_in(mode);
+    }
+}
+
+fn rollback_in(mode: DirRestoreMode) {
     use cairn_types::snapshot::VolumesSnapshotAction;
     use cairn_volume_manager::Publish;
     let rt = runtime();
@@ -661,11 +737,12 @@ fn a_rollback_survives_a_cut_at_every_request() {
         Err(e) => Found::Unreadable(format!("the volume's {} : {e}", file.display())),
     };
     both_modes(
-        "volume-manager rollback",
+        &format!("volume-manager rollback, restore mode {mode:?}"),
+        false,
         &mut |root| {
             rt.block_on(async {
                 let mut m = volume_manager(root).await;
-                let file = volume_file(&mut m).await;
+                let file = volume_file(&mut m, mode).await;
                 std::fs::write(&file, VOLUME_CONTENT).unwrap();
                 let out = m.handle_snapshot_config(snapshot_request()).await;
                 assert!(succeeded(&out), "the snapshot before the rollback: {out:?}");
@@ -675,7 +752,7 @@ fn a_rollback_survives_a_cut_at_every_request() {
         &mut |root, ledger| {
             rt.block_on(async {
                 let mut m = volume_manager(root).await;
-                volume_file(&mut m).await;
+                volume_file(&mut m, mode).await;
                 ledger.begin(key, Some(1));
                 let out = m.handle_snapshot_config(rollback()).await;
                 if succeeded(&out) {
@@ -690,7 +767,7 @@ fn a_rollback_survives_a_cut_at_every_request() {
                 for (path, why) in &m.unreadable_records {
                     out.insert(path.display().to_string(), Found::Unreadable(why.clone()));
                 }
-                let file = volume_file(&mut m).await;
+                let file = volume_file(&mut m, mode).await;
                 out.insert(key.to_string(), content(&file));
                 // Converges: the rollback asked again ends done, the volume as the snapshot.
                 let again = m.handle_snapshot_config(rollback()).await;
@@ -703,6 +780,146 @@ fn a_rollback_survives_a_cut_at_every_request() {
                 }
                 out
             })
+        },
+    );
+}
+
+/// Where the copy backend keeps the snapshot of `dir_volume` taken by `snapshot_request`.
+fn snapshot_location(root: &Path) -> PathBuf {
+    root.join("volumes/.snapshots")
+        .join(format!("{VOLUME_ID}#0"))
+        .join(snapshot_request().snapshot_id.to_string())
+}
+
+/// A snapshot delete: after any cut the record and the snapshot are both there (the record
+/// finished or marked being deleted) or both gone; a snapshot without its record is a leak
+/// nobody will delete. After an acknowledged delete, both are gone.
+#[test]
+fn a_snapshot_delete_survives_a_cut_at_every_request() {
+    for mode in RESTORE_MODES {
+        snapshot_delete_in(mode);
+    }
+}
+
+fn snapshot_delete_in(mode: DirRestoreMode) {
+    use cairn_types::snapshot::VolumesSnapshotAction;
+    use cairn_volume_manager::Publish;
+    let rt = runtime();
+    let key = "snapshot 5a0";
+    let delete = || cairn_types::snapshot::VolumesSnapshotConfig {
+        action: VolumesSnapshotAction::Delete,
+        request_counter: 2,
+        ..snapshot_request()
+    };
+    let succeeded = |out: &[Publish]| {
+        out.iter().any(
+            |p| matches!(p, Publish::Snapshot(s) if !s.error.is_error() && !s.is_in_progress()),
+        )
+    };
+    let state = |m: &cairn_volume_manager::VolumeManager, root: &Path| {
+        let there = snapshot_location(root).exists();
+        match m.record(snapshot_request().snapshot_id) {
+            None if there => Found::Unreadable(format!(
+                "leak: the snapshot {} is there without its record",
+                snapshot_location(root).display()
+            )),
+            None => Found::Absent,
+            Some(r) if r.is_in_progress() => Found::Value {
+                seq: 1,
+                from_backup: false,
+            },
+            Some(r) => match snapshot_content(r) {
+                Ok(()) => Found::Value {
+                    seq: 1,
+                    from_backup: false,
+                },
+                Err(why) => Found::Unreadable(why),
+            },
+        }
+    };
+    both_modes(
+        &format!("volume-manager snapshot delete, restore mode {mode:?}"),
+        false,
+        &mut |root| {
+            rt.block_on(async {
+                let mut m = volume_manager(root).await;
+                let file = volume_file(&mut m, mode).await;
+                std::fs::write(&file, VOLUME_CONTENT).unwrap();
+                let out = m.handle_snapshot_config(snapshot_request()).await;
+                assert!(succeeded(&out), "the snapshot to delete: {out:?}");
+            });
+        },
+        &mut |root, ledger| {
+            rt.block_on(async {
+                ledger.known(key, Some(1));
+                let mut m = volume_manager(root).await;
+                volume_file(&mut m, mode).await;
+                ledger.begin(key, None);
+                if succeeded(&m.handle_snapshot_config(delete()).await) {
+                    ledger.ack(key);
+                }
+            });
+        },
+        &mut |root| {
+            rt.block_on(async {
+                let mut m = volume_manager(root).await;
+                let mut out = BTreeMap::new();
+                for (path, why) in &m.unreadable_records {
+                    out.insert(path.display().to_string(), Found::Unreadable(why.clone()));
+                }
+                volume_file(&mut m, mode).await;
+                out.insert(key.to_string(), state(&m, root));
+                // Converges: the delete asked again ends with both gone.
+                let again = m.handle_snapshot_config(delete()).await;
+                let after = state(&m, root);
+                if !succeeded(&again) || !matches!(after, Found::Absent) {
+                    out.insert(
+                        "after the delete again".into(),
+                        Found::Unreadable(format!("does not converge: {after:?}, {again:?}")),
+                    );
+                }
+                out
+            })
+        },
+    );
+}
+
+/// A directory volume made: once the manager said Ready (and published it), the volume is
+/// there after a cut; a restarted manager would otherwise report it missing.
+#[test]
+fn a_new_volume_survives_a_cut_at_every_request() {
+    let mode = DirRestoreMode::Auto;
+    use cairn_types::volume::VolumeState;
+    use cairn_volume_manager::Publish;
+    let rt = runtime();
+    let key = "volume 501";
+    both_modes(
+        "volume-manager volume create",
+        true,
+        &mut |_| {},
+        &mut |root, ledger| {
+            rt.block_on(async {
+                let mut m = volume_manager(root).await;
+                m.handle_app_volume_refs_complete().await;
+                ledger.begin(key, Some(1));
+                let out = m.handle_volume_config(dir_volume(mode)).await;
+                if matches!(out.first(), Some(Publish::Volume(v)) if v.state == VolumeState::Ready)
+                {
+                    ledger.ack(key);
+                }
+            });
+        },
+        &mut |root| {
+            let dir = root.join("volumes").join(format!("{VOLUME_ID}#0"));
+            let got = if dir.is_dir() {
+                Found::Value {
+                    seq: 1,
+                    from_backup: false,
+                }
+            } else {
+                Found::Absent
+            };
+            BTreeMap::from([(key.to_string(), got)])
         },
     );
 }

@@ -14,7 +14,7 @@ use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
 
 use super::{
     CloneTarget, SnapshotBackend, VolumeRef, blocking, exchange, is_dir_blocking, partial,
-    remove_tree, snapshot_path,
+    remove_tree, snapshot_path, sync_parent,
 };
 use crate::error::{Result, VolumeError};
 
@@ -104,16 +104,6 @@ fn copy_entries(volume: &str, from: &Path, to: &Path, progress: &mut dyn FnMut(u
     std::fs::set_permissions(to, perms).map_err(VolumeError::io(volume, "cannot chmod", to))?;
     // Its entries (the files above, and the subdirectories, each synced by its own call).
     cairn_persist::sync_dir(to).map_err(VolumeError::io(volume, "cannot sync", to))
-}
-
-/// Makes a rename or exchange of `path` durable: fsync of its directory.
-fn sync_parent(volume: &str, path: &Path) -> Result<()> {
-    match path.parent() {
-        Some(dir) => {
-            cairn_persist::sync_dir(dir).map_err(VolumeError::io(volume, "cannot sync", dir))
-        }
-        None => Ok(()),
-    }
 }
 
 /// Bytes in regular files under `path`.
@@ -223,7 +213,9 @@ impl SnapshotBackend for CopyBackend {
         let (key, snap) = (meta.volume_key.clone(), meta.snapshot_location.clone());
         blocking(&meta.volume_key, move || {
             remove_tree(&key, &partial(&snap))?;
-            remove_tree(&key, &snap)
+            remove_tree(&key, &snap)?;
+            // Durable before the caller removes the record: else a leak after a power cut.
+            sync_parent(&key, &snap)
         })
         .await
     }
