@@ -98,8 +98,10 @@ pub fn load_with_backup<T: Record>(path: &Path) -> Result<Loaded<T>, PersistErro
 }
 
 /// Removes a record and its backup, durably. Removing a record that is not there succeeds.
+/// The backup goes first: a power cut (or an error) between the two unlinks must not leave the
+/// older backup alone, which `load_with_backup` would bring back in place of the last record.
 pub fn remove(path: &Path) -> io::Result<()> {
-    for file in [path.to_path_buf(), backup_path(path)] {
+    for file in [backup_path(path), path.to_path_buf()] {
         match fs::remove_file(&file) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
