@@ -199,7 +199,8 @@ fn refresh_backup(path: &Path) -> Result<(), IoStep> {
 }
 
 /// Creates `dir` and its missing ancestors, fsyncing each parent so the new entries survive a
-/// power cut.
+/// power cut. An existing directory is trusted to be durable: one whose parent's fsync failed
+/// is removed again.
 pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
     if dir.as_os_str().is_empty() || dir.is_dir() {
         return Ok(());
@@ -212,7 +213,13 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
         Err(e) => return Err(e),
     }
-    sync_dir(parent_of(dir))
+    if let Err(e) = sync_dir(parent_of(dir)) {
+        // Not durable: taken back, so that the next call makes it and syncs again instead of
+        // finding it and writing acknowledged records into a directory a power cut can take.
+        let _ = fs::remove_dir(dir);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// Removes a directory tree and makes the removal durable.
