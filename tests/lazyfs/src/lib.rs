@@ -36,7 +36,7 @@
 //! - An injected EIO fails one whole request; a write is not partly applied. What a real
 //!   file system does to the page cache after a failed fsync (ext4 marks it clean) is not
 //!   modelled: here the data stays dirty and a later fsync can still make it durable.
-//! - Mode changes are kept with the data of the file; times, owners and xattrs are not
+//! - A mode change is durable at once, not with its file's fsync; times, owners and xattrs are not
 //!   modelled (owners are those of the mounting user); no symlinks, devices or mmap.
 //! - The kernel caches nothing (attribute and entry timeouts 0, direct I/O), so a read always
 //!   reaches the model; fine for records, slow for bulk data.
