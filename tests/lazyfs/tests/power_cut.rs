@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 struct Rig {
     fs: LazyFs,
     mnt: tempfile::TempDir,
-    _disk: tempfile::TempDir,
+    /// The disk: after a reboot it holds the durable state.
+    disk: tempfile::TempDir,
 }
 
 impl Rig {
@@ -36,11 +37,7 @@ impl Rig {
             .tempdir()
             .unwrap();
         let fs = LazyFs::mount(disk.path(), mnt.path()).expect("mounting the lazy file system");
-        Some(Self {
-            fs,
-            mnt,
-            _disk: disk,
-        })
+        Some(Self { fs, mnt, disk })
     }
 
     fn root(&self) -> PathBuf {
@@ -274,6 +271,49 @@ fn both_modes(
         let figures = crash_everywhere(&rig, name, mode, faults, setup, workload, check);
         assert_clean(name, &figures);
     }
+}
+
+/// The file system itself, through the kernel: a reader sees the unsynced state, a crash
+/// keeps what was synced (file data by the file's fsync, entries by the directory's), and the
+/// backing directory holds exactly that afterwards.
+#[test]
+fn the_mount_shows_the_page_cache_and_a_cut_keeps_only_what_was_synced() {
+    use std::io::Write;
+    let Some(rig) = Rig::new() else { return };
+    rig.wipe();
+    let root = rig.root();
+    let synced = root.join("synced");
+    let mut file = std::fs::File::create(&synced).unwrap();
+    file.write_all(b"durable").unwrap();
+    file.sync_all().unwrap();
+    cairn_persist::sync_dir(&root).unwrap();
+    file.write_all(b" and more").unwrap();
+    drop(file);
+    std::fs::write(root.join("unsynced"), b"page cache only").unwrap();
+    std::fs::rename(&synced, root.join("renamed")).unwrap();
+    // Before the cut, readers see the live state.
+    assert_eq!(
+        std::fs::read(root.join("renamed")).unwrap(),
+        b"durable and more"
+    );
+    assert!(!synced.exists());
+    rig.fs.crash_now();
+    assert!(
+        std::fs::read_dir(&root).is_err(),
+        "requests fail once the power is off"
+    );
+    rig.fs.reboot().unwrap();
+    assert_eq!(std::fs::read(&synced).unwrap(), b"durable");
+    assert!(!root.join("renamed").exists());
+    assert!(!root.join("unsynced").exists());
+    let disk = rig.disk.path().join("persist");
+    let mut names: Vec<_> = std::fs::read_dir(&disk)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["synced"]);
+    assert_eq!(std::fs::read(disk.join("synced")).unwrap(), b"durable");
 }
 
 // ---- cairn-persist -----------------------------------------------------------------------
