@@ -112,9 +112,15 @@ impl<'a> Ledger<'a> {
 /// What reading a record back after the cut gave.
 #[derive(Debug)]
 enum Found {
-    Value { seq: u64, from_backup: bool },
+    Value {
+        seq: u64,
+        from_backup: bool,
+    },
     Absent,
     Unreadable(String),
+    /// A record that says its action failed, with the reason: a possible outcome of a call
+    /// that failed, never of one acknowledged as done.
+    Failed(String),
 }
 
 #[derive(Debug, Default)]
@@ -138,6 +144,14 @@ impl Figures {
                     Some(*seq)
                 }
                 Found::Absent => None,
+                Found::Failed(why) => {
+                    if track.attempted.is_empty() {
+                        self.lost.push(format!(
+                            "{cut}: {key} acknowledged, reads failed: {why}\n{log}"
+                        ));
+                    }
+                    continue;
+                }
                 Found::Unreadable(why) => {
                     self.unreadable.push(format!("{cut}: {key}: {why}\n{log}"));
                     continue;
@@ -178,10 +192,9 @@ fn crash_everywhere(
     rig: &Rig,
     name: &str,
     mode: CrashMode,
-    faults: bool,
     setup: &mut dyn FnMut(&Path),
     workload: &mut dyn FnMut(&Path, &mut Ledger<'_>),
-    check: &mut dyn FnMut(&Path) -> BTreeMap<String, Found>,
+    check: &mut dyn FnMut(&Path, Cut) -> BTreeMap<String, Found>,
 ) -> Figures {
     rig.fs.set_mode(mode);
     rig.wipe();
@@ -202,7 +215,7 @@ fn crash_everywhere(
     let mut figures = Figures::default();
     let cuts = (0..=total)
         .map(Cut::After)
-        .chain((1..=total).filter(|_| faults).map(Cut::FailThenEnd));
+        .chain((1..=total).map(Cut::FailThenEnd));
     for cut in cuts {
         rig.fs.reboot().unwrap();
         rig.wipe();
@@ -223,7 +236,7 @@ fn crash_everywhere(
                 .join("\n")
         );
         rig.fs.reboot().unwrap();
-        let found = check(&rig.root());
+        let found = check(&rig.root(), cut);
         match cut {
             Cut::After(_) => figures.points += 1,
             Cut::FailThenEnd(_) => figures.faults += 1,
@@ -256,19 +269,17 @@ fn assert_clean(name: &str, figures: &Figures) {
     );
 }
 
-/// Power cuts at every request in both crash modes; with `faults`, also EIO at every request
-/// (for workloads whose check judges records only: a failed snapshot action has outcomes of
-/// its own, reported to the controller, that these checks do not model).
+/// Power cuts at every request in both crash modes, and EIO at every request followed by a
+/// cut at the end.
 fn both_modes(
     name: &str,
-    faults: bool,
     setup: &mut dyn FnMut(&Path),
     workload: &mut dyn FnMut(&Path, &mut Ledger<'_>),
-    check: &mut dyn FnMut(&Path) -> BTreeMap<String, Found>,
+    check: &mut dyn FnMut(&Path, Cut) -> BTreeMap<String, Found>,
 ) {
     let Some(rig) = Rig::new() else { return };
     for mode in [CrashMode::DropAll, CrashMode::KeepEntries] {
-        let figures = crash_everywhere(&rig, name, mode, faults, setup, workload, check);
+        let figures = crash_everywhere(&rig, name, mode, setup, workload, check);
         assert_clean(name, &figures);
     }
 }
@@ -350,7 +361,6 @@ fn persist_store_and_remove_survive_a_cut_at_every_request() {
     let path = |root: &Path, name: &str| root.join("records").join("deep").join(name);
     both_modes(
         "cairn_persist::store/remove",
-        true,
         &mut |_| {},
         &mut |root, ledger| {
             for seq in 1..=3 {
@@ -366,7 +376,7 @@ fn persist_store_and_remove_survive_a_cut_at_every_request() {
                 ledger.ack("b.json");
             }
         },
-        &mut |root| {
+        &mut |root, _| {
             ["a.json", "b.json"]
                 .into_iter()
                 .map(|name| {
@@ -383,7 +393,6 @@ fn persist_store_with_backup_survives_a_cut_at_every_request() {
     let path = |root: &Path| root.join("checkpoint").join("record");
     both_modes(
         "cairn_persist::store_with_backup",
-        true,
         &mut |_| {},
         &mut |root, ledger| {
             for seq in 1..=4 {
@@ -398,7 +407,7 @@ fn persist_store_with_backup_survives_a_cut_at_every_request() {
                 ledger.ack("record");
             }
         },
-        &mut |root| {
+        &mut |root, _| {
             let mut out = BTreeMap::new();
             out.insert(
                 "record".to_string(),
@@ -438,7 +447,6 @@ fn the_config_checkpoint_survives_a_cut_at_every_request() {
     use cairn_config_agent::checkpoint;
     both_modes(
         "config-agent checkpoint",
-        true,
         &mut |_| {},
         &mut |root, ledger| {
             for seq in 1..=3 {
@@ -448,7 +456,7 @@ fn the_config_checkpoint_survives_a_cut_at_every_request() {
                 }
             }
         },
-        &mut |root| {
+        &mut |root, _| {
             let got = match checkpoint::load(root) {
                 Ok(restored) => {
                     let seq = restored.config.apps[0]
@@ -511,7 +519,6 @@ fn a_persistent_topic_survives_a_cut_at_every_request() {
     let keys = [volume_status(1, 0).key(), volume_status(2, 0).key()];
     both_modes(
         "bus persistent topic",
-        true,
         &mut |_| {},
         &mut |root, ledger| {
             rt.block_on(async {
@@ -534,7 +541,7 @@ fn a_persistent_topic_survives_a_cut_at_every_request() {
                 }
             });
         },
-        &mut |root| {
+        &mut |root, _| {
             rt.block_on(async {
                 // The restarted publisher's own reload of its key files.
                 let bus = Bus::new("volume-manager", run.path(), root);
@@ -601,8 +608,15 @@ fn snapshot_request() -> cairn_types::snapshot::VolumesSnapshotConfig {
     }
 }
 
+/// A manager on `root`, as the agent opens it at start. The tools are detected once per test
+/// process: they do not change between runs, and detecting them runs each one.
 async fn volume_manager(root: &Path) -> cairn_volume_manager::VolumeManager {
-    let tools = cairn_volume_manager::Tools::detect().await;
+    static TOOLS: tokio::sync::OnceCell<cairn_volume_manager::Tools> =
+        tokio::sync::OnceCell::const_new();
+    let tools = TOOLS
+        .get_or_init(cairn_volume_manager::Tools::detect)
+        .await
+        .clone();
     cairn_volume_manager::VolumeManager::open(root, tools, Vec::new()).await
 }
 
@@ -647,7 +661,6 @@ fn snapshot_create_in(mode: DirRestoreMode) {
     let key = "snapshot 5a0";
     both_modes(
         &format!("volume-manager snapshot create, restore mode {mode:?}"),
-        false,
         &mut |root| {
             rt.block_on(async {
                 // Not counted: the volume and its content exist before the snapshot.
@@ -676,7 +689,7 @@ fn snapshot_create_in(mode: DirRestoreMode) {
                 }
             });
         },
-        &mut |root| {
+        &mut |root, cut| {
             rt.block_on(async {
                 let mut m = volume_manager(root).await;
                 let mut out = BTreeMap::new();
@@ -687,9 +700,7 @@ fn snapshot_create_in(mode: DirRestoreMode) {
                 let state = match m.record(id) {
                     None => Found::Absent,
                     Some(r) if r.is_in_progress() => Found::Absent,
-                    Some(r) if r.error.is_error() => {
-                        Found::Unreadable(format!("failed record: {}", r.error.error))
-                    }
+                    Some(r) if r.error.is_error() => Found::Failed(r.error.error.clone()),
                     Some(r) => match snapshot_content(r) {
                         Ok(()) => Found::Value {
                             seq: 1,
@@ -699,6 +710,10 @@ fn snapshot_create_in(mode: DirRestoreMode) {
                     },
                 };
                 out.insert(key.to_string(), state);
+                if matches!(cut, Cut::FailThenEnd(_)) {
+                    // A failed create stays failed until the controller asks anew.
+                    return out;
+                }
                 // And the device converges: the request asked again ends made, and right.
                 m.handle_app_volume_refs_complete().await;
                 m.handle_volume_config(dir_volume(mode)).await;
@@ -780,7 +795,6 @@ fn rollback_in(mode: DirRestoreMode) {
     };
     both_modes(
         &format!("volume-manager rollback, restore mode {mode:?}"),
-        false,
         &mut |root| {
             rt.block_on(async {
                 let mut m = volume_manager(root).await;
@@ -802,7 +816,7 @@ fn rollback_in(mode: DirRestoreMode) {
                 }
             });
         },
-        &mut |root| {
+        &mut |root, cut| {
             rt.block_on(async {
                 let mut m = volume_manager(root).await;
                 let mut out = BTreeMap::new();
@@ -811,6 +825,9 @@ fn rollback_in(mode: DirRestoreMode) {
                 }
                 let file = volume_file(&mut m, mode).await;
                 out.insert(key.to_string(), content(&file));
+                if matches!(cut, Cut::FailThenEnd(_)) {
+                    return out;
+                }
                 // Converges: the rollback asked again ends done, the volume as the snapshot.
                 let again = m.handle_snapshot_config(rollback()).await;
                 let after = content(&file);
@@ -870,6 +887,7 @@ fn snapshot_delete_in(mode: DirRestoreMode) {
                 seq: 1,
                 from_backup: false,
             },
+            Some(r) if r.error.is_error() => Found::Failed(r.error.error.clone()),
             Some(r) => match snapshot_content(r) {
                 Ok(()) => Found::Value {
                     seq: 1,
@@ -881,7 +899,6 @@ fn snapshot_delete_in(mode: DirRestoreMode) {
     };
     both_modes(
         &format!("volume-manager snapshot delete, restore mode {mode:?}"),
-        false,
         &mut |root| {
             rt.block_on(async {
                 let mut m = volume_manager(root).await;
@@ -902,7 +919,7 @@ fn snapshot_delete_in(mode: DirRestoreMode) {
                 }
             });
         },
-        &mut |root| {
+        &mut |root, cut| {
             rt.block_on(async {
                 let mut m = volume_manager(root).await;
                 let mut out = BTreeMap::new();
@@ -911,6 +928,9 @@ fn snapshot_delete_in(mode: DirRestoreMode) {
                 }
                 volume_file(&mut m, mode).await;
                 out.insert(key.to_string(), state(&m, root));
+                if matches!(cut, Cut::FailThenEnd(_)) {
+                    return out;
+                }
                 // Converges: the delete asked again ends with both gone.
                 let again = m.handle_snapshot_config(delete()).await;
                 let after = state(&m, root);
@@ -937,7 +957,6 @@ fn a_new_volume_survives_a_cut_at_every_request() {
     let key = "volume 501";
     both_modes(
         "volume-manager volume create",
-        true,
         &mut |_| {},
         &mut |root, ledger| {
             rt.block_on(async {
@@ -951,7 +970,7 @@ fn a_new_volume_survives_a_cut_at_every_request() {
                 }
             });
         },
-        &mut |root| {
+        &mut |root, _| {
             let dir = root.join("volumes").join(format!("{VOLUME_ID}#0"));
             let got = if dir.is_dir() {
                 Found::Value {
@@ -975,7 +994,6 @@ fn a_long_run_survives_a_cut_at_every_request() {
     let path = |root: &Path, name: &str| root.join("long").join(name);
     both_modes(
         "long: cairn_persist, three records",
-        true,
         &mut |_| {},
         &mut |root, ledger| {
             for seq in 1..=10 {
@@ -991,7 +1009,7 @@ fn a_long_run_survives_a_cut_at_every_request() {
                 ledger.ack("b");
             }
         },
-        &mut |root| {
+        &mut |root, _| {
             names
                 .into_iter()
                 .map(|name| {
@@ -1003,7 +1021,6 @@ fn a_long_run_survives_a_cut_at_every_request() {
     );
     both_modes(
         "long: config-agent checkpoint",
-        true,
         &mut |_| {},
         &mut |root, ledger| {
             use cairn_config_agent::checkpoint;
@@ -1014,7 +1031,7 @@ fn a_long_run_survives_a_cut_at_every_request() {
                 }
             }
         },
-        &mut |root| {
+        &mut |root, _| {
             let got = match cairn_config_agent::checkpoint::load(root) {
                 Ok(restored) => match restored.config.apps[0].uuid_and_version.version.parse() {
                     Ok(seq) => Found::Value {
