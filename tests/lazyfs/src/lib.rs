@@ -31,19 +31,22 @@
 //! # Limits
 //!
 //! - Each request is atomic: no torn writes, no reordering or partial persistence of the
-//!   unsynced writes of one file, and no subset of the unsynced directory changes survives
-//!   (it is all of them, [`CrashMode::KeepEntries`], or none, [`CrashMode::DropAll`]).
+//!   unsynced writes of one file, and no arbitrary subset of the unsynced directory changes
+//!   survives: all of them ([`CrashMode::KeepEntries`]) or none ([`CrashMode::DropAll`]).
+//!   Cutting after every request in `KeepEntries` covers every in-order prefix (a journal's
+//!   outcome), not a reordered subset.
 //! - An injected EIO fails one whole request; a write is not partly applied. What a real
 //!   file system does to the page cache after a failed fsync (ext4 marks it clean) is not
 //!   modelled: here the data stays dirty and a later fsync can still make it durable.
-//! - A mode change is durable at once, not with its file's fsync; times, owners and xattrs are not
-//!   modelled (owners are those of the mounting user); no symlinks, devices or mmap.
+//! - A mode change is durable at once, not with its file's fsync; times, owners and xattrs are
+//!   not modelled (owners are those of the mounting user); no symlinks, devices or mmap.
 //! - The kernel caches nothing (attribute and entry timeouts 0, direct I/O), so a read always
 //!   reaches the model; fine for records, slow for bulk data.
 //! - It is meant for small trees: the whole state lives in memory.
 //!
-//! Mounting needs root (or `fusermount`) and a usable `/dev/fuse`; [`fuse_unusable`] says why
-//! not, for a test that must skip.
+//! Mounting needs a usable `/dev/fuse` and root: `fuser` without libfuse mounts with mount(2)
+//! (as non-root it would fall back to a setuid `fusermount`). [`fuse_unusable`] says why not,
+//! for a test that must skip.
 
 #![allow(clippy::too_many_arguments)] // the FUSE trait's signatures
 
