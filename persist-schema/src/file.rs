@@ -98,8 +98,10 @@ pub fn load_with_backup<T: Record>(path: &Path) -> Result<Loaded<T>, PersistErro
 }
 
 /// Removes a record and its backup, durably. Removing a record that is not there succeeds.
+/// The backup goes first: a power cut (or an error) between the two unlinks must not leave the
+/// older backup alone, which `load_with_backup` would bring back in place of the last record.
 pub fn remove(path: &Path) -> io::Result<()> {
-    for file in [path.to_path_buf(), backup_path(path)] {
+    for file in [backup_path(path), path.to_path_buf()] {
         match fs::remove_file(&file) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -197,7 +199,8 @@ fn refresh_backup(path: &Path) -> Result<(), IoStep> {
 }
 
 /// Creates `dir` and its missing ancestors, fsyncing each parent so the new entries survive a
-/// power cut.
+/// power cut. An existing directory is trusted to be durable: one whose parent's fsync failed
+/// is removed again.
 pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
     if dir.as_os_str().is_empty() || dir.is_dir() {
         return Ok(());
@@ -210,7 +213,13 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
         Err(e) => return Err(e),
     }
-    sync_dir(parent_of(dir))
+    if let Err(e) = sync_dir(parent_of(dir)) {
+        // Not durable: taken back, so that the next call makes it and syncs again instead of
+        // finding it and writing acknowledged records into a directory a power cut can take.
+        let _ = fs::remove_dir(dir);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// Removes a directory tree and makes the removal durable.

@@ -290,10 +290,8 @@ fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
 #[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 fn rename_durably(key: &str, from: &Path, to: &Path) -> Result<()> {
     std::fs::rename(from, to).map_err(VolumeError::io(key, "cannot rename into", to))?;
-    if let Some(parent) = to.parent() {
-        let _ = cairn_persist::sync_dir(parent);
-    }
-    Ok(())
+    // A failed fsync is an error: Ready must not be said of a volume a power cut can take.
+    backend::sync_parent(key, to)
 }
 
 /// Creates the clone volume of `config` at `path` (which must not exist yet) as a copy of the

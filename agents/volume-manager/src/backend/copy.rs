@@ -1,6 +1,9 @@
 //! Plain directory volumes on a filesystem without snapshots: the snapshot is a full copy
 //! (`copy_file_range`, which reflinks where the filesystem can), made under a `.partial` name
 //! and renamed when complete, so only complete copies are ever adopted. Progress is logged.
+//! Every copied file and directory is fsynced before the rename, and the rename before the
+//! caller records it: a record written after a power cut's lost page cache must not describe a
+//! copy that is missing or holds empty files.
 
 // File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
 #![allow(clippy::disallowed_methods)]
@@ -11,7 +14,7 @@ use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
 
 use super::{
     CloneTarget, SnapshotBackend, VolumeRef, blocking, exchange, is_dir_blocking, partial,
-    remove_tree, snapshot_path,
+    remove_tree, snapshot_path, sync_parent,
 };
 use crate::error::{Result, VolumeError};
 
@@ -89,6 +92,9 @@ fn copy_entries(volume: &str, from: &Path, to: &Path, progress: &mut dyn FnMut(u
                 "cannot copy to",
                 &dst,
             ))?;
+            std::fs::File::open(&dst)
+                .and_then(|f| f.sync_all())
+                .map_err(VolumeError::io(volume, "cannot sync", &dst))?;
             progress(bytes);
         }
     }
@@ -96,7 +102,8 @@ fn copy_entries(volume: &str, from: &Path, to: &Path, progress: &mut dyn FnMut(u
         .map_err(VolumeError::io(volume, "cannot stat", from))?
         .permissions();
     std::fs::set_permissions(to, perms).map_err(VolumeError::io(volume, "cannot chmod", to))?;
-    Ok(())
+    // Its entries (the files above, and the subdirectories, each synced by its own call).
+    cairn_persist::sync_dir(to).map_err(VolumeError::io(volume, "cannot sync", to))
 }
 
 /// Bytes in regular files under `path`.
@@ -159,6 +166,7 @@ impl SnapshotBackend for CopyBackend {
                 let _ = std::fs::remove_dir_all(&tmp);
             })?;
             std::fs::rename(&tmp, &to).map_err(VolumeError::io(&key, "cannot rename to", &to))?;
+            sync_parent(&key, &to)?;
             Ok(copied)
         })
         .await?;
@@ -187,13 +195,15 @@ impl SnapshotBackend for CopyBackend {
                     "cannot exchange the restored copy with",
                     &vol,
                 ))?;
+                sync_parent(&key, &vol)?;
                 remove_tree(&key, &scratch)
             } else {
                 std::fs::rename(&scratch, &vol).map_err(VolumeError::io(
                     &key,
                     "cannot rename to",
                     &vol,
-                ))
+                ))?;
+                sync_parent(&key, &vol)
             }
         })
         .await
@@ -203,7 +213,9 @@ impl SnapshotBackend for CopyBackend {
         let (key, snap) = (meta.volume_key.clone(), meta.snapshot_location.clone());
         blocking(&meta.volume_key, move || {
             remove_tree(&key, &partial(&snap))?;
-            remove_tree(&key, &snap)
+            remove_tree(&key, &snap)?;
+            // Durable before the caller removes the record: else a leak after a power cut.
+            sync_parent(&key, &snap)
         })
         .await
     }

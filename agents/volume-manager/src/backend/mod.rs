@@ -306,6 +306,44 @@ pub fn remove_tree(volume: &str, path: &Path) -> Result<()> {
     }
 }
 
+/// Makes a rename, exchange or removal of `path` durable: fsync of its directory (blocking).
+/// A directory already gone needs none.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+pub fn sync_parent(volume: &str, path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(dir) => match cairn_persist::sync_dir(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(VolumeError::io(volume, "cannot sync", dir)(e))
+            }
+            _ => Ok(()),
+        },
+        None => Ok(()),
+    }
+}
+
+/// fsyncs every file and directory under `path` (and `path`): a tree made by a tool that does
+/// not (rsync) is durable before a record says it is there (blocking). Symlinks are durable
+/// with their directory.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+pub fn sync_tree(volume: &str, path: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(path).map_err(VolumeError::io(volume, "cannot read", path))?;
+    for entry in entries {
+        let entry = entry.map_err(VolumeError::io(volume, "cannot read", path))?;
+        let kind =
+            entry
+                .file_type()
+                .map_err(VolumeError::io(volume, "cannot stat", &entry.path()))?;
+        if kind.is_dir() {
+            sync_tree(volume, &entry.path())?;
+        } else if kind.is_file() {
+            std::fs::File::open(entry.path())
+                .and_then(|f| f.sync_all())
+                .map_err(VolumeError::io(volume, "cannot sync", &entry.path()))?;
+        }
+    }
+    cairn_persist::sync_dir(path).map_err(VolumeError::io(volume, "cannot sync", path))
+}
+
 /// Removes the file at `path`; one already gone is not an error (blocking).
 #[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn remove_file(volume: &str, path: &Path) -> Result<()> {

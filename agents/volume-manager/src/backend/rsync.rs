@@ -139,11 +139,10 @@ impl SnapshotBackend for RsyncBackend {
             }
             let (k, s) = (key.clone(), snap.clone());
             blocking(key, move || {
+                // rsync fsyncs nothing: the copy, then its rename, are durable before the record.
+                super::sync_tree(&k, &tmp)?;
                 std::fs::rename(&tmp, &s).map_err(VolumeError::io(&k, "cannot rename to", &s))?;
-                if let Some(parent) = s.parent() {
-                    let _ = cairn_persist::sync_dir(parent);
-                }
-                Ok(())
+                super::sync_parent(&k, &s)
             })
             .await?;
         }
@@ -167,16 +166,24 @@ impl SnapshotBackend for RsyncBackend {
         .await?;
         let mut args: Vec<std::ffi::OsString> = COMMON.iter().map(Into::into).collect();
         args.push("--delete".into());
+        // In place: each file's data is durable before rsync renames it over the volume's
+        // (else a power cut can leave the new name with no data).
+        args.push("--fsync".into());
         args.push(contents(&meta.snapshot_location));
         args.push(contents(&meta.file_location));
-        rsync(key, args).await
+        rsync(key, args).await?;
+        // Durable before the record says rolled back.
+        let (k, vol) = (key.clone(), meta.file_location.clone());
+        blocking(key, move || super::sync_tree(&k, &vol)).await
     }
 
     async fn delete(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
         let (key, snap) = (meta.volume_key.clone(), meta.snapshot_location.clone());
         blocking(&meta.volume_key, move || {
             remove_tree(&key, &partial(&snap))?;
-            remove_tree(&key, &snap)
+            remove_tree(&key, &snap)?;
+            // Durable before the caller removes the record: else a leak after a power cut.
+            super::sync_parent(&key, &snap)
         })
         .await
     }

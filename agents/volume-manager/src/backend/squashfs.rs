@@ -389,12 +389,12 @@ fn link_base(key: &str, snapshot: &Path, base: &Path) -> Result<()> {
     let _ = std::fs::remove_file(&tmp);
     if std::fs::hard_link(snapshot, &tmp).is_err() {
         std::fs::copy(snapshot, &tmp).map_err(VolumeError::io(key, "cannot copy to", &tmp))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(VolumeError::io(key, "cannot sync", &tmp))?;
     }
     std::fs::rename(&tmp, base).map_err(VolumeError::io(key, "cannot rename to", base))?;
-    if let Some(dir) = base.parent() {
-        let _ = cairn_persist::sync_dir(dir);
-    }
-    Ok(())
+    super::sync_parent(key, base)
 }
 
 impl SnapshotBackend for SquashfsBackend {
@@ -531,10 +531,8 @@ impl SnapshotBackend for SquashfsBackend {
                     "cannot rename to",
                     &location,
                 ))?;
-                if let Some(parent) = location.parent() {
-                    let _ = cairn_persist::sync_dir(parent);
-                }
-                Ok(())
+                // A failed fsync is an error: the record must not say made before it is.
+                super::sync_parent(&k, &location)
             })
             .await?;
         }
