@@ -3,10 +3,10 @@
 //! `VolumeStatus` and `VolumesSnapshotStatus` out.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::path::PathBuf;
 
 use anyhow::Context;
-use cairn_pubsub::{Bus, Event, Publication, PublishOptions};
+use cairn_pubsub::{Event, Publication, PublishOptions};
+use cairn_startup::{CommonArgs, StopSignals, init_logging};
 use cairn_types::ConfigItemValueMap;
 use cairn_types::export::{ExportConfig, ExportStatus};
 use cairn_types::snapshot::{VolumesSnapshotConfig, VolumesSnapshotStatus};
@@ -23,15 +23,8 @@ const SIZE_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
 #[derive(Debug, Parser)]
 #[command(about = "Cairn volume-manager: volumes and their snapshots")]
 struct Args {
-    /// Persistent root (volumes, snapshot records).
-    #[arg(long, env = "CAIRN_PERSIST_DIR", default_value = "/persist")]
-    persist_dir: PathBuf,
-    /// Run root (bus sockets).
-    #[arg(long, env = "CAIRN_RUN_DIR", default_value = "/run/cairn")]
-    run_dir: PathBuf,
-    /// A group whose members may read the volumes' status (technicians).
-    #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
-    technicians_gid: Option<u32>,
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 struct Outputs {
@@ -56,19 +49,25 @@ impl Outputs {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+fn main() -> anyhow::Result<()> {
+    init_logging();
     let args = Args::parse();
-    let bus = Bus::new(AGENT, &args.run_dir, &args.persist_dir);
+    // One thread: the slow work runs on the blocking pool and in child processes.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build the tokio runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    // Before the records are loaded and the volumes swept: a stop asked meanwhile is kept.
+    let mut signals = StopSignals::install()?;
+    let persist_dir = args.common.persist_dir.clone();
+    let bus = args.common.bus(AGENT);
     // Technicians read the volumes and the export jobs.
     let status_access = args
+        .common
         .technicians_gid
         .map(cairn_pubsub::Access::with_group_readers)
         .unwrap_or_default();
@@ -89,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
             .context("publishing VolumesSnapshotStatus")?,
     };
     let tools = Tools::detect().await;
-    let mut manager = VolumeManager::open(&args.persist_dir, tools, outputs.volumes.values()).await;
+    let mut manager = VolumeManager::open(&persist_dir, tools, outputs.volumes.values()).await;
     let mut volume_configs = bus.subscribe::<VolumeConfig>("config-agent");
     let mut snapshot_configs = bus.subscribe::<VolumesSnapshotConfig>("app-manager");
     let mut app_holds = bus.subscribe::<AppVolumeRefs>("app-manager");
@@ -104,8 +103,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("publishing ExportStatus")?;
     let mut export_configs = bus.subscribe::<ExportConfig>("cli");
-    let (mut exports, mut export_updates) = ExportJobs::open(&args.persist_dir).await;
-    tracing::info!(persist = %args.persist_dir.display(), records = manager.records().count(), "volume-manager started");
+    let (mut exports, mut export_updates) = ExportJobs::open(&persist_dir).await;
+    tracing::info!(persist = %persist_dir.display(), records = manager.records().count(), "volume-manager started");
 
     // Snapshot requests wait until the volumes are known.
     let mut volumes_synced = false;
@@ -114,8 +113,6 @@ async fn main() -> anyhow::Result<()> {
     let mut queued: VecDeque<Event<VolumesSnapshotConfig>> = VecDeque::new();
     let mut size_refresh = tokio::time::interval(SIZE_REFRESH);
     size_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
 
     loop {
         // Woken at the next deletion deadline; at least each minute, against clock jumps.
@@ -222,8 +219,7 @@ async fn main() -> anyhow::Result<()> {
             _ = size_refresh.tick() => {
                 outputs.apply(manager.refresh_sizes().await).await;
             }
-            _ = terminate.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = signals.recv() => break,
         }
     }
     tracing::info!("volume-manager stopping");
