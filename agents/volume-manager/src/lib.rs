@@ -7,6 +7,7 @@ pub mod error;
 pub mod export;
 pub mod manager;
 pub mod process;
+pub mod queue;
 pub mod volumes;
 
 pub use backend::{Backends, SnapshotBackend, VolumeRef};
