@@ -318,26 +318,37 @@ impl VolumeManager {
     }
 
     /// Whether the volume `config` names, or a clone's source, has a snapshot operation
-    /// running: then it is neither made nor removed now, but when the operation ends.
+    /// running or waiting: then it is made after the operations on it.
     fn waits_for_snapshot_work(&mut self, config: &VolumeConfig) -> bool {
         let mut volumes = vec![config.volume_id];
         if let VolumeOrigin::Snapshot { volume, .. } = config.origin {
             volumes.push(volume);
         }
-        let busy = volumes.iter().any(|v| self.queue.busy(&Claim::Volume(*v)));
+        let busy = volumes.iter().any(|v| self.volume_claimed(*v));
         if busy {
-            tracing::info!(volume = %config.key(), "a snapshot operation runs on it: made when it ends");
+            tracing::info!(volume = %config.key(), "a snapshot operation runs or waits on it: made after it");
             self.deferred.extend(volumes);
         }
         busy
     }
 
-    /// After a snapshot operation: the volumes that waited for it are made or removed now.
+    /// Whether a snapshot operation running or waiting claims the volume `volume`: the volume
+    /// is neither made nor removed under it (a request that came before a removal still finds
+    /// its volume).
+    fn volume_claimed(&self, volume: Uuid) -> bool {
+        let claim = Claim::Volume(volume);
+        self.queue.busy(&claim) || self.queue.waiting().any(|e| self.claims(e).holds(&claim))
+    }
+
+    /// After snapshot operations: the volumes that waited for them are made or removed now.
     async fn retry_deferred(&mut self) -> Vec<Publish> {
+        if self.deferred.is_empty() {
+            return Vec::new();
+        }
         let free: BTreeSet<Uuid> = self
             .deferred
             .iter()
-            .filter(|v| !self.queue.busy(&Claim::Volume(**v)))
+            .filter(|v| !self.volume_claimed(**v))
             .copied()
             .collect();
         if free.is_empty() {
@@ -723,6 +734,10 @@ impl VolumeManager {
             let holders = self.holding_apps(&key);
             let known = self.app_holds_known;
             let configured = self.line_configured(&key);
+            let claimed = self
+                .statuses
+                .get(&key)
+                .is_some_and(|s| self.volume_claimed(s.volume_id));
             let Some(status) = self.statuses.get_mut(&key) else {
                 continue;
             };
@@ -754,8 +769,8 @@ impl VolumeManager {
                 tracing::debug!(volume = %key, "unconfigured; released once the app-manager's holds are known");
                 continue;
             }
-            if self.queue.busy(&Claim::Volume(status.volume_id)) {
-                tracing::info!(volume = %key, "a snapshot operation runs on it: removed when it ends");
+            if claimed {
+                tracing::info!(volume = %key, "a snapshot operation runs or waits on it: removed after it");
                 self.deferred.insert(status.volume_id);
                 continue;
             }
@@ -850,7 +865,9 @@ impl VolumeManager {
     /// [`crate::queue`]); the publications of what could be done at once.
     pub async fn submit(&mut self, event: SnapshotEvent) -> Vec<Publish> {
         self.queue.push(event);
-        self.dispatch().await
+        let mut out = self.dispatch().await;
+        out.extend(self.retry_deferred().await);
+        out
     }
 
     /// Whether snapshot operations are running (their ends are awaited with
@@ -894,8 +911,9 @@ impl VolumeManager {
                 ))]
             }
         };
-        out.extend(self.retry_deferred().await);
+        // Queued events first: one that came before a removal still finds its volume.
         out.extend(self.dispatch().await);
+        out.extend(self.retry_deferred().await);
         out
     }
 

@@ -32,7 +32,7 @@ impl Claims {
         }
     }
 
-    fn holds(&self, claim: &Claim) -> bool {
+    pub fn holds(&self, claim: &Claim) -> bool {
         match self {
             Claims::All => true,
             Claims::Some(set) => set.contains(claim),

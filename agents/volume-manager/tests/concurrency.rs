@@ -176,3 +176,33 @@ async fn requests_on_the_same_volume_are_answered_in_arrival_order() {
         copy.display()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_came_before_a_volumes_removal_still_finds_the_volume() {
+    let mut h = Harness::new().await;
+    h.set_delete_grace(0).await;
+    let _agent = h.agent(None);
+    let (a, _b) = two_apps(&mut h).await;
+    fill(&h.volume_file(&a));
+
+    // A slow snapshot of A; a second one waits behind it; then A leaves the config.
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    h.snapshot_configs
+        .publish(request(first, Create, &[&a], 1))
+        .await
+        .unwrap();
+    in_flight(&h, first).await;
+    let mut waiting = request(second, Create, &[&a], 1);
+    waiting.volume_keys.insert(a.volume_id, a.key());
+    h.snapshot_configs.publish(waiting).await.unwrap();
+    h.volume_configs.unpublish(&a.key()).await.unwrap();
+
+    answer_order(&mut h, &[(first, Create, 1), (second, Create, 1)]).await;
+    // Copy snapshots do not keep their volume: it goes once nothing claims it.
+    let deadline = Instant::now() + WAIT;
+    while h.volume_statuses.get(&a.key()).is_some() {
+        assert!(Instant::now() < deadline, "volume {} not removed", a.key());
+        let _ = tokio::time::timeout(WAIT, h.volume_statuses.recv()).await;
+    }
+    assert!(!h.volume_file(&a).exists());
+}
