@@ -25,7 +25,7 @@ struct Args {
     #[command(flatten)]
     common: CommonArgs,
     /// Snapshot operations (on different volumes) run at once at most; default: the CPUs, at
-    /// least 4.
+    /// least 8.
     #[arg(long, env = "CAIRN_VOLUME_PARALLEL_OPERATIONS")]
     parallel_operations: Option<usize>,
 }

@@ -109,10 +109,12 @@ pub enum SnapshotEvent {
     Synchronized(BTreeSet<Uuid>),
 }
 
-/// The default bound on snapshot operations running at once: the CPUs, and at least 4 (the
-/// work is mostly waiting on the disk and on qemu-img).
+/// The default bound on snapshot operations running at once: the CPUs, and at least 8. The
+/// work mostly waits on the disk and on qemu-img, so the CPUs are a poor bound; eight apps
+/// snapshotted at one moment took 1.2-1.7x eight raw `qemu-img` in parallel with 4, 0.9-1.4x
+/// with 8.
 pub fn default_parallel_operations() -> usize {
-    std::thread::available_parallelism().map_or(4, |n| n.get().max(4))
+    std::thread::available_parallelism().map_or(8, |n| n.get().max(8))
 }
 
 /// A snapshot operation's slow half ended (or its task died): for [`VolumeManager::complete`].
