@@ -2,7 +2,8 @@
 //! one run:
 //! (a) head-of-line: an immediate snapshot of a small app (one qcow2 volume) while another app's
 //!     1 GiB directory volume (4,096 files of 256 KiB) is being snapshotted or restored, in copy
-//!     and rsync modes, against the same small snapshot alone;
+//!     and rsync modes, against the same small snapshot alone; beside each, a raw `qemu-img
+//!     snapshot -c` on the same file right after it (what the disk allows at that moment);
 //! (b) parallel apps: 8 apps with one qcow2 volume each (256 MiB written) snapshotted at one
 //!     moment, against the same eight one after another through the agent, and against eight raw
 //!     `qemu-img snapshot -c` run in parallel by a shell (and one after another).
@@ -30,13 +31,14 @@ use uuid::Uuid;
 const FILES: usize = 4096;
 const FILE_SIZE: usize = 256 << 10;
 const DIRS: usize = 16;
-/// Small snapshots measured per situation.
+/// Small snapshots measured alone, and at most per large operation (one after another while
+/// it runs).
 const QUICK_RUNS: usize = 5;
 /// Large operations per mode (each one is seconds of copying).
 const SLOW_RUNS: usize = 3;
 const APPS: usize = 8;
 const WRITTEN: u64 = 256 * MIB;
-const PARALLEL_ROUNDS: usize = 5;
+const PARALLEL_ROUNDS: usize = 9;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -117,19 +119,61 @@ async fn in_flight(h: &Harness, id: Uuid) {
     }
 }
 
-/// A snapshot of the small app, made and deleted: the create's latency.
-async fn quick_snapshot(h: &mut Harness, small: &VolumeConfig) -> Duration {
+/// A snapshot of the small app through the agent, made and deleted, then one by raw
+/// `qemu-img snapshot -c` on the same file: the two creates' latencies (the raw one says what
+/// the disk itself allows at that moment).
+async fn quick_snapshot(h: &mut Harness, small: &VolumeConfig) -> (Duration, Duration) {
     let id = Uuid::new_v4();
     let took = op(h, id, Create, &[small], 1).await;
     op(h, id, Delete, &[small], 2).await;
     h.snapshot_configs.unpublish(&id.to_string()).await.unwrap();
-    took
+    let file = h.volume_file(small);
+    let qemu_img = |op: &str| {
+        sh(
+            "qemu-img",
+            &["snapshot", "-f", "qcow2", op, "raw", file.to_str().unwrap()],
+        )
+    };
+    let start = Instant::now();
+    qemu_img("-c");
+    let raw = start.elapsed();
+    qemu_img("-d");
+    (took, raw)
 }
 
+/// Medians of the agent's and the raw latencies.
+fn medians(samples: Vec<(Duration, Duration)>) -> (Duration, Duration) {
+    let (agent, raw) = samples.into_iter().unzip();
+    (median(agent), median(raw))
+}
+
+/// Small snapshots one after another while the large operation `slow` runs (at least one).
+async fn during(
+    h: &mut Harness,
+    small: &VolumeConfig,
+    slow: Uuid,
+    action: cairn_types::snapshot::VolumesSnapshotAction,
+    counter: u64,
+) -> Vec<(Duration, Duration)> {
+    let mut took = Vec::new();
+    loop {
+        took.push(quick_snapshot(h, small).await);
+        let done = h.snapshot_statuses.get(&slow.to_string()).is_some_and(|s| {
+            s.result_of_action == action && s.request_counter == counter && !s.is_in_progress()
+        });
+        if done || took.len() >= QUICK_RUNS {
+            return took;
+        }
+    }
+}
+
+/// Small snapshots through the agent and raw, and the large operation itself.
+type Under = ((Duration, Duration), Duration);
+
 struct HeadOfLine {
-    alone: Duration,
-    /// Per mode: (during snapshot, slow snapshot itself, during restore, slow restore itself).
-    modes: Vec<(&'static str, Duration, Duration, Duration, Duration)>,
+    alone: (Duration, Duration),
+    /// Per mode: during its snapshot, during its restore.
+    modes: Vec<(&'static str, Under, Under)>,
 }
 
 async fn head_of_line(tree: &Path) -> HeadOfLine {
@@ -180,7 +224,7 @@ async fn head_of_line(tree: &Path) -> HeadOfLine {
                 .await
                 .unwrap();
             in_flight(&h, slow).await;
-            during_snapshot.push(quick_snapshot(&mut h, &small).await);
+            during_snapshot.extend(during(&mut h, &small, slow, Create, 1).await);
             let s = h.answer(slow, Create, 1).await;
             slow_snapshot.push(start.elapsed());
             assert!(!s.error.is_error(), "{s:?}");
@@ -203,7 +247,7 @@ async fn head_of_line(tree: &Path) -> HeadOfLine {
                 .await
                 .unwrap();
             in_flight(&h, slow).await;
-            during_restore.push(quick_snapshot(&mut h, &small).await);
+            during_restore.extend(during(&mut h, &small, slow, Rollback, 2).await);
             let s = h.answer(slow, Rollback, 2).await;
             slow_restore.push(start.elapsed());
             assert!(!s.error.is_error(), "{s:?}");
@@ -216,14 +260,12 @@ async fn head_of_line(tree: &Path) -> HeadOfLine {
         h.volume_configs.unpublish(&large.key()).await.unwrap();
         modes.push((
             name,
-            median(during_snapshot),
-            median(slow_snapshot),
-            median(during_restore),
-            median(slow_restore),
+            (medians(during_snapshot), median(slow_snapshot)),
+            (medians(during_restore), median(slow_restore)),
         ));
     }
     HeadOfLine {
-        alone: median(alone),
+        alone: medians(alone),
         modes,
     }
 }
@@ -323,25 +365,31 @@ async fn main() {
         let hol = head_of_line(&tree).await;
         drop(scratch);
         println!(
-            "(a) head-of-line: small app's snapshot (1 qcow2 volume), median of {QUICK_RUNS} alone / {SLOW_RUNS} under load"
+            "(a) head-of-line: small app's snapshot (1 qcow2 volume), median of {QUICK_RUNS} alone / of up to {QUICK_RUNS} during each of {SLOW_RUNS} large operations"
         );
-        println!("| situation | small snapshot | ratio to alone | the large operation |");
-        println!("|---|---|---|---|");
-        println!("| alone | {} | 1.00x | |", ms(hol.alone));
-        let ratio = |d: Duration| d.as_secs_f64() / hol.alone.as_secs_f64();
-        for (mode, ds, ss, dr, sr) in hol.modes {
+        println!(
+            "| situation | small snapshot, agent | ratio to alone | raw qemu-img -c, same moment | ratio to alone | the large operation |"
+        );
+        println!("|---|---|---|---|---|---|");
+        let (alone, alone_raw) = hol.alone;
+        let row = |what: String, ((agent, raw), large): Under| {
             println!(
-                "| during a 1 GiB {mode} snapshot | {} | {:.2}x | {} |",
-                ms(ds),
-                ratio(ds),
-                ms(ss)
-            );
-            println!(
-                "| during a 1 GiB {mode} restore | {} | {:.2}x | {} |",
-                ms(dr),
-                ratio(dr),
-                ms(sr)
-            );
+                "| {what} | {} | {:.2}x | {} | {:.2}x | {} |",
+                ms(agent),
+                agent.as_secs_f64() / alone.as_secs_f64(),
+                ms(raw),
+                raw.as_secs_f64() / alone_raw.as_secs_f64(),
+                if large.is_zero() {
+                    String::new()
+                } else {
+                    ms(large)
+                }
+            )
+        };
+        row("alone".into(), (hol.alone, Duration::ZERO));
+        for (mode, snapshot, restore) in hol.modes {
+            row(format!("during a 1 GiB {mode} snapshot"), snapshot);
+            row(format!("during a 1 GiB {mode} restore"), restore);
         }
     }
     if only.is_empty() || only == "parallel" {
