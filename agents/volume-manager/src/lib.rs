@@ -7,9 +7,11 @@ pub mod error;
 pub mod export;
 pub mod manager;
 pub mod process;
+pub mod queue;
 pub mod volumes;
+pub mod work;
 
 pub use backend::{Backends, SnapshotBackend, VolumeRef};
 pub use backend::{Tools, tools};
 pub use error::VolumeError;
-pub use manager::{Publish, VolumeManager};
+pub use manager::{Publish, SnapshotEvent, VolumeManager};

@@ -3,19 +3,18 @@
 //! `VolumeStatus` and `VolumesSnapshotStatus` out.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::path::PathBuf;
 
 use anyhow::Context;
-use cairn_pubsub::{Bus, Event, Publication, PublishOptions};
+use cairn_pubsub::{Event, Publication, PublishOptions};
+use cairn_startup::{CommonArgs, StopSignals, init_logging};
 use cairn_types::ConfigItemValueMap;
 use cairn_types::export::{ExportConfig, ExportStatus};
 use cairn_types::snapshot::{VolumesSnapshotConfig, VolumesSnapshotStatus};
 use cairn_types::volume::{AppVolumeRefs, VolumeConfig, VolumeStatus};
 use cairn_volume_manager::export::{ExportJobs, JobSource};
-use cairn_volume_manager::manager::AGENT;
-use cairn_volume_manager::{Publish, Tools, VolumeManager};
+use cairn_volume_manager::manager::{AGENT, default_parallel_operations};
+use cairn_volume_manager::{Publish, SnapshotEvent, Tools, VolumeManager};
 use clap::Parser;
-use uuid::Uuid;
 
 /// How often the volumes' sizes on disk are measured again.
 const SIZE_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
@@ -23,24 +22,23 @@ const SIZE_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
 #[derive(Debug, Parser)]
 #[command(about = "Cairn volume-manager: volumes and their snapshots")]
 struct Args {
-    /// Persistent root (volumes, snapshot records).
-    #[arg(long, env = "CAIRN_PERSIST_DIR", default_value = "/persist")]
-    persist_dir: PathBuf,
-    /// Run root (bus sockets).
-    #[arg(long, env = "CAIRN_RUN_DIR", default_value = "/run/cairn")]
-    run_dir: PathBuf,
-    /// A group whose members may read the volumes' status (technicians).
-    #[arg(long, env = "CAIRN_TECHNICIANS_GID")]
-    technicians_gid: Option<u32>,
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Snapshot operations (on different volumes) run at once at most; default: the CPUs, at
+    /// least 8.
+    #[arg(long, env = "CAIRN_VOLUME_PARALLEL_OPERATIONS")]
+    parallel_operations: Option<usize>,
 }
 
 struct Outputs {
     volumes: Publication<VolumeStatus>,
     snapshots: Publication<VolumesSnapshotStatus>,
+    /// Whether the snapshot statuses passed their restart barrier (once per run).
+    snapshots_restarted: bool,
 }
 
 impl Outputs {
-    async fn apply(&self, actions: Vec<Publish>) {
+    async fn apply(&mut self, actions: Vec<Publish>) {
         for action in actions {
             let result = match action {
                 Publish::Volume(status) => self.volumes.publish(status).await,
@@ -48,6 +46,11 @@ impl Outputs {
                 // Republish: a repeated request must see its answer even if equal.
                 Publish::Snapshot(status) => self.snapshots.republish(status).await,
                 Publish::UnpublishSnapshot(key) => self.snapshots.unpublish(&key).await,
+                Publish::SnapshotsReconciled if !self.snapshots_restarted => {
+                    self.snapshots_restarted = true;
+                    self.snapshots.signal_restarted().await
+                }
+                Publish::SnapshotsReconciled => Ok(()),
             };
             if let Err(e) = result {
                 tracing::error!("publishing failed: {e}");
@@ -56,23 +59,30 @@ impl Outputs {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+fn main() -> anyhow::Result<()> {
+    init_logging();
     let args = Args::parse();
-    let bus = Bus::new(AGENT, &args.run_dir, &args.persist_dir);
+    // One thread: the slow work runs on the blocking pool and in child processes; the
+    // manager's task only plans and records.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build the tokio runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    // Before the records are loaded and the volumes swept: a stop asked meanwhile is kept.
+    let mut signals = StopSignals::install()?;
+    let persist_dir = args.common.persist_dir.clone();
+    let bus = args.common.bus(AGENT);
     // Technicians read the volumes and the export jobs.
     let status_access = args
+        .common
         .technicians_gid
         .map(cairn_pubsub::Access::with_group_readers)
         .unwrap_or_default();
-    let outputs = Outputs {
+    let mut outputs = Outputs {
         // Persistent: a restarted agent must know which volumes it had, so that a volume file
         // deleted while it was down is reported, not silently recreated empty.
         volumes: bus
@@ -87,9 +97,15 @@ async fn main() -> anyhow::Result<()> {
             .publish::<VolumesSnapshotStatus>(PublishOptions::for_requests())
             .await
             .context("publishing VolumesSnapshotStatus")?,
+        snapshots_restarted: false,
     };
     let tools = Tools::detect().await;
-    let mut manager = VolumeManager::open(&args.persist_dir, tools, outputs.volumes.values()).await;
+    let parallel = args
+        .parallel_operations
+        .unwrap_or_else(default_parallel_operations);
+    let mut manager = VolumeManager::open(&persist_dir, tools, outputs.volumes.values())
+        .await
+        .with_parallel_operations(parallel);
     let mut volume_configs = bus.subscribe::<VolumeConfig>("config-agent");
     let mut snapshot_configs = bus.subscribe::<VolumesSnapshotConfig>("app-manager");
     let mut app_holds = bus.subscribe::<AppVolumeRefs>("app-manager");
@@ -104,18 +120,15 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("publishing ExportStatus")?;
     let mut export_configs = bus.subscribe::<ExportConfig>("cli");
-    let (mut exports, mut export_updates) = ExportJobs::open(&args.persist_dir).await;
-    tracing::info!(persist = %args.persist_dir.display(), records = manager.records().count(), "volume-manager started");
+    let (mut exports, mut export_updates) = ExportJobs::open(&persist_dir).await;
+    tracing::info!(persist = %persist_dir.display(), records = manager.records().count(), parallel, "volume-manager started");
 
     // Snapshot requests wait until the volumes are known.
     let mut volumes_synced = false;
     let mut volumes_restarted = false;
-    let mut snapshots_restarted = false;
     let mut queued: VecDeque<Event<VolumesSnapshotConfig>> = VecDeque::new();
     let mut size_refresh = tokio::time::interval(SIZE_REFRESH);
     size_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
 
     loop {
         // Woken at the next deletion deadline; at least each minute, against clock jumps.
@@ -168,12 +181,8 @@ async fn main() -> anyhow::Result<()> {
                 };
                 outputs.apply(actions).await;
                 while volumes_synced && let Some(event) = queued.pop_front() {
-                    let was = snapshots_restarted;
-                    let actions = handle_snapshot_event(&mut manager, &snapshot_configs, event, &mut snapshots_restarted).await;
+                    let actions = submit_snapshot_event(&mut manager, &snapshot_configs, event).await;
                     outputs.apply(actions).await;
-                    if !was && snapshots_restarted && let Err(e) = outputs.snapshots.signal_restarted().await {
-                        tracing::error!("{e}");
-                    }
                 }
             }
             event = snapshot_configs.recv() => {
@@ -181,12 +190,12 @@ async fn main() -> anyhow::Result<()> {
                     queued.push_back(event);
                     continue;
                 }
-                let was = snapshots_restarted;
-                let actions = handle_snapshot_event(&mut manager, &snapshot_configs, event, &mut snapshots_restarted).await;
+                let actions = submit_snapshot_event(&mut manager, &snapshot_configs, event).await;
                 outputs.apply(actions).await;
-                if !was && snapshots_restarted && let Err(e) = outputs.snapshots.signal_restarted().await {
-                    tracing::error!("{e}");
-                }
+            }
+            done = manager.operation_done(), if manager.operations_running() => {
+                let actions = manager.complete(done).await;
+                outputs.apply(actions).await;
             }
             event = app_holds.recv() => {
                 let actions = match event {
@@ -222,9 +231,12 @@ async fn main() -> anyhow::Result<()> {
             _ = size_refresh.tick() => {
                 outputs.apply(manager.refresh_sizes().await).await;
             }
-            _ = terminate.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = signals.recv() => break,
         }
+    }
+    if manager.operations_running() {
+        // Their intent records are on disk: the next start resumes them, as after a crash.
+        tracing::info!("snapshot operations still running are resumed at the next start");
     }
     tracing::info!("volume-manager stopping");
     Ok(())
@@ -248,27 +260,22 @@ fn export_source(manager: &VolumeManager, config: &ExportConfig) -> JobSource {
     }
 }
 
-async fn handle_snapshot_event(
+/// Queues a snapshot event in the manager, in arrival order.
+async fn submit_snapshot_event(
     manager: &mut VolumeManager,
     subscription: &cairn_pubsub::Subscription<VolumesSnapshotConfig>,
     event: Event<VolumesSnapshotConfig>,
-    restarted: &mut bool,
 ) -> Vec<Publish> {
-    match event {
+    let event = match event {
         Event::Create { value, .. } | Event::Modify { new: value, .. } => {
-            manager.handle_snapshot_config(value).await
+            SnapshotEvent::Request(value)
         }
-        Event::Delete { last, .. } => {
-            manager
-                .handle_snapshot_config_delete(last.snapshot_id)
-                .await
-        }
+        Event::Delete { last, .. } => SnapshotEvent::Withdrawn(last.snapshot_id),
         Event::Synchronized => {
-            let requested: BTreeSet<Uuid> = subscription.values().map(|c| c.snapshot_id).collect();
-            let actions = manager.reconcile(&requested).await;
-            *restarted = true;
-            actions
+            let requested: BTreeSet<_> = subscription.values().map(|c| c.snapshot_id).collect();
+            SnapshotEvent::Synchronized(requested)
         }
-        _ => Vec::new(),
-    }
+        _ => return Vec::new(),
+    };
+    manager.submit(event).await
 }

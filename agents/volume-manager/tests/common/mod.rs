@@ -228,7 +228,6 @@ impl Drop for Agent {
 
 /// Plays the config-agent and the app-manager, and watches the volume-manager's statuses.
 pub struct Harness {
-    pub root: tempfile::TempDir,
     pub persist: PathBuf,
     pub run: PathBuf,
     pub volume_configs: Publication<VolumeConfig>,
@@ -239,6 +238,9 @@ pub struct Harness {
     pub app_holds: Publication<AppVolumeRefs>,
     pub volume_statuses: Subscription<VolumeStatus>,
     pub snapshot_statuses: Subscription<VolumesSnapshotStatus>,
+    /// Last, so dropped last: the publications stop writing their key files (behind) before
+    /// their directory goes; the other way round they made it again and left it in /tmp.
+    pub root: tempfile::TempDir,
 }
 
 pub const WAIT: Duration = Duration::from_secs(30);

@@ -1,0 +1,211 @@
+//! When a snapshot operation may start. Operations claim what they touch (their snapshot id and
+//! the uuids of their volumes); two operations whose claims meet run in arrival order, others
+//! run side by side, at most `limit` at once. A waiting operation keeps its claims, so a later
+//! one cannot overtake it on a volume they share. Pure bookkeeping: the manager decides what an
+//! operation claims and runs it.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use uuid::Uuid;
+
+/// One thing an operation touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Claim {
+    Snapshot(Uuid),
+    /// A volume by its uuid: every generation of it, so a purge's old and new volumes are one.
+    Volume(Uuid),
+}
+
+/// Everything an operation touches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claims {
+    Some(BTreeSet<Claim>),
+    /// A barrier: it waits for everything before it, and everything after it waits for it.
+    All,
+}
+
+impl Claims {
+    fn meets(&self, other: &Claims) -> bool {
+        match (self, other) {
+            (Claims::All, _) | (_, Claims::All) => true,
+            (Claims::Some(a), Claims::Some(b)) => !a.is_disjoint(b),
+        }
+    }
+
+    pub fn holds(&self, claim: &Claim) -> bool {
+        match self {
+            Claims::All => true,
+            Claims::Some(set) => set.contains(claim),
+        }
+    }
+}
+
+/// An operation's number in arrival order.
+pub type OperationId = u64;
+
+/// The operations waiting, in arrival order, and those running with their claims.
+#[derive(Debug)]
+pub struct Queue<T> {
+    waiting: VecDeque<(OperationId, T)>,
+    running: BTreeMap<OperationId, Claims>,
+    next: OperationId,
+    limit: usize,
+}
+
+impl<T> Queue<T> {
+    /// At most `limit` (at least 1) operations run at once.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            waiting: VecDeque::new(),
+            running: BTreeMap::new(),
+            next: 0,
+            limit: limit.max(1),
+        }
+    }
+
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.max(1);
+    }
+
+    /// Queues an operation behind those that came before it.
+    pub fn push(&mut self, operation: T) -> OperationId {
+        let id = self.next;
+        self.next += 1;
+        self.waiting.push_back((id, operation));
+        id
+    }
+
+    /// The waiting operations, in arrival order (for the caller to say what each claims).
+    pub fn waiting(&self) -> impl Iterator<Item = &T> {
+        self.waiting.iter().map(|(_, op)| op)
+    }
+
+    /// Takes the first waiting operation that may start now, given the claims of each waiting
+    /// one (in the order of [`Self::waiting`]): its claims meet neither a running operation's
+    /// nor those of one that came before it and still waits. None while `limit` run.
+    pub fn take_ready(&mut self, claims: Vec<Claims>) -> Option<(OperationId, T, Claims)> {
+        if self.running.len() >= self.limit {
+            return None;
+        }
+        let mut ahead: Vec<&Claims> = Vec::new();
+        let mut found = None;
+        for (index, wanted) in claims.iter().enumerate().take(self.waiting.len()) {
+            let blocked = self.running.values().any(|held| held.meets(wanted))
+                || ahead.iter().any(|before| before.meets(wanted));
+            if !blocked {
+                found = Some(index);
+                break;
+            }
+            ahead.push(wanted);
+        }
+        let index = found?;
+        let (id, operation) = self.waiting.remove(index)?;
+        Some((id, operation, claims.into_iter().nth(index)?))
+    }
+
+    /// The operation taken by [`Self::take_ready`] runs now, holding `claims` until
+    /// [`Self::finished`].
+    pub fn started(&mut self, id: OperationId, claims: Claims) {
+        self.running.insert(id, claims);
+    }
+
+    pub fn finished(&mut self, id: OperationId) {
+        self.running.remove(&id);
+    }
+
+    /// Whether a running operation holds `claim`.
+    pub fn busy(&self, claim: &Claim) -> bool {
+        self.running.values().any(|held| held.holds(claim))
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn on(claims: &[Claim]) -> Claims {
+        Claims::Some(claims.iter().copied().collect())
+    }
+
+    fn ready(q: &mut Queue<&'static str>, claims: &[Claims]) -> Option<&'static str> {
+        let (id, op, held) = q.take_ready(claims.to_vec())?;
+        q.started(id, held);
+        Some(op)
+    }
+
+    #[test]
+    fn operations_on_different_volumes_start_together_up_to_the_limit() {
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        let mut q = Queue::new(2);
+        for op in ["a", "b", "c"] {
+            q.push(op);
+        }
+        let claims = [
+            on(&[Claim::Volume(a)]),
+            on(&[Claim::Volume(b)]),
+            on(&[Claim::Volume(c)]),
+        ];
+        assert_eq!(ready(&mut q, &claims), Some("a"));
+        assert_eq!(ready(&mut q, &claims[1..]), Some("b"));
+        assert_eq!(ready(&mut q, &claims[2..]), None, "the limit is 2");
+        q.finished(0);
+        assert_eq!(ready(&mut q, &claims[2..]), Some("c"));
+    }
+
+    #[test]
+    fn an_operation_waits_for_an_earlier_one_on_the_same_volume_even_while_that_one_waits() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut q = Queue::new(4);
+        q.push("create on a");
+        assert_eq!(
+            ready(&mut q, &[on(&[Claim::Volume(a)])]),
+            Some("create on a")
+        );
+        q.push("snapshot of a and b");
+        q.push("delete on b");
+        q.push("create on c");
+        let claims = [
+            on(&[Claim::Volume(a), Claim::Volume(b)]),
+            on(&[Claim::Volume(b)]),
+            on(&[Claim::Volume(Uuid::from_u128(3))]),
+        ];
+        // The second waits for the first on a; the third for the second on b.
+        assert_eq!(ready(&mut q, &claims), Some("create on c"));
+        assert_eq!(ready(&mut q, &claims[..2]), None);
+        assert!(q.busy(&Claim::Volume(a)) && !q.busy(&Claim::Volume(b)));
+        q.finished(0);
+        assert_eq!(ready(&mut q, &claims[..2]), Some("snapshot of a and b"));
+        assert_eq!(ready(&mut q, &claims[1..2]), None);
+        q.finished(1);
+        assert_eq!(ready(&mut q, &claims[1..2]), Some("delete on b"));
+    }
+
+    #[test]
+    fn a_barrier_waits_for_all_before_it_and_holds_all_after_it() {
+        let mut q = Queue::new(4);
+        q.push("one");
+        assert_eq!(
+            ready(&mut q, &[on(&[Claim::Snapshot(Uuid::from_u128(1))])]),
+            Some("one")
+        );
+        q.push("barrier");
+        q.push("two");
+        let claims = [Claims::All, on(&[Claim::Snapshot(Uuid::from_u128(2))])];
+        assert_eq!(ready(&mut q, &claims), None);
+        q.finished(0);
+        assert_eq!(ready(&mut q, &claims), Some("barrier"));
+        assert_eq!(ready(&mut q, &claims[1..]), None);
+        q.finished(1);
+        assert_eq!(ready(&mut q, &claims[1..]), Some("two"));
+        assert!(q.running() == 1 && !q.is_idle());
+    }
+}
