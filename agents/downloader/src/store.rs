@@ -171,6 +171,7 @@ impl ContentStore {
         self.refs.blobs.retain(|_, trees| !trees.is_empty());
         if self.refs != before {
             self.save()?;
+            cairn_persist::crash_point(CRASH_AFTER_REF_REMOVE);
         }
         for dir in ["partial", "blobs"] {
             let dir = self.root.join(dir);
