@@ -461,6 +461,30 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
             println!("         error: {}", v.error.error);
         }
     }
+    // Content trees: how far each download got, or why it fails.
+    for t in &view.content_trees {
+        let size = if t.total_size > 0 {
+            format!("{}/{} bytes {}%", t.current_size, t.total_size, t.progress)
+        } else {
+            format!("{} bytes", t.current_size)
+        };
+        println!(
+            "content  {} {} {:?}  {size}",
+            if t.display_name.is_empty() {
+                &t.relative_url
+            } else {
+                &t.display_name
+            },
+            t.content_id,
+            t.state
+        );
+        if t.error.is_error() {
+            println!(
+                "         error: {} ({})",
+                t.error.error, t.error.error_retry_condition
+            );
+        }
+    }
     // A volume that left the config is kept for its grace before it is deleted.
     for v in &view.volumes {
         if let Some(p) = &v.pending_deletion {
