@@ -67,6 +67,9 @@ enum JobEvent {
 
 struct Job {
     handle: tokio::task::JoinHandle<()>,
+    /// Where and with which limit it downloads: a config that changes either restarts it.
+    url: String,
+    max_size: u64,
 }
 
 pub struct Downloader {
@@ -259,7 +262,17 @@ impl Downloader {
             status.error = ErrorDescription::default();
             tracing::info!(tree = %id, sha256 = %sha, "content already in the store");
         } else {
-            if !self.jobs.contains_key(&sha) || self.jobs[&sha].handle.is_finished() {
+            let current = self.jobs.get(&sha).is_some_and(|job| {
+                !job.handle.is_finished()
+                    && job.url == source.url
+                    && job.max_size == config.max_download_size
+            });
+            if !current {
+                // A corrected URL or limit is used at once, not after the old one's retries.
+                if let Some(old) = self.jobs.remove(&sha) {
+                    old.handle.abort();
+                    let _ = old.handle.await;
+                }
                 self.start_job(&sha, source, config.max_download_size);
             }
             if status.state == ContentTreeState::Loaded {
@@ -278,6 +291,7 @@ impl Downloader {
     fn start_job(&mut self, sha: &str, source: fetch::Source, max_size: u64) {
         tracing::info!(sha256 = %sha, url = %source.url, "downloading");
         let (partial, store) = (lock(&self.store).partial_path(sha), self.store.clone());
+        let url = source.url.clone();
         let handle = tokio::spawn(job(
             sha.to_string(),
             source,
@@ -287,7 +301,14 @@ impl Downloader {
             self.settings.subscribe(),
             self.events.clone(),
         ));
-        self.jobs.insert(sha.to_string(), Job { handle });
+        self.jobs.insert(
+            sha.to_string(),
+            Job {
+                handle,
+                url,
+                max_size,
+            },
+        );
     }
 
     async fn release(&mut self, id: Uuid) -> Result<(), AgentError> {

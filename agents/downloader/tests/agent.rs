@@ -411,6 +411,21 @@ async fn two_trees_with_one_sha256_share_one_blob_removed_when_the_last_leaves_t
     assert!(refs.blobs.is_empty(), "{refs:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrected_url_is_downloaded_at_once_not_after_the_old_ones_retries() {
+    let mut h = Harness::new(false).await;
+    let data = content(MIB, 13);
+    let mut tree = h.tree("right.raw", &data);
+    tree.relative_url = "wrong.raw".into();
+    let _agent = h.agent(60_000, None);
+    h.configs.publish(tree.clone()).await.unwrap();
+    h.error_containing(tree.content_id, "HTTP 404").await;
+    tree.relative_url = "right.raw".into();
+    h.configs.publish(tree.clone()).await.unwrap();
+    let status = h.loaded(tree.content_id).await;
+    assert_eq!(std::fs::read(status.file_location).unwrap(), data);
+}
+
 /// A kill at each step that changes the store leaves a store the restarted agent finishes:
 /// the blob loaded and verified, or (for a release) removed, never a half state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
