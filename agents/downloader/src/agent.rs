@@ -73,7 +73,12 @@ struct Job {
 }
 
 pub struct Downloader {
+    /// Locked only on the blocking pool (its work writes and fsyncs).
     store: Arc<Mutex<ContentStore>>,
+    /// `<persist>/content`, for paths without taking the lock.
+    content: PathBuf,
+    /// Trees whose reference is written: their jobs' news is theirs.
+    held: BTreeSet<Uuid>,
     statuses: Publication<ContentTreeStatus>,
     configs: BTreeMap<Uuid, ContentTreeConfig>,
     jobs: BTreeMap<String, Job>,
@@ -114,6 +119,8 @@ pub async fn run(
     let (events, mut job_events) = mpsc::channel(256);
     let (settings, _) = watch::channel(defaults);
     let mut agent = Downloader {
+        content: store.root().to_path_buf(),
+        held: BTreeSet::new(),
         store: Arc::new(Mutex::new(store)),
         statuses,
         configs: BTreeMap::new(),
@@ -252,7 +259,8 @@ impl Downloader {
         if let Some(old) = released {
             self.drop_content(&old).await?;
         }
-        let blob = lock(&self.store).blob_path(&sha);
+        self.held.insert(id);
+        let blob = self.content.join("blobs").join(&sha);
         if blob.exists() {
             status.state = ContentTreeState::Loaded;
             status.file_location = blob.display().to_string();
@@ -290,7 +298,7 @@ impl Downloader {
 
     fn start_job(&mut self, sha: &str, source: fetch::Source, max_size: u64) {
         tracing::info!(sha256 = %sha, url = %source.url, "downloading");
-        let (partial, store) = (lock(&self.store).partial_path(sha), self.store.clone());
+        let (partial, store) = (self.content.join("partial").join(sha), self.store.clone());
         let url = source.url.clone();
         let handle = tokio::spawn(job(
             sha.to_string(),
@@ -312,6 +320,7 @@ impl Downloader {
     }
 
     async fn release(&mut self, id: Uuid) -> Result<(), AgentError> {
+        self.held.remove(&id);
         if let Some(sha) = self.blocking(move |store| store.release(id)).await?? {
             self.drop_content(&sha).await?;
         }
@@ -354,9 +363,7 @@ impl Downloader {
         let trees: Vec<ContentTreeConfig> = self
             .configs
             .values()
-            .filter(|c| {
-                c.content_sha256 == sha && lock(&self.store).held_by(c.content_id).is_some()
-            })
+            .filter(|c| c.content_sha256 == sha && self.held.contains(&c.content_id))
             .cloned()
             .collect();
         if let JobEvent::Loaded { .. } = event {

@@ -24,8 +24,9 @@ use tokio_rustls::TlsConnector;
 /// Where the system's CA certificates are on Debian (and most Linux systems); `SSL_CERT_FILE`
 /// overrides it as for OpenSSL.
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
-/// A progress report at most this often.
-const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+/// A progress report at most this often: each one is a durable write of the (persistent)
+/// status of every tree of the blob.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -265,7 +266,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Downloads `source` into `partial`, resuming from its length (`Range`; a server that answers
 /// 200 instead restarts it from 0). Returns the file's final length once the server sent the
-/// whole content; the file is fsynced. `progress` is called at most every 200 ms.
+/// whole content; the file is fsynced. `progress` is called at most once a second.
 pub async fn fetch(
     source: &Source,
     partial: &Path,
