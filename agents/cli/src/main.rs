@@ -46,7 +46,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start the four agents and supervise them until Ctrl-C (the only command that changes the
+    /// Start the agents and supervise them until Ctrl-C (the only command that changes the
     /// device). With no --config and no --controller, follows the controller the device was
     /// set up for, else runs a demo device (under ./cairn-demo unless --root is given) on an
     /// embedded example config.
