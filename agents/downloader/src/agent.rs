@@ -67,9 +67,19 @@ enum JobEvent {
 
 struct Job {
     handle: tokio::task::JoinHandle<()>,
-    /// Where and with which limit it downloads: a config that changes either restarts it.
-    url: String,
-    max_size: u64,
+    /// What it downloads from (datastores with their trust, URL, size limit): a config that
+    /// changes any of it restarts the job.
+    origin: JobOrigin,
+}
+
+type JobOrigin = (Vec<cairn_types::DatastoreConfig>, String, u64);
+
+fn job_origin(config: &ContentTreeConfig) -> JobOrigin {
+    (
+        config.datastores.clone(),
+        config.relative_url.clone(),
+        config.max_download_size,
+    )
 }
 
 pub struct Downloader {
@@ -270,18 +280,18 @@ impl Downloader {
             status.error = ErrorDescription::default();
             tracing::info!(tree = %id, sha256 = %sha, "content already in the store");
         } else {
-            let current = self.jobs.get(&sha).is_some_and(|job| {
-                !job.handle.is_finished()
-                    && job.url == source.url
-                    && job.max_size == config.max_download_size
-            });
+            let current = self
+                .jobs
+                .get(&sha)
+                .is_some_and(|job| !job.handle.is_finished() && job.origin == job_origin(&config));
             if !current {
-                // A corrected URL or limit is used at once, not after the old one's retries.
+                // A corrected URL, certificate or limit is used at once, not after the old one's
+                // retries.
                 if let Some(old) = self.jobs.remove(&sha) {
                     old.handle.abort();
                     let _ = old.handle.await;
                 }
-                self.start_job(&sha, source, config.max_download_size);
+                self.start_job(&sha, source, job_origin(&config));
             }
             if status.state == ContentTreeState::Loaded {
                 // Its blob went (removed by hand?): it is downloaded again.
@@ -296,10 +306,10 @@ impl Downloader {
         Ok(())
     }
 
-    fn start_job(&mut self, sha: &str, source: fetch::Source, max_size: u64) {
+    fn start_job(&mut self, sha: &str, source: fetch::Source, origin: JobOrigin) {
+        let max_size = origin.2;
         tracing::info!(sha256 = %sha, url = %source.url, "downloading");
         let (partial, store) = (self.content.join("partial").join(sha), self.store.clone());
-        let url = source.url.clone();
         let handle = tokio::spawn(job(
             sha.to_string(),
             source,
@@ -309,14 +319,7 @@ impl Downloader {
             self.settings.subscribe(),
             self.events.clone(),
         ));
-        self.jobs.insert(
-            sha.to_string(),
-            Job {
-                handle,
-                url,
-                max_size,
-            },
-        );
+        self.jobs.insert(sha.to_string(), Job { handle, origin });
     }
 
     async fn release(&mut self, id: Uuid) -> Result<(), AgentError> {

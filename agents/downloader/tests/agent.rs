@@ -426,6 +426,27 @@ async fn a_corrected_url_is_downloaded_at_once_not_after_the_old_ones_retries() 
     assert_eq!(std::fs::read(status.file_location).unwrap(), data);
 }
 
+/// EVE: a datastore's `dsCertPEM` are its trust anchors; without them the system's roots
+/// are, and they do not know the test datastore's CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_datastore_is_trusted_through_its_ds_cert_pem_only() {
+    let mut h = Harness::new(true).await;
+    let data = content(MIB, 14);
+    let mut tree = h.tree("tls.raw", &data);
+    let pem = std::mem::take(&mut tree.datastores[0].ds_cert_pem);
+    let _agent = h.agent(60_000, None);
+    h.configs.publish(tree.clone()).await.unwrap();
+    let status = h.error_containing(tree.content_id, "TLS with").await;
+    assert!(
+        status.error.error.contains("127.0.0.1"),
+        "{}",
+        status.error.error
+    );
+    tree.datastores[0].ds_cert_pem = pem;
+    h.configs.publish(tree.clone()).await.unwrap();
+    h.loaded(tree.content_id).await;
+}
+
 /// A kill at each step that changes the store leaves a store the restarted agent finishes:
 /// the blob loaded and verified, or (for a release) removed, never a half state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
