@@ -171,3 +171,60 @@ pub async fn create(
     let made = make_from_blob(config, tree, &blob.0, blob.1, &tmp).await;
     crate::volumes::put_in_place(&key, &tmp, path, kind, backends, made).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_types::{ErrorDescription, ErrorSeverity};
+
+    fn trees(status: ContentTreeStatus) -> BTreeMap<Uuid, ContentTreeStatus> {
+        BTreeMap::from([(status.content_id, status)])
+    }
+
+    #[test]
+    fn a_volume_waits_for_loaded_fails_on_an_error_and_uses_the_stores_own_path() {
+        let tree = Uuid::from_u128(7);
+        let persist = Path::new("/p");
+        let mut status = ContentTreeStatus {
+            content_id: tree,
+            content_sha256: "ab".repeat(32),
+            state: ContentTreeState::Downloading,
+            format: ContentFormat::Raw,
+            file_location: "/elsewhere/evil".into(),
+            ..Default::default()
+        };
+        let waiting = usable_blob("v#0", tree, &trees(status.clone()), persist);
+        assert!(
+            matches!(waiting, Err(VolumeError::ContentNotReady { ref state, .. }) if state == "DOWNLOADING"),
+            "{waiting:?}"
+        );
+        let unknown = usable_blob("v#0", Uuid::from_u128(8), &trees(status.clone()), persist);
+        assert!(matches!(unknown, Err(VolumeError::ContentNotReady { .. })));
+        status.state = ContentTreeState::Loaded;
+        let (blob, format) = usable_blob("v#0", tree, &trees(status.clone()), persist)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            blob,
+            cairn_types::layout::content_blob(persist, &"ab".repeat(32))
+        );
+        assert_eq!(format, ContentFormat::Raw);
+        status.error = ErrorDescription::new("HTTP 404", ErrorSeverity::Error, chrono::Utc::now());
+        let failed = usable_blob("v#0", tree, &trees(status), persist);
+        let text = failed.map(|_| ()).unwrap_err().to_string();
+        assert!(
+            text.contains("HTTP 404") && text.contains(&tree.to_string()),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn formats_are_named_to_qemu_img_and_others_refused_by_name() {
+        let tree = Uuid::from_u128(1);
+        assert_eq!(qemu_format("v", tree, ContentFormat::Vhd).ok(), Some("vpc"));
+        let refused = qemu_format("v", tree, ContentFormat::Container)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("CONTAINER"), "{refused}");
+    }
+}
