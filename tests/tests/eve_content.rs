@@ -277,3 +277,97 @@ async fn bad_content_reaches_the_controller_in_app_err_naming_the_content_tree()
         .count();
     assert_eq!(blobs, 0, "nothing unverified is ever in the store");
 }
+
+/// EVE recreates a purged volume from its content tree: here the fresh volume (a new local
+/// generation) is made again from the blob in the store, not downloaded again, and holds the
+/// content, not what the app wrote. The config comes from the local file (its content tree
+/// and datastore in the file's own style).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_volume_is_made_again_from_its_content_tree_without_a_new_download() {
+    let store = TestDatastore::start(false).await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let raw = work.path().join("base.raw");
+    let data = raw_image(&raw, (2 * MIB) as usize);
+    store.put("base.raw", data.clone());
+    let (app, volume, tree) = (id(3, 9), id(2, 9), id(1, 9));
+    let mut device = Device::new();
+    let root = device.root.path().display().to_string();
+    let config = |purge: u32| {
+        format!(
+            r#"{{
+  "datastores": [{{"id": "{STORE}", "ds_type": "http", "fqdn": "{url}"}}],
+  "content_trees": [{{"uuid": "{tree}", "ds_id": "{STORE}", "url": "base.raw", "format": "raw",
+                      "sha256": "{sha}", "display_name": "base"}}],
+  "volumes": [{{"uuid": "{volume}", "format": "qcow2", "max_size_bytes": {size},
+                "content_tree": "{tree}"}}],
+  "apps": [{{"uuid": "{app}", "version": "1", "purge": {purge},
+             "volume_refs": [{{"uuid": "{volume}"}}],
+             "domain": {{"kind": "process", "command": "/bin/sh",
+                         "args": ["-c", "while :; do sleep 1; done", "{marker}"]}}}}]
+}}"#,
+            url = store.url(),
+            sha = sha256(&data),
+            size = 4 * MIB,
+            // The device's root on the app's command line: the harness stops it at the end.
+            marker = root,
+        )
+    };
+    device.write_config(&config(0));
+    device.start_all();
+    let ready = |local: i64| {
+        let volume = volume.clone();
+        move |v: &VolumeStatus| {
+            v.volume_id.to_string() == volume
+                && v.local_generation_counter == local
+                && v.state == VolumeState::Ready
+        }
+    };
+    let first = device
+        .wait_for::<VolumeStatus>("volume-manager", SETTLE, ready(0))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", device.log_tails(30)));
+    let file = first.file_location.to_str().unwrap().to_string();
+    // The app's writes: the volume no longer equals its content.
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 0 64k", &file],
+    );
+    let differs = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            &file,
+            raw.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(!differs.success(), "the write changed the volume");
+
+    device.write_config(&config(1));
+    let fresh = device
+        .wait_for::<VolumeStatus>("volume-manager", SETTLE, ready(1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", device.log_tails(30)));
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            fresh.file_location.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        store.seen().len(),
+        1,
+        "made from the stored blob, not downloaded again: {:?}",
+        store.seen()
+    );
+}
