@@ -265,9 +265,21 @@ impl Downloader {
         };
         let sha = config.content_sha256.clone();
         let s = sha.clone();
-        let released = self.blocking(move |store| store.hold(id, &s)).await??;
+        let released = match self.blocking(move |store| store.hold(id, &s)).await? {
+            Ok(released) => released,
+            Err(e) => {
+                // Nothing is downloaded without its reference on disk; tried again at the next
+                // config change or start.
+                tracing::error!(tree = %id, "{e}");
+                status.error = Self::error(
+                    &config,
+                    &format!("{e}; tried again at the next config change or agent start"),
+                );
+                return Ok(self.statuses.publish(status).await?);
+            }
+        };
         if let Some(old) = released {
-            self.drop_content(&old).await?;
+            self.drop_content(&old).await;
         }
         self.held.insert(id);
         let blob = self.content.join("blobs").join(&sha);
@@ -322,25 +334,32 @@ impl Downloader {
         self.jobs.insert(sha.to_string(), Job { handle, origin });
     }
 
+    /// Drops `id`'s reference. A reference that cannot be removed now stays on disk and is
+    /// dropped by the next start's collection (the tree is no longer configured then).
     async fn release(&mut self, id: Uuid) -> Result<(), AgentError> {
         self.held.remove(&id);
-        if let Some(sha) = self.blocking(move |store| store.release(id)).await?? {
-            self.drop_content(&sha).await?;
+        match self.blocking(move |store| store.release(id)).await? {
+            Ok(Some(sha)) => self.drop_content(&sha).await,
+            Ok(None) => {}
+            Err(e) => tracing::error!(tree = %id, "{e}; collected at the next start"),
         }
         Ok(())
     }
 
-    /// Stops the job of `sha` (held by nobody now) and removes its files.
-    async fn drop_content(&mut self, sha: &str) -> Result<(), AgentError> {
+    /// Stops the job of `sha` (held by nobody now) and removes its files; files that cannot
+    /// be removed now go at the next start's collection.
+    async fn drop_content(&mut self, sha: &str) {
         if let Some(job) = self.jobs.remove(sha) {
             job.handle.abort();
             let _ = job.handle.await;
         }
         tracing::info!(sha256 = %sha, "no content tree holds the blob any more: removing it");
         let s = sha.to_string();
-        self.blocking(move |store| store.remove_content(&s))
-            .await??;
-        Ok(())
+        match self.blocking(move |store| store.remove_content(&s)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(sha256 = %sha, "{e}; collected at the next start"),
+            Err(e) => tracing::error!(sha256 = %sha, "{e}"),
+        }
     }
 
     async fn handle_delete(&mut self, id: Uuid) -> Result<(), AgentError> {
@@ -350,10 +369,15 @@ impl Downloader {
         Ok(())
     }
 
+    /// Drops what no configured tree holds; a failure only delays that to the next start.
     async fn collect_garbage(&mut self) -> Result<(), AgentError> {
         let configured: BTreeSet<Uuid> = self.configs.keys().copied().collect();
-        self.blocking(move |store| store.collect_garbage(&configured))
-            .await??;
+        if let Err(e) = self
+            .blocking(move |store| store.collect_garbage(&configured))
+            .await?
+        {
+            tracing::error!("{e}; tried again at the next start");
+        }
         Ok(())
     }
 
