@@ -67,8 +67,10 @@ enum JobEvent {
 
 struct Job {
     handle: tokio::task::JoinHandle<()>,
-    /// What it downloads from (datastores with their trust, URL, size limit): a config that
-    /// changes any of it restarts the job.
+    /// The tree whose config it follows; other trees with the same sha256 share it as it is.
+    owner: Uuid,
+    /// What it downloads from (datastores with their trust, URL, size limit): the owner's
+    /// config changing any of it restarts the job.
     origin: JobOrigin,
 }
 
@@ -292,10 +294,9 @@ impl Downloader {
             status.error = ErrorDescription::default();
             tracing::info!(tree = %id, sha256 = %sha, "content already in the store");
         } else {
-            let current = self
-                .jobs
-                .get(&sha)
-                .is_some_and(|job| !job.handle.is_finished() && job.origin == job_origin(&config));
+            let current = self.jobs.get(&sha).is_some_and(|job| {
+                !job.handle.is_finished() && (job.owner != id || job.origin == job_origin(&config))
+            });
             if !current {
                 // A corrected URL, certificate or limit is used at once, not after the old one's
                 // retries.
@@ -303,7 +304,7 @@ impl Downloader {
                     old.handle.abort();
                     let _ = old.handle.await;
                 }
-                self.start_job(&sha, source, job_origin(&config));
+                self.start_job(&sha, id, source, job_origin(&config));
             }
             if status.state == ContentTreeState::Loaded {
                 // Its blob went (removed by hand?): it is downloaded again.
@@ -318,7 +319,7 @@ impl Downloader {
         Ok(())
     }
 
-    fn start_job(&mut self, sha: &str, source: fetch::Source, origin: JobOrigin) {
+    fn start_job(&mut self, sha: &str, owner: Uuid, source: fetch::Source, origin: JobOrigin) {
         let max_size = origin.2;
         tracing::info!(sha256 = %sha, url = %source.url, "downloading");
         let (partial, store) = (self.content.join("partial").join(sha), self.store.clone());
@@ -331,7 +332,12 @@ impl Downloader {
             self.settings.subscribe(),
             self.events.clone(),
         ));
-        self.jobs.insert(sha.to_string(), Job { handle, origin });
+        let job = Job {
+            handle,
+            owner,
+            origin,
+        };
+        self.jobs.insert(sha.to_string(), job);
     }
 
     /// Drops `id`'s reference. A reference that cannot be removed now stays on disk and is
