@@ -271,6 +271,13 @@ async fn bad_content_reaches_the_controller_in_app_err_naming_the_content_tree()
         let reported = reported.unwrap_or_else(|e| panic!("{e}\n{}", device.log_tails(40)));
         let err = &reported.apps()[&app].app_err[0];
         assert_eq!(err.severity, proto::Severity::Error as i32, "{err:?}");
+        let volume = format!("volume {}#0: ", id(2, n as u32 + 1));
+        assert_eq!(
+            err.description.matches(&volume).count(),
+            1,
+            "the volume is named once: {}",
+            err.description
+        );
     }
     let blobs = std::fs::read_dir(device.persist_dir().join("content/blobs"))
         .unwrap()
