@@ -24,6 +24,8 @@ use tokio_rustls::TlsConnector;
 /// Where the system's CA certificates are on Debian (and most Linux systems); `SSL_CERT_FILE`
 /// overrides it as for OpenSSL.
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Written bytes between two background flushes of the partial file.
+const FLUSH_EVERY: usize = 32 << 20;
 /// A progress report at most this often: each one is a durable write of the (persistent)
 /// status of every tree of the blob.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -533,9 +535,34 @@ fn spawn_writer(
             .truncate(from_start)
             .open(&path)
             .map_err(io("open", &path))?;
-        while let Some(chunk) = rx.blocking_recv() {
-            file.write_all(&chunk).map_err(io("write", &path))?;
-        }
+        let flusher = file.try_clone().map_err(io("open", &path))?;
+        // Written data is flushed by a second thread as it comes (every FLUSH_EVERY bytes),
+        // so the fsync at the end finds little left: the disk works while the network does.
+        std::thread::scope(|scope| {
+            let (kick, kicks) = std::sync::mpsc::sync_channel::<()>(1);
+            let flushing = scope.spawn(move || {
+                while kicks.recv().is_ok() {
+                    // Best effort: the final fsync below reports what fails.
+                    let _ = flusher.sync_data();
+                }
+            });
+            let mut unflushed = 0;
+            let written = (|| {
+                while let Some(chunk) = rx.blocking_recv() {
+                    file.write_all(&chunk).map_err(io("write", &path))?;
+                    unflushed += chunk.len();
+                    if unflushed >= FLUSH_EVERY {
+                        unflushed = 0;
+                        // A flush already pending covers these bytes too.
+                        let _ = kick.try_send(());
+                    }
+                }
+                Ok::<(), FetchError>(())
+            })();
+            drop(kick);
+            let _ = flushing.join();
+            written
+        })?;
         file.sync_all().map_err(io("fsync", &path))?;
         Ok(file.metadata().map_err(io("stat", &path))?.len())
     });
