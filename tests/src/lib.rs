@@ -14,8 +14,9 @@ use cairn_pubsub::{Bus, Event, Topic};
 use cairn_types::{AppInstanceStatus, VolumeStatus, layout};
 use uuid::Uuid;
 
-pub const AGENTS: [&str; 4] = [
+pub const AGENTS: [&str; 5] = [
     "config-agent",
+    "downloader",
     "volume-manager",
     "domain-manager",
     "app-manager",

@@ -39,6 +39,17 @@ pub fn volumes_dir(persist: &Path) -> PathBuf {
     persist.join("volumes")
 }
 
+/// `<persist>/content`: the content store (`partial/<sha256>` while downloading,
+/// `blobs/<sha256>` once verified, `refs.json` the content trees holding each blob).
+pub fn content_dir(persist: &Path) -> PathBuf {
+    persist.join("content")
+}
+
+/// `<persist>/content/blobs/<sha256>`: a verified blob, read-only.
+pub fn content_blob(persist: &Path, sha256: &str) -> PathBuf {
+    content_dir(persist).join("blobs").join(sha256)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

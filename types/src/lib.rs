@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod common;
+pub mod content;
 pub mod device;
 pub mod domain;
 pub mod export;
@@ -18,6 +19,9 @@ pub use app::{AppInstanceConfig, AppInstanceStatus, RestartPolicy, SwState, Volu
 pub use common::{
     AppInstanceOpsCmd, ErrorDescription, ErrorEntity, ErrorEntityType, ErrorSeverity,
     UUIDandVersion,
+};
+pub use content::{
+    ContentFormat, ContentTreeConfig, ContentTreeState, ContentTreeStatus, DatastoreConfig,
 };
 pub use device::{ConfigItemValueMap, ConfigSource, DeviceStatus};
 pub use domain::{

@@ -52,6 +52,13 @@ pub enum VolumeOrigin {
         #[serde(rename = "VolumeID")]
         volume: Uuid,
     },
+    /// Made from a downloaded, verified content tree (EVE's `VCOT_DOWNLOAD` with
+    /// `downloadContentTreeID`): converted from the image's format into the volume's, then
+    /// grown to the volume's size. The volume waits until the content tree is LOADED.
+    ContentTree {
+        #[serde(rename = "ContentTreeID")]
+        id: Uuid,
+    },
 }
 
 /// config-agent → volume-manager. Key: `<VolumeID>#<generation>`.

@@ -601,11 +601,11 @@ impl AppManager {
             && !status.error.is_error()
         {
             status.state = cairn_types::SwState::Broken;
+            // The volume-manager's errors already begin with `volume <key>: `.
+            let prefix = format!("volume {key}: ");
+            let why = error.error.strip_prefix(&prefix).unwrap_or(&error.error);
             status.error = cairn_types::ErrorDescription {
-                error: format!(
-                    "app {} cannot start: volume {key}: {}",
-                    state.app, error.error
-                ),
+                error: format!("app {} cannot start: volume {key}: {why}", state.app),
                 ..error
             };
         }

@@ -46,7 +46,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start the four agents and supervise them until Ctrl-C (the only command that changes the
+    /// Start the agents and supervise them until Ctrl-C (the only command that changes the
     /// device). With no --config and no --controller, follows the controller the device was
     /// set up for, else runs a demo device (under ./cairn-demo unless --root is given) on an
     /// embedded example config.
@@ -459,6 +459,30 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
         );
         if v.error.is_error() {
             println!("         error: {}", v.error.error);
+        }
+    }
+    // Content trees: how far each download got, or why it fails.
+    for t in &view.content_trees {
+        let size = if t.total_size > 0 {
+            format!("{}/{} bytes {}%", t.current_size, t.total_size, t.progress)
+        } else {
+            format!("{} bytes", t.current_size)
+        };
+        println!(
+            "content  {} {} {:?}  {size}",
+            if t.display_name.is_empty() {
+                &t.relative_url
+            } else {
+                &t.display_name
+            },
+            t.content_id,
+            t.state
+        );
+        if t.error.is_error() {
+            println!(
+                "         error: {} ({})",
+                t.error.error, t.error.error_retry_condition
+            );
         }
     }
     // A volume that left the config is kept for its grace before it is deleted.

@@ -7,17 +7,19 @@ use std::time::Duration;
 use cairn_pubsub::{Bus, Event, Topic, socket_path};
 use cairn_types::layout::{SNAPSHOT_INSTANCE_STATUS_FILE, snapshots_dir};
 use cairn_types::{
-    AppInstanceStatus, DeviceStatus, DomainStatus, SnapshotInstanceStatus, VolumeStatus,
+    AppInstanceStatus, ContentTreeStatus, DeviceStatus, DomainStatus, SnapshotInstanceStatus,
+    VolumeStatus,
 };
 use serde::Serialize;
 
 use crate::supervision::Supervisor;
 
-pub const AGENTS: [&str; 4] = [
+pub const AGENTS: [&str; 5] = [
     "config-agent",
     "app-manager",
     "volume-manager",
     "domain-manager",
+    "downloader",
 ];
 
 /// The run and persist roots the device uses.
@@ -106,6 +108,7 @@ pub struct DeviceView {
     pub apps: Vec<AppInstanceStatus>,
     pub domains: Vec<DomainStatus>,
     pub volumes: Vec<VolumeStatus>,
+    pub content_trees: Vec<ContentTreeStatus>,
 }
 
 enum Read<T> {
@@ -178,11 +181,12 @@ pub fn socket_refusal(socket: &Path) -> Option<String> {
 
 /// Reads every agent's status topics.
 pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
-    let (device, apps, domains, volumes) = tokio::join!(
+    let (device, apps, domains, volumes, content_trees) = tokio::join!(
         read::<DeviceStatus>(roots, "config-agent", wait),
         read::<AppInstanceStatus>(roots, "app-manager", wait),
         read::<DomainStatus>(roots, "domain-manager", wait),
         read::<VolumeStatus>(roots, "volume-manager", wait),
+        read::<ContentTreeStatus>(roots, "downloader", wait),
     );
     let mut agents = Vec::new();
     let mut health = |agent: &str, state: String| {
@@ -228,6 +232,14 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
         "domain-manager",
         state(read_state(&domains), "domain-manager", DomainStatus::NAME),
     );
+    health(
+        "downloader",
+        state(
+            read_state(&content_trees),
+            "downloader",
+            ContentTreeStatus::NAME,
+        ),
+    );
     fn values<T>(read: Read<T>) -> Vec<T> {
         match read {
             Read::Values(values) => values,
@@ -242,6 +254,7 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
         apps: values(apps),
         domains: values(domains),
         volumes: values(volumes),
+        content_trees: values(content_trees),
     }
 }
 

@@ -7,9 +7,9 @@ use cairn_types::layout::{
     APP_INSTANCE_CONFIG_FILE, SNAPSHOT_INSTANCE_STATUS_FILE, VOLUMES_SNAPSHOT_STATUS_FILE,
 };
 use cairn_types::{
-    AppInstanceConfig, AppInstanceStatus, DeviceStatus, DomainConfig, DomainStatus,
-    SnapshotInstanceStatus, VolumeConfig, VolumeStatus, VolumesSnapshotConfig,
-    VolumesSnapshotStatus,
+    AppInstanceConfig, AppInstanceStatus, ContentTreeConfig, ContentTreeStatus, DeviceStatus,
+    DomainConfig, DomainStatus, SnapshotInstanceStatus, VolumeConfig, VolumeStatus,
+    VolumesSnapshotConfig, VolumesSnapshotStatus,
 };
 use serde::Serialize;
 
@@ -84,6 +84,8 @@ pub fn check(file: &Path) -> RecordCheck {
         Some("DomainConfig") => typed::<DomainConfig>(&bytes),
         Some("DomainStatus") => typed::<DomainStatus>(&bytes),
         Some("DeviceStatus") => typed::<DeviceStatus>(&bytes),
+        Some("ContentTreeConfig") => typed::<ContentTreeConfig>(&bytes),
+        Some("ContentTreeStatus") => typed::<ContentTreeStatus>(&bytes),
         Some(other) => Err(format!(
             "envelope and checksum are intact, but this build does not know schema {other}, so its fields were not checked"
         )),

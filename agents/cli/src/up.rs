@@ -1,4 +1,4 @@
-//! `cairn up`: starts the four agents as separate processes and keeps them running.
+//! `cairn up`: starts the agents as separate processes and keeps them running.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

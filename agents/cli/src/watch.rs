@@ -6,9 +6,9 @@ use std::io::Write;
 
 use cairn_pubsub::{Bus, Event, Topic, socket_path};
 use cairn_types::{
-    AppInstanceConfig, AppInstanceStatus, DeviceStatus, DomainConfig, DomainLiveOpConfig,
-    DomainLiveOpStatus, DomainStatus, ExportStatus, VolumeConfig, VolumeStatus,
-    VolumesSnapshotConfig, VolumesSnapshotStatus,
+    AppInstanceConfig, AppInstanceStatus, ContentTreeConfig, ContentTreeStatus, DeviceStatus,
+    DomainConfig, DomainLiveOpConfig, DomainLiveOpStatus, DomainStatus, ExportStatus, VolumeConfig,
+    VolumeStatus, VolumesSnapshotConfig, VolumesSnapshotStatus,
 };
 use chrono::{DateTime, Local, Utc};
 use serde::Serialize;
@@ -30,10 +30,12 @@ const fn known<T: Topic>(publisher: &'static str) -> KnownTopic {
     }
 }
 
-/// Every publication the four agents make, in data-flow order.
-pub const KNOWN_TOPICS: [KnownTopic; 12] = [
+/// Every publication the agents make, in data-flow order.
+pub const KNOWN_TOPICS: [KnownTopic; 14] = [
     known::<DeviceStatus>("config-agent"),
     known::<AppInstanceConfig>("config-agent"),
+    known::<ContentTreeConfig>("config-agent"),
+    known::<ContentTreeStatus>("downloader"),
     known::<VolumeConfig>("config-agent"),
     known::<AppInstanceStatus>("app-manager"),
     known::<DomainConfig>("app-manager"),
@@ -146,6 +148,8 @@ pub async fn watch(
         spawn!(
             DeviceStatus,
             AppInstanceConfig,
+            ContentTreeConfig,
+            ContentTreeStatus,
             VolumeConfig,
             AppInstanceStatus,
             DomainConfig,
@@ -371,6 +375,32 @@ impl Summary for AppInstanceConfig {
             self.snapshot.snapshots.len(),
             self.snapshot.max_snapshots,
             self.snapshot.rollback_cmd.counter
+        )
+    }
+}
+
+impl Summary for ContentTreeConfig {
+    fn summary(&self) -> String {
+        format!(
+            "{} {} sha256 {} max {} B",
+            self.display_name,
+            self.format.eve_name(),
+            self.content_sha256.chars().take(12).collect::<String>(),
+            self.max_download_size
+        )
+    }
+}
+
+impl Summary for ContentTreeStatus {
+    fn summary(&self) -> String {
+        format!(
+            "{} {:?} {}/{} B {}%{}",
+            self.display_name,
+            self.state,
+            self.current_size,
+            self.total_size,
+            self.progress,
+            error_suffix(&self.error)
         )
     }
 }

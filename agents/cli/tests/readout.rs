@@ -357,3 +357,59 @@ async fn a_corrupt_record_is_listed_once_and_a_snapshot_being_taken_is_not_corru
     assert_eq!(six[0]["state"], "being taken", "{six:#?}");
     drop(apps);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_each_content_tree_with_its_progress_and_error() {
+    use cairn_types::{ContentTreeState, ContentTreeStatus, ErrorDescription, ErrorSeverity};
+    let root = tempfile::tempdir().unwrap();
+    let (run, persist) = (root.path().join("run"), root.path().join("persist"));
+    let trees = Bus::new("downloader", &run, &persist)
+        .publish::<ContentTreeStatus>(PublishOptions::default())
+        .await
+        .unwrap();
+    let (going, failing) = (Uuid::from_u128(0xc1), Uuid::from_u128(0xc2));
+    trees
+        .publish(ContentTreeStatus {
+            content_id: going,
+            display_name: "guest-disk".into(),
+            state: ContentTreeState::Downloading,
+            current_size: 400,
+            total_size: 1000,
+            progress: 40,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut error = ErrorDescription::new(
+        format!("content tree {failing} (data): http://ds/data.raw: HTTP 404 Not Found"),
+        ErrorSeverity::Error,
+        chrono::Utc::now(),
+    );
+    error.error_retry_condition = "will retry in 10s".into();
+    trees
+        .publish(ContentTreeStatus {
+            content_id: failing,
+            display_name: "data".into(),
+            error,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    trees.signal_restarted().await.unwrap();
+    let (code, out, err) = cairn(root.path(), &["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "content  guest-disk {going} Downloading  400/1000 bytes 40%"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("HTTP 404 Not Found (will retry in 10s)"),
+        "{out}"
+    );
+    assert!(out.contains("downloader up"), "{out}");
+    let (_, json, _) = cairn(root.path(), &["status", "--json"]);
+    let view: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(view["content_trees"].as_array().map(Vec::len), Some(2));
+}

@@ -27,7 +27,11 @@ fn up_runs_the_demo_restarts_a_killed_agent_and_stops_everything_on_sigterm() {
         .expect("the demo app's domain reports its pid") as i32;
     assert!(alive(app_pid), "the demo app process {app_pid} runs");
     let first = up.agent_pids();
-    assert_eq!(first.len(), 4, "four agents under cairn up: {first:?}");
+    assert_eq!(
+        first.len(),
+        AGENTS.len(),
+        "every agent under cairn up: {first:?}"
+    );
 
     // The supervisor restarts an agent that dies.
     let killed = first["volume-manager"];
@@ -292,7 +296,13 @@ fn the_real_config_agent_receives_the_controller_setup_and_keeps_it() {
     );
     let deadline = Instant::now() + Duration::from_secs(15);
     let read = |name: &str| std::fs::read_to_string(config_dir.join(name)).unwrap_or_default();
-    while read("serial").trim() != "SN-REAL-7" || read("server").trim() != "127.0.0.1:9" {
+    // The files are written one by one (server first, the onboarding key last): wait for all.
+    let onboard = std::fs::read_to_string(&cert).unwrap();
+    while read("serial").trim() != "SN-REAL-7"
+        || read("server").trim() != "127.0.0.1:9"
+        || read("onboard.cert.pem") != onboard
+        || read("onboard.key.pem").is_empty()
+    {
         assert!(
             Instant::now() < deadline,
             "the config-agent did not store the controller set-up\n{}",
@@ -346,7 +356,7 @@ fn a_sigkilled_up_takes_its_agents_along_and_the_next_up_runs_one_set() {
         .and_then(|d| d["Pid"].as_i64())
         .expect("the demo app's domain reports its pid") as i32;
     let first: Vec<i32> = up.agent_pids().values().copied().collect();
-    assert_eq!(first.len(), 4, "{first:?}");
+    assert_eq!(first.len(), AGENTS.len(), "{first:?}");
     up.stop(Signal::SIGKILL, Duration::from_secs(10));
     wait_gone(
         &first,
@@ -424,7 +434,7 @@ fn a_second_up_on_the_same_root_is_refused_naming_the_first() {
         before,
         "the first one's agents are untouched"
     );
-    assert_eq!(agent_processes(up.path()).len(), 4);
+    assert_eq!(agent_processes(up.path()).len(), AGENTS.len());
 }
 
 /// A child of the test that is killed and reaped when the test ends, failed or not.
@@ -529,7 +539,11 @@ fn orphans_of_a_dead_supervisor_are_shown_as_such_and_stopped_before_new_agents_
         "no agent started before the orphans were stopped:\n{log}"
     );
     assert!(!log.contains("already published"), "{log}");
-    assert_eq!(agent_processes(up.path()).len(), 4, "one set of agents");
+    assert_eq!(
+        agent_processes(up.path()).len(),
+        AGENTS.len(),
+        "one set of agents"
+    );
 }
 
 /// A stranger that takes an agent's topic while the supervisor waits to restart it: the agent

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use cairn_pubsub::{Access, Bus, BusError, Publication, PublishOptions, Topic};
 use cairn_types::{
-    AppInstanceConfig, ConfigItemValueMap, ConfigSource, DeviceStatus, ErrorDescription,
-    ErrorSeverity, VolumeConfig,
+    AppInstanceConfig, ConfigItemValueMap, ConfigSource, ContentTreeConfig, DeviceStatus,
+    ErrorDescription, ErrorSeverity, VolumeConfig,
 };
 use chrono::Utc;
 
@@ -18,6 +18,8 @@ use crate::watch::FileWatch;
 pub struct Publications {
     pub apps: Publication<AppInstanceConfig>,
     pub volumes: Publication<VolumeConfig>,
+    /// Content trees to download, each with its datastores (EVE `contentInfo`, `datastores`).
+    pub content_trees: Publication<ContentTreeConfig>,
     /// The config items in force (EVE's `ConfigItemValueMap`), e.g. the volume deletion grace.
     pub items: Publication<ConfigItemValueMap>,
     pub device: Publication<DeviceStatus>,
@@ -39,6 +41,7 @@ impl Publications {
         Ok(Self {
             apps: bus.publish(PublishOptions::for_requests()).await?,
             volumes: bus.publish(PublishOptions::for_requests()).await?,
+            content_trees: bus.publish(PublishOptions::for_requests()).await?,
             items: bus.publish(PublishOptions::for_requests()).await?,
             device: bus
                 .publish(PublishOptions {
@@ -50,14 +53,15 @@ impl Publications {
     }
 
     /// Publishes `config` as a whole: its items first (a grace period that comes with a volume's
-    /// removal applies to it), volumes (apps refer to them), then apps; keys no longer in the
-    /// config are removed.
+    /// removal applies to it), content trees (volumes are made from them), volumes (apps refer
+    /// to them), then apps; keys no longer in the config are removed.
     pub async fn apply(&self, config: &DeviceConfig) -> Result<(), BusError> {
         self.items
             .publish(ConfigItemValueMap {
                 items: config.config_items.clone(),
             })
             .await?;
+        replace(&self.content_trees, &config.content_trees).await?;
         replace(&self.volumes, &config.volumes).await?;
         replace(&self.apps, &config.apps).await?;
         Ok(())
@@ -71,6 +75,7 @@ impl Publications {
     /// published again are removed.
     pub async fn restarted(&self) -> Result<(), BusError> {
         self.items.signal_restarted().await?;
+        self.content_trees.signal_restarted().await?;
         self.volumes.signal_restarted().await?;
         self.apps.signal_restarted().await?;
         self.device.signal_restarted().await

@@ -14,9 +14,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use cairn_types::{
-    AppInstanceConfig, AppInstanceOpsCmd, ConsistencyGroup, DirRestoreMode, DomainSpec,
-    ProcessSpec, Retention, SnapshotConfig, SnapshotDesc, SnapshotPolicy, SnapshotType,
-    UUIDandVersion, VmSpec, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeRefConfig,
+    AppInstanceConfig, AppInstanceOpsCmd, ConsistencyGroup, ContentFormat, ContentTreeConfig,
+    DatastoreConfig, DirRestoreMode, DomainSpec, ProcessSpec, Retention, SnapshotConfig,
+    SnapshotDesc, SnapshotPolicy, SnapshotType, UUIDandVersion, VmSpec, VolumeConfig, VolumeFormat,
+    VolumeOrigin, VolumeRefConfig,
 };
 use serde::Deserialize;
 use uuid::Uuid;
@@ -24,11 +25,13 @@ use uuid::Uuid;
 use crate::proto;
 
 /// What the config-agent publishes: one `AppInstanceConfig` per app, one `VolumeConfig` per
-/// volume, and the device's config items.
+/// volume, one `ContentTreeConfig` per content tree (with its datastores), and the device's
+/// config items.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeviceConfig {
     pub apps: Vec<AppInstanceConfig>,
     pub volumes: Vec<VolumeConfig>,
+    pub content_trees: Vec<ContentTreeConfig>,
     pub config_items: BTreeMap<String, String>,
 }
 
@@ -64,6 +67,70 @@ struct LocalConfig {
     /// Consistency groups: apps snapshotted together, all or none.
     #[serde(default)]
     groups: Vec<LocalGroup>,
+    /// Where content trees are downloaded from (EVE `datastores`).
+    #[serde(default)]
+    datastores: Vec<LocalDatastore>,
+    /// Images to download and verify (EVE `contentInfo`); volumes name them in `content_tree`.
+    #[serde(default)]
+    content_trees: Vec<LocalContentTree>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalDatastore {
+    id: Uuid,
+    /// `http`, `https` (EVE's others, `s3`, `sftp`, `container_registry`, `azure_blob`,
+    /// `google_storage`, are accepted and reported on the content trees that use them).
+    ds_type: LocalDsType,
+    fqdn: String,
+    #[serde(default)]
+    dpath: String,
+    /// CA certificates (PEM) for an `https` datastore; when given, the only ones trusted.
+    #[serde(default)]
+    ds_cert_pem: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LocalDsType {
+    Http,
+    Https,
+    S3,
+    Sftp,
+    ContainerRegistry,
+    AzureBlob,
+    GoogleStorage,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalContentTree {
+    uuid: Uuid,
+    ds_id: Uuid,
+    /// Appended to the datastore's `fqdn` and `dpath`.
+    url: String,
+    format: LocalContentFormat,
+    sha256: String,
+    #[serde(default)]
+    max_size_bytes: u64,
+    #[serde(default)]
+    display_name: String,
+    #[serde(default)]
+    generation_count: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LocalContentFormat {
+    Raw,
+    Qcow,
+    Qcow2,
+    Vhd,
+    Vmdk,
+    Ova,
+    Vhdx,
+    Container,
+    Iso,
 }
 
 #[derive(Debug, Deserialize)]
@@ -264,6 +331,8 @@ struct LocalVolume {
     max_size_bytes: u64,
     format: LocalFormat,
     base_image: Option<LocalBaseImage>,
+    /// Made from this content tree (EVE's `VCOT_DOWNLOAD`).
+    content_tree: Option<Uuid>,
     /// Restore the volume from an export made by `cairn export` (Cairn).
     from_export: Option<LocalFromExport>,
     #[serde(default)]
@@ -316,7 +385,14 @@ fn check_top_level(text: &str) -> Result<(), ConfigError> {
         .map_err(|e| ConfigError::at("", format!("not JSON ({e}); {WANT}")))?;
     let kind = match &value {
         serde_json::Value::Object(fields) => {
-            let known = ["apps", "volumes", "config_items", "groups"];
+            let known = [
+                "apps",
+                "volumes",
+                "config_items",
+                "groups",
+                "datastores",
+                "content_trees",
+            ];
             // An unknown key is named by the typed parse below, with its place.
             if fields.keys().any(|k| !known.contains(&k.as_str()))
                 || fields.contains_key("apps")
@@ -382,15 +458,24 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
             .into_iter()
             .enumerate()
             .map(|(i, volume)| {
-                if volume.base_image.is_some() && volume.from_export.is_some() {
+                let origins = [
+                    volume.base_image.is_some(),
+                    volume.from_export.is_some(),
+                    volume.content_tree.is_some(),
+                ];
+                if origins.iter().filter(|o| **o).count() > 1 {
                     return Err(ConfigError::at(
-                        format!("volumes[{i}].from_export"),
-                        "a volume has one origin: base_image or from_export, not both",
+                        format!("volumes[{i}]"),
+                        format!(
+                            "volume {} has more than one origin: give one of base_image, from_export and content_tree",
+                            volume.uuid
+                        ),
                     ));
                 }
                 Ok(local_volume(volume))
             })
             .collect::<Result<_, _>>()?,
+        content_trees: local_content_trees(local.datastores, local.content_trees, "datastores")?,
         config_items: local.config_items,
     };
     let groups = local
@@ -621,18 +706,17 @@ fn local_volume(volume: LocalVolume) -> VolumeConfig {
             LocalFormat::Raw => VolumeFormat::Raw,
             LocalFormat::Dir => VolumeFormat::Dir,
         },
-        origin: match volume.base_image {
-            Some(base) => VolumeOrigin::BaseImage {
+        origin: match (volume.base_image, volume.from_export, volume.content_tree) {
+            (Some(base), _, _) => VolumeOrigin::BaseImage {
                 path: base.path,
                 sha256: base.sha256,
             },
-            None => match volume.from_export {
-                Some(export) => VolumeOrigin::Export {
-                    dir: export.dir,
-                    volume: export.volume_uuid,
-                },
-                None => VolumeOrigin::Blank,
+            (None, Some(export), _) => VolumeOrigin::Export {
+                dir: export.dir,
+                volume: export.volume_uuid,
             },
+            (None, None, Some(id)) => VolumeOrigin::ContentTree { id },
+            (None, None, None) => VolumeOrigin::Blank,
         },
         purgeable: volume.purgeable,
         restore_mode: match volume.restore_mode {
@@ -644,6 +728,95 @@ fn local_volume(volume: LocalVolume) -> VolumeConfig {
         },
         ..Default::default()
     }
+}
+
+/// The local file's content trees, each with the datastore it names (EVE's type names); a
+/// datastore listed twice is refused, one missing is reported by the downloader.
+fn local_content_trees(
+    datastores: Vec<LocalDatastore>,
+    trees: Vec<LocalContentTree>,
+    list: &str,
+) -> Result<Vec<ContentTreeConfig>, ConfigError> {
+    let datastores = datastores
+        .into_iter()
+        .map(|d| DatastoreConfig {
+            uuid: d.id,
+            ds_type: match d.ds_type {
+                LocalDsType::Http => "DsHttp",
+                LocalDsType::Https => "DsHttps",
+                LocalDsType::S3 => "DsS3",
+                LocalDsType::Sftp => "DsSFTP",
+                LocalDsType::ContainerRegistry => "DsContainerRegistry",
+                LocalDsType::AzureBlob => "DsAzureBlob",
+                LocalDsType::GoogleStorage => "DsGoogleStorage",
+            }
+            .to_string(),
+            fqdn: d.fqdn,
+            dpath: d.dpath,
+            ds_cert_pem: d.ds_cert_pem,
+        })
+        .collect::<Vec<_>>();
+    let datastores = unique_datastores(datastores, list)?;
+    Ok(trees
+        .into_iter()
+        .map(|t| {
+            content_tree(
+                ContentTreeConfig {
+                    content_id: t.uuid,
+                    datastore_id_list: vec![t.ds_id],
+                    relative_url: t.url,
+                    format: match t.format {
+                        LocalContentFormat::Raw => ContentFormat::Raw,
+                        LocalContentFormat::Qcow => ContentFormat::Qcow,
+                        LocalContentFormat::Qcow2 => ContentFormat::Qcow2,
+                        LocalContentFormat::Vhd => ContentFormat::Vhd,
+                        LocalContentFormat::Vmdk => ContentFormat::Vmdk,
+                        LocalContentFormat::Ova => ContentFormat::Ova,
+                        LocalContentFormat::Vhdx => ContentFormat::Vhdx,
+                        LocalContentFormat::Container => ContentFormat::Container,
+                        LocalContentFormat::Iso => ContentFormat::Iso,
+                    },
+                    content_sha256: t.sha256.trim().to_ascii_lowercase(),
+                    max_download_size: t.max_size_bytes,
+                    generation_counter: t.generation_count,
+                    display_name: t.display_name,
+                    datastores: Vec::new(),
+                },
+                &datastores,
+            )
+        })
+        .collect())
+}
+
+/// The datastores by id; an id listed twice is refused (`list`: the source's name for them).
+fn unique_datastores(
+    datastores: Vec<DatastoreConfig>,
+    list: &str,
+) -> Result<BTreeMap<Uuid, DatastoreConfig>, ConfigError> {
+    let mut by_id = BTreeMap::new();
+    for (i, d) in datastores.into_iter().enumerate() {
+        let id = d.uuid;
+        if by_id.insert(id, d).is_some() {
+            return Err(ConfigError::at(
+                format!("{list}[{i}].id"),
+                format!("datastore {id} appears twice"),
+            ));
+        }
+    }
+    Ok(by_id)
+}
+
+/// A content tree with the datastores it names that the config has (in its order).
+fn content_tree(
+    mut tree: ContentTreeConfig,
+    datastores: &BTreeMap<Uuid, DatastoreConfig>,
+) -> ContentTreeConfig {
+    tree.datastores = tree
+        .datastore_id_list
+        .iter()
+        .filter_map(|id| datastores.get(id).cloned())
+        .collect();
+    tree
 }
 
 fn counter(counter: u32) -> AppInstanceOpsCmd {
@@ -679,9 +852,36 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
     for (i, group) in config.cairn_groups.iter().enumerate() {
         groups.push(proto_group(group, &format!("cairn_groups[{i}]"))?);
     }
+    let mut datastores = Vec::new();
+    for (i, ds) in config.datastores.iter().enumerate() {
+        datastores.push(DatastoreConfig {
+            uuid: parse_uuid(&ds.id, &format!("datastores[{i}].id"))?,
+            // EVE publishes `DType.String()`; an unknown number stays visible as its number.
+            ds_type: proto::DsType::try_from(ds.d_type)
+                .map(|t| t.as_str_name().to_string())
+                .unwrap_or_else(|_| format!("DsType({})", ds.d_type)),
+            fqdn: ds.fqdn.clone(),
+            dpath: ds.dpath.clone(),
+            ds_cert_pem: ds
+                .ds_cert_pem
+                .iter()
+                .map(|pem| String::from_utf8_lossy(pem).into_owned())
+                .collect(),
+        });
+    }
+    let datastores = unique_datastores(datastores, "datastores")?;
+    let mut content_trees = Vec::new();
+    for (i, tree) in config.content_info.iter().enumerate() {
+        content_trees.push(proto_content_tree(
+            tree,
+            &datastores,
+            &format!("contentInfo[{i}]"),
+        )?);
+    }
     let mut config = DeviceConfig {
         apps,
         volumes,
+        content_trees,
         config_items: config
             .config_items
             .iter()
@@ -1059,6 +1259,58 @@ fn proto_domain(d: &proto::CairnDomain, path: &str) -> Result<DomainSpec, Config
     }
 }
 
+fn proto_content_tree(
+    tree: &proto::ContentTree,
+    datastores: &BTreeMap<Uuid, DatastoreConfig>,
+    path: &str,
+) -> Result<ContentTreeConfig, ConfigError> {
+    // EVE: `ds_ids_list` supersedes the deprecated `dsId`.
+    let ids = if tree.ds_ids_list.is_empty() {
+        vec![tree.ds_id.clone()]
+    } else {
+        tree.ds_ids_list.clone()
+    };
+    let datastore_id_list = ids
+        .iter()
+        .enumerate()
+        .map(|(j, id)| {
+            let at = if tree.ds_ids_list.is_empty() {
+                format!("{path}.dsId")
+            } else {
+                format!("{path}.ds_ids_list[{j}]")
+            };
+            parse_uuid(id, &at)
+        })
+        .collect::<Result<_, _>>()?;
+    let format = match proto::Format::try_from(tree.iformat) {
+        Ok(proto::Format::Raw) => ContentFormat::Raw,
+        Ok(proto::Format::Qcow) => ContentFormat::Qcow,
+        Ok(proto::Format::Qcow2) => ContentFormat::Qcow2,
+        Ok(proto::Format::Vhd) => ContentFormat::Vhd,
+        Ok(proto::Format::Vmdk) => ContentFormat::Vmdk,
+        Ok(proto::Format::Ova) => ContentFormat::Ova,
+        Ok(proto::Format::Vhdx) => ContentFormat::Vhdx,
+        Ok(proto::Format::Container) => ContentFormat::Container,
+        Ok(proto::Format::Iso) => ContentFormat::Iso,
+        Ok(proto::Format::Pvc) => ContentFormat::Pvc,
+        Ok(proto::Format::FmtUnknown) | Err(_) => ContentFormat::Unknown,
+    };
+    Ok(content_tree(
+        ContentTreeConfig {
+            content_id: parse_uuid(&tree.uuid, &format!("{path}.uuid"))?,
+            datastore_id_list,
+            relative_url: tree.url.clone(),
+            format,
+            content_sha256: tree.sha256.trim().to_ascii_lowercase(),
+            max_download_size: tree.max_size_bytes,
+            generation_counter: tree.generation_count,
+            display_name: tree.display_name.clone(),
+            datastores: Vec::new(),
+        },
+        datastores,
+    ))
+}
+
 fn proto_volume(volume: &proto::Volume, path: &str) -> Result<VolumeConfig, ConfigError> {
     let format = match volume.cairn_format.as_str() {
         "" | "qcow2" => VolumeFormat::Qcow2,
@@ -1098,18 +1350,40 @@ fn proto_volume(volume: &proto::Volume, path: &str) -> Result<VolumeConfig, Conf
         display_name: volume.display_name.clone(),
         max_vol_size,
         format,
-        origin: if volume.cairn_base_image.is_empty() {
-            VolumeOrigin::Blank
-        } else {
-            VolumeOrigin::BaseImage {
-                path: volume.cairn_base_image.clone().into(),
-                sha256: volume.cairn_base_sha256.clone(),
-            }
-        },
+        origin: proto_origin(volume, path)?,
         purgeable: volume.cairn_purgeable,
         restore_mode,
         ..Default::default()
     })
+}
+
+/// A volume's origin: EVE's `VCOT_DOWNLOAD` names a content tree; Cairn's base image is the
+/// other origin a controller can give, not together with a download.
+fn proto_origin(volume: &proto::Volume, path: &str) -> Result<VolumeOrigin, ConfigError> {
+    let download = volume
+        .origin
+        .as_ref()
+        .filter(|o| o.r#type == proto::VolumeContentOriginType::VcotDownload as i32);
+    match (download, volume.cairn_base_image.is_empty()) {
+        (Some(_), false) => Err(ConfigError::at(
+            format!("{path}.origin"),
+            format!(
+                "volume {} is VCOT_DOWNLOAD and has a cairn_base_image: give one origin",
+                volume.uuid
+            ),
+        )),
+        (Some(origin), true) => Ok(VolumeOrigin::ContentTree {
+            id: parse_uuid(
+                &origin.download_content_tree_id,
+                &format!("{path}.origin.downloadContentTreeID"),
+            )?,
+        }),
+        (None, false) => Ok(VolumeOrigin::BaseImage {
+            path: volume.cairn_base_image.clone().into(),
+            sha256: volume.cairn_base_sha256.clone(),
+        }),
+        (None, true) => Ok(VolumeOrigin::Blank),
+    }
 }
 
 // ---- validation, shared by both sources ----
@@ -1259,8 +1533,40 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    let mut trees: HashMap<Uuid, usize> = HashMap::new();
+    for (i, tree) in config.content_trees.iter().enumerate() {
+        if let Some(first) = trees.insert(tree.content_id, i) {
+            return Err(ConfigError::at(
+                format!("content_trees[{i}].uuid"),
+                format!(
+                    "content tree {} appears twice (also content_trees[{first}])",
+                    tree.content_id
+                ),
+            ));
+        }
+    }
     let mut seen = BTreeSet::new();
     for (i, volume) in config.volumes.iter().enumerate() {
+        if let VolumeOrigin::ContentTree { id } = volume.origin {
+            if !trees.contains_key(&id) {
+                return Err(ConfigError::at(
+                    format!("volumes[{i}].content_tree"),
+                    format!(
+                        "volume {} is made from content tree {id}, which is not in the config's content trees",
+                        volume.volume_id
+                    ),
+                ));
+            }
+            if volume.format == VolumeFormat::Dir {
+                return Err(ConfigError::at(
+                    format!("volumes[{i}].format"),
+                    format!(
+                        "volume {} is made from content tree {id} (a disk image): its format must be qcow2 or raw",
+                        volume.volume_id
+                    ),
+                ));
+            }
+        }
         if matches!(volume.origin, VolumeOrigin::Export { .. })
             && volume.format != VolumeFormat::Qcow2
         {

@@ -11,9 +11,10 @@ pub use crate::eve::org::lfedge::eve::common::HashAlgorithm;
 // EVE's `UUIDandVersion`, which prost spells `UuiDandVersion`.
 pub use crate::eve::org::lfedge::eve::config::UuiDandVersion as UuidAndVersion;
 pub use crate::eve::org::lfedge::eve::config::{
-    AppInstanceConfig, ConfigItem, ConfigRequest, ConfigResponse, Drive, EdgeDevConfig,
-    InstanceOpsCmd, SnapshotConfig, SnapshotDesc, SnapshotType, VmBootMode, VmConfig, VmMode,
-    Volume, VolumeContentOrigin, VolumeContentOriginType, VolumeRef,
+    AppInstanceConfig, ConfigItem, ConfigRequest, ConfigResponse, ContentTree, DatastoreConfig,
+    Drive, DsType, EdgeDevConfig, Format, InstanceOpsCmd, SnapshotConfig, SnapshotDesc,
+    SnapshotType, VmBootMode, VmConfig, VmMode, Volume, VolumeContentOrigin,
+    VolumeContentOriginType, VolumeRef,
 };
 pub use crate::eve::org::lfedge::eve::info::z_info_msg::InfoContent;
 pub use crate::eve::org::lfedge::eve::info::{

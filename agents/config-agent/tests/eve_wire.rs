@@ -653,6 +653,21 @@ fn cairn_volume(n: u32) -> c::Volume {
         ..Default::default()
     }
 }
+/// The content tree `eve_origin(n)` names, as EVE's controller lists it in `contentInfo`.
+fn eve_content_tree(n: u32) -> DynamicMessage {
+    eve(
+        "config.ContentTree",
+        vec![
+            ("uuid", s(&format!("c0ffee00-0000-4000-8000-{n:012}"))),
+            ("dsId", s("d5000000-0000-4000-8000-000000000001")),
+            ("URL", s(&format!("images/{n}.qcow2"))),
+            ("iformat", e(3)),
+            ("sha256", s(&format!("{n:064x}"))),
+            ("maxSizeBytes", Value::U64(1 << 30)),
+        ],
+    )
+}
+
 fn eve_volume(n: u32, extras: bool) -> DynamicMessage {
     let fields = vec![
         ("uuid", s(&format!("0a1b2c3d-4e5f-4a6b-8c7d-{n:012}"))),
@@ -1526,10 +1541,26 @@ fn an_eve_encoded_vm_app_becomes_a_direct_kernel_boot_vm() {
                 "volumes",
                 msgs([eve_volume(1, false), eve_volume(2, false)]),
             ),
+            (
+                "contentInfo",
+                msgs([eve_content_tree(1), eve_content_tree(2)]),
+            ),
         ],
     );
     let config = c::EdgeDevConfig::decode(edge.encode_to_vec().as_slice()).unwrap();
     let device = cairn_config_agent::model::from_proto(&config).unwrap();
+    // VCOT_DOWNLOAD: each volume is made from the content tree it names.
+    assert_eq!(device.content_trees.len(), 2);
+    assert_eq!(
+        device.volumes[0].origin,
+        cairn_types::VolumeOrigin::ContentTree {
+            id: "c0ffee00-0000-4000-8000-000000000001".parse().unwrap()
+        }
+    );
+    assert_eq!(
+        device.content_trees[0].format,
+        cairn_types::ContentFormat::Qcow2
+    );
     let app = &device.apps[0];
     assert_eq!(app.unrunnable, None);
     assert_eq!(

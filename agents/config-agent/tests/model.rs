@@ -920,3 +920,117 @@ fn the_volume_deletion_grace_is_a_number_of_seconds() {
     let e = err(from_proto(&proto));
     assert!(e.message.contains("whole number of seconds"), "{e}");
 }
+
+// ---- content trees (EVE `datastores`, `contentInfo`, `VCOT_DOWNLOAD`) ----
+
+const TREE: &str = "c0c0c0c0-1111-4222-8333-444444444444";
+const STORE: &str = "d5d5d5d5-1111-4222-8333-444444444444";
+const SHA: &str = "ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789";
+
+fn eve_content_config(tree_ds: &str, origin_tree: &str) -> proto::EdgeDevConfig {
+    proto::EdgeDevConfig {
+        datastores: vec![proto::DatastoreConfig {
+            id: STORE.into(),
+            d_type: proto::DsType::DsHttps as i32,
+            fqdn: "https://images.example:8443".into(),
+            dpath: "eve".into(),
+            ds_cert_pem: vec![b"-----BEGIN CERTIFICATE-----".to_vec()],
+            ..Default::default()
+        }],
+        content_info: vec![proto::ContentTree {
+            uuid: TREE.into(),
+            ds_id: tree_ds.into(),
+            url: "disk.qcow2".into(),
+            iformat: proto::Format::Qcow2 as i32,
+            sha256: SHA.into(),
+            max_size_bytes: 1 << 30,
+            display_name: "guest disk".into(),
+            generation_count: 2,
+            ..Default::default()
+        }],
+        volumes: vec![proto::Volume {
+            uuid: VOLUME.into(),
+            origin: Some(proto::VolumeContentOrigin {
+                r#type: proto::VolumeContentOriginType::VcotDownload as i32,
+                download_content_tree_id: origin_tree.into(),
+            }),
+            maxsizebytes: 1 << 30,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn eve_content_trees_become_content_tree_configs_with_their_datastore() {
+    let config = from_proto(&eve_content_config(STORE, TREE)).unwrap();
+    let tree = &config.content_trees[0];
+    assert_eq!(tree.content_id.to_string(), TREE);
+    assert_eq!(tree.relative_url, "disk.qcow2");
+    assert_eq!(tree.format, cairn_types::ContentFormat::Qcow2);
+    assert_eq!(
+        tree.content_sha256,
+        SHA.to_ascii_lowercase(),
+        "EVE lower-cases it"
+    );
+    assert_eq!(tree.max_download_size, 1 << 30);
+    assert_eq!(tree.generation_counter, 2);
+    let store = &tree.datastores[0];
+    assert_eq!(
+        (
+            store.ds_type.as_str(),
+            store.fqdn.as_str(),
+            store.dpath.as_str()
+        ),
+        ("DsHttps", "https://images.example:8443", "eve")
+    );
+    assert_eq!(store.ds_cert_pem.len(), 1);
+    assert_eq!(
+        config.volumes[0].origin,
+        VolumeOrigin::ContentTree {
+            id: TREE.parse().unwrap()
+        },
+        "VCOT_DOWNLOAD names the content tree (it used to become a blank volume)"
+    );
+}
+
+#[test]
+fn a_content_tree_on_an_unknown_datastore_is_accepted_without_it() {
+    // Reported on the content tree by the downloader, as EVE's downloader does.
+    let other = "99999999-1111-4222-8333-444444444444";
+    let config = from_proto(&eve_content_config(other, TREE)).unwrap();
+    assert!(config.content_trees[0].datastores.is_empty());
+    assert_eq!(
+        config.content_trees[0].datastore_id_list[0].to_string(),
+        other
+    );
+}
+
+#[test]
+fn a_volume_from_a_content_tree_not_in_the_config_is_refused() {
+    let missing = "99999999-1111-4222-8333-444444444444";
+    let e = err(from_proto(&eve_content_config(STORE, missing)));
+    assert_eq!(e.path, "volumes[0].content_tree");
+    assert!(e.message.contains(missing), "{e}");
+}
+
+#[test]
+fn a_local_config_names_datastores_and_content_trees_in_its_own_style() {
+    let config = from_local_json(&format!(
+        r#"{{
+  "datastores": [{{"id": "{STORE}", "ds_type": "http", "fqdn": "http://10.0.0.1:8080"}}],
+  "content_trees": [{{"uuid": "{TREE}", "ds_id": "{STORE}", "url": "disk.raw", "format": "raw",
+                      "sha256": "{SHA}", "max_size_bytes": 4096}}],
+  "volumes": [{{"uuid": "{VOLUME}", "format": "qcow2", "max_size_bytes": 1048576,
+                "content_tree": "{TREE}"}}]
+}}"#
+    ))
+    .unwrap();
+    let tree = &config.content_trees[0];
+    assert_eq!(tree.format, cairn_types::ContentFormat::Raw);
+    assert_eq!(tree.datastores[0].ds_type, "DsHttp");
+    assert!(matches!(
+        config.volumes[0].origin,
+        VolumeOrigin::ContentTree { .. }
+    ));
+}

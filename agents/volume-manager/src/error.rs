@@ -78,6 +78,21 @@ pub enum VolumeError {
         source_volume: Uuid,
         why: String,
     },
+    /// Not a failure: the volume waits for its content (reported as Creating with this text).
+    #[error("volume {volume}: waiting for content tree {tree}: {state}")]
+    ContentNotReady {
+        volume: String,
+        tree: Uuid,
+        state: String,
+    },
+    #[error(
+        "volume {volume}: its content cannot be had: {why}; the volume is made once content tree {tree} is LOADED"
+    )]
+    ContentFailed {
+        volume: String,
+        tree: Uuid,
+        why: String,
+    },
 }
 
 impl VolumeError {

@@ -3,6 +3,7 @@
 //! `VolumesSnapshotConfig` into actions and statuses; `main.rs` only wires it to the bus.
 
 pub mod backend;
+pub mod content;
 pub mod error;
 pub mod export;
 pub mod manager;

@@ -111,6 +111,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut app_holds = bus.subscribe::<AppVolumeRefs>("app-manager");
     // The config items: the deletion grace of a volume that left the config.
     let mut config_items = bus.subscribe::<ConfigItemValueMap>("config-agent");
+    // Volumes made from content trees wait for the downloader's verified blobs.
+    let mut content_trees = bus.subscribe::<cairn_types::ContentTreeStatus>("downloader");
     // Export jobs: requested by `cairn`, run in tasks of their own.
     let export_statuses = bus
         .publish::<ExportStatus>(PublishOptions {
@@ -144,6 +146,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         manager.handle_config_items(Some(&value)).await
                     }
                     Event::Delete { .. } => manager.handle_config_items(None).await,
+                    _ => Vec::new(),
+                };
+                outputs.apply(actions).await;
+            }
+            event = content_trees.recv() => {
+                let actions = match event {
+                    Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                        let id = value.content_id;
+                        manager.handle_content_tree(Some(value), id).await
+                    }
+                    Event::Delete { last, .. } => {
+                        manager.handle_content_tree(None, last.content_id).await
+                    }
                     _ => Vec::new(),
                 };
                 outputs.apply(actions).await;

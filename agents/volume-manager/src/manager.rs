@@ -155,6 +155,8 @@ pub struct VolumeManager {
     running_ops: HashMap<tokio::task::Id, (OperationId, VolumesSnapshotConfig)>,
     /// Volume uuids whose making or removal waited for a snapshot operation on them.
     deferred: BTreeSet<Uuid>,
+    /// The downloader's content trees (volumes with a `ContentTree` origin wait for theirs).
+    content_trees: BTreeMap<Uuid, cairn_types::ContentTreeStatus>,
 }
 
 impl VolumeManager {
@@ -190,6 +192,7 @@ impl VolumeManager {
             running: tokio::task::JoinSet::new(),
             running_ops: HashMap::new(),
             deferred: BTreeSet::new(),
+            content_trees: BTreeMap::new(),
         }
     }
 
@@ -274,12 +277,16 @@ impl VolumeManager {
             status.warnings.push(format!("snapshots unavailable: {e}"));
         }
         // A clone still waiting for its snapshot (Failed, never made) is tried again.
-        let waiting_clone = matches!(config.origin, VolumeOrigin::Snapshot { .. })
-            && !self.known_before.contains(&key)
+        // So is one waiting for its content tree (Creating or Failed, never made).
+        let waiting_clone = !self.known_before.contains(&key)
             && self
                 .statuses
                 .get(&key)
-                .is_some_and(|s| s.state == VolumeState::Failed);
+                .is_some_and(|s| match config.origin {
+                    VolumeOrigin::Snapshot { .. } => s.state == VolumeState::Failed,
+                    VolumeOrigin::ContentTree { .. } => s.state != VolumeState::Ready,
+                    _ => false,
+                });
         let outcome = if path.exists() {
             match volumes::check_existing_blocking(&key, &path, config.format).await {
                 Ok(()) => self.backends.activate(backend, &key, &path).await,
@@ -300,6 +307,13 @@ impl VolumeManager {
                 }
                 Err(e) => Err(e),
             }
+        } else if let VolumeOrigin::ContentTree { id } = config.origin {
+            match crate::content::usable_blob(&key, id, &self.content_trees, &self.persist) {
+                Ok(blob) => {
+                    crate::content::create(config, &path, backend, id, blob, &self.backends).await
+                }
+                Err(e) => Err(e),
+            }
         } else {
             volumes::create(config, &path, backend, &self.backends).await
         };
@@ -309,10 +323,19 @@ impl VolumeManager {
                 status.current_size = volumes::allocated_size_blocking(&path).await;
                 tracing::info!(volume = %key, backend = ?backend, reason = %status.backend_reason, driver = backend_driver(backend), path = %path.display(), "volume ready");
             }
+            Err(e @ VolumeError::ContentNotReady { .. }) => {
+                tracing::info!(volume = %key, "{e}");
+                status.warnings.push(e.to_string());
+            }
             Err(e) => {
                 tracing::error!(volume = %key, "volume failed: {e}");
                 status.state = VolumeState::Failed;
                 status.error = error(e.to_string());
+                if let VolumeError::ContentFailed { tree, .. } = &e {
+                    status.error = status
+                        .error
+                        .about(cairn_types::ErrorEntityType::ContentTree, tree);
+                }
             }
         }
         self.statuses.insert(key, status.clone());
@@ -379,6 +402,43 @@ impl VolumeManager {
         }
         out.extend(self.make_held().await);
         out.extend(self.collect_volumes().await);
+        out
+    }
+
+    /// The downloader's status of a content tree: the volumes waiting for it are made now
+    /// (LOADED), or say why they cannot be (its error), or how far it got.
+    pub async fn handle_content_tree(
+        &mut self,
+        status: Option<cairn_types::ContentTreeStatus>,
+        id: Uuid,
+    ) -> Vec<Publish> {
+        let before = match status {
+            Some(status) => self.content_trees.insert(id, status),
+            None => self.content_trees.remove(&id),
+        };
+        // Progress, or the same error again at a retry, changes nothing for a volume.
+        let now = self.content_trees.get(&id);
+        if before.as_ref().map(|s| (s.state, &s.error.error))
+            == now.map(|s| (s.state, &s.error.error))
+        {
+            return Vec::new();
+        }
+        let waiting: Vec<VolumeConfig> = self
+            .configs
+            .values()
+            .filter(|c| {
+                matches!(c.origin, VolumeOrigin::ContentTree { id: t } if t == id)
+                    && self
+                        .statuses
+                        .get(&c.key())
+                        .is_some_and(|s| s.state != VolumeState::Ready)
+            })
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for config in waiting {
+            out.extend(self.make_volume(&config).await);
+        }
         out
     }
 

@@ -167,7 +167,7 @@ async fn verify_base(key: &str, base: &Path, expected: &str) -> Result<()> {
 
 /// The temporary name a new volume is built under (`.<name>.creating`, cleared of any leftover),
 /// with its parent directory made durably.
-async fn staging(key: &str, path: &Path) -> Result<PathBuf> {
+pub(crate) async fn staging(key: &str, path: &Path) -> Result<PathBuf> {
     let tmp = creating_path(path);
     remove(key, &tmp).await?;
     if let Some(parent) = path.parent() {
@@ -198,6 +198,12 @@ pub async fn create(
         backends.check_image_tool(&key)?;
     }
     let result = match (&config.format, &config.origin) {
+        (_, VolumeOrigin::ContentTree { id }) => Err(VolumeError::Unsupported {
+            volume: key.clone(),
+            what: format!(
+                "a volume from content tree {id} is made from the downloaded blob, not from its config alone"
+            ),
+        }),
         (_, VolumeOrigin::Snapshot { snapshot, volume }) => Err(VolumeError::Unsupported {
             volume: key.clone(),
             what: format!(
@@ -264,7 +270,7 @@ pub async fn create(
 
 /// The end of making a volume in its staging place `tmp`: after a failure `tmp` goes; else it
 /// is renamed to `path` (durably) and brought into service.
-async fn put_in_place(
+pub(crate) async fn put_in_place(
     key: &str,
     tmp: &Path,
     path: &Path,

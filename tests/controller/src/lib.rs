@@ -13,6 +13,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod datastore;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

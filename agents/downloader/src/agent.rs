@@ -1,0 +1,565 @@
+//! The agent: content tree configs in, content tree statuses out, one download job per blob.
+//!
+//! A job belongs to a sha256, not to a content tree: two trees with the same sha256 share one
+//! download and one blob. A job retries failed attempts with a doubling delay (from
+//! `retry_min` up to EVE's `timer.download.retry`), keeping the partial file of a stalled or
+//! cut connection for a `Range` resume, and dropping it after a hash mismatch or a size over
+//! the limit. Each tree's status carries the last error until its content is LOADED.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_pubsub::{Bus, BusError, Event, Publication, PublishOptions, Subscription};
+use cairn_types::{
+    ConfigItemValueMap, ContentTreeConfig, ContentTreeState, ContentTreeStatus, ErrorDescription,
+    ErrorEntityType, ErrorSeverity,
+};
+use chrono::Utc;
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use crate::fetch::{self, FetchError, Limits, Progress};
+use crate::store::{self, ContentStore, StoreError};
+
+/// EVE's global setting: the longest wait before a failed download is tried again (seconds).
+pub const RETRY_ITEM: &str = "timer.download.retry";
+/// EVE's global setting: a download with no progress for this long is cancelled (seconds).
+pub const STALLED_ITEM: &str = "timer.download.stalled";
+
+/// Timings of the jobs; the config items above override `stall` and `retry_max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub stall: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a blocking task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// What a job tells the agent about its blob.
+#[derive(Debug)]
+enum JobEvent {
+    Progress {
+        sha: String,
+        state: ContentTreeState,
+        progress: Progress,
+    },
+    Failed {
+        sha: String,
+        error: String,
+        retry_in: Duration,
+    },
+    Loaded {
+        sha: String,
+        path: PathBuf,
+    },
+}
+
+struct Job {
+    handle: tokio::task::JoinHandle<()>,
+    /// The tree whose config it follows; other trees with the same sha256 share it as it is.
+    owner: Uuid,
+    /// What it downloads from (datastores with their trust, URL, size limit): the owner's
+    /// config changing any of it restarts the job.
+    origin: JobOrigin,
+}
+
+type JobOrigin = (Vec<cairn_types::DatastoreConfig>, String, u64);
+
+fn job_origin(config: &ContentTreeConfig) -> JobOrigin {
+    (
+        config.datastores.clone(),
+        config.relative_url.clone(),
+        config.max_download_size,
+    )
+}
+
+pub struct Downloader {
+    /// Locked only on the blocking pool (its work writes and fsyncs).
+    store: Arc<Mutex<ContentStore>>,
+    /// `<persist>/content`, for paths without taking the lock.
+    content: PathBuf,
+    /// Trees whose reference is written: their jobs' news is theirs.
+    held: BTreeSet<Uuid>,
+    statuses: Publication<ContentTreeStatus>,
+    configs: BTreeMap<Uuid, ContentTreeConfig>,
+    jobs: BTreeMap<String, Job>,
+    events: mpsc::Sender<JobEvent>,
+    settings: watch::Sender<Settings>,
+    defaults: Settings,
+}
+
+fn lock(store: &Arc<Mutex<ContentStore>>) -> std::sync::MutexGuard<'_, ContentStore> {
+    // A panic while holding the lock leaves the refs as last saved on disk: still usable.
+    store
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(
+    bus: &Bus,
+    persist: &Path,
+    technicians_gid: Option<u32>,
+    defaults: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let p = persist.to_path_buf();
+    let store = tokio::task::spawn_blocking(move || ContentStore::open(&p)).await??;
+    let access = technicians_gid
+        .map(cairn_pubsub::Access::with_group_readers)
+        .unwrap_or_default();
+    let statuses = bus
+        .publish::<ContentTreeStatus>(PublishOptions {
+            persistent: true,
+            access,
+            ..Default::default()
+        })
+        .await?;
+    let mut configs: Subscription<ContentTreeConfig> = bus.subscribe("config-agent");
+    let mut items: Subscription<ConfigItemValueMap> = bus.subscribe("config-agent");
+    let (events, mut job_events) = mpsc::channel(256);
+    let (settings, _) = watch::channel(defaults);
+    let mut agent = Downloader {
+        content: store.root().to_path_buf(),
+        held: BTreeSet::new(),
+        store: Arc::new(Mutex::new(store)),
+        statuses,
+        configs: BTreeMap::new(),
+        jobs: BTreeMap::new(),
+        events,
+        settings,
+        defaults,
+    };
+    let mut restarted = false;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            event = configs.recv() => match event {
+                Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                    agent.handle_config(value).await?;
+                }
+                Event::Delete { last, .. } => agent.handle_delete(last.content_id).await?,
+                Event::Synchronized if !restarted => {
+                    agent.collect_garbage().await?;
+                    agent.statuses.signal_restarted().await?;
+                    restarted = true;
+                }
+                _ => {}
+            },
+            event = items.recv() => match event {
+                Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                    agent.handle_items(&value);
+                }
+                Event::Delete { .. } => agent.handle_items(&ConfigItemValueMap::default()),
+                _ => {}
+            },
+            Some(event) = job_events.recv() => agent.handle_job(event).await?,
+            _ = &mut shutdown => break,
+        }
+    }
+    for job in agent.jobs.values() {
+        job.handle.abort();
+    }
+    agent.statuses.flush().await?;
+    Ok(())
+}
+
+impl Downloader {
+    fn handle_items(&self, items: &ConfigItemValueMap) {
+        let seconds = |key: &str| {
+            items
+                .items
+                .get(key)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs)
+        };
+        let settings = Settings {
+            stall: seconds(STALLED_ITEM).unwrap_or(self.defaults.stall),
+            retry_max: seconds(RETRY_ITEM).unwrap_or(self.defaults.retry_max),
+            retry_min: self.defaults.retry_min,
+        };
+        self.settings.send_if_modified(|s| {
+            let changed = *s != settings;
+            *s = settings;
+            changed
+        });
+    }
+
+    async fn blocking<R: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut ContentStore) -> R + Send + 'static,
+    ) -> Result<R, AgentError> {
+        let store = self.store.clone();
+        Ok(tokio::task::spawn_blocking(move || work(&mut lock(&store))).await?)
+    }
+
+    /// The status a tree starts from: its published one (kept across restarts) with the
+    /// config's fields.
+    fn base_status(&self, config: &ContentTreeConfig) -> ContentTreeStatus {
+        let key = config.content_id.to_string();
+        let mut status = self.statuses.get(&key).unwrap_or_default();
+        if status.content_sha256 != config.content_sha256 {
+            status = ContentTreeStatus::default();
+        }
+        status.content_id = config.content_id;
+        status.display_name = config.display_name.clone();
+        status.relative_url = config.relative_url.clone();
+        status.format = config.format;
+        status.content_sha256 = config.content_sha256.clone();
+        status.max_download_size = config.max_download_size;
+        status.generation_counter = config.generation_counter;
+        status
+    }
+
+    fn error(config: &ContentTreeConfig, text: &str) -> ErrorDescription {
+        ErrorDescription::new(
+            format!(
+                "content tree {} ({}): {text}",
+                config.content_id,
+                if config.display_name.is_empty() {
+                    config.relative_url.as_str()
+                } else {
+                    config.display_name.as_str()
+                }
+            ),
+            ErrorSeverity::Error,
+            Utc::now(),
+        )
+        .about(ErrorEntityType::ContentTree, config.content_id)
+    }
+
+    async fn handle_config(&mut self, config: ContentTreeConfig) -> Result<(), AgentError> {
+        let id = config.content_id;
+        if self.configs.get(&id) == Some(&config) {
+            return Ok(());
+        }
+        self.configs.insert(id, config.clone());
+        let mut status = self.base_status(&config);
+        let source = if store::is_sha256(&config.content_sha256) {
+            fetch::source(&config)
+        } else {
+            Err(format!(
+                "sha256 {:?} is not 64 hex digits: the content could not be verified, so it is not downloaded",
+                config.content_sha256
+            ))
+        };
+        let source = match source {
+            Ok(source) => source,
+            Err(reason) => {
+                tracing::warn!(tree = %id, "{reason}");
+                self.release(id).await?;
+                status.state = ContentTreeState::Initial;
+                status.error = Self::error(&config, &reason);
+                return Ok(self.statuses.publish(status).await?);
+            }
+        };
+        let sha = config.content_sha256.clone();
+        let s = sha.clone();
+        let released = match self.blocking(move |store| store.hold(id, &s)).await? {
+            Ok(released) => released,
+            Err(e) => {
+                // Nothing is downloaded without its reference on disk; tried again at the next
+                // config change or start.
+                tracing::error!(tree = %id, "{e}");
+                status.error = Self::error(
+                    &config,
+                    &format!("{e}; tried again at the next config change or agent start"),
+                );
+                return Ok(self.statuses.publish(status).await?);
+            }
+        };
+        if let Some(old) = released {
+            self.drop_content(&old).await;
+        }
+        self.held.insert(id);
+        let blob = self.content.join("blobs").join(&sha);
+        if blob.exists() {
+            status.state = ContentTreeState::Loaded;
+            status.file_location = blob.display().to_string();
+            status.blobs = vec![sha.clone()];
+            status.progress = 100;
+            status.create_time = status.create_time.or(Some(Utc::now()));
+            status.error = ErrorDescription::default();
+            tracing::info!(tree = %id, sha256 = %sha, "content already in the store");
+        } else {
+            let current = self.jobs.get(&sha).is_some_and(|job| {
+                !job.handle.is_finished() && (job.owner != id || job.origin == job_origin(&config))
+            });
+            if !current {
+                // A corrected URL, certificate or limit is used at once, not after the old one's
+                // retries.
+                if let Some(old) = self.jobs.remove(&sha) {
+                    old.handle.abort();
+                    let _ = old.handle.await;
+                }
+                self.start_job(&sha, id, source, job_origin(&config));
+            }
+            if status.state == ContentTreeState::Loaded {
+                // Its blob went (removed by hand?): it is downloaded again.
+                status.state = ContentTreeState::Initial;
+                status.file_location.clear();
+                status.blobs.clear();
+                status.progress = 0;
+                status.create_time = None;
+            }
+        }
+        self.statuses.publish(status).await?;
+        Ok(())
+    }
+
+    fn start_job(&mut self, sha: &str, owner: Uuid, source: fetch::Source, origin: JobOrigin) {
+        let max_size = origin.2;
+        tracing::info!(sha256 = %sha, url = %source.url, "downloading");
+        let (partial, store) = (self.content.join("partial").join(sha), self.store.clone());
+        let handle = tokio::spawn(job(
+            sha.to_string(),
+            source,
+            partial,
+            max_size,
+            store,
+            self.settings.subscribe(),
+            self.events.clone(),
+        ));
+        let job = Job {
+            handle,
+            owner,
+            origin,
+        };
+        self.jobs.insert(sha.to_string(), job);
+    }
+
+    /// Drops `id`'s reference. A reference that cannot be removed now stays on disk and is
+    /// dropped by the next start's collection (the tree is no longer configured then).
+    async fn release(&mut self, id: Uuid) -> Result<(), AgentError> {
+        self.held.remove(&id);
+        match self.blocking(move |store| store.release(id)).await? {
+            Ok(Some(sha)) => self.drop_content(&sha).await,
+            Ok(None) => {}
+            Err(e) => tracing::error!(tree = %id, "{e}; collected at the next start"),
+        }
+        Ok(())
+    }
+
+    /// Stops the job of `sha` (held by nobody now) and removes its files; files that cannot
+    /// be removed now go at the next start's collection.
+    async fn drop_content(&mut self, sha: &str) {
+        if let Some(job) = self.jobs.remove(sha) {
+            job.handle.abort();
+            let _ = job.handle.await;
+        }
+        tracing::info!(sha256 = %sha, "no content tree holds the blob any more: removing it");
+        let s = sha.to_string();
+        match self.blocking(move |store| store.remove_content(&s)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(sha256 = %sha, "{e}; collected at the next start"),
+            Err(e) => tracing::error!(sha256 = %sha, "{e}"),
+        }
+    }
+
+    async fn handle_delete(&mut self, id: Uuid) -> Result<(), AgentError> {
+        self.configs.remove(&id);
+        self.release(id).await?;
+        self.statuses.unpublish(&id.to_string()).await?;
+        Ok(())
+    }
+
+    /// Drops what no configured tree holds; a failure only delays that to the next start.
+    async fn collect_garbage(&mut self) -> Result<(), AgentError> {
+        let configured: BTreeSet<Uuid> = self.configs.keys().copied().collect();
+        if let Err(e) = self
+            .blocking(move |store| store.collect_garbage(&configured))
+            .await?
+        {
+            tracing::error!("{e}; tried again at the next start");
+        }
+        Ok(())
+    }
+
+    async fn handle_job(&mut self, event: JobEvent) -> Result<(), AgentError> {
+        let sha = match &event {
+            JobEvent::Progress { sha, .. }
+            | JobEvent::Failed { sha, .. }
+            | JobEvent::Loaded { sha, .. } => sha.clone(),
+        };
+        let trees: Vec<ContentTreeConfig> = self
+            .configs
+            .values()
+            .filter(|c| c.content_sha256 == sha && self.held.contains(&c.content_id))
+            .cloned()
+            .collect();
+        if let JobEvent::Loaded { .. } = event {
+            self.jobs.remove(&sha);
+        }
+        for config in trees {
+            let mut status = self.base_status(&config);
+            match &event {
+                JobEvent::Progress {
+                    state, progress, ..
+                } => {
+                    status.state = *state;
+                    status.current_size = progress.current as i64;
+                    status.total_size = progress.total.map_or(0, |t| t as i64);
+                    status.progress = match progress.total {
+                        Some(t) if t > 0 => (progress.current.min(t) * 100 / t) as u32,
+                        _ => 0,
+                    };
+                }
+                JobEvent::Failed {
+                    error, retry_in, ..
+                } => {
+                    status.error = Self::error(&config, error);
+                    status.error.error_retry_condition =
+                        format!("will retry in {}s", retry_in.as_secs_f64().ceil());
+                    tracing::warn!(tree = %config.content_id, sha256 = %sha, retry_in = ?retry_in, "download failed: {error}");
+                }
+                JobEvent::Loaded { path, .. } => {
+                    status.state = ContentTreeState::Loaded;
+                    status.file_location = path.display().to_string();
+                    status.blobs = vec![sha.clone()];
+                    status.progress = 100;
+                    status.create_time = Some(Utc::now());
+                    status.error = ErrorDescription::default();
+                    tracing::info!(tree = %config.content_id, sha256 = %sha, "content verified and loaded");
+                }
+            }
+            self.statuses.publish(status).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Downloads, verifies and stores one blob, retrying until it is LOADED or the job is aborted.
+async fn job(
+    sha: String,
+    source: fetch::Source,
+    partial: PathBuf,
+    max_size: u64,
+    store: Arc<Mutex<ContentStore>>,
+    settings: watch::Receiver<Settings>,
+    events: mpsc::Sender<JobEvent>,
+) {
+    let mut attempt: u32 = 0;
+    loop {
+        let now = *settings.borrow();
+        let error = match attempt_once(
+            &sha, &source, &partial, max_size, now.stall, &store, &events,
+        )
+        .await
+        {
+            Ok(path) => {
+                let _ = events.send(JobEvent::Loaded { sha, path }).await;
+                return;
+            }
+            Err(error) => error,
+        };
+        attempt = attempt.saturating_add(1);
+        let delay = now
+            .retry_min
+            .saturating_mul(1u32 << (attempt - 1).min(16))
+            .min(now.retry_max.max(now.retry_min));
+        if events
+            .send(JobEvent::Failed {
+                sha: sha.clone(),
+                error,
+                retry_in: delay,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// One attempt: download (resuming), verify, store. `Err` is the reason, for the status.
+async fn attempt_once(
+    sha: &str,
+    source: &fetch::Source,
+    partial: &Path,
+    max_size: u64,
+    stall: Duration,
+    store: &Arc<Mutex<ContentStore>>,
+    events: &mpsc::Sender<JobEvent>,
+) -> Result<PathBuf, String> {
+    let progress_events = events.clone();
+    let s = sha.to_string();
+    let limits = Limits { max_size, stall };
+    let fetched = fetch::fetch(source, partial, limits, move |progress| {
+        // A full channel drops a progress report; the next one says more anyway.
+        let _ = progress_events.try_send(JobEvent::Progress {
+            sha: s.clone(),
+            state: ContentTreeState::Downloading,
+            progress,
+        });
+    })
+    .await;
+    let length = match fetched {
+        Ok(length) => length,
+        Err(e) => {
+            // Bytes past the limit are never resumed; a stalled or cut download is.
+            if matches!(e, FetchError::TooLarge { .. }) {
+                let _ = remove_partial(partial).await;
+            }
+            return Err(e.to_string());
+        }
+    };
+    let done = Progress {
+        current: length,
+        total: Some(length),
+    };
+    for state in [ContentTreeState::Downloaded, ContentTreeState::Verifying] {
+        let _ = events
+            .send(JobEvent::Progress {
+                sha: sha.to_string(),
+                state,
+                progress: done,
+            })
+            .await;
+    }
+    let p = partial.to_path_buf();
+    let actual = tokio::task::spawn_blocking(move || store::sha256_file(&p))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot read {} to verify it: {e}", partial.display()))?;
+    if actual != sha {
+        let _ = remove_partial(partial).await;
+        return Err(format!(
+            "sha256 mismatch: {} sent {length} bytes with sha256 {actual}, the config says {sha}; the download is discarded",
+            source.url
+        ));
+    }
+    let (store, s) = (store.clone(), sha.to_string());
+    tokio::task::spawn_blocking(move || {
+        let store = lock(&store);
+        // Released meanwhile: nobody wants it, so it never enters the store.
+        if !store.refs().blobs.contains_key(&s) {
+            return Err("released while it was verified".to_string());
+        }
+        store.promote(&s).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+async fn remove_partial(partial: &Path) -> std::io::Result<()> {
+    let p = partial.to_path_buf();
+    tokio::task::spawn_blocking(move || match std::fs::remove_file(&p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}

@@ -1,0 +1,65 @@
+//! cairn-downloader: the agent binary. Arguments, logging, bus; the rest is the library.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use cairn_downloader::AGENT;
+use cairn_downloader::agent::{self, Settings};
+use cairn_startup::{CommonArgs, StopSignals, init_logging};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cairn-downloader",
+    about = "Downloads and verifies Cairn's content trees"
+)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Milliseconds without data (connecting, waiting for the answer, or between bytes) after
+    /// which a download attempt is abandoned; EVE's `timer.download.stalled` overrides it.
+    #[arg(long, env = "CAIRN_DOWNLOAD_STALL_MS", default_value_t = 60_000)]
+    stall_ms: u64,
+    /// The first retry delay after a failed attempt (doubling from there).
+    #[arg(long, env = "CAIRN_DOWNLOAD_RETRY_MIN_MS", default_value_t = 10_000)]
+    retry_min_ms: u64,
+    /// The longest retry delay; EVE's `timer.download.retry` overrides it.
+    #[arg(long, env = "CAIRN_DOWNLOAD_RETRY_MAX_MS", default_value_t = 600_000)]
+    retry_max_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    init_logging();
+    let args = Args::parse();
+    // Two threads: a download streams while the bus keeps answering.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot build the tokio runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let bus = args.common.bus(AGENT);
+    let mut signals = StopSignals::install()?;
+    let settings = Settings {
+        stall: Duration::from_millis(args.stall_ms.max(1)),
+        retry_min: Duration::from_millis(args.retry_min_ms.max(1)),
+        retry_max: Duration::from_millis(args.retry_max_ms.max(1)),
+    };
+    let shutdown = async move {
+        let signal = signals.recv().await;
+        tracing::info!(signal, "stopping; downloads resume at the next start");
+    };
+    agent::run(
+        &bus,
+        &args.common.persist_dir,
+        args.common.technicians_gid,
+        settings,
+        shutdown,
+    )
+    .await
+    .context("the downloader failed")?;
+    Ok(())
+}
