@@ -79,6 +79,11 @@ pub struct VolumeConfig {
     pub purgeable: bool,
     /// How a directory volume is snapshotted and restored (Cairn; `Auto` for other formats).
     pub restore_mode: DirRestoreMode,
+    /// Why the volume cannot be made from what the config says (a controller fault in one
+    /// object, such as a content tree the config does not have): the volume is reported
+    /// Failed with this reason instead of the whole config being refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unusable: Option<String>,
 }
 
 /// The snapshot/restore mode of a directory volume, chosen per volume.

@@ -484,6 +484,7 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
         .enumerate()
         .map(|(i, g)| local_group(g, &format!("groups[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
+    mark_unusable_volumes(&mut config);
     validate(&config)?;
     apply_groups(&mut config, groups, "groups")?;
     apply_clones(&mut config, &clones)?;
@@ -888,6 +889,7 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
             .map(|item| (item.key.clone(), item.value.clone()))
             .collect(),
     };
+    mark_unusable_volumes(&mut config);
     validate(&config)?;
     apply_groups(&mut config, groups, "cairn_groups")?;
     apply_clones(&mut config, &clones)?;
@@ -1416,6 +1418,24 @@ fn restart_policy(text: &str, path: &str) -> Result<cairn_types::RestartPolicy, 
     }
 }
 
+/// A volume made from a content tree the config does not have is the controller's fault in
+/// that one object: the volume is accepted and reported Failed with the reason (EVE's
+/// volumemgr would wait for the tree forever, saying so only in its log), and the rest of the
+/// config goes into force.
+fn mark_unusable_volumes(config: &mut DeviceConfig) {
+    let trees: BTreeSet<Uuid> = config.content_trees.iter().map(|t| t.content_id).collect();
+    for volume in &mut config.volumes {
+        if let VolumeOrigin::ContentTree { id } = volume.origin
+            && !trees.contains(&id)
+        {
+            volume.unusable = Some(format!(
+                "volume {} is made from content tree {id}, which is not in the config's content trees",
+                volume.volume_id
+            ));
+        }
+    }
+}
+
 pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
     let items = cairn_types::ConfigItemValueMap {
         items: config.config_items.clone(),
@@ -1548,15 +1568,6 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
     let mut seen = BTreeSet::new();
     for (i, volume) in config.volumes.iter().enumerate() {
         if let VolumeOrigin::ContentTree { id } = volume.origin {
-            if !trees.contains_key(&id) {
-                return Err(ConfigError::at(
-                    format!("volumes[{i}].content_tree"),
-                    format!(
-                        "volume {} is made from content tree {id}, which is not in the config's content trees",
-                        volume.volume_id
-                    ),
-                ));
-            }
             if volume.format == VolumeFormat::Dir {
                 return Err(ConfigError::at(
                     format!("volumes[{i}].format"),

@@ -1007,11 +1007,21 @@ fn a_content_tree_on_an_unknown_datastore_is_accepted_without_it() {
 }
 
 #[test]
-fn a_volume_from_a_content_tree_not_in_the_config_is_refused() {
+fn a_volume_from_a_content_tree_not_in_the_config_is_accepted_and_marked_unusable() {
+    // One faulty object does not refuse the whole config: the volume is reported Failed with
+    // the reason (the controller reads it in ZInfoVolume / the app's appErr).
     let missing = "99999999-1111-4222-8333-444444444444";
-    let e = err(from_proto(&eve_content_config(STORE, missing)));
-    assert_eq!(e.path, "volumes[0].content_tree");
-    assert!(e.message.contains(missing), "{e}");
+    let config = from_proto(&eve_content_config(STORE, missing)).unwrap();
+    let why = config.volumes[0]
+        .unusable
+        .as_deref()
+        .expect("the volume says why it cannot be made");
+    assert!(
+        why.contains(missing) && why.contains("not in the config"),
+        "{why}"
+    );
+    let fine = from_proto(&eve_content_config(STORE, TREE)).unwrap();
+    assert_eq!(fine.volumes[0].unusable, None);
 }
 
 #[test]

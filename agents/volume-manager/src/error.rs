@@ -93,6 +93,10 @@ pub enum VolumeError {
         tree: Uuid,
         why: String,
     },
+    /// The config-agent accepted the volume but says why it cannot be made (a fault of the
+    /// controller in this one object); it stays Failed until the config changes.
+    #[error("volume {volume} cannot be made: {why}")]
+    Unusable { volume: String, why: String },
 }
 
 impl VolumeError {

@@ -287,7 +287,12 @@ impl VolumeManager {
                     VolumeOrigin::ContentTree { .. } => s.state != VolumeState::Ready,
                     _ => false,
                 });
-        let outcome = if path.exists() {
+        let outcome = if let Some(why) = &config.unusable {
+            Err(VolumeError::Unusable {
+                volume: key.clone(),
+                why: why.clone(),
+            })
+        } else if path.exists() {
             match volumes::check_existing_blocking(&key, &path, config.format).await {
                 Ok(()) => self.backends.activate(backend, &key, &path).await,
                 Err(e) => Err(e),

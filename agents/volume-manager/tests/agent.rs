@@ -279,3 +279,40 @@ async fn a_volume_file_deleted_while_the_agent_was_down_is_not_silently_recreate
     assert!(v.error.error.contains("is missing"), "{v:?}");
     assert!(!file.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_the_config_agent_marks_unusable_is_failed_with_its_reason_and_waits_once_fixed() {
+    let mut h = Harness::new().await;
+    let _agent = h.agent(None);
+    let tree = Uuid::new_v4();
+    let mut v = volume(VolumeFormat::Qcow2, 8 * MIB);
+    v.origin = cairn_types::volume::VolumeOrigin::ContentTree { id: tree };
+    v.unusable = Some(format!(
+        "volume {} is made from content tree {tree}, which is not in the config's content trees",
+        v.volume_id
+    ));
+    h.volume_configs.publish(v.clone()).await.unwrap();
+    let s = h.ready(&v).await;
+    assert_eq!(s.state, VolumeState::Failed, "{s:?}");
+    assert!(
+        s.error.error.contains(&tree.to_string()) && s.error.error.contains("not in the config"),
+        "the error names the content tree and the fault: {s:?}"
+    );
+    assert!(!h.volume_file(&v).exists(), "nothing was made");
+
+    // The controller fixes its config (adds the content tree): the volume now waits for it,
+    // no longer failed.
+    let fixed = cairn_types::volume::VolumeConfig {
+        unusable: None,
+        ..v.clone()
+    };
+    h.volume_configs.publish(fixed.clone()).await.unwrap();
+    let s = h
+        .volume_where(&fixed.key(), |s| s.state == VolumeState::Creating)
+        .await;
+    assert!(!s.error.is_error(), "{s:?}");
+    assert!(
+        s.warnings.iter().any(|w| w.contains(&tree.to_string())),
+        "it says which content tree it waits for: {s:?}"
+    );
+}
