@@ -43,6 +43,8 @@ pub struct UpOptions {
     pub bin_dir: PathBuf,
     /// The D-Bus bus to serve the read-out on (`--dbus`).
     pub dbus: Option<String>,
+    /// The address to serve the web read-out on (`--http`).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// The agent binary's path, or what to do when it is missing.
@@ -132,6 +134,19 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
             tenants,
             stopping.clone(),
         )));
+    }
+
+    if let Some(addr) = options.http {
+        // Checked before the agents run on: a page that cannot be served is said at once.
+        let roots = options.roots.clone();
+        let stopping = stopping.clone();
+        supervisors.push(tokio::spawn(async move {
+            eprintln!("cairn up: web read-out on http://{addr}/");
+            if let Err(e) = cairn_web::serve(addr, roots, stopping).await {
+                // The agents run on without the page: the device does not depend on it.
+                eprintln!("cairn up: {e}");
+            }
+        }));
     }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

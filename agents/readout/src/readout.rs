@@ -438,3 +438,16 @@ pub fn topics(roots: &Roots) -> Vec<(String, String, PathBuf)> {
     found.sort();
     found
 }
+
+/// Where the config in force came from, in words (not its Rust form).
+pub fn config_source_text(source: &cairn_types::device::ConfigSource) -> String {
+    use cairn_types::device::ConfigSource;
+    match source {
+        ConfigSource::None => "none yet".into(),
+        ConfigSource::LocalFile { path } => format!("local file {path}"),
+        ConfigSource::Controller { url } => format!("controller {url}"),
+        ConfigSource::Checkpoint => {
+            "the last controller config (checkpoint: the controller is unreachable)".into()
+        }
+    }
+}
