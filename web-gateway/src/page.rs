@@ -41,10 +41,10 @@ td.why{white-space:normal;min-width:12em}
 /// Relative times and live updates: no build step, no library.
 const SCRIPT: &str = r#"
 function rel(){const now=Date.now();document.querySelectorAll('time[datetime]').forEach(t=>{const s=Math.round((now-Date.parse(t.getAttribute('datetime')))/1000);const a=Math.abs(s);const v=a<60?a+' s':a<3600?Math.round(a/60)+' min':a<86400?Math.round(a/3600)+' h':Math.round(a/86400)+' d';t.textContent=s>=0?v+' ago':'in '+v;});}
-let busy=false,again=false;
-async function refresh(){if(busy){again=true;return;}busy=true;try{const r=await fetch('content',{cache:'no-store'});if(r.ok){document.getElementById('content').innerHTML=await r.text();rel();}}finally{busy=false;if(again){again=false;refresh();}}}
+const base=location.origin+'/';let busy=false,again=false;
+async function refresh(){if(busy){again=true;return;}busy=true;try{const r=await fetch(base+'content',{cache:'no-store'});if(r.ok){document.getElementById('content').innerHTML=await r.text();rel();}}finally{busy=false;if(again){again=false;refresh();}}}
 const live=document.getElementById('live');
-const es=new EventSource('api/v1/events');
+const es=new EventSource(base+'api/v1/events');
 es.addEventListener('change',refresh);
 es.onopen=()=>{live.textContent='live';live.className='st ok';};
 es.onerror=()=>{live.textContent='reconnecting';live.className='st warn';};
