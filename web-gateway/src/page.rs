@@ -275,18 +275,19 @@ fn snapshot_table(rows: &[&SnapshotRow]) -> Markup {
     html! {
         div.scroll {
             table.snapshots {
-                thead { tr { th { "State" } th { "Snapshot" } th { "Type" } th { "Mode" } th { "Config" } th { "Created" } th { "Pause" } th { "Why" } } }
+                thead { tr { th { "State" } th { "Snapshot" } th { "Type" } th { "Mode" } th { "Config" } th { "Created" } th { "Expires" } th { "Pause" } th { "Why" } } }
                 tbody {
                     @for r in rows {
                         tr data-snapshot=(r.id) {
                             td { (badge(row_class(&r.state), &r.state)) }
-                            td { code title=(r.id) { (r.id.get(..8).unwrap_or(&r.id)) } }
+                            td { @if !r.name.is_empty() { (r.name) " " } code title=(r.id) { (r.id.get(..8).unwrap_or(&r.id)) } }
                             td { (r.kind) }
                             td { (r.mode) }
                             td { (r.config_version) }
                             td { (when_text(r.time_created.as_deref().or(r.time_triggered.as_deref()))) }
+                            td { (when_text(r.expires.as_deref())) }
                             td { @if r.pause_ms > 0 { (r.pause_ms) " ms" } @else { "-" } }
-                            td.why { (r.error) }
+                            td.why { @if !r.note.is_empty() { span.note { (r.note) } " " } @if !r.error.is_empty() { span.err { (r.error) } } }
                         }
                     }
                 }

@@ -95,6 +95,15 @@ pub struct SnapshotRow {
     /// How long a live or stateful snapshot paused the VM, in milliseconds (0: not paused).
     pub pause_ms: u64,
     pub error: String,
+    /// The snapshot's name (scheduled snapshots: from their policy's pattern); may be empty.
+    #[serde(default)]
+    pub name: String,
+    /// When it expires (created + its expiry), if it has one.
+    #[serde(default)]
+    pub expires: Option<String>,
+    /// What the state waits for, e.g. a pending deletion waits for the app to stop.
+    #[serde(default)]
+    pub note: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -266,6 +275,17 @@ fn row(app: &AppInstanceStatus, s: &SnapshotInstanceStatus, state: &str) -> Snap
         mode: mode(s.snapshot.mode),
         pause_ms: s.pause_ms,
         error: s.error.error.clone(),
+        name: s.snapshot.name.clone(),
+        expires: (s.snapshot.expiry_seconds > 0)
+            .then(|| {
+                s.time_created.map(|t| {
+                    t + chrono::Duration::seconds(
+                        i64::try_from(s.snapshot.expiry_seconds).unwrap_or(i64::MAX / 1000),
+                    )
+                })
+            })
+            .and_then(time),
+        note: String::new(),
     }
 }
 
@@ -378,7 +398,16 @@ pub fn snapshot_rows(
                 time_created: None,
                 mode: mode(desc.mode),
                 pause_ms: 0,
-                error: String::new(),
+                // A failed deletion's reason is among the app's warnings, naming the snapshot.
+                error: app
+                    .warnings
+                    .iter()
+                    .find(|w| w.contains(&desc.snapshot_id.to_string()))
+                    .cloned()
+                    .unwrap_or_default(),
+                name: desc.name.clone(),
+                expires: None,
+                note: "waits for the app to stop: deleted at its next deactivation".into(),
             });
         }
     }
@@ -407,6 +436,9 @@ pub fn snapshot_rows(
             mode: String::new(),
             pause_ms: 0,
             error,
+            name: String::new(),
+            expires: None,
+            note: String::new(),
         });
     }
     rows
