@@ -551,3 +551,59 @@ fn the_page_shows_the_demo_app_and_a_new_snapshot_without_reload_in_a_real_brows
     });
     drop(up);
 }
+
+#[test]
+fn a_snapshot_removed_while_its_app_runs_says_it_waits_for_the_app_to_stop() {
+    const APP: &str = "0000000a-0000-4000-8000-0000000000e1";
+    const SNAPSHOT: &str = "0000000c-0000-4000-8000-0000000000e1";
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("device.json");
+    write_atomically(
+        &config,
+        &common::process_app_config(APP, "kept", "1", &[SNAPSHOT]),
+    );
+    let port = free_port("127.0.0.1");
+    let up = Up::start_in(
+        root,
+        &cairn_bin(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--http",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let available = |v: &serde_json::Value| {
+        common::app(v, "kept").is_some_and(|a| {
+            a["State"] == common::RUNNING
+                && a["SnapStatus"]["AvailableSnapshots"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["Snapshot"]["SnapshotID"] == SNAPSHOT))
+        })
+    };
+    up.wait_status(Duration::from_secs(90), available);
+    write_atomically(&config, &common::process_app_config(APP, "kept", "1", &[]));
+    let row = eventually(
+        "the pending deletion row",
+        Duration::from_secs(60),
+        &up,
+        || {
+            let (_, _, body) = get(port, "/api/v1/snapshots/kept");
+            let rows: serde_json::Value = serde_json::from_str(&body).ok()?;
+            rows.as_array()?
+                .iter()
+                .find(|r| r["id"] == SNAPSHOT && r["state"] == "pending deletion")
+                .cloned()
+        },
+    );
+    assert!(
+        row["note"]
+            .as_str()
+            .unwrap()
+            .contains("waits for the app to stop"),
+        "{row}"
+    );
+    let (_, _, page) = get(port, "/");
+    assert!(page.contains("waits for the app to stop"), "{page}");
+    drop(up);
+}
