@@ -553,7 +553,7 @@ fn the_page_shows_the_demo_app_and_a_new_snapshot_without_reload_in_a_real_brows
 }
 
 #[test]
-fn a_snapshot_removed_while_its_app_runs_says_it_waits_for_the_app_to_stop() {
+fn a_pending_deletion_says_it_waits_for_the_app_to_stop_and_a_failed_one_shows_its_reason() {
     const APP: &str = "0000000a-0000-4000-8000-0000000000e1";
     const SNAPSHOT: &str = "0000000c-0000-4000-8000-0000000000e1";
     let root = tempfile::tempdir().unwrap();
@@ -605,5 +605,71 @@ fn a_snapshot_removed_while_its_app_runs_says_it_waits_for_the_app_to_stop() {
     );
     let (_, _, page) = get(port, "/");
     assert!(page.contains("waits for the app to stop"), "{page}");
+
+    // The deletion made to fail (its copy immutable, so even root cannot remove it), then the
+    // app restarted: the open page shows the reason on the snapshot's row.
+    let copy = cairn_types::layout::volumes_dir(&up.path().join("persist"))
+        .join(".snapshots")
+        .join(cairn_types::volume_key(
+            "0000000b-0000-4000-8000-000000000001".parse().unwrap(),
+            0,
+        ))
+        .join(SNAPSHOT);
+    assert!(
+        copy.is_dir(),
+        "the snapshot's copy is at {}",
+        copy.display()
+    );
+    let _pinned = Immutable::set(&copy);
+    let shots = screenshot_dir("failed-deletion");
+    browse(|browser| async move {
+        browser
+            .goto(&format!("http://127.0.0.1:{port}/"))
+            .await
+            .unwrap();
+        wait_css(&browser, "#live.ok").await;
+        let restarted = common::process_app_config(APP, "kept", "1", &[]).replace(
+            r#""display_name": "kept","#,
+            r#""display_name": "kept", "restart": 1,"#,
+        );
+        write_atomically(&config, &restarted);
+        let row = text_when(
+            &browser,
+            &format!("tr[data-snapshot=\"{SNAPSHOT}\"]"),
+            |t| t.contains("deleting snapshot") && t.contains("failed"),
+        )
+        .await;
+        assert!(
+            row.contains(&copy.display().to_string()),
+            "the reason names the copy: {row}"
+        );
+        std::fs::write(
+            shots.join("failed-deletion.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+    });
     drop(up);
+}
+
+/// `chattr +i` on a directory until dropped (so the test's root can be removed again).
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Self {
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chattr +i {} (e2fsprogs, root, ext4)", path.display());
+        Self(path.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
 }
