@@ -388,17 +388,21 @@ fn screenshot_dir(test: &str) -> PathBuf {
     dir
 }
 
-/// `chromedriver` on a loopback port, stopped when dropped.
+/// `chromedriver` on a loopback port, stopped when dropped; chromium's profile and temporary
+/// files go into `tmp`, removed with it.
 struct Driver {
     child: Child,
     port: u16,
+    tmp: tempfile::TempDir,
 }
 
 impl Driver {
     fn start() -> Self {
         let port = free_port("127.0.0.1");
+        let tmp = tempfile::tempdir().unwrap();
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .env("TMPDIR", tmp.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -411,7 +415,7 @@ impl Driver {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        Self { child, port }
+        Self { child, port, tmp }
     }
 }
 
@@ -443,7 +447,8 @@ where
             serde_json::json!({
                 "binary": "/usr/bin/chromium",
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--window-size=1920,1080"]
+                         "--disable-dev-shm-usage", "--window-size=1920,1080",
+                         format!("--user-data-dir={}", driver.tmp.path().join("profile").display())]
             }),
         );
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
