@@ -8,6 +8,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -400,9 +401,12 @@ impl Driver {
     fn start() -> Self {
         let port = free_port("127.0.0.1");
         let tmp = tempfile::tempdir().unwrap();
+        // Its own process group: a test that panics before closing its session still takes
+        // chromium and its helpers down with the group.
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .env("TMPDIR", tmp.path())
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -421,10 +425,8 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            Signal::SIGTERM,
-        );
+        let group = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
+        let _ = nix::sys::signal::kill(group, Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
@@ -448,6 +450,7 @@ where
                 "binary": "/usr/bin/chromium",
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                          "--disable-dev-shm-usage", "--window-size=1920,1080",
+                         "--disable-crash-reporter", "--disable-breakpad",
                          format!("--user-data-dir={}", driver.tmp.path().join("profile").display())]
             }),
         );
@@ -625,7 +628,7 @@ fn a_pending_deletion_says_it_waits_for_the_app_to_stop_and_a_failed_one_shows_i
         "the snapshot's copy is at {}",
         copy.display()
     );
-    let _pinned = Immutable::set(&copy);
+    let pinned = Immutable::set(&copy);
     let shots = screenshot_dir("failed-deletion");
     browse(|browser| async move {
         browser
@@ -654,6 +657,8 @@ fn a_pending_deletion_says_it_waits_for_the_app_to_stop_and_a_failed_one_shows_i
         )
         .unwrap();
     });
+    // Removable again before the root is removed.
+    drop(pinned);
     drop(up);
 }
 
