@@ -57,6 +57,16 @@ pub enum WebError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "web read-out on {addr}: TLS needs the device's certificate and key, {cert} and {key}: \
+         {fault}"
+    )]
+    Tls {
+        addr: SocketAddr,
+        cert: PathBuf,
+        key: PathBuf,
+        fault: String,
+    },
     #[error("web read-out on {addr}: {source}")]
     Serve {
         addr: SocketAddr,
@@ -101,6 +111,93 @@ pub async fn serve(
     })
     .await
     .map_err(|source| WebError::Serve { addr, source })
+}
+
+/// The device's own certificate and key under `<persist>/config/` (made by the config-agent
+/// when it onboards), served with `--http-tls`.
+pub const DEVICE_CERT: &str = "device.cert.pem";
+pub const DEVICE_KEY: &str = "device.key.pem";
+/// A client that does not finish its TLS handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// As [`serve`], over TLS with the device's certificate.
+pub async fn serve_tls(
+    addr: SocketAddr,
+    roots: Roots,
+    stopping: watch::Receiver<bool>,
+) -> Result<(), WebError> {
+    let config_dir = roots.persist.join("config");
+    let (cert, key) = (config_dir.join(DEVICE_CERT), config_dir.join(DEVICE_KEY));
+    let acceptor = {
+        let (c, k) = (cert.clone(), key.clone());
+        tokio::task::spawn_blocking(move || tls_acceptor(&c, &k))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|fault| WebError::Tls {
+                addr,
+                cert: cert.clone(),
+                key: key.clone(),
+                fault,
+            })?
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| WebError::Bind { addr, source })?;
+    let router = router(addr, roots).await?;
+    // The guard `wait_for` returns must not live across an await (it is not Send).
+    let mut stopping = stopping;
+    let stop = async move {
+        let _ = stopping.wait_for(|stop| *stop).await.map(|_| ());
+    };
+    tokio::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut stop => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // E.g. out of file descriptors: the next accept may work.
+                    tracing::warn!(error = %e, "web read-out: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let service = hyper_util::service::TowerToHyperService::new(
+            router
+                .clone()
+                .layer(Extension(axum::extract::ConnectInfo(peer))),
+        );
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| format!("certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("key: {e}"))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| e.to_string())?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The routes for a server bound to `addr`, after reading the tokens.

@@ -159,6 +159,10 @@ struct UpArgs {
     /// <persist>/config/web-tokens (`device TOKEN` or `tenant:NAME TOKEN` lines, mode 600).
     #[arg(long, value_name = "ADDR")]
     http: Option<std::net::SocketAddr>,
+    /// Serve --http over TLS with the device's own certificate and key
+    /// (<persist>/config/device.cert.pem, device.key.pem, made when the device onboards).
+    #[arg(long, requires = "http")]
+    http_tls: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,7 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let roots = Roots::under(&root);
             let tenant_readers = args.tenant_readers.clone();
             let dbus = args.dbus.clone();
-            let http = args.http;
+            let http = args.http.map(|addr| (addr, args.http_tls));
             let source = config_source(args, &root)?;
             let bin_dir = std::env::current_exe()?
                 .parent()

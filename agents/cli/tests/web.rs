@@ -683,3 +683,81 @@ impl Drop for Immutable {
         let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
     }
 }
+
+#[test]
+fn with_tls_the_page_is_served_with_the_devices_own_certificate() {
+    use std::os::unix::fs::PermissionsExt;
+    // A device without its certificate says which files are missing; the agents run on.
+    let port = free_port("127.0.0.1");
+    let up = Up::start(&["--http", &format!("127.0.0.1:{port}"), "--http-tls"]);
+    eventually(
+        "the missing certificate named",
+        Duration::from_secs(30),
+        &up,
+        || {
+            let log = up.log();
+            (log.contains("TLS needs the device's certificate") && log.contains("device.cert.pem"))
+                .then_some(())
+        },
+    );
+    up.wait_status(Duration::from_secs(90), demo_ready);
+    drop(up);
+
+    let root = tempfile::tempdir().unwrap();
+    let config_dir = root.path().join("persist/config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let device = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(config_dir.join("device.cert.pem"), device.cert.pem()).unwrap();
+    let key = config_dir.join("device.key.pem");
+    std::fs::write(&key, device.signing_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port = free_port("127.0.0.1");
+    let up = Up::start_in(
+        root,
+        &cairn_bin(),
+        &["--http", &format!("127.0.0.1:{port}"), "--http-tls"],
+    );
+    up.wait_status(Duration::from_secs(90), demo_ready);
+
+    // A client that trusts only the device's certificate reads the API.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(device.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answer = runtime.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio::time::timeout(Duration::from_secs(30), connector.connect(name, tcp))
+            .await
+            .unwrap()
+            .unwrap();
+        tls.write_all(b"GET /api/v1/status HTTP/1.1\r\nHost: device\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("demo-logger"), "{answer}");
+    // Plain HTTP on the TLS port gets no page.
+    let (status, _, _) = get(port, "/api/v1/status");
+    assert_ne!(status, 200);
+    drop(up);
+}
