@@ -5,9 +5,7 @@
 
 mod dbus;
 mod export;
-mod readout;
 mod record;
-mod supervision;
 mod up;
 mod watch;
 
@@ -17,6 +15,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use std::time::Duration;
 
+use cairn_readout::{readout, supervision};
 use clap::{Parser, Subcommand};
 use readout::{DEMO_ROOT, DeviceView, Roots};
 
@@ -56,7 +55,10 @@ enum Command {
     /// Read-out: the apps and their states.
     Apps,
     /// Read-out: snapshots of every app, or of one (UUID or name).
-    Snapshots { app: Option<String> },
+    Snapshots {
+        /// Only this app's snapshots (its UUID or display name); every app's when omitted.
+        app: Option<String>,
+    },
     /// Read-out: live changes on the bus until Ctrl-C, one line per create, modify or delete
     /// (time, publisher, topic, key, summary); with --json one object per line.
     Watch {
@@ -73,6 +75,7 @@ enum Command {
     /// `<app>-<snapshot>-<time>` directory there); changes no volume, snapshot or app. Ctrl-C
     /// cancels (the unfinished export is removed). Exit 0 done, 1 failed, 130 cancelled.
     Export {
+        /// The snapshot's UUID, as `cairn snapshots` lists it.
         snapshot: uuid::Uuid,
         /// The directory to export into (a mounted disk or share).
         #[arg(long = "to", value_name = "DIR")]
@@ -84,11 +87,16 @@ enum Command {
     },
     /// Re-read an export directory (and the chain it builds on) and check every checksum.
     /// Read-only. Exit 0 when all match, 1 naming the damaged volume and file otherwise.
-    Verify { dir: PathBuf },
+    Verify {
+        /// The export directory (made by `cairn export`).
+        dir: PathBuf,
+    },
     /// Restore from an export: with --print-config, prints the app config saved in the export
     /// and the volumes to declare (origin `Export`) in the device config. Reads DIR only.
     Import {
+        /// The export directory (made by `cairn export`).
         dir: PathBuf,
+        /// Print the app config and the volumes to declare (the only mode so far).
         #[arg(long, required = true)]
         print_config: bool,
     },
@@ -146,11 +154,24 @@ struct UpArgs {
     /// `cairn dbus-policy` first.
     #[arg(long, value_name = "ADDRESS")]
     dbus: Option<String>,
+    /// Serve the read-only web status page and JSON API (/api/v1/status, /api/v1/snapshots) on
+    /// ADDR, e.g. 127.0.0.1:8080. A non-loopback address needs bearer tokens in
+    /// <persist>/config/web-tokens (`device TOKEN` or `tenant:NAME TOKEN` lines, mode 600).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<std::net::SocketAddr>,
+    /// Serve --http over TLS with the device's own certificate and key
+    /// (<persist>/config/device.cert.pem, device.key.pem, made when the device onboards).
+    #[arg(long, requires = "http")]
+    http_tls: bool,
 }
 
 #[derive(Debug, Subcommand)]
 enum RecordAction {
-    Check { file: PathBuf },
+    /// Check one record file.
+    Check {
+        /// The record file (e.g. <persist>/snapshots/<id>/snapshotInstanceStatus.json).
+        file: PathBuf,
+    },
 }
 
 const WAIT: Duration = Duration::from_secs(2);
@@ -178,6 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let roots = Roots::under(&root);
             let tenant_readers = args.tenant_readers.clone();
             let dbus = args.dbus.clone();
+            let http = args.http.map(|addr| (addr, args.http_tls));
             let source = config_source(args, &root)?;
             let bin_dir = std::env::current_exe()?
                 .parent()
@@ -190,6 +212,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tenant_readers,
                 bin_dir,
                 dbus,
+                http,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -205,7 +228,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let topics = watch::select(&topics)?;
             let roots = Roots::resolve(cli.root.as_deref());
             let view = readout::device_view(&roots, WAIT).await;
-            if let Some(code) = unreadable(&view, &roots, cli.root.is_some()) {
+            // A watch started before the device is there waits for it: its first lines are
+            // what a technician came to see. Only a refusal ends it.
+            if view.agents.iter().all(|a| a.state == "down") {
+                eprintln!(
+                    "cairn watch: agents not running under {} yet: waiting for them (start them \
+                     with `cairn up`{}); Ctrl-C to stop",
+                    roots.run.display(),
+                    if cli.root.is_some() {
+                        ""
+                    } else {
+                        " or give --root DIR"
+                    }
+                );
+            } else if let Some(code) = unreadable(&view, &roots, cli.root.is_some()) {
                 return Ok(code);
             }
             watch::watch(&roots, &topics, cli.json, initial).await?;
@@ -399,8 +435,8 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
     match &view.device {
         Some(d) => {
             println!(
-                "config   {:?}  applied {}  hash {}  apps {}  volumes {}",
-                d.config_source,
+                "config   {}  applied {}  hash {}  apps {}  volumes {}",
+                readout::config_source_text(&d.config_source),
                 d.last_config_time
                     .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
                     .unwrap_or_else(|| "never".into()),

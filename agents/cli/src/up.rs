@@ -43,6 +43,8 @@ pub struct UpOptions {
     pub bin_dir: PathBuf,
     /// The D-Bus bus to serve the read-out on (`--dbus`).
     pub dbus: Option<String>,
+    /// The address to serve the web read-out on (`--http`), and whether over TLS.
+    pub http: Option<(std::net::SocketAddr, bool)>,
 }
 
 /// The agent binary's path, or what to do when it is missing.
@@ -132,6 +134,24 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
             tenants,
             stopping.clone(),
         )));
+    }
+
+    if let Some((addr, tls)) = options.http {
+        let roots = options.roots.clone();
+        let stopping = stopping.clone();
+        supervisors.push(tokio::spawn(async move {
+            let served = if tls {
+                eprintln!("cairn up: web read-out on https://{addr}/");
+                cairn_web::serve_tls(addr, roots, stopping).await
+            } else {
+                eprintln!("cairn up: web read-out on http://{addr}/");
+                cairn_web::serve(addr, roots, stopping).await
+            };
+            if let Err(e) = served {
+                // The agents run on without the page: the device does not depend on it.
+                eprintln!("cairn up: {e}");
+            }
+        }));
     }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -115,12 +115,37 @@ fn watch_of_an_unknown_topic_lists_the_known_ones() {
 }
 
 #[test]
-fn watch_without_agents_says_how_to_start_them() {
+fn watch_started_before_the_device_waits_for_it_and_prints_its_changes() {
     let root = tempfile::tempdir().unwrap();
-    let (code, _, err) = cairn(root.path(), &["watch", "--json"]);
-    assert_eq!(code, 3);
+    let mut watch = Command::new(cairn_bin())
+        .arg("--root")
+        .arg(root.path())
+        .args(["watch", "--json", "AppInstanceStatus"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(watch.stdout.take().unwrap());
+    let err = lines(watch.stderr.take().unwrap());
+    let (waiting, _) = wait_line(&err, Duration::from_secs(10), |l| l.contains("waiting"))
+        .unwrap_or_else(|seen| panic!("watch did not say it waits: {seen:?}"));
     assert!(
-        err.contains("agents not running") && err.contains("start them with `cairn up`"),
-        "{err}"
+        waiting.contains("agents not running") && waiting.contains("start them with `cairn up`"),
+        "{waiting}"
     );
+
+    // The device comes up: its apps appear on the watch that was already there.
+    let mut up = Up::start_in(root, &cairn_bin(), &[]);
+    wait_line(&out, Duration::from_secs(90), |l| {
+        let v = json(l);
+        v["topic"] == "AppInstanceStatus" && v["value"]["DisplayName"] == "demo-logger"
+    })
+    .unwrap_or_else(|seen| panic!("no demo app on the watch; saw {seen:#?}\n{}", up.log()));
+    kill(Pid::from_raw(watch.id() as i32), Signal::SIGINT).unwrap();
+    let status = wait_exit(&mut watch, Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "Ctrl-C ends the watch cleanly: {status:?}"
+    );
+    up.stop(Signal::SIGTERM, Duration::from_secs(60));
 }

@@ -97,6 +97,15 @@ pub struct SnapshotRow {
     /// How long a live or stateful snapshot paused the VM, in milliseconds (0: not paused).
     pub pause_ms: u64,
     pub error: String,
+    /// The snapshot's name (scheduled snapshots: from their policy's pattern); may be empty.
+    #[serde(default)]
+    pub name: String,
+    /// When it expires (created + its expiry), if it has one.
+    #[serde(default)]
+    pub expires: Option<String>,
+    /// What the state waits for, e.g. a pending deletion waits for the app to stop.
+    #[serde(default)]
+    pub note: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -279,6 +288,17 @@ fn row(app: &AppInstanceStatus, s: &SnapshotInstanceStatus, state: &str) -> Snap
         mode: mode(s.snapshot.mode),
         pause_ms: s.pause_ms,
         error: s.error.error.clone(),
+        name: s.snapshot.name.clone(),
+        expires: (s.snapshot.expiry_seconds > 0)
+            .then(|| {
+                s.time_created.map(|t| {
+                    t + chrono::Duration::seconds(
+                        i64::try_from(s.snapshot.expiry_seconds).unwrap_or(i64::MAX / 1000),
+                    )
+                })
+            })
+            .and_then(time),
+        note: String::new(),
     }
 }
 
@@ -391,7 +411,16 @@ pub fn snapshot_rows(
                 time_created: None,
                 mode: mode(desc.mode),
                 pause_ms: 0,
-                error: String::new(),
+                // A failed deletion's reason is among the app's warnings, naming the snapshot.
+                error: app
+                    .warnings
+                    .iter()
+                    .find(|w| w.contains(&desc.snapshot_id.to_string()))
+                    .cloned()
+                    .unwrap_or_default(),
+                name: desc.name.clone(),
+                expires: None,
+                note: "waits for the app to stop: deleted at its next deactivation".into(),
             });
         }
     }
@@ -420,6 +449,9 @@ pub fn snapshot_rows(
             mode: String::new(),
             pause_ms: 0,
             error,
+            name: String::new(),
+            expires: None,
+            note: String::new(),
         });
     }
     rows
@@ -450,4 +482,17 @@ pub fn topics(roots: &Roots) -> Vec<(String, String, PathBuf)> {
     }
     found.sort();
     found
+}
+
+/// Where the config in force came from, in words (not its Rust form).
+pub fn config_source_text(source: &cairn_types::device::ConfigSource) -> String {
+    use cairn_types::device::ConfigSource;
+    match source {
+        ConfigSource::None => "none yet".into(),
+        ConfigSource::LocalFile { path } => format!("local file {path}"),
+        ConfigSource::Controller { url } => format!("controller {url}"),
+        ConfigSource::Checkpoint => {
+            "the last controller config (checkpoint: the controller is unreachable)".into()
+        }
+    }
 }

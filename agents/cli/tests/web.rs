@@ -1,0 +1,763 @@
+//! `cairn up --http ADDR`: the read-only web page and JSON API, read the way a technician's
+//! laptop reads them: plain HTTP/1.1 over TCP for the API and every bad request, and Debian's
+//! `chromium` driven through `chromedriver` (WebDriver, on loopback) for what a person sees.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{DEMO_APP, DEMO_SNAPSHOT, Up, cairn_bin, demo_ready, write_atomically};
+use fantoccini::{Client, ClientBuilder, Locator};
+use nix::sys::signal::Signal;
+
+const NORTH_APP: &str = "d8b50000-0000-4000-8000-00000000a001";
+const SOUTH_APP: &str = "d8b50000-0000-4000-8000-00000000a002";
+const DEVICE_TOKEN: &str = "device-token-5f1c9a0e7b";
+const NORTH_TOKEN: &str = "north-token-0a9c7e5b3d";
+const SOUTH_TOKEN: &str = "south-token-c4e2a8f6b1";
+
+fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 exchange: (status, head, body). `extra` are more header lines.
+fn http(port: u16, method: &str, path: &str, extra: &[String]) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: device\r\nConnection: close\r\n");
+    for line in extra {
+        request.push_str(line);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    // A server that refuses early may close while we still write: its answer counts.
+    let _ = stream.write_all(request.as_bytes());
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+fn get(port: u16, path: &str) -> (u16, String, String) {
+    http(port, "GET", path, &[])
+}
+
+fn bearer(token: &str) -> Vec<String> {
+    vec![format!("Authorization: Bearer {token}")]
+}
+
+/// The head of a response that does not end (server-sent events).
+fn head_only(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: device\r\n\r\n").unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before its head ended");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// Polls `check` (bounded) until it returns Some.
+fn eventually<T>(what: &str, within: Duration, up: &Up, check: impl Fn() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {within:?}\n--- cairn up log ---\n{}",
+            up.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_api_prints_what_the_cli_prints_and_bad_requests_get_clear_answers() {
+    let port = free_port("127.0.0.1");
+    let up = Up::start(&["--http", &format!("127.0.0.1:{port}")]);
+    up.wait_status(Duration::from_secs(90), demo_ready);
+
+    // One model: the API's bytes are the CLI's (read until two reads agree, as values such as
+    // the last contact time move on between them).
+    for (path, args) in [
+        ("/api/v1/status", &["status", "--json"][..]),
+        ("/api/v1/snapshots", &["snapshots", "--json"][..]),
+        (
+            "/api/v1/snapshots/demo-logger",
+            &["snapshots", "demo-logger", "--json"][..],
+        ),
+    ] {
+        eventually(
+            &format!("{path} equal to cairn {args:?}"),
+            Duration::from_secs(30),
+            &up,
+            || {
+                let (status, head, body) = get(port, path);
+                assert_eq!(status, 200, "{path}: {head}\n{body}");
+                assert!(head.contains("application/json"), "{head}");
+                let (code, cli, _) = up.cairn(args);
+                assert_eq!(code, 0);
+                (body == cli).then_some(())
+            },
+        );
+    }
+    let (_, _, snapshots) = get(port, &format!("/api/v1/snapshots/{DEMO_APP}"));
+    assert!(snapshots.contains(DEMO_SNAPSHOT), "{snapshots}");
+
+    let (status, _, page) = get(port, "/");
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("demo-logger") && page.contains(&DEMO_SNAPSHOT[..8]),
+        "{page}"
+    );
+    assert!(
+        page.contains("EventSource"),
+        "the page follows live changes"
+    );
+    let (status, _, content) = get(port, "/content");
+    assert_eq!(status, 200);
+    assert!(
+        content.contains("demo-logger") && !content.contains("<html"),
+        "{content}"
+    );
+    let events = head_only(port, "/api/v1/events");
+    assert!(
+        events.starts_with("HTTP/1.1 200") && events.contains("text/event-stream"),
+        "{events}"
+    );
+
+    // Bad requests: each answered, none changes anything.
+    let (status, _, body) = get(port, "/api/v1/nothing-here");
+    assert_eq!(status, 404);
+    assert!(body.contains("no page /api/v1/nothing-here"), "{body}");
+    let (status, _, body) = get(port, "/api/v1/snapshots/no-such-app");
+    assert_eq!(status, 404);
+    assert!(body.contains("no app \"no-such-app\""), "{body}");
+    for method in ["POST", "PUT", "DELETE"] {
+        let (status, _, _) = http(
+            port,
+            method,
+            "/api/v1/status",
+            &["Content-Length: 0".into()],
+        );
+        assert_eq!(status, 405, "{method} must not exist");
+    }
+    let huge = vec![format!("X-Filler: {}", "a".repeat(20 * 1024))];
+    let (status, _, body) = http(port, "GET", "/api/v1/status", &huge);
+    assert_eq!(status, 431, "{body}");
+    let enormous = vec![format!("X-Filler: {}", "a".repeat(1024 * 1024))];
+    let (status, _, _) = http(port, "GET", "/api/v1/status", &enormous);
+    assert!(
+        status == 431 || status == 0,
+        "a 1 MiB header is refused or the connection closed, got {status}"
+    );
+    // A token that is wrong is refused even on loopback, with the browser's prompt.
+    let (status, head, body) = http(
+        port,
+        "GET",
+        "/api/v1/status",
+        &bearer("wrong-token-1234567890"),
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(head.contains("www-authenticate: Basic"), "{head}");
+    assert!(!body.contains("wrong-token"), "{body}");
+    // Still serving after all of it.
+    assert_eq!(get(port, "/api/v1/status").0, 200);
+    drop(up);
+}
+
+/// Two process apps, one per tenant.
+fn two_tenants_config() -> String {
+    let app = |uuid: &str, name: &str, tenant: &str, volume: &str| {
+        format!(
+            r#"{{"uuid": "{uuid}", "version": "1", "display_name": "{name}", "tenant": "{tenant}",
+                "volume_refs": [{{"uuid": "{volume}"}}],
+                "domain": {{"kind": "process", "command": "/bin/sh", "args": ["-c", "while :; do sleep 1; done"]}}}}"#
+        )
+    };
+    let volumes = [
+        "d8b50000-0000-4000-8000-00000000b001",
+        "d8b50000-0000-4000-8000-00000000b002",
+    ];
+    format!(
+        r#"{{"apps": [{}, {}],
+            "volumes": [{{"uuid": "{}", "format": "dir"}}, {{"uuid": "{}", "format": "dir"}}]}}"#,
+        app(NORTH_APP, "pump", "north", volumes[0]),
+        app(SOUTH_APP, "valve", "south", volumes[1]),
+        volumes[0],
+        volumes[1]
+    )
+}
+
+fn write_tokens(persist: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = persist.join("config");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("web-tokens");
+    std::fs::write(
+        &file,
+        format!("# test tokens\ndevice {DEVICE_TOKEN}\ntenant:north {NORTH_TOKEN}\ntenant:south {SOUTH_TOKEN}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn app_names(status_json: &str) -> Vec<String> {
+    let view: serde_json::Value = serde_json::from_str(status_json).unwrap();
+    let mut names: Vec<String> = view["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["DisplayName"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_non_loopback_bind_needs_tokens_and_each_tenant_sees_only_its_apps() {
+    // Without a token file the page is not served at all; the agents run on.
+    let port = free_port("0.0.0.0");
+    let up = Up::start(&["--http", &format!("0.0.0.0:{port}")]);
+    eventually(
+        "the refusal for want of tokens",
+        Duration::from_secs(30),
+        &up,
+        || up.log().contains("needs bearer tokens").then_some(()),
+    );
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    up.wait_status(Duration::from_secs(90), demo_ready);
+    drop(up);
+
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("tenants.json");
+    std::fs::write(&config, two_tenants_config()).unwrap();
+    write_tokens(&root.path().join("persist"));
+    let port = free_port("0.0.0.0");
+    let up = Up::start_in(
+        root,
+        &cairn_bin(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--http",
+            &format!("0.0.0.0:{port}"),
+        ],
+    );
+    up.wait_status(Duration::from_secs(90), |v| {
+        v["apps"].as_array().is_some_and(|a| a.len() == 2)
+    });
+    let (status, head, body) = get(port, "/api/v1/status");
+    assert_eq!(status, 401, "no token on a non-loopback bind: {body}");
+    assert!(head.contains("www-authenticate"), "{head}");
+
+    let (status, _, all) = http(port, "GET", "/api/v1/status", &bearer(DEVICE_TOKEN));
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(app_names(&all), ["pump", "valve"]);
+    let (status, _, north) = http(port, "GET", "/api/v1/status", &bearer(NORTH_TOKEN));
+    assert_eq!(status, 200, "{north}");
+    assert_eq!(app_names(&north), ["pump"]);
+    assert!(!north.contains(SOUTH_APP), "{north}");
+    let (_, _, south_page) = http(port, "GET", "/", &bearer(SOUTH_TOKEN));
+    assert!(
+        south_page.contains("valve") && !south_page.contains("pump"),
+        "{south_page}"
+    );
+    // Another tenant's app is as unknown as a missing one.
+    let (status, _, _) = http(
+        port,
+        "GET",
+        &format!("/api/v1/snapshots/{SOUTH_APP}"),
+        &bearer(NORTH_TOKEN),
+    );
+    assert_eq!(status, 404);
+    // The browser's prompt sends the token as a Basic password.
+    let basic = format!(
+        "Authorization: Basic {}",
+        base64_encode(format!("technician:{NORTH_TOKEN}").as_bytes())
+    );
+    let (status, _, north_page) = http(port, "GET", "/", &[basic]);
+    assert_eq!(status, 200);
+    assert!(north_page.contains("pump") && !north_page.contains("valve"));
+
+    // In a real browser, with the token typed into the URL's password.
+    let shots = screenshot_dir("tenant");
+    browse(|browser| async move {
+        browser
+            .goto(&format!(
+                "http://technician:{NORTH_TOKEN}@127.0.0.1:{port}/"
+            ))
+            .await
+            .unwrap();
+        // Live updates work with the token too (the page is opened before the app runs).
+        wait_css(&browser, "#live.ok").await;
+        text_when(&browser, "section.app[data-app=\"pump\"]", |t| {
+            t.contains("Running")
+        })
+        .await;
+        let body = text_when(&browser, "body", |_| true).await;
+        assert!(!body.contains("valve"), "{body}");
+        assert!(!body.contains(NORTH_TOKEN), "a token is never rendered");
+        std::fs::write(
+            shots.join("tenant-north.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+    });
+
+    // Wrong tokens: 401, then 429 for that peer, even with a right token.
+    let mut limited = false;
+    for _ in 0..=cairn_web::FAILURE_LIMIT {
+        let (status, _, body) = http(
+            port,
+            "GET",
+            "/api/v1/status",
+            &bearer("guess-guess-guess-guess"),
+        );
+        assert!(status == 401 || status == 429, "{status} {body}");
+        if status == 429 {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "wrong tokens are rate-limited");
+    assert_eq!(
+        http(port, "GET", "/api/v1/status", &bearer(DEVICE_TOKEN)).0,
+        429
+    );
+    let log = up.log();
+    for token in [DEVICE_TOKEN, NORTH_TOKEN, SOUTH_TOKEN, "guess-guess"] {
+        assert!(!log.contains(token), "a token reached the log:\n{log}");
+    }
+    drop(up);
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Where a test's screenshots go: `<target>/tmp/web-screenshots/<test>/`.
+fn screenshot_dir(test: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("web-screenshots")
+        .join(test);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `chromedriver` on a loopback port, stopped when dropped; chromium's profile and temporary
+/// files go into `tmp`, removed with it.
+struct Driver {
+    child: Child,
+    port: u16,
+    tmp: tempfile::TempDir,
+}
+
+impl Driver {
+    fn start() -> Self {
+        let port = free_port("127.0.0.1");
+        let tmp = tempfile::tempdir().unwrap();
+        // Its own process group: a test that panics before closing its session still takes
+        // chromium and its helpers down with the group.
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .env("TMPDIR", tmp.path())
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian's chromium-driver; scripts/install-deps installs it)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { child, port, tmp }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
+        let _ = nix::sys::signal::kill(group, Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `session` in a headless chromium at 1920x1080, then closes it.
+fn browse<F, Fut>(session: F)
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1920,1080",
+                         "--disable-crash-reporter", "--disable-breakpad",
+                         format!("--user-data-dir={}", driver.tmp.path().join("profile").display())]
+            }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let browser = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{}", driver.port))
+            .await
+            .unwrap();
+        session(browser.clone()).await;
+        let _ = browser.close().await;
+    });
+    drop(driver);
+}
+
+async fn wait_css(browser: &Client, css: &str) -> fantoccini::elements::Element {
+    browser
+        .wait()
+        .at_most(Duration::from_secs(90))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css} not shown: {e}"))
+}
+
+/// The text of the element at `css` once `wanted` holds; the live update replaces elements at
+/// any time, so each try finds it afresh (bounded).
+async fn text_when(browser: &Client, css: &str, wanted: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok(element) = browser.find(Locator::Css(css)).await
+            && let Ok(text) = element.text().await
+        {
+            if wanted(&text) {
+                return text;
+            }
+            last = text;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{css} not as expected; last text: {last:?}");
+}
+
+const NEW_SNAPSHOT: &str = "d3e0c0de-0000-4000-8000-00000000c002";
+
+#[test]
+fn the_page_shows_the_demo_app_and_a_new_snapshot_without_reload_in_a_real_browser() {
+    let port = free_port("127.0.0.1");
+    let up = Up::start(&["--http", &format!("127.0.0.1:{port}")]);
+    up.wait_status(Duration::from_secs(90), demo_ready);
+    let config = up.path().join("config.json");
+    let shots = screenshot_dir("demo");
+    browse(|browser| async move {
+        browser
+            .goto(&format!("http://127.0.0.1:{port}/"))
+            .await
+            .unwrap();
+        let row =
+            format!("section.app[data-app=\"demo-logger\"] tr[data-snapshot=\"{DEMO_SNAPSHOT}\"]");
+        text_when(&browser, &row, |t| {
+            t.contains("available") && t.contains("Immediate")
+        })
+        .await;
+        // Colour plus text: the state badge names the state.
+        text_when(&browser, "section.app[data-app=\"demo-logger\"] h2", |t| {
+            t.contains("Running")
+        })
+        .await;
+        wait_css(&browser, "#live.ok").await;
+        std::fs::write(
+            shots.join("demo-1920.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+
+        // A page that reloaded would lose this mark.
+        browser
+            .execute("window.cairnMark = 42", vec![])
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&config).unwrap();
+        let requested = text.replace(
+            r#"{ "id": "d3e0c0de-0000-4000-8000-00000000c001", "type": "immediate" }"#,
+            &format!(
+                r#"{{ "id": "d3e0c0de-0000-4000-8000-00000000c001", "type": "immediate" }}, {{ "id": "{NEW_SNAPSHOT}", "type": "immediate" }}"#
+            ),
+        );
+        assert_ne!(
+            text, requested,
+            "the demo config lists its snapshot as expected"
+        );
+        write_atomically(&config, &requested);
+        wait_css(&browser, &format!("tr[data-snapshot=\"{NEW_SNAPSHOT}\"]")).await;
+        let mark = browser
+            .execute("return window.cairnMark", vec![])
+            .await
+            .unwrap();
+        assert_eq!(mark, serde_json::json!(42), "the page was reloaded");
+
+        browser.set_window_size(360, 800).await.unwrap();
+        std::fs::write(
+            shots.join("demo-360.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+    });
+    drop(up);
+}
+
+#[test]
+fn a_pending_deletion_says_it_waits_for_the_app_to_stop_and_a_failed_one_shows_its_reason() {
+    const APP: &str = "0000000a-0000-4000-8000-0000000000e1";
+    const SNAPSHOT: &str = "0000000c-0000-4000-8000-0000000000e1";
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("device.json");
+    write_atomically(
+        &config,
+        &common::process_app_config(APP, "kept", "1", &[SNAPSHOT]),
+    );
+    let port = free_port("127.0.0.1");
+    let up = Up::start_in(
+        root,
+        &cairn_bin(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--http",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let available = |v: &serde_json::Value| {
+        common::app(v, "kept").is_some_and(|a| {
+            a["State"] == common::RUNNING
+                && a["SnapStatus"]["AvailableSnapshots"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["Snapshot"]["SnapshotID"] == SNAPSHOT))
+        })
+    };
+    up.wait_status(Duration::from_secs(90), available);
+    write_atomically(&config, &common::process_app_config(APP, "kept", "1", &[]));
+    let row = eventually(
+        "the pending deletion row",
+        Duration::from_secs(60),
+        &up,
+        || {
+            let (_, _, body) = get(port, "/api/v1/snapshots/kept");
+            let rows: serde_json::Value = serde_json::from_str(&body).ok()?;
+            rows.as_array()?
+                .iter()
+                .find(|r| r["id"] == SNAPSHOT && r["state"] == "pending deletion")
+                .cloned()
+        },
+    );
+    assert!(
+        row["note"]
+            .as_str()
+            .unwrap()
+            .contains("waits for the app to stop"),
+        "{row}"
+    );
+    let (_, _, page) = get(port, "/");
+    assert!(page.contains("waits for the app to stop"), "{page}");
+
+    // The deletion made to fail (its copy immutable, so even root cannot remove it), then the
+    // app restarted: the open page shows the reason on the snapshot's row.
+    let copy = cairn_types::layout::volumes_dir(&up.path().join("persist"))
+        .join(".snapshots")
+        .join(cairn_types::volume_key(
+            "0000000b-0000-4000-8000-000000000001".parse().unwrap(),
+            0,
+        ))
+        .join(SNAPSHOT);
+    assert!(
+        copy.is_dir(),
+        "the snapshot's copy is at {}",
+        copy.display()
+    );
+    let pinned = Immutable::set(&copy);
+    let shots = screenshot_dir("failed-deletion");
+    browse(|browser| async move {
+        browser
+            .goto(&format!("http://127.0.0.1:{port}/"))
+            .await
+            .unwrap();
+        wait_css(&browser, "#live.ok").await;
+        let restarted = common::process_app_config(APP, "kept", "1", &[]).replace(
+            r#""display_name": "kept","#,
+            r#""display_name": "kept", "restart": 1,"#,
+        );
+        write_atomically(&config, &restarted);
+        let row = text_when(
+            &browser,
+            &format!("tr[data-snapshot=\"{SNAPSHOT}\"]"),
+            |t| t.contains("deleting snapshot") && t.contains("failed"),
+        )
+        .await;
+        assert!(
+            row.contains(&copy.display().to_string()),
+            "the reason names the copy: {row}"
+        );
+        std::fs::write(
+            shots.join("failed-deletion.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+    });
+    // Removable again before the root is removed.
+    drop(pinned);
+    drop(up);
+}
+
+/// `chattr +i` on a directory until dropped (so the test's root can be removed again).
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Self {
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chattr +i {} (e2fsprogs, root, ext4)", path.display());
+        Self(path.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn with_tls_the_page_is_served_with_the_devices_own_certificate() {
+    use std::os::unix::fs::PermissionsExt;
+    // A device without its certificate says which files are missing; the agents run on.
+    let port = free_port("127.0.0.1");
+    let up = Up::start(&["--http", &format!("127.0.0.1:{port}"), "--http-tls"]);
+    eventually(
+        "the missing certificate named",
+        Duration::from_secs(30),
+        &up,
+        || {
+            let log = up.log();
+            (log.contains("TLS needs the device's certificate") && log.contains("device.cert.pem"))
+                .then_some(())
+        },
+    );
+    up.wait_status(Duration::from_secs(90), demo_ready);
+    drop(up);
+
+    let root = tempfile::tempdir().unwrap();
+    let config_dir = root.path().join("persist/config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let device = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(config_dir.join("device.cert.pem"), device.cert.pem()).unwrap();
+    let key = config_dir.join("device.key.pem");
+    std::fs::write(&key, device.signing_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port = free_port("127.0.0.1");
+    let up = Up::start_in(
+        root,
+        &cairn_bin(),
+        &["--http", &format!("127.0.0.1:{port}"), "--http-tls"],
+    );
+    up.wait_status(Duration::from_secs(90), demo_ready);
+
+    // A client that trusts only the device's certificate reads the API.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(device.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answer = runtime.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio::time::timeout(Duration::from_secs(30), connector.connect(name, tcp))
+            .await
+            .unwrap()
+            .unwrap();
+        tls.write_all(b"GET /api/v1/status HTTP/1.1\r\nHost: device\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("demo-logger"), "{answer}");
+    // Plain HTTP on the TLS port gets no page.
+    let (status, _, _) = get(port, "/api/v1/status");
+    assert_ne!(status, 200);
+    drop(up);
+}

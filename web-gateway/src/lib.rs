@@ -1,0 +1,427 @@
+//! Read-only web status page and JSON API for technicians on site (`cairn up --http ADDR`).
+//!
+//! Every answer is built from [`cairn_readout`], the model `cairn status --json` and
+//! `cairn snapshots --json` print, so the page, the API and the CLI cannot disagree: the API
+//! prints exactly those bytes. No route changes the device: the router has only `GET` routes,
+//! and the read-out only subscribes to the agents' status topics (a subscriber cannot write into
+//! a topic) and reads records.
+//!
+//! Access follows the socket and D-Bus read-outs: a bearer token of a tenant (from
+//! [`TOKENS_FILE`] under `<persist>/config/`) sees that tenant's apps and snapshots and the
+//! device; a `device` token, or any request on a loopback bind without a token, sees everything.
+//! A non-loopback bind needs the token file. Wrong or missing tokens get 401 and count against
+//! the peer's address; too many within [`FAILURE_WINDOW`] get 429 until it passes. Tokens are
+//! never rendered or logged.
+//!
+//! Live updates: one subscription per status topic feeds a change counter; each open page
+//! listens on `/api/v1/events` (server-sent events) and fetches its content again on a change.
+
+mod auth;
+mod page;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Extension, Path as UrlPath, State};
+use axum::http::{StatusCode, Uri, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use cairn_pubsub::{Event, Topic};
+use cairn_readout::readout::{self, DeviceView, Roots, SnapshotRow};
+use cairn_types::{AppInstanceStatus, DeviceStatus, DomainStatus, VolumeStatus};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
+pub use auth::{FAILURE_LIMIT, FAILURE_WINDOW, MAX_HEADER_BYTES, Scope, TOKENS_FILE, Tokens};
+
+/// How long a read-out waits for an agent's table, as the CLI does.
+pub const READ_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error(
+        "web read-out on {addr}: a non-loopback address needs bearer tokens, and {file} is \
+         missing: write lines `device TOKEN` or `tenant:NAME TOKEN` there (mode 600), or bind \
+         a loopback address"
+    )]
+    TokensRequired { addr: SocketAddr, file: PathBuf },
+    #[error("web read-out: token file {file}: {fault}")]
+    Tokens { file: PathBuf, fault: String },
+    #[error("web read-out: cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "web read-out on {addr}: TLS needs the device's certificate and key, {cert} and {key}: \
+         {fault}"
+    )]
+    Tls {
+        addr: SocketAddr,
+        cert: PathBuf,
+        key: PathBuf,
+        fault: String,
+    },
+    #[error("web read-out on {addr}: {source}")]
+    Serve {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The server's shared state.
+pub struct Web {
+    roots: Roots,
+    tokens: Tokens,
+    /// Loopback binds admit requests without a token (the device's own users).
+    loopback: bool,
+    failures: auth::Failures,
+    changes: watch::Receiver<u64>,
+}
+
+/// Where the tokens are looked for: `<persist>/config/web-tokens`.
+pub fn tokens_path(persist: &Path) -> PathBuf {
+    persist.join("config").join(TOKENS_FILE)
+}
+
+/// Binds `addr`, checks the access rule, and serves until `stopping` turns true.
+pub async fn serve(
+    addr: SocketAddr,
+    roots: Roots,
+    mut stopping: watch::Receiver<bool>,
+) -> Result<(), WebError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| WebError::Bind { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    let router = router(addr, roots).await?;
+    tracing::info!(%bound, "web read-out listening");
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    })
+    .await
+    .map_err(|source| WebError::Serve { addr, source })
+}
+
+/// The device's own certificate and key under `<persist>/config/` (made by the config-agent
+/// when it onboards), served with `--http-tls`.
+pub const DEVICE_CERT: &str = "device.cert.pem";
+pub const DEVICE_KEY: &str = "device.key.pem";
+/// A client that does not finish its TLS handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// As [`serve`], over TLS with the device's certificate.
+pub async fn serve_tls(
+    addr: SocketAddr,
+    roots: Roots,
+    stopping: watch::Receiver<bool>,
+) -> Result<(), WebError> {
+    let config_dir = roots.persist.join("config");
+    let (cert, key) = (config_dir.join(DEVICE_CERT), config_dir.join(DEVICE_KEY));
+    let acceptor = {
+        let (c, k) = (cert.clone(), key.clone());
+        tokio::task::spawn_blocking(move || tls_acceptor(&c, &k))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|fault| WebError::Tls {
+                addr,
+                cert: cert.clone(),
+                key: key.clone(),
+                fault,
+            })?
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| WebError::Bind { addr, source })?;
+    let router = router(addr, roots).await?;
+    // The guard `wait_for` returns must not live across an await (it is not Send).
+    let mut stopping = stopping;
+    let stop = async move {
+        let _ = stopping.wait_for(|stop| *stop).await.map(|_| ());
+    };
+    tokio::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut stop => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // E.g. out of file descriptors: the next accept may work.
+                    tracing::warn!(error = %e, "web read-out: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let service = hyper_util::service::TowerToHyperService::new(
+            router
+                .clone()
+                .layer(Extension(axum::extract::ConnectInfo(peer))),
+        );
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| format!("certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("key: {e}"))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| e.to_string())?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The routes for a server bound to `addr`, after reading the tokens.
+pub async fn router(addr: SocketAddr, roots: Roots) -> Result<Router, WebError> {
+    let file = tokens_path(&roots.persist);
+    let loopback = addr.ip().is_loopback();
+    let tokens = {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || Tokens::load(&file))
+            .await
+            .map_err(|e| WebError::Tokens {
+                file: tokens_path(&roots.persist),
+                fault: e.to_string(),
+            })??
+    };
+    if !loopback && tokens.is_empty() {
+        return Err(WebError::TokensRequired { addr, file });
+    }
+    let changes = follow_changes(&roots);
+    let web = Arc::new(Web {
+        roots,
+        tokens,
+        loopback,
+        failures: auth::Failures::default(),
+        changes,
+    });
+    Ok(Router::new()
+        .route("/", get(page_handler))
+        .route("/content", get(content_handler))
+        .route("/api/v1/status", get(status_handler))
+        .route("/api/v1/snapshots", get(snapshots_handler))
+        .route("/api/v1/snapshots/{app}", get(app_snapshots_handler))
+        .route("/api/v1/events", get(events_handler))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            web.clone(),
+            auth::guard,
+        ))
+        .with_state(web))
+}
+
+/// A counter bumped on every change of a status topic the page shows.
+fn follow_changes(roots: &Roots) -> watch::Receiver<u64> {
+    let (tx, rx) = watch::channel(0u64);
+    let tx = Arc::new(tx);
+    let bus = roots.bus();
+    spawn_follow(bus.subscribe::<DeviceStatus>("config-agent"), tx.clone());
+    spawn_follow(
+        bus.subscribe::<AppInstanceStatus>("app-manager"),
+        tx.clone(),
+    );
+    spawn_follow(bus.subscribe::<VolumeStatus>("volume-manager"), tx.clone());
+    spawn_follow(bus.subscribe::<DomainStatus>("domain-manager"), tx);
+    rx
+}
+
+fn spawn_follow<T: Topic>(mut sub: cairn_pubsub::Subscription<T>, tx: Arc<watch::Sender<u64>>) {
+    tokio::spawn(async move {
+        loop {
+            match sub.recv().await {
+                Event::Create { .. }
+                | Event::Modify { .. }
+                | Event::Delete { .. }
+                | Event::Synchronized => tx.send_modify(|n| *n += 1),
+                _ => {}
+            }
+            // The server is gone (its state held the receiver): stop following.
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+}
+
+/// The device as `scope` may see it: a tenant sees its apps, the device and the agents, and no
+/// volumes or domains (they are not tenants' values), as on the socket and D-Bus.
+pub fn scoped(mut view: DeviceView, scope: &Scope) -> DeviceView {
+    if let Scope::Tenant(tenant) = scope {
+        view.apps.retain(|app| &app.tenant == tenant);
+        view.volumes.clear();
+        view.domains.clear();
+    }
+    view
+}
+
+/// The snapshot rows of `scope`: a tenant's apps only (records on disk that belong to no app
+/// it can see are other tenants' business).
+fn scoped_rows(rows: Vec<SnapshotRow>, view: &DeviceView, scope: &Scope) -> Vec<SnapshotRow> {
+    match scope {
+        Scope::Device => rows,
+        Scope::Tenant(_) => rows
+            .into_iter()
+            .filter(|r| {
+                view.apps
+                    .iter()
+                    .any(|a| a.uuid_and_version.uuid.to_string() == r.app)
+            })
+            .collect(),
+    }
+}
+
+async fn read_view(web: &Web, scope: &Scope) -> DeviceView {
+    scoped(readout::device_view(&web.roots, READ_WAIT).await, scope)
+}
+
+/// The view and its snapshot rows; the rows read snapshot directories, off the runtime.
+async fn read_all(web: &Web, scope: &Scope, app: Option<String>) -> (DeviceView, Vec<SnapshotRow>) {
+    let view = read_view(web, scope).await;
+    let persist = web.roots.persist.clone();
+    let for_rows = view.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        readout::snapshot_rows(&for_rows, &persist, app.as_deref())
+    })
+    .await
+    .unwrap_or_default();
+    let rows = scoped_rows(rows, &view, scope);
+    (view, rows)
+}
+
+/// Pretty JSON and a newline: the bytes `cairn … --json` prints.
+fn json<T: serde::Serialize>(value: &T) -> Response {
+    match serde_json::to_string_pretty(value) {
+        Ok(mut text) => {
+            text.push('\n');
+            ([(header::CONTENT_TYPE, "application/json")], text).into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the read-out as JSON: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn status_handler(
+    State(web): State<Arc<Web>>,
+    Extension(scope): Extension<Scope>,
+) -> Response {
+    json(&read_view(&web, &scope).await)
+}
+
+async fn snapshots_handler(
+    State(web): State<Arc<Web>>,
+    Extension(scope): Extension<Scope>,
+) -> Response {
+    json(&read_all(&web, &scope, None).await.1)
+}
+
+async fn app_snapshots_handler(
+    State(web): State<Arc<Web>>,
+    Extension(scope): Extension<Scope>,
+    UrlPath(app): UrlPath<String>,
+) -> Response {
+    let (view, rows) = read_all(&web, &scope, Some(app.clone())).await;
+    let known = view
+        .apps
+        .iter()
+        .any(|a| a.uuid_and_version.uuid.to_string() == app || a.display_name == app);
+    if !known {
+        // Another tenant's app is as unknown as one that does not exist.
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no app {app:?} on this device (give its UUID or name)\n"),
+        )
+            .into_response();
+    }
+    json(&rows)
+}
+
+async fn page_handler(State(web): State<Arc<Web>>, Extension(scope): Extension<Scope>) -> Response {
+    let (view, rows) = read_all(&web, &scope, None).await;
+    let disk = disk_space(&web.roots.persist).await;
+    page::page(&view, &rows, &scope, disk).into_response()
+}
+
+async fn content_handler(
+    State(web): State<Arc<Web>>,
+    Extension(scope): Extension<Scope>,
+) -> Response {
+    let (view, rows) = read_all(&web, &scope, None).await;
+    let disk = disk_space(&web.roots.persist).await;
+    page::content(&view, &rows, &scope, disk).into_response()
+}
+
+async fn events_handler(State(web): State<Arc<Web>>) -> Response {
+    let changes = tokio_stream::wrappers::WatchStream::from_changes(web.changes.clone());
+    let events = changes.map(|n| {
+        Ok::<_, std::convert::Infallible>(SseEvent::default().event("change").data(n.to_string()))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+async fn not_found(uri: Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!(
+            "no page {}: this read-out serves /, /api/v1/status, /api/v1/snapshots[/APP] and \
+             /api/v1/events\n",
+            uri.path()
+        ),
+    )
+        .into_response()
+}
+
+/// Free and total bytes of the filesystem holding `<persist>`.
+#[derive(Debug, Clone, Copy)]
+pub struct Disk {
+    pub free: u64,
+    pub total: u64,
+}
+
+async fn disk_space(persist: &Path) -> Option<Disk> {
+    let persist = persist.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let s = nix::sys::statvfs::statvfs(&persist).ok()?;
+        let unit = s.fragment_size() as u64;
+        Some(Disk {
+            free: s.blocks_available() as u64 * unit,
+            total: s.blocks() as u64 * unit,
+        })
+    })
+    .await
+    .ok()
+    .flatten()
+}

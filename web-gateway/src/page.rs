@@ -1,0 +1,338 @@
+//! The HTML page: the read-out model rendered with maud (compiled templates, escaped by
+//! construction). States carry a colour and always their name; times are shown relative
+//! ("3 min ago") with the device's local time as the tooltip.
+
+use cairn_readout::readout::{DeviceView, SnapshotRow};
+use cairn_types::{AppInstanceStatus, SwState};
+use chrono::{DateTime, Local, NaiveDateTime, Utc};
+use maud::{DOCTYPE, Markup, PreEscaped, html};
+
+use crate::{Disk, Scope};
+
+/// Mobile-first: one column on a phone; tables scroll sideways inside their card.
+const STYLE: &str = r#"
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.4 system-ui,sans-serif;background:#f4f5f7;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:10px 14px;display:flex;flex-wrap:wrap;gap:6px 16px;align-items:baseline}
+header h1{font-size:18px;margin:0}
+header small{opacity:.8}
+main{padding:10px;max-width:1400px;margin:auto;display:grid;gap:10px;grid-template-columns:1fr}
+@media(min-width:900px){main{grid-template-columns:1fr 1fr}}
+section{background:#fff;border-radius:6px;padding:10px 12px;box-shadow:0 1px 2px #0002;min-width:0}
+section.wide{grid-column:1/-1}
+h2{font-size:16px;margin:0 0 6px}
+h3{font-size:14px;margin:10px 0 4px}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 10px;margin:0}
+dt{color:#555}dd{margin:0;overflow-wrap:anywhere}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:14px}
+th,td{text-align:left;padding:3px 6px;border-bottom:1px solid #e3e5e8;white-space:nowrap}
+td.why{white-space:normal;min-width:12em}
+.st{display:inline-block;padding:0 6px;border-radius:9px;font-size:13px;font-weight:600;border:1px solid}
+.ok{background:#e3f6e8;color:#116329;border-color:#116329}
+.warn{background:#fff4d6;color:#7a4d00;border-color:#7a4d00}
+.bad{background:#fde7e9;color:#a0111f;border-color:#a0111f}
+.idle{background:#eceef1;color:#444;border-color:#666}
+.err{color:#a0111f;margin:4px 0}
+.note{color:#555;font-size:13px}
+#live{font-size:13px}
+"#;
+
+/// Relative times and live updates: no build step, no library.
+const SCRIPT: &str = r#"
+function rel(){const now=Date.now();document.querySelectorAll('time[datetime]').forEach(t=>{const s=Math.round((now-Date.parse(t.getAttribute('datetime')))/1000);const a=Math.abs(s);const v=a<60?a+' s':a<3600?Math.round(a/60)+' min':a<86400?Math.round(a/3600)+' h':Math.round(a/86400)+' d';t.textContent=s>=0?v+' ago':'in '+v;});}
+const base=location.origin+'/';let busy=false,again=false;
+async function refresh(){if(busy){again=true;return;}busy=true;try{const r=await fetch(base+'content',{cache:'no-store'});if(r.ok){document.getElementById('content').innerHTML=await r.text();rel();}}finally{busy=false;if(again){again=false;refresh();}}}
+const live=document.getElementById('live');
+const es=new EventSource(base+'api/v1/events');
+es.addEventListener('change',refresh);
+es.onopen=()=>{live.textContent='live';live.className='st ok';};
+es.onerror=()=>{live.textContent='reconnecting';live.className='st warn';};
+rel();setInterval(rel,30000);
+"#;
+
+pub fn page(view: &DeviceView, rows: &[SnapshotRow], scope: &Scope, disk: Option<Disk>) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { "Cairn device" }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                header {
+                    h1 { "Cairn device" }
+                    small { "read-only · showing " (scope.describe()) }
+                    span #live .st.idle { "connecting" }
+                }
+                div #content { (content(view, rows, scope, disk)) }
+                script { (PreEscaped(SCRIPT)) }
+            }
+        }
+    }
+}
+
+/// What the live update replaces.
+pub fn content(
+    view: &DeviceView,
+    rows: &[SnapshotRow],
+    scope: &Scope,
+    disk: Option<Disk>,
+) -> Markup {
+    html! {
+        main {
+            (device(view, disk))
+            (agents(view))
+            @if view.apps.is_empty() {
+                section.wide { h2 { "Apps" } p.note { "No apps " (match scope { Scope::Device => "on this device".to_string(), s => format!("of {}", s.describe()) }) "." } }
+            }
+            @for app in &view.apps {
+                (app_card(view, app, rows))
+            }
+            @if !view.volumes.is_empty() { (volumes(view)) }
+            @let strays: Vec<&SnapshotRow> = rows.iter().filter(|r| r.app.is_empty()).collect();
+            @if !strays.is_empty() {
+                section.wide {
+                    h2 { "Snapshot records of no app" }
+                    (snapshot_table(&strays))
+                }
+            }
+        }
+    }
+}
+
+fn badge(class: &str, text: &str) -> Markup {
+    html! { span class={"st " (class)} { (text) } }
+}
+
+/// The device's local time, for the tooltip; the text is relative, filled in by the script
+/// and rendered once here for pages read without it.
+fn when(t: Option<DateTime<Utc>>) -> Markup {
+    match t {
+        None => html! { "never" },
+        Some(t) => {
+            let local = t
+                .with_timezone(&Local)
+                .format("%Y-%m-%d %H:%M:%S %Z")
+                .to_string();
+            html! { time datetime=(t.to_rfc3339()) title=(local) { (relative(t, Utc::now())) } }
+        }
+    }
+}
+
+/// A row's time (`%Y-%m-%d %H:%M:%S`, UTC, as the CLI prints it).
+fn when_text(t: Option<&str>) -> Markup {
+    let parsed = t.and_then(|t| NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S").ok());
+    match (t, parsed) {
+        (_, Some(naive)) => when(Some(naive.and_utc())),
+        (Some(text), None) => html! { (text) },
+        (None, None) => html! { "-" },
+    }
+}
+
+pub fn relative(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let s = (now - t).num_seconds();
+    let a = s.unsigned_abs();
+    let v = match a {
+        0..60 => format!("{a} s"),
+        60..3600 => format!("{} min", (a + 30) / 60),
+        3600..86400 => format!("{} h", (a + 1800) / 3600),
+        _ => format!("{} d", (a + 43200) / 86400),
+    };
+    if s >= 0 {
+        format!("{v} ago")
+    } else {
+        format!("in {v}")
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn device(view: &DeviceView, disk: Option<Disk>) -> Markup {
+    html! {
+        section #device {
+            h2 { "Device" }
+            @match &view.device {
+                None => p.err { "The config-agent does not answer: the device's config and controller link are unknown." },
+                Some(d) => dl {
+                    dt { "UUID" } dd { @if d.device_uuid.is_empty() { "not onboarded" } @else { (d.device_uuid) } }
+                    dt { "Controller" } dd {
+                        @if d.controller_reachable { (badge("ok", "reachable")) }
+                        @else if matches!(d.config_source, cairn_types::device::ConfigSource::LocalFile { .. }) { (badge("idle", "not used: local config")) }
+                        @else { (badge("bad", "not reachable")) }
+                        " last contact " (when(d.last_contact))
+                    }
+                    dt { "Config" } dd { (cairn_readout::readout::config_source_text(&d.config_source)) }
+                    dt { "In force" } dd {
+                        @if d.last_config_hash.is_empty() { "none yet" } @else {
+                            code { (d.last_config_hash.get(..12).unwrap_or(&d.last_config_hash)) }
+                        }
+                        " applied " (when(d.last_config_time)) " · " (d.apps) " apps · " (d.volumes) " volumes"
+                    }
+                    @if d.reports_pending > 0 { dt { "Reports" } dd { (d.reports_pending) " waiting for the controller" } }
+                    @if d.last_error.is_error() {
+                        dt { "Last error" } dd.err { (d.last_error.error) " (" (when(d.last_error.error_time)) ")" }
+                    }
+                },
+            }
+            dl {
+                dt { "Persist" } dd { (view.persist_dir)
+                    @if let Some(disk) = disk {
+                        " · " (bytes(disk.free)) " free of " (bytes(disk.total)) " "
+                        @if disk.total > 0 && disk.free * 10 < disk.total { (badge("bad", "disk almost full")) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn agents(view: &DeviceView) -> Markup {
+    html! {
+        section #agents {
+            h2 { "Agents" }
+            table {
+                @for a in &view.agents {
+                    tr {
+                        td { (a.agent) }
+                        td.why {
+                            @let class = if a.state == "up" { "ok" } else if a.state.starts_with("up") { "warn" } else { "bad" };
+                            (badge(class, a.state.split(':').next().unwrap_or(&a.state)))
+                            @if let Some((_, why)) = a.state.split_once(':') { " " span.note { (why.trim()) } }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn app_state_class(state: SwState) -> &'static str {
+    match state {
+        SwState::Running => "ok",
+        SwState::Broken | SwState::Failed | SwState::Unknown => "bad",
+        SwState::Halted | SwState::Initial => "idle",
+        _ => "warn",
+    }
+}
+
+fn row_class(state: &str) -> &'static str {
+    match state {
+        "available" => "ok",
+        "failed" | "corrupt" => "bad",
+        _ => "warn",
+    }
+}
+
+fn app_card(view: &DeviceView, app: &AppInstanceStatus, rows: &[SnapshotRow]) -> Markup {
+    let uuid = app.uuid_and_version.uuid.to_string();
+    let domain = view
+        .domains
+        .iter()
+        .find(|d| d.uuid_and_version.uuid == app.uuid_and_version.uuid);
+    let snapshots: Vec<&SnapshotRow> = rows.iter().filter(|r| r.app == uuid).collect();
+    html! {
+        section.wide.app data-app=(app.display_name) {
+            h2 { (app.display_name) " " (badge(app_state_class(app.state), &format!("{:?}", app.state))) }
+            dl {
+                dt { "UUID" } dd { code { (uuid) } " version " (app.uuid_and_version.version) }
+                @if !app.tenant.is_empty() { dt { "Tenant" } dd { (app.tenant) } }
+                @if let Some(d) = domain {
+                    dt { "Domain" } dd { (format!("{:?}", d.state)) @if !d.accel.is_empty() { " · " (d.accel) } " · booted " (when(d.boot_time)) }
+                }
+                @if app.restarts > 0 { dt { "Restarts" } dd { (app.restarts) } }
+                @if app.snap_status.rollback_in_progress { dt { "Rollback" } dd { (badge("warn", "in progress")) } }
+            }
+            @if app.error.is_error() {
+                p.err { "Error (" (when(app.error.error_time)) "): " (app.error.error) }
+            }
+            @if app.last_failure.is_error() {
+                p.err { "Last failure (" (when(app.last_failure.error_time)) "): " (app.last_failure.error) }
+            }
+            @for w in &app.warnings { p.err.warning { "Warning: " (w) } }
+            h3 { "Snapshots (" (snapshots.len()) ")" }
+            @if snapshots.is_empty() { p.note { "none" } } @else { (snapshot_table(&snapshots)) }
+        }
+    }
+}
+
+fn snapshot_table(rows: &[&SnapshotRow]) -> Markup {
+    html! {
+        div.scroll {
+            table.snapshots {
+                thead { tr { th { "State" } th { "Snapshot" } th { "Type" } th { "Mode" } th { "Config" } th { "Created" } th { "Expires" } th { "Pause" } th { "Why" } } }
+                tbody {
+                    @for r in rows {
+                        tr data-snapshot=(r.id) {
+                            td { (badge(row_class(&r.state), &r.state)) }
+                            td { @if !r.name.is_empty() { (r.name) " " } code title=(r.id) { (r.id.get(..8).unwrap_or(&r.id)) } }
+                            td { (r.kind) }
+                            td { (r.mode) }
+                            td { (r.config_version) }
+                            td { (when_text(r.time_created.as_deref().or(r.time_triggered.as_deref()))) }
+                            td { (when_text(r.expires.as_deref())) }
+                            td { @if r.pause_ms > 0 { (r.pause_ms) " ms" } @else { "-" } }
+                            td.why { @if !r.note.is_empty() { span.note { (r.note) } " " } @if !r.error.is_empty() { span.err { (r.error) } } }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn volumes(view: &DeviceView) -> Markup {
+    html! {
+        section.wide #volumes {
+            h2 { "Volumes" }
+            div.scroll { table {
+                thead { tr { th { "Volume" } th { "State" } th { "Backend" } th { "Size" } th { "Note" } } }
+                tbody {
+                    @for v in &view.volumes {
+                        tr {
+                            td { (v.display_name) }
+                            td { (badge(if v.error.is_error() { "bad" } else { "ok" }, &format!("{:?}", v.state))) }
+                            td.why { (format!("{:?}", v.backend)) @if !v.backend_reason.is_empty() { " " span.note { (v.backend_reason) } } }
+                            td { (bytes(v.current_size)) @if v.max_vol_size > 0 { " of " (bytes(v.max_vol_size)) } }
+                            td.why {
+                                @if v.error.is_error() { span.err { (v.error.error) } }
+                                @if let Some(p) = &v.pending_deletion { (badge("warn", "pending deletion")) " " (p.reason) " · deleted " (when(p.delete_at)) }
+                            }
+                        }
+                    }
+                }
+            } }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_times_read_like_a_person_says_them() {
+        let now = Utc::now();
+        assert_eq!(relative(now - chrono::Duration::seconds(5), now), "5 s ago");
+        assert_eq!(
+            relative(now - chrono::Duration::seconds(180), now),
+            "3 min ago"
+        );
+        assert_eq!(relative(now + chrono::Duration::hours(2), now), "in 2 h");
+    }
+}
