@@ -1,28 +1,37 @@
 //! A stock EVE controller's app (issue 18): the config carries only EVE's fields, no Cairn
 //! extension. A VM described by `fixedresources` (kernel, ramdisk, extraargs, memory in KiB)
 //! boots, is snapshotted and rolled back, and so does one without a kernel that boots its
-//! first disk through the BIOS; an app in a mode Cairn cannot run is reported to the
-//! controller as ERROR with an `appErr` naming the field.
+//! first disk, a content tree on an HTTPS datastore, through the BIOS, and is then deleted;
+//! an app in a mode Cairn cannot run is reported to the controller as ERROR with an `appErr`
+//! naming the field.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::time::Duration;
 
+use std::path::Path;
+use std::time::Instant;
+
 use cairn_config_agent::proto::{
-    self, AppInstanceConfig as ProtoApp, EdgeDevConfig, InstanceOpsCmd, SnapshotConfig,
-    SnapshotDesc, UuidAndVersion, VmConfig, VmMode, Volume, VolumeRef, ZInfoApp,
+    self, AppInstanceConfig as ProtoApp, ContentTree, DatastoreConfig, EdgeDevConfig,
+    InstanceOpsCmd, SnapshotConfig, SnapshotDesc, UuidAndVersion, VmConfig, VmMode, Volume,
+    VolumeContentOrigin, VolumeContentOriginType, VolumeRef, ZInfoApp,
 };
 use cairn_e2e::{
     BOOT_DISK_COUNTER_OFFSET, Device, console_counters, guest_dir, sector_counter,
     sector_counter_at,
 };
 use cairn_test_controller::TestController;
-use cairn_types::DomainStatus;
+use cairn_test_controller::datastore::TestDatastore;
+use cairn_types::{ContentTreeStatus, DomainStatus};
+use sha2::Digest;
 
 const SERIAL: &str = "CAIRN-EVE-APP-0001";
 const APP: &str = "e7ea0000-0000-4000-8000-00000000a001";
 const VOLUME: &str = "e7ea0000-0000-4000-8000-00000000b001";
 const S1: &str = "e7ea0000-0000-4000-8000-00000000c001";
+const STORE: &str = "e7ea0000-0000-4000-8000-00000000d001";
+const TREE: &str = "e7ea0000-0000-4000-8000-00000000e001";
 const SETTLE: Duration = Duration::from_secs(120);
 
 /// What EVE's controller sends: the test guest as a direct-kernel-boot VM, one blank disk.
@@ -80,24 +89,74 @@ fn eve_config(mode: VmMode, snapshots: &[&str], rollback: u32, active: &str) -> 
     }
 }
 
+/// The test guest's bootable disk as a stock EVE controller serves it: one content tree
+/// (`disk.qcow2` on an HTTPS datastore with its own CA, its real sha256).
+struct GuestDisk {
+    store: TestDatastore,
+    sha256: String,
+}
+
+impl GuestDisk {
+    async fn serve() -> Self {
+        let disk = guest_dir().join("disk.qcow2");
+        let bytes = std::fs::read(&disk)
+            .unwrap_or_else(|e| panic!("{}: {e}: run images/test-guest/build", disk.display()));
+        let sha256 = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let store = TestDatastore::start(true).await.unwrap();
+        store.put("images/disk.qcow2", bytes);
+        Self { store, sha256 }
+    }
+
+    fn datastore(&self) -> DatastoreConfig {
+        DatastoreConfig {
+            id: STORE.into(),
+            d_type: proto::DsType::DsHttps as i32,
+            fqdn: self.store.url(),
+            dpath: "images".into(),
+            ds_cert_pem: vec![self.store.ca_pem().as_bytes().to_vec()],
+            ..Default::default()
+        }
+    }
+
+    fn content_tree(&self) -> ContentTree {
+        ContentTree {
+            uuid: TREE.into(),
+            ds_id: STORE.into(),
+            url: "disk.qcow2".into(),
+            iformat: proto::Format::Qcow2 as i32,
+            sha256: self.sha256.clone(),
+            max_size_bytes: 256 << 20,
+            display_name: "test-guest-disk".into(),
+            ..Default::default()
+        }
+    }
+}
+
 /// The same app as EVE describes a VM that boots from its disk: no kernel, ramdisk or
-/// extraargs, the first volume (large enough for the test guest's 34 MiB `disk.qcow2`) is the
-/// boot disk. `activate` false lets the test fill the volume before the first boot.
+/// extraargs; the first volume, made from the guest's content tree (`VCOT_DOWNLOAD`) and grown
+/// to 64 MiB, is the boot disk.
 fn eve_disk_boot_config(
-    activate: bool,
+    disk: &GuestDisk,
     snapshots: &[&str],
     rollback: u32,
     active: &str,
 ) -> EdgeDevConfig {
     let mut config = eve_config(VmMode::Hvm, snapshots, rollback, active);
-    let app = &mut config.apps[0];
-    app.activate = activate;
-    if let Some(vm) = app.fixedresources.as_mut() {
+    if let Some(vm) = config.apps[0].fixedresources.as_mut() {
         vm.kernel.clear();
         vm.ramdisk.clear();
         vm.extraargs.clear();
     }
     config.volumes[0].maxsizebytes = 64 << 20;
+    config.volumes[0].origin = Some(VolumeContentOrigin {
+        r#type: VolumeContentOriginType::VcotDownload as i32,
+        download_content_tree_id: TREE.into(),
+    });
+    config.datastores = vec![disk.datastore()];
+    config.content_info = vec![disk.content_tree()];
     config
 }
 
@@ -174,11 +233,17 @@ async fn a_vm_described_only_by_eves_fields_boots_is_snapshotted_and_rolled_back
         .await;
 
     // Rollback: the VM starts again from the snapshot's disk; its console log starts afresh,
-    // so its first count is the snapshot's next.
+    // so its first count is the snapshot's next. The start after the snapshot began a log
+    // counting from there too: the count is looked at only once another qemu runs.
+    let before_rollback = device
+        .wait_for::<DomainStatus>("domain-manager", SETTLE, |d| d.pid.is_some())
+        .await
+        .unwrap()
+        .pid;
     controller.set_config(SERIAL, eve_config(hvm, &[S1], 1, S1));
     let log = device
         .wait_for::<DomainStatus>("domain-manager", SETTLE, |d| {
-            !d.log_path.as_os_str().is_empty()
+            !d.log_path.as_os_str().is_empty() && d.pid.is_some() && d.pid != before_rollback
         })
         .await
         .unwrap()
@@ -208,41 +273,67 @@ async fn an_app_in_a_mode_cairn_cannot_run_is_reported_as_error_naming_the_field
     );
 }
 
+/// The whole life of a VM app a stock EVE controller deploys: its disk is a content tree on
+/// an HTTPS datastore, downloaded, verified and made into its volume; the VM boots that disk
+/// through the BIOS, is snapshotted and rolled back, and when the controller removes it its
+/// domain stops, its volume is kept for the deletion grace and the content tree is collected
+/// once the config no longer names it. The controller hears of all of it: ZInfoDevice,
+/// ZInfoContentTree, ZInfoVolume, ZInfoApp and metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_hvm_vm_without_a_kernel_boots_its_disk_through_the_bios_and_survives_a_rollback() {
+async fn an_hvm_vm_from_a_content_tree_boots_its_disk_through_the_bios_is_rolled_back_and_deleted()
+{
     let controller = TestController::start().await.unwrap();
-    let disk = guest_dir().join("disk.qcow2");
-    assert!(
-        disk.is_file(),
-        "{} is missing: run images/test-guest/build",
-        disk.display()
-    );
-    let device = follow(&controller, eve_disk_boot_config(false, &[], 0, "")).await;
+    let disk = GuestDisk::serve().await;
+    let started = Instant::now();
+    let device = follow(&controller, eve_disk_boot_config(&disk, &[], 0, "")).await;
 
-    // No content tree yet: the test writes the bootable disk into the blank volume the
-    // volume-manager made, in place (-n), before the app is first activated.
-    let file = device.volume(SETTLE).await.file_location;
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "qcow2", "-O", "qcow2"])
-        .arg(&disk)
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img convert: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    controller.set_config(SERIAL, eve_disk_boot_config(true, &[], 0, ""));
-    let app = reported(&controller, "the disk-booted VM running", running).await;
-    assert!(app.app_err.is_empty(), "{:?}", app.app_err);
-    let log = device
-        .wait_for::<DomainStatus>("domain-manager", SETTLE, |d| {
-            !d.log_path.as_os_str().is_empty()
+    let seen = controller
+        .wait_for(SERIAL, SETTLE, "the content tree DELIVERED", |d| {
+            d.content_trees()
+                .get(TREE)
+                .is_some_and(|t| t.state == proto::ZSwState::Delivered as i32)
         })
         .await
-        .unwrap()
-        .log_path;
+        .unwrap_or_else(|e| panic!("{e}\n{}", device.log_tails(30)));
+    let delivered = started.elapsed();
+    let tree = &seen.content_trees()[TREE];
+    assert_eq!(
+        (tree.sha256.as_str(), tree.progress_percentage),
+        (disk.sha256.as_str(), 100)
+    );
+    assert!(tree.err.is_none(), "{:?}", tree.err);
+    let app = reported(&controller, "the disk-booted VM running", running).await;
+    let to_running = started.elapsed();
+    assert!(app.app_err.is_empty(), "{:?}", app.app_err);
+    assert_eq!(app.volume_refs, [VOLUME]);
+    println!(
+        "figure: config to RUNNING for the test guest VM from a content tree ({} MiB qcow2 over \
+         HTTPS): {:.2} s (content tree DELIVERED at {:.2} s; agents started with the config waiting)",
+        std::fs::metadata(guest_dir().join("disk.qcow2"))
+            .map(|m| m.len() >> 20)
+            .unwrap_or(0),
+        to_running.as_secs_f64(),
+        delivered.as_secs_f64()
+    );
+    let seen = controller.device(SERIAL).unwrap();
+    assert!(seen.device_info().is_some(), "a ZInfoDevice came");
+    let volume = &seen.volumes()[VOLUME];
+    assert_eq!(volume.state, proto::ZSwState::CreatedVolume as i32);
+    assert!(
+        volume
+            .resources
+            .as_ref()
+            .is_some_and(|r| r.max_size_bytes == 64 << 20),
+        "{volume:?}"
+    );
+
+    let domain = device
+        .wait_for::<DomainStatus>("domain-manager", SETTLE, |d| {
+            !d.log_path.as_os_str().is_empty() && d.pid.is_some()
+        })
+        .await
+        .unwrap();
+    let log = domain.log_path;
     // SeaBIOS ran syslinux from the disk (its banner), which passed the kernel BOOT_IMAGE.
     device
         .until(SETTLE, "the guest booted from its disk", || {
@@ -264,6 +355,7 @@ async fn an_hvm_vm_without_a_kernel_boots_its_disk_through_the_bios_and_survives
         })
         .await
         .unwrap();
+    let file = device.volume(SETTLE).await.file_location;
     let counter = |snapshot| sector_counter_at(&file, snapshot, BOOT_DISK_COUNTER_OFFSET);
     device
         .until(SETTLE, "the guest counts on its data partition", || {
@@ -271,7 +363,7 @@ async fn an_hvm_vm_without_a_kernel_boots_its_disk_through_the_bios_and_survives
         })
         .await;
 
-    controller.set_config(SERIAL, eve_disk_boot_config(true, &[S1], 0, ""));
+    controller.set_config(SERIAL, eve_disk_boot_config(&disk, &[S1], 0, ""));
     reported(&controller, "S1 taken and the VM running again", |a| {
         running(a)
             && a.snapshots
@@ -291,7 +383,22 @@ async fn an_hvm_vm_without_a_kernel_boots_its_disk_through_the_bios_and_survives
         .await;
 
     // Rollback: the VM boots its disk again as the snapshot left it and counts on from there.
-    controller.set_config(SERIAL, eve_disk_boot_config(true, &[S1], 1, S1));
+    // Its console log starts afresh at each start, the one after the snapshot too, so the
+    // count is looked at only once another qemu runs.
+    let before_rollback = device
+        .wait_for::<DomainStatus>("domain-manager", SETTLE, |d| d.pid.is_some())
+        .await
+        .unwrap()
+        .pid;
+    controller.set_config(SERIAL, eve_disk_boot_config(&disk, &[S1], 1, S1));
+    let qemu = device
+        .wait_for::<DomainStatus>("domain-manager", SETTLE, |d| {
+            d.pid.is_some() && d.pid != before_rollback
+        })
+        .await
+        .unwrap()
+        .pid
+        .unwrap();
     device
         .until(
             SETTLE,
@@ -304,4 +411,74 @@ async fn an_hvm_vm_without_a_kernel_boots_its_disk_through_the_bios_and_survives
         )
         .await;
     reported(&controller, "the VM running after the rollback", running).await;
+
+    // The controller removes the app; its volume and content tree stay in the config.
+    let blob = device
+        .wait_for::<ContentTreeStatus>("downloader", SETTLE, ContentTreeStatus::is_loaded)
+        .await
+        .unwrap()
+        .file_location;
+    let mut without_app = eve_disk_boot_config(&disk, &[], 0, "");
+    without_app.apps.clear();
+    controller.set_config(SERIAL, without_app.clone());
+    // Cairn keeps a removed app halted with its snapshots (EVE would delete it and send its
+    // bare id): the controller hears it HALTED.
+    controller
+        .wait_for(SERIAL, SETTLE, "the removed app reported halted", |d| {
+            d.apps()
+                .get(APP)
+                .is_some_and(|a| a.state == proto::ZSwState::Halted as i32)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", device.log_tails(40)));
+    device
+        .until(SETTLE, "the VM's qemu ended", || {
+            !Path::new(&format!("/proc/{qemu}")).exists()
+        })
+        .await;
+    assert!(
+        Path::new(&blob).is_file(),
+        "the content tree is still configured: its blob {blob} stays"
+    );
+
+    // Then the volume and the content tree: the volume waits out the deletion grace with its
+    // data (EVE's default would delete it at once), the content tree nothing names any more
+    // is collected.
+    without_app.volumes.clear();
+    without_app.content_info.clear();
+    controller.set_config(SERIAL, without_app);
+    controller
+        .wait_for(SERIAL, SETTLE, "the content tree reported gone", |d| {
+            d.content_trees()
+                .get(TREE)
+                .is_some_and(|t| t.display_name.is_empty() && t.state == 0)
+        })
+        .await
+        .unwrap();
+    device
+        .until(SETTLE, "the content tree's blob removed", || {
+            !Path::new(&blob).exists()
+        })
+        .await;
+    let seen = controller
+        .wait_for(
+            SERIAL,
+            SETTLE,
+            "the volume reported pending deletion",
+            |d| {
+                d.volumes().get(VOLUME).is_some_and(|v| {
+                    v.volume_err
+                        .as_ref()
+                        .is_some_and(|e| e.severity == proto::Severity::Notice as i32)
+                })
+            },
+        )
+        .await
+        .unwrap();
+    let notice = seen.volumes()[VOLUME].volume_err.clone().unwrap();
+    assert!(
+        notice.retry_condition.starts_with("deleted at "),
+        "{notice:?}"
+    );
+    assert!(file.is_file(), "the volume's data is kept during the grace");
 }

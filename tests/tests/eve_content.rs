@@ -1,7 +1,8 @@
 //! Content trees from a stock EVE controller (issue 18): a config with EVE's fields only
 //! (`datastores`, `contentInfo`, volumes with `VCOT_DOWNLOAD`), served over real HTTPS by a
 //! datastore with its own CA (`dsCertPEM`). Volumes are made from the verified content; bad
-//! content reaches the controller in the app's `appErr`, naming the content tree.
+//! content reaches the controller on the content tree (`ZInfoContentTree.err`) and in the
+//! app's `appErr`, naming the content tree.
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)] // test code
 
@@ -207,7 +208,7 @@ async fn qcow2_volumes_are_made_from_eve_content_trees_raw_and_qcow2_with_their_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_content_reaches_the_controller_in_app_err_naming_the_content_tree() {
+async fn bad_content_reaches_the_controller_on_the_content_tree_and_in_app_err_naming_it() {
     let store = TestDatastore::start(true).await.unwrap();
     let cases: [(&str, Option<DatastoreFault>, &str); 4] = [
         (
@@ -278,6 +279,27 @@ async fn bad_content_reaches_the_controller_in_app_err_naming_the_content_tree()
             "the volume is named once: {}",
             err.description
         );
+        // The content tree's own report (ZInfoContentTree) carries the fault, never DELIVERED.
+        let reported = controller
+            .wait_for(
+                SERIAL,
+                SETTLE,
+                &format!("{name}: ZInfoContentTree err with {reason}"),
+                |d| {
+                    d.content_trees().get(&tree).is_some_and(|t| {
+                        t.err
+                            .as_ref()
+                            .is_some_and(|e| e.description.contains(reason))
+                    })
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", device.log_tails(40)));
+        let info = &reported.content_trees()[&tree];
+        assert_ne!(info.state, proto::ZSwState::Delivered as i32, "{info:?}");
+        let err = info.err.as_ref().unwrap();
+        assert_eq!(err.severity, proto::Severity::Error as i32, "{err:?}");
+        assert!(err.timestamp.is_some(), "{err:?}");
     }
     let blobs = std::fs::read_dir(device.persist_dir().join("content/blobs"))
         .unwrap()

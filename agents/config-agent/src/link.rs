@@ -1,7 +1,7 @@
 //! The controller as the config source: poll the config on a jittered interval, put an accepted
 //! one in force (checkpoint first, then the bus), refuse a bad one as a whole, fall back to the
-//! checkpoint when the controller cannot be reached at boot, report every app and volume status
-//! change through the per-object queue, and send a metrics report every metrics interval. One
+//! checkpoint when the controller cannot be reached at boot, report every app, volume and
+//! content tree status change through the per-object queue, and send a metrics report every metrics interval. One
 //! task does all of it, one exchange at a time, so there is no shared link state to lock.
 
 use std::collections::BTreeMap;
@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use cairn_pubsub::{Bus, BusError, Event};
 use cairn_types::{
-    AppInstanceStatus, ConfigSource, DeviceStatus, DomainMetric, ErrorDescription, ErrorSeverity,
-    VolumeStatus,
+    AppInstanceStatus, ConfigSource, ContentTreeStatus, DeviceStatus, DomainMetric,
+    ErrorDescription, ErrorSeverity, VolumeStatus,
 };
 use chrono::Utc;
 use tokio::time::{Instant, sleep_until};
@@ -43,6 +43,7 @@ enum Wake {
     Poll,
     Status(Box<Event<AppInstanceStatus>>),
     Volume(Box<Event<VolumeStatus>>),
+    ContentTree(Box<Event<ContentTreeStatus>>),
     /// A `DomainMetric` came: the subscription's table is all the metrics report needs.
     DomainMetric,
     Report,
@@ -59,6 +60,7 @@ pub async fn run(
     let url = format!("https://{}", link.server());
     let mut statuses = bus.subscribe::<AppInstanceStatus>("app-manager");
     let mut volumes = bus.subscribe::<VolumeStatus>("volume-manager");
+    let mut content_trees = bus.subscribe::<ContentTreeStatus>("downloader");
     let mut domain_metrics = bus.subscribe::<DomainMetric>("domain-manager");
     let mut queue = Queue::new(options.first_backoff, options.max_backoff);
     let mut state = State {
@@ -107,6 +109,7 @@ pub async fn run(
                 _ = sleep_until(next_poll) => Wake::Poll,
                 event = statuses.recv() => Wake::Status(Box::new(event)),
                 event = volumes.recv() => Wake::Volume(Box::new(event)),
+                event = content_trees.recv() => Wake::ContentTree(Box::new(event)),
                 _ = domain_metrics.recv() => Wake::DomainMetric,
                 _ = sleep_until(next_metrics) => Wake::Metrics,
                 _ = sleep_until(report_due.unwrap_or_else(Instant::now)), if report_due.is_some() => Wake::Report,
@@ -161,6 +164,19 @@ pub async fn run(
                         report::volume_key(&uuid.to_string()),
                         Report::Volume(other.map(Box::new)),
                     );
+                }
+                _ => {}
+            },
+            Wake::ContentTree(event) => match *event {
+                Event::Create { key, value }
+                | Event::Modify {
+                    key, new: value, ..
+                } => queue.put(
+                    report::content_tree_key(&key),
+                    Report::ContentTree(Some(Box::new(value))),
+                ),
+                Event::Delete { key, .. } => {
+                    queue.put(report::content_tree_key(&key), Report::ContentTree(None))
                 }
                 _ => {}
             },
@@ -222,6 +238,10 @@ pub async fn run(
                                 Report::Volume(status) => {
                                     let uuid = report::volume_of_key(&app);
                                     report::volume_info(device, uuid, status.as_deref())
+                                }
+                                Report::ContentTree(status) => {
+                                    let uuid = report::content_tree_of_key(&app);
+                                    report::content_tree_info(device, uuid, status.as_deref())
                                 }
                             };
                             link.send_info(info).await

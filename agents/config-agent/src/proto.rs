@@ -21,6 +21,7 @@ pub use crate::eve::org::lfedge::eve::info::{
     ApiCapability, ErrorInfo, Severity, VolumeResources, ZDeviceState, ZInfoApp, ZInfoDevSw,
     ZInfoDevice, ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZInfoVolume, ZSwState,
 };
+pub use crate::eve::org::lfedge::eve::info::{ContentResources, UsageInfo, ZInfoContentTree};
 pub use crate::eve::org::lfedge::eve::metrics::z_metric_msg::MetricContent;
 pub use crate::eve::org::lfedge::eve::metrics::{
     AppCpuMetric, AppDiskMetric, AppMemoryMetric, AppMetric, DeviceMemoryMetric, DeviceMetric,

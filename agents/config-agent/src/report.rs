@@ -1,24 +1,25 @@
 //! What the device tells the controller: `ZInfoDevice` (the machine and the agent), about
 //! its apps `ZInfoApp` with `ZInfoSnapshot` entries, built from the app-manager's
 //! `AppInstanceStatus`, and about its volumes `ZInfoVolume` from the volume-manager's
-//! `VolumeStatus`; queued per object so that the newest report replaces one not sent yet,
-//! and retried with backoff while the controller is away.
+//! `VolumeStatus`, and about its content trees `ZInfoContentTree` from the downloader's
+//! `ContentTreeStatus`; queued per object so that the newest report replaces one not sent
+//! yet, and retried with backoff while the controller is away.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use cairn_types::{
-    AppInstanceStatus, ErrorDescription, ErrorSeverity, SnapshotInstanceStatus, SnapshotType,
-    SwState, VolumeState, VolumeStatus,
+    AppInstanceStatus, ContentTreeState, ContentTreeStatus, ErrorDescription, ErrorSeverity,
+    SnapshotInstanceStatus, SnapshotType, SwState, VolumeState, VolumeStatus,
 };
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use crate::proto::{
-    self, ApiCapability, ErrorInfo, InfoContent, Severity, VolumeResources, ZDeviceState, ZInfoApp,
-    ZInfoDevSw, ZInfoDevice, ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZInfoVolume,
-    ZSwState,
+    self, ApiCapability, ContentResources, ErrorInfo, InfoContent, Severity, UsageInfo,
+    VolumeResources, ZDeviceState, ZInfoApp, ZInfoContentTree, ZInfoDevSw, ZInfoDevice,
+    ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZInfoVolume, ZSwState,
 };
 
 /// The queue's key of the device's own report (app keys are UUIDs).
@@ -37,6 +38,19 @@ pub fn volume_of_key(key: &str) -> &str {
     key.strip_prefix(VOLUME_KEY_PREFIX).unwrap_or(key)
 }
 
+/// Before a content tree's UUID in the queue's key of its report.
+const CONTENT_TREE_KEY_PREFIX: &str = "content/";
+
+/// The queue's key of a content tree's report.
+pub fn content_tree_key(tree: &str) -> String {
+    format!("{CONTENT_TREE_KEY_PREFIX}{tree}")
+}
+
+/// The content tree UUID of a queue key made by [`content_tree_key`].
+pub fn content_tree_of_key(key: &str) -> &str {
+    key.strip_prefix(CONTENT_TREE_KEY_PREFIX).unwrap_or(key)
+}
+
 /// What Cairn tells the controller through `api_capability`. EVE's values are ordinal ("a
 /// larger number indicates all lower numbers are also supported"): Cairn has volume snapshots
 /// (5) and immediate snapshots (13) but not `BaseOs.retry_update` (1), the shutdown command (2),
@@ -53,6 +67,8 @@ pub enum Report {
     Device(Box<ZInfoDevice>),
     /// The volume's newest status; `None`: the volume is gone.
     Volume(Option<Box<VolumeStatus>>),
+    /// The content tree's newest status; `None`: the tree is gone.
+    ContentTree(Option<Box<ContentTreeStatus>>),
 }
 
 /// The device's facts as far as the machine tells them; what cannot be read stays empty.
@@ -222,6 +238,61 @@ pub fn volume_info(device: uuid::Uuid, volume: &str, status: Option<&VolumeStatu
         dev_id: device.to_string(),
         info_content: Some(InfoContent::Vinfo(info)),
         at_time_stamp: Some(timestamp(Utc::now())),
+    }
+}
+
+/// The info message for one content tree (EVE's `PublishContentInfoToZedCloud`). `None`
+/// status: the tree is gone (EVE sends the bare UUID).
+pub fn content_tree_info(
+    device: uuid::Uuid,
+    tree: &str,
+    status: Option<&ContentTreeStatus>,
+) -> ZInfoMsg {
+    let mut info = ZInfoContentTree {
+        uuid: tree.to_string(),
+        ..Default::default()
+    };
+    if let Some(status) = status {
+        info.display_name = status.display_name.clone();
+        info.sha256 = status.content_sha256.clone();
+        // EVE reports the state the tree is in and the error beside it, not ERROR: a tree
+        // that failed is still one that will be retried from where it stands.
+        info.state = content_tree_state(status.state) as i32;
+        info.progress_percentage = status.progress;
+        if status.error.is_error() {
+            info.err = Some(error_info(&status.error));
+        }
+        // EVE: the size the server announced, as the tree's disk usage.
+        info.resources = Some(ContentResources {
+            cur_size_bytes: u64::try_from(status.total_size).unwrap_or(0),
+        });
+        // EVE reports a reference count of 1 whatever holds the tree (its "XXX RefCount").
+        info.usage = Some(UsageInfo {
+            create_time: status.create_time.map(timestamp),
+            ref_count: 1,
+            last_refcount_change_time: status.create_time.map(timestamp),
+        });
+        info.component_sha_list = status.blobs.clone();
+        info.generation_count = status.generation_counter;
+    }
+    ZInfoMsg {
+        ztype: ZInfoTypes::ZiContentTree as i32,
+        dev_id: device.to_string(),
+        info_content: Some(InfoContent::Cinfo(info)),
+        at_time_stamp: Some(timestamp(Utc::now())),
+    }
+}
+
+/// A content tree's state as EVE's `SwState.ZSwState()` maps it (LOADED is DELIVERED there).
+fn content_tree_state(state: ContentTreeState) -> ZSwState {
+    match state {
+        ContentTreeState::Initial => ZSwState::Initial,
+        ContentTreeState::Downloading => ZSwState::DownloadStarted,
+        ContentTreeState::Downloaded => ZSwState::Downloaded,
+        ContentTreeState::Verifying => ZSwState::Verifying,
+        ContentTreeState::Verified => ZSwState::Verified,
+        ContentTreeState::Loading => ZSwState::Loading,
+        ContentTreeState::Loaded => ZSwState::Delivered,
     }
 }
 
@@ -509,6 +580,94 @@ mod tests {
         assert_eq!(
             gone,
             ZInfoVolume {
+                uuid,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_content_tree_is_reported_in_eves_states_with_progress_and_its_error() {
+        let device = uuid::Uuid::new_v4();
+        let tree = ContentTreeStatus {
+            content_id: "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4e".parse().unwrap(),
+            display_name: "disk.qcow2".into(),
+            content_sha256: "ab".repeat(32),
+            generation_counter: 4,
+            state: ContentTreeState::Downloading,
+            total_size: 34 << 20,
+            current_size: 17 << 20,
+            progress: 50,
+            ..Default::default()
+        };
+        let uuid = tree.content_id.to_string();
+        let msg = content_tree_info(device, &uuid, Some(&tree));
+        assert_eq!(msg.ztype, ZInfoTypes::ZiContentTree as i32);
+        let Some(InfoContent::Cinfo(info)) = msg.info_content else {
+            panic!("a content tree info")
+        };
+        assert_eq!(
+            (info.uuid.as_str(), info.display_name.as_str()),
+            (uuid.as_str(), "disk.qcow2")
+        );
+        assert_eq!(info.sha256, "ab".repeat(32));
+        assert_eq!(info.state, ZSwState::DownloadStarted as i32);
+        assert_eq!((info.progress_percentage, info.generation_count), (50, 4));
+        assert_eq!(info.resources.unwrap().cur_size_bytes, 34 << 20);
+        assert!(info.err.is_none());
+
+        let failed = ContentTreeStatus {
+            error: ErrorDescription {
+                error_retry_condition: "will retry in 10s".into(),
+                ..ErrorDescription::new(
+                    "content tree disk.qcow2: HTTP 404 Not Found",
+                    ErrorSeverity::Error,
+                    Utc::now(),
+                )
+            },
+            ..tree.clone()
+        };
+        let Some(InfoContent::Cinfo(info)) =
+            content_tree_info(device, &uuid, Some(&failed)).info_content
+        else {
+            panic!("a content tree info")
+        };
+        // As EVE: the state it stands in, the error beside it.
+        assert_eq!(info.state, ZSwState::DownloadStarted as i32);
+        let err = info.err.unwrap();
+        assert_eq!(
+            (err.description.as_str(), err.retry_condition.as_str()),
+            (
+                "content tree disk.qcow2: HTTP 404 Not Found",
+                "will retry in 10s"
+            )
+        );
+        assert_eq!(err.severity, Severity::Error as i32);
+        assert!(err.timestamp.is_some());
+
+        let loaded = ContentTreeStatus {
+            state: ContentTreeState::Loaded,
+            progress: 100,
+            blobs: vec!["ab".repeat(32)],
+            create_time: Some(Utc::now()),
+            ..tree
+        };
+        let Some(InfoContent::Cinfo(info)) =
+            content_tree_info(device, &uuid, Some(&loaded)).info_content
+        else {
+            panic!("a content tree info")
+        };
+        assert_eq!(info.state, ZSwState::Delivered as i32, "EVE's LOADED");
+        assert_eq!(info.component_sha_list, ["ab".repeat(32)]);
+        assert!(info.usage.unwrap().create_time.is_some());
+
+        let Some(InfoContent::Cinfo(gone)) = content_tree_info(device, &uuid, None).info_content
+        else {
+            panic!("a content tree info")
+        };
+        assert_eq!(
+            gone,
+            ZInfoContentTree {
                 uuid,
                 ..Default::default()
             }

@@ -1754,3 +1754,85 @@ fn the_volume_report_decodes_with_eves_zinfovolume() {
     assert_eq!(field_of(resources, "maxSizeBytes").as_u64(), Some(16 << 20));
     assert_eq!(field_of(resources, "curSizeBytes").as_u64(), Some(1 << 20));
 }
+
+/// A content tree's report as the link sends it: EVE's `ZInfoMsg` of type ZiContentTree with a
+/// `cinfo`, its state in EVE's numbers (LOADED is DELIVERED, as EVE's zedagent reports it).
+#[test]
+fn the_content_tree_report_decodes_with_eves_zinfocontenttree() {
+    use cairn_types::{ContentTreeState, ContentTreeStatus, ErrorDescription, ErrorSeverity};
+    let device = uuid::Uuid::new_v4();
+    let sha = "0123456789abcdef".repeat(4);
+    let status = ContentTreeStatus {
+        content_id: uuid::Uuid::new_v4(),
+        display_name: "disk.qcow2".into(),
+        content_sha256: sha.clone(),
+        generation_counter: 2,
+        state: ContentTreeState::Loaded,
+        create_time: Some(chrono::Utc::now()),
+        total_size: 34 << 20,
+        current_size: 34 << 20,
+        progress: 100,
+        blobs: vec![sha.clone()],
+        error: ErrorDescription::new(
+            "a stale warning",
+            ErrorSeverity::Warning,
+            chrono::Utc::now(),
+        ),
+        ..Default::default()
+    };
+    let uuid = status.content_id.to_string();
+    let msg = cairn_config_agent::report::content_tree_info(device, &uuid, Some(&status));
+    let desc = pool()
+        .get_message_by_name("org.lfedge.eve.info.ZInfoMsg")
+        .unwrap();
+    let got = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice()).unwrap();
+    let unknown = unknown_fields("ZInfoMsg", &got);
+    assert!(unknown.is_empty(), "fields EVE does not know: {unknown:?}");
+    let types = pool()
+        .get_enum_by_name("org.lfedge.eve.info.ZInfoTypes")
+        .unwrap();
+    let ztype = field_of(&got, "ztype").as_enum_number().unwrap();
+    assert_eq!(types.get_value(ztype).unwrap().name(), "ZiContentTree");
+    assert_eq!(
+        field_of(&got, "devId").as_str(),
+        Some(device.to_string().as_str())
+    );
+    let info = field_of(&got, "cinfo");
+    let info = info.as_message().expect("a cinfo member");
+    assert_eq!(field_of(info, "uuid").as_str(), Some(uuid.as_str()));
+    assert_eq!(field_of(info, "displayName").as_str(), Some("disk.qcow2"));
+    assert_eq!(field_of(info, "sha256").as_str(), Some(sha.as_str()));
+    assert_eq!(field_of(info, "generation_count").as_i64(), Some(2));
+    assert_eq!(field_of(info, "progressPercentage").as_u32(), Some(100));
+    let states = pool()
+        .get_enum_by_name("org.lfedge.eve.info.ZSwState")
+        .unwrap();
+    let state = field_of(info, "state").as_enum_number().unwrap();
+    assert_eq!(states.get_value(state).unwrap().name(), "DELIVERED");
+    let resources = field_of(info, "resources");
+    let resources = resources.as_message().unwrap();
+    assert_eq!(field_of(resources, "curSizeBytes").as_u64(), Some(34 << 20));
+    let components = field_of(info, "componentShaList");
+    let components: Vec<&str> = components
+        .as_list()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(components, [sha.as_str()]);
+    let err = field_of(info, "err");
+    let err = err.as_message().expect("the error");
+    assert_eq!(
+        field_of(err, "description").as_str(),
+        Some("a stale warning")
+    );
+    let severities = pool()
+        .get_enum_by_name("org.lfedge.eve.info.Severity")
+        .unwrap();
+    let severity = field_of(err, "severity").as_enum_number().unwrap();
+    assert_eq!(
+        severities.get_value(severity).unwrap().name(),
+        "SEVERITY_WARNING"
+    );
+    assert!(field_of(err, "timestamp").as_message().is_some());
+}

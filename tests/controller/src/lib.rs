@@ -27,8 +27,8 @@ use cairn_config_agent::auth::{self, Signer256};
 use cairn_config_agent::controller::{CERTS, REGISTER, UUID};
 use cairn_config_agent::proto::{
     AuthContainer, ConfigRequest, ConfigResponse, EdgeDevConfig, HashAlgorithm, InfoContent,
-    UuidAndVersion, UuidResponse, ZCert, ZCertType, ZControllerCert, ZInfoApp, ZInfoDevice,
-    ZInfoMsg, ZInfoVolume, ZMetricMsg, ZRegisterMsg,
+    UuidAndVersion, UuidResponse, ZCert, ZCertType, ZControllerCert, ZInfoApp, ZInfoContentTree,
+    ZInfoDevice, ZInfoMsg, ZInfoVolume, ZMetricMsg, ZRegisterMsg,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -111,6 +111,17 @@ impl Device {
             }
         }
         volumes
+    }
+
+    /// The latest report of each content tree.
+    pub fn content_trees(&self) -> BTreeMap<String, ZInfoContentTree> {
+        let mut trees = BTreeMap::new();
+        for info in &self.infos {
+            if let Some(InfoContent::Cinfo(tree)) = &info.info_content {
+                trees.insert(tree.uuid.clone(), tree.clone());
+            }
+        }
+        trees
     }
 
     /// The latest device report, if any came.
