@@ -690,6 +690,9 @@ fn look(
                 // the CLI has no type for their fields.
                 if line.contains("does not know schema") {
                     envelope_only += 1;
+                } else if line.contains("No such file or directory") {
+                    // Deleted between the find and the check (a deletion, a retention): gone
+                    // whole, not damaged; the listing above judges what should exist.
                 } else {
                     faults.push(Fault::Record(line.to_string()));
                 }
@@ -1093,7 +1096,8 @@ fn main_inner() -> anyhow::Result<bool> {
     let outcome = run(&options, &image, &work, &mut figures);
     figures.print(options.seed);
     println!("run took {:.0}s", started.elapsed().as_secs_f64());
-    if remove_work {
+    // A run that saw something keeps its console log and disk for a look.
+    if remove_work && outcome.is_ok() && figures.clean() {
         let _ = std::fs::remove_dir_all(&work);
     } else {
         println!("kept: {} (console.log, persist.qcow2)", work.display());
