@@ -116,6 +116,8 @@ struct AppPlan {
     active_snapshot: Option<Uuid>,
     rollback_counter: u32,
     scheduled: bool,
+    /// The config's `activate`: Running when set, halted when not.
+    active: bool,
 }
 
 fn random_uuid(rng: &mut fastrand::Rng) -> Uuid {
@@ -146,6 +148,7 @@ fn config_json(plans: &[AppPlan]) -> serde_json::Value {
             serde_json::json!({
                 "uuid": app.uuid,
                 "version": app.version.to_string(),
+                "activate": app.active,
                 "display_name": format!("powercut-{i}"),
                 "restart_policy": "always",
                 "volume_refs": [{"uuid": app.volume, "generation_count": 0, "mount_dir": "/data"}],
@@ -182,7 +185,7 @@ fn change_config(
         .copied()
         .collect();
     // A delete or a rollback that has nothing to act on becomes a take.
-    let mut choice = rng.u8(..10);
+    let mut choice = rng.u8(..11);
     if (choice == 4 || choice == 5) && app.listed.is_empty()
         || (choice == 6 || choice == 7) && rollback_targets.is_empty()
     {
@@ -202,6 +205,13 @@ fn change_config(
         8 => {
             app.version += 1;
             format!("app {index}: version {}", app.version)
+        }
+        10 => {
+            app.active = !app.active;
+            format!(
+                "app {index}: {}",
+                if app.active { "activate" } else { "deactivate" }
+            )
         }
         9 => {
             app.scheduled = !app.scheduled;
@@ -483,8 +493,9 @@ struct Snapshots {
     scheduled: usize,
 }
 
-/// Each app Running, nothing in flight, every listed snapshot available or failed with a
-/// reason, and nothing available that the config deleted (scheduled ones are the device's).
+/// Each app Running (halted when deactivated), nothing in flight, every listed snapshot
+/// available or failed with a reason, and nothing available that the config deleted
+/// (scheduled ones are the device's).
 fn apps_settled(
     statuses: &[AppInstanceStatus],
     plans: &[AppPlan],
@@ -500,9 +511,18 @@ fn apps_settled(
             faults.push(Fault::App(format!("app {i}: no status")));
             continue;
         };
-        if status.state != SwState::Running {
+        // A deactivated app ends halted (EVE: Halted; Installed if it never ran).
+        let settled = if app.active {
+            status.activated && status.state == SwState::Running
+        } else {
+            !status.activated && matches!(status.state, SwState::Halted | SwState::Installed)
+        };
+        if !settled {
             let why = &status.error.error;
-            faults.push(Fault::App(format!("app {i}: {:?} {why}", status.state)));
+            faults.push(Fault::App(format!(
+                "app {i}: {:?} activated={} but the config says activate={} {why}",
+                status.state, status.activated, app.active
+            )));
         }
         let snap = &status.snap_status;
         for request in &snap.requested_snapshots {
@@ -918,6 +938,7 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
             rollback_counter: 0,
             // One app on a schedule from the start: scheduled snapshots in every run.
             scheduled: i == 0,
+            active: true,
         })
         .collect();
     let mut ever_listed = BTreeSet::new();
