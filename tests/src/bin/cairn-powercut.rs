@@ -53,6 +53,8 @@ const APP_SCRIPT: &str = "while :; do date >> \"$CAIRN_VOLUME_0/beat\"; sleep 1;
 /// The longest line the guest's tty takes in canonical mode is 4095 bytes: the config is
 /// typed in base64 pieces shorter than that.
 const BASE64_PIECE: usize = 1000;
+/// A file the tool writes without syncing just before a cut.
+const UNSYNCED: &str = "/persist/.powercut-unsynced";
 /// The snapshot of the demo config (`agents/cli/src/demo-config.json`).
 const DEMO_SNAPSHOT: Uuid = Uuid::from_u128(0xd3e0c0de_0000_4000_8000_00000000c001);
 
@@ -768,6 +770,12 @@ struct Figures {
     fsck_corrected: usize,
     qcow2_problems: Vec<String>,
     changes: usize,
+    /// Evidence that a cut loses what the guest had not synced: a line written (no fsync)
+    /// just before the cut, and how often it was gone after the boot.
+    unsynced_written: usize,
+    unsynced_lost: usize,
+    /// Boots whose e2fsck replayed the ext4 journal (an unclean stop).
+    journal_replays: usize,
 }
 
 impl Figures {
@@ -829,6 +837,11 @@ impl Figures {
         for problem in self.qcow2_problems.iter().take(5) {
             println!("  {problem}");
         }
+        println!(
+            "unsynced line written just before the cut, gone after the boot: {} of {}; \
+             boots that replayed the ext4 journal: {}",
+            self.unsynced_lost, self.unsynced_written, self.journal_replays
+        );
         println!(
             "scheduled snapshots available at once, at most: {}",
             self.most_scheduled
@@ -895,6 +908,7 @@ fn boot_and_converge(
     plans: &[AppPlan],
     ever_listed: &BTreeSet<Uuid>,
     baseline: &BTreeSet<Uuid>,
+    unsynced: &mut Option<String>,
     figures: &mut Figures,
 ) -> (Look, Option<Duration>) {
     if let Err(e) = guest.wait_for("CAIRN-AGENTS-READY", BOOT_BOUND) {
@@ -910,6 +924,18 @@ fn boot_and_converge(
         figures.fsck_corrected += 1;
     }
     let _ = guest.run("stty -echo; dmesg -n 1");
+    if let Ok((_, out)) = guest.run("grep -c 'recovering journal' /run/e2fsck.log; true")
+        && out.trim().parse::<u32>().unwrap_or(0) > 0
+    {
+        figures.journal_replays += 1;
+    }
+    if let Some(line) = unsynced.take() {
+        figures.unsynced_written += 1;
+        match guest.run(&format!("cat {UNSYNCED} 2>/dev/null; true")) {
+            Ok((_, out)) if out.trim() == line => {}
+            _ => figures.unsynced_lost += 1,
+        }
+    }
     let deadline = Instant::now() + CONVERGE_BOUND;
     loop {
         let seen = look(guest, plans, ever_listed, baseline);
@@ -942,6 +968,7 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
         })
         .collect();
     let mut ever_listed = BTreeSet::new();
+    let mut unsynced = None;
 
     // First boot: a blank persist disk, the demo config replaced by ours.
     let mut guest = Guest::boot(image, work, true, &console_log)?;
@@ -953,7 +980,14 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
     // taken before ours replaced it, stays with the demo's detached volume: not ours to count.
     let baseline: BTreeSet<Uuid> = [DEMO_SNAPSHOT].into();
     write_config(&mut guest, &config_json(&plans))?;
-    let (first, took) = boot_and_converge(&mut guest, &plans, &ever_listed, &baseline, figures);
+    let (first, took) = boot_and_converge(
+        &mut guest,
+        &plans,
+        &ever_listed,
+        &baseline,
+        &mut unsynced,
+        figures,
+    );
     if took.is_none() {
         guest.cut();
         bail!(
@@ -987,6 +1021,10 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
                     figures.panics.insert(p);
                 }
             }
+            // Written, never synced: a cut must lose it (the guest's page cache dies).
+            let line = format!("cut-{cut}");
+            guest.run(&format!("echo {line} > {UNSYNCED}"))?;
+            unsynced = Some(line);
             let delay = rng.u64(..=5000);
             std::thread::sleep(Duration::from_millis(delay));
             what.push(format!(
@@ -1018,7 +1056,14 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
             continue;
         }
         figures.boots_checked += 1;
-        let (seen, took) = boot_and_converge(&mut guest, &plans, &ever_listed, &baseline, figures);
+        let (seen, took) = boot_and_converge(
+            &mut guest,
+            &plans,
+            &ever_listed,
+            &baseline,
+            &mut unsynced,
+            figures,
+        );
         figures.most_scheduled = figures.most_scheduled.max(seen.snapshots.scheduled);
         figures.records_checked = seen.records_checked;
         figures.envelope_only = seen.envelope_only;
