@@ -1567,16 +1567,16 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
     }
     let mut seen = BTreeSet::new();
     for (i, volume) in config.volumes.iter().enumerate() {
-        if let VolumeOrigin::ContentTree { id } = volume.origin {
-            if volume.format == VolumeFormat::Dir {
-                return Err(ConfigError::at(
-                    format!("volumes[{i}].format"),
-                    format!(
-                        "volume {} is made from content tree {id} (a disk image): its format must be qcow2 or raw",
-                        volume.volume_id
-                    ),
-                ));
-            }
+        if let VolumeOrigin::ContentTree { id } = volume.origin
+            && volume.format == VolumeFormat::Dir
+        {
+            return Err(ConfigError::at(
+                format!("volumes[{i}].format"),
+                format!(
+                    "volume {} is made from content tree {id} (a disk image): its format must be qcow2 or raw",
+                    volume.volume_id
+                ),
+            ));
         }
         if matches!(volume.origin, VolumeOrigin::Export { .. })
             && volume.format != VolumeFormat::Qcow2
