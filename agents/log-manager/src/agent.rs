@@ -52,8 +52,8 @@ pub async fn run(
         "log-manager started"
     );
     let headers = Arc::new(Mutex::new(Headers::default()));
-    headers_default(&headers);
-    let (device_tx, device_rx) = watch::channel(None::<Uuid>);
+    headers_default(&headers, stored.device_uuid);
+    let (device_tx, device_rx) = watch::channel(stored.device_uuid);
     let written = Arc::new(Notify::new());
 
     let collecting = collect_loop(
@@ -72,8 +72,9 @@ pub async fn run(
     }
 }
 
-fn headers_default(headers: &Mutex<Headers>) {
+fn headers_default(headers: &Mutex<Headers>, device: Option<Uuid>) {
     if let Ok(mut headers) = headers.lock() {
+        headers.bundle.dev_id = device.map(|d| d.to_string()).unwrap_or_default();
         headers.bundle.image = "cairn".into();
         headers.bundle.eve_version = env!("CARGO_PKG_VERSION").into();
     }
@@ -134,6 +135,12 @@ async fn collect_loop(
         let since = first_unflushed;
         let (back, result) = tokio::task::spawn_blocking(move || {
             let result = (|| {
+                // Until the controller names the device, lines wait in their files: a device
+                // file is stamped with its UUID (LogBundle.devID) and none could be sent anyway.
+                let Ok(device) = headers_now.bundle.dev_id.parse::<Uuid>() else {
+                    return Ok((false, None));
+                };
+                collector.set_device(device);
                 let sources = collect::sources(&logs_dir, &apps);
                 collector.collect(&sources, &headers_now)?;
                 let (any, full) = collector.pending();

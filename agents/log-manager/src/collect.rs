@@ -46,6 +46,10 @@ pub struct LogCursors {
     /// Files (and their bytes) dropped, oldest first, because the queue was over its cap.
     pub dropped_files: u64,
     pub dropped_bytes: u64,
+    /// The device's UUID once the controller gave it: device files are stamped with it, and
+    /// uploads can start after a restart before the config-agent has reached the controller.
+    #[serde(rename = "DeviceUUID")]
+    pub device_uuid: Option<Uuid>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +145,7 @@ pub struct Collector {
     next_msgid: u64,
     batches: BTreeMap<Stream, Vec<GzipBatch>>,
     cap: u64,
+    device_uuid: Option<Uuid>,
 }
 
 impl Collector {
@@ -165,6 +170,7 @@ impl Collector {
             cursors_path,
             read: stored.files.clone(),
             next_msgid: stored.next_msgid.max(1),
+            device_uuid: stored.device_uuid,
             stored,
             batches: BTreeMap::new(),
             cap,
@@ -177,6 +183,11 @@ impl Collector {
 
     pub fn stored(&self) -> &LogCursors {
         &self.stored
+    }
+
+    /// The device's UUID, kept with the next flush.
+    pub fn set_device(&mut self, uuid: Uuid) {
+        self.device_uuid = Some(uuid);
     }
 
     /// Reads what the sources gained since the last cycle into the open batches.
@@ -278,11 +289,12 @@ impl Collector {
         (any, full)
     }
 
-    /// Writes every open batch into the queue durably, then stores the cursors (the order that
-    /// makes a crash lose nothing), then drops the oldest files if the queue is over its cap.
+    /// Drops the oldest queued files if the new ones would not fit under the cap, writes every
+    /// open batch into the queue durably, then stores the cursors (the order that makes a crash
+    /// lose nothing).
     pub fn flush(&mut self) -> Result<Flushed, CollectError> {
         let mut flushed = Flushed::default();
-        let mut seq = self.stored.next_seq;
+        let mut files = Vec::new();
         for (stream, batches) in std::mem::take(&mut self.batches) {
             for batch in batches {
                 if batch.is_empty() {
@@ -290,18 +302,23 @@ impl Collector {
                 }
                 flushed.entries += batch.entries();
                 flushed.input_bytes += batch.input_bytes();
-                let gzip = batch.finish().map_err(CollectError::Compress)?;
-                let written = self.queue.write(seq, stream, &gzip)?;
-                flushed.gzip_bytes += written.bytes;
-                flushed.files += 1;
-                seq += 1;
+                files.push((stream, batch.finish().map_err(CollectError::Compress)?));
             }
         }
-        let dropped = self.queue.enforce_cap(self.cap)?;
+        let incoming: u64 = files.iter().map(|(_, gzip)| gzip.len() as u64).sum();
+        let dropped = self.queue.make_room(self.cap, incoming)?;
+        let mut seq = self.stored.next_seq;
+        for (stream, gzip) in files {
+            let written = self.queue.write(seq, stream, &gzip)?;
+            flushed.gzip_bytes += written.bytes;
+            flushed.files += 1;
+            seq += 1;
+        }
         let mut next = self.stored.clone();
         next.files = self.read.clone();
         next.next_msgid = self.next_msgid;
         next.next_seq = seq;
+        next.device_uuid = self.device_uuid;
         next.dropped_files += dropped.len() as u64;
         next.dropped_bytes += dropped.iter().map(|d| d.bytes).sum::<u64>();
         if next != self.stored {

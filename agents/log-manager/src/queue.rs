@@ -219,10 +219,11 @@ impl Queue {
         Ok(queued)
     }
 
-    /// Drops the oldest files until the queue holds at most `cap` bytes; returns what it dropped.
-    pub fn enforce_cap(&self, cap: u64) -> Result<Vec<Queued>, QueueError> {
+    /// Drops the oldest files until `incoming` more bytes fit under `cap`; returns what it
+    /// dropped. Called before the new files are written, so the queue never holds more than `cap`.
+    pub fn make_room(&self, cap: u64, incoming: u64) -> Result<Vec<Queued>, QueueError> {
         let queued = self.pending()?;
-        let mut total: u64 = queued.iter().map(|q| q.bytes).sum();
+        let mut total: u64 = queued.iter().map(|q| q.bytes).sum::<u64>() + incoming;
         let mut dropped = Vec::new();
         for file in queued {
             if total <= cap {
@@ -316,9 +317,12 @@ mod tests {
         for seq in 0..5 {
             queue.write(seq, Stream::Device, &[0; 100]).unwrap();
         }
-        let dropped = queue.enforce_cap(250).unwrap();
+        let dropped = queue.make_room(250, 0).unwrap();
         assert_eq!(dropped.iter().map(|q| q.seq).collect::<Vec<_>>(), [0, 1, 2]);
         assert_eq!(queue.usage().unwrap(), (2, 200));
+        // Room for a new file is made before it is written.
+        let dropped = queue.make_room(250, 100).unwrap();
+        assert_eq!(dropped.iter().map(|q| q.seq).collect::<Vec<_>>(), [3]);
     }
 
     #[test]
