@@ -17,6 +17,7 @@ use cairn_log_manager::collect::LogCursors;
 use cairn_log_manager::queue::{APP_DIR, DEV_DIR};
 use cairn_test_controller::logs::{LogFile, decode};
 use cairn_test_controller::{Fault, TestController};
+use cairn_types::LogManagerStatus;
 
 const SERIAL: &str = "CAIRN-LOGS-0001";
 const APP: &str = "7a1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9";
@@ -258,6 +259,14 @@ async fn while_the_controller_is_unreachable_logs_queue_under_the_cap_and_then_d
     .await;
     let (files, bytes) = queued(&persist);
     assert!(files > 1 && bytes <= CAP, "{files} files, {bytes} bytes");
+    // The technician sees the drop and why nothing goes out (`cairn status`).
+    let status = device
+        .wait_for::<LogManagerStatus>("log-manager", WITHIN, |s| {
+            s.dropped_files > 0 && !s.last_error.is_empty()
+        })
+        .await
+        .unwrap();
+    assert!(status.queued_bytes <= CAP, "{status:?}");
 
     controller.set_fault(None);
     until("the queue drains", || {

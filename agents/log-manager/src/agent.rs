@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use cairn_controller_client::https::Https;
 use cairn_controller_client::link::ControllerLink;
-use cairn_pubsub::{Bus, Event};
-use cairn_types::{AppInstanceConfig, DeviceStatus};
+use cairn_pubsub::{Bus, Event, PublishOptions};
+use cairn_types::{AppInstanceConfig, DeviceStatus, LogManagerStatus};
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
@@ -33,7 +33,11 @@ pub struct Settings {
     pub retry_max: Duration,
     /// One upload's deadline (connect, TLS, request, answer).
     pub upload_timeout: Duration,
+    pub technicians_gid: Option<u32>,
 }
+
+/// What the uploader did, for the status.
+type Progress = Arc<Mutex<LogManagerStatus>>;
 
 pub async fn run(
     bus: &Bus,
@@ -62,13 +66,61 @@ pub async fn run(
         headers.clone(),
         written.clone(),
     );
-    let uploading = upload_loop(settings.clone(), device_rx, written);
+    let progress = Progress::default();
+    let uploading = upload_loop(settings.clone(), device_rx, written, progress.clone());
     let following = follow_bus(bus, headers, device_tx);
+    let reporting = report_loop(bus, settings.clone(), progress);
     tokio::select! {
         result = collecting => result,
         result = uploading => result,
         result = following => result,
+        result = reporting => result,
         () = shutdown => Ok(()),
+    }
+}
+
+/// Publishes `LogManagerStatus` (queue usage from the disk, the uploader's counters) when it
+/// changes, looked at every second.
+async fn report_loop(bus: &Bus, settings: Settings, progress: Progress) -> anyhow::Result<()> {
+    let access = settings
+        .technicians_gid
+        .map(cairn_pubsub::Access::with_group_readers)
+        .unwrap_or_default();
+    let statuses = bus
+        .publish::<LogManagerStatus>(PublishOptions {
+            access,
+            ..Default::default()
+        })
+        .await?;
+    let root = settings.persist.join("newlog");
+    let queue = Arc::new(tokio::task::spawn_blocking(move || Queue::open(root)).await??);
+    let cursors = queue.root().join("cursors.json");
+    let mut last = None;
+    let mut restarted = false;
+    loop {
+        let (q, path) = (queue.clone(), cursors.clone());
+        let (usage, dropped) = tokio::task::spawn_blocking(move || {
+            let dropped = cairn_persist::load_with_backup::<collect::LogCursors>(&path)
+                .map(|l| l.record.dropped_files)
+                .unwrap_or(0);
+            (q.usage(), dropped)
+        })
+        .await?;
+        let mut status = progress.lock().map(|p| p.clone()).unwrap_or_default();
+        if let Ok((files, bytes)) = usage {
+            status.queued_files = files as u64;
+            status.queued_bytes = bytes;
+        }
+        status.dropped_files = dropped;
+        if last.as_ref() != Some(&status) {
+            statuses.publish(status.clone()).await?;
+            last = Some(status);
+        }
+        if !restarted {
+            statuses.signal_restarted().await?;
+            restarted = true;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -182,7 +234,13 @@ async fn upload_loop(
     settings: Settings,
     mut device: watch::Receiver<Option<Uuid>>,
     written: Arc<Notify>,
+    progress: Progress,
 ) -> anyhow::Result<()> {
+    let note = |f: &dyn Fn(&mut LogManagerStatus)| {
+        if let Ok(mut p) = progress.lock() {
+            f(&mut p);
+        }
+    };
     let root = settings.persist.join("newlog");
     let queue = Arc::new(tokio::task::spawn_blocking(move || Queue::open(root)).await??);
     let mut backoff = Backoff::new(settings.retry_min, settings.retry_max);
@@ -218,6 +276,7 @@ async fn upload_loop(
                     Err(e) => {
                         let problem = format!("{e:#}");
                         if problem != last_problem {
+                            note(&|p| p.last_error = problem.clone());
                             tracing::warn!(error = %problem, "logs cannot be uploaded");
                             last_problem = problem;
                         }
@@ -256,8 +315,14 @@ async fn upload_loop(
                 }
                 backoff.reset();
                 refused = None;
+                note(&|p| {
+                    p.sent_files += 1;
+                    p.last_error.clear();
+                    p.last_upload = Some(chrono::Utc::now());
+                });
             }
             Outcome::Later(why) => {
+                note(&|p| p.last_error = format!("{}: {why}", file.name()));
                 if why != last_problem {
                     tracing::info!(file = %file.name(), why = %why, "log upload waits for the controller");
                     last_problem = why;
@@ -266,6 +331,7 @@ async fn upload_loop(
             }
             Outcome::Refused(status) => {
                 let name = file.name();
+                note(&|p| p.last_error = format!("{name}: the controller refused it ({status})"));
                 let count = match &refused {
                     Some((n, c)) if *n == name => c + 1,
                     _ => 1,
@@ -279,6 +345,7 @@ async fn upload_loop(
                         "the controller refused this log file {MAX_4XX_RETRIES} times; set aside"
                     );
                     refused = None;
+                    note(&|p| p.set_aside_files += 1);
                 } else {
                     tracing::info!(file = %name, status, count, "log file refused; will retry");
                     refused = Some((name, count));

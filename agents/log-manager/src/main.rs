@@ -62,6 +62,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         retry_min: Duration::from_millis(args.retry_min_ms.max(1)),
         retry_max: Duration::from_millis(args.retry_max_ms.max(1)),
         upload_timeout: Duration::from_secs(30),
+        technicians_gid: args.common.technicians_gid,
     };
     let shutdown = async move {
         let signal = signals.recv().await;
