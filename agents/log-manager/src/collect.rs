@@ -337,3 +337,100 @@ impl Collector {
         Ok(flushed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn append(path: &Path, text: &str) {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn contents(collector: &Collector) -> Vec<String> {
+        let mut lines = Vec::new();
+        for queued in collector.queue().pending().unwrap() {
+            let gzip = std::fs::read(&queued.path).unwrap();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gzip[..]), &mut text)
+                .unwrap();
+            for line in text.lines() {
+                let entry: entry::LogEntry = serde_json::from_str(line).unwrap();
+                lines.push(entry.content);
+            }
+        }
+        lines
+    }
+
+    #[test]
+    fn a_partial_line_waits_for_its_end_and_a_replaced_file_is_read_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let log = logs.join("app-manager.log");
+        let queue = Queue::open(dir.path().join("newlog")).unwrap();
+        let mut collector = Collector::open(queue, u64::MAX).unwrap();
+        let headers = Headers::default();
+
+        append(&log, "one\ntw");
+        collector
+            .collect(&sources(&logs, dir.path()), &headers)
+            .unwrap();
+        collector.flush().unwrap();
+        assert_eq!(contents(&collector), ["one"]);
+
+        append(&log, "o\n");
+        collector
+            .collect(&sources(&logs, dir.path()), &headers)
+            .unwrap();
+        collector.flush().unwrap();
+        assert_eq!(contents(&collector), ["one", "two"]);
+
+        // Rotated: a new file under the same name.
+        std::fs::remove_file(&log).unwrap();
+        append(&log, "three\n");
+        collector
+            .collect(&sources(&logs, dir.path()), &headers)
+            .unwrap();
+        collector.flush().unwrap();
+        assert_eq!(contents(&collector), ["one", "two", "three"]);
+    }
+
+    #[test]
+    fn a_collector_reopened_goes_on_from_its_stored_cursors() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let log = logs.join("config-agent.log");
+        let open = || {
+            let queue = Queue::open(dir.path().join("newlog")).unwrap();
+            Collector::open(queue, u64::MAX).unwrap()
+        };
+        let headers = Headers::default();
+        let mut collector = open();
+        append(&log, "a\nb\n");
+        collector
+            .collect(&sources(&logs, dir.path()), &headers)
+            .unwrap();
+        collector.flush().unwrap();
+        // Read but never flushed: as if killed before the flush.
+        append(&log, "c\n");
+        collector
+            .collect(&sources(&logs, dir.path()), &headers)
+            .unwrap();
+        drop(collector);
+
+        let mut collector = open();
+        collector
+            .collect(&sources(&logs, dir.path()), &headers)
+            .unwrap();
+        collector.flush().unwrap();
+        assert_eq!(contents(&collector), ["a", "b", "c"]);
+        assert_eq!(collector.stored().next_msgid, 4);
+    }
+}
