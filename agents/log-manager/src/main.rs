@@ -26,8 +26,9 @@ struct Args {
     /// How often the log files are read.
     #[arg(long, env = "CAIRN_LOG_COLLECT_MS", default_value_t = 1_000)]
     collect_ms: u64,
-    /// Lines wait at most this long before they are written into a gzip file.
-    #[arg(long, env = "CAIRN_LOG_BATCH_MS", default_value_t = 10_000)]
+    /// Lines wait at most this long before they are written into a gzip file (EVE's newlogd:
+    /// `logfileDelay`, 300 s). They wait in their source files, so a kill loses none of them.
+    #[arg(long, env = "CAIRN_LOG_BATCH_MS", default_value_t = 300_000)]
     batch_ms: u64,
     /// The first retry delay after a failed upload (doubling from there).
     #[arg(long, env = "CAIRN_LOG_RETRY_MIN_MS", default_value_t = 1_000)]

@@ -7,7 +7,8 @@
 //! with lines in the agents' real format (templates taken from their output) at a stated rate
 //! (`CAIRN_FIGURES_AGENT_LINES_PER_S`, default 2: a device changing state now and then, its
 //! link logging each poll's outcome; `CAIRN_FIGURES_CONSOLE_LINES_PER_S`, default 5), and the
-//! real collector reads and flushes them every 10 s of simulated time, as it does by default.
+//! real collector reads them every 10 s of simulated time and writes a file when one is full or
+//! every 300 s, as it does by default (EVE's `logfileDelay`).
 
 #![allow(clippy::unwrap_used)] // figures: a failed unwrap is a failed run
 
@@ -59,6 +60,9 @@ const AGENT_LINES: [(&str, &str, &str); 8] = [
         "domain metrics app={app} cpu_ns={n} memory_kib=262144",
     ),
 ];
+
+/// The log-manager's default `--batch-ms`.
+const FLUSH_S: u64 = 300;
 
 fn rate(var: &str, default: f64) -> f64 {
     std::env::var(var)
@@ -133,15 +137,18 @@ fn log_queue_disk_use_after_an_hour_offline() {
             console_lines += 1;
         }
         collector.collect(&sources(&logs, &apps), &headers).unwrap();
-        let flushed = collector.flush().unwrap();
-        entries += flushed.entries;
-        files += flushed.files;
+        let (_, full) = collector.pending();
+        if full || (cycle + 1) % (FLUSH_S / cycle_s) == 0 {
+            let flushed = collector.flush().unwrap();
+            entries += flushed.entries;
+            files += flushed.files;
+        }
     }
     let (queued_files, queued_bytes) = collector.queue().usage().unwrap();
     assert_eq!(queued_files, files);
     assert_eq!(entries as u64, agent_lines + console_lines);
     println!(
-        "log queue after one hour offline (simulated; {agent_rate} agent lines/s + {console_rate} console lines/s, a flush every {cycle_s} s):"
+        "log queue after one hour offline (simulated; {agent_rate} agent lines/s + {console_rate} console lines/s, read every {cycle_s} s, a file when full or every {FLUSH_S} s):"
     );
     println!(
         "  {entries} entries ({:.1} MiB as the agents wrote them) -> {queued_files} gzip files, {:.2} MiB on disk ({:.1} bytes per entry; {:.1}x smaller than the raw lines)",
