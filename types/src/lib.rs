@@ -11,6 +11,7 @@ pub mod device;
 pub mod domain;
 pub mod export;
 pub mod layout;
+pub mod logs;
 pub mod policy;
 pub mod snapshot;
 pub mod volume;
@@ -31,6 +32,7 @@ pub use domain::{
 pub use export::{
     ExportAction, ExportConfig, ExportKind, ExportManifest, ExportState, ExportStatus,
 };
+pub use logs::LogManagerStatus;
 pub use policy::{ConsistencyGroup, Retention, SnapshotPolicy};
 pub use snapshot::{
     SnapshotConfig, SnapshotDesc, SnapshotInstanceStatus, SnapshotMode, SnapshotType, SnapshotWhen,

@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::auth::{AuthError, Signer256};
 
-pub const SERVER: &str = "server";
-pub const ROOT_CERT: &str = "root-certificate.pem";
+pub use cairn_controller_client::link::{ROOT_CERT, SERVER, dir};
 pub const ONBOARD_CERT: &str = "onboard.cert.pem";
 pub const ONBOARD_KEY: &str = "onboard.key.pem";
 pub const SERIAL: &str = "serial";
@@ -33,11 +32,6 @@ pub enum IdentityError {
         #[source]
         source: AuthError,
     },
-}
-
-/// `<persist>/config`.
-pub fn dir(persist: &Path) -> PathBuf {
-    persist.join("config")
 }
 
 /// What set-up gives; each present value replaces the stored one (the device key stays).

@@ -6,7 +6,7 @@
 //! validated as a whole. `apply` publishes them and follows the local file (woken by `watch`,
 //! an inotify watch); `link` follows the
 //! controller through `controller` (the API exchanges), `https` (TLS pinned to the device's
-//! root), `identity` (the device's keys and certificates), `auth` (object signing),
+//! root, from `cairn-controller-client`), `identity` (the device's keys and certificates), `auth` (object signing),
 //! `checkpoint` (the last good config) and `report` (app status to `ZInfoApp`, queued).
 
 pub mod apply;
@@ -14,7 +14,6 @@ pub mod auth;
 pub mod checkpoint;
 pub mod controller;
 pub mod eve;
-pub mod https;
 pub mod identity;
 pub mod link;
 pub mod metrics;
@@ -22,3 +21,6 @@ pub mod model;
 pub mod proto;
 pub mod report;
 pub mod watch;
+
+/// Moved to `cairn-controller-client` (shared with the log-manager); kept under its old path.
+pub use cairn_controller_client::https;

@@ -7,19 +7,20 @@ use std::time::Duration;
 use cairn_pubsub::{Bus, Event, Topic, socket_path};
 use cairn_types::layout::{SNAPSHOT_INSTANCE_STATUS_FILE, snapshots_dir};
 use cairn_types::{
-    AppInstanceStatus, ContentTreeStatus, DeviceStatus, DomainStatus, SnapshotInstanceStatus,
-    VolumeStatus,
+    AppInstanceStatus, ContentTreeStatus, DeviceStatus, DomainStatus, LogManagerStatus,
+    SnapshotInstanceStatus, VolumeStatus,
 };
 use serde::Serialize;
 
 use crate::supervision::Supervisor;
 
-pub const AGENTS: [&str; 5] = [
+pub const AGENTS: [&str; 6] = [
     "config-agent",
     "app-manager",
     "volume-manager",
     "domain-manager",
     "downloader",
+    "log-manager",
 ];
 
 /// The run and persist roots the device uses.
@@ -118,6 +119,8 @@ pub struct DeviceView {
     pub domains: Vec<DomainStatus>,
     pub volumes: Vec<VolumeStatus>,
     pub content_trees: Vec<ContentTreeStatus>,
+    /// The log queue and its uploads.
+    pub logs: Option<LogManagerStatus>,
 }
 
 enum Read<T> {
@@ -190,12 +193,13 @@ pub fn socket_refusal(socket: &Path) -> Option<String> {
 
 /// Reads every agent's status topics.
 pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
-    let (device, apps, domains, volumes, content_trees) = tokio::join!(
+    let (device, apps, domains, volumes, content_trees, log_manager) = tokio::join!(
         read::<DeviceStatus>(roots, "config-agent", wait),
         read::<AppInstanceStatus>(roots, "app-manager", wait),
         read::<DomainStatus>(roots, "domain-manager", wait),
         read::<VolumeStatus>(roots, "volume-manager", wait),
         read::<ContentTreeStatus>(roots, "downloader", wait),
+        read::<LogManagerStatus>(roots, "log-manager", wait),
     );
     let mut agents = Vec::new();
     let mut health = |agent: &str, state: String| {
@@ -249,6 +253,14 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
             ContentTreeStatus::NAME,
         ),
     );
+    health(
+        "log-manager",
+        state(
+            read_state(&log_manager),
+            "log-manager",
+            LogManagerStatus::NAME,
+        ),
+    );
     fn values<T>(read: Read<T>) -> Vec<T> {
         match read {
             Read::Values(values) => values,
@@ -264,6 +276,7 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
         domains: values(domains),
         volumes: values(volumes),
         content_trees: values(content_trees),
+        logs: values(log_manager).into_iter().next(),
     }
 }
 

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod datastore;
+pub mod logs;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -80,6 +81,8 @@ pub struct Device {
     /// Every metrics report, in arrival order, with the bytes it took on the wire (the signed
     /// `AuthContainer` body, the `ZMetricMsg` inside).
     pub metrics: Vec<Metrics>,
+    /// Every log file posted to EVE's log endpoints, in arrival order.
+    pub logs: Vec<logs::LogUpload>,
 }
 
 /// One metrics report as it arrived.
@@ -502,6 +505,29 @@ fn route(
                     None => empty(422),
                 }
             }),
+            Some((id, rest)) if rest == "newlogs" || rest.ends_with("/newlogs") => {
+                // Unsigned, as EVE's loguploader sends them: the URL names the device.
+                let app = match rest.strip_suffix("/newlogs") {
+                    None => None,
+                    Some(app) => match app.strip_prefix("apps/instanceid/").map(str::parse) {
+                        Some(Ok(app)) => Some(app),
+                        _ => return empty(404),
+                    },
+                };
+                let mut state = lock(state);
+                let Some(device) = state
+                    .devices
+                    .values_mut()
+                    .find(|d| d.uuid.to_string() == id)
+                else {
+                    return empty(404);
+                };
+                device.logs.push(logs::LogUpload {
+                    app,
+                    gzip: body.to_vec(),
+                });
+                empty(201)
+            }
             Some((id, "info")) => with_device(body, state, |device| {
                 if id != device.uuid.to_string() {
                     return empty(403);
