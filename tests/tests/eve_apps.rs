@@ -306,6 +306,11 @@ async fn an_hvm_vm_from_a_content_tree_boots_its_disk_through_the_bios_is_rolled
     let to_running = started.elapsed();
     assert!(app.app_err.is_empty(), "{:?}", app.app_err);
     assert_eq!(app.volume_refs, [VOLUME]);
+    assert!(
+        app.boot_time.as_ref().is_some_and(|t| t.seconds > 0),
+        "a running app reports when it booted: {:?}",
+        app.boot_time
+    );
     println!(
         "figure: config to RUNNING for the test guest VM from a content tree ({} MiB qcow2 over \
          HTTPS): {:.2} s (content tree DELIVERED at {:.2} s; agents started with the config waiting)",

@@ -37,6 +37,8 @@ pub enum CheckpointError {
         #[source]
         source: model::ConfigError,
     },
+    #[error("the checkpoint could not be read: its reader ended ({0})")]
+    ReaderEnded(String),
 }
 
 pub fn path(persist: &Path) -> PathBuf {

@@ -76,7 +76,12 @@ pub async fn run(
         checkpoint: None,
         volume_refs: BTreeMap::new(),
     };
-    match checkpoint::load(&options.persist) {
+    // Record I/O (read, checksum, decode of a possibly large config) off the runtime.
+    let persist = options.persist.clone();
+    let loaded = tokio::task::spawn_blocking(move || checkpoint::load(&persist))
+        .await
+        .unwrap_or_else(|e| Err(checkpoint::CheckpointError::ReaderEnded(e.to_string())));
+    match loaded {
         Ok(restored) => {
             // The checkpointed config is the controller's until it says otherwise (a 304 says
             // nothing new), so its poll interval holds from the first poll on.
@@ -352,7 +357,14 @@ impl State {
                         self.status.last_error = ErrorDescription::default();
                         // Checkpoint first: a config on the bus is always one a reboot without
                         // the controller would bring back.
-                        if let Err(e) = checkpoint::save(&options.persist, &hash, &config) {
+                        let (persist, saved_hash) = (options.persist.clone(), hash.clone());
+                        let saved = tokio::task::spawn_blocking(move || {
+                            checkpoint::save(&persist, &saved_hash, &config)
+                                .map_err(|e| e.to_string())
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(format!("the checkpoint writer ended: {e}")));
+                        if let Err(e) = saved {
                             tracing::error!("the config is applied but not checkpointed: {e}");
                             self.status.last_error = ErrorDescription::new(
                                 format!("config {hash} applied but not checkpointed: {e}"),
