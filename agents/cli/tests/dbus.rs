@@ -12,34 +12,8 @@ mod dbus_daemon;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Up, output};
+use common::{NORTH_APP, SOUTH_APP, Up, output, two_tenants_config};
 use dbus_daemon::PrivateDbusDaemon;
-
-const NORTH_APP: &str = "d8b50000-0000-4000-8000-00000000a001";
-const SOUTH_APP: &str = "d8b50000-0000-4000-8000-00000000a002";
-
-/// Two process apps, one per tenant, each on its own directory volume.
-fn two_tenants_config() -> String {
-    let app = |uuid: &str, name: &str, tenant: &str, volume: &str| {
-        format!(
-            r#"{{"uuid": "{uuid}", "version": "1", "display_name": "{name}", "tenant": "{tenant}",
-                "volume_refs": [{{"uuid": "{volume}"}}],
-                "domain": {{"kind": "process", "command": "/bin/sh", "args": ["-c", "while :; do sleep 1; done"]}}}}"#
-        )
-    };
-    let volumes = [
-        "d8b50000-0000-4000-8000-00000000b001",
-        "d8b50000-0000-4000-8000-00000000b002",
-    ];
-    format!(
-        r#"{{"apps": [{}, {}],
-            "volumes": [{{"uuid": "{}", "format": "dir"}}, {{"uuid": "{}", "format": "dir"}}]}}"#,
-        app(NORTH_APP, "pump", "north", volumes[0]),
-        app(SOUTH_APP, "valve", "south", volumes[1]),
-        volumes[0],
-        volumes[1]
-    )
-}
 
 /// `busctl --address=ADDRESS tree --list NAME`, or its error output.
 fn tree(address: &str, name: &str) -> Result<String, String> {

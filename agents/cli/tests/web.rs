@@ -13,12 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{DEMO_APP, DEMO_SNAPSHOT, Up, cairn_bin, demo_ready, write_atomically};
+use common::{
+    DEMO_APP, DEMO_SNAPSHOT, SOUTH_APP, Up, cairn_bin, demo_ready, two_tenants_config,
+    write_atomically,
+};
 use fantoccini::{Client, ClientBuilder, Locator};
 use nix::sys::signal::Signal;
 
-const NORTH_APP: &str = "d8b50000-0000-4000-8000-00000000a001";
-const SOUTH_APP: &str = "d8b50000-0000-4000-8000-00000000a002";
 const DEVICE_TOKEN: &str = "device-token-5f1c9a0e7b";
 const NORTH_TOKEN: &str = "north-token-0a9c7e5b3d";
 const SOUTH_TOKEN: &str = "south-token-c4e2a8f6b1";
@@ -191,29 +192,6 @@ fn the_api_prints_what_the_cli_prints_and_bad_requests_get_clear_answers() {
     // Still serving after all of it.
     assert_eq!(get(port, "/api/v1/status").0, 200);
     drop(up);
-}
-
-/// Two process apps, one per tenant.
-fn two_tenants_config() -> String {
-    let app = |uuid: &str, name: &str, tenant: &str, volume: &str| {
-        format!(
-            r#"{{"uuid": "{uuid}", "version": "1", "display_name": "{name}", "tenant": "{tenant}",
-                "volume_refs": [{{"uuid": "{volume}"}}],
-                "domain": {{"kind": "process", "command": "/bin/sh", "args": ["-c", "while :; do sleep 1; done"]}}}}"#
-        )
-    };
-    let volumes = [
-        "d8b50000-0000-4000-8000-00000000b001",
-        "d8b50000-0000-4000-8000-00000000b002",
-    ];
-    format!(
-        r#"{{"apps": [{}, {}],
-            "volumes": [{{"uuid": "{}", "format": "dir"}}, {{"uuid": "{}", "format": "dir"}}]}}"#,
-        app(NORTH_APP, "pump", "north", volumes[0]),
-        app(SOUTH_APP, "valve", "south", volumes[1]),
-        volumes[0],
-        volumes[1]
-    )
 }
 
 fn write_tokens(persist: &Path) {

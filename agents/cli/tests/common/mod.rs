@@ -309,6 +309,32 @@ pub fn wait_line(
     }
 }
 
+pub const NORTH_APP: &str = "d8b50000-0000-4000-8000-00000000a001";
+pub const SOUTH_APP: &str = "d8b50000-0000-4000-8000-00000000a002";
+
+/// Two process apps, one per tenant (north: pump, south: valve), each on its own directory volume.
+pub fn two_tenants_config() -> String {
+    let app = |uuid: &str, name: &str, tenant: &str, volume: &str| {
+        format!(
+            r#"{{"uuid": "{uuid}", "version": "1", "display_name": "{name}", "tenant": "{tenant}",
+                "volume_refs": [{{"uuid": "{volume}"}}],
+                "domain": {{"kind": "process", "command": "/bin/sh", "args": ["-c", "while :; do sleep 1; done"]}}}}"#
+        )
+    };
+    let volumes = [
+        "d8b50000-0000-4000-8000-00000000b001",
+        "d8b50000-0000-4000-8000-00000000b002",
+    ];
+    format!(
+        r#"{{"apps": [{}, {}],
+            "volumes": [{{"uuid": "{}", "format": "dir"}}, {{"uuid": "{}", "format": "dir"}}]}}"#,
+        app(NORTH_APP, "pump", "north", volumes[0]),
+        app(SOUTH_APP, "valve", "south", volumes[1]),
+        volumes[0],
+        volumes[1]
+    )
+}
+
 /// A local config with one process app on a directory volume, with the given snapshots.
 pub fn process_app_config(app: &str, name: &str, version: &str, snapshots: &[&str]) -> String {
     let snapshots: Vec<String> = snapshots
