@@ -25,6 +25,10 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    cairn_startup::answer_record_check(&[(
+        "AppManagerState",
+        cairn_startup::record_check::<cairn_app_manager::machine::AppState>,
+    )]);
     init_logging();
     let args = Args::parse();
     let mut stop = StopSignals::install()?;

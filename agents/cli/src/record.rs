@@ -3,13 +3,16 @@
 use std::path::Path;
 
 use cairn_persist::{DecodeError, Format, Record, decode, inspect};
+use cairn_types::export::ExportJobRecord;
 use cairn_types::layout::{
     APP_INSTANCE_CONFIG_FILE, SNAPSHOT_INSTANCE_STATUS_FILE, VOLUMES_SNAPSHOT_STATUS_FILE,
 };
 use cairn_types::{
-    AppInstanceConfig, AppInstanceStatus, ContentTreeConfig, ContentTreeStatus, DeviceStatus,
-    DomainConfig, DomainStatus, SnapshotInstanceStatus, VolumeConfig, VolumeStatus,
-    VolumesSnapshotConfig, VolumesSnapshotStatus,
+    AppInstanceConfig, AppInstanceStatus, AppVolumeRefs, ConfigItemValueMap, ContentTreeConfig,
+    ContentTreeStatus, DeviceStatus, DomainConfig, DomainLiveOpConfig, DomainLiveOpStatus,
+    DomainMetric, DomainStatus, ExportConfig, ExportStatus, LogManagerStatus,
+    SnapshotInstanceStatus, VolumeConfig, VolumeStatus, VolumesSnapshotConfig,
+    VolumesSnapshotStatus,
 };
 use serde::Serialize;
 
@@ -86,6 +89,16 @@ pub fn check(file: &Path) -> RecordCheck {
         Some("DeviceStatus") => typed::<DeviceStatus>(&bytes),
         Some("ContentTreeConfig") => typed::<ContentTreeConfig>(&bytes),
         Some("ContentTreeStatus") => typed::<ContentTreeStatus>(&bytes),
+        Some("DomainLiveOpConfig") => typed::<DomainLiveOpConfig>(&bytes),
+        Some("DomainLiveOpStatus") => typed::<DomainLiveOpStatus>(&bytes),
+        Some("DomainMetric") => typed::<DomainMetric>(&bytes),
+        Some("AppVolumeRefs") => typed::<AppVolumeRefs>(&bytes),
+        Some("ExportConfig") => typed::<ExportConfig>(&bytes),
+        Some("ExportStatus") => typed::<ExportStatus>(&bytes),
+        Some("ExportJobRecord") => typed::<ExportJobRecord>(&bytes),
+        Some("LogManagerStatus") => typed::<LogManagerStatus>(&bytes),
+        Some("ConfigItemValueMap") => typed::<ConfigItemValueMap>(&bytes),
+        Some(other) if let Some(agent) = owner(other) => ask_agent(agent, file),
         Some(other) => Err(format!(
             "envelope and checksum are intact, but this build does not know schema {other}, so its fields were not checked"
         )),
@@ -96,6 +109,47 @@ pub fn check(file: &Path) -> RecordCheck {
         Err(problem) => verdict.problem = problem,
     }
     verdict
+}
+
+/// Records private to one agent (its own state, its checkpoint): only its build knows their
+/// fields, so that agent's binary checks them.
+const AGENT_RECORDS: [(&str, &str); 4] = [
+    ("AppManagerState", "cairn-app-manager"),
+    ("LastConfig", "cairn-config-agent"),
+    ("ContentRefs", "cairn-downloader"),
+    ("LogCursors", "cairn-log-manager"),
+];
+
+fn owner(schema: &str) -> Option<&'static str> {
+    AGENT_RECORDS
+        .iter()
+        .find(|(name, _)| *name == schema)
+        .map(|(_, agent)| *agent)
+}
+
+/// Runs `AGENT --check-record FILE` from beside this binary, where `cairn up` finds the agents.
+fn ask_agent(agent: &str, file: &Path) -> Result<(), String> {
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(agent)))
+        .filter(|bin| bin.exists())
+        .ok_or_else(|| {
+            format!("its fields are checked by {agent}, which is not installed beside cairn")
+        })?;
+    let output = std::process::Command::new(&bin)
+        .arg(cairn_startup::CHECK_RECORD_ARG)
+        .arg(file)
+        .output()
+        .map_err(|e| format!("cannot run {} to check it: {e}", bin.display()))?;
+    let said = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    match output.status.code() {
+        Some(0) => Ok(()),
+        Some(1) if !said.is_empty() => Err(said),
+        _ => Err(format!(
+            "{agent} could not check it ({}): {said}",
+            output.status
+        )),
+    }
 }
 
 fn typed<T: Record>(bytes: &[u8]) -> Result<(), String> {

@@ -74,6 +74,10 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    cairn_startup::answer_record_check(&[(
+        "LastConfig",
+        cairn_startup::record_check::<cairn_config_agent::checkpoint::LastConfig>,
+    )]);
     init_logging();
     let args = Args::parse();
     let mut stop = StopSignals::install()?;

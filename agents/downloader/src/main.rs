@@ -29,6 +29,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    cairn_startup::answer_record_check(&[(
+        "ContentRefs",
+        cairn_startup::record_check::<cairn_downloader::store::ContentRefs>,
+    )]);
     init_logging();
     let args = Args::parse();
     // Two threads: a download streams while the bus keeps answering.

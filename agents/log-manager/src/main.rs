@@ -39,6 +39,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    cairn_startup::answer_record_check(&[(
+        "LogCursors",
+        cairn_startup::record_check::<cairn_log_manager::collect::LogCursors>,
+    )]);
     init_logging();
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_current_thread()
