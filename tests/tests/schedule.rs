@@ -108,6 +108,10 @@ async fn scheduled_snapshots_are_named_survive_a_restart_without_a_burst_and_kee
     let s1 = first.snapshot.snapshot_id;
     assert_eq!(first.snapshot.name, expected_name(&first, 1));
     assert!(first.snapshot.description.starts_with("scheduled"));
+    assert!(
+        first.snapshot.scheduled,
+        "marked as the policy's, not the controller's"
+    );
     let triggered = first.time_triggered.unwrap().timestamp();
     assert_eq!(triggered % 60 / 10, 0, "taken at the minute boundary");
     assert_eq!(device.snapshot_dirs(), BTreeSet::from([s1]));

@@ -3,7 +3,7 @@
 use cairn_persist::Persist;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_repr::{Deserialize_repr, Serialize_repr};
+use serde_repr::Serialize_repr;
 use uuid::Uuid;
 
 use crate::common::{
@@ -144,10 +144,9 @@ pub fn is_tenant_name(name: &str) -> bool {
     }
 }
 
-/// EVE's state of an app or volume (`SwState`); the numbers are EVE's.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize_repr, Deserialize_repr, Persist,
-)]
+/// EVE's state of an app or volume (`SwState`); the numbers are EVE's. Records and the bus carry
+/// the number, as EVE's do; the read-outs show [`SwState::name`], and either is read back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize_repr, Persist)]
 #[repr(u8)]
 pub enum SwState {
     #[default]
@@ -165,6 +164,73 @@ pub enum SwState {
     Unknown = 121,
     Pending = 122,
     Failed = 124,
+}
+
+impl SwState {
+    const ALL: [SwState; 14] = [
+        SwState::Initial,
+        SwState::CreatingVolume,
+        SwState::CreatedVolume,
+        SwState::Installed,
+        SwState::Booting,
+        SwState::Running,
+        SwState::Pausing,
+        SwState::Paused,
+        SwState::Halting,
+        SwState::Halted,
+        SwState::Broken,
+        SwState::Unknown,
+        SwState::Pending,
+        SwState::Failed,
+    ];
+
+    /// EVE's name of the state, as its `SwState.String()` gives it: `RUNNING`, `HALTED`, ...
+    pub fn name(self) -> &'static str {
+        match self {
+            SwState::Initial => "INITIAL",
+            SwState::CreatingVolume => "CREATING_VOLUME",
+            SwState::CreatedVolume => "CREATED_VOLUME",
+            SwState::Installed => "INSTALLED",
+            SwState::Booting => "BOOTING",
+            SwState::Running => "RUNNING",
+            SwState::Pausing => "PAUSING",
+            SwState::Paused => "PAUSED",
+            SwState::Halting => "HALTING",
+            SwState::Halted => "HALTED",
+            SwState::Broken => "BROKEN",
+            SwState::Unknown => "UNKNOWN",
+            SwState::Pending => "PENDING",
+            SwState::Failed => "FAILED",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| *s as u8 == number)
+    }
+}
+
+impl<'de> Deserialize<'de> for SwState {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Number(u8),
+            Name(String),
+        }
+        match Given::deserialize(deserializer)? {
+            Given::Number(n) => Self::from_number(n).ok_or_else(|| {
+                D::Error::custom(format!("{n} is not one of EVE's SwState numbers"))
+            }),
+            Given::Name(name) => Self::from_name(&name).ok_or_else(|| {
+                D::Error::custom(format!("{name:?} is not one of EVE's SwState names"))
+            }),
+        }
+    }
 }
 
 /// The app-manager's view of one app. Key: app UUID.

@@ -83,6 +83,12 @@ pub struct ExportStatus {
     #[persist(mandatory)]
     pub job_id: Uuid,
     pub action: ExportAction,
+    /// The snapshot exported and its app, from the job's config (nil after a restart found
+    /// only the job's intent record): what the read-outs show the job under.
+    #[serde(rename = "SnapshotID")]
+    pub snapshot_id: Uuid,
+    #[serde(rename = "AppUUID")]
+    pub app_uuid: Uuid,
     pub state: ExportState,
     pub bytes_done: u64,
     pub bytes_total: u64,

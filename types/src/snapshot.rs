@@ -54,6 +54,10 @@ pub struct SnapshotDesc {
     /// Cairn: how the snapshot is taken; absent in EVE's records: stopped.
     #[serde(rename = "Mode")]
     pub mode: SnapshotMode,
+    /// Cairn: taken by the app's snapshot policy on the device, not asked for by the
+    /// controller; EVE's type (immediate) says how it is taken, this says why. Absent: false.
+    #[serde(rename = "Scheduled", skip_serializing_if = "std::ops::Not::not")]
+    pub scheduled: bool,
 }
 
 /// Cairn: how a snapshot is taken.

@@ -134,3 +134,31 @@ proptest! {
         prop_assert_eq!(load::<AppInstanceConfig>(&path).unwrap().record, value);
     }
 }
+
+#[test]
+fn an_app_state_is_written_as_eves_number_and_read_as_number_or_name() {
+    use cairn_types::SwState;
+    assert_eq!(serde_json::to_string(&SwState::Running).unwrap(), "115");
+    assert_eq!(
+        serde_json::from_str::<SwState>("115").unwrap(),
+        SwState::Running
+    );
+    assert_eq!(
+        serde_json::from_str::<SwState>("\"HALTED\"").unwrap(),
+        SwState::Halted
+    );
+    let number = serde_json::from_str::<SwState>("113")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        number.contains("113") && number.contains("SwState"),
+        "{number}"
+    );
+    let name = serde_json::from_str::<SwState>("\"Running\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        name.contains("Running") && name.contains("SwState"),
+        "{name}"
+    );
+}

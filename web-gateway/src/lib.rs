@@ -279,6 +279,9 @@ pub fn scoped(mut view: DeviceView, scope: &Scope) -> DeviceView {
         view.apps.retain(|app| &app.tenant == tenant);
         view.volumes.clear();
         view.domains.clear();
+        // Exports of its own apps only (a job found after a restart names no app: hidden).
+        let apps: Vec<_> = view.apps.iter().map(|a| a.uuid_and_version.uuid).collect();
+        view.exports.retain(|job| apps.contains(&job.app_uuid));
     }
     view
 }

@@ -3,6 +3,7 @@
 //! ("3 min ago") with the device's local time as the tooltip.
 
 use cairn_readout::readout::{DeviceView, SnapshotRow};
+use cairn_types::export::{ExportState, ExportStatus};
 use cairn_types::{AppInstanceStatus, SwState};
 use chrono::{DateTime, Local, NaiveDateTime, Utc};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
@@ -97,6 +98,14 @@ pub fn content(
                 section.wide {
                     h2 { "Snapshot records of no app" }
                     (snapshot_table(&strays))
+                }
+            }
+            @let orphans: Vec<&ExportStatus> = view.exports.iter().filter(|j| !view.apps.iter().any(|a| a.uuid_and_version.uuid == j.app_uuid)).collect();
+            @if !orphans.is_empty() {
+                section.wide #exports {
+                    h2 { "Export jobs of no app shown here" }
+                    p.note { "Verify jobs, and jobs refused before their snapshot was found." }
+                    (export_table(&orphans))
                 }
             }
         }
@@ -248,7 +257,7 @@ fn app_card(view: &DeviceView, app: &AppInstanceStatus, rows: &[SnapshotRow]) ->
     let snapshots: Vec<&SnapshotRow> = rows.iter().filter(|r| r.app == uuid).collect();
     html! {
         section.wide.app data-app=(app.display_name) {
-            h2 { (app.display_name) " " (badge(app_state_class(app.state), &format!("{:?}", app.state))) }
+            h2 { (app.display_name) " " (badge(app_state_class(app.state), app.state.name())) }
             dl {
                 dt { "UUID" } dd { code { (uuid) } " version " (app.uuid_and_version.version) }
                 @if !app.tenant.is_empty() { dt { "Tenant" } dd { (app.tenant) } }
@@ -267,7 +276,48 @@ fn app_card(view: &DeviceView, app: &AppInstanceStatus, rows: &[SnapshotRow]) ->
             @for w in &app.warnings { p.err.warning { "Warning: " (w) } }
             h3 { "Snapshots (" (snapshots.len()) ")" }
             @if snapshots.is_empty() { p.note { "none" } } @else { (snapshot_table(&snapshots)) }
+            @let exports: Vec<&ExportStatus> = view.exports.iter().filter(|j| j.app_uuid == app.uuid_and_version.uuid).collect();
+            @if !exports.is_empty() {
+                h3 { "Exports (" (exports.len()) ")" }
+                (export_table(&exports))
+            }
         }
+    }
+}
+
+fn export_table(jobs: &[&ExportStatus]) -> Markup {
+    html! {
+        div.scroll {
+            table.exports {
+                thead { tr { th { "State" } th { "Job" } th { "Snapshot" } th { "Progress" } th { "Where" } th { "Why" } } }
+                tbody {
+                    @for j in jobs {
+                        @let state = format!("{:?}", j.state).to_lowercase();
+                        tr data-export=(j.job_id) {
+                            td { (badge(export_class(j.state), &state)) }
+                            td { (format!("{:?}", j.action).to_lowercase()) " " code title=(j.job_id) { (j.job_id.to_string().get(..8).unwrap_or_default()) } }
+                            td { code title=(j.snapshot_id) { (j.snapshot_id.to_string().get(..8).unwrap_or_default()) } }
+                            td {
+                                @if j.bytes_total > 0 {
+                                    progress max=(j.bytes_total) value=(j.bytes_done) {}
+                                    " " (j.bytes_done * 100 / j.bytes_total) " % of " (bytes(j.bytes_total))
+                                } @else { "-" }
+                            }
+                            td.why { @if !j.export_dir.as_os_str().is_empty() { code { (j.export_dir.display()) } } }
+                            td.why { @if !j.error.is_empty() { span.err { (j.error) } } @if j.fell_back_to_full { " " span.note { "incremental became full" } } }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn export_class(state: ExportState) -> &'static str {
+    match state {
+        ExportState::Done => "ok",
+        ExportState::Running => "warn",
+        ExportState::Failed | ExportState::Cancelled => "bad",
     }
 }
 

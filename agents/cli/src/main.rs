@@ -540,7 +540,8 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
 
 fn print_apps(view: &DeviceView, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&view.apps)?);
+        let apps = cairn_readout::readout::named::Apps(&view.apps);
+        println!("{}", serde_json::to_string_pretty(&apps)?);
         return Ok(());
     }
     println!(
@@ -554,7 +555,7 @@ fn print_apps(view: &DeviceView, json: bool) -> anyhow::Result<()> {
             app.display_name,
             app.uuid_and_version.uuid,
             app.uuid_and_version.version,
-            format!("{:?}", app.state),
+            app.state.name(),
             s.available_snapshots.len(),
             s.requested_snapshots.len(),
             s.snapshots_to_be_deleted.len(),

@@ -95,7 +95,18 @@ async fn status_and_snapshots_read_the_bus_and_show_corrupt_records() {
     assert_eq!(code, 0, "{err}");
     let view: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(view["apps"][0]["DisplayName"], "sensor");
-    assert_eq!(view["apps"][0]["State"], 115, "Running, EVE's number");
+    // Names, not EVE's numbers (115), and no Go zero time for a boot that never happened.
+    assert_eq!(view["apps"][0]["State"], "RUNNING");
+    assert_eq!(view["apps"][0]["BootTime"], serde_json::Value::Null);
+    let root_path = root.path().to_path_buf();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || cairn(&root_path, &["apps", "--json"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let apps: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(apps[0]["State"], "RUNNING", "{apps}");
+    assert_eq!(apps[0]["BootTime"], serde_json::Value::Null, "{apps}");
     let agents = view["agents"].as_array().unwrap();
     assert!(
         agents

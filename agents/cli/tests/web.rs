@@ -297,7 +297,7 @@ fn a_non_loopback_bind_needs_tokens_and_each_tenant_sees_only_its_apps() {
         // Live updates work with the token too (the page is opened before the app runs).
         wait_css(&browser, "#live.ok").await;
         text_when(&browser, "section.app[data-app=\"pump\"]", |t| {
-            t.contains("Running")
+            t.contains("RUNNING")
         })
         .await;
         let body = text_when(&browser, "body", |_| true).await;
@@ -494,7 +494,7 @@ fn the_page_shows_the_demo_app_and_a_new_snapshot_without_reload_in_a_real_brows
         .await;
         // Colour plus text: the state badge names the state.
         text_when(&browser, "section.app[data-app=\"demo-logger\"] h2", |t| {
-            t.contains("Running")
+            t.contains("RUNNING")
         })
         .await;
         wait_css(&browser, "#live.ok").await;
@@ -738,4 +738,45 @@ fn with_tls_the_page_is_served_with_the_devices_own_certificate() {
     let (status, _, _) = get(port, "/api/v1/status");
     assert_ne!(status, 200);
     drop(up);
+}
+
+#[test]
+fn an_export_job_shows_on_its_apps_card_with_its_state_and_reason() {
+    let port = free_port("127.0.0.1");
+    let up = Up::start(&["--http", &format!("127.0.0.1:{port}")]);
+    up.wait_status(Duration::from_secs(90), demo_ready);
+    let target = up.path().join("exports");
+    std::fs::create_dir(&target).unwrap();
+    // The demo's directory volume cannot be exported yet: the job fails, naming the volume.
+    let (code, _, err) = up.cairn(&["export", DEMO_SNAPSHOT, "--to", target.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+
+    let status = eventually(
+        "the job in /api/v1/status",
+        Duration::from_secs(30),
+        &up,
+        || {
+            let (_, _, body) = get(port, "/api/v1/status");
+            let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let jobs = view["exports"].as_array()?.clone();
+            (!jobs.is_empty()).then_some(jobs)
+        },
+    );
+    assert_eq!(status.len(), 1, "{status:?}");
+    assert_eq!(status[0]["AppUUID"], DEMO_APP, "{status:?}");
+    assert_eq!(status[0]["SnapshotID"], DEMO_SNAPSHOT, "{status:?}");
+    assert_eq!(status[0]["State"], "Failed", "{status:?}");
+    let job = status[0]["JobID"].as_str().unwrap().to_string();
+
+    let (_, _, page) = get(port, "/");
+    let card = page
+        .split("<section class=\"wide app\"")
+        .find(|s| s.contains("data-app=\"demo-logger\""))
+        .unwrap_or_else(|| panic!("no demo-logger card: {page}"));
+    let row = card
+        .split("<tr")
+        .find(|r| r.contains(&format!("data-export=\"{job}\"")))
+        .unwrap_or_else(|| panic!("the job is not on the app's card: {card}"));
+    assert!(row.contains("failed"), "{row}");
+    assert!(row.contains("not supported yet"), "{row}");
 }

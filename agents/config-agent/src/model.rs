@@ -566,6 +566,8 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
             description: s.description,
             group_id: s.group.unwrap_or_default(),
             mode: s.mode,
+            // The controller's and the local config's snapshots are asked for, not scheduled.
+            scheduled: false,
         });
     }
     Ok(AppInstanceConfig {
@@ -1041,6 +1043,7 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
                 parse_uuid(desc.cairn_group.trim(), &format!("{at}.cairn_group"))?
             },
             mode: snapshot_mode(&desc.cairn_mode, &format!("{at}.cairn_mode"))?,
+            scheduled: false,
         });
     }
     let mut refs = Vec::new();

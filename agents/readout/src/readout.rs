@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cairn_pubsub::{Bus, Event, Topic, socket_path};
+use cairn_types::export::ExportStatus;
 use cairn_types::layout::{SNAPSHOT_INSTANCE_STATUS_FILE, snapshots_dir};
 use cairn_types::{
     AppInstanceStatus, ContentTreeStatus, DeviceStatus, DomainStatus, LogManagerStatus,
@@ -115,12 +116,17 @@ pub struct DeviceView {
     pub persist_dir: String,
     pub agents: Vec<AgentHealth>,
     pub device: Option<DeviceStatus>,
+    #[serde(serialize_with = "named::apps")]
     pub apps: Vec<AppInstanceStatus>,
     pub domains: Vec<DomainStatus>,
     pub volumes: Vec<VolumeStatus>,
+    #[serde(serialize_with = "named::content_trees")]
     pub content_trees: Vec<ContentTreeStatus>,
     /// The log queue and its uploads.
     pub logs: Option<LogManagerStatus>,
+    /// Export and verify jobs the volume-manager runs or ran since it started, with progress.
+    #[serde(default)]
+    pub exports: Vec<ExportStatus>,
 }
 
 enum Read<T> {
@@ -193,13 +199,14 @@ pub fn socket_refusal(socket: &Path) -> Option<String> {
 
 /// Reads every agent's status topics.
 pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
-    let (device, apps, domains, volumes, content_trees, log_manager) = tokio::join!(
+    let (device, apps, domains, volumes, content_trees, log_manager, exports) = tokio::join!(
         read::<DeviceStatus>(roots, "config-agent", wait),
         read::<AppInstanceStatus>(roots, "app-manager", wait),
         read::<DomainStatus>(roots, "domain-manager", wait),
         read::<VolumeStatus>(roots, "volume-manager", wait),
         read::<ContentTreeStatus>(roots, "downloader", wait),
         read::<LogManagerStatus>(roots, "log-manager", wait),
+        read::<ExportStatus>(roots, "volume-manager", wait),
     );
     let mut agents = Vec::new();
     let mut health = |agent: &str, state: String| {
@@ -277,11 +284,21 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
         volumes: values(volumes),
         content_trees: values(content_trees),
         logs: values(log_manager).into_iter().next(),
+        exports: values(exports),
     }
 }
 
 fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> Option<String> {
     t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+/// Why it was taken: EVE's type, or `Scheduled` for the device's own policy.
+fn kind(desc: &cairn_types::SnapshotDesc) -> String {
+    if desc.scheduled {
+        "Scheduled".into()
+    } else {
+        format!("{:?}", desc.snapshot_type)
+    }
 }
 
 fn mode(mode: cairn_types::SnapshotMode) -> String {
@@ -293,7 +310,7 @@ fn row(app: &AppInstanceStatus, s: &SnapshotInstanceStatus, state: &str) -> Snap
         app: app.uuid_and_version.uuid.to_string(),
         app_name: app.display_name.clone(),
         id: s.snapshot.snapshot_id.to_string(),
-        kind: format!("{:?}", s.snapshot.snapshot_type),
+        kind: kind(&s.snapshot),
         state: state.to_string(),
         config_version: s.config_version.version.clone(),
         time_triggered: time(s.time_triggered),
@@ -417,7 +434,7 @@ pub fn snapshot_rows(
                 app: app.uuid_and_version.uuid.to_string(),
                 app_name: app.display_name.clone(),
                 id: desc.snapshot_id.to_string(),
-                kind: format!("{:?}", desc.snapshot_type),
+                kind: kind(desc),
                 state: "pending deletion".into(),
                 config_version: String::new(),
                 time_triggered: None,
@@ -507,5 +524,96 @@ pub fn config_source_text(source: &cairn_types::device::ConfigSource) -> String 
         ConfigSource::Checkpoint => {
             "the last controller config (checkpoint: the controller is unreachable)".into()
         }
+    }
+}
+
+/// The read-outs' JSON of EVE's records: the records as they are on the bus, except that EVE's
+/// numbered states are given by name (`"State": "RUNNING"`, not `115`) and a time that was
+/// never set is `null`, not Go's zero time (year 1). The page, the JSON API and `cairn --json`
+/// all print through here.
+pub mod named {
+    use cairn_types::{AppInstanceStatus, ContentTreeState, ContentTreeStatus};
+    use serde::{Serialize, Serializer};
+    use serde_json::Value;
+
+    /// Go's zero `time.Time`, which EVE's records carry for "never".
+    const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+    /// `apps` as the read-outs print them; `serialize_with` for a `Vec<AppInstanceStatus>`.
+    pub fn apps<S: Serializer>(apps: &[AppInstanceStatus], s: S) -> Result<S::Ok, S::Error> {
+        let named: Result<Vec<Value>, _> = apps
+            .iter()
+            .map(|app| {
+                let mut value = serde_json::to_value(app)?;
+                set(&mut value, "State", Value::from(app.state.name()));
+                Ok(never_as_null(value))
+            })
+            .collect();
+        named
+            .map_err(serde::ser::Error::custom::<serde_json::Error>)?
+            .serialize(s)
+    }
+
+    pub fn content_trees<S: Serializer>(
+        trees: &[ContentTreeStatus],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let named: Result<Vec<Value>, _> = trees
+            .iter()
+            .map(|tree| {
+                let mut value = serde_json::to_value(tree)?;
+                set(
+                    &mut value,
+                    "State",
+                    Value::from(content_tree_state(tree.state)),
+                );
+                Ok(never_as_null(value))
+            })
+            .collect();
+        named
+            .map_err(serde::ser::Error::custom::<serde_json::Error>)?
+            .serialize(s)
+    }
+
+    /// A list of apps that serializes as [`apps`] does (for `cairn apps --json`).
+    pub struct Apps<'a>(pub &'a [AppInstanceStatus]);
+
+    impl Serialize for Apps<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            apps(self.0, s)
+        }
+    }
+
+    /// EVE's name of a content tree's state (its `SwState` names).
+    pub fn content_tree_state(state: ContentTreeState) -> &'static str {
+        match state {
+            ContentTreeState::Initial => "INITIAL",
+            ContentTreeState::Downloading => "DOWNLOADING",
+            ContentTreeState::Downloaded => "DOWNLOADED",
+            ContentTreeState::Verifying => "VERIFYING",
+            ContentTreeState::Verified => "VERIFIED",
+            ContentTreeState::Loading => "LOADING",
+            ContentTreeState::Loaded => "LOADED",
+        }
+    }
+
+    fn set(value: &mut Value, key: &str, to: Value) {
+        if let Some(object) = value.as_object_mut() {
+            object.insert(key.to_string(), to);
+        }
+    }
+
+    /// Every Go zero time in `value`, at any depth, becomes `null`.
+    fn never_as_null(mut value: Value) -> Value {
+        fn walk(value: &mut Value) {
+            match value {
+                Value::String(text) if text == GO_ZERO_TIME => *value = Value::Null,
+                Value::Array(items) => items.iter_mut().for_each(walk),
+                Value::Object(fields) => fields.values_mut().for_each(walk),
+                _ => {}
+            }
+        }
+        walk(&mut value);
+        value
     }
 }

@@ -310,6 +310,7 @@ fn take_scheduled(
         desc: SnapshotDesc {
             snapshot_id: id,
             snapshot_type: SnapshotType::Immediate,
+            scheduled: true,
             name,
             description,
             expiry_seconds: 0,

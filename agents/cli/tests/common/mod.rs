@@ -253,8 +253,8 @@ pub fn app<'a>(view: &'a serde_json::Value, name: &str) -> Option<&'a serde_json
         .find(|a| a["DisplayName"] == name)
 }
 
-/// Running, EVE's number.
-pub const RUNNING: u64 = 115;
+/// EVE's SwState RUNNING, by name as the read-outs print it.
+pub const RUNNING: &str = "RUNNING";
 
 pub fn agent_state<'a>(view: &'a serde_json::Value, agent: &str) -> &'a str {
     view["agents"]

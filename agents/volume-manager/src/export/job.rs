@@ -106,6 +106,8 @@ impl ExportJobs {
             let status = ExportStatus {
                 job_id: config.job_id,
                 action: config.action,
+                snapshot_id: config.snapshot_id,
+                app_uuid: config.app_uuid,
                 state: ExportState::Cancelled,
                 error: "cancelled before it started".into(),
                 ..ExportStatus::default()
@@ -227,6 +229,8 @@ async fn run_job(
         status: ExportStatus {
             job_id: config.job_id,
             action: config.action,
+            snapshot_id: config.snapshot_id,
+            app_uuid: config.app_uuid,
             state: ExportState::Running,
             ..ExportStatus::default()
         },
@@ -419,6 +423,7 @@ async fn export(
             config.app_uuid
         )));
     }
+    progress.status.app_uuid = app;
     let saved = load_app_config(persist, snapshot).await?;
     let app_name = saved
         .as_ref()
