@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,77 @@ impl Tokens {
     }
 }
 
+/// The tokens file as it is now: re-read when its identity (inode, size, modification and
+/// change times) changes, so a token added or revoked counts from the next request, without a restart.
+pub struct TokenFile {
+    file: PathBuf,
+    cached: tokio::sync::Mutex<(Option<FileStamp>, Arc<Tokens>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    /// The inode's change time: moves with a rename or chmod that keeps the rest alike.
+    changed: (i64, i64),
+}
+
+impl TokenFile {
+    /// Reads `file` once: a fault at start is the caller's error (the server does not start).
+    pub async fn open(file: PathBuf) -> Result<Self, WebError> {
+        let stamp = stamp(&file).await;
+        let tokens = load_blocking(file.clone()).await?;
+        Ok(Self {
+            file,
+            cached: tokio::sync::Mutex::new((stamp, Arc::new(tokens))),
+        })
+    }
+
+    /// The tokens in force. A file changed into one that does not load admits no token (fail
+    /// closed: a revocation with a typo must not keep the revoked token valid); the fault is
+    /// logged naming the line, never a token.
+    pub async fn current(&self) -> Arc<Tokens> {
+        let now = stamp(&self.file).await;
+        let mut cached = self.cached.lock().await;
+        if cached.0 != now {
+            let tokens = match load_blocking(self.file.clone()).await {
+                Ok(tokens) => {
+                    tracing::info!(file = %self.file.display(), tokens = tokens.0.len(), "web read-out: tokens re-read");
+                    tokens
+                }
+                Err(e) => {
+                    tracing::error!("web read-out: {e}; no token is accepted until it is fixed");
+                    Tokens::default()
+                }
+            };
+            *cached = (now, Arc::new(tokens));
+        }
+        cached.1.clone()
+    }
+}
+
+async fn stamp(file: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = tokio::fs::metadata(file).await.ok()?;
+    Some(FileStamp {
+        inode: meta.ino(),
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        changed: (meta.ctime(), meta.ctime_nsec()),
+    })
+}
+
+async fn load_blocking(file: PathBuf) -> Result<Tokens, WebError> {
+    let shown = file.clone();
+    tokio::task::spawn_blocking(move || Tokens::load(&file))
+        .await
+        .map_err(|e| WebError::Tokens {
+            file: shown,
+            fault: e.to_string(),
+        })?
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -241,7 +312,7 @@ pub async fn guard(
         return response;
     }
     let scope = match presented(&request) {
-        Some(token) => match web.tokens.scope_of(&token) {
+        Some(token) => match web.tokens.current().await.scope_of(&token) {
             Some(scope) => scope,
             None => {
                 web.failures.record(peer.ip());

@@ -32,11 +32,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use cairn_pubsub::{Event, Topic};
 use cairn_readout::readout::{self, DeviceView, Roots, SnapshotRow};
-use cairn_types::{AppInstanceStatus, DeviceStatus, DomainStatus, VolumeStatus};
+use cairn_types::export::ExportStatus;
+use cairn_types::{AppInstanceStatus, ContentTreeStatus, DeviceStatus, DomainStatus, VolumeStatus};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
-pub use auth::{FAILURE_LIMIT, FAILURE_WINDOW, MAX_HEADER_BYTES, Scope, TOKENS_FILE, Tokens};
+pub use auth::{
+    FAILURE_LIMIT, FAILURE_WINDOW, MAX_HEADER_BYTES, Scope, TOKENS_FILE, TokenFile, Tokens,
+};
 
 /// How long a read-out waits for an agent's table, as the CLI does.
 pub const READ_WAIT: Duration = Duration::from_secs(2);
@@ -78,7 +81,7 @@ pub enum WebError {
 /// The server's shared state.
 pub struct Web {
     roots: Roots,
-    tokens: Tokens,
+    tokens: TokenFile,
     /// Loopback binds admit requests without a token (the device's own users).
     loopback: bool,
     failures: auth::Failures,
@@ -204,16 +207,8 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, St
 pub async fn router(addr: SocketAddr, roots: Roots) -> Result<Router, WebError> {
     let file = tokens_path(&roots.persist);
     let loopback = addr.ip().is_loopback();
-    let tokens = {
-        let file = file.clone();
-        tokio::task::spawn_blocking(move || Tokens::load(&file))
-            .await
-            .map_err(|e| WebError::Tokens {
-                file: tokens_path(&roots.persist),
-                fault: e.to_string(),
-            })??
-    };
-    if !loopback && tokens.is_empty() {
+    let tokens = TokenFile::open(file.clone()).await?;
+    if !loopback && tokens.current().await.is_empty() {
         return Err(WebError::TokensRequired { addr, file });
     }
     let changes = follow_changes(&roots);
@@ -250,7 +245,10 @@ fn follow_changes(roots: &Roots) -> watch::Receiver<u64> {
         tx.clone(),
     );
     spawn_follow(bus.subscribe::<VolumeStatus>("volume-manager"), tx.clone());
-    spawn_follow(bus.subscribe::<DomainStatus>("domain-manager"), tx);
+    spawn_follow(bus.subscribe::<DomainStatus>("domain-manager"), tx.clone());
+    // Export progress and downloads move on the page too.
+    spawn_follow(bus.subscribe::<ExportStatus>("volume-manager"), tx.clone());
+    spawn_follow(bus.subscribe::<ContentTreeStatus>("downloader"), tx);
     rx
 }
 

@@ -191,6 +191,9 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(args) => {
+            // The gateways served in this process (web, D-Bus) log through tracing, beside
+            // the agents' lines on stderr.
+            cairn_startup::init_logging();
             let root = cli.root.clone().unwrap_or_else(|| PathBuf::from(DEMO_ROOT));
             // Agents and apps get absolute paths: an app runs in its own working directory.
             std::fs::create_dir_all(&root)

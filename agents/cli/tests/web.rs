@@ -780,3 +780,42 @@ fn an_export_job_shows_on_its_apps_card_with_its_state_and_reason() {
     assert!(row.contains("failed"), "{row}");
     assert!(row.contains("not supported yet"), "{row}");
 }
+
+#[test]
+fn a_token_added_or_revoked_in_the_file_counts_from_the_next_request_and_a_broken_file_admits_none()
+{
+    use std::os::unix::fs::PermissionsExt;
+    let port = free_port("127.0.0.1");
+    let up = Up::start(&["--http", &format!("127.0.0.1:{port}")]);
+    let file = up.path().join("persist/config/web-tokens");
+    let write = |text: &str| {
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        let new = file.with_extension("new");
+        std::fs::write(&new, text).unwrap();
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(&new, &file).unwrap();
+    };
+    up.wait_status(Duration::from_secs(90), demo_ready);
+    let status_with = |token: &str| http(port, "GET", "/api/v1/status", &bearer(token)).0;
+
+    // No file when the server started: a token written afterwards is accepted at once.
+    write(&format!("device {DEVICE_TOKEN}\n"));
+    assert_eq!(status_with(DEVICE_TOKEN), 200);
+    // Revoked: the old token is refused, its replacement accepted.
+    let replacement = "replacement-token-0123456789";
+    write(&format!("device {replacement}\n"));
+    assert_eq!(status_with(DEVICE_TOKEN), 401);
+    assert_eq!(status_with(replacement), 200);
+    // A file that no longer loads admits no token, and says why without showing one.
+    write(&format!("device {replacement}\nnobody {DEVICE_TOKEN}\n"));
+    assert_eq!(status_with(replacement), 401);
+    let log = up.log();
+    assert!(
+        log.contains("line 2") && log.contains("no token is accepted"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(replacement) && !log.contains(DEVICE_TOKEN),
+        "a token was logged"
+    );
+}
