@@ -28,7 +28,7 @@ const MIN_TOKEN_LEN: usize = 16;
 const MAX_PEERS: usize = 4096;
 
 /// What a request may see.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Scope {
     /// The whole device.
     Device,

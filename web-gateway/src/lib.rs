@@ -19,6 +19,7 @@
 mod auth;
 mod page;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -86,7 +87,22 @@ pub struct Web {
     loopback: bool,
     failures: auth::Failures,
     changes: watch::Receiver<u64>,
+    rendered: std::sync::Mutex<HashMap<(&'static str, Scope), Rendered>>,
 }
+
+/// A body as last rendered for one route and scope. Pages are read far more often than the
+/// device changes: one rendering per change (or per [`RENDER_FOR`]) serves them all, and the
+/// server's memory stays that of one body, not of a heap grown by rendering each request.
+struct Rendered {
+    changes: u64,
+    at: std::time::Instant,
+    content_type: &'static str,
+    body: axum::body::Bytes,
+}
+
+/// How long a rendering may be served while no status topic changed: what no topic announces
+/// (disk space, snapshot directories, relative times) is never older than this.
+const RENDER_FOR: Duration = Duration::from_secs(2);
 
 /// Where the tokens are looked for: `<persist>/config/web-tokens`.
 pub fn tokens_path(persist: &Path) -> PathBuf {
@@ -218,6 +234,7 @@ pub async fn router(addr: SocketAddr, roots: Roots) -> Result<Router, WebError> 
         loopback,
         failures: auth::Failures::default(),
         changes,
+        rendered: std::sync::Mutex::new(HashMap::new()),
     });
     Ok(Router::new()
         .route("/", get(page_handler))
@@ -319,32 +336,94 @@ async fn read_all(web: &Web, scope: &Scope, app: Option<String>) -> (DeviceView,
 }
 
 /// Pretty JSON and a newline: the bytes `cairn … --json` prints.
-fn json<T: serde::Serialize>(value: &T) -> Response {
+/// `Err` is what went wrong, for a 500.
+fn json<T: serde::Serialize>(value: &T) -> Result<(&'static str, String), String> {
     match serde_json::to_string_pretty(value) {
         Ok(mut text) => {
             text.push('\n');
-            ([(header::CONTENT_TYPE, "application/json")], text).into_response()
+            Ok(("application/json", text))
         }
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding the read-out as JSON: {e}\n"),
-        )
-            .into_response(),
+        Err(e) => Err(format!("encoding the read-out as JSON: {e}\n")),
     }
+}
+
+fn internal_error(text: String) -> Response {
+    (StatusCode::INTERNAL_SERVER_ERROR, text).into_response()
+}
+
+const HTML: &str = "text/html; charset=utf-8";
+
+/// A rendering's scratch (the device view, its JSON tree: several times the body) is freed by
+/// now, but glibc keeps freed heap mapped unless asked; on a device the server lives inside
+/// `cairn up` for months.
+fn give_back_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it takes no pointers.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The body of `route` for `scope`: the last rendering while it is current, else `render`'s.
+async fn cached<F>(web: &Web, route: &'static str, scope: &Scope, render: F) -> Response
+where
+    F: std::future::Future<Output = Result<(&'static str, String), String>>,
+{
+    let changes = *web.changes.borrow();
+    let key = (route, scope.clone());
+    let hit = {
+        let rendered = web.rendered.lock().unwrap_or_else(|e| e.into_inner());
+        rendered
+            .get(&key)
+            .filter(|r| r.changes == changes && r.at.elapsed() < RENDER_FOR)
+            .map(|r| (r.content_type, r.body.clone()))
+    };
+    let (content_type, body) = match hit {
+        Some(hit) => hit,
+        None => {
+            let (content_type, text) = match render.await {
+                Ok(made) => made,
+                Err(text) => return internal_error(text),
+            };
+            let body = axum::body::Bytes::from(text);
+            web.rendered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    key,
+                    Rendered {
+                        changes,
+                        at: std::time::Instant::now(),
+                        content_type,
+                        body: body.clone(),
+                    },
+                );
+            give_back_freed_heap();
+            (content_type, body)
+        }
+    };
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 async fn status_handler(
     State(web): State<Arc<Web>>,
     Extension(scope): Extension<Scope>,
 ) -> Response {
-    json(&read_view(&web, &scope).await)
+    cached(&web, "status", &scope, async {
+        json(&read_view(&web, &scope).await)
+    })
+    .await
 }
 
 async fn snapshots_handler(
     State(web): State<Arc<Web>>,
     Extension(scope): Extension<Scope>,
 ) -> Response {
-    json(&read_all(&web, &scope, None).await.1)
+    cached(&web, "snapshots", &scope, async {
+        json(&read_all(&web, &scope, None).await.1)
+    })
+    .await
 }
 
 async fn app_snapshots_handler(
@@ -365,22 +444,34 @@ async fn app_snapshots_handler(
         )
             .into_response();
     }
-    json(&rows)
+    match json(&rows) {
+        Ok((content_type, body)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
+        Err(text) => internal_error(text),
+    }
 }
 
 async fn page_handler(State(web): State<Arc<Web>>, Extension(scope): Extension<Scope>) -> Response {
-    let (view, rows) = read_all(&web, &scope, None).await;
-    let disk = disk_space(&web.roots.persist).await;
-    page::page(&view, &rows, &scope, disk).into_response()
+    cached(&web, "page", &scope, async {
+        let (view, rows) = read_all(&web, &scope, None).await;
+        let disk = disk_space(&web.roots.persist).await;
+        Ok((HTML, page::page(&view, &rows, &scope, disk).into_string()))
+    })
+    .await
 }
 
 async fn content_handler(
     State(web): State<Arc<Web>>,
     Extension(scope): Extension<Scope>,
 ) -> Response {
-    let (view, rows) = read_all(&web, &scope, None).await;
-    let disk = disk_space(&web.roots.persist).await;
-    page::content(&view, &rows, &scope, disk).into_response()
+    cached(&web, "content", &scope, async {
+        let (view, rows) = read_all(&web, &scope, None).await;
+        let disk = disk_space(&web.roots.persist).await;
+        Ok((
+            HTML,
+            page::content(&view, &rows, &scope, disk).into_string(),
+        ))
+    })
+    .await
 }
 
 async fn events_handler(State(web): State<Arc<Web>>) -> Response {
