@@ -5,7 +5,7 @@
 //! Each key of a mirrored publication is one object at
 //! `/org/cairn/<publisher>/<Topic>/<key>`, each element escaped by [`escape_path_element`], with
 //! the interface `org.cairn.Topic1` and its read-only properties `Publisher`, `Topic`, `Key`,
-//! `Json` (the value as JSON) and `Fields` (`a{ss}`: every top-level string, number or boolean of
+//! `Json` (the value as the read-outs print it: `Topic::readout_json`, states by name) and `Fields` (`a{ss}`: every top-level string, number or boolean of
 //! that JSON, as text). A change of value emits `PropertiesChanged`; objects come and go with
 //! `InterfacesAdded`/`InterfacesRemoved` of the `ObjectManager` at `/org/cairn`.
 //!
@@ -747,9 +747,11 @@ impl Mirror {
     fn upsert<T: Topic>(&self, key: &str, value: &T) -> Option<Message> {
         let (publisher, topic) = (&self.publisher, self.topic);
         let path = object_path(publisher, topic, key);
-        // `to_string` keeps the fields in declaration order; the tree is for `Fields`.
-        let encoded =
-            serde_json::to_string(value).and_then(|json| Ok((json, serde_json::to_value(value)?)));
+        // The read-outs' JSON (states by name, as `cairn --json` prints them); the tree is
+        // for `Fields`.
+        let encoded = value
+            .readout_json()
+            .and_then(|tree| Ok((serde_json::to_string(&tree)?, tree)));
         let (json, fields) = match encoded {
             Ok((json, tree)) => (json, scalar_fields(&tree)),
             Err(e) => {

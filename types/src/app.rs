@@ -278,4 +278,9 @@ impl crate::Topic for AppInstanceStatus {
     fn tenant(&self) -> Option<&str> {
         Some(&self.tenant)
     }
+    fn readout_json(&self) -> serde_json::Result<serde_json::Value> {
+        let mut value = serde_json::to_value(self)?;
+        crate::never_as_null(&mut value);
+        crate::with_state_name(value, self.state.name())
+    }
 }

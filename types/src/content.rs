@@ -164,8 +164,34 @@ impl ContentTreeStatus {
     }
 }
 
+impl ContentTreeState {
+    /// EVE's name of the state (its `SwState` names): `DOWNLOADING`, `LOADED`, ...
+    pub fn name(self) -> &'static str {
+        match self {
+            ContentTreeState::Initial => "INITIAL",
+            ContentTreeState::Downloading => "DOWNLOADING",
+            ContentTreeState::Downloaded => "DOWNLOADED",
+            ContentTreeState::Verifying => "VERIFYING",
+            ContentTreeState::Verified => "VERIFIED",
+            ContentTreeState::Loading => "LOADING",
+            ContentTreeState::Loaded => "LOADED",
+        }
+    }
+}
+
 crate::topic!(ContentTreeConfig, |c| c.content_id.to_string());
-crate::topic!(ContentTreeStatus, |s| s.content_id.to_string());
+
+impl crate::Topic for ContentTreeStatus {
+    const NAME: &'static str = <Self as cairn_persist::Record>::SCHEMA;
+    fn key(&self) -> String {
+        self.content_id.to_string()
+    }
+    fn readout_json(&self) -> serde_json::Result<serde_json::Value> {
+        let mut value = serde_json::to_value(self)?;
+        crate::never_as_null(&mut value);
+        crate::with_state_name(value, self.state.name())
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -59,6 +59,39 @@ pub trait Topic:
     fn tenant(&self) -> Option<&str> {
         None
     }
+    /// The value as the read-outs show it (`cairn --json`, the web API, D-Bus): its record's
+    /// JSON with EVE's numbered states by name and Go's zero time ("never") as `null`. The bus
+    /// and the records keep EVE's numbers.
+    fn readout_json(&self) -> serde_json::Result<serde_json::Value> {
+        let mut value = serde_json::to_value(self)?;
+        never_as_null(&mut value);
+        Ok(value)
+    }
+}
+
+/// Go's zero `time.Time`, which EVE's records carry for "never".
+pub const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+/// Every Go zero time in `value`, at any depth, becomes `null`.
+pub fn never_as_null(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::String(text) if text == GO_ZERO_TIME => *value = Value::Null,
+        Value::Array(items) => items.iter_mut().for_each(never_as_null),
+        Value::Object(fields) => fields.values_mut().for_each(never_as_null),
+        _ => {}
+    }
+}
+
+/// `value`'s top-level `State` replaced by `name`.
+pub fn with_state_name(
+    mut value: serde_json::Value,
+    name: &str,
+) -> serde_json::Result<serde_json::Value> {
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("State".into(), serde_json::Value::from(name));
+    }
+    Ok(value)
 }
 
 /// Implements [`Topic`] for a record type, naming the topic after its schema.

@@ -113,6 +113,13 @@ fn up_serves_every_status_on_dbus_and_each_tenant_only_its_own() {
         out.contains("pump"),
         "the app's status names it: {out}\n{all}"
     );
+    // The read-outs' JSON: EVE's state by name (`cairn apps --json` prints the same), not 115.
+    // busctl prints the string C-escaped.
+    let state = out
+        .split("State\\\":")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no State in {out}"));
+    assert!(state.starts_with("\\\""), "the state is not a name: {out}");
     drop(daemon);
 }
 

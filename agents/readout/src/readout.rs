@@ -527,52 +527,30 @@ pub fn config_source_text(source: &cairn_types::device::ConfigSource) -> String 
     }
 }
 
-/// The read-outs' JSON of EVE's records: the records as they are on the bus, except that EVE's
-/// numbered states are given by name (`"State": "RUNNING"`, not `115`) and a time that was
-/// never set is `null`, not Go's zero time (year 1). The page, the JSON API and `cairn --json`
-/// all print through here.
+/// The read-outs' JSON of EVE's records: each value's [`Topic::readout_json`] (EVE's numbered
+/// states by name, `"State": "RUNNING"` not `115`, and `null` for a time never set, not Go's
+/// zero time). The page, the JSON API, `cairn --json` and the D-Bus gateway all print it.
 pub mod named {
-    use cairn_types::{AppInstanceStatus, ContentTreeState, ContentTreeStatus};
+    use cairn_types::{AppInstanceStatus, ContentTreeStatus, Topic};
     use serde::{Serialize, Serializer};
-    use serde_json::Value;
 
-    /// Go's zero `time.Time`, which EVE's records carry for "never".
-    const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
-
-    /// `apps` as the read-outs print them; `serialize_with` for a `Vec<AppInstanceStatus>`.
-    pub fn apps<S: Serializer>(apps: &[AppInstanceStatus], s: S) -> Result<S::Ok, S::Error> {
-        let named: Result<Vec<Value>, _> = apps
-            .iter()
-            .map(|app| {
-                let mut value = serde_json::to_value(app)?;
-                set(&mut value, "State", Value::from(app.state.name()));
-                Ok(never_as_null(value))
-            })
-            .collect();
-        named
-            .map_err(serde::ser::Error::custom::<serde_json::Error>)?
-            .serialize(s)
+    fn list<T: Topic, S: Serializer>(values: &[T], s: S) -> Result<S::Ok, S::Error> {
+        let named: Result<Vec<serde_json::Value>, _> =
+            values.iter().map(Topic::readout_json).collect();
+        named.map_err(serde::ser::Error::custom)?.serialize(s)
     }
 
+    /// `serialize_with` for a `Vec<AppInstanceStatus>`.
+    pub fn apps<S: Serializer>(apps: &[AppInstanceStatus], s: S) -> Result<S::Ok, S::Error> {
+        list(apps, s)
+    }
+
+    /// `serialize_with` for a `Vec<ContentTreeStatus>`.
     pub fn content_trees<S: Serializer>(
         trees: &[ContentTreeStatus],
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        let named: Result<Vec<Value>, _> = trees
-            .iter()
-            .map(|tree| {
-                let mut value = serde_json::to_value(tree)?;
-                set(
-                    &mut value,
-                    "State",
-                    Value::from(content_tree_state(tree.state)),
-                );
-                Ok(never_as_null(value))
-            })
-            .collect();
-        named
-            .map_err(serde::ser::Error::custom::<serde_json::Error>)?
-            .serialize(s)
+        list(trees, s)
     }
 
     /// A list of apps that serializes as [`apps`] does (for `cairn apps --json`).
@@ -582,38 +560,5 @@ pub mod named {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             apps(self.0, s)
         }
-    }
-
-    /// EVE's name of a content tree's state (its `SwState` names).
-    pub fn content_tree_state(state: ContentTreeState) -> &'static str {
-        match state {
-            ContentTreeState::Initial => "INITIAL",
-            ContentTreeState::Downloading => "DOWNLOADING",
-            ContentTreeState::Downloaded => "DOWNLOADED",
-            ContentTreeState::Verifying => "VERIFYING",
-            ContentTreeState::Verified => "VERIFIED",
-            ContentTreeState::Loading => "LOADING",
-            ContentTreeState::Loaded => "LOADED",
-        }
-    }
-
-    fn set(value: &mut Value, key: &str, to: Value) {
-        if let Some(object) = value.as_object_mut() {
-            object.insert(key.to_string(), to);
-        }
-    }
-
-    /// Every Go zero time in `value`, at any depth, becomes `null`.
-    fn never_as_null(mut value: Value) -> Value {
-        fn walk(value: &mut Value) {
-            match value {
-                Value::String(text) if text == GO_ZERO_TIME => *value = Value::Null,
-                Value::Array(items) => items.iter_mut().for_each(walk),
-                Value::Object(fields) => fields.values_mut().for_each(walk),
-                _ => {}
-            }
-        }
-        walk(&mut value);
-        value
     }
 }
