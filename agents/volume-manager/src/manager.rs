@@ -902,14 +902,7 @@ impl VolumeManager {
             .filter(|r| {
                 r.volume_snapshot_meta.values().any(|m| {
                     let meta = VolumeSnapshotMeta::from_value(m);
-                    meta.volume_key == key
-                        && !matches!(
-                            meta.backend,
-                            SnapshotBackendKind::Copy
-                                | SnapshotBackendKind::Btrfs
-                                | SnapshotBackendKind::Squashfs
-                                | SnapshotBackendKind::Rsync
-                        )
+                    meta.volume_key == key && !self.backends.snapshot_outside_volume(meta.backend)
                 })
             })
             .map(|r| r.snapshot_id)
@@ -1684,14 +1677,7 @@ impl VolumeManager {
         meta: &VolumeSnapshotMeta,
         current_size: u64,
     ) -> Option<Publish> {
-        if !matches!(
-            meta.backend,
-            SnapshotBackendKind::Copy
-                | SnapshotBackendKind::Btrfs
-                | SnapshotBackendKind::Squashfs
-                | SnapshotBackendKind::Rsync
-        ) || !meta.file_location.is_dir()
-        {
+        if !self.backends.snapshot_outside_volume(meta.backend) || !meta.file_location.is_dir() {
             return None;
         }
         let (volume_id, generation, local) =

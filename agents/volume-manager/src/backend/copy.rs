@@ -131,6 +131,11 @@ impl SnapshotBackend for CopyBackend {
         "copy"
     }
 
+    /// A snapshot is a copy of the tree, outside the volume.
+    fn snapshot_outside_volume(&self) -> bool {
+        true
+    }
+
     async fn clone_to(&self, source: &VolumeSnapshotMeta, target: &CloneTarget<'_>) -> Result<()> {
         if target.image_format().is_some() {
             return Err(target.mismatch(source));

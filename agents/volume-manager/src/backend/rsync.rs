@@ -85,6 +85,11 @@ impl SnapshotBackend for RsyncBackend {
         "rsync"
     }
 
+    /// A snapshot is a hard-linked copy of the tree, outside the volume.
+    fn snapshot_outside_volume(&self) -> bool {
+        true
+    }
+
     fn tool(&self) -> Option<ToolSpec> {
         Some(ToolSpec {
             name: TOOL,
