@@ -278,8 +278,8 @@ impl VolumeManager {
 
     /// Makes the volume `config` names (its key, local generation included), or adopts the one
     /// already there; a volume known before and now missing is reported, not made empty.
-    /// Nothing yet while a snapshot operation runs on it (or on a clone's source): made when
-    /// that ends.
+    /// Nothing yet while a snapshot operation runs on it (or on a clone's source), or while it
+    /// is being made or removed: seen again when that ends.
     async fn make_volume(&mut self, config: &VolumeConfig) -> Option<Publish> {
         let key = config.key();
         let path = volumes::volume_path(&self.volumes_dir, config);
