@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cairn_persist::{Origin, crash_point};
+use cairn_persist::{Loaded, Origin, PersistError, crash_point};
 use cairn_pubsub::{Access, Bus, BusError, Event, Publication, PublishOptions, Subscription};
 use cairn_types::domain::{
     DomainLiveOp, DomainLiveOpConfig, DomainLiveOpState, DomainLiveOpStatus,
@@ -41,7 +41,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Persist(#[from] cairn_persist::PersistError),
+    Persist(#[from] PersistError),
     #[error("{0}")]
     Clock(String),
 }
@@ -184,8 +184,17 @@ impl AppManager {
     /// Reads every persisted app state; an unreadable one is reported, never dropped silently.
     async fn load_states(&mut self) -> Result<(), AgentError> {
         let dir = self.persist.join("app-manager").join("apps");
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
+        let listed = dir.clone();
+        // The walk and every load on the blocking pool, in one trip.
+        let states = tokio::task::spawn_blocking(move || load_state_files(&listed))
+            .await
+            .map_err(|e| AgentError::Io {
+                what: "loading",
+                path: dir.clone(),
+                source: std::io::Error::other(e),
+            })?;
+        let states = match states {
+            Ok(states) => states,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(source) => {
                 return Err(AgentError::Io {
@@ -195,25 +204,7 @@ impl AppManager {
                 });
             }
         };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Some(app) = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| s.parse::<Uuid>().ok())
-            else {
-                continue;
-            };
-            let file = path.clone();
-            let loaded = tokio::task::spawn_blocking(move || {
-                cairn_persist::load_with_backup::<AppState>(&file)
-            })
-            .await
-            .map_err(|e| AgentError::Io {
-                what: "loading",
-                path: path.clone(),
-                source: std::io::Error::other(e),
-            })?;
+        for (app, path, loaded) in states {
             match loaded {
                 Ok(loaded) => {
                     if let Origin::Backup { primary_error } = &loaded.origin {
@@ -700,15 +691,13 @@ impl AppManager {
                 let path = state_file(&self.persist, app);
                 let intent = state.phase != machine::Phase::Idle;
                 let written = state.clone();
-                tokio::task::spawn_blocking(move || {
-                    cairn_persist::store_with_backup(&path, &written)
-                })
-                .await
-                .map_err(|e| AgentError::Io {
-                    what: "persisting",
-                    path: state_file(&self.persist, app),
-                    source: std::io::Error::other(e),
-                })??;
+                tokio::task::spawn_blocking(move || store_state(&path, &written))
+                    .await
+                    .map_err(|e| AgentError::Io {
+                        what: "persisting",
+                        path: state_file(&self.persist, app),
+                        source: std::io::Error::other(e),
+                    })??;
                 self.persisted.insert(app, state);
                 // Only states that carry work in progress are intents worth dying after.
                 if intent {
@@ -762,7 +751,7 @@ impl AppManager {
             Action::RemoveSnapshot(id) => {
                 let dir = snapshot_dir(&self.persist, id);
                 let target = dir.clone();
-                tokio::task::spawn_blocking(move || cairn_persist::remove_dir_durable(&target))
+                tokio::task::spawn_blocking(move || remove_snapshot_dir(&target))
                     .await
                     .map_err(|e| AgentError::Io {
                         what: "removing",
@@ -813,16 +802,13 @@ impl AppManager {
             .clone()
             .unwrap_or_else(|| state.effective().clone());
         let status = snapshot_instance_status(state, record);
-        tokio::task::spawn_blocking(move || {
-            cairn_persist::store(&dir.join(APP_INSTANCE_CONFIG_FILE), &config)?;
-            cairn_persist::store(&dir.join(SNAPSHOT_INSTANCE_STATUS_FILE), &status)
-        })
-        .await
-        .map_err(|e| AgentError::Io {
-            what: "writing snapshot files of",
-            path: snapshot_dir(&self.persist, id),
-            source: std::io::Error::other(e),
-        })??;
+        tokio::task::spawn_blocking(move || store_snapshot_files(&dir, &config, &status))
+            .await
+            .map_err(|e| AgentError::Io {
+                what: "writing snapshot files of",
+                path: snapshot_dir(&self.persist, id),
+                source: std::io::Error::other(e),
+            })??;
         Ok(())
     }
 
@@ -871,7 +857,53 @@ impl AppManager {
 /// complete snapshots no app state tracks, with their app.
 type ScanResult = (Vec<(Option<Uuid>, String)>, Vec<(Uuid, FoundSnapshot)>);
 
+/// One app's state file and what loading it gave.
+type StateFile = (Uuid, PathBuf, Result<Loaded<AppState>, PersistError>);
+
+/// Every `<uuid>.json` in the app states' directory with what loading it gave. Blocking: runs
+/// on the blocking pool.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn load_state_files(dir: &Path) -> std::io::Result<Vec<StateFile>> {
+    let mut states = Vec::new();
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        let Some(app) = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<Uuid>().ok())
+        else {
+            continue;
+        };
+        let loaded = cairn_persist::load_with_backup::<AppState>(&path);
+        states.push((app, path, loaded));
+    }
+    Ok(states)
+}
+
+/// One app's state, durably, the previous one as `.bak`.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn store_state(path: &Path, state: &AppState) -> Result<(), PersistError> {
+    cairn_persist::store_with_backup(path, state)
+}
+
+/// A snapshot's EVE files, durably.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn store_snapshot_files(
+    dir: &Path,
+    config: &AppInstanceConfig,
+    status: &cairn_types::SnapshotInstanceStatus,
+) -> Result<(), PersistError> {
+    cairn_persist::store(&dir.join(APP_INSTANCE_CONFIG_FILE), config)?;
+    cairn_persist::store(&dir.join(SNAPSHOT_INSTANCE_STATUS_FILE), status)
+}
+
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn remove_snapshot_dir(dir: &Path) -> std::io::Result<()> {
+    cairn_persist::remove_dir_durable(dir)
+}
+
 /// Reads every snapshot directory (blocking).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 fn scan(persist: &Path, known: &BTreeMap<Uuid, Vec<Uuid>>) -> ScanResult {
     use cairn_types::layout::{VOLUMES_SNAPSHOT_STATUS_FILE, snapshots_dir};
     use cairn_types::{SnapshotInstanceStatus, VolumesSnapshotStatus};

@@ -280,6 +280,7 @@ pub async fn run(request: &HookRequest, volumes: &[PathBuf], owner: &Path) -> Ho
 /// started and did not see end: a `pre` hook still running after its snapshot was given up
 /// must not freeze anything after the `post` hook thawed it. Blocking (reads `/proc`); run
 /// before any hook of this app-manager starts. Returns the pids killed.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn kill_orphans(owner: &Path) -> Vec<i32> {
     use std::os::unix::ffi::OsStrExt;
     let mut wanted = format!("{OWNER_VAR}=").into_bytes();

@@ -3,6 +3,7 @@
 //! set of snapshots and answers each request with its counter.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -17,6 +17,7 @@
 
 #![allow(clippy::unwrap_used)] // bench code: a failed unwrap is a failed run
 #![allow(clippy::expect_used)]
+#![allow(clippy::disallowed_methods)] // bench code: blocking file work is fine here
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -300,7 +300,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Import { dir, .. } => export::print_config(&dir),
         Command::Topics => {
             let roots = Roots::resolve(cli.root.as_deref());
-            let topics = readout::topics(&roots);
+            let run = roots.clone();
+            let topics = tokio::task::spawn_blocking(move || readout::topics(&run)).await?;
             if cli.json {
                 let list: Vec<_> = topics
                     .iter()
@@ -332,7 +333,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Status => print_status(&view, cli.json)?,
                 Command::Apps => print_apps(&view, cli.json)?,
                 Command::Snapshots { app } => {
-                    let rows = readout::snapshot_rows(&view, &roots.persist, app.as_deref());
+                    let (for_rows, persist) = (view.clone(), roots.persist.clone());
+                    let rows = tokio::task::spawn_blocking(move || {
+                        readout::snapshot_rows(&for_rows, &persist, app.as_deref())
+                    })
+                    .await?;
                     print_snapshots(&rows, cli.json)?;
                 }
                 _ => {}

@@ -159,6 +159,7 @@ fn typed<T: Record>(bytes: &[u8]) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 mod tests {
     use super::*;
     use cairn_types::{SnapshotDesc, UUIDandVersion};

@@ -227,6 +227,7 @@ async fn supervise(
                 continue;
             }
         };
+        record_pid(&agent, &roots, &child).await;
         let exited = tokio::select! {
             status = child.wait() => Some(status),
             _ = stopping.wait_for(|stop| *stop) => None,
@@ -297,6 +298,21 @@ async fn wait_or_stop(stopping: &mut watch::Receiver<bool>, delay: Duration) -> 
     stopped || *stopping.borrow()
 }
 
+/// Records the agent's pid, found again by the next `cairn up` should this one die without its
+/// agents. A write and a rename: off the runtime the web gateway shares.
+async fn record_pid(agent: &str, roots: &Roots, child: &Child) {
+    let Some(process) = child.id().and_then(|pid| ProcessId::of(pid as i32)) else {
+        return;
+    };
+    let record = supervision::agent_record_path(&roots.run, agent);
+    let recorded = tokio::task::spawn_blocking(move || process.record(&record))
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("its writer ended: {e}")));
+    if let Err(e) = recorded {
+        eprintln!("[{agent}] pid {} not recorded: {e:#}", process.pid);
+    }
+}
+
 /// Where an agent's output names the process holding its topic (`BusError::AlreadyPublished`).
 type Holder = Arc<Mutex<Option<i32>>>;
 
@@ -350,13 +366,6 @@ fn start(
     let mut child = command
         .spawn()
         .with_context(|| format!("spawning {}", binary.display()))?;
-    // Found again by the next `cairn up` should this one die without its agents.
-    if let Some(process) = child.id().and_then(|pid| ProcessId::of(pid as i32)) {
-        let record = supervision::agent_record_path(&roots.run, agent);
-        if let Err(e) = process.record(&record) {
-            eprintln!("[{agent}] pid {} not recorded: {e:#}", process.pid);
-        }
-    }
     let log = logs.join(format!("{agent}.log"));
     let mut forwards = Vec::new();
     for stream in [

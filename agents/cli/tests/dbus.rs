@@ -4,6 +4,7 @@
 //! daemon policy that gives each group its gateways.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 mod common;
 #[path = "../../../dbus-gateway/tests/support/dbus_daemon.rs"]

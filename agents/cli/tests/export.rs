@@ -1,5 +1,6 @@
 //! `cairn export`, `verify` and `import` as processes against a device started with `cairn up`.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! on a real bus, a corrupt record planted on disk, and the message when nothing runs.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 use std::path::Path;
 use std::process::Command;

@@ -2,6 +2,7 @@
 //! restarted by the supervisor, SIGTERM stopping agents and apps, and the config source flags.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 mod common;
 

@@ -4,6 +4,7 @@
 //!
 //! `CAIRN_BENCH_CONFIG_AGENT=<binary>` measures another build (e.g. an older one) the same way.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::disallowed_methods)] // bench code: blocking file work is fine here
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

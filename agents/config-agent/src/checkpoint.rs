@@ -45,7 +45,8 @@ pub fn path(persist: &Path) -> PathBuf {
     cairn_types::layout::last_config_checkpoint(persist)
 }
 
-/// Keeps `config` as the last good one, durably, the previous one as `.bak`.
+/// Keeps `config` as the last good one, durably, the previous one as `.bak`. Blocking.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn save(persist: &Path, hash: &str, config: &EdgeDevConfig) -> Result<(), PersistError> {
     let record = LastConfig {
         config_hash: hash.to_string(),
@@ -62,6 +63,8 @@ pub struct Restored {
     pub from_backup: Option<String>,
 }
 
+/// Blocking: record I/O.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn load(persist: &Path) -> Result<Restored, CheckpointError> {
     let file = path(persist);
     let loaded = cairn_persist::load_with_backup::<LastConfig>(&file)?;

@@ -290,8 +290,17 @@ impl Link {
         match response.status {
             200 | 201 => {
                 let mark = self.identity.dir.join(REGISTERED_MARK);
-                if let Err((step, e)) = cairn_persist::write_atomic(&mark, b"", false) {
-                    tracing::warn!(file = %mark.display(), "registered, but {step} the mark failed: {e}");
+                let file = mark.clone();
+                // An fsynced write: on the blocking pool, not the link's runtime.
+                #[allow(clippy::disallowed_methods)] // on the blocking pool
+                let written = tokio::task::spawn_blocking(move || {
+                    cairn_persist::write_atomic(&file, b"", false)
+                        .map_err(|(step, e)| format!("{step} the mark failed: {e}"))
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("the mark's writer ended: {e}")));
+                if let Err(e) = written {
+                    tracing::warn!(file = %mark.display(), "registered, but {e}");
                 }
                 self.registered = true;
                 tracing::info!(serial = %self.identity.serial, "registered with the controller");

@@ -56,7 +56,7 @@ pub struct Identity {
 
 impl Identity {
     /// Writes the seed's files (durably, keys 0600), then loads the identity, generating the
-    /// device key and certificate if this is the first start.
+    /// device key and certificate if this is the first start. Blocking.
     pub fn open(persist: &Path, seed: &Seed) -> Result<Self, IdentityError> {
         let dir = dir(persist);
         store_seed(&dir, seed)?;
@@ -194,6 +194,7 @@ fn device_signer(dir: &Path, serial: &str) -> Result<Signer256, IdentityError> {
     })
 }
 
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 fn make_private_dir(dir: &Path) -> Result<(), IdentityError> {
     use std::os::unix::fs::PermissionsExt;
     cairn_persist::create_dir_durable(dir).map_err(|e| IdentityError::File {
@@ -208,6 +209,7 @@ fn make_private_dir(dir: &Path) -> Result<(), IdentityError> {
     })
 }
 
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 fn write(path: &Path, bytes: &[u8], secret: bool) -> Result<(), IdentityError> {
     use std::os::unix::fs::PermissionsExt;
     cairn_persist::write_atomic(path, bytes, false).map_err(|(step, e)| IdentityError::File {
@@ -226,6 +228,7 @@ fn write(path: &Path, bytes: &[u8], secret: bool) -> Result<(), IdentityError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 mod tests {
     use super::*;
 

@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
                     .context("publishing the config")
             }
             None => {
-                let link = open_link(&args)?;
+                let link = open_link(&args).await?;
                 let options = LinkOptions {
                     persist: args.common.persist_dir.clone(),
                     interval: Duration::from_millis(args.config_interval_ms.max(10)),
@@ -122,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn open_link(args: &Args) -> anyhow::Result<Link> {
+async fn open_link(args: &Args) -> anyhow::Result<Link> {
     let seed = Seed {
         server: args
             .controller
@@ -135,7 +135,12 @@ fn open_link(args: &Args) -> anyhow::Result<Link> {
         onboard_key: args.onboard_key.clone(),
         serial: args.serial.clone(),
     };
-    let identity = Identity::open(&args.common.persist_dir, &seed)
+    // Key generation and fsynced writes the first time: on the blocking pool, since the
+    // publications already serve subscribers on this runtime.
+    let persist = args.common.persist_dir.clone();
+    let identity = tokio::task::spawn_blocking(move || Identity::open(&persist, &seed))
+        .await
+        .context("the identity's reader ended")?
         .context("no config source: give --config FILE, or set the device up for a controller")?;
     let https = Https::new(
         &identity.server,

@@ -3,6 +3,7 @@
 //! while the previous config stays in force.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

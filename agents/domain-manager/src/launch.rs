@@ -408,7 +408,7 @@ pub async fn detect_accel(qemu: &Path, limit: Duration, work_dir: &Path) -> Stri
 
 async fn kvm_firmware_completes(qemu: &Path, limit: Duration, work_dir: &Path) -> bool {
     let debugcon = work_dir.join("kvm-probe.log");
-    let _ = std::fs::remove_file(&debugcon);
+    let _ = tokio::fs::remove_file(&debugcon).await;
     // A KVM that cannot give the default CPU model its baseline features (seen: SSE3 missing
     // under nested virtualization) still runs the firmware, but a Linux guest hangs at once.
     let warnings = work_dir.join("kvm-probe.stderr");
@@ -441,7 +441,7 @@ async fn kvm_firmware_completes(qemu: &Path, limit: Duration, work_dir: &Path) -
     let deadline = tokio::time::Instant::now() + limit;
     let mut works = false;
     while tokio::time::Instant::now() < deadline {
-        let text = std::fs::read(&debugcon).unwrap_or_default();
+        let text = tokio::fs::read(&debugcon).await.unwrap_or_default();
         if text.windows(18).any(|w| w == b"No bootable device") {
             works = true;
             break;
@@ -452,9 +452,11 @@ async fn kvm_firmware_completes(qemu: &Path, limit: Duration, work_dir: &Path) -
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = child.kill().await;
-    let _ = std::fs::remove_file(&debugcon);
-    let said = std::fs::read_to_string(&warnings).unwrap_or_default();
-    let _ = std::fs::remove_file(&warnings);
+    let _ = tokio::fs::remove_file(&debugcon).await;
+    let said = tokio::fs::read_to_string(&warnings)
+        .await
+        .unwrap_or_default();
+    let _ = tokio::fs::remove_file(&warnings).await;
     if said.contains("host doesn't support requested feature") {
         tracing::warn!(warning = %said.trim(), "KVM lacks CPU features the guest needs: using TCG");
         return false;

@@ -100,6 +100,7 @@ pub fn marker(run_dir: &Path, app: &str) -> [(&'static str, String); 2] {
 
 /// Every live process marked by the domain-manager of `run_dir`, with the app it was marked
 /// for (the app's own children inherit the marker). Blocking: walks `/proc`.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn scan(run_dir: &Path) -> Vec<(String, Marked)> {
     let [(_, owner), _] = marker(run_dir, "");
     let me = std::process::id();
@@ -209,6 +210,7 @@ pub fn is_our_qemu(pid: u32, qmp_socket: &Path) -> bool {
 /// Every live qemu serving `qmp_socket`, found by scanning `/proc`, oldest first: for a qemu
 /// whose pidfile is not written yet (the domain-manager died right after starting it).
 /// Blocking: walks `/proc`.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn find_our_qemus(qmp_socket: &Path) -> Vec<ProcessId> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();

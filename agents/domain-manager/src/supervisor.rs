@@ -101,8 +101,8 @@ impl Supervisor {
             volumes: Mutex::new(HashMap::new()),
         });
         let mut apps: HashSet<Uuid> = previous.keys().copied().collect();
-        if let Ok(entries) = std::fs::read_dir(apps_dir(bus.run_dir())) {
-            for entry in entries.flatten() {
+        if let Ok(mut entries) = tokio::fs::read_dir(apps_dir(bus.run_dir())).await {
+            while let Ok(Some(entry)) = entries.next_entry().await {
                 if let Some(app) = entry
                     .file_name()
                     .to_str()
@@ -360,7 +360,7 @@ impl Supervisor {
 async fn auto_accel(bus: &Bus, settings: &Settings) -> String {
     let dir = bus.run_dir().join(AGENT);
     let file = dir.join("accel");
-    if let Ok(known) = std::fs::read_to_string(&file)
+    if let Ok(known) = tokio::fs::read_to_string(&file).await
         && matches!(known.trim(), "kvm" | "tcg")
     {
         return known.trim().to_string();
@@ -370,7 +370,7 @@ async fn auto_accel(bus: &Bus, settings: &Settings) -> String {
     // qemu binary and the presence of /dev/kvm are the same.
     let remembered = bus.persist_dir().join(AGENT).join("accel");
     let host = host_key(&settings.qemu);
-    if let Ok(text) = std::fs::read_to_string(&remembered)
+    if let Ok(text) = tokio::fs::read_to_string(&remembered).await
         && let Some((accel, key)) = text.trim().split_once(' ')
         && matches!(accel, "kvm" | "tcg")
         && key == host
@@ -379,22 +379,31 @@ async fn auto_accel(bus: &Bus, settings: &Settings) -> String {
             accel,
             "accelerator as probed on an earlier boot of this host"
         );
-        let _ = std::fs::write(&file, accel);
+        let _ = tokio::fs::write(&file, accel).await;
         return accel.to_string();
     }
     let accel = detect_accel(&settings.qemu, std::time::Duration::from_secs(2), &dir).await;
-    if let Err(e) = std::fs::write(&file, &accel) {
+    if let Err(e) = tokio::fs::write(&file, &accel).await {
         tracing::warn!(error = %e, "cannot record the accelerator in {}", file.display());
     }
-    if let Err((step, e)) =
-        cairn_persist::write_atomic(&remembered, format!("{accel} {host}\n").as_bytes(), false)
-    {
+    let (target, line) = (remembered.clone(), format!("{accel} {host}\n"));
+    let written = tokio::task::spawn_blocking(move || remember_accel(&target, &line))
+        .await
+        .unwrap_or_else(|e| Err(format!("its writer ended: {e}")));
+    if let Err(e) = written {
         tracing::warn!(
-            "cannot remember the accelerator in {}: {step}: {e}",
+            "cannot remember the accelerator in {}: {e}",
             remembered.display()
         );
     }
     accel
+}
+
+/// Writes the probe's answer durably under /persist.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn remember_accel(file: &std::path::Path, line: &str) -> Result<(), String> {
+    cairn_persist::write_atomic(file, line.as_bytes(), false)
+        .map_err(|(step, e)| format!("{step}: {e}"))
 }
 
 /// What the probe's answer depends on: the kernel, the qemu binary, whether /dev/kvm exists.

@@ -1,6 +1,7 @@
 //! The domain-manager binary against the real test guest under TCG and real processes.
 //! Needs qemu-system-x86_64 and qemu-utils (scripts/install-deps): without them these fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 mod common;
 

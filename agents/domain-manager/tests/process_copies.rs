@@ -3,6 +3,7 @@
 //! counts the app's running copies (group leaders whose command line names the app) after the
 //! domain-manager is back: exactly one when the config says activate, none when it says stop.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 mod common;
 

@@ -556,10 +556,7 @@ async fn attempt_once(
 
 async fn remove_partial(partial: &Path) -> std::io::Result<()> {
     let p = partial.to_path_buf();
-    tokio::task::spawn_blocking(move || match std::fs::remove_file(&p) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    })
-    .await
-    .map_err(std::io::Error::other)?
+    tokio::task::spawn_blocking(move || store::remove_if_present(&p))
+        .await
+        .map_err(std::io::Error::other)?
 }

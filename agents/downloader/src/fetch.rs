@@ -498,18 +498,15 @@ fn parse_content_range(value: Option<&str>) -> Option<(u64, Option<u64>)> {
 
 async fn truncate(path: &Path) -> Result<(), FetchError> {
     let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || match std::fs::remove_file(&p) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    })
-    .await
-    .map_err(std::io::Error::other)
-    .and_then(|r| r)
-    .map_err(|source| FetchError::Io {
-        what: "remove",
-        path: path.to_path_buf(),
-        source,
-    })
+    tokio::task::spawn_blocking(move || crate::store::remove_if_present(&p))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| FetchError::Io {
+            what: "remove",
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// A writer on the blocking pool appending the chunks it receives (truncating first when
@@ -522,6 +519,7 @@ fn spawn_writer(
     tokio::task::JoinHandle<Result<u64, FetchError>>,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    #[allow(clippy::disallowed_methods)] // the closure is the writer, on the blocking pool
     let handle = tokio::task::spawn_blocking(move || {
         use std::io::Write;
         let io = |what: &'static str, path: &Path| {

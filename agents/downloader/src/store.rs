@@ -11,6 +11,9 @@
 //! starts and removed durably before its files go, so a crash between the two leaves only
 //! garbage, never a blob some tree still counts on. Everything here blocks: call it from the
 //! blocking pool.
+// File work through and through, with no async fn: the crate's ban on blocking calls is lifted
+// here, and its callers go through `spawn_blocking`.
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -206,6 +209,15 @@ impl ContentStore {
         }
         cairn_persist::crash_point(CRASH_AFTER_BLOB_RENAME);
         Ok(to)
+    }
+}
+
+/// Removes `path`; one already gone is not an error. Not durable (a partial file comes back
+/// as garbage at worst).
+pub fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 

@@ -99,13 +99,8 @@ async fn report_loop(bus: &Bus, settings: Settings, progress: Progress) -> anyho
     let mut restarted = false;
     loop {
         let (q, path) = (queue.clone(), cursors.clone());
-        let (usage, dropped) = tokio::task::spawn_blocking(move || {
-            let dropped = cairn_persist::load_with_backup::<collect::LogCursors>(&path)
-                .map(|l| l.record.dropped_files)
-                .unwrap_or(0);
-            (q.usage(), dropped)
-        })
-        .await?;
+        let (usage, dropped) =
+            tokio::task::spawn_blocking(move || (q.usage(), collect::dropped_files(&path))).await?;
         let mut status = progress.lock().map(|p| p.clone()).unwrap_or_default();
         if let Ok((files, bytes)) = usage {
             status.queued_files = files as u64;

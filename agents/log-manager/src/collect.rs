@@ -6,7 +6,11 @@
 //! Crash safety: how far each file was read (and the next msgid and file number) is kept in
 //! `<persist>/newlog/cursors.json`, stored only after every gzip file holding those lines is
 //! durable. A collector killed at any point reads again from the last stored cursors: no line
-//! is lost, and at most the lines of the batch being written are queued twice.
+//! is lost, and at most the lines of the batch being written are queued twice. Everything
+//! here blocks.
+// File work through and through, with no async fn: the crate's ban on blocking calls is lifted
+// here, and its callers go through `spawn_blocking`.
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -75,6 +79,13 @@ pub struct Source {
     pub stream: Stream,
     /// The agent's name, or `console` / `app` for an app.
     pub name: String,
+}
+
+/// The files dropped so far, as the stored cursors at `path` say (0 when none are stored).
+pub fn dropped_files(path: &Path) -> u64 {
+    cairn_persist::load_with_backup::<LogCursors>(path)
+        .map(|l| l.record.dropped_files)
+        .unwrap_or(0)
 }
 
 /// The files to follow now.

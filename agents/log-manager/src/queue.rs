@@ -4,7 +4,10 @@
 //! streams, zero-padded, so the upload order is the order the files were written.
 //!
 //! A file is built in memory ([`GzipBatch`]), then written as `.tmp-<name>`, fsynced, renamed and
-//! its directory fsynced: a file in the queue is always whole.
+//! its directory fsynced: a file in the queue is always whole. Everything here blocks.
+// File work through and through, with no async fn: the crate's ban on blocking calls is lifted
+// here, and its callers go through `spawn_blocking`.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -341,7 +341,8 @@ enum OnDisk {
     NoRecord(PathBuf),
 }
 
-/// Snapshot directories whose record is missing or does not load, by snapshot id.
+/// Snapshot directories whose record is missing or does not load, by snapshot id. Blocking.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 fn unloadable_records(persist: &Path) -> std::collections::BTreeMap<String, OnDisk> {
     let mut found = std::collections::BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(snapshots_dir(persist)) else {
@@ -487,7 +488,8 @@ pub fn snapshot_rows(
     rows
 }
 
-/// Publications present under the run root: `(agent, topic, socket)`.
+/// Publications present under the run root: `(agent, topic, socket)`. Blocking (a walk).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn topics(roots: &Roots) -> Vec<(String, String, PathBuf)> {
     let mut found = Vec::new();
     let Ok(agents) = std::fs::read_dir(&roots.run) else {

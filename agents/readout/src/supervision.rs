@@ -71,7 +71,8 @@ impl ProcessId {
         Self::parse(&std::fs::read_to_string(file).ok()?)
     }
 
-    /// Replaces `file` with this process's record (rename: never half written).
+    /// Replaces `file` with this process's record (rename: never half written). Blocking.
+    #[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
     pub fn record(&self, file: &Path) -> anyhow::Result<()> {
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -201,7 +202,8 @@ pub fn orphans(run: &Path, agents: &[&str]) -> Vec<Orphan> {
     found
 }
 
-/// The processes holding the topic locks in an agent's bus directory.
+/// The processes holding the topic locks in an agent's bus directory. Blocking (a walk).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 fn topic_lock_holders(dir: &Path) -> Vec<(String, ProcessId)> {
     let mut held = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {

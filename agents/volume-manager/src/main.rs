@@ -105,7 +105,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(default_parallel_operations);
     let mut manager = VolumeManager::open(&persist_dir, tools, outputs.volumes.values())
         .await
-        .with_parallel_operations(parallel);
+        .with_parallel_operations(parallel)
+        .with_volume_tasks();
     let mut volume_configs = bus.subscribe::<VolumeConfig>("config-agent");
     let mut snapshot_configs = bus.subscribe::<VolumesSnapshotConfig>("app-manager");
     let mut app_holds = bus.subscribe::<AppVolumeRefs>("app-manager");

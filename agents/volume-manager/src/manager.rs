@@ -14,6 +14,12 @@
 //! and applies the outcome after, and starts operations in the order [`crate::queue`] allows:
 //! in arrival order on a shared snapshot or volume, side by side otherwise.
 //!
+//! Making and removing a volume run in tasks too (with [`VolumeManager::with_volume_tasks`], as
+//! the agent does; library callers await them in place): the work claims the volume's uuid (a
+//! clone also its source and the snapshot), so snapshot operations on it wait, and a config,
+//! hold or removal that meets a volume being worked on is deferred until the work ends. No
+//! record is written for it: a half-made volume is under a dot name, swept at the next start.
+//!
 //! A volume goes when no config, no snapshot record and no app refers to it. The apps' holds
 //! (`AppVolumeRefs`, from the app-manager) matter after a purge: the old generation has lost its
 //! config, but the app may still run on it, an APP_UPDATE snapshot may be about to be taken of
@@ -57,6 +63,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use cairn_types::layout::{VOLUMES_SNAPSHOT_STATUS_FILE, snapshot_dir, snapshots_dir, volumes_dir};
 use cairn_types::snapshot::{VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus};
@@ -71,7 +78,10 @@ use crate::backend::{Backends, VolumeRef};
 use crate::error::VolumeError;
 use crate::queue::{Claim, Claims, OperationId, Queue};
 use crate::volumes;
-use crate::work::{self, Created, Deleted, MetaEntry, Outcome, RolledBack, Work, error, now};
+use crate::work::{
+    self, Created, Deleted, Making, MetaEntry, Outcome, RolledBack, VolumeOutcome, VolumeWork,
+    Work, error, now,
+};
 
 /// The agent's name on the bus.
 pub const AGENT: &str = "volume-manager";
@@ -120,6 +130,17 @@ pub fn default_parallel_operations() -> usize {
 /// A snapshot operation's slow half ended (or its task died): for [`VolumeManager::complete`].
 pub struct OperationDone(Result<(tokio::task::Id, Outcome), tokio::task::JoinError>);
 
+/// What a running task is doing, for [`VolumeManager::complete`].
+enum Running {
+    Snapshot(OperationId, VolumesSnapshotConfig),
+    /// Making (`planned` is its Creating status) or removing volume `key`.
+    Volume {
+        operation: OperationId,
+        key: String,
+        planned: Option<Box<VolumeStatus>>,
+    },
+}
+
 /// A request's first half: answered at once, or slow work to run.
 enum Step {
     Done(Vec<Publish>),
@@ -152,7 +173,13 @@ pub struct VolumeManager {
     queue: Queue<SnapshotEvent>,
     /// The slow halves running, each with its operation and request.
     running: tokio::task::JoinSet<Outcome>,
-    running_ops: HashMap<tokio::task::Id, (OperationId, VolumesSnapshotConfig)>,
+    running_ops: HashMap<tokio::task::Id, Running>,
+    /// Whether volume work runs in tasks (the agent) or is awaited where it starts.
+    volume_tasks: bool,
+    /// Keys of the volumes being made or removed in tasks.
+    volume_work: BTreeSet<String>,
+    /// Bounds volume work running at once, as the queue's limit bounds snapshot operations.
+    volume_permits: Arc<tokio::sync::Semaphore>,
     /// Volume uuids whose making or removal waited for a snapshot operation on them.
     deferred: BTreeSet<Uuid>,
     /// The downloader's content trees (volumes with a `ContentTree` origin wait for theirs).
@@ -191,6 +218,9 @@ impl VolumeManager {
             queue: Queue::new(default_parallel_operations()),
             running: tokio::task::JoinSet::new(),
             running_ops: HashMap::new(),
+            volume_tasks: false,
+            volume_work: BTreeSet::new(),
+            volume_permits: Arc::new(tokio::sync::Semaphore::new(default_parallel_operations())),
             deferred: BTreeSet::new(),
             content_trees: BTreeMap::new(),
         }
@@ -199,6 +229,14 @@ impl VolumeManager {
     /// At most `limit` snapshot operations run at once.
     pub fn with_parallel_operations(mut self, limit: usize) -> Self {
         self.queue.set_limit(limit);
+        self.volume_permits = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+        self
+    }
+
+    /// Volumes are made and removed in tasks of their own, their ends awaited with
+    /// [`Self::operation_done`] like snapshot operations; else each is awaited where it starts.
+    pub fn with_volume_tasks(mut self) -> Self {
+        self.volume_tasks = true;
         self
     }
 
@@ -240,11 +278,16 @@ impl VolumeManager {
 
     /// Makes the volume `config` names (its key, local generation included), or adopts the one
     /// already there; a volume known before and now missing is reported, not made empty.
-    /// Nothing yet while a snapshot operation runs on it (or on a clone's source): made when
-    /// that ends.
+    /// Nothing yet while a snapshot operation runs on it (or on a clone's source), or while it
+    /// is being made or removed: seen again when that ends.
     async fn make_volume(&mut self, config: &VolumeConfig) -> Option<Publish> {
         let key = config.key();
         let path = volumes::volume_path(&self.volumes_dir, config);
+        if self.volume_work.contains(&key) {
+            tracing::info!(volume = %key, "being made or removed: seen again once that ends");
+            self.deferred.insert(config.volume_id);
+            return None;
+        }
         if let Some(status) = self.statuses.get_mut(&key)
             && status.state == VolumeState::Ready
             && path.exists()
@@ -287,16 +330,14 @@ impl VolumeManager {
                     VolumeOrigin::ContentTree { .. } => s.state != VolumeState::Ready,
                     _ => false,
                 });
-        let outcome = if let Some(why) = &config.unusable {
+        let mut claims = BTreeSet::from([Claim::Volume(config.volume_id)]);
+        let making = if let Some(why) = &config.unusable {
             Err(VolumeError::Unusable {
                 volume: key.clone(),
                 why: why.clone(),
             })
         } else if path.exists() {
-            match volumes::check_existing_blocking(&key, &path, config.format).await {
-                Ok(()) => self.backends.activate(backend, &key, &path).await,
-                Err(e) => Err(e),
-            }
+            Ok(Making::Existing)
         } else if !waiting_clone
             && (self.known_before.contains(&key) || self.statuses.contains_key(&key))
         {
@@ -308,25 +349,100 @@ impl VolumeManager {
             match self.clone_source(&key, snapshot, volume).await {
                 Ok(source) => {
                     tracing::info!(volume = %key, snapshot = %snapshot, source = %source.volume_key, backend = ?source.backend, "cloning a volume from a snapshot");
-                    volumes::create_clone(config, &path, backend, &source, &self.backends).await
+                    // The snapshot and its volume stay as they are while they are read.
+                    claims.extend([Claim::Volume(volume), Claim::Snapshot(snapshot)]);
+                    Ok(Making::Clone(Box::new(source)))
                 }
                 Err(e) => Err(e),
             }
         } else if let VolumeOrigin::ContentTree { id } = config.origin {
             match crate::content::usable_blob(&key, id, &self.content_trees, &self.persist) {
-                Ok(blob) => {
-                    crate::content::create(config, &path, backend, id, blob, &self.backends).await
-                }
+                Ok(blob) => Ok(Making::Content { tree: id, blob }),
                 Err(e) => Err(e),
             }
         } else {
-            volumes::create(config, &path, backend, &self.backends).await
+            Ok(Making::Fresh)
         };
+        let making = match making {
+            Ok(making) => making,
+            Err(e) => return Some(self.volume_made(key, status, Err(e))),
+        };
+        // A volume already there is only checked and activated, here: at a restart every
+        // configured volume is so, and each is published again before the restart barrier.
+        let in_place = !self.volume_tasks || matches!(making, Making::Existing);
+        let permits = (!in_place).then(|| self.volume_permits.clone());
+        let work = work::make_volume(
+            self.backends.clone(),
+            config.clone(),
+            path,
+            backend,
+            making,
+            status.clone(),
+            permits,
+        );
+        if in_place {
+            return self.volume_done(work.await);
+        }
+        let planned = Publish::Volume(status.clone());
+        // Creating until the work ends: configs, holds and removals that meet it wait.
+        self.statuses.insert(key.clone(), status.clone());
+        self.start_volume_work(key, Claims::Some(claims), work, Some(Box::new(status)));
+        Some(planned)
+    }
+
+    /// Runs volume work in a task of its own, holding `claims`; [`Self::complete`] applies
+    /// what it did.
+    fn start_volume_work(
+        &mut self,
+        key: String,
+        claims: Claims,
+        work: VolumeWork,
+        planned: Option<Box<VolumeStatus>>,
+    ) {
+        let operation = self.queue.start_now(claims);
+        let task = self
+            .running
+            .spawn(async move { Outcome::Volume(work.await) });
+        self.running_ops.insert(
+            task.id(),
+            Running::Volume {
+                operation,
+                key: key.clone(),
+                planned,
+            },
+        );
+        self.volume_work.insert(key);
+    }
+
+    /// What volume work did, in the statuses.
+    fn volume_done(&mut self, outcome: VolumeOutcome) -> Option<Publish> {
         match outcome {
-            Ok(()) => {
+            VolumeOutcome::Made {
+                key,
+                status,
+                result,
+            } => Some(self.volume_made(key, *status, result)),
+            VolumeOutcome::Removed { key, result } => self.volume_removed(key, result),
+        }
+    }
+
+    /// A volume made (its size), or why not: its status, to publish.
+    fn volume_made(
+        &mut self,
+        key: String,
+        mut status: VolumeStatus,
+        outcome: Result<u64, VolumeError>,
+    ) -> Publish {
+        // The config may have changed its name while the volume was made.
+        if let Some(config) = self.configs.get(&key) {
+            status.display_name = config.display_name.clone();
+        }
+        let backend = status.backend;
+        match outcome {
+            Ok(size) => {
                 status.state = VolumeState::Ready;
-                status.current_size = volumes::allocated_size_blocking(&path).await;
-                tracing::info!(volume = %key, backend = ?backend, reason = %status.backend_reason, driver = backend_driver(backend), path = %path.display(), "volume ready");
+                status.current_size = size;
+                tracing::info!(volume = %key, backend = ?backend, reason = %status.backend_reason, driver = backend_driver(backend), path = %status.file_location.display(), "volume ready");
             }
             Err(e @ VolumeError::ContentNotReady { .. }) => {
                 tracing::info!(volume = %key, "{e}");
@@ -344,7 +460,24 @@ impl VolumeManager {
             }
         }
         self.statuses.insert(key, status.clone());
-        Some(Publish::Volume(status))
+        Publish::Volume(status)
+    }
+
+    /// A volume removed, or why not.
+    fn volume_removed(&mut self, key: String, result: Result<(), VolumeError>) -> Option<Publish> {
+        match result {
+            Ok(()) => {
+                tracing::info!(volume = %key, "volume deleted");
+                self.statuses.remove(&key);
+                Some(Publish::UnpublishVolume(key))
+            }
+            Err(e) => {
+                let status = self.statuses.get_mut(&key)?;
+                status.state = VolumeState::Failed;
+                status.error = error(format!("cannot delete the volume: {e}"));
+                Some(Publish::Volume(status.clone()))
+            }
+        }
     }
 
     /// Whether the volume `config` names, or a clone's source, has a snapshot operation
@@ -769,14 +902,7 @@ impl VolumeManager {
             .filter(|r| {
                 r.volume_snapshot_meta.values().any(|m| {
                     let meta = VolumeSnapshotMeta::from_value(m);
-                    meta.volume_key == key
-                        && !matches!(
-                            meta.backend,
-                            SnapshotBackendKind::Copy
-                                | SnapshotBackendKind::Btrfs
-                                | SnapshotBackendKind::Squashfs
-                                | SnapshotBackendKind::Rsync
-                        )
+                    meta.volume_key == key && !self.backends.snapshot_outside_volume(meta.backend)
                 })
             })
             .map(|r| r.snapshot_id)
@@ -794,6 +920,9 @@ impl VolumeManager {
             .cloned()
             .collect();
         for key in orphans {
+            if self.volume_work.contains(&key) {
+                continue; // being made (seen again at its end) or already being removed
+            }
             if self.in_grace(&key, &mut out) {
                 continue;
             }
@@ -841,18 +970,16 @@ impl VolumeManager {
                 self.deferred.insert(status.volume_id);
                 continue;
             }
-            let path = status.file_location.clone();
-            match volumes::remove(&key, &path).await {
-                Ok(()) => {
-                    tracing::info!(volume = %key, "volume deleted");
-                    self.statuses.remove(&key);
-                    out.push(Publish::UnpublishVolume(key));
-                }
-                Err(e) => {
-                    status.state = VolumeState::Failed;
-                    status.error = error(format!("cannot delete the volume: {e}"));
-                    out.push(Publish::Volume(status.clone()));
-                }
+            let claims = Claims::Some(BTreeSet::from([Claim::Volume(status.volume_id)]));
+            let work = work::remove_volume(
+                key.clone(),
+                status.file_location.clone(),
+                self.volume_permits.clone(),
+            );
+            if self.volume_tasks {
+                self.start_volume_work(key, claims, work, None);
+            } else {
+                out.extend(self.volume_done(work.await));
             }
         }
         out
@@ -958,8 +1085,31 @@ impl VolumeManager {
             Ok((task, outcome)) => (task, Ok(outcome)),
             Err(e) => (e.id(), Err(e)),
         };
-        let Some((operation, config)) = self.running_ops.remove(&task) else {
-            return Vec::new();
+        let (operation, config) = match self.running_ops.remove(&task) {
+            Some(Running::Snapshot(operation, config)) => (operation, config),
+            Some(Running::Volume {
+                operation,
+                key,
+                planned,
+            }) => {
+                self.queue.finished(operation);
+                self.volume_work.remove(&key);
+                let mut out: Vec<Publish> = match outcome {
+                    Ok(outcome) => self.apply(outcome).await,
+                    Err(e) => self
+                        .volume_work_died(&key, planned, &e)
+                        .into_iter()
+                        .collect(),
+                };
+                // A config or hold that went while the volume was made: it may go now.
+                if self.statuses.contains_key(&key) && !self.line_current(&key) {
+                    out.extend(self.collect_volumes().await);
+                }
+                out.extend(self.dispatch().await);
+                out.extend(self.retry_deferred().await);
+                return out;
+            }
+            None => return Vec::new(),
         };
         self.queue.finished(operation);
         let mut out = match outcome {
@@ -984,6 +1134,24 @@ impl VolumeManager {
         out
     }
 
+    /// Volume work whose task died: the volume is Failed with the reason (a half-made one is
+    /// swept at the next start and made again).
+    fn volume_work_died(
+        &mut self,
+        key: &str,
+        planned: Option<Box<VolumeStatus>>,
+        e: &tokio::task::JoinError,
+    ) -> Option<Publish> {
+        tracing::error!(volume = %key, "volume work ended abnormally: {e}");
+        let status = match planned {
+            Some(planned) => self.statuses.entry(key.to_string()).or_insert(*planned),
+            None => self.statuses.get_mut(key)?,
+        };
+        status.state = VolumeState::Failed;
+        status.error = error(format!("volume {key}: its work ended abnormally: {e}"));
+        Some(Publish::Volume(status.clone()))
+    }
+
     /// Starts the queued events that may run now, in arrival order.
     async fn dispatch(&mut self) -> Vec<Publish> {
         let mut out = Vec::new();
@@ -997,7 +1165,8 @@ impl VolumeManager {
                     Step::Done(published) => out.extend(published),
                     Step::Work(work) => {
                         let task = self.running.spawn(work);
-                        self.running_ops.insert(task.id(), (operation, config));
+                        self.running_ops
+                            .insert(task.id(), Running::Snapshot(operation, config));
                         self.queue.started(operation, claims);
                     }
                 },
@@ -1074,6 +1243,7 @@ impl VolumeManager {
     async fn apply(&mut self, outcome: Outcome) -> Vec<Publish> {
         let mut out = Vec::new();
         match outcome {
+            Outcome::Volume(done) => out.extend(self.volume_done(done)),
             Outcome::Create {
                 config,
                 previous,
@@ -1507,14 +1677,7 @@ impl VolumeManager {
         meta: &VolumeSnapshotMeta,
         current_size: u64,
     ) -> Option<Publish> {
-        if !matches!(
-            meta.backend,
-            SnapshotBackendKind::Copy
-                | SnapshotBackendKind::Btrfs
-                | SnapshotBackendKind::Squashfs
-                | SnapshotBackendKind::Rsync
-        ) || !meta.file_location.is_dir()
-        {
+        if !self.backends.snapshot_outside_volume(meta.backend) || !meta.file_location.is_dir() {
             return None;
         }
         let (volume_id, generation, local) =

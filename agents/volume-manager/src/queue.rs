@@ -1,8 +1,10 @@
 //! When a snapshot operation may start. Operations claim what they touch (their snapshot id and
 //! the uuids of their volumes); two operations whose claims meet run in arrival order, others
 //! run side by side, at most `limit` at once. A waiting operation keeps its claims, so a later
-//! one cannot overtake it on a volume they share. Pure bookkeeping: the manager decides what an
-//! operation claims and runs it.
+//! one cannot overtake it on a volume they share. Volume work (making or removing a volume)
+//! starts at once, outside the line and the limit ([`Queue::start_now`]), and holds its claims
+//! like a running operation. Pure bookkeeping: the manager decides what an operation claims and
+//! runs it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -48,6 +50,8 @@ pub type OperationId = u64;
 pub struct Queue<T> {
     waiting: VecDeque<(OperationId, T)>,
     running: BTreeMap<OperationId, Claims>,
+    /// Started with [`Self::start_now`]: they hold claims but do not count against `limit`.
+    outside: BTreeMap<OperationId, Claims>,
     next: OperationId,
     limit: usize,
 }
@@ -58,6 +62,7 @@ impl<T> Queue<T> {
         Self {
             waiting: VecDeque::new(),
             running: BTreeMap::new(),
+            outside: BTreeMap::new(),
             next: 0,
             limit: limit.max(1),
         }
@@ -90,7 +95,7 @@ impl<T> Queue<T> {
         let mut ahead: Vec<&Claims> = Vec::new();
         let mut found = None;
         for (index, wanted) in claims.iter().enumerate().take(self.waiting.len()) {
-            let blocked = self.running.values().any(|held| held.meets(wanted))
+            let blocked = self.held().any(|held| held.meets(wanted))
                 || ahead.iter().any(|before| before.meets(wanted));
             if !blocked {
                 found = Some(index);
@@ -109,13 +114,28 @@ impl<T> Queue<T> {
         self.running.insert(id, claims);
     }
 
+    /// Starts an operation that never waits in line, holding `claims` until [`Self::finished`]:
+    /// queued operations that meet them wait for it. The caller bounds how many run.
+    pub fn start_now(&mut self, claims: Claims) -> OperationId {
+        let id = self.next;
+        self.next += 1;
+        self.outside.insert(id, claims);
+        id
+    }
+
     pub fn finished(&mut self, id: OperationId) {
         self.running.remove(&id);
+        self.outside.remove(&id);
+    }
+
+    /// The claims of every running operation, started from the line or not.
+    fn held(&self) -> impl Iterator<Item = &Claims> {
+        self.running.values().chain(self.outside.values())
     }
 
     /// Whether a running operation holds `claim`.
     pub fn busy(&self, claim: &Claim) -> bool {
-        self.running.values().any(|held| held.holds(claim))
+        self.held().any(|held| held.holds(claim))
     }
 
     pub fn running(&self) -> usize {
@@ -123,7 +143,7 @@ impl<T> Queue<T> {
     }
 
     pub fn is_idle(&self) -> bool {
-        self.running.is_empty() && self.waiting.is_empty()
+        self.running.is_empty() && self.outside.is_empty() && self.waiting.is_empty()
     }
 }
 
@@ -207,5 +227,25 @@ mod tests {
         q.finished(1);
         assert_eq!(ready(&mut q, &claims[1..]), Some("two"));
         assert!(q.running() == 1 && !q.is_idle());
+    }
+
+    #[test]
+    fn volume_work_started_at_once_holds_its_volume_but_not_a_place_under_the_limit() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut q = Queue::new(1);
+        let making = q.start_now(on(&[Claim::Volume(a)]));
+        q.push("snapshot of a");
+        q.push("snapshot of b");
+        let claims = [on(&[Claim::Volume(a)]), on(&[Claim::Volume(b)])];
+        assert_eq!(
+            ready(&mut q, &claims),
+            Some("snapshot of b"),
+            "the limit of 1 is free"
+        );
+        assert!(q.busy(&Claim::Volume(a)));
+        q.finished(2);
+        assert_eq!(ready(&mut q, &claims[..1]), None, "a is still being made");
+        q.finished(making);
+        assert_eq!(ready(&mut q, &claims[..1]), Some("snapshot of a"));
     }
 }

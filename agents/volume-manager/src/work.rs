@@ -2,16 +2,21 @@
 //! with other volumes meanwhile: the intent record, the backend calls, the final record, in
 //! that order, with the crash points between them. It reads no manager state: what it needs
 //! was planned by the manager, and what it did goes back as an [`Outcome`] the manager applies.
+//! Making and removing a volume run the same way ([`make_volume`], [`remove_volume`]): a big
+//! clone or image conversion does not hold up other apps' requests.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use cairn_persist::crash_point;
+use cairn_types::ContentFormat;
 use cairn_types::common::{ErrorDescription, ErrorSeverity};
 use cairn_types::snapshot::{VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus};
-use cairn_types::volume::VolumeSnapshotMeta;
+use cairn_types::volume::{SnapshotBackendKind, VolumeConfig, VolumeSnapshotMeta, VolumeStatus};
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::backend::{Backends, VolumeRef};
@@ -43,6 +48,42 @@ pub enum Outcome {
         previous: VolumesSnapshotStatus,
         result: Deleted,
     },
+    Volume(VolumeOutcome),
+}
+
+/// Making or removing a volume, ready to be awaited or spawned.
+pub type VolumeWork = Pin<Box<dyn Future<Output = VolumeOutcome> + Send + 'static>>;
+
+/// What making or removing a volume did.
+#[derive(Debug)]
+pub enum VolumeOutcome {
+    /// `status` is the one planned (Creating); `result` the volume's allocated size, or why it
+    /// was not made.
+    Made {
+        key: String,
+        status: Box<VolumeStatus>,
+        result: Result<u64, VolumeError>,
+    },
+    Removed {
+        key: String,
+        result: Result<(), VolumeError>,
+    },
+}
+
+/// How a volume is made, as planned on the manager's state.
+#[derive(Debug)]
+pub enum Making {
+    /// Its file or directory is there: checked and activated.
+    Existing,
+    /// A copy of another volume's state in a snapshot.
+    Clone(Box<VolumeSnapshotMeta>),
+    /// From a content tree's verified blob.
+    Content {
+        tree: Uuid,
+        blob: (PathBuf, ContentFormat),
+    },
+    /// Empty, or from its base image.
+    Fresh,
 }
 
 #[derive(Debug)]
@@ -186,6 +227,60 @@ pub(crate) async fn delete_all(
         }
     }
     (left, errors)
+}
+
+/// Makes the volume `config` names at `path` as `making` says; at most as many at once as
+/// `permits` holds (a boot with many volumes does not start every conversion together), when
+/// given.
+pub(crate) fn make_volume(
+    backends: Backends,
+    config: VolumeConfig,
+    path: PathBuf,
+    backend: SnapshotBackendKind,
+    making: Making,
+    status: VolumeStatus,
+    permits: Option<Arc<Semaphore>>,
+) -> VolumeWork {
+    Box::pin(async move {
+        let key = config.key();
+        let _permit = match permits {
+            Some(permits) => permits.acquire_owned().await.ok(),
+            None => None,
+        };
+        let made = match making {
+            Making::Existing => {
+                match volumes::check_existing_blocking(&key, &path, config.format).await {
+                    Ok(()) => backends.activate(backend, &key, &path).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Making::Clone(source) => {
+                volumes::create_clone(&config, &path, backend, &source, &backends).await
+            }
+            Making::Content { tree, blob } => {
+                crate::content::create(&config, &path, backend, tree, blob, &backends).await
+            }
+            Making::Fresh => volumes::create(&config, &path, backend, &backends).await,
+        };
+        let result = match made {
+            Ok(()) => Ok(volumes::allocated_size_blocking(&path).await),
+            Err(e) => Err(e),
+        };
+        VolumeOutcome::Made {
+            key,
+            status: Box::new(status),
+            result,
+        }
+    })
+}
+
+/// Removes volume `key` at `path`, under the same bound as [`make_volume`].
+pub(crate) fn remove_volume(key: String, path: PathBuf, permits: Arc<Semaphore>) -> VolumeWork {
+    Box::pin(async move {
+        let _permit = permits.acquire_owned().await.ok();
+        let result = volumes::remove(&key, &path).await;
+        VolumeOutcome::Removed { key, result }
+    })
 }
 
 /// Intent, each volume's snapshot made (or adopted), final record; all or nothing: a failure

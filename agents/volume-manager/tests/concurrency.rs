@@ -14,7 +14,7 @@ use cairn_pubsub::Event;
 use cairn_types::snapshot::VolumesSnapshotAction::{self, Create, Delete};
 use cairn_types::snapshot::VolumesSnapshotStatus;
 use cairn_types::volume::{
-    DirRestoreMode, SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeState,
+    DirRestoreMode, SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeState,
 };
 use common::*;
 use uuid::Uuid;
@@ -208,4 +208,75 @@ async fn a_request_that_came_before_a_volumes_removal_still_finds_the_volume() {
         let _ = tokio::time::timeout(WAIT, h.volume_statuses.recv()).await;
     }
     assert!(!h.volume_file(&a).exists());
+}
+
+/// The keys of `wanted` in the order their first status past Creating was published, until all
+/// came; each must be Ready.
+async fn ready_order(h: &mut Harness, wanted: &[&VolumeConfig]) -> Vec<String> {
+    let deadline = Instant::now() + SLOW_WAIT;
+    let mut order: Vec<String> = Vec::new();
+    while order.len() < wanted.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "volumes ready so far {order:?}");
+        let Ok(event) = tokio::time::timeout(left, h.volume_statuses.recv()).await else {
+            continue;
+        };
+        let status = match event {
+            Event::Create { value, .. } | Event::Modify { new: value, .. } => value,
+            _ => continue,
+        };
+        let key = status.key();
+        if status.state != VolumeState::Creating
+            && wanted.iter().any(|c| c.key() == key)
+            && !order.contains(&key)
+        {
+            assert_eq!(status.state, VolumeState::Ready, "{status:?}");
+            order.push(key);
+        }
+    }
+    order
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_apps_volume_is_made_while_a_slow_clone_is_copied() {
+    let mut h = Harness::new().await;
+    let _agent = h.agent(None);
+    let a = copy_volume();
+    h.volume_configs.publish(a.clone()).await.unwrap();
+    assert_eq!(h.ready(&a).await.state, VolumeState::Ready);
+    fill(&h.volume_file(&a));
+    let snapshot = Uuid::new_v4();
+    h.snapshot_configs
+        .publish(request(snapshot, Create, &[&a], 1))
+        .await
+        .unwrap();
+    answer_order(&mut h, &[(snapshot, Create, 1)]).await;
+
+    // App C is a clone of A's snapshot: making it copies the whole tree. App B's small volume
+    // comes after it on the same topic.
+    let clone = VolumeConfig {
+        volume_id: Uuid::new_v4(),
+        display_name: "clone".into(),
+        origin: VolumeOrigin::Snapshot {
+            snapshot,
+            volume: a.volume_id,
+        },
+        ..a.clone()
+    };
+    let b = volume(VolumeFormat::Qcow2, 16 * MIB);
+    h.volume_configs.publish(clone.clone()).await.unwrap();
+    h.volume_configs.publish(b.clone()).await.unwrap();
+
+    let order = ready_order(&mut h, &[&clone, &b]).await;
+    assert_eq!(
+        order,
+        vec![b.key(), clone.key()],
+        "app B's volume must not wait for app C's clone to be copied"
+    );
+    let made = h.volume_file(&clone);
+    assert!(
+        made.join("d15").is_dir() && made.join("d00/f00000").is_file(),
+        "the clone holds the whole tree: {}",
+        made.display()
+    );
 }

@@ -2,6 +2,7 @@
 //! the real agents next to the `cairn` binary; read-outs run as processes too.
 
 #![allow(dead_code)] // each test file uses a part
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -1,5 +1,6 @@
 //! A fake app-manager on a private bus, the real domain-manager binary, and the test guest.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -106,6 +106,11 @@ impl SnapshotBackend for BtrfsBackend {
         "btrfs"
     }
 
+    /// A snapshot is a subvolume of its own, outside the volume.
+    fn snapshot_outside_volume(&self) -> bool {
+        true
+    }
+
     fn tool(&self) -> Option<ToolSpec> {
         Some(ToolSpec {
             name: TOOL,

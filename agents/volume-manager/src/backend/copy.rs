@@ -5,8 +5,8 @@
 //! caller records it: a record written after a power cut's lost page cache must not describe a
 //! copy that is missing or holds empty files.
 
-// File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
-#![allow(clippy::disallowed_methods)]
+// File work: its blocking calls are in the sync helpers below, run on the blocking pool
+// (`blocking`); only they may call the crate's banned methods.
 
 use std::path::{Path, PathBuf};
 
@@ -59,11 +59,13 @@ fn with_progress(
     Ok(done)
 }
 
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 fn copy_dir(volume: &str, from: &Path, to: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
     std::fs::create_dir(to).map_err(VolumeError::io(volume, "cannot create directory", to))?;
     copy_entries(volume, from, to, progress)
 }
 
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 fn copy_entries(volume: &str, from: &Path, to: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
     let entries = std::fs::read_dir(from).map_err(VolumeError::io(volume, "cannot read", from))?;
     for entry in entries {
@@ -107,6 +109,7 @@ fn copy_entries(volume: &str, from: &Path, to: &Path, progress: &mut dyn FnMut(u
 }
 
 /// Bytes in regular files under `path`.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn tree_size(path: &Path) -> u64 {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return 0;
@@ -122,6 +125,42 @@ pub fn tree_size(path: &Path) -> u64 {
     }
 }
 
+/// The snapshot `to`: a copy of the volume `from`, made under its partial name, then renamed,
+/// durably. Returns the bytes copied.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn make_copy(key: &str, from: &Path, to: &Path) -> Result<u64> {
+    let tmp = partial(to);
+    remove_tree(key, &tmp)?;
+    super::ensure_parent(key, to)?;
+    let copied = copy_tree(key, from, &tmp).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&tmp);
+    })?;
+    std::fs::rename(&tmp, to).map_err(VolumeError::io(key, "cannot rename to", to))?;
+    sync_parent(key, to)?;
+    Ok(copied)
+}
+
+/// The volume `vol` made again from the snapshot `snap`: copied aside, then exchanged (or
+/// renamed, when the volume was released) into place, durably.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn restore_copy(key: &str, snap: &Path, vol: &Path) -> Result<()> {
+    let scratch = super::rollback_scratch(vol);
+    remove_tree(key, &scratch)?;
+    copy_tree(key, snap, &scratch)?;
+    if vol.exists() {
+        exchange(&scratch, vol).map_err(VolumeError::io(
+            key,
+            "cannot exchange the restored copy with",
+            vol,
+        ))?;
+        sync_parent(key, vol)?;
+        remove_tree(key, &scratch)
+    } else {
+        std::fs::rename(&scratch, vol).map_err(VolumeError::io(key, "cannot rename to", vol))?;
+        sync_parent(key, vol)
+    }
+}
+
 impl SnapshotBackend for CopyBackend {
     fn kind(&self) -> SnapshotBackendKind {
         SnapshotBackendKind::Copy
@@ -129,6 +168,11 @@ impl SnapshotBackend for CopyBackend {
 
     fn name(&self) -> &'static str {
         "copy"
+    }
+
+    /// A snapshot is a copy of the tree, outside the volume.
+    fn snapshot_outside_volume(&self) -> bool {
+        true
     }
 
     async fn clone_to(&self, source: &VolumeSnapshotMeta, target: &CloneTarget<'_>) -> Result<()> {
@@ -159,15 +203,7 @@ impl SnapshotBackend for CopyBackend {
             if there {
                 return Ok(tree_size(&to));
             }
-            let tmp = partial(&to);
-            remove_tree(&key, &tmp)?;
-            super::ensure_parent(&key, &to)?;
-            let copied = copy_tree(&key, &from, &tmp).inspect_err(|_| {
-                let _ = std::fs::remove_dir_all(&tmp);
-            })?;
-            std::fs::rename(&tmp, &to).map_err(VolumeError::io(&key, "cannot rename to", &to))?;
-            sync_parent(&key, &to)?;
-            Ok(copied)
+            make_copy(&key, &from, &to)
         })
         .await?;
         Ok(meta)
@@ -185,28 +221,7 @@ impl SnapshotBackend for CopyBackend {
             meta.snapshot_location.clone(),
             meta.file_location.clone(),
         );
-        blocking(&meta.volume_key, move || {
-            let scratch = super::rollback_scratch(&vol);
-            remove_tree(&key, &scratch)?;
-            copy_tree(&key, &snap, &scratch)?;
-            if vol.exists() {
-                exchange(&scratch, &vol).map_err(VolumeError::io(
-                    &key,
-                    "cannot exchange the restored copy with",
-                    &vol,
-                ))?;
-                sync_parent(&key, &vol)?;
-                remove_tree(&key, &scratch)
-            } else {
-                std::fs::rename(&scratch, &vol).map_err(VolumeError::io(
-                    &key,
-                    "cannot rename to",
-                    &vol,
-                ))?;
-                sync_parent(&key, &vol)
-            }
-        })
-        .await
+        blocking(&meta.volume_key, move || restore_copy(&key, &snap, &vol)).await
     }
 
     async fn delete(&self, meta: &VolumeSnapshotMeta) -> Result<()> {

@@ -60,6 +60,13 @@ pub trait SnapshotBackend: Send + Sync {
         ""
     }
 
+    /// Whether its snapshots are trees or files of their own, outside the volume: they do not
+    /// keep a released volume, and a rollback to one makes a released volume again. Snapshots
+    /// that live in the volume (qcow2 internal, ZFS, purgeable) keep it.
+    fn snapshot_outside_volume(&self) -> bool {
+        false
+    }
+
     /// Whether it can snapshot a volume while its app runs (an atomic copy-on-write snapshot).
     fn live(&self) -> bool {
         false
@@ -636,6 +643,12 @@ impl Backends {
                 format!("{kind:?}").to_lowercase()
             ),
         })
+    }
+
+    /// Whether snapshots on `kind` live outside their volume (see
+    /// [`SnapshotBackend::snapshot_outside_volume`]); a kind not built in keeps its volume.
+    pub fn snapshot_outside_volume(&self, kind: SnapshotBackendKind) -> bool {
+        with_backend!(kind, |b| b.snapshot_outside_volume(), else false)
     }
 
     /// Whether a live snapshot on `kind` is taken by the hypervisor and only recorded here.

@@ -8,8 +8,8 @@
 //! a file rewritten with the same size within the same timestamp tick would be missed, as with
 //! any rsync quick check.
 
-// File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
-#![allow(clippy::disallowed_methods)]
+// File work: its blocking calls are in the sync helpers below, run on the blocking pool
+// (`blocking`); only they may call the crate's banned methods.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -43,6 +43,7 @@ fn contents(dir: &Path) -> std::ffi::OsString {
 }
 
 /// The newest complete snapshot of the volume other than `name`, to hard-link unchanged files to.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 fn previous_snapshot(dir: &Path, name: &Path) -> Option<PathBuf> {
     std::fs::read_dir(dir)
         .ok()?
@@ -54,6 +55,15 @@ fn previous_snapshot(dir: &Path, name: &Path) -> Option<PathBuf> {
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .max()
         .map(|(_, path)| path)
+}
+
+/// rsync fsyncs nothing: the copy `tmp`, then its rename to `snap`, are made durable before
+/// the record says the snapshot exists.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn put_in_place(key: &str, tmp: &Path, snap: &Path) -> Result<()> {
+    super::sync_tree(key, tmp)?;
+    std::fs::rename(tmp, snap).map_err(VolumeError::io(key, "cannot rename to", snap))?;
+    super::sync_parent(key, snap)
 }
 
 async fn rsync(volume: &str, args: Vec<std::ffi::OsString>) -> Result<()> {
@@ -83,6 +93,11 @@ impl SnapshotBackend for RsyncBackend {
 
     fn name(&self) -> &'static str {
         "rsync"
+    }
+
+    /// A snapshot is a hard-linked copy of the tree, outside the volume.
+    fn snapshot_outside_volume(&self) -> bool {
+        true
     }
 
     fn tool(&self) -> Option<ToolSpec> {
@@ -138,13 +153,7 @@ impl SnapshotBackend for RsyncBackend {
                 return Err(e);
             }
             let (k, s) = (key.clone(), snap.clone());
-            blocking(key, move || {
-                // rsync fsyncs nothing: the copy, then its rename, are durable before the record.
-                super::sync_tree(&k, &tmp)?;
-                std::fs::rename(&tmp, &s).map_err(VolumeError::io(&k, "cannot rename to", &s))?;
-                super::sync_parent(&k, &s)
-            })
-            .await?;
+            blocking(key, move || put_in_place(&k, &tmp, &s)).await?;
         }
         meta.size = blocking(key, move || Ok(super::copy::tree_size(&snap))).await?;
         Ok(meta)

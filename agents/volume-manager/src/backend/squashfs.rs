@@ -406,6 +406,11 @@ impl SnapshotBackend for SquashfsBackend {
         "squashfs_overlay"
     }
 
+    /// A snapshot is an image file, outside the volume.
+    fn snapshot_outside_volume(&self) -> bool {
+        true
+    }
+
     fn tool(&self) -> Option<ToolSpec> {
         Some(ToolSpec {
             name: TOOL,

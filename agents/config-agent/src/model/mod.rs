@@ -1,0 +1,54 @@
+//! The device's desired state, from either source — the controller's `EdgeDevConfig` or the
+//! local JSON file — converted into the bus messages and validated as a whole. A config with
+//! any fault is refused entirely; the error names the field and the fault.
+//!
+//! The smallest local config is an object naming `apps` or `volumes` (or both):
+//! `{"apps": [], "volumes": []}` is a device that runs nothing, said on purpose. Anything else
+//! at the top level — an array (serde would read it as a struct with every field defaulted),
+//! `{}`, `null`, a number, a string, an object with only `config_items` or `groups` — is refused
+//! by name, because applying it would remove every app and volume by accident. (The controller's
+//! protobuf cannot tell an empty list from an absent one: there an empty config is EVE's "run
+//! nothing"; the volume-manager's deletion grace is what protects the data then.)
+
+use std::collections::BTreeMap;
+
+use cairn_types::{AppInstanceConfig, ContentTreeConfig, VolumeConfig};
+
+mod clones;
+mod controller;
+mod groups;
+mod local;
+mod validate;
+
+pub use controller::from_proto;
+pub use local::{check_tenant, from_local_json};
+pub use validate::validate;
+
+/// What the config-agent publishes: one `AppInstanceConfig` per app, one `VolumeConfig` per
+/// volume, one `ContentTreeConfig` per content tree (with its datastores), and the device's
+/// config items.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceConfig {
+    pub apps: Vec<AppInstanceConfig>,
+    pub volumes: Vec<VolumeConfig>,
+    pub content_trees: Vec<ContentTreeConfig>,
+    pub config_items: BTreeMap<String, String>,
+}
+
+/// A refused config: `path` locates the field (`apps[1].snapshot.snapshots[0].id`).
+/// An empty `path` is the whole file (its top level).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
