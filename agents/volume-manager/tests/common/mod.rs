@@ -176,7 +176,18 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(persist: &Path, run: &Path, crash_at: Option<&str>) -> Self {
+        Self::start_with(persist, run, crash_at, &[])
+    }
+
+    /// Started with `env` added to its environment (a test-only tool on PATH, say).
+    pub fn start_with(
+        persist: &Path,
+        run: &Path,
+        crash_at: Option<&str>,
+        env: &[(&str, std::ffi::OsString)],
+    ) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-volume-manager"));
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.env("CAIRN_PERSIST_DIR", persist)
             .env("CAIRN_RUN_DIR", run)
             .env_remove("CAIRN_CRASH_AT")
