@@ -74,6 +74,14 @@ impl Fault {
         }
     }
 
+    /// How `cairn status` begins to say it.
+    fn said(&self) -> &'static str {
+        match self {
+            Fault::ReadOnly => "read-only",
+            Fault::Full => "full",
+        }
+    }
+
     /// The persist directory as its own mount, so the fault touches nothing else.
     fn mount(&self, persist: &Path) -> Mounted {
         std::fs::create_dir_all(persist).unwrap();
@@ -90,6 +98,19 @@ fn app_error(view: &serde_json::Value) -> String {
     app(view, "sensor")
         .and_then(|a| a["Error"]["Error"].as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// How many requests the app-manager holds for the app, as its error says (0: none).
+fn held(view: &serde_json::Value) -> usize {
+    let error = app_error(view);
+    let Some((before, _)) = error.split_once(" request(s) held") else {
+        return 0;
+    };
+    before
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn boots_and_records_nothing_it_cannot(fault: Fault) {
@@ -112,27 +133,36 @@ fn boots_and_records_nothing_it_cannot(fault: Fault) {
     // Second boot with the fault.
     fault.apply(&persist);
     let up = Up::start_in(root, &cairn_bin(), &config_arg);
+    // The app runs, or, when its start must be recorded first (a new restart generation, as
+    // the first boot's stop may leave it), is held and says so.
     let view = up.wait_status(WAIT, |v| {
-        app(v, "sensor").is_some_and(|a| a["State"] == RUNNING)
+        app(v, "sensor").is_some_and(|a| a["State"] == RUNNING || held(v) > 0)
             && AGENTS.iter().all(|a| agent_state(v, a) == "up")
     });
+    let (held_at_boot, state_at_boot) =
+        (held(&view), app(&view, "sensor").unwrap()["State"].clone());
     let booted = up.agent_pids();
     assert_eq!(booted.len(), AGENTS.len(), "{view}");
+    // The device says so, in JSON and to the technician.
+    let said = view["persist_fault"].as_str().unwrap_or_default();
+    assert!(said.starts_with(fault.said()), "{view}");
+    let (_, text, _) = up.cairn(&["status"]);
+    assert!(text.contains(&format!("persist  {said}")), "{text}");
 
     // A snapshot asked now cannot be recorded: held, said, nothing done.
     write_atomically(
         &config,
         &process_app_config(APP, "sensor", "1", &[SNAPSHOT]),
     );
-    let view = up.wait_status(WAIT, |v| app_error(v).contains("cannot be recorded"));
+    let view = up.wait_status(WAIT, |v| held(v) > held_at_boot);
     let error = app_error(&view);
     assert!(
-        error.contains(APP) && error.contains("request(s) held"),
-        "the app and what waits are named: {error}"
+        error.contains(APP) && error.contains("cannot be recorded"),
+        "the app and the cause are named: {error}"
     );
     assert_eq!(
         app(&view, "sensor").unwrap()["State"],
-        RUNNING,
+        state_at_boot,
         "the app was stopped for a snapshot that could not be recorded: {view}"
     );
     assert!(
@@ -160,6 +190,8 @@ fn boots_and_records_nothing_it_cannot(fault: Fault) {
             })
     });
     assert!(persist.join("snapshots").join(SNAPSHOT).exists());
+    let view = up.wait_status(WAIT, |_| true);
+    assert!(view.get("persist_fault").is_none(), "{view}");
 }
 
 #[test]
