@@ -56,6 +56,12 @@ fn publish_key(action: &Publish) -> (u8, String) {
 
 impl Outputs {
     async fn apply(&mut self, actions: Vec<Publish>) {
+        self.publish(actions, false).await
+    }
+
+    /// Publishes `actions` in order; a failure is logged as an error the first time, then
+    /// (`retrying`) at debug, so a read-only disk does not write a line every retry.
+    async fn publish(&mut self, actions: Vec<Publish>, retrying: bool) {
         for action in actions {
             let key = publish_key(&action);
             self.unsent.retain(|unsent| publish_key(unsent) != key);
@@ -73,10 +79,14 @@ impl Outputs {
                 Publish::SnapshotsReconciled => Ok(()),
             };
             if let Err(e) = result {
-                tracing::error!(
-                    retry_s = PUBLISH_RETRY.as_secs(),
-                    "publishing failed, tried again: {e}"
-                );
+                if retrying {
+                    tracing::debug!("publishing failed again: {e}");
+                } else {
+                    tracing::error!(
+                        retry_s = PUBLISH_RETRY.as_secs(),
+                        "publishing failed, tried again: {e}"
+                    );
+                }
                 self.unsent.push(action);
             }
         }
@@ -85,7 +95,7 @@ impl Outputs {
     /// Publishes again what failed; what fails again stays for the next try.
     async fn retry(&mut self) {
         let unsent = std::mem::take(&mut self.unsent);
-        self.apply(unsent).await;
+        self.publish(unsent, true).await;
     }
 }
 
