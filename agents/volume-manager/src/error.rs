@@ -36,6 +36,12 @@ pub enum VolumeError {
         file: PathBuf,
         source: Box<VolumeError>,
     },
+    #[error("{source}; the image {} could not be checked afterwards ({check}): run `qemu-img check -r leaks` on it once the disk is sound", file.display())]
+    Unchecked {
+        file: PathBuf,
+        check: String,
+        source: Box<VolumeError>,
+    },
     #[error("volume {volume}: image {} is corrupt ({detail}); restore it from a snapshot or purge the volume", file.display())]
     Corrupt {
         volume: String,

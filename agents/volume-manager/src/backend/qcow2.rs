@@ -162,10 +162,21 @@ async fn repair(volume: &str, file: &Path, failed: VolumeError) -> VolumeError {
                 source: Box::new(failed),
             }
         }
-        Err(e) => VolumeError::Corrupt {
-            volume: volume.to_string(),
+        // Exit 2: corruption leak repair cannot mend; the volume is unusable as it is.
+        Err(e) if matches!(&e, CommandError::Failed { status, .. } if status.contains("exit status: 2")) => {
+            VolumeError::Corrupt {
+                volume: volume.to_string(),
+                file: file.to_path_buf(),
+                detail: format!(
+                    "{failed}; then `qemu-img check -r leaks` could not repair it: {e}"
+                ),
+            }
+        }
+        // The check itself failed (the same full or failing disk): nothing known either way.
+        Err(e) => VolumeError::Unchecked {
             file: file.to_path_buf(),
-            detail: format!("{failed}; then `qemu-img check -r leaks` could not repair it: {e}"),
+            check: e.to_string(),
+            source: Box::new(failed),
         },
     }
 }
@@ -301,13 +312,15 @@ impl SnapshotBackend for Qcow2Backend {
             Err(e) if is_not_found(&e) => Ok(()),
             // qemu drops the tag from the table first and frees its clusters after: a failure
             // in between (repaired above) still removed the snapshot, so its record must go.
-            Err(e @ VolumeError::Repaired { .. }) => match self.exists(meta).await {
-                Ok(false) => {
-                    tracing::warn!(volume = %meta.volume_key, snapshot = %meta.name, "the snapshot was removed although qemu-img failed after it: {e}");
-                    Ok(())
+            Err(e @ (VolumeError::Repaired { .. } | VolumeError::Unchecked { .. })) => {
+                match self.exists(meta).await {
+                    Ok(false) => {
+                        tracing::warn!(volume = %meta.volume_key, snapshot = %meta.name, "the snapshot was removed although qemu-img failed after it: {e}");
+                        Ok(())
+                    }
+                    _ => Err(e),
                 }
-                _ => Err(e),
-            },
+            }
             other => other,
         }
     }
