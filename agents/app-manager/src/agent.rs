@@ -696,7 +696,8 @@ impl AppManager {
             // Held behind the one that could not be recorded, in arrival order.
             if let Some(held) = self.unrecorded.get_mut(&app) {
                 held.inputs.push(input);
-                return Ok(());
+                // The status counts what waits.
+                return self.carry_out(app, Action::Status).await;
             }
             let Some(state) = self.apps.remove(&app) else {
                 return Ok(());
@@ -742,10 +743,9 @@ impl AppManager {
         e: cairn_persist::PersistError,
     ) -> Result<(), AgentError> {
         tracing::error!(app = %app, "cannot record the app's state, nothing done for it until it can: {e}");
-        match machine::next_wakeup(&state, self.clock.now()) {
-            Some(at) => self.wakeups.insert(app, at),
-            None => self.wakeups.remove(&app),
-        };
+        // No ticks while held: a due time left in the past would wake the loop at once, again
+        // and again; the held steps, once recorded, set the next one.
+        self.wakeups.remove(&app);
         self.apps.insert(app, state);
         self.follow_ups.remove(&app);
         self.unrecorded.insert(

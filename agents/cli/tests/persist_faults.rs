@@ -203,3 +203,45 @@ fn a_device_booted_on_a_read_only_persist_serves_status_and_holds_what_it_cannot
 fn a_device_booted_on_a_full_persist_serves_status_and_holds_what_it_cannot_record() {
     boots_and_records_nothing_it_cannot(Fault::Full);
 }
+
+/// An app on a schedule, held on a read-only `/persist` (device clock 60x: a due time every
+/// second): its due tick is held once, not again and again. Before, the held app kept its due
+/// time in the past, so the app-manager woke at once, forever, holding a tick each time.
+#[test]
+fn a_scheduled_app_held_on_a_read_only_persist_holds_its_due_tick_once() {
+    let fault = Fault::ReadOnly;
+    let root = tempfile::tempdir().unwrap();
+    let persist = root.path().join("persist");
+    let _mounted = fault.mount(&persist);
+    let config = root.path().join("mine.json");
+    let config_arg = ["--config", config.to_str().unwrap()];
+    std::fs::write(
+        &config,
+        process_app_config(APP, "sensor", "1", &[]).replace(
+            r#""snapshot": { "max_snapshots": 4,"#,
+            r#""snapshot": { "max_snapshots": 4, "schedule": "* * * * *", "time_zone": "UTC","#,
+        ),
+    )
+    .unwrap();
+    let clock = [("CAIRN_TEST_CLOCK", "2026-12-07T10:00:30Zx60")];
+    let mut up = Up::start_with_env(root, &cairn_bin(), &config_arg, &clock);
+    up.wait_status(WAIT, |v| {
+        app(v, "sensor").is_some_and(|a| a["State"] == RUNNING)
+    });
+    assert!(up.stop(Signal::SIGTERM, WAIT).success());
+    let root = std::mem::replace(&mut up.root, tempfile::tempdir().unwrap());
+    drop(up);
+
+    fault.apply(&persist);
+    let up = Up::start_with_env(root, &cairn_bin(), &config_arg, &clock);
+    up.wait_status(WAIT, |v| held(v) > 0);
+    // Three device minutes later: their due times pass while the app is held.
+    std::thread::sleep(Duration::from_secs(3));
+    let view = up.wait_status(WAIT, |_| true);
+    assert!(
+        held(&view) <= 2,
+        "held again and again: {}",
+        app_error(&view)
+    );
+    fault.mend(&persist);
+}
