@@ -14,6 +14,8 @@ use cairn_pubsub::{Bus, Event, Topic};
 use cairn_types::{AppInstanceStatus, VolumeStatus, layout};
 use uuid::Uuid;
 
+pub mod runs;
+
 pub const AGENTS: [&str; 5] = [
     "config-agent",
     "downloader",

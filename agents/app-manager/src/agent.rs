@@ -44,6 +44,20 @@ pub enum AgentError {
     Persist(#[from] PersistError),
     #[error("{0}")]
     Clock(String),
+    /// The app's state could not be written: its step is not carried out.
+    #[error("{0}")]
+    Unrecorded(PersistError),
+}
+
+/// How often an app whose state could not be recorded tries again.
+const UNRECORDED_RETRY: Duration = Duration::from_secs(10);
+
+/// Inputs held for an app while its state cannot be written (a read-only or full `<persist>`):
+/// none is stepped, so nothing is done that a restart would not know of.
+struct Unrecorded {
+    why: String,
+    since: DateTime<Utc>,
+    inputs: Vec<Input>,
 }
 
 /// `<persist>/app-manager/apps/<uuid>.json`: one app's state machine.
@@ -95,6 +109,8 @@ pub struct AppManager {
     /// Per app, an input an action's outcome gave (a domain request that could not be made),
     /// fed to its machine right after the step's actions.
     follow_ups: BTreeMap<Uuid, Input>,
+    /// Apps whose last step could not be recorded, with the inputs held since, in order.
+    unrecorded: BTreeMap<Uuid, Unrecorded>,
 }
 
 impl AppManager {
@@ -140,6 +156,7 @@ impl AppManager {
             hook_sender,
             run: bus.run_dir().to_path_buf(),
             follow_ups: BTreeMap::new(),
+            unrecorded: BTreeMap::new(),
         };
         manager.load_states().await?;
         Ok(manager)
@@ -295,8 +312,27 @@ impl AppManager {
                 _ = tokio::time::sleep(sleep.unwrap_or(MAX_SLEEP)), if sleep.is_some() => {
                     self.on_timer().await?;
                 }
+                _ = tokio::time::sleep(UNRECORDED_RETRY), if !self.unrecorded.is_empty() => {
+                    self.retry_unrecorded().await?;
+                }
             }
         }
+    }
+
+    /// Steps again the inputs held for apps whose state could not be recorded; an app whose
+    /// write fails again holds them again.
+    async fn retry_unrecorded(&mut self) -> Result<(), AgentError> {
+        let held = std::mem::take(&mut self.unrecorded);
+        for (app, held) in held {
+            for input in held.inputs {
+                self.input(app, input).await?;
+            }
+            if !self.unrecorded.contains_key(&app) {
+                tracing::info!(app = %app, since = %held.since, "the app's state is recorded again; its held inputs were carried out");
+                self.carry_out(app, Action::Status).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Ticks every app whose wake-up time has come, each with a fresh snapshot id.
@@ -648,9 +684,16 @@ impl AppManager {
     async fn input_one(&mut self, app: Uuid, input: Input) -> Result<(), AgentError> {
         let mut next = Some(input);
         while let Some(input) = next.take() {
+            // Held behind the one that could not be recorded, in arrival order.
+            if let Some(held) = self.unrecorded.get_mut(&app) {
+                held.inputs.push(input);
+                // The status counts what waits.
+                return self.carry_out(app, Action::Status).await;
+            }
             let Some(state) = self.apps.remove(&app) else {
                 return Ok(());
             };
+            let unstepped = (state.clone(), input.clone());
             let before = state.phase.clone();
             let was_ready = state.volumes_ready;
             tracing::debug!(app = %app, ?input, "input");
@@ -665,7 +708,10 @@ impl AppManager {
             };
             self.apps.insert(app, state);
             for action in actions {
-                self.carry_out(app, action).await?;
+                match self.carry_out(app, action).await {
+                    Err(AgentError::Unrecorded(e)) => return self.hold(app, unstepped, e).await,
+                    other => other?,
+                }
             }
             self.sync_live_request(app).await?;
             let forgotten = was_ready && self.apps.get(&app).is_some_and(|s| !s.volumes_ready);
@@ -677,6 +723,31 @@ impl AppManager {
             }
         }
         Ok(())
+    }
+
+    /// The step of `input` could not be recorded: the app goes back to its state before it,
+    /// holds the input, and says why in its status; [`Self::retry_unrecorded`] tries again.
+    async fn hold(
+        &mut self,
+        app: Uuid,
+        (state, input): (AppState, Input),
+        e: cairn_persist::PersistError,
+    ) -> Result<(), AgentError> {
+        tracing::error!(app = %app, "cannot record the app's state, nothing done for it until it can: {e}");
+        // No ticks while held: a due time left in the past would wake the loop at once, again
+        // and again; the held steps, once recorded, set the next one.
+        self.wakeups.remove(&app);
+        self.apps.insert(app, state);
+        self.follow_ups.remove(&app);
+        self.unrecorded.insert(
+            app,
+            Unrecorded {
+                why: e.to_string(),
+                since: self.clock.now(),
+                inputs: vec![input],
+            },
+        );
+        self.carry_out(app, Action::Status).await
     }
 
     async fn carry_out(&mut self, app: Uuid, action: Action) -> Result<(), AgentError> {
@@ -697,7 +768,8 @@ impl AppManager {
                         what: "persisting",
                         path: state_file(&self.persist, app),
                         source: std::io::Error::other(e),
-                    })??;
+                    })?
+                    .map_err(AgentError::Unrecorded)?;
                 self.persisted.insert(app, state);
                 // Only states that carry work in progress are intents worth dying after.
                 if intent {
@@ -777,6 +849,18 @@ impl AppManager {
                     status.error = domain.clone();
                 }
                 self.explain_waiting_volumes(&state, &mut status);
+                if let Some(held) = self.unrecorded.get(&app) {
+                    status.error = cairn_types::ErrorDescription::new(
+                        format!(
+                            "app {app}: its state cannot be recorded ({}); nothing is done for it until it can (tried every {} s, {} request(s) held): make the persist file system writable or free space on it",
+                            held.why,
+                            UNRECORDED_RETRY.as_secs(),
+                            held.inputs.len()
+                        ),
+                        cairn_types::ErrorSeverity::Error,
+                        held.since,
+                    );
+                }
                 self.statuses.publish(status).await?;
                 // Equal values are not sent again, so this costs nothing when nothing changed.
                 self.volume_refs

@@ -440,6 +440,9 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
         "device   run {}  persist {}",
         view.run_dir, view.persist_dir
     );
+    if let Some(fault) = &view.persist_fault {
+        println!("persist  {fault}");
+    }
     match &view.device {
         Some(d) => {
             println!(

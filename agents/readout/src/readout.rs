@@ -114,6 +114,9 @@ pub struct SnapshotRow {
 pub struct DeviceView {
     pub run_dir: String,
     pub persist_dir: String,
+    /// Why `<persist>` takes no record now (read-only, full), when it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub persist_fault: Option<String>,
     pub agents: Vec<AgentHealth>,
     pub device: Option<DeviceStatus>,
     #[serde(serialize_with = "named::apps")]
@@ -274,9 +277,14 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
             _ => Vec::new(),
         }
     }
+    let persist = roots.persist.clone();
+    let persist_fault = tokio::task::spawn_blocking(move || persist_fault(&persist))
+        .await
+        .unwrap_or_default();
     DeviceView {
         run_dir: roots.run.display().to_string(),
         persist_dir: roots.persist.display().to_string(),
+        persist_fault,
         agents,
         device: values(device).into_iter().next(),
         apps: values(apps),
@@ -286,6 +294,23 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
         logs: values(log_manager).into_iter().next(),
         exports: values(exports),
     }
+}
+
+/// Less free space than this and a record write may fail: the persist file system is full.
+const PERSIST_FULL_BELOW: u64 = 1 << 20;
+
+/// Why `persist` cannot take a record now, as its mount says (`statvfs`): read-only, or less
+/// than 1 MiB free. The agents then do nothing they cannot record (the app-manager names each
+/// app it holds). Blocking.
+pub fn persist_fault(persist: &Path) -> Option<String> {
+    let stat = nix::sys::statvfs::statvfs(persist).ok()?;
+    let hold = "the agents take no action they cannot record until it can";
+    if stat.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
+        return Some(format!("read-only: {hold}; remount it read-write"));
+    }
+    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    (free < PERSIST_FULL_BELOW)
+        .then(|| format!("full ({free} bytes free): {hold}; free space on it"))
 }
 
 fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> Option<String> {

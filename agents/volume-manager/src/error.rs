@@ -31,6 +31,17 @@ pub enum VolumeError {
     },
     #[error("volume {volume}: {what}")]
     Unsupported { volume: String, what: String },
+    #[error("{source}; the image {} was checked and its refcounts repaired (`qemu-img check -r leaks`): it is consistent, retry when the cause is fixed", file.display())]
+    Repaired {
+        file: PathBuf,
+        source: Box<VolumeError>,
+    },
+    #[error("{source}; the image {} could not be checked afterwards ({check}): run `qemu-img check -r leaks` on it once the disk is sound", file.display())]
+    Unchecked {
+        file: PathBuf,
+        check: String,
+        source: Box<VolumeError>,
+    },
     #[error("volume {volume}: image {} is corrupt ({detail}); restore it from a snapshot or purge the volume", file.display())]
     Corrupt {
         volume: String,

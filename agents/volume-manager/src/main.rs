@@ -18,6 +18,9 @@ use clap::Parser;
 
 /// How often the volumes' sizes on disk are measured again.
 const SIZE_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
+/// How soon a publication that failed (its key file could not be written: a full or
+/// read-only disk) is tried again; until then its subscribers wait for that answer.
+const PUBLISH_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, Parser)]
 #[command(about = "Cairn volume-manager: volumes and their snapshots")]
@@ -35,27 +38,64 @@ struct Outputs {
     snapshots: Publication<VolumesSnapshotStatus>,
     /// Whether the snapshot statuses passed their restart barrier (once per run).
     snapshots_restarted: bool,
+    /// Publications that failed, in order, the newest per key: tried again after
+    /// [`PUBLISH_RETRY`], so an answer is never lost to a passing disk fault.
+    unsent: Vec<Publish>,
+}
+
+/// What a publication replaces: a later one of the same key makes an unsent one moot.
+fn publish_key(action: &Publish) -> (u8, String) {
+    match action {
+        Publish::Volume(status) => (0, status.key()),
+        Publish::UnpublishVolume(key) => (0, key.clone()),
+        Publish::Snapshot(status) => (1, status.snapshot_id.to_string()),
+        Publish::UnpublishSnapshot(key) => (1, key.clone()),
+        Publish::SnapshotsReconciled => (2, String::new()),
+    }
 }
 
 impl Outputs {
     async fn apply(&mut self, actions: Vec<Publish>) {
+        self.publish(actions, false).await
+    }
+
+    /// Publishes `actions` in order; a failure is logged as an error the first time, then
+    /// (`retrying`) at debug, so a read-only disk does not write a line every retry.
+    async fn publish(&mut self, actions: Vec<Publish>, retrying: bool) {
         for action in actions {
-            let result = match action {
+            let key = publish_key(&action);
+            self.unsent.retain(|unsent| publish_key(unsent) != key);
+            let result = match action.clone() {
                 Publish::Volume(status) => self.volumes.publish(status).await,
                 Publish::UnpublishVolume(key) => self.volumes.unpublish(&key).await,
                 // Republish: a repeated request must see its answer even if equal.
                 Publish::Snapshot(status) => self.snapshots.republish(status).await,
                 Publish::UnpublishSnapshot(key) => self.snapshots.unpublish(&key).await,
                 Publish::SnapshotsReconciled if !self.snapshots_restarted => {
-                    self.snapshots_restarted = true;
-                    self.snapshots.signal_restarted().await
+                    let signalled = self.snapshots.signal_restarted().await;
+                    self.snapshots_restarted = signalled.is_ok();
+                    signalled
                 }
                 Publish::SnapshotsReconciled => Ok(()),
             };
             if let Err(e) = result {
-                tracing::error!("publishing failed: {e}");
+                if retrying {
+                    tracing::debug!("publishing failed again: {e}");
+                } else {
+                    tracing::error!(
+                        retry_s = PUBLISH_RETRY.as_secs(),
+                        "publishing failed, tried again: {e}"
+                    );
+                }
+                self.unsent.push(action);
             }
         }
+    }
+
+    /// Publishes again what failed; what fails again stays for the next try.
+    async fn retry(&mut self) {
+        let unsent = std::mem::take(&mut self.unsent);
+        self.publish(unsent, true).await;
     }
 }
 
@@ -98,6 +138,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .context("publishing VolumesSnapshotStatus")?,
         snapshots_restarted: false,
+        unsent: Vec::new(),
     };
     let tools = Tools::detect().await;
     let parallel = args
@@ -243,6 +284,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 if let Err(e) = export_statuses.publish(status).await {
                     tracing::error!("publishing ExportStatus: {e}");
                 }
+            }
+            _ = tokio::time::sleep(PUBLISH_RETRY), if !outputs.unsent.is_empty() => {
+                outputs.retry().await;
             }
             _ = size_refresh.tick() => {
                 outputs.apply(manager.refresh_sizes().await).await;

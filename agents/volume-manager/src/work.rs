@@ -476,6 +476,9 @@ pub(crate) fn delete(
             record.request_counter = config.request_counter;
             if left.is_empty() {
                 if let Err(e) = remove_record(&persist, id).await {
+                    // The snapshots are gone: the record kept for the error must not say
+                    // otherwise; the delete asked again removes it.
+                    record.volume_snapshot_meta.clear();
                     record.error = error(e);
                     return Deleted::Kept(finish_record(&persist, record).await);
                 }

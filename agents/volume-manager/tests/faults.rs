@@ -313,6 +313,10 @@ async fn a_full_disk_fails_the_snapshot_cleanly() {
     assert!(s.error.error.contains("no space left"), "{}", s.error.error);
     assert!(qcow2_tags(&file).is_empty());
     assert!(m.record(id).unwrap().volume_snapshot_meta.is_empty());
+    // A full disk is no corruption: the volume stays usable.
+    let volume = m.volume_status(&a.key()).unwrap();
+    assert_eq!(volume.state, VolumeState::Ready, "{volume:?}");
+    println!("full disk: {}", s.error.error);
     std::fs::remove_file(volumes.join("fill")).unwrap();
     std::fs::remove_file(volumes.join("fill-tail")).unwrap();
     let s = snapshot_of(

@@ -44,6 +44,65 @@ fn snapshot_request() -> cairn_types::snapshot::VolumesSnapshotConfig {
     }
 }
 
+/// The same snapshot, asked `action` as the request numbered `counter`.
+fn snapshot_request_to(
+    action: cairn_types::snapshot::VolumesSnapshotAction,
+    counter: u64,
+) -> cairn_types::snapshot::VolumesSnapshotConfig {
+    cairn_types::snapshot::VolumesSnapshotConfig {
+        action,
+        request_counter: counter,
+        ..snapshot_request()
+    }
+}
+
+/// What a check finds for a value that is there and right.
+const RIGHT: Found = Found::Value {
+    seq: 1,
+    from_backup: false,
+};
+
+/// Whether the manager answered with a finished snapshot status free of error.
+fn succeeded(out: &[cairn_volume_manager::Publish]) -> bool {
+    out.iter().any(|p| {
+        matches!(p, cairn_volume_manager::Publish::Snapshot(s) if !s.error.is_error() && !s.is_in_progress())
+    })
+}
+
+/// The findings of a restarted manager: every record it could not read.
+fn unreadable(m: &cairn_volume_manager::VolumeManager) -> BTreeMap<String, Found> {
+    m.unreadable_records
+        .iter()
+        .map(|(path, why)| (path.display().to_string(), Found::Unreadable(why.clone())))
+        .collect()
+}
+
+/// A finished record's snapshot: right, failed with its reason, or not what it says.
+fn finished_record(record: &cairn_types::snapshot::VolumesSnapshotStatus) -> Found {
+    if record.error.is_error() {
+        return Found::Failed(record.error.error.clone());
+    }
+    match snapshot_content(record) {
+        Ok(()) => RIGHT,
+        Err(why) => Found::Unreadable(why),
+    }
+}
+
+/// Notes in `out` that the request asked again after the cut did not end as it should.
+fn converged(
+    out: &mut BTreeMap<String, Found>,
+    what: &str,
+    ok: bool,
+    detail: impl std::fmt::Debug,
+) {
+    if !ok {
+        out.insert(
+            format!("after the {what} again"),
+            Found::Unreadable(format!("does not converge: {detail:?}")),
+        );
+    }
+}
+
 /// A manager on `root`, as the agent opens it at start. The tools are detected once per test
 /// process: they do not change between runs, and detecting them runs each one.
 async fn volume_manager(root: &Path) -> cairn_volume_manager::VolumeManager {
@@ -116,11 +175,7 @@ fn snapshot_create_in(mode: DirRestoreMode) {
                 m.handle_app_volume_refs_complete().await;
                 m.handle_volume_config(dir_volume(mode)).await;
                 ledger.begin(key, Some(1));
-                let out = m.handle_snapshot_config(snapshot_request()).await;
-                let made = out.iter().any(|p| {
-                    matches!(p, Publish::Snapshot(s) if !s.error.is_error() && !s.is_in_progress())
-                });
-                if made {
+                if succeeded(&m.handle_snapshot_config(snapshot_request()).await) {
                     ledger.ack(key);
                 }
             });
@@ -128,22 +183,11 @@ fn snapshot_create_in(mode: DirRestoreMode) {
         &mut |root, cut| {
             rt.block_on(async {
                 let mut m = volume_manager(root).await;
-                let mut out = BTreeMap::new();
-                for (path, why) in &m.unreadable_records {
-                    out.insert(path.display().to_string(), Found::Unreadable(why.clone()));
-                }
-                let id = snapshot_request().snapshot_id;
-                let state = match m.record(id) {
+                let mut out = unreadable(&m);
+                let state = match m.record(snapshot_request().snapshot_id) {
                     None => Found::Absent,
                     Some(r) if r.is_in_progress() => Found::Absent,
-                    Some(r) if r.error.is_error() => Found::Failed(r.error.error.clone()),
-                    Some(r) => match snapshot_content(r) {
-                        Ok(()) => Found::Value {
-                            seq: 1,
-                            from_backup: false,
-                        },
-                        Err(why) => Found::Unreadable(why),
-                    },
+                    Some(r) => finished_record(r),
                 };
                 out.insert(key.to_string(), state);
                 if matches!(cut, Cut::FailThenEnd(_)) {
@@ -154,22 +198,17 @@ fn snapshot_create_in(mode: DirRestoreMode) {
                 m.handle_app_volume_refs_complete().await;
                 m.handle_volume_config(dir_volume(mode)).await;
                 let again = m.handle_snapshot_config(snapshot_request()).await;
-                let converged = again.iter().find_map(|p| match p {
+                let answer = again.iter().find_map(|p| match p {
                     Publish::Snapshot(s) => Some(s.clone()),
                     _ => None,
                 });
-                match converged {
+                match answer {
                     Some(s) if !s.error.is_error() && !s.is_in_progress() => {
                         if let Err(why) = snapshot_content(&s) {
                             out.insert("after the request again".into(), Found::Unreadable(why));
                         }
                     }
-                    other => {
-                        out.insert(
-                            "after the request again".into(),
-                            Found::Unreadable(format!("does not converge: {other:?}")),
-                        );
-                    }
+                    other => converged(&mut out, "request", false, other),
                 }
                 out
             })
@@ -203,24 +242,11 @@ fn a_rollback_survives_a_cut_at_every_request() {
 
 fn rollback_in(mode: DirRestoreMode) {
     use cairn_types::snapshot::VolumesSnapshotAction;
-    use cairn_volume_manager::Publish;
     let rt = runtime();
     let key = "volume after rollback";
-    let rollback = || cairn_types::snapshot::VolumesSnapshotConfig {
-        action: VolumesSnapshotAction::Rollback,
-        request_counter: 2,
-        ..snapshot_request()
-    };
-    let succeeded = |out: &[Publish]| {
-        out.iter().any(
-            |p| matches!(p, Publish::Snapshot(s) if !s.error.is_error() && !s.is_in_progress()),
-        )
-    };
+    let rollback = || snapshot_request_to(VolumesSnapshotAction::Rollback, 2);
     let content = |file: &Path| match std::fs::read(file) {
-        Ok(bytes) if bytes == VOLUME_CONTENT => Found::Value {
-            seq: 1,
-            from_backup: false,
-        },
+        Ok(bytes) if bytes == VOLUME_CONTENT => RIGHT,
         Ok(bytes) if bytes == LATER_CONTENT => Found::Absent,
         Ok(bytes) => Found::Unreadable(format!(
             "the volume's {} holds {:?}",
@@ -255,10 +281,7 @@ fn rollback_in(mode: DirRestoreMode) {
         &mut |root, cut| {
             rt.block_on(async {
                 let mut m = volume_manager(root).await;
-                let mut out = BTreeMap::new();
-                for (path, why) in &m.unreadable_records {
-                    out.insert(path.display().to_string(), Found::Unreadable(why.clone()));
-                }
+                let mut out = unreadable(&m);
                 let file = volume_file(&mut m, mode).await;
                 out.insert(key.to_string(), content(&file));
                 if matches!(cut, Cut::FailThenEnd(_)) {
@@ -267,12 +290,8 @@ fn rollback_in(mode: DirRestoreMode) {
                 // Converges: the rollback asked again ends done, the volume as the snapshot.
                 let again = m.handle_snapshot_config(rollback()).await;
                 let after = content(&file);
-                if !succeeded(&again) || !matches!(after, Found::Value { .. }) {
-                    out.insert(
-                        "after the rollback again".into(),
-                        Found::Unreadable(format!("does not converge: {after:?}, {again:?}")),
-                    );
-                }
+                let ok = succeeded(&again) && matches!(after, Found::Value { .. });
+                converged(&mut out, "rollback", ok, (after, again));
                 out
             })
         },
@@ -298,19 +317,9 @@ fn a_snapshot_delete_survives_a_cut_at_every_request() {
 
 fn snapshot_delete_in(mode: DirRestoreMode) {
     use cairn_types::snapshot::VolumesSnapshotAction;
-    use cairn_volume_manager::Publish;
     let rt = runtime();
     let key = "snapshot 5a0";
-    let delete = || cairn_types::snapshot::VolumesSnapshotConfig {
-        action: VolumesSnapshotAction::Delete,
-        request_counter: 2,
-        ..snapshot_request()
-    };
-    let succeeded = |out: &[Publish]| {
-        out.iter().any(
-            |p| matches!(p, Publish::Snapshot(s) if !s.error.is_error() && !s.is_in_progress()),
-        )
-    };
+    let delete = || snapshot_request_to(VolumesSnapshotAction::Delete, 2);
     let state = |m: &cairn_volume_manager::VolumeManager, root: &Path| {
         let there = snapshot_location(root).exists();
         match m.record(snapshot_request().snapshot_id) {
@@ -319,18 +328,8 @@ fn snapshot_delete_in(mode: DirRestoreMode) {
                 snapshot_location(root).display()
             )),
             None => Found::Absent,
-            Some(r) if r.is_in_progress() => Found::Value {
-                seq: 1,
-                from_backup: false,
-            },
-            Some(r) if r.error.is_error() => Found::Failed(r.error.error.clone()),
-            Some(r) => match snapshot_content(r) {
-                Ok(()) => Found::Value {
-                    seq: 1,
-                    from_backup: false,
-                },
-                Err(why) => Found::Unreadable(why),
-            },
+            Some(r) if r.is_in_progress() => RIGHT,
+            Some(r) => finished_record(r),
         }
     };
     both_modes(
@@ -358,10 +357,7 @@ fn snapshot_delete_in(mode: DirRestoreMode) {
         &mut |root, cut| {
             rt.block_on(async {
                 let mut m = volume_manager(root).await;
-                let mut out = BTreeMap::new();
-                for (path, why) in &m.unreadable_records {
-                    out.insert(path.display().to_string(), Found::Unreadable(why.clone()));
-                }
+                let mut out = unreadable(&m);
                 volume_file(&mut m, mode).await;
                 out.insert(key.to_string(), state(&m, root));
                 if matches!(cut, Cut::FailThenEnd(_)) {
@@ -370,12 +366,8 @@ fn snapshot_delete_in(mode: DirRestoreMode) {
                 // Converges: the delete asked again ends with both gone.
                 let again = m.handle_snapshot_config(delete()).await;
                 let after = state(&m, root);
-                if !succeeded(&again) || !matches!(after, Found::Absent) {
-                    out.insert(
-                        "after the delete again".into(),
-                        Found::Unreadable(format!("does not converge: {after:?}, {again:?}")),
-                    );
-                }
+                let ok = succeeded(&again) && matches!(after, Found::Absent);
+                converged(&mut out, "delete", ok, (after, again));
                 out
             })
         },
@@ -408,14 +400,7 @@ fn a_new_volume_survives_a_cut_at_every_request() {
         },
         &mut |root, _| {
             let dir = root.join("volumes").join(format!("{VOLUME_ID}#0"));
-            let got = if dir.is_dir() {
-                Found::Value {
-                    seq: 1,
-                    from_backup: false,
-                }
-            } else {
-                Found::Absent
-            };
+            let got = if dir.is_dir() { RIGHT } else { Found::Absent };
             BTreeMap::from([(key.to_string(), got)])
         },
     );

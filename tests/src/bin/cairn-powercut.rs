@@ -29,9 +29,10 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use cairn_e2e::runs::{Snapshots, exit, random_uuid, short, short_id, snapshot_leaks, time_seed};
 use cairn_types::{AppInstanceStatus, SwState};
 use uuid::Uuid;
 
@@ -70,10 +71,7 @@ struct Options {
 fn parse_options() -> anyhow::Result<Options> {
     let mut options = Options {
         cuts: 5,
-        seed: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
+        seed: time_seed(),
         apps: 3,
         image: None,
         work: None,
@@ -120,10 +118,6 @@ struct AppPlan {
     scheduled: bool,
     /// The config's `activate`: Running when set, halted when not.
     active: bool,
-}
-
-fn random_uuid(rng: &mut fastrand::Rng) -> Uuid {
-    uuid::Builder::from_random_bytes(rng.u128(..).to_le_bytes()).into_uuid()
 }
 
 fn config_json(plans: &[AppPlan]) -> serde_json::Value {
@@ -233,15 +227,6 @@ fn change_config(
             format!("app {index}: {what}take {}", short_id(&id))
         }
     }
-}
-
-fn short_id(id: &Uuid) -> String {
-    id.to_string()[..8].to_string()
-}
-
-fn short(ids: &BTreeSet<Uuid>) -> String {
-    let parts: Vec<String> = ids.iter().map(short_id).collect();
-    format!("[{}]", parts.join(" "))
 }
 
 // ---- the guest: qemu and its serial console ----
@@ -482,19 +467,6 @@ enum Fault {
     Guest(String),
 }
 
-/// The snapshots as the app-manager reports them.
-#[derive(Default, Clone)]
-struct Snapshots {
-    /// Those that ended Failed, with their error.
-    failed: BTreeMap<Uuid, String>,
-    /// The available ones by app.
-    available: BTreeMap<Uuid, BTreeSet<Uuid>>,
-    /// Deleted from the config, waiting for the app's next deactivation (EVE).
-    pending: BTreeSet<Uuid>,
-    /// Available, listed by nobody: scheduled ones.
-    scheduled: usize,
-}
-
 /// Each app Running (halted when deactivated), nothing in flight, every listed snapshot
 /// available or failed with a reason, and nothing available that the config deleted
 /// (scheduled ones are the device's).
@@ -606,43 +578,20 @@ fn snapshots_on_disk_match(
     snapshots: &Snapshots,
     faults: &mut Vec<Fault>,
 ) {
-    let all_available: BTreeSet<Uuid> = snapshots.available.values().flatten().copied().collect();
     let empty = BTreeSet::new();
     let records = listing.get("/persist/snapshots").unwrap_or(&empty);
-    for id in records.difference(&all_available) {
-        if !snapshots.failed.contains_key(id) && !snapshots.pending.contains(id) {
-            faults.push(Fault::Leak(format!(
-                "record {id} without an available snapshot"
-            )));
-        }
-    }
-    for id in all_available.difference(records) {
-        faults.push(Fault::Leak(format!(
-            "available snapshot {id} without a record"
-        )));
-    }
-    for (i, app) in plans.iter().enumerate() {
-        let Some(want) = snapshots.available.get(&app.uuid) else {
-            continue;
-        };
+    let volumes = plans.iter().enumerate().map(|(i, app)| {
         let dir = format!(
             "/persist/volumes/.snapshots/{}",
             cairn_types::volume_key(app.volume, 0)
         );
-        let on_volume = listing.get(&dir).unwrap_or(&empty);
-        for id in on_volume.difference(want) {
-            if !snapshots.pending.contains(id) {
-                faults.push(Fault::Leak(format!(
-                    "app {i}: volume snapshot {id} not available"
-                )));
-            }
-        }
-        for id in want.difference(on_volume) {
-            faults.push(Fault::Leak(format!(
-                "app {i}: available snapshot {id} not on the volume"
-            )));
-        }
-    }
+        (i, app.uuid, listing.get(&dir).unwrap_or(&empty))
+    });
+    faults.extend(
+        snapshot_leaks(records, volumes, snapshots)
+            .into_iter()
+            .map(Fault::Leak),
+    );
 }
 
 /// Lists the snapshot record directories and each volume's snapshot directories.
@@ -1108,14 +1057,7 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
 }
 
 fn main() -> ExitCode {
-    match main_inner() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("cairn-powercut: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    exit("cairn-powercut", main_inner())
 }
 
 /// Whether the run was clean.

@@ -17,9 +17,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use cairn_e2e::runs::{Snapshots, exit, random_uuid, short, snapshot_leaks, time_seed};
 use cairn_pubsub::{Bus, Event, Topic};
 use cairn_types::{AppInstanceStatus, SwState, layout};
 use nix::sys::signal::{Signal, kill};
@@ -65,10 +66,7 @@ struct Options {
 fn parse_options() -> anyhow::Result<Options> {
     let mut options = Options {
         kills: 200,
-        seed: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
+        seed: time_seed(),
         apps: 3,
         root: None,
         keep: false,
@@ -123,10 +121,6 @@ struct AppPlan {
     listed: Vec<Uuid>,
     active_snapshot: Option<Uuid>,
     rollback_counter: u32,
-}
-
-fn random_uuid(rng: &mut fastrand::Rng) -> Uuid {
-    uuid::Builder::from_random_bytes(rng.u128(..).to_le_bytes()).into_uuid()
 }
 
 fn config_json(plans: &[AppPlan], marker: &str) -> serde_json::Value {
@@ -446,17 +440,6 @@ enum Fault {
     Leak(String),
 }
 
-/// The snapshots as the app-manager reports them.
-#[derive(Default)]
-struct Snapshots {
-    /// Those that ended Failed, with their error.
-    failed: BTreeMap<Uuid, String>,
-    /// The available ones by app.
-    available: BTreeMap<Uuid, BTreeSet<Uuid>>,
-    /// Deleted from the config, waiting for the app's next deactivation (EVE).
-    pending: BTreeSet<Uuid>,
-}
-
 /// One look at the device.
 struct Look {
     faults: Vec<Fault>,
@@ -572,6 +555,7 @@ fn apps_settled(
         failed,
         available,
         pending,
+        scheduled: 0,
     }
 }
 
@@ -584,38 +568,17 @@ fn snapshots_on_disk_match(
     snapshots: &Snapshots,
     faults: &mut Vec<Fault>,
 ) {
-    let all_available: BTreeSet<Uuid> = snapshots.available.values().flatten().copied().collect();
-    let records = device.snapshot_records();
-    for id in records.difference(&all_available) {
-        if !snapshots.failed.contains_key(id) && !snapshots.pending.contains(id) {
-            faults.push(Fault::Leak(format!(
-                "record {id} without an available snapshot"
-            )));
-        }
-    }
-    for id in all_available.difference(&records) {
-        faults.push(Fault::Leak(format!(
-            "available snapshot {id} without a record"
-        )));
-    }
-    for (i, app) in plans.iter().enumerate() {
-        let Some(want) = snapshots.available.get(&app.uuid) else {
-            continue;
-        };
-        let on_volume = device.volume_snapshots(app.volume);
-        for id in on_volume.difference(want) {
-            if !snapshots.pending.contains(id) {
-                faults.push(Fault::Leak(format!(
-                    "app {i}: volume snapshot {id} not available"
-                )));
-            }
-        }
-        for id in want.difference(&on_volume) {
-            faults.push(Fault::Leak(format!(
-                "app {i}: available snapshot {id} not on the volume"
-            )));
-        }
-    }
+    let volumes: Vec<_> = plans
+        .iter()
+        .enumerate()
+        .map(|(i, app)| (i, app.uuid, device.volume_snapshots(app.volume)))
+        .collect();
+    let volumes = volumes.iter().map(|(i, app, on)| (*i, *app, on));
+    faults.extend(
+        snapshot_leaks(&device.snapshot_records(), volumes, snapshots)
+            .into_iter()
+            .map(Fault::Leak),
+    );
 }
 
 fn look(device: &Device, plans: &[AppPlan]) -> Look {
@@ -640,14 +603,6 @@ fn look(device: &Device, plans: &[AppPlan]) -> Look {
         most_of_one_kind,
         snapshots,
     }
-}
-
-fn short(ids: &BTreeSet<Uuid>) -> String {
-    let parts: Vec<String> = ids
-        .iter()
-        .map(|id| id.to_string()[..8].to_string())
-        .collect();
-    format!("[{}]", parts.join(" "))
 }
 
 /// Polls until the device converged or `bound` passed; the last look and the time taken.
@@ -981,14 +936,7 @@ fn run(options: &Options, device: &mut Device, figures: &mut Figures) -> anyhow:
 }
 
 fn main() -> ExitCode {
-    match main_inner() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("cairn-torture: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    exit("cairn-torture", main_inner())
 }
 
 /// Whether the run was clean.

@@ -68,9 +68,11 @@ fn is_not_found(e: &VolumeError) -> bool {
     matches!(e, VolumeError::Command { source, .. } if snapshot_missing(source.stderr()))
 }
 
-/// qemu-img's words for "no snapshot of that name" (`-d`, `-a`).
+/// qemu-img's words for "no snapshot of that name": `-d` says "snapshot not found", `-a` says
+/// "Failed to load snapshot" with ENOENT; an I/O error under `-a` says it with its own errno.
 fn snapshot_missing(stderr: &str) -> bool {
-    stderr.contains("snapshot not found") || stderr.contains("Failed to load snapshot")
+    stderr.contains("snapshot not found")
+        || stderr.contains("Failed to load snapshot: No such file or directory")
 }
 
 /// The tags in `qemu-img snapshot -l` output.
@@ -117,6 +119,69 @@ pub async fn list(volume: &str, file: &Path) -> Result<Vec<String>> {
 }
 
 async fn snapshot_op(volume: &str, op: &str, name: &str, file: &Path) -> Result<()> {
+    let failed = match raw_snapshot_op(volume, op, name, file).await {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    // Refused before any write: nothing to repair.
+    if is_not_found(&failed)
+        || matches!(
+            failed,
+            VolumeError::Locked { .. } | VolumeError::Missing { .. } | VolumeError::Corrupt { .. }
+        )
+    {
+        return Err(failed);
+    }
+    Err(repair(volume, file, failed).await)
+}
+
+/// A snapshot create, apply or delete that fails half-way (an I/O error or a full disk under
+/// a metadata write) leaves refcounts raised for a snapshot never recorded, or clusters of a
+/// removed one still counted: `qemu-img check` then finds leaks and OFLAG_COPIED errors, and
+/// further writes could corrupt data. `check -r leaks` sets the refcounts to what the tables
+/// reference (what qemu-iotests do after blkdebug errors), before anything writes again.
+async fn repair(volume: &str, file: &Path, failed: VolumeError) -> VolumeError {
+    let checked = process::run(
+        TOOL,
+        &[
+            "check".as_ref(),
+            "-r".as_ref(),
+            "leaks".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            file.as_os_str(),
+        ],
+        COMMAND_TIMEOUT,
+    )
+    .await;
+    match checked {
+        Ok(_) => {
+            tracing::warn!(volume, file = %file.display(), "qcow2 refcounts repaired after a failed snapshot operation: {failed}");
+            VolumeError::Repaired {
+                file: file.to_path_buf(),
+                source: Box::new(failed),
+            }
+        }
+        // Exit 2: corruption leak repair cannot mend; the volume is unusable as it is.
+        Err(e) if matches!(&e, CommandError::Failed { status, .. } if status.contains("exit status: 2")) => {
+            VolumeError::Corrupt {
+                volume: volume.to_string(),
+                file: file.to_path_buf(),
+                detail: format!(
+                    "{failed}; then `qemu-img check -r leaks` could not repair it: {e}"
+                ),
+            }
+        }
+        // The check itself failed (the same full or failing disk): nothing known either way.
+        Err(e) => VolumeError::Unchecked {
+            file: file.to_path_buf(),
+            check: e.to_string(),
+            source: Box::new(failed),
+        },
+    }
+}
+
+async fn raw_snapshot_op(volume: &str, op: &str, name: &str, file: &Path) -> Result<()> {
     process::run(
         TOOL,
         &[
@@ -245,6 +310,17 @@ impl SnapshotBackend for Qcow2Backend {
         // One `-d`: Cairn never makes duplicate tags (it looks before creating unless fresh).
         match snapshot_op(&meta.volume_key, "-d", &meta.name, &meta.file_location).await {
             Err(e) if is_not_found(&e) => Ok(()),
+            // qemu drops the tag from the table first and frees its clusters after: a failure
+            // in between (repaired above) still removed the snapshot, so its record must go.
+            Err(e @ (VolumeError::Repaired { .. } | VolumeError::Unchecked { .. })) => {
+                match self.exists(meta).await {
+                    Ok(false) => {
+                        tracing::warn!(volume = %meta.volume_key, snapshot = %meta.name, "the snapshot was removed although qemu-img failed after it: {e}");
+                        Ok(())
+                    }
+                    _ => Err(e),
+                }
+            }
             other => other,
         }
     }
@@ -277,5 +353,18 @@ mod tests {
         let e = classify("v#0", Path::new("t.qcow2"), err);
         assert!(matches!(e, VolumeError::Locked { .. }), "{e}");
         assert!(e.to_string().contains("stop the app"));
+    }
+
+    #[test]
+    fn an_io_error_while_applying_is_not_a_missing_snapshot() {
+        assert!(snapshot_missing(
+            "qemu-img: Could not apply snapshot 'x': Failed to load snapshot: No such file or directory"
+        ));
+        assert!(snapshot_missing(
+            "qemu-img: Could not delete snapshot 'x': snapshot not found"
+        ));
+        assert!(!snapshot_missing(
+            "qemu-img: Could not apply snapshot 'x': Failed to load snapshot: Input/output error"
+        ));
     }
 }

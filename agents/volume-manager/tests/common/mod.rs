@@ -176,7 +176,41 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(persist: &Path, run: &Path, crash_at: Option<&str>) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-volume-manager"));
+        Self::start_with(persist, run, crash_at, &[])
+    }
+
+    /// Started with `env` added to its environment (a test-only tool on PATH, say).
+    pub fn start_with(
+        persist: &Path,
+        run: &Path,
+        crash_at: Option<&str>,
+        env: &[(&str, std::ffi::OsString)],
+    ) -> Self {
+        Self::spawn(&[], persist, run, crash_at, env)
+    }
+
+    /// Started through `launcher` (`fiu-run -x …`), which runs the binary given after it.
+    pub fn start_via(launcher: &[&str], persist: &Path, run: &Path) -> Self {
+        Self::spawn(launcher, persist, run, None, &[])
+    }
+
+    fn spawn(
+        launcher: &[&str],
+        persist: &Path,
+        run: &Path,
+        crash_at: Option<&str>,
+        env: &[(&str, std::ffi::OsString)],
+    ) -> Self {
+        let binary = env!("CARGO_BIN_EXE_cairn-volume-manager");
+        let mut cmd = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.env("CAIRN_PERSIST_DIR", persist)
             .env("CAIRN_RUN_DIR", run)
             .env_remove("CAIRN_CRASH_AT")
