@@ -88,6 +88,11 @@ struct LocalDatastore {
     /// CA certificates (PEM) for an `https` datastore; when given, the only ones trusted.
     #[serde(default)]
     ds_cert_pem: Vec<String>,
+    /// The user name for a `container_registry` (EVE's `apiKey`).
+    #[serde(default)]
+    api_key: String,
+    #[serde(default)]
+    password: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -755,6 +760,8 @@ fn local_content_trees(
             fqdn: d.fqdn,
             dpath: d.dpath,
             ds_cert_pem: d.ds_cert_pem,
+            api_key: d.api_key,
+            password: d.password,
         })
         .collect::<Vec<_>>();
     let datastores = unique_datastores(datastores, list)?;
@@ -868,6 +875,8 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
                 .iter()
                 .map(|pem| String::from_utf8_lossy(pem).into_owned())
                 .collect(),
+            api_key: ds.api_key.clone(),
+            password: ds.password.clone(),
         });
     }
     let datastores = unique_datastores(datastores, "datastores")?;
