@@ -31,6 +31,12 @@ pub enum VolumeError {
     },
     #[error("volume {volume}: {what}")]
     Unsupported { volume: String, what: String },
+    #[error("volume {volume}: {source}")]
+    Image {
+        volume: String,
+        #[source]
+        source: crate::image::ImageError,
+    },
     #[error("volume {volume}: image {} is corrupt ({detail}); restore it from a snapshot or purge the volume", file.display())]
     Corrupt {
         volume: String,
