@@ -318,6 +318,16 @@ enum LocalDomain {
         env: BTreeMap<String, String>,
         working_dir: Option<PathBuf>,
     },
+    /// An OCI container run from the app's first volume (one made from a CONTAINER content
+    /// tree); limits 0 = none (EVE: NOHYPER).
+    Container {
+        #[serde(default)]
+        memory_mib: u32,
+        #[serde(default)]
+        cpus: u32,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+    },
 }
 
 fn one() -> u32 {
@@ -626,6 +636,15 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
                 env,
                 working_dir,
             }),
+            LocalDomain::Container {
+                memory_mib,
+                cpus,
+                env,
+            } => DomainSpec::Container(cairn_types::ContainerSpec {
+                memory_mib,
+                cpus,
+                env,
+            }),
         }),
         tenant: app.tenant,
         quiesce,
@@ -898,6 +917,7 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
             .map(|item| (item.key.clone(), item.value.clone()))
             .collect(),
     };
+    crate::container::image_volumes_are_dirs(&mut config);
     mark_unusable_volumes(&mut config);
     validate(&config)?;
     apply_groups(&mut config, groups, "cairn_groups")?;
@@ -1169,12 +1189,7 @@ fn eve_domain(app: &proto::AppInstanceConfig) -> Result<DomainSpec, String> {
                     .into(),
             );
         }
-        Ok(proto::VmMode::Nohyper) => {
-            return Err(
-                "fixedresources.virtualizationMode NOHYPER: containers without a hypervisor are not supported yet; run the app as a VM (HVM or PV)"
-                    .into(),
-            );
-        }
+        Ok(proto::VmMode::Nohyper) => return crate::container::eve_container(app),
         Ok(proto::VmMode::Filler) => {
             return Err(
                 "fixedresources.virtualizationMode 2 (PVH): not supported; use HVM or PV".into(),
@@ -1576,8 +1591,10 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
     }
     let mut seen = BTreeSet::new();
     for (i, volume) in config.volumes.iter().enumerate() {
+        crate::container::check_image_volume(volume, &config.content_trees, i)?;
         if let VolumeOrigin::ContentTree { id } = volume.origin
             && volume.format == VolumeFormat::Dir
+            && !crate::container::is_container_tree(id, &config.content_trees)
         {
             return Err(ConfigError::at(
                 format!("volumes[{i}].format"),

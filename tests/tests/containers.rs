@@ -1,0 +1,220 @@
+//! Issue 21 across the real agents: a container app (EVE's NOHYPER, the local file's
+//! `{"kind": "container"}`) whose image is pulled by tag from Debian's `docker-registry`
+//! (TLS with a test CA, htpasswd basic auth), unpacked into its root volume and run by `crun`;
+//! it counts into a data volume. A stopped snapshot, then a rollback: the container starts
+//! again on the snapshot's counter.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cairn_e2e::Device;
+use cairn_test_controller::registry::{TestRegistry, busybox_image};
+use cairn_types::AppInstanceStatus;
+use uuid::Uuid;
+
+const APP: &str = "c21c0000-0000-4000-8000-00000000a001";
+const ROOT_VOL: &str = "c21c0000-0000-4000-8000-00000000b001";
+const DATA_VOL: &str = "c21c0000-0000-4000-8000-00000000b002";
+const TREE: &str = "c21c0000-0000-4000-8000-00000000c001";
+const DS: &str = "c21c0000-0000-4000-8000-00000000d001";
+const S1: &str = "c21c0000-0000-4000-8000-00000000e001";
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// The container: on start it logs the counter it found, then counts into /data/counter.
+/// The device root as `$0` lets the harness find (and stop) the container's processes too.
+const SCRIPT: &str = "trap 'exit 0' TERM; n=$(cat /data/counter 2>/dev/null || echo 0); \
+    echo start $n pid $$; while :; do n=$((n+1)); echo $n > /data/counter; sync; sleep 0.2; done";
+
+/// Stops what crun still runs for this device when the test ends, whatever happened.
+struct Containers(PathBuf);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        let root = self.0.display().to_string();
+        let listed = std::process::Command::new("crun")
+            .args(["--root", &root, "list", "-q"])
+            .output();
+        for id in listed
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+            .lines()
+        {
+            let _ = std::process::Command::new("crun")
+                .args(["--root", &root, "delete", "-f", id])
+                .status();
+        }
+    }
+}
+
+fn config(registry: &TestRegistry, snapshot: bool, rollback: u32, password: &str) -> String {
+    let snapshots = if snapshot {
+        format!(r#"{{"id": "{S1}", "type": "immediate"}}"#)
+    } else {
+        String::new()
+    };
+    let ca = serde_json::to_string(registry.ca_pem()).unwrap();
+    format!(
+        r#"{{
+  "datastores": [{{"id": "{DS}", "ds_type": "container_registry",
+                   "fqdn": "docker://{host}", "dpath": "cairn", "ds_cert_pem": [{ca}],
+                   "api_key": "{user}", "password": "{password}"}}],
+  "content_trees": [{{"uuid": "{TREE}", "ds_id": "{DS}", "url": "counter:v1",
+                      "format": "container", "sha256": ""}}],
+  "apps": [{{
+    "uuid": "{APP}", "version": "1", "display_name": "counter",
+    "volume_refs": [{{"uuid": "{ROOT_VOL}"}}, {{"uuid": "{DATA_VOL}", "mount_dir": "/data"}}],
+    "snapshot": {{"max_snapshots": 2, "active_snapshot": "{S1}", "rollback_counter": {rollback},
+                  "snapshots": [{snapshots}]}},
+    "domain": {{"kind": "container", "memory_mib": 64, "cpus": 1}}
+  }}],
+  "volumes": [{{"uuid": "{ROOT_VOL}", "format": "dir", "content_tree": "{TREE}"}},
+              {{"uuid": "{DATA_VOL}", "format": "dir"}}]
+}}"#,
+        host = registry.host(),
+        user = registry.user(),
+    )
+}
+
+fn id(text: &str) -> Uuid {
+    text.parse().unwrap()
+}
+
+fn settled(s: &AppInstanceStatus, snapshots: &[&str]) -> bool {
+    s.activated
+        && s.snap_status.requested_snapshots.is_empty()
+        && s.snap_status.snapshots_to_be_deleted.is_empty()
+        && s.snap_status
+            .available_snapshots
+            .iter()
+            .map(|a| a.snapshot.snapshot_id)
+            .collect::<BTreeSet<_>>()
+            == snapshots.iter().map(|s| id(s)).collect()
+}
+
+fn counter(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("counter"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The counters the container found at each start, from its log.
+fn starts(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("start "))
+        .filter_map(|n| n.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_from_a_registry_counts_into_its_volume_and_rolls_back_to_its_snapshot() {
+    let mut device = Device::new();
+    let _containers = Containers(device.run_dir().join("domain-manager/oci"));
+    let marker = device.root.path().display().to_string();
+    let registry = TestRegistry::start(&device.root.path().join("registry")).unwrap();
+    let image = busybox_image(&device.root.path().join("image"), "v1").unwrap();
+    image
+        .config(&[
+            "--config.entrypoint=/bin/sh",
+            "--config.cmd=-c",
+            &format!("--config.cmd={SCRIPT}"),
+            &format!("--config.cmd={marker}"),
+        ])
+        .unwrap();
+    registry.push(&image, "cairn/counter:v1").unwrap();
+    let password = registry.password().to_string();
+
+    device.write_config(&config(&registry, false, 0, &password));
+    device.start_all();
+    let data = device.dir_volume(id(DATA_VOL), 0);
+    device
+        .until(SETTLE, "the container counts into its data volume", || {
+            counter(&data) >= 3
+        })
+        .await;
+    let status = device
+        .app_status(SETTLE, |s| settled(s, &[]))
+        .await
+        .unwrap();
+    assert!(status.error.error.is_empty(), "{:?}", status.error);
+    let log = device
+        .run_dir()
+        .join("domain-manager/apps")
+        .join(APP)
+        .join("app.log");
+    assert_eq!(starts(&log), vec![0], "one start, on an empty data volume");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("start 0 pid 1\n"),
+        "the container is PID 1 of its own PID namespace: {text}"
+    );
+    // Its limits are its cgroup's (cgroup v1 here; crun puts it under /cairn/<id>).
+    let listed = std::process::Command::new("crun")
+        .arg("--root")
+        .arg(device.run_dir().join("domain-manager/oci"))
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    let ids = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let container = ids
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("crun runs no container"));
+    let limit = ["/sys/fs/cgroup/memory/cairn", "/sys/fs/cgroup/cairn"]
+        .iter()
+        .find_map(|base| {
+            let dir = Path::new(base).join(container);
+            std::fs::read_to_string(dir.join("memory.limit_in_bytes"))
+                .or_else(|_| std::fs::read_to_string(dir.join("memory.max")))
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no memory cgroup for {container}"));
+    assert_eq!(limit.trim(), (64u64 << 20).to_string(), "memory_mib 64");
+
+    // A stopped snapshot: the container is stopped (SIGTERM), both volumes are taken, it
+    // starts again.
+    device.write_config(&config(&registry, true, 0, &password));
+    device
+        .app_status(SETTLE, |s| settled(s, &[S1]))
+        .await
+        .unwrap();
+    let at_snapshot = counter(
+        &cairn_types::layout::volumes_dir(&device.persist_dir())
+            .join(".snapshots")
+            .join(cairn_types::volume_key(id(DATA_VOL), 0))
+            .join(S1),
+    );
+    assert!(
+        at_snapshot >= 3,
+        "the snapshot holds the counter ({at_snapshot})"
+    );
+    device
+        .until(SETTLE, "the container counts on past the snapshot", || {
+            counter(&data) > at_snapshot + 3
+        })
+        .await;
+    assert_eq!(starts(&log).len(), 2, "started again after the snapshot");
+
+    // Rollback: the container starts on the snapshot's counter.
+    device.write_config(&config(&registry, true, 1, &password));
+    device
+        .until(SETTLE, "the container started after the rollback", || {
+            starts(&log).len() == 3
+        })
+        .await;
+    assert_eq!(
+        starts(&log)[2],
+        at_snapshot,
+        "after the rollback the container found the snapshot's counter"
+    );
+    device
+        .app_status(SETTLE, |s| settled(s, &[S1]))
+        .await
+        .unwrap();
+}
