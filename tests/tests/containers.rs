@@ -112,10 +112,15 @@ fn starts(log: &Path) -> Vec<u64> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_container_from_a_registry_counts_into_its_volume_and_rolls_back_to_its_snapshot() {
+/// A registry with the counter image running `script`, and a device running it as a container
+/// app that has counted to 3 (the domain-manager's stop timeout `stop_timeout` seconds).
+async fn counting_container(
+    script: &str,
+    stop_timeout: &str,
+) -> (Device, Containers, TestRegistry, PathBuf, PathBuf) {
     let mut device = Device::new();
-    let _containers = Containers(device.run_dir().join("domain-manager/oci"));
+    device.set_agent_env("domain-manager", "CAIRN_DOMAIN_STOP_TIMEOUT", stop_timeout);
+    let containers = Containers(device.run_dir().join("domain-manager/oci"));
     let marker = device.root.path().display().to_string();
     let registry = TestRegistry::start(&device.root.path().join("registry")).unwrap();
     let image = busybox_image(&device.root.path().join("image"), "v1").unwrap();
@@ -123,13 +128,12 @@ async fn a_container_from_a_registry_counts_into_its_volume_and_rolls_back_to_it
         .config(&[
             "--config.entrypoint=/bin/sh",
             "--config.cmd=-c",
-            &format!("--config.cmd={SCRIPT}"),
+            &format!("--config.cmd={script}"),
             &format!("--config.cmd={marker}"),
         ])
         .unwrap();
     registry.push(&image, "cairn/counter:v1").unwrap();
     let password = registry.password().to_string();
-
     device.write_config(&config(&registry, false, 0, &password));
     device.start_all();
     let data = device.dir_volume(id(DATA_VOL), 0);
@@ -148,6 +152,28 @@ async fn a_container_from_a_registry_counts_into_its_volume_and_rolls_back_to_it
         .join("domain-manager/apps")
         .join(APP)
         .join("app.log");
+    (device, containers, registry, data, log)
+}
+
+/// The processes of this device's containers (the device root is their `$0`).
+fn container_processes(device: &Device) -> Vec<u32> {
+    let marker = device.root.path().display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmdline);
+            text.starts_with("/bin/sh\0-c\0") && text.contains(&marker)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_from_a_registry_counts_into_its_volume_and_rolls_back_to_its_snapshot() {
+    let (device, _containers, registry, data, log) = counting_container(SCRIPT, "30").await;
+    let password = registry.password().to_string();
     assert_eq!(starts(&log), vec![0], "one start, on an empty data volume");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
@@ -217,4 +243,37 @@ async fn a_container_from_a_registry_counts_into_its_volume_and_rolls_back_to_it
         .app_status(SETTLE, |s| settled(s, &[S1]))
         .await
         .unwrap();
+}
+
+/// A container that ignores SIGTERM (PID 1 of its namespace without a handler) is stopped for a
+/// snapshot all the same: crun is SIGKILLed after the stop timeout, the container's own
+/// processes (marked) are swept, the snapshot is taken and exactly one container runs after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_ignoring_sigterm_is_killed_for_a_stopped_snapshot_and_runs_once_after() {
+    let stubborn = SCRIPT.replace("trap 'exit 0' TERM; ", "");
+    let (device, _containers, registry, data, log) = counting_container(&stubborn, "2").await;
+    let password = registry.password().to_string();
+    device.write_config(&config(&registry, true, 0, &password));
+    device
+        .app_status(SETTLE, |s| settled(s, &[S1]))
+        .await
+        .unwrap();
+    let at_snapshot = counter(
+        &cairn_types::layout::volumes_dir(&device.persist_dir())
+            .join(".snapshots")
+            .join(cairn_types::volume_key(id(DATA_VOL), 0))
+            .join(S1),
+    );
+    device
+        .until(SETTLE, "the container counts on after the snapshot", || {
+            starts(&log).len() == 2 && counter(&data) > at_snapshot + 2
+        })
+        .await;
+    assert_eq!(
+        starts(&log)[1],
+        at_snapshot,
+        "the counter did not move between the kill and the snapshot"
+    );
+    let running = container_processes(&device);
+    assert_eq!(running.len(), 1, "one container process runs: {running:?}");
 }
