@@ -277,3 +277,92 @@ async fn a_container_ignoring_sigterm_is_killed_for_a_stopped_snapshot_and_runs_
     let running = container_processes(&device);
     assert_eq!(running.len(), 1, "one container process runs: {running:?}");
 }
+
+/// Figure (by hand: `cargo nextest run -p cairn-e2e --test containers --run-ignored only
+/// --no-capture`): an image with a 64 MiB layer, from the config written to its root volume in
+/// place (downloader pull + volume-manager unpack), against `skopeo copy` + `umoci unpack` of
+/// the same image from the same registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a figure, not a check"]
+async fn figure_pull_and_unpack_against_skopeo_and_umoci() {
+    let mut device = Device::new();
+    let registry = TestRegistry::start(&device.root.path().join("registry")).unwrap();
+    let image = busybox_image(&device.root.path().join("image"), "v1").unwrap();
+    image
+        .layer(|r| {
+            let mut data = vec![0u8; 64 << 20];
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for chunk in data.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+            }
+            std::fs::write(r.join("big"), data)?;
+            Ok(())
+        })
+        .unwrap();
+    image
+        .config(&[
+            "--config.entrypoint=/bin/sh",
+            "--config.cmd=-c",
+            "--config.cmd=sleep 1",
+        ])
+        .unwrap();
+    registry.push(&image, "cairn/counter:v1").unwrap();
+    let password = registry.password().to_string();
+    // Only the content tree and the root volume: no app.
+    let full = config(&registry, false, 0, &password);
+    let mut value: serde_json::Value = serde_json::from_str(&full).unwrap();
+    value["apps"] = serde_json::json!([]);
+    value["volumes"] = serde_json::json!([value["volumes"][0].clone()]);
+    let started = std::time::Instant::now();
+    device.write_config(&value.to_string());
+    device.start_all();
+    let root = device.dir_volume(id(ROOT_VOL), 0);
+    device
+        .until(Duration::from_secs(600), "the root volume is made", || {
+            root.join("image-manifest").exists()
+        })
+        .await;
+    let cairn = started.elapsed();
+
+    let reference = device.root.path().join("reference");
+    std::fs::create_dir_all(&reference).unwrap();
+    let started = std::time::Instant::now();
+    cairn_test_controller::registry::run(
+        "skopeo",
+        &[
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--src-cert-dir",
+            &device
+                .root
+                .path()
+                .join("registry/certs.d")
+                .display()
+                .to_string(),
+            "--src-creds",
+            &format!("{}:{password}", registry.user()),
+            &format!("docker://{}/cairn/counter:v1", registry.host()),
+            &format!("oci:{}:v1", reference.join("layout").display()),
+        ],
+    )
+    .unwrap();
+    cairn_test_controller::registry::run(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{}:v1", reference.join("layout").display()),
+            &reference.join("bundle").display().to_string(),
+        ],
+    )
+    .unwrap();
+    let tools = started.elapsed();
+    println!(
+        "figure: 64 MiB image, pull + unpack: cairn {cairn:.2?} (agents' start included), skopeo copy + umoci unpack {tools:.2?}, ratio {:.2}",
+        cairn.as_secs_f64() / tools.as_secs_f64()
+    );
+}
