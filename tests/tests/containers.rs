@@ -326,6 +326,14 @@ async fn figure_pull_and_unpack_against_skopeo_and_umoci() {
         })
         .await;
     let cairn = started.elapsed();
+    let unpack_ms = std::fs::read_to_string(device.agent_log("volume-manager"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.contains("unpacked from a container image"))
+        .and_then(|l| l.split("elapsed_ms=").nth(1))
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or("?")
+        .to_string();
 
     let reference = device.root.path().join("reference");
     std::fs::create_dir_all(&reference).unwrap();
@@ -362,7 +370,42 @@ async fn figure_pull_and_unpack_against_skopeo_and_umoci() {
     .unwrap();
     let tools = started.elapsed();
     println!(
-        "figure: 64 MiB image, pull + unpack: cairn {cairn:.2?} (agents' start included), skopeo copy + umoci unpack {tools:.2?}, ratio {:.2}",
+        "figure: 64 MiB image, pull + unpack: cairn {cairn:.2?} (agents' start included; unpack {unpack_ms} ms), skopeo copy + umoci unpack {tools:.2?}, ratio {:.2}",
         cairn.as_secs_f64() / tools.as_secs_f64()
+    );
+}
+
+/// The domain-manager SIGKILLed while the container runs: the next one adopts it (crun found
+/// by its marker), never starts a second one, and the container keeps counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_container_is_adopted_by_a_restarted_domain_manager_not_started_again() {
+    let (mut device, _containers, _registry, data, log) = counting_container(SCRIPT, "30").await;
+    let before = container_processes(&device);
+    assert_eq!(before.len(), 1, "{before:?}");
+    device.kill("domain-manager");
+    device.start("domain-manager", None);
+    let agent_log = device.agent_log("domain-manager");
+    device
+        .until(
+            SETTLE,
+            "the restarted domain-manager adopts the container",
+            || {
+                std::fs::read_to_string(&agent_log)
+                    .unwrap_or_default()
+                    .contains("re-adopted running domain")
+            },
+        )
+        .await;
+    let at = counter(&data);
+    device
+        .until(SETTLE, "the adopted container counts on", || {
+            counter(&data) > at + 2
+        })
+        .await;
+    assert_eq!(starts(&log).len(), 1, "never started a second time");
+    assert_eq!(
+        container_processes(&device),
+        before,
+        "the same container runs"
     );
 }
