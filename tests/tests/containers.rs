@@ -409,3 +409,131 @@ async fn a_running_container_is_adopted_by_a_restarted_domain_manager_not_starte
         "the same container runs"
     );
 }
+
+/// A stock EVE controller's container app: a `DsContainerRegistry` datastore with `apiKey`,
+/// `password` and `dsCertPEM`, a content tree of format CONTAINER named by tag (no sha256),
+/// a volume downloaded from it (`VCOT_DOWNLOAD`, no Cairn format), and an app in
+/// `virtualizationMode` NOHYPER whose `userData` is its environment. It runs (ZInfoApp
+/// RUNNING) and the tree reports the manifest digest the tag resolved to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nohyper_app_from_a_stock_eve_controller_runs_as_a_container() {
+    use base64::Engine;
+    use cairn_config_agent::proto::{
+        self, AppInstanceConfig as ProtoApp, ContentTree, DatastoreConfig, EdgeDevConfig,
+        UuidAndVersion, VmConfig, VmMode, Volume, VolumeContentOrigin, VolumeContentOriginType,
+        VolumeRef,
+    };
+    const SERIAL: &str = "CAIRN-CONTAINER-0001";
+    let controller = cairn_test_controller::TestController::start()
+        .await
+        .unwrap();
+    let mut device = Device::new();
+    let _containers = Containers(device.run_dir().join("domain-manager/oci"));
+    let marker = device.root.path().display().to_string();
+    let registry = TestRegistry::start(&device.root.path().join("registry")).unwrap();
+    let image = busybox_image(&device.root.path().join("image"), "v1").unwrap();
+    image
+        .config(&[
+            "--config.entrypoint=/bin/sh",
+            "--config.cmd=-c",
+            "--config.cmd=trap 'exit 0' TERM; echo greeting $GREETING; while :; do sleep 0.2; done",
+            &format!("--config.cmd={marker}"),
+        ])
+        .unwrap();
+    let digest = registry.push(&image, "cairn/counter:v1").unwrap();
+    let config = EdgeDevConfig {
+        datastores: vec![DatastoreConfig {
+            id: DS.into(),
+            d_type: proto::DsType::DsContainerRegistry as i32,
+            fqdn: format!("docker://{}", registry.host()),
+            dpath: "cairn".into(),
+            api_key: registry.user().into(),
+            password: registry.password().into(),
+            ds_cert_pem: vec![registry.ca_pem().as_bytes().to_vec()],
+            ..Default::default()
+        }],
+        content_info: vec![ContentTree {
+            uuid: TREE.into(),
+            ds_id: DS.into(),
+            url: "counter:v1".into(),
+            iformat: proto::Format::Container as i32,
+            display_name: "counter-image".into(),
+            ..Default::default()
+        }],
+        volumes: vec![Volume {
+            uuid: ROOT_VOL.into(),
+            display_name: "counter-root".into(),
+            origin: Some(VolumeContentOrigin {
+                r#type: VolumeContentOriginType::VcotDownload as i32,
+                download_content_tree_id: TREE.into(),
+            }),
+            ..Default::default()
+        }],
+        apps: vec![ProtoApp {
+            uuidandversion: Some(UuidAndVersion {
+                uuid: APP.into(),
+                version: "1".into(),
+            }),
+            displayname: "counter".into(),
+            activate: true,
+            fixedresources: Some(VmConfig {
+                memory: 64 * 1024,
+                vcpus: 1,
+                virtualization_mode: VmMode::Nohyper as i32,
+                ..Default::default()
+            }),
+            volume_ref_list: vec![VolumeRef {
+                uuid: ROOT_VOL.into(),
+                ..Default::default()
+            }],
+            user_data: base64::engine::general_purpose::STANDARD.encode("GREETING=from-eve\n"),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut args = controller
+        .device_args(&device.root.path().join("setup"), SERIAL)
+        .unwrap();
+    args.extend(["--config-interval-ms", "200", "--retry-ms", "100"].map(String::from));
+    device.follow_controller(args);
+    controller.set_config(SERIAL, config);
+    device.start_all();
+    let seen = controller
+        .wait_for(SERIAL, SETTLE, "the container app RUNNING", |d| {
+            d.apps()
+                .get(APP)
+                .is_some_and(|a| a.state == proto::ZSwState::Running as i32)
+        })
+        .await
+        .unwrap();
+    assert!(
+        seen.apps()[APP].app_err.is_empty(),
+        "{:?}",
+        seen.apps()[APP].app_err
+    );
+    let log = device
+        .run_dir()
+        .join("domain-manager/apps")
+        .join(APP)
+        .join("app.log");
+    device
+        .until(SETTLE, "the container greets with its userData", || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("greeting from-eve")
+        })
+        .await;
+    let seen = controller
+        .wait_for(SERIAL, SETTLE, "the tree DELIVERED", |d| {
+            d.content_trees()
+                .get(TREE)
+                .is_some_and(|t| t.state == proto::ZSwState::Delivered as i32)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.content_trees()[TREE].sha256,
+        digest.trim_start_matches("sha256:"),
+        "the tag's manifest digest is reported"
+    );
+}
