@@ -537,3 +537,103 @@ async fn a_nohyper_app_from_a_stock_eve_controller_runs_as_a_container() {
         "the tag's manifest digest is reported"
     );
 }
+
+/// Issue 21 item 3: an image update (version 2 on a new content tree and a new generation of
+/// the root volume) with an APP_UPDATE snapshot, then a rollback: the container runs the old
+/// image again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_update_rolls_back_to_the_old_image() {
+    const TREE2: &str = "c21c0000-0000-4000-8000-00000000c002";
+    let mut device = Device::new();
+    let _containers = Containers(device.run_dir().join("domain-manager/oci"));
+    let marker = device.root.path().display().to_string();
+    let registry = TestRegistry::start(&device.root.path().join("registry")).unwrap();
+    for tag in ["v1", "v2"] {
+        let image = busybox_image(&device.root.path().join(format!("image-{tag}")), tag).unwrap();
+        image
+            .config(&[
+                "--config.entrypoint=/bin/sh",
+                "--config.cmd=-c",
+                &format!(
+                    "--config.cmd=trap 'exit 0' TERM; echo image {tag}; while :; do sleep 0.2; done"
+                ),
+                &format!("--config.cmd={marker}"),
+            ])
+            .unwrap();
+        registry
+            .push(&image, &format!("cairn/counter:{tag}"))
+            .unwrap();
+    }
+    let ca = serde_json::to_string(registry.ca_pem()).unwrap();
+    let config = |version: u32, rollback: u32| {
+        let (tree, tag) = if version == 1 {
+            (TREE, "v1")
+        } else {
+            (TREE2, "v2")
+        };
+        let generation = version - 1;
+        format!(
+            r#"{{
+  "datastores": [{{"id": "{DS}", "ds_type": "container_registry",
+                   "fqdn": "docker://{host}", "dpath": "cairn", "ds_cert_pem": [{ca}],
+                   "api_key": "{user}", "password": "{password}"}}],
+  "content_trees": [{{"uuid": "{tree}", "ds_id": "{DS}", "url": "counter:{tag}",
+                      "format": "container", "sha256": ""}}],
+  "apps": [{{
+    "uuid": "{APP}", "version": "{version}", "display_name": "counter",
+    "volume_refs": [{{"uuid": "{ROOT_VOL}", "generation_count": {generation}}}],
+    "snapshot": {{"max_snapshots": 2, "active_snapshot": "{S1}", "rollback_counter": {rollback},
+                  "snapshots": [{{"id": "{S1}", "type": "app_update"}}]}},
+    "domain": {{"kind": "container"}}
+  }}],
+  "volumes": [{{"uuid": "{ROOT_VOL}", "generation_count": {generation}, "format": "dir",
+                "content_tree": "{tree}"}}]
+}}"#,
+            host = registry.host(),
+            user = registry.user(),
+            password = registry.password(),
+        )
+    };
+    let log = device
+        .run_dir()
+        .join("domain-manager/apps")
+        .join(APP)
+        .join("app.log");
+    let images = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("image "))
+            .map(str::to_string)
+            .collect()
+    };
+    device.write_config(&config(1, 0));
+    device.start_all();
+    device
+        .until(SETTLE, "the container runs image v1", || images() == ["v1"])
+        .await;
+    // The update: the APP_UPDATE snapshot is taken of version 1, then version 2 runs.
+    device.write_config(&config(2, 0));
+    device
+        .app_status(SETTLE, |s| {
+            s.uuid_and_version.version == "2" && settled(s, &[S1])
+        })
+        .await
+        .unwrap();
+    device
+        .until(SETTLE, "the container runs image v2", || {
+            images() == ["v1", "v2"]
+        })
+        .await;
+    // Rollback to S1: the old root volume and config, so the old image.
+    device.write_config(&config(2, 1));
+    device
+        .until(SETTLE, "the container runs image v1 again", || {
+            images() == ["v1", "v2", "v1"]
+        })
+        .await;
+    device
+        .app_status(SETTLE, |s| settled(s, &[S1]))
+        .await
+        .unwrap();
+}
