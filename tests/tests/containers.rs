@@ -637,3 +637,38 @@ async fn an_image_update_rolls_back_to_the_old_image() {
         .await
         .unwrap();
 }
+
+/// A container over its memory limit: the kernel's OOM killer ends it, and the domain's error
+/// says so, with the limit, rather than a bare "killed by signal".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_over_its_memory_limit_is_reported_out_of_memory() {
+    let mut device = Device::new();
+    let _containers = Containers(device.run_dir().join("domain-manager/oci"));
+    let marker = device.root.path().display().to_string();
+    let registry = TestRegistry::start(&device.root.path().join("registry")).unwrap();
+    let image = busybox_image(&device.root.path().join("image"), "v1").unwrap();
+    // The shell (PID 1) holds 200 MB of output in a variable; the limit is 64 MiB.
+    image
+        .config(&[
+            "--config.entrypoint=/bin/sh",
+            "--config.cmd=-c",
+            "--config.cmd=x=$(/bin/busybox head -c 200000000 /dev/zero | /bin/busybox tr '\\0' a); echo survived; sleep 100",
+            &format!("--config.cmd={marker}"),
+        ])
+        .unwrap();
+    registry.push(&image, "cairn/counter:v1").unwrap();
+    let password = registry.password().to_string();
+    device.write_config(&config(&registry, false, 0, &password));
+    device.start_all();
+    let broken = device
+        .wait_for::<cairn_types::DomainStatus>("domain-manager", SETTLE, |d| {
+            d.state == cairn_types::DomainState::Broken && d.error.is_error()
+        })
+        .await
+        .unwrap();
+    let text = &broken.error.error;
+    assert!(
+        text.contains("out of memory") && text.contains("memory limit of 64 MiB"),
+        "{text}"
+    );
+}

@@ -244,6 +244,66 @@ pub fn runtime_spec(
     Ok(out)
 }
 
+/// What the kernel's OOM killer did to container `id` since `since` (kernel log records
+/// `oom-kill:...,oom_memcg=/cairn/<id>,...,task=<name>,pid=<pid>,...` in `/dev/kmsg`, the
+/// only account left once the runtime removed the container's cgroup): one line per kill.
+/// Empty when there was none or the kernel log cannot be read (blocking).
+pub fn oom_kills(id: &str, since: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Kernel log times are microseconds since boot; the boot's wall time from /proc/uptime.
+    let Some(uptime) = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+    else {
+        return Vec::new();
+    };
+    let boot = chrono::Utc::now() - chrono::Duration::microseconds((uptime * 1e6) as i64);
+    let Ok(mut kmsg) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open("/dev/kmsg")
+    else {
+        return Vec::new();
+    };
+    let needle = format!("oom_memcg=/cairn/{id},");
+    let mut kills = Vec::new();
+    let mut record = vec![0u8; 8192];
+    loop {
+        // One record per read; EPIPE: records were overwritten meanwhile (read on).
+        let n = match kmsg.read(&mut record) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPIPE) => continue,
+            Err(_) => break,
+        };
+        let text = String::from_utf8_lossy(&record[..n]);
+        let Some((head, message)) = text.split_once(';') else {
+            continue;
+        };
+        if !message.contains(&needle) {
+            continue;
+        }
+        let at = head
+            .split(',')
+            .nth(2)
+            .and_then(|us| us.parse::<i64>().ok())
+            .map(|us| boot + chrono::Duration::microseconds(us));
+        if at.is_some_and(|at| at + chrono::Duration::milliseconds(100) < since) {
+            continue;
+        }
+        let field = |name: &str| {
+            message
+                .split(',')
+                .find_map(|f| f.trim().strip_prefix(name))
+                .unwrap_or("?")
+                .to_string()
+        };
+        kills.push(format!("task {} (pid {})", field("task="), field("pid=")));
+    }
+    kills
+}
+
 /// Runs the runtime once (`delete`, `kill`), returning its error output on failure.
 pub async fn runtime_command(runtime: &Path, state: &Path, args: &[&str]) -> Result<(), String> {
     let out = tokio::process::Command::new(runtime)

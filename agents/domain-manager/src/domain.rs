@@ -513,10 +513,15 @@ impl Domain {
     }
 
     /// The domain ended without being asked to.
-    async fn ended_on_its_own(&mut self, how: String) {
+    async fn ended_on_its_own(&mut self, mut how: String) {
         let Some(running) = self.running.take() else {
             return;
         };
+        if let Some(cairn_types::DomainSpec::Container(spec)) =
+            self.config.as_ref().map(|c| c.spec.clone())
+        {
+            how = self.container_end(&spec, how).await;
+        }
         let what = match running.kind {
             Kind::Vm => "qemu",
             Kind::Process => "process",
@@ -533,6 +538,32 @@ impl Domain {
         );
         self.broken_generation = Some(running.generation);
         self.publish().await;
+    }
+
+    /// How a container ended, with the OOM killer's part when it had one (the memory limit hit),
+    /// and what the runtime kept of it removed.
+    async fn container_end(&self, spec: &cairn_types::ContainerSpec, how: String) -> String {
+        let id = crate::container::container_id(&self.shared.run_dir, self.app);
+        let since = self.status.boot_time.unwrap_or_default();
+        let i = id.clone();
+        let kills = tokio::task::spawn_blocking(move || crate::container::oom_kills(&i, since))
+            .await
+            .unwrap_or_default();
+        let state = crate::container::state_root(&self.shared.run_dir);
+        let runtime = crate::container::runtime();
+        let _ = crate::container::runtime_command(&runtime, &state, &["delete", "-f", &id]).await;
+        if kills.is_empty() {
+            return how;
+        }
+        let limit = if spec.memory_mib > 0 {
+            format!("its memory limit of {} MiB", spec.memory_mib)
+        } else {
+            "the host's memory".to_string()
+        };
+        format!(
+            "{how}: out of memory, the kernel's OOM killer ended {} as the container reached {limit}",
+            kills.join(", ")
+        )
     }
 
     /// Graceful stop. VM: `system_powerdown` (repeated), then `quit`, then SIGKILL; process: SIGTERM to its
