@@ -195,6 +195,23 @@ async fn an_image_is_pulled_by_tag_and_by_digest_verified_and_its_layers_shared(
         held, 2,
         "the shared layer is counted for both trees: {refs}"
     );
+    // The same image as Docker v2 schema 2 (Docker's media types), by tag.
+    let image = busybox_image(&h.root.path().join("docker-image"), "v1").unwrap();
+    let docker_digest = h.registry.push_docker(&image, "cairn/docker:v1").unwrap();
+    let manifest_text = std::fs::read_to_string(h.registry.blob_path(&docker_digest)).unwrap();
+    assert!(
+        manifest_text.contains("application/vnd.docker.distribution.manifest.v2+json"),
+        "{manifest_text}"
+    );
+    let docker = h.tree("docker:v1", "", &password);
+    h.configs.publish(docker.clone()).await.unwrap();
+    let loaded = h
+        .status_where(docker.content_id, "LOADED (Docker v2)", |s| s.is_loaded())
+        .await;
+    assert_eq!(
+        loaded.content_sha256,
+        docker_digest.trim_start_matches("sha256:")
+    );
     // A digest the registry does not have for that repository is refused.
     let wrong = h.tree("app:v1", &"0".repeat(64), &password);
     h.configs.publish(wrong.clone()).await.unwrap();

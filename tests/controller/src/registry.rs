@@ -163,6 +163,15 @@ impl TestRegistry {
     /// Pushes `image` (an OCI layout `layout:tag`) as `repo:tag`; returns the manifest digest
     /// (`sha256:...`) the registry stores.
     pub fn push(&self, image: &OciImage, repo_tag: &str) -> anyhow::Result<String> {
+        self.push_as(image, repo_tag, "oci")
+    }
+
+    /// [`Self::push`] as a Docker v2 schema 2 image (Docker's manifest and layer media types).
+    pub fn push_docker(&self, image: &OciImage, repo_tag: &str) -> anyhow::Result<String> {
+        self.push_as(image, repo_tag, "v2s2")
+    }
+
+    fn push_as(&self, image: &OciImage, repo_tag: &str, format: &str) -> anyhow::Result<String> {
         let digest_file = self
             .dir
             .join(format!("digest-{}", repo_tag.replace(['/', ':'], "_")));
@@ -172,6 +181,8 @@ impl TestRegistry {
                 "--insecure-policy",
                 "copy",
                 "--quiet",
+                "--format",
+                format,
                 "--dest-cert-dir",
                 &self.dir.join("certs.d").display().to_string(),
                 "--dest-creds",
