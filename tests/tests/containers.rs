@@ -155,7 +155,8 @@ async fn counting_container(
     (device, containers, registry, data, log)
 }
 
-/// The processes of this device's containers (the device root is their `$0`).
+/// The init processes (PID 1 of their PID namespace) of this device's containers (the device
+/// root is their `$0`); a shell's short-lived forks are not counted.
 fn container_processes(device: &Device) -> Vec<u32> {
     let marker = device.root.path().display().to_string();
     std::fs::read_dir("/proc")
@@ -165,7 +166,12 @@ fn container_processes(device: &Device) -> Vec<u32> {
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let text = String::from_utf8_lossy(&cmdline);
-            text.starts_with("/bin/sh\0-c\0") && text.contains(&marker)
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let init = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .is_some_and(|ids| ids.split_whitespace().last() == Some("1"));
+            init && text.starts_with("/bin/sh\0-c\0") && text.contains(&marker)
         })
         .collect()
 }
