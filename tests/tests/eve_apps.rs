@@ -259,15 +259,16 @@ async fn a_vm_described_only_by_eves_fields_boots_is_snapshotted_and_rolled_back
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_in_a_mode_cairn_cannot_run_is_reported_as_error_naming_the_field() {
     let controller = TestController::start().await.unwrap();
-    let _device = follow(&controller, eve_config(VmMode::Nohyper, &[], 0, "")).await;
-    let app = reported(&controller, "the NOHYPER app in ERROR", |a| {
+    // FML: EVE's machine-learning mode (GPU passthrough), which Cairn does not run.
+    let _device = follow(&controller, eve_config(VmMode::Fml, &[], 0, "")).await;
+    let app = reported(&controller, "the FML app in ERROR", |a| {
         a.state == proto::ZSwState::Error as i32 && !a.app_err.is_empty()
     })
     .await;
     assert!(
         app.app_err[0]
             .description
-            .contains("fixedresources.virtualizationMode NOHYPER"),
+            .contains("fixedresources.virtualizationMode FML"),
         "{:?}",
         app.app_err
     );

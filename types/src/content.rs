@@ -67,6 +67,10 @@ pub struct DatastoreConfig {
     /// are the only trust anchors for this datastore; when empty, the system's roots are.
     #[serde(rename = "DsCertPEM", deserialize_with = "null_as_default")]
     pub ds_cert_pem: Vec<String>,
+    /// The user name for the datastore (EVE's `apiKey`; a registry's basic or token auth).
+    pub api_key: String,
+    /// The password for the datastore (EVE's `password`).
+    pub password: String,
 }
 
 /// config-agent → downloader, volume-manager. Key: the content tree's UUID.

@@ -41,12 +41,30 @@ pub struct ProcessSpec {
     pub working_dir: Option<PathBuf>,
 }
 
+/// An OCI container (EVE's NOHYPER apps) run by an OCI runtime: its first disk is the root
+/// filesystem volume made from the image (`rootfs/` and `image-config.json`), the others are
+/// mounted at their `MountDir`. Entrypoint, command, env, working dir and user come from the
+/// image's config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct ContainerSpec {
+    /// The cgroup memory limit; 0: none.
+    #[serde(rename = "MemoryMiB")]
+    pub memory_mib: u32,
+    /// The CPU limit in whole CPUs (cgroup CPU quota); 0: none.
+    pub cpus: u32,
+    /// Added to (and overriding) the image's environment.
+    #[serde(deserialize_with = "null_as_default")]
+    pub env: BTreeMap<String, String>,
+}
+
 /// How an app runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Persist)]
 #[serde(tag = "Kind")]
 pub enum DomainSpec {
     Vm(VmSpec),
     Process(ProcessSpec),
+    Container(ContainerSpec),
 }
 
 /// A volume as the domain sees it.

@@ -26,7 +26,7 @@ pub use content::{
 };
 pub use device::{ConfigItemValueMap, ConfigSource, DeviceStatus};
 pub use domain::{
-    DiskConfig, DomainConfig, DomainLiveOp, DomainLiveOpConfig, DomainLiveOpState,
+    ContainerSpec, DiskConfig, DomainConfig, DomainLiveOp, DomainLiveOpConfig, DomainLiveOpState,
     DomainLiveOpStatus, DomainMetric, DomainSpec, DomainState, DomainStatus, ProcessSpec, VmSpec,
 };
 pub use export::{

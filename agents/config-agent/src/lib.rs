@@ -12,6 +12,7 @@
 pub mod apply;
 pub mod auth;
 pub mod checkpoint;
+pub mod container;
 pub mod controller;
 pub mod eve;
 pub mod identity;

@@ -173,10 +173,10 @@ fn what_cairn_cannot_run_is_an_accepted_app_that_names_the_field_and_the_reason(
             "fixedresources.bootMode VM_BOOT_MODE_UEFI: UEFI firmware (OVMF) is not supported yet",
         ),
         (
-            "NOHYPER",
+            "NOHYPER without a volume for its image",
             with(|vm| vm.virtualization_mode = VmMode::Nohyper as i32),
             vec![],
-            "fixedresources.virtualizationMode NOHYPER: containers without a hypervisor are not supported yet",
+            "fixedresources.virtualizationMode NOHYPER: volumeRefList is empty; the first volume is the container's image",
         ),
         (
             "FML",

@@ -291,6 +291,7 @@ impl Domain {
                 self.spawn_process(spec, disks, working_dir.as_deref(), config.restart_counter)
                     .await
             }
+            Launch::Container { spec, disks } => self.spawn_container(config, spec, disks).await,
         };
         let (id, kind, exit) = match spawned {
             Ok(s) => s,
@@ -412,6 +413,67 @@ impl Domain {
         Ok((id, Kind::Process, exit))
     }
 
+    /// Starts the OCI runtime in the foreground as the app's process (see `crate::container`),
+    /// after removing what a runtime killed earlier left of this container.
+    async fn spawn_container(
+        &self,
+        config: &DomainConfig,
+        spec: &cairn_types::ContainerSpec,
+        disks: &[crate::launch::Disk],
+    ) -> Result<(ProcessId, Kind, oneshot::Receiver<String>), String> {
+        let runtime = crate::container::runtime();
+        let state = crate::container::state_root(&self.shared.run_dir);
+        let id = crate::container::container_id(&self.shared.run_dir, self.app);
+        let marker = self.marker(config.restart_counter);
+        let hostname = self.app.simple().to_string()[..12].to_string();
+        let runtime_spec = crate::container::runtime_spec(spec, disks, &hostname, &id, &marker)
+            .map_err(|e| format!("container of app {}: {e}", self.app))?;
+        let bundle = self.dir.0.join("bundle");
+        tokio::fs::create_dir_all(&bundle)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", bundle.display()))?;
+        let text = serde_json::to_vec_pretty(&runtime_spec)
+            .map_err(|e| format!("runtime spec of app {}: {e}", self.app))?;
+        tokio::fs::write(bundle.join("config.json"), text)
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", bundle.join("config.json").display()))?;
+        // A container whose runtime was killed stays known to the runtime: it goes first.
+        let _ = crate::container::runtime_command(&runtime, &state, &["delete", "-f", &id]).await;
+        let path = self.dir.process_log();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| format!("cannot reopen {}: {e}", path.display()))?;
+        let child = tokio::process::Command::new(&runtime)
+            .arg("--root")
+            .arg(&state)
+            .arg("run")
+            .arg("--bundle")
+            .arg(&bundle)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .envs(marker)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start the OCI runtime {} (Debian package crun): {e}",
+                    runtime.display()
+                )
+            })?;
+        let (pid, exit) = watch_child(child)?;
+        cairn_persist::crash_point("domain-manager:process-spawned");
+        self.write_pidfile(pid).await;
+        tracing::info!(app = %self.app, pid = pid.pid, container = %id, "container started");
+        Ok((pid, Kind::Process, exit))
+    }
+
     /// Booting → Running once QMP answers; Broken if qemu dies or stays silent.
     async fn wait_qmp_running(&mut self, config: &DomainConfig) {
         let deadline = Instant::now() + self.shared.timeouts.boot;
@@ -451,10 +513,15 @@ impl Domain {
     }
 
     /// The domain ended without being asked to.
-    async fn ended_on_its_own(&mut self, how: String) {
+    async fn ended_on_its_own(&mut self, mut how: String) {
         let Some(running) = self.running.take() else {
             return;
         };
+        if let Some(cairn_types::DomainSpec::Container(spec)) =
+            self.config.as_ref().map(|c| c.spec.clone())
+        {
+            how = self.container_end(&spec, how).await;
+        }
         let what = match running.kind {
             Kind::Vm => "qemu",
             Kind::Process => "process",
@@ -471,6 +538,32 @@ impl Domain {
         );
         self.broken_generation = Some(running.generation);
         self.publish().await;
+    }
+
+    /// How a container ended, with the OOM killer's part when it had one (the memory limit hit),
+    /// and what the runtime kept of it removed.
+    async fn container_end(&self, spec: &cairn_types::ContainerSpec, how: String) -> String {
+        let id = crate::container::container_id(&self.shared.run_dir, self.app);
+        let since = self.status.boot_time.unwrap_or_default();
+        let i = id.clone();
+        let kills = tokio::task::spawn_blocking(move || crate::container::oom_kills(&i, since))
+            .await
+            .unwrap_or_default();
+        let state = crate::container::state_root(&self.shared.run_dir);
+        let runtime = crate::container::runtime();
+        let _ = crate::container::runtime_command(&runtime, &state, &["delete", "-f", &id]).await;
+        if kills.is_empty() {
+            return how;
+        }
+        let limit = if spec.memory_mib > 0 {
+            format!("its memory limit of {} MiB", spec.memory_mib)
+        } else {
+            "the host's memory".to_string()
+        };
+        format!(
+            "{how}: out of memory, the kernel's OOM killer ended {} as the container reached {limit}",
+            kills.join(", ")
+        )
     }
 
     /// Graceful stop. VM: `system_powerdown` (repeated), then `quit`, then SIGKILL; process: SIGTERM to its
@@ -550,6 +643,23 @@ impl Domain {
         if running.kind == Kind::Process {
             self.sweep_stragglers(pid).await;
             let _ = tokio::fs::remove_file(self.dir.process_pidfile()).await;
+        }
+        if matches!(
+            self.config.as_ref().map(|c| &c.spec),
+            Some(cairn_types::DomainSpec::Container(_))
+        ) {
+            // Its cgroup and the runtime's record of it.
+            let id = crate::container::container_id(&self.shared.run_dir, self.app);
+            let state = crate::container::state_root(&self.shared.run_dir);
+            if let Err(e) = crate::container::runtime_command(
+                &crate::container::runtime(),
+                &state,
+                &["delete", "-f", &id],
+            )
+            .await
+            {
+                tracing::warn!(app = %self.app, container = %id, "{e}");
+            }
         }
         tracing::info!(app = %self.app, %how, "domain stopped");
         self.set_state(DomainState::Halted);

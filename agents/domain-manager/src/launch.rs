@@ -78,7 +78,7 @@ pub enum ConfigError {
     DiskMissing { key: String, path: PathBuf },
     #[error("volume {key}: format {format:?} cannot be a VM disk (qcow2 or raw)")]
     NotABlockDisk { key: String, format: VolumeFormat },
-    #[error("volume {key}: a process app needs directory volumes, not {format:?}")]
+    #[error("volume {key}: a process or container app needs directory volumes, not {format:?}")]
     NotADirectory { key: String, format: VolumeFormat },
     #[error("ProcessSpec.Command is empty")]
     NoCommand,
@@ -153,6 +153,11 @@ pub enum Launch {
         disks: Vec<Disk>,
         working_dir: Option<PathBuf>,
     },
+    /// An OCI container (`crate::container`): the first disk is the image's root volume.
+    Container {
+        spec: cairn_types::ContainerSpec,
+        disks: Vec<Disk>,
+    },
 }
 
 /// Checks `config` and builds its launch; `accel` is the accelerator detected at start.
@@ -216,6 +221,20 @@ pub fn plan(
                 spec: p.clone(),
                 disks,
                 working_dir,
+            })
+        }
+        DomainSpec::Container(c) => {
+            for d in &disks {
+                if d.format != VolumeFormat::Dir {
+                    return Err(ConfigError::NotADirectory {
+                        key: d.volume_key.clone(),
+                        format: d.format,
+                    });
+                }
+            }
+            Ok(Launch::Container {
+                spec: c.clone(),
+                disks,
             })
         }
     }

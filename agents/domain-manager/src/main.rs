@@ -23,7 +23,7 @@ struct Args {
     #[arg(long, env = "CAIRN_ACCEL", default_value = "auto")]
     accel: String,
     /// Seconds a domain gets to stop on ACPI powerdown or SIGTERM before harder steps.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, env = "CAIRN_DOMAIN_STOP_TIMEOUT", default_value_t = 30.0)]
     stop_timeout: f64,
     /// Stop every domain when the agent is told to stop (the device is shutting down, as under
     /// `cairn up`); by default domains keep running and the next start re-adopts them.

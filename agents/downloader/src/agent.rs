@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use crate::fetch::{self, FetchError, Limits, Progress};
+use crate::registry;
 use crate::store::{self, ContentStore, StoreError};
 
 /// EVE's global setting: the longest wait before a failed download is tried again (seconds).
@@ -46,9 +47,16 @@ pub enum AgentError {
     Join(#[from] tokio::task::JoinError),
 }
 
+mod image;
+
 /// What a job tells the agent about its blob.
 #[derive(Debug)]
 enum JobEvent {
+    /// About a container image tree's pull (`image.rs`).
+    Image {
+        tree: Uuid,
+        event: image::ImageEvent,
+    },
     Progress {
         sha: String,
         state: ContentTreeState,
@@ -246,6 +254,9 @@ impl Downloader {
             return Ok(());
         }
         self.configs.insert(id, config.clone());
+        if registry::is_registry_tree(&config) {
+            return self.handle_image_config(config).await;
+        }
         let mut status = self.base_status(&config);
         let source = if store::is_sha256(&config.content_sha256) {
             fetch::source(&config)
@@ -280,7 +291,7 @@ impl Downloader {
                 return Ok(self.statuses.publish(status).await?);
             }
         };
-        if let Some(old) = released {
+        for old in released {
             self.drop_content(&old).await;
         }
         self.held.insert(id);
@@ -345,8 +356,11 @@ impl Downloader {
     async fn release(&mut self, id: Uuid) -> Result<(), AgentError> {
         self.held.remove(&id);
         match self.blocking(move |store| store.release(id)).await? {
-            Ok(Some(sha)) => self.drop_content(&sha).await,
-            Ok(None) => {}
+            Ok(released) => {
+                for sha in released {
+                    self.drop_content(&sha).await;
+                }
+            }
             Err(e) => tracing::error!(tree = %id, "{e}; collected at the next start"),
         }
         Ok(())
@@ -370,6 +384,7 @@ impl Downloader {
 
     async fn handle_delete(&mut self, id: Uuid) -> Result<(), AgentError> {
         self.configs.remove(&id);
+        self.stop_image_job(id).await;
         self.release(id).await?;
         self.statuses.unpublish(&id.to_string()).await?;
         Ok(())
@@ -388,7 +403,11 @@ impl Downloader {
     }
 
     async fn handle_job(&mut self, event: JobEvent) -> Result<(), AgentError> {
+        if let JobEvent::Image { tree, event } = event {
+            return self.handle_image_event(tree, event).await;
+        }
         let sha = match &event {
+            JobEvent::Image { .. } => return Ok(()),
             JobEvent::Progress { sha, .. }
             | JobEvent::Failed { sha, .. }
             | JobEvent::Loaded { sha, .. } => sha.clone(),
@@ -405,6 +424,7 @@ impl Downloader {
         for config in trees {
             let mut status = self.base_status(&config);
             match &event {
+                JobEvent::Image { .. } => {}
                 JobEvent::Progress {
                     state, progress, ..
                 } => {

@@ -584,6 +584,7 @@ mod tests {
                 fqdn: fqdn.into(),
                 dpath: dpath.into(),
                 ds_cert_pem: Vec::new(),
+                ..Default::default()
             }],
             ..Default::default()
         }

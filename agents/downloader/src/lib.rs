@@ -2,10 +2,13 @@
 //! `ContentTreeConfig`s, downloads each content tree from its HTTP(S) datastore into the
 //! content store under `<persist>/content/` (resuming with `Range` after a restart), verifies
 //! it against its sha256 before it enters `blobs/`, and publishes `ContentTreeStatus`
-//! (persistent) for the volume-manager, the config-agent and the technician.
+//! (persistent) for the volume-manager, the config-agent and the technician. Container images
+//! (format CONTAINER) come from `DsContainerRegistry` datastores (`registry.rs`), each of their
+//! blobs verified and kept in the same store.
 
 pub mod agent;
 pub mod fetch;
+pub mod registry;
 pub mod store;
 
 /// The agent's name on the bus.

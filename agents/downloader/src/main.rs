@@ -35,6 +35,9 @@ fn main() -> anyhow::Result<()> {
     )]);
     init_logging();
     let args = Args::parse();
+    // The registry client's TLS (reqwest's rustls without a provider of its own) uses ring, as
+    // the rest of Cairn does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // Two threads: a download streams while the bus keeps answering.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -120,16 +120,18 @@ impl ContentStore {
         Ok(())
     }
 
-    /// Makes `tree` hold `sha256` (and nothing else), durably. Returns the sha256 it held
-    /// before if that one is now held by nobody (its files are then garbage).
-    pub fn hold(&mut self, tree: Uuid, sha256: &str) -> Result<Option<String>, StoreError> {
-        if self
+    /// Makes `tree` hold `sha256` (and nothing else), durably. Returns the blobs it held
+    /// before that are now held by nobody (their files are then garbage).
+    pub fn hold(&mut self, tree: Uuid, sha256: &str) -> Result<Vec<String>, StoreError> {
+        let held: Vec<&String> = self
             .refs
             .blobs
-            .get(sha256)
-            .is_some_and(|t| t.contains(&tree))
-        {
-            return Ok(None);
+            .iter()
+            .filter(|(_, trees)| trees.contains(&tree))
+            .map(|(sha, _)| sha)
+            .collect();
+        if held.len() == 1 && held[0] == sha256 {
+            return Ok(Vec::new());
         }
         let released = self.detach(tree);
         self.refs
@@ -139,13 +141,60 @@ impl ContentStore {
             .insert(tree);
         self.save()?;
         cairn_persist::crash_point(CRASH_AFTER_REF_WRITE);
+        Ok(released.into_iter().filter(|s| s != sha256).collect())
+    }
+
+    /// Makes `tree` hold `sha256` besides what it holds (an image's blobs), durably.
+    pub fn hold_also(&mut self, tree: Uuid, sha256: &str) -> Result<(), StoreError> {
+        if self
+            .refs
+            .blobs
+            .get(sha256)
+            .is_some_and(|t| t.contains(&tree))
+        {
+            return Ok(());
+        }
+        self.refs
+            .blobs
+            .entry(sha256.to_string())
+            .or_default()
+            .insert(tree);
+        self.save()?;
+        cairn_persist::crash_point(CRASH_AFTER_REF_WRITE);
+        Ok(())
+    }
+
+    /// Makes `tree` hold exactly `blobs` (an image just pulled), durably. Returns the blobs it
+    /// held before that are now held by nobody (an older image's layers).
+    pub fn hold_exactly(
+        &mut self,
+        tree: Uuid,
+        blobs: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut released = Vec::new();
+        let mut changed = false;
+        for (sha, trees) in self.refs.blobs.iter_mut() {
+            if !blobs.contains(sha) && trees.remove(&tree) {
+                changed = true;
+                if trees.is_empty() {
+                    released.push(sha.clone());
+                }
+            }
+        }
+        self.refs.blobs.retain(|_, trees| !trees.is_empty());
+        for sha in blobs {
+            changed |= self.refs.blobs.entry(sha.clone()).or_default().insert(tree);
+        }
+        if changed {
+            self.save()?;
+        }
         Ok(released)
     }
 
-    /// Drops `tree`'s reference, durably. Returns its sha256 if nobody holds it any more.
-    pub fn release(&mut self, tree: Uuid) -> Result<Option<String>, StoreError> {
+    /// Drops `tree`'s references, durably. Returns the blobs nobody holds any more.
+    pub fn release(&mut self, tree: Uuid) -> Result<Vec<String>, StoreError> {
         if self.held_by(tree).is_none() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let released = self.detach(tree);
         self.save()?;
@@ -153,15 +202,15 @@ impl ContentStore {
         Ok(released)
     }
 
-    fn detach(&mut self, tree: Uuid) -> Option<String> {
-        let sha = self.held_by(tree)?.to_string();
-        let trees = self.refs.blobs.get_mut(&sha)?;
-        trees.remove(&tree);
-        if trees.is_empty() {
-            self.refs.blobs.remove(&sha);
-            return Some(sha);
+    fn detach(&mut self, tree: Uuid) -> Vec<String> {
+        let mut released = Vec::new();
+        for (sha, trees) in self.refs.blobs.iter_mut() {
+            if trees.remove(&tree) && trees.is_empty() {
+                released.push(sha.clone());
+            }
         }
-        None
+        self.refs.blobs.retain(|_, trees| !trees.is_empty());
+        released
     }
 
     /// Drops the references of trees not in `configured` (the config left them while the
@@ -266,15 +315,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (t1, t2) = (Uuid::from_u128(1), Uuid::from_u128(2));
         let mut store = ContentStore::open(dir.path()).unwrap();
-        assert_eq!(store.hold(t1, A).unwrap(), None);
-        assert_eq!(store.hold(t2, A).unwrap(), None);
+        assert!(store.hold(t1, A).unwrap().is_empty());
+        assert!(store.hold(t2, A).unwrap().is_empty());
         let mut store = ContentStore::open(dir.path()).unwrap();
         assert_eq!(store.refs().blobs[A].len(), 2);
-        assert_eq!(store.release(t1).unwrap(), None);
-        assert_eq!(store.release(t2).unwrap(), Some(A.to_string()));
+        assert!(store.release(t1).unwrap().is_empty());
+        assert_eq!(store.release(t2).unwrap(), vec![A.to_string()]);
         // A tree moving to another sha releases the old one.
         store.hold(t1, A).unwrap();
-        assert_eq!(store.hold(t1, B).unwrap(), Some(A.to_string()));
+        assert_eq!(store.hold(t1, B).unwrap(), vec![A.to_string()]);
+    }
+
+    #[test]
+    fn an_images_layers_are_shared_and_released_with_the_last_image_holding_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t1, t2) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let c = "c".repeat(64);
+        let mut store = ContentStore::open(dir.path()).unwrap();
+        store.hold_also(t1, A).unwrap();
+        store.hold_also(t1, B).unwrap();
+        store.hold_exactly(t2, &[B.to_string(), c.clone()]).unwrap();
+        let mut store = ContentStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.refs().blobs[B].len(),
+            2,
+            "the shared layer counts both"
+        );
+        // t1 moves to a new image without A: A is released, B stays (t2 holds it).
+        assert_eq!(
+            store.hold_exactly(t1, std::slice::from_ref(&c)).unwrap(),
+            vec![A.to_string()]
+        );
+        assert_eq!(store.release(t2).unwrap(), vec![B.to_string()]);
+        assert_eq!(store.release(t1).unwrap(), vec![c]);
     }
 
     #[test]

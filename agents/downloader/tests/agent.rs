@@ -100,6 +100,7 @@ impl Harness {
             } else {
                 Vec::new()
             },
+            ..Default::default()
         };
         Self {
             statuses: Bus::new("test", &run, &persist).subscribe("downloader"),

@@ -144,6 +144,7 @@ async fn download_and_verify_throughput_against_curl_and_sha256sum() {
             } else {
                 Vec::new()
             },
+            ..Default::default()
         };
         let tree = ContentTreeConfig {
             datastore_id_list: vec![datastore.uuid],

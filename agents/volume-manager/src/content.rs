@@ -166,9 +166,67 @@ pub async fn create(
     backends: &Backends,
 ) -> Result<()> {
     let key = config.key();
+    if blob.1 == ContentFormat::Container {
+        return create_rootfs(config, path, kind, tree, &blob.0, backends).await;
+    }
     backends.check_image_tool(&key)?;
     let tmp = crate::volumes::staging(&key, path).await?;
     let made = make_from_blob(config, tree, &blob.0, blob.1, &tmp).await;
+    crate::volumes::put_in_place(&key, &tmp, path, kind, backends, made).await
+}
+
+/// Makes directory volume `config` at `path` from container image `tree` (`blob` is its
+/// manifest in the store): the image's root and config (`crate::image`), so the volume is
+/// snapshotted and rolled back like any directory volume.
+async fn create_rootfs(
+    config: &VolumeConfig,
+    path: &Path,
+    kind: SnapshotBackendKind,
+    tree: Uuid,
+    manifest: &Path,
+    backends: &Backends,
+) -> Result<()> {
+    let key = config.key();
+    if config.format != VolumeFormat::Dir {
+        return Err(VolumeError::Unsupported {
+            volume: key,
+            what: format!(
+                "content tree {tree} is a container image: its volume is a directory (format dir), not {:?}",
+                config.format
+            ),
+        });
+    }
+    let tmp = crate::volumes::staging(&key, path).await?;
+    let made = match backends.make(kind, &key, &tmp).await {
+        Ok(()) => {
+            let (blobs, sha, dir, k) = (
+                manifest.parent().unwrap_or(Path::new("")).to_path_buf(),
+                manifest
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                tmp.clone(),
+                key.clone(),
+            );
+            let started = std::time::Instant::now();
+            let unpacked = crate::backend::blocking(&key, move || {
+                crate::image::unpack_image(&blobs, &sha, &dir).map_err(|source| {
+                    VolumeError::Image {
+                        volume: k.clone(),
+                        source,
+                    }
+                })?;
+                // Ready is said only of what a power cut keeps.
+                crate::backend::sync_tree(&k, &dir)
+            })
+            .await;
+            if unpacked.is_ok() {
+                tracing::info!(volume = %key, tree = %tree, elapsed_ms = started.elapsed().as_millis() as u64, "root filesystem unpacked from a container image");
+            }
+            unpacked
+        }
+        Err(e) => Err(e),
+    };
     crate::volumes::put_in_place(&key, &tmp, path, kind, backends, made).await
 }
 

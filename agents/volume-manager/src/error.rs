@@ -42,6 +42,12 @@ pub enum VolumeError {
         check: String,
         source: Box<VolumeError>,
     },
+    #[error("volume {volume}: {source}")]
+    Image {
+        volume: String,
+        #[source]
+        source: crate::image::ImageError,
+    },
     #[error("volume {volume}: image {} is corrupt ({detail}); restore it from a snapshot or purge the volume", file.display())]
     Corrupt {
         volume: String,

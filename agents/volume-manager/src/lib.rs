@@ -6,6 +6,7 @@ pub mod backend;
 pub mod content;
 pub mod error;
 pub mod export;
+pub mod image;
 pub mod manager;
 pub mod process;
 pub mod queue;

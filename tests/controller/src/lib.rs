@@ -15,6 +15,7 @@
 
 pub mod datastore;
 pub mod logs;
+pub mod registry;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -57,6 +57,8 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
                 .iter()
                 .map(|pem| String::from_utf8_lossy(pem).into_owned())
                 .collect(),
+            api_key: ds.api_key.clone(),
+            password: ds.password.clone(),
         });
     }
     let datastores = unique_datastores(datastores, "datastores")?;
@@ -78,6 +80,7 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
             .map(|item| (item.key.clone(), item.value.clone()))
             .collect(),
     };
+    crate::container::image_volumes_are_dirs(&mut config);
     mark_unusable_volumes(&mut config);
     validate(&config)?;
     apply_groups(&mut config, groups, "cairn_groups")?;
@@ -342,12 +345,7 @@ fn eve_domain(app: &proto::AppInstanceConfig) -> Result<DomainSpec, String> {
                     .into(),
             );
         }
-        Ok(proto::VmMode::Nohyper) => {
-            return Err(
-                "fixedresources.virtualizationMode NOHYPER: containers without a hypervisor are not supported yet; run the app as a VM (HVM or PV)"
-                    .into(),
-            );
-        }
+        Ok(proto::VmMode::Nohyper) => return crate::container::eve_container(app),
         Ok(proto::VmMode::Filler) => {
             return Err(
                 "fixedresources.virtualizationMode 2 (PVH): not supported; use HVM or PV".into(),

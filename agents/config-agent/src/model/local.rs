@@ -52,6 +52,11 @@ struct LocalDatastore {
     /// CA certificates (PEM) for an `https` datastore; when given, the only ones trusted.
     #[serde(default)]
     ds_cert_pem: Vec<String>,
+    /// The user name for a `container_registry` (EVE's `apiKey`).
+    #[serde(default)]
+    api_key: String,
+    #[serde(default)]
+    password: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -276,6 +281,16 @@ enum LocalDomain {
         #[serde(default)]
         env: BTreeMap<String, String>,
         working_dir: Option<PathBuf>,
+    },
+    /// An OCI container run from the app's first volume (one made from a CONTAINER content
+    /// tree); limits 0 = none (EVE: NOHYPER).
+    Container {
+        #[serde(default)]
+        memory_mib: u32,
+        #[serde(default)]
+        cpus: u32,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
     },
 }
 
@@ -587,6 +602,15 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
                 env,
                 working_dir,
             }),
+            LocalDomain::Container {
+                memory_mib,
+                cpus,
+                env,
+            } => DomainSpec::Container(cairn_types::ContainerSpec {
+                memory_mib,
+                cpus,
+                env,
+            }),
         }),
         tenant: app.tenant,
         quiesce,
@@ -721,6 +745,8 @@ fn local_content_trees(
             fqdn: d.fqdn,
             dpath: d.dpath,
             ds_cert_pem: d.ds_cert_pem,
+            api_key: d.api_key,
+            password: d.password,
         })
         .collect::<Vec<_>>();
     let datastores = unique_datastores(datastores, list)?;

@@ -191,8 +191,10 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
     }
     let mut seen = BTreeSet::new();
     for (i, volume) in config.volumes.iter().enumerate() {
+        crate::container::check_image_volume(volume, &config.content_trees, i)?;
         if let VolumeOrigin::ContentTree { id } = volume.origin
             && volume.format == VolumeFormat::Dir
+            && !crate::container::is_container_tree(id, &config.content_trees)
         {
             return Err(ConfigError::at(
                 format!("volumes[{i}].format"),

@@ -1,0 +1,273 @@
+//! The real cairn-downloader pulling container images (format CONTAINER) from Debian's
+//! `docker-registry` with TLS (a test CA) and htpasswd basic auth, images built from
+//! busybox-static with umoci and pushed with skopeo (`cairn_test_controller::registry`).
+
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)] // test code
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use cairn_pubsub::{Bus, Publication, PublishOptions, Subscription};
+use cairn_test_controller::registry::{TestRegistry, busybox_image};
+use cairn_types::{ContentFormat, ContentTreeConfig, ContentTreeStatus, DatastoreConfig};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Harness {
+    root: tempfile::TempDir,
+    persist: PathBuf,
+    run: PathBuf,
+    configs: Publication<ContentTreeConfig>,
+    statuses: Subscription<ContentTreeStatus>,
+    registry: TestRegistry,
+    digest: String,
+}
+
+impl Harness {
+    /// A registry holding `app:v1` (busybox plus a file), and the bus.
+    async fn new() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let persist = root.path().join("persist");
+        let run = root.path().join("run");
+        std::fs::create_dir_all(&persist).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        let registry = TestRegistry::start(&root.path().join("registry")).unwrap();
+        let image = busybox_image(&root.path().join("image"), "v1").unwrap();
+        image
+            .layer(|r| Ok(std::fs::write(r.join("etc/greeting"), "hello\n")?))
+            .unwrap();
+        let digest = registry.push(&image, "cairn/app:v1").unwrap();
+        let config_agent = Bus::new("config-agent", &run, &persist);
+        let configs = config_agent
+            .publish(PublishOptions::for_requests())
+            .await
+            .unwrap();
+        configs.signal_restarted().await.unwrap();
+        Self {
+            statuses: Bus::new("test", &run, &persist).subscribe("downloader"),
+            root,
+            persist,
+            run,
+            configs,
+            registry,
+            digest,
+        }
+    }
+
+    fn agent(&self) -> Agent {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-downloader"));
+        cmd.env("CAIRN_PERSIST_DIR", &self.persist)
+            .env("CAIRN_RUN_DIR", &self.run)
+            .env_remove("CAIRN_CRASH_AT")
+            .args(["--retry-min-ms", "200", "--retry-max-ms", "1000"])
+            .env(
+                "RUST_LOG",
+                std::env::var("CAIRN_TEST_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            );
+        Agent(cmd.spawn().unwrap())
+    }
+
+    fn datastore(&self, password: &str) -> DatastoreConfig {
+        DatastoreConfig {
+            uuid: Uuid::new_v4(),
+            ds_type: "DsContainerRegistry".into(),
+            fqdn: format!("docker://{}", self.registry.host()),
+            dpath: "cairn".into(),
+            ds_cert_pem: vec![self.registry.ca_pem().to_string()],
+            api_key: self.registry.user().into(),
+            password: password.into(),
+        }
+    }
+
+    fn tree(&self, url: &str, sha: &str, password: &str) -> ContentTreeConfig {
+        let ds = self.datastore(password);
+        ContentTreeConfig {
+            content_id: Uuid::new_v4(),
+            datastore_id_list: vec![ds.uuid],
+            relative_url: url.into(),
+            format: ContentFormat::Container,
+            content_sha256: sha.into(),
+            display_name: url.into(),
+            datastores: vec![ds],
+            ..Default::default()
+        }
+    }
+
+    async fn status_where(
+        &mut self,
+        tree: Uuid,
+        what: &str,
+        pred: impl Fn(&ContentTreeStatus) -> bool,
+    ) -> ContentTreeStatus {
+        let key = tree.to_string();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.statuses.get(&key)
+                && pred(s)
+            {
+                return s.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "content tree {tree}: never {what}; last {:?}",
+                self.statuses.get(&key)
+            );
+            let _ = tokio::time::timeout(left, self.statuses.recv()).await;
+        }
+    }
+
+    fn blobs(&self) -> PathBuf {
+        cairn_types::layout::content_dir(&self.persist).join("blobs")
+    }
+}
+
+fn manifest_layers(blobs: &Path, manifest: &str) -> Vec<String> {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blobs.join(manifest)).unwrap()).unwrap();
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_is_pulled_by_tag_and_by_digest_verified_and_its_layers_shared() {
+    let mut h = Harness::new().await;
+    let _agent = h.agent();
+    let password = h.registry.password().to_string();
+    let by_tag = h.tree("app:v1", "", &password);
+    h.configs.publish(by_tag.clone()).await.unwrap();
+    let loaded = h
+        .status_where(by_tag.content_id, "LOADED", |s| s.is_loaded())
+        .await;
+    let manifest = h.digest.trim_start_matches("sha256:").to_string();
+    assert_eq!(
+        loaded.content_sha256, manifest,
+        "the tag's manifest digest is recorded"
+    );
+    let layers = manifest_layers(&h.blobs(), &manifest);
+    assert_eq!(layers.len(), 2);
+    assert_eq!(loaded.blobs[0], manifest);
+    for layer in &layers {
+        assert!(
+            loaded.blobs.contains(layer),
+            "{layer} in {:?}",
+            loaded.blobs
+        );
+        assert!(h.blobs().join(layer).exists(), "layer {layer} in the store");
+    }
+    // By digest: a second tree, the same blobs, held by both.
+    let by_digest = h.tree(&format!("app@{}", h.digest), &manifest, &password);
+    h.configs.publish(by_digest.clone()).await.unwrap();
+    let second = h
+        .status_where(by_digest.content_id, "LOADED", |s| s.is_loaded())
+        .await;
+    assert_eq!(second.blobs, loaded.blobs);
+    let refs: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(cairn_types::layout::content_dir(&h.persist).join("refs.json")).unwrap(),
+    )
+    .unwrap();
+    let held = refs["record"]["Blobs"][&layers[0]]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(
+        held, 2,
+        "the shared layer is counted for both trees: {refs}"
+    );
+    // The same image as Docker v2 schema 2 (Docker's media types), by tag.
+    let image = busybox_image(&h.root.path().join("docker-image"), "v1").unwrap();
+    let docker_digest = h.registry.push_docker(&image, "cairn/docker:v1").unwrap();
+    let manifest_text = std::fs::read_to_string(h.registry.blob_path(&docker_digest)).unwrap();
+    assert!(
+        manifest_text.contains("application/vnd.docker.distribution.manifest.v2+json"),
+        "{manifest_text}"
+    );
+    let docker = h.tree("docker:v1", "", &password);
+    h.configs.publish(docker.clone()).await.unwrap();
+    let loaded = h
+        .status_where(docker.content_id, "LOADED (Docker v2)", |s| s.is_loaded())
+        .await;
+    assert_eq!(
+        loaded.content_sha256,
+        docker_digest.trim_start_matches("sha256:")
+    );
+    // A digest the registry does not have for that repository is refused.
+    let wrong = h.tree("app:v1", &"0".repeat(64), &password);
+    h.configs.publish(wrong.clone()).await.unwrap();
+    h.status_where(wrong.content_id, "refused", |s| {
+        s.error.error.contains("manifest") && !s.is_loaded()
+    })
+    .await;
+    drop(h.root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_are_refused_and_a_tampered_layer_is_refused_by_name() {
+    let mut h = Harness::new().await;
+    let _agent = h.agent();
+    let denied = h.tree("app:v1", "", "not-the-password");
+    h.configs.publish(denied.clone()).await.unwrap();
+    let status = h
+        .status_where(denied.content_id, "refused for its credentials", |s| {
+            s.error.is_error()
+        })
+        .await;
+    assert!(
+        status.error.error.contains("credentials"),
+        "{}",
+        status.error.error
+    );
+    assert!(!status.is_loaded());
+
+    // The registry's copy of the last layer changes: the pull names that layer and stores
+    // nothing of it.
+    let manifest = h.digest.trim_start_matches("sha256:").to_string();
+    let layer = {
+        // Read the manifest from the registry's own storage.
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(h.registry.blob_path(&manifest)).unwrap())
+                .unwrap();
+        m["layers"][1]["digest"].as_str().unwrap().to_string()
+    };
+    let path = h.registry.blob_path(&layer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let password = h.registry.password().to_string();
+    let tampered = h.tree("app:v1", "", &password);
+    h.configs.publish(tampered.clone()).await.unwrap();
+    let status = h
+        .status_where(tampered.content_id, "refused for the tampered layer", |s| {
+            s.error.error.contains(&layer)
+        })
+        .await;
+    assert!(!status.is_loaded(), "{status:?}");
+    let hex = layer.trim_start_matches("sha256:");
+    assert!(
+        !h.blobs().join(hex).exists(),
+        "nothing unverified enters the store"
+    );
+    drop(h.root);
+}
