@@ -1,11 +1,16 @@
 //! Bus figures, all measured in one run against baselines measured in the same run:
 //! - publish → subscriber event latency (p50/p99) for 256 B and 64 KiB values, next to the
 //!   one-way time (echo round trip / 2) of the same bytes over a raw Unix socket pair;
-//! - throughput of small updates for a run-root topic and a persistent (fsynced) topic;
+//! - throughput of small updates for a run-root topic;
+//! - durable updates of a persistent topic, group commit (64 publishers at once, each told
+//!   only once its update is durable) vs the per-key write+fsync+rename+dir-fsync pattern of
+//!   the same records in the same directory, and one publisher alone (a group of one);
 //! - RSS of an idle process holding one publication and one subscription.
 //!
 //! `cargo bench -p cairn-pubsub --bench bus`. Targets: p50 ≤ 2× raw one-way; ≥ 100,000 small
-//! run-root updates/s delivered; idle pair < 5 MiB RSS. Timing never fails the run.
+//! run-root updates/s delivered; durable updates ≥ 3× the per-key pattern; idle pair < 5 MiB
+//! RSS. Timing never fails the run. `CAIRN_BENCH_ONLY=durable` runs the durable part alone;
+//! `CAIRN_BENCH_DIR` puts its files on another file system (default: the temp directory).
 
 #![allow(clippy::unwrap_used)] // a benchmark that cannot set up has nothing to report
 
@@ -165,6 +170,86 @@ async fn throughput(
     (t.elapsed(), events)
 }
 
+/// Durable updates/s: `publishers` tasks each publish `per_publisher` updates of their own key,
+/// one after another; each publish returns once its update is durable.
+async fn durable_updates(
+    root: &std::path::Path,
+    publishers: u64,
+    per_publisher: u64,
+) -> (f64, cairn_pubsub::CommitStats) {
+    let run = root.join(format!("durable-run-{publishers}"));
+    let persist = root.join(format!("durable-persist-{publishers}"));
+    let publication = std::sync::Arc::new(
+        Bus::new("config-agent", &run, &persist)
+            .publish::<BenchStatus>(PublishOptions {
+                persistent: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+    );
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..publishers {
+        let publication = publication.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("k{p}");
+            for seq in 0..per_publisher {
+                publication.publish(value(&key, seq, 256)).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let rate = (publishers * per_publisher) as f64 / t.elapsed().as_secs_f64();
+    (rate, publication.commit_stats())
+}
+
+/// The per-key pattern a persistent topic used before group commit, on the same records in
+/// the same kind of directory: encode, write a temporary file, fsync, rename, fsync the
+/// directory; one update after another.
+fn per_key_pattern(root: &std::path::Path, keys: u64, updates: u64) -> f64 {
+    let dir = root.join("pattern");
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = Instant::now();
+    for seq in 0..updates {
+        let key = format!("k{}", seq % keys);
+        cairn_persist::store(&dir.join(format!("{key}.json")), &value(&key, seq, 256)).unwrap();
+    }
+    updates as f64 / t.elapsed().as_secs_f64()
+}
+
+fn durable(runtime: &tokio::runtime::Runtime, root: &std::path::Path) {
+    let root = match std::env::var_os("CAIRN_BENCH_DIR") {
+        Some(dir) => tempfile::tempdir_in(dir).unwrap(),
+        None => tempfile::tempdir_in(root).unwrap(),
+    };
+    let root = root.path();
+    println!(
+        "durable updates of a persistent topic, 256 B values, on {}",
+        root.display()
+    );
+    let pattern = per_key_pattern(root, 64, 600);
+    let (alone, _) = runtime.block_on(durable_updates(root, 1, 600));
+    let (grouped, stats) = runtime.block_on(durable_updates(root, 64, 40));
+    let pattern_after = per_key_pattern(root, 64, 600);
+    let baseline = (pattern + pattern_after) / 2.0;
+    println!(
+        "  per-key write+fsync+rename+dir-fsync, 600 updates over 64 keys: {pattern:.0} / {pattern_after:.0} updates/s (before / after)"
+    );
+    println!(
+        "  bus, one publisher, 600 updates: {alone:.0} updates/s ({:.2}x the pattern)",
+        alone / baseline
+    );
+    println!(
+        "  bus, 64 publishers x 40 updates: {grouped:.0} updates/s, {} groups of {:.1} on average: {:.2}x the pattern (target >= 3x)",
+        stats.groups,
+        stats.updates as f64 / stats.groups.max(1) as f64,
+        grouped / baseline
+    );
+}
+
 fn idle_pair_child(root: &str) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -225,6 +310,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if std::env::var("CAIRN_BENCH_ONLY").as_deref() == Ok("durable") {
+        durable(&runtime, root.path());
+        return;
+    }
 
     println!("bus bench (2 worker threads, one process, real Unix sockets)");
     println!("{:<44} {:>10} {:>10}", "latency", "p50 µs", "p99 µs");
@@ -259,12 +348,7 @@ fn main() {
         elapsed.as_secs_f64() * 1e3,
         rate
     );
-    let (elapsed, events) = runtime.block_on(throughput(root.path(), true, 400, 10));
-    println!(
-        "persistent topic (fsync per update): 400 updates in {:.0} ms: {:.0} updates/s ({events} events)",
-        elapsed.as_secs_f64() * 1e3,
-        400.0 / elapsed.as_secs_f64()
-    );
+    durable(&runtime, root.path());
 
     let rss = idle_pair_rss_kib(root.path());
     println!(

@@ -13,6 +13,7 @@
 
 pub mod access;
 pub mod frame;
+mod journal;
 mod publisher;
 mod store;
 mod subscriber;
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 pub use access::{Access, Peer, Scope};
 pub use cairn_types::Topic;
-pub use publisher::{Publication, PublishOptions, SubscriberStats};
+pub use publisher::{CommitStats, Publication, PublishOptions, SubscriberStats};
 pub use store::escape_key;
 pub use subscriber::{Event, Subscription, SubscriptionStats};
 

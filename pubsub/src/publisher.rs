@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::access::{Access, Peer, Scope};
 use crate::frame::{self, Hello, PROTOCOL, ServerFrame};
+use crate::journal::{self, Change, Journal};
 use crate::store::{KeyFiles, LoadProblem, run_topic_dir};
 use crate::{Bus, BusError};
 
@@ -52,6 +53,9 @@ pub struct PublishOptions {
     /// stopped app started again, an old request answered). For configs and requests; a
     /// status may lag, and is written behind for throughput.
     pub write_through: bool,
+    /// Persistent topics: journal bytes after which a checkpoint makes the key files durable
+    /// and empties the journal (default 1 MiB). Tests set it small to cut the power inside one.
+    pub checkpoint_bytes: Option<u64>,
 }
 
 impl PublishOptions {
@@ -63,6 +67,18 @@ impl PublishOptions {
             ..Self::default()
         }
     }
+}
+
+/// Group commits of a persistent topic since it opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Journal appends, each made durable by one fdatasync.
+    pub groups: u64,
+    /// Updates and removals they carried.
+    pub updates: u64,
+    pub largest_group: u64,
+    /// Checkpoints: key files made durable, journal emptied.
+    pub checkpoints: u64,
 }
 
 /// What one subscriber connection has cost so far.
@@ -79,6 +95,7 @@ pub struct Publication<T: Topic> {
     shared: Arc<Shared<T>>,
     accept: JoinHandle<()>,
     flusher: Option<JoinHandle<()>>,
+    committer: Option<JoinHandle<()>>,
     socket: PathBuf,
     /// Held for the publication's lifetime: a second publisher of the topic fails to take it.
     _lock: Flock<File>,
@@ -99,6 +116,30 @@ struct Shared<T: Topic> {
     gate: tokio::sync::Mutex<()>,
     dirty: Mutex<BTreeMap<String, Option<T>>>,
     dirty_notify: Notify,
+    /// Persistent topics: updates waiting for the committer's next group.
+    queue: Mutex<CommitQueue<T>>,
+    queue_notify: Notify,
+    /// Persistent topics: the journal, used on the blocking pool by the committer alone.
+    journal: Option<Arc<Mutex<Journal>>>,
+}
+
+/// Updates of a persistent topic queued for group commit.
+struct CommitQueue<T> {
+    ops: Vec<CommitOp<T>>,
+    /// The newest queued state of each key with an update in `ops` or in the group being
+    /// committed: what a new publish is compared with, ahead of the table.
+    latest: HashMap<String, (u64, Option<T>)>,
+    tickets: u64,
+}
+
+struct CommitOp<T> {
+    ticket: u64,
+    key: String,
+    value: Option<T>,
+    wire: Option<Arc<Vec<u8>>>,
+    envelope: Option<Vec<u8>>,
+    repeat: bool,
+    done: tokio::sync::oneshot::Sender<Result<(), BusError>>,
 }
 
 struct State<T> {
@@ -140,10 +181,14 @@ impl<T: Topic> Publication<T> {
             durable: options.persistent,
         };
         let dir = files.clone();
-        let (loaded, load_problems) = tokio::task::spawn_blocking(move || dir.load_all::<T>())
-            .await
-            .map_err(|e| BusError::io("loading", &files.dir, std::io::Error::other(e)))?
-            .map_err(|e| BusError::io("loading", &files.dir, e))?;
+        let checkpoint_bytes = options
+            .checkpoint_bytes
+            .unwrap_or(journal::DEFAULT_CHECKPOINT_BYTES);
+        let (loaded, load_problems, journal) =
+            tokio::task::spawn_blocking(move || load_key_files::<T>(&dir, checkpoint_bytes))
+                .await
+                .map_err(|e| BusError::io("loading", &files.dir, std::io::Error::other(e)))?
+                .map_err(|e| BusError::io("loading", &files.dir, e))?;
         for problem in &load_problems {
             tracing::warn!(topic = %label, file = %problem.path.display(), "unreadable key file: {}", problem.error);
         }
@@ -172,14 +217,26 @@ impl<T: Topic> Publication<T> {
             gate: tokio::sync::Mutex::new(()),
             dirty: Mutex::new(BTreeMap::new()),
             dirty_notify: Notify::new(),
+            queue: Mutex::new(CommitQueue {
+                ops: Vec::new(),
+                latest: HashMap::new(),
+                tickets: 0,
+            }),
+            queue_notify: Notify::new(),
+            journal: journal.map(|j| Arc::new(Mutex::new(j))),
         });
         tracing::debug!(topic = %label, epoch = shared.epoch, keys = lock_len(&shared), "publishing");
         let accept = tokio::spawn(accept_loop(shared.clone(), listener));
         let flusher = (!options.persistent).then(|| tokio::spawn(flush_loop(shared.clone())));
+        let committer = shared
+            .journal
+            .clone()
+            .map(|journal| tokio::spawn(commit_loop(shared.clone(), journal)));
         Ok(Self {
             shared,
             accept,
             flusher,
+            committer,
             socket,
             _lock: lock,
         })
@@ -200,6 +257,9 @@ impl<T: Topic> Publication<T> {
     }
 
     async fn put(&self, value: T, repeat: bool) -> Result<(), BusError> {
+        if self.shared.journal.is_some() {
+            return self.commit(value.key(), Some(value), repeat).await;
+        }
         let shared = &self.shared;
         let _gate = shared.gate.lock().await;
         let key = value.key();
@@ -222,34 +282,73 @@ impl<T: Topic> Publication<T> {
             lock(&shared.dirty).insert(key.clone(), Some(value.clone()));
             shared.dirty_notify.notify_one();
         }
-        let mut state = lock(&shared.state);
-        let state = &mut *state;
-        let tenant = value.tenant();
-        for outbox in &state.outboxes {
-            if !outbox.scope.is_all() && !outbox.scope.admits(tenant) {
-                // Out of this subscriber's scope: if it could see the old value, the key is
-                // gone for it.
-                let old = state.table.get(&key).map(|e| e.value.tenant());
-                if old.is_some_and(|old| outbox.scope.admits(old)) {
-                    outbox.push(&key, Pending::Delete);
-                }
-                continue;
-            }
-            outbox.push(
-                &key,
-                Pending::Update {
-                    wire: wire.clone(),
-                    repeat,
-                },
-            );
-        }
-        state.table.insert(key, Entry { value, wire });
+        deliver_update(&mut lock(&shared.state), key, value, wire, repeat);
         Ok(())
+    }
+
+    /// A persistent topic's update or removal: queued for the committer's next group, and
+    /// acknowledged once that group is durable and delivered.
+    async fn commit(&self, key: String, value: Option<T>, repeat: bool) -> Result<(), BusError> {
+        let shared = &self.shared;
+        let (wire, envelope) = match &value {
+            Some(value) => (
+                Some(Arc::new(encode(&shared.label, &key, value)?)),
+                Some(cairn_persist::encode(value).map_err(|e| BusError::Encode {
+                    topic: shared.label.clone(),
+                    key: key.clone(),
+                    message: e.to_string(),
+                })?),
+            ),
+            None => (None, None),
+        };
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        {
+            let mut queue = lock(&shared.queue);
+            let queue = &mut *queue;
+            {
+                let mut state = lock(&shared.state);
+                state.unconfirmed.remove(&key);
+                let current = match queue.latest.get(&key) {
+                    Some((_, queued)) => queued.as_ref(),
+                    None => state.table.get(&key).map(|e| &e.value),
+                };
+                let unchanged = match &value {
+                    Some(value) => !repeat && current == Some(value),
+                    None => current.is_none(),
+                };
+                if unchanged {
+                    return Ok(());
+                }
+            }
+            queue.tickets += 1;
+            let ticket = queue.tickets;
+            queue.latest.insert(key.clone(), (ticket, value.clone()));
+            queue.ops.push(CommitOp {
+                ticket,
+                key,
+                value,
+                wire,
+                envelope,
+                repeat,
+                done,
+            });
+        }
+        shared.queue_notify.notify_one();
+        outcome.await.unwrap_or_else(|_| {
+            Err(BusError::io(
+                "committing to",
+                &shared.files.dir,
+                std::io::Error::other("the publication closed before the update was durable"),
+            ))
+        })
     }
 
     /// Removes `key`; subscribers get a delete with the last value. Removing an absent key is
     /// a no-op.
     pub async fn unpublish(&self, key: &str) -> Result<(), BusError> {
+        if self.shared.journal.is_some() {
+            return self.commit(key.to_string(), None, false).await;
+        }
         let shared = &self.shared;
         let _gate = shared.gate.lock().await;
         {
@@ -270,16 +369,7 @@ impl<T: Topic> Publication<T> {
             lock(&shared.dirty).insert(key.to_string(), None);
             shared.dirty_notify.notify_one();
         }
-        let mut state = lock(&shared.state);
-        let Some(old) = state.table.remove(key) else {
-            return Ok(());
-        };
-        let tenant = old.value.tenant();
-        for outbox in &state.outboxes {
-            if outbox.scope.admits(tenant) {
-                outbox.push(key, Pending::Delete);
-            }
-        }
+        deliver_delete(&mut lock(&shared.state), key);
         Ok(())
     }
 
@@ -348,6 +438,23 @@ impl<T: Topic> Publication<T> {
             .collect()
     }
 
+    /// Persistent topics: how many group commits carried how many updates.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.shared
+            .journal
+            .as_ref()
+            .map(|journal| {
+                let journal = lock(journal);
+                CommitStats {
+                    groups: journal.groups,
+                    updates: journal.updates,
+                    largest_group: journal.largest_group,
+                    checkpoints: journal.checkpoints,
+                }
+            })
+            .unwrap_or_default()
+    }
+
     /// Waits until the run-root key files reflect every publish so far.
     pub async fn flush(&self) -> Result<(), BusError> {
         flush_dirty(&self.shared).await
@@ -360,6 +467,15 @@ impl<T: Topic> Drop for Publication<T> {
         if let Some(flusher) = &self.flusher {
             flusher.abort();
         }
+        // Queued updates were never acknowledged; their publishers get an error. Waits for a
+        // journal step already on the blocking pool (one group at most), so that no file is
+        // written once the publication is gone.
+        if let Some(committer) = &self.committer {
+            committer.abort();
+        }
+        if let Some(journal) = &self.shared.journal {
+            lock(journal).closed = true;
+        }
         for outbox in lock(&self.shared.state).outboxes.drain(..) {
             outbox.close();
         }
@@ -367,6 +483,154 @@ impl<T: Topic> Drop for Publication<T> {
         // Best effort: values published just before the drop reach their files.
         let pending = std::mem::take(&mut *lock(&self.shared.dirty));
         write_dirty(&self.shared.files, pending);
+    }
+}
+
+/// The key files of a topic, and for a persistent one its journal replayed over them: a key
+/// the journal holds is what the journal says, whatever its key file holds after a power cut.
+#[allow(clippy::type_complexity)]
+fn load_key_files<T: Topic>(
+    files: &KeyFiles,
+    checkpoint_bytes: u64,
+) -> std::io::Result<(BTreeMap<String, T>, Vec<LoadProblem>, Option<Journal>)> {
+    let (mut table, mut problems) = files.load_all::<T>()?;
+    if !files.durable {
+        return Ok((table, problems, None));
+    }
+    let (journal, changes) = Journal::open(&files.dir, checkpoint_bytes)?;
+    for change in changes {
+        let path = files.path_of(&change.key);
+        problems.retain(|p| p.path != path);
+        match change.envelope {
+            None => {
+                table.remove(&change.key);
+            }
+            Some(bytes) => match cairn_persist::decode::<T>(&bytes) {
+                Ok(decoded) => {
+                    table.insert(change.key, decoded.record);
+                }
+                Err(e) => problems.push(LoadProblem {
+                    path: files.dir.join(journal::JOURNAL_FILE),
+                    error: cairn_persist::PersistError {
+                        schema: T::SCHEMA,
+                        path,
+                        kind: cairn_persist::ErrorKind::Decode(e),
+                    },
+                }),
+            },
+        }
+    }
+    Ok((table, problems, Some(journal)))
+}
+
+fn deliver_update<T: Topic>(
+    state: &mut State<T>,
+    key: String,
+    value: T,
+    wire: Arc<Vec<u8>>,
+    repeat: bool,
+) {
+    let tenant = value.tenant();
+    for outbox in &state.outboxes {
+        if !outbox.scope.is_all() && !outbox.scope.admits(tenant) {
+            // Out of this subscriber's scope: if it could see the old value, the key is
+            // gone for it.
+            let old = state.table.get(&key).map(|e| e.value.tenant());
+            if old.is_some_and(|old| outbox.scope.admits(old)) {
+                outbox.push(&key, Pending::Delete);
+            }
+            continue;
+        }
+        outbox.push(
+            &key,
+            Pending::Update {
+                wire: wire.clone(),
+                repeat,
+            },
+        );
+    }
+    state.table.insert(key, Entry { value, wire });
+}
+
+fn deliver_delete<T: Topic>(state: &mut State<T>, key: &str) {
+    let Some(old) = state.table.remove(key) else {
+        return;
+    };
+    let tenant = old.value.tenant();
+    for outbox in &state.outboxes {
+        if outbox.scope.admits(tenant) {
+            outbox.push(key, Pending::Delete);
+        }
+    }
+}
+
+/// Group commit: whatever publishers queued while the last group was on disk becomes the
+/// next group, one journal append and one fdatasync, then delivered in queue order and
+/// acknowledged; its key files follow without fsync.
+async fn commit_loop<T: Topic>(shared: Arc<Shared<T>>, journal: Arc<Mutex<Journal>>) {
+    loop {
+        let mut ops = std::mem::take(&mut lock(&shared.queue).ops);
+        if ops.is_empty() {
+            shared.queue_notify.notified().await;
+            continue;
+        }
+        let changes: Vec<Change> = ops
+            .iter_mut()
+            .map(|op| Change {
+                key: op.key.clone(),
+                envelope: op.envelope.take(),
+            })
+            .collect();
+        let on_disk = journal.clone();
+        let appended = tokio::task::spawn_blocking(move || {
+            let result = lock(&on_disk).append(&changes);
+            (changes, result)
+        })
+        .await;
+        let (changes, result) = match appended {
+            Ok((changes, result)) => (changes, result.map_err(|e| e.to_string())),
+            Err(e) => (Vec::new(), Err(e.to_string())),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(topic = %shared.label, updates = ops.len(), "journal append failed: {e}");
+        }
+        {
+            let mut queue = lock(&shared.queue);
+            let mut state = lock(&shared.state);
+            for op in &ops {
+                if queue
+                    .latest
+                    .get(&op.key)
+                    .is_some_and(|(t, _)| *t == op.ticket)
+                {
+                    queue.latest.remove(&op.key);
+                }
+            }
+            if result.is_ok() {
+                for op in &mut ops {
+                    match (op.value.take(), op.wire.take()) {
+                        (Some(value), Some(wire)) => {
+                            deliver_update(&mut state, op.key.clone(), value, wire, op.repeat)
+                        }
+                        _ => deliver_delete(&mut state, &op.key),
+                    }
+                }
+            }
+        }
+        for op in ops {
+            let outcome = result.clone().map_err(|e| {
+                BusError::io(
+                    "appending to the journal in",
+                    &shared.files.dir,
+                    std::io::Error::other(e),
+                )
+            });
+            let _ = op.done.send(outcome);
+        }
+        if result.is_ok() {
+            let on_disk = journal.clone();
+            let _ = tokio::task::spawn_blocking(move || lock(&on_disk).settle(changes)).await;
+        }
     }
 }
 

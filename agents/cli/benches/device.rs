@@ -12,7 +12,12 @@
 //! (b) the idle RSS of the four agents together;
 //! (c) the time from `cairn up` to every topic synchronized with 100 apps × 10 snapshots
 //!     persisted (state made by the agents themselves in a first run; `/run` wiped in between,
-//!     as by a reboot).
+//!     as by a reboot), then the agents' idle RSS and the time of `cairn snapshots`.
+//!
+//! Scale (issue 19): `CAIRN_BENCH_ONLY=startup CAIRN_BENCH_APPS=1000 cargo bench -p cairn
+//! --bench device --profile dev` (after `cargo build --workspace --bins`) runs (b, c) with
+//! 1,000 process apps on directory volumes; it also measures the agents with no app at all,
+//! for the cost per app.
 //! Figures only: nothing here fails on timing.
 
 #![allow(clippy::unwrap_used)] // bench code: a failed unwrap is a failed run
@@ -42,7 +47,13 @@ const AGENTS: [&str; 4] = [
     "domain-manager",
 ];
 const SNAPSHOT_RUNS: usize = 10;
-const APPS: usize = 100;
+/// Apps of part (c): `CAIRN_BENCH_APPS`, default 100.
+fn apps_count() -> usize {
+    std::env::var("CAIRN_BENCH_APPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
 const SNAPSHOTS_PER_APP: usize = 10;
 /// Written into the qcow2 volume before the snapshots, so that they have data to cover.
 const WRITTEN: &str = "256M";
@@ -68,7 +79,8 @@ fn main() {
         .unwrap();
     // CAIRN_BENCH_ONLY=startup runs part (b, c) alone.
     let only_startup = std::env::var("CAIRN_BENCH_ONLY").is_ok_and(|v| v == "startup");
-    eprintln!("(b, c) {APPS} apps × {SNAPSHOTS_PER_APP} snapshots…");
+    let n_apps = apps_count();
+    eprintln!("(b, c) {n_apps} apps × {SNAPSHOTS_PER_APP} snapshots…");
     let startup = runtime.block_on(startup_with_history(&cairn));
     if only_startup {
         println!(
@@ -83,7 +95,25 @@ fn main() {
             "| all apps running again (auto / tcg) | {} / {} |",
             startup.running_auto, startup.running_tcg
         );
-        println!("| idle RSS, 100 apps | {} |", startup.idle_rss);
+        println!(
+            "| idle RSS, {n_apps} apps, after populating | {} |",
+            startup.idle_rss
+        );
+        println!(
+            "| idle RSS, {n_apps} apps, after the restart | {} |",
+            startup.idle_rss_restarted
+        );
+        println!("| idle RSS, no app | {} |", startup.idle_rss_empty);
+        println!(
+            "| cost per app (restarted − no app) / {n_apps} | {:.1} KiB |",
+            (startup.rss_restarted_kib as f64 - startup.rss_empty_kib as f64) / n_apps as f64
+        );
+        println!("| `cairn snapshots` (5 runs) | {} |", startup.snapshots_cli);
+        println!(
+            "| populating ({} snapshots) | {} |",
+            n_apps * SNAPSHOTS_PER_APP,
+            startup.populate
+        );
         return;
     }
     eprintln!("(a) immediate snapshots of a process app on a directory volume…");
@@ -136,15 +166,15 @@ fn main() {
     println!("| measure | result |");
     println!("|---|---|");
     println!(
-        "| idle RSS of the four agents, {APPS} apps × {SNAPSHOTS_PER_APP} snapshots | {} |",
+        "| idle RSS of the four agents, {n_apps} apps × {SNAPSHOTS_PER_APP} snapshots | {} |",
         startup.idle_rss
     );
     println!(
-        "| `cairn up` → every topic synchronized with its full table, {APPS} apps × {SNAPSHOTS_PER_APP} snapshots persisted, /run wiped (domain-manager probes the accelerator: CAIRN_ACCEL=auto) | {} |",
+        "| `cairn up` → every topic synchronized with its full table, {n_apps} apps × {SNAPSHOTS_PER_APP} snapshots persisted, /run wiped (domain-manager probes the accelerator: CAIRN_ACCEL=auto) | {} |",
         startup.synchronized_auto
     );
     println!(
-        "| 〃 → all {APPS} apps running again | {} |",
+        "| 〃 → all {n_apps} apps running again | {} |",
         startup.running_auto
     );
     println!(
@@ -152,12 +182,12 @@ fn main() {
         startup.synchronized_tcg
     );
     println!(
-        "| 〃 → all {APPS} apps running again | {} |",
+        "| 〃 → all {n_apps} apps running again | {} |",
         startup.running_tcg
     );
     println!(
         "| (making that state: {} immediate snapshots through the agents) | {} |",
-        APPS * SNAPSHOTS_PER_APP,
+        n_apps * SNAPSHOTS_PER_APP,
         startup.populate
     );
 }
@@ -197,7 +227,7 @@ async fn immediate_snapshot(cairn: &Path, kind: Kind) -> SnapshotFigures {
         ),
         Kind::Vm => {
             let guest = guest_dir();
-            let base = device.root.path().join("base.qcow2");
+            let base = device.dir.as_path().join("base.qcow2");
             run("qemu-img", &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1G"]);
             run(
                 "qemu-io",
@@ -383,6 +413,11 @@ async fn booted(observer: &Observer) -> Instant {
 
 struct StartupFigures {
     populate: String,
+    idle_rss_empty: String,
+    rss_empty_kib: u64,
+    idle_rss_restarted: String,
+    rss_restarted_kib: u64,
+    snapshots_cli: String,
     synchronized_auto: String,
     running_auto: String,
     synchronized_tcg: String,
@@ -394,68 +429,110 @@ struct StartupFigures {
 type Tables = BTreeMap<&'static str, usize>;
 
 async fn startup_with_history(cairn: &Path) -> StartupFigures {
-    let device = Device::new();
-    let app = |n: usize| Uuid::from_u128(0xbe9d_0000_0000_4000_8000_0000_0000_0000 + n as u128);
-    let volume = |n: usize| Uuid::from_u128(0xbe9e_0000_0000_4000_8000_0000_0000_0000 + n as u128);
-    let snapshot = |n: usize, k: usize| {
-        Uuid::from_u128(0xbe9f_0000_0000_4000_8000_0000_0000_0000 + (n * 100 + k) as u128)
+    let n_apps = apps_count();
+    // The agents with nothing to do, for the cost per app: on a root of its own.
+    let (idle_rss_empty, rss_empty_kib) = {
+        let empty = Device::new();
+        empty.write_config(r#"{"apps": [], "volumes": []}"#);
+        let mut up = empty.up(cairn);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while up.agent_pids().len() < AGENTS.len() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let figures = (rss_line(&up), rss_total_kib(&up));
+        up.stop();
+        figures
     };
-    let apps: Vec<String> = (0..APPS)
-        .map(|n| {
-            let ids: Vec<String> = (0..SNAPSHOTS_PER_APP)
-                .map(|k| format!(r#"{{"id": "{}", "type": "immediate"}}"#, snapshot(n, k)))
-                .collect();
-            format!(
-                r#"{{"uuid": "{}", "version": "1", "display_name": "app-{n:03}",
-  "volume_refs": [{{"uuid": "{}", "mount_dir": "/data"}}],
-  "snapshot": {{"max_snapshots": {SNAPSHOTS_PER_APP}, "snapshots": [{}]}},
-  "domain": {{"kind": "process", "command": "/bin/sleep", "args": ["100000"]}}}}"#,
-                app(n),
-                volume(n),
-                ids.join(", ")
-            )
-        })
+    let reuse = std::env::var_os("CAIRN_BENCH_REUSE").map(PathBuf::from);
+    let (mut device, tables, populate, idle_rss) = if let Some(root) = reuse {
+        // The tables a populated device of n_apps apps holds (see the first run below).
+        let tables: Tables = [
+            (AppInstanceConfig::NAME, n_apps),
+            (AppInstanceStatus::NAME, n_apps),
+            (DeviceStatus::NAME, 1),
+            (DomainConfig::NAME, n_apps),
+            (DomainLiveOpStatus::NAME, 0),
+            (DomainStatus::NAME, n_apps),
+            (VolumeConfig::NAME, n_apps),
+            (VolumeStatus::NAME, n_apps),
+        ]
+        .into_iter()
         .collect();
-    let volumes: Vec<String> = (0..APPS)
-        .map(|n| {
-            format!(
-                r#"{{"uuid": "{}", "display_name": "data-{n:03}", "format": "dir", "max_size_bytes": 1048576}}"#,
-                volume(n)
-            )
-        })
-        .collect();
-    device.write_config(&format!(
-        r#"{{"apps": [{}], "volumes": [{}]}}"#,
-        apps.join(",\n"),
-        volumes.join(",\n")
-    ));
-
-    // First run: the agents make the state (records, app states, volumes).
-    let began = Instant::now();
-    let mut up = device.up(cairn);
-    let mut observer = Observer::start(&device);
-    let complete = |o: &Observer| {
-        o.apps.len() == APPS
-            && o.apps.values().all(|a| {
-                a.snap_status.available_snapshots.len() == SNAPSHOTS_PER_APP
-                    && a.state == cairn_types::SwState::Running
+        (
+            Device::reused(root),
+            tables,
+            Duration::ZERO,
+            "–".to_string(),
+        )
+    } else {
+        let device = Device::new();
+        let app = |n: usize| Uuid::from_u128(0xbe9d_0000_0000_4000_8000_0000_0000_0000 + n as u128);
+        let volume =
+            |n: usize| Uuid::from_u128(0xbe9e_0000_0000_4000_8000_0000_0000_0000 + n as u128);
+        let snapshot = |n: usize, k: usize| {
+            Uuid::from_u128(0xbe9f_0000_0000_4000_8000_0000_0000_0000 + (n * 100 + k) as u128)
+        };
+        let apps: Vec<String> = (0..n_apps)
+            .map(|n| {
+                let ids: Vec<String> = (0..SNAPSHOTS_PER_APP)
+                    .map(|k| format!(r#"{{"id": "{}", "type": "immediate"}}"#, snapshot(n, k)))
+                    .collect();
+                format!(
+                    r#"{{"uuid": "{}", "version": "1", "display_name": "app-{n:03}",
+      "volume_refs": [{{"uuid": "{}", "mount_dir": "/data"}}],
+      "snapshot": {{"max_snapshots": {SNAPSHOTS_PER_APP}, "snapshots": [{}]}},
+      "domain": {{"kind": "process", "command": "/bin/sleep", "args": ["100000"]}}}}"#,
+                    app(n),
+                    volume(n),
+                    ids.join(", ")
+                )
             })
+            .collect();
+        let volumes: Vec<String> = (0..n_apps)
+            .map(|n| {
+                format!(
+                    r#"{{"uuid": "{}", "display_name": "data-{n:03}", "format": "dir", "max_size_bytes": 1048576}}"#,
+                    volume(n)
+                )
+            })
+            .collect();
+        device.write_config(&format!(
+            r#"{{"apps": [{}], "volumes": [{}]}}"#,
+            apps.join(",\n"),
+            volumes.join(",\n")
+        ));
+
+        // First run: the agents make the state (records, app states, volumes).
+        let began = Instant::now();
+        let mut up = device.up(cairn);
+        let mut observer = Observer::start(&device);
+        let complete = |o: &Observer| {
+            o.apps.len() == n_apps
+                && o.apps.values().all(|a| {
+                    a.snap_status.available_snapshots.len() == SNAPSHOTS_PER_APP
+                        && a.state == cairn_types::SwState::Running
+                })
+        };
+        observer.until(Duration::from_secs(600), complete).await;
+        let populate = began.elapsed();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let tables = observer.tables();
+        let idle_rss = rss_line(&up);
+        drop(observer);
+        up.stop();
+        let records = std::fs::read_dir(device.persist().join("snapshots"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        eprintln!("populated in {populate:?}: {records} snapshot records; tables {tables:?}");
+        (device, tables, populate, idle_rss)
     };
-    observer.until(Duration::from_secs(600), complete).await;
-    let populate = began.elapsed();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let tables = observer.tables();
-    let idle_rss = rss_line(&up);
-    drop(observer);
-    up.stop();
-    let records = std::fs::read_dir(device.persist().join("snapshots"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    eprintln!("populated in {populate:?}: {records} snapshot records; tables {tables:?}");
 
     // As after a reboot: /run is empty, /persist is what the agents left. Twice: with the
     // domain-manager probing the accelerator (its answer is kept in /run), and told it.
     let mut restarts = Vec::new();
+    let mut idle_rss_restarted = (String::new(), 0);
+    let mut snapshots_cli = String::new();
     for accel in ["auto", "tcg"] {
         std::fs::remove_dir_all(device.run()).unwrap();
         let began = Instant::now();
@@ -465,12 +542,27 @@ async fn startup_with_history(cairn: &Path) -> StartupFigures {
             Ok(t) => ms(t),
             Err(e) => e,
         };
+        if accel == "tcg" {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            idle_rss_restarted = (rss_line(&up), rss_total_kib(&up));
+            let root = device.dir.as_path().to_str().unwrap().to_string();
+            let mut times = Vec::new();
+            let mut rows = 0;
+            for _ in 0..5 {
+                let t = Instant::now();
+                let out = run(cairn.to_str().unwrap(), &["--root", &root, "snapshots"]);
+                times.push(t.elapsed());
+                rows = out.lines().count();
+            }
+            snapshots_cli = format!("{} ({rows} lines)", spread(&times));
+        }
         up.stop();
         restarts.push((accel, synchronized, running));
     }
-    if std::env::var_os("CAIRN_BENCH_KEEP").is_some() {
-        let kept = device.root.keep();
-        eprintln!("device root kept: {}", kept.display());
+    if std::env::var_os("CAIRN_BENCH_KEEP").is_some()
+        && let Some(temp) = device.temp.take()
+    {
+        eprintln!("device root kept: {}", temp.keep().display());
     }
     let figure = |synchronized: &BTreeMap<&'static str, Result<Duration, String>>| {
         format!(
@@ -492,6 +584,11 @@ async fn startup_with_history(cairn: &Path) -> StartupFigures {
     };
     StartupFigures {
         populate: format!("{:.1} s", populate.as_secs_f64()),
+        idle_rss_empty,
+        rss_empty_kib,
+        idle_rss_restarted: idle_rss_restarted.0,
+        rss_restarted_kib: idle_rss_restarted.1,
+        snapshots_cli,
         synchronized_auto: figure(&restarts[0].1),
         running_auto: restarts[0].2.clone(),
         synchronized_tcg: figure(&restarts[1].1),
@@ -654,26 +751,36 @@ const RUNNING: &str = "all apps running";
 // ---- the device and the observer ---------------------------------------------------------------
 
 struct Device {
-    root: tempfile::TempDir,
+    dir: PathBuf,
+    /// Removed on drop unless kept; `None` for a reused root.
+    temp: Option<tempfile::TempDir>,
 }
 
 impl Device {
     fn new() -> Self {
+        let temp = tempfile::tempdir().unwrap();
         Self {
-            root: tempfile::tempdir().unwrap(),
+            dir: temp.path().to_path_buf(),
+            temp: Some(temp),
         }
     }
 
+    /// A root kept by an earlier run (`CAIRN_BENCH_KEEP`), measured again and kept
+    /// (`CAIRN_BENCH_REUSE=<root>`): a populated device of 1,000 apps takes minutes to make.
+    fn reused(dir: PathBuf) -> Self {
+        Self { dir, temp: None }
+    }
+
     fn run(&self) -> PathBuf {
-        self.root.path().join("run")
+        self.dir.as_path().join("run")
     }
 
     fn persist(&self) -> PathBuf {
-        self.root.path().join("persist")
+        self.dir.as_path().join("persist")
     }
 
     fn config(&self) -> PathBuf {
-        self.root.path().join("config.json")
+        self.dir.as_path().join("config.json")
     }
 
     fn bus(&self) -> Bus {
@@ -681,7 +788,7 @@ impl Device {
     }
 
     fn write_config(&self, text: &str) {
-        let tmp = self.root.path().join(".config.json.tmp");
+        let tmp = self.dir.as_path().join(".config.json.tmp");
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, self.config()).unwrap();
     }
@@ -694,11 +801,11 @@ impl Device {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.root.path().join("up.log"))
+            .open(self.dir.as_path().join("up.log"))
             .unwrap();
         let child = Command::new(cairn)
             .arg("--root")
-            .arg(self.root.path())
+            .arg(self.dir.as_path())
             .args(["up", "--config"])
             .arg(self.config())
             .env("RUST_LOG", "warn")
@@ -802,6 +909,10 @@ fn rss_kib(pid: i32) -> u64 {
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+fn rss_total_kib(up: &Up) -> u64 {
+    up.agent_pids().iter().map(|(_, pid)| rss_kib(*pid)).sum()
 }
 
 fn rss_line(up: &Up) -> String {

@@ -61,7 +61,7 @@
 //! reason, and it is made as soon as a create of that snapshot succeeds (or its config comes
 //! again). Once made, a clone is an ordinary volume: nothing ties it to its source.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -711,10 +711,43 @@ impl VolumeManager {
         }
     }
 
-    /// A configured line's newest volume is kept like a configured one, held or not (the app
-    /// may be deactivated: its purged volume is its data now).
-    fn line_current(&self, key: &str) -> bool {
-        self.line_configured(key) && !self.superseded(key, false)
+    /// The volumes that are not their configured line's newest ([`line_configured`] and not
+    /// [`superseded`]), which is kept like a configured one, held or not (the app may be
+    /// deactivated: its purged volume is its data now). One pass over volumes, holds and
+    /// configs: asked volume by volume, a collection cost 1,000 apps millions of key parses.
+    ///
+    /// [`line_configured`]: Self::line_configured
+    /// [`superseded`]: Self::superseded
+    fn not_current(&self) -> Vec<String> {
+        let configured: HashSet<(Uuid, i64)> = self
+            .configs
+            .values()
+            .map(|c| (c.volume_id, c.generation_counter))
+            .collect();
+        let mut newest: HashMap<(Uuid, i64), i64> = HashMap::new();
+        for key in self
+            .statuses
+            .keys()
+            .chain(self.app_holds.values().flatten())
+        {
+            if let Some((id, generation, local)) = parse_volume_key(key) {
+                let top = newest.entry((id, generation)).or_insert(local);
+                *top = (*top).max(local);
+            }
+        }
+        self.statuses
+            .keys()
+            .filter(|key| match parse_volume_key(key) {
+                Some((id, generation, local)) => {
+                    !configured.contains(&(id, generation))
+                        || newest
+                            .get(&(id, generation))
+                            .is_some_and(|top| *top > local)
+                }
+                None => !self.configs.contains_key(*key),
+            })
+            .cloned()
+            .collect()
     }
 
     /// `VolumeConfig` delete: the volume goes unless a snapshot still keeps it.
@@ -913,12 +946,7 @@ impl VolumeManager {
     /// them refers to; marks the ones kept.
     async fn collect_volumes(&mut self) -> Vec<Publish> {
         let mut out = Vec::new();
-        let orphans: Vec<String> = self
-            .statuses
-            .keys()
-            .filter(|k| !self.line_current(k))
-            .cloned()
-            .collect();
+        let orphans = self.not_current();
         for key in orphans {
             if self.volume_work.contains(&key) {
                 continue; // being made (seen again at its end) or already being removed
@@ -1102,7 +1130,7 @@ impl VolumeManager {
                         .collect(),
                 };
                 // A config or hold that went while the volume was made: it may go now.
-                if self.statuses.contains_key(&key) && !self.line_current(&key) {
+                if self.statuses.contains_key(&key) && self.not_current().contains(&key) {
                     out.extend(self.collect_volumes().await);
                 }
                 out.extend(self.dispatch().await);
