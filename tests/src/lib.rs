@@ -473,3 +473,29 @@ impl Device {
             .collect()
     }
 }
+
+/// The processes `cairn up` started for the device under `root`: their environment names its
+/// run root.
+pub fn processes_of(root: &Path) -> Vec<i32> {
+    let marker = format!("CAIRN_RUN_DIR={}", root.join("run").display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let environ = std::fs::read(e.path().join("environ")).ok()?;
+            environ
+                .split(|b| *b == 0)
+                .any(|kv| kv == marker.as_bytes())
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// The `cairn` binary beside the test's agents.
+pub fn cairn_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().join("cairn")
+}

@@ -131,6 +131,28 @@ pub fn device_facts(persist: &Path) -> ZInfoDevice {
         }],
         state: ZDeviceState::ZdeviceStateOnline as i32,
         api_capability: API_CAPABILITY as i32,
+        ..last_reboot(persist)
+    }
+}
+
+/// The last reboot as `cairn up` judged it at its start (`<persist>/boot/last-boot.json`);
+/// nothing when no `cairn up` ran (agents started by hand) or its record is unusable.
+fn last_reboot(persist: &Path) -> ZInfoDevice {
+    let path = cairn_types::layout::last_boot(persist);
+    let boot = match cairn_persist::load_with_backup::<cairn_types::LastBoot>(&path) {
+        Ok(loaded) => loaded.record,
+        Err(e) => {
+            if !matches!(e.kind, cairn_persist::ErrorKind::NotFound) {
+                tracing::warn!(error = %e, "the last reboot reason is not reported");
+            }
+            return ZInfoDevice::default();
+        }
+    };
+    ZInfoDevice {
+        last_reboot_reason: boot.reason,
+        last_reboot_time: boot.reboot_time.map(timestamp),
+        last_boot_reason: boot.boot_reason as i32,
+        restart_counter: boot.restart_counter,
         ..Default::default()
     }
 }
