@@ -20,12 +20,10 @@ struct Args {
     /// which a download attempt is abandoned; EVE's `timer.download.stalled` overrides it.
     #[arg(long, env = "CAIRN_DOWNLOAD_STALL_MS", default_value_t = 60_000)]
     stall_ms: u64,
-    /// The first retry delay after a failed attempt (doubling from there).
-    #[arg(long, env = "CAIRN_DOWNLOAD_RETRY_MIN_MS", default_value_t = 10_000)]
-    retry_min_ms: u64,
-    /// The longest retry delay; EVE's `timer.download.retry` overrides it.
-    #[arg(long, env = "CAIRN_DOWNLOAD_RETRY_MAX_MS", default_value_t = 600_000)]
-    retry_max_ms: u64,
+    /// The wait after a failed attempt (every datastore tried) before the next: EVE's default
+    /// `timer.download.retry`, which overrides it.
+    #[arg(long, env = "CAIRN_DOWNLOAD_RETRY_MS", default_value_t = 600_000)]
+    retry_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,8 +43,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut signals = StopSignals::install()?;
     let settings = Settings {
         stall: Duration::from_millis(args.stall_ms.max(1)),
-        retry_min: Duration::from_millis(args.retry_min_ms.max(1)),
-        retry_max: Duration::from_millis(args.retry_max_ms.max(1)),
+        retry: Duration::from_millis(args.retry_ms.max(1)),
+        // EVE's default: a blob no tree holds goes at once unless the config says otherwise.
+        defer_delete: Duration::ZERO,
     };
     let shutdown = async move {
         let signal = signals.recv().await;
