@@ -122,11 +122,13 @@ impl Device {
         for (key, value) in self.agent_env.get(agent).into_iter().flatten() {
             command.env(key, value);
         }
-        let child = command.spawn().unwrap();
-        if let Some(mut old) = self.agents.insert(agent.to_string(), child) {
+        // The old one goes first: a new one started beside it finds its topics held and exits.
+        if let Some(mut old) = self.agents.remove(agent) {
             let _ = old.kill();
             let _ = old.wait();
         }
+        let child = command.spawn().unwrap();
+        self.agents.insert(agent.to_string(), child);
     }
 
     pub fn start_all(&mut self) {
