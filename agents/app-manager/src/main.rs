@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use cairn_app_manager::agent::AppManager;
-use cairn_startup::{CommonArgs, StopSignals, init_logging};
+use cairn_startup::{CommonArgs, StopSignals, Threads, start};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -23,10 +23,11 @@ struct Args {
     tenant_readers: Vec<(String, u32)>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    init_logging();
-    let args = Args::parse();
+fn main() -> anyhow::Result<()> {
+    start(Threads::PerCpu, run)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let mut stop = StopSignals::install()?;
     let bus = args.common.bus("app-manager");
     let manager = AppManager::open(&bus, args.common.technicians_gid, &args.tenant_readers)

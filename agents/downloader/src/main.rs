@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cairn_downloader::AGENT;
 use cairn_downloader::agent::{self, Settings};
-use cairn_startup::{CommonArgs, StopSignals, init_logging};
+use cairn_startup::{CommonArgs, StopSignals, Threads, start};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -27,30 +27,20 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    init_logging();
-    let args = Args::parse();
     // Two threads: a download streams while the bus keeps answering.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot build the tokio runtime")?;
-    runtime.block_on(run(args))
+    start(Threads::Workers(2), run)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let bus = args.common.bus(AGENT);
-    let mut signals = StopSignals::install()?;
+    let signals = StopSignals::install()?;
     let settings = Settings {
         stall: Duration::from_millis(args.stall_ms.max(1)),
         retry: Duration::from_millis(args.retry_ms.max(1)),
         // EVE's default: a blob no tree holds goes at once unless the config says otherwise.
         defer_delete: Duration::ZERO,
     };
-    let shutdown = async move {
-        let signal = signals.recv().await;
-        tracing::info!(signal, "stopping; downloads resume at the next start");
-    };
+    let shutdown = signals.stopped("downloads resume at the next start");
     agent::run(
         &bus,
         &args.common.persist_dir,

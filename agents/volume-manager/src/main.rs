@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 use anyhow::Context;
 use cairn_pubsub::{Event, Publication, PublishOptions};
-use cairn_startup::{CommonArgs, StopSignals, init_logging};
+use cairn_startup::{CommonArgs, StopSignals, Threads, start};
 use cairn_types::ConfigItemValueMap;
 use cairn_types::export::{ExportConfig, ExportStatus};
 use cairn_types::snapshot::{VolumesSnapshotConfig, VolumesSnapshotStatus};
@@ -61,15 +61,9 @@ impl Outputs {
 }
 
 fn main() -> anyhow::Result<()> {
-    init_logging();
-    let args = Args::parse();
     // One thread: the slow work runs on the blocking pool and in child processes; the
     // manager's task only plans and records.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot build the tokio runtime")?;
-    runtime.block_on(run(args))
+    start(Threads::One, run)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
