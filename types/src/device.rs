@@ -3,9 +3,8 @@
 use cairn_persist::Persist;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_repr::{Deserialize_repr, Serialize_repr};
 
-use crate::common::{ErrorDescription, go_time};
+use crate::common::{ErrorDescription, eve_number_enum, go_time};
 
 /// Where the config in force came from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
@@ -97,10 +96,8 @@ impl ConfigItemValueMap {
     }
 }
 
+eve_number_enum! {
 /// Why the device started (EVE's `BootReason`, eve-api `info.proto`; the numbers are EVE's).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize_repr, Deserialize_repr, Persist,
-)]
 #[repr(i32)]
 pub enum BootReason {
     #[default]
@@ -123,6 +120,7 @@ pub enum BootReason {
     /// A deliberate stop (EVE: the local profile server's poweroff).
     PoweroffCmd = 14,
     ParseFail = 255,
+}
 }
 
 /// What a deliberate stop leaves for the next start: EVE's `/persist/reboot-reason` and
