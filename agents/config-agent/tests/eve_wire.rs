@@ -1483,6 +1483,40 @@ fn the_device_report_decodes_with_eves_zinfodevice() {
         field_of(&image, "shortVersion").as_str(),
         Some(env!("CARGO_PKG_VERSION"))
     );
+    assert!(
+        !info.has_field_by_name("lastRebootReason"),
+        "no cairn up ran"
+    );
+}
+
+/// The last reboot as `cairn up` recorded it reaches EVE's `lastRebootReason`,
+/// `lastRebootTime`, `last_boot_reason` and `restartCounter`.
+#[test]
+fn the_last_reboot_decodes_with_eves_boot_reason() {
+    let persist = tempfile::tempdir().unwrap();
+    let boot = cairn_types::LastBoot {
+        reason: "NORMAL: cairn up stopped the device on SIGTERM".into(),
+        boot_reason: cairn_types::BootReason::PoweroffCmd,
+        reboot_time: Some(chrono::Utc::now()),
+        started: Some(chrono::Utc::now()),
+        restart_counter: 3,
+    };
+    cairn_persist::store(&cairn_types::layout::last_boot(persist.path()), &boot).unwrap();
+    let msg = cairn_config_agent::report::device_info(
+        uuid::Uuid::new_v4(),
+        cairn_config_agent::report::device_facts(persist.path()),
+    );
+    let info = message_of(&decode_as_eve("info.ZInfoMsg", &msg), "dinfo");
+    assert_eq!(
+        field_of(&info, "lastRebootReason").as_str(),
+        Some(boot.reason.as_str())
+    );
+    assert_eq!(
+        enum_value_name(&info, "last_boot_reason", "info.BootReason"),
+        "BOOT_REASON_POWEROFF_CMD"
+    );
+    assert_eq!(field_of(&info, "restartCounter").as_u32(), Some(3));
+    assert!(info.has_field_by_name("lastRebootTime"));
 }
 
 /// An app as EVE's controller encodes it, set by EVE's field names only (no Cairn field):
