@@ -124,11 +124,13 @@ impl Device {
         for (key, value) in self.agent_env.get(agent).into_iter().flatten() {
             command.env(key, value);
         }
-        let child = command.spawn().unwrap();
-        if let Some(mut old) = self.agents.insert(agent.to_string(), child) {
+        // The old one goes first: a new one started beside it finds its topics held and exits.
+        if let Some(mut old) = self.agents.remove(agent) {
             let _ = old.kill();
             let _ = old.wait();
         }
+        let child = command.spawn().unwrap();
+        self.agents.insert(agent.to_string(), child);
     }
 
     pub fn start_all(&mut self) {
@@ -474,4 +476,30 @@ impl Device {
             .filter_map(|e| e.file_name().to_str()?.parse().ok())
             .collect()
     }
+}
+
+/// The processes `cairn up` started for the device under `root`: their environment names its
+/// run root.
+pub fn processes_of(root: &Path) -> Vec<i32> {
+    let marker = format!("CAIRN_RUN_DIR={}", root.join("run").display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let environ = std::fs::read(e.path().join("environ")).ok()?;
+            environ
+                .split(|b| *b == 0)
+                .any(|kv| kv == marker.as_bytes())
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// The `cairn` binary beside the test's agents.
+pub fn cairn_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().join("cairn")
 }

@@ -674,3 +674,69 @@ async fn metrics_and_volume_infos_reach_the_controller_at_eves_endpoint() {
     let err = seen.volumes()[&third].volume_err.clone().unwrap();
     assert!(err.retry_condition.starts_with("deleted at "), "{err:?}");
 }
+
+/// The bytes a metrics report gives the volume `uuid` as used.
+fn volume_used(metrics: &cairn_test_controller::Metrics, uuid: &str) -> Option<u64> {
+    metrics
+        .report
+        .vm
+        .iter()
+        .find(|v| v.uuid == uuid)
+        .map(|v| v.used_bytes)
+}
+
+/// A directory volume's usage is measured again (EVE's volumemgr disk scan, every
+/// `timer.metric.diskscan.interval`): 8 MiB written into it show in a later metrics report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_into_a_directory_volume_shows_in_the_metrics() {
+    let controller = TestController::start().await.unwrap();
+    let mut device = Device::new();
+    let mut args = link_args(&device, &controller);
+    args.extend(["--metric-interval-ms", "500"].map(String::from));
+    device.follow_controller(args);
+    let mut config = app_config("1", &[]);
+    config.config_items.push(proto::ConfigItem {
+        key: "timer.metric.diskscan.interval".into(),
+        value: "5".into(),
+    });
+    controller.set_config(SERIAL, config);
+    device.start_all();
+    let settle = Duration::from_secs(60);
+    let seen = controller
+        .wait_for(SERIAL, settle, "the volume in a metrics report", |d| {
+            d.metrics.iter().any(|m| volume_used(m, VOLUME).is_some())
+        })
+        .await
+        .unwrap();
+    let before = seen
+        .metrics
+        .iter()
+        .rev()
+        .find_map(|m| volume_used(m, VOLUME))
+        .unwrap();
+    let reports = seen.metrics.len();
+
+    let written: u64 = 8 << 20;
+    let dir = device.dir_volume(VOLUME.parse().unwrap(), 0);
+    std::fs::write(
+        dir.join("written-by-the-test"),
+        vec![0x5a; written as usize],
+    )
+    .unwrap();
+    let seen = controller
+        .wait_for(SERIAL, settle, "the write in a metrics report", |d| {
+            d.metrics
+                .iter()
+                .skip(reports)
+                .any(|m| volume_used(m, VOLUME).is_some_and(|used| used >= before + written))
+        })
+        .await
+        .unwrap();
+    let after = seen
+        .metrics
+        .iter()
+        .skip(reports)
+        .find_map(|m| volume_used(m, VOLUME).filter(|used| *used >= before + written))
+        .unwrap();
+    eprintln!("directory volume used: {before} bytes, then {after} after an 8 MiB write");
+}

@@ -14,7 +14,9 @@ use cairn_config_agent::proto::{
     self, AppInstanceConfig as ProtoApp, CairnDomain, EdgeDevConfig, InstanceOpsCmd,
     SnapshotConfig, SnapshotDesc, UuidAndVersion, Volume, VolumeRef,
 };
-use cairn_e2e::{Device, console_counters, guest_dir, qcow2_snapshots, sector_counter};
+use cairn_e2e::{
+    Device, cairn_bin, console_counters, guest_dir, processes_of, qcow2_snapshots, sector_counter,
+};
 use cairn_test_controller::TestController;
 use cairn_types::{AppInstanceStatus, DomainStatus};
 use uuid::Uuid;
@@ -367,31 +369,6 @@ async fn deletion_waits_for_the_next_deactivation_and_is_reported_pending() {
     .await;
     assert!(qcow2_snapshots(&file).is_empty());
     assert!(rig.device.snapshot_dirs().is_empty());
-}
-
-/// The processes `cairn up` started for the device under `root`: their environment names its
-/// run root.
-fn processes_of(root: &Path) -> Vec<i32> {
-    let marker = format!("CAIRN_RUN_DIR={}", root.join("run").display());
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    procs
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let environ = std::fs::read(e.path().join("environ")).ok()?;
-            environ
-                .split(|b| *b == 0)
-                .any(|kv| kv == marker.as_bytes())
-                .then_some(pid)
-        })
-        .collect()
-}
-
-fn cairn_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().join("cairn")
 }
 
 /// `cairn up` for the device under `root`, following `controller` (the config-agent's set-up

@@ -123,10 +123,9 @@ fn follow(controller: &TestController, config: EdgeDevConfig) -> Device {
         .unwrap();
     args.extend(["--config-interval-ms", "200", "--retry-ms", "100"].map(String::from));
     device.follow_controller(args);
-    // A stalled datastore is given up on after 1 s, a failed download tried again after 1-2 s.
+    // A stalled datastore is given up on after 1 s, a failed download tried again after 1 s.
     device.set_agent_env("downloader", "CAIRN_DOWNLOAD_STALL_MS", "1000");
-    device.set_agent_env("downloader", "CAIRN_DOWNLOAD_RETRY_MIN_MS", "1000");
-    device.set_agent_env("downloader", "CAIRN_DOWNLOAD_RETRY_MAX_MS", "2000");
+    device.set_agent_env("downloader", "CAIRN_DOWNLOAD_RETRY_MS", "1000");
     controller.set_config(SERIAL, config);
     device.start_all();
     device

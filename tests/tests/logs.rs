@@ -324,3 +324,71 @@ async fn a_log_manager_killed_at_any_step_of_a_flush_loses_no_line() {
     assert!(missing.is_empty(), "lines lost: {missing:?}");
     drop(device);
 }
+
+/// EVE's remote log levels (newlogd `shouldSendToRemote`): with `debug.default.remote.loglevel`
+/// at `warning`, an agent's INFO and DEBUG lines are not uploaded and its WARN line is; an
+/// agent given `agent.<name>.debug.remote.loglevel` `debug` has its DEBUG line uploaded; an
+/// app's output is never filtered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_lines_below_their_remote_log_level_are_not_uploaded() {
+    use cairn_config_agent::proto::ConfigItem;
+    let controller = TestController::start().await.unwrap();
+    let mut config = counting_app("tick", "0.2");
+    for (key, value) in [
+        ("debug.default.remote.loglevel", "warning"),
+        ("agent.chatty.debug.remote.loglevel", "debug"),
+    ] {
+        config.config_items.push(ConfigItem {
+            key: key.into(),
+            value: value.into(),
+        });
+    }
+    controller.set_config(SERIAL, config);
+    let device = device_with_logs(&controller, 64 << 20);
+    device
+        .wait_for::<LogManagerStatus>("log-manager", WITHIN, |s| {
+            s.remote_log_levels.get("default").map(String::as_str) == Some("warning")
+                && s.remote_log_levels.get("chatty").map(String::as_str) == Some("debug")
+        })
+        .await
+        .unwrap();
+
+    // Two more "agents" of the device, in tracing's format as `cairn up` writes their stderr.
+    let at = "2026-12-07T06:33:32.123456Z";
+    std::fs::write(
+        device.agent_log("probe"),
+        format!(
+            "{at}  INFO probe::t: probe-info\n{at}  WARN probe::t: probe-warn\n{at} DEBUG probe::t: probe-debug\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        device.agent_log("chatty"),
+        format!("{at} DEBUG chatty::t: chatty-debug\n"),
+    )
+    .unwrap();
+    let sent = |content: &str| {
+        received(&controller)
+            .iter()
+            .filter(|(app, _)| app.is_none())
+            .flat_map(|(_, f)| f.entries.iter())
+            .any(|e| e.content == content)
+    };
+    until("the lines at or above their level arrive", || {
+        sent("probe-warn") && sent("chatty-debug")
+    })
+    .await;
+    assert!(
+        !sent("probe-info"),
+        "INFO is below the default remote level"
+    );
+    assert!(
+        !sent("probe-debug"),
+        "DEBUG is below the default remote level"
+    );
+    until("the app's output still arrives", || {
+        app_counters(&controller, "tick").contains(&3)
+    })
+    .await;
+    drop(device);
+}

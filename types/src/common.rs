@@ -3,7 +3,6 @@
 use cairn_persist::Persist;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_repr::{Deserialize_repr, Serialize_repr};
 use uuid::Uuid;
 
 /// An object's UUID and the version of its config (EVE `UUIDandVersion`).
@@ -27,34 +26,44 @@ pub struct AppInstanceOpsCmd {
     pub apply_time: String,
 }
 
-/// How bad an error is; numbers as EVE's `ErrorSeverity` and the API's `info.Severity`.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize_repr,
-    Deserialize_repr,
-    Persist,
-)]
-#[repr(i32)]
-pub enum ErrorSeverity {
-    #[default]
-    Unspecified = 0,
-    Notice = 1,
-    Warning = 2,
-    Error = 3,
+/// An enum of EVE's that travels as its number (`#[repr]`, serde_repr), ordered by it, with a
+/// `#[default]` variant: the derives every such enum needs, in one place.
+macro_rules! eve_number_enum {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident $variants:tt) => {
+        $(#[$meta])*
+        #[derive(
+            Debug,
+            Clone,
+            Copy,
+            Default,
+            PartialEq,
+            Eq,
+            PartialOrd,
+            Ord,
+            Hash,
+            serde_repr::Serialize_repr,
+            serde_repr::Deserialize_repr,
+            cairn_persist::Persist,
+        )]
+        $vis enum $name $variants
+    };
+}
+pub(crate) use eve_number_enum;
+
+eve_number_enum! {
+    /// How bad an error is; numbers as EVE's `ErrorSeverity` and the API's `info.Severity`.
+    #[repr(i32)]
+    pub enum ErrorSeverity {
+        #[default]
+        Unspecified = 0,
+        Notice = 1,
+        Warning = 2,
+        Error = 3,
+    }
 }
 
+eve_number_enum! {
 /// The kind of object an error concerns (EVE `ErrorEntityType`, API `info.Entity`).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize_repr, Deserialize_repr, Persist,
-)]
 #[repr(i32)]
 pub enum ErrorEntityType {
     #[default]
@@ -70,6 +79,7 @@ pub enum ErrorEntityType {
     ContentTree = 9,
     ContentBlob = 10,
     Volume = 11,
+}
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]

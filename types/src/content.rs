@@ -5,15 +5,12 @@
 use cairn_persist::Persist;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_repr::{Deserialize_repr, Serialize_repr};
 use uuid::Uuid;
 
-use crate::common::{ErrorDescription, go_time, null_as_default};
+use crate::common::{ErrorDescription, eve_number_enum, go_time, null_as_default};
 
+eve_number_enum! {
 /// The format of a content tree's image; numbers as EVE's `config.Format`.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize_repr, Deserialize_repr, Persist,
-)]
 #[repr(i32)]
 pub enum ContentFormat {
     #[default]
@@ -28,6 +25,7 @@ pub enum ContentFormat {
     Container = 8,
     Iso = 9,
     Pvc = 10,
+}
 }
 
 impl ContentFormat {
@@ -98,21 +96,8 @@ pub struct ContentTreeConfig {
     pub datastores: Vec<DatastoreConfig>,
 }
 
+eve_number_enum! {
 /// A content tree's progress; numbers as EVE's `SwState`.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize_repr,
-    Deserialize_repr,
-    Persist,
-)]
 #[repr(u8)]
 pub enum ContentTreeState {
     #[default]
@@ -124,6 +109,7 @@ pub enum ContentTreeState {
     Loading = 107,
     /// In the content store, verified: volumes may be made from it.
     Loaded = 108,
+}
 }
 
 /// downloader → volume-manager, config-agent, cli. Key: the content tree's UUID. Persistent.

@@ -4,7 +4,7 @@ use cairn_persist::Persist;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{ErrorDescription, go_time};
+use crate::common::{ErrorDescription, eve_number_enum, go_time};
 
 /// Where the config in force came from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
@@ -94,4 +94,68 @@ impl ConfigItemValueMap {
             }),
         }
     }
+}
+
+eve_number_enum! {
+/// Why the device started (EVE's `BootReason`, eve-api `info.proto`; the numbers are EVE's).
+#[repr(i32)]
+pub enum BootReason {
+    #[default]
+    Unspecified = 0,
+    /// The first start on this `<persist>`.
+    First = 1,
+    RebootCmd = 2,
+    Update = 3,
+    Fallback = 4,
+    Disconnect = 5,
+    Fatal = 6,
+    Oom = 7,
+    WatchdogHung = 8,
+    WatchdogPid = 9,
+    Kernel = 10,
+    PowerFail = 11,
+    /// Nothing recorded why the last run ended: a power cut, a kill or a crash.
+    Unknown = 12,
+    VaultFailed = 13,
+    /// A deliberate stop (EVE: the local profile server's poweroff).
+    PoweroffCmd = 14,
+    ParseFail = 255,
+}
+}
+
+/// What a deliberate stop leaves for the next start: EVE's `/persist/reboot-reason` and
+/// `boot-reason`, written before a reboot it asks for; absent after a power cut or a kill.
+/// Written by `cairn up` at `<persist>/boot/stop-reason.json` (`layout::stop_reason`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "StopReason", version = 1)]
+pub struct StopReason {
+    pub reason: String,
+    pub boot_reason: BootReason,
+    #[serde(with = "go_time")]
+    pub time: Option<DateTime<Utc>>,
+    /// The start of the run that stopped (its `LastBoot::started`): a marker is only believed
+    /// for the run it names, so a stale one cannot explain a later crash.
+    #[serde(with = "go_time")]
+    pub run_started: Option<DateTime<Utc>>,
+}
+
+/// Why the device last started, as `cairn up` judged it at its start from what the run before
+/// left (EVE's nodeagent `handleLastRebootReason`), read by the config-agent for `ZInfoDevice`
+/// (`lastRebootReason`, `lastRebootTime`, `last_boot_reason`, `restartCounter`). At
+/// `<persist>/boot/last-boot.json` (`layout::last_boot`); one writer, `cairn up`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+#[persist(record = "LastBoot", version = 1)]
+pub struct LastBoot {
+    pub reason: String,
+    pub boot_reason: BootReason,
+    /// When the previous run ended, if it said so; else when this one started (as EVE).
+    #[serde(with = "go_time")]
+    pub reboot_time: Option<DateTime<Utc>>,
+    /// When this run started.
+    #[serde(with = "go_time")]
+    pub started: Option<DateTime<Utc>>,
+    /// Starts on this `<persist>` before this one (EVE's `restartCounter`).
+    pub restart_counter: u32,
 }

@@ -50,6 +50,16 @@ pub fn content_blob(persist: &Path, sha256: &str) -> PathBuf {
     content_dir(persist).join("blobs").join(sha256)
 }
 
+/// `<persist>/boot/stop-reason.json`: why the last run stopped, if it stopped deliberately.
+pub fn stop_reason(persist: &Path) -> PathBuf {
+    persist.join("boot").join("stop-reason.json")
+}
+
+/// `<persist>/boot/last-boot.json`: why this run started (`cairn up` writes it at its start).
+pub fn last_boot(persist: &Path) -> PathBuf {
+    persist.join("boot").join("last-boot.json")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,9 @@ pub use common::{
 pub use content::{
     ContentFormat, ContentTreeConfig, ContentTreeState, ContentTreeStatus, DatastoreConfig,
 };
-pub use device::{ConfigItemValueMap, ConfigSource, DeviceStatus};
+pub use device::{
+    BootReason, ConfigItemValueMap, ConfigSource, DeviceStatus, LastBoot, StopReason,
+};
 pub use domain::{
     ContainerSpec, DiskConfig, DomainConfig, DomainLiveOp, DomainLiveOpConfig, DomainLiveOpState,
     DomainLiveOpStatus, DomainMetric, DomainSpec, DomainState, DomainStatus, ProcessSpec, VmSpec,

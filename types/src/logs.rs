@@ -24,6 +24,9 @@ pub struct LogManagerStatus {
     pub last_error: String,
     #[serde(with = "go_time")]
     pub last_upload: Option<DateTime<Utc>>,
+    /// The remote log levels in force (EVE's `debug.default.remote.loglevel` as `default`,
+    /// and each `agent.<name>.debug.remote.loglevel`): agent lines below them are not sent.
+    pub remote_log_levels: std::collections::BTreeMap<String, String>,
 }
 
 crate::topic!(LogManagerStatus, |_v| "global".to_string());

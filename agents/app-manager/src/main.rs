@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use cairn_app_manager::agent::AppManager;
-use cairn_startup::{CommonArgs, StopSignals, init_logging};
+use cairn_startup::{CommonArgs, StopSignals, Threads, start};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -23,14 +23,15 @@ struct Args {
     tenant_readers: Vec<(String, u32)>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     cairn_startup::answer_record_check(&[(
         "AppManagerState",
         cairn_startup::record_check::<cairn_app_manager::machine::AppState>,
     )]);
-    init_logging();
-    let args = Args::parse();
+    start(Threads::PerCpu, run)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let mut stop = StopSignals::install()?;
     let bus = args.common.bus("app-manager");
     let manager = AppManager::open(&bus, args.common.technicians_gid, &args.tenant_readers)

@@ -3,6 +3,7 @@
 //! subscriber cannot write into a topic: the bus drops one that sends anything after its hello)
 //! and read records on disk; they create, change and remove no file.
 
+mod boot;
 mod dbus;
 mod export;
 mod record;

@@ -75,6 +75,19 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(&options.roots.persist)
         .await
         .with_context(|| format!("creating {}", options.roots.persist.display()))?;
+    // Before the config-agent starts: it reports this judgement in ZInfoDevice.
+    let persist = options.roots.persist.clone();
+    let boot = tokio::task::spawn_blocking(move || {
+        crate::boot::record_start(&persist, chrono::Utc::now())
+    })
+    .await
+    .context("judging the last reboot reason")??;
+    eprintln!(
+        "cairn up: start {} on this persist: {:?}, {}",
+        boot.restart_counter + 1,
+        boot.boot_reason,
+        boot.reason
+    );
     eprintln!(
         "cairn up: run {} persist {} config source {} (logs in {})",
         options.roots.run.display(),
@@ -156,14 +169,22 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+    let signal = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    };
     eprintln!("cairn up: stopping the agents");
     let _ = stop.send(true);
     for supervisor in supervisors {
         let _ = supervisor.await;
+    }
+    // Only once the agents are down: a kill before this line is a stop nobody explained.
+    let persist = options.roots.persist.clone();
+    let reason = crate::boot::clean_stop(signal, boot.started, chrono::Utc::now());
+    match tokio::task::spawn_blocking(move || crate::boot::record_stop(&persist, &reason)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("cairn up: the stop reason is not recorded: {e:#}"),
+        Err(e) => eprintln!("cairn up: the stop reason is not recorded: {e}"),
     }
     lock.release();
     eprintln!("cairn up: stopped");

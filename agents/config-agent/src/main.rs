@@ -10,7 +10,7 @@ use cairn_config_agent::controller::Link;
 use cairn_config_agent::https::{Https, server_of_url};
 use cairn_config_agent::identity::{Identity, Seed};
 use cairn_config_agent::link::{self, LinkOptions};
-use cairn_startup::{CommonArgs, StopSignals, init_logging};
+use cairn_startup::{CommonArgs, StopSignals, Threads, start};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -72,14 +72,15 @@ struct Args {
     tenant_readers: Vec<(String, u32)>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     cairn_startup::answer_record_check(&[(
         "LastConfig",
         cairn_startup::record_check::<cairn_config_agent::checkpoint::LastConfig>,
     )]);
-    init_logging();
-    let args = Args::parse();
+    start(Threads::PerCpu, run)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let mut stop = StopSignals::install()?;
     let bus = args.common.bus("config-agent");
     let publications = Publications::open(&bus, args.common.technicians_gid, &args.tenant_readers)

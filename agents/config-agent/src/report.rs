@@ -119,18 +119,70 @@ pub fn device_facts(persist: &Path) -> ZInfoDevice {
         minfo: (minfo != ZInfoManufacturer::default()).then_some(minfo),
         boot_time,
         host_name: read("/proc/sys/kernel/hostname"),
-        // Cairn has no A/B image: the running agent is the one "partition", active.
-        sw_list: vec![ZInfoDevSw {
-            activated: true,
-            partition_label: "IMGA".into(),
-            partition_state: "active".into(),
-            status: ZSwState::Running as i32,
-            short_version: env!("CARGO_PKG_VERSION").into(),
-            long_version: format!("cairn {}", env!("CARGO_PKG_VERSION")),
-            ..Default::default()
-        }],
+        sw_list: vec![software(
+            std::fs::read_to_string(IMAGE_RELEASE).ok().as_deref(),
+        )],
         state: ZDeviceState::ZdeviceStateOnline as i32,
         api_capability: API_CAPABILITY as i32,
+        ..last_reboot(persist)
+    }
+}
+
+/// The last reboot as `cairn up` judged it at its start (`<persist>/boot/last-boot.json`);
+/// nothing when no `cairn up` ran (agents started by hand) or its record is unusable.
+fn last_reboot(persist: &Path) -> ZInfoDevice {
+    let path = cairn_types::layout::last_boot(persist);
+    let boot = match cairn_persist::load_with_backup::<cairn_types::LastBoot>(&path) {
+        Ok(loaded) => loaded.record,
+        Err(e) => {
+            if !matches!(e.kind, cairn_persist::ErrorKind::NotFound) {
+                tracing::warn!(error = %e, "the last reboot reason is not reported");
+            }
+            return ZInfoDevice::default();
+        }
+    };
+    ZInfoDevice {
+        last_reboot_reason: boot.reason,
+        last_reboot_time: boot.reboot_time.map(timestamp),
+        last_boot_reason: boot.boot_reason as i32,
+        restart_counter: boot.restart_counter,
+        ..Default::default()
+    }
+}
+
+/// What the device image says of itself (`images/build` writes it: `NAME=`, `VERSION=`,
+/// `SOURCE_DATE_EPOCH=`); absent when the agents run outside the image.
+const IMAGE_RELEASE: &str = "/etc/cairn/release";
+
+/// The software list's one entry: Cairn has no A/B image, so the running image (or, outside
+/// one, the agent) is the one "partition", active, with the version the image records.
+fn software(release: Option<&str>) -> ZInfoDevSw {
+    let field = |key: &str| {
+        release?.lines().find_map(|line| {
+            let value = line.strip_prefix(key)?.strip_prefix('=')?;
+            Some(value.trim().trim_matches('"').to_string())
+        })
+    };
+    let (short_version, long_version) = match field("VERSION") {
+        Some(version) => {
+            let name = field("NAME").unwrap_or_else(|| "Cairn device image".into());
+            let built = field("SOURCE_DATE_EPOCH")
+                .map(|epoch| format!(" (SOURCE_DATE_EPOCH {epoch})"))
+                .unwrap_or_default();
+            (version.clone(), format!("{name} {version}{built}"))
+        }
+        None => (
+            env!("CARGO_PKG_VERSION").to_string(),
+            format!("cairn {}", env!("CARGO_PKG_VERSION")),
+        ),
+    };
+    ZInfoDevSw {
+        activated: true,
+        partition_label: "IMGA".into(),
+        partition_state: "active".into(),
+        status: ZSwState::Running as i32,
+        short_version,
+        long_version,
         ..Default::default()
     }
 }
@@ -671,6 +723,25 @@ mod tests {
                 uuid,
                 ..Default::default()
             }
+        );
+    }
+
+    #[test]
+    fn the_software_list_is_the_images_release_or_else_the_agents_version() {
+        let image = software(Some(
+            "NAME=\"Cairn device image\"\nVERSION=\"0.1.0\"\nSOURCE_DATE_EPOCH=1700000000\n",
+        ));
+        assert_eq!(image.short_version, "0.1.0");
+        assert_eq!(
+            image.long_version,
+            "Cairn device image 0.1.0 (SOURCE_DATE_EPOCH 1700000000)"
+        );
+        assert!(image.activated);
+        let bare = software(None);
+        assert_eq!(bare.short_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(
+            bare.long_version,
+            format!("cairn {}", env!("CARGO_PKG_VERSION"))
         );
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cairn_domain_manager::{AGENT, Settings, Supervisor, Timeouts};
-use cairn_startup::{CommonArgs, StopSignals, init_logging};
+use cairn_startup::{CommonArgs, StopSignals, Threads, start};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -36,14 +36,8 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    init_logging();
-    let args = Args::parse();
     // One thread: the agent waits on sockets and children; a small footprint matters more.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot build the tokio runtime")?;
-    runtime.block_on(run(args))
+    start(Threads::One, run)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

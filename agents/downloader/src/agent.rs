@@ -1,10 +1,13 @@
 //! The agent: content tree configs in, content tree statuses out, one download job per blob.
 //!
 //! A job belongs to a sha256, not to a content tree: two trees with the same sha256 share one
-//! download and one blob. A job retries failed attempts with a doubling delay (from
-//! `retry_min` up to EVE's `timer.download.retry`), keeping the partial file of a stalled or
-//! cut connection for a `Range` resume, and dropping it after a hash mismatch or a size over
-//! the limit. Each tree's status carries the last error until its content is LOADED.
+//! download and one blob. An attempt tries the tree's datastores in their order until one
+//! succeeds (EVE's `doDownload`); when all failed, the job waits `timer.download.retry` (EVE's
+//! `maybeRetryDownload`: 600 s) and tries again, forever, keeping the partial file of a stalled
+//! or cut connection for a `Range` resume, and dropping it after a hash mismatch or a size over
+//! the limit. Each tree's status carries the last error until its content is LOADED. A blob no
+//! tree holds any more is kept `timer.defer.content.delete` for reuse (EVE's deferred content
+//! delete; 0, the default, removes it at once).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -28,13 +31,21 @@ use crate::store::{self, ContentStore, StoreError};
 pub const RETRY_ITEM: &str = "timer.download.retry";
 /// EVE's global setting: a download with no progress for this long is cancelled (seconds).
 pub const STALLED_ITEM: &str = "timer.download.stalled";
+/// EVE's global setting: how long a blob no content tree holds is kept for reuse (seconds).
+pub const DEFER_DELETE_ITEM: &str = "timer.defer.content.delete";
+/// EVE's bounds (pillar `types/global.go`): `timer.download.retry` 60 s and up,
+/// `timer.defer.content.delete` 0 to a day; a value outside gives the default, as in EVE.
+const RETRY_MIN_S: u64 = 60;
+const DEFER_DELETE_MAX_S: u64 = 24 * 3600;
 
-/// Timings of the jobs; the config items above override `stall` and `retry_max`.
+/// Timings of the jobs; the config items above override them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
     pub stall: Duration,
-    pub retry_min: Duration,
-    pub retry_max: Duration,
+    /// The wait after an attempt in which every datastore failed.
+    pub retry: Duration,
+    /// How long a blob nobody holds is kept (zero: removed at once).
+    pub defer_delete: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +77,8 @@ enum JobEvent {
         sha: String,
         error: String,
         retry_in: Duration,
+        /// Retries made before this failure (EVE's `RetryCount`).
+        retried: u32,
     },
     Loaded {
         sha: String,
@@ -105,6 +118,17 @@ pub struct Downloader {
     events: mpsc::Sender<JobEvent>,
     settings: watch::Sender<Settings>,
     defaults: Settings,
+    /// When the first blob kept for reuse is due (a copy of the store's, kept off the lock).
+    next_deferred: Option<chrono::DateTime<Utc>>,
+}
+
+/// Ready when the first kept blob is due; checked each minute at least, against clock jumps.
+async fn deferred_due(at: Option<chrono::DateTime<Utc>>) {
+    let Some(at) = at else {
+        return std::future::pending().await;
+    };
+    let wait = (at - Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
 }
 
 fn lock(store: &Arc<Mutex<ContentStore>>) -> std::sync::MutexGuard<'_, ContentStore> {
@@ -148,7 +172,9 @@ pub async fn run(
         events,
         settings,
         defaults,
+        next_deferred: None,
     };
+    agent.next_deferred = agent.blocking(|store| store.next_deferred()).await?;
     let mut restarted = false;
     tokio::pin!(shutdown);
     loop {
@@ -173,6 +199,7 @@ pub async fn run(
                 _ => {}
             },
             Some(event) = job_events.recv() => agent.handle_job(event).await?,
+            _ = deferred_due(agent.next_deferred) => agent.expire_deferred().await?,
             _ = &mut shutdown => break,
         }
     }
@@ -185,18 +212,24 @@ pub async fn run(
 
 impl Downloader {
     fn handle_items(&self, items: &ConfigItemValueMap) {
-        let seconds = |key: &str| {
-            items
-                .items
-                .get(key)
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .filter(|s| *s > 0)
-                .map(Duration::from_secs)
+        let seconds = |key: &str, bounds: std::ops::RangeInclusive<u64>| {
+            let text = items.items.get(key)?;
+            let value = text
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|s| bounds.contains(s));
+            if value.is_none() {
+                tracing::warn!(item = key, value = %text, "not a number of seconds within EVE's bounds; the default applies");
+            }
+            value.map(Duration::from_secs)
         };
         let settings = Settings {
-            stall: seconds(STALLED_ITEM).unwrap_or(self.defaults.stall),
-            retry_max: seconds(RETRY_ITEM).unwrap_or(self.defaults.retry_max),
-            retry_min: self.defaults.retry_min,
+            stall: seconds(STALLED_ITEM, 1..=u64::MAX).unwrap_or(self.defaults.stall),
+            retry: seconds(RETRY_ITEM, RETRY_MIN_S..=u64::from(u32::MAX))
+                .unwrap_or(self.defaults.retry),
+            defer_delete: seconds(DEFER_DELETE_ITEM, 0..=DEFER_DELETE_MAX_S)
+                .unwrap_or(self.defaults.defer_delete),
         };
         self.settings.send_if_modified(|s| {
             let changed = *s != settings;
@@ -258,16 +291,16 @@ impl Downloader {
             return self.handle_image_config(config).await;
         }
         let mut status = self.base_status(&config);
-        let source = if store::is_sha256(&config.content_sha256) {
-            fetch::source(&config)
+        let sources = if store::is_sha256(&config.content_sha256) {
+            fetch::sources(&config)
         } else {
             Err(format!(
                 "sha256 {:?} is not 64 hex digits: the content could not be verified, so it is not downloaded",
                 config.content_sha256
             ))
         };
-        let source = match source {
-            Ok(source) => source,
+        let sources = match sources {
+            Ok(sources) => sources,
             Err(reason) => {
                 tracing::warn!(tree = %id, "{reason}");
                 self.release(id).await?;
@@ -278,7 +311,8 @@ impl Downloader {
         };
         let sha = config.content_sha256.clone();
         let s = sha.clone();
-        let released = match self.blocking(move |store| store.hold(id, &s)).await? {
+        let keep = self.keep_until();
+        let released = match self.blocking(move |store| store.hold(id, &s, keep)).await? {
             Ok(released) => released,
             Err(e) => {
                 // Nothing is downloaded without its reference on disk; tried again at the next
@@ -315,7 +349,7 @@ impl Downloader {
                     old.handle.abort();
                     let _ = old.handle.await;
                 }
-                self.start_job(&sha, id, source, job_origin(&config));
+                self.start_job(&sha, id, sources, job_origin(&config));
             }
             if status.state == ContentTreeState::Loaded {
                 // Its blob went (removed by hand?): it is downloaded again.
@@ -327,16 +361,48 @@ impl Downloader {
             }
         }
         self.statuses.publish(status).await?;
+        self.next_deferred = self.blocking(|store| store.next_deferred()).await?;
         Ok(())
     }
 
-    fn start_job(&mut self, sha: &str, owner: Uuid, source: fetch::Source, origin: JobOrigin) {
+    /// Until when a blob nobody holds from now on is kept (`None`: removed at once).
+    fn keep_until(&self) -> Option<chrono::DateTime<Utc>> {
+        let defer = self.settings.borrow().defer_delete;
+        (!defer.is_zero())
+            .then(|| Utc::now() + chrono::Duration::from_std(defer).unwrap_or_default())
+    }
+
+    /// Removes the kept blobs that are due. A failure leaves them to the next start's collection.
+    async fn expire_deferred(&mut self) -> Result<(), AgentError> {
+        match self
+            .blocking(|store| store.expire_deferred(Utc::now()))
+            .await?
+        {
+            Ok(due) => {
+                for sha in due {
+                    self.drop_content(&sha).await;
+                }
+            }
+            Err(e) => tracing::error!("{e}; collected at the next start"),
+        }
+        self.next_deferred = self.blocking(|store| store.next_deferred()).await?;
+        Ok(())
+    }
+
+    fn start_job(
+        &mut self,
+        sha: &str,
+        owner: Uuid,
+        sources: Vec<fetch::Source>,
+        origin: JobOrigin,
+    ) {
         let max_size = origin.2;
-        tracing::info!(sha256 = %sha, url = %source.url, "downloading");
+        let urls: Vec<&str> = sources.iter().map(|s| s.url.as_str()).collect();
+        tracing::info!(sha256 = %sha, urls = ?urls, "downloading");
         let (partial, store) = (self.content.join("partial").join(sha), self.store.clone());
         let handle = tokio::spawn(job(
             sha.to_string(),
-            source,
+            sources,
             partial,
             max_size,
             store,
@@ -355,7 +421,8 @@ impl Downloader {
     /// dropped by the next start's collection (the tree is no longer configured then).
     async fn release(&mut self, id: Uuid) -> Result<(), AgentError> {
         self.held.remove(&id);
-        match self.blocking(move |store| store.release(id)).await? {
+        let keep = self.keep_until();
+        match self.blocking(move |store| store.release(id, keep)).await? {
             Ok(released) => {
                 for sha in released {
                     self.drop_content(&sha).await;
@@ -363,6 +430,7 @@ impl Downloader {
             }
             Err(e) => tracing::error!(tree = %id, "{e}; collected at the next start"),
         }
+        self.next_deferred = self.blocking(|store| store.next_deferred()).await?;
         Ok(())
     }
 
@@ -394,7 +462,7 @@ impl Downloader {
     async fn collect_garbage(&mut self) -> Result<(), AgentError> {
         let configured: BTreeSet<Uuid> = self.configs.keys().copied().collect();
         if let Err(e) = self
-            .blocking(move |store| store.collect_garbage(&configured))
+            .blocking(move |store| store.collect_garbage(&configured, Utc::now()))
             .await?
         {
             tracing::error!("{e}; tried again at the next start");
@@ -437,11 +505,16 @@ impl Downloader {
                     };
                 }
                 JobEvent::Failed {
-                    error, retry_in, ..
+                    error,
+                    retry_in,
+                    retried,
+                    ..
                 } => {
                     status.error = Self::error(&config, error);
-                    status.error.error_retry_condition =
-                        format!("will retry in {}s", retry_in.as_secs_f64().ceil());
+                    status.error.error_retry_condition = format!(
+                        "will retry in {}s; have retried {retried} times",
+                        retry_in.as_secs_f64().ceil()
+                    );
                     tracing::warn!(tree = %config.content_id, sha256 = %sha, retry_in = ?retry_in, "download failed: {error}");
                 }
                 JobEvent::Loaded { path, .. } => {
@@ -460,47 +533,43 @@ impl Downloader {
     }
 }
 
-/// Downloads, verifies and stores one blob, retrying until it is LOADED or the job is aborted.
+/// Downloads, verifies and stores one blob, retrying until it is LOADED or the job is aborted:
+/// each round tries every datastore in order; after a round where all failed, it waits the
+/// retry time (EVE's `timer.download.retry`, the same wait every time) and goes again.
 async fn job(
     sha: String,
-    source: fetch::Source,
+    sources: Vec<fetch::Source>,
     partial: PathBuf,
     max_size: u64,
     store: Arc<Mutex<ContentStore>>,
     settings: watch::Receiver<Settings>,
     events: mpsc::Sender<JobEvent>,
 ) {
-    let mut attempt: u32 = 0;
+    let mut retried: u32 = 0;
     loop {
         let now = *settings.borrow();
-        let error = match attempt_once(
-            &sha, &source, &partial, max_size, now.stall, &store, &events,
-        )
-        .await
-        {
-            Ok(path) => {
-                let _ = events.send(JobEvent::Loaded { sha, path }).await;
-                return;
+        let mut errors = Vec::new();
+        for source in &sources {
+            match attempt_once(&sha, source, &partial, max_size, now.stall, &store, &events).await {
+                Ok(path) => {
+                    let _ = events.send(JobEvent::Loaded { sha, path }).await;
+                    return;
+                }
+                Err(error) => errors.push(error),
             }
-            Err(error) => error,
+        }
+        let failed = JobEvent::Failed {
+            sha: sha.clone(),
+            // Every datastore's reason, as EVE accumulates them.
+            error: errors.join("; "),
+            retry_in: now.retry,
+            retried,
         };
-        attempt = attempt.saturating_add(1);
-        let delay = now
-            .retry_min
-            .saturating_mul(1u32 << (attempt - 1).min(16))
-            .min(now.retry_max.max(now.retry_min));
-        if events
-            .send(JobEvent::Failed {
-                sha: sha.clone(),
-                error,
-                retry_in: delay,
-            })
-            .await
-            .is_err()
-        {
+        if events.send(failed).await.is_err() {
             return;
         }
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(now.retry).await;
+        retried = retried.saturating_add(1);
     }
 }
 

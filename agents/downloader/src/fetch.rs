@@ -96,6 +96,31 @@ impl std::fmt::Debug for Source {
     }
 }
 
+/// Where `tree` can be downloaded from: one source per datastore of its `ds_ids_list` that
+/// Cairn can use, in that order (EVE's downloader tries each in turn until one succeeds).
+/// `Err` says why none can be used.
+pub fn sources(tree: &ContentTreeConfig) -> Result<Vec<Source>, String> {
+    let mut usable = Vec::new();
+    let mut unusable = Vec::new();
+    for store in &tree.datastores {
+        match source_at(tree, store) {
+            Ok(source) => usable.push(source),
+            Err(reason) => unusable.push(reason),
+        }
+    }
+    if usable.is_empty() {
+        return Err(if tree.datastores.is_empty() {
+            source(tree).err().unwrap_or_default()
+        } else {
+            unusable.join("; ")
+        });
+    }
+    for reason in unusable {
+        tracing::warn!(tree = %tree.content_id, "{reason}; the tree's other datastores are used");
+    }
+    Ok(usable)
+}
+
 /// The URL of `tree` on its first datastore, as EVE builds it (`fqdn` / `dpath` / `URL`),
 /// with the datastore's trust: its `dsCertPEM` alone when given (EVE replaces the roots with
 /// them), else the system's roots. `Err` says why the tree cannot be downloaded.
@@ -115,6 +140,11 @@ pub fn source(tree: &ContentTreeConfig) -> Result<Source, String> {
             }
         ));
     };
+    source_at(tree, store)
+}
+
+/// The URL of `tree` on `store`, with the datastore's trust.
+fn source_at(tree: &ContentTreeConfig, store: &DatastoreConfig) -> Result<Source, String> {
     let https = match store.ds_type.as_str() {
         "DsHttp" => false,
         "DsHttps" => true,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cairn_downloader::AGENT;
 use cairn_downloader::agent::{self, Settings};
-use cairn_startup::{CommonArgs, StopSignals, init_logging};
+use cairn_startup::{CommonArgs, StopSignals, Threads, start};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -20,12 +20,10 @@ struct Args {
     /// which a download attempt is abandoned; EVE's `timer.download.stalled` overrides it.
     #[arg(long, env = "CAIRN_DOWNLOAD_STALL_MS", default_value_t = 60_000)]
     stall_ms: u64,
-    /// The first retry delay after a failed attempt (doubling from there).
-    #[arg(long, env = "CAIRN_DOWNLOAD_RETRY_MIN_MS", default_value_t = 10_000)]
-    retry_min_ms: u64,
-    /// The longest retry delay; EVE's `timer.download.retry` overrides it.
-    #[arg(long, env = "CAIRN_DOWNLOAD_RETRY_MAX_MS", default_value_t = 600_000)]
-    retry_max_ms: u64,
+    /// The wait after a failed attempt (every datastore tried) before the next: EVE's default
+    /// `timer.download.retry`, which overrides it.
+    #[arg(long, env = "CAIRN_DOWNLOAD_RETRY_MS", default_value_t = 600_000)]
+    retry_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,32 +31,23 @@ fn main() -> anyhow::Result<()> {
         "ContentRefs",
         cairn_startup::record_check::<cairn_downloader::store::ContentRefs>,
     )]);
-    init_logging();
-    let args = Args::parse();
     // The registry client's TLS (reqwest's rustls without a provider of its own) uses ring, as
     // the rest of Cairn does.
     let _ = rustls::crypto::ring::default_provider().install_default();
     // Two threads: a download streams while the bus keeps answering.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot build the tokio runtime")?;
-    runtime.block_on(run(args))
+    start(Threads::Workers(2), run)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let bus = args.common.bus(AGENT);
-    let mut signals = StopSignals::install()?;
+    let signals = StopSignals::install()?;
     let settings = Settings {
         stall: Duration::from_millis(args.stall_ms.max(1)),
-        retry_min: Duration::from_millis(args.retry_min_ms.max(1)),
-        retry_max: Duration::from_millis(args.retry_max_ms.max(1)),
+        retry: Duration::from_millis(args.retry_ms.max(1)),
+        // EVE's default: a blob no tree holds goes at once unless the config says otherwise.
+        defer_delete: Duration::ZERO,
     };
-    let shutdown = async move {
-        let signal = signals.recv().await;
-        tracing::info!(signal, "stopping; downloads resume at the next start");
-    };
+    let shutdown = signals.stopped("downloads resume at the next start");
     agent::run(
         &bus,
         &args.common.persist_dir,

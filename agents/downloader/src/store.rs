@@ -3,7 +3,8 @@
 //! ```text
 //! partial/<sha256>   bytes being downloaded (resumed from their length)
 //! blobs/<sha256>     verified content, mode 0444; nothing unverified is ever here
-//! refs.json          sha256 → the content tree uuids holding it (cairn-persist record)
+//! refs.json          sha256 → the content tree uuids holding it (cairn-persist record), and
+//!                    the verified blobs nobody holds, kept until a deadline for reuse
 //! ```
 //!
 //! Invariants: a blob or partial file whose sha256 no content tree holds is garbage (removed
@@ -22,6 +23,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use cairn_persist::Persist;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use uuid::Uuid;
@@ -41,6 +43,10 @@ pub const CRASH_AFTER_REF_REMOVE: &str = "downloader:after-ref-remove";
 #[persist(record = "ContentRefs", version = 1)]
 pub struct ContentRefs {
     pub blobs: BTreeMap<String, BTreeSet<Uuid>>,
+    /// Verified blobs no tree holds, kept until then (`timer.defer.content.delete`; EVE's
+    /// `DeferredContentDeleteStatus`): a tree that comes back with the same sha256 takes the
+    /// blob as it is, without a download.
+    pub deferred: BTreeMap<String, DateTime<Utc>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,8 +127,14 @@ impl ContentStore {
     }
 
     /// Makes `tree` hold `sha256` (and nothing else), durably. Returns the blobs it held
-    /// before that are now held by nobody (their files are then garbage).
-    pub fn hold(&mut self, tree: Uuid, sha256: &str) -> Result<Vec<String>, StoreError> {
+    /// before that are now held by nobody and not kept until `keep_until` (their files are then
+    /// garbage). A kept blob of `sha256` is taken back.
+    pub fn hold(
+        &mut self,
+        tree: Uuid,
+        sha256: &str,
+        keep_until: Option<DateTime<Utc>>,
+    ) -> Result<Vec<String>, StoreError> {
         let held: Vec<&String> = self
             .refs
             .blobs
@@ -133,7 +145,10 @@ impl ContentStore {
         if held.len() == 1 && held[0] == sha256 {
             return Ok(Vec::new());
         }
-        let released = self.detach(tree);
+        let released = self.detach(tree, keep_until);
+        if self.refs.deferred.remove(sha256).is_some() {
+            tracing::info!(sha256, "a kept blob is held again: no download");
+        }
         self.refs
             .blobs
             .entry(sha256.to_string())
@@ -154,6 +169,7 @@ impl ContentStore {
         {
             return Ok(());
         }
+        self.refs.deferred.remove(sha256);
         self.refs
             .blobs
             .entry(sha256.to_string())
@@ -184,6 +200,8 @@ impl ContentStore {
         self.refs.blobs.retain(|_, trees| !trees.is_empty());
         for sha in blobs {
             changed |= self.refs.blobs.entry(sha.clone()).or_default().insert(tree);
+            // A kept blob (an unheld layer within its deferral) is held again.
+            changed |= self.refs.deferred.remove(sha).is_some();
         }
         if changed {
             self.save()?;
@@ -191,18 +209,25 @@ impl ContentStore {
         Ok(released)
     }
 
-    /// Drops `tree`'s references, durably. Returns the blobs nobody holds any more.
-    pub fn release(&mut self, tree: Uuid) -> Result<Vec<String>, StoreError> {
+    /// Drops `tree`'s references, durably. Returns the blobs nobody holds any more and that
+    /// are not kept until `keep_until`.
+    pub fn release(
+        &mut self,
+        tree: Uuid,
+        keep_until: Option<DateTime<Utc>>,
+    ) -> Result<Vec<String>, StoreError> {
         if self.held_by(tree).is_none() {
             return Ok(Vec::new());
         }
-        let released = self.detach(tree);
+        let released = self.detach(tree, keep_until);
         self.save()?;
         cairn_persist::crash_point(CRASH_AFTER_REF_REMOVE);
         Ok(released)
     }
 
-    fn detach(&mut self, tree: Uuid) -> Vec<String> {
+    /// `tree` lets go of its blobs; one held by nobody now is kept until `keep_until` if it is
+    /// a verified blob (EVE defers only LOADED content), else returned as garbage.
+    fn detach(&mut self, tree: Uuid, keep_until: Option<DateTime<Utc>>) -> Vec<String> {
         let mut released = Vec::new();
         for (sha, trees) in self.refs.blobs.iter_mut() {
             if trees.remove(&tree) && trees.is_empty() {
@@ -210,17 +235,55 @@ impl ContentStore {
             }
         }
         self.refs.blobs.retain(|_, trees| !trees.is_empty());
-        released
+        let mut garbage = Vec::new();
+        for sha in released {
+            match keep_until {
+                Some(until) if self.blob_path(&sha).exists() => {
+                    tracing::info!(sha256 = %sha, until = %until, "no content tree holds the blob: kept for reuse");
+                    self.refs.deferred.insert(sha, until);
+                }
+                _ => garbage.push(sha),
+            }
+        }
+        garbage
+    }
+
+    /// When the first kept blob is due for removal.
+    pub fn next_deferred(&self) -> Option<DateTime<Utc>> {
+        self.refs.deferred.values().min().copied()
+    }
+
+    /// Forgets the kept blobs due by `now`, durably, and returns them: their files are garbage.
+    pub fn expire_deferred(&mut self, now: DateTime<Utc>) -> Result<Vec<String>, StoreError> {
+        let due: Vec<String> = self
+            .refs
+            .deferred
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(sha, _)| sha.clone())
+            .collect();
+        if !due.is_empty() {
+            self.refs.deferred.retain(|_, until| *until > now);
+            self.save()?;
+        }
+        Ok(due)
     }
 
     /// Drops the references of trees not in `configured` (the config left them while the
     /// agent was down), durably, then removes every file no reference names.
-    pub fn collect_garbage(&mut self, configured: &BTreeSet<Uuid>) -> Result<(), StoreError> {
+    /// References dropped here are not kept for reuse (`keep_until` applies to releases seen
+    /// live); kept blobs past their deadline at `now` go too.
+    pub fn collect_garbage(
+        &mut self,
+        configured: &BTreeSet<Uuid>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let before = self.refs.clone();
         for trees in self.refs.blobs.values_mut() {
             trees.retain(|t| configured.contains(t));
         }
         self.refs.blobs.retain(|_, trees| !trees.is_empty());
+        self.refs.deferred.retain(|_, until| *until > now);
         if self.refs != before {
             self.save()?;
             cairn_persist::crash_point(CRASH_AFTER_REF_REMOVE);
@@ -230,7 +293,7 @@ impl ContentStore {
             let entries = fs::read_dir(&dir).map_err(io_err("list", &dir))?;
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if !self.refs.blobs.contains_key(&name) {
+                if !self.refs.blobs.contains_key(&name) && !self.refs.deferred.contains_key(&name) {
                     tracing::info!(file = %entry.path().display(), "removing content no content tree holds");
                     remove_file(&entry.path())?;
                 }
@@ -315,15 +378,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (t1, t2) = (Uuid::from_u128(1), Uuid::from_u128(2));
         let mut store = ContentStore::open(dir.path()).unwrap();
-        assert!(store.hold(t1, A).unwrap().is_empty());
-        assert!(store.hold(t2, A).unwrap().is_empty());
+        assert!(store.hold(t1, A, None).unwrap().is_empty());
+        assert!(store.hold(t2, A, None).unwrap().is_empty());
         let mut store = ContentStore::open(dir.path()).unwrap();
         assert_eq!(store.refs().blobs[A].len(), 2);
-        assert!(store.release(t1).unwrap().is_empty());
-        assert_eq!(store.release(t2).unwrap(), vec![A.to_string()]);
+        assert!(store.release(t1, None).unwrap().is_empty());
+        assert_eq!(store.release(t2, None).unwrap(), vec![A.to_string()]);
         // A tree moving to another sha releases the old one.
-        store.hold(t1, A).unwrap();
-        assert_eq!(store.hold(t1, B).unwrap(), vec![A.to_string()]);
+        store.hold(t1, A, None).unwrap();
+        assert_eq!(store.hold(t1, B, None).unwrap(), vec![A.to_string()]);
     }
 
     #[test]
@@ -346,8 +409,22 @@ mod tests {
             store.hold_exactly(t1, std::slice::from_ref(&c)).unwrap(),
             vec![A.to_string()]
         );
-        assert_eq!(store.release(t2).unwrap(), vec![B.to_string()]);
-        assert_eq!(store.release(t1).unwrap(), vec![c]);
+        assert_eq!(store.release(t2, None).unwrap(), vec![B.to_string()]);
+        assert_eq!(store.release(t1, None).unwrap(), vec![c]);
+    }
+
+    #[test]
+    fn a_verified_blob_released_with_a_deferral_is_kept_and_taken_back_without_a_download() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t1, t2) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut store = ContentStore::open(dir.path()).unwrap();
+        store.hold(t1, A, None).unwrap();
+        fs::write(store.blob_path(A), b"a").unwrap();
+        let until = Utc::now() + chrono::Duration::seconds(60);
+        assert!(store.release(t1, Some(until)).unwrap().is_empty(), "kept");
+        assert_eq!(store.refs().deferred.get(A), Some(&until));
+        assert!(store.hold(t2, A, None).unwrap().is_empty());
+        assert!(store.refs().deferred.is_empty(), "held again");
     }
 
     #[test]
@@ -355,12 +432,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (t1, t2) = (Uuid::from_u128(1), Uuid::from_u128(2));
         let mut store = ContentStore::open(dir.path()).unwrap();
-        store.hold(t1, A).unwrap();
-        store.hold(t2, B).unwrap();
+        store.hold(t1, A, None).unwrap();
+        store.hold(t2, B, None).unwrap();
         fs::write(store.blob_path(A), b"a").unwrap();
         fs::write(store.partial_path(B), b"b").unwrap();
         fs::write(store.partial_path("stray"), b"x").unwrap();
-        store.collect_garbage(&BTreeSet::from([t1])).unwrap();
+        store
+            .collect_garbage(&BTreeSet::from([t1]), Utc::now())
+            .unwrap();
         assert!(store.blob_path(A).exists());
         assert!(!store.partial_path(B).exists());
         assert!(!store.partial_path("stray").exists());

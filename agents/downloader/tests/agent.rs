@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use cairn_pubsub::{Bus, Publication, PublishOptions, Subscription};
 use cairn_test_controller::datastore::{DatastoreFault, TestDatastore};
-use cairn_types::{ContentFormat, ContentTreeConfig, ContentTreeStatus, DatastoreConfig};
+use cairn_types::{
+    ConfigItemValueMap, ContentFormat, ContentTreeConfig, ContentTreeStatus, DatastoreConfig,
+};
 use sha2::Digest;
 use uuid::Uuid;
 
@@ -118,14 +120,7 @@ impl Harness {
         cmd.env("CAIRN_PERSIST_DIR", &self.persist)
             .env("CAIRN_RUN_DIR", &self.run)
             .env_remove("CAIRN_CRASH_AT")
-            .args([
-                "--stall-ms",
-                &stall_ms.to_string(),
-                "--retry-min-ms",
-                "200",
-                "--retry-max-ms",
-                "1000",
-            ])
+            .args(["--stall-ms", &stall_ms.to_string(), "--retry-ms", "500"])
             .env(
                 "RUST_LOG",
                 std::env::var("CAIRN_TEST_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
@@ -490,6 +485,96 @@ async fn a_kill_at_each_store_step_converges_after_a_restart() {
     assert_eq!(h.files("blobs").len(), 1, "killed before the blob went");
     let _agent = h.agent(60_000, None);
     wait_until("the unreferenced blob is collected at start", || {
+        h.files("blobs").is_empty()
+    });
+}
+
+/// EVE's `doDownload`: a tree's datastores are tried in the order of its `ds_ids_list`, and
+/// one that fails is passed over for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_datastore_is_passed_over_for_the_next_in_ds_ids_list() {
+    let mut h = Harness::new(false).await;
+    let data = content(MIB, 15);
+    let mut tree = h.tree("twice.raw", &data);
+    h.store
+        .set_fault("images/twice.raw", Some(DatastoreFault::NotFound));
+    let second = TestDatastore::start(false).await.unwrap();
+    second.put("images/twice.raw", data.clone());
+    let fallback = DatastoreConfig {
+        uuid: Uuid::new_v4(),
+        ds_type: "DsHttp".into(),
+        fqdn: second.url(),
+        dpath: "images".into(),
+        ds_cert_pem: Vec::new(),
+        ..Default::default()
+    };
+    tree.datastore_id_list.push(fallback.uuid);
+    tree.datastores.push(fallback);
+    let _agent = h.agent(60_000, None);
+    h.configs.publish(tree.clone()).await.unwrap();
+    let status = h.loaded(tree.content_id).await;
+    assert_eq!(std::fs::read(status.file_location).unwrap(), data);
+    let statuses =
+        |store: &TestDatastore| -> Vec<u16> { store.seen().iter().map(|s| s.status).collect() };
+    assert_eq!(
+        statuses(&h.store),
+        [404],
+        "the first datastore was asked first"
+    );
+    assert_eq!(statuses(&second), [200], "the second one served it");
+}
+
+/// EVE's `timer.defer.content.delete`: a blob no tree holds any more is kept that long (across
+/// a restart), a tree with the same sha256 takes it without a download, then it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unheld_blob_is_kept_for_the_deferred_delete_time_and_reused_without_a_download() {
+    let mut h = Harness::new(false).await;
+    let items = Bus::new("config-agent", &h.run, &h.persist)
+        .publish::<ConfigItemValueMap>(PublishOptions::default())
+        .await
+        .unwrap();
+    items
+        .publish(ConfigItemValueMap {
+            items: [("timer.defer.content.delete".to_string(), "20".to_string())].into(),
+        })
+        .await
+        .unwrap();
+    items.signal_restarted().await.unwrap();
+    let data = content(MIB, 16);
+    let tree = h.tree("kept.raw", &data);
+    let mut agent = h.agent(60_000, None);
+    h.configs.publish(tree.clone()).await.unwrap();
+    h.loaded(tree.content_id).await;
+    h.configs
+        .unpublish(&tree.content_id.to_string())
+        .await
+        .unwrap();
+    h.gone(tree.content_id).await;
+    assert_eq!(
+        h.files("blobs"),
+        vec![tree.content_sha256.clone()],
+        "kept, though no tree holds it"
+    );
+    agent.kill();
+    let _agent = h.agent(60_000, None);
+    let again = ContentTreeConfig {
+        content_id: Uuid::new_v4(),
+        ..tree.clone()
+    };
+    h.configs.publish(again.clone()).await.unwrap();
+    h.loaded(again.content_id).await;
+    assert_eq!(
+        h.store.seen().len(),
+        1,
+        "no second download: {:?}",
+        h.store.seen()
+    );
+    h.configs
+        .unpublish(&again.content_id.to_string())
+        .await
+        .unwrap();
+    h.gone(again.content_id).await;
+    wait_until("the kept blob goes at its deadline", || {
         h.files("blobs").is_empty()
     });
 }

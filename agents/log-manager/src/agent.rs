@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use cairn_controller_client::https::Https;
 use cairn_controller_client::link::ControllerLink;
 use cairn_pubsub::{Bus, Event, PublishOptions};
-use cairn_types::{AppInstanceConfig, DeviceStatus, LogManagerStatus};
+use cairn_types::{AppInstanceConfig, ConfigItemValueMap, DeviceStatus, LogManagerStatus};
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
 use crate::collect::{self, Collector, Headers};
+use crate::levels::RemoteLevels;
 use crate::queue::Queue;
 use crate::upload::{self, Backoff, MAX_4XX_RETRIES, Outcome};
 
@@ -38,6 +39,8 @@ pub struct Settings {
 
 /// What the uploader did, for the status.
 type Progress = Arc<Mutex<LogManagerStatus>>;
+/// The remote log levels of the config in force, from the bus to the collector.
+type Levels = Arc<Mutex<RemoteLevels>>;
 
 pub async fn run(
     bus: &Bus,
@@ -59,17 +62,19 @@ pub async fn run(
     headers_default(&headers, stored.device_uuid);
     let (device_tx, device_rx) = watch::channel(stored.device_uuid);
     let written = Arc::new(Notify::new());
+    let levels = Levels::default();
 
     let collecting = collect_loop(
         collector,
         settings.clone(),
         headers.clone(),
+        levels.clone(),
         written.clone(),
     );
     let progress = Progress::default();
     let uploading = upload_loop(settings.clone(), device_rx, written, progress.clone());
-    let following = follow_bus(bus, headers, device_tx);
-    let reporting = report_loop(bus, settings.clone(), progress);
+    let following = follow_bus(bus, headers, levels.clone(), device_tx);
+    let reporting = report_loop(bus, settings.clone(), progress, levels);
     tokio::select! {
         result = collecting => result,
         result = uploading => result,
@@ -81,7 +86,12 @@ pub async fn run(
 
 /// Publishes `LogManagerStatus` (queue usage from the disk, the uploader's counters) when it
 /// changes, looked at every second.
-async fn report_loop(bus: &Bus, settings: Settings, progress: Progress) -> anyhow::Result<()> {
+async fn report_loop(
+    bus: &Bus,
+    settings: Settings,
+    progress: Progress,
+    levels: Levels,
+) -> anyhow::Result<()> {
     let access = settings
         .technicians_gid
         .map(cairn_pubsub::Access::with_group_readers)
@@ -107,6 +117,7 @@ async fn report_loop(bus: &Bus, settings: Settings, progress: Progress) -> anyho
             status.queued_bytes = bytes;
         }
         status.dropped_files = dropped;
+        status.remote_log_levels = levels.lock().map(|l| l.named().clone()).unwrap_or_default();
         if last.as_ref() != Some(&status) {
             statuses.publish(status.clone()).await?;
             last = Some(status);
@@ -130,12 +141,27 @@ fn headers_default(headers: &Mutex<Headers>, device: Option<Uuid>) {
 async fn follow_bus(
     bus: &Bus,
     headers: Arc<Mutex<Headers>>,
+    levels: Levels,
     device: watch::Sender<Option<Uuid>>,
 ) -> anyhow::Result<()> {
     let mut statuses = bus.subscribe::<DeviceStatus>("config-agent");
     let mut apps = bus.subscribe::<AppInstanceConfig>("config-agent");
+    let mut items = bus.subscribe::<ConfigItemValueMap>("config-agent");
     loop {
         tokio::select! {
+            event = items.recv() => {
+                let now = match event {
+                    Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                        RemoteLevels::from_items(&value)
+                    }
+                    Event::Delete { .. } => RemoteLevels::default(),
+                    _ => continue,
+                };
+                tracing::info!(levels = ?now.named(), "remote log levels");
+                if let Ok(mut levels) = levels.lock() {
+                    *levels = now;
+                }
+            }
             event = statuses.recv() => {
                 if let Event::Create { value, .. } | Event::Modify { new: value, .. } = event
                     && let Ok(uuid) = value.device_uuid.parse::<Uuid>()
@@ -171,12 +197,14 @@ async fn collect_loop(
     mut collector: Collector,
     settings: Settings,
     headers: Arc<Mutex<Headers>>,
+    levels: Levels,
     written: Arc<Notify>,
 ) -> anyhow::Result<()> {
     let apps_dir = settings.run.join("domain-manager").join("apps");
     let mut first_unflushed: Option<Instant> = None;
     loop {
         let headers_now = headers.lock().map(|h| h.clone()).unwrap_or_default();
+        let levels_now = levels.lock().map(|l| l.clone()).unwrap_or_default();
         let (logs_dir, apps) = (settings.logs_dir.clone(), apps_dir.clone());
         let batch_for = settings.batch_for;
         let since = first_unflushed;
@@ -188,6 +216,7 @@ async fn collect_loop(
                     return Ok((false, None));
                 };
                 collector.set_device(device);
+                collector.set_remote_levels(levels_now);
                 let sources = collect::sources(&logs_dir, &apps);
                 collector.collect(&sources, &headers_now)?;
                 let (any, full) = collector.pending();

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::entry::{self, BundleMeta};
+use crate::levels::RemoteLevels;
 use crate::queue::{GzipBatch, Queue, QueueError, Stream};
 
 /// At most this much of one file is read per cycle, so a burst costs bounded memory.
@@ -157,6 +158,8 @@ pub struct Collector {
     batches: BTreeMap<Stream, Vec<GzipBatch>>,
     cap: u64,
     device_uuid: Option<Uuid>,
+    /// Which agent lines are uploaded; the others are skipped (they stay in their files).
+    remote: RemoteLevels,
 }
 
 impl Collector {
@@ -185,6 +188,7 @@ impl Collector {
             stored,
             batches: BTreeMap::new(),
             cap,
+            remote: RemoteLevels::default(),
         })
     }
 
@@ -194,6 +198,11 @@ impl Collector {
 
     pub fn stored(&self) -> &LogCursors {
         &self.stored
+    }
+
+    /// The remote log levels for the lines read from now on.
+    pub fn set_remote_levels(&mut self, levels: RemoteLevels) {
+        self.remote = levels;
     }
 
     /// The device's UUID, kept with the next flush.
@@ -262,6 +271,10 @@ impl Collector {
                 Stream::Device => entry::from_agent_line(&source.name, &text, now),
                 Stream::App(_) => entry::from_app_line(&source.name, &text, now),
             };
+            if source.stream == Stream::Device && !self.remote.sends(&entry.source, &entry.severity)
+            {
+                continue;
+            }
             entry.msgid = self.next_msgid;
             self.next_msgid += 1;
             let json = serde_json::to_vec(&entry)

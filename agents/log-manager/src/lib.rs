@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod collect;
 pub mod entry;
+pub mod levels;
 pub mod queue;
 pub mod upload;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cairn_log_manager::AGENT;
 use cairn_log_manager::agent::{self, Settings};
-use cairn_startup::{CommonArgs, StopSignals, init_logging};
+use cairn_startup::{CommonArgs, StopSignals, Threads, start};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -43,18 +43,12 @@ fn main() -> anyhow::Result<()> {
         "LogCursors",
         cairn_startup::record_check::<cairn_log_manager::collect::LogCursors>,
     )]);
-    init_logging();
-    let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot build the tokio runtime")?;
-    runtime.block_on(run(args))
+    start(Threads::One, run)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let bus = args.common.bus(AGENT);
-    let mut signals = StopSignals::install()?;
+    let signals = StopSignals::install()?;
     let settings = Settings {
         persist: args.common.persist_dir.clone(),
         run: args.common.run_dir.clone(),
@@ -69,10 +63,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         upload_timeout: Duration::from_secs(30),
         technicians_gid: args.common.technicians_gid,
     };
-    let shutdown = async move {
-        let signal = signals.recv().await;
-        tracing::info!(signal, "stopping; unsent logs stay queued on disk");
-    };
+    let shutdown = signals.stopped("unsent logs stay queued on disk");
     agent::run(&bus, settings, shutdown)
         .await
         .context("the log-manager failed")?;

@@ -1,12 +1,13 @@
 //! The start-up every agent shares, so that they log, name their roots and stop alike:
-//! [`init_logging`], the [`CommonArgs`] flattened into each agent's arguments, and
-//! [`StopSignals`] (SIGTERM from `cairn up` or init, SIGINT from a terminal), and
+//! [`start`] (logging, arguments, runtime), the [`CommonArgs`] flattened into each agent's
+//! arguments, [`StopSignals`] (SIGTERM from `cairn up` or init, SIGINT from a terminal), and
 //! [`answer_record_check`] for the records only the agent knows.
 //!
-//! Each agent's `main.rs` stays a few lines: parse, [`init_logging`], open its bus with
-//! [`CommonArgs::bus`], run until [`StopSignals::recv`].
+//! Each agent's `main.rs` stays a few lines: `start(threads, run)`, and in `run` open its bus
+//! with [`CommonArgs::bus`] and run until [`StopSignals::recv`] (or [`StopSignals::stopped`]).
 
 use std::ffi::OsStr;
+use std::future::Future;
 use std::path::PathBuf;
 
 use cairn_pubsub::Bus;
@@ -31,6 +32,45 @@ impl CommonArgs {
     pub fn bus(&self, agent: &str) -> Bus {
         Bus::new(agent, &self.run_dir, &self.persist_dir)
     }
+}
+
+/// The threads of an agent's runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// One: the agent waits on sockets, children and the blocking pool.
+    One,
+    /// This many workers (a download streams while the bus keeps answering).
+    Workers(usize),
+    /// tokio's default: one worker per CPU.
+    PerCpu,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the tokio runtime")]
+pub struct RuntimeError(#[source] std::io::Error);
+
+/// What every agent's `main` does before its own work: logging ([`init_logging`]), its
+/// arguments `A`, a runtime of `threads`; then `run(args)` on it, whose result is the agent's.
+pub fn start<A, F, Fut, T, E>(threads: Threads, run: F) -> Result<T, E>
+where
+    A: clap::Parser,
+    F: FnOnce(A) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: From<RuntimeError>,
+{
+    init_logging();
+    let args = A::parse();
+    let mut builder = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
+        Threads::Workers(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n.max(1));
+            builder
+        }
+        Threads::PerCpu => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = builder.enable_all().build().map_err(RuntimeError)?;
+    runtime.block_on(run(args))
 }
 
 /// Logs to stderr (the supervisor keeps it), filtered by `RUST_LOG` (default `info`), in colour
@@ -74,6 +114,12 @@ impl StopSignals {
             terminate: handle(SignalKind::terminate(), "SIGTERM")?,
             interrupt: handle(SignalKind::interrupt(), "SIGINT")?,
         })
+    }
+
+    /// Waits for a stop signal, then says what stopping means for this agent (`note`).
+    pub async fn stopped(mut self, note: &'static str) {
+        let signal = self.recv().await;
+        tracing::info!(signal, "stopping; {note}");
     }
 
     /// Waits for the next stop signal and names it (cancel-safe).

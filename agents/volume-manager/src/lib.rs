@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod content;
+pub mod disk_scan;
 pub mod error;
 pub mod export;
 pub mod image;

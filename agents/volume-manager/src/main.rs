@@ -6,11 +6,12 @@ use std::collections::{BTreeSet, VecDeque};
 
 use anyhow::Context;
 use cairn_pubsub::{Event, Publication, PublishOptions};
-use cairn_startup::{CommonArgs, StopSignals, init_logging};
+use cairn_startup::{CommonArgs, StopSignals, Threads, start};
 use cairn_types::ConfigItemValueMap;
 use cairn_types::export::{ExportConfig, ExportStatus};
 use cairn_types::snapshot::{VolumesSnapshotConfig, VolumesSnapshotStatus};
 use cairn_types::volume::{AppVolumeRefs, VolumeConfig, VolumeStatus};
+use cairn_volume_manager::disk_scan::{self, DiskScan};
 use cairn_volume_manager::export::{ExportJobs, JobSource};
 use cairn_volume_manager::manager::{AGENT, default_parallel_operations};
 use cairn_volume_manager::{Publish, SnapshotEvent, Tools, VolumeManager};
@@ -100,15 +101,9 @@ impl Outputs {
 }
 
 fn main() -> anyhow::Result<()> {
-    init_logging();
-    let args = Args::parse();
     // One thread: the slow work runs on the blocking pool and in child processes; the
     // manager's task only plans and records.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot build the tokio runtime")?;
-    runtime.block_on(run(args))
+    start(Threads::One, run)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -173,6 +168,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut queued: VecDeque<Event<VolumesSnapshotConfig>> = VecDeque::new();
     let mut size_refresh = tokio::time::interval(SIZE_REFRESH);
     size_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut disk_scan = DiskScan::new();
 
     loop {
         // Woken at the next deletion deadline; at least each minute, against clock jumps.
@@ -185,9 +181,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             event = config_items.recv() => {
                 let actions = match event {
                     Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                        disk_scan.set_period(disk_scan::interval(Some(&value)));
                         manager.handle_config_items(Some(&value)).await
                     }
-                    Event::Delete { .. } => manager.handle_config_items(None).await,
+                    Event::Delete { .. } => {
+                        disk_scan.set_period(disk_scan::interval(None));
+                        manager.handle_config_items(None).await
+                    }
                     _ => Vec::new(),
                 };
                 outputs.apply(actions).await;
@@ -290,6 +290,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             _ = size_refresh.tick() => {
                 outputs.apply(manager.refresh_sizes().await).await;
+            }
+            _ = tokio::time::sleep_until(disk_scan.due().unwrap_or_else(tokio::time::Instant::now)), if disk_scan.due().is_some() => {
+                disk_scan.start(manager.directory_volumes());
+            }
+            sizes = disk_scan.finished(), if disk_scan.due().is_none() => {
+                outputs.apply(manager.apply_sizes(sizes)).await;
             }
             _ = signals.recv() => break,
         }

@@ -1486,7 +1486,8 @@ impl VolumeManager {
 
     /// Internal snapshots change an image's size on disk: the main loop calls this now and then
     /// (not per operation, to keep the persistent status writes off the snapshot path). Image
-    /// files only; a directory tree is measured when the volume is made.
+    /// files only, one stat each; directory trees are walked by the disk scan
+    /// ([`Self::directory_volumes`], `disk_scan.rs`).
     pub async fn refresh_sizes(&mut self) -> Vec<Publish> {
         let files: Vec<(String, PathBuf)> = self
             .statuses
@@ -1503,6 +1504,20 @@ impl VolumeManager {
         })
         .await
         .unwrap_or_default();
+        self.apply_sizes(sizes)
+    }
+
+    /// The directory volumes in service, to measure (key, tree).
+    pub fn directory_volumes(&self) -> Vec<(String, PathBuf)> {
+        self.statuses
+            .iter()
+            .filter(|(_, s)| s.format == VolumeFormat::Dir && s.state == VolumeState::Ready)
+            .map(|(key, s)| (key.clone(), s.file_location.clone()))
+            .collect()
+    }
+
+    /// Sizes measured elsewhere: each volume still here whose size changed is published.
+    pub fn apply_sizes(&mut self, sizes: Vec<(String, u64)>) -> Vec<Publish> {
         let mut out = Vec::new();
         for (key, size) in sizes {
             if let Some(status) = self.statuses.get_mut(&key)

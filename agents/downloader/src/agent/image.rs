@@ -199,7 +199,6 @@ async fn image_job(
     settings: watch::Receiver<Settings>,
     events: mpsc::Sender<JobEvent>,
 ) {
-    let mut attempt: u32 = 0;
     loop {
         let now = *settings.borrow();
         let progress_events = events.clone();
@@ -223,11 +222,8 @@ async fn image_job(
             }
             Err(error) => error,
         };
-        attempt = attempt.saturating_add(1);
-        let delay = now
-            .retry_min
-            .saturating_mul(1u32 << (attempt - 1).min(16))
-            .min(now.retry_max.max(now.retry_min));
+        // EVE's `timer.download.retry`, the same wait each time, as for HTTP trees.
+        let delay = now.retry;
         let failed = JobEvent::Image {
             tree,
             event: ImageEvent::Failed {
