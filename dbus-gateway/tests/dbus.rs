@@ -3,6 +3,7 @@
 //! with a second zbus connection.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 #[path = "support/dbus_daemon.rs"]
 mod dbus_daemon;

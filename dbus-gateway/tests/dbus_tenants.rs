@@ -7,6 +7,7 @@
 //! Needs root (to run `busctl` as other uids); skipped with a message otherwise.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 #[path = "support/dbus_daemon.rs"]
 mod dbus_daemon;

@@ -4,6 +4,7 @@
 //! sequences of config changes, failures and restarts.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 use std::collections::{BTreeSet, VecDeque};
 

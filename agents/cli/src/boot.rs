@@ -2,6 +2,7 @@
 //! (EVE's nodeagent `handleLastRebootReason`), and leaves a stop reason when it stops cleanly
 //! (EVE writes `/persist/reboot-reason` before a reboot it asks for). A power cut or a kill
 //! leaves none, so the next start says Unknown, as EVE does without SMART counters.
+#![allow(clippy::disallowed_methods)] // pure file work: `up.rs` calls it on the blocking pool
 
 use std::path::Path;
 

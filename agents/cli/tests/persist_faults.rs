@@ -5,6 +5,7 @@
 //! once the file system takes writes again. Needs root (mount), as the other loop-device tests.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 mod common;
 

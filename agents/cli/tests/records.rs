@@ -3,6 +3,7 @@
 //! binary), is checked field by field, and a damaged private record is refused naming the field.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! the device; anyone else is refused with a reason. Needs root to switch users (setpriv).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 mod common;
 

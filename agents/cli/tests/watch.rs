@@ -2,6 +2,7 @@
 //! printed, one JSON object per line, until Ctrl-C.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 mod common;
 

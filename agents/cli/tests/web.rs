@@ -3,6 +3,7 @@
 //! `chromium` driven through `chromedriver` (WebDriver, on loopback) for what a person sees.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 mod common;
 

@@ -130,6 +130,7 @@ pub fn device_facts(persist: &Path) -> ZInfoDevice {
 
 /// The last reboot as `cairn up` judged it at its start (`<persist>/boot/last-boot.json`);
 /// nothing when no `cairn up` ran (agents started by hand) or its record is unusable.
+#[allow(clippy::disallowed_methods)] // blocking: part of `device_facts`, run on the blocking pool
 fn last_reboot(persist: &Path) -> ZInfoDevice {
     let path = cairn_types::layout::last_boot(persist);
     let boot = match cairn_persist::load_with_backup::<cairn_types::LastBoot>(&path) {

@@ -3,6 +3,7 @@
 //! accepted as an app that reports why, not a refused config.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 use cairn_config_agent::model::from_proto;
 use cairn_config_agent::proto::{

@@ -13,6 +13,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 #![allow(deprecated)] // EVE's deprecated ZRegisterMsg.onBoardKey is checked too
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 use std::fmt::Debug;
 use std::path::PathBuf;

@@ -3,6 +3,7 @@
 //! an error naming it.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 #[path = "../build/merge.rs"]
 mod merge;

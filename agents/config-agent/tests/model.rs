@@ -2,6 +2,7 @@
 //! with an error naming the field.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 use cairn_config_agent::model::{ConfigError, from_local_json, from_proto};
 use cairn_config_agent::proto;

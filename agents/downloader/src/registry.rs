@@ -212,6 +212,7 @@ fn lock(store: &Arc<Mutex<ContentStore>>) -> std::sync::MutexGuard<'_, ContentSt
 }
 
 /// Writes `bytes` as the verified blob `sha` (held by `tree` first), unless it is there.
+#[allow(clippy::disallowed_methods)] // the file work runs inside spawn_blocking
 async fn store_small_blob(
     store: &Arc<Mutex<ContentStore>>,
     tree: uuid::Uuid,

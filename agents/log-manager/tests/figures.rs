@@ -11,6 +11,7 @@
 //! every 300 s, as it does by default (EVE's `logfileDelay`).
 
 #![allow(clippy::unwrap_used)] // figures: a failed unwrap is a failed run
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 use std::io::Write;
 

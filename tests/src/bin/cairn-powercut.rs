@@ -609,8 +609,6 @@ struct Look {
     faults: Vec<Fault>,
     snapshots: Snapshots,
     records_checked: usize,
-    /// Records whose schema `cairn record check` does not know: envelope and checksum only.
-    envelope_only: usize,
 }
 
 fn look(
@@ -622,7 +620,6 @@ fn look(
     let mut faults = Vec::new();
     let mut snapshots = Snapshots::default();
     let mut records_checked = 0;
-    let mut envelope_only = 0;
     match guest.run("cairn apps --json") {
         Ok((0, out)) => match serde_json::from_str::<Vec<AppInstanceStatus>>(&out) {
             Ok(statuses) => {
@@ -640,7 +637,6 @@ fn look(
             faults,
             snapshots,
             records_checked,
-            envelope_only,
         };
     }
     // Only a settled app-manager view says which directories should exist.
@@ -657,11 +653,8 @@ fn look(
     match guest.run(RECORDS) {
         Ok((_, out)) => {
             for line in out.lines().filter(|l| l.contains("INVALID")) {
-                // The app-manager's and config-agent's own records: the checksum is verified,
-                // the CLI has no type for their fields.
-                if line.contains("does not know schema") {
-                    envelope_only += 1;
-                } else if line.contains("No such file or directory") {
+                // Every schema is checked field by field, the agents' own by their binaries.
+                if line.contains("No such file or directory") {
                     // Deleted between the find and the check (a deletion, a retention): gone
                     // whole, not damaged; the listing above judges what should exist.
                 } else {
@@ -681,7 +674,6 @@ fn look(
         faults,
         snapshots,
         records_checked,
-        envelope_only,
     }
 }
 
@@ -714,7 +706,6 @@ struct Figures {
     failed: BTreeMap<Uuid, String>,
     panics: BTreeSet<String>,
     records_checked: usize,
-    envelope_only: usize,
     most_scheduled: usize,
     fsck_corrected: usize,
     qcow2_problems: Vec<String>,
@@ -757,11 +748,6 @@ impl Figures {
             "records unreadable: {} (records checked at the last look: {})",
             self.unreadable.len(),
             self.records_checked
-        );
-        println!(
-            "  of which {} have a schema `cairn record check` does not know (AppManagerState, \
-             LastConfig): envelope and checksum verified, fields not",
-            self.envelope_only
         );
         for record in self.unreadable.iter().take(5) {
             println!("  {record}");
@@ -865,7 +851,6 @@ fn boot_and_converge(
             faults: vec![Fault::Guest(format!("{e:#}"))],
             snapshots: Snapshots::default(),
             records_checked: 0,
-            envelope_only: 0,
         };
         return (look, None);
     }
@@ -1015,7 +1000,6 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
         );
         figures.most_scheduled = figures.most_scheduled.max(seen.snapshots.scheduled);
         figures.records_checked = seen.records_checked;
-        figures.envelope_only = seen.envelope_only;
         match took {
             Some(took) => {
                 println!(
