@@ -69,16 +69,25 @@ pub fn clean_stop(
 
 /// At start: judges this boot, stores it durably, then drops the stop reason it used.
 /// Blocking. A record that cannot be read is reported and treated as absent: the device
-/// still starts, and says Unknown rather than a reason it cannot vouch for.
-pub fn record_start(persist: &Path, now: DateTime<Utc>) -> anyhow::Result<LastBoot> {
+/// still starts, and says Unknown rather than a reason it cannot vouch for. One that cannot be
+/// written (a read-only or full `<persist>`) is reported too, and the device starts anyway:
+/// the boot reason is not worth a device that does not come up.
+pub fn record_start(persist: &Path, now: DateTime<Utc>) -> LastBoot {
     let previous = read::<LastBoot>(&layout::last_boot(persist));
     let stop = read::<StopReason>(&layout::stop_reason(persist));
     let boot = judge(previous.as_ref(), stop.as_ref(), now);
-    cairn_persist::store_with_backup(&layout::last_boot(persist), &boot)?;
+    if let Err(e) = cairn_persist::store_with_backup(&layout::last_boot(persist), &boot) {
+        eprintln!(
+            "cairn up: this start's reason is not recorded ({e}); the controller is not told it"
+        );
+        return boot;
+    }
     // After the store: a kill between the two leaves a marker that names the run before, which
     // the next judgement ignores.
-    cairn_persist::remove(&layout::stop_reason(persist))?;
-    Ok(boot)
+    if let Err(e) = cairn_persist::remove(&layout::stop_reason(persist)) {
+        eprintln!("cairn up: the last stop's marker stays ({e}); the next start ignores it");
+    }
+    boot
 }
 
 /// At a clean stop, once the agents are down. Blocking.

@@ -10,8 +10,8 @@ use cairn_types::layout::{
 use cairn_types::{
     AppInstanceConfig, AppInstanceStatus, AppVolumeRefs, ConfigItemValueMap, ContentTreeConfig,
     ContentTreeStatus, DeviceStatus, DomainConfig, DomainLiveOpConfig, DomainLiveOpStatus,
-    DomainMetric, DomainStatus, ExportConfig, ExportStatus, LogManagerStatus,
-    SnapshotInstanceStatus, VolumeConfig, VolumeStatus, VolumesSnapshotConfig,
+    DomainMetric, DomainStatus, ExportConfig, ExportStatus, LastBoot, LogManagerStatus,
+    SnapshotInstanceStatus, StopReason, VolumeConfig, VolumeStatus, VolumesSnapshotConfig,
     VolumesSnapshotStatus,
 };
 use serde::Serialize;
@@ -98,6 +98,8 @@ pub fn check(file: &Path) -> RecordCheck {
         Some("ExportJobRecord") => typed::<ExportJobRecord>(&bytes),
         Some("LogManagerStatus") => typed::<LogManagerStatus>(&bytes),
         Some("ConfigItemValueMap") => typed::<ConfigItemValueMap>(&bytes),
+        Some("LastBoot") => typed::<LastBoot>(&bytes),
+        Some("StopReason") => typed::<StopReason>(&bytes),
         Some(other) if let Some(agent) = owner(other) => ask_agent(agent, file),
         Some(other) => Err(format!(
             "envelope and checksum are intact, but this build does not know schema {other}, so its fields were not checked"

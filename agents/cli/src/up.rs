@@ -81,7 +81,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
         crate::boot::record_start(&persist, chrono::Utc::now())
     })
     .await
-    .context("judging the last reboot reason")??;
+    .context("judging the last reboot reason")?;
     eprintln!(
         "cairn up: start {} on this persist: {:?}, {}",
         boot.restart_counter + 1,

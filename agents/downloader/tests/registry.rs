@@ -70,7 +70,7 @@ impl Harness {
         cmd.env("CAIRN_PERSIST_DIR", &self.persist)
             .env("CAIRN_RUN_DIR", &self.run)
             .env_remove("CAIRN_CRASH_AT")
-            .args(["--retry-min-ms", "200", "--retry-max-ms", "1000"])
+            .args(["--retry-ms", "500"])
             .env(
                 "RUST_LOG",
                 std::env::var("CAIRN_TEST_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
