@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)] // test code
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -152,22 +154,7 @@ impl Harness {
         what: &str,
         pred: impl Fn(&ContentTreeStatus) -> bool,
     ) -> ContentTreeStatus {
-        let key = tree.to_string();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(s) = self.statuses.get(&key)
-                && pred(s)
-            {
-                return s.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "content tree {tree}: never {what}; last {:?}",
-                self.statuses.get(&key)
-            );
-            let _ = tokio::time::timeout(left, self.statuses.recv()).await;
-        }
+        common::status_where(&mut self.statuses, tree, what, WAIT, pred).await
     }
 
     async fn loaded(&mut self, tree: Uuid) -> ContentTreeStatus {

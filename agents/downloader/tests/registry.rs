@@ -4,9 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)] // test code
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cairn_pubsub::{Bus, Publication, PublishOptions, Subscription};
 use cairn_test_controller::registry::{TestRegistry, busybox_image};
@@ -110,22 +112,7 @@ impl Harness {
         what: &str,
         pred: impl Fn(&ContentTreeStatus) -> bool,
     ) -> ContentTreeStatus {
-        let key = tree.to_string();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(s) = self.statuses.get(&key)
-                && pred(s)
-            {
-                return s.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "content tree {tree}: never {what}; last {:?}",
-                self.statuses.get(&key)
-            );
-            let _ = tokio::time::timeout(left, self.statuses.recv()).await;
-        }
+        common::status_where(&mut self.statuses, tree, what, WAIT, pred).await
     }
 
     fn blobs(&self) -> PathBuf {
