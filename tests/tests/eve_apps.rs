@@ -274,6 +274,31 @@ async fn an_app_in_a_mode_cairn_cannot_run_is_reported_as_error_naming_the_field
     );
 }
 
+/// EVE's `start_delay_in_seconds`: the app is reported START_DELAYED, not started, until its
+/// delay after the device came up has passed; then it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eve_start_delay_is_reported_start_delayed_and_the_app_runs_after_it() {
+    let controller = TestController::start().await.unwrap();
+    let mut config = eve_config(VmMode::Hvm, &[], 0, "");
+    config.apps[0].start_delay_in_seconds = 10;
+    let device = follow(&controller, config).await;
+    reported(&controller, "the app START_DELAYED", |a| {
+        a.state == proto::ZSwState::StartDelayed as i32
+    })
+    .await;
+    let started = device
+        .wait_for::<DomainStatus>("domain-manager", Duration::from_secs(2), |d| {
+            d.pid.is_some()
+        })
+        .await;
+    assert!(
+        started.is_err(),
+        "the VM was started inside its delay: {started:?}"
+    );
+    let app = reported(&controller, "the app running after its delay", running).await;
+    assert!(app.app_err.is_empty(), "{:?}", app.app_err);
+}
+
 /// The whole life of a VM app a stock EVE controller deploys: its disk is a content tree on
 /// an HTTPS datastore, downloaded, verified and made into its volume; the VM boots that disk
 /// through the BIOS, is snapshotted and rolled back, and when the controller removes it its

@@ -262,3 +262,76 @@ async fn a_config_file_holding_an_array_or_an_empty_object_is_refused_and_delete
         assert_eq!(app_processes(&device).len(), 1, "{bad}: the app still runs");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_delay_holds_the_app_start_delayed_and_a_restarted_app_manager_keeps_the_window() {
+    const DELAY: i64 = 12;
+    let mut device = Device::new();
+    let delayed = config(&device, "1", "/bin/sh", "always").replace(
+        r#""restart_policy": "always","#,
+        &format!(r#""restart_policy": "always", "start_delay_in_seconds": {DELAY},"#),
+    );
+    device.write_config(&delayed);
+    device.start_all();
+    let volume = volume(&device);
+    device
+        .app_status(SETTLE, |s| s.state == SwState::StartDelayed)
+        .await
+        .unwrap_or_else(|last| panic!("not START_DELAYED: {last}\n{}", device.log_tails(30)));
+    let boot_file = device.run_dir().join("app-manager.boot");
+    let ready_at =
+        chrono::DateTime::parse_from_rfc3339(std::fs::read_to_string(&boot_file).unwrap().trim())
+            .unwrap();
+    assert!(pids(&volume).is_empty(), "the app ran inside its delay");
+
+    // The app-manager dies half-way through the window and comes back: the window is the
+    // boot's (kept in the run directory), so the start is not pushed back by the restart.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    device.kill("app-manager");
+    device.start("app-manager", None);
+    let status = device
+        .app_status(SETTLE, |s| s.state == SwState::Running)
+        .await
+        .unwrap_or_else(|last| panic!("never ran: {last}\n{}", device.log_tails(30)));
+    let started = status.boot_time.expect("a running app has a boot time");
+    let after = (started - ready_at.with_timezone(&chrono::Utc)).num_milliseconds();
+    assert!(
+        after >= DELAY * 1000,
+        "started {after} ms after the boot's config, inside its {DELAY} s delay"
+    );
+    // A window counted again from the app-manager's restart (5 s in) would end at 17 s.
+    assert!(
+        after < (DELAY + 4) * 1000,
+        "started {after} ms after the boot's config: the restart reopened the window"
+    );
+    assert_eq!(pids(&volume).len(), 1);
+
+    // A reboot (a fresh run directory) opens a new window.
+    device.power_cycle();
+    device
+        .app_status(SETTLE, |s| s.state == SwState::StartDelayed)
+        .await
+        .unwrap_or_else(|last| {
+            panic!(
+                "not delayed after a reboot: {last}\n{}",
+                device.log_tails(30)
+            )
+        });
+    assert_eq!(
+        pids(&volume).len(),
+        1,
+        "the app ran again inside the new window"
+    );
+    device
+        .app_status(SETTLE, |s| s.state == SwState::Running)
+        .await
+        .unwrap_or_else(|last| {
+            panic!(
+                "never ran after the reboot: {last}\n{}",
+                device.log_tails(30)
+            )
+        });
+    device
+        .until(SETTLE, "the app started again", || pids(&volume).len() == 2)
+        .await;
+}

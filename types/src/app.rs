@@ -61,6 +61,10 @@ pub struct AppInstanceConfig {
     /// set by the config-agent for what EVE can express and Cairn cannot run yet. The app is
     /// accepted and reported broken with this reason; `domain` is then `None`.
     pub unrunnable: Option<String>,
+    /// EVE's `start_delay_in_seconds`: after the device comes up, the app is started no
+    /// sooner than this many seconds after the first config was in hand (0: at once). Later
+    /// starts of the same boot are not delayed once the window has passed.
+    pub start_delay_seconds: u32,
 }
 
 /// Cairn: when the app-manager starts an app again whose domain ended on its own or failed to
@@ -154,6 +158,8 @@ pub enum SwState {
     CreatingVolume = 109,
     CreatedVolume = 110,
     Installed = 111,
+    /// Waiting out the app's `start_delay_in_seconds` after the device came up.
+    StartDelayed = 113,
     Booting = 114,
     Running = 115,
     Pausing = 116,
@@ -167,11 +173,12 @@ pub enum SwState {
 }
 
 impl SwState {
-    const ALL: [SwState; 14] = [
+    const ALL: [SwState; 15] = [
         SwState::Initial,
         SwState::CreatingVolume,
         SwState::CreatedVolume,
         SwState::Installed,
+        SwState::StartDelayed,
         SwState::Booting,
         SwState::Running,
         SwState::Pausing,
@@ -191,6 +198,7 @@ impl SwState {
             SwState::CreatingVolume => "CREATING_VOLUME",
             SwState::CreatedVolume => "CREATED_VOLUME",
             SwState::Installed => "INSTALLED",
+            SwState::StartDelayed => "START_DELAYED",
             SwState::Booting => "BOOTING",
             SwState::Running => "RUNNING",
             SwState::Pausing => "PAUSING",

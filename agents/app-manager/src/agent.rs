@@ -54,6 +54,9 @@ const UNRECORDED_RETRY: Duration = Duration::from_secs(10);
 
 /// Inputs held for an app while its state cannot be written (a read-only or full `<persist>`):
 /// none is stepped, so nothing is done that a restart would not know of.
+/// `<run>/app-manager.boot`: when this boot's first config was in hand (RFC 3339).
+const BOOT_FILE: &str = "app-manager.boot";
+
 struct Unrecorded {
     why: String,
     since: DateTime<Utc>,
@@ -111,6 +114,8 @@ pub struct AppManager {
     follow_ups: BTreeMap<Uuid, Input>,
     /// Apps whose last step could not be recorded, with the inputs held since, in order.
     unrecorded: BTreeMap<Uuid, Unrecorded>,
+    /// When this boot's first config was in hand (the start delay's base), once known.
+    boot_ready_at: Option<DateTime<Utc>>,
 }
 
 impl AppManager {
@@ -157,6 +162,7 @@ impl AppManager {
             run: bus.run_dir().to_path_buf(),
             follow_ups: BTreeMap::new(),
             unrecorded: BTreeMap::new(),
+            boot_ready_at: None,
         };
         manager.load_states().await?;
         Ok(manager)
@@ -247,6 +253,8 @@ impl AppManager {
     /// Runs until the bus fails.
     pub async fn run(mut self) -> Result<(), AgentError> {
         self.synchronize().await;
+        // The configs are in hand: the boot's start delays count from now.
+        self.boot_ready_at().await;
         // Before the configs are applied: a snapshot listed in the config and found on disk
         // is the one the controller means, not a new request to take it again.
         self.scan_snapshot_records().await?;
@@ -683,10 +691,22 @@ impl AppManager {
     /// readiness; it is followed by the readiness of the new ones, from the volume table.
     async fn input_one(&mut self, app: Uuid, input: Input) -> Result<(), AgentError> {
         let mut next = Some(input);
+        // An app that does not know this boot yet learns it first.
+        // Only an app with a start delay needs it: the others are not written again for it.
+        let ready_at = self.boot_ready_at().await;
+        let delayed = |c: &AppInstanceConfig| c.start_delay_seconds > 0;
+        let mut after_boot = None;
+        if self.apps.get(&app).is_some_and(|s| {
+            s.boot_ready_at != Some(ready_at)
+                && (delayed(s.effective()) || matches!(&next, Some(Input::Config(c)) if delayed(c)))
+        }) {
+            after_boot = next.replace(Input::Boot { ready_at });
+        }
         while let Some(input) = next.take() {
             // Held behind the one that could not be recorded, in arrival order.
             if let Some(held) = self.unrecorded.get_mut(&app) {
                 held.inputs.push(input);
+                held.inputs.extend(after_boot.take());
                 // The status counts what waits.
                 return self.carry_out(app, Action::Status).await;
             }
@@ -709,7 +729,15 @@ impl AppManager {
             self.apps.insert(app, state);
             for action in actions {
                 match self.carry_out(app, action).await {
-                    Err(AgentError::Unrecorded(e)) => return self.hold(app, unstepped, e).await,
+                    Err(AgentError::Unrecorded(e)) => {
+                        self.hold(app, unstepped, e).await?;
+                        if let (Some(held), Some(input)) =
+                            (self.unrecorded.get_mut(&app), after_boot.take())
+                        {
+                            held.inputs.push(input);
+                        }
+                        return Ok(());
+                    }
                     other => other?,
                 }
             }
@@ -719,10 +747,50 @@ impl AppManager {
                 next = Some(Input::Volumes { ready: true });
             }
             if next.is_none() {
+                next = after_boot.take();
+            }
+            if next.is_none() {
                 next = self.follow_ups.remove(&app);
             }
         }
         Ok(())
+    }
+
+    /// When this boot's first config was in hand: the start delay's base (EVE's
+    /// `delayBaseTime`). Kept in the run directory, so a restarted app-manager keeps the
+    /// window and a reboot (a fresh run directory) opens a new one.
+    async fn boot_ready_at(&mut self) -> DateTime<Utc> {
+        if let Some(at) = self.boot_ready_at {
+            return at;
+        }
+        let path = self.run.join(BOOT_FILE);
+        let kept = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => match DateTime::parse_from_rfc3339(text.trim()) {
+                Ok(at) => Some(at.with_timezone(&Utc)),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "unreadable boot time, counting from now: {e}");
+                    None
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot read the boot time, counting from now: {e}");
+                None
+            }
+        };
+        let at = match kept {
+            Some(at) => at,
+            None => {
+                let now = self.clock.now();
+                // A lost write only restarts the window at the next start-up of the agent.
+                if let Err(e) = tokio::fs::write(&path, now.to_rfc3339()).await {
+                    tracing::warn!(path = %path.display(), "cannot keep the boot time: {e}");
+                }
+                now
+            }
+        };
+        self.boot_ready_at = Some(at);
+        at
     }
 
     /// The step of `input` could not be recorded: the app goes back to its state before it,

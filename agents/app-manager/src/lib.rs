@@ -97,6 +97,12 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
     let held = machine::restart::retry_condition(state);
     let state_now = match &held {
         Some(_) if !state.domain_active && state.phase == Phase::Idle => SwState::Broken,
+        _ if state.start_delayed_until.is_some()
+            && !state.domain_active
+            && state.phase == Phase::Idle =>
+        {
+            SwState::StartDelayed
+        }
         _ => state_now,
     };
     let failure_error =

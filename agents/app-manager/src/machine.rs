@@ -58,6 +58,7 @@ use cairn_types::{
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+mod delay;
 mod groups;
 mod policy;
 mod quiesce;
@@ -101,6 +102,7 @@ pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState,
             resume(&state, &mut actions)
         }
         Input::Import(found) => import(&mut state, *found),
+        Input::Boot { ready_at } => delay::on_boot(&mut state, ready_at, now),
         Input::Tick { new_id } => {
             restart::on_tick(&mut state, now);
             on_tick(&mut state, new_id, now)
@@ -125,7 +127,7 @@ pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState,
     if volume_keys(state.effective()) != volumes_before {
         state.volumes_ready = false;
     }
-    advance(&mut state, &mut actions);
+    advance(&mut state, now, &mut actions);
     actions.insert(0, Action::Persist);
     actions.push(Action::Status);
     (state, actions)
@@ -595,7 +597,7 @@ fn wanted(state: &AppState, id: Uuid) -> bool {
 }
 
 /// Drives the work forward as far as it can go without waiting.
-fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
+fn advance(state: &mut AppState, now: DateTime<Utc>, actions: &mut Vec<Action>) {
     // The domain request in force still asks it to run (it broke while running).
     let asked_to_run = matches!(state.domain_request(), Some((true, _)));
     match state.phase {
@@ -645,6 +647,7 @@ fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
         return;
     }
     // Inactive: the moment for deferred deletions, then the queued steps, then the start.
+    state.start_delayed_until = None;
     queue_deletions(state);
     if let Some(step) = state.steps.front().copied() {
         if quiesce::freeze_before_step(state, step, actions) {
@@ -662,6 +665,11 @@ fn advance(state: &mut AppState, actions: &mut Vec<Action>) {
     if state.effective().activate && state.volumes_ready {
         // A failure holds the start until its backoff passed, or the controller asks.
         if !restart::may_start(state) {
+            return;
+        }
+        // The first starts of a boot wait out the app's start delay.
+        if let Some(until) = delay::holds(state, now) {
+            state.start_delayed_until = Some(until);
             return;
         }
         restart::starting(state);

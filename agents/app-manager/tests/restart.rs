@@ -67,6 +67,11 @@ struct Device {
 
 impl Device {
     fn new(first: AppInstanceConfig) -> Self {
+        Self::booted(first, None)
+    }
+
+    /// A device whose boot's first config was in hand at `ready_at` (the start delay's base).
+    fn booted(first: AppInstanceConfig, ready_at: Option<DateTime<Utc>>) -> Self {
         let state = AppState::new(first.clone());
         let mut device = Self {
             persisted: state.clone(),
@@ -77,6 +82,9 @@ impl Device {
             broken: BTreeSet::new(),
             starts: Vec::new(),
         };
+        if let Some(ready_at) = ready_at {
+            device.input(Input::Boot { ready_at });
+        }
         device.input(Input::Config(first));
         device.input(Input::Volumes { ready: true });
         device.settle();
@@ -466,4 +474,131 @@ fn max_snapshots_zero_keeps_no_snapshot_as_in_eve() {
         "{:?}",
         status.warnings
     );
+}
+
+fn delayed(version: &str, command: &str, seconds: u32) -> AppInstanceConfig {
+    AppInstanceConfig {
+        start_delay_seconds: seconds,
+        ..config(version, command)
+    }
+}
+
+#[test]
+fn a_start_delay_holds_the_first_start_of_the_boot_start_delayed_until_it_has_passed() {
+    let boot = Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap();
+    let mut device = Device::booted(delayed("1", "/bin/sleep", 30), Some(boot));
+    assert!(device.starts.is_empty(), "started inside its delay");
+    assert_eq!(device.status().state, SwState::StartDelayed);
+    assert_eq!(
+        next_wakeup(&device.state, device.now),
+        Some(boot + Duration::seconds(30)),
+        "the machine must wake when the delay ends"
+    );
+    // The state on disk says so too: a restarted app-manager reports the same.
+    assert_eq!(app_status(&device.persisted).state, SwState::StartDelayed);
+    device.wait(29);
+    assert!(device.starts.is_empty(), "started before its delay ended");
+    device.wait(2);
+    assert_eq!(device.starts.len(), 1, "not started once its delay ended");
+    assert_eq!(device.status().state, SwState::Running);
+}
+
+#[test]
+fn a_start_delay_counts_from_the_boot_not_from_the_config() {
+    let boot = Utc.with_ymd_and_hms(2026, 3, 1, 11, 59, 0).unwrap();
+    // The boot was 60 s ago: a 30 s delay has passed, the app starts at once.
+    let device = Device::booted(delayed("1", "/bin/sleep", 30), Some(boot));
+    assert_eq!(device.starts.len(), 1);
+    assert_eq!(device.status().state, SwState::Running);
+    // 90 s: 30 s are left.
+    let mut device = Device::booted(delayed("1", "/bin/sleep", 90), Some(boot));
+    assert!(device.starts.is_empty());
+    device.wait(29);
+    assert!(device.starts.is_empty());
+    device.wait(2);
+    assert_eq!(device.starts.len(), 1);
+}
+
+#[test]
+fn a_crash_after_the_window_restarts_by_the_policy_alone_and_a_start_inside_it_waits() {
+    let boot = Utc.with_ymd_and_hms(2026, 3, 1, 11, 59, 59).unwrap();
+    let mut device = Device::booted(delayed("1", "/bin/sleep", 1), Some(boot));
+    device.wait(2);
+    assert_eq!(device.starts.len(), 1);
+    // Well after the window: the restart policy's 1 s backoff is all the wait.
+    device.wait(60);
+    device.kill_app();
+    device.wait(FIRST_BACKOFF_SECONDS + 1);
+    assert_eq!(
+        device.starts.len(),
+        2,
+        "the start delay held a restart after its window"
+    );
+
+    // A halted app given a longer delay in the same boot is back inside the window: its
+    // next start waits, as a start after a crash inside the window would.
+    let mut device = Device::booted(delayed("1", "/bin/sleep", 0), Some(boot));
+    assert_eq!(device.starts.len(), 1);
+    device.config(AppInstanceConfig {
+        activate: false,
+        ..delayed("1", "/bin/sleep", 0)
+    });
+    device.config(delayed("2", "/bin/sleep", 600));
+    assert_eq!(
+        device.starts.len(),
+        1,
+        "started inside the new delay's window"
+    );
+    assert_eq!(device.status().state, SwState::StartDelayed);
+}
+
+#[test]
+fn an_app_without_a_known_boot_or_delay_starts_at_once() {
+    let device = Device::booted(delayed("1", "/bin/sleep", 0), Some(Utc::now()));
+    assert_eq!(device.starts.len(), 1);
+    let device = Device::new(delayed("1", "/bin/sleep", 30));
+    assert_eq!(device.starts.len(), 1);
+}
+
+#[test]
+fn after_a_reboot_a_running_app_with_a_start_delay_is_brought_back_only_once_it_has_passed() {
+    let first_boot = Utc.with_ymd_and_hms(2026, 3, 1, 11, 0, 0).unwrap();
+    let mut device = Device::booted(delayed("1", "/bin/sleep", 30), Some(first_boot));
+    assert_eq!(
+        device.starts.len(),
+        1,
+        "runs, the first boot's window long past"
+    );
+    assert_eq!(device.state.domain_request().map(|(on, _)| on), Some(true));
+
+    // A reboot: the domain is gone and a new boot's first config is in hand now.
+    device.running = None;
+    device.broken.clear();
+    device.now += Duration::hours(1);
+    let boot = device.now;
+    device.input(Input::Boot { ready_at: boot });
+    device.input(Input::Resume);
+    // The executor publishes the request in force at a start-up, before the domain-manager
+    // has said anything of the new boot.
+    assert_eq!(
+        device.state.domain_request().map(|(on, _)| on),
+        Some(false),
+        "the domain request brings the app back inside its delay"
+    );
+    device.input(Input::Domain { active: false });
+    device.settle();
+    assert_eq!(device.status().state, SwState::StartDelayed);
+    assert_eq!(device.starts.len(), 1);
+    device.wait(31);
+    assert_eq!(
+        device.starts.len(),
+        2,
+        "not brought back once its delay passed"
+    );
+    assert_eq!(device.status().state, SwState::Running);
+
+    // The same boot told again (an app-manager restart): nothing is delayed anew.
+    device.input(Input::Boot { ready_at: boot });
+    device.settle();
+    assert_eq!(device.state.domain_request().map(|(on, _)| on), Some(true));
 }

@@ -389,6 +389,7 @@ fn sw_state(state: SwState) -> ZSwState {
         SwState::CreatingVolume | SwState::CreatedVolume | SwState::Installed => {
             ZSwState::Installed
         }
+        SwState::StartDelayed => ZSwState::StartDelayed,
         SwState::Booting => ZSwState::Booting,
         SwState::Running | SwState::Pausing | SwState::Paused => ZSwState::Running,
         SwState::Halting => ZSwState::Halting,

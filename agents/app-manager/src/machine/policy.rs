@@ -142,6 +142,7 @@ pub fn next_wakeup(state: &AppState, now: DateTime<Utc>) -> Option<DateTime<Utc>
             .filter_map(|s| s.expires_at(state.policy_for(s))),
     );
     times.extend(restart::wakeup(state));
+    times.extend(super::delay::wakeup(state));
     times.into_iter().min()
 }
 

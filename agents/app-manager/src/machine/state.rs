@@ -225,6 +225,13 @@ pub struct AppState {
     /// When the domain was last seen running after a start.
     #[serde(default)]
     pub started_at: Option<DateTime<Utc>>,
+    /// When this boot's first config was in hand: the app's start delay counts from it
+    /// ([`super::delay`]). Given anew by the executor at each start-up.
+    #[serde(default)]
+    pub boot_ready_at: Option<DateTime<Utc>>,
+    /// The start waits for the app's start delay until then (START_DELAYED).
+    #[serde(default)]
+    pub start_delayed_until: Option<DateTime<Utc>>,
 }
 
 // One input lives at a time, moved straight into `step`: its size costs nothing.
@@ -257,6 +264,11 @@ pub enum Input {
     VolumesResult(VolumesSnapshotStatus),
     /// The app-manager restarted with this state: re-issue what the current phase waits for.
     Resume,
+    /// When this boot's first config was in hand (the start delay's base); fed at every
+    /// start-up before [`Input::Resume`], and to a new app before its first config.
+    Boot {
+        ready_at: DateTime<Utc>,
+    },
     /// A complete snapshot found on disk at start that this state does not track: EVE's
     /// records, or ones left behind by a lost state file. Its volume record is complete.
     Import(Box<FoundSnapshot>),
@@ -359,6 +371,8 @@ impl AppState {
             failure: None,
             restarts: 0,
             started_at: None,
+            boot_ready_at: None,
+            start_delayed_until: None,
         }
     }
 
@@ -428,6 +442,8 @@ impl AppState {
         match self.phase {
             Phase::Stopping | Phase::Volume { .. } | Phase::Group { .. } => Some((false, config)),
             Phase::Starting => Some((true, config)),
+            // Brought back after a reboot only once its start delay has passed.
+            Phase::Idle if self.start_delayed_until.is_some() => Some((false, config)),
             Phase::Idle => self.running.as_ref().map(|running| (true, running)),
             // A hook runs beside the domain as it is: running (a `pre` before the stop), or
             // stopped for the snapshot.

@@ -288,6 +288,7 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
         domain,
         unrunnable,
         tenant: app.cairn_tenant.clone(),
+        start_delay_seconds: app.start_delay_in_seconds,
         restart_policy: restart_policy(
             &app.cairn_restart_policy,
             &format!("{path}.cairn_restart_policy"),

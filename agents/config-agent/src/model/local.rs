@@ -150,6 +150,9 @@ struct LocalApp {
     /// `never`.
     #[serde(default)]
     restart_policy: String,
+    /// EVE's `start_delay_in_seconds`: wait this long after the device comes up.
+    #[serde(default)]
+    start_delay_in_seconds: u32,
 }
 
 /// Quiesce hooks: each an argv (`["/usr/bin/flush", "--all"]`) or a shell command string
@@ -615,6 +618,7 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
         tenant: app.tenant,
         quiesce,
         restart_policy: restart_policy(&app.restart_policy, &format!("{path}.restart_policy"))?,
+        start_delay_seconds: app.start_delay_in_seconds,
         ..Default::default()
     })
 }
