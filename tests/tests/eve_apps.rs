@@ -299,6 +299,86 @@ async fn an_eve_start_delay_is_reported_start_delayed_and_the_app_runs_after_it(
     assert!(app.app_err.is_empty(), "{:?}", app.app_err);
 }
 
+/// EVE's `shutdown` command (`EdgeDevConfig.shutdown`, a `DeviceOpsCmd`): the first counter
+/// is only noted; a new one stops every app, the device reports PREPARED_POWEROFF once they
+/// have halted, a restarted config-agent keeps them stopped, and a reboot ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eve_shutdown_command_stops_every_app_until_the_next_boot() {
+    let controller = TestController::start().await.unwrap();
+    let with_shutdown = |counter: u32| EdgeDevConfig {
+        shutdown: Some(proto::DeviceOpsCmd {
+            counter,
+            ..Default::default()
+        }),
+        ..eve_config(VmMode::Hvm, &[], 0, "")
+    };
+    let mut device = follow(&controller, with_shutdown(1)).await;
+    reported(
+        &controller,
+        "the VM running: a first counter is only noted",
+        running,
+    )
+    .await;
+    let online = |state: proto::ZDeviceState, counter: u32| {
+        move |d: &cairn_test_controller::Device| {
+            d.device_info()
+                .is_some_and(|i| i.state == state as i32 && i.shutdown_config_counter == counter)
+        }
+    };
+    controller
+        .wait_for(
+            SERIAL,
+            SETTLE,
+            "the device ONLINE, counter 1",
+            online(proto::ZDeviceState::ZdeviceStateOnline, 1),
+        )
+        .await
+        .unwrap();
+
+    controller.set_config(SERIAL, with_shutdown(2));
+    controller
+        .wait_for(
+            SERIAL,
+            SETTLE,
+            "the device PREPARED_POWEROFF, counter 2",
+            online(proto::ZDeviceState::ZdeviceStatePreparedPoweroff, 2),
+        )
+        .await
+        .unwrap();
+    let halted = |a: &ZInfoApp| a.state == proto::ZSwState::Halted as i32;
+    reported(&controller, "the VM halted by the shutdown", halted).await;
+    device
+        .wait_for::<DomainStatus>("domain-manager", SETTLE, |d| d.pid.is_none())
+        .await
+        .unwrap();
+
+    // The same boot: a restarted config-agent puts the same config in force, apps stopped.
+    device.kill("config-agent");
+    device.start("config-agent", None);
+    let started = device
+        .wait_for::<DomainStatus>("domain-manager", Duration::from_secs(5), |d| {
+            d.pid.is_some()
+        })
+        .await;
+    assert!(
+        started.is_err(),
+        "a restarted config-agent forgot the shutdown: {started:?}"
+    );
+
+    // A reboot ends the shutdown; the counter is the same, so it is not asked again.
+    device.power_cycle();
+    reported(&controller, "the VM running after the reboot", running).await;
+    controller
+        .wait_for(
+            SERIAL,
+            SETTLE,
+            "the device ONLINE again",
+            online(proto::ZDeviceState::ZdeviceStateOnline, 2),
+        )
+        .await
+        .unwrap();
+}
+
 /// The whole life of a VM app a stock EVE controller deploys: its disk is a content tree on
 /// an HTTPS datastore, downloaded, verified and made into its volume; the VM boots that disk
 /// through the BIOS, is snapshotted and rolled back, and when the controller removes it its

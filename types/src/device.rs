@@ -56,6 +56,10 @@ pub struct DeviceStatus {
     pub agent_started: Option<DateTime<Utc>>,
     /// Whether the app-manager's status reaches the config-agent (the reports depend on it).
     pub app_manager_up: bool,
+    /// Cairn: the controller's `shutdown` command in force (its counter): every app is
+    /// stopped until the device boots again. `None`: no shutdown asked in this boot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_cmd: Option<u32>,
 }
 
 crate::topic!(DeviceStatus, |_v| "global".to_string());

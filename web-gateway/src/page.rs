@@ -194,6 +194,9 @@ fn device(view: &DeviceView, disk: Option<Disk>) -> Markup {
                         " applied " (when(d.last_config_time)) " · " (d.apps) " apps · " (d.volumes) " volumes"
                     }
                     @if d.reports_pending > 0 { dt { "Reports" } dd { (d.reports_pending) " waiting for the controller" } }
+                    @if let Some(counter) = d.shutdown_cmd {
+                        dt { "Shutdown" } dd { (badge("warn", "apps stopped")) " by the controller's shutdown command " (counter) ", until the next boot" }
+                    }
                     @if d.last_error.is_error() {
                         dt { "Last error" } dd.err { (d.last_error.error) " (" (when(d.last_error.error_time)) ")" }
                     }
@@ -204,6 +207,9 @@ fn device(view: &DeviceView, disk: Option<Disk>) -> Markup {
                     @if let Some(disk) = disk {
                         " · " (bytes(disk.free)) " free of " (bytes(disk.total)) " "
                         @if disk.total > 0 && disk.free * 10 < disk.total { (badge("bad", "disk almost full")) }
+                    }
+                    @if let Some(fault) = &view.persist_fault {
+                        " " (badge("bad", "fault")) " " span.err { (fault) }
                     }
                 }
             }

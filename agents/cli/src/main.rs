@@ -464,6 +464,11 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
                     "not reachable or not configured"
                 }
             );
+            if let Some(counter) = d.shutdown_cmd {
+                println!(
+                    "shutdown the controller's shutdown command {counter} stopped every app until the next boot"
+                );
+            }
             if d.last_error.is_error() {
                 println!("error    {}", d.last_error.error);
             }

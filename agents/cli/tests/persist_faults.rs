@@ -131,9 +131,15 @@ fn boots_and_records_nothing_it_cannot(fault: Fault) {
     let root = std::mem::replace(&mut up.root, tempfile::tempdir().unwrap());
     drop(up);
 
-    // Second boot with the fault.
+    // Second boot with the fault, the web page served too.
     fault.apply(&persist);
-    let up = Up::start_in(root, &cairn_bin(), &config_arg);
+    let port = free_port("127.0.0.1");
+    let http_arg = format!("127.0.0.1:{port}");
+    let up = Up::start_in(
+        root,
+        &cairn_bin(),
+        &[config_arg[0], config_arg[1], "--http", &http_arg],
+    );
     // The app runs, or, when its start must be recorded first (a new restart generation, as
     // the first boot's stop may leave it), is held and says so.
     let view = up.wait_status(WAIT, |v| {
@@ -149,6 +155,13 @@ fn boots_and_records_nothing_it_cannot(fault: Fault) {
     assert!(said.starts_with(fault.said()), "{view}");
     let (_, text, _) = up.cairn(&["status"]);
     assert!(text.contains(&format!("persist  {said}")), "{text}");
+    let (code, _, page) = get(port, "/");
+    assert_eq!(code, 200, "{page}");
+    let shown = page
+        .split("fault</span>")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no fault badge on the page: {page}"));
+    assert!(shown.contains(fault.said()), "{shown}");
 
     // A snapshot asked now cannot be recorded: held, said, nothing done.
     write_atomically(

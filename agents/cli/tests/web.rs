@@ -8,15 +8,15 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    DEMO_APP, DEMO_SNAPSHOT, SOUTH_APP, Up, cairn_bin, demo_ready, two_tenants_config,
-    write_atomically,
+    DEMO_APP, DEMO_SNAPSHOT, SOUTH_APP, Up, cairn_bin, demo_ready, free_port, get, http,
+    two_tenants_config, write_atomically,
 };
 use fantoccini::{Client, ClientBuilder, Locator};
 use nix::sys::signal::Signal;
@@ -24,44 +24,6 @@ use nix::sys::signal::Signal;
 const DEVICE_TOKEN: &str = "device-token-5f1c9a0e7b";
 const NORTH_TOKEN: &str = "north-token-0a9c7e5b3d";
 const SOUTH_TOKEN: &str = "south-token-c4e2a8f6b1";
-
-fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One HTTP/1.1 exchange: (status, head, body). `extra` are more header lines.
-fn http(port: u16, method: &str, path: &str, extra: &[String]) -> (u16, String, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: device\r\nConnection: close\r\n");
-    for line in extra {
-        request.push_str(line);
-        request.push_str("\r\n");
-    }
-    request.push_str("\r\n");
-    // A server that refuses early may close while we still write: its answer counts.
-    let _ = stream.write_all(request.as_bytes());
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_string(), body.to_string())
-}
-
-fn get(port: u16, path: &str) -> (u16, String, String) {
-    http(port, "GET", path, &[])
-}
 
 fn bearer(token: &str) -> Vec<String> {
     vec![format!("Authorization: Bearer {token}")]

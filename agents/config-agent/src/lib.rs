@@ -19,6 +19,7 @@ pub mod identity;
 pub mod link;
 pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod proto;
 pub mod report;
 pub mod watch;

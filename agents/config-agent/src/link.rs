@@ -75,7 +75,10 @@ pub async fn run(
         metric_interval: options.metric_interval,
         checkpoint: None,
         volume_refs: BTreeMap::new(),
+        shutdown: crate::ops::Shutdown::load(bus.run_dir()).await,
+        shutdown_seen: None,
     };
+    state.status.shutdown_cmd = state.shutdown.in_force();
     // Record I/O (read, checksum, decode of a possibly large config) off the runtime.
     let persist = options.persist.clone();
     let loaded = tokio::task::spawn_blocking(move || checkpoint::load(&persist))
@@ -88,6 +91,7 @@ pub async fn run(
             state.interval = poll_interval(&restored.config, options.interval);
             state.metric_interval =
                 metrics::interval(&restored.config.config_items, options.metric_interval);
+            state.shutdown_seen = restored.config.shutdown_counter;
             state.checkpoint = Some(restored);
         }
         Err(checkpoint::CheckpointError::Persist(e))
@@ -125,8 +129,14 @@ pub async fn run(
                 let ok = state.poll(publications, &mut link, &url, &options).await?;
                 // At start and whenever a fact changes (looked at with each poll).
                 let persist = options.persist.clone();
-                if let Ok(facts) =
-                    tokio::task::spawn_blocking(move || report::device_facts(&persist)).await
+                let facts = tokio::task::spawn_blocking(move || report::device_facts(&persist))
+                    .await
+                    .map(|facts| crate::proto::ZInfoDevice {
+                        state: state.shutdown.device_state(statuses.values()) as i32,
+                        shutdown_config_counter: state.shutdown_seen.unwrap_or(0),
+                        ..facts
+                    });
+                if let Ok(facts) = facts
                     && device_facts.as_ref() != Some(&facts)
                 {
                     queue.put(
@@ -144,14 +154,27 @@ pub async fn run(
                     Instant::now() + wait
                 };
             }
-            Wake::Status(event) => match *event {
-                Event::Create { key, value }
-                | Event::Modify {
-                    key, new: value, ..
-                } => queue.put(key, Report::App(Some(value))),
-                Event::Delete { key, .. } => queue.put(key, Report::App(None)),
-                _ => {}
-            },
+            Wake::Status(event) => {
+                match *event {
+                    Event::Create { key, value }
+                    | Event::Modify {
+                        key, new: value, ..
+                    } => queue.put(key, Report::App(Some(value))),
+                    Event::Delete { key, .. } => queue.put(key, Report::App(None)),
+                    _ => {}
+                }
+                // A shutdown ends when the last app has halted: the device says so.
+                let device_state = state.shutdown.device_state(statuses.values()) as i32;
+                if let Some(facts) = device_facts.as_mut()
+                    && facts.state != device_state
+                {
+                    facts.state = device_state;
+                    queue.put(
+                        report::DEVICE_KEY.to_string(),
+                        Report::Device(Box::new(facts.clone())),
+                    );
+                }
+            }
             Wake::Volume(event) => match *event {
                 Event::Create { value, .. } | Event::Modify { new: value, .. } => queue.put(
                     report::volume_key(&value.volume_id.to_string()),
@@ -288,6 +311,10 @@ struct State {
     checkpoint: Option<checkpoint::Restored>,
     /// Each app's volume ids in the config in force, for `ZInfoApp.volumeRefs`.
     volume_refs: BTreeMap<String, Vec<String>>,
+    /// The controller's shutdown command in force in this boot (see [`crate::ops`]).
+    shutdown: crate::ops::Shutdown,
+    /// The shutdown counter of the controller's config in force (or checkpointed).
+    shutdown_seen: Option<u32>,
 }
 
 impl State {
@@ -355,6 +382,18 @@ impl State {
                         self.metric_interval =
                             metrics::interval(&model.config_items, options.metric_interval);
                         self.status.last_error = ErrorDescription::default();
+                        // A new shutdown counter: in force (on disk) before the config that
+                        // carries it is checkpointed, or a crash between would forget it.
+                        if crate::ops::Shutdown::asked(self.shutdown_seen, model.shutdown_counter)
+                            && let Some(counter) = model.shutdown_counter
+                            && let Err(e) = self.shutdown.begin(counter).await
+                        {
+                            tracing::error!(
+                                "the shutdown is not kept for a restart of this agent: {e}"
+                            );
+                        }
+                        self.shutdown_seen = model.shutdown_counter;
+                        self.status.shutdown_cmd = self.shutdown.in_force();
                         // Checkpoint first: a config on the bus is always one a reboot without
                         // the controller would bring back.
                         let (persist, saved_hash) = (options.persist.clone(), hash.clone());
@@ -417,7 +456,7 @@ impl State {
         config: &model::DeviceConfig,
         source: ConfigSource,
     ) -> Result<(), BusError> {
-        publications.apply(config).await?;
+        publications.apply(&self.shutdown.apply(config)).await?;
         if !self.restarted {
             publications.restarted().await?;
             self.restarted = true;

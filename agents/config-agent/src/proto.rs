@@ -12,8 +12,8 @@ pub use crate::eve::org::lfedge::eve::common::HashAlgorithm;
 pub use crate::eve::org::lfedge::eve::config::UuiDandVersion as UuidAndVersion;
 pub use crate::eve::org::lfedge::eve::config::{
     AppInstanceConfig, ConfigItem, ConfigRequest, ConfigResponse, ContentTree, DatastoreConfig,
-    Drive, DsType, EdgeDevConfig, Format, InstanceOpsCmd, SnapshotConfig, SnapshotDesc,
-    SnapshotType, VmBootMode, VmConfig, VmMode, Volume, VolumeContentOrigin,
+    DeviceOpsCmd, Drive, DsType, EdgeDevConfig, Format, InstanceOpsCmd, SnapshotConfig,
+    SnapshotDesc, SnapshotType, VmBootMode, VmConfig, VmMode, Volume, VolumeContentOrigin,
     VolumeContentOriginType, VolumeRef,
 };
 pub use crate::eve::org::lfedge::eve::info::z_info_msg::InfoContent;

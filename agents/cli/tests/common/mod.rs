@@ -5,7 +5,8 @@
 #![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -452,4 +453,43 @@ pub fn app_processes(root: &Path) -> Vec<i32> {
         .copied()
         .filter(|pid| parent_of(*pid).is_none_or(|p| !all.contains(&p)))
         .collect()
+}
+
+/// A free TCP port on `ip` (for `cairn up --http`).
+pub fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 exchange: (status, head, body). `extra` are more header lines.
+pub fn http(port: u16, method: &str, path: &str, extra: &[String]) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: device\r\nConnection: close\r\n");
+    for line in extra {
+        request.push_str(line);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    // A server that refuses early may close while we still write: its answer counts.
+    let _ = stream.write_all(request.as_bytes());
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+pub fn get(port: u16, path: &str) -> (u16, String, String) {
+    http(port, "GET", path, &[])
 }

@@ -79,6 +79,7 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
             .iter()
             .map(|item| (item.key.clone(), item.value.clone()))
             .collect(),
+        shutdown_counter: config.shutdown.as_ref().map(|cmd| cmd.counter),
     };
     crate::container::image_volumes_are_dirs(&mut config);
     mark_unusable_volumes(&mut config);

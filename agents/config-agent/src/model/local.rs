@@ -459,6 +459,8 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
             .collect::<Result<_, _>>()?,
         content_trees: local_content_trees(local.datastores, local.content_trees, "datastores")?,
         config_items: local.config_items,
+        // A controller command: the local file has none.
+        shutdown_counter: None,
     };
     let groups = local
         .groups

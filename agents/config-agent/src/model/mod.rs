@@ -33,6 +33,8 @@ pub struct DeviceConfig {
     pub volumes: Vec<VolumeConfig>,
     pub content_trees: Vec<ContentTreeConfig>,
     pub config_items: BTreeMap<String, String>,
+    /// The controller's `shutdown` command counter (EVE's `DeviceOpsCmd`), if it sent one.
+    pub shutdown_counter: Option<u32>,
 }
 
 /// A refused config: `path` locates the field (`apps[1].snapshot.snapshots[0].id`).
