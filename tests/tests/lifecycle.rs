@@ -335,3 +335,58 @@ async fn a_start_delay_holds_the_app_start_delayed_and_a_restarted_app_manager_k
         .until(SETTLE, "the app started again", || pids(&volume).len() == 2)
         .await;
 }
+
+/// Issue 20: a snapshot is taken but its records (config, status) cannot be written: the
+/// app-manager says so in the app's status and writes them once it can, without exiting; and
+/// records lost with a crash are written again at its next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_whose_records_cannot_be_written_is_reported_and_written_later_without_exiting()
+{
+    use cairn_types::layout::{APP_INSTANCE_CONFIG_FILE, SNAPSHOT_INSTANCE_STATUS_FILE};
+    const SNAPSHOT: &str = "e2e0ea90-0000-4000-8000-00000000c017";
+    let (mut device, _volume) = running_device("always").await;
+    let dir = device.persist_dir().join("snapshots").join(SNAPSHOT);
+    let config_record = dir.join(APP_INSTANCE_CONFIG_FILE);
+    // A directory where the record goes: its write fails (EISDIR), nothing else does.
+    std::fs::create_dir_all(&config_record).unwrap();
+    let with_snapshot = config(&device, "1", "/bin/sh", "always").replace(
+        r#""snapshot": {"max_snapshots": 2}"#,
+        &format!(r#""snapshot": {{"max_snapshots": 2, "snapshots": [{{"id": "{SNAPSHOT}", "type": "immediate"}}]}}"#),
+    );
+    device.write_config(&with_snapshot);
+    let status = device
+        .app_status(SETTLE, |s| {
+            s.error.error.contains("records cannot be written")
+        })
+        .await
+        .unwrap_or_else(|last| panic!("not reported: {last}\n{}", device.log_tails(30)));
+    assert!(status.error.error.contains(SNAPSHOT), "{:?}", status.error);
+    assert!(!device.has_died("app-manager"), "the app-manager exited");
+
+    // Mended: written at the next try, the error goes.
+    std::fs::remove_dir(&config_record).unwrap();
+    device
+        .app_status(SETTLE, |s| {
+            !s.error.is_error() && s.state == SwState::Running
+        })
+        .await
+        .unwrap_or_else(|last| panic!("not written: {last}\n{}", device.log_tails(30)));
+    let written = cairn_persist::load::<cairn_types::AppInstanceConfig>(&config_record).unwrap();
+    assert_eq!(written.record.uuid_and_version.uuid.to_string(), APP);
+    assert!(!device.has_died("app-manager"), "the app-manager exited");
+
+    // Lost with a crash: written again when the app-manager starts.
+    device.kill("app-manager");
+    std::fs::remove_file(&config_record).unwrap();
+    std::fs::remove_file(dir.join(SNAPSHOT_INSTANCE_STATUS_FILE)).unwrap();
+    device.start("app-manager", None);
+    device
+        .until(SETTLE, "the snapshot's records written again", || {
+            cairn_persist::load::<cairn_types::AppInstanceConfig>(&config_record).is_ok()
+                && cairn_persist::load::<cairn_types::SnapshotInstanceStatus>(
+                    &dir.join(SNAPSHOT_INSTANCE_STATUS_FILE),
+                )
+                .is_ok()
+        })
+        .await;
+}

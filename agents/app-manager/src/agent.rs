@@ -57,6 +57,13 @@ const UNRECORDED_RETRY: Duration = Duration::from_secs(10);
 /// `<run>/app-manager.boot`: when this boot's first config was in hand (RFC 3339).
 const BOOT_FILE: &str = "app-manager.boot";
 
+/// A taken snapshot whose records could not be written.
+struct Unwritten {
+    app: Uuid,
+    why: String,
+    since: DateTime<Utc>,
+}
+
 struct Unrecorded {
     why: String,
     since: DateTime<Utc>,
@@ -116,6 +123,9 @@ pub struct AppManager {
     unrecorded: BTreeMap<Uuid, Unrecorded>,
     /// When this boot's first config was in hand (the start delay's base), once known.
     boot_ready_at: Option<DateTime<Utc>>,
+    /// Snapshots taken whose records (config, status) could not be written, by snapshot:
+    /// tried again with the held steps, said in their app's status meanwhile.
+    unwritten: BTreeMap<Uuid, Unwritten>,
 }
 
 impl AppManager {
@@ -163,6 +173,7 @@ impl AppManager {
             follow_ups: BTreeMap::new(),
             unrecorded: BTreeMap::new(),
             boot_ready_at: None,
+            unwritten: BTreeMap::new(),
         };
         manager.load_states().await?;
         Ok(manager)
@@ -258,6 +269,9 @@ impl AppManager {
         // Before the configs are applied: a snapshot listed in the config and found on disk
         // is the one the controller means, not a new request to take it again.
         self.scan_snapshot_records().await?;
+        // A snapshot taken just before the agent died, or whose records could not be written
+        // then, gets them now: without its config it could not be rolled back to.
+        self.write_missing_snapshot_records().await?;
         // Hooks an earlier run left going end before any interrupted hook is judged.
         let owner = self.persist.clone();
         let orphans = tokio::task::spawn_blocking(move || crate::hooks::kill_orphans(&owner))
@@ -320,8 +334,9 @@ impl AppManager {
                 _ = tokio::time::sleep(sleep.unwrap_or(MAX_SLEEP)), if sleep.is_some() => {
                     self.on_timer().await?;
                 }
-                _ = tokio::time::sleep(UNRECORDED_RETRY), if !self.unrecorded.is_empty() => {
+                _ = tokio::time::sleep(UNRECORDED_RETRY), if !self.unrecorded.is_empty() || !self.unwritten.is_empty() => {
                     self.retry_unrecorded().await?;
+                    self.retry_unwritten().await?;
                 }
             }
         }
@@ -339,6 +354,53 @@ impl AppManager {
                 tracing::info!(app = %app, since = %held.since, "the app's state is recorded again; its held inputs were carried out");
                 self.carry_out(app, Action::Status).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Writes again the records of taken snapshots that could not be written.
+    async fn retry_unwritten(&mut self) -> Result<(), AgentError> {
+        let apps: Vec<(Uuid, Uuid)> = self.unwritten.iter().map(|(id, u)| (u.app, *id)).collect();
+        for (app, id) in apps {
+            self.carry_out(app, Action::WriteSnapshot(id)).await?;
+            self.carry_out(app, Action::Status).await?;
+        }
+        Ok(())
+    }
+
+    /// Every taken snapshot the apps track has its records on disk; missing ones are written.
+    async fn write_missing_snapshot_records(&mut self) -> Result<(), AgentError> {
+        let persist = self.persist.clone();
+        let taken: Vec<(Uuid, Uuid)> = self
+            .apps
+            .iter()
+            .flat_map(|(app, state)| {
+                state
+                    .snapshots
+                    .iter()
+                    .filter(|r| r.time_created.is_some())
+                    .filter(|r| {
+                        matches!(
+                            r.state,
+                            machine::SnapshotState::Available
+                                | machine::SnapshotState::PendingDeletion
+                                | machine::SnapshotState::DeletionFailed
+                        )
+                    })
+                    .map(move |r| (*app, r.id()))
+            })
+            .collect();
+        let missing = tokio::task::spawn_blocking(move || {
+            taken
+                .into_iter()
+                .filter(|(_, id)| !has_snapshot_records(&snapshot_dir(&persist, *id)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (app, id) in missing {
+            tracing::warn!(app = %app, snapshot = %id, "a taken snapshot has no records: writing them");
+            self.carry_out(app, Action::WriteSnapshot(id)).await?;
         }
         Ok(())
     }
@@ -868,7 +930,30 @@ impl AppManager {
                 self.volume_requests.republish(request).await?;
                 crash_point("app-manager:after-volumes-request");
             }
-            Action::WriteSnapshot(id) => self.write_snapshot_files(&state, id).await?,
+            Action::WriteSnapshot(id) => match self.write_snapshot_files(&state, id).await {
+                Ok(()) => {
+                    if self.unwritten.remove(&id).is_some() {
+                        tracing::info!(app = %app, snapshot = %id, "the snapshot's records are written now");
+                    }
+                }
+                // The snapshot is taken: the agent goes on and tries again, rather than exit
+                // and come back to the same full or failing disk.
+                Err(e) => {
+                    tracing::error!(app = %app, snapshot = %id, "cannot write the snapshot's records: {e}");
+                    let since = self
+                        .unwritten
+                        .get(&id)
+                        .map_or_else(|| self.clock.now(), |u| u.since);
+                    self.unwritten.insert(
+                        id,
+                        Unwritten {
+                            app,
+                            why: e.to_string(),
+                            since,
+                        },
+                    );
+                }
+            },
             Action::RunHook(request) => {
                 // The hook sees the volumes it quiesces by their paths on the device.
                 let volumes = request
@@ -917,6 +1002,22 @@ impl AppManager {
                     status.error = domain.clone();
                 }
                 self.explain_waiting_volumes(&state, &mut status);
+                for (id, unwritten) in self.unwritten.iter().filter(|(_, u)| u.app == app) {
+                    let said = format!(
+                        "snapshot {id} of app {app} is taken but its records cannot be written ({}); without them it cannot be rolled back to (tried again every {} s): make the persist file system writable or free space on it",
+                        unwritten.why,
+                        UNRECORDED_RETRY.as_secs()
+                    );
+                    if status.error.is_error() {
+                        status.warnings.push(said);
+                    } else {
+                        status.error = cairn_types::ErrorDescription::new(
+                            said,
+                            cairn_types::ErrorSeverity::Error,
+                            unwritten.since,
+                        );
+                    }
+                }
                 if let Some(held) = self.unrecorded.get(&app) {
                     status.error = cairn_types::ErrorDescription::new(
                         format!(
@@ -1047,6 +1148,12 @@ fn store_snapshot_files(
 ) -> Result<(), PersistError> {
     cairn_persist::store(&dir.join(APP_INSTANCE_CONFIG_FILE), config)?;
     cairn_persist::store(&dir.join(SNAPSHOT_INSTANCE_STATUS_FILE), status)
+}
+
+/// Whether a snapshot directory holds the app-manager's two records (blocking).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn has_snapshot_records(dir: &Path) -> bool {
+    dir.join(APP_INSTANCE_CONFIG_FILE).exists() && dir.join(SNAPSHOT_INSTANCE_STATUS_FILE).exists()
 }
 
 #[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
