@@ -46,14 +46,9 @@ pub fn state_root(run_dir: &Path) -> PathBuf {
     run_dir.join("domain-manager").join("oci")
 }
 
-/// The container's name: unique per run directory and app (two device roots on one host
-/// never share one, nor their cgroups).
+/// The container's name (see [`cairn_types::domain::container_id`]).
 pub fn container_id(run_dir: &Path, app: uuid::Uuid) -> String {
-    let digest = uuid::Uuid::new_v5(
-        &uuid::Uuid::NAMESPACE_URL,
-        run_dir.as_os_str().as_encoded_bytes(),
-    );
-    format!("cairn-{}-{app}", &digest.simple().to_string()[..8])
+    cairn_types::domain::container_id(run_dir, app)
 }
 
 /// A user of the image's config (`uid`, `uid:gid`, `name`, `name:group`) as numbers, names
