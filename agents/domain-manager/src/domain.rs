@@ -437,8 +437,12 @@ impl Domain {
         tokio::fs::write(bundle.join("config.json"), text)
             .await
             .map_err(|e| format!("cannot write {}: {e}", bundle.join("config.json").display()))?;
-        // A container whose runtime was killed stays known to the runtime: it goes first.
-        let _ = crate::container::runtime_command(&runtime, &state, &["delete", "-f", &id]).await;
+        // A container whose runtime was killed stays known to the runtime (its state directory
+        // is left): it goes first. None left, no runtime run (it is a tenth of a start).
+        if tokio::fs::try_exists(state.join(&id)).await.unwrap_or(true) {
+            let _ =
+                crate::container::runtime_command(&runtime, &state, &["delete", "-f", &id]).await;
+        }
         let path = self.dir.process_log();
         let log = std::fs::OpenOptions::new()
             .create(true)
