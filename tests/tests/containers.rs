@@ -346,16 +346,24 @@ async fn a_live_snapshot_freezes_the_container_on_btrfs_and_rolls_back_to_its_co
         })
         .await;
     assert_eq!(starts(&log), vec![0], "a live snapshot does not restart it");
-    let pause_us = std::fs::read_to_string(device.agent_log("volume-manager"))
+    let logged = std::fs::read_to_string(device.agent_log("volume-manager"))
         .unwrap_or_default()
         .lines()
         .find(|l| l.contains("container frozen while its volumes were taken"))
-        .and_then(|l| l.split("pause_us=").nth(1))
-        .and_then(|t| t.split_whitespace().next())
-        .unwrap_or("?")
+        .unwrap_or_default()
         .to_string();
+    let field = |name: &str| {
+        logged
+            .split(name)
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string()
+    };
     println!(
-        "figure: live snapshot of a running container (2 volumes, btrfs): paused {pause_us} µs (reported {} ms)",
+        "figure: live snapshot of a running container (2 volumes, btrfs): paused {} µs, of which {} µs until every task stopped (reported {} ms)",
+        field("pause_us="),
+        field("stopping_us="),
         taken.pause_ms
     );
 

@@ -49,6 +49,9 @@ pub struct Frozen {
     version: Version,
     dir: PathBuf,
     since: Instant,
+    /// How long the kernel took to stop every task (a task in the kernel, in a `sync` say,
+    /// stops only when it returns).
+    pub stopping: Duration,
 }
 
 /// The freezer of `cgroup` under the cgroup mount `root` (`/sys/fs/cgroup`): v1 when a freezer
@@ -124,15 +127,19 @@ impl Frozen {
         };
         let since = Instant::now();
         write(cgroup, dir.join(control(version)), value).await?;
-        let frozen = Self {
+        let mut frozen = Self {
             cgroup: cgroup.to_string(),
             version,
             dir,
             since,
+            stopping: Duration::ZERO,
         };
         loop {
             match is_frozen(cgroup, version, &frozen.dir).await {
-                Ok(true) => return Ok(frozen),
+                Ok(true) => {
+                    frozen.stopping = since.elapsed();
+                    return Ok(frozen);
+                }
                 Ok(false) if since.elapsed() < FREEZE_WITHIN => {
                     tokio::time::sleep(Duration::from_micros(200)).await;
                 }

@@ -343,11 +343,29 @@ pub(crate) fn create(
                     }
                 }
             }
+            // A frozen container waits for all of them: taken at once, so that on one btrfs
+            // they share a transaction commit, most of the pause.
+            let mut at_once: Vec<Option<crate::error::Result<VolumeSnapshotMeta>>> =
+                if frozen.is_some() && plan.len() > 1 {
+                    let fresh = previous.is_none();
+                    futures_util::future::join_all(plan.iter().map(|(_, meta)| {
+                        let (backends, name, vref) = (&backends, &name, VolumeRef::of_meta(meta));
+                        async move { backends.create(meta.backend, &vref, name, fresh).await }
+                    }))
+                    .await
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+                } else {
+                    Vec::new()
+                };
             let mut made = Vec::new();
             for (k, (volume, meta)) in plan.iter().enumerate() {
                 // A running VM's disk was snapshotted by the domain-manager: record it only.
                 let made_live = config.live && backends.live_taken_by_hypervisor(meta.backend);
-                let created = if made_live {
+                let created = if let Some(taken) = at_once.get_mut(k).and_then(Option::take) {
+                    taken
+                } else if made_live {
                     backends.adopt_live(meta, &name).await
                 } else {
                     backends
@@ -378,6 +396,14 @@ pub(crate) fn create(
                 if matches!(backends.exists(meta).await, Ok(true)) {
                     undo.push((*volume, meta.to_value(), meta.clone()));
                 }
+                // Taken at once: the volumes after this one may have theirs too.
+                if !at_once.is_empty() {
+                    for (v, m) in &plan[k + 1..] {
+                        if matches!(backends.exists(m).await, Ok(true)) {
+                            undo.push((*v, m.to_value(), m.clone()));
+                        }
+                    }
+                }
                 let (left, mut errors) = delete_all(&backends, id, &undo).await;
                 errors.insert(*volume, e.to_string());
                 let undone: Vec<String> = made.iter().map(Uuid::to_string).collect();
@@ -400,9 +426,10 @@ pub(crate) fn create(
                     error: e,
                 };
             }
+            let stopping = frozen.as_ref().map(|f| f.stopping.as_micros() as u64);
             if let Some(paused) = thaw(frozen.take(), id).await {
                 record.pause_ms = crate::freeze::pause_ms(paused);
-                tracing::info!(snapshot = %id, cgroup = %config.freeze_cgroup, pause_us = paused.as_micros() as u64, "container frozen while its volumes were taken");
+                tracing::info!(snapshot = %id, cgroup = %config.freeze_cgroup, pause_us = paused.as_micros() as u64, stopping_us = stopping.unwrap_or(0), "container frozen while its volumes were taken");
             }
             record.in_progress = VolumesSnapshotAction::Unspecified;
             record.in_progress_counter = 0;
