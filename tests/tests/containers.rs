@@ -384,6 +384,50 @@ async fn a_live_snapshot_freezes_the_container_on_btrfs_and_rolls_back_to_its_co
         .unwrap();
 }
 
+/// The volume-manager killed (at a crash point) between the freeze and the thaw of a live
+/// snapshot leaves the container frozen; restarted, it is asked again, thaws the container and
+/// finishes the snapshot. The container counts on and was never restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_manager_killed_while_a_container_is_frozen_thaws_it_once_restarted() {
+    let (mut device, _containers, registry, data, log) =
+        counting_container(SCRIPT, "30", true).await;
+    let password = registry.password().to_string();
+    device.kill("volume-manager");
+    device.start(
+        "volume-manager",
+        Some("volume-manager:after-backend-create"),
+    );
+    device.write_config(&config(&registry, Some("live"), 0, &password));
+    assert!(
+        device.died_within("volume-manager", SETTLE),
+        "the volume-manager reached its crash point"
+    );
+    let state = Path::new("/sys/fs/cgroup/freezer")
+        .join(
+            cairn_types::domain::container_cgroup(&device.run_dir(), id(APP))
+                .trim_start_matches('/'),
+        )
+        .join("freezer.state");
+    assert_eq!(
+        std::fs::read_to_string(&state).unwrap().trim(),
+        "FROZEN",
+        "the killed volume-manager left the container frozen"
+    );
+    device.start("volume-manager", None);
+    device
+        .app_status(SETTLE, |s| settled(s, &[S1]))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&state).unwrap().trim(), "THAWED");
+    let at = counter(&data);
+    device
+        .until(SETTLE, "the thawed container counts on", || {
+            counter(&data) > at + 2
+        })
+        .await;
+    assert_eq!(starts(&log), vec![0], "never restarted");
+}
+
 /// A container that ignores SIGTERM (PID 1 of its namespace without a handler) is stopped for a
 /// snapshot all the same: crun is SIGKILLed after the stop timeout, the container's own
 /// processes (marked) are swept, the snapshot is taken and exactly one container runs after.
