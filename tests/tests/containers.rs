@@ -428,6 +428,43 @@ async fn a_volume_manager_killed_while_a_container_is_frozen_thaws_it_once_resta
     assert_eq!(starts(&log), vec![0], "never restarted");
 }
 
+/// A container left frozen (a live snapshot cut short; here frozen by hand) is thawed before
+/// it is stopped: it sees the SIGTERM and ends on its own, not killed after the stop timeout
+/// (a frozen task does not even die of SIGKILL under cgroup v1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_left_frozen_is_thawed_before_it_is_stopped() {
+    let (device, _containers, registry, _data, _log) = counting_container(SCRIPT, "5", false).await;
+    let password = registry.password().to_string();
+    let state = Path::new("/sys/fs/cgroup/freezer")
+        .join(
+            cairn_types::domain::container_cgroup(&device.run_dir(), id(APP))
+                .trim_start_matches('/'),
+        )
+        .join("freezer.state");
+    std::fs::write(&state, "FROZEN").unwrap();
+    device
+        .until(SETTLE, "the container is frozen", || {
+            std::fs::read_to_string(&state).unwrap_or_default().trim() == "FROZEN"
+        })
+        .await;
+    let stopped = config(&registry, None, 0, &password).replacen(
+        r#""version": "1","#,
+        r#""version": "1", "activate": false,"#,
+        1,
+    );
+    device.write_config(&stopped);
+    let ended = device
+        .wait_for::<cairn_types::DomainStatus>("domain-manager", SETTLE, |d| {
+            d.pid.is_none() && !d.exit_status.is_empty()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ended.exit_status, "exit status 0",
+        "the container saw the SIGTERM: {ended:?}"
+    );
+}
+
 /// A container that ignores SIGTERM (PID 1 of its namespace without a handler) is stopped for a
 /// snapshot all the same: crun is SIGKILLed after the stop timeout, the container's own
 /// processes (marked) are swept, the snapshot is taken and exactly one container runs after.

@@ -299,6 +299,38 @@ pub fn oom_kills(id: &str, since: chrono::DateTime<chrono::Utc>) -> Vec<String> 
     kills
 }
 
+/// Thaws the container's cgroup (`cgroup` as [`cairn_types::domain::container_cgroup`] names
+/// it) if a live snapshot cut short left it frozen: a frozen container would not see the
+/// SIGTERM of a stop, nor die of a SIGKILL (cgroup v1). A cgroup that is not there, or not
+/// frozen, is left as it is.
+pub async fn thaw(cgroup: &str) {
+    let relative = cgroup.trim_start_matches('/');
+    let root = Path::new("/sys/fs/cgroup");
+    let v1 = tokio::fs::try_exists(root.join("freezer/cgroup.procs"))
+        .await
+        .unwrap_or(false);
+    let (file, value) = if v1 {
+        (
+            root.join("freezer").join(relative).join("freezer.state"),
+            "THAWED",
+        )
+    } else {
+        (root.join(relative).join("cgroup.freeze"), "0")
+    };
+    let frozen = match tokio::fs::read_to_string(&file).await {
+        Ok(state) => matches!(state.trim(), "FROZEN" | "FREEZING" | "1"),
+        Err(_) => false,
+    };
+    if frozen {
+        match tokio::fs::write(&file, value).await {
+            Ok(()) => tracing::warn!(cgroup, "container found frozen: thawed"),
+            Err(e) => {
+                tracing::error!(cgroup, error = %e, "container found frozen and cannot be thawed")
+            }
+        }
+    }
+}
+
 /// Runs the runtime once (`delete`, `kill`), returning its error output on failure.
 pub async fn runtime_command(runtime: &Path, state: &Path, args: &[&str]) -> Result<(), String> {
     let out = tokio::process::Command::new(runtime)

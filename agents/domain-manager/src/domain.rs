@@ -621,6 +621,17 @@ impl Domain {
                 }
             }
             Kind::Process => {
+                // A container frozen by a live snapshot cut short would not see the SIGTERM.
+                if matches!(
+                    self.config.as_ref().map(|c| &c.spec),
+                    Some(cairn_types::DomainSpec::Container(_))
+                ) {
+                    crate::container::thaw(&cairn_types::domain::container_cgroup(
+                        &self.shared.run_dir,
+                        self.app,
+                    ))
+                    .await;
+                }
                 procfs::signal_group(pid, Signal::SIGTERM);
                 cairn_persist::crash_point("domain-manager:process-stop-signalled");
                 how = wait_exit(&mut running.exit, t.stop).await;
