@@ -76,6 +76,11 @@ impl Device {
         self.controller_args = args;
     }
 
+    /// The pid of `agent` while this device runs it.
+    pub fn agent_pid(&self, agent: &str) -> Option<u32> {
+        self.agents.get(agent).map(Child::id)
+    }
+
     pub fn run_dir(&self) -> PathBuf {
         self.root.path().join("run")
     }
@@ -502,4 +507,51 @@ pub fn processes_of(root: &Path) -> Vec<i32> {
 pub fn cairn_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     exe.parent().and_then(Path::parent).unwrap().join("cairn")
+}
+
+/// A btrfs filesystem on a loop device of its own, mounted at a device's volumes directory so
+/// that its directory volumes get the btrfs backend; unmounted and detached on drop.
+pub struct LoopBtrfs {
+    mount: PathBuf,
+    loop_device: String,
+}
+
+impl LoopBtrfs {
+    /// Mounts a fresh `size_mib` btrfs at `<persist>/volumes` of `device` (before its start).
+    pub fn at_volumes(device: &Device, size_mib: u64) -> Self {
+        let mount = layout::volumes_dir(&device.persist_dir());
+        std::fs::create_dir_all(&mount).unwrap();
+        let image = device.root.path().join("volumes-btrfs.img");
+        let file = std::fs::File::create(&image).unwrap();
+        file.set_len(size_mib << 20).unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "losetup: {out:?}");
+        let loop_device = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let guard = Self {
+            mount: mount.clone(),
+            loop_device: loop_device.clone(),
+        };
+        for (tool, args) in [
+            ("mkfs.btrfs", vec!["-q", loop_device.as_str()]),
+            ("mount", vec![loop_device.as_str(), mount.to_str().unwrap()]),
+        ] {
+            let status = Command::new(tool).args(&args).status().unwrap();
+            assert!(status.success(), "{tool} {args:?}: {status}");
+        }
+        guard
+    }
+}
+
+impl Drop for LoopBtrfs {
+    fn drop(&mut self) {
+        // Lazily: an agent still running may hold a directory in it.
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = Command::new("losetup")
+            .args(["-d", &self.loop_device])
+            .status();
+    }
 }

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
 use std::time::Duration;
 
 use std::path::Path;
@@ -14,8 +16,8 @@ use std::time::Instant;
 
 use cairn_config_agent::proto::{
     self, AppInstanceConfig as ProtoApp, ContentTree, DatastoreConfig, EdgeDevConfig,
-    InstanceOpsCmd, SnapshotConfig, SnapshotDesc, UuidAndVersion, VmConfig, VmMode, Volume,
-    VolumeContentOrigin, VolumeContentOriginType, VolumeRef, ZInfoApp,
+    InstanceOpsCmd, SnapshotConfig, SnapshotDesc, VmConfig, VmMode, Volume, VolumeContentOrigin,
+    VolumeContentOriginType, ZInfoApp,
 };
 use cairn_e2e::{
     BOOT_DISK_COUNTER_OFFSET, Device, console_counters, guest_dir, sector_counter,
@@ -24,6 +26,7 @@ use cairn_e2e::{
 use cairn_test_controller::TestController;
 use cairn_test_controller::datastore::TestDatastore;
 use cairn_types::{ContentTreeStatus, DomainStatus};
+use common::eve_app;
 use sha2::Digest;
 
 const SERIAL: &str = "CAIRN-EVE-APP-0001";
@@ -37,29 +40,19 @@ const SETTLE: Duration = Duration::from_secs(120);
 /// What EVE's controller sends: the test guest as a direct-kernel-boot VM, one blank disk.
 fn eve_config(mode: VmMode, snapshots: &[&str], rollback: u32, active: &str) -> EdgeDevConfig {
     let guest = guest_dir();
+    let resources = VmConfig {
+        kernel: guest.join("vmlinuz").display().to_string(),
+        ramdisk: guest.join("initramfs.cpio.gz").display().to_string(),
+        extraargs: "console=ttyS0 cryptomgr.notests panic=-1 cairn.workload=counter".into(),
+        memory: 128 * 1024,
+        vcpus: 1,
+        virtualization_mode: mode as i32,
+        ..Default::default()
+    };
     EdgeDevConfig {
         apps: vec![ProtoApp {
-            uuidandversion: Some(UuidAndVersion {
-                uuid: APP.into(),
-                version: "1".into(),
-            }),
-            displayname: "counter".into(),
-            activate: true,
-            fixedresources: Some(VmConfig {
-                kernel: guest.join("vmlinuz").display().to_string(),
-                ramdisk: guest.join("initramfs.cpio.gz").display().to_string(),
-                extraargs: "console=ttyS0 cryptomgr.notests panic=-1 cairn.workload=counter".into(),
-                memory: 128 * 1024,
-                vcpus: 1,
-                virtualization_mode: mode as i32,
-                ..Default::default()
-            }),
             restart: Some(InstanceOpsCmd::default()),
             purge: Some(InstanceOpsCmd::default()),
-            volume_ref_list: vec![VolumeRef {
-                uuid: VOLUME.into(),
-                ..Default::default()
-            }],
             snapshot: Some(SnapshotConfig {
                 active_snapshot: active.into(),
                 rollback_cmd: Some(InstanceOpsCmd {
@@ -77,7 +70,7 @@ fn eve_config(mode: VmMode, snapshots: &[&str], rollback: u32, active: &str) -> 
                     .collect(),
                 ..Default::default()
             }),
-            ..Default::default()
+            ..eve_app(APP, "counter", resources, &[VOLUME])
         }],
         volumes: vec![Volume {
             uuid: VOLUME.into(),
@@ -161,25 +154,7 @@ fn eve_disk_boot_config(
 }
 
 async fn follow(controller: &TestController, config: EdgeDevConfig) -> Device {
-    let mut device = Device::new();
-    let mut args = controller
-        .device_args(&device.root.path().join("setup"), SERIAL)
-        .unwrap();
-    args.extend(
-        [
-            "--config-interval-ms",
-            "200",
-            "--retry-ms",
-            "100",
-            "--metric-interval-ms",
-            "500",
-        ]
-        .map(String::from),
-    );
-    device.follow_controller(args);
-    controller.set_config(SERIAL, config);
-    device.start_all();
-    device
+    common::follow(controller, SERIAL, config).await
 }
 
 /// The controller's latest `ZInfoApp` of the app once `done` holds.

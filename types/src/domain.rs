@@ -58,6 +58,18 @@ pub struct ContainerSpec {
     pub env: BTreeMap<String, String>,
 }
 
+/// A container's name: unique per run directory and app, so two device roots on one host never
+/// share one, nor their cgroups (the domain-manager names it, the app-manager freezes it).
+pub fn container_id(run_dir: &std::path::Path, app: Uuid) -> String {
+    let digest = Uuid::new_v5(&Uuid::NAMESPACE_URL, run_dir.as_os_str().as_encoded_bytes());
+    format!("cairn-{}-{app}", &digest.simple().to_string()[..8])
+}
+
+/// A container's cgroup path, as its runtime spec names it (`linux.cgroupsPath`).
+pub fn container_cgroup(run_dir: &std::path::Path, app: Uuid) -> String {
+    format!("/cairn/{}", container_id(run_dir, app))
+}
+
 /// How an app runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Persist)]
 #[serde(tag = "Kind")]

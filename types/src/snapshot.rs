@@ -192,6 +192,10 @@ pub struct VolumesSnapshotConfig {
     /// the domain-manager under the snapshot id's tag: the volume-manager records that snapshot
     /// without writing the image. Directory volumes need a copy-on-write backend.
     pub live: bool,
+    /// Cairn: a live create of a container app: its cgroup (`/cairn/<container id>`), frozen
+    /// while its volumes are snapshotted so that they agree with each other (empty: none).
+    #[serde(deserialize_with = "null_as_default")]
+    pub freeze_cgroup: String,
 }
 
 /// volume-manager → app-manager: the result, persisted as `volumesSnapshotStatus.json` before
@@ -224,6 +228,9 @@ pub struct VolumesSnapshotStatus {
     pub in_progress: VolumesSnapshotAction,
     /// Cairn: the request counter of the action in progress.
     pub in_progress_counter: u64,
+    /// Cairn: how long `freeze_cgroup` was frozen for a live create, in milliseconds rounded
+    /// up (0: nothing was frozen).
+    pub pause_ms: u64,
     /// EVE embeds `ErrorAndTimeWithSource`, so these keys sit at the top level.
     pub error_source_type: String,
     #[serde(flatten)]

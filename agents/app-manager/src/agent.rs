@@ -12,8 +12,9 @@ use cairn_types::domain::{
 };
 use cairn_types::layout::{APP_INSTANCE_CONFIG_FILE, SNAPSHOT_INSTANCE_STATUS_FILE, snapshot_dir};
 use cairn_types::{
-    AppInstanceConfig, AppInstanceStatus, AppVolumeRefs, DiskConfig, DomainConfig, DomainState,
-    DomainStatus, VolumeState, VolumeStatus, VolumesSnapshotConfig, VolumesSnapshotStatus,
+    AppInstanceConfig, AppInstanceStatus, AppVolumeRefs, DiskConfig, DomainConfig, DomainSpec,
+    DomainState, DomainStatus, VolumeState, VolumeStatus, VolumesSnapshotConfig,
+    VolumesSnapshotStatus,
 };
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -925,7 +926,17 @@ impl AppManager {
                     }
                 }
             }
-            Action::Volumes(request) => {
+            Action::Volumes(mut request) => {
+                // A running container's volumes agree only if it is frozen while they are
+                // taken: the volume-manager freezes its cgroup.
+                if request.live
+                    && state
+                        .running
+                        .as_ref()
+                        .is_some_and(|c| matches!(c.domain, Some(DomainSpec::Container(_))))
+                {
+                    request.freeze_cgroup = cairn_types::domain::container_cgroup(&self.run, app);
+                }
                 tracing::info!(app = %app, snapshot = %request.snapshot_id, action = ?request.action, counter = request.request_counter, "asking the volume-manager");
                 self.volume_requests.republish(request).await?;
                 crash_point("app-manager:after-volumes-request");

@@ -8,7 +8,9 @@
 //!   (`StateSave`); then the volume-manager is asked to record that snapshot (`live: true`: it
 //!   reads the image's snapshot list and writes nothing, the VM holding the image). A process
 //!   goes straight to the volume-manager, whose copy-on-write backends (btrfs, zfs) snapshot a
-//!   running tree; it refuses the others, naming the volume and its backend.
+//!   running tree; it refuses the others, naming the volume and its backend. A container
+//!   goes the same way, its cgroup named in the request (`freeze_cgroup`, set by the
+//!   executor): the volume-manager freezes it around the snapshots and reports the pause.
 //! - The step in progress is [`AppState::live`], persisted before anything acts on it. The
 //!   executor publishes the domain request it names ([`live_request`]) after each step and
 //!   after a restart; the domain-manager runs one request id at most once and keeps its
@@ -24,7 +26,7 @@ use cairn_persist::Persist;
 use cairn_types::domain::{
     DomainLiveOp, DomainLiveOpConfig, DomainLiveOpState, DomainLiveOpStatus,
 };
-use cairn_types::{AppInstanceConfig, DomainSpec, SnapshotMode};
+use cairn_types::{AppInstanceConfig, DomainSpec, SnapshotMode, VolumesSnapshotStatus};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -194,6 +196,23 @@ pub fn on_result(state: &mut AppState, result: DomainLiveOpStatus) {
                 ));
             }
         }
+    }
+}
+
+/// The volume-manager took the live step's snapshot: the time it kept a container frozen for
+/// it is that snapshot's pause (a process is not paused, a VM's pause came from its domain).
+pub fn volumes_taken(state: &mut AppState, step: Step, result: &VolumesSnapshotStatus) {
+    if result.pause_ms > 0
+        && let Step::Create(id) = step
+        && is_live_step(state, step)
+    {
+        state.live_snapshots.insert(
+            id,
+            LiveRecord {
+                pause_ms: result.pause_ms,
+                memory: false,
+            },
+        );
     }
 }
 

@@ -532,6 +532,9 @@ fn on_volumes_result(
                     actions.push(Action::WriteSnapshot(id));
                 }
             }
+            if !failed {
+                crate::live::volumes_taken(state, step, &result);
+            }
             enforce_max(state);
         }
         Step::Delete(_) => {
@@ -743,6 +746,8 @@ fn volumes_action(state: &AppState, step: Step, counter: u64) -> Action {
         // The generation the snapshot's config uses: after a purge, the pre-purge one.
         volume_keys: refs.iter().map(|v| (v.volume_id, ref_key(v))).collect(),
         live: crate::live::is_live_step(state, step),
+        // Named by the executor, which knows the run directory the container's name comes from.
+        freeze_cgroup: String::new(),
     })
 }
 

@@ -46,14 +46,9 @@ pub fn state_root(run_dir: &Path) -> PathBuf {
     run_dir.join("domain-manager").join("oci")
 }
 
-/// The container's name: unique per run directory and app (two device roots on one host
-/// never share one, nor their cgroups).
+/// The container's name (see [`cairn_types::domain::container_id`]).
 pub fn container_id(run_dir: &Path, app: uuid::Uuid) -> String {
-    let digest = uuid::Uuid::new_v5(
-        &uuid::Uuid::NAMESPACE_URL,
-        run_dir.as_os_str().as_encoded_bytes(),
-    );
-    format!("cairn-{}-{app}", &digest.simple().to_string()[..8])
+    cairn_types::domain::container_id(run_dir, app)
 }
 
 /// A user of the image's config (`uid`, `uid:gid`, `name`, `name:group`) as numbers, names
@@ -302,6 +297,38 @@ pub fn oom_kills(id: &str, since: chrono::DateTime<chrono::Utc>) -> Vec<String> 
         kills.push(format!("task {} (pid {})", field("task="), field("pid=")));
     }
     kills
+}
+
+/// Thaws the container's cgroup (`cgroup` as [`cairn_types::domain::container_cgroup`] names
+/// it) if a live snapshot cut short left it frozen: a frozen container would not see the
+/// SIGTERM of a stop, nor die of a SIGKILL (cgroup v1). A cgroup that is not there, or not
+/// frozen, is left as it is.
+pub async fn thaw(cgroup: &str) {
+    let relative = cgroup.trim_start_matches('/');
+    let root = Path::new("/sys/fs/cgroup");
+    let v1 = tokio::fs::try_exists(root.join("freezer/cgroup.procs"))
+        .await
+        .unwrap_or(false);
+    let (file, value) = if v1 {
+        (
+            root.join("freezer").join(relative).join("freezer.state"),
+            "THAWED",
+        )
+    } else {
+        (root.join(relative).join("cgroup.freeze"), "0")
+    };
+    let frozen = match tokio::fs::read_to_string(&file).await {
+        Ok(state) => matches!(state.trim(), "FROZEN" | "FREEZING" | "1"),
+        Err(_) => false,
+    };
+    if frozen {
+        match tokio::fs::write(&file, value).await {
+            Ok(()) => tracing::warn!(cgroup, "container found frozen: thawed"),
+            Err(e) => {
+                tracing::error!(cgroup, error = %e, "container found frozen and cannot be thawed")
+            }
+        }
+    }
 }
 
 /// Runs the runtime once (`delete`, `kill`), returning its error output on failure.

@@ -437,8 +437,12 @@ impl Domain {
         tokio::fs::write(bundle.join("config.json"), text)
             .await
             .map_err(|e| format!("cannot write {}: {e}", bundle.join("config.json").display()))?;
-        // A container whose runtime was killed stays known to the runtime: it goes first.
-        let _ = crate::container::runtime_command(&runtime, &state, &["delete", "-f", &id]).await;
+        // A container whose runtime was killed stays known to the runtime (its state directory
+        // is left): it goes first. None left, no runtime run (it is a tenth of a start).
+        if tokio::fs::try_exists(state.join(&id)).await.unwrap_or(true) {
+            let _ =
+                crate::container::runtime_command(&runtime, &state, &["delete", "-f", &id]).await;
+        }
         let path = self.dir.process_log();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -617,6 +621,17 @@ impl Domain {
                 }
             }
             Kind::Process => {
+                // A container frozen by a live snapshot cut short would not see the SIGTERM.
+                if matches!(
+                    self.config.as_ref().map(|c| &c.spec),
+                    Some(cairn_types::DomainSpec::Container(_))
+                ) {
+                    crate::container::thaw(&cairn_types::domain::container_cgroup(
+                        &self.shared.run_dir,
+                        self.app,
+                    ))
+                    .await;
+                }
                 procfs::signal_group(pid, Signal::SIGTERM);
                 cairn_persist::crash_point("domain-manager:process-stop-signalled");
                 how = wait_exit(&mut running.exit, t.stop).await;

@@ -312,7 +312,20 @@ impl Downloader {
         let sha = config.content_sha256.clone();
         let s = sha.clone();
         let keep = self.keep_until();
-        let released = match self.blocking(move |store| store.hold(id, &s, keep)).await? {
+        // An image archive's tree holds the image's blobs too: they stay while it holds the
+        // archive (a volume may be made from them right now).
+        let archive = config.format == cairn_types::ContentFormat::Container;
+        let released = match self
+            .blocking(move |store| {
+                let holds = store.refs().blobs.get(&s).is_some_and(|t| t.contains(&id));
+                if archive && holds {
+                    Ok(Vec::new())
+                } else {
+                    store.hold(id, &s, keep)
+                }
+            })
+            .await?
+        {
             Ok(released) => released,
             Err(e) => {
                 // Nothing is downloaded without its reference on disk; tried again at the next
@@ -338,6 +351,9 @@ impl Downloader {
             status.create_time = status.create_time.or(Some(Utc::now()));
             status.error = ErrorDescription::default();
             tracing::info!(tree = %id, sha256 = %sha, "content already in the store");
+            if config.format == cairn_types::ContentFormat::Container {
+                self.load_archive(&config, &mut status).await?;
+            }
         } else {
             let current = self.jobs.get(&sha).is_some_and(|job| {
                 !job.handle.is_finished() && (job.owner != id || job.origin == job_origin(&config))
@@ -362,6 +378,64 @@ impl Downloader {
         }
         self.statuses.publish(status).await?;
         self.next_deferred = self.blocking(|store| store.next_deferred()).await?;
+        Ok(())
+    }
+
+    /// A CONTAINER tree from an HTTP datastore: its verified file is an OCI image archive,
+    /// loaded into the store (`crate::archive`); the tree then holds the image's blobs, its
+    /// manifest first, and the archive; its file is the image's manifest. A bad archive is the tree's error,
+    /// and it holds the archive only.
+    async fn load_archive(
+        &mut self,
+        config: &ContentTreeConfig,
+        status: &mut ContentTreeStatus,
+    ) -> Result<(), AgentError> {
+        let (id, sha) = (config.content_id, config.content_sha256.clone());
+        let (store, path) = (self.store.clone(), self.content.join("blobs").join(&sha));
+        let loaded =
+            tokio::task::spawn_blocking(move || crate::archive::load(&store, id, &path)).await?;
+        // The image's blobs, its manifest first (what the volume-manager unpacks), then the
+        // archive.
+        let mut held = Vec::new();
+        if let Ok(image) = &loaded {
+            held.extend(image.blobs.iter().cloned());
+        }
+        held.push(sha.clone());
+        let blobs = held.clone();
+        let released = match self
+            .blocking(move |store| store.hold_exactly(id, &blobs))
+            .await?
+        {
+            Ok(released) => released,
+            Err(e) => {
+                tracing::error!(tree = %id, "{e}; collected at the next start");
+                Vec::new()
+            }
+        };
+        for old in released {
+            self.drop_content(&old).await;
+        }
+        match loaded {
+            Ok(image) => {
+                tracing::info!(tree = %id, sha256 = %sha, manifest = %image.manifest_sha, blobs = image.blobs.len(), "OCI image archive loaded");
+                status.file_location = self
+                    .content
+                    .join("blobs")
+                    .join(&image.manifest_sha)
+                    .display()
+                    .to_string();
+                status.blobs = held;
+            }
+            Err(reason) => {
+                let text = format!("OCI image archive sha256 {sha}: {reason}");
+                tracing::warn!(tree = %id, "{text}");
+                status.state = ContentTreeState::Initial;
+                status.file_location.clear();
+                status.blobs.clear();
+                status.progress = 0;
+                status.error = Self::error(config, &text);
+            }
+        }
         Ok(())
     }
 
@@ -526,6 +600,11 @@ impl Downloader {
                     status.error = ErrorDescription::default();
                     tracing::info!(tree = %config.content_id, sha256 = %sha, "content verified and loaded");
                 }
+            }
+            if matches!(event, JobEvent::Loaded { .. })
+                && config.format == cairn_types::ContentFormat::Container
+            {
+                self.load_archive(&config, &mut status).await?;
             }
             self.statuses.publish(status).await?;
         }

@@ -4,9 +4,11 @@
 //! it against its sha256 before it enters `blobs/`, and publishes `ContentTreeStatus`
 //! (persistent) for the volume-manager, the config-agent and the technician. Container images
 //! (format CONTAINER) come from `DsContainerRegistry` datastores (`registry.rs`), each of their
-//! blobs verified and kept in the same store.
+//! blobs verified and kept in the same store, or as an OCI image archive from an HTTP(S)
+//! datastore (`archive.rs`).
 
 pub mod agent;
+pub mod archive;
 pub mod fetch;
 pub mod registry;
 pub mod store;

@@ -61,13 +61,14 @@ impl std::fmt::Debug for ImageSource {
     }
 }
 
-/// Whether a tree is pulled from a registry rather than fetched over HTTP.
+/// Whether a tree is pulled from a registry rather than fetched over HTTP: its datastore is
+/// a registry (a CONTAINER tree from an HTTP datastore is an image archive, fetched as a file
+/// and then loaded, `crate::archive`).
 pub fn is_registry_tree(config: &ContentTreeConfig) -> bool {
-    config.format == cairn_types::ContentFormat::Container
-        || config
-            .datastores
-            .first()
-            .is_some_and(|d| d.ds_type == DS_CONTAINER_REGISTRY)
+    config.datastores.first().map_or(
+        config.format == cairn_types::ContentFormat::Container,
+        |d| d.ds_type == DS_CONTAINER_REGISTRY,
+    )
 }
 
 /// The image a tree names: `<fqdn host>/<dpath>/<relative URL>` as EVE joins them (a `docker://`
@@ -391,8 +392,16 @@ async fn pull_blob(
         .await
         .map_err(|e| describe(&layer, e))?;
     let (mut stream, append) = match response {
-        BlobResponse::Partial(s) => (s.stream, true),
-        BlobResponse::Full(s) => (s.stream, false),
+        BlobResponse::Partial(s) => {
+            tracing::info!(layer = %desc.digest, from = have, "resuming a layer download");
+            (s.stream, true)
+        }
+        BlobResponse::Full(s) => {
+            if have > 0 {
+                tracing::info!(layer = %desc.digest, kept = have, "the registry ignored the Range request: downloading the layer from its start");
+            }
+            (s.stream, false)
+        }
     };
     let mut file = tokio::fs::OpenOptions::new()
         .create(true)

@@ -13,6 +13,7 @@ use std::time::Duration;
 use cairn_pubsub::{Bus, Publication, PublishOptions, Subscription};
 use cairn_test_controller::registry::{TestRegistry, busybox_image};
 use cairn_types::{ContentFormat, ContentTreeConfig, ContentTreeStatus, DatastoreConfig};
+use sha2::Digest;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -68,6 +69,10 @@ impl Harness {
     }
 
     fn agent(&self) -> Agent {
+        Agent(self.agent_command().spawn().unwrap())
+    }
+
+    fn agent_command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-downloader"));
         cmd.env("CAIRN_PERSIST_DIR", &self.persist)
             .env("CAIRN_RUN_DIR", &self.run)
@@ -77,7 +82,7 @@ impl Harness {
                 "RUST_LOG",
                 std::env::var("CAIRN_TEST_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
             );
-        Agent(cmd.spawn().unwrap())
+        cmd
     }
 
     fn datastore(&self, password: &str) -> DatastoreConfig {
@@ -255,6 +260,129 @@ async fn wrong_credentials_are_refused_and_a_tampered_layer_is_refused_by_name()
     assert!(
         !h.blobs().join(hex).exists(),
         "nothing unverified enters the store"
+    );
+    drop(h.root);
+}
+
+/// Issue 21: the registry SIGKILLed while a layer downloads, then started again. The pull
+/// fails (said in the status, with the retry), keeps the bytes it had, resumes from them with a
+/// Range request once the registry is back, and the layer it completes is the verified one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_killed_mid_pull_is_resumed_from_where_it_broke_off() {
+    let mut h = Harness::new().await;
+    // A 128 MiB layer of noise (gzip cannot shrink it): the download takes long enough to be
+    // cut in the middle.
+    let image = busybox_image(&h.root.path().join("big-image"), "v1").unwrap();
+    image
+        .layer(|r| {
+            let mut data = vec![0u8; 128 << 20];
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for chunk in data.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+            }
+            Ok(std::fs::write(r.join("noise"), data)?)
+        })
+        .unwrap();
+    let digest = h.registry.push(&image, "cairn/big:v1").unwrap();
+    let manifest = digest.trim_start_matches("sha256:").to_string();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.registry.blob_path(&manifest)).unwrap()).unwrap();
+    let big = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap())
+        .unwrap()
+        .clone();
+    let (layer, size) = (
+        big["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string(),
+        big["size"].as_u64().unwrap(),
+    );
+    let log = h.root.path().join("downloader.log");
+    let mut cmd = h.agent_command();
+    cmd.env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap());
+    let _agent = Agent(cmd.spawn().unwrap());
+    let password = h.registry.password().to_string();
+    let tree = h.tree("big:v1", "", &password);
+    h.configs.publish(tree.clone()).await.unwrap();
+
+    // Killed once a part of the layer, not all of it, is down.
+    let partial = cairn_types::layout::content_dir(&h.persist)
+        .join("partial")
+        .join(&layer);
+    let len = || std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+    let deadline = std::time::Instant::now() + WAIT;
+    while len() < 4 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the layer download never began"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    h.registry.kill();
+    let kept = len();
+    assert!(
+        kept < size,
+        "killed before the layer was down ({kept} of {size})"
+    );
+    let failed = h
+        .status_where(tree.content_id, "failed with the registry gone", |s| {
+            s.error.is_error()
+        })
+        .await;
+    assert!(!failed.is_loaded());
+    assert!(
+        failed.error.error_retry_condition.contains("retry"),
+        "{:?}",
+        failed.error
+    );
+    assert!(
+        len() >= kept,
+        "the bytes already down are kept for the resume"
+    );
+
+    h.registry.restart().unwrap();
+    let loaded = h
+        .status_where(tree.content_id, "LOADED after the restart", |s| {
+            s.is_loaded()
+        })
+        .await;
+    assert_eq!(loaded.content_sha256, manifest);
+    let stored = h.blobs().join(&layer);
+    assert_eq!(std::fs::metadata(&stored).unwrap().len(), size);
+    let sha: String = sha2::Sha256::digest(std::fs::read(&stored).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(sha, layer, "the resumed layer is the registry's, verified");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let resumed: Vec<u64> = text
+        .lines()
+        .filter(|l| l.contains("resuming a layer download") && l.contains(&layer))
+        .filter_map(|l| {
+            l.split("from=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        resumed.iter().any(|from| *from >= kept),
+        "resumed from the {kept} bytes kept, not from the start: {resumed:?}"
+    );
+    assert!(
+        !text.contains("downloading the layer from its start"),
+        "the registry honoured the Range request"
     );
     drop(h.root);
 }

@@ -49,9 +49,21 @@ pub fn usable_blob(
             state: format!("{:?}", status.state).to_uppercase(),
         });
     }
+    // A container image's manifest is the first of its blobs (an image archive's tree has the
+    // archive's sha256).
+    let sha = match status.blobs.first() {
+        Some(first)
+            if status.format == ContentFormat::Container
+                && first.len() == 64
+                && first.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            first
+        }
+        _ => &status.content_sha256,
+    };
     // The store's own path for the sha256, not a path read from the bus.
     Ok((
-        cairn_types::layout::content_blob(persist, &status.content_sha256),
+        cairn_types::layout::content_blob(persist, sha),
         status.format,
     ))
 }

@@ -9,7 +9,7 @@
 //! ```
 //!
 //! The config travels in the volume so that a rollback brings back the image's config with
-//! its root. Layers (gzip or plain tar) are applied as the OCI image spec says: `.wh.<name>`
+//! its root. Layers (gzip, zstd or plain tar) are applied as the OCI image spec says: `.wh.<name>`
 //! removes `<name>` of the layers below, `.wh..wh..opq` empties its directory of them; a
 //! non-directory replaces whatever was at its path. Modes, owners, mtimes, xattrs, symlinks
 //! and hard links are kept (the tar crate's unpack, which also refuses paths leaving the root).
@@ -120,11 +120,14 @@ pub fn unpack_image(blobs: &Path, manifest_sha: &str, dir: &Path) -> Result<(), 
     Ok(())
 }
 
-/// Applies one layer (gzip-compressed or plain tar, told by its first bytes) to `root`.
+/// Applies one layer (gzip- or zstd-compressed or plain tar, told by its first bytes, as the
+/// media types `tar+gzip`, `tar+zstd` and `tar` say) to `root`.
 pub fn apply_layer(mut reader: impl io::BufRead, root: &Path) -> Result<(), String> {
     let head = reader.fill_buf().map_err(|e| format!("cannot read: {e}"))?;
     if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        return Err("zstd-compressed layers are not supported yet (gzip or plain tar)".into());
+        let decoder = zstd::stream::read::Decoder::with_buffer(reader)
+            .map_err(|e| format!("not a zstd stream: {e}"))?;
+        return apply_tar(decoder, root);
     }
     if head.starts_with(&[0x1f, 0x8b]) {
         apply_tar(flate2::read::GzDecoder::new(reader), root)

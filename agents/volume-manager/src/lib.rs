@@ -7,6 +7,7 @@ pub mod content;
 pub mod disk_scan;
 pub mod error;
 pub mod export;
+pub mod freeze;
 pub mod image;
 pub mod manager;
 pub mod process;

@@ -1291,7 +1291,7 @@ impl VolumeManager {
                         self.records.insert(status.snapshot_id, status.clone());
                         out.push(Publish::Snapshot(status));
                     }
-                    Created::Made(record) => {
+                    Created::Made(record) | Created::NotFrozen(record) => {
                         self.records.insert(record.snapshot_id, record.clone());
                         out.push(Publish::Snapshot(record));
                     }
@@ -1410,8 +1410,7 @@ impl VolumeManager {
                     volume_ids: Vec::new(),
                     app_uuid: record.app_uuid,
                     request_counter: record.in_progress_counter,
-                    volume_keys: BTreeMap::new(),
-                    live: false,
+                    ..VolumesSnapshotConfig::default()
                 };
                 let step = self.begin_delete(config);
                 let _ = self.run(step).await;
@@ -1537,6 +1536,18 @@ impl VolumeManager {
         let name = id.to_string();
         let mut out = Vec::new();
         let previous = self.records.get(&id).cloned();
+        // An attempt cut short between freeze and thaw left the container frozen.
+        if config.live
+            && !config.freeze_cgroup.is_empty()
+            && previous.as_ref().is_some_and(|p| p.is_in_progress())
+        {
+            match crate::freeze::thaw(&config.freeze_cgroup).await {
+                Ok(()) => {
+                    tracing::info!(snapshot = %id, cgroup = %config.freeze_cgroup, "thawed the container of an interrupted live create")
+                }
+                Err(e) => tracing::error!(snapshot = %id, "{e}"),
+            }
+        }
         if let Some(made) = previous.as_ref().filter(|p| {
             !p.is_in_progress()
                 && p.result_of_action == VolumesSnapshotAction::Create

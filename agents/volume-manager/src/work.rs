@@ -98,6 +98,21 @@ pub enum Created {
         error: VolumeError,
     },
     Made(VolumesSnapshotStatus),
+    /// The container could not be frozen for a live create: nothing was taken, no volume is
+    /// at fault.
+    NotFrozen(VolumesSnapshotStatus),
+}
+
+/// Ends a create's freeze, if any: how long it lasted. A thaw that fails is logged (the
+/// container stays stopped until a restarted volume-manager thaws it again).
+async fn thaw(frozen: Option<crate::freeze::Frozen>, id: Uuid) -> Option<std::time::Duration> {
+    match frozen?.thaw().await {
+        Ok(paused) => Some(paused),
+        Err(e) => {
+            tracing::error!(snapshot = %id, "{e}");
+            None
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -303,11 +318,54 @@ pub(crate) fn create(
                 ));
             }
             crash_point(CRASH_AFTER_INTENT_WRITE);
+            // A running container stops between two instructions while its volumes are taken.
+            let mut frozen = None;
+            if config.live && !config.freeze_cgroup.is_empty() {
+                match crate::freeze::Frozen::freeze(&config.freeze_cgroup).await {
+                    Ok(f) => frozen = Some(f),
+                    Err(e) => {
+                        tracing::error!(snapshot = %id, cgroup = %config.freeze_cgroup, "{e}");
+                        // An interrupted earlier attempt may have left some: removed.
+                        let mut undo: Vec<MetaEntry> = Vec::new();
+                        for (volume, meta) in &plan {
+                            if matches!(backends.exists(meta).await, Ok(true)) {
+                                undo.push((*volume, meta.to_value(), meta.clone()));
+                            }
+                        }
+                        let (left, errors) = delete_all(&backends, id, &undo).await;
+                        let mut status = failed_status(
+                            &config,
+                            format!("snapshot {id}: live snapshot not taken: {e}"),
+                            errors,
+                        );
+                        status.volume_snapshot_meta = left;
+                        return Created::NotFrozen(finish_record(&persist, status).await);
+                    }
+                }
+            }
+            // A frozen container waits for all of them: taken at once, so that on one btrfs
+            // they share a transaction commit, most of the pause.
+            let mut at_once: Vec<Option<crate::error::Result<VolumeSnapshotMeta>>> =
+                if frozen.is_some() && plan.len() > 1 {
+                    let fresh = previous.is_none();
+                    futures_util::future::join_all(plan.iter().map(|(_, meta)| {
+                        let (backends, name, vref) = (&backends, &name, VolumeRef::of_meta(meta));
+                        async move { backends.create(meta.backend, &vref, name, fresh).await }
+                    }))
+                    .await
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+                } else {
+                    Vec::new()
+                };
             let mut made = Vec::new();
             for (k, (volume, meta)) in plan.iter().enumerate() {
                 // A running VM's disk was snapshotted by the domain-manager: record it only.
                 let made_live = config.live && backends.live_taken_by_hypervisor(meta.backend);
-                let created = if made_live {
+                let created = if let Some(taken) = at_once.get_mut(k).and_then(Option::take) {
+                    taken
+                } else if made_live {
                     backends.adopt_live(meta, &name).await
                 } else {
                     backends
@@ -329,6 +387,7 @@ pub(crate) fn create(
                     Err(e) => e,
                 };
                 tracing::error!(snapshot = %id, volume = %volume, "snapshot failed: {e}");
+                thaw(frozen.take(), id).await;
                 // Undo on volumes 0..k, and on k if the failure left a snapshot there.
                 let mut undo: Vec<MetaEntry> = plan[..k]
                     .iter()
@@ -336,6 +395,14 @@ pub(crate) fn create(
                     .collect();
                 if matches!(backends.exists(meta).await, Ok(true)) {
                     undo.push((*volume, meta.to_value(), meta.clone()));
+                }
+                // Taken at once: the volumes after this one may have theirs too.
+                if !at_once.is_empty() {
+                    for (v, m) in &plan[k + 1..] {
+                        if matches!(backends.exists(m).await, Ok(true)) {
+                            undo.push((*v, m.to_value(), m.clone()));
+                        }
+                    }
                 }
                 let (left, mut errors) = delete_all(&backends, id, &undo).await;
                 errors.insert(*volume, e.to_string());
@@ -358,6 +425,11 @@ pub(crate) fn create(
                     volume_key: meta.volume_key.clone(),
                     error: e,
                 };
+            }
+            let stopping = frozen.as_ref().map(|f| f.stopping.as_micros() as u64);
+            if let Some(paused) = thaw(frozen.take(), id).await {
+                record.pause_ms = crate::freeze::pause_ms(paused);
+                tracing::info!(snapshot = %id, cgroup = %config.freeze_cgroup, pause_us = paused.as_micros() as u64, stopping_us = stopping.unwrap_or(0), "container frozen while its volumes were taken");
             }
             record.in_progress = VolumesSnapshotAction::Unspecified;
             record.in_progress_counter = 0;

@@ -145,3 +145,86 @@ async fn a_btrfs_directory_is_snapshotted_live_while_a_process_writes() {
         "the snapshot holds the tree as of its instant"
     );
 }
+
+/// Issue 21: a container's live create names its cgroup. Two btrfs volumes are taken with the
+/// cgroup frozen (a writer in it stops; the pause is reported) and thawed after (the writer
+/// goes on); a cgroup that cannot be frozen fails the snapshot naming it, nothing made.
+#[tokio::test]
+async fn a_live_create_freezes_the_named_cgroup_around_its_volumes_and_refuses_one_it_cannot_freeze()
+ {
+    let freezer = Path::new("/sys/fs/cgroup/freezer");
+    assert!(
+        freezer.join("cgroup.procs").exists(),
+        "a cgroup v1 freezer hierarchy is required (scripts/install-deps)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let persist = dir.path().join("persist");
+    let volumes = cairn_types::layout::volumes_dir(&persist);
+    let _fs = LoopFs::new("btrfs", &volumes, 300);
+    let mut m = manager(&persist).await;
+    let (a, b) = (volume(VolumeFormat::Dir, 0), volume(VolumeFormat::Dir, 0));
+    let path = add(&mut m, &a).await.file_location;
+    add(&mut m, &b).await;
+    // A writer in a cgroup of its own.
+    let name = format!("cairn-test-{}", Uuid::new_v4().simple());
+    let cgroup = freezer.join(&name);
+    std::fs::create_dir(&cgroup).unwrap();
+    struct Gone(std::path::PathBuf, std::process::Child);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
+            let _ = self.1.kill();
+            let _ = self.1.wait();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let writer = std::process::Command::new("/bin/sh")
+        .args(["-c", "while :; do echo line >> log; done"])
+        .current_dir(&path)
+        .spawn()
+        .unwrap();
+    let pid = writer.id();
+    let _gone = Gone(cgroup.clone(), writer);
+    std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
+
+    let mut frozen = live(request(Uuid::new_v4(), Create, &[&a, &b], 1));
+    frozen.freeze_cgroup = format!("/{name}");
+    let s = ask(&mut m, frozen).await;
+    assert!(!s.error.is_error(), "{s:?}");
+    assert!(s.pause_ms > 0, "the pause is reported: {s:?}");
+    assert_eq!(
+        std::fs::read_to_string(cgroup.join("freezer.state"))
+            .unwrap()
+            .trim(),
+        "THAWED"
+    );
+    let len = || std::fs::metadata(path.join("log")).unwrap().len();
+    let at = len();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while len() == at {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer runs again"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+
+    let id = Uuid::new_v4();
+    let mut unfreezable = live(request(id, Create, &[&a, &b], 1));
+    unfreezable.freeze_cgroup = "/cairn-test-no-such-cgroup".into();
+    let refused = ask(&mut m, unfreezable).await;
+    assert!(refused.error.is_error());
+    assert!(
+        refused.error.error.contains("/cairn-test-no-such-cgroup"),
+        "{}",
+        refused.error.error
+    );
+    assert!(refused.volume_snapshot_meta.is_empty(), "{refused:?}");
+    for v in [&a, &b] {
+        let snapshot = volumes
+            .join(".snapshots")
+            .join(v.key())
+            .join(id.to_string());
+        assert!(!snapshot.exists(), "nothing made: {}", snapshot.display());
+    }
+}

@@ -80,38 +80,67 @@ impl TestRegistry {
             dir = dir.display(),
         );
         std::fs::write(dir.join("config.yml"), config)?;
-        let log = std::fs::File::create(dir.join("registry.log"))?;
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.join("config.yml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start docker-registry (Debian package docker-registry)")?;
         let mut registry = Self {
             dir: dir.to_path_buf(),
             addr,
             ca_pem,
             user,
             password,
-            child,
+            child: Self::spawn(dir)?,
         };
+        registry.wait_listening()?;
+        Ok(registry)
+    }
+
+    fn spawn(dir: &Path) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("registry.log"))?;
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start docker-registry (Debian package docker-registry)")
+    }
+
+    fn wait_listening(&mut self) -> anyhow::Result<()> {
         let start = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            if let Some(status) = registry.child.try_wait()? {
+        while TcpStream::connect(self.addr).is_err() {
+            if let Some(status) = self.child.try_wait()? {
                 bail!(
                     "docker-registry ended ({status}): {}",
-                    std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
+                    std::fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default()
                 );
             }
             if start.elapsed() > START_WAIT {
-                registry.stop();
-                bail!("docker-registry did not listen on {addr} within {START_WAIT:?}");
+                self.stop();
+                bail!(
+                    "docker-registry did not listen on {} within {START_WAIT:?}",
+                    self.addr
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(registry)
+        Ok(())
+    }
+
+    /// Kills the registry with SIGKILL (by its pid), as a crash or a power loss of the
+    /// server would end it: connections in flight break off.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the registry again on the same address and storage, once it was stopped or
+    /// killed; returns once it accepts connections.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.child = Self::spawn(&self.dir)?;
+        self.wait_listening()
     }
 
     /// Stops the registry (SIGTERM, then SIGKILL after 5 s) by its pid.
@@ -171,27 +200,45 @@ impl TestRegistry {
         self.push_as(image, repo_tag, "v2s2")
     }
 
+    /// [`Self::push`] with every layer compressed with zstd (media type `tar+zstd`).
+    pub fn push_zstd(&self, image: &OciImage, repo_tag: &str) -> anyhow::Result<String> {
+        self.push_with(image, repo_tag, "oci", &["--dest-compress-format", "zstd"])
+    }
+
     fn push_as(&self, image: &OciImage, repo_tag: &str, format: &str) -> anyhow::Result<String> {
+        self.push_with(image, repo_tag, format, &[])
+    }
+
+    fn push_with(
+        &self,
+        image: &OciImage,
+        repo_tag: &str,
+        format: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<String> {
         let digest_file = self
             .dir
             .join(format!("digest-{}", repo_tag.replace(['/', ':'], "_")));
+        let mut args = vec!["--insecure-policy", "copy", "--quiet"];
+        args.extend_from_slice(extra);
         run(
             "skopeo",
             &[
-                "--insecure-policy",
-                "copy",
-                "--quiet",
-                "--format",
-                format,
-                "--dest-cert-dir",
-                &self.dir.join("certs.d").display().to_string(),
-                "--dest-creds",
-                &format!("{}:{}", self.user, self.password),
-                "--digestfile",
-                &digest_file.display().to_string(),
-                &format!("oci:{}:{}", image.layout.display(), image.tag),
-                &format!("docker://{}/{repo_tag}", self.addr),
-            ],
+                &args[..],
+                &[
+                    "--format",
+                    format,
+                    "--dest-cert-dir",
+                    &self.dir.join("certs.d").display().to_string(),
+                    "--dest-creds",
+                    &format!("{}:{}", self.user, self.password),
+                    "--digestfile",
+                    &digest_file.display().to_string(),
+                    &format!("oci:{}:{}", image.layout.display(), image.tag),
+                    &format!("docker://{}/{repo_tag}", self.addr),
+                ],
+            ]
+            .concat(),
         )?;
         Ok(std::fs::read_to_string(digest_file)?.trim().to_string())
     }
