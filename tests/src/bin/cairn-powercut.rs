@@ -17,6 +17,12 @@
 //! On the host, after each cut, `qemu-img check` of the persist disk (leaked clusters are
 //! what a killed qemu leaves; corruption is a fault).
 //!
+//! When the image has `qemu-img` (#24), every other app is a VM app instead: the test guest
+//! (images/test-guest, handed over on a third disk, run by the device's qemu under nested TCG)
+//! on a qcow2 volume, whose snapshots are the image's internal ones (compared like the
+//! directories above); each look runs the device's `qemu-img check` on every such volume: any
+//! leak or corruption left once the device converged is a fault (#20).
+//!
 //! `target/debug/cairn-powercut [--cuts N] [--seed S] [--apps A] [--image DIR] [--work DIR]
 //! [--keep]`; without `--image` it builds one with `images/build --bin-dir` from the binaries
 //! beside it (`cargo build --workspace --bins` first). The exit status is 0 only when every cut
@@ -51,6 +57,8 @@ const SCHEDULE: &str = "* * * * *";
 const KEEP_LAST: u32 = 2;
 /// What an app runs: a heartbeat on its volume, so a snapshot has data to copy.
 const APP_SCRIPT: &str = "while :; do date >> \"$CAIRN_VOLUME_0/beat\"; sleep 1; done";
+/// Where the device keeps the test guest for the VM apps (copied from the third disk).
+const GUEST_DIR: &str = "/persist/guest";
 /// The longest line the guest's tty takes in canonical mode is 4095 bytes: the config is
 /// typed in base64 pieces shorter than that.
 const BASE64_PIECE: usize = 1000;
@@ -118,6 +126,18 @@ struct AppPlan {
     scheduled: bool,
     /// The config's `activate`: Running when set, halted when not.
     active: bool,
+    /// A VM app on a qcow2 volume (the image has qemu-img) instead of a process on a directory.
+    qcow2: bool,
+}
+
+impl AppPlan {
+    /// Where the volume-manager keeps a qcow2 volume (`volumes::volume_path`).
+    fn qcow2_path(&self) -> String {
+        format!(
+            "/persist/volumes/{}.qcow2",
+            cairn_types::volume_key(self.volume, 0)
+        )
+    }
 }
 
 fn config_json(plans: &[AppPlan]) -> serde_json::Value {
@@ -149,7 +169,13 @@ fn config_json(plans: &[AppPlan]) -> serde_json::Value {
                 "restart_policy": "always",
                 "volume_refs": [{"uuid": app.volume, "generation_count": 0, "mount_dir": "/data"}],
                 "snapshot": snapshot,
-                "domain": {"kind": "process", "command": "/bin/sh", "args": ["-c", APP_SCRIPT]},
+                "domain": if app.qcow2 {
+                    serde_json::json!({"kind": "vm", "kernel": format!("{GUEST_DIR}/vmlinuz"),
+                        "initrd": format!("{GUEST_DIR}/initramfs.cpio.gz"), "memory_mib": 128,
+                        "append": "console=ttyS0 quiet cryptomgr.notests panic=-1 cairn.workload=counter"})
+                } else {
+                    serde_json::json!({"kind": "process", "command": "/bin/sh", "args": ["-c", APP_SCRIPT]})
+                },
             })
         })
         .collect();
@@ -157,9 +183,14 @@ fn config_json(plans: &[AppPlan]) -> serde_json::Value {
         .iter()
         .enumerate()
         .map(|(i, app)| {
-            serde_json::json!({"uuid": app.volume, "generation_count": 0, "format": "dir",
+            let (format, size) = if app.qcow2 {
+                ("qcow2", 1 << 20)
+            } else {
+                ("dir", 16 << 20)
+            };
+            serde_json::json!({"uuid": app.volume, "generation_count": 0, "format": format,
                                "display_name": format!("powercut-{i}-data"),
-                               "max_size_bytes": 16 * 1024 * 1024})
+                               "max_size_bytes": size})
         })
         .collect();
     serde_json::json!({"apps": apps, "volumes": volumes})
@@ -232,6 +263,32 @@ fn change_config(
 // ---- the guest: qemu and its serial console ----
 
 /// The repository's `images/` directory (this tool runs from the source tree).
+/// The test guest's kernel and initramfs as a tar (handed to the device as a raw disk, which
+/// its busybox tar reads; tar pads to 512-byte blocks).
+fn test_guest_tar(work: &Path) -> anyhow::Result<PathBuf> {
+    let out = Command::new(images_dir().join("test-guest/build"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running images/test-guest/build")?;
+    if !out.status.success() {
+        bail!("images/test-guest/build failed: {}", out.status);
+    }
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let tar = work.join("test-guest.tar");
+    let status = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&dir)
+        .args(["vmlinuz", "initramfs.cpio.gz"])
+        .status()
+        .context("running tar")?;
+    if !status.success() {
+        bail!("tar of the test guest in {dir} failed: {status}");
+    }
+    Ok(tar)
+}
+
 fn images_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../images")
 }
@@ -251,7 +308,15 @@ struct Guest {
 }
 
 impl Guest {
-    fn boot(image: &Path, work: &Path, fresh: bool, console_log: &Path) -> anyhow::Result<Guest> {
+    /// `vm_disk`: the test guest's tar, for VM apps (the device then gets 1 GiB: the test
+    /// guest's 128 MiB and its qemu's TCG code cache).
+    fn boot(
+        image: &Path,
+        work: &Path,
+        fresh: bool,
+        console_log: &Path,
+        vm_disk: Option<&Path>,
+    ) -> anyhow::Result<Guest> {
         let base = work.join("con");
         for end in ["in", "out"] {
             let fifo = base.with_extension(end);
@@ -270,6 +335,9 @@ impl Guest {
             .arg(format!("pipe:{}", base.display()));
         if fresh {
             command.arg("--fresh");
+        }
+        if let Some(disk) = vm_disk {
+            command.args(["--memory", "1024", "--disk"]).arg(disk);
         }
         let qemu_log = File::create(work.join("qemu.log"))?;
         let qemu = command
@@ -465,6 +533,8 @@ enum Fault {
     Panic(String),
     /// The guest could not be asked.
     Guest(String),
+    /// A qcow2 volume `qemu-img check` finds leaks or corruption in.
+    Qcow2(String),
 }
 
 /// Each app Running (halted when deactivated), nothing in flight, every listed snapshot
@@ -581,10 +651,14 @@ fn snapshots_on_disk_match(
     let empty = BTreeSet::new();
     let records = listing.get("/persist/snapshots").unwrap_or(&empty);
     let volumes = plans.iter().enumerate().map(|(i, app)| {
-        let dir = format!(
-            "/persist/volumes/.snapshots/{}",
-            cairn_types::volume_key(app.volume, 0)
-        );
+        let dir = if app.qcow2 {
+            app.qcow2_path()
+        } else {
+            format!(
+                "/persist/volumes/.snapshots/{}",
+                cairn_types::volume_key(app.volume, 0)
+            )
+        };
         (i, app.uuid, listing.get(&dir).unwrap_or(&empty))
     });
     faults.extend(
@@ -639,8 +713,16 @@ fn look(
             records_checked,
         };
     }
-    // Only a settled app-manager view says which directories should exist.
-    match guest.run(LISTING) {
+    // Only a settled app-manager view says which directories should exist. A qcow2 volume's
+    // snapshots are its internal ones, listed like a directory (-U: an app may hold it).
+    let mut listing_command = LISTING.to_string();
+    for app in plans.iter().filter(|a| a.qcow2) {
+        let path = app.qcow2_path();
+        listing_command.push_str(&format!(
+            "; [ -f '{path}' ] && {{ echo 'DIR {path}'; qemu-img snapshot -l -U '{path}' | awk 'NR > 2 {{ print $2 }}'; }}"
+        ));
+    }
+    match guest.run(&listing_command) {
         Ok((_, out)) => {
             let mut listing = parse_listing(&out);
             if let Some(records) = listing.get_mut("/persist/snapshots") {
@@ -663,6 +745,18 @@ fn look(
             }
         }
         Err(e) => faults.push(Fault::Guest(format!("{e:#}"))),
+    }
+    for app in plans.iter().filter(|a| a.qcow2) {
+        let path = app.qcow2_path();
+        // 0: clean; 3: leaked clusters; 2: corruption; 1: the check could not finish.
+        match guest.run(&format!("[ ! -f '{path}' ] || qemu-img check -U '{path}'")) {
+            Ok((0, _)) => {}
+            Ok((rc, out)) => faults.push(Fault::Qcow2(format!(
+                "{path}: qemu-img check exited {rc}: {}",
+                out.lines().take(3).collect::<Vec<_>>().join(" / ")
+            ))),
+            Err(e) => faults.push(Fault::Guest(format!("{e:#}"))),
+        }
     }
     if let Ok((_, out)) = guest.run(
         "find /persist -name '*.json' -type f ! -path '/persist/volumes/*' ! -name 'config.json*' | wc -l",
@@ -709,6 +803,9 @@ struct Figures {
     most_scheduled: usize,
     fsck_corrected: usize,
     qcow2_problems: Vec<String>,
+    /// Apps on qcow2 volumes, and the device's `qemu-img check`s of them that came back clean.
+    qcow2_apps: usize,
+    volume_checks_clean: usize,
     changes: usize,
     /// Evidence that a cut loses what the guest had not synced: a line written (no fsync)
     /// just before the cut, and how often it was gone after the boot.
@@ -772,6 +869,10 @@ impl Figures {
         for problem in self.qcow2_problems.iter().take(5) {
             println!("  {problem}");
         }
+        println!(
+            "apps on qcow2 volumes: {}; their qemu-img checks in the device at convergence, clean: {}",
+            self.qcow2_apps, self.volume_checks_clean
+        );
         println!(
             "unsynced line written just before the cut, gone after the boot: {} of {}; \
              boots that replayed the ext4 journal: {}",
@@ -875,6 +976,8 @@ fn boot_and_converge(
         let seen = look(guest, plans, ever_listed, baseline);
         figures.note(&seen);
         if seen.faults.is_empty() {
+            // A look without faults ran `qemu-img check` clean on every qcow2 volume.
+            figures.volume_checks_clean += plans.iter().filter(|a| a.qcow2).count();
             return (seen, Some(guest.launched.elapsed()));
         }
         if Instant::now() > deadline || !guest.alive() {
@@ -899,13 +1002,35 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
             // One app on a schedule from the start: scheduled snapshots in every run.
             scheduled: i == 0,
             active: true,
+            qcow2: false,
         })
         .collect();
     let mut ever_listed = BTreeSet::new();
     let mut unsynced = None;
 
     // First boot: a blank persist disk, the demo config replaced by ours.
-    let mut guest = Guest::boot(image, work, true, &console_log)?;
+    // VM apps on qcow2 volumes when the image can run them (#24's image has qemu-img).
+    let manifest = std::fs::read_to_string(image.join("manifest.txt")).unwrap_or_default();
+    let vm_disk = if manifest.contains(" /usr/bin/qemu-img ") {
+        for app in plans.iter_mut().skip(1).step_by(2) {
+            app.qcow2 = true;
+        }
+        Some(test_guest_tar(work)?)
+    } else {
+        None
+    };
+    figures.qcow2_apps = plans.iter().filter(|a| a.qcow2).count();
+    println!(
+        "VM apps on qcow2 volumes: {} of {}{}",
+        figures.qcow2_apps,
+        plans.len(),
+        if vm_disk.is_none() {
+            " (the image has no qemu-img)"
+        } else {
+            ""
+        }
+    );
+    let mut guest = Guest::boot(image, work, true, &console_log, vm_disk.as_deref())?;
     guest
         .wait_for("CAIRN-AGENTS-READY", BOOT_BOUND)
         .context("first boot")?;
@@ -913,6 +1038,15 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
     // The demo app's snapshot (the config the device seeds itself with on first boot), if
     // taken before ours replaced it, stays with the demo's detached volume: not ours to count.
     let baseline: BTreeSet<Uuid> = [DEMO_SNAPSHOT].into();
+    if vm_disk.is_some() {
+        let (rc, out) = guest.run(&format!(
+            "mkdir -p {GUEST_DIR} && tar -xf /dev/vdc -C {GUEST_DIR} && sync"
+        ))?;
+        if rc != 0 {
+            guest.cut();
+            bail!("cannot copy the test guest from /dev/vdc in the device: {out:.300}");
+        }
+    }
     write_config(&mut guest, &config_json(&plans))?;
     let (first, took) = boot_and_converge(
         &mut guest,
@@ -976,7 +1110,7 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
                 .qcow2_problems
                 .push(format!("after cut {cut}: {problem}"));
         }
-        guest = Guest::boot(image, work, false, &console_log)?;
+        guest = Guest::boot(image, work, false, &console_log, vm_disk.as_deref())?;
         // One cut in five falls while the device boots or recovers.
         if cut < options.cuts && rng.u8(..5) == 0 {
             let delay = rng.u64(2000..=40_000);
