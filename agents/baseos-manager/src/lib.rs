@@ -3,6 +3,7 @@
 //! trial's try counter ([`bootstate`]) and the crash-safe install into the inactive slot
 //! ([`install`]).
 
+pub mod agent;
 pub mod bootstate;
 pub mod bundle;
 pub mod disk;

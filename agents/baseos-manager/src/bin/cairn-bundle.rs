@@ -87,6 +87,10 @@ enum Command {
         /// The running slot (A or B); default: CAIRN_BOOT_SLOT from the initramfs.
         #[arg(long, env = "CAIRN_BOOT_SLOT")]
         running: String,
+        /// Where the update's outcome is recorded for the baseos-manager (it reports the
+        /// version on trial, and the one that failed).
+        #[arg(long, env = "CAIRN_PERSIST_DIR")]
+        persist_dir: Option<PathBuf>,
     },
     /// Commits the running slot (after its trial boot).
     Commit {
@@ -148,6 +152,7 @@ fn main() -> anyhow::Result<()> {
             device,
             disk,
             running,
+            persist_dir,
         } => {
             let key = PublicKey::load(&pubkey)?;
             let running = slot(&running)?;
@@ -159,6 +164,19 @@ fn main() -> anyhow::Result<()> {
                 running,
                 &mut |step| eprintln!("cairn-bundle: {step}"),
             )?;
+            if let Some(persist) = persist_dir {
+                let outcome = cairn_types::UpdateOutcome {
+                    version: done.verified.header.version.clone(),
+                    partition_label: done.slot.label().into(),
+                    result: "installed".into(),
+                    reason: "marked for one trial boot".into(),
+                    time: Some(chrono::Utc::now()),
+                };
+                let path = cairn_baseos_manager::agent::outcome_path(&persist);
+                cairn_persist::create_dir_durable(&persist.join("baseos"))?;
+                cairn_persist::store(&path, &outcome)
+                    .with_context(|| format!("cannot record the install in {}", path.display()))?;
+            }
             println!(
                 "installed {} into slot {}: verify {} ms, write {} ms",
                 done.verified.header.version,
