@@ -269,12 +269,14 @@ fn start_status(settings: &Settings) -> anyhow::Result<BaseOsStatus> {
     let already_told = outcome
         .as_ref()
         .is_some_and(|o| o.partition_label == other.label() && o.result == "failed");
+    let timeout = trial_timeout_path(&settings.persist);
+    #[allow(clippy::disallowed_methods)] // on the blocking pool
+    let timed_out = std::fs::read_to_string(&timeout).ok();
     if failed_here && !already_told {
-        let timeout = trial_timeout_path(&settings.persist);
-        #[allow(clippy::disallowed_methods)] // on the blocking pool
-        let reason = std::fs::read_to_string(&timeout)
+        let reason = timed_out
+            .as_deref()
             .map(|t| t.trim().to_string())
-            .unwrap_or_else(|_| {
+            .unwrap_or_else(|| {
                 format!(
                     "the trial boot of slot {} did not commit before its tries ran out \
                      (no verdict was recorded: a power cut, a hang or a crash came first)",
@@ -294,9 +296,13 @@ fn start_status(settings: &Settings) -> anyhow::Result<BaseOsStatus> {
         };
         tracing::warn!(slot = other.label(), reason = %failed.reason, "the update failed; running the committed slot");
         store_outcome(&settings.persist, &failed)?;
+        outcome = Some(failed);
+    }
+    // Used or not (the baseos-manager's own verdict came first), it belongs to the trial that
+    // ended: a later failure must not inherit it.
+    if timed_out.is_some() && boot.mode != "trial" {
         #[allow(clippy::disallowed_methods)] // on the blocking pool
         let _ = std::fs::remove_file(&timeout);
-        outcome = Some(failed);
     }
     Ok(status_of(boot, &disk, &state, &version, outcome))
 }

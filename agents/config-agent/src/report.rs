@@ -195,7 +195,7 @@ pub fn software_list(
     baseos: &cairn_types::BaseOsStatus,
     running: &[ZInfoDevSw],
 ) -> Vec<ZInfoDevSw> {
-    use crate::eve::org::lfedge::eve::info::BaseOsStatus as UserStatus;
+    use crate::proto::BaseOsStatus as UserStatus;
     baseos
         .slots
         .iter()
