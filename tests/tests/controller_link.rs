@@ -496,6 +496,63 @@ async fn the_controller_poll_interval_holds_across_a_restart_with_an_unchanged_c
     );
 }
 
+/// Back in slot B after slot A's trial boot never committed: the baseos-manager records the
+/// failed update and the config-agent reports both slots as EVE's `ZInfoDevSW`, the failed one
+/// with its reason. The boot disk's partitions are files here (`<disk>1` to `<disk>3`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_reports_both_root_slots_and_why_the_update_failed() {
+    use cairn_baseos_manager::bootstate::{BootState, SECTOR, Slot};
+    let controller = TestController::start().await.unwrap();
+    let mut device = Device::new();
+    let disk = device.persist_dir().parent().unwrap().join("disk");
+    let failed = BootState::initial()
+        .commit(Slot::B)
+        .mark_trial(Slot::A, 0)
+        .fail_trial(Slot::A);
+    let mut sectors = vec![0u8; 2 * SECTOR];
+    sectors[..SECTOR].copy_from_slice(&BootState { seq: 4, ..failed }.encode());
+    std::fs::write(format!("{}1", disk.display()), sectors).unwrap();
+    for part in [2, 3] {
+        std::fs::write(format!("{}{part}", disk.display()), [0u8; 4096]).unwrap();
+    }
+    for (key, value) in [
+        ("CAIRN_BOOT_DISK", disk.to_str().unwrap()),
+        ("CAIRN_BOOT_SLOT", "B"),
+        ("CAIRN_BOOT_MODE", "fallback"),
+    ] {
+        device.set_agent_env("baseos-manager", key, value);
+    }
+    device.follow_controller(link_args(&device, &controller));
+    controller.set_config(SERIAL, app_config("1", &[]));
+    device.start("baseos-manager", None);
+    device.start("config-agent", None);
+
+    let seen = controller
+        .wait_for(SERIAL, WITHIN, "both slots in a device report", |d| {
+            d.device_info().is_some_and(|i| i.sw_list.len() == 2)
+        })
+        .await
+        .unwrap();
+    let info = seen.device_info().unwrap();
+    let slot = |label: &str| {
+        info.sw_list
+            .iter()
+            .find(|s| s.partition_label == label)
+            .unwrap()
+    };
+    let (a, b) = (slot("IMGA"), slot("IMGB"));
+    assert!(b.activated && b.partition_state == "active", "{b:?}");
+    assert_eq!(b.user_status, proto::BaseOsStatus::Updated as i32);
+    assert!(!a.activated && a.partition_state == "unused", "{a:?}");
+    assert_eq!(a.user_status, proto::BaseOsStatus::Failed as i32);
+    let error = a.sw_err.as_ref().unwrap();
+    assert!(
+        error.description.contains("slot IMGA did not commit"),
+        "{error:?}"
+    );
+    assert!(a.partition_device.ends_with("disk2"), "{a:?}");
+}
+
 /// The device reports itself as EVE's `ZInfoDevice` at start: machine facts, the agent as the
 /// active image and the API capability Cairn claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 //! with `#[persist(mandatory)]` and checked by `cairn-persist` at every depth.
 
 pub mod app;
+pub mod baseos;
 pub mod common;
 pub mod content;
 pub mod device;
@@ -17,6 +18,7 @@ pub mod snapshot;
 pub mod volume;
 
 pub use app::{AppInstanceConfig, AppInstanceStatus, RestartPolicy, SwState, VolumeRefConfig};
+pub use baseos::{BaseOsSlot, BaseOsStatus, UpdateOutcome};
 pub use common::{
     AppInstanceOpsCmd, ErrorDescription, ErrorEntity, ErrorEntityType, ErrorSeverity,
     UUIDandVersion,

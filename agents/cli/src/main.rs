@@ -489,6 +489,44 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
         })
         .collect();
     println!("agents   {}", agents.join(" · "));
+    // The root slots (EVE's IMGA/IMGB), and why the last update failed if it did.
+    if let Some(b) = &view.baseos {
+        let slots: Vec<String> = b
+            .slots
+            .iter()
+            .map(|s| {
+                let version = if s.version.is_empty() {
+                    "-"
+                } else {
+                    &s.version
+                };
+                let running = if s.activated { " (running)" } else { "" };
+                format!(
+                    "{} {} {version}{running}",
+                    s.partition_label, s.partition_state
+                )
+            })
+            .collect();
+        let mode = if b.boot_mode.is_empty() {
+            String::new()
+        } else {
+            format!("  boot {}", b.boot_mode)
+        };
+        println!("slots    {}{mode}", slots.join(" · "));
+        if let Some(u) = &b.last_update {
+            println!(
+                "update   {} to {} {}{}",
+                u.version,
+                u.partition_label,
+                u.result,
+                if u.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", u.reason)
+                }
+            );
+        }
+    }
     for a in view
         .agents
         .iter()

@@ -100,6 +100,8 @@ pub fn check(file: &Path) -> RecordCheck {
         Some("ConfigItemValueMap") => typed::<ConfigItemValueMap>(&bytes),
         Some("LastBoot") => typed::<LastBoot>(&bytes),
         Some("StopReason") => typed::<StopReason>(&bytes),
+        Some("UpdateOutcome") => typed::<cairn_types::UpdateOutcome>(&bytes),
+        Some("BaseOsStatus") => typed::<cairn_types::BaseOsStatus>(&bytes),
         Some(other) if let Some(agent) = owner(other) => ask_agent(agent, file),
         Some(other) => Err(format!(
             "envelope and checksum are intact, but this build does not know schema {other}, so its fields were not checked"

@@ -46,6 +46,8 @@ enum Wake {
     ContentTree(Box<Event<ContentTreeStatus>>),
     /// A `DomainMetric` came: the subscription's table is all the metrics report needs.
     DomainMetric,
+    /// The baseos-manager's slots changed: the device report's software list with them.
+    BaseOs,
     Report,
     Metrics,
 }
@@ -62,6 +64,7 @@ pub async fn run(
     let mut volumes = bus.subscribe::<VolumeStatus>("volume-manager");
     let mut content_trees = bus.subscribe::<ContentTreeStatus>("downloader");
     let mut domain_metrics = bus.subscribe::<DomainMetric>("domain-manager");
+    let mut baseos = bus.subscribe::<cairn_types::BaseOsStatus>("baseos-manager");
     let mut queue = Queue::new(options.first_backoff, options.max_backoff);
     let mut state = State {
         status: DeviceStatus {
@@ -120,6 +123,7 @@ pub async fn run(
                 event = volumes.recv() => Wake::Volume(Box::new(event)),
                 event = content_trees.recv() => Wake::ContentTree(Box::new(event)),
                 _ = domain_metrics.recv() => Wake::DomainMetric,
+                _ = baseos.recv() => Wake::BaseOs,
                 _ = sleep_until(next_metrics) => Wake::Metrics,
                 _ = sleep_until(report_due.unwrap_or_else(Instant::now)), if report_due.is_some() => Wake::Report,
             }
@@ -136,14 +140,18 @@ pub async fn run(
                         shutdown_config_counter: state.shutdown_seen.unwrap_or(0),
                         ..facts
                     });
-                if let Ok(facts) = facts
-                    && device_facts.as_ref() != Some(&facts)
-                {
-                    queue.put(
-                        report::DEVICE_KEY.to_string(),
-                        Report::Device(Box::new(facts.clone())),
-                    );
-                    device_facts = Some(facts);
+                if let Ok(mut facts) = facts {
+                    // Both root slots once the baseos-manager tells them.
+                    if let Some(slots) = baseos.values().next() {
+                        facts.sw_list = report::software_list(slots, &facts.sw_list);
+                    }
+                    if device_facts.as_ref() != Some(&facts) {
+                        queue.put(
+                            report::DEVICE_KEY.to_string(),
+                            Report::Device(Box::new(facts.clone())),
+                        );
+                        device_facts = Some(facts);
+                    }
                 }
                 next_poll = if ok {
                     poll_backoff = options.first_backoff;
@@ -209,6 +217,20 @@ pub async fn run(
                 _ => {}
             },
             Wake::DomainMetric => {}
+            Wake::BaseOs => {
+                if let (Some(mut facts), Some(slots)) =
+                    (device_facts.clone(), baseos.values().next())
+                {
+                    facts.sw_list = report::software_list(slots, &facts.sw_list);
+                    if device_facts.as_ref() != Some(&facts) {
+                        queue.put(
+                            report::DEVICE_KEY.to_string(),
+                            Report::Device(Box::new(facts.clone())),
+                        );
+                        device_facts = Some(facts);
+                    }
+                }
+            }
             // Not before the device has a UUID while the controller is away: the next poll may
             // register it, and the report follows that poll.
             Wake::Metrics if link.device().is_none() && state.offline() => {

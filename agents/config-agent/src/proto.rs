@@ -18,9 +18,9 @@ pub use crate::eve::org::lfedge::eve::config::{
 };
 pub use crate::eve::org::lfedge::eve::info::z_info_msg::InfoContent;
 pub use crate::eve::org::lfedge::eve::info::{
-    ApiCapability, BootReason, ErrorInfo, Severity, VolumeResources, ZDeviceState, ZInfoApp,
-    ZInfoDevSw, ZInfoDevice, ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot, ZInfoTypes, ZInfoVolume,
-    ZSwState,
+    ApiCapability, BaseOsStatus, BootReason, ErrorInfo, Severity, VolumeResources, ZDeviceState,
+    ZInfoApp, ZInfoDevSw, ZInfoDevice, ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot, ZInfoTypes,
+    ZInfoVolume, ZSwState,
 };
 pub use crate::eve::org::lfedge::eve::info::{ContentResources, UsageInfo, ZInfoContentTree};
 pub use crate::eve::org::lfedge::eve::metrics::z_metric_msg::MetricContent;

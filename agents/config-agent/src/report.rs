@@ -188,6 +188,55 @@ fn software(release: Option<&str>) -> ZInfoDevSw {
     }
 }
 
+/// The software list from the baseos-manager's root slots, one `ZInfoDevSW` per partition
+/// with EVE's zboot states (`active`, `inprogress`, `updating`, `unused`), replacing the one
+/// entry `device_facts` makes from the release file; the running entry keeps its long version.
+pub fn software_list(
+    baseos: &cairn_types::BaseOsStatus,
+    running: &[ZInfoDevSw],
+) -> Vec<ZInfoDevSw> {
+    use crate::proto::BaseOsStatus as UserStatus;
+    baseos
+        .slots
+        .iter()
+        .map(|slot| {
+            let long_version = running
+                .iter()
+                .find(|r| slot.activated && r.activated)
+                .map(|r| r.long_version.clone())
+                .unwrap_or_else(|| slot.version.clone());
+            let failed = !slot.error.is_empty();
+            let user_status = match slot.partition_state.as_str() {
+                _ if failed => UserStatus::Failed,
+                "active" => UserStatus::Updated,
+                "inprogress" | "updating" => UserStatus::Updating,
+                _ => UserStatus::None,
+            };
+            ZInfoDevSw {
+                activated: slot.activated,
+                partition_label: slot.partition_label.clone(),
+                partition_device: slot.partition_device.clone(),
+                partition_state: slot.partition_state.clone(),
+                status: match slot.partition_state.as_str() {
+                    "active" | "inprogress" => ZSwState::Running,
+                    "updating" => ZSwState::Installed,
+                    _ if slot.version.is_empty() => ZSwState::Initial,
+                    _ => ZSwState::Installed,
+                } as i32,
+                short_version: slot.version.clone(),
+                long_version,
+                sw_err: failed.then(|| ErrorInfo {
+                    description: slot.error.clone(),
+                    severity: Severity::Error as i32,
+                    ..Default::default()
+                }),
+                user_status: user_status as i32,
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
 /// The info message for the device.
 pub fn device_info(device: uuid::Uuid, info: ZInfoDevice) -> ZInfoMsg {
     ZInfoMsg {

@@ -15,13 +15,14 @@ use serde::Serialize;
 
 use crate::supervision::Supervisor;
 
-pub const AGENTS: [&str; 6] = [
+pub const AGENTS: [&str; 7] = [
     "config-agent",
     "app-manager",
     "volume-manager",
     "domain-manager",
     "downloader",
     "log-manager",
+    "baseos-manager",
 ];
 
 /// The run and persist roots the device uses.
@@ -130,6 +131,9 @@ pub struct DeviceView {
     /// Export and verify jobs the volume-manager runs or ran since it started, with progress.
     #[serde(default)]
     pub exports: Vec<ExportStatus>,
+    /// The root slots and the last update (the baseos-manager).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseos: Option<cairn_types::BaseOsStatus>,
 }
 
 enum Read<T> {
@@ -202,7 +206,7 @@ pub fn socket_refusal(socket: &Path) -> Option<String> {
 
 /// Reads every agent's status topics.
 pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
-    let (device, apps, domains, volumes, content_trees, log_manager, exports) = tokio::join!(
+    let (device, apps, domains, volumes, content_trees, log_manager, exports, baseos) = tokio::join!(
         read::<DeviceStatus>(roots, "config-agent", wait),
         read::<AppInstanceStatus>(roots, "app-manager", wait),
         read::<DomainStatus>(roots, "domain-manager", wait),
@@ -210,6 +214,7 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
         read::<ContentTreeStatus>(roots, "downloader", wait),
         read::<LogManagerStatus>(roots, "log-manager", wait),
         read::<ExportStatus>(roots, "volume-manager", wait),
+        read::<cairn_types::BaseOsStatus>(roots, "baseos-manager", wait),
     );
     let mut agents = Vec::new();
     let mut health = |agent: &str, state: String| {
@@ -271,6 +276,14 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
             LogManagerStatus::NAME,
         ),
     );
+    health(
+        "baseos-manager",
+        state(
+            read_state(&baseos),
+            "baseos-manager",
+            <cairn_types::BaseOsStatus as cairn_types::Topic>::NAME,
+        ),
+    );
     fn values<T>(read: Read<T>) -> Vec<T> {
         match read {
             Read::Values(values) => values,
@@ -293,6 +306,7 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
         content_trees: values(content_trees),
         logs: values(log_manager).into_iter().next(),
         exports: values(exports),
+        baseos: values(baseos).into_iter().next(),
     }
 }
 

@@ -337,7 +337,7 @@ impl Guest {
             command.arg("--fresh");
         }
         if let Some(disk) = vm_disk {
-            command.args(["--memory", "1024", "--disk"]).arg(disk);
+            command.args(["--memory", "1024", "--extra-disk"]).arg(disk);
         }
         let qemu_log = File::create(work.join("qemu.log"))?;
         let qemu = command

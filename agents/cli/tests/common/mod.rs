@@ -17,13 +17,14 @@ use nix::unistd::Pid;
 
 pub const DEMO_APP: &str = "d3e0c0de-0000-4000-8000-00000000a001";
 pub const DEMO_SNAPSHOT: &str = "d3e0c0de-0000-4000-8000-00000000c001";
-pub const AGENTS: [&str; 6] = [
+pub const AGENTS: [&str; 7] = [
     "config-agent",
     "app-manager",
     "volume-manager",
     "domain-manager",
     "downloader",
     "log-manager",
+    "baseos-manager",
 ];
 
 pub fn cairn_bin() -> PathBuf {
