@@ -18,7 +18,8 @@
 //! --bench device --profile dev` (after `cargo build --workspace --bins`) runs (b, c) with
 //! 1,000 process apps on directory volumes; it also measures the agents with no app at all,
 //! for the cost per app.
-//! Figures only: nothing here fails on timing.
+//! `CAIRN_BENCH_CAIRN=<dir>/cairn` takes the CLI and the agents from `<dir>` (release agents
+//! beside a copy of the debug CLI). Figures only: nothing here fails on timing.
 
 #![allow(clippy::unwrap_used)] // bench code: a failed unwrap is a failed run
 #![allow(clippy::expect_used)]
@@ -59,7 +60,11 @@ const SNAPSHOTS_PER_APP: usize = 10;
 const WRITTEN: &str = "256M";
 
 fn main() {
-    let cairn = PathBuf::from(env!("CARGO_BIN_EXE_cairn"));
+    // `CAIRN_BENCH_CAIRN=<dir>/cairn` measures the agents beside another `cairn` (e.g. a copy of
+    // the debug CLI next to release agents: `cargo build --release -p <agents>`).
+    let cairn = std::env::var_os("CAIRN_BENCH_CAIRN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cairn")));
     let bin_dir = cairn.parent().unwrap();
     for agent in AGENTS {
         let binary = bin_dir.join(format!("cairn-{agent}"));

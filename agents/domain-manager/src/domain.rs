@@ -67,6 +67,8 @@ pub struct Shared {
     pub live_ops: Publication<DomainLiveOpStatus>,
     /// Latest `VolumeStatus` per key, from the volume-manager.
     pub volumes: Mutex<std::collections::HashMap<String, VolumeStatus>>,
+    /// `/proc` walks shared by the tasks that look for their app's processes at one moment.
+    pub census: procfs::Census,
 }
 
 /// Requests to a domain task.
@@ -746,9 +748,10 @@ impl Domain {
     /// oldest is kept (a child of the app is always younger than the app, so the oldest is
     /// never one of its children) and the others are killed with their groups.
     async fn find_live(&mut self) -> Option<Found> {
-        match self.find_vm().await {
+        let walk = self.shared.census.since(Instant::now()).await;
+        match self.find_vm(&walk).await {
             Some(found) => Some(found),
-            None => self.find_process().await,
+            None => self.find_process(&walk).await,
         }
     }
 
@@ -794,16 +797,13 @@ impl Domain {
         });
     }
 
-    async fn find_vm(&mut self) -> Option<Found> {
+    async fn find_vm(&mut self, walk: &procfs::Walk) -> Option<Found> {
         let socket = self.dir.qmp_socket();
         let from_pidfile = tokio::fs::read_to_string(self.dir.qemu_pidfile())
             .await
             .ok()
             .and_then(|t| t.trim().parse::<u32>().ok());
-        let scan = socket.clone();
-        let mut qemus = tokio::task::spawn_blocking(move || procfs::find_our_qemus(&scan))
-            .await
-            .unwrap_or_default();
+        let mut qemus = walk.qemus_serving(&socket);
         if qemus.is_empty() {
             return None;
         }
@@ -856,7 +856,7 @@ impl Domain {
         })
     }
 
-    async fn find_process(&mut self) -> Option<Found> {
+    async fn find_process(&mut self, walk: &procfs::Walk) -> Option<Found> {
         let from_pidfile = tokio::fs::read_to_string(self.dir.process_pidfile())
             .await
             .ok()
@@ -868,10 +868,7 @@ impl Domain {
                 })
             })
             .filter(|id| procfs::is_running(*id));
-        let (run_dir, app) = (self.shared.run_dir.clone(), self.app.to_string());
-        let marked = tokio::task::spawn_blocking(move || procfs::marked(&run_dir, &app))
-            .await
-            .unwrap_or_default();
+        let marked = walk.marked_for(&self.app.to_string());
         let mut leaders = procfs::leaders(&marked);
         if let Some(id) = from_pidfile
             && !leaders.iter().any(|l| l.id == id)
@@ -937,10 +934,12 @@ impl Domain {
         let deadline = Instant::now() + self.shared.timeouts.kill;
         let mut termed = false;
         loop {
-            let (run_dir, app) = (self.shared.run_dir.clone(), self.app.to_string());
-            let left = tokio::task::spawn_blocking(move || procfs::marked(&run_dir, &app))
+            let left = self
+                .shared
+                .census
+                .since(Instant::now())
                 .await
-                .unwrap_or_default();
+                .marked_for(&self.app.to_string());
             if left.is_empty() {
                 return;
             }

@@ -41,13 +41,17 @@ fn stat(pid: u32) -> Option<Stat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may hold spaces: parse after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Field 3 overall (state) is index 0 here; ppid 4, pgrp 5, starttime 22.
+    // Field 3 overall (state) is the first here; ppid 4, pgrp 5, starttime 22.
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let pgid = fields.next()?.parse().ok()?;
+    let start_time = fields.nth(16)?.parse().ok()?;
     Some(Stat {
-        state: fields.first()?.chars().next()?,
-        ppid: fields.get(1)?.parse().ok()?,
-        pgid: fields.get(2)?.parse().ok()?,
-        start_time: fields.get(19)?.parse().ok()?,
+        state,
+        ppid,
+        pgid,
+        start_time,
     })
 }
 
@@ -89,7 +93,7 @@ fn env_value<'a>(environ: &'a [u8], var: &str) -> Option<&'a [u8]> {
     })
 }
 
-/// The marker values that [`marked`] looks for: the canonical run directory names the owner.
+/// The marker values that [`scan`] looks for: the canonical run directory names the owner.
 pub fn marker(run_dir: &Path, app: &str) -> [(&'static str, String); 2] {
     let owner = std::fs::canonicalize(run_dir).unwrap_or_else(|_| run_dir.to_path_buf());
     [
@@ -100,62 +104,47 @@ pub fn marker(run_dir: &Path, app: &str) -> [(&'static str, String); 2] {
 
 /// Every live process marked by the domain-manager of `run_dir`, with the app it was marked
 /// for (the app's own children inherit the marker). Blocking: walks `/proc`.
-#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn scan(run_dir: &Path) -> Vec<(String, Marked)> {
     let [(_, owner), _] = marker(run_dir, "");
     let me = std::process::id();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found = Vec::new();
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        // Another user's process, or one that just ended: not ours.
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if env_value(&environ, OWNER_VAR) != Some(owner.as_bytes()) {
-            continue;
-        }
-        let Some(app) = env_value(&environ, APP_VAR) else {
-            continue;
-        };
-        let Some(s) = stat(pid).filter(|s| !is_dead(s.state)) else {
-            continue;
-        };
-        let restart_counter = env_value(&environ, RESTART_VAR)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.parse().ok());
-        let marked = Marked {
-            id: ProcessId {
-                pid,
-                start_time: s.start_time,
-            },
-            ppid: s.ppid,
-            pgid: s.pgid,
-            restart_counter,
-        };
-        found.push((String::from_utf8_lossy(app).into_owned(), marked));
-    }
-    found
+    pids()
+        .filter(|pid| *pid != me)
+        .filter_map(|pid| marked_as(pid, &owner))
+        .collect()
 }
 
-/// Every live process marked for `app` by the domain-manager of `run_dir`. Blocking.
-pub fn marked(run_dir: &Path, app: &str) -> Vec<Marked> {
-    scan(run_dir)
+/// The pids in `/proc`. Blocking.
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
         .into_iter()
-        .filter(|(a, _)| a == app)
-        .map(|(_, m)| m)
-        .collect()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+}
+
+/// `pid` with the app it was marked for, if it is alive and carries `owner`'s marker.
+fn marked_as(pid: u32, owner: &str) -> Option<(String, Marked)> {
+    // Another user's process, or one that just ended: not ours.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    if env_value(&environ, OWNER_VAR) != Some(owner.as_bytes()) {
+        return None;
+    }
+    let app = env_value(&environ, APP_VAR)?;
+    let s = stat(pid).filter(|s| !is_dead(s.state))?;
+    let restart_counter = env_value(&environ, RESTART_VAR)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok());
+    let marked = Marked {
+        id: ProcessId {
+            pid,
+            start_time: s.start_time,
+        },
+        ppid: s.ppid,
+        pgid: s.pgid,
+        restart_counter,
+    };
+    Some((String::from_utf8_lossy(app).into_owned(), marked))
 }
 
 /// The restart counter a live process was marked with.
@@ -196,33 +185,99 @@ pub fn cmdline(pid: u32) -> Option<Vec<String>> {
     )
 }
 
-/// Whether `pid` is a qemu serving QMP on `qmp_socket` (the socket path names the app, so a
-/// reused pid cannot match by accident).
-pub fn is_our_qemu(pid: u32, qmp_socket: &Path) -> bool {
-    let Some(args) = cmdline(pid) else {
-        return false;
-    };
-    let socket = qmp_socket.to_string_lossy();
-    args.first().is_some_and(|a| a.contains("qemu-system"))
-        && args.iter().any(|a| a.contains(socket.as_ref()))
+/// What one walk of `/proc` found: the processes marked by this domain-manager's owner
+/// ([`scan`]) and every live qemu with its command line.
+#[derive(Debug, Default)]
+pub struct Walk {
+    pub marked: Vec<(String, Marked)>,
+    qemus: Vec<(ProcessId, Vec<String>)>,
 }
 
-/// Every live qemu serving `qmp_socket`, found by scanning `/proc`, oldest first: for a qemu
-/// whose pidfile is not written yet (the domain-manager died right after starting it).
-/// Blocking: walks `/proc`.
-#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
-pub fn find_our_qemus(qmp_socket: &Path) -> Vec<ProcessId> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found: Vec<ProcessId> = procs
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter(|pid| is_our_qemu(*pid, qmp_socket))
-        .filter_map(identify)
-        .collect();
-    found.sort_by_key(|id| (id.start_time, id.pid));
-    found
+impl Walk {
+    /// One pass over `/proc` for both questions a start asks. Blocking: walks `/proc`.
+    fn take(run_dir: &Path) -> Self {
+        let [(_, owner), _] = marker(run_dir, "");
+        let me = std::process::id();
+        let mut walk = Self::default();
+        for pid in pids().filter(|pid| *pid != me) {
+            if let Some(marked) = marked_as(pid, &owner) {
+                walk.marked.push(marked);
+            }
+            // A command line is read only for what may be a qemu: `comm`, the executable's
+            // name cut at 15 bytes, says so without reading the process's memory.
+            let maybe_qemu = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.contains("qemu") || comm.trim_end().len() >= 15);
+            if maybe_qemu
+                && let Some(args) = cmdline(pid)
+                && args.first().is_some_and(|a| a.contains("qemu-system"))
+                && let Some(id) = identify(pid)
+            {
+                walk.qemus.push((id, args));
+            }
+        }
+        walk
+    }
+
+    /// Every live process marked for `app` (its own children inherit the marker).
+    pub fn marked_for(&self, app: &str) -> Vec<Marked> {
+        self.marked
+            .iter()
+            .filter(|(a, _)| a == app)
+            .map(|(_, m)| *m)
+            .collect()
+    }
+
+    /// Every live qemu serving `qmp_socket` (the socket path names the app, so a reused pid
+    /// cannot match by accident), oldest first: for a qemu whose pidfile is not written yet.
+    pub fn qemus_serving(&self, qmp_socket: &Path) -> Vec<ProcessId> {
+        let socket = qmp_socket.to_string_lossy();
+        let mut found: Vec<ProcessId> = self
+            .qemus
+            .iter()
+            .filter(|(_, args)| args.iter().any(|a| a.contains(socket.as_ref())))
+            .map(|(id, _)| *id)
+            .collect();
+        found.sort_by_key(|id| (id.start_time, id.pid));
+        found
+    }
+}
+
+/// Walks of `/proc` shared by the domain tasks. Every start first looks for a copy of its app
+/// already running; 1,000 apps started at once made 2,000 walks over 1,000 processes each
+/// (minutes). A task asking now gets a walk begun after it asked, so it sees whatever ran at
+/// that moment, exactly as a walk of its own; the tasks that asked while one walk ran share
+/// the next.
+pub struct Census {
+    run_dir: std::path::PathBuf,
+    latest: tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Walk>)>>,
+}
+
+impl Census {
+    pub fn new(run_dir: &Path) -> Self {
+        Self {
+            run_dir: run_dir.to_path_buf(),
+            latest: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// A walk of `/proc` begun at or after `asked`.
+    pub async fn since(&self, asked: std::time::Instant) -> std::sync::Arc<Walk> {
+        let mut latest = self.latest.lock().await;
+        if let Some((began, walk)) = latest.as_ref()
+            && *began >= asked
+        {
+            return walk.clone();
+        }
+        let began = std::time::Instant::now();
+        let run_dir = self.run_dir.clone();
+        let walk = std::sync::Arc::new(
+            tokio::task::spawn_blocking(move || Walk::take(&run_dir))
+                .await
+                .unwrap_or_default(),
+        );
+        *latest = Some((began, walk.clone()));
+        walk
+    }
 }
 
 /// Waits until the process is gone, polling `/proc` (it is not our child, so it cannot be

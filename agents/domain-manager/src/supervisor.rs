@@ -99,6 +99,7 @@ impl Supervisor {
             statuses,
             live_ops,
             volumes: Mutex::new(HashMap::new()),
+            census: crate::procfs::Census::new(bus.run_dir()),
         });
         let mut apps: HashSet<Uuid> = previous.keys().copied().collect();
         if let Ok(mut entries) = tokio::fs::read_dir(apps_dir(bus.run_dir())).await {
