@@ -147,11 +147,15 @@ fn an_app_state_is_written_as_eves_number_and_read_as_number_or_name() {
         serde_json::from_str::<SwState>("\"HALTED\"").unwrap(),
         SwState::Halted
     );
-    let number = serde_json::from_str::<SwState>("113")
+    assert_eq!(
+        serde_json::from_str::<SwState>("113").unwrap(),
+        SwState::StartDelayed
+    );
+    let number = serde_json::from_str::<SwState>("200")
         .unwrap_err()
         .to_string();
     assert!(
-        number.contains("113") && number.contains("SwState"),
+        number.contains("200") && number.contains("SwState"),
         "{number}"
     );
     let name = serde_json::from_str::<SwState>("\"Running\"")
