@@ -512,6 +512,7 @@ async fn export(
         job_id: config.job_id,
         partial_dir: partial_dir.clone(),
         started: Some(stamp),
+        ..ExportJobRecord::default()
     };
     let record_path = job_record_path(persist, config.job_id);
     {
