@@ -97,6 +97,8 @@ pub struct ExportStatus {
     pub state: ExportState,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// An export to a remote: bytes of export files uploaded so far.
+    pub bytes_uploaded: u64,
     #[serde(deserialize_with = "null_as_default")]
     pub volumes: Vec<ExportVolumeResult>,
     /// An incremental export that became full for some volume (see their `FallbackReason`).

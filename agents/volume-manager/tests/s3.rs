@@ -1,0 +1,254 @@
+//! Exports to an S3-compatible remote (issue 22) through the real volume-manager binary, against
+//! a real SeaweedFS server: the export lands whole with its manifest last, a killed agent's
+//! half export is removed after the restart, bad credentials and buckets are refused by name.
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cairn_objstore::seaweedfs::{SECRET_KEY, SeaweedFs};
+use cairn_pubsub::{Bus, Publication, PublishOptions};
+use cairn_types::RemoteConfig;
+use cairn_types::export::{ExportState, MANIFEST_FILE};
+use cairn_types::volume::{VolumeFormat, VolumeOrigin, VolumeState};
+use common::exports::*;
+use common::*;
+
+const BUCKET: &str = "exports";
+const PREFIX: &str = "fleet/dev-1";
+
+/// Plays the config-agent's remotes.
+async fn remotes(h: &Harness) -> Publication<RemoteConfig> {
+    Bus::new("config-agent", &h.run, &h.persist)
+        .publish(PublishOptions::default())
+        .await
+        .unwrap()
+}
+
+fn remote_config(server: &SeaweedFs, id: &str, bucket: &str, credentials: &str) -> RemoteConfig {
+    RemoteConfig {
+        id: id.into(),
+        endpoint: server.endpoint(),
+        bucket: bucket.into(),
+        prefix: PREFIX.into(),
+        credentials_file: credentials.into(),
+        ..RemoteConfig::default()
+    }
+}
+
+/// Nothing of a job left on the device: no job record, nothing spooled.
+fn nothing_left_locally(persist: &Path) {
+    let jobs = persist.join("volume-manager/exports");
+    let records: Vec<PathBuf> = std::fs::read_dir(&jobs)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(
+        records
+            .iter()
+            .all(|p| p.extension().is_none_or(|e| e != "json")),
+        "{records:?}"
+    );
+    let spool: Vec<PathBuf> = std::fs::read_dir(jobs.join("spool"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(spool.is_empty(), "spool not empty: {spool:?}");
+}
+
+/// Downloads every object under `key` into `dir` (as a plain client would).
+fn download(server: &SeaweedFs, key: &str, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for object in server.keys(BUCKET) {
+        let Some(name) = object.strip_prefix(&format!("{key}/")) else {
+            continue;
+        };
+        let out = dir.join(name);
+        let (code, body) = server.curl(
+            "GET",
+            &format!("{BUCKET}/{object}"),
+            &["-o", out.to_str().unwrap()],
+        );
+        assert_eq!(code, 200, "{object}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_to_a_remote_lands_whole_with_its_manifest_and_restores_bit_for_bit() {
+    let server = SeaweedFs::start();
+    server.create_bucket(BUCKET);
+    let mut h = Harness::new().await;
+    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+    let remotes = remotes(&h).await;
+    remotes
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let _agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    // Random data: it does not compress, so the volume file takes more than one part.
+    let (config, file) = volume_with_data(&mut h, 64, 20).await;
+    let id = snapshot(&mut h, &config, 1).await;
+
+    let job = cli.start_remote(id, "backups", "site-a", false).await;
+    let done = cli
+        .wait(job.job_id, |s| s.state != ExportState::Running)
+        .await;
+    assert_eq!(done.state, ExportState::Done, "{}", done.error);
+    let key = done
+        .remote_export
+        .strip_prefix("backups:")
+        .unwrap_or_else(|| panic!("{:?}", done.remote_export))
+        .to_string();
+    assert!(key.starts_with(&format!("{PREFIX}/site-a/")), "{key}");
+    let keys = server.keys(BUCKET);
+    let volume_key = format!("{key}/{}.qcow2", config.volume_id);
+    assert!(keys.contains(&volume_key), "{keys:?}");
+    assert!(keys.contains(&format!("{key}/{MANIFEST_FILE}")), "{keys:?}");
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(
+        done.bytes_uploaded > 2 * cairn_objstore::PART_SIZE as u64,
+        "{done:?}"
+    );
+    assert!(server.multipart_uploads(BUCKET).is_empty());
+    nothing_left_locally(&h.persist);
+
+    // Downloaded by a plain client: the export verifies and restores the snapshot exactly.
+    let local = h.root.path().join("downloaded");
+    download(&server, &key, &local);
+    let (manifest, _) =
+        cairn_volume_manager::export::verify_export(&local, &mut |_, _| true).unwrap();
+    assert_eq!(manifest.snapshot_id, id);
+    let mut restored = common::volume(VolumeFormat::Qcow2, 64 * MIB);
+    restored.origin = VolumeOrigin::Export {
+        dir: local.clone(),
+        volume: config.volume_id,
+    };
+    h.volume_configs.publish(restored.clone()).await.unwrap();
+    let status = h.ready(&restored).await;
+    assert_eq!(status.state, VolumeState::Ready, "{:?}", status.error);
+    let expected = h.root.path().join("expected.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-U",
+            "-O",
+            "qcow2",
+            "-l",
+            &format!("snapshot.name={id}"),
+            file.to_str().unwrap(),
+            expected.to_str().unwrap(),
+        ],
+    );
+    let compare = sh(
+        "qemu-img",
+        &[
+            "compare",
+            h.volume_file(&restored).to_str().unwrap(),
+            expected.to_str().unwrap(),
+        ],
+    );
+    assert!(compare.contains("Images are identical"), "{compare}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_upload_leaves_no_complete_export_and_its_restart_removes_it() {
+    let server = SeaweedFs::start();
+    server.create_bucket(BUCKET);
+    let mut h = Harness::new().await;
+    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+    let remotes = remotes(&h).await;
+    remotes
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let mut agent = h.agent(Some(cairn_volume_manager::export::CRASH_MID_UPLOAD));
+    let mut cli = Cli::new(&h).await;
+    let (config, _) = volume_with_data(&mut h, 64, 20).await;
+    let id = snapshot(&mut h, &config, 1).await;
+    let job = cli.start_remote(id, "backups", "", false).await;
+    agent.wait_killed(Duration::from_secs(120));
+
+    // Killed with a multipart upload open: nothing in the bucket looks complete.
+    let uploads = server.multipart_uploads(BUCKET);
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    assert!(uploads[0].ends_with(&format!("{}.qcow2", config.volume_id)));
+    let keys = server.keys(BUCKET);
+    assert!(keys.iter().all(|k| !k.ends_with(MANIFEST_FILE)), "{keys:?}");
+
+    drop(agent);
+    let _agent = h.agent(None);
+    let end = cli
+        .wait(job.job_id, |s| s.state != ExportState::Running)
+        .await;
+    assert_eq!(end.state, ExportState::Failed, "{end:?}");
+    assert!(
+        end.error.contains("interrupted")
+            && end.error.contains("was removed")
+            && end.error.contains("1 multipart uploads aborted"),
+        "{}",
+        end.error
+    );
+    assert!(
+        server.multipart_uploads(BUCKET).is_empty(),
+        "{:?}",
+        server.multipart_uploads(BUCKET)
+    );
+    assert!(server.keys(BUCKET).is_empty(), "{:?}", server.keys(BUCKET));
+    nothing_left_locally(&h.persist);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_a_missing_bucket_and_an_unknown_remote_are_refused_by_name() {
+    let server = SeaweedFs::start();
+    server.create_bucket(BUCKET);
+    let mut h = Harness::new().await;
+    server.write_credentials(&h.persist, "wrong.json", "not-the-secret-4242");
+    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+    let remotes = remotes(&h).await;
+    remotes
+        .publish(remote_config(&server, "badkey", BUCKET, "wrong.json"))
+        .await
+        .unwrap();
+    remotes
+        .publish(remote_config(
+            &server,
+            "nobucket",
+            "missing-bucket",
+            "s3.json",
+        ))
+        .await
+        .unwrap();
+    let _agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    let (config, _) = volume_with_data(&mut h, 16, 1).await;
+    let id = snapshot(&mut h, &config, 1).await;
+
+    for (remote, wanted) in [
+        ("badkey", "access denied"),
+        ("nobucket", "does not exist"),
+        ("elsewhere", "remote elsewhere is not configured"),
+    ] {
+        let job = cli.start_remote(id, remote, "", false).await;
+        let end = cli
+            .wait(job.job_id, |s| s.state != ExportState::Running)
+            .await;
+        assert_eq!(end.state, ExportState::Failed, "{remote}: {end:?}");
+        assert!(
+            end.error.contains(remote) && end.error.contains(wanted),
+            "{remote}: {}",
+            end.error
+        );
+        assert!(
+            !end.error.contains("not-the-secret-4242")
+                && !end.error.contains(SECRET_KEY)
+                && !end.error.contains(cairn_objstore::seaweedfs::ACCESS_KEY),
+            "{}",
+            end.error
+        );
+    }
+    assert!(server.keys(BUCKET).is_empty(), "{:?}", server.keys(BUCKET));
+    nothing_left_locally(&h.persist);
+}
