@@ -12,12 +12,13 @@
 
 use std::collections::BTreeMap;
 
-use cairn_types::{AppInstanceConfig, ContentTreeConfig, VolumeConfig};
+use cairn_types::{AppInstanceConfig, ContentTreeConfig, RemoteConfig, VolumeConfig};
 
 mod clones;
 mod controller;
 mod groups;
 mod local;
+mod remotes;
 mod validate;
 
 pub use controller::from_proto;
@@ -33,6 +34,8 @@ pub struct DeviceConfig {
     pub volumes: Vec<VolumeConfig>,
     pub content_trees: Vec<ContentTreeConfig>,
     pub config_items: BTreeMap<String, String>,
+    /// Object-store remotes exports may go to.
+    pub remotes: Vec<RemoteConfig>,
 }
 
 /// A refused config: `path` locates the field (`apps[1].snapshot.snapshots[0].id`).
