@@ -53,6 +53,9 @@ struct RemoteTarget {
     dir: String,
     record: ExportJobRecord,
     record_path: PathBuf,
+    /// Empty stand-ins for base exports' volume files (an incremental qcow2 opens its backing
+    /// file; the data written over it never reads from it), removed when the job ends.
+    placeholders: Vec<PathBuf>,
 }
 
 impl RemoteTarget {
@@ -120,10 +123,15 @@ impl ExportJobs {
     pub async fn open(persist: &Path) -> (Self, mpsc::UnboundedReceiver<ExportStatus>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let dir = jobs_dir(persist);
-        let (interrupted, interrupted_remote) =
-            tokio::task::spawn_blocking(move || sweep_interrupted(&dir))
-                .await
-                .unwrap_or_default();
+        let spool = spool_dir(persist);
+        let (interrupted, interrupted_remote) = tokio::task::spawn_blocking(move || {
+            let swept = sweep_interrupted(&dir);
+            // No job runs yet: whatever is spooled was left by a killed one.
+            let _ = std::fs::remove_dir_all(&spool);
+            swept
+        })
+        .await
+        .unwrap_or_default();
         let mut jobs = Self {
             persist: persist.to_path_buf(),
             running: HashMap::new(),
@@ -410,6 +418,15 @@ async fn run_job(
             _ = cancel.wait_for(|c| *c) => Err(JobError::Cancelled),
         }
     };
+    if let Some(target) = &remote {
+        let dirs = target.placeholders.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        })
+        .await;
+    }
     let outcome = match (outcome, partial.take()) {
         (Ok(Some(_)), Some(dir)) if remote.is_some() => {
             // The manifest is in the bucket: the export is complete; only the spool goes.
@@ -659,8 +676,10 @@ async fn export(
 
     // The base for an incremental export: the newest complete export of this app in the target
     // made from an older snapshot.
-    let base = if config.incremental && remote.is_some() {
-        Err("incremental exports to a remote are not supported yet: a full export instead".into())
+    let base = if let (true, Some(remote)) = (config.incremental, &remote) {
+        find_base_remote(remote, &config.remote_prefix, app, snapshot, snapshot_time)
+            .await
+            .map(|(dir, manifest, sha)| (target.join(dir), manifest, sha))
     } else if config.incremental {
         let target = target.clone();
         let time = snapshot_time;
@@ -737,6 +756,7 @@ async fn export(
             dir: remote_dir,
             record: job_record,
             record_path: record_path.clone(),
+            placeholders: Vec::new(),
         });
     }
     tokio::fs::create_dir(&partial_dir)
@@ -795,6 +815,15 @@ async fn export(
         let (kind, base, data_bytes) = match (found, server, &plan.base) {
             (Some(list), Some(server), Ok(base)) => {
                 let backing = Path::new("..").join(&base.link.dir).join(&base.file);
+                if let Some(target) = remote_target.as_mut() {
+                    let stand_in = partial_dir.join(&backing);
+                    create_placeholder(&stand_in, plan.virtual_size)
+                        .await
+                        .map_err(&fail)?;
+                    if let Some(dir) = stand_in.parent() {
+                        target.placeholders.push(dir.to_path_buf());
+                    }
+                }
                 create_overlay(&out, &backing, plan.virtual_size)
                     .await
                     .map_err(&fail)?;
@@ -997,6 +1026,82 @@ async fn upload_volume(
     tokio::fs::remove_file(local)
         .await
         .map_err(|e| format!("removing the spooled {}: {e}", local.display()))
+}
+
+/// The newest complete export of `app` under `prefix` of the remote from a snapshot older
+/// than `time`: its directory name, manifest and manifest sha256. One listing of the prefix
+/// and one read per export of this app (their names start with the app's UUID).
+async fn find_base_remote(
+    remote: &Remote,
+    prefix: &str,
+    app: Uuid,
+    snapshot: Uuid,
+    time: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<(String, ExportManifest, String), String> {
+    use sha2::Digest;
+    let dirs = remote.list_dirs(prefix).await.map_err(|e| e.to_string())?;
+    let mine = format!("{app}-");
+    let same = format!("{app}-{snapshot}-");
+    let mut best: Option<(String, ExportManifest, String)> = None;
+    for dir in dirs
+        .into_iter()
+        .filter(|d| d.starts_with(&mine) && !d.starts_with(&same))
+    {
+        let bytes = match remote.get(&join_key(&[prefix, &dir, MANIFEST_FILE])).await {
+            Ok(bytes) => bytes,
+            // No manifest: never completed.
+            Err(e) if e.kind == cairn_objstore::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("looking for a base export: {e}")),
+        };
+        let Ok(manifest) = serde_json::from_slice::<ExportManifest>(&bytes) else {
+            continue;
+        };
+        if manifest.app_uuid != app || manifest.snapshot_id == snapshot {
+            continue;
+        }
+        if let (Some(base_time), Some(time)) = (manifest.snapshot_time, time)
+            && base_time >= time
+        {
+            continue;
+        }
+        if best
+            .as_ref()
+            .is_none_or(|(_, b, _)| b.export_time < manifest.export_time)
+        {
+            let sha = format!("{:x}", sha2::Sha256::digest(&bytes));
+            best = Some((dir, manifest, sha));
+        }
+    }
+    best.ok_or_else(|| {
+        format!(
+            "no previous export of this app from an older snapshot at {}",
+            remote.full_key(prefix)
+        )
+    })
+}
+
+/// An empty qcow2 of `size` at `path` (its directory made).
+async fn create_placeholder(path: &Path, size: u64) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    crate::process::run(
+        "qemu-img",
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            path.as_os_str(),
+            size.to_string().as_ref(),
+        ],
+        crate::process::COMMAND_TIMEOUT,
+    )
+    .await
+    .map(drop)
+    .map_err(|e| e.to_string())
 }
 
 async fn file_len(path: &Path) -> u64 {
