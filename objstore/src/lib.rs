@@ -23,6 +23,10 @@ pub mod seaweedfs;
 
 /// Parts of a multipart upload (S3 wants at least 5 MiB but for the last).
 pub const PART_SIZE: usize = 8 << 20;
+/// How long an upload step is retried while the server is unreachable or failing (5xx): the
+/// client's own retries give up within seconds when connections are refused, shorter than a
+/// server restart.
+pub const OUTAGE_LIMIT: Duration = Duration::from_secs(120);
 
 /// Why a remote cannot be used, or an operation on it failed. The text names the remote and
 /// what was at fault; credentials are scrubbed from it.
@@ -282,6 +286,32 @@ impl Remote {
         }
     }
 
+    /// Runs `op` until it succeeds, fails for a reason a retry cannot change (credentials,
+    /// missing bucket or object), or the server has been failing for [`OUTAGE_LIMIT`]; waits
+    /// 1, 2, 4 … 15 s between tries.
+    async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, RemoteError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, object_store::Error>>,
+    {
+        let began = Instant::now();
+        let mut wait = Duration::from_secs(1);
+        loop {
+            match op().await {
+                Ok(value) => return Ok(value),
+                Err(e) => {
+                    let error = self.error(what, e);
+                    if error.kind != ErrorKind::Other || began.elapsed() + wait > OUTAGE_LIMIT {
+                        return Err(error);
+                    }
+                    tracing::warn!(remote = %self.id, retry_in_ms = wait.as_millis() as u64, "{error}");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(15));
+                }
+            }
+        }
+    }
+
     /// One listing request under the prefix: the credentials and the bucket work.
     pub async fn check(&self) -> Result<(), RemoteError> {
         let prefix = self.path("");
@@ -295,10 +325,11 @@ impl Remote {
     /// Begins a multipart upload of `key`; returns its id (to record before any part is sent:
     /// a restart aborts what a crash left).
     pub async fn begin_upload(&self, key: &str) -> Result<String, RemoteError> {
-        self.store
-            .create_multipart(&self.path(key))
-            .await
-            .map_err(|e| self.error(&format!("starting the upload of {key}"), e))
+        let path = self.path(key);
+        self.retrying(&format!("starting the upload of {key}"), || {
+            self.store.create_multipart(&path)
+        })
+        .await
     }
 
     /// Sends the file at `local` as the parts of upload `upload_id` of `key`, read in
@@ -338,13 +369,13 @@ impl Remote {
                 if n == 0 && !parts.is_empty() {
                     break;
                 }
+                let payload = PutPayload::from(Bytes::from(buf));
+                let index = parts.len();
                 let part = self
-                    .store
-                    .put_part(&path, &id, parts.len(), PutPayload::from(Bytes::from(buf)))
-                    .await
-                    .map_err(|e| {
-                        self.error(&format!("uploading part {} of {key}", parts.len()), e)
-                    })?;
+                    .retrying(&format!("uploading part {index} of {key}"), || {
+                        self.store.put_part(&path, &id, index, payload.clone())
+                    })
+                    .await?;
                 parts.push(part);
                 sent += n as u64;
                 progress(sent);
@@ -353,10 +384,10 @@ impl Remote {
                     break;
                 }
             }
-            self.store
-                .complete_multipart(&path, &id, parts)
-                .await
-                .map_err(|e| self.error(&format!("completing the upload of {key}"), e))?;
+            self.retrying(&format!("completing the upload of {key}"), || {
+                self.store.complete_multipart(&path, &id, parts.clone())
+            })
+            .await?;
             Ok(sent)
         }
         .await;
@@ -387,23 +418,28 @@ impl Remote {
 
     /// Aborts a multipart upload a crashed export left (one already gone is no fault).
     pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), RemoteError> {
+        let path = self.path(key);
+        let id = upload_id.to_string();
         match self
-            .store
-            .abort_multipart(&self.path(key), &upload_id.to_string())
+            .retrying(&format!("aborting the upload of {key}"), || {
+                self.store.abort_multipart(&path, &id)
+            })
             .await
         {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.error(&format!("aborting the upload of {key}"), e)),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
+            other => other,
         }
     }
 
     /// Writes a small object in one request.
     pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), RemoteError> {
-        self.store
-            .put(&self.path(key), PutPayload::from(bytes))
-            .await
-            .map(drop)
-            .map_err(|e| self.error(&format!("writing {key}"), e))
+        let path = self.path(key);
+        let payload = PutPayload::from(bytes);
+        self.retrying(&format!("writing {key}"), || {
+            self.store.put(&path, payload.clone())
+        })
+        .await
+        .map(drop)
     }
 
     /// Reads a whole (small) object.

@@ -347,3 +347,40 @@ async fn an_incremental_export_to_a_remote_uploads_only_the_changes_and_its_chai
     );
     assert!(compare.contains("Images are identical"), "{compare}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_store_killed_mid_upload_and_started_again_gets_the_export_finished() {
+    let mut server = SeaweedFs::start();
+    server.create_bucket(BUCKET);
+    let mut h = Harness::new().await;
+    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+    let remotes = remotes(&h).await;
+    // 4 MiB/s: the upload of ~24 MiB takes some seconds, time to kill the server under it.
+    let mut remote = remote_config(&server, "backups", BUCKET, "s3.json");
+    remote.bandwidth_limit = 4 << 20;
+    remotes.publish(remote).await.unwrap();
+    let _agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    let (config, _) = volume_with_data(&mut h, 64, 24).await;
+    let id = snapshot(&mut h, &config, 1).await;
+    let job = cli.start_remote(id, "backups", "", false).await;
+    let running = cli
+        .wait(job.job_id, |s| {
+            s.state != ExportState::Running || s.bytes_uploaded > 0
+        })
+        .await;
+    assert_eq!(running.state, ExportState::Running, "{running:?}");
+    server.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    server.restart();
+    let end = cli
+        .wait(job.job_id, |s| s.state != ExportState::Running)
+        .await;
+    assert_eq!(end.state, ExportState::Done, "{}", end.error);
+    let key = end.remote_export.strip_prefix("backups:").unwrap();
+    let local = h.root.path().join("downloaded");
+    download(&server, key, &local);
+    cairn_volume_manager::export::verify_export(&local, &mut |_, _| true).unwrap();
+    assert!(server.multipart_uploads(BUCKET).is_empty());
+    nothing_left_locally(&h.persist);
+}
