@@ -23,6 +23,8 @@ pub mod seaweedfs;
 
 /// Parts of a multipart upload (S3 wants at least 5 MiB but for the last).
 pub const PART_SIZE: usize = 8 << 20;
+/// Parts of one upload sent at once (memory: this many parts).
+pub const PARTS_IN_FLIGHT: usize = 3;
 /// How long an upload step is retried while the server is unreachable or failing (5xx): the
 /// client's own retries give up within seconds when connections are refused, shorter than a
 /// server restart.
@@ -215,6 +217,10 @@ impl Remote {
             .with_access_key_id(&credentials.access_key_id)
             .with_secret_access_key(&credentials.secret_access_key)
             .with_virtual_hosted_style_request(false)
+            // Parts are not hashed for the signature (S3's UNSIGNED-PAYLOAD): a second pass
+            // over every byte otherwise; TLS protects them on the way, the manifest's sha256s
+            // end to end.
+            .with_unsigned_payload(true)
             .with_client_options(options)
             .with_retry(retry)
             .build()
@@ -333,7 +339,7 @@ impl Remote {
     }
 
     /// Sends the file at `local` as the parts of upload `upload_id` of `key`, read in
-    /// [`PART_SIZE`] pieces (never more than one in memory), and completes it; `progress` gets
+    /// [`PART_SIZE`] pieces ([`PARTS_IN_FLIGHT`] at most in memory), and completes it; `progress` gets
     /// the bytes sent so far. A failed upload is aborted. Returns the bytes sent.
     pub async fn send_file(
         &self,
@@ -353,37 +359,49 @@ impl Remote {
                     message: format!("reading {}: {e}", local.display()),
                 })?;
             let began = Instant::now();
-            let mut parts: Vec<PartId> = Vec::new();
+            // Up to PARTS_IN_FLIGHT parts are sent at once (one TCP stream leaves a loopback
+            // or LAN link half idle while the server writes); read in order, completed in order.
+            let mut in_flight = futures_util::stream::FuturesUnordered::new();
+            let mut parts: Vec<Option<PartId>> = Vec::new();
             let mut sent = 0u64;
-            loop {
-                let mut buf = Vec::with_capacity(PART_SIZE);
-                let n = (&mut file)
-                    .take(PART_SIZE as u64)
-                    .read_to_end(&mut buf)
-                    .await
-                    .map_err(|e| RemoteError {
-                        remote: self.id.clone(),
-                        kind: ErrorKind::Other,
-                        message: format!("reading {}: {e}", local.display()),
-                    })?;
-                if n == 0 && !parts.is_empty() {
-                    break;
+            let mut read_all = false;
+            while !read_all || !in_flight.is_empty() {
+                if !read_all && in_flight.len() < PARTS_IN_FLIGHT {
+                    let mut buf = Vec::with_capacity(PART_SIZE);
+                    let n = (&mut file)
+                        .take(PART_SIZE as u64)
+                        .read_to_end(&mut buf)
+                        .await
+                        .map_err(|e| RemoteError {
+                            remote: self.id.clone(),
+                            kind: ErrorKind::Other,
+                            message: format!("reading {}: {e}", local.display()),
+                        })?;
+                    read_all = n < PART_SIZE;
+                    if n > 0 || parts.is_empty() {
+                        let index = parts.len();
+                        parts.push(None);
+                        let payload = PutPayload::from(Bytes::from(buf));
+                        let (path, id) = (&path, &id);
+                        in_flight.push(async move {
+                            let part = self
+                                .retrying(&format!("uploading part {index} of {key}"), || {
+                                    self.store.put_part(path, id, index, payload.clone())
+                                })
+                                .await;
+                            (index, n as u64, part)
+                        });
+                    }
+                    continue;
                 }
-                let payload = PutPayload::from(Bytes::from(buf));
-                let index = parts.len();
-                let part = self
-                    .retrying(&format!("uploading part {index} of {key}"), || {
-                        self.store.put_part(&path, &id, index, payload.clone())
-                    })
-                    .await?;
-                parts.push(part);
-                sent += n as u64;
-                progress(sent);
-                self.throttle(began, sent).await;
-                if n < PART_SIZE {
-                    break;
+                if let Some((index, n, part)) = in_flight.next().await {
+                    parts[index] = Some(part?);
+                    sent += n;
+                    progress(sent);
+                    self.throttle(began, sent).await;
                 }
             }
+            let parts: Vec<PartId> = parts.into_iter().flatten().collect();
             self.retrying(&format!("completing the upload of {key}"), || {
                 self.store.complete_multipart(&path, &id, parts.clone())
             })

@@ -384,3 +384,84 @@ async fn an_object_store_killed_mid_upload_and_started_again_gets_the_export_fin
     assert!(server.multipart_uploads(BUCKET).is_empty());
     nothing_left_locally(&h.persist);
 }
+
+/// Figures (README): a full export of a 1 GiB qcow2 holding 512 MiB of random data to
+/// SeaweedFS on loopback, against `qemu-img convert -c` (zstd) to a file plus one plain
+/// upload of that file with curl; and the agent's peak RSS. Prints, asserts nothing timed.
+/// `cargo nextest run -p cairn-volume-manager --test s3 --run-ignored only --no-capture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "figures: run by hand"]
+async fn figures_full_export_to_seaweedfs_against_convert_and_one_upload() {
+    let mib: u64 = std::env::var("CAIRN_FIGURES_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let server = SeaweedFs::start();
+    server.create_bucket(BUCKET);
+    let mut h = Harness::new().await;
+    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+    let remotes = remotes(&h).await;
+    remotes
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    let (config, file) = volume_with_data(&mut h, 2 * mib, mib).await;
+    let id = snapshot(&mut h, &config, 1).await;
+
+    let began = std::time::Instant::now();
+    let job = cli.start_remote(id, "backups", "figures", false).await;
+    let done = cli
+        .wait(job.job_id, |s| s.state != ExportState::Running)
+        .await;
+    let export = began.elapsed();
+    assert_eq!(done.state, ExportState::Done, "{}", done.error);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap();
+    let peak = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap_or("VmHWM: ?")
+        .to_string();
+
+    let out = h.root.path().join("baseline.qcow2");
+    let began = std::time::Instant::now();
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-U",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            "-l",
+            &format!("snapshot.name={id}"),
+            file.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    let convert = began.elapsed();
+    let began = std::time::Instant::now();
+    let (code, body) = server.curl(
+        "PUT",
+        &format!("{BUCKET}/baseline.qcow2"),
+        &["-T", out.to_str().unwrap()],
+    );
+    let upload = began.elapsed();
+    assert_eq!(code, 200, "{body}");
+    let raw = convert + upload;
+    println!(
+        "figures: {} MiB written in a {} MiB qcow2: export to SeaweedFS {:.2} s ({} MiB uploaded), convert {:.2} s + one upload {:.2} s = {:.2} s; ratio {:.2}x; agent peak RSS {}",
+        mib,
+        2 * mib,
+        export.as_secs_f64(),
+        done.bytes_uploaded >> 20,
+        convert.as_secs_f64(),
+        upload.as_secs_f64(),
+        raw.as_secs_f64(),
+        export.as_secs_f64() / raw.as_secs_f64(),
+        peak.trim_start_matches("VmHWM:").trim()
+    );
+}
