@@ -385,6 +385,43 @@ async fn an_object_store_killed_mid_upload_and_started_again_gets_the_export_fin
     nothing_left_locally(&h.persist);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_upload_leaves_no_object_and_no_open_upload() {
+    let server = SeaweedFs::start();
+    server.create_bucket(BUCKET);
+    let mut h = Harness::new().await;
+    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+    let remotes = remotes(&h).await;
+    // 4 MiB/s: the upload of ~24 MiB is still under way when the cancel comes.
+    let mut remote = remote_config(&server, "backups", BUCKET, "s3.json");
+    remote.bandwidth_limit = 4 << 20;
+    remotes.publish(remote).await.unwrap();
+    let _agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    let (config, _) = volume_with_data(&mut h, 64, 24).await;
+    let id = snapshot(&mut h, &config, 1).await;
+    let mut job = cli.start_remote(id, "backups", "", false).await;
+    let running = cli
+        .wait(job.job_id, |s| {
+            s.state != ExportState::Running || s.bytes_uploaded > 0
+        })
+        .await;
+    assert_eq!(running.state, ExportState::Running, "{running:?}");
+    job.cancel = true;
+    cli.configs.publish(job.clone()).await.unwrap();
+    let end = cli
+        .wait(job.job_id, |s| s.state != ExportState::Running)
+        .await;
+    assert_eq!(end.state, ExportState::Cancelled, "{end:?}");
+    assert!(
+        server.multipart_uploads(BUCKET).is_empty(),
+        "{:?}",
+        server.multipart_uploads(BUCKET)
+    );
+    assert!(server.keys(BUCKET).is_empty(), "{:?}", server.keys(BUCKET));
+    nothing_left_locally(&h.persist);
+}
+
 /// Figures (README): a full export of a 1 GiB qcow2 holding 512 MiB of random data to
 /// SeaweedFS on loopback, against `qemu-img convert -c` (zstd) to a file plus one plain
 /// upload of that file with curl; and the agent's peak RSS. Prints, asserts nothing timed.
