@@ -75,6 +75,8 @@ pub struct Remote {
     bandwidth_limit: u64,
     /// What must never appear in a message (the key id and the secret).
     secrets: Arc<[String]>,
+    /// When a request last found the server unreachable or failing.
+    last_outage: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 /// The credentials file of `config`: a relative name is taken under `<persist>/config/`, an
@@ -244,6 +246,7 @@ impl Remote {
                 credentials.access_key_id,
                 credentials.secret_access_key,
             ]),
+            last_outage: Arc::default(),
         })
     }
 
@@ -292,9 +295,9 @@ impl Remote {
         }
     }
 
-    /// Runs `op` until it succeeds, fails for a reason a retry cannot change (credentials,
-    /// missing bucket or object), or the server has been failing for [`OUTAGE_LIMIT`]; waits
-    /// 1, 2, 4 … 15 s between tries.
+    /// Runs `op` until it succeeds, fails at once for a reason a retry cannot change
+    /// (credentials, missing bucket or object; after an outage such a refusal is retried too),
+    /// or the server has been failing for [`OUTAGE_LIMIT`]; waits 1, 2, 4 … 15 s between tries.
     async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, RemoteError>
     where
         F: FnMut() -> Fut,
@@ -307,8 +310,22 @@ impl Remote {
                 Ok(value) => return Ok(value),
                 Err(e) => {
                     let error = self.error(what, e);
-                    if error.kind != ErrorKind::Other || began.elapsed() + wait > OUTAGE_LIMIT {
+                    // A refusal soon after the server was unreachable may be its start-up
+                    // (seen: SeaweedFS denies access until its identities are loaded).
+                    let recent_outage = self
+                        .last_outage
+                        .lock()
+                        .ok()
+                        .and_then(|t| *t)
+                        .is_some_and(|t| t.elapsed() < OUTAGE_LIMIT);
+                    let lasting = error.kind != ErrorKind::Other && !recent_outage;
+                    if lasting || began.elapsed() + wait > OUTAGE_LIMIT {
                         return Err(error);
+                    }
+                    if error.kind == ErrorKind::Other
+                        && let Ok(mut last) = self.last_outage.lock()
+                    {
+                        *last = Some(Instant::now());
                     }
                     tracing::warn!(remote = %self.id, retry_in_ms = wait.as_millis() as u64, "{error}");
                     tokio::time::sleep(wait).await;

@@ -28,15 +28,25 @@ pub struct SeaweedFs {
     pub s3_port: u16,
 }
 
+/// `n` free loopback ports below the kernel's ephemeral range (20000-31999): a server started
+/// again on its ports must not find one taken meanwhile by an outgoing connection, which gets
+/// its local port from the ephemeral range. The block is picked by pid, each port probed.
 fn free_ports(n: usize) -> Vec<u16> {
-    // All bound at once, so that they differ; released right before the server binds them.
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding a free loopback port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local address").port())
-        .collect()
+    const BASE: u32 = 20000;
+    const SPAN: u32 = 12000;
+    let mut candidate = BASE + (std::process::id() * n as u32) % SPAN;
+    let mut ports = Vec::new();
+    for _ in 0..SPAN {
+        if ports.len() == n {
+            break;
+        }
+        if TcpListener::bind(("127.0.0.1", candidate as u16)).is_ok() {
+            ports.push(candidate as u16);
+        }
+        candidate = BASE + (candidate - BASE + 1) % SPAN;
+    }
+    assert_eq!(ports.len(), n, "no {n} free loopback ports in 20000-31999");
+    ports
 }
 
 impl SeaweedFs {
