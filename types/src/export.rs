@@ -46,6 +46,11 @@ pub struct ExportConfig {
     /// a full export, saying why, when that cannot be done exactly).
     pub incremental: bool,
     pub cancel: bool,
+    /// Export: the id of a configured remote ([`crate::RemoteConfig`]) to write to instead of
+    /// `TargetDir`; empty: `TargetDir`.
+    pub remote: String,
+    /// Under the remote's own prefix: the key prefix the export is written below.
+    pub remote_prefix: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]
@@ -92,12 +97,17 @@ pub struct ExportStatus {
     pub state: ExportState,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// An export to a remote: bytes of export files uploaded so far.
+    pub bytes_uploaded: u64,
     #[serde(deserialize_with = "null_as_default")]
     pub volumes: Vec<ExportVolumeResult>,
     /// An incremental export that became full for some volume (see their `FallbackReason`).
     pub fell_back_to_full: bool,
     /// The finished export directory (Done), or the one checked (Verify).
     pub export_dir: PathBuf,
+    /// An export to a remote: `REMOTE:KEY-PREFIX` of the export (its manifest is
+    /// `<KEY-PREFIX>/manifest.json`), once it is complete.
+    pub remote_export: String,
     /// What failed, naming the volume and file where one is at fault.
     pub error: String,
 }
@@ -178,6 +188,21 @@ pub struct ExportJobRecord {
     pub partial_dir: PathBuf,
     #[serde(with = "go_time")]
     pub started: Option<DateTime<Utc>>,
+    /// An export to a remote: its id and the key prefix of the export being written (what a
+    /// restart removes unless its manifest is there), and the multipart uploads begun.
+    pub remote: String,
+    pub remote_dir: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub uploads: Vec<RemoteUpload>,
+}
+
+/// A multipart upload an export began: aborted by a restart that finds it unfinished.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct RemoteUpload {
+    pub key: String,
+    #[serde(rename = "UploadID")]
+    pub upload_id: String,
 }
 
 crate::topic!(ExportConfig, |v| v.job_id.to_string());

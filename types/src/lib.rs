@@ -14,6 +14,7 @@ pub mod export;
 pub mod layout;
 pub mod logs;
 pub mod policy;
+pub mod remote;
 pub mod snapshot;
 pub mod volume;
 
@@ -38,6 +39,7 @@ pub use export::{
 };
 pub use logs::LogManagerStatus;
 pub use policy::{ConsistencyGroup, Retention, SnapshotPolicy};
+pub use remote::RemoteConfig;
 pub use snapshot::{
     SnapshotConfig, SnapshotDesc, SnapshotInstanceStatus, SnapshotMode, SnapshotType, SnapshotWhen,
     SnapshottingStatus, VolumesSnapshotAction, VolumesSnapshotConfig, VolumesSnapshotStatus,

@@ -32,14 +32,35 @@ pub struct JobRequest {
     pub action: ExportAction,
     pub snapshot: Uuid,
     pub target: PathBuf,
+    /// An export to a remote: its id and the key prefix under the remote's own.
+    pub remote: Option<(String, String)>,
     pub incremental: bool,
+}
+
+/// `--to`: a directory (a path starting with `/` or `.`, or an existing directory), else
+/// `REMOTE[:PREFIX]`.
+pub fn parse_target(to: &str) -> (PathBuf, Option<(String, String)>) {
+    let path = Path::new(to);
+    if to.starts_with('/') || to.starts_with('.') || path.is_dir() {
+        return (path.to_path_buf(), None);
+    }
+    let (remote, prefix) = to.split_once(':').unwrap_or((to, ""));
+    (
+        PathBuf::new(),
+        Some((remote.to_string(), prefix.to_string())),
+    )
 }
 
 /// Publishes the job, shows its progress, returns 0 on Done, 1 on Failed, 130 on Cancelled,
 /// 3 when the volume-manager does not answer.
 pub async fn run(roots: &Roots, request: JobRequest, json: bool) -> anyhow::Result<ExitCode> {
-    let target = std::path::absolute(&request.target)
-        .with_context(|| format!("resolving {}", request.target.display()))?;
+    let target = if request.remote.is_some() {
+        PathBuf::new()
+    } else {
+        std::path::absolute(&request.target)
+            .with_context(|| format!("resolving {}", request.target.display()))?
+    };
+    let (remote, remote_prefix) = request.remote.clone().unwrap_or_default();
     let bus = Bus::new("cli", &roots.run, &roots.persist);
     let publication = bus
         .publish::<ExportConfig>(PublishOptions::for_requests())
@@ -60,6 +81,8 @@ pub async fn run(roots: &Roots, request: JobRequest, json: bool) -> anyhow::Resu
         target_dir: target,
         incremental: request.incremental,
         cancel: false,
+        remote,
+        remote_prefix,
     };
     let key = config.job_id.to_string();
     let mut statuses = bus.subscribe::<ExportStatus>("volume-manager");
@@ -114,7 +137,15 @@ fn print_outcome(status: &ExportStatus) {
                 ExportAction::Export => "exported to",
                 ExportAction::Verify => "verified: every checksum matches in",
             };
-            println!("{what} {}", status.export_dir.display());
+            if status.remote_export.is_empty() {
+                println!("{what} {}", status.export_dir.display());
+            } else {
+                println!(
+                    "{what} {} ({} uploaded)",
+                    status.remote_export,
+                    mib(status.bytes_uploaded)
+                );
+            }
             for v in &status.volumes {
                 let mut line = format!("  volume {} {} {:?}", v.volume_id, v.file, v.kind);
                 if status.action == ExportAction::Export {
@@ -171,12 +202,15 @@ impl Bar {
         } else {
             status.bytes_done as f64 / status.bytes_total as f64
         };
-        let text = format!(
+        let mut text = format!(
             "{:>3.0}% {} / {}",
             fraction * 100.0,
             mib(status.bytes_done),
             mib(status.bytes_total)
         );
+        if status.bytes_uploaded > 0 {
+            text.push_str(&format!(", {} uploaded", mib(status.bytes_uploaded)));
+        }
         if self.tty {
             let width = 30;
             let filled = ((fraction * width as f64) as usize).min(width);
@@ -242,4 +276,26 @@ pub fn print_config(dir: &Path) -> anyhow::Result<ExitCode> {
     // A closed pipe (`| head`) is not an error worth a panic.
     let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+
+    #[test]
+    fn to_is_a_directory_when_it_looks_like_a_path_else_a_remote_and_its_prefix() {
+        assert_eq!(parse_target("/mnt/usb"), (PathBuf::from("/mnt/usb"), None));
+        assert_eq!(parse_target("./out"), (PathBuf::from("./out"), None));
+        assert_eq!(
+            parse_target("backups:site-a/line-2"),
+            (
+                PathBuf::new(),
+                Some(("backups".into(), "site-a/line-2".into()))
+            )
+        );
+        assert_eq!(
+            parse_target("backups"),
+            (PathBuf::new(), Some(("backups".into(), String::new())))
+        );
+    }
 }

@@ -71,16 +71,19 @@ enum Command {
     },
     /// Read-out: the publications on the bus.
     Topics,
-    /// Export snapshot SNAPSHOT (UUID) of an app to a directory: zstd qcow2 per volume and a
-    /// manifest with sha256s, made by the volume-manager. Writes only into DIR (a new
-    /// `<app>-<snapshot>-<time>` directory there); changes no volume, snapshot or app. Ctrl-C
-    /// cancels (the unfinished export is removed). Exit 0 done, 1 failed, 130 cancelled.
+    /// Export snapshot SNAPSHOT (UUID) of an app to a directory or an object-store remote: zstd
+    /// qcow2 per volume and a manifest with sha256s, made by the volume-manager. Writes only
+    /// into DIR (a new `<app>-<snapshot>-<time>` directory there) or under the remote's prefix
+    /// (the manifest last); changes no volume, snapshot or app. Ctrl-C cancels (the unfinished
+    /// export is removed). Exit 0 done, 1 failed, 130 cancelled.
     Export {
         /// The snapshot's UUID, as `cairn snapshots` lists it.
         snapshot: uuid::Uuid,
-        /// The directory to export into (a mounted disk or share).
-        #[arg(long = "to", value_name = "DIR")]
-        to: PathBuf,
+        /// A directory to export into (a path starting with `/` or `.`, or an existing
+        /// directory), else `REMOTE[:PREFIX]`: a remote of the device config, and a key prefix
+        /// under the remote's own.
+        #[arg(long = "to", value_name = "DIR|REMOTE[:PREFIX]")]
+        to: String,
         /// Carry only what changed since the previous export of this app in DIR (falls back to
         /// a full export, saying why, when the change tracking cannot be trusted).
         #[arg(long)]
@@ -280,10 +283,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             incremental,
         } => {
             let roots = Roots::resolve(cli.root.as_deref());
+            let (target, remote) = export::parse_target(&to);
             let request = export::JobRequest {
                 action: cairn_types::ExportAction::Export,
                 snapshot,
-                target: to,
+                target,
+                remote,
                 incremental,
             };
             export::run(&roots, request, cli.json).await
@@ -294,6 +299,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 action: cairn_types::ExportAction::Verify,
                 snapshot: uuid::Uuid::nil(),
                 target: dir,
+                remote: None,
                 incremental: false,
             };
             export::run(&roots, request, cli.json).await

@@ -11,8 +11,8 @@ use cairn_types::{
     AppInstanceConfig, AppInstanceStatus, AppVolumeRefs, ConfigItemValueMap, ContentTreeConfig,
     ContentTreeStatus, DeviceStatus, DomainConfig, DomainLiveOpConfig, DomainLiveOpStatus,
     DomainMetric, DomainStatus, ExportConfig, ExportStatus, LastBoot, LogManagerStatus,
-    SnapshotInstanceStatus, StopReason, VolumeConfig, VolumeStatus, VolumesSnapshotConfig,
-    VolumesSnapshotStatus,
+    RemoteConfig, SnapshotInstanceStatus, StopReason, VolumeConfig, VolumeStatus,
+    VolumesSnapshotConfig, VolumesSnapshotStatus,
 };
 use serde::Serialize;
 
@@ -88,6 +88,7 @@ pub fn check(file: &Path) -> RecordCheck {
         Some("DomainStatus") => typed::<DomainStatus>(&bytes),
         Some("DeviceStatus") => typed::<DeviceStatus>(&bytes),
         Some("ContentTreeConfig") => typed::<ContentTreeConfig>(&bytes),
+        Some("RemoteConfig") => typed::<RemoteConfig>(&bytes),
         Some("ContentTreeStatus") => typed::<ContentTreeStatus>(&bytes),
         Some("DomainLiveOpConfig") => typed::<DomainLiveOpConfig>(&bytes),
         Some("DomainLiveOpStatus") => typed::<DomainLiveOpStatus>(&bytes),

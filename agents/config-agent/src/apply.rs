@@ -7,7 +7,7 @@ use std::time::Duration;
 use cairn_pubsub::{Access, Bus, BusError, Publication, PublishOptions, Topic};
 use cairn_types::{
     AppInstanceConfig, ConfigItemValueMap, ConfigSource, ContentTreeConfig, DeviceStatus,
-    ErrorDescription, ErrorSeverity, VolumeConfig,
+    ErrorDescription, ErrorSeverity, RemoteConfig, VolumeConfig,
 };
 use chrono::Utc;
 
@@ -22,6 +22,8 @@ pub struct Publications {
     pub content_trees: Publication<ContentTreeConfig>,
     /// The config items in force (EVE's `ConfigItemValueMap`), e.g. the volume deletion grace.
     pub items: Publication<ConfigItemValueMap>,
+    /// Object-store remotes (issue 22), for the volume-manager's exports.
+    pub remotes: Publication<RemoteConfig>,
     pub device: Publication<DeviceStatus>,
 }
 
@@ -43,6 +45,7 @@ impl Publications {
             volumes: bus.publish(PublishOptions::for_requests()).await?,
             content_trees: bus.publish(PublishOptions::for_requests()).await?,
             items: bus.publish(PublishOptions::for_requests()).await?,
+            remotes: bus.publish(PublishOptions::for_requests()).await?,
             device: bus
                 .publish(PublishOptions {
                     access: status_access,
@@ -61,6 +64,7 @@ impl Publications {
                 items: config.config_items.clone(),
             })
             .await?;
+        replace(&self.remotes, &config.remotes).await?;
         replace(&self.content_trees, &config.content_trees).await?;
         replace(&self.volumes, &config.volumes).await?;
         replace(&self.apps, &config.apps).await?;
@@ -75,6 +79,7 @@ impl Publications {
     /// published again are removed.
     pub async fn restarted(&self) -> Result<(), BusError> {
         self.items.signal_restarted().await?;
+        self.remotes.signal_restarted().await?;
         self.content_trees.signal_restarted().await?;
         self.volumes.signal_restarted().await?;
         self.apps.signal_restarted().await?;

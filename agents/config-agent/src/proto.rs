@@ -4,7 +4,9 @@
 //! `proto/cairn/extensions.proto`) merged into EVE's messages. An EVE controller never sends
 //! those numbers; EVE skips them as unknown fields.
 
-pub use crate::eve::cairn::{CairnClone, CairnDomain, CairnGroup, CairnQuiesce, CairnRetention};
+pub use crate::eve::cairn::{
+    CairnClone, CairnDomain, CairnGroup, CairnQuiesce, CairnRemote, CairnRetention,
+};
 pub use crate::eve::org::lfedge::eve::auth::{AuthBody, AuthContainer};
 pub use crate::eve::org::lfedge::eve::certs::{ZCert, ZCertType, ZControllerCert};
 pub use crate::eve::org::lfedge::eve::common::HashAlgorithm;

@@ -1045,3 +1045,56 @@ fn a_local_config_names_datastores_and_content_trees_in_its_own_style() {
         VolumeOrigin::ContentTree { .. }
     ));
 }
+
+fn with_remotes(config: String, remotes: &str) -> String {
+    config.replacen(
+        r#""config_items""#,
+        &format!(r#""remotes": {remotes}, "config_items""#),
+        1,
+    )
+}
+
+#[test]
+fn remotes_come_alike_from_either_source_and_bad_ones_are_refused_by_place() {
+    let remote = r#"{"id": "backups", "endpoint": "https://s3.example:9000", "region": "eu-1",
+        "bucket": "fleet", "prefix": "site-a", "credentials_file": "s3.json",
+        "ca_cert_file": "/persist/config/s3-ca.pem", "bandwidth_limit": 1048576}"#;
+    let file = from_local_json(&with_remotes(local(""), &format!("[{remote}]"))).unwrap();
+    assert_eq!(file.remotes.len(), 1);
+    let r = &file.remotes[0];
+    assert_eq!(
+        (r.id.as_str(), r.bucket.as_str(), r.prefix.as_str()),
+        ("backups", "fleet", "site-a")
+    );
+    assert_eq!(r.credentials_file, std::path::Path::new("s3.json"));
+    assert_eq!(r.bandwidth_limit, 1 << 20);
+
+    let mut edge = proto_config(&[]);
+    edge.cairn_remotes.push(proto::CairnRemote {
+        id: "backups".into(),
+        endpoint: "https://s3.example:9000".into(),
+        region: "eu-1".into(),
+        bucket: "fleet".into(),
+        prefix: "site-a".into(),
+        credentials_file: "s3.json".into(),
+        ca_cert_file: "/persist/config/s3-ca.pem".into(),
+        bandwidth_limit: 1 << 20,
+        encryption_key_file: String::new(),
+    });
+    let bytes = edge.encode_to_vec();
+    let decoded = proto::EdgeDevConfig::decode(bytes.as_slice()).unwrap();
+    assert_eq!(from_proto(&decoded).unwrap().remotes, file.remotes);
+
+    let twice = format!("[{remote}, {remote}]");
+    let e = err(from_local_json(&with_remotes(local(""), &twice)));
+    assert_eq!(e.path, "remotes[1].id", "{e}");
+    let no_bucket = remote.replace(r#""bucket": "fleet","#, r#""bucket": "","#);
+    let e = err(from_local_json(&with_remotes(
+        local(""),
+        &format!("[{no_bucket}]"),
+    )));
+    assert_eq!(e.path, "remotes[0].bucket", "{e}");
+    edge.cairn_remotes[0].endpoint = "s3.example".into();
+    let e = err(from_proto(&edge));
+    assert_eq!(e.path, "cairn_remotes[0].endpoint", "{e}");
+}

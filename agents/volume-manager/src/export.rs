@@ -7,6 +7,13 @@
 //! the suffix is always complete. A job record (`<persist>/volume-manager/exports/<job>.json`) is
 //! written before the partial directory is made, so a restart removes what a killed job left.
 //!
+//! An export to a remote (issue 22, `cairn-objstore`) writes the same files under
+//! `<remote prefix>/<REMOTE-PREFIX>/<app>-<snapshot>-<time>/`: each volume file is made in a
+//! spool directory, uploaded as a multipart upload (its id in the job record first) and removed,
+//! the manifest is put last: an export without its manifest is never complete. A restart settles
+//! a remote job record once the remote's config arrives: finished if the manifest is there,
+//! else its uploads aborted and its objects deleted, reported either way.
+//!
 //! Change tracking: a persistent qcow2 dirty bitmap `cairn-<snapshot>` on the volume records
 //! every cluster written after that snapshot. A full export of snapshot S starts tracking (adds
 //! `cairn-S`) when the volume still equals S; from then on every qemu-img snapshot of the volume
@@ -27,3 +34,6 @@ pub use verify::{VerifyError, verify_export};
 
 /// Crash point: after the first volume file of an export is written, before the manifest.
 pub const CRASH_MID_EXPORT: &str = "volume-manager:mid-export";
+/// Crash point: an export to a remote, after the first part of a volume file's multipart
+/// upload is sent, before the upload is completed.
+pub const CRASH_MID_UPLOAD: &str = "volume-manager:mid-upload";

@@ -159,6 +159,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("publishing ExportStatus")?;
     let mut export_configs = bus.subscribe::<ExportConfig>("cli");
+    // The object-store remotes exports may go to.
+    let mut remotes = bus.subscribe::<cairn_types::RemoteConfig>("config-agent");
     let (mut exports, mut export_updates) = ExportJobs::open(&persist_dir).await;
     tracing::info!(persist = %persist_dir.display(), records = manager.records().count(), parallel, "volume-manager started");
 
@@ -273,12 +275,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             event = export_configs.recv() => match event {
                 Event::Create { value, .. } | Event::Modify { new: value, .. } => {
-                    let source = export_source(&manager, &value);
+                    let mut source = export_source(&manager, &value);
+                    source.remote = remotes.get(&value.remote).cloned();
                     exports.handle_config(value, source);
                 }
                 Event::Delete { key, .. } => exports.handle_config_delete(&key),
                 _ => {}
             },
+            event = remotes.recv() => {
+                if let Event::Create { value, .. } | Event::Modify { new: value, .. } = event {
+                    exports.handle_remote(&value);
+                }
+            }
             Some(status) = export_updates.recv() => {
                 exports.note(&status);
                 if let Err(e) = export_statuses.publish(status).await {
@@ -323,6 +331,7 @@ fn export_source(manager: &VolumeManager, config: &ExportConfig) -> JobSource {
     JobSource {
         record,
         volume_names,
+        remote: None,
     }
 }
 

@@ -80,7 +80,23 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
             .map(|item| (item.key.clone(), item.value.clone()))
             .collect(),
         shutdown_counter: config.shutdown.as_ref().map(|cmd| cmd.counter),
+        remotes: config
+            .cairn_remotes
+            .iter()
+            .map(|r| cairn_types::RemoteConfig {
+                id: r.id.clone(),
+                endpoint: r.endpoint.clone(),
+                region: r.region.clone(),
+                bucket: r.bucket.clone(),
+                prefix: r.prefix.clone(),
+                credentials_file: r.credentials_file.clone().into(),
+                ca_cert_file: r.ca_cert_file.clone().into(),
+                bandwidth_limit: r.bandwidth_limit,
+                encryption_key_file: r.encryption_key_file.clone().into(),
+            })
+            .collect(),
     };
+    super::remotes::check_remotes(&config.remotes, "cairn_remotes")?;
     crate::container::image_volumes_are_dirs(&mut config);
     mark_unusable_volumes(&mut config);
     validate(&config)?;

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use cairn_types::{
     AppInstanceConfig, AppInstanceOpsCmd, ConsistencyGroup, ContentFormat, ContentTreeConfig,
-    DatastoreConfig, DirRestoreMode, DomainSpec, ProcessSpec, Retention, SnapshotConfig,
-    SnapshotDesc, SnapshotType, UUIDandVersion, VmSpec, VolumeConfig, VolumeFormat, VolumeOrigin,
-    VolumeRefConfig,
+    DatastoreConfig, DirRestoreMode, DomainSpec, ProcessSpec, RemoteConfig, Retention,
+    SnapshotConfig, SnapshotDesc, SnapshotType, UUIDandVersion, VmSpec, VolumeConfig, VolumeFormat,
+    VolumeOrigin, VolumeRefConfig,
 };
 use serde::Deserialize;
 use uuid::Uuid;
@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::clones::{CloneSpec, apply_clones};
 use super::controller::{PolicyText, expiry, policy};
 use super::groups::apply_groups;
+use super::remotes::check_remotes;
 use super::validate::{mark_unusable_volumes, restart_policy, validate};
 use super::{ConfigError, DeviceConfig};
 
@@ -37,6 +38,28 @@ struct LocalConfig {
     /// Images to download and verify (EVE `contentInfo`); volumes name them in `content_tree`.
     #[serde(default)]
     content_trees: Vec<LocalContentTree>,
+    /// Object-store remotes exports may go to.
+    #[serde(default)]
+    remotes: Vec<LocalRemote>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalRemote {
+    id: String,
+    endpoint: String,
+    #[serde(default)]
+    region: String,
+    bucket: String,
+    #[serde(default)]
+    prefix: String,
+    credentials_file: PathBuf,
+    #[serde(default)]
+    ca_cert_file: PathBuf,
+    #[serde(default)]
+    bandwidth_limit: u64,
+    #[serde(default)]
+    encryption_key_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,6 +397,7 @@ fn check_top_level(text: &str) -> Result<(), ConfigError> {
                 "groups",
                 "datastores",
                 "content_trees",
+                "remotes",
             ];
             // An unknown key is named by the typed parse below, with its place.
             if fields.keys().any(|k| !known.contains(&k.as_str()))
@@ -461,7 +485,23 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
         config_items: local.config_items,
         // A controller command: the local file has none.
         shutdown_counter: None,
+        remotes: local
+            .remotes
+            .into_iter()
+            .map(|r| RemoteConfig {
+                id: r.id,
+                endpoint: r.endpoint,
+                region: r.region,
+                bucket: r.bucket,
+                prefix: r.prefix,
+                credentials_file: r.credentials_file,
+                ca_cert_file: r.ca_cert_file,
+                bandwidth_limit: r.bandwidth_limit,
+                encryption_key_file: r.encryption_key_file,
+            })
+            .collect(),
     };
+    check_remotes(&config.remotes, "remotes")?;
     let groups = local
         .groups
         .into_iter()

@@ -12,12 +12,13 @@
 
 use std::collections::BTreeMap;
 
-use cairn_types::{AppInstanceConfig, ContentTreeConfig, VolumeConfig};
+use cairn_types::{AppInstanceConfig, ContentTreeConfig, RemoteConfig, VolumeConfig};
 
 mod clones;
 mod controller;
 mod groups;
 mod local;
+mod remotes;
 mod validate;
 
 pub use controller::from_proto;
@@ -35,6 +36,8 @@ pub struct DeviceConfig {
     pub config_items: BTreeMap<String, String>,
     /// The controller's `shutdown` command counter (EVE's `DeviceOpsCmd`), if it sent one.
     pub shutdown_counter: Option<u32>,
+    /// Object-store remotes exports may go to.
+    pub remotes: Vec<RemoteConfig>,
 }
 
 /// A refused config: `path` locates the field (`apps[1].snapshot.snapshots[0].id`).

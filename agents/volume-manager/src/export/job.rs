@@ -10,11 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use cairn_objstore::{Remote, join_key};
+use cairn_types::RemoteConfig;
 use cairn_types::app::AppInstanceConfig;
 use cairn_types::export::{
     ExportAction, ExportBase, ExportConfig, ExportJobRecord, ExportKind, ExportManifest,
     ExportState, ExportStatus, ExportVolumeResult, MANIFEST_FILE, MANIFEST_FORMAT, ManifestVolume,
-    PARTIAL_SUFFIX,
+    PARTIAL_SUFFIX, RemoteUpload,
 };
 use cairn_types::layout::{APP_INSTANCE_CONFIG_FILE, snapshot_dir};
 use cairn_types::snapshot::{VolumesSnapshotAction, VolumesSnapshotStatus};
@@ -40,6 +42,43 @@ pub struct JobSource {
     pub record: Option<VolumesSnapshotStatus>,
     /// Display names of the volumes, by id.
     pub volume_names: BTreeMap<Uuid, String>,
+    /// The remote the job names, when it is configured.
+    pub remote: Option<RemoteConfig>,
+}
+
+/// An export being written to a remote: the volume files pass one at a time through a spool
+/// directory (`partial`) on their way up; `dir` is the export's key under the remote's prefix.
+struct RemoteTarget {
+    remote: Remote,
+    dir: String,
+    record: ExportJobRecord,
+    record_path: PathBuf,
+    /// Empty stand-ins for base exports' volume files (an incremental qcow2 opens its backing
+    /// file; the data written over it never reads from it), removed when the job ends.
+    placeholders: Vec<PathBuf>,
+}
+
+impl RemoteTarget {
+    fn shown(&self) -> String {
+        format!("{}:{}", self.remote.id, self.remote.full_key(&self.dir))
+    }
+
+    /// Removes what the export put in the bucket: its multipart uploads aborted, its objects
+    /// deleted. Returns (objects deleted, uploads aborted).
+    async fn remove(&self) -> Result<(usize, usize), cairn_objstore::RemoteError> {
+        remove_remote_partial(&self.remote, &self.record).await
+    }
+}
+
+async fn remove_remote_partial(
+    remote: &Remote,
+    record: &ExportJobRecord,
+) -> Result<(usize, usize), cairn_objstore::RemoteError> {
+    for upload in &record.uploads {
+        remote.abort_upload(&upload.key, &upload.upload_id).await?;
+    }
+    let deleted = remote.delete_under(&record.remote_dir).await?;
+    Ok((deleted, record.uploads.len()))
 }
 
 /// The jobs of this process and the outcomes of finished ones (a job runs at most once per id).
@@ -48,6 +87,16 @@ pub struct ExportJobs {
     running: HashMap<Uuid, watch::Sender<bool>>,
     finished: HashMap<Uuid, ExportStatus>,
     tx: mpsc::UnboundedSender<ExportStatus>,
+    /// Remote exports a previous process left unfinished, waiting for their remote's config to
+    /// be checked and cleaned up.
+    interrupted_remote: Vec<ExportJobRecord>,
+    /// Jobs of those being settled now.
+    settling: std::collections::HashSet<Uuid>,
+}
+
+/// The directory remote exports' volume files pass through.
+fn spool_dir(persist: &Path) -> PathBuf {
+    jobs_dir(persist).join("spool")
 }
 
 fn jobs_dir(persist: &Path) -> PathBuf {
@@ -74,14 +123,22 @@ impl ExportJobs {
     pub async fn open(persist: &Path) -> (Self, mpsc::UnboundedReceiver<ExportStatus>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let dir = jobs_dir(persist);
-        let interrupted = tokio::task::spawn_blocking(move || sweep_interrupted(&dir))
-            .await
-            .unwrap_or_default();
+        let spool = spool_dir(persist);
+        let (interrupted, interrupted_remote) = tokio::task::spawn_blocking(move || {
+            let swept = sweep_interrupted(&dir);
+            // No job runs yet: whatever is spooled was left by a killed one.
+            let _ = std::fs::remove_dir_all(&spool);
+            swept
+        })
+        .await
+        .unwrap_or_default();
         let mut jobs = Self {
             persist: persist.to_path_buf(),
             running: HashMap::new(),
             finished: HashMap::new(),
             tx,
+            interrupted_remote,
+            settling: Default::default(),
         };
         for status in interrupted {
             jobs.finished.insert(status.job_id, status.clone());
@@ -99,7 +156,14 @@ impl ExportJobs {
             }
             return;
         }
-        if self.finished.contains_key(&config.job_id) {
+        // A job a restart interrupted runs no more: it is reported once settled.
+        if self.finished.contains_key(&config.job_id)
+            || self.settling.contains(&config.job_id)
+            || self
+                .interrupted_remote
+                .iter()
+                .any(|r| r.job_id == config.job_id)
+        {
             return;
         }
         if config.cancel {
@@ -141,6 +205,7 @@ impl ExportJobs {
     pub fn note(&mut self, status: &ExportStatus) {
         if status.state != ExportState::Running {
             self.running.remove(&status.job_id);
+            self.settling.remove(&status.job_id);
             tracing::info!(job = %status.job_id, state = ?status.state, dir = %status.export_dir.display(), error = %status.error, "export job ended");
             self.finished.insert(status.job_id, status.clone());
         }
@@ -149,13 +214,91 @@ impl ExportJobs {
     pub fn is_running(&self) -> bool {
         !self.running.is_empty()
     }
+
+    /// A remote's config (new or changed): exports to it a previous process left unfinished
+    /// are settled now, in tasks: complete (the manifest is there) or removed from the bucket.
+    pub fn handle_remote(&mut self, config: &RemoteConfig) {
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.interrupted_remote)
+            .into_iter()
+            .partition(|r| r.remote == config.id);
+        self.interrupted_remote = others;
+        for record in mine {
+            self.settling.insert(record.job_id);
+            let tx = self.tx.clone();
+            let persist = self.persist.clone();
+            let config = config.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(settle_interrupted(&persist, &config, record).await);
+            });
+        }
+    }
 }
 
-fn sweep_interrupted(dir: &Path) -> Vec<ExportStatus> {
+/// An export to a remote interrupted by a restart: finished if its manifest made it (the commit
+/// point), else its objects and multipart uploads are removed. The record goes once settled;
+/// when the remote cannot be used now it stays for the next start, and the status says so.
+async fn settle_interrupted(
+    persist: &Path,
+    config: &RemoteConfig,
+    record: ExportJobRecord,
+) -> ExportStatus {
+    let mut status = ExportStatus {
+        job_id: record.job_id,
+        state: ExportState::Failed,
+        ..ExportStatus::default()
+    };
+    let remote = match Remote::open(config, persist).await {
+        Ok(remote) => remote,
+        Err(e) => {
+            status.error = format!(
+                "interrupted: the volume-manager stopped during the export; its unfinished export under {} is removed once the remote can be used: {e}",
+                record.remote_dir
+            );
+            return status;
+        }
+    };
+    let shown = format!("{}:{}", remote.id, remote.full_key(&record.remote_dir));
+    let manifest = join_key(&[&record.remote_dir, MANIFEST_FILE]);
+    let outcome = match remote.exists(&manifest).await {
+        Ok(true) => {
+            tracing::info!(job = %record.job_id, export = %shown, "export to a remote finished before the restart");
+            status.state = ExportState::Done;
+            status.remote_export = shown.clone();
+            Ok(())
+        }
+        Ok(false) => match remove_remote_partial(&remote, &record).await {
+            Ok((objects, uploads)) => {
+                tracing::warn!(job = %record.job_id, export = %shown, objects, uploads, "export to a remote interrupted by a restart: removed");
+                status.error = format!(
+                    "interrupted: the volume-manager stopped during the export; the unfinished export {shown} was removed ({objects} objects deleted, {uploads} multipart uploads aborted)"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    if let Err(e) = outcome {
+        tracing::warn!(job = %record.job_id, export = %shown, "an interrupted export to a remote could not be settled: {e}");
+        status.error = format!(
+            "interrupted: the volume-manager stopped during the export; the unfinished export {shown} could not be removed yet (retried at the next start): {e}"
+        );
+        return status;
+    }
+    let path = job_record_path(persist, record.job_id);
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+    status
+}
+
+/// The Failed statuses of local exports a previous process left (their partial directories
+/// removed), and the records of remote ones (their spooled files removed; the bucket is
+/// cleaned once the remote's config is known).
+fn sweep_interrupted(dir: &Path) -> (Vec<ExportStatus>, Vec<ExportJobRecord>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
     let mut out = Vec::new();
+    let mut remote = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().is_none_or(|e| e != "json")
@@ -169,6 +312,10 @@ fn sweep_interrupted(dir: &Path) -> Vec<ExportStatus> {
             Ok(loaded) => {
                 let record = loaded.record;
                 let removed = remove_partial(&record.partial_dir);
+                if !record.remote.is_empty() {
+                    remote.push(record);
+                    continue;
+                }
                 tracing::warn!(job = %record.job_id, partial = %record.partial_dir.display(), "export interrupted by a restart: partial export removed");
                 out.push(ExportStatus {
                     job_id: record.job_id,
@@ -187,7 +334,7 @@ fn sweep_interrupted(dir: &Path) -> Vec<ExportStatus> {
         }
         let _ = std::fs::remove_file(&path);
     }
-    out
+    (out, remote)
 }
 
 fn remove_partial(dir: &Path) -> bool {
@@ -211,6 +358,15 @@ struct Progress {
 impl Progress {
     fn set(&mut self, done: u64) {
         self.status.bytes_done = done.min(self.status.bytes_total);
+        self.publish();
+    }
+
+    fn uploaded(&mut self, bytes: u64) {
+        self.status.bytes_uploaded = bytes;
+        self.publish();
+    }
+
+    fn publish(&mut self) {
         if self.last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
             self.last = Some(Instant::now());
             let _ = self.tx.send(self.status.clone());
@@ -239,11 +395,20 @@ async fn run_job(
     };
     let _ = progress.tx.send(progress.status.clone());
     let mut partial: Option<PathBuf> = None;
+    let mut remote: Option<RemoteTarget> = None;
     let outcome = {
         let work = async {
             match config.action {
                 ExportAction::Export => {
-                    export(persist, &config, &source, &mut progress, &mut partial).await
+                    export(
+                        persist,
+                        &config,
+                        &source,
+                        &mut progress,
+                        &mut partial,
+                        &mut remote,
+                    )
+                    .await
                 }
                 ExportAction::Verify => verify_job(&config, &mut progress).await.map(|()| None),
             }
@@ -253,7 +418,28 @@ async fn run_job(
             _ = cancel.wait_for(|c| *c) => Err(JobError::Cancelled),
         }
     };
+    if let Some(target) = &remote {
+        let dirs = target.placeholders.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        })
+        .await;
+    }
     let outcome = match (outcome, partial.take()) {
+        (Ok(Some(_)), Some(dir)) if remote.is_some() => {
+            // The manifest is in the bucket: the export is complete; only the spool goes.
+            let record = job_record_path(persist, config.job_id);
+            let _ = tokio::task::spawn_blocking(move || {
+                remove_partial(&dir);
+                let _ = std::fs::remove_file(record);
+            })
+            .await;
+            progress.status.remote_export =
+                remote.as_ref().map(RemoteTarget::shown).unwrap_or_default();
+            Ok(())
+        }
         (Ok(Some(final_dir)), Some(dir)) => {
             match finish(persist, config.job_id, dir.clone(), final_dir.clone()).await {
                 Ok(()) => {
@@ -281,11 +467,30 @@ async fn run_job(
             };
             status.error = e.to_string();
             status.export_dir = PathBuf::new();
+            let mut keep_record = false;
+            if let Some(target) = remote.take() {
+                match target.remove().await {
+                    Ok((objects, uploads)) => {
+                        tracing::info!(job = %config.job_id, export = %target.shown(), objects, uploads, "unfinished export removed from the remote");
+                    }
+                    Err(e) => {
+                        // The record stays: the next start removes it.
+                        keep_record = true;
+                        status.error = format!(
+                            "{}; the unfinished export {} could not be removed now (it is at the next start): {e}",
+                            status.error,
+                            target.shown()
+                        );
+                    }
+                }
+            }
             if let Some(dir) = partial {
                 let record = job_record_path(persist, config.job_id);
                 let _ = tokio::task::spawn_blocking(move || {
                     remove_partial(&dir);
-                    let _ = std::fs::remove_file(record);
+                    if !keep_record {
+                        let _ = std::fs::remove_file(record);
+                    }
                 })
                 .await;
             }
@@ -363,6 +568,7 @@ async fn export(
     source: &JobSource,
     progress: &mut Progress,
     partial: &mut Option<PathBuf>,
+    remote_target: &mut Option<RemoteTarget>,
 ) -> Result<Option<PathBuf>, JobError> {
     let snapshot = config.snapshot_id;
     let record = source.record.as_ref().ok_or_else(|| {
@@ -386,7 +592,24 @@ async fn export(
             record.error.error
         )));
     }
-    let target = &config.target_dir;
+    // An export to a remote: checked first (credentials, bucket), its files spooled locally
+    // one volume at a time on their way up.
+    let remote = if config.remote.is_empty() {
+        None
+    } else {
+        Some(open_remote(persist, config, source).await?)
+    };
+    let spool;
+    let target = match &remote {
+        Some(_) => {
+            spool = spool_dir(persist);
+            tokio::fs::create_dir_all(&spool).await.map_err(|e| {
+                JobError::Failed(format!("creating the spool {}: {e}", spool.display()))
+            })?;
+            &spool
+        }
+        None => &config.target_dir,
+    };
     match tokio::fs::metadata(target).await {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
@@ -453,7 +676,11 @@ async fn export(
 
     // The base for an incremental export: the newest complete export of this app in the target
     // made from an older snapshot.
-    let base = if config.incremental {
+    let base = if let (true, Some(remote)) = (config.incremental, &remote) {
+        find_base_remote(remote, &config.remote_prefix, app, snapshot, snapshot_time)
+            .await
+            .map(|(dir, manifest, sha)| (target.join(dir), manifest, sha))
+    } else if config.incremental {
         let target = target.clone();
         let time = snapshot_time;
         tokio::task::spawn_blocking(move || find_base(&target, app, snapshot, time))
@@ -508,18 +735,29 @@ async fn export(
     let final_dir = target.join(&dir_name);
     let partial_dir = target.join(format!("{dir_name}{PARTIAL_SUFFIX}"));
     // Intent first: a killed job's partial directory is found and removed at the next start.
+    let remote_dir = join_key(&[&config.remote_prefix, &dir_name]);
     let job_record = ExportJobRecord {
         job_id: config.job_id,
         partial_dir: partial_dir.clone(),
         started: Some(stamp),
+        remote: config.remote.clone(),
+        remote_dir: if remote.is_some() {
+            remote_dir.clone()
+        } else {
+            String::new()
+        },
+        uploads: Vec::new(),
     };
     let record_path = job_record_path(persist, config.job_id);
-    {
-        let path = record_path.clone();
-        tokio::task::spawn_blocking(move || cairn_persist::store(&path, &job_record))
-            .await
-            .map_err(|e| JobError::Failed(e.to_string()))?
-            .map_err(|e| JobError::Failed(format!("writing the export job record: {e}")))?;
+    store_job_record(&record_path, &job_record).await?;
+    if let Some(remote) = remote {
+        *remote_target = Some(RemoteTarget {
+            remote,
+            dir: remote_dir,
+            record: job_record,
+            record_path: record_path.clone(),
+            placeholders: Vec::new(),
+        });
     }
     tokio::fs::create_dir(&partial_dir)
         .await
@@ -577,6 +815,15 @@ async fn export(
         let (kind, base, data_bytes) = match (found, server, &plan.base) {
             (Some(list), Some(server), Ok(base)) => {
                 let backing = Path::new("..").join(&base.link.dir).join(&base.file);
+                if let Some(target) = remote_target.as_mut() {
+                    let stand_in = partial_dir.join(&backing);
+                    create_placeholder(&stand_in, plan.virtual_size)
+                        .await
+                        .map_err(&fail)?;
+                    if let Some(dir) = stand_in.parent() {
+                        target.placeholders.push(dir.to_path_buf());
+                    }
+                }
                 create_overlay(&out, &backing, plan.virtual_size)
                     .await
                     .map_err(&fail)?;
@@ -640,7 +887,7 @@ async fn export(
         manifest_volumes.push(ManifestVolume {
             volume_id: plan.volume_id,
             display_name: plan.name.clone(),
-            file,
+            file: file.clone(),
             virtual_size: plan.virtual_size,
             sha256: sha,
             kind,
@@ -648,6 +895,11 @@ async fn export(
             fallback_reason,
         });
         let hashed = began.elapsed();
+        if let Some(target) = remote_target.as_mut() {
+            upload_volume(target, &out, &file, progress)
+                .await
+                .map_err(&fail)?;
+        }
         cairn_persist::crash_point(super::CRASH_MID_EXPORT);
         // Tracking starts at this snapshot if the volume still equals it.
         if kind == ExportKind::Full {
@@ -689,7 +941,14 @@ async fn export(
             )));
         }
     }
-    {
+    if let Some(target) = remote_target.as_ref() {
+        // The commit point: a listing shows an export only once its manifest is there.
+        target
+            .remote
+            .put(&join_key(&[&target.dir, MANIFEST_FILE]), text)
+            .await
+            .map_err(|e| JobError::Failed(format!("writing the manifest: {e}")))?;
+    } else {
         let partial_dir = partial_dir.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             write_synced(&partial_dir.join(MANIFEST_FILE), &text)?;
@@ -701,6 +960,155 @@ async fn export(
     }
     progress.status.bytes_done = progress.status.bytes_total;
     Ok(Some(final_dir))
+}
+
+async fn store_job_record(path: &Path, record: &ExportJobRecord) -> Result<(), JobError> {
+    let path = path.to_path_buf();
+    let record = record.clone();
+    tokio::task::spawn_blocking(move || cairn_persist::store(&path, &record))
+        .await
+        .map_err(|e| JobError::Failed(e.to_string()))?
+        .map_err(|e| JobError::Failed(format!("writing the export job record: {e}")))
+}
+
+/// The job's remote, opened and checked (credentials, bucket) before anything is written.
+async fn open_remote(
+    persist: &Path,
+    config: &ExportConfig,
+    source: &JobSource,
+) -> Result<Remote, JobError> {
+    let remote_config = source.remote.as_ref().ok_or_else(|| {
+        refuse(format!(
+            "remote {} is not configured on this device",
+            config.remote
+        ))
+    })?;
+    let remote = Remote::open(remote_config, persist)
+        .await
+        .map_err(|e| refuse(e.to_string()))?;
+    remote.check().await.map_err(|e| refuse(e.to_string()))?;
+    Ok(remote)
+}
+
+/// Uploads a spooled volume file (its upload id recorded first, so that a restart after a
+/// crash aborts it), then removes it from the spool.
+async fn upload_volume(
+    target: &mut RemoteTarget,
+    local: &Path,
+    file: &str,
+    progress: &mut Progress,
+) -> Result<(), String> {
+    let key = join_key(&[&target.dir, file]);
+    let upload_id = target
+        .remote
+        .begin_upload(&key)
+        .await
+        .map_err(|e| e.to_string())?;
+    target.record.uploads.push(RemoteUpload {
+        key: key.clone(),
+        upload_id: upload_id.clone(),
+    });
+    store_job_record(&target.record_path, &target.record)
+        .await
+        .map_err(|e| e.to_string())?;
+    let before = progress.status.bytes_uploaded;
+    target
+        .remote
+        .send_file(local, &key, &upload_id, &mut |sent| {
+            progress.uploaded(before + sent);
+            if sent >= cairn_objstore::PART_SIZE as u64 {
+                cairn_persist::crash_point(super::CRASH_MID_UPLOAD);
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    progress.uploaded(before + file_len(local).await);
+    tokio::fs::remove_file(local)
+        .await
+        .map_err(|e| format!("removing the spooled {}: {e}", local.display()))
+}
+
+/// The newest complete export of `app` under `prefix` of the remote from a snapshot older
+/// than `time`: its directory name, manifest and manifest sha256. One listing of the prefix
+/// and one read per export of this app (their names start with the app's UUID).
+async fn find_base_remote(
+    remote: &Remote,
+    prefix: &str,
+    app: Uuid,
+    snapshot: Uuid,
+    time: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<(String, ExportManifest, String), String> {
+    use sha2::Digest;
+    let dirs = remote.list_dirs(prefix).await.map_err(|e| e.to_string())?;
+    let mine = format!("{app}-");
+    let same = format!("{app}-{snapshot}-");
+    let mut best: Option<(String, ExportManifest, String)> = None;
+    for dir in dirs
+        .into_iter()
+        .filter(|d| d.starts_with(&mine) && !d.starts_with(&same))
+    {
+        let bytes = match remote.get(&join_key(&[prefix, &dir, MANIFEST_FILE])).await {
+            Ok(bytes) => bytes,
+            // No manifest: never completed.
+            Err(e) if e.kind == cairn_objstore::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("looking for a base export: {e}")),
+        };
+        let Ok(manifest) = serde_json::from_slice::<ExportManifest>(&bytes) else {
+            continue;
+        };
+        if manifest.app_uuid != app || manifest.snapshot_id == snapshot {
+            continue;
+        }
+        if let (Some(base_time), Some(time)) = (manifest.snapshot_time, time)
+            && base_time >= time
+        {
+            continue;
+        }
+        if best
+            .as_ref()
+            .is_none_or(|(_, b, _)| b.export_time < manifest.export_time)
+        {
+            let sha = format!("{:x}", sha2::Sha256::digest(&bytes));
+            best = Some((dir, manifest, sha));
+        }
+    }
+    best.ok_or_else(|| {
+        format!(
+            "no previous export of this app from an older snapshot at {}",
+            remote.full_key(prefix)
+        )
+    })
+}
+
+/// An empty qcow2 of `size` at `path` (its directory made).
+async fn create_placeholder(path: &Path, size: u64) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    crate::process::run(
+        "qemu-img",
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            path.as_os_str(),
+            size.to_string().as_ref(),
+        ],
+        crate::process::COMMAND_TIMEOUT,
+    )
+    .await
+    .map(drop)
+    .map_err(|e| e.to_string())
+}
+
+async fn file_len(path: &Path) -> u64 {
+    tokio::fs::metadata(path)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
 /// Renames the written export to its final name (not cancellable: it is complete) and drops

@@ -12,6 +12,8 @@ use cairn_types::snapshot::{VolumesSnapshotAction, VolumesSnapshotConfig, Volume
 use cairn_types::volume::{AppVolumeRefs, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeStatus};
 use uuid::Uuid;
 
+pub mod exports;
+
 pub const MIB: u64 = 1 << 20;
 
 /// Runs a command that must succeed; returns stdout.
