@@ -150,29 +150,7 @@ async fn incremental_export_carries_only_changes_and_the_chain_gives_the_disk_bi
         !info.contains("backing file"),
         "the restored volume stands alone: {info}"
     );
-    let expected = h.root.path().join("expected.qcow2");
-    sh(
-        "qemu-img",
-        &[
-            "convert",
-            "-U",
-            "-O",
-            "qcow2",
-            "-l",
-            &format!("snapshot.name={second}"),
-            file.to_str().unwrap(),
-            expected.to_str().unwrap(),
-        ],
-    );
-    let compare = sh(
-        "qemu-img",
-        &[
-            "compare",
-            imported.to_str().unwrap(),
-            expected.to_str().unwrap(),
-        ],
-    );
-    assert!(compare.contains("Images are identical"), "{compare}");
+    assert_same_as_snapshot(&h, &imported, &file, second);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,29 +407,7 @@ async fn a_tracked_volume_rolls_back_and_its_next_incremental_export_is_exact() 
         target.join(&m.volumes[0].base.clone().unwrap().dir),
         full.export_dir
     );
-    let expected = h.root.path().join("expected.qcow2");
-    sh(
-        "qemu-img",
-        &[
-            "convert",
-            "-U",
-            "-O",
-            "qcow2",
-            "-l",
-            &format!("snapshot.name={third}"),
-            file.to_str().unwrap(),
-            expected.to_str().unwrap(),
-        ],
-    );
-    let compare = sh(
-        "qemu-img",
-        &[
-            "compare",
-            inc.export_dir.join(&m.volumes[0].file).to_str().unwrap(),
-            expected.to_str().unwrap(),
-        ],
-    );
-    assert!(compare.contains("Images are identical"), "{compare}");
+    assert_same_as_snapshot(&h, &inc.export_dir.join(&m.volumes[0].file), &file, third);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,3 +149,31 @@ pub async fn snapshot(h: &mut Harness, config: &VolumeConfig, counter: u64) -> U
     assert!(!status.error.is_error(), "{:?}", status.error);
     id
 }
+
+/// Asserts that `image` holds exactly what snapshot `tag` of the qcow2 `file` held: the
+/// snapshot converted to a plain image, then `qemu-img compare`.
+pub fn assert_same_as_snapshot(h: &Harness, image: &Path, file: &Path, tag: Uuid) {
+    let expected = h.root.path().join("expected.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-U",
+            "-O",
+            "qcow2",
+            "-l",
+            &format!("snapshot.name={tag}"),
+            file.to_str().unwrap(),
+            expected.to_str().unwrap(),
+        ],
+    );
+    let compare = sh(
+        "qemu-img",
+        &[
+            "compare",
+            image.to_str().unwrap(),
+            expected.to_str().unwrap(),
+        ],
+    );
+    assert!(compare.contains("Images are identical"), "{compare}");
+}
