@@ -17,7 +17,8 @@ use nix::unistd::Pid;
 use uuid::Uuid;
 
 /// A process app that names itself (its UUID) on its command line, stops on SIGTERM (or, with
-/// `ignore_term`, only on SIGKILL), and ends with status 3 while `<volume>/fail` exists.
+/// `ignore_term`, only on SIGKILL), and ends with status 3 while `<volume>/fail` exists. Once its
+/// trap is set it creates `<volume>/ready`: a SIGTERM before that would end it whatever the trap.
 fn app_config(h: &Harness, app: Uuid, ignore_term: bool, activate: bool) -> DomainConfig {
     let volume = h.tmp.path().join(format!("volume-{app}"));
     std::fs::create_dir_all(&volume).unwrap();
@@ -27,7 +28,7 @@ fn app_config(h: &Harness, app: Uuid, ignore_term: bool, activate: bool) -> Doma
         "trap 'exit 0' TERM"
     };
     let script = format!(
-        "[ -e \"$CAIRN_VOLUME_0/fail\" ] && exit 3; {trap}; while :; do sleep 0.05; done # app {app} in {}",
+        "[ -e \"$CAIRN_VOLUME_0/fail\" ] && exit 3; {trap}; : > \"$CAIRN_VOLUME_0/ready\"; while :; do sleep 0.05; done # app {app} in {}",
         // The directory names the test, so that the harness ends what a failed test left.
         volume.display()
     );
@@ -75,6 +76,16 @@ async fn one_copy_then_none(h: &mut Harness, app: Uuid, ignore_term: bool) -> u3
     );
     reap(found[0]);
     found[0]
+}
+
+/// Waits until `app` has set its SIGTERM trap (it created `ready`).
+fn wait_ready(h: &Harness, app: Uuid) {
+    let ready = h.tmp.path().join(format!("volume-{app}/ready"));
+    let deadline = Instant::now() + WAIT;
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "app {app} never set its trap");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Waits until `app` has a running copy, polling `/proc` as fast as it can.
@@ -158,6 +169,7 @@ async fn manager_killed_while_stopping_leaves_no_copy() {
     // Ignores SIGTERM: still running when the domain-manager dies after sending it.
     let cfg = app_config(&h, app, true, true);
     let running = settle(&mut h, cfg, "Running", DomainState::Running).await;
+    wait_ready(&h, app);
     h.configs
         .publish(app_config(&h, app, true, false))
         .await
