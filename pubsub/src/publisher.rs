@@ -37,6 +37,9 @@ const MAX_HELLO: usize = 64 << 10;
 /// Run-root key files trail publishes by about this much: a burst of publishes costs one
 /// file write per key, and latency-sensitive delivery never waits on the disk.
 const FLUSH_DELAY: Duration = Duration::from_millis(20);
+/// A key file that could not be written (EIO, a full run file system) is tried again this
+/// often until it is, unless a newer value of its key came first.
+const KEY_FILE_RETRY: Duration = Duration::from_secs(1);
 /// Frames are batched into writes of about this size.
 const WRITE_BATCH: usize = 256 << 10;
 
@@ -482,7 +485,9 @@ impl<T: Topic> Drop for Publication<T> {
         let _ = std::fs::remove_file(&self.socket);
         // Best effort: values published just before the drop reach their files.
         let pending = std::mem::take(&mut *lock(&self.shared.dirty));
-        write_dirty(&self.shared.files, pending);
+        for (key, (_, e)) in write_dirty(&self.shared.files, pending) {
+            tracing::warn!(dir = %self.shared.files.dir.display(), key = %key, "key file not written at close: {e}");
+        }
     }
 }
 
@@ -839,36 +844,84 @@ async fn serve<T: Topic>(shared: Arc<Shared<T>>, stream: UnixStream) {
 }
 
 async fn flush_loop<T: Topic>(shared: Arc<Shared<T>>) {
+    let mut failing = false;
     loop {
-        shared.dirty_notify.notified().await;
+        if failing {
+            // Woken by a new publish or by the retry, whichever comes first.
+            let _ = tokio::time::timeout(KEY_FILE_RETRY, shared.dirty_notify.notified()).await;
+        } else {
+            shared.dirty_notify.notified().await;
+        }
         tokio::time::sleep(FLUSH_DELAY).await;
-        if let Err(e) = flush_dirty(&shared).await {
-            tracing::warn!(topic = %shared.label, "writing key files failed: {e}");
+        match flush_dirty(&shared).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!(topic = %shared.label, "key files written again");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(topic = %shared.label, "writing key files failed, retried every {} s: {e}", KEY_FILE_RETRY.as_secs());
+                }
+                failing = true;
+            }
         }
     }
 }
 
+/// Writes the key files of every key published since the last flush. A key whose file could
+/// not be written goes back to be written again, unless a newer value is already waiting:
+/// a reader of the files (and the publisher after a restart) never keeps an older value than
+/// the one delivered.
 async fn flush_dirty<T: Topic>(shared: &Arc<Shared<T>>) -> Result<(), BusError> {
     let pending = std::mem::take(&mut *lock(&shared.dirty));
     if pending.is_empty() {
         return Ok(());
     }
     let files = shared.files.clone();
-    tokio::task::spawn_blocking(move || write_dirty(&files, pending))
+    let failed = tokio::task::spawn_blocking(move || write_dirty(&files, pending))
         .await
-        .map_err(|e| BusError::io("writing", &shared.files.dir, std::io::Error::other(e)))
+        .map_err(|e| BusError::io("writing", &shared.files.dir, std::io::Error::other(e)))?;
+    let Some((first_key, first_error)) = failed
+        .iter()
+        .next()
+        .map(|(key, (_, error))| (key.clone(), error.clone()))
+    else {
+        return Ok(());
+    };
+    let count = failed.len();
+    let mut dirty = lock(&shared.dirty);
+    for (key, (value, _)) in failed {
+        dirty.entry(key).or_insert(value);
+    }
+    Err(BusError::io(
+        "writing",
+        &shared.files.dir,
+        std::io::Error::other(format!(
+            "{count} key file(s) not written, the first {first_key}: {first_error}"
+        )),
+    ))
 }
 
-fn write_dirty<T: Topic>(files: &KeyFiles, pending: BTreeMap<String, Option<T>>) {
+/// Writes the key files of `pending`; returns those that could not be written, with why.
+#[allow(clippy::type_complexity)]
+fn write_dirty<T: Topic>(
+    files: &KeyFiles,
+    pending: BTreeMap<String, Option<T>>,
+) -> BTreeMap<String, (Option<T>, String)> {
+    let mut failed = BTreeMap::new();
     for (key, value) in pending {
         let result = match &value {
             Some(value) => files.write(value).map_err(|e| e.to_string()),
             None => files.remove(&key).map_err(|e| e.to_string()),
         };
         if let Err(e) = result {
-            tracing::warn!(dir = %files.dir.display(), key = %key, "key file: {e}");
+            tracing::debug!(dir = %files.dir.display(), key = %key, "key file: {e}");
+            failed.insert(key, (value, e));
         }
     }
+    failed
 }
 
 // ---- Outbox: per-subscriber queue with per-key coalescing ----

@@ -210,6 +210,39 @@ async fn a_restarted_publisher_reloads_its_run_root_table_and_reports_unreadable
     assert!(problems[0].1.contains("truncated"), "{}", problems[0].1);
 }
 
+/// A run-root key file that cannot be written (a directory in its place here; EIO or a full
+/// run file system on a device) is written once it can, with no further publish: before, the
+/// value was delivered but its file kept the older one, which a restarted publisher reloads.
+#[tokio::test]
+async fn a_key_file_that_could_not_be_written_is_written_once_it_can() {
+    let roots = Roots::new();
+    let publication = roots.publish("volume-manager").await;
+    publication.publish(status("v1", 1)).await.unwrap();
+    publication.flush().await.unwrap();
+    let dir = roots.run().join("volume-manager/TestStatus");
+    let blocker = dir.join("v2.json");
+    std::fs::create_dir(&blocker).unwrap();
+    std::fs::write(blocker.join("in-the-way"), "x").unwrap();
+
+    publication.publish(status("v2", 2)).await.unwrap();
+    let failed = publication.flush().await;
+    assert!(failed.is_err(), "the blocked key file was reported written");
+    assert!(failed.unwrap_err().to_string().contains("v2"));
+    // The publication's own flush fails too meanwhile (it runs 20 ms after a publish).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!blocker.is_file());
+
+    std::fs::remove_dir_all(&blocker).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !blocker.is_file() {
+        assert!(Instant::now() < deadline, "the key file was never written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(publication);
+    let reopened = roots.publish("volume-manager").await;
+    assert_eq!(reopened.get("v2"), Some(status("v2", 2)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscriber_costs_at_most_one_pending_value_per_key() {
     let roots = Roots::new();
