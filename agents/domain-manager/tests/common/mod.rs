@@ -146,6 +146,9 @@ pub struct Harness {
     pub stop_timeout: String,
     /// More arguments for the next domain-manager started.
     pub extra_args: Vec<String>,
+    /// A program the next domain-manager is started through (`fiu-run -x …`), which runs the
+    /// binary given after it in the same process.
+    pub launcher: Vec<String>,
 }
 
 impl Harness {
@@ -175,6 +178,7 @@ impl Harness {
             starts: 0,
             stop_timeout: "20".into(),
             extra_args: Vec::new(),
+            launcher: Vec::new(),
         };
         h.start_manager_crashing_at(point);
         h
@@ -190,7 +194,16 @@ impl Harness {
         let log =
             std::fs::File::create(self.tmp.path().join(format!("manager-{}.log", self.starts)))
                 .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cairn-domain-manager"))
+        let binary = env!("CARGO_BIN_EXE_cairn-domain-manager");
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("--run-dir")
             .arg(&self.run)
             .arg("--persist-dir")
