@@ -108,6 +108,9 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// How soon a config that could not be put on the bus is applied again.
+const APPLY_RETRY: Duration = Duration::from_secs(2);
+
 /// Follows the local config file: applies it at start and whenever its content changes. An
 /// unreadable or invalid file changes nothing but the device status, which says why.
 ///
@@ -134,7 +137,25 @@ pub async fn follow_local_file(
         match outcome {
             Ok((hash, _)) if applied_hash.as_deref() == Some(hash.as_str()) => {}
             Ok((hash, config)) => {
-                publications.apply(&config).await?;
+                if let Err(e) = publications.apply(&config).await {
+                    // The bus's files could not be written (a full or failing run file
+                    // system): said in the status, the whole config applied again shortly.
+                    let message = format!(
+                        "config {hash} from {} could not be put on the bus: {e}; the previous config may stay in force for some apps (applied again every {} s)",
+                        path.display(),
+                        APPLY_RETRY.as_secs()
+                    );
+                    if status.last_error.error != message {
+                        tracing::error!("{message}");
+                        status.last_error =
+                            ErrorDescription::new(message, ErrorSeverity::Error, Utc::now());
+                        if let Err(e) = publications.status(status.clone()).await {
+                            tracing::warn!("the device status could not be published: {e}");
+                        }
+                    }
+                    tokio::time::sleep(APPLY_RETRY).await;
+                    continue;
+                }
                 if first {
                     publications.restarted().await?;
                     first = false;
