@@ -69,7 +69,12 @@ pub enum Report {
     Volume(Option<Box<VolumeStatus>>),
     /// The content tree's newest status; `None`: the tree is gone.
     ContentTree(Option<Box<ContentTreeStatus>>),
+    /// The edgeview agent's newest status.
+    Edgeview(Box<cairn_types::EdgeviewStatus>),
 }
+
+/// The queue key of the edgeview report (EVE queues it under `global`).
+pub const EDGEVIEW_KEY: &str = "edgeview";
 
 /// The device's facts as far as the machine tells them; what cannot be read stays empty.
 /// Blocking (reads `/proc`, `/sys` and `statvfs` of `persist`).
@@ -243,6 +248,24 @@ pub fn device_info(device: uuid::Uuid, info: ZInfoDevice) -> ZInfoMsg {
         ztype: ZInfoTypes::ZiDevice as i32,
         dev_id: device.to_string(),
         info_content: Some(InfoContent::Dinfo(info)),
+        at_time_stamp: Some(timestamp(Utc::now())),
+    }
+}
+
+/// EVE's `PublishEdgeviewToZedCloud`: the token's expiry, when the sessions started and the
+/// commands counted.
+pub fn edgeview_info(device: uuid::Uuid, status: &cairn_types::EdgeviewStatus) -> ZInfoMsg {
+    let expire = DateTime::<Utc>::from_timestamp(status.expire_on as i64, 0);
+    ZInfoMsg {
+        ztype: ZInfoTypes::ZiEdgeview as i32,
+        dev_id: device.to_string(),
+        info_content: Some(InfoContent::Evinfo(crate::proto::ZInfoEdgeview {
+            expire_time: expire.map(timestamp),
+            started_time: status.started_on.map(timestamp),
+            count_dev: status.cmd_count_dev,
+            count_app: status.cmd_count_app,
+            count_ext: status.cmd_count_ext,
+        })),
         at_time_stamp: Some(timestamp(Utc::now())),
     }
 }
