@@ -846,4 +846,29 @@ mod tests {
             "success resets the backoff"
         );
     }
+
+    #[test]
+    fn the_edgeview_report_is_eves_zinfo_edgeview() {
+        use prost::Message;
+        let device: uuid::Uuid = "6ba7b810-9dad-11d1-80b4-00c04fd430c8".parse().unwrap();
+        let started = DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap();
+        let status = cairn_types::EdgeviewStatus {
+            expire_on: 1_700_003_600,
+            started_on: Some(started),
+            cmd_count_dev: 3,
+            connected: 1,
+            instances: 1,
+            ..Default::default()
+        };
+        let bytes = edgeview_info(device, &status).encode_to_vec();
+        let msg = ZInfoMsg::decode(bytes.as_slice()).unwrap();
+        assert_eq!(msg.ztype, ZInfoTypes::ZiEdgeview as i32);
+        assert_eq!(msg.dev_id, device.to_string());
+        let Some(InfoContent::Evinfo(ev)) = msg.info_content else {
+            panic!("evinfo: {msg:?}");
+        };
+        assert_eq!(ev.expire_time.unwrap().seconds, 1_700_003_600);
+        assert_eq!(ev.started_time.unwrap().seconds, 1_700_000_000);
+        assert_eq!((ev.count_dev, ev.count_app, ev.count_ext), (3, 0, 0));
+    }
 }
