@@ -46,7 +46,8 @@ async fn a_stock_eve_controller_turns_edgeview_on_and_reads_its_report() {
     let dep = format!("https://{}/edge-view", dispatcher.addr);
     let exp = now() + 3600;
     let token = controller.edgeview_token(SERIAL, &dep, exp, NONCE);
-    let mut device = common::follow(&controller, SERIAL, edgeview(token.clone(), &dispatcher, 1)).await;
+    let mut device =
+        common::follow(&controller, SERIAL, edgeview(token.clone(), &dispatcher, 1)).await;
     device.start("edgeview", None);
 
     let hash = session_hash(&token, 0);
@@ -67,9 +68,12 @@ async fn a_stock_eve_controller_turns_edgeview_on_and_reads_its_report() {
     );
 
     let reported = controller
-        .wait_for(SERIAL, WITHIN, "ZInfoEdgeview with the command counted", |d| {
-            d.edgeview_info().is_some_and(|ev| ev.count_dev == 1)
-        })
+        .wait_for(
+            SERIAL,
+            WITHIN,
+            "ZInfoEdgeview with the command counted",
+            |d| d.edgeview_info().is_some_and(|ev| ev.count_dev == 1),
+        )
         .await
         .unwrap();
     let ev = reported.edgeview_info().unwrap();

@@ -13,10 +13,10 @@ pub use crate::eve::org::lfedge::eve::common::HashAlgorithm;
 // EVE's `UUIDandVersion`, which prost spells `UuiDandVersion`.
 pub use crate::eve::org::lfedge::eve::config::UuiDandVersion as UuidAndVersion;
 pub use crate::eve::org::lfedge::eve::config::{
-    AppInstanceConfig, AppDebugAccessPolicy, ConfigItem, ConfigRequest, ConfigResponse,
-    ContentTree, DatastoreConfig, DevDebugAccessPolicy, DeviceOpsCmd, EdgeViewConfig,
-    ExternalEndPointPolicy, Drive, DsType, EdgeDevConfig, Format, InstanceOpsCmd, SnapshotConfig,
-    SnapshotDesc, SnapshotType, VmBootMode, VmConfig, VmMode, Volume, VolumeContentOrigin,
+    AppDebugAccessPolicy, AppInstanceConfig, ConfigItem, ConfigRequest, ConfigResponse,
+    ContentTree, DatastoreConfig, DevDebugAccessPolicy, DeviceOpsCmd, Drive, DsType, EdgeDevConfig,
+    EdgeViewConfig, ExternalEndPointPolicy, Format, InstanceOpsCmd, SnapshotConfig, SnapshotDesc,
+    SnapshotType, VmBootMode, VmConfig, VmMode, Volume, VolumeContentOrigin,
     VolumeContentOriginType, VolumeRef,
 };
 pub use crate::eve::org::lfedge::eve::info::z_info_msg::InfoContent;

@@ -1105,7 +1105,9 @@ fn edgeview_from_eves_field_and_from_the_local_file_are_the_same_message() {
     let mut config = proto_config(&[]);
     config.edgeview = Some(proto::EdgeViewConfig {
         token: "h.p.s".into(),
-        disp_cert_pem: vec![b"-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n".to_vec()],
+        disp_cert_pem: vec![
+            b"-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n".to_vec(),
+        ],
         dev_policy: Some(proto::DevDebugAccessPolicy { allow_dev: true }),
         app_policy: None,
         ext_policy: Some(proto::ExternalEndPointPolicy { allow_ext: false }),
@@ -1115,7 +1117,10 @@ fn edgeview_from_eves_field_and_from_the_local_file_are_the_same_message() {
     let edgeview = from_proto(&decoded).unwrap().edgeview.unwrap();
     assert_eq!(edgeview.jw_token, "h.p.s");
     assert!(edgeview.dev_policy.enabled);
-    assert!(!edgeview.app_policy.enabled, "an absent policy allows nothing");
+    assert!(
+        !edgeview.app_policy.enabled,
+        "an absent policy allows nothing"
+    );
     assert_eq!(edgeview.gen_id, 4);
     assert_eq!(edgeview.disp_cert_pem.len(), 1);
     // The signer and device come from the link when the config is put in force.

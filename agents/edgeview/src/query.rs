@@ -334,20 +334,26 @@ fn log_search(out: &mut String, cmd: &CmdOpt, view: &View) {
         .filter(|_| cmd.logtype != "app")
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    files.sort_by(|a, b| b.0.cmp(&a.0));
+    files.sort_by_key(|f| std::cmp::Reverse(f.0));
     let mut printed = 0;
     for (_, path) in files {
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
         };
-        let matches: Vec<&str> = text.lines().filter(|l| l.contains(pattern.as_str())).collect();
+        let matches: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(pattern.as_str()))
+            .collect();
         if matches.is_empty() {
             continue;
         }
         color(out, &format!("\n {}, -- live --\n", path.display()), RED);
         for line in matches {
             if printed == MAX_LOG_LINES {
-                let _ = writeln!(out, "... more than {MAX_LOG_LINES} lines match; narrow the pattern");
+                let _ = writeln!(
+                    out,
+                    "... more than {MAX_LOG_LINES} lines match; narrow the pattern"
+                );
                 return;
             }
             let _ = writeln!(out, "{line}");

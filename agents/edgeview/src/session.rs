@@ -61,15 +61,18 @@ pub struct SessionSettings {
 
 /// TLS trust for the dispatcher: the device's root (as the controller link trusts it) and the
 /// config's `disp_cert_pem`.
-pub fn tls_config(root_pem: &[u8], disp_cert_pem: &[String]) -> Result<rustls::ClientConfig, String> {
+pub fn tls_config(
+    root_pem: &[u8],
+    disp_cert_pem: &[String],
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     let pems = std::iter::once(root_pem).chain(disp_cert_pem.iter().map(String::as_bytes));
     for pem in pems {
         for cert in CertificateDer::pem_slice_iter(pem) {
             let cert = cert.map_err(|e| format!("a dispatcher certificate is not PEM: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("a dispatcher certificate is not usable as a trust anchor: {e}"))?;
+            roots.add(cert).map_err(|e| {
+                format!("a dispatcher certificate is not usable as a trust anchor: {e}")
+            })?;
         }
     }
     if roots.is_empty() {
@@ -95,7 +98,11 @@ pub async fn run(settings: SessionSettings, events: mpsc::Sender<SessionEvent>) 
             Ok(ws) => {
                 tracing::info!(instance, dispatcher = %settings.token.host_port, "connected to the edgeview dispatcher");
                 backoff = settings.first_backoff;
-                if events.send(SessionEvent::Connected { instance }).await.is_err() {
+                if events
+                    .send(SessionEvent::Connected { instance })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 serve(ws, &settings, &events).await
@@ -163,11 +170,20 @@ async fn connect(settings: &SessionSettings) -> Result<Ws, String> {
     };
     tokio::time::timeout(CONNECT_TIMEOUT, attempt)
         .await
-        .map_err(|_| format!("no answer from {} within {CONNECT_TIMEOUT:?}", token.host_port))?
+        .map_err(|_| {
+            format!(
+                "no answer from {} within {CONNECT_TIMEOUT:?}",
+                token.host_port
+            )
+        })?
 }
 
 /// Serves commands until the connection ends; returns why it ended.
-async fn serve(mut ws: Ws, settings: &SessionSettings, events: &mpsc::Sender<SessionEvent>) -> String {
+async fn serve(
+    mut ws: Ws,
+    settings: &SessionSettings,
+    events: &mpsc::Sender<SessionEvent>,
+) -> String {
     let token = &settings.token;
     let key = token.claims.key.as_str();
     let mut keepalive = tokio::time::interval(KEEPALIVE);
@@ -194,11 +210,18 @@ async fn serve(mut ws: Ws, settings: &SessionSettings, events: &mpsc::Sender<Ses
         let payload = match envelope::open(key, &data, signer) {
             Ok(payload) => payload,
             Err(Refusal::NotJson) => {
-                tracing::debug!(instance = settings.instance, "dispatcher: {}", String::from_utf8_lossy(&data));
+                tracing::debug!(
+                    instance = settings.instance,
+                    "dispatcher: {}",
+                    String::from_utf8_lossy(&data)
+                );
                 continue;
             }
             Err(refusal) => {
-                tracing::warn!(instance = settings.instance, "edgeview command refused: {refusal}");
+                tracing::warn!(
+                    instance = settings.instance,
+                    "edgeview command refused: {refusal}"
+                );
                 if is_text {
                     let text = match refusal {
                         Refusal::BadHmac => "authentication for command failed to verify\n".to_string(),
@@ -223,7 +246,10 @@ async fn serve(mut ws: Ws, settings: &SessionSettings, events: &mpsc::Sender<Ses
         let cmd: CmdOpt = match serde_json::from_slice(&payload) {
             Ok(cmd) => cmd,
             Err(e) => {
-                tracing::warn!(instance = settings.instance, "edgeview command is not EVE's cmdOpt JSON: {e}");
+                tracing::warn!(
+                    instance = settings.instance,
+                    "edgeview command is not EVE's cmdOpt JSON: {e}"
+                );
                 continue;
             }
         };
@@ -238,7 +264,13 @@ async fn serve(mut ws: Ws, settings: &SessionSettings, events: &mpsc::Sender<Ses
             String::new()
         };
         // EVE logs every command so (its obj_type makes the controller raise an event).
-        tracing::info!(obj_type = "newlog-gen-event", obj_name = "edgeview-cmd", "recv[ep{inst}:{}{user}] cmd: {}", cmd.client_ep_addr, cmd.describe());
+        tracing::info!(
+            obj_type = "newlog-gen-event",
+            obj_name = "edgeview-cmd",
+            "recv[ep{inst}:{}{user}] cmd: {}",
+            cmd.client_ep_addr,
+            cmd.describe()
+        );
         let answer = match query::check_policy(&cmd, settings.dev_allowed) {
             Err(why) => format!("cmd policy check failed: {why}"),
             Ok(()) => {

@@ -91,7 +91,9 @@ pub enum TokenError {
     Algorithm(String),
     #[error("no controller signing certificate to verify the edgeview token against: {0}")]
     NoSigner(String),
-    #[error("the edgeview token's signature does not verify against the controller signing certificate: {0}")]
+    #[error(
+        "the edgeview token's signature does not verify against the controller signing certificate: {0}"
+    )]
     Signature(String),
     #[error("the edgeview token is for device {found:?}, not this device {device}")]
     WrongDevice { found: String, device: String },
@@ -103,7 +105,9 @@ pub enum TokenError {
     TooManyInstances(u8),
     #[error("the edgeview token asks for payload encryption (enc), which Cairn does not offer")]
     Encryption,
-    #[error("the edgeview token asks for client authentication type {0} (aut), which Cairn does not offer")]
+    #[error(
+        "the edgeview token asks for client authentication type {0} (aut), which Cairn does not offer"
+    )]
     AuthType(i32),
     #[error("the edgeview token's dispatcher address {0:?} is not host:port[/path]")]
     Dispatcher(String),

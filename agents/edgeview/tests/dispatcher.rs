@@ -164,7 +164,6 @@ fn app(name: &str) -> AppInstanceStatus {
     }
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_eve_commands_through_the_dispatcher_and_reconnects_after_a_kill() {
     let dispatcher = Dispatcher::start().await;
@@ -184,9 +183,7 @@ async fn answers_eve_commands_through_the_dispatcher_and_reconnects_after_a_kill
         .await
         .unwrap();
     apps.publish(app("web-frontend")).await.unwrap();
-    let mut status = device
-        .bus("reader")
-        .subscribe::<EdgeviewStatus>("edgeview");
+    let mut status = device.bus("reader").subscribe::<EdgeviewStatus>("edgeview");
     device.start();
 
     wait_status(&mut status, "connected", |s| s.connected == 1).await;
@@ -206,7 +203,10 @@ async fn answers_eve_commands_through_the_dispatcher_and_reconnects_after_a_kill
         serde_json::json!({"version": "0.8.8", "pubsub": "zedmanager"}),
     )
     .await;
-    assert!(reply.contains("\"DisplayName\": \"web-frontend\""), "{reply}");
+    assert!(
+        reply.contains("\"DisplayName\": \"web-frontend\""),
+        "{reply}"
+    );
     // Read-only: a TCP tunnel is refused by name.
     let reply = query(
         &dispatcher,
@@ -254,10 +254,11 @@ async fn a_multi_instance_token_runs_one_session_per_instance() {
         .publish::<EdgeviewConfig>(PublishOptions::for_requests())
         .await
         .unwrap();
-    configs.publish(config(token.clone(), &signer)).await.unwrap();
-    let mut status = device
-        .bus("reader")
-        .subscribe::<EdgeviewStatus>("edgeview");
+    configs
+        .publish(config(token.clone(), &signer))
+        .await
+        .unwrap();
+    let mut status = device.bus("reader").subscribe::<EdgeviewStatus>("edgeview");
     device.start();
     wait_status(&mut status, "both instances up", |s| {
         s.connected == 2 && s.instances == 2
@@ -267,7 +268,13 @@ async fn a_multi_instance_token_runs_one_session_per_instance() {
     hostnames.sort();
     assert!(hostnames[0].ends_with("-inst-1-EV-server"), "{hostnames:?}");
     assert!(hostnames[1].ends_with("-inst-2-EV-server"), "{hostnames:?}");
-    let reply = query(&dispatcher, &session_hash(&token, 2), NONCE, system("volume")).await;
+    let reply = query(
+        &dispatcher,
+        &session_hash(&token, 2),
+        NONCE,
+        system("volume"),
+    )
+    .await;
     assert!(reply.contains("=== System: <volume> ==="), "{reply}");
 }
 
@@ -285,9 +292,7 @@ async fn bad_tokens_are_refused_by_name_and_never_reach_the_dispatcher() {
         .publish::<EdgeviewConfig>(PublishOptions::for_requests())
         .await
         .unwrap();
-    let mut status = device
-        .bus("reader")
-        .subscribe::<EdgeviewStatus>("edgeview");
+    let mut status = device.bus("reader").subscribe::<EdgeviewStatus>("edgeview");
     let cases = [
         (
             jwt(&key, &dispatcher, DEVICE, now() - 60, 0),
@@ -298,7 +303,13 @@ async fn bad_tokens_are_refused_by_name_and_never_reach_the_dispatcher() {
             "signature does not verify",
         ),
         (
-            jwt(&key, &dispatcher, "00000000-0000-4000-8000-000000000001", now() + 3600, 0),
+            jwt(
+                &key,
+                &dispatcher,
+                "00000000-0000-4000-8000-000000000001",
+                now() + 3600,
+                0,
+            ),
             "is for device \"00000000-0000-4000-8000-000000000001\", not this device",
         ),
         (
@@ -323,7 +334,10 @@ async fn bad_tokens_are_refused_by_name_and_never_reach_the_dispatcher() {
     assert!(dispatcher.devices().is_empty(), "no refused token was used");
     // A good token after the bad ones is taken.
     configs
-        .publish(config(jwt(&key, &dispatcher, DEVICE, now() + 3600, 0), &signer))
+        .publish(config(
+            jwt(&key, &dispatcher, DEVICE, now() + 3600, 0),
+            &signer,
+        ))
         .await
         .unwrap();
     wait_status(&mut status, "connected", |s| {

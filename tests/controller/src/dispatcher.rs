@@ -7,6 +7,11 @@
 //! `+++Done+++` and checking each reply's HMAC. Built from EVE's definitions, not with the
 //! edgeview agent's code.
 
+// Test support: a failed unwrap is a failed test, with its place in the panic.
+#![allow(clippy::unwrap_used)]
+// tungstenite's handshake callback returns its own (large) error response type.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -170,12 +175,11 @@ async fn serve_peer(
         if !(message.is_text() || message.is_binary()) {
             continue;
         }
-        let other = relay
-            .lock()
-            .unwrap()
-            .peers
-            .get(&token)
-            .and_then(|p| p.iter().find(|(i, _, _)| *i != id).map(|(_, _, tx)| tx.clone()));
+        let other = relay.lock().unwrap().peers.get(&token).and_then(|p| {
+            p.iter()
+                .find(|(i, _, _)| *i != id)
+                .map(|(_, _, tx)| tx.clone())
+        });
         if let Some(other) = other {
             let _ = other.send(message);
         }
@@ -185,7 +189,6 @@ async fn serve_peer(
         peers.retain(|(i, _, _)| *i != id);
     }
 }
-
 
 pub fn hmac(key: &str, message: &[u8]) -> Vec<u8> {
     let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).unwrap();
@@ -214,7 +217,12 @@ pub fn session_hash(jwt: &str, instance: u8) -> String {
 
 /// Sends one command and returns the reply text up to `+++Done+++`; every reply envelope's
 /// HMAC is checked.
-pub async fn query(dispatcher: &Dispatcher, hash: &str, key: &str, cmd: serde_json::Value) -> String {
+pub async fn query(
+    dispatcher: &Dispatcher,
+    hash: &str,
+    key: &str,
+    cmd: serde_json::Value,
+) -> String {
     query_signed(dispatcher, hash, key, key, cmd).await
 }
 
@@ -248,9 +256,12 @@ pub async fn query_signed(
         first.to_text().unwrap().starts_with("YourEndPointIPAddr:"),
         "the device is paired: {first:?}"
     );
-    ws.send(Message::text(envelope(send_key, cmd.to_string().as_bytes())))
-        .await
-        .unwrap();
+    ws.send(Message::text(envelope(
+        send_key,
+        cmd.to_string().as_bytes(),
+    )))
+    .await
+    .unwrap();
     let mut text = String::new();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -262,9 +273,7 @@ pub async fn query_signed(
         let Ok(value) = serde_json::from_str::<serde_json::Value>(frame.to_text().unwrap()) else {
             continue;
         };
-        let message = STANDARD
-            .decode(value["message"].as_str().unwrap())
-            .unwrap();
+        let message = STANDARD.decode(value["message"].as_str().unwrap()).unwrap();
         let hash: Vec<u8> = value["sha256Hash"]
             .as_array()
             .unwrap()

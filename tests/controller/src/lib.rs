@@ -135,7 +135,7 @@ impl Device {
             .iter()
             .rev()
             .find_map(|info| match &info.info_content {
-                Some(InfoContent::Evinfo(ev)) => Some(ev.clone()),
+                Some(InfoContent::Evinfo(ev)) => Some(*ev),
                 _ => None,
             })
     }
