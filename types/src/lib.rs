@@ -10,6 +10,7 @@ pub mod common;
 pub mod content;
 pub mod device;
 pub mod domain;
+pub mod edgeview;
 pub mod export;
 pub mod layout;
 pub mod logs;
@@ -34,6 +35,7 @@ pub use domain::{
     ContainerSpec, DiskConfig, DomainConfig, DomainLiveOp, DomainLiveOpConfig, DomainLiveOpState,
     DomainLiveOpStatus, DomainMetric, DomainSpec, DomainState, DomainStatus, ProcessSpec, VmSpec,
 };
+pub use edgeview::{EdgeviewConfig, EdgeviewStatus, EvPolicy};
 pub use export::{
     ExportAction, ExportConfig, ExportKind, ExportManifest, ExportState, ExportStatus,
 };

@@ -126,6 +126,11 @@ impl Link {
         self.device
     }
 
+    /// The controller's signing certificate (PEM), once fetched and checked.
+    pub fn signing_cert(&self) -> Option<&[u8]> {
+        self.signing.as_deref()
+    }
+
     /// Brings the link up as far as it is not yet: signing certificate, registration, UUID.
     pub async fn connect(&mut self) -> Result<Uuid, LinkError> {
         if self.signing.is_none() {

@@ -48,6 +48,8 @@ enum Wake {
     DomainMetric,
     /// The baseos-manager's slots changed: the device report's software list with them.
     BaseOs,
+    /// The edgeview agent's status: EVE's ZInfoEdgeview while a token is in force.
+    Edgeview(Box<Event<cairn_types::EdgeviewStatus>>),
     Report,
     Metrics,
 }
@@ -65,6 +67,7 @@ pub async fn run(
     let mut content_trees = bus.subscribe::<ContentTreeStatus>("downloader");
     let mut domain_metrics = bus.subscribe::<DomainMetric>("domain-manager");
     let mut baseos = bus.subscribe::<cairn_types::BaseOsStatus>("baseos-manager");
+    let mut edgeview = bus.subscribe::<cairn_types::EdgeviewStatus>("edgeview");
     let mut queue = Queue::new(options.first_backoff, options.max_backoff);
     let mut state = State {
         status: DeviceStatus {
@@ -80,6 +83,8 @@ pub async fn run(
         volume_refs: BTreeMap::new(),
         shutdown: crate::ops::Shutdown::load(bus.run_dir()).await,
         shutdown_seen: None,
+        edgeview_signer: String::new(),
+        device_uuid: String::new(),
     };
     state.status.shutdown_cmd = state.shutdown.in_force();
     // Record I/O (read, checksum, decode of a possibly large config) off the runtime.
@@ -124,6 +129,7 @@ pub async fn run(
                 event = content_trees.recv() => Wake::ContentTree(Box::new(event)),
                 _ = domain_metrics.recv() => Wake::DomainMetric,
                 _ = baseos.recv() => Wake::BaseOs,
+                event = edgeview.recv() => Wake::Edgeview(Box::new(event)),
                 _ = sleep_until(next_metrics) => Wake::Metrics,
                 _ = sleep_until(report_due.unwrap_or_else(Instant::now)), if report_due.is_some() => Wake::Report,
             }
@@ -217,6 +223,16 @@ pub async fn run(
                 _ => {}
             },
             Wake::DomainMetric => {}
+            Wake::Edgeview(event) => {
+                if let Event::Create { value, .. } | Event::Modify { new: value, .. } = *event
+                    && value.active()
+                {
+                    queue.put(
+                        report::EDGEVIEW_KEY.to_string(),
+                        Report::Edgeview(Box::new(value)),
+                    );
+                }
+            }
             Wake::BaseOs => {
                 if let (Some(mut facts), Some(slots)) =
                     (device_facts.clone(), baseos.values().next())
@@ -293,6 +309,7 @@ pub async fn run(
                                     let uuid = report::content_tree_of_key(&app);
                                     report::content_tree_info(device, uuid, status.as_deref())
                                 }
+                                Report::Edgeview(status) => report::edgeview_info(device, status),
                             };
                             link.send_info(info).await
                         }
@@ -337,6 +354,10 @@ struct State {
     shutdown: crate::ops::Shutdown,
     /// The shutdown counter of the controller's config in force (or checkpointed).
     shutdown_seen: Option<u32>,
+    /// The controller's signing certificate (PEM) and the device's UUID, which EdgeView's
+    /// token is checked against (EVE: zedagent's `verifyJWT` and `addEvFiles`).
+    edgeview_signer: String,
+    device_uuid: String,
 }
 
 impl State {
@@ -360,6 +381,10 @@ impl State {
         let polled = link.poll_config(&sent_hash).await;
         if let Some(device) = link.device() {
             self.status.device_uuid = device.to_string();
+            self.device_uuid = device.to_string();
+        }
+        if let Some(signer) = link.signing_cert() {
+            self.edgeview_signer = String::from_utf8_lossy(signer).into_owned();
         }
         match polled {
             Ok(Polled::Unchanged) => {
@@ -478,7 +503,14 @@ impl State {
         config: &model::DeviceConfig,
         source: ConfigSource,
     ) -> Result<(), BusError> {
-        publications.apply(&self.shutdown.apply(config)).await?;
+        let mut config = self.shutdown.apply(config);
+        if config.edgeview.is_some()
+            && let Some(edgeview) = config.to_mut().edgeview.as_mut()
+        {
+            edgeview.signing_cert_pem = self.edgeview_signer.clone();
+            edgeview.device_uuid = self.device_uuid.clone();
+        }
+        publications.apply(&config).await?;
         if !self.restarted {
             publications.restarted().await?;
             self.restarted = true;

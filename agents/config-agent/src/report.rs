@@ -69,7 +69,12 @@ pub enum Report {
     Volume(Option<Box<VolumeStatus>>),
     /// The content tree's newest status; `None`: the tree is gone.
     ContentTree(Option<Box<ContentTreeStatus>>),
+    /// The edgeview agent's newest status.
+    Edgeview(Box<cairn_types::EdgeviewStatus>),
 }
+
+/// The queue key of the edgeview report (EVE queues it under `global`).
+pub const EDGEVIEW_KEY: &str = "edgeview";
 
 /// The device's facts as far as the machine tells them; what cannot be read stays empty.
 /// Blocking (reads `/proc`, `/sys` and `statvfs` of `persist`).
@@ -243,6 +248,24 @@ pub fn device_info(device: uuid::Uuid, info: ZInfoDevice) -> ZInfoMsg {
         ztype: ZInfoTypes::ZiDevice as i32,
         dev_id: device.to_string(),
         info_content: Some(InfoContent::Dinfo(info)),
+        at_time_stamp: Some(timestamp(Utc::now())),
+    }
+}
+
+/// EVE's `PublishEdgeviewToZedCloud`: the token's expiry, when the sessions started and the
+/// commands counted.
+pub fn edgeview_info(device: uuid::Uuid, status: &cairn_types::EdgeviewStatus) -> ZInfoMsg {
+    let expire = DateTime::<Utc>::from_timestamp(status.expire_on as i64, 0);
+    ZInfoMsg {
+        ztype: ZInfoTypes::ZiEdgeview as i32,
+        dev_id: device.to_string(),
+        info_content: Some(InfoContent::Evinfo(crate::proto::ZInfoEdgeview {
+            expire_time: expire.map(timestamp),
+            started_time: status.started_on.map(timestamp),
+            count_dev: status.cmd_count_dev,
+            count_app: status.cmd_count_app,
+            count_ext: status.cmd_count_ext,
+        })),
         at_time_stamp: Some(timestamp(Utc::now())),
     }
 }
@@ -822,5 +845,30 @@ mod tests {
             100,
             "success resets the backoff"
         );
+    }
+
+    #[test]
+    fn the_edgeview_report_is_eves_zinfo_edgeview() {
+        use prost::Message;
+        let device: uuid::Uuid = "6ba7b810-9dad-11d1-80b4-00c04fd430c8".parse().unwrap();
+        let started = DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap();
+        let status = cairn_types::EdgeviewStatus {
+            expire_on: 1_700_003_600,
+            started_on: Some(started),
+            cmd_count_dev: 3,
+            connected: 1,
+            instances: 1,
+            ..Default::default()
+        };
+        let bytes = edgeview_info(device, &status).encode_to_vec();
+        let msg = ZInfoMsg::decode(bytes.as_slice()).unwrap();
+        assert_eq!(msg.ztype, ZInfoTypes::ZiEdgeview as i32);
+        assert_eq!(msg.dev_id, device.to_string());
+        let Some(InfoContent::Evinfo(ev)) = msg.info_content else {
+            panic!("evinfo: {msg:?}");
+        };
+        assert_eq!(ev.expire_time.unwrap().seconds, 1_700_003_600);
+        assert_eq!(ev.started_time.unwrap().seconds, 1_700_000_000);
+        assert_eq!((ev.count_dev, ev.count_app, ev.count_ext), (3, 0, 0));
     }
 }

@@ -1098,3 +1098,54 @@ fn remotes_come_alike_from_either_source_and_bad_ones_are_refused_by_place() {
     let e = err(from_proto(&edge));
     assert_eq!(e.path, "cairn_remotes[0].endpoint", "{e}");
 }
+
+#[test]
+fn edgeview_from_eves_field_and_from_the_local_file_are_the_same_message() {
+    // EVE's fields only (EdgeDevConfig.edgeview = 32), through the wire.
+    let mut config = proto_config(&[]);
+    config.edgeview = Some(proto::EdgeViewConfig {
+        token: "h.p.s".into(),
+        disp_cert_pem: vec![
+            b"-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n".to_vec(),
+        ],
+        dev_policy: Some(proto::DevDebugAccessPolicy { allow_dev: true }),
+        app_policy: None,
+        ext_policy: Some(proto::ExternalEndPointPolicy { allow_ext: false }),
+        generation_id: 4,
+    });
+    let decoded = proto::EdgeDevConfig::decode(config.encode_to_vec().as_slice()).unwrap();
+    let edgeview = from_proto(&decoded).unwrap().edgeview.unwrap();
+    assert_eq!(edgeview.jw_token, "h.p.s");
+    assert!(edgeview.dev_policy.enabled);
+    assert!(
+        !edgeview.app_policy.enabled,
+        "an absent policy allows nothing"
+    );
+    assert_eq!(edgeview.gen_id, 4);
+    assert_eq!(edgeview.disp_cert_pem.len(), 1);
+    // The signer and device come from the link when the config is put in force.
+    assert!(edgeview.signing_cert_pem.is_empty() && edgeview.device_uuid.is_empty());
+
+    let text = local("").replace(
+        r#""config_items""#,
+        r#""edgeview": {"token": "h.p.s", "dev_policy": {"allow_dev": true},
+             "disp_cert_pem": ["-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n"],
+             "ext_policy": {"allow_ext": false}, "generation_id": 4,
+             "signing_cert_pem": "PEM"},
+           "config_items""#,
+    );
+    let local_edgeview = from_local_json(&text).unwrap().edgeview.unwrap();
+    assert_eq!(
+        local_edgeview,
+        cairn_types::EdgeviewConfig {
+            signing_cert_pem: "PEM".into(),
+            ..edgeview
+        }
+    );
+    // No edgeview: EdgeView is off.
+    assert_eq!(from_proto(&proto_config(&[])).unwrap().edgeview, None);
+    // A misspelt policy field is named.
+    let bad = text.replace("allow_dev", "allowDev");
+    let e = err(from_local_json(&bad));
+    assert!(e.path.starts_with("edgeview.dev_policy"), "{e}");
+}

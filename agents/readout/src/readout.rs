@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::supervision::Supervisor;
 
-pub const AGENTS: [&str; 7] = [
+pub const AGENTS: [&str; 8] = [
     "config-agent",
     "app-manager",
     "volume-manager",
@@ -23,6 +23,7 @@ pub const AGENTS: [&str; 7] = [
     "downloader",
     "log-manager",
     "baseos-manager",
+    "edgeview",
 ];
 
 /// The run and persist roots the device uses.
@@ -206,7 +207,7 @@ pub fn socket_refusal(socket: &Path) -> Option<String> {
 
 /// Reads every agent's status topics.
 pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
-    let (device, apps, domains, volumes, content_trees, log_manager, exports, baseos) = tokio::join!(
+    let (device, apps, domains, volumes, content_trees, log_manager, exports, baseos, edgeview) = tokio::join!(
         read::<DeviceStatus>(roots, "config-agent", wait),
         read::<AppInstanceStatus>(roots, "app-manager", wait),
         read::<DomainStatus>(roots, "domain-manager", wait),
@@ -215,6 +216,7 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
         read::<LogManagerStatus>(roots, "log-manager", wait),
         read::<ExportStatus>(roots, "volume-manager", wait),
         read::<cairn_types::BaseOsStatus>(roots, "baseos-manager", wait),
+        read::<cairn_types::EdgeviewStatus>(roots, "edgeview", wait),
     );
     let mut agents = Vec::new();
     let mut health = |agent: &str, state: String| {
@@ -282,6 +284,14 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
             read_state(&baseos),
             "baseos-manager",
             <cairn_types::BaseOsStatus as cairn_types::Topic>::NAME,
+        ),
+    );
+    health(
+        "edgeview",
+        state(
+            read_state(&edgeview),
+            "edgeview",
+            <cairn_types::EdgeviewStatus as cairn_types::Topic>::NAME,
         ),
     );
     fn values<T>(read: Read<T>) -> Vec<T> {

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod datastore;
+pub mod dispatcher;
 pub mod logs;
 pub mod registry;
 
@@ -128,6 +129,17 @@ impl Device {
         trees
     }
 
+    /// The latest EdgeView report, if any came.
+    pub fn edgeview_info(&self) -> Option<cairn_config_agent::proto::ZInfoEdgeview> {
+        self.infos
+            .iter()
+            .rev()
+            .find_map(|info| match &info.info_content {
+                Some(InfoContent::Evinfo(ev)) => Some(*ev),
+                _ => None,
+            })
+    }
+
     /// The latest device report, if any came.
     pub fn device_info(&self) -> Option<ZInfoDevice> {
         self.infos
@@ -240,6 +252,22 @@ impl TestController {
         .into_iter()
         .flat_map(|(flag, value)| [flag.to_string(), value])
         .collect())
+    }
+
+    /// An EdgeView token as EVE's controller issues it: a JWT with EVE's claims (`dep`, `sub`
+    /// the device's UUID, `exp`, `key`, `num`), signed ES256 by the controller's signing key.
+    pub fn edgeview_token(&self, serial: &str, dispatcher: &str, exp: u64, key: &str) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = b64.encode(r#"{"alg":"ES256","typ":"JWT"}"#);
+        let claims = serde_json::json!({
+            "dep": dispatcher, "sub": self.device_uuid(serial).to_string(), "exp": exp,
+            "key": key, "num": 1, "enc": false, "aut": 0,
+        });
+        let text = format!("{header}.{}", b64.encode(claims.to_string()));
+        // ES256 is ECDSA P-256 over SHA-256 with r‖s: the same signature as EVE's object signing.
+        let signature = self.pki.signer.seal(text.clone().into_bytes(), false);
+        format!("{text}.{}", b64.encode(signature.signature_hash))
     }
 
     /// The UUID this controller gives the device with `serial` (made on first use, like a

@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 
 pub const DEMO_APP: &str = "d3e0c0de-0000-4000-8000-00000000a001";
 pub const DEMO_SNAPSHOT: &str = "d3e0c0de-0000-4000-8000-00000000c001";
-pub const AGENTS: [&str; 7] = [
+pub const AGENTS: [&str; 8] = [
     "config-agent",
     "app-manager",
     "volume-manager",
@@ -25,6 +25,7 @@ pub const AGENTS: [&str; 7] = [
     "downloader",
     "log-manager",
     "baseos-manager",
+    "edgeview",
 ];
 
 pub fn cairn_bin() -> PathBuf {

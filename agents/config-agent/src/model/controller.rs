@@ -79,6 +79,7 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
             .iter()
             .map(|item| (item.key.clone(), item.value.clone()))
             .collect(),
+        edgeview: config.edgeview.as_ref().map(proto_edgeview),
         shutdown_counter: config.shutdown.as_ref().map(|cmd| cmd.counter),
         remotes: config
             .cairn_remotes
@@ -583,5 +584,26 @@ fn proto_origin(volume: &proto::Volume, path: &str) -> Result<VolumeOrigin, Conf
             sha256: volume.cairn_base_sha256.clone(),
         }),
         (None, true) => Ok(VolumeOrigin::Blank),
+    }
+}
+
+/// EVE's `parseEvConfig`: the token, the dispatcher certificates and the three policies as
+/// given (an absent policy allows nothing).
+fn proto_edgeview(ev: &proto::EdgeViewConfig) -> cairn_types::EdgeviewConfig {
+    let policy = |allowed: Option<bool>| cairn_types::EvPolicy {
+        enabled: allowed.unwrap_or(false),
+    };
+    cairn_types::EdgeviewConfig {
+        jw_token: ev.token.clone(),
+        disp_cert_pem: ev
+            .disp_cert_pem
+            .iter()
+            .map(|pem| String::from_utf8_lossy(pem).into_owned())
+            .collect(),
+        dev_policy: policy(ev.dev_policy.as_ref().map(|p| p.allow_dev)),
+        app_policy: policy(ev.app_policy.as_ref().map(|p| p.allow_app)),
+        ext_policy: policy(ev.ext_policy.as_ref().map(|p| p.allow_ext)),
+        gen_id: ev.generation_id,
+        ..Default::default()
     }
 }

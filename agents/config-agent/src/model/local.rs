@@ -41,6 +41,48 @@ struct LocalConfig {
     /// Object-store remotes exports may go to.
     #[serde(default)]
     remotes: Vec<LocalRemote>,
+    /// EdgeView: EVE's `EdgeViewConfig` fields by their proto names, and the certificate the
+    /// token is signed with (a local file has no controller to take it from).
+    #[serde(default)]
+    edgeview: Option<LocalEdgeview>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalEdgeview {
+    token: String,
+    #[serde(default)]
+    disp_cert_pem: Vec<String>,
+    #[serde(default)]
+    dev_policy: LocalDevPolicy,
+    #[serde(default)]
+    app_policy: LocalAppPolicy,
+    #[serde(default)]
+    ext_policy: LocalExtPolicy,
+    #[serde(default)]
+    generation_id: u32,
+    signing_cert_pem: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalDevPolicy {
+    #[serde(default)]
+    allow_dev: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalAppPolicy {
+    #[serde(default)]
+    allow_app: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalExtPolicy {
+    #[serde(default)]
+    allow_ext: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -398,6 +440,7 @@ fn check_top_level(text: &str) -> Result<(), ConfigError> {
                 "datastores",
                 "content_trees",
                 "remotes",
+                "edgeview",
             ];
             // An unknown key is named by the typed parse below, with its place.
             if fields.keys().any(|k| !known.contains(&k.as_str()))
@@ -500,6 +543,22 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
                 encryption_key_file: r.encryption_key_file,
             })
             .collect(),
+        edgeview: local.edgeview.map(|ev| cairn_types::EdgeviewConfig {
+            jw_token: ev.token,
+            disp_cert_pem: ev.disp_cert_pem,
+            dev_policy: cairn_types::EvPolicy {
+                enabled: ev.dev_policy.allow_dev,
+            },
+            app_policy: cairn_types::EvPolicy {
+                enabled: ev.app_policy.allow_app,
+            },
+            ext_policy: cairn_types::EvPolicy {
+                enabled: ev.ext_policy.allow_ext,
+            },
+            gen_id: ev.generation_id,
+            signing_cert_pem: ev.signing_cert_pem,
+            device_uuid: String::new(),
+        }),
     };
     check_remotes(&config.remotes, "remotes")?;
     let groups = local

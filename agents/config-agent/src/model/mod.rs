@@ -12,7 +12,9 @@
 
 use std::collections::BTreeMap;
 
-use cairn_types::{AppInstanceConfig, ContentTreeConfig, RemoteConfig, VolumeConfig};
+use cairn_types::{
+    AppInstanceConfig, ContentTreeConfig, EdgeviewConfig, RemoteConfig, VolumeConfig,
+};
 
 mod clones;
 mod controller;
@@ -38,6 +40,10 @@ pub struct DeviceConfig {
     pub shutdown_counter: Option<u32>,
     /// Object-store remotes exports may go to.
     pub remotes: Vec<RemoteConfig>,
+    /// EdgeView (EVE `EdgeDevConfig.edgeview`), for the edgeview agent. Its token is checked
+    /// there, as EVE checks it outside the config parse: a bad token refuses EdgeView only.
+    /// The signing certificate and device UUID are the link's, filled in when put in force.
+    pub edgeview: Option<EdgeviewConfig>,
 }
 
 /// A refused config: `path` locates the field (`apps[1].snapshot.snapshots[0].id`).
