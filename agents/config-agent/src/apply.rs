@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use cairn_pubsub::{Access, Bus, BusError, Publication, PublishOptions, Topic};
 use cairn_types::{
-    AppInstanceConfig, ConfigItemValueMap, ConfigSource, ContentTreeConfig, DeviceStatus,
-    ErrorDescription, ErrorSeverity, RemoteConfig, VolumeConfig,
+    AppInstanceConfig, BaseOsConfig, ConfigItemValueMap, ConfigSource, ContentTreeConfig,
+    DeviceStatus, ErrorDescription, ErrorSeverity, RemoteConfig, VolumeConfig,
 };
 use chrono::Utc;
 
@@ -24,6 +24,8 @@ pub struct Publications {
     pub items: Publication<ConfigItemValueMap>,
     /// Object-store remotes (issue 22), for the volume-manager's exports.
     pub remotes: Publication<RemoteConfig>,
+    /// The base OS to run (EVE's `baseos`), for the baseos-manager.
+    pub baseos: Publication<BaseOsConfig>,
     pub device: Publication<DeviceStatus>,
 }
 
@@ -46,6 +48,7 @@ impl Publications {
             content_trees: bus.publish(PublishOptions::for_requests()).await?,
             items: bus.publish(PublishOptions::for_requests()).await?,
             remotes: bus.publish(PublishOptions::for_requests()).await?,
+            baseos: bus.publish(PublishOptions::for_requests()).await?,
             device: bus
                 .publish(PublishOptions {
                     access: status_access,
@@ -68,6 +71,8 @@ impl Publications {
         replace(&self.content_trees, &config.content_trees).await?;
         replace(&self.volumes, &config.volumes).await?;
         replace(&self.apps, &config.apps).await?;
+        // After the content trees: the bundle's tree is asked for before the request needs it.
+        replace(&self.baseos, config.baseos.as_slice()).await?;
         Ok(())
     }
 
@@ -83,6 +88,7 @@ impl Publications {
         self.content_trees.signal_restarted().await?;
         self.volumes.signal_restarted().await?;
         self.apps.signal_restarted().await?;
+        self.baseos.signal_restarted().await?;
         self.device.signal_restarted().await
     }
 }

@@ -13,16 +13,16 @@ pub use crate::eve::org::lfedge::eve::common::HashAlgorithm;
 // EVE's `UUIDandVersion`, which prost spells `UuiDandVersion`.
 pub use crate::eve::org::lfedge::eve::config::UuiDandVersion as UuidAndVersion;
 pub use crate::eve::org::lfedge::eve::config::{
-    AppInstanceConfig, ConfigItem, ConfigRequest, ConfigResponse, ContentTree, DatastoreConfig,
-    DeviceOpsCmd, Drive, DsType, EdgeDevConfig, Format, InstanceOpsCmd, SnapshotConfig,
-    SnapshotDesc, SnapshotType, VmBootMode, VmConfig, VmMode, Volume, VolumeContentOrigin,
-    VolumeContentOriginType, VolumeRef,
+    AppInstanceConfig, BaseOs, ConfigItem, ConfigRequest, ConfigResponse, ContentTree,
+    DatastoreConfig, DeviceOpsCmd, Drive, DsType, EdgeDevConfig, Format, InstanceOpsCmd,
+    SnapshotConfig, SnapshotDesc, SnapshotType, VmBootMode, VmConfig, VmMode, Volume,
+    VolumeContentOrigin, VolumeContentOriginType, VolumeRef,
 };
 pub use crate::eve::org::lfedge::eve::info::z_info_msg::InfoContent;
 pub use crate::eve::org::lfedge::eve::info::{
-    ApiCapability, BaseOsStatus, BootReason, ErrorInfo, Severity, VolumeResources, ZDeviceState,
-    ZInfoApp, ZInfoDevSw, ZInfoDevice, ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot, ZInfoTypes,
-    ZInfoVolume, ZSwState,
+    ApiCapability, BaseOsStatus, BaseOsSubStatus, BootReason, ErrorInfo, Severity, VolumeResources,
+    ZDeviceState, ZInfoApp, ZInfoDevSw, ZInfoDevice, ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot,
+    ZInfoTypes, ZInfoVolume, ZSwState,
 };
 pub use crate::eve::org::lfedge::eve::info::{ContentResources, UsageInfo, ZInfoContentTree};
 pub use crate::eve::org::lfedge::eve::metrics::z_metric_msg::MetricContent;
