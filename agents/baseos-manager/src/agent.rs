@@ -329,13 +329,7 @@ impl Updater {
     async fn store(&mut self, record: UpdateRecord) -> anyhow::Result<()> {
         let persist = self.settings.persist.clone();
         let r = record.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            cairn_persist::create_dir_durable(&persist.join("baseos"))?;
-            #[allow(clippy::disallowed_methods)] // on the blocking pool
-            cairn_persist::store(&update::record_path(&persist), &r)?;
-            Ok(())
-        })
-        .await??;
+        tokio::task::spawn_blocking(move || store_record(&persist, &r)).await??;
         self.record = Some(record);
         Ok(())
     }
@@ -547,6 +541,13 @@ impl Updater {
         self.rebooted_for = None;
         self.installed(record, target).await
     }
+}
+
+#[allow(clippy::disallowed_methods)] // blocking: runs on the blocking pool
+fn store_record(persist: &Path, record: &UpdateRecord) -> anyhow::Result<()> {
+    cairn_persist::create_dir_durable(&persist.join("baseos"))?;
+    cairn_persist::store(&update::record_path(persist), record)?;
+    Ok(())
 }
 
 #[allow(clippy::disallowed_methods)] // blocking: runs on the blocking pool
