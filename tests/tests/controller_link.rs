@@ -579,9 +579,10 @@ async fn the_device_reports_zinfodevice_at_start() {
     assert_eq!(msg.ztype, proto::ZInfoTypes::ZiDevice as i32);
     assert!(info.ncpu > 0 && info.memory > 0 && info.storage > 0);
     assert_eq!(info.state, proto::ZDeviceState::ZdeviceStateOnline as i32);
+    // A controller gating its snapshot UI on VOLUME_SNAPSHOTS offers it (and no more).
     assert_eq!(
         info.api_capability,
-        cairn_config_agent::report::API_CAPABILITY as i32
+        proto::ApiCapability::VolumeSnapshots as i32
     );
     assert_eq!(info.sw_list.len(), 1);
     assert_eq!(info.sw_list[0].partition_label, "IMGA");

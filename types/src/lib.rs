@@ -20,7 +20,9 @@ pub mod snapshot;
 pub mod volume;
 
 pub use app::{AppInstanceConfig, AppInstanceStatus, RestartPolicy, SwState, VolumeRefConfig};
-pub use baseos::{BaseOsSlot, BaseOsStatus, UpdateOutcome};
+pub use baseos::{
+    BaseOsConfig, BaseOsSlot, BaseOsStatus, BaseOsUpdateState, BaseOsUpdateStatus, UpdateOutcome,
+};
 pub use common::{
     AppInstanceOpsCmd, ErrorDescription, ErrorEntity, ErrorEntityType, ErrorSeverity,
     UUIDandVersion,

@@ -10,11 +10,17 @@ use std::time::{Duration, Instant};
 
 use cairn_pubsub::{Bus, PublishOptions};
 use cairn_readout::readout::{Roots, device_view};
-use cairn_types::{BaseOsSlot, BaseOsStatus, ConfigSource, DeviceStatus, UpdateOutcome};
+use cairn_types::{
+    BaseOsConfig, BaseOsSlot, BaseOsStatus, BaseOsUpdateStatus, ConfigSource, ContentTreeStatus,
+    DeviceStatus, UpdateOutcome,
+};
 use chrono::{DateTime, Utc};
 
 use crate::bootstate::{BootState, Slot};
+use crate::bundle::{self, PublicKey, Reading};
 use crate::disk::BootDisk;
+use crate::install;
+use crate::update::{self, Action, BootView, Phase, UpdateRecord};
 
 pub const AGENT: &str = "baseos-manager";
 
@@ -27,6 +33,17 @@ pub struct Boot {
     pub mode: String,
 }
 
+/// How the agent asks for a reboot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reboot {
+    /// Not on an A/B boot disk: never.
+    Nothing,
+    /// SIGTERM to PID 1: the image's init reboots on it.
+    Init,
+    /// A shell command (`sh -c`), e.g. for tests that observe the reboot.
+    Command(String),
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub persist: PathBuf,
@@ -35,8 +52,11 @@ pub struct Settings {
     pub boot: Option<Boot>,
     /// A trial boot that is not healthy by then is rolled back.
     pub trial_deadline: Duration,
-    /// Ask PID 1 (the image's init) for a reboot after a failed trial.
-    pub reboot: bool,
+    /// How to reboot: after a failed trial (into the committed slot) and after an install
+    /// with `activate` (into the slot on trial).
+    pub reboot: Reboot,
+    /// The public key bundles must be signed with.
+    pub update_key: PathBuf,
     /// The image's release file (`/etc/cairn/release`).
     pub release: PathBuf,
     /// The agents whose health a trial boot waits for.
@@ -74,16 +94,22 @@ pub async fn run(
     tracing::info!(mode = %status.boot_mode, slots = ?status.slots.iter().map(|s| (&s.partition_label, &s.partition_state)).collect::<Vec<_>>(), "base OS");
     statuses.publish(status.clone()).await?;
     statuses.signal_restarted().await?;
+    let mut updater = Updater::start(&settings, status).await?;
 
     tokio::pin!(shutdown);
-    if let Some(boot) = settings.boot.clone().filter(|b| b.mode == "trial") {
+    let mut configs = bus.subscribe::<BaseOsConfig>("config-agent");
+    let mut trees = bus.subscribe::<ContentTreeStatus>("downloader");
+    let trial_boot = settings.boot.clone().filter(|b| b.mode == "trial");
+    let mut trial: Option<std::pin::Pin<Box<dyn std::future::Future<Output = _>>>> = None;
+    if let Some(boot) = trial_boot.clone() {
         // Restarted after the verdict (a kill between it and the reboot): keep it.
         let disk = BootDisk::partitions_of(&boot.disk);
         let state = tokio::task::spawn_blocking(move || BootState::read(&disk.state)).await??;
         let judged = if state.committed == boot.slot {
             Some(Ok(Duration::ZERO))
         } else if state.failed == Some(boot.slot) {
-            Some(Err(status
+            Some(Err(updater
+                .status
                 .last_update
                 .clone()
                 .map(|o| o.reason)
@@ -91,36 +117,473 @@ pub async fn run(
                     "the trial failed earlier in this boot".into()
                 })))
         } else {
-            tokio::select! {
-                verdict = judge_trial(&settings) => Some(verdict),
-                () = &mut shutdown => None,
-            }
+            None
         };
-        match judged {
-            Some(Ok(waited)) => {
+        let s = settings.clone();
+        trial = Some(match judged {
+            Some(verdict) => Box::pin(std::future::ready(verdict)),
+            None => Box::pin(async move { judge_trial(&s).await }),
+        });
+    }
+    loop {
+        tokio::select! {
+            verdict = async { trial.as_mut().expect("guarded").await }, if trial.is_some() => {
+                trial = None;
+                let boot = trial_boot.clone().expect("a trial boot");
                 let s = settings.clone();
-                let status =
-                    tokio::task::spawn_blocking(move || commit(&s, &boot, waited)).await??;
-                statuses.publish(status).await?;
+                let status = match verdict {
+                    Ok(waited) => tokio::task::spawn_blocking(move || commit(&s, &boot, waited)).await??,
+                    Err(reason) => {
+                        let status = tokio::task::spawn_blocking(move || roll_back(&s, &boot, &reason)).await??;
+                        updater.status = BaseOsStatus { update: updater.status.update.clone(), ..status };
+                        statuses.publish(updater.status.clone()).await?;
+                        tracing::warn!("rebooting into the committed slot");
+                        reboot(&settings.reboot).await;
+                        continue;
+                    }
+                };
+                updater.status = BaseOsStatus { update: updater.status.update.clone(), ..status };
+                statuses.publish(updater.status.clone()).await?;
             }
-            Some(Err(reason)) => {
-                let s = settings.clone();
-                let status =
-                    tokio::task::spawn_blocking(move || roll_back(&s, &boot, &reason)).await??;
-                statuses.publish(status).await?;
-                if settings.reboot {
-                    tracing::warn!("rebooting into the committed slot");
-                    nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(1),
-                        nix::sys::signal::Signal::SIGTERM,
-                    )?;
+            _ = configs.recv() => {}
+            _ = trees.recv() => {}
+            () = &mut shutdown => return Ok(()),
+        }
+        let config = configs.values().next().cloned();
+        let tree = config
+            .as_ref()
+            .and_then(|c| trees.get(&c.content_tree_uuid.to_string()).cloned());
+        updater
+            .step(config.as_ref(), tree.as_ref(), &statuses)
+            .await?;
+    }
+}
+
+/// Asks for a reboot: the configured command (tests observe it), else SIGTERM to PID 1 (the
+/// image's init reboots on it).
+async fn reboot(how: &Reboot) {
+    match how {
+        Reboot::Nothing => tracing::warn!("no reboot: not on an A/B boot disk"),
+        Reboot::Init => {
+            if let Err(e) = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(1),
+                nix::sys::signal::Signal::SIGTERM,
+            ) {
+                tracing::error!(error = %e, "cannot ask init for a reboot");
+            }
+        }
+        Reboot::Command(command) => {
+            let run = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .kill_on_drop(true)
+                .status();
+            match tokio::time::timeout(Duration::from_secs(60), run).await {
+                Ok(Ok(status)) if status.success() => {}
+                Ok(Ok(status)) => tracing::error!(%command, %status, "the reboot command failed"),
+                Ok(Err(e)) => {
+                    tracing::error!(%command, error = %e, "cannot run the reboot command")
                 }
+                Err(_) => tracing::error!(%command, "the reboot command did not end within 60 s"),
             }
-            None => return Ok(()),
         }
     }
-    shutdown.await;
+}
+
+/// The configured update: its record, the status it is published in, and what was done for
+/// it during this run (a verified bundle, a reboot asked).
+struct Updater {
+    settings: Settings,
+    status: BaseOsStatus,
+    record: Option<UpdateRecord>,
+    verified: Option<(uuid::Uuid, String)>,
+    rebooted_for: Option<String>,
+}
+
+impl Updater {
+    async fn start(settings: &Settings, status: BaseOsStatus) -> anyhow::Result<Self> {
+        let persist = settings.persist.clone();
+        let record = tokio::task::spawn_blocking(move || load_record(&persist)).await?;
+        Ok(Self {
+            settings: settings.clone(),
+            status,
+            record,
+            verified: None,
+            rebooted_for: None,
+        })
+    }
+
+    /// Decides and acts until nothing is left to do for now; publishes the status on each change.
+    async fn step(
+        &mut self,
+        config: Option<&BaseOsConfig>,
+        tree: Option<&ContentTreeStatus>,
+        statuses: &cairn_pubsub::Publication<BaseOsStatus>,
+    ) -> anyhow::Result<()> {
+        loop {
+            let Some(config) = config else {
+                if self.status.update.take().is_some() {
+                    statuses.publish(self.status.clone()).await?;
+                }
+                return Ok(());
+            };
+            let view = self.boot_view().await?;
+            let running_version = release_version(&self.settings.release);
+            let trial_failure = self
+                .status
+                .last_update
+                .as_ref()
+                .filter(|o| o.result == "failed")
+                .map(|o| (o.partition_label.as_str(), o.reason.as_str()));
+            let (update, action) = update::decide(&update::Inputs {
+                config,
+                tree,
+                record: self.record.as_ref(),
+                boot: view.as_ref(),
+                running_version: &running_version,
+                trial_failure,
+                verified: self.verified.as_ref().is_some_and(|(id, sha)| {
+                    *id == config.content_tree_uuid
+                        && tree.is_some_and(|t| &t.content_sha256 == sha)
+                }),
+            });
+            self.show(update, statuses).await?;
+            match action {
+                Action::Nothing => return Ok(()),
+                Action::Reboot { target } => {
+                    let key = format!("{}/{}", config.content_tree_uuid, target.label());
+                    if self.rebooted_for.as_deref() != Some(key.as_str()) {
+                        tracing::warn!(slot = target.label(), version = %config.base_os_version, "rebooting into the updated slot for its trial boot");
+                        reboot(&self.settings.reboot).await;
+                        self.rebooted_for = Some(key);
+                    }
+                    return Ok(());
+                }
+                Action::Verify { bundle } => {
+                    let tree = tree.expect("a bundle comes from a tree");
+                    self.verify(config, tree, bundle, statuses).await?;
+                }
+                Action::Install { bundle, target } => {
+                    let tree = tree.expect("a bundle comes from a tree");
+                    let view = view.expect("an install needs the boot disk");
+                    self.install(config, tree, bundle, target, &view, statuses)
+                        .await?;
+                }
+                Action::FinishInstall { target } => {
+                    tracing::info!(
+                        slot = target.label(),
+                        "the interrupted install had finished: recording it, writing nothing"
+                    );
+                    let mut record = self.record.clone().unwrap_or_default();
+                    record.phase = Phase::Installed;
+                    self.installed(record, target).await?;
+                }
+                Action::Retrial { target } => {
+                    let view = view.expect("a retrial needs the boot disk");
+                    self.retrial(config, target, &view).await?;
+                }
+            }
+        }
+    }
+
+    async fn show(
+        &mut self,
+        mut update: BaseOsUpdateStatus,
+        statuses: &cairn_pubsub::Publication<BaseOsStatus>,
+    ) -> anyhow::Result<()> {
+        // The same error keeps the time it was first seen (no new report for nothing new).
+        if let Some(old) = self.status.update.as_ref()
+            && old.error.error == update.error.error
+        {
+            update.error.error_time = old.error.error_time;
+        }
+        let s = self.settings.clone();
+        let fresh = tokio::task::spawn_blocking(move || current_status(&s)).await??;
+        let status = BaseOsStatus {
+            update: Some(update),
+            ..fresh
+        };
+        if status != self.status {
+            if let Some(u) = &status.update {
+                tracing::info!(version = %u.base_os_version, state = ?u.state, slot = %u.partition_label, step = %u.step, error = %u.error.error, "base OS update");
+            }
+            self.status = status;
+            statuses.publish(self.status.clone()).await?;
+        }
+        Ok(())
+    }
+
+    async fn boot_view(&self) -> anyhow::Result<Option<BootView>> {
+        let Some(boot) = self.settings.boot.clone() else {
+            return Ok(None);
+        };
+        let disk = BootDisk::partitions_of(&boot.disk);
+        let state = tokio::task::spawn_blocking(move || BootState::read(&disk.state)).await??;
+        Ok(Some(BootView {
+            running: boot.slot,
+            mode: boot.mode,
+            state,
+        }))
+    }
+
+    async fn store(&mut self, record: UpdateRecord) -> anyhow::Result<()> {
+        let persist = self.settings.persist.clone();
+        let r = record.clone();
+        tokio::task::spawn_blocking(move || store_record(&persist, &r)).await??;
+        self.record = Some(record);
+        Ok(())
+    }
+
+    fn new_record(
+        config: &BaseOsConfig,
+        tree: &ContentTreeStatus,
+        phase: Phase,
+        target: Option<Slot>,
+    ) -> UpdateRecord {
+        UpdateRecord {
+            content_tree_uuid: config.content_tree_uuid,
+            content_sha256: tree.content_sha256.clone(),
+            version: config.base_os_version.clone(),
+            phase,
+            partition_label: target.map(|t| t.label().to_string()).unwrap_or_default(),
+            retry_update_counter: config.retry_update_counter,
+            time: Some(Utc::now()),
+            ..Default::default()
+        }
+    }
+
+    async fn failed(
+        &mut self,
+        config: &BaseOsConfig,
+        tree: &ContentTreeStatus,
+        error: String,
+    ) -> anyhow::Result<()> {
+        let error = format!(
+            "base OS {} from content tree {}: {error}",
+            config.base_os_version, config.content_tree_uuid
+        );
+        tracing::error!(version = %config.base_os_version, %error, "the base OS update failed");
+        let record = UpdateRecord {
+            error,
+            ..Self::new_record(config, tree, Phase::Failed, None)
+        };
+        self.store(record).await
+    }
+
+    async fn key(&self) -> Result<PublicKey, String> {
+        let path = self.settings.update_key.clone();
+        tokio::task::spawn_blocking(move || PublicKey::load(&path))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{e}: the device cannot check update bundles"))
+    }
+
+    async fn verify(
+        &mut self,
+        config: &BaseOsConfig,
+        tree: &ContentTreeStatus,
+        bundle: PathBuf,
+        statuses: &cairn_pubsub::Publication<BaseOsStatus>,
+    ) -> anyhow::Result<()> {
+        if let Some(update) = self.status.update.as_mut() {
+            update.step = "verifying the bundle's signature and hashes".into();
+            statuses.publish(self.status.clone()).await?;
+        }
+        let key = match self.key().await {
+            Ok(key) => key,
+            Err(e) => return self.failed(config, tree, e).await,
+        };
+        let version = config.base_os_version.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let verified =
+                bundle::verify(&bundle, &key, Reading::File).map_err(|e| e.to_string())?;
+            if verified.header.version != version {
+                return Err(format!(
+                    "bundle {} holds version {}, the update asks for {version}",
+                    bundle.display(),
+                    verified.header.version
+                ));
+            }
+            Ok(())
+        })
+        .await?;
+        match checked {
+            Ok(()) => {
+                tracing::info!(version = %config.base_os_version, "bundle verified; not installed (activate is false)");
+                self.verified = Some((config.content_tree_uuid, tree.content_sha256.clone()));
+                Ok(())
+            }
+            Err(e) => self.failed(config, tree, e).await,
+        }
+    }
+
+    async fn install(
+        &mut self,
+        config: &BaseOsConfig,
+        tree: &ContentTreeStatus,
+        bundle: PathBuf,
+        target: Slot,
+        view: &BootView,
+        statuses: &cairn_pubsub::Publication<BaseOsStatus>,
+    ) -> anyhow::Result<()> {
+        let key = match self.key().await {
+            Ok(key) => key,
+            Err(e) => return self.failed(config, tree, e).await,
+        };
+        let boot = self
+            .settings
+            .boot
+            .clone()
+            .expect("an install needs the boot disk");
+        // The intent first: a kill from here on is found at the next start.
+        let intent = UpdateRecord {
+            boot_seq: view.state.seq,
+            ..Self::new_record(config, tree, Phase::Installing, Some(target))
+        };
+        self.store(intent.clone()).await?;
+        tracing::info!(slot = target.label(), version = %config.base_os_version, bundle = %bundle.display(), "installing the base OS update");
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(16);
+        let version = config.base_os_version.clone();
+        let running = view.running;
+        let work = tokio::task::spawn_blocking(move || {
+            install::install(
+                &bundle,
+                Reading::File,
+                &key,
+                &BootDisk::partitions_of(&boot.disk),
+                running,
+                Some(&version),
+                &mut |step| {
+                    let _ = tx.blocking_send(step.to_string());
+                },
+            )
+        });
+        tokio::pin!(work);
+        let done = loop {
+            tokio::select! {
+                done = &mut work => break done?,
+                Some(step) = rx.recv() => {
+                    tracing::info!(%step, "install");
+                    if let Some(update) = self.status.update.as_mut() {
+                        update.step = step;
+                        update.partition_label = target.label().into();
+                        statuses.publish(self.status.clone()).await?;
+                    }
+                }
+            }
+        };
+        match done {
+            Ok(installed) => {
+                tracing::info!(
+                    slot = target.label(),
+                    verify_ms = installed.verify_time.as_millis() as u64,
+                    write_ms = installed.write_time.as_millis() as u64,
+                    "written and marked for one trial boot"
+                );
+                cairn_persist::crash_point("baseos-manager:after-trial-mark");
+                let record = UpdateRecord {
+                    phase: Phase::Installed,
+                    ..intent
+                };
+                self.installed(record, target).await
+            }
+            Err(e) => self.failed(config, tree, e.to_string()).await,
+        }
+    }
+
+    /// Records a finished install (and the outcome the trial boot reports against).
+    async fn installed(&mut self, record: UpdateRecord, target: Slot) -> anyhow::Result<()> {
+        let outcome = UpdateOutcome {
+            version: record.version.clone(),
+            partition_label: target.label().into(),
+            result: "installed".into(),
+            reason: "marked for one trial boot".into(),
+            time: Some(Utc::now()),
+        };
+        self.store(record).await?;
+        let persist = self.settings.persist.clone();
+        tokio::task::spawn_blocking(move || store_outcome(&persist, &outcome)).await??;
+        Ok(())
+    }
+
+    /// `retry_update`: the slot still holds the verified image that failed its trial; mark it
+    /// for one more trial boot (EVE sets the other partition `updating` again).
+    async fn retrial(
+        &mut self,
+        config: &BaseOsConfig,
+        target: Slot,
+        view: &BootView,
+    ) -> anyhow::Result<()> {
+        let mut record = self.record.clone().unwrap_or_default();
+        record.retry_update_counter = config.retry_update_counter;
+        record.boot_seq = view.state.seq;
+        record.time = Some(Utc::now());
+        // The counter first: a kill after the mark must not mark it again for the same counter.
+        self.store(record.clone()).await?;
+        let boot = self
+            .settings
+            .boot
+            .clone()
+            .expect("a retrial needs the boot disk");
+        let state = view.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let disk = BootDisk::partitions_of(&boot.disk);
+            state
+                .mark_trial(target, 1)
+                .write_next(&disk.state, state.seq)
+        })
+        .await??;
+        tracing::warn!(
+            slot = target.label(),
+            counter = config.retry_update_counter,
+            "retry_update: the slot is marked for one more trial boot"
+        );
+        self.rebooted_for = None;
+        self.installed(record, target).await
+    }
+}
+
+#[allow(clippy::disallowed_methods)] // blocking: runs on the blocking pool
+fn store_record(persist: &Path, record: &UpdateRecord) -> anyhow::Result<()> {
+    cairn_persist::create_dir_durable(&persist.join("baseos"))?;
+    cairn_persist::store(&update::record_path(persist), record)?;
     Ok(())
+}
+
+#[allow(clippy::disallowed_methods)] // blocking: runs on the blocking pool
+fn load_record(persist: &Path) -> Option<UpdateRecord> {
+    match cairn_persist::load::<UpdateRecord>(&update::record_path(persist)) {
+        Ok(loaded) => Some(loaded.record),
+        Err(e) => {
+            if !matches!(e.kind, cairn_persist::ErrorKind::NotFound) {
+                tracing::warn!(error = %e, "the update record is unusable; starting the update afresh");
+            }
+            None
+        }
+    }
+}
+
+/// The slots as the boot state says now (no side effects, unlike `start_status`).
+fn current_status(settings: &Settings) -> anyhow::Result<BaseOsStatus> {
+    let version = release_version(&settings.release);
+    let outcome = load_outcome(&settings.persist);
+    let Some(boot) = &settings.boot else {
+        return Ok(BaseOsStatus {
+            boot_mode: String::new(),
+            slots: vec![BaseOsSlot {
+                partition_label: "IMGA".into(),
+                partition_state: "active".into(),
+                activated: true,
+                version,
+                ..Default::default()
+            }],
+            last_update: outcome,
+            update: None,
+        });
+    };
+    let disk = BootDisk::partitions_of(&boot.disk);
+    let state = BootState::read(&disk.state)?;
+    Ok(status_of(boot, &disk, &state, &version, outcome))
 }
 
 /// Polls the device's health until it is good (Ok: how long it took) or the deadline passed
@@ -259,6 +722,7 @@ fn start_status(settings: &Settings) -> anyhow::Result<BaseOsStatus> {
                 ..Default::default()
             }],
             last_update: load_outcome(&settings.persist),
+            update: None,
         });
     };
     let disk = BootDisk::partitions_of(&boot.disk);
@@ -348,6 +812,7 @@ fn status_of(
         boot_mode: boot.mode.clone(),
         slots: vec![slot(Slot::A), slot(Slot::B)],
         last_update: outcome,
+        update: None,
     }
 }
 

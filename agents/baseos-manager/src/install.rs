@@ -44,6 +44,14 @@ pub enum InstallError {
         slot: &'static str,
         slot_size: u64,
     },
+    #[error(
+        "bundle {path} holds version {actual}, the update asks for {expected}: nothing was written"
+    )]
+    WrongVersion {
+        path: String,
+        expected: String,
+        actual: String,
+    },
     #[error("writing slot {slot} ({device}): {source}")]
     Write {
         slot: &'static str,
@@ -70,13 +78,16 @@ pub struct Installed {
 }
 
 /// Installs the bundle at `bundle_path` into the slot that is not `running`, and marks it for
-/// one trial boot. `progress` hears each step (for the log and the status).
+/// one trial boot. `expect_version`: the bundle's signed version must be this one (the
+/// controller's `base_os_version`), checked before anything is written. `progress` hears each
+/// step (for the log and the status).
 pub fn install(
     bundle_path: &Path,
     reading: Reading,
     key: &PublicKey,
     disk: &BootDisk,
     running: Slot,
+    expect_version: Option<&str>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Installed, InstallError> {
     let target = running.other();
@@ -95,6 +106,15 @@ pub fn install(
     let started = Instant::now();
     let verified = bundle::verify(bundle_path, key, reading)?;
     let verify_time = started.elapsed();
+    if let Some(expected) = expect_version
+        && verified.header.version != expected
+    {
+        return Err(InstallError::WrongVersion {
+            path: bundle_path.display().to_string(),
+            expected: expected.into(),
+            actual: verified.header.version.clone(),
+        });
+    }
     let device = disk.slot(target);
     let device_name = device.display().to_string();
     let write_err = |source| InstallError::Write {
@@ -176,8 +196,13 @@ fn copy_root(bundle_path: &Path, verified: &Verified, device: &Path) -> io::Resu
     let mut to = OpenOptions::new().write(true).open(device)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut left = verified.header.root.size;
+    let total = verified.header.root.size;
+    let mut left = total;
     while left > 0 {
+        if left <= total / 2 && left + buf.len() as u64 > total / 2 {
+            // A kill with half the slot written: a restarted install must write it all again.
+            cairn_persist::crash_point("baseos-manager:slot-half-written");
+        }
         let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
         from.read_exact(&mut buf[..want])?;
         hasher.update(&buf[..want]);

@@ -8,6 +8,7 @@ pub mod bootstate;
 pub mod bundle;
 pub mod disk;
 pub mod install;
+pub mod update;
 
 /// Where the device image holds the key it accepts bundles from.
 pub const UPDATE_KEY: &str = "/etc/cairn/update-key.pub";

@@ -29,16 +29,29 @@ struct Args {
     /// A trial boot must be healthy within this many seconds, else it is rolled back.
     #[arg(long, env = "CAIRN_TRIAL_DEADLINE_S", default_value_t = 240)]
     trial_deadline_s: u64,
+    /// Runs this shell command to reboot (after a failed trial, and into a newly installed
+    /// slot); default on an A/B boot disk: SIGTERM to PID 1, the image's init.
+    #[arg(long, env = "CAIRN_REBOOT_COMMAND")]
+    reboot_command: Option<String>,
+    /// The public key update bundles must be signed with.
+    #[arg(long, env = "CAIRN_UPDATE_KEY", default_value = cairn_baseos_manager::UPDATE_KEY)]
+    update_key: PathBuf,
     /// The image's release file.
     #[arg(long, env = "CAIRN_RELEASE_FILE", default_value = "/etc/cairn/release")]
     release: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
-    cairn_startup::answer_record_check(&[(
-        "UpdateOutcome",
-        cairn_startup::record_check::<cairn_types::UpdateOutcome>,
-    )]);
+    cairn_startup::answer_record_check(&[
+        (
+            "UpdateOutcome",
+            cairn_startup::record_check::<cairn_types::UpdateOutcome>,
+        ),
+        (
+            "BaseOsUpdateRecord",
+            cairn_startup::record_check::<cairn_baseos_manager::update::UpdateRecord>,
+        ),
+    ]);
     start(Threads::One, run)
 }
 
@@ -57,8 +70,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let settings = Settings {
         persist: args.common.persist_dir.clone(),
         run: args.common.run_dir.clone(),
-        // Only on the device: there PID 1 is the image's init, which reboots on SIGTERM.
-        reboot: boot.is_some(),
+        // SIGTERM to PID 1 only on the device: there PID 1 is the image's init, which reboots.
+        reboot: match (args.reboot_command, boot.is_some()) {
+            (Some(command), _) => agent::Reboot::Command(command),
+            (None, true) => agent::Reboot::Init,
+            (None, false) => agent::Reboot::Nothing,
+        },
+        update_key: args.update_key,
         boot,
         trial_deadline: Duration::from_secs(args.trial_deadline_s),
         release: args.release,

@@ -74,6 +74,7 @@ fn run_install(f: &Fixture, path: &Path) -> Result<install::Installed, InstallEr
         &f.key.public_key(),
         &f.disk,
         Slot::A,
+        None,
         &mut |_| {},
     )
 }
@@ -181,6 +182,7 @@ fn the_committed_slot_is_never_the_target() {
         &f.key.public_key(),
         &f.disk,
         Slot::B,
+        None,
         &mut |_| {},
     )
     .unwrap_err();

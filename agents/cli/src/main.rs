@@ -532,6 +532,26 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
                 }
             );
         }
+        // The update the config asks for (EVE's `baseos`), as far as it got.
+        if let Some(u) = &b.update {
+            let slot = if u.partition_label.is_empty() {
+                String::new()
+            } else {
+                format!(" slot {}", u.partition_label)
+            };
+            let activate = if u.activate { "" } else { " (not activated)" };
+            let detail = if u.error.is_error() {
+                format!(": {}", u.error.error)
+            } else if u.step.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", u.step)
+            };
+            println!(
+                "baseos   {}{activate} {:?} {}%{slot}{detail}",
+                u.base_os_version, u.state, u.progress
+            );
+        }
     }
     for a in view
         .agents

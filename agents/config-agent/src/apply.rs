@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use cairn_pubsub::{Access, Bus, BusError, Publication, PublishOptions, Topic};
 use cairn_types::{
-    AppInstanceConfig, ConfigItemValueMap, ConfigSource, ContentTreeConfig, DeviceStatus,
-    EdgeviewConfig, ErrorDescription, ErrorSeverity, RemoteConfig, VolumeConfig,
+    AppInstanceConfig, BaseOsConfig, ConfigItemValueMap, ConfigSource, ContentTreeConfig,
+    DeviceStatus, EdgeviewConfig, ErrorDescription, ErrorSeverity, RemoteConfig, VolumeConfig,
 };
 use chrono::Utc;
 
@@ -26,6 +26,8 @@ pub struct Publications {
     pub remotes: Publication<RemoteConfig>,
     /// EdgeView's token and policies, for the edgeview agent (absent: EdgeView off).
     pub edgeview: Publication<EdgeviewConfig>,
+    /// The base OS to run (EVE's `baseos`), for the baseos-manager.
+    pub baseos: Publication<BaseOsConfig>,
     pub device: Publication<DeviceStatus>,
 }
 
@@ -49,6 +51,7 @@ impl Publications {
             items: bus.publish(PublishOptions::for_requests()).await?,
             remotes: bus.publish(PublishOptions::for_requests()).await?,
             edgeview: bus.publish(PublishOptions::for_requests()).await?,
+            baseos: bus.publish(PublishOptions::for_requests()).await?,
             device: bus
                 .publish(PublishOptions {
                     access: status_access,
@@ -72,6 +75,8 @@ impl Publications {
         replace(&self.volumes, &config.volumes).await?;
         replace(&self.apps, &config.apps).await?;
         replace(&self.edgeview, config.edgeview.as_slice()).await?;
+        // After the content trees: the bundle's tree is asked for before the request needs it.
+        replace(&self.baseos, config.baseos.as_slice()).await?;
         Ok(())
     }
 
@@ -88,6 +93,7 @@ impl Publications {
         self.volumes.signal_restarted().await?;
         self.apps.signal_restarted().await?;
         self.edgeview.signal_restarted().await?;
+        self.baseos.signal_restarted().await?;
         self.device.signal_restarted().await
     }
 }

@@ -13,7 +13,7 @@ pub use crate::eve::org::lfedge::eve::common::HashAlgorithm;
 // EVE's `UUIDandVersion`, which prost spells `UuiDandVersion`.
 pub use crate::eve::org::lfedge::eve::config::UuiDandVersion as UuidAndVersion;
 pub use crate::eve::org::lfedge::eve::config::{
-    AppDebugAccessPolicy, AppInstanceConfig, ConfigItem, ConfigRequest, ConfigResponse,
+    AppDebugAccessPolicy, AppInstanceConfig, BaseOs, ConfigItem, ConfigRequest, ConfigResponse,
     ContentTree, DatastoreConfig, DevDebugAccessPolicy, DeviceOpsCmd, Drive, DsType, EdgeDevConfig,
     EdgeViewConfig, ExternalEndPointPolicy, Format, InstanceOpsCmd, SnapshotConfig, SnapshotDesc,
     SnapshotType, VmBootMode, VmConfig, VmMode, Volume, VolumeContentOrigin,
@@ -21,8 +21,9 @@ pub use crate::eve::org::lfedge::eve::config::{
 };
 pub use crate::eve::org::lfedge::eve::info::z_info_msg::InfoContent;
 pub use crate::eve::org::lfedge::eve::info::{
-    ApiCapability, BaseOsStatus, BootReason, ErrorInfo, Severity, VolumeResources, ZDeviceState,
-    ZInfoApp, ZInfoDevSw, ZInfoDevice, ZInfoEdgeview, ZInfoManufacturer, ZInfoMsg, ZInfoSnapshot,
+    ApiCapability, BaseOsStatus, BaseOsSubStatus, BootReason, ErrorInfo, Severity, VolumeResources,
+    ZDeviceState, ZInfoApp, ZInfoDevSw, ZInfoDevice, ZInfoEdgeview, ZInfoManufacturer, ZInfoMsg,
+    ZInfoSnapshot,
     ZInfoTypes, ZInfoVolume, ZSwState,
 };
 pub use crate::eve::org::lfedge::eve::info::{ContentResources, UsageInfo, ZInfoContentTree};

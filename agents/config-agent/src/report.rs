@@ -52,10 +52,14 @@ pub fn content_tree_of_key(key: &str) -> &str {
 }
 
 /// What Cairn tells the controller through `api_capability`. EVE's values are ordinal ("a
-/// larger number indicates all lower numbers are also supported"): Cairn has volume snapshots
-/// (5) and immediate snapshots (13) but not `BaseOs.retry_update` (1), the shutdown command (2),
-/// `start_delay_in_seconds` (3) or EdgeView (4), so any value above 0 would claim what it lacks.
-pub const API_CAPABILITY: ApiCapability = ApiCapability::Unspecified;
+/// larger number indicates all lower numbers are also supported"): Cairn has
+/// `BaseOs.retry_update` (1, the baseos-manager retries a failed update of the same version
+/// when `BaseOS.retry_update.counter` changes), the shutdown command (2),
+/// `start_delay_in_seconds` (3), EdgeView (4, the edgeview agent) and volume snapshots (5).
+/// Immediate snapshots (13) it has too, but not 6 to 12 (network instances, boot modes, MTU,
+/// ...), so 5 is the highest value it may claim; a controller that gates its snapshot UI on
+/// VOLUME_SNAPSHOTS offers it.
+pub const API_CAPABILITY: ApiCapability = ApiCapability::VolumeSnapshots;
 
 /// One report waiting for the controller.
 // At most one per app is queued, so the app variant's size costs nothing worth a box.
@@ -193,53 +197,186 @@ fn software(release: Option<&str>) -> ZInfoDevSw {
     }
 }
 
-/// The software list from the baseos-manager's root slots, one `ZInfoDevSW` per partition
-/// with EVE's zboot states (`active`, `inprogress`, `updating`, `unused`), replacing the one
-/// entry `device_facts` makes from the release file; the running entry keeps its long version.
+/// The software list from the baseos-manager's root slots and the configured update, as
+/// EVE's zedagent makes it (`getSwInfo`, `addUserSwInfo`): the running slot first, then the
+/// other, each from the update when it is assigned to that slot (its state, version, progress
+/// and error), else from the slot itself; an update not yet assigned to a slot (downloading,
+/// verified but not activated, refused) follows as a third entry with no partition. The running
+/// entry keeps the long version `device_facts` read from the release file.
 pub fn software_list(
     baseos: &cairn_types::BaseOsStatus,
     running: &[ZInfoDevSw],
 ) -> Vec<ZInfoDevSw> {
-    use crate::proto::BaseOsStatus as UserStatus;
-    baseos
-        .slots
-        .iter()
+    let mut slots: Vec<&cairn_types::BaseOsSlot> = baseos.slots.iter().collect();
+    slots.sort_by_key(|s| !s.activated);
+    let update = baseos.update.as_ref();
+    let mut list: Vec<ZInfoDevSw> = slots
+        .into_iter()
         .map(|slot| {
             let long_version = running
                 .iter()
                 .find(|r| slot.activated && r.activated)
                 .map(|r| r.long_version.clone())
                 .unwrap_or_else(|| slot.version.clone());
-            let failed = !slot.error.is_empty();
-            let user_status = match slot.partition_state.as_str() {
-                _ if failed => UserStatus::Failed,
-                "active" => UserStatus::Updated,
-                "inprogress" | "updating" => UserStatus::Updating,
-                _ => UserStatus::None,
-            };
-            ZInfoDevSw {
-                activated: slot.activated,
-                partition_label: slot.partition_label.clone(),
-                partition_device: slot.partition_device.clone(),
-                partition_state: slot.partition_state.clone(),
-                status: match slot.partition_state.as_str() {
-                    "active" | "inprogress" => ZSwState::Running,
-                    "updating" => ZSwState::Installed,
-                    _ if slot.version.is_empty() => ZSwState::Initial,
-                    _ => ZSwState::Installed,
-                } as i32,
-                short_version: slot.version.clone(),
-                long_version,
-                sw_err: failed.then(|| ErrorInfo {
-                    description: slot.error.clone(),
-                    severity: Severity::Error as i32,
-                    ..Default::default()
-                }),
-                user_status: user_status as i32,
-                ..Default::default()
+            match update.filter(|u| u.partition_label == slot.partition_label) {
+                Some(update) => {
+                    let mut info = update_info(update);
+                    info.partition_device = slot.partition_device.clone();
+                    info.partition_state = slot.partition_state.clone();
+                    if slot.activated {
+                        info.long_version = long_version;
+                    }
+                    add_user_status(&mut info, update.too_early);
+                    info
+                }
+                None => {
+                    let mut info = ZInfoDevSw {
+                        activated: slot.activated,
+                        partition_label: slot.partition_label.clone(),
+                        partition_device: slot.partition_device.clone(),
+                        partition_state: slot.partition_state.clone(),
+                        short_version: slot.version.clone(),
+                        long_version,
+                        ..Default::default()
+                    };
+                    (info.status, info.download_progress) = if slot.version.is_empty() {
+                        (ZSwState::Initial as i32, 0)
+                    } else {
+                        (ZSwState::Installed as i32, 100)
+                    };
+                    if !slot.error.is_empty() {
+                        info.sw_err = Some(ErrorInfo {
+                            description: slot.error.clone(),
+                            severity: Severity::Error as i32,
+                            ..Default::default()
+                        });
+                    }
+                    add_user_status(&mut info, false);
+                    info
+                }
             }
         })
-        .collect()
+        .collect();
+    if let Some(update) = update.filter(|u| {
+        !baseos
+            .slots
+            .iter()
+            .any(|s| s.partition_label == u.partition_label)
+    }) {
+        let mut info = update_info(update);
+        info.partition_label = String::new();
+        add_user_status(&mut info, update.too_early);
+        list.push(info);
+    }
+    list
+}
+
+/// The update's own fields of its `ZInfoDevSW` (EVE's `getSwInfo` from a `BaseOsStatus`).
+fn update_info(update: &cairn_types::BaseOsUpdateStatus) -> ZInfoDevSw {
+    use cairn_types::BaseOsUpdateState as S;
+    let status = match update.state {
+        _ if update.base_os_version.is_empty() => ZSwState::Initial,
+        S::Initial => ZSwState::Initial,
+        S::Downloading => ZSwState::DownloadStarted,
+        S::Downloaded => ZSwState::Downloaded,
+        S::Verifying => ZSwState::Verifying,
+        S::Verified => ZSwState::Verified,
+        S::Loading => ZSwState::Loading,
+        // EVE's `SwState.ZSwState()`: LOADED is reported as DELIVERED.
+        S::Loaded => ZSwState::Delivered,
+        S::Installed => ZSwState::Installed,
+    };
+    ZInfoDevSw {
+        activated: update.activated,
+        partition_label: update.partition_label.clone(),
+        status: status as i32,
+        short_version: update.base_os_version.clone(),
+        download_progress: if status == ZSwState::Initial {
+            0
+        } else {
+            update.progress
+        },
+        sw_err: update.error.is_error().then(|| error_info(&update.error)),
+        sub_status_str: update.step.clone(),
+        ..Default::default()
+    }
+}
+
+/// EVE's `addUserSwInfo`: what the controller's user reads of an entry.
+fn add_user_status(info: &mut ZInfoDevSw, too_early: bool) {
+    use crate::proto::{BaseOsStatus as User, BaseOsSubStatus as Sub};
+    let (user, sub, progress, text): (User, Sub, u32, String) =
+        match ZSwState::try_from(info.status).unwrap_or(ZSwState::Initial) {
+            ZSwState::Initial
+                if info.short_version.is_empty()
+                    || (info.partition_state == "unused" && !info.partition_label.is_empty()) =>
+            {
+                (User::None, Sub::NoneSubstatus, 0, String::new())
+            }
+            ZSwState::Initial => (
+                User::Updating,
+                Sub::UpdateInitializing,
+                0,
+                "Initializing update".into(),
+            ),
+            ZSwState::DownloadStarted => (
+                User::Downloading,
+                Sub::DownloadInprogress,
+                info.download_progress,
+                format!("Download {}% done", info.download_progress),
+            ),
+            ZSwState::Downloaded if info.activated => (
+                User::Downloading,
+                Sub::DownloadInprogress,
+                100,
+                "Download 100% done".into(),
+            ),
+            ZSwState::Delivered if info.activated => (
+                User::DownloadDone,
+                Sub::NoneSubstatus,
+                0,
+                "Downloaded and verified".into(),
+            ),
+            ZSwState::Delivered if too_early => (
+                User::Updating,
+                Sub::UpdateDeferred,
+                0,
+                "Waiting for current image to finish testing before updating again".into(),
+            ),
+            ZSwState::Installed => match info.partition_state.as_str() {
+                "active" if info.activated => (User::Updated, Sub::NoneSubstatus, 0, String::new()),
+                "active" => (User::Fallback, Sub::NoneSubstatus, 0, String::new()),
+                "updating" => (
+                    User::Updating,
+                    Sub::UpdateRebooting,
+                    0,
+                    "About to reboot".into(),
+                ),
+                "inprogress" if info.activated => (
+                    User::Updating,
+                    Sub::UpdateTesting,
+                    0,
+                    "Testing the new image before committing it".into(),
+                ),
+                "inprogress" => (User::Failed, Sub::NoneSubstatus, 0, String::new()),
+                _ => (User::None, Sub::NoneSubstatus, 0, String::new()),
+            },
+            _ => (User::None, Sub::NoneSubstatus, 0, String::new()),
+        };
+    info.user_status = user as i32;
+    info.sub_status = sub as i32;
+    info.sub_status_progress = progress;
+    // Cairn's step in words (verifying, writing into the slot) where EVE has no words.
+    if !text.is_empty() || info.sub_status_str.is_empty() {
+        info.sub_status_str = text;
+    }
+    if info
+        .sw_err
+        .as_ref()
+        .is_some_and(|e| !e.description.is_empty())
+    {
+        info.user_status = User::Failed as i32;
+    }
 }
 
 /// The info message for the device.

@@ -1469,11 +1469,11 @@ fn the_device_report_decodes_with_eves_zinfodevice() {
         enum_value_name(&info, "state", "info.ZDeviceState"),
         "ZDEVICE_STATE_ONLINE"
     );
-    // EVE's capabilities are ordinal: Cairn lacks 1-4 (BaseOs retry, shutdown, start delay,
-    // EdgeView), so it may claim none, whatever snapshots it has.
+    // EVE's capabilities are ordinal: Cairn has 1-5 (BaseOs retry, shutdown, start delay,
+    // EdgeView, volume snapshots) but not 6-12, so volume snapshots is the most it may claim.
     assert_eq!(
         enum_value_name(&info, "api_capability", "info.APICapability"),
-        "API_CAPABILITY_UNSPECIFIED"
+        "API_CAPABILITY_VOLUME_SNAPSHOTS"
     );
     assert_eq!(field_of(&info, "swList").as_list().unwrap().len(), 1);
     let image = message_of(&info, "swList");

@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod baseos;
 pub mod datastore;
 pub mod dispatcher;
 pub mod logs;

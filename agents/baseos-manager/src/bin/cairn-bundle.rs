@@ -162,6 +162,7 @@ fn main() -> anyhow::Result<()> {
                 &key,
                 &BootDisk::partitions_of(&disk),
                 running,
+                None,
                 &mut |step| eprintln!("cairn-bundle: {step}"),
             )?;
             if let Some(persist) = persist_dir {

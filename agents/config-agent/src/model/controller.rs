@@ -70,10 +70,20 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
             &format!("contentInfo[{i}]"),
         )?);
     }
+    let baseos = config.baseos.as_ref().map(|b| {
+        super::baseos_config(
+            &b.content_tree_uuid,
+            &b.base_os_version,
+            b.retry_update.as_ref().map_or(0, |cmd| cmd.counter),
+            b.activate,
+            &content_trees,
+        )
+    });
     let mut config = DeviceConfig {
         apps,
         volumes,
         content_trees,
+        baseos,
         config_items: config
             .config_items
             .iter()

@@ -45,6 +45,37 @@ struct LocalConfig {
     /// token is signed with (a local file has no controller to take it from).
     #[serde(default)]
     edgeview: Option<LocalEdgeview>,
+    /// The base OS to run: EVE's `BaseOS` in its JSON form (proto or camelCase names).
+    #[serde(default)]
+    baseos: Option<LocalBaseOs>,
+}
+
+/// EVE's `BaseOS` message as protobuf's JSON mapping writes it (`contentTreeUuid`), or with
+/// the proto's own field names (`content_tree_uuid`), which that mapping also accepts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalBaseOs {
+    #[serde(alias = "contentTreeUuid")]
+    content_tree_uuid: String,
+    #[serde(default, alias = "retryUpdate")]
+    retry_update: Option<LocalOpsCmd>,
+    #[serde(default)]
+    activate: bool,
+    #[serde(alias = "baseOsVersion")]
+    base_os_version: String,
+}
+
+/// EVE's `DeviceOpsCmd`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalOpsCmd {
+    #[serde(default)]
+    counter: u32,
+    // EVE's other two fields, accepted and unused, as by EVE's baseosmgr.
+    #[serde(default, rename = "desiredState")]
+    _desired_state: bool,
+    #[serde(default, rename = "opsTime")]
+    _ops_time: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -441,6 +472,7 @@ fn check_top_level(text: &str) -> Result<(), ConfigError> {
                 "content_trees",
                 "remotes",
                 "edgeview",
+                "baseos",
             ];
             // An unknown key is named by the typed parse below, with its place.
             if fields.keys().any(|k| !known.contains(&k.as_str()))
@@ -525,6 +557,7 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
             })
             .collect::<Result<_, _>>()?,
         content_trees: local_content_trees(local.datastores, local.content_trees, "datastores")?,
+        baseos: None,
         config_items: local.config_items,
         // A controller command: the local file has none.
         shutdown_counter: None,
@@ -561,6 +594,15 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
         }),
     };
     check_remotes(&config.remotes, "remotes")?;
+    config.baseos = local.baseos.map(|b| {
+        super::baseos_config(
+            &b.content_tree_uuid,
+            &b.base_os_version,
+            b.retry_update.map_or(0, |cmd| cmd.counter),
+            b.activate,
+            &config.content_trees,
+        )
+    });
     let groups = local
         .groups
         .into_iter()

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use cairn_types::{
-    AppInstanceConfig, ContentTreeConfig, EdgeviewConfig, RemoteConfig, VolumeConfig,
+    AppInstanceConfig, BaseOsConfig, ContentTreeConfig, EdgeviewConfig, RemoteConfig, VolumeConfig,
 };
 
 mod clones;
@@ -44,6 +44,41 @@ pub struct DeviceConfig {
     /// there, as EVE checks it outside the config parse: a bad token refuses EdgeView only.
     /// The signing certificate and device UUID are the link's, filled in when put in force.
     pub edgeview: Option<EdgeviewConfig>,
+    /// The base OS to run (EVE's `baseos`), if the config names one.
+    pub baseos: Option<BaseOsConfig>,
+}
+
+/// EVE's `baseos` block as a bus request; a content tree the config does not have makes it
+/// unusable (reported by the baseos-manager) rather than refusing the whole config, as EVE's
+/// baseosmgr reports it on its `BaseOsStatus`.
+pub(crate) fn baseos_config(
+    content_tree_uuid: &str,
+    base_os_version: &str,
+    retry_update_counter: u32,
+    activate: bool,
+    trees: &[ContentTreeConfig],
+) -> BaseOsConfig {
+    let parsed = uuid::Uuid::parse_str(content_tree_uuid.trim());
+    let unusable = match &parsed {
+        _ if content_tree_uuid.trim().is_empty() => {
+            "the base OS names no content tree (content_tree_uuid is empty)".to_string()
+        }
+        Err(_) => format!("the base OS content tree '{content_tree_uuid}' is not a UUID"),
+        Ok(id) if !trees.iter().any(|t| t.content_id == *id) => {
+            format!("the base OS content tree {id} is not in the config's content trees")
+        }
+        Ok(_) if base_os_version.trim().is_empty() => {
+            "the base OS names no version (base_os_version is empty)".to_string()
+        }
+        Ok(_) => String::new(),
+    };
+    BaseOsConfig {
+        content_tree_uuid: parsed.unwrap_or_default(),
+        base_os_version: base_os_version.trim().to_string(),
+        retry_update_counter,
+        activate,
+        unusable,
+    }
 }
 
 /// A refused config: `path` locates the field (`apps[1].snapshot.snapshots[0].id`).
