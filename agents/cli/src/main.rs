@@ -171,10 +171,12 @@ struct UpArgs {
 
 #[derive(Debug, Subcommand)]
 enum RecordAction {
-    /// Check one record file.
+    /// Check record files: one line each (with --json: one object, an array for several).
     Check {
-        /// The record file (e.g. <persist>/snapshots/<id>/snapshotInstanceStatus.json).
-        file: PathBuf,
+        /// The record files (e.g. <persist>/snapshots/<id>/snapshotInstanceStatus.json); one
+        /// process for all of them, which counts on a device that starts each one slowly.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -255,23 +257,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Record {
-            action: RecordAction::Check { file },
+            action: RecordAction::Check { files },
         } => {
-            let verdict = record::check(&file);
+            let verdicts: Vec<_> = files.iter().map(|file| record::check(file)).collect();
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&verdict)?);
-            } else if verdict.ok {
-                println!(
-                    "{}: OK — {} version {} ({})",
-                    verdict.file,
-                    verdict.schema.as_deref().unwrap_or("?"),
-                    verdict.version.unwrap_or(0),
-                    verdict.format.as_deref().unwrap_or("?")
-                );
-            } else {
-                println!("{}: INVALID — {}", verdict.file, verdict.problem);
+                match verdicts.as_slice() {
+                    [one] => println!("{}", serde_json::to_string_pretty(one)?),
+                    all => println!("{}", serde_json::to_string_pretty(all)?),
+                }
             }
-            Ok(if verdict.ok {
+            for verdict in verdicts.iter().filter(|_| !cli.json) {
+                if verdict.ok {
+                    println!(
+                        "{}: OK — {} version {} ({})",
+                        verdict.file,
+                        verdict.schema.as_deref().unwrap_or("?"),
+                        verdict.version.unwrap_or(0),
+                        verdict.format.as_deref().unwrap_or("?")
+                    );
+                } else if let (Some(schema), Some(version)) = (&verdict.schema, verdict.version) {
+                    // The record's name and its stored version: a newer build's record is refused
+                    // by name.
+                    println!(
+                        "{}: INVALID — {schema} version {version}: {}",
+                        verdict.file, verdict.problem
+                    );
+                } else {
+                    println!("{}: INVALID — {}", verdict.file, verdict.problem);
+                }
+            }
+            Ok(if verdicts.iter().all(|v| v.ok) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
