@@ -260,30 +260,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             action: RecordAction::Check { files },
         } => {
             let verdicts: Vec<_> = files.iter().map(|file| record::check(file)).collect();
-            if cli.json {
-                match verdicts.as_slice() {
-                    [one] => println!("{}", serde_json::to_string_pretty(one)?),
-                    all => println!("{}", serde_json::to_string_pretty(all)?),
-                }
-            }
-            for verdict in verdicts.iter().filter(|_| !cli.json) {
-                if verdict.ok {
-                    println!(
-                        "{}: OK — {} version {} ({})",
-                        verdict.file,
-                        verdict.schema.as_deref().unwrap_or("?"),
-                        verdict.version.unwrap_or(0),
-                        verdict.format.as_deref().unwrap_or("?")
-                    );
-                } else if let (Some(schema), Some(version)) = (&verdict.schema, verdict.version) {
-                    // The record's name and its stored version: a newer build's record is refused
-                    // by name.
-                    println!(
-                        "{}: INVALID — {schema} version {version}: {}",
-                        verdict.file, verdict.problem
-                    );
-                } else {
-                    println!("{}: INVALID — {}", verdict.file, verdict.problem);
+            match verdicts.as_slice() {
+                [one] if cli.json => println!("{}", serde_json::to_string_pretty(one)?),
+                all if cli.json => println!("{}", serde_json::to_string_pretty(all)?),
+                all => {
+                    for verdict in all {
+                        print_verdict(verdict);
+                    }
                 }
             }
             Ok(if verdicts.iter().all(|v| v.ok) {
@@ -676,4 +659,23 @@ fn print_snapshots(rows: &[readout::SnapshotRow], json: bool) -> anyhow::Result<
         );
     }
     Ok(())
+}
+
+/// One line per record: what it is when it is usable, else its schema and stored version (when
+/// known) and the fault, so that a newer build's record is refused by name.
+fn print_verdict(verdict: &record::RecordCheck) {
+    match (verdict.ok, &verdict.schema, verdict.version) {
+        (true, schema, version) => println!(
+            "{}: OK — {} version {} ({})",
+            verdict.file,
+            schema.as_deref().unwrap_or("?"),
+            version.unwrap_or(0),
+            verdict.format.as_deref().unwrap_or("?")
+        ),
+        (false, Some(schema), Some(version)) => println!(
+            "{}: INVALID — {schema} version {version}: {}",
+            verdict.file, verdict.problem
+        ),
+        (false, _, _) => println!("{}: INVALID — {}", verdict.file, verdict.problem),
+    }
 }
