@@ -11,6 +11,12 @@
 //!
 //! The checksum covers the schema name, the version and the exact bytes of `record` as they stand
 //! in the file (read back through `RawValue`), so any altered byte that still parses is caught.
+//!
+//! A version that older builds cannot read right (it changed what a field means) also stores
+//! `"readable_from": N` after `version`, and the checksum then covers `version:N` in place of
+//! `version`: a flipped `readable_from` is `Corrupt`, never a record read by the wrong build. A
+//! build that predates the key ignores it, computes the plain checksum and refuses the record
+//! as `Corrupt`: refused either way.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +28,7 @@ use crate::error::DecodeError;
 use crate::schema::FieldPath;
 use crate::{Record, Schema};
 
-const ENVELOPE_KEYS: [&str; 4] = ["schema", "version", "sha256", "record"];
+const ENVELOPE_KEYS: [&str; 5] = ["schema", "version", "readable_from", "sha256", "record"];
 
 /// Records without an envelope (written by EVE) are read as this version.
 pub const PLAIN_VERSION: u32 = 1;
@@ -52,6 +58,9 @@ pub struct Inspected {
     /// `None` for a plain (EVE) record.
     pub schema: Option<String>,
     pub version: u32,
+    /// The oldest version whose builds read this record right (1 when the envelope has no
+    /// `readable_from`, and for a plain record).
+    pub readable_from: u32,
     pub format: Format,
     pub record: Value,
 }
@@ -62,13 +71,17 @@ pub fn encode<T: Record>(record: &T) -> Result<Vec<u8>, serde_json::Error> {
     // JSON strings never hold a raw newline, so every newline is structure and re-indenting
     // nests the record one level inside the envelope.
     let body = body.replace('\n', "\n  ");
-    let digest = checksum(T::SCHEMA, T::VERSION, body.as_bytes());
+    let digest = checksum(T::SCHEMA, T::VERSION, T::READABLE_FROM, body.as_bytes());
     let schema = serde_json::to_string(T::SCHEMA)?;
     let mut out = String::with_capacity(body.len() + 160);
     out.push_str("{\n  \"schema\": ");
     out.push_str(&schema);
     out.push_str(",\n  \"version\": ");
     out.push_str(&T::VERSION.to_string());
+    if T::READABLE_FROM > 1 {
+        out.push_str(",\n  \"readable_from\": ");
+        out.push_str(&T::READABLE_FROM.to_string());
+    }
     out.push_str(",\n  \"sha256\": \"");
     out.push_str(&digest);
     out.push_str("\",\n  \"record\": ");
@@ -77,8 +90,9 @@ pub fn encode<T: Record>(record: &T) -> Result<Vec<u8>, serde_json::Error> {
     Ok(out.into_bytes())
 }
 
-/// Decodes `bytes` as a `T`: envelope and checksum, schema name, migration of older versions,
-/// mandatory fields at every depth, then the typed value.
+/// Decodes `bytes` as a `T`: envelope and checksum, schema name, a newer version this build
+/// cannot read right refused, migration of older versions, mandatory fields at every depth,
+/// then the typed value.
 pub fn decode<T: Record>(bytes: &[u8]) -> Result<Decoded<T>, DecodeError> {
     let inspected = inspect(bytes)?;
     match (&inspected.schema, inspected.format) {
@@ -92,6 +106,13 @@ pub fn decode<T: Record>(bytes: &[u8]) -> Result<Decoded<T>, DecodeError> {
             return Err(DecodeError::NotARecord { schema: T::SCHEMA });
         }
         _ => {}
+    }
+    if inspected.readable_from > T::VERSION {
+        return Err(DecodeError::TooNew {
+            version: inspected.version,
+            readable_from: inspected.readable_from,
+            current: T::VERSION,
+        });
     }
     let mut value = inspected.record;
     migrate::<T>(&mut value, inspected.version)?;
@@ -131,6 +152,7 @@ pub fn inspect(bytes: &[u8]) -> Result<Inspected, DecodeError> {
         return Ok(Inspected {
             schema: None,
             version: PLAIN_VERSION,
+            readable_from: 1,
             format: Format::Plain,
             record,
         });
@@ -149,10 +171,22 @@ pub fn inspect(bytes: &[u8]) -> Result<Inspected, DecodeError> {
             "`version` is 0; versions start at 1".into(),
         ));
     }
+    let readable_from = match top.get("readable_from") {
+        None => 1,
+        Some(raw) => serde_json::from_str::<u32>(raw.get())
+            .ok()
+            .filter(|from| (1..=version).contains(from))
+            .ok_or_else(|| {
+                DecodeError::BadEnvelope(format!(
+                    "`readable_from` is {}: it must be a version from 1 to the record's {version}",
+                    raw.get()
+                ))
+            })?,
+    };
     let stored: String = serde_json::from_str(field("sha256")?.get())
         .map_err(|_| DecodeError::BadEnvelope("`sha256` is not a string".into()))?;
     let raw = field("record")?.get();
-    let computed = checksum(&schema, version, raw.as_bytes());
+    let computed = checksum(&schema, version, readable_from, raw.as_bytes());
     if stored != computed {
         return Err(DecodeError::Corrupt { stored, computed });
     }
@@ -161,13 +195,15 @@ pub fn inspect(bytes: &[u8]) -> Result<Inspected, DecodeError> {
     Ok(Inspected {
         schema: Some(schema),
         version,
+        readable_from,
         format: Format::Envelope,
         record,
     })
 }
 
 /// Brings an older record up to `T::VERSION` through the registered steps, one version at a time.
-/// A newer record is left as it is: its unknown fields are ignored and its mandatory fields checked.
+/// A newer record that this build can read (its `readable_from` is not above `T::VERSION`) is left
+/// as it is: its unknown fields are ignored and its mandatory fields checked.
 fn migrate<T: Record>(value: &mut Value, stored_version: u32) -> Result<(), DecodeError> {
     let mut version = stored_version;
     while version < T::VERSION {
@@ -210,11 +246,15 @@ pub fn deserialize_value<T: serde::de::DeserializeOwned>(value: Value) -> Result
     })
 }
 
-fn checksum(schema: &str, version: u32, record: &[u8]) -> String {
+fn checksum(schema: &str, version: u32, readable_from: u32, record: &[u8]) -> String {
     let mut hasher = Sha256::new();
     hasher.update(schema.as_bytes());
     hasher.update([0]);
     hasher.update(version.to_string().as_bytes());
+    // Absent (1): the bytes every record had before `readable_from` existed.
+    if readable_from > 1 {
+        hasher.update(format!(":{readable_from}").as_bytes());
+    }
     hasher.update([0]);
     hasher.update(record);
     hasher

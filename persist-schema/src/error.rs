@@ -36,6 +36,16 @@ pub enum DecodeError {
     MissingFields(Vec<String>),
     #[error("field {path}: {message}")]
     Invalid { path: String, message: String },
+    #[error(
+        "written as version {version} by a newer build, which marked it readable only by builds \
+         of version {readable_from} or later (a field's meaning changed); this build reads up to \
+         version {current}: refused, not misread"
+    )]
+    TooNew {
+        version: u32,
+        readable_from: u32,
+        current: u32,
+    },
     #[error("no migration from version {from} (this build writes version {current})")]
     NoMigration { from: u32, current: u32 },
     #[error("migration from version {from} failed: {message}")]

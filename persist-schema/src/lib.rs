@@ -2,7 +2,8 @@
 //!
 //! A type derives [`Persist`] to declare its schema name, its version and its mandatory fields:
 //! [`load`] rejects a record that lacks one (at any depth, with the field's path), accepts unknown
-//! fields (a newer writer), defaults missing optional ones, migrates older versions through
+//! fields (a newer writer), refuses a newer writer's record that older builds cannot read right
+//! (`readable_from`), defaults missing optional ones, migrates older versions through
 //! registered steps, and turns damaged bytes into a [`DecodeError`] instead of a panic. [`store`]
 //! replaces a file atomically and durably.
 //!
@@ -38,6 +39,11 @@ pub trait Record: Schema + serde::Serialize + serde::de::DeserializeOwned {
     const SCHEMA: &'static str;
     /// The version this build writes. Starts at 1.
     const VERSION: u32;
+    /// The oldest version whose builds read a record of `VERSION` right: they ignore the fields
+    /// it added. A version that changes what an existing field means raises it to itself, and a
+    /// build older than that refuses the record ([`DecodeError::TooNew`]) instead of misreading
+    /// it. Stored in the envelope only when above 1.
+    const READABLE_FROM: u32 = 1;
     /// Whether a bare JSON object without envelope (as EVE writes it) is accepted, as version 1.
     const PLAIN_IMPORT: bool = false;
     /// Steps that bring version `from` to `from + 1`, one per older version.

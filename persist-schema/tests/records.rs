@@ -481,6 +481,125 @@ fn newer_version_without_a_mandatory_field_is_refused() {
     assert_eq!(missing_of::<Evolving>(&path), vec!["name"]);
 }
 
+/// `Evolving` as a newer build writes it. Version 4 only adds `labels`: older builds read it and
+/// ignore them. Version 5 counts `size_bytes` in 4 KiB blocks (same key, same type, another
+/// meaning): an older build would read 2 blocks as 2 bytes, so it declares `readable_from = 5`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Persist)]
+#[serde(default)]
+#[persist(record = "Evolving", version = 4)]
+struct EvolvingAddsLabels {
+    #[persist(mandatory)]
+    name: String,
+    size_bytes: u64,
+    tags: Vec<String>,
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Persist)]
+#[serde(default)]
+#[persist(record = "Evolving", version = 5, readable_from = 5)]
+struct EvolvingCountsBlocks {
+    #[persist(mandatory)]
+    name: String,
+    /// In 4 KiB blocks.
+    size_bytes: u64,
+    tags: Vec<String>,
+}
+
+#[test]
+fn newer_version_that_only_adds_fields_is_read_by_an_older_build_ignoring_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("e.json");
+    let newer = EvolvingAddsLabels {
+        name: "db".into(),
+        size_bytes: 8192,
+        tags: vec!["a".into()],
+        labels: BTreeMap::from([("tier".into(), "gold".into())]),
+    };
+    store(&path, &newer).unwrap();
+    // What every build reads: no `readable_from` in the envelope, the checksum as before it.
+    assert!(!fs::read_to_string(&path).unwrap().contains("readable_from"));
+    let loaded = load::<Evolving>(&path).unwrap();
+    assert_eq!(loaded.stored_version, 4);
+    assert_eq!(
+        loaded.record,
+        Evolving {
+            name: "db".into(),
+            size_bytes: 8192,
+            tags: vec!["a".into()],
+        }
+    );
+}
+
+#[test]
+fn newer_version_that_changed_a_fields_meaning_is_refused_by_name_never_misread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("e.json");
+    let newer = EvolvingCountsBlocks {
+        name: "db".into(),
+        size_bytes: 2,
+        tags: vec![],
+    };
+    store(&path, &newer).unwrap();
+    let err = load::<Evolving>(&path).unwrap_err();
+    let text = err.to_string();
+    match &err.kind {
+        ErrorKind::Decode(DecodeError::TooNew {
+            version: 5,
+            readable_from: 5,
+            current: 3,
+        }) => {}
+        other => panic!("expected TooNew, got {other:?} ({text})"),
+    }
+    assert!(
+        text.starts_with(&format!("Evolving record {}: ", path.display())),
+        "{text}"
+    );
+    assert!(text.contains("version 5"), "{text}");
+    // Not damage: nothing may treat the newer build's record as garbage to replace.
+    assert!(!err.kind.is_corrupt(), "{text}");
+    // The build that wrote it reads it.
+    assert_eq!(load::<EvolvingCountsBlocks>(&path).unwrap().record, newer);
+}
+
+#[test]
+fn an_altered_or_stripped_readable_from_is_corrupt_not_a_way_past_the_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("e.json");
+    store(
+        &path,
+        &EvolvingCountsBlocks {
+            name: "db".into(),
+            size_bytes: 2,
+            tags: vec![],
+        },
+    )
+    .unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\"readable_from\": 5"), "{text}");
+    // Lowered to what this build reads; removed, as a build that predates the key sees it.
+    for altered in [
+        text.replace("\"readable_from\": 5", "\"readable_from\": 3"),
+        text.replace(",\n  \"readable_from\": 5", ""),
+    ] {
+        fs::write(&path, &altered).unwrap();
+        let err = load::<Evolving>(&path).unwrap_err();
+        assert!(
+            matches!(err.kind, ErrorKind::Decode(DecodeError::Corrupt { .. })),
+            "{err}"
+        );
+    }
+    // Above the record's own version: the envelope itself is wrong.
+    fs::write(
+        &path,
+        text.replace("\"readable_from\": 5", "\"readable_from\": 6"),
+    )
+    .unwrap();
+    assert!(
+        matches!(decode_err::<Evolving>(&path), DecodeError::BadEnvelope(m) if m.contains("readable_from")),
+    );
+}
+
 // ---- Damage ----
 
 #[test]

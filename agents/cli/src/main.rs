@@ -171,10 +171,12 @@ struct UpArgs {
 
 #[derive(Debug, Subcommand)]
 enum RecordAction {
-    /// Check one record file.
+    /// Check record files: one line each (with --json: one object, an array for several).
     Check {
-        /// The record file (e.g. <persist>/snapshots/<id>/snapshotInstanceStatus.json).
-        file: PathBuf,
+        /// The record files (e.g. <persist>/snapshots/<id>/snapshotInstanceStatus.json); one
+        /// process for all of them, which counts on a device that starts each one slowly.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -255,23 +257,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Record {
-            action: RecordAction::Check { file },
+            action: RecordAction::Check { files },
         } => {
-            let verdict = record::check(&file);
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&verdict)?);
-            } else if verdict.ok {
-                println!(
-                    "{}: OK — {} version {} ({})",
-                    verdict.file,
-                    verdict.schema.as_deref().unwrap_or("?"),
-                    verdict.version.unwrap_or(0),
-                    verdict.format.as_deref().unwrap_or("?")
-                );
-            } else {
-                println!("{}: INVALID — {}", verdict.file, verdict.problem);
+            let verdicts: Vec<_> = files.iter().map(|file| record::check(file)).collect();
+            match verdicts.as_slice() {
+                [one] if cli.json => println!("{}", serde_json::to_string_pretty(one)?),
+                all if cli.json => println!("{}", serde_json::to_string_pretty(all)?),
+                all => {
+                    for verdict in all {
+                        print_verdict(verdict);
+                    }
+                }
             }
-            Ok(if verdict.ok {
+            Ok(if verdicts.iter().all(|v| v.ok) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -681,4 +679,23 @@ fn print_snapshots(rows: &[readout::SnapshotRow], json: bool) -> anyhow::Result<
         );
     }
     Ok(())
+}
+
+/// One line per record: what it is when it is usable, else its schema and stored version (when
+/// known) and the fault, so that a newer build's record is refused by name.
+fn print_verdict(verdict: &record::RecordCheck) {
+    match (verdict.ok, &verdict.schema, verdict.version) {
+        (true, schema, version) => println!(
+            "{}: OK — {} version {} ({})",
+            verdict.file,
+            schema.as_deref().unwrap_or("?"),
+            version.unwrap_or(0),
+            verdict.format.as_deref().unwrap_or("?")
+        ),
+        (false, Some(schema), Some(version)) => println!(
+            "{}: INVALID — {schema} version {version}: {}",
+            verdict.file, verdict.problem
+        ),
+        (false, _, _) => println!("{}: INVALID — {}", verdict.file, verdict.problem),
+    }
 }

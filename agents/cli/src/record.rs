@@ -196,6 +196,54 @@ mod tests {
         assert_eq!(verdict.format.as_deref(), Some("envelope"));
     }
 
+    /// `record` as a newer build writes it: `version`, `readable_from` (1: left out, as every
+    /// build before it wrote) and one field this build does not know.
+    fn newer_envelope(version: u32, readable_from: u32) -> String {
+        use sha2::Digest;
+        let mut value = serde_json::to_value(record()).unwrap();
+        value["SnapshotPolicyV9"] = serde_json::json!({"Tier": "gold"});
+        let body = serde_json::to_string(&value).unwrap();
+        let stamp = if readable_from > 1 {
+            format!("{version}:{readable_from}")
+        } else {
+            version.to_string()
+        };
+        let mut h = sha2::Sha256::new();
+        h.update(b"SnapshotInstanceStatus\0");
+        h.update(stamp.as_bytes());
+        h.update(b"\0");
+        h.update(body.as_bytes());
+        let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let from = if readable_from > 1 {
+            format!(", \"readable_from\": {readable_from}")
+        } else {
+            String::new()
+        };
+        format!(
+            "{{\"schema\": \"SnapshotInstanceStatus\", \"version\": {version}{from}, \"sha256\": \"{digest}\", \"record\": {body}}}"
+        )
+    }
+
+    #[test]
+    fn a_newer_builds_record_is_read_or_refused_by_what_it_declares() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(SNAPSHOT_INSTANCE_STATUS_FILE);
+        // Only fields added: read, the unknown one ignored.
+        std::fs::write(&file, newer_envelope(2, 1)).unwrap();
+        let verdict = check(&file);
+        assert!(verdict.ok, "{verdict:?}");
+        assert_eq!(verdict.version, Some(2));
+        // A field's meaning changed: refused, saying which version.
+        std::fs::write(&file, newer_envelope(2, 2)).unwrap();
+        let verdict = check(&file);
+        assert!(!verdict.ok, "{verdict:?}");
+        assert_eq!(verdict.schema.as_deref(), Some("SnapshotInstanceStatus"));
+        assert!(
+            verdict.problem.contains("version 2") && verdict.problem.contains("refused"),
+            "{verdict:?}"
+        );
+    }
+
     #[test]
     fn damage_and_missing_fields_are_named() {
         let dir = tempfile::tempdir().unwrap();

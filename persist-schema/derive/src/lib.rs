@@ -14,6 +14,11 @@
 //! }
 //! ```
 //!
+//! `readable_from = N` (default 1) on a record: the oldest version whose builds read this version
+//! right. A version that only adds fields keeps it; one that changes what an existing field
+//! means (its unit, its sense) sets it to itself, so older builds refuse the record by name
+//! instead of misreading it.
+//!
 //! The generated `Schema` impl walks a `serde_json::Value` with the same key names serde uses
 //! (`rename`, `rename_all`, `alias`, `flatten`, `skip` are honoured), so the mandatory check runs
 //! on the raw document before deserialization and can name the exact path of a missing field.
@@ -36,6 +41,7 @@ pub fn derive_persist(input: TokenStream) -> TokenStream {
 struct ContainerAttrs {
     record: Option<LitStr>,
     version: Option<LitInt>,
+    readable_from: Option<LitInt>,
     migrations: Option<syn::Path>,
     plain_import: bool,
     rename_all: Option<String>,
@@ -104,6 +110,18 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
     let record_impl = match (&attrs.record, &attrs.version) {
         (Some(record), Some(version)) => {
             let plain = attrs.plain_import;
+            let readable_from = match &attrs.readable_from {
+                Some(from) => {
+                    if from.base10_parse::<u32>()? > version.base10_parse::<u32>()? {
+                        return Err(syn::Error::new(
+                            from.span(),
+                            "`readable_from` cannot be newer than `version`",
+                        ));
+                    }
+                    quote! { #from }
+                }
+                None => quote! { 1 },
+            };
             let migrations = match &attrs.migrations {
                 Some(path) => quote! { #path() },
                 None => quote! { &[] },
@@ -112,6 +130,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                 impl #impl_generics ::cairn_persist::Record for #name #ty_generics #where_clause {
                     const SCHEMA: &'static str = #record;
                     const VERSION: u32 = #version;
+                    const READABLE_FROM: u32 = #readable_from;
                     const PLAIN_IMPORT: bool = #plain;
                     fn migrations() -> &'static [::cairn_persist::Migration] {
                         #migrations
@@ -120,10 +139,11 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             }
         }
         (None, None) => {
-            if attrs.plain_import || attrs.migrations.is_some() {
+            if attrs.plain_import || attrs.migrations.is_some() || attrs.readable_from.is_some() {
                 return Err(syn::Error::new(
                     input.ident.span(),
-                    "`plain_import` and `migrations` need `record = \"Name\"` and `version = N`",
+                    "`plain_import`, `readable_from` and `migrations` need `record = \"Name\"` and \
+                     `version = N`",
                 ));
             }
             quote! {}
@@ -300,13 +320,20 @@ fn container_attrs(input: &DeriveInput) -> syn::Result<ContainerAttrs> {
                         return Err(meta.error("versions start at 1"));
                     }
                     out.version = Some(version);
+                } else if meta.path.is_ident("readable_from") {
+                    let from: LitInt = meta.value()?.parse()?;
+                    if from.base10_parse::<u32>()? == 0 {
+                        return Err(meta.error("versions start at 1"));
+                    }
+                    out.readable_from = Some(from);
                 } else if meta.path.is_ident("migrations") {
                     out.migrations = Some(meta.value()?.parse()?);
                 } else if meta.path.is_ident("plain_import") {
                     out.plain_import = true;
                 } else {
                     return Err(meta.error(
-                        "unknown persist attribute; expected `record`, `version`, `migrations` or `plain_import`",
+                        "unknown persist attribute; expected `record`, `version`, `readable_from`, \
+                         `migrations` or `plain_import`",
                     ));
                 }
                 Ok(())

@@ -32,7 +32,10 @@ impl Tool {
             package,
             probe,
         } = spec;
-        let available = process::run(name, probe, Duration::from_secs(10))
+        // 60 s, not 10: on the device image under TCG with the host loaded, `qemu-img --version`
+        // (some 30 shared libraries to load) once took longer than 10 s while the agents came
+        // up, and the qcow2 backend was disabled for the whole boot.
+        let available = process::run(name, probe, Duration::from_secs(60))
             .await
             .map(drop)
             .map_err(|e| {
