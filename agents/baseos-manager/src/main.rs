@@ -87,6 +87,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "domain-manager",
             "downloader",
             "log-manager",
+            "edgeview",
         ]
         .map(String::from)
         .to_vec(),
