@@ -100,6 +100,8 @@ struct Rendered {
     at: std::time::Instant,
     content_type: &'static str,
     gzip: axum::body::Bytes,
+    /// The length of the plain text.
+    len: u64,
 }
 
 /// How long a rendering may be served while no status topic changed: what no topic announces
@@ -369,28 +371,45 @@ fn give_back_freed_heap() {
 }
 
 /// A rendering's output, compressed as it is written: the whole text never has to be held.
-struct Body(flate2::write::GzEncoder<Vec<u8>>);
+/// It counts the plain bytes, so a client that takes no gzip still gets a `Content-Length`.
+struct Body {
+    gzip: flate2::write::GzEncoder<Vec<u8>>,
+    len: u64,
+}
+
+impl std::io::Write for Body {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let written = std::io::Write::write(&mut self.gzip, bytes)?;
+        self.len += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::Write::flush(&mut self.gzip)
+    }
+}
 
 impl Body {
     fn new() -> Self {
-        // The fastest level: a rendering runs once per change, and it still shrinks ~10x.
-        Self(flate2::write::GzEncoder::new(
-            Vec::new(),
-            flate2::Compression::fast(),
-        ))
+        Self {
+            // The fastest level: a rendering runs once per change, and it still shrinks ~10x.
+            gzip: flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()),
+            len: 0,
+        }
     }
 
     fn html(markup: maud::Markup) -> Result<(&'static str, Self), String> {
         let mut body = Self::new();
-        std::io::Write::write_all(&mut body.0, markup.into_string().as_bytes())
+        std::io::Write::write_all(&mut body, markup.into_string().as_bytes())
             .map_err(|e| format!("compressing the page: {e}\n"))?;
         Ok((HTML, body))
     }
 
-    fn finish(self) -> std::io::Result<axum::body::Bytes> {
-        let mut bytes = self.0.finish()?;
+    /// The compressed bytes and the plain length.
+    fn finish(self) -> std::io::Result<(axum::body::Bytes, u64)> {
+        let mut bytes = self.gzip.finish()?;
         bytes.shrink_to_fit();
-        Ok(bytes.into())
+        Ok((bytes.into(), self.len))
     }
 }
 
@@ -398,9 +417,9 @@ impl Body {
 /// `Err` is what went wrong, for a 500.
 fn json_gz<T: serde::Serialize>(value: &T) -> Result<(&'static str, Body), String> {
     let mut body = Body::new();
-    serde_json::to_writer_pretty(&mut body.0, value)
+    serde_json::to_writer_pretty(&mut body, value)
         .map_err(|e| format!("encoding the read-out as JSON: {e}\n"))?;
-    std::io::Write::write_all(&mut body.0, b"\n")
+    std::io::Write::write_all(&mut body, b"\n")
         .map_err(|e| format!("compressing the read-out: {e}\n"))?;
     Ok(("application/json", body))
 }
@@ -443,17 +462,17 @@ where
         rendered
             .get(&key)
             .filter(|r| r.changes == changes && r.at.elapsed() < RENDER_FOR)
-            .map(|r| (r.content_type, r.gzip.clone()))
+            .map(|r| (r.content_type, r.gzip.clone(), r.len))
     };
-    let (content_type, gzip) = match hit {
+    let (content_type, gzip, len) = match hit {
         Some(hit) => hit,
         None => {
             let (content_type, body) = match render.await {
                 Ok(made) => made,
                 Err(text) => return internal_error(text),
             };
-            let gzip = match body.finish() {
-                Ok(gzip) => gzip,
+            let (gzip, len) = match body.finish() {
+                Ok(done) => done,
                 Err(e) => return internal_error(format!("compressing the read-out: {e}\n")),
             };
             web.rendered
@@ -466,10 +485,11 @@ where
                         at: std::time::Instant::now(),
                         content_type,
                         gzip: gzip.clone(),
+                        len,
                     },
                 );
             give_back_freed_heap();
-            (content_type, gzip)
+            (content_type, gzip, len)
         }
     };
     let vary = (header::VARY, "accept-encoding");
@@ -488,7 +508,17 @@ where
     let body = axum::body::Body::from_stream(futures_util::stream::iter(Inflate(Some(
         flate2::read::GzDecoder::new(bytes_reader(gzip)),
     ))));
-    ([(header::CONTENT_TYPE, content_type), vary], body).into_response()
+    // Its length is known: sent with it, not chunked, as before the bodies were compressed.
+    let length = (header::CONTENT_LENGTH, len.to_string());
+    (
+        [
+            (header::CONTENT_TYPE, content_type.to_string()),
+            (vary.0, vary.1.to_string()),
+            length,
+        ],
+        body,
+    )
+        .into_response()
 }
 
 fn bytes_reader(bytes: axum::body::Bytes) -> impl std::io::Read + Send + 'static {

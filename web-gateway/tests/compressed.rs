@@ -131,6 +131,11 @@ fn gzip_takers_get_the_same_bytes_compressed_and_changes_still_reach_open_pages(
     for path in ["/", "/content", "/api/v1/status", "/api/v1/snapshots"] {
         let (head, plain) = get(addr, path, "");
         assert!(!head.contains("content-encoding"), "{path}: {head}");
+        // Sent with its length, not chunked: the simplest client reads it whole.
+        assert!(
+            head.contains(&format!("content-length: {}", plain.len())),
+            "{path}: {head}"
+        );
         assert!(head.contains("vary: accept-encoding"), "{path}: {head}");
         let (head, gzip) = get(addr, path, "Accept-Encoding: br, gzip;q=0.8\r\n");
         assert!(head.contains("content-encoding: gzip"), "{path}: {head}");
