@@ -24,7 +24,7 @@ pub use access::{Access, Peer, Scope};
 pub use cairn_types::Topic;
 pub use publisher::{CommitStats, Publication, PublishOptions, SubscriberStats};
 pub use store::escape_key;
-pub use subscriber::{Event, Subscription, SubscriptionStats};
+pub use subscriber::{Digest, Event, Kept, Subscription, SubscriptionStats};
 
 /// One agent's handle on the bus: its name and the two roots.
 #[derive(Debug, Clone)]
@@ -85,6 +85,15 @@ impl Bus {
     /// Subscribes to `publisher`'s topic `T`. Never fails: it connects (and reconnects) in the
     /// background, and events start once the publisher is there.
     pub fn subscribe<T: Topic>(&self, publisher: &str) -> Subscription<T> {
+        Subscription::open(
+            socket_path(&self.run_dir, publisher, T::NAME),
+            publisher.to_string(),
+        )
+    }
+
+    /// As [`subscribe`](Self::subscribe), for a follower that only notices changes: it keeps
+    /// a [`Digest`] per key instead of a copy of the table, and decodes no value.
+    pub fn notice<T: Topic>(&self, publisher: &str) -> Subscription<T, Digest> {
         Subscription::open(
             socket_path(&self.run_dir, publisher, T::NAME),
             publisher.to_string(),

@@ -20,6 +20,38 @@ use tokio::time::Instant;
 
 use crate::frame::{self, Hello, MAX_FRAME, PROTOCOL, ServerFrame};
 
+/// What a subscription keeps of each value: the value itself ([`Bus::subscribe`]), or only a
+/// digest of its encoding ([`Digest`], [`Bus::notice`]) for a follower that needs to notice
+/// changes and never reads the values.
+///
+/// [`Bus::subscribe`]: crate::Bus::subscribe
+/// [`Bus::notice`]: crate::Bus::notice
+pub trait Kept: Clone + PartialEq + Send + 'static {
+    /// From a value's encoding in a frame.
+    fn from_frame(bytes: &[u8]) -> Result<Self, String>;
+}
+
+impl<T: Topic> Kept for T {
+    fn from_frame(bytes: &[u8]) -> Result<Self, String> {
+        frame::decode(bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// A digest of a value's encoding: 8 bytes per key instead of the value, and nothing decoded.
+/// Values that encode alike are alike; two encodings of one value (a map in another order)
+/// merely count as a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digest(u64);
+
+impl Kept for Digest {
+    fn from_frame(bytes: &[u8]) -> Result<Self, String> {
+        use std::hash::Hasher;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        hasher.write(bytes);
+        Ok(Self(hasher.finish()))
+    }
+}
+
 const FIRST_RETRY: Duration = Duration::from_millis(2);
 const MAX_RETRY: Duration = Duration::from_millis(200);
 const READ_CHUNK: usize = 64 << 10;
@@ -76,7 +108,9 @@ struct Connection {
     welcomed: bool,
 }
 
-pub struct Subscription<T: Topic> {
+/// A subscription to one publisher's topic `T`, keeping `V` of each value: the values
+/// themselves, or their [`Digest`]s.
+pub struct Subscription<T: Topic, V: Kept = T> {
     publisher: String,
     label: String,
     socket: PathBuf,
@@ -87,13 +121,14 @@ pub struct Subscription<T: Topic> {
     /// The last refusal logged at warn level: a refused subscriber retries five times a second,
     /// and only a change of reason (or a refusal after a welcome) is logged again.
     refusal_logged: Option<String>,
-    table: BTreeMap<String, T>,
+    table: BTreeMap<String, V>,
     epoch: Option<u64>,
     /// Keys received since the last welcome, until the table is complete.
     resync: Option<HashSet<String>>,
-    out: VecDeque<Event<T>>,
+    out: VecDeque<Event<V>>,
     synchronized: bool,
     stats: SubscriptionStats,
+    topic: std::marker::PhantomData<fn() -> T>,
 }
 
 /// A frame decoded into owned values, so the connection buffer can be released.
@@ -118,7 +153,7 @@ enum Received<T> {
     },
 }
 
-impl<T: Topic> Subscription<T> {
+impl<T: Topic, V: Kept> Subscription<T, V> {
     pub(crate) fn open(socket: PathBuf, publisher: String) -> Self {
         Self {
             label: format!("{publisher}/{}", T::NAME),
@@ -135,12 +170,13 @@ impl<T: Topic> Subscription<T> {
             out: VecDeque::new(),
             synchronized: false,
             stats: SubscriptionStats::default(),
+            topic: std::marker::PhantomData,
         }
     }
 
     /// The next event. Reconnects as needed; never returns an error (faults are logged and
     /// counted, and the connection is made again).
-    pub async fn recv(&mut self) -> Event<T> {
+    pub async fn recv(&mut self) -> Event<V> {
         loop {
             if let Some(event) = self.out.pop_front() {
                 return event;
@@ -171,11 +207,11 @@ impl<T: Topic> Subscription<T> {
         }
     }
 
-    pub fn get(&self, key: &str) -> Option<&T> {
+    pub fn get(&self, key: &str) -> Option<&V> {
         self.table.get(key)
     }
 
-    pub fn values(&self) -> impl Iterator<Item = &T> {
+    pub fn values(&self) -> impl Iterator<Item = &V> {
         self.table.values()
     }
 
@@ -265,7 +301,7 @@ impl<T: Topic> Subscription<T> {
 
     /// The next frame of the current connection, `None` at a clean end. Cancel-safe: bytes are
     /// only ever appended to the connection's buffer by `read_buf`.
-    async fn read_frame(&mut self) -> Result<Option<Received<T>>, String> {
+    async fn read_frame(&mut self) -> Result<Option<Received<V>>, String> {
         let Some(conn) = self.connection.as_mut() else {
             return Ok(None);
         };
@@ -284,7 +320,7 @@ impl<T: Topic> Subscription<T> {
                     let body_start = conn.start + 4;
                     conn.start = body_start + len;
                     let received =
-                        decode::<T>(&conn.buf[body_start..body_start + len], conn.welcomed);
+                        decode::<T, V>(&conn.buf[body_start..body_start + len], conn.welcomed);
                     if conn.start == conn.buf.len() {
                         conn.buf.clear();
                         conn.start = 0;
@@ -323,7 +359,7 @@ impl<T: Topic> Subscription<T> {
         }
     }
 
-    fn apply(&mut self, received: Received<T>) {
+    fn apply(&mut self, received: Received<V>) {
         match received {
             Received::Welcome { epoch } => {
                 self.retry = FIRST_RETRY;
@@ -397,7 +433,7 @@ impl<T: Topic> Subscription<T> {
     }
 }
 
-fn decode<T: Topic>(body: &[u8], welcomed: bool) -> Result<Received<T>, String> {
+fn decode<T: Topic, V: Kept>(body: &[u8], welcomed: bool) -> Result<Received<V>, String> {
     let decoded: ServerFrame<'_> =
         frame::decode(body).map_err(|e| format!("malformed frame: {e}"))?;
     Ok(match decoded {
@@ -423,7 +459,7 @@ fn decode<T: Topic>(body: &[u8], welcomed: bool) -> Result<Received<T>, String> 
             skipped,
             repeat,
         } => Received::Update {
-            value: frame::decode(value)
+            value: V::from_frame(value)
                 .map_err(|e| format!("value of key {key} does not decode: {e}"))?,
             key,
             skipped,

@@ -90,6 +90,49 @@ async fn an_equal_value_is_not_sent_again_but_republish_delivers_it() {
     );
 }
 
+/// A follower that only notices changes keeps a digest per key, yet sees every change a full
+/// subscriber sees: a changed value, an explicit re-publish, a removal.
+#[tokio::test]
+async fn a_notice_follower_keeps_digests_and_sees_every_change() {
+    let roots = Roots::new();
+    let publication = roots.publish("app-manager").await;
+    publication.publish(status("a", 1)).await.unwrap();
+    let mut sub = roots.bus("web").notice::<TestStatus>("app-manager");
+    let first = match next(&mut sub).await {
+        Event::Create { key, value } if key == "a" => value,
+        other => panic!("expected a's creation, got {other:?}"),
+    };
+    assert_eq!(next(&mut sub).await, Event::Synchronized);
+    assert_eq!(sub.get("a"), Some(&first));
+
+    publication.publish(status("a", 2)).await.unwrap();
+    let second = match next(&mut sub).await {
+        Event::Modify { key, old, new, .. } if key == "a" && old == first => new,
+        other => panic!("expected a's change, got {other:?}"),
+    };
+    assert_ne!(first, second, "a changed value has another digest");
+
+    publication.republish(status("a", 2)).await.unwrap();
+    assert_eq!(
+        next(&mut sub).await,
+        Event::Modify {
+            key: "a".into(),
+            old: second,
+            new: second,
+            skipped: 0
+        }
+    );
+    publication.unpublish("a").await.unwrap();
+    assert_eq!(
+        next(&mut sub).await,
+        Event::Delete {
+            key: "a".into(),
+            last: second
+        }
+    );
+    assert_quiet(&mut sub, Duration::from_millis(200)).await;
+}
+
 #[tokio::test]
 async fn two_subscribers_each_get_everything() {
     let roots = Roots::new();

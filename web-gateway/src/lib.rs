@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Extension, Path as UrlPath, State};
-use axum::http::{StatusCode, Uri, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -93,11 +93,15 @@ pub struct Web {
 /// A body as last rendered for one route and scope. Pages are read far more often than the
 /// device changes: one rendering per change (or per [`RENDER_FOR`]) serves them all, and the
 /// server's memory stays that of one body, not of a heap grown by rendering each request.
+/// Kept gzip-compressed (the JSON and HTML of 100 apps shrink about tenfold): browsers take it
+/// as it is, other clients get it inflated per request, which costs less than a rendering.
 struct Rendered {
     changes: u64,
     at: std::time::Instant,
     content_type: &'static str,
-    body: axum::body::Bytes,
+    gzip: axum::body::Bytes,
+    /// The length of the plain text.
+    len: u64,
 }
 
 /// How long a rendering may be served while no status topic changed: what no topic announces
@@ -251,25 +255,26 @@ pub async fn router(addr: SocketAddr, roots: Roots) -> Result<Router, WebError> 
         .with_state(web))
 }
 
-/// A counter bumped on every change of a status topic the page shows.
+/// A counter bumped on every change of a status topic the page shows. The followers keep a
+/// digest per key, not the tables: a rendering reads the tables afresh, as the CLI does.
 fn follow_changes(roots: &Roots) -> watch::Receiver<u64> {
     let (tx, rx) = watch::channel(0u64);
     let tx = Arc::new(tx);
     let bus = roots.bus();
-    spawn_follow(bus.subscribe::<DeviceStatus>("config-agent"), tx.clone());
-    spawn_follow(
-        bus.subscribe::<AppInstanceStatus>("app-manager"),
-        tx.clone(),
-    );
-    spawn_follow(bus.subscribe::<VolumeStatus>("volume-manager"), tx.clone());
-    spawn_follow(bus.subscribe::<DomainStatus>("domain-manager"), tx.clone());
+    spawn_follow(bus.notice::<DeviceStatus>("config-agent"), tx.clone());
+    spawn_follow(bus.notice::<AppInstanceStatus>("app-manager"), tx.clone());
+    spawn_follow(bus.notice::<VolumeStatus>("volume-manager"), tx.clone());
+    spawn_follow(bus.notice::<DomainStatus>("domain-manager"), tx.clone());
     // Export progress and downloads move on the page too.
-    spawn_follow(bus.subscribe::<ExportStatus>("volume-manager"), tx.clone());
-    spawn_follow(bus.subscribe::<ContentTreeStatus>("downloader"), tx);
+    spawn_follow(bus.notice::<ExportStatus>("volume-manager"), tx.clone());
+    spawn_follow(bus.notice::<ContentTreeStatus>("downloader"), tx);
     rx
 }
 
-fn spawn_follow<T: Topic>(mut sub: cairn_pubsub::Subscription<T>, tx: Arc<watch::Sender<u64>>) {
+fn spawn_follow<T: Topic>(
+    mut sub: cairn_pubsub::Subscription<T, cairn_pubsub::Digest>,
+    tx: Arc<watch::Sender<u64>>,
+) {
     tokio::spawn(async move {
         loop {
             match sub.recv().await {
@@ -365,10 +370,90 @@ fn give_back_freed_heap() {
     }
 }
 
-/// The body of `route` for `scope`: the last rendering while it is current, else `render`'s.
-async fn cached<F>(web: &Web, route: &'static str, scope: &Scope, render: F) -> Response
+/// A rendering's output, compressed as it is written: the whole text never has to be held.
+/// It counts the plain bytes, so a client that takes no gzip still gets a `Content-Length`.
+struct Body {
+    gzip: flate2::write::GzEncoder<Vec<u8>>,
+    len: u64,
+}
+
+impl std::io::Write for Body {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let written = std::io::Write::write(&mut self.gzip, bytes)?;
+        self.len += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::Write::flush(&mut self.gzip)
+    }
+}
+
+impl Body {
+    fn new() -> Self {
+        Self {
+            // The fastest level: a rendering runs once per change, and it still shrinks ~10x.
+            gzip: flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()),
+            len: 0,
+        }
+    }
+
+    fn html(markup: maud::Markup) -> Result<(&'static str, Self), String> {
+        let mut body = Self::new();
+        std::io::Write::write_all(&mut body, markup.into_string().as_bytes())
+            .map_err(|e| format!("compressing the page: {e}\n"))?;
+        Ok((HTML, body))
+    }
+
+    /// The compressed bytes and the plain length.
+    fn finish(self) -> std::io::Result<(axum::body::Bytes, u64)> {
+        let mut bytes = self.gzip.finish()?;
+        bytes.shrink_to_fit();
+        Ok((bytes.into(), self.len))
+    }
+}
+
+/// Pretty JSON and a newline, the bytes `cairn … --json` prints, compressed.
+/// `Err` is what went wrong, for a 500.
+fn json_gz<T: serde::Serialize>(value: &T) -> Result<(&'static str, Body), String> {
+    let mut body = Body::new();
+    serde_json::to_writer_pretty(&mut body, value)
+        .map_err(|e| format!("encoding the read-out as JSON: {e}\n"))?;
+    std::io::Write::write_all(&mut body, b"\n")
+        .map_err(|e| format!("compressing the read-out: {e}\n"))?;
+    Ok(("application/json", body))
+}
+
+/// Whether the request's `Accept-Encoding` takes gzip (`gzip` or `*`, not with `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
+}
+
+/// The body of `route` for `scope`: the last rendering while it is current, else `render`'s;
+/// compressed for a client that takes gzip, inflated for one that does not.
+async fn cached<F>(
+    web: &Web,
+    route: &'static str,
+    scope: &Scope,
+    headers: &HeaderMap,
+    render: F,
+) -> Response
 where
-    F: std::future::Future<Output = Result<(&'static str, String), String>>,
+    F: std::future::Future<Output = Result<(&'static str, Body), String>>,
 {
     let changes = *web.changes.borrow();
     let key = (route, scope.clone());
@@ -377,16 +462,19 @@ where
         rendered
             .get(&key)
             .filter(|r| r.changes == changes && r.at.elapsed() < RENDER_FOR)
-            .map(|r| (r.content_type, r.body.clone()))
+            .map(|r| (r.content_type, r.gzip.clone(), r.len))
     };
-    let (content_type, body) = match hit {
+    let (content_type, gzip, len) = match hit {
         Some(hit) => hit,
         None => {
-            let (content_type, text) = match render.await {
+            let (content_type, body) = match render.await {
                 Ok(made) => made,
                 Err(text) => return internal_error(text),
             };
-            let body = axum::body::Bytes::from(text);
+            let (gzip, len) = match body.finish() {
+                Ok(done) => done,
+                Err(e) => return internal_error(format!("compressing the read-out: {e}\n")),
+            };
             web.rendered
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -396,22 +484,82 @@ where
                         changes,
                         at: std::time::Instant::now(),
                         content_type,
-                        body: body.clone(),
+                        gzip: gzip.clone(),
+                        len,
                     },
                 );
             give_back_freed_heap();
-            (content_type, body)
+            (content_type, gzip, len)
         }
     };
-    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+    let vary = (header::VARY, "accept-encoding");
+    if accepts_gzip(headers) {
+        return (
+            [
+                (header::CONTENT_TYPE, content_type),
+                (header::CONTENT_ENCODING, "gzip"),
+                vary,
+            ],
+            gzip,
+        )
+            .into_response();
+    }
+    // Inflated as it is sent, a chunk at a time: a request never holds the whole text.
+    let body = axum::body::Body::from_stream(futures_util::stream::iter(Inflate(Some(
+        flate2::read::GzDecoder::new(bytes_reader(gzip)),
+    ))));
+    // Its length is known: sent with it, not chunked, as before the bodies were compressed.
+    let length = (header::CONTENT_LENGTH, len.to_string());
+    (
+        [
+            (header::CONTENT_TYPE, content_type.to_string()),
+            (vary.0, vary.1.to_string()),
+            length,
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn bytes_reader(bytes: axum::body::Bytes) -> impl std::io::Read + Send + 'static {
+    std::io::Cursor::new(bytes)
+}
+
+/// The chunks of an inflated body (our own compression: an error ends the body early).
+struct Inflate<R>(Option<flate2::read::GzDecoder<R>>);
+
+const INFLATE_CHUNK: usize = 64 << 10;
+
+impl<R: std::io::Read> Iterator for Inflate<R> {
+    type Item = std::io::Result<axum::body::Bytes>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let decoder = self.0.as_mut()?;
+        let mut chunk = vec![0; INFLATE_CHUNK];
+        match std::io::Read::read(decoder, &mut chunk) {
+            Ok(0) => {
+                self.0 = None;
+                None
+            }
+            Ok(n) => {
+                chunk.truncate(n);
+                Some(Ok(chunk.into()))
+            }
+            Err(e) => {
+                self.0 = None;
+                Some(Err(e))
+            }
+        }
+    }
 }
 
 async fn status_handler(
     State(web): State<Arc<Web>>,
     Extension(scope): Extension<Scope>,
+    headers: HeaderMap,
 ) -> Response {
-    cached(&web, "status", &scope, async {
-        json(&read_view(&web, &scope).await)
+    cached(&web, "status", &scope, &headers, async {
+        json_gz(&read_view(&web, &scope).await)
     })
     .await
 }
@@ -419,9 +567,10 @@ async fn status_handler(
 async fn snapshots_handler(
     State(web): State<Arc<Web>>,
     Extension(scope): Extension<Scope>,
+    headers: HeaderMap,
 ) -> Response {
-    cached(&web, "snapshots", &scope, async {
-        json(&read_all(&web, &scope, None).await.1)
+    cached(&web, "snapshots", &scope, &headers, async {
+        json_gz(&read_all(&web, &scope, None).await.1)
     })
     .await
 }
@@ -450,11 +599,15 @@ async fn app_snapshots_handler(
     }
 }
 
-async fn page_handler(State(web): State<Arc<Web>>, Extension(scope): Extension<Scope>) -> Response {
-    cached(&web, "page", &scope, async {
+async fn page_handler(
+    State(web): State<Arc<Web>>,
+    Extension(scope): Extension<Scope>,
+    headers: HeaderMap,
+) -> Response {
+    cached(&web, "page", &scope, &headers, async {
         let (view, rows) = read_all(&web, &scope, None).await;
         let disk = disk_space(&web.roots.persist).await;
-        Ok((HTML, page::page(&view, &rows, &scope, disk).into_string()))
+        Body::html(page::page(&view, &rows, &scope, disk))
     })
     .await
 }
@@ -462,14 +615,12 @@ async fn page_handler(State(web): State<Arc<Web>>, Extension(scope): Extension<S
 async fn content_handler(
     State(web): State<Arc<Web>>,
     Extension(scope): Extension<Scope>,
+    headers: HeaderMap,
 ) -> Response {
-    cached(&web, "content", &scope, async {
+    cached(&web, "content", &scope, &headers, async {
         let (view, rows) = read_all(&web, &scope, None).await;
         let disk = disk_space(&web.roots.persist).await;
-        Ok((
-            HTML,
-            page::content(&view, &rows, &scope, disk).into_string(),
-        ))
+        Body::html(page::content(&view, &rows, &scope, disk))
     })
     .await
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cairn_persist::Persist;
-use cairn_pubsub::{Bus, Event, Publication, PublishOptions, Subscription, Topic};
+use cairn_pubsub::{Bus, Event, Kept, Publication, PublishOptions, Subscription, Topic};
 use serde::{Deserialize, Serialize};
 
 /// A small topic for tests: `Name` is the key; a non-empty `Tenant` is the value's tenant (empty:
@@ -87,7 +87,7 @@ impl Roots {
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// The next event, failing the test after `DEADLINE`.
-pub async fn next<T: Topic>(sub: &mut Subscription<T>) -> Event<T> {
+pub async fn next<T: Topic, V: Kept>(sub: &mut Subscription<T, V>) -> Event<V> {
     tokio::time::timeout(DEADLINE, sub.recv())
         .await
         .expect("an event within the deadline")
@@ -110,7 +110,10 @@ pub async fn until<T: Topic>(
 }
 
 /// Asserts that no event arrives within `quiet`.
-pub async fn assert_quiet<T: Topic>(sub: &mut Subscription<T>, quiet: Duration) {
+pub async fn assert_quiet<T: Topic, V: Kept + std::fmt::Debug>(
+    sub: &mut Subscription<T, V>,
+    quiet: Duration,
+) {
     if let Ok(event) = tokio::time::timeout(quiet, sub.recv()).await {
         panic!("unexpected event {event:?}");
     }
