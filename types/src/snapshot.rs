@@ -231,6 +231,11 @@ pub struct VolumesSnapshotStatus {
     /// Cairn: how long `freeze_cgroup` was frozen for a live create, in milliseconds rounded
     /// up (0: nothing was frozen).
     pub pause_ms: u64,
+    /// Cairn: the cgroup a live create in progress freezes (with the intent, empty once it
+    /// is finished): a restarted volume-manager that finds the request withdrawn thaws it,
+    /// since nobody would ask for that create again.
+    #[serde(deserialize_with = "null_as_default")]
+    pub freeze_cgroup: String,
     /// EVE embeds `ErrorAndTimeWithSource`, so these keys sit at the top level.
     pub error_source_type: String,
     #[serde(flatten)]

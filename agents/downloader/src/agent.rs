@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,6 +85,20 @@ enum JobEvent {
         sha: String,
         path: PathBuf,
     },
+    /// A tree's OCI image archive loaded into the store (or not: why).
+    ArchiveLoaded {
+        tree: Uuid,
+        cancel: Arc<AtomicBool>,
+        loaded: Result<crate::archive::Loaded, String>,
+    },
+}
+
+/// A tree's OCI image archive being loaded on the blocking pool, so that the event loop goes
+/// on with the other trees. Cancelled before the tree's holds are released or changed: the
+/// load then holds nothing more, and its result is dropped.
+struct ArchiveLoad {
+    sha: String,
+    cancel: Arc<AtomicBool>,
 }
 
 struct Job {
@@ -115,6 +130,8 @@ pub struct Downloader {
     statuses: Publication<ContentTreeStatus>,
     configs: BTreeMap<Uuid, ContentTreeConfig>,
     jobs: BTreeMap<String, Job>,
+    /// Per tree, its archive load in progress.
+    loads: BTreeMap<Uuid, ArchiveLoad>,
     events: mpsc::Sender<JobEvent>,
     settings: watch::Sender<Settings>,
     defaults: Settings,
@@ -169,6 +186,7 @@ pub async fn run(
         statuses,
         configs: BTreeMap::new(),
         jobs: BTreeMap::new(),
+        loads: BTreeMap::new(),
         events,
         settings,
         defaults,
@@ -287,6 +305,11 @@ impl Downloader {
             return Ok(());
         }
         self.configs.insert(id, config.clone());
+        if self.loads.get(&id).is_some_and(|l| {
+            l.sha != config.content_sha256 || config.format != cairn_types::ContentFormat::Container
+        }) {
+            self.cancel_load(id);
+        }
         if registry::is_registry_tree(&config) {
             return self.handle_image_config(config).await;
         }
@@ -352,7 +375,7 @@ impl Downloader {
             status.error = ErrorDescription::default();
             tracing::info!(tree = %id, sha256 = %sha, "content already in the store");
             if config.format == cairn_types::ContentFormat::Container {
-                self.load_archive(&config, &mut status).await?;
+                self.load_archive(&config, &mut status);
             }
         } else {
             let current = self.jobs.get(&sha).is_some_and(|job| {
@@ -382,18 +405,74 @@ impl Downloader {
     }
 
     /// A CONTAINER tree from an HTTP datastore: its verified file is an OCI image archive,
-    /// loaded into the store (`crate::archive`); the tree then holds the image's blobs, its
-    /// manifest first, and the archive; its file is the image's manifest. A bad archive is the tree's error,
-    /// and it holds the archive only.
-    async fn load_archive(
-        &mut self,
-        config: &ContentTreeConfig,
-        status: &mut ContentTreeStatus,
-    ) -> Result<(), AgentError> {
+    /// loaded into the store (`crate::archive`) off the event loop; the tree is LOADING
+    /// meanwhile ([`Self::archive_loaded`] finishes it).
+    fn load_archive(&mut self, config: &ContentTreeConfig, status: &mut ContentTreeStatus) {
         let (id, sha) = (config.content_id, config.content_sha256.clone());
+        status.state = ContentTreeState::Loading;
+        status.file_location.clear();
+        if self.loads.get(&id).is_some_and(|l| l.sha == sha) {
+            return;
+        }
+        self.cancel_load(id);
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.loads.insert(
+            id,
+            ArchiveLoad {
+                sha: sha.clone(),
+                cancel: cancel.clone(),
+            },
+        );
         let (store, path) = (self.store.clone(), self.content.join("blobs").join(&sha));
-        let loaded =
-            tokio::task::spawn_blocking(move || crate::archive::load(&store, id, &path)).await?;
+        let events = self.events.clone();
+        tracing::info!(tree = %id, sha256 = %sha, "loading the OCI image archive");
+        tokio::spawn(async move {
+            let c = cancel.clone();
+            let loaded =
+                tokio::task::spawn_blocking(move || crate::archive::load(&store, id, &path, &c))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("its load ended abnormally: {e}")));
+            let _ = events
+                .send(JobEvent::ArchiveLoaded {
+                    tree: id,
+                    cancel,
+                    loaded,
+                })
+                .await;
+        });
+    }
+
+    /// Stops `id`'s archive load, if any, before its holds change.
+    fn cancel_load(&mut self, id: Uuid) {
+        if let Some(load) = self.loads.remove(&id) {
+            load.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A tree's archive load ended: the tree holds the image's blobs, its manifest first,
+    /// and the archive; its file is the image's manifest. A bad archive is the tree's error,
+    /// and it holds the archive only. A cancelled load's result is dropped.
+    async fn archive_loaded(
+        &mut self,
+        id: Uuid,
+        cancel: &Arc<AtomicBool>,
+        loaded: Result<crate::archive::Loaded, String>,
+    ) -> Result<(), AgentError> {
+        if !self
+            .loads
+            .get(&id)
+            .is_some_and(|l| Arc::ptr_eq(&l.cancel, cancel))
+        {
+            return Ok(());
+        }
+        let Some(load) = self.loads.remove(&id) else {
+            return Ok(());
+        };
+        let Some(config) = self.configs.get(&id).cloned() else {
+            return Ok(());
+        };
+        let sha = load.sha;
+        let mut status = self.base_status(&config);
         // The image's blobs, its manifest first (what the volume-manager unpacks), then the
         // archive.
         let mut held = Vec::new();
@@ -418,6 +497,7 @@ impl Downloader {
         match loaded {
             Ok(image) => {
                 tracing::info!(tree = %id, sha256 = %sha, manifest = %image.manifest_sha, blobs = image.blobs.len(), "OCI image archive loaded");
+                status.state = ContentTreeState::Loaded;
                 status.file_location = self
                     .content
                     .join("blobs")
@@ -425,6 +505,9 @@ impl Downloader {
                     .display()
                     .to_string();
                 status.blobs = held;
+                status.progress = 100;
+                status.create_time = status.create_time.or(Some(Utc::now()));
+                status.error = ErrorDescription::default();
             }
             Err(reason) => {
                 let text = format!("OCI image archive sha256 {sha}: {reason}");
@@ -433,10 +516,10 @@ impl Downloader {
                 status.file_location.clear();
                 status.blobs.clear();
                 status.progress = 0;
-                status.error = Self::error(config, &text);
+                status.error = Self::error(&config, &text);
             }
         }
-        Ok(())
+        Ok(self.statuses.publish(status).await?)
     }
 
     /// Until when a blob nobody holds from now on is kept (`None`: removed at once).
@@ -494,6 +577,7 @@ impl Downloader {
     /// Drops `id`'s reference. A reference that cannot be removed now stays on disk and is
     /// dropped by the next start's collection (the tree is no longer configured then).
     async fn release(&mut self, id: Uuid) -> Result<(), AgentError> {
+        self.cancel_load(id);
         self.held.remove(&id);
         let keep = self.keep_until();
         match self.blocking(move |store| store.release(id, keep)).await? {
@@ -545,11 +629,17 @@ impl Downloader {
     }
 
     async fn handle_job(&mut self, event: JobEvent) -> Result<(), AgentError> {
-        if let JobEvent::Image { tree, event } = event {
-            return self.handle_image_event(tree, event).await;
-        }
+        let event = match event {
+            JobEvent::Image { tree, event } => return self.handle_image_event(tree, event).await,
+            JobEvent::ArchiveLoaded {
+                tree,
+                cancel,
+                loaded,
+            } => return self.archive_loaded(tree, &cancel, loaded).await,
+            other => other,
+        };
         let sha = match &event {
-            JobEvent::Image { .. } => return Ok(()),
+            JobEvent::Image { .. } | JobEvent::ArchiveLoaded { .. } => return Ok(()),
             JobEvent::Progress { sha, .. }
             | JobEvent::Failed { sha, .. }
             | JobEvent::Loaded { sha, .. } => sha.clone(),
@@ -566,7 +656,7 @@ impl Downloader {
         for config in trees {
             let mut status = self.base_status(&config);
             match &event {
-                JobEvent::Image { .. } => {}
+                JobEvent::Image { .. } | JobEvent::ArchiveLoaded { .. } => {}
                 JobEvent::Progress {
                     state, progress, ..
                 } => {
@@ -604,7 +694,7 @@ impl Downloader {
             if matches!(event, JobEvent::Loaded { .. })
                 && config.format == cairn_types::ContentFormat::Container
             {
-                self.load_archive(&config, &mut status).await?;
+                self.load_archive(&config, &mut status);
             }
             self.statuses.publish(status).await?;
         }

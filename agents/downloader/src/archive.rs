@@ -13,13 +13,15 @@
 //!
 //! The tree then holds the archive and the image's blobs; its `FileLocation` is the manifest
 //! blob, its sha256 stays the archive's (the one the controller gave). Everything here blocks:
-//! run it on the blocking pool.
+//! the agent runs it on the blocking pool, off its event loop, and publishes the tree LOADING
+//! meanwhile.
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use oci_spec::image::{ImageIndex, ImageManifest};
 use sha2::Digest;
@@ -56,9 +58,15 @@ fn store_blob(
     tree: Uuid,
     sha: &str,
     mut entry: impl Read,
+    cancel: &AtomicBool,
 ) -> Result<(), String> {
     let partial = {
         let mut store = lock(store);
+        // Checked under the lock the agent's release of the tree takes after setting it: a
+        // cancelled load holds nothing more.
+        if cancel.load(Ordering::SeqCst) {
+            return Err(CANCELLED.into());
+        }
         store.hold_also(tree, sha).map_err(|e| e.to_string())?;
         if store.blob_path(sha).exists() {
             return Ok(());
@@ -94,13 +102,26 @@ fn store_blob(
             "blob {sha} of the archive has sha256 {actual}; refused"
         ));
     }
-    lock(store).promote(sha).map_err(|e| e.to_string())?;
+    let store = lock(store);
+    if cancel.load(Ordering::SeqCst) {
+        let _ = crate::store::remove_if_present(&partial);
+        return Err(CANCELLED.into());
+    }
+    store.promote(sha).map_err(|e| e.to_string())?;
     Ok(())
 }
 
+/// Why a cancelled load stopped (its tree was released or given another file meanwhile).
+pub const CANCELLED: &str = "the load was cancelled";
+
 /// Loads the verified archive at `archive` for `tree` into `store`; `Err` says what is wrong
-/// with it, for the tree's status.
-pub fn load(store: &Mutex<ContentStore>, tree: Uuid, archive: &Path) -> Result<Loaded, String> {
+/// with it, for the tree's status. `cancel` set stops it before its next blob.
+pub fn load(
+    store: &Mutex<ContentStore>,
+    tree: Uuid,
+    archive: &Path,
+    cancel: &AtomicBool,
+) -> Result<Loaded, String> {
     let file = std::fs::File::open(archive)
         .map_err(|e| format!("cannot open {}: {e}", archive.display()))?;
     let mut tar = tar::Archive::new(std::io::BufReader::new(file));
@@ -135,7 +156,7 @@ pub fn load(store: &Mutex<ContentStore>, tree: Uuid, archive: &Path) -> Result<L
                     && crate::store::is_sha256(sha)
                 {
                     let sha = sha.to_string();
-                    store_blob(store, tree, &sha, &mut entry)?;
+                    store_blob(store, tree, &sha, &mut entry, cancel)?;
                     found.insert(sha);
                 }
             }
@@ -263,7 +284,7 @@ mod tests {
         let store = Mutex::new(ContentStore::open(dir.path()).unwrap());
         let good = dir.path().join("good.tar");
         let (manifest, layer) = archive(&good, false);
-        let loaded = load(&store, tree, &good).unwrap();
+        let loaded = load(&store, tree, &good, &AtomicBool::new(false)).unwrap();
         assert_eq!(loaded.manifest_sha, manifest);
         assert_eq!(loaded.blobs.len(), 3, "manifest, config, layer");
         assert!(loaded.blobs.contains(&layer));
@@ -275,7 +296,7 @@ mod tests {
         let store = Mutex::new(ContentStore::open(dir.path()).unwrap());
         let bad = dir.path().join("bad.tar");
         let (_, layer) = archive(&bad, true);
-        let refused = load(&store, tree, &bad).unwrap_err();
+        let refused = load(&store, tree, &bad, &AtomicBool::new(false)).unwrap_err();
         assert!(
             refused.contains(&layer) && refused.contains("refused"),
             "{refused}"
@@ -287,7 +308,7 @@ mod tests {
         tar::Builder::new(std::fs::File::create(&not).unwrap())
             .finish()
             .unwrap();
-        let refused = load(&store, tree, &not).unwrap_err();
+        let refused = load(&store, tree, &not, &AtomicBool::new(false)).unwrap_err();
         assert!(refused.contains("oci-layout"), "{refused}");
     }
 }

@@ -585,3 +585,68 @@ impl Harness {
         }
     }
 }
+
+/// An OCI image archive (an `oci-layout` tar) of one image whose only layer is `layer`; its
+/// manifest's sha256.
+fn oci_archive(layer: &[u8]) -> (Vec<u8>, String) {
+    let layer_sha = sha256(layer);
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_sha = sha256(config);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_sha}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{layer_sha}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    );
+    let manifest_sha = sha256(manifest.as_bytes());
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_sha}","size":{}}}]}}"#,
+        manifest.len()
+    );
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, bytes: &[u8]| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, name, bytes).unwrap();
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json", index.as_bytes());
+    add(&format!("blobs/sha256/{manifest_sha}"), manifest.as_bytes());
+    add(&format!("blobs/sha256/{config_sha}"), config);
+    add(&format!("blobs/sha256/{layer_sha}"), layer);
+    (tar.into_inner().unwrap(), manifest_sha)
+}
+
+/// An OCI archive's load (each blob hashed, written and fsynced into the store) runs off the
+/// agent's event loop, the tree LOADING meanwhile: a small tree configured while a big archive
+/// loads is LOADED before the archive is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_tree_is_loaded_while_a_big_oci_archive_loads() {
+    let mut h = Harness::new(false).await;
+    let _agent = h.agent(60_000, None);
+    let (archive, manifest) = oci_archive(&content(128 * MIB, 5));
+    let mut big = h.tree("image.tar", &archive);
+    big.format = ContentFormat::Container;
+    h.configs.publish(big.clone()).await.unwrap();
+    h.status_where(big.content_id, "LOADING", |s| {
+        s.state == cairn_types::ContentTreeState::Loading
+    })
+    .await;
+    let small = h.tree("small.img", &content(MIB, 9));
+    h.configs.publish(small.clone()).await.unwrap();
+    h.loaded(small.content_id).await;
+    let archive_state = h.statuses.get(&big.content_id.to_string()).map(|s| s.state);
+    assert_eq!(
+        archive_state,
+        Some(cairn_types::ContentTreeState::Loading),
+        "the archive was still loading when the small tree was loaded"
+    );
+    let loaded = h.loaded(big.content_id).await;
+    assert!(
+        loaded.file_location.ends_with(&manifest),
+        "its file is the image's manifest: {loaded:?}"
+    );
+    assert_eq!(loaded.blobs.len(), 4, "manifest, config, layer, archive");
+}

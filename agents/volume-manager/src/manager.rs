@@ -1384,6 +1384,17 @@ impl VolumeManager {
         match record.in_progress {
             VolumesSnapshotAction::Create => {
                 tracing::info!(snapshot = %id, "undoing an unfinished create nobody asks for");
+                // Cut short between freeze and thaw, it left the container frozen, and nobody
+                // will ask for it again: thawed here (work on the same app's volumes waits for
+                // this, so no other create has it frozen now).
+                if !record.freeze_cgroup.is_empty() {
+                    match crate::freeze::thaw(&record.freeze_cgroup).await {
+                        Ok(()) => {
+                            tracing::info!(snapshot = %id, cgroup = %record.freeze_cgroup, "thawed the container of a withdrawn live create")
+                        }
+                        Err(e) => tracing::error!(snapshot = %id, "{e}"),
+                    }
+                }
                 let (left, errors) = self.delete_metas(&record).await;
                 if left.is_empty() {
                     if let Err(e) = self.remove_record(id).await {
@@ -1396,6 +1407,7 @@ impl VolumeManager {
                 record.volume_snapshot_meta = left;
                 record.volume_errors = errors;
                 record.in_progress = VolumesSnapshotAction::Unspecified;
+                record.freeze_cgroup.clear();
                 record.error = error(format!(
                     "snapshot {id}: an interrupted create could not be fully undone; request a delete"
                 ));
@@ -1612,6 +1624,11 @@ impl VolumeManager {
             request_counter: previous.as_ref().map_or(0, |p| p.request_counter),
             in_progress: VolumesSnapshotAction::Create,
             in_progress_counter: config.request_counter,
+            freeze_cgroup: if config.live {
+                config.freeze_cgroup.clone()
+            } else {
+                String::new()
+            },
             ..VolumesSnapshotStatus::default()
         };
         self.records.insert(id, record.clone());

@@ -318,9 +318,19 @@ pub(crate) fn create(
                 ));
             }
             crash_point(CRASH_AFTER_INTENT_WRITE);
-            // A running container stops between two instructions while its volumes are taken.
+            // A running container stops between two instructions while its volumes are taken;
+            // what can be done before is (a failure here is met again by the create itself).
             let mut frozen = None;
             if config.live && !config.freeze_cgroup.is_empty() {
+                let prepared = futures_util::future::join_all(
+                    plan.iter().map(|(_, meta)| backends.prepare_live(meta)),
+                )
+                .await;
+                for (e, (volume, _)) in prepared.into_iter().zip(&plan) {
+                    if let Err(e) = e {
+                        tracing::warn!(snapshot = %id, volume = %volume, "{e}");
+                    }
+                }
                 match crate::freeze::Frozen::freeze(&config.freeze_cgroup).await {
                     Ok(f) => frozen = Some(f),
                     Err(e) => {
@@ -433,6 +443,7 @@ pub(crate) fn create(
             }
             record.in_progress = VolumesSnapshotAction::Unspecified;
             record.in_progress_counter = 0;
+            record.freeze_cgroup.clear();
             record.result_of_action = VolumesSnapshotAction::Create;
             record.request_counter = config.request_counter;
             record.time_created = record.time_created.or(Some(now()));

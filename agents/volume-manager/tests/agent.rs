@@ -186,6 +186,49 @@ async fn sigkill_after_backend_create_with_the_request_withdrawn_leaks_nothing()
     }
 }
 
+/// A live create of a container killed while its cgroup is frozen, then withdrawn while the
+/// agent is down: nobody asks for it again, so the restarted agent thaws the cgroup as it undoes
+/// the create (the writer in it goes on), not only when the same create is asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_a_cgroup_is_frozen_with_the_request_withdrawn_thaws_it() {
+    let mut h = Harness::new().await;
+    let _fs = LoopFs::new("btrfs", &cairn_types::layout::volumes_dir(&h.persist), 300);
+    let a = volume(VolumeFormat::Dir, 0);
+    let id = Uuid::new_v4();
+    h.volume_configs.publish(a.clone()).await.unwrap();
+    let mut agent = h.agent(Some(CRASH_AFTER_BACKEND_CREATE));
+    let path = h.ready(&a).await.file_location;
+    let cgroup = FreezerCgroup::with_writer(&path);
+    let mut live = request(id, Create, &[&a], 1);
+    live.live = true;
+    live.freeze_cgroup = cgroup.name.clone();
+    h.snapshot_configs.publish(live).await.unwrap();
+    agent.wait_killed(WAIT);
+    drop(agent);
+    assert_eq!(cgroup.state(), "FROZEN", "the killed agent left it frozen");
+    // The app-manager gave up on the snapshot while the agent was down.
+    h.snapshot_configs.unpublish(&id.to_string()).await.unwrap();
+    let _agent = h.agent(None);
+    let deadline = std::time::Instant::now() + WAIT;
+    while h.record(id).is_some() || cgroup.state() != "THAWED" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the withdrawn create was not undone or its container not thawed: {}",
+            cgroup.state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let len = || std::fs::metadata(path.join("log")).unwrap().len();
+    let at = len();
+    while len() == at {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer runs again"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_after_backend_delete_finishes_the_delete_after_restart() {
     let mut h = Harness::new().await;

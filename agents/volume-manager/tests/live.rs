@@ -152,11 +152,6 @@ async fn a_btrfs_directory_is_snapshotted_live_while_a_process_writes() {
 #[tokio::test]
 async fn a_live_create_freezes_the_named_cgroup_around_its_volumes_and_refuses_one_it_cannot_freeze()
  {
-    let freezer = Path::new("/sys/fs/cgroup/freezer");
-    assert!(
-        freezer.join("cgroup.procs").exists(),
-        "a cgroup v1 freezer hierarchy is required (scripts/install-deps)"
-    );
     let dir = tempfile::tempdir().unwrap();
     let persist = dir.path().join("persist");
     let volumes = cairn_types::layout::volumes_dir(&persist);
@@ -166,38 +161,13 @@ async fn a_live_create_freezes_the_named_cgroup_around_its_volumes_and_refuses_o
     let path = add(&mut m, &a).await.file_location;
     add(&mut m, &b).await;
     // A writer in a cgroup of its own.
-    let name = format!("cairn-test-{}", Uuid::new_v4().simple());
-    let cgroup = freezer.join(&name);
-    std::fs::create_dir(&cgroup).unwrap();
-    struct Gone(std::path::PathBuf, std::process::Child);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
-            let _ = self.1.kill();
-            let _ = self.1.wait();
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let writer = std::process::Command::new("/bin/sh")
-        .args(["-c", "while :; do echo line >> log; done"])
-        .current_dir(&path)
-        .spawn()
-        .unwrap();
-    let pid = writer.id();
-    let _gone = Gone(cgroup.clone(), writer);
-    std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
-
+    let cgroup = FreezerCgroup::with_writer(&path);
     let mut frozen = live(request(Uuid::new_v4(), Create, &[&a, &b], 1));
-    frozen.freeze_cgroup = format!("/{name}");
+    frozen.freeze_cgroup = cgroup.name.clone();
     let s = ask(&mut m, frozen).await;
     assert!(!s.error.is_error(), "{s:?}");
     assert!(s.pause_ms > 0, "the pause is reported: {s:?}");
-    assert_eq!(
-        std::fs::read_to_string(cgroup.join("freezer.state"))
-            .unwrap()
-            .trim(),
-        "THAWED"
-    );
+    assert_eq!(cgroup.state(), "THAWED");
     let len = || std::fs::metadata(path.join("log")).unwrap().len();
     let at = len();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

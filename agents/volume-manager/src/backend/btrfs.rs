@@ -177,6 +177,33 @@ impl SnapshotBackend for BtrfsBackend {
         snapshot_path(volume, name)
     }
 
+    /// The snapshot's parent directory made (durably: an fsync of a btrfs directory is a log
+    /// commit) and the volume's filesystem flushed: the snapshot commits the transaction,
+    /// writing what is dirty, and a container's own `sync` holds its freeze.
+    async fn prepare_live(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
+        let (key, location, volume) = (
+            meta.volume_key.clone(),
+            meta.snapshot_location.clone(),
+            meta.file_location.clone(),
+        );
+        #[allow(clippy::disallowed_methods)] // on the blocking pool
+        let prepared = super::blocking(&meta.volume_key, move || {
+            super::ensure_parent(&key, &location)?;
+            let dir = std::fs::File::open(&volume).map_err(VolumeError::io(
+                &key,
+                "cannot open",
+                &volume,
+            ))?;
+            nix::unistd::syncfs(&dir).map_err(|e| VolumeError::Io {
+                volume: key.clone(),
+                what: "cannot flush the filesystem of",
+                path: volume.clone(),
+                source: e.into(),
+            })
+        });
+        prepared.await
+    }
+
     async fn create(
         &self,
         volume: &VolumeRef,

@@ -162,6 +162,13 @@ pub trait SnapshotBackend: Send + Sync {
         PathBuf::new()
     }
 
+    /// What a live create can do before the app is stopped (a container's cgroup frozen), so
+    /// that the pause holds the snapshot only: nothing by default.
+    fn prepare_live(&self, meta: &VolumeSnapshotMeta) -> impl Future<Output = Result<()>> + Send {
+        let _ = meta;
+        std::future::ready(Ok(()))
+    }
+
     /// Makes snapshot `name` of `volume`, or adopts it if it already exists. `fresh` says no
     /// record of this snapshot existed before this request (a record always precedes a backend
     /// snapshot), so nothing of this name can be there and a backend may skip looking.
@@ -665,6 +672,13 @@ impl Backends {
         self.check(meta.backend, &meta.volume_key)?;
         let volume = VolumeRef::of_meta(meta);
         with_backend!(meta.backend, |b| b.adopt_live(&volume, name).await, else Err(Self::unsupported(meta.backend, &meta.volume_key)))
+    }
+
+    /// Readies snapshot `meta` of a live create before the app is stopped
+    /// ([`SnapshotBackend::prepare_live`]).
+    pub async fn prepare_live(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
+        self.check(meta.backend, &meta.volume_key)?;
+        with_backend!(meta.backend, |b| b.prepare_live(meta).await, else Err(Self::unsupported(meta.backend, &meta.volume_key)))
     }
 
     /// Makes `target` a copy of snapshot `source`'s content (a clone).

@@ -144,6 +144,58 @@ impl Drop for LoopFs {
     }
 }
 
+/// A cgroup v1 freezer cgroup of our own with a shell in it appending to `<dir>/log` (a
+/// container as the volume-manager sees it); on drop it is thawed, its writer killed, the
+/// cgroup removed.
+pub struct FreezerCgroup {
+    /// As a live create names it (`/<name>`).
+    pub name: String,
+    dir: PathBuf,
+    writer: std::process::Child,
+}
+
+impl FreezerCgroup {
+    pub fn with_writer(dir: &Path) -> Self {
+        let freezer = Path::new("/sys/fs/cgroup/freezer");
+        assert!(
+            freezer.join("cgroup.procs").exists(),
+            "a cgroup v1 freezer hierarchy is required (scripts/install-deps)"
+        );
+        let name = format!("cairn-test-{}", Uuid::new_v4().simple());
+        let cgroup = freezer.join(&name);
+        std::fs::create_dir(&cgroup).unwrap();
+        let writer = Command::new("/bin/sh")
+            .args(["-c", "while :; do echo line >> log; done"])
+            .current_dir(dir)
+            .spawn()
+            .unwrap();
+        let this = Self {
+            name: format!("/{name}"),
+            dir: cgroup,
+            writer,
+        };
+        std::fs::write(this.dir.join("cgroup.procs"), this.writer.id().to_string()).unwrap();
+        this
+    }
+
+    /// `FROZEN`, `FREEZING` or `THAWED`.
+    pub fn state(&self) -> String {
+        std::fs::read_to_string(self.dir.join("freezer.state"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for FreezerCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
+        let _ = self.writer.kill();
+        let _ = self.writer.wait();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 /// A small tmpfs at `mount`, unmounted on drop.
 pub struct Tmpfs(pub PathBuf);
 
