@@ -27,6 +27,7 @@
 pub mod bitmap;
 pub mod import;
 mod job;
+pub mod restore;
 pub mod verify;
 
 pub use job::{ExportJobs, JobSource};

@@ -213,6 +213,12 @@ pub async fn create(
         (VolumeFormat::Qcow2, VolumeOrigin::Export { dir, volume }) => {
             crate::export::import::materialize(&key, dir, *volume, &tmp).await
         }
+        (_, VolumeOrigin::RemoteExport { remote, .. }) => Err(VolumeError::Unsupported {
+            volume: key.clone(),
+            what: format!(
+                "a volume restored from an export at remote {remote} is made with the remote's config, not from its own alone"
+            ),
+        }),
         (_, VolumeOrigin::Export { .. }) => Err(VolumeError::Unsupported {
             volume: key.clone(),
             what: "a volume restored from an export must be qcow2 (exports hold qcow2 images)"
@@ -266,6 +272,51 @@ pub async fn create(
         }
     };
     put_in_place(&key, &tmp, path, kind, backends, result).await
+}
+
+/// Creates the volume of `config` (origin [`VolumeOrigin::RemoteExport`]) at `path` from the
+/// export at `remote`: downloaded into a dot directory beside it (swept at start like a half-made
+/// volume), every sha256 checked, then converted; nothing is made when any check fails.
+pub async fn create_from_remote(
+    config: &VolumeConfig,
+    path: &Path,
+    kind: SnapshotBackendKind,
+    remote: &cairn_types::RemoteConfig,
+    persist: &Path,
+    backends: &Backends,
+) -> Result<()> {
+    let key = config.key();
+    let VolumeOrigin::RemoteExport {
+        key: export,
+        volume,
+        ..
+    } = &config.origin
+    else {
+        return Err(VolumeError::Unsupported {
+            volume: key,
+            what: "not a volume restored from a remote export".into(),
+        });
+    };
+    if config.format != VolumeFormat::Qcow2 {
+        return Err(VolumeError::Unsupported {
+            volume: key,
+            what: "a volume restored from an export must be qcow2 (exports hold qcow2 images)"
+                .into(),
+        });
+    }
+    backends.check_image_tool(&key)?;
+    let tmp = staging(&key, path).await?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let download = path.with_file_name(format!(".{name}.download.creating"));
+    remove(&key, &download).await?;
+    let made = crate::export::restore::materialize(
+        &key, persist, remote, export, *volume, &download, &tmp,
+    )
+    .await;
+    put_in_place(&key, &tmp, path, kind, backends, made).await
 }
 
 /// The end of making a volume in its staging place `tmp`: after a failure `tmp` goes; else it
