@@ -211,7 +211,13 @@ pub async fn create(
             ),
         }),
         (VolumeFormat::Qcow2, VolumeOrigin::Export { dir, volume }) => {
-            crate::export::import::materialize(&key, dir, *volume, &tmp).await
+            crate::export::import::materialize(&key, dir, *volume, &tmp, false).await
+        }
+        (VolumeFormat::Dir, VolumeOrigin::Export { dir, volume }) => {
+            match backends.make(kind, &key, &tmp).await {
+                Ok(()) => crate::export::import::materialize(&key, dir, *volume, &tmp, true).await,
+                Err(e) => Err(e),
+            }
         }
         (_, VolumeOrigin::RemoteExport { remote, .. }) => Err(VolumeError::Unsupported {
             volume: key.clone(),
@@ -221,7 +227,7 @@ pub async fn create(
         }),
         (_, VolumeOrigin::Export { .. }) => Err(VolumeError::Unsupported {
             volume: key.clone(),
-            what: "a volume restored from an export must be qcow2 (exports hold qcow2 images)"
+            what: "a volume restored from an export must be qcow2 (an image) or dir (a tree)"
                 .into(),
         }),
         (VolumeFormat::Dir, VolumeOrigin::BaseImage { .. }) => Err(VolumeError::Unsupported {
@@ -297,15 +303,26 @@ pub async fn create_from_remote(
             what: "not a volume restored from a remote export".into(),
         });
     };
-    if config.format != VolumeFormat::Qcow2 {
-        return Err(VolumeError::Unsupported {
-            volume: key,
-            what: "a volume restored from an export must be qcow2 (exports hold qcow2 images)"
-                .into(),
-        });
+    let tree = match config.format {
+        VolumeFormat::Qcow2 => false,
+        VolumeFormat::Dir => true,
+        VolumeFormat::Raw => {
+            return Err(VolumeError::Unsupported {
+                volume: key,
+                what: "a volume restored from an export must be qcow2 (an image) or dir (a tree)"
+                    .into(),
+            });
+        }
+    };
+    if !tree {
+        backends.check_image_tool(&key)?;
     }
-    backends.check_image_tool(&key)?;
+    restore_mode::check(config, path.parent().unwrap_or(path), backends)?;
     let tmp = staging(&key, path).await?;
+    if tree && let Err(e) = backends.make(kind, &key, &tmp).await {
+        let _ = remove(&key, &tmp).await;
+        return Err(e);
+    }
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -313,7 +330,7 @@ pub async fn create_from_remote(
     let download = path.with_file_name(format!(".{name}.download.creating"));
     remove(&key, &download).await?;
     let made = crate::export::restore::materialize(
-        &key, persist, remote, export, *volume, &download, &tmp,
+        &key, persist, remote, export, *volume, &download, &tmp, tree,
     )
     .await;
     put_in_place(&key, &tmp, path, kind, backends, made).await

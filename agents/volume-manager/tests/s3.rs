@@ -410,6 +410,17 @@ impl SecondDevice {
         config
     }
 
+    /// Waits until volume `config` is made or refused for another reason than its remote not
+    /// being configured yet (the remote and the volume may arrive in either order).
+    async fn made(&mut self, config: &cairn_types::VolumeConfig) -> cairn_types::VolumeStatus {
+        self.h
+            .volume_where(&config.key(), |s| {
+                s.state == VolumeState::Ready
+                    || (s.state == VolumeState::Failed && !s.error.error.contains("not configured"))
+            })
+            .await
+    }
+
     /// The volumes directory holds nothing but `keep` (no half-made volume, no download).
     fn volumes_left(&self) -> Vec<String> {
         std::fs::read_dir(cairn_types::layout::volumes_dir(&self.h.persist))
@@ -431,7 +442,7 @@ fn export_key(status: &cairn_types::export::ExportStatus) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_device_restores_a_volume_from_the_remote_export_and_its_chain_with_identical_data()
-{
+ {
     let server = SeaweedFs::start();
     server.create_bucket(BUCKET);
     let mut h = Harness::new().await;
@@ -462,7 +473,10 @@ async fn a_second_device_restores_a_volume_from_the_remote_export_and_its_chain_
     // Device B: the volume is declared before the remote: it waits for it, then is made.
     let mut b = SecondDevice::start(&server).await;
     let from_chain = SecondDevice::restored(&export_key(&inc), config.volume_id, 64 * MIB);
-    b.h.volume_configs.publish(from_chain.clone()).await.unwrap();
+    b.h.volume_configs
+        .publish(from_chain.clone())
+        .await
+        .unwrap();
     let waiting = b.h.ready(&from_chain).await;
     assert_eq!(waiting.state, VolumeState::Failed, "{waiting:?}");
     assert!(
@@ -475,19 +489,12 @@ async fn a_second_device_restores_a_volume_from_the_remote_export_and_its_chain_
         .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
         .await
         .unwrap();
-    let status =
-        b.h.volume_where(&from_chain.key(), |s| s.state != VolumeState::Failed)
-            .await;
-    let status = if status.state == VolumeState::Creating {
-        b.h.ready(&from_chain).await
-    } else {
-        status
-    };
+    let status = b.made(&from_chain).await;
     assert_eq!(status.state, VolumeState::Ready, "{:?}", status.error);
     assert_same_as_snapshot(&h, &b.h.volume_file(&from_chain), &file, second);
     let from_full = SecondDevice::restored(&export_key(&full), config.volume_id, 64 * MIB);
     b.h.volume_configs.publish(from_full.clone()).await.unwrap();
-    let status = b.h.ready(&from_full).await;
+    let status = b.made(&from_full).await;
     assert_eq!(status.state, VolumeState::Ready, "{:?}", status.error);
     assert_same_as_snapshot(&h, &b.h.volume_file(&from_full), &file, first);
     // Only the two volumes: the downloads are gone.
@@ -554,7 +561,7 @@ async fn a_tampered_truncated_or_missing_object_is_refused_by_name_and_nothing_i
         put(content);
         let restored = SecondDevice::restored(&key, config.volume_id, 32 * MIB);
         b.h.volume_configs.publish(restored.clone()).await.unwrap();
-        let status = b.h.ready(&restored).await;
+        let status = b.made(&restored).await;
         assert_eq!(status.state, VolumeState::Failed, "{case}: {status:?}");
         assert!(
             status.error.error.contains(&object) && status.error.error.contains(wanted),
@@ -562,7 +569,11 @@ async fn a_tampered_truncated_or_missing_object_is_refused_by_name_and_nothing_i
             status.error.error
         );
         assert!(!b.h.volume_file(&restored).exists(), "{case}");
-        assert!(b.volumes_left().is_empty(), "{case}: {:?}", b.volumes_left());
+        assert!(
+            b.volumes_left().is_empty(),
+            "{case}: {:?}",
+            b.volumes_left()
+        );
     }
     // A missing manifest: refused by name too.
     put(Some(&bytes));
@@ -571,7 +582,7 @@ async fn a_tampered_truncated_or_missing_object_is_refused_by_name_and_nothing_i
     assert!(code == 204 || code == 200, "{body}");
     let restored = SecondDevice::restored(&key, config.volume_id, 32 * MIB);
     b.h.volume_configs.publish(restored.clone()).await.unwrap();
-    let status = b.h.ready(&restored).await;
+    let status = b.made(&restored).await;
     assert_eq!(status.state, VolumeState::Failed, "{status:?}");
     assert!(
         status.error.error.contains(&manifest) && status.error.error.contains("is missing"),
@@ -579,6 +590,46 @@ async fn a_tampered_truncated_or_missing_object_is_refused_by_name_and_nothing_i
         status.error.error
     );
     assert!(b.volumes_left().is_empty(), "{:?}", b.volumes_left());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_volume_goes_to_the_remote_as_a_tree_and_a_second_device_restores_it_exactly() {
+    let server = SeaweedFs::start();
+    server.create_bucket(BUCKET);
+    let mut h = Harness::new().await;
+    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+    let remotes_a = remotes(&h).await;
+    remotes_a
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let _agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    let (config, id) = tree_volume_snapshot(&mut h).await;
+    let job = cli.start_remote(id, "backups", "site-a", false).await;
+    let done = cli
+        .wait(job.job_id, |s| s.state != ExportState::Running)
+        .await;
+    assert_eq!(done.state, ExportState::Done, "{}", done.error);
+    let key = export_key(&done);
+    let keys = server.keys(BUCKET);
+    assert!(
+        keys.contains(&format!("{PREFIX}/{key}/{}.tar.zst", config.volume_id)),
+        "{keys:?}"
+    );
+    nothing_left_locally(&h.persist);
+
+    let mut b = SecondDevice::start(&server).await;
+    b.remotes
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let mut restored = SecondDevice::restored(&key, config.volume_id, 64 * MIB);
+    restored.format = VolumeFormat::Dir;
+    b.h.volume_configs.publish(restored.clone()).await.unwrap();
+    let status = b.made(&restored).await;
+    assert_eq!(status.state, VolumeState::Ready, "{:?}", status.error);
+    assert_same_tree(&h, &config, id, &b.h.volume_file(&restored));
 }
 
 /// Figures (README): a full export of a 1 GiB qcow2 holding 512 MiB of random data to

@@ -218,12 +218,12 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
         if matches!(
             volume.origin,
             VolumeOrigin::Export { .. } | VolumeOrigin::RemoteExport { .. }
-        ) && volume.format != VolumeFormat::Qcow2
+        ) && volume.format == VolumeFormat::Raw
         {
             return Err(ConfigError::at(
                 format!("volumes[{i}].format"),
                 format!(
-                    "volume {} is restored from an export, which holds qcow2 images: its format must be qcow2",
+                    "volume {} is restored from an export, which holds qcow2 images and directory trees: its format must be qcow2 or dir",
                     volume.volume_id
                 ),
             ));

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use bytes::{Bytes, BytesMut};
 use cairn_objstore::{ErrorKind, Remote, join_key};
 use cairn_types::RemoteConfig;
-use cairn_types::export::{ExportKind, ExportManifest, MANIFEST_FILE};
+use cairn_types::export::{ExportContent, ExportKind, ExportManifest, MANIFEST_FILE};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -35,10 +35,13 @@ struct Link {
     file: String,
     sha256: String,
     kind: ExportKind,
+    content: ExportContent,
 }
 
 /// Writes volume `volume` of the export at `export` (its key under the remote's prefix) into
-/// `out` (which must not exist), downloading through `stage` (made here, removed after).
+/// `out`, downloading through `stage` (made here, removed after): a new qcow2 (`out` must not
+/// exist), or for a directory volume (`tree`) its tree unpacked into the made directory `out`.
+#[allow(clippy::too_many_arguments)]
 pub async fn materialize(
     key: &str,
     persist: &Path,
@@ -47,6 +50,7 @@ pub async fn materialize(
     volume: Uuid,
     stage: &Path,
     out: &Path,
+    tree: bool,
 ) -> Result<(), VolumeError> {
     let shown = format!("{}:{}", config.id, export);
     let failed = |what: String| VolumeError::Unsupported {
@@ -57,6 +61,9 @@ pub async fn materialize(
         .await
         .map_err(|e| failed(e.to_string()))?;
     let links = chain(&remote, export, volume).await.map_err(&failed)?;
+    if let Some(last) = links.first() {
+        super::import::check_content(last.content, tree).map_err(&failed)?;
+    }
     let result = async {
         let stage_dir = stage.to_path_buf();
         tokio::task::spawn_blocking(move || std::fs::create_dir_all(stage_dir))
@@ -72,9 +79,17 @@ pub async fn materialize(
                 .map_err(|e| format!("creating {}: {e}", dir.display()))?;
             download_verified(&remote, link, &dir.join(&link.file)).await?;
         }
-        check_backing(&links, stage).await?;
         let last = links.first().ok_or("no link")?;
         let source = stage.join(&last.dir).join(&last.file);
+        if tree {
+            tracing::info!(volume = key, export = %shown, "restoring a directory volume from an export at a remote");
+            let (archive, dest) = (source.clone(), out.to_path_buf());
+            return tokio::task::spawn_blocking(move || super::tree::unpack(&archive, &dest))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("unpacking {}/{}: {e}", last.key, last.file));
+        }
+        check_backing(&links, stage).await?;
         tracing::info!(volume = key, export = %shown, links = links.len(), "restoring a volume from an export at a remote");
         crate::process::run(
             "qemu-img",
@@ -165,6 +180,7 @@ async fn chain(remote: &Remote, export: &str, volume: Uuid) -> Result<Vec<Link>,
             file: entry.file.clone(),
             sha256: entry.sha256.clone(),
             kind: entry.kind,
+            content: entry.content,
         });
         if entry.kind != ExportKind::Incremental {
             return Ok(links);
