@@ -755,7 +755,8 @@ async fn figures_restore_from_seaweedfs_against_download_and_convert() {
     let deadline = std::time::Instant::now() + Duration::from_secs(1800);
     let status = loop {
         if let Some(s) = b.h.volume_statuses.get(&restored.key())
-            && s.state != VolumeState::Creating
+            && (s.state == VolumeState::Ready
+                || (s.state == VolumeState::Failed && !s.error.error.contains("not configured")))
         {
             break s.clone();
         }
