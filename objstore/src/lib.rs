@@ -479,11 +479,10 @@ impl Remote {
 
     /// Reads a whole (small) object.
     pub async fn get(&self, key: &str) -> Result<Bytes, RemoteError> {
+        let path = self.path(key);
         let got = self
-            .store
-            .get(&self.path(key))
-            .await
-            .map_err(|e| self.error(&format!("reading {key}"), e))?;
+            .retrying(&format!("reading {key}"), || self.store.get(&path))
+            .await?;
         got.bytes()
             .await
             .map_err(|e| self.error(&format!("reading {key}"), e))
@@ -513,6 +512,25 @@ impl Remote {
             size += chunk.len() as u64;
         }
         Ok(size)
+    }
+
+    /// An object's content as a stream of chunks, as they arrive (a missing object is a
+    /// [`ErrorKind::NotFound`] error naming `key`).
+    pub async fn read_stream(
+        &self,
+        key: &str,
+    ) -> Result<futures_util::stream::BoxStream<'static, Result<Bytes, RemoteError>>, RemoteError>
+    {
+        let path = self.path(key);
+        let got = self
+            .retrying(&format!("reading {key}"), || self.store.get(&path))
+            .await?;
+        let remote = self.clone();
+        let key = key.to_string();
+        Ok(got
+            .into_stream()
+            .map(move |chunk| chunk.map_err(|e| remote.error(&format!("reading {key}"), e)))
+            .boxed())
     }
 
     /// Whether an object exists.

@@ -145,6 +145,19 @@ pub struct ManifestVolume {
     pub base: Option<ExportBase>,
     /// Why this volume is full although an incremental export was asked.
     pub fallback_reason: String,
+    /// What the file holds (absent in older manifests: a qcow2 image).
+    pub content: ExportContent,
+}
+
+/// What a volume's file in an export holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ExportContent {
+    /// A zstd-compressed qcow2 image (an image volume).
+    #[default]
+    Qcow2,
+    /// A directory volume's tree as a zstd-compressed tar (owners, modes, nanosecond mtimes,
+    /// symlinks, hard links and xattrs in PAX records).
+    Tree,
 }
 
 /// `manifest.json` in an export directory, written last: its presence (under the final name)

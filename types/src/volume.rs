@@ -52,6 +52,18 @@ pub enum VolumeOrigin {
         #[serde(rename = "VolumeID")]
         volume: Uuid,
     },
+    /// Restored from an export at an object-store remote ([`crate::RemoteConfig`] `remote`):
+    /// volume `volume` of the export whose manifest is `<key>/manifest.json` under the remote's
+    /// prefix (an incremental one with its chain, sibling keys). The volume's files are
+    /// downloaded and every sha256 checked before a byte is used; then as [`Self::Export`].
+    RemoteExport {
+        #[serde(rename = "Remote")]
+        remote: String,
+        #[serde(rename = "Key")]
+        key: String,
+        #[serde(rename = "VolumeID")]
+        volume: Uuid,
+    },
     /// Made from a downloaded, verified content tree (EVE's `VCOT_DOWNLOAD` with
     /// `downloadContentTreeID`): converted from the image's format into the volume's, then
     /// grown to the volume's size. The volume waits until the content tree is LOADED.

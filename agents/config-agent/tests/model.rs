@@ -1149,3 +1149,38 @@ fn edgeview_from_eves_field_and_from_the_local_file_are_the_same_message() {
     let e = err(from_local_json(&bad));
     assert!(e.path.starts_with("edgeview.dev_policy"), "{e}");
 }
+
+#[test]
+fn a_volume_from_an_export_at_a_remote_names_a_configured_remote_and_a_key() {
+    let remote = r#"{"id": "backups", "endpoint": "https://s3.example:9000", "bucket": "fleet",
+        "credentials_file": "s3.json"}"#;
+    let from = |export: &str| {
+        with_remotes(local(""), &format!("[{remote}]")).replacen(
+            r#""max_size_bytes": 1048576}"#,
+            &format!(r#""max_size_bytes": 1048576, "from_export": {export}}}"#),
+            1,
+        )
+    };
+    let key = "site-a/app-snap-time";
+    let config = from_local_json(&from(&format!(
+        r#"{{"remote": "backups", "key": "{key}", "volume_uuid": "{VOLUME}"}}"#
+    )))
+    .unwrap();
+    assert_eq!(
+        config.volumes[0].origin,
+        VolumeOrigin::RemoteExport {
+            remote: "backups".into(),
+            key: key.into(),
+            volume: VOLUME.parse().unwrap(),
+        }
+    );
+    let e = err(from_local_json(&from(&format!(
+        r#"{{"remote": "elsewhere", "key": "{key}", "volume_uuid": "{VOLUME}"}}"#
+    ))));
+    assert_eq!(e.path, "volumes[0].from_export.remote", "{e}");
+    assert!(e.to_string().contains("elsewhere"), "{e}");
+    let e = err(from_local_json(&from(&format!(
+        r#"{{"dir": "/x", "remote": "backups", "key": "{key}", "volume_uuid": "{VOLUME}"}}"#
+    ))));
+    assert_eq!(e.path, "volumes[0].from_export", "{e}");
+}

@@ -27,6 +27,8 @@
 pub mod bitmap;
 pub mod import;
 mod job;
+pub mod restore;
+pub mod tree;
 pub mod verify;
 
 pub use job::{ExportJobs, JobSource};

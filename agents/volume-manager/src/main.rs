@@ -285,6 +285,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             event = remotes.recv() => {
                 if let Event::Create { value, .. } | Event::Modify { new: value, .. } = event {
                     exports.handle_remote(&value);
+                    let actions = manager.handle_remote(value).await;
+                    outputs.apply(actions).await;
                 }
             }
             Some(status) = export_updates.recv() => {

@@ -184,6 +184,8 @@ pub struct VolumeManager {
     deferred: BTreeSet<Uuid>,
     /// The downloader's content trees (volumes with a `ContentTree` origin wait for theirs).
     content_trees: BTreeMap<Uuid, cairn_types::ContentTreeStatus>,
+    /// The object-store remotes (volumes restored from an export at one wait for its config).
+    remotes: BTreeMap<String, cairn_types::RemoteConfig>,
 }
 
 impl VolumeManager {
@@ -223,6 +225,7 @@ impl VolumeManager {
             volume_permits: Arc::new(tokio::sync::Semaphore::new(default_parallel_operations())),
             deferred: BTreeSet::new(),
             content_trees: BTreeMap::new(),
+            remotes: BTreeMap::new(),
         }
     }
 
@@ -328,6 +331,8 @@ impl VolumeManager {
                 .is_some_and(|s| match config.origin {
                     VolumeOrigin::Snapshot { .. } => s.state == VolumeState::Failed,
                     VolumeOrigin::ContentTree { .. } => s.state != VolumeState::Ready,
+                    // Never made: tried again (a remote configured or changed since).
+                    VolumeOrigin::RemoteExport { .. } => s.state == VolumeState::Failed,
                     _ => false,
                 });
         let mut claims = BTreeSet::from([Claim::Volume(config.volume_id)]);
@@ -359,6 +364,19 @@ impl VolumeManager {
             match crate::content::usable_blob(&key, id, &self.content_trees, &self.persist) {
                 Ok(blob) => Ok(Making::Content { tree: id, blob }),
                 Err(e) => Err(e),
+            }
+        } else if let VolumeOrigin::RemoteExport { remote, .. } = &config.origin {
+            match self.remotes.get(remote) {
+                Some(found) => Ok(Making::RemoteExport {
+                    remote: Box::new(found.clone()),
+                    persist: self.persist.clone(),
+                }),
+                None => Err(VolumeError::Unsupported {
+                    volume: key.clone(),
+                    what: format!(
+                        "it is restored from an export at remote {remote}, which is not configured: it is made once the remote is"
+                    ),
+                }),
             }
         } else {
             Ok(Making::Fresh)
@@ -570,6 +588,30 @@ impl VolumeManager {
                         .statuses
                         .get(&c.key())
                         .is_some_and(|s| s.state != VolumeState::Ready)
+            })
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for config in waiting {
+            out.extend(self.make_volume(&config).await);
+        }
+        out
+    }
+
+    /// A remote's config (new or changed): the volumes restored from an export at it that are
+    /// not made yet are tried (again).
+    pub async fn handle_remote(&mut self, config: cairn_types::RemoteConfig) -> Vec<Publish> {
+        let id = config.id.clone();
+        self.remotes.insert(id.clone(), config);
+        let waiting: Vec<VolumeConfig> = self
+            .configs
+            .values()
+            .filter(|c| {
+                matches!(&c.origin, VolumeOrigin::RemoteExport { remote, .. } if *remote == id)
+                    && self
+                        .statuses
+                        .get(&c.key())
+                        .is_none_or(|s| s.state == VolumeState::Failed)
             })
             .cloned()
             .collect();

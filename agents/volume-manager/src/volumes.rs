@@ -211,11 +211,23 @@ pub async fn create(
             ),
         }),
         (VolumeFormat::Qcow2, VolumeOrigin::Export { dir, volume }) => {
-            crate::export::import::materialize(&key, dir, *volume, &tmp).await
+            crate::export::import::materialize(&key, dir, *volume, &tmp, false).await
         }
+        (VolumeFormat::Dir, VolumeOrigin::Export { dir, volume }) => {
+            match backends.make(kind, &key, &tmp).await {
+                Ok(()) => crate::export::import::materialize(&key, dir, *volume, &tmp, true).await,
+                Err(e) => Err(e),
+            }
+        }
+        (_, VolumeOrigin::RemoteExport { remote, .. }) => Err(VolumeError::Unsupported {
+            volume: key.clone(),
+            what: format!(
+                "a volume restored from an export at remote {remote} is made with the remote's config, not from its own alone"
+            ),
+        }),
         (_, VolumeOrigin::Export { .. }) => Err(VolumeError::Unsupported {
             volume: key.clone(),
-            what: "a volume restored from an export must be qcow2 (exports hold qcow2 images)"
+            what: "a volume restored from an export must be qcow2 (an image) or dir (a tree)"
                 .into(),
         }),
         (VolumeFormat::Dir, VolumeOrigin::BaseImage { .. }) => Err(VolumeError::Unsupported {
@@ -266,6 +278,62 @@ pub async fn create(
         }
     };
     put_in_place(&key, &tmp, path, kind, backends, result).await
+}
+
+/// Creates the volume of `config` (origin [`VolumeOrigin::RemoteExport`]) at `path` from the
+/// export at `remote`: downloaded into a dot directory beside it (swept at start like a half-made
+/// volume), every sha256 checked, then converted; nothing is made when any check fails.
+pub async fn create_from_remote(
+    config: &VolumeConfig,
+    path: &Path,
+    kind: SnapshotBackendKind,
+    remote: &cairn_types::RemoteConfig,
+    persist: &Path,
+    backends: &Backends,
+) -> Result<()> {
+    let key = config.key();
+    let VolumeOrigin::RemoteExport {
+        key: export,
+        volume,
+        ..
+    } = &config.origin
+    else {
+        return Err(VolumeError::Unsupported {
+            volume: key,
+            what: "not a volume restored from a remote export".into(),
+        });
+    };
+    let tree = match config.format {
+        VolumeFormat::Qcow2 => false,
+        VolumeFormat::Dir => true,
+        VolumeFormat::Raw => {
+            return Err(VolumeError::Unsupported {
+                volume: key,
+                what: "a volume restored from an export must be qcow2 (an image) or dir (a tree)"
+                    .into(),
+            });
+        }
+    };
+    if !tree {
+        backends.check_image_tool(&key)?;
+    }
+    restore_mode::check(config, path.parent().unwrap_or(path), backends)?;
+    let tmp = staging(&key, path).await?;
+    if tree && let Err(e) = backends.make(kind, &key, &tmp).await {
+        let _ = remove(&key, &tmp).await;
+        return Err(e);
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let download = path.with_file_name(format!(".{name}.download.creating"));
+    remove(&key, &download).await?;
+    let made = crate::export::restore::materialize(
+        &key, persist, remote, export, *volume, &download, &tmp, tree,
+    )
+    .await;
+    put_in_place(&key, &tmp, path, kind, backends, made).await
 }
 
 /// The end of making a volume in its staging place `tmp`: after a failure `tmp` goes; else it

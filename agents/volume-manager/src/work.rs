@@ -82,6 +82,11 @@ pub enum Making {
         tree: Uuid,
         blob: (PathBuf, ContentFormat),
     },
+    /// Restored from an export at this remote (its credentials under `persist`).
+    RemoteExport {
+        remote: Box<cairn_types::RemoteConfig>,
+        persist: PathBuf,
+    },
     /// Empty, or from its base image.
     Fresh,
 }
@@ -274,6 +279,10 @@ pub(crate) fn make_volume(
             }
             Making::Content { tree, blob } => {
                 crate::content::create(&config, &path, backend, tree, blob, &backends).await
+            }
+            Making::RemoteExport { remote, persist } => {
+                volumes::create_from_remote(&config, &path, backend, &remote, &persist, &backends)
+                    .await
             }
             Making::Fresh => volumes::create(&config, &path, backend, &backends).await,
         };

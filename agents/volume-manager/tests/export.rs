@@ -542,3 +542,48 @@ async fn the_app_config_is_read_as_a_record_and_a_bad_one_fails_the_export_namin
     );
     assert_eq!(m.app_config["DisplayName"], "web");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_volume_exports_as_a_tree_and_imports_with_owners_modes_times_links_and_xattrs()
+{
+    let mut h = Harness::new().await;
+    let _agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    let (config, id) = tree_volume_snapshot(&mut h).await;
+    let target = h.root.path().join("exports");
+    std::fs::create_dir(&target).unwrap();
+    let done = cli.run(ExportAction::Export, id, &target, false).await;
+    assert_eq!(done.state, ExportState::Done, "{}", done.error);
+    let m = manifest(&done.export_dir);
+    assert_eq!(
+        m.volumes[0].content,
+        cairn_types::export::ExportContent::Tree
+    );
+    assert_eq!(m.volumes[0].file, format!("{}.tar.zst", config.volume_id));
+    let ok = cli
+        .run(ExportAction::Verify, Uuid::nil(), &done.export_dir, false)
+        .await;
+    assert_eq!(ok.state, ExportState::Done, "{}", ok.error);
+
+    let mut restored = common::volume(VolumeFormat::Dir, 64 * MIB);
+    restored.origin = VolumeOrigin::Export {
+        dir: done.export_dir.clone(),
+        volume: config.volume_id,
+    };
+    h.volume_configs.publish(restored.clone()).await.unwrap();
+    let status = h.ready(&restored).await;
+    assert_eq!(status.state, VolumeState::Ready, "{:?}", status.error);
+    assert_same_tree(&h, &config, id, &h.volume_file(&restored));
+
+    // The tree asked for as an image: refused, saying what the export holds.
+    let mut wrong = common::volume(VolumeFormat::Qcow2, 64 * MIB);
+    wrong.origin = restored.origin.clone();
+    h.volume_configs.publish(wrong.clone()).await.unwrap();
+    let status = h.ready(&wrong).await;
+    assert_eq!(status.state, VolumeState::Failed, "{status:?}");
+    assert!(
+        status.error.error.contains("directory tree"),
+        "{}",
+        status.error.error
+    );
+}

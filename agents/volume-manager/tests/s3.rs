@@ -378,6 +378,260 @@ async fn a_cancelled_upload_leaves_no_object_and_no_open_upload() {
     nothing_left_locally(&h.persist);
 }
 
+/// A second device root on this machine (its own persist, bus and volume-manager) with the
+/// same remote configured: plays the replacement device.
+struct SecondDevice {
+    h: Harness,
+    remotes: Publication<RemoteConfig>,
+    _agent: Agent,
+}
+
+impl SecondDevice {
+    async fn start(server: &SeaweedFs) -> Self {
+        let h = Harness::new().await;
+        server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+        let remotes = remotes(&h).await;
+        let agent = h.agent(None);
+        Self {
+            h,
+            remotes,
+            _agent: agent,
+        }
+    }
+
+    /// A qcow2 volume restored from volume `volume` of the export at `key` of remote "backups".
+    fn restored(key: &str, volume: uuid::Uuid, size: u64) -> cairn_types::VolumeConfig {
+        let mut config = common::volume(VolumeFormat::Qcow2, size);
+        config.origin = VolumeOrigin::RemoteExport {
+            remote: "backups".into(),
+            key: key.into(),
+            volume,
+        };
+        config
+    }
+
+    /// Waits until volume `config` is made or refused for another reason than its remote not
+    /// being configured yet (the remote and the volume may arrive in either order).
+    async fn made(&mut self, config: &cairn_types::VolumeConfig) -> cairn_types::VolumeStatus {
+        self.h
+            .volume_where(&config.key(), |s| {
+                s.state == VolumeState::Ready
+                    || (s.state == VolumeState::Failed && !s.error.error.contains("not configured"))
+            })
+            .await
+    }
+
+    /// The volumes directory holds nothing but `keep` (no half-made volume, no download).
+    fn volumes_left(&self) -> Vec<String> {
+        std::fs::read_dir(cairn_types::layout::volumes_dir(&self.h.persist))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The export key of a finished job (`REMOTE:KEY`), under the remote's prefix.
+fn export_key(status: &cairn_types::export::ExportStatus) -> String {
+    let full = status.remote_export.strip_prefix("backups:").unwrap();
+    full.strip_prefix(&format!("{PREFIX}/"))
+        .unwrap_or_else(|| panic!("{full}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_device_restores_a_volume_from_the_remote_export_and_its_chain_with_identical_data()
+ {
+    let server = SeaweedFs::start();
+    server.create_bucket(BUCKET);
+    let mut h = Harness::new().await;
+    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+    let remotes_a = remotes(&h).await;
+    remotes_a
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let _agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    let (config, file) = volume_with_data(&mut h, 64, 20).await;
+    let first = snapshot(&mut h, &config, 1).await;
+    let job = cli.start_remote(first, "backups", "site-a", false).await;
+    let full = cli
+        .wait(job.job_id, |s| s.state != ExportState::Running)
+        .await;
+    assert_eq!(full.state, ExportState::Done, "{}", full.error);
+    qcow2_write(&file, 0xcd, 4 * MIB);
+    let second = snapshot(&mut h, &config, 2).await;
+    let job = cli.start_remote(second, "backups", "site-a", true).await;
+    let inc = cli
+        .wait(job.job_id, |s| s.state != ExportState::Running)
+        .await;
+    assert_eq!(inc.state, ExportState::Done, "{}", inc.error);
+    assert!(!inc.fell_back_to_full, "{:?}", inc.volumes);
+
+    // Device B: the volume is declared before the remote: it waits for it, then is made.
+    let mut b = SecondDevice::start(&server).await;
+    let from_chain = SecondDevice::restored(&export_key(&inc), config.volume_id, 64 * MIB);
+    b.h.volume_configs
+        .publish(from_chain.clone())
+        .await
+        .unwrap();
+    let waiting = b.h.ready(&from_chain).await;
+    assert_eq!(waiting.state, VolumeState::Failed, "{waiting:?}");
+    assert!(
+        waiting.error.error.contains("remote backups")
+            && waiting.error.error.contains("not configured"),
+        "{:?}",
+        waiting.error
+    );
+    b.remotes
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let status = b.made(&from_chain).await;
+    assert_eq!(status.state, VolumeState::Ready, "{:?}", status.error);
+    assert_same_as_snapshot(&h, &b.h.volume_file(&from_chain), &file, second);
+    let from_full = SecondDevice::restored(&export_key(&full), config.volume_id, 64 * MIB);
+    b.h.volume_configs.publish(from_full.clone()).await.unwrap();
+    let status = b.made(&from_full).await;
+    assert_eq!(status.state, VolumeState::Ready, "{:?}", status.error);
+    assert_same_as_snapshot(&h, &b.h.volume_file(&from_full), &file, first);
+    // Only the two volumes: the downloads are gone.
+    assert_eq!(b.volumes_left().len(), 2, "{:?}", b.volumes_left());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_truncated_or_missing_object_is_refused_by_name_and_nothing_is_made() {
+    let server = SeaweedFs::start();
+    server.create_bucket(BUCKET);
+    let mut h = Harness::new().await;
+    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+    let remotes_a = remotes(&h).await;
+    remotes_a
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let _agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    let (config, _) = volume_with_data(&mut h, 32, 8).await;
+    let id = snapshot(&mut h, &config, 1).await;
+    let job = cli.start_remote(id, "backups", "", false).await;
+    let done = cli
+        .wait(job.job_id, |s| s.state != ExportState::Running)
+        .await;
+    assert_eq!(done.state, ExportState::Done, "{}", done.error);
+    let key = export_key(&done);
+    let object = format!("{PREFIX}/{key}/{}.qcow2", config.volume_id);
+    let original = h.root.path().join("original.qcow2");
+    let (code, body) = server.curl(
+        "GET",
+        &format!("{BUCKET}/{object}"),
+        &["-o", original.to_str().unwrap()],
+    );
+    assert_eq!(code, 200, "{body}");
+    let bytes = std::fs::read(&original).unwrap();
+    let mut tampered = bytes.clone();
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 0xff;
+    let truncated = bytes[..bytes.len() - 4096].to_vec();
+
+    let mut b = SecondDevice::start(&server).await;
+    b.remotes
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let put = |content: Option<&[u8]>| {
+        let path = format!("{BUCKET}/{object}");
+        let (code, body) = match content {
+            Some(content) => {
+                let local = h.root.path().join("upload.bin");
+                std::fs::write(&local, content).unwrap();
+                server.curl("PUT", &path, &["-T", local.to_str().unwrap()])
+            }
+            None => server.curl("DELETE", &path, &[]),
+        };
+        assert!(code == 200 || code == 204, "{code}: {body}");
+    };
+    for (case, content, wanted) in [
+        ("tampered", Some(&tampered[..]), "checksum mismatch"),
+        ("truncated", Some(&truncated[..]), "checksum mismatch"),
+        ("missing", None, "is missing"),
+    ] {
+        put(content);
+        let restored = SecondDevice::restored(&key, config.volume_id, 32 * MIB);
+        b.h.volume_configs.publish(restored.clone()).await.unwrap();
+        let status = b.made(&restored).await;
+        assert_eq!(status.state, VolumeState::Failed, "{case}: {status:?}");
+        assert!(
+            status.error.error.contains(&object) && status.error.error.contains(wanted),
+            "{case}: {}",
+            status.error.error
+        );
+        assert!(!b.h.volume_file(&restored).exists(), "{case}");
+        assert!(
+            b.volumes_left().is_empty(),
+            "{case}: {:?}",
+            b.volumes_left()
+        );
+    }
+    // A missing manifest: refused by name too.
+    put(Some(&bytes));
+    let manifest = format!("{PREFIX}/{key}/{MANIFEST_FILE}");
+    let (code, body) = server.curl("DELETE", &format!("{BUCKET}/{manifest}"), &[]);
+    assert!(code == 204 || code == 200, "{body}");
+    let restored = SecondDevice::restored(&key, config.volume_id, 32 * MIB);
+    b.h.volume_configs.publish(restored.clone()).await.unwrap();
+    let status = b.made(&restored).await;
+    assert_eq!(status.state, VolumeState::Failed, "{status:?}");
+    assert!(
+        status.error.error.contains(&manifest) && status.error.error.contains("is missing"),
+        "{}",
+        status.error.error
+    );
+    assert!(b.volumes_left().is_empty(), "{:?}", b.volumes_left());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_volume_goes_to_the_remote_as_a_tree_and_a_second_device_restores_it_exactly() {
+    let server = SeaweedFs::start();
+    server.create_bucket(BUCKET);
+    let mut h = Harness::new().await;
+    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+    let remotes_a = remotes(&h).await;
+    remotes_a
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let _agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    let (config, id) = tree_volume_snapshot(&mut h).await;
+    let job = cli.start_remote(id, "backups", "site-a", false).await;
+    let done = cli
+        .wait(job.job_id, |s| s.state != ExportState::Running)
+        .await;
+    assert_eq!(done.state, ExportState::Done, "{}", done.error);
+    let key = export_key(&done);
+    let keys = server.keys(BUCKET);
+    assert!(
+        keys.contains(&format!("{PREFIX}/{key}/{}.tar.zst", config.volume_id)),
+        "{keys:?}"
+    );
+    nothing_left_locally(&h.persist);
+
+    let mut b = SecondDevice::start(&server).await;
+    b.remotes
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let mut restored = SecondDevice::restored(&key, config.volume_id, 64 * MIB);
+    restored.format = VolumeFormat::Dir;
+    b.h.volume_configs.publish(restored.clone()).await.unwrap();
+    let status = b.made(&restored).await;
+    assert_eq!(status.state, VolumeState::Ready, "{:?}", status.error);
+    assert_same_tree(&h, &config, id, &b.h.volume_file(&restored));
+}
+
 /// Figures (README): a full export of a 1 GiB qcow2 holding 512 MiB of random data to
 /// SeaweedFS on loopback, against `qemu-img convert -c` (zstd) to a file plus one plain
 /// upload of that file with curl; and the agent's peak RSS. Prints, asserts nothing timed.
@@ -456,5 +710,94 @@ async fn figures_full_export_to_seaweedfs_against_convert_and_one_upload() {
         raw.as_secs_f64(),
         export.as_secs_f64() / raw.as_secs_f64(),
         peak.trim_start_matches("VmHWM:").trim()
+    );
+}
+
+/// Figures (README): a restore on a second device from a full export in SeaweedFS (a 1 GiB
+/// qcow2 holding 512 MiB of random data) against a plain download of the volume file with curl
+/// plus `qemu-img convert`. Prints, asserts nothing timed.
+/// `cargo nextest run -p cairn-volume-manager --test s3 --run-ignored only --no-capture figures_restore`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "figures: run by hand"]
+async fn figures_restore_from_seaweedfs_against_download_and_convert() {
+    let mib: u64 = std::env::var("CAIRN_FIGURES_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let server = SeaweedFs::start();
+    server.create_bucket(BUCKET);
+    let mut h = Harness::new().await;
+    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+    let remotes_a = remotes(&h).await;
+    remotes_a
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let _agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    let (config, _) = volume_with_data(&mut h, 2 * mib, mib).await;
+    let id = snapshot(&mut h, &config, 1).await;
+    let job = cli.start_remote(id, "backups", "figures", false).await;
+    let done = cli
+        .wait(job.job_id, |s| s.state != ExportState::Running)
+        .await;
+    assert_eq!(done.state, ExportState::Done, "{}", done.error);
+    let key = export_key(&done);
+
+    let mut b = SecondDevice::start(&server).await;
+    b.remotes
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    let restored = SecondDevice::restored(&key, config.volume_id, 2 * mib * MIB);
+    let began = std::time::Instant::now();
+    b.h.volume_configs.publish(restored.clone()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(1800);
+    let status = loop {
+        if let Some(s) = b.h.volume_statuses.get(&restored.key())
+            && (s.state == VolumeState::Ready
+                || (s.state == VolumeState::Failed && !s.error.error.contains("not configured")))
+        {
+            break s.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "restore too slow");
+        let _ = tokio::time::timeout(Duration::from_secs(5), b.h.volume_statuses.recv()).await;
+    };
+    let restore = began.elapsed();
+    assert_eq!(status.state, VolumeState::Ready, "{:?}", status.error);
+
+    let object = format!("{PREFIX}/{key}/{}.qcow2", config.volume_id);
+    let downloaded = h.root.path().join("downloaded.qcow2");
+    let converted = h.root.path().join("converted.qcow2");
+    let began = std::time::Instant::now();
+    let (code, body) = server.curl(
+        "GET",
+        &format!("{BUCKET}/{object}"),
+        &["-o", downloaded.to_str().unwrap()],
+    );
+    assert_eq!(code, 200, "{body}");
+    let download = began.elapsed();
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "qcow2",
+            downloaded.to_str().unwrap(),
+            converted.to_str().unwrap(),
+        ],
+    );
+    let raw = began.elapsed();
+    println!(
+        "figures: restore of {} MiB written in a {} MiB qcow2 from SeaweedFS {:.2} s; download {:.2} s + convert {:.2} s = {:.2} s; ratio {:.2}x",
+        mib,
+        2 * mib,
+        restore.as_secs_f64(),
+        download.as_secs_f64(),
+        (raw - download).as_secs_f64(),
+        raw.as_secs_f64(),
+        restore.as_secs_f64() / raw.as_secs_f64()
     );
 }

@@ -443,7 +443,14 @@ enum LocalFormat {
 #[serde(deny_unknown_fields)]
 struct LocalFromExport {
     /// The export directory (the newest link of a chain).
-    dir: PathBuf,
+    #[serde(default)]
+    dir: Option<PathBuf>,
+    /// Or an export at an object-store remote (its id in `remotes`) and the export's key
+    /// under the remote's prefix (`cairn export … --to REMOTE` reports `REMOTE:KEY`).
+    #[serde(default)]
+    remote: Option<String>,
+    #[serde(default)]
+    key: Option<String>,
     /// The volume's id in the export's manifest.
     volume_uuid: Uuid,
 }
@@ -544,6 +551,20 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
                     volume.from_export.is_some(),
                     volume.content_tree.is_some(),
                 ];
+                if let Some(export) = &volume.from_export
+                    && !matches!(
+                        (&export.dir, &export.remote, &export.key),
+                        (Some(_), None, None) | (None, Some(_), Some(_))
+                    )
+                {
+                    return Err(ConfigError::at(
+                        format!("volumes[{i}].from_export"),
+                        format!(
+                            "volume {}: from_export names either a dir, or a remote and a key",
+                            volume.uuid
+                        ),
+                    ));
+                }
                 if origins.iter().filter(|o| **o).count() > 1 {
                     return Err(ConfigError::at(
                         format!("volumes[{i}]"),
@@ -849,9 +870,16 @@ fn local_volume(volume: LocalVolume) -> VolumeConfig {
                 path: base.path,
                 sha256: base.sha256,
             },
-            (None, Some(export), _) => VolumeOrigin::Export {
-                dir: export.dir,
-                volume: export.volume_uuid,
+            (None, Some(export), _) => match (export.dir, export.remote, export.key) {
+                (Some(dir), _, _) => VolumeOrigin::Export {
+                    dir,
+                    volume: export.volume_uuid,
+                },
+                (None, remote, key) => VolumeOrigin::RemoteExport {
+                    remote: remote.unwrap_or_default(),
+                    key: key.unwrap_or_default(),
+                    volume: export.volume_uuid,
+                },
             },
             (None, None, Some(id)) => VolumeOrigin::ContentTree { id },
             (None, None, None) => VolumeOrigin::Blank,

@@ -204,13 +204,26 @@ pub fn validate(config: &DeviceConfig) -> Result<(), ConfigError> {
                 ),
             ));
         }
-        if matches!(volume.origin, VolumeOrigin::Export { .. })
-            && volume.format != VolumeFormat::Qcow2
+        if let VolumeOrigin::RemoteExport { remote, .. } = &volume.origin
+            && !config.remotes.iter().any(|r| r.id == *remote)
+        {
+            return Err(ConfigError::at(
+                format!("volumes[{i}].from_export.remote"),
+                format!(
+                    "volume {} is restored from an export at remote {remote}, which is not in the config's remotes",
+                    volume.volume_id
+                ),
+            ));
+        }
+        if matches!(
+            volume.origin,
+            VolumeOrigin::Export { .. } | VolumeOrigin::RemoteExport { .. }
+        ) && volume.format == VolumeFormat::Raw
         {
             return Err(ConfigError::at(
                 format!("volumes[{i}].format"),
                 format!(
-                    "volume {} is restored from an export, which holds qcow2 images: its format must be qcow2",
+                    "volume {} is restored from an export, which holds qcow2 images and directory trees: its format must be qcow2 or dir",
                     volume.volume_id
                 ),
             ));

@@ -6,15 +6,35 @@ use std::path::Path;
 
 use uuid::Uuid;
 
+use cairn_types::export::ExportContent;
+
 use super::verify;
+
+/// A volume's config and its export's content agree: an image volume from a qcow2, a
+/// directory volume from a tree.
+pub(crate) fn check_content(content: ExportContent, tree: bool) -> Result<(), String> {
+    match (content, tree) {
+        (ExportContent::Tree, false) => Err(
+            "the export holds this volume as a directory tree: declare the volume with format dir"
+                .into(),
+        ),
+        (ExportContent::Qcow2, true) => Err(
+            "the export holds this volume as a qcow2 image: declare the volume with format qcow2"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
 use crate::error::VolumeError;
 
-/// Writes volume `volume` of the export in `dir` into `out` (which must not exist).
+/// Writes volume `volume` of the export in `dir` into `out`: a new qcow2 (`out` must not
+/// exist), or, for a directory volume (`tree`), its tree unpacked into the made directory `out`.
 pub async fn materialize(
     key: &str,
     dir: &Path,
     volume: Uuid,
     out: &Path,
+    tree: bool,
 ) -> Result<(), VolumeError> {
     let failed = |what: String| VolumeError::Unsupported {
         volume: key.to_string(),
@@ -39,6 +59,15 @@ pub async fn materialize(
         ))
     })?;
     let source = dir.join(&entry.file);
+    check_content(entry.content, tree).map_err(&failed)?;
+    if tree {
+        tracing::info!(volume = key, export = %dir.display(), file = %entry.file, "restoring a directory volume from an export");
+        let (archive, dest) = (source.clone(), out.to_path_buf());
+        return tokio::task::spawn_blocking(move || super::tree::unpack(&archive, &dest))
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(format!("unpacking {}: {e}", source.display())));
+    }
     tracing::info!(volume = key, export = %dir.display(), file = %entry.file, kind = ?entry.kind, "restoring a volume from an export");
     crate::process::run(
         "qemu-img",

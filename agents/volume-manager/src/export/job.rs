@@ -14,9 +14,9 @@ use cairn_objstore::{Remote, join_key};
 use cairn_types::RemoteConfig;
 use cairn_types::app::AppInstanceConfig;
 use cairn_types::export::{
-    ExportAction, ExportBase, ExportConfig, ExportJobRecord, ExportKind, ExportManifest,
-    ExportState, ExportStatus, ExportVolumeResult, MANIFEST_FILE, MANIFEST_FORMAT, ManifestVolume,
-    PARTIAL_SUFFIX, RemoteUpload,
+    ExportAction, ExportBase, ExportConfig, ExportContent, ExportJobRecord, ExportKind,
+    ExportManifest, ExportState, ExportStatus, ExportVolumeResult, MANIFEST_FILE, MANIFEST_FORMAT,
+    ManifestVolume, PARTIAL_SUFFIX, RemoteUpload,
 };
 use cairn_types::layout::{APP_INSTANCE_CONFIG_FILE, snapshot_dir};
 use cairn_types::snapshot::{VolumesSnapshotAction, VolumesSnapshotStatus};
@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use super::bitmap;
+use super::tree;
 use super::verify::{self, VerifyError};
 
 /// Progress is published at most this often.
@@ -556,6 +557,8 @@ struct Plan {
     virtual_size: u64,
     /// The base link for an incremental export, or why there is none.
     base: Result<BaseLink, String>,
+    /// A directory volume: its snapshot's tree, exported as a tar.
+    tree: Option<PathBuf>,
 }
 
 fn refuse(text: String) -> JobError {
@@ -699,10 +702,31 @@ async fn export(
             .cloned()
             .unwrap_or_default();
         if meta.backend != SnapshotBackendKind::Qcow2 {
-            return Err(refuse(format!(
-                "volume {volume_id} ({name}) of snapshot {snapshot}: export of {:?} volumes is not supported yet (qcow2 only)",
-                meta.backend
-            )));
+            // A directory volume whose snapshot is a plain tree (copy, btrfs, rsync, a kept
+            // pre-purge directory): exported whole as a tar.
+            let root = meta.snapshot_location.clone();
+            let is_tree = tokio::fs::symlink_metadata(&root)
+                .await
+                .is_ok_and(|m| m.is_dir());
+            if !is_tree {
+                return Err(refuse(format!(
+                    "volume {volume_id} ({name}) of snapshot {snapshot}: export of {:?} snapshots is not supported yet (qcow2 images, and directory snapshots kept as trees: copy, btrfs, rsync)",
+                    meta.backend
+                )));
+            }
+            let counted = root.clone();
+            let size = tokio::task::spawn_blocking(move || tree::data_bytes(&counted))
+                .await
+                .unwrap_or(0);
+            plans.push(Plan {
+                meta,
+                volume_id: *volume_id,
+                name,
+                virtual_size: size,
+                base: Err("a directory volume is exported whole".into()),
+                tree: Some(root),
+            });
+            continue;
         }
         let info = bitmap::info(&meta.file_location).await.map_err(|e| {
             refuse(format!(
@@ -722,6 +746,7 @@ async fn export(
             name,
             virtual_size: info.virtual_size,
             base: plan_base,
+            tree: None,
         });
     }
     if plans.is_empty() {
@@ -798,7 +823,10 @@ async fn export(
     let mut manifest_volumes = Vec::new();
     let mut done = 0u64;
     for ((plan, found), server) in plans.iter().zip(extents).zip(nbd) {
-        let file = format!("{}.qcow2", plan.volume_id);
+        let file = match plan.tree {
+            Some(_) => format!("{}{}", plan.volume_id, tree::TREE_SUFFIX),
+            None => format!("{}.qcow2", plan.volume_id),
+        };
         let out = partial_dir.join(&file);
         let fail = |what: String| {
             JobError::Failed(format!("volume {} ({}): {what}", plan.volume_id, plan.name))
@@ -838,6 +866,13 @@ async fn export(
                 }
                 drop(server);
                 (ExportKind::Incremental, Some(base.link.clone()), copied)
+            }
+            _ if plan.tree.is_some() => {
+                let root = plan.tree.clone().unwrap_or_default();
+                write_tree(&root, &out, progress, done)
+                    .await
+                    .map_err(&fail)?;
+                (ExportKind::Full, None, plan.virtual_size)
             }
             _ => {
                 let base_done = done;
@@ -893,6 +928,11 @@ async fn export(
             kind,
             base,
             fallback_reason,
+            content: if plan.tree.is_some() {
+                ExportContent::Tree
+            } else {
+                ExportContent::Qcow2
+            },
         });
         let hashed = began.elapsed();
         if let Some(target) = remote_target.as_mut() {
@@ -902,7 +942,7 @@ async fn export(
         }
         cairn_persist::crash_point(super::CRASH_MID_EXPORT);
         // Tracking starts at this snapshot if the volume still equals it.
-        if kind == ExportKind::Full {
+        if kind == ExportKind::Full && plan.tree.is_none() {
             start_tracking(&plan.meta).await;
         }
         tracing::info!(
@@ -931,6 +971,15 @@ async fn export(
     // The snapshot was read with force-share: had it been deleted meanwhile, what was read
     // cannot be trusted. Deleted snapshots never come back under the same name.
     for plan in &plans {
+        if let Some(root) = &plan.tree {
+            if tokio::fs::symlink_metadata(root).await.is_err() {
+                return Err(JobError::Failed(format!(
+                    "volume {} ({}): snapshot {snapshot} was deleted during the export",
+                    plan.volume_id, plan.name
+                )));
+            }
+            continue;
+        }
         let tags = crate::backend::image_snapshots(&plan.meta.volume_key, &plan.meta.file_location)
             .await
             .map_err(|e| JobError::Failed(e.to_string()))?;
@@ -960,6 +1009,47 @@ async fn export(
     }
     progress.status.bytes_done = progress.status.bytes_total;
     Ok(Some(final_dir))
+}
+
+/// Writes the tree `root` as a zstd tar into `out` on the blocking pool, reporting progress
+/// from `base_done`; stopped when this future is dropped (cancel).
+async fn write_tree(
+    root: &Path,
+    out: &Path,
+    progress: &mut Progress,
+    base_done: u64,
+) -> Result<(), String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let stop = Stop(Arc::new(AtomicBool::new(false)));
+    let stopped = stop.0.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel::<u64>();
+    let (root, out) = (root.to_path_buf(), out.to_path_buf());
+    let shown = root.display().to_string();
+    let handle = tokio::task::spawn_blocking(move || {
+        let mut last = Instant::now();
+        tree::write(&root, &out, &mut |done| {
+            if last.elapsed() >= PROGRESS_EVERY {
+                last = Instant::now();
+                let _ = tx.send(done);
+            }
+            !stopped.load(Ordering::Relaxed)
+        })
+    });
+    while let Some(done) = rx.recv().await {
+        progress.set(base_done + done);
+    }
+    drop(stop);
+    handle
+        .await
+        .map_err(|e| format!("writing the tree of {shown}: {e}"))?
+        .map_err(|e| classify_write(&format!("writing the tree of {shown} as a tar: {e}")))
 }
 
 async fn store_job_record(path: &Path, record: &ExportJobRecord) -> Result<(), JobError> {

@@ -76,18 +76,26 @@ pub fn read_manifest(dir: &Path) -> Result<(ExportManifest, String), VerifyError
     let path = dir.join(MANIFEST_FILE);
     let bytes =
         std::fs::read(&path).map_err(|e| fail(format!("{MANIFEST_FILE} cannot be read: {e}")))?;
-    let manifest: ExportManifest = serde_json::from_slice(&bytes)
-        .map_err(|e| fail(format!("{MANIFEST_FILE} is not a valid manifest: {e}")))?;
+    let manifest =
+        parse_manifest(&bytes).map_err(|what| fail(format!("{MANIFEST_FILE} {what}")))?;
+    Ok((manifest, format!("{:x}", Sha256::digest(&bytes))))
+}
+
+/// A manifest's bytes parsed and checked (format, at least one volume); the error says what is
+/// wrong with it, for the caller to name the file.
+pub fn parse_manifest(bytes: &[u8]) -> Result<ExportManifest, String> {
+    let manifest: ExportManifest =
+        serde_json::from_slice(bytes).map_err(|e| format!("is not a valid manifest: {e}"))?;
     if manifest.format != MANIFEST_FORMAT {
-        return Err(fail(format!(
-            "{MANIFEST_FILE} has format {}, this build reads {MANIFEST_FORMAT}",
+        return Err(format!(
+            "has format {}, this build reads {MANIFEST_FORMAT}",
             manifest.format
-        )));
+        ));
     }
     if manifest.volumes.is_empty() {
-        return Err(fail(format!("{MANIFEST_FILE} lists no volume")));
+        return Err("lists no volume".into());
     }
-    Ok((manifest, format!("{:x}", Sha256::digest(&bytes))))
+    Ok(manifest)
 }
 
 /// Checks the export in `dir` and, for incremental volumes, every earlier link of the chain.
