@@ -579,15 +579,27 @@ async fn startup_with_history(cairn: &Path) -> StartupFigures {
             tokio::time::sleep(Duration::from_secs(3)).await;
             idle_rss_restarted = (rss_line(&up), rss_total_kib(&up));
             let root = device.dir.as_path().to_str().unwrap().to_string();
-            let mut times = Vec::new();
+            // `CAIRN_BENCH_CLI_BEFORE=<another cairn>`: timed too, in turns, for a before figure
+            // on the same device in the same run.
+            let before = std::env::var_os("CAIRN_BENCH_CLI_BEFORE");
+            let (mut times, mut before_times) = (Vec::new(), Vec::new());
             let mut rows = 0;
             for _ in 0..5 {
                 let t = Instant::now();
                 let out = run(cairn.to_str().unwrap(), &["--root", &root, "snapshots"]);
                 times.push(t.elapsed());
                 rows = out.lines().count();
+                if let Some(before) = &before {
+                    let t = Instant::now();
+                    let out = run(before.to_str().unwrap(), &["--root", &root, "snapshots"]);
+                    before_times.push(t.elapsed());
+                    assert_eq!(out.lines().count(), rows, "the same rows before and after");
+                }
             }
             snapshots_cli = format!("{} ({rows} lines)", spread(&times));
+            if before.is_some() {
+                snapshots_cli += &format!("; {} before", spread(&before_times));
+            }
         }
         up.stop();
         restarts.push((accel, synchronized, running));
