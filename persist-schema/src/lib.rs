@@ -21,7 +21,7 @@ pub mod schema;
 pub use cairn_persist_derive::Persist;
 pub use codec::{
     Decoded, Format, Inspected, PLAIN_VERSION, check_mandatory, decode, deserialize_value, encode,
-    inspect,
+    inspect, is_sound_current,
 };
 pub use crash::{CRASH_AT_ENV, crash_point};
 pub use error::{DecodeError, ErrorKind, PersistError};

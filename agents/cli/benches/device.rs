@@ -18,6 +18,8 @@
 //! --bench device --profile dev` (after `cargo build --workspace --bins`) runs (b, c) with
 //! 1,000 process apps on directory volumes; it also measures the agents with no app at all,
 //! for the cost per app.
+//! (d) Cairn against Incus on the same btrfs (`device/incus.rs`; `CAIRN_BENCH_ONLY=incus` runs
+//! it alone; skipped, saying why, where Incus is not installed: `install-incus` beside this file).
 //! `CAIRN_BENCH_CAIRN=<dir>/cairn` takes the CLI and the agents from `<dir>` (release agents
 //! beside a copy of the debug CLI). Figures only: nothing here fails on timing.
 
@@ -40,6 +42,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::sync::mpsc;
 use uuid::Uuid;
+
+#[path = "device/incus.rs"]
+mod incus;
 
 const AGENTS: [&str; 4] = [
     "config-agent",
@@ -82,6 +87,14 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // CAIRN_BENCH_ONLY=incus runs part (d) alone.
+    if std::env::var("CAIRN_BENCH_ONLY").is_ok_and(|v| v == "incus") {
+        eprintln!("(d) Cairn vs Incus on btrfs…");
+        if let Some(figures) = runtime.block_on(incus::compare(&cairn)) {
+            print_incus(&figures);
+        }
+        return;
+    }
     // CAIRN_BENCH_ONLY=startup runs part (b, c) alone.
     let only_startup = std::env::var("CAIRN_BENCH_ONLY").is_ok_and(|v| v == "startup");
     let n_apps = apps_count();
@@ -195,6 +208,21 @@ fn main() {
         n_apps * SNAPSHOTS_PER_APP,
         startup.populate
     );
+    eprintln!("(d) Cairn vs Incus on btrfs…");
+    if let Some(figures) = runtime.block_on(incus::compare(&cairn)) {
+        print_incus(&figures);
+    }
+}
+
+fn print_incus(figures: &incus::Figures) {
+    println!();
+    println!(
+        "| measure (one btrfs on a loop device) | Cairn, process app | Incus 6.0.4, busybox container | Cairn / Incus |"
+    );
+    println!("|---|---|---|---|");
+    for (what, cairn, incus, ratio) in &figures.rows {
+        println!("| {what} | {cairn} | {incus} | {ratio} |");
+    }
 }
 
 // ---- (a) and (b): one app, immediate snapshots -----------------------------------------------
@@ -519,7 +547,7 @@ async fn startup_with_history(cairn: &Path) -> StartupFigures {
                         && a.state == cairn_types::SwState::Running
                 })
         };
-        observer.until(Duration::from_secs(600), complete).await;
+        observer.until(Duration::from_secs(1800), complete).await;
         let populate = began.elapsed();
         tokio::time::sleep(Duration::from_secs(3)).await;
         let tables = observer.tables();
@@ -551,15 +579,27 @@ async fn startup_with_history(cairn: &Path) -> StartupFigures {
             tokio::time::sleep(Duration::from_secs(3)).await;
             idle_rss_restarted = (rss_line(&up), rss_total_kib(&up));
             let root = device.dir.as_path().to_str().unwrap().to_string();
-            let mut times = Vec::new();
+            // `CAIRN_BENCH_CLI_BEFORE=<another cairn>`: timed too, in turns, for a before figure
+            // on the same device in the same run.
+            let before = std::env::var_os("CAIRN_BENCH_CLI_BEFORE");
+            let (mut times, mut before_times) = (Vec::new(), Vec::new());
             let mut rows = 0;
             for _ in 0..5 {
                 let t = Instant::now();
                 let out = run(cairn.to_str().unwrap(), &["--root", &root, "snapshots"]);
                 times.push(t.elapsed());
                 rows = out.lines().count();
+                if let Some(before) = &before {
+                    let t = Instant::now();
+                    let out = run(before.to_str().unwrap(), &["--root", &root, "snapshots"]);
+                    before_times.push(t.elapsed());
+                    assert_eq!(out.lines().count(), rows, "the same rows before and after");
+                }
             }
             snapshots_cli = format!("{} ({rows} lines)", spread(&times));
+            if before.is_some() {
+                snapshots_cli += &format!("; {} before", spread(&before_times));
+            }
         }
         up.stop();
         restarts.push((accel, synchronized, running));

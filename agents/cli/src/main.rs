@@ -330,6 +330,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status | Command::Apps | Command::Snapshots { .. } => {
             let roots = Roots::resolve(cli.root.as_deref());
+            // The snapshot records are checked on the blocking pool while the bus is read.
+            let records = matches!(cli.command, Command::Snapshots { .. }).then(|| {
+                let persist = roots.persist.clone();
+                tokio::task::spawn_blocking(move || readout::unloadable_records(&persist))
+            });
             let view = readout::device_view(&roots, WAIT).await;
             if let Some(code) = unreadable(&view, &roots, cli.root.is_some()) {
                 return Ok(code);
@@ -338,11 +343,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Status => print_status(&view, cli.json)?,
                 Command::Apps => print_apps(&view, cli.json)?,
                 Command::Snapshots { app } => {
-                    let (for_rows, persist) = (view.clone(), roots.persist.clone());
-                    let rows = tokio::task::spawn_blocking(move || {
-                        readout::snapshot_rows(&for_rows, &persist, app.as_deref())
-                    })
-                    .await?;
+                    let on_disk = match records {
+                        Some(records) => records.await?,
+                        None => Default::default(),
+                    };
+                    let rows = readout::rows_from(&view, on_disk, app.as_deref());
                     print_snapshots(&rows, cli.json)?;
                 }
                 _ => {}

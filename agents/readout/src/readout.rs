@@ -382,7 +382,7 @@ fn row(app: &AppInstanceStatus, s: &SnapshotInstanceStatus, state: &str) -> Snap
 }
 
 /// What a snapshot directory on disk holds, when not a record that loads.
-enum OnDisk {
+pub enum OnDisk {
     /// The record exists and does not load: the reason, naming the file and the fault.
     Corrupt(String),
     /// No record yet: the snapshot is being taken (the volume-manager writes its files first,
@@ -391,9 +391,11 @@ enum OnDisk {
 }
 
 /// Snapshot directories whose record is missing or does not load, by snapshot id. Blocking:
-/// every record is loaded, on every core (10,000 snapshots are 10,000 records).
+/// every record is read, on every core (10,000 snapshots are 10,000 records), and checked by
+/// its envelope and checksum; only one that fails that is decoded.
+/// Independent of the bus: a caller may run it while it reads the topics ([`rows_from`]).
 #[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
-fn unloadable_records(persist: &Path) -> std::collections::BTreeMap<String, OnDisk> {
+pub fn unloadable_records(persist: &Path) -> std::collections::BTreeMap<String, OnDisk> {
     let Ok(entries) = std::fs::read_dir(snapshots_dir(persist)) else {
         return Default::default();
     };
@@ -431,6 +433,13 @@ fn unloadable_in(dirs: &[(String, PathBuf)]) -> Vec<(String, OnDisk)> {
     let mut found = Vec::new();
     for (name, dir) in dirs {
         let file = dir.join(SNAPSHOT_INSTANCE_STATUS_FILE);
+        // The app-manager's records as it writes them are known sound from their envelope and
+        // checksum alone; anything else is loaded whole, for the verdict and its reason.
+        if std::fs::read(&file)
+            .is_ok_and(|bytes| cairn_persist::is_sound_current::<SnapshotInstanceStatus>(&bytes))
+        {
+            continue;
+        }
         let state = match cairn_persist::load::<SnapshotInstanceStatus>(&file) {
             Ok(_) => continue,
             Err(e) if matches!(e.kind, cairn_persist::ErrorKind::NotFound) => {
@@ -451,11 +460,19 @@ pub fn snapshot_rows(
     persist: &Path,
     app_filter: Option<&str>,
 ) -> Vec<SnapshotRow> {
+    rows_from(view, unloadable_records(persist), app_filter)
+}
+
+/// [`snapshot_rows`] with the records' check already made ([`unloadable_records`]).
+pub fn rows_from(
+    view: &DeviceView,
+    mut on_disk: std::collections::BTreeMap<String, OnDisk>,
+    app_filter: Option<&str>,
+) -> Vec<SnapshotRow> {
     let wanted = |app: &AppInstanceStatus| {
         app_filter
             .is_none_or(|f| app.uuid_and_version.uuid.to_string() == f || app.display_name == f)
     };
-    let mut on_disk = unloadable_records(persist);
     let mut rows = Vec::new();
     for app in view.apps.iter() {
         let snap = &app.snap_status;

@@ -1226,8 +1226,10 @@ impl VolumeManager {
     async fn dispatch(&mut self) -> Vec<Publish> {
         let mut out = Vec::new();
         loop {
-            let claims: Vec<Claims> = self.queue.waiting().map(|e| self.claims(e)).collect();
-            let Some((operation, event, claims)) = self.queue.take_ready(claims) else {
+            let records = &self.records;
+            let Some((operation, event, claims)) =
+                self.queue.take_ready(|e| event_claims(records, e))
+            else {
                 break;
             };
             match event {
@@ -1255,25 +1257,7 @@ impl VolumeManager {
     /// What an event touches: its snapshot and the uuids of the volumes it names or its record
     /// holds. The requests' synchronization is a barrier (its reconcile spans all records).
     fn claims(&self, event: &SnapshotEvent) -> Claims {
-        let snapshot = match event {
-            SnapshotEvent::Request(config) => config.snapshot_id,
-            SnapshotEvent::Withdrawn(snapshot) => *snapshot,
-            SnapshotEvent::Synchronized(_) => return Claims::All,
-        };
-        let mut claims = BTreeSet::from([Claim::Snapshot(snapshot)]);
-        if let SnapshotEvent::Request(config) = event {
-            claims.extend(config.volume_ids.iter().copied().map(Claim::Volume));
-        }
-        if let Some(record) = self.records.get(&snapshot) {
-            claims.extend(
-                record
-                    .volume_snapshot_meta
-                    .keys()
-                    .copied()
-                    .map(Claim::Volume),
-            );
-        }
-        Claims::Some(claims)
+        event_claims(&self.records, event)
     }
 
     /// A `VolumesSnapshotConfig` create or modify, carried out to its end before returning
@@ -1897,4 +1881,27 @@ fn load_records(
 /// The driver behind a backend, for the log: only ZFS has more than one.
 fn backend_driver(backend: SnapshotBackendKind) -> &'static str {
     Backends::driver(backend)
+}
+
+/// What an event touches (see [`VolumeManager::claims`]), from the records alone.
+fn event_claims(records: &BTreeMap<Uuid, VolumesSnapshotStatus>, event: &SnapshotEvent) -> Claims {
+    let snapshot = match event {
+        SnapshotEvent::Request(config) => config.snapshot_id,
+        SnapshotEvent::Withdrawn(snapshot) => *snapshot,
+        SnapshotEvent::Synchronized(_) => return Claims::All,
+    };
+    let mut claims = BTreeSet::from([Claim::Snapshot(snapshot)]);
+    if let SnapshotEvent::Request(config) = event {
+        claims.extend(config.volume_ids.iter().copied().map(Claim::Volume));
+    }
+    if let Some(record) = records.get(&snapshot) {
+        claims.extend(
+            record
+                .volume_snapshot_meta
+                .keys()
+                .copied()
+                .map(Claim::Volume),
+        );
+    }
+    Claims::Some(claims)
 }

@@ -42,6 +42,32 @@ impl Claims {
     }
 }
 
+/// Several operations' claims as one: meeting the union is meeting one of them.
+#[derive(Default)]
+struct Union {
+    any: bool,
+    all: bool,
+    set: BTreeSet<Claim>,
+}
+
+impl Union {
+    fn add(&mut self, claims: &Claims) {
+        self.any = true;
+        match claims {
+            Claims::All => self.all = true,
+            Claims::Some(set) => self.set.extend(set.iter().copied()),
+        }
+    }
+
+    /// As [`Claims::meets`] with any one of the claims added (a barrier meets any of them).
+    fn meets(&self, wanted: &Claims) -> bool {
+        match wanted {
+            Claims::All => self.any,
+            Claims::Some(set) => self.all || !self.set.is_disjoint(set),
+        }
+    }
+}
+
 /// An operation's number in arrival order.
 pub type OperationId = u64;
 
@@ -85,27 +111,35 @@ impl<T> Queue<T> {
         self.waiting.iter().map(|(_, op)| op)
     }
 
-    /// Takes the first waiting operation that may start now, given the claims of each waiting
-    /// one (in the order of [`Self::waiting`]): its claims meet neither a running operation's
-    /// nor those of one that came before it and still waits. None while `limit` run.
-    pub fn take_ready(&mut self, claims: Vec<Claims>) -> Option<(OperationId, T, Claims)> {
+    /// Takes the first waiting operation that may start now: its claims (`claims_of`, asked in
+    /// arrival order and only as far as needed) meet neither a running operation's nor those of
+    /// one that came before it and still waits. None while `limit` run. The claims before it are
+    /// kept as one union: 10,000 queued snapshots (1,000 apps starting) were a quadratic scan
+    /// at every start and every completion.
+    pub fn take_ready(
+        &mut self,
+        mut claims_of: impl FnMut(&T) -> Claims,
+    ) -> Option<(OperationId, T, Claims)> {
         if self.running.len() >= self.limit {
             return None;
         }
-        let mut ahead: Vec<&Claims> = Vec::new();
+        let mut held = Union::default();
+        for claims in self.held() {
+            held.add(claims);
+        }
+        let mut ahead = Union::default();
         let mut found = None;
-        for (index, wanted) in claims.iter().enumerate().take(self.waiting.len()) {
-            let blocked = self.held().any(|held| held.meets(wanted))
-                || ahead.iter().any(|before| before.meets(wanted));
-            if !blocked {
-                found = Some(index);
+        for (index, (_, operation)) in self.waiting.iter().enumerate() {
+            let wanted = claims_of(operation);
+            if !held.meets(&wanted) && !ahead.meets(&wanted) {
+                found = Some((index, wanted));
                 break;
             }
-            ahead.push(wanted);
+            ahead.add(&wanted);
         }
-        let index = found?;
+        let (index, claims) = found?;
         let (id, operation) = self.waiting.remove(index)?;
-        Some((id, operation, claims.into_iter().nth(index)?))
+        Some((id, operation, claims))
     }
 
     /// The operation taken by [`Self::take_ready`] runs now, holding `claims` until
@@ -157,7 +191,9 @@ mod tests {
     }
 
     fn ready(q: &mut Queue<&'static str>, claims: &[Claims]) -> Option<&'static str> {
-        let (id, op, held) = q.take_ready(claims.to_vec())?;
+        // Asked in arrival order: the n-th call is the n-th waiting operation's.
+        let mut next = claims.iter();
+        let (id, op, held) = q.take_ready(|_| next.next().cloned().unwrap_or(Claims::All))?;
         q.started(id, held);
         Some(op)
     }
