@@ -23,8 +23,7 @@ pub use crate::eve::org::lfedge::eve::info::z_info_msg::InfoContent;
 pub use crate::eve::org::lfedge::eve::info::{
     ApiCapability, BaseOsStatus, BaseOsSubStatus, BootReason, ErrorInfo, Severity, VolumeResources,
     ZDeviceState, ZInfoApp, ZInfoDevSw, ZInfoDevice, ZInfoEdgeview, ZInfoManufacturer, ZInfoMsg,
-    ZInfoSnapshot,
-    ZInfoTypes, ZInfoVolume, ZSwState,
+    ZInfoSnapshot, ZInfoTypes, ZInfoVolume, ZSwState,
 };
 pub use crate::eve::org::lfedge::eve::info::{ContentResources, UsageInfo, ZInfoContentTree};
 pub use crate::eve::org::lfedge::eve::metrics::z_metric_msg::MetricContent;

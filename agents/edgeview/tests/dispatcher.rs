@@ -2,6 +2,8 @@
 //! from EVE's example, `cairn_test_controller::dispatcher`) and a client that sends commands as
 //! EVE's client does. The JWT is built here by hand from EVE's definitions, not with the
 //! agent's own code.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
 use std::path::PathBuf;
 use std::process::{Child, Command};

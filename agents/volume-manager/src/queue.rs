@@ -27,13 +27,6 @@ pub enum Claims {
 }
 
 impl Claims {
-    fn meets(&self, other: &Claims) -> bool {
-        match (self, other) {
-            (Claims::All, _) | (_, Claims::All) => true,
-            (Claims::Some(a), Claims::Some(b)) => !a.is_disjoint(b),
-        }
-    }
-
     pub fn holds(&self, claim: &Claim) -> bool {
         match self {
             Claims::All => true,
@@ -59,7 +52,8 @@ impl Union {
         }
     }
 
-    /// As [`Claims::meets`] with any one of the claims added (a barrier meets any of them).
+    /// Whether `wanted` shares a claim with any one of the claims added (a barrier meets any
+    /// of them, and `All` meets everything).
     fn meets(&self, wanted: &Claims) -> bool {
         match wanted {
             Claims::All => self.any,

@@ -485,6 +485,7 @@ async fn cairn_side(cairn: &Path, storage: &BtrfsLoop) -> CairnFigures {
             ids = ids.join(", ")
         )
     };
+    #[allow(clippy::reversed_empty_ranges)] // no snapshot yet: the empty range
     device.write_config(&config(1..=0, 0, true));
     let mut up = device.up(cairn);
     let mut observer = Observer::start(&device);
