@@ -137,7 +137,14 @@ pub struct Downloader {
     defaults: Settings,
     /// When the first blob kept for reuse is due (a copy of the store's, kept off the lock).
     next_deferred: Option<chrono::DateTime<Utc>>,
+    /// Trees whose reference could not be recorded (a full or failing disk): nothing is
+    /// downloaded for them until it is, and their config is handled again every
+    /// [`HOLD_RETRY`].
+    unheld: BTreeSet<Uuid>,
 }
+
+/// How often a tree whose reference could not be recorded is tried again.
+const HOLD_RETRY: Duration = Duration::from_secs(5);
 
 /// Ready when the first kept blob is due; checked each minute at least, against clock jumps.
 async fn deferred_due(at: Option<chrono::DateTime<Utc>>) {
@@ -191,6 +198,7 @@ pub async fn run(
         settings,
         defaults,
         next_deferred: None,
+        unheld: BTreeSet::new(),
     };
     agent.next_deferred = agent.blocking(|store| store.next_deferred()).await?;
     let mut restarted = false;
@@ -218,6 +226,9 @@ pub async fn run(
             },
             Some(event) = job_events.recv() => agent.handle_job(event).await?,
             _ = deferred_due(agent.next_deferred) => agent.expire_deferred().await?,
+            _ = tokio::time::sleep(HOLD_RETRY), if !agent.unheld.is_empty() => {
+                agent.retry_unheld().await?;
+            }
             _ = &mut shutdown => break,
         }
     }
@@ -349,15 +360,20 @@ impl Downloader {
             })
             .await?
         {
-            Ok(released) => released,
+            Ok(released) => {
+                if self.unheld.remove(&id) {
+                    tracing::info!(tree = %id, "its reference is recorded again");
+                }
+                released
+            }
             Err(e) => {
-                // Nothing is downloaded without its reference on disk; tried again at the next
-                // config change or start.
+                // Nothing is downloaded without its reference on disk; tried again shortly.
                 tracing::error!(tree = %id, "{e}");
                 status.error = Self::error(
                     &config,
-                    &format!("{e}; tried again at the next config change or agent start"),
+                    &format!("{e}; tried again every {} s", HOLD_RETRY.as_secs()),
                 );
+                self.unheld.insert(id);
                 return Ok(self.statuses.publish(status).await?);
             }
         };
@@ -608,8 +624,20 @@ impl Downloader {
         }
     }
 
+    /// Handles again the configs of the trees whose reference could not be recorded.
+    async fn retry_unheld(&mut self) -> Result<(), AgentError> {
+        for id in std::mem::take(&mut self.unheld) {
+            // Removed first: an unchanged config is otherwise taken as already handled.
+            if let Some(config) = self.configs.remove(&id) {
+                self.handle_config(config).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn handle_delete(&mut self, id: Uuid) -> Result<(), AgentError> {
         self.configs.remove(&id);
+        self.unheld.remove(&id);
         self.stop_image_job(id).await;
         self.release(id).await?;
         self.statuses.unpublish(&id.to_string()).await?;

@@ -118,7 +118,20 @@ impl Harness {
     }
 
     fn agent(&self, stall_ms: u64, crash_at: Option<&str>) -> Agent {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-downloader"));
+        self.agent_via(&[], stall_ms, crash_at)
+    }
+
+    /// Started through `launcher` (`fiu-run -x …`), which runs the binary given after it.
+    fn agent_via(&self, launcher: &[&str], stall_ms: u64, crash_at: Option<&str>) -> Agent {
+        let binary = env!("CARGO_BIN_EXE_cairn-downloader");
+        let mut cmd = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
         cmd.env("CAIRN_PERSIST_DIR", &self.persist)
             .env("CAIRN_RUN_DIR", &self.run)
             .env_remove("CAIRN_CRASH_AT")
@@ -649,4 +662,68 @@ async fn a_small_tree_is_loaded_while_a_big_oci_archive_loads() {
         "its file is the image's manifest: {loaded:?}"
     );
     assert_eq!(loaded.blobs.len(), 4, "manifest, config, layer, archive");
+}
+
+/// The agent's own file calls failing (libfiu's POSIX preload, `fiu-run -x`; `fiu-ctrl` arms
+/// one fault while the agent is idle, as a new tree arrives): the first such call is the
+/// recording of the tree's reference (`refs.json`: open ENOSPC, fsync EIO, rename EIO). Each
+/// is reported on the tree, naming it and the fault, and tried again by the agent itself: the
+/// tree ends LOADED with the verified bytes, nothing left in `partial/`. Before, the tree
+/// waited for the next config change or agent start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_or_failing_disk_under_the_store_is_reported_and_the_download_retried() {
+    for (point, errno, words) in [
+        ("posix/io/oc/open", 28, "No space left on device"),
+        ("posix/io/sync/fsync", 5, "Input/output error"),
+        ("posix/io/dir/rename", 5, "Input/output error"),
+    ] {
+        let mut h = Harness::new(false).await;
+        let ctrl = h.persist.join("fiu-ctrl");
+        let agent = h.agent_via(
+            &["fiu-run", "-x", "-f", ctrl.to_str().unwrap()],
+            60_000,
+            None,
+        );
+        let first = h.tree("first.raw", &content(MIB, 5));
+        h.configs.publish(first.clone()).await.unwrap();
+        h.loaded(first.content_id).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let out = Command::new("fiu-ctrl")
+            .args([
+                "-c",
+                &format!("enable name={point},failinfo={errno},onetime"),
+                "-f",
+            ])
+            .arg(&ctrl)
+            .arg(agent.0.id().to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("fiu-ctrl is required (Debian fiu-utils): {e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let data = content(2 * MIB, 6);
+        let tree = h.tree("second.raw", &data);
+        h.configs.publish(tree.clone()).await.unwrap();
+        let failed = h.error_containing(tree.content_id, words).await;
+        let text = &failed.error.error;
+        assert!(
+            text.contains(&tree.content_id.to_string()) || text.contains("second.raw"),
+            "{point}: the tree is not named: {text}"
+        );
+        let status = h.loaded(tree.content_id).await;
+        assert_eq!(
+            std::fs::read(&status.file_location).unwrap(),
+            data,
+            "{point}: the stored blob"
+        );
+        assert!(
+            h.files("partial").is_empty(),
+            "{point}: a partial file left"
+        );
+        println!("fiu downloader {point} errno={errno}: {text}");
+        drop(agent);
+    }
 }
