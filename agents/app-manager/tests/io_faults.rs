@@ -10,48 +10,28 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cairn_fiu::{EIO, ENOSPC, Fiu, fault_words};
 use cairn_pubsub::{Event, PublishOptions};
 use cairn_types::{AppInstanceConfig, AppInstanceStatus, SnapshotType, VolumesSnapshotAction};
 use common::*;
 use uuid::Uuid;
 
-const EIO: i32 = 5;
-const ENOSPC: i32 = 28;
-
-/// The app-manager under libfiu, remote-controlled through FIFOs named `<ctrl>-<pid>.{in,out}`.
+/// The app-manager under libfiu.
 struct FiuAppManager {
     process: AppManagerProcess,
-    ctrl: PathBuf,
+    fiu: Fiu,
 }
 
 impl FiuAppManager {
     fn start(roots: &Roots) -> Self {
-        let ctrl = roots.dir.path().join("fiu-ctrl");
-        let process = AppManagerProcess::start_via(
-            &["fiu-run", "-x", "-f", ctrl.to_str().unwrap()],
-            roots,
-            None,
-        );
-        Self { process, ctrl }
-    }
-
-    fn control(&self, command: &str) {
-        let out = Command::new("fiu-ctrl")
-            .args(["-c", command, "-f"])
-            .arg(&self.ctrl)
-            .arg(self.process.0.id().to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("fiu-ctrl is required (Debian fiu-utils): {e}"));
-        assert!(
-            out.status.success(),
-            "fiu-ctrl {command}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let fiu = Fiu::new(roots.dir.path());
+        let launcher = fiu.launcher();
+        let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
+        let process = AppManagerProcess::start_via(&launcher, roots, None);
+        Self { process, fiu }
     }
 
     fn alive(&mut self) -> bool {
@@ -103,7 +83,7 @@ async fn fault_case(point: &str, errno: i32) -> String {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Once: the agent's next such call fails, wherever it is (the agent is idle now).
-    manager.control(&format!("enable name={point},failinfo={errno},onetime"));
+    manager.fiu.fail_once(manager.process.0.id(), point, errno);
     configs
         .publish(app_config(&[(SNAP, SnapshotType::Immediate)]))
         .await
@@ -150,14 +130,10 @@ async fn fault_case(point: &str, errno: i32) -> String {
     );
     drop(b);
 
-    let fault_words = match errno {
-        EIO => "input/output error",
-        _ => "no space left on device",
-    };
     let texts = texts.lock().unwrap();
     let said = texts
         .iter()
-        .find(|t| t.to_lowercase().contains(fault_words))
+        .find(|t| t.to_lowercase().contains(fault_words(errno)))
         .cloned();
     let said = said.unwrap_or_else(|| {
         panic!("{case}: the fault was never named in the app's status: {texts:?}")

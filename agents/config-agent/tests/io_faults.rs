@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 #![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_pubsub::{Bus, Event, Subscription, Topic};
@@ -49,11 +49,9 @@ async fn a_config_whose_bus_files_cannot_be_written_is_reported_and_applied_agai
     let root = tempfile::tempdir().unwrap();
     let file = root.path().join("config.json");
     std::fs::write(&file, config("1")).unwrap();
-    let ctrl = root.path().join("fiu-ctrl");
+    let fiu = cairn_fiu::Fiu::new(root.path());
     let mut agent = Agent(
-        Command::new("fiu-run")
-            .args(["-x", "-f", ctrl.to_str().unwrap()])
-            .arg(env!("CARGO_BIN_EXE_cairn-config-agent"))
+        cairn_fiu::command_via(&fiu.launcher(), env!("CARGO_BIN_EXE_cairn-config-agent"))
             .args(["--config", file.to_str().unwrap()])
             .env("CAIRN_RUN_DIR", root.path().join("run"))
             .env("CAIRN_PERSIST_DIR", root.path().join("persist"))
@@ -72,21 +70,7 @@ async fn a_config_whose_bus_files_cannot_be_written_is_reported_and_applied_agai
     until(&mut device, |s| s.apps == 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let out = Command::new("fiu-ctrl")
-        .args([
-            "-c",
-            "enable name=posix/io/dir/rename,failinfo=28,onetime",
-            "-f",
-        ])
-        .arg(&ctrl)
-        .arg(agent.0.id().to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fiu.fail_once(agent.0.id(), "posix/io/dir/rename", cairn_fiu::ENOSPC);
     std::fs::write(&file, config("2")).unwrap();
 
     let failed = until(&mut device, |s| s.last_error.is_error()).await;

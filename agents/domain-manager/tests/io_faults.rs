@@ -12,15 +12,12 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
+use cairn_fiu::{EIO, ENOSPC, Fiu, fault_words};
 use cairn_types::{DomainConfig, DomainState, DomainStatus};
 use common::*;
 use uuid::Uuid;
-
-const EIO: i32 = 5;
-const ENOSPC: i32 = 28;
 
 fn app_config(h: &Harness, app: Uuid, activate: bool, restart_counter: u32) -> DomainConfig {
     let volume = h.tmp.path().join(format!("volume-{app}"));
@@ -38,21 +35,6 @@ fn copies(app: Uuid) -> Vec<u32> {
     process_apps_mentioning(&format!("# app {app}"))
 }
 
-fn control(h: &Harness, command: &str) {
-    let ctrl = h.tmp.path().join("fiu-ctrl");
-    let out = Command::new("fiu-ctrl")
-        .args(["-c", command, "-f"])
-        .arg(&ctrl)
-        .arg(h.manager_pid().to_string())
-        .output()
-        .unwrap_or_else(|e| panic!("fiu-ctrl is required (Debian fiu-utils): {e}"));
-    assert!(
-        out.status.success(),
-        "fiu-ctrl {command}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Publishes `config` and waits until its generation is either running or has failed.
 async fn outcome(h: &mut Harness, config: DomainConfig) -> DomainStatus {
     let app = config.uuid_and_version.uuid;
@@ -68,13 +50,8 @@ async fn fault_case(point: &str, errno: i32) -> String {
     let case = format!("{point} errno={errno}");
     let mut h = Harness::new().await;
     h.kill_manager();
-    let ctrl = h.tmp.path().join("fiu-ctrl");
-    h.launcher = vec![
-        "fiu-run".into(),
-        "-x".into(),
-        "-f".into(),
-        ctrl.to_str().unwrap().into(),
-    ];
+    let fiu = Fiu::new(h.tmp.path());
+    h.launcher = fiu.launcher();
     h.start_manager();
     h.wait_restarted().await;
 
@@ -86,7 +63,7 @@ async fn fault_case(point: &str, errno: i32) -> String {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let app = Uuid::new_v4();
-    control(&h, &format!("enable name={point},failinfo={errno},onetime"));
+    fiu.fail_once(h.manager_pid(), point, errno);
     let config = app_config(&h, app, true, 0);
     let first = outcome(&mut h, config).await;
     let running = copies(app);
@@ -106,12 +83,8 @@ async fn fault_case(point: &str, errno: i32) -> String {
             "{case}: a failed start left a copy"
         );
         let text = first.error.error.clone();
-        let fault_words = match errno {
-            EIO => "input/output error",
-            _ => "no space left on device",
-        };
         assert!(
-            text.to_lowercase().contains(fault_words) && text.contains(&app.to_string()),
+            text.to_lowercase().contains(fault_words(errno)) && text.contains(&app.to_string()),
             "{case}: the error names neither the fault nor the app: {text}"
         );
         let config = app_config(&h, app, true, 1);

@@ -7,7 +7,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use cairn_pubsub::{Bus, Publication, PublishOptions, Subscription};
@@ -122,16 +122,8 @@ impl Harness {
     }
 
     /// Started through `launcher` (`fiu-run -x …`), which runs the binary given after it.
-    fn agent_via(&self, launcher: &[&str], stall_ms: u64, crash_at: Option<&str>) -> Agent {
-        let binary = env!("CARGO_BIN_EXE_cairn-downloader");
-        let mut cmd = match launcher.split_first() {
-            Some((program, args)) => {
-                let mut cmd = Command::new(program);
-                cmd.args(args).arg(binary);
-                cmd
-            }
-            None => Command::new(binary),
-        };
+    fn agent_via(&self, launcher: &[String], stall_ms: u64, crash_at: Option<&str>) -> Agent {
+        let mut cmd = cairn_fiu::command_via(launcher, env!("CARGO_BIN_EXE_cairn-downloader"));
         cmd.env("CAIRN_PERSIST_DIR", &self.persist)
             .env("CAIRN_RUN_DIR", &self.run)
             .env_remove("CAIRN_CRASH_AT")
@@ -672,42 +664,30 @@ async fn a_small_tree_is_loaded_while_a_big_oci_archive_loads() {
 /// waited for the next config change or agent start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_or_failing_disk_under_the_store_is_reported_and_the_download_retried() {
-    for (point, errno, words) in [
-        ("posix/io/oc/open", 28, "No space left on device"),
-        ("posix/io/sync/fsync", 5, "Input/output error"),
-        ("posix/io/dir/rename", 5, "Input/output error"),
+    use cairn_fiu::{EIO, ENOSPC, Fiu, fault_words};
+    for (point, errno) in [
+        ("posix/io/oc/open", ENOSPC),
+        ("posix/io/sync/fsync", EIO),
+        ("posix/io/dir/rename", EIO),
     ] {
+        let words = fault_words(errno);
         let mut h = Harness::new(false).await;
-        let ctrl = h.persist.join("fiu-ctrl");
-        let agent = h.agent_via(
-            &["fiu-run", "-x", "-f", ctrl.to_str().unwrap()],
-            60_000,
-            None,
-        );
+        let fiu = Fiu::new(&h.persist);
+        let agent = h.agent_via(&fiu.launcher(), 60_000, None);
         let first = h.tree("first.raw", &content(MIB, 5));
         h.configs.publish(first.clone()).await.unwrap();
         h.loaded(first.content_id).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
 
-        let out = Command::new("fiu-ctrl")
-            .args([
-                "-c",
-                &format!("enable name={point},failinfo={errno},onetime"),
-                "-f",
-            ])
-            .arg(&ctrl)
-            .arg(agent.0.id().to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("fiu-ctrl is required (Debian fiu-utils): {e}"));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        fiu.fail_once(agent.0.id(), point, errno);
         let data = content(2 * MIB, 6);
         let tree = h.tree("second.raw", &data);
         h.configs.publish(tree.clone()).await.unwrap();
-        let failed = h.error_containing(tree.content_id, words).await;
+        let failed = h
+            .status_where(tree.content_id, words, |s| {
+                s.error.error.to_lowercase().contains(words)
+            })
+            .await;
         let text = &failed.error.error;
         assert!(
             text.contains(&tree.content_id.to_string()) || text.contains("second.raw"),

@@ -14,44 +14,26 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
+use cairn_fiu::{EIO, ENOSPC, Fiu, fault_words};
 use cairn_types::snapshot::VolumesSnapshotAction::{self, Create, Delete, Rollback};
 use cairn_types::snapshot::VolumesSnapshotStatus;
 use cairn_types::volume::{VolumeConfig, VolumeFormat};
 use common::*;
 use uuid::Uuid;
 
-const EIO: i32 = 5;
-const ENOSPC: i32 = 28;
-
-/// The agent under libfiu, remote-controlled through FIFOs named `<ctrl>-<pid>.{in,out}`.
+/// The agent under libfiu.
 struct FiuAgent {
     agent: Agent,
-    ctrl: PathBuf,
+    fiu: Fiu,
 }
 
 impl FiuAgent {
     fn start(h: &Harness) -> Self {
-        let ctrl = h.root.path().join("fiu-ctrl");
-        let agent = Agent::start_via(
-            &["fiu-run", "-x", "-f", ctrl.to_str().unwrap()],
-            &h.persist,
-            &h.run,
-        );
-        Self { agent, ctrl }
-    }
-
-    fn control(&self, command: &str) {
-        let out = Command::new("fiu-ctrl")
-            .args(["-c", command, "-f"])
-            .arg(&self.ctrl)
-            .arg(self.agent.child.id().to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("fiu-ctrl is required (Debian fiu-utils): {e}"));
-        assert!(
-            out.status.success(),
-            "fiu-ctrl {command}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let fiu = Fiu::new(h.root.path());
+        let launcher = fiu.launcher();
+        let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
+        let agent = Agent::start_via(&launcher, &h.persist, &h.run);
+        Self { agent, fiu }
     }
 
     fn alive(&mut self) -> bool {
@@ -127,7 +109,7 @@ async fn fault_case(action: VolumesSnapshotAction, point: &str, errno: i32) -> S
     let case = format!("{action:?} {point} errno={errno}");
 
     // Once: the agent's next such call fails, wherever it is (the agent is idle now).
-    agent.control(&format!("enable name={point},failinfo={errno},onetime"));
+    agent.fiu.fail_once(agent.agent.child.id(), point, errno);
     let s = ask(&mut h, id, action, &a, 2).await;
     assert!(agent.alive(), "{case}: the agent died");
     let text = format!("{} {:?}", s.error.error, s.volume_errors);
@@ -135,12 +117,8 @@ async fn fault_case(action: VolumesSnapshotAction, point: &str, errno: i32) -> S
         s.error.is_error(),
         "{case}: the fault failed nothing: {s:?}"
     );
-    let fault_words = match errno {
-        EIO => "Input/output error",
-        _ => "No space left on device",
-    };
     assert!(
-        text.to_lowercase().contains(&fault_words.to_lowercase()),
+        text.to_lowercase().contains(fault_words(errno)),
         "{case}: the fault is not named: {text}"
     );
     assert!(

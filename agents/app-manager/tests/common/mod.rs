@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,15 +50,7 @@ impl AppManagerProcess {
 
     /// Started through `launcher` (`fiu-run -x …`), which runs the binary given after it.
     pub fn start_via(launcher: &[&str], roots: &Roots, crash_at: Option<&str>) -> Self {
-        let binary = env!("CARGO_BIN_EXE_cairn-app-manager");
-        let mut command = match launcher.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(binary);
-                command
-            }
-            None => Command::new(binary),
-        };
+        let mut command = cairn_fiu::command_via(launcher, env!("CARGO_BIN_EXE_cairn-app-manager"));
         command
             .env("CAIRN_RUN_DIR", roots.run())
             .env("CAIRN_PERSIST_DIR", roots.persist())

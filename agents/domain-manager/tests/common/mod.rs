@@ -194,15 +194,8 @@ impl Harness {
         let log =
             std::fs::File::create(self.tmp.path().join(format!("manager-{}.log", self.starts)))
                 .unwrap();
-        let binary = env!("CARGO_BIN_EXE_cairn-domain-manager");
-        let mut command = match self.launcher.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(binary);
-                command
-            }
-            None => Command::new(binary),
-        };
+        let mut command =
+            cairn_fiu::command_via(&self.launcher, env!("CARGO_BIN_EXE_cairn-domain-manager"));
         let child = command
             .arg("--run-dir")
             .arg(&self.run)

@@ -255,15 +255,7 @@ impl Agent {
         crash_at: Option<&str>,
         env: &[(&str, std::ffi::OsString)],
     ) -> Self {
-        let binary = env!("CARGO_BIN_EXE_cairn-volume-manager");
-        let mut cmd = match launcher.split_first() {
-            Some((program, args)) => {
-                let mut cmd = Command::new(program);
-                cmd.args(args).arg(binary);
-                cmd
-            }
-            None => Command::new(binary),
-        };
+        let mut cmd = cairn_fiu::command_via(launcher, env!("CARGO_BIN_EXE_cairn-volume-manager"));
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.env("CAIRN_PERSIST_DIR", persist)
             .env("CAIRN_RUN_DIR", run)
