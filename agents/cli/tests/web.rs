@@ -708,10 +708,21 @@ fn an_export_job_shows_on_its_apps_card_with_its_state_and_reason() {
     let port = free_port("127.0.0.1");
     let up = Up::start(&["--http", &format!("127.0.0.1:{port}")]);
     up.wait_status(Duration::from_secs(90), demo_ready);
+    // A target on a read-only mount (a real bind mount): the job fails, saying why.
     let target = up.path().join("exports");
     std::fs::create_dir(&target).unwrap();
-    // The demo's directory volume cannot be exported yet: the job fails, naming the volume.
-    let (code, _, err) = up.cairn(&["export", DEMO_SNAPSHOT, "--to", target.to_str().unwrap()]);
+    let path = target.to_str().unwrap();
+    let mount = |args: &[&str]| {
+        let status = std::process::Command::new("mount")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount {args:?} (this test needs root)");
+    };
+    mount(&["--bind", path, path]);
+    let _unmount = Unmount(target.clone());
+    mount(&["-o", "remount,bind,ro", path]);
+    let (code, _, err) = up.cairn(&["export", DEMO_SNAPSHOT, "--to", path]);
     assert_eq!(code, 1, "{err}");
 
     let status = eventually(
@@ -741,7 +752,19 @@ fn an_export_job_shows_on_its_apps_card_with_its_state_and_reason() {
         .find(|r| r.contains(&format!("data-export=\"{job}\"")))
         .unwrap_or_else(|| panic!("the job is not on the app's card: {card}"));
     assert!(row.contains("failed"), "{row}");
-    assert!(row.contains("not supported yet"), "{row}");
+    assert!(row.contains("Read-only file system"), "{row}");
+}
+
+/// Lazily unmounts on drop.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
 }
 
 #[test]
