@@ -39,6 +39,21 @@ fn remote_config(server: &SeaweedFs, id: &str, bucket: &str, credentials: &str) 
     }
 }
 
+/// A SeaweedFS server with the bucket, a device harness with its credentials, and the remote
+/// `backups` published (the publication is returned: dropped, the remote goes).
+async fn device_with_backups() -> (SeaweedFs, Harness, Publication<RemoteConfig>) {
+    let server = SeaweedFs::start();
+    server.create_bucket(BUCKET);
+    let h = Harness::new().await;
+    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
+    let remotes = remotes(&h).await;
+    remotes
+        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
+        .await
+        .unwrap();
+    (server, h, remotes)
+}
+
 /// Nothing of a job left on the device: no job record, nothing spooled.
 fn nothing_left_locally(persist: &Path) {
     let jobs = persist.join("volume-manager/exports");
@@ -76,15 +91,7 @@ fn download(server: &SeaweedFs, key: &str, dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_to_a_remote_lands_whole_with_its_manifest_and_restores_bit_for_bit() {
-    let server = SeaweedFs::start();
-    server.create_bucket(BUCKET);
-    let mut h = Harness::new().await;
-    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
-    let remotes = remotes(&h).await;
-    remotes
-        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
-        .await
-        .unwrap();
+    let (server, mut h, _remotes) = device_with_backups().await;
     let _agent = h.agent(None);
     let mut cli = Cli::new(&h).await;
     // Random data: it does not compress, so the volume file takes more than one part.
@@ -133,15 +140,7 @@ async fn an_export_to_a_remote_lands_whole_with_its_manifest_and_restores_bit_fo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_mid_upload_leaves_no_complete_export_and_its_restart_removes_it() {
-    let server = SeaweedFs::start();
-    server.create_bucket(BUCKET);
-    let mut h = Harness::new().await;
-    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
-    let remotes = remotes(&h).await;
-    remotes
-        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
-        .await
-        .unwrap();
+    let (server, mut h, _remotes) = device_with_backups().await;
     let mut agent = h.agent(Some(cairn_volume_manager::export::CRASH_MID_UPLOAD));
     let mut cli = Cli::new(&h).await;
     let (config, _) = volume_with_data(&mut h, 64, 20).await;
@@ -234,15 +233,7 @@ async fn wrong_credentials_a_missing_bucket_and_an_unknown_remote_are_refused_by
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incremental_export_to_a_remote_uploads_only_the_changes_and_its_chain_restores_exactly()
 {
-    let server = SeaweedFs::start();
-    server.create_bucket(BUCKET);
-    let mut h = Harness::new().await;
-    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
-    let remotes = remotes(&h).await;
-    remotes
-        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
-        .await
-        .unwrap();
+    let (server, mut h, _remotes) = device_with_backups().await;
     let _agent = h.agent(None);
     let mut cli = Cli::new(&h).await;
     let (config, file) = volume_with_data(&mut h, 128, 48).await;
@@ -443,15 +434,7 @@ fn export_key(status: &cairn_types::export::ExportStatus) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_device_restores_a_volume_from_the_remote_export_and_its_chain_with_identical_data()
  {
-    let server = SeaweedFs::start();
-    server.create_bucket(BUCKET);
-    let mut h = Harness::new().await;
-    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
-    let remotes_a = remotes(&h).await;
-    remotes_a
-        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
-        .await
-        .unwrap();
+    let (server, mut h, _remotes_a) = device_with_backups().await;
     let _agent = h.agent(None);
     let mut cli = Cli::new(&h).await;
     let (config, file) = volume_with_data(&mut h, 64, 20).await;
@@ -503,15 +486,7 @@ async fn a_second_device_restores_a_volume_from_the_remote_export_and_its_chain_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_truncated_or_missing_object_is_refused_by_name_and_nothing_is_made() {
-    let server = SeaweedFs::start();
-    server.create_bucket(BUCKET);
-    let mut h = Harness::new().await;
-    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
-    let remotes_a = remotes(&h).await;
-    remotes_a
-        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
-        .await
-        .unwrap();
+    let (server, mut h, _remotes_a) = device_with_backups().await;
     let _agent = h.agent(None);
     let mut cli = Cli::new(&h).await;
     let (config, _) = volume_with_data(&mut h, 32, 8).await;
@@ -594,15 +569,7 @@ async fn a_tampered_truncated_or_missing_object_is_refused_by_name_and_nothing_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_volume_goes_to_the_remote_as_a_tree_and_a_second_device_restores_it_exactly() {
-    let server = SeaweedFs::start();
-    server.create_bucket(BUCKET);
-    let mut h = Harness::new().await;
-    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
-    let remotes_a = remotes(&h).await;
-    remotes_a
-        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
-        .await
-        .unwrap();
+    let (server, mut h, _remotes_a) = device_with_backups().await;
     let _agent = h.agent(None);
     let mut cli = Cli::new(&h).await;
     let (config, id) = tree_volume_snapshot(&mut h).await;
@@ -643,15 +610,7 @@ async fn figures_full_export_to_seaweedfs_against_convert_and_one_upload() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(512);
-    let server = SeaweedFs::start();
-    server.create_bucket(BUCKET);
-    let mut h = Harness::new().await;
-    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
-    let remotes = remotes(&h).await;
-    remotes
-        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
-        .await
-        .unwrap();
+    let (server, mut h, _remotes) = device_with_backups().await;
     let agent = h.agent(None);
     let mut cli = Cli::new(&h).await;
     let (config, file) = volume_with_data(&mut h, 2 * mib, mib).await;
@@ -724,15 +683,7 @@ async fn figures_restore_from_seaweedfs_against_download_and_convert() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(512);
-    let server = SeaweedFs::start();
-    server.create_bucket(BUCKET);
-    let mut h = Harness::new().await;
-    server.write_credentials(&h.persist, "s3.json", SECRET_KEY);
-    let remotes_a = remotes(&h).await;
-    remotes_a
-        .publish(remote_config(&server, "backups", BUCKET, "s3.json"))
-        .await
-        .unwrap();
+    let (server, mut h, _remotes_a) = device_with_backups().await;
     let _agent = h.agent(None);
     let mut cli = Cli::new(&h).await;
     let (config, _) = volume_with_data(&mut h, 2 * mib, mib).await;
