@@ -141,6 +141,20 @@ fn offer(version: &str, activate: bool, counter: u32) -> BundleOffer {
     }
 }
 
+/// The controller's config becomes EVE's `baseos` block offering `bundle` on `store`, and
+/// nothing else.
+fn offer_to(
+    controller: &TestController,
+    store: &TestDatastore,
+    offer: &BundleOffer,
+    bundle: &[u8],
+) {
+    controller.set_config(
+        SERIAL,
+        offer_bundle(store, offer, bundle, EdgeDevConfig::default()),
+    );
+}
+
 /// The newest `swList` the controller has, once `done` holds for it.
 async fn sw_list(
     controller: &TestController,
@@ -198,15 +212,7 @@ async fn an_activated_baseos_is_downloaded_verified_installed_into_the_other_slo
     let controller = TestController::start().await.unwrap();
     let mut rig = Rig::new();
     let bundle = rig.bundle(&rig.key, "2.0");
-    controller.set_config(
-        SERIAL,
-        offer_bundle(
-            &store,
-            &offer("2.0", true, 0),
-            &bundle,
-            EdgeDevConfig::default(),
-        ),
-    );
+    offer_to(&controller, &store, &offer("2.0", true, 0), &bundle);
     rig.follow(&controller);
 
     let list = sw_list(&controller, &rig, "slot B updating, about to reboot", |l| {
@@ -245,15 +251,7 @@ async fn a_bundle_signed_by_another_key_is_refused_in_swerr_and_nothing_is_writt
     let stranger = SigningKey::load(&stranger_path).unwrap();
     let bundle = rig.bundle(&stranger, "2.0");
     let before = rig.state();
-    controller.set_config(
-        SERIAL,
-        offer_bundle(
-            &store,
-            &offer("2.0", true, 0),
-            &bundle,
-            EdgeDevConfig::default(),
-        ),
-    );
+    offer_to(&controller, &store, &offer("2.0", true, 0), &bundle);
     rig.follow(&controller);
 
     let list = sw_list(&controller, &rig, "the refusal in swErr", |l| {
@@ -295,10 +293,7 @@ async fn a_bundle_whose_sha256_is_not_the_content_trees_is_refused_in_swerr_and_
         sha256: Some("ab".repeat(32)),
         ..offer("2.0", true, 0)
     };
-    controller.set_config(
-        SERIAL,
-        offer_bundle(&store, &wrong, &bundle, EdgeDevConfig::default()),
-    );
+    offer_to(&controller, &store, &wrong, &bundle);
     rig.follow(&controller);
 
     let list = sw_list(&controller, &rig, "the sha256 refusal in swErr", |l| {
@@ -324,15 +319,7 @@ async fn activate_false_downloads_and_verifies_but_installs_only_once_activated(
     let mut rig = Rig::new();
     let bundle = rig.bundle(&rig.key, "2.0");
     let before = rig.state();
-    controller.set_config(
-        SERIAL,
-        offer_bundle(
-            &store,
-            &offer("2.0", false, 0),
-            &bundle,
-            EdgeDevConfig::default(),
-        ),
-    );
+    offer_to(&controller, &store, &offer("2.0", false, 0), &bundle);
     rig.follow(&controller);
 
     let list = sw_list(&controller, &rig, "downloaded and verified", |l| {
@@ -351,15 +338,7 @@ async fn activate_false_downloads_and_verifies_but_installs_only_once_activated(
     assert_eq!(rig.reboots(), 0);
 
     // Activated: installed from the bundle already in the content store.
-    controller.set_config(
-        SERIAL,
-        offer_bundle(
-            &store,
-            &offer("2.0", true, 0),
-            &bundle,
-            EdgeDevConfig::default(),
-        ),
-    );
+    offer_to(&controller, &store, &offer("2.0", true, 0), &bundle);
     sw_list(
         &controller,
         &rig,
@@ -385,15 +364,7 @@ async fn a_changed_retry_update_counter_retries_an_update_whose_trial_failed() {
     let controller = TestController::start().await.unwrap();
     let mut rig = Rig::new();
     let bundle = rig.bundle(&rig.key, "2.0");
-    controller.set_config(
-        SERIAL,
-        offer_bundle(
-            &store,
-            &offer("2.0", true, 3),
-            &bundle,
-            EdgeDevConfig::default(),
-        ),
-    );
+    offer_to(&controller, &store, &offer("2.0", true, 3), &bundle);
     rig.follow(&controller);
     sw_list(&controller, &rig, "installed", installed_and_rebooting).await;
     rig.device
@@ -428,15 +399,7 @@ async fn a_changed_retry_update_counter_retries_an_update_whose_trial_failed() {
     assert_eq!(rig.state().trial, None);
     assert_eq!(rig.reboots(), 1);
 
-    controller.set_config(
-        SERIAL,
-        offer_bundle(
-            &store,
-            &offer("2.0", true, 4),
-            &bundle,
-            EdgeDevConfig::default(),
-        ),
-    );
+    offer_to(&controller, &store, &offer("2.0", true, 4), &bundle);
     sw_list(
         &controller,
         &rig,
@@ -465,15 +428,7 @@ async fn a_baseos_manager_killed_mid_install_converges_after_a_restart() {
         let controller = TestController::start().await.unwrap();
         let mut rig = Rig::new();
         let bundle = rig.bundle(&rig.key, "2.0");
-        controller.set_config(
-            SERIAL,
-            offer_bundle(
-                &store,
-                &offer("2.0", true, 0),
-                &bundle,
-                EdgeDevConfig::default(),
-            ),
-        );
+        offer_to(&controller, &store, &offer("2.0", true, 0), &bundle);
         let mut args = controller
             .device_args(&rig.device.root.path().join("setup"), SERIAL)
             .unwrap();
