@@ -69,6 +69,17 @@ pub async fn materialize(
             .map_err(|e| failed(format!("unpacking {}: {e}", source.display())));
     }
     tracing::info!(volume = key, export = %dir.display(), file = %entry.file, kind = ?entry.kind, "restoring a volume from an export");
+    convert_into_volume(&source, out)
+        .await
+        .map_err(|e| crate::backend::image_error(key, out, e))
+}
+
+/// The volume file `out` made from the exported image `source` (and its backing chain, already
+/// checked): one `qemu-img convert` into a fresh qcow2, so the volume depends on no export file.
+pub(super) async fn convert_into_volume(
+    source: &Path,
+    out: &Path,
+) -> Result<(), crate::process::CommandError> {
     crate::process::run(
         "qemu-img",
         &[
@@ -84,5 +95,4 @@ pub async fn materialize(
     )
     .await
     .map(drop)
-    .map_err(|e| crate::backend::image_error(key, out, e))
 }

@@ -91,22 +91,9 @@ pub async fn materialize(
         }
         check_backing(&links, stage).await?;
         tracing::info!(volume = key, export = %shown, links = links.len(), "restoring a volume from an export at a remote");
-        crate::process::run(
-            "qemu-img",
-            &[
-                "convert".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "-O".as_ref(),
-                "qcow2".as_ref(),
-                source.as_os_str(),
-                out.as_os_str(),
-            ],
-            std::time::Duration::from_secs(24 * 3600),
-        )
-        .await
-        .map(drop)
-        .map_err(|e| e.to_string())
+        super::import::convert_into_volume(&source, out)
+            .await
+            .map_err(|e| e.to_string())
     }
     .await;
     let stage_dir = stage.to_path_buf();
