@@ -23,11 +23,16 @@
 //! directories above); each look runs the device's `qemu-img check` on every such volume: any
 //! leak or corruption left once the device converged is a fault (#20).
 //!
-//! `target/debug/cairn-powercut [--cuts N] [--seed S] [--apps A] [--image DIR] [--work DIR]
-//! [--keep]`; without `--image` it builds one with `images/build --bin-dir` from the binaries
+//! `target/debug/cairn-powercut [--cuts N] [--seed S] [--apps A] [--jobs J] [--image DIR]
+//! [--work DIR] [--keep]`; without `--image` it builds one with `images/build --bin-dir` from the binaries
 //! beside it (`cargo build --workspace --bins` first). The exit status is 0 only when every cut
 //! was survived and nothing else was seen. Reproducible by seed as far as the random choices
 //! go (the cut moments are seeded delays; TCG timing varies).
+//!
+//! `--jobs J` runs J devices side by side, each on its own persist disk under `<work>/job-<j>`,
+//! with the seed `S + j` and its share of the cuts; the figures are the sum of theirs. A long
+//! run takes hours under TCG with one device, and each device keeps one core busy: two jobs
+//! on two cores halve it. The same `--seed` and `--jobs` replay the same run.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -67,10 +72,15 @@ const UNSYNCED: &str = "/persist/.powercut-unsynced";
 /// The snapshot of the demo config (`agents/cli/src/demo-config.json`).
 const DEMO_SNAPSHOT: Uuid = Uuid::from_u128(0xd3e0c0de_0000_4000_8000_00000000c001);
 
+#[derive(Clone)]
 struct Options {
     cuts: usize,
     seed: u64,
     apps: usize,
+    /// Devices run side by side (`--jobs`).
+    jobs: usize,
+    /// Put before each line a job prints (`[j] `), empty for a single job.
+    label: String,
     image: Option<PathBuf>,
     work: Option<PathBuf>,
     keep: bool,
@@ -81,6 +91,8 @@ fn parse_options() -> anyhow::Result<Options> {
         cuts: 5,
         seed: time_seed(),
         apps: 3,
+        jobs: 1,
+        label: String::new(),
         image: None,
         work: None,
         keep: false,
@@ -92,13 +104,14 @@ fn parse_options() -> anyhow::Result<Options> {
             "--cuts" => options.cuts = value()?.parse().context("--cuts: a number")?,
             "--seed" => options.seed = value()?.parse().context("--seed: a number")?,
             "--apps" => options.apps = value()?.parse().context("--apps: a number")?,
+            "--jobs" => options.jobs = value()?.parse().context("--jobs: a number")?,
             "--image" => options.image = Some(PathBuf::from(value()?)),
             "--work" => options.work = Some(PathBuf::from(value()?)),
             "--keep" => options.keep = true,
             "-h" | "--help" => {
                 println!(
                     "cairn-powercut [--cuts N (5)] [--seed S (from the time)] [--apps A (3)] \
-                     [--image DIR (built with images/build --bin-dir)] [--work DIR (a tempdir)] \
+                     [--jobs J (1): devices side by side, seeds S..S+J-1] [--image DIR (built with images/build --bin-dir)] [--work DIR (a tempdir)] \
                      [--keep]"
                 );
                 std::process::exit(0);
@@ -108,6 +121,9 @@ fn parse_options() -> anyhow::Result<Options> {
     }
     if options.apps == 0 {
         bail!("--apps needs at least one");
+    }
+    if options.jobs == 0 || options.jobs > options.cuts.max(1) {
+        bail!("--jobs: between 1 and the number of cuts");
     }
     Ok(options)
 }
@@ -794,7 +810,8 @@ struct Figures {
     boots_checked: usize,
     /// From qemu's launch to converged, per boot after a cut that was checked.
     converged: Vec<Duration>,
-    stuck: Vec<(usize, Vec<Fault>)>,
+    /// The cut (with its job's label) after which the boot did not converge, and why.
+    stuck: Vec<(String, Vec<Fault>)>,
     unreadable: BTreeSet<String>,
     leaks: BTreeSet<String>,
     failed: BTreeMap<Uuid, String>,
@@ -816,6 +833,30 @@ struct Figures {
 }
 
 impl Figures {
+    /// Adds what another job saw.
+    fn merge(&mut self, other: Figures) {
+        self.cuts += other.cuts;
+        self.cuts_in_recovery += other.cuts_in_recovery;
+        self.survived += other.survived;
+        self.boots_checked += other.boots_checked;
+        self.converged.extend(other.converged);
+        self.stuck.extend(other.stuck);
+        self.unreadable.extend(other.unreadable);
+        self.leaks.extend(other.leaks);
+        self.failed.extend(other.failed);
+        self.panics.extend(other.panics);
+        self.records_checked = self.records_checked.max(other.records_checked);
+        self.most_scheduled = self.most_scheduled.max(other.most_scheduled);
+        self.fsck_corrected += other.fsck_corrected;
+        self.qcow2_problems.extend(other.qcow2_problems);
+        self.qcow2_apps += other.qcow2_apps;
+        self.volume_checks_clean += other.volume_checks_clean;
+        self.changes += other.changes;
+        self.unsynced_written += other.unsynced_written;
+        self.unsynced_lost += other.unsynced_lost;
+        self.journal_replays += other.journal_replays;
+    }
+
     fn clean(&self) -> bool {
         self.survived == self.boots_checked
             && self.unreadable.is_empty()
@@ -824,9 +865,16 @@ impl Figures {
             && self.qcow2_problems.is_empty()
     }
 
-    fn print(&self, seed: u64) {
+    fn print(&self, seed: u64, jobs: usize) {
         println!("\n== cairn-powercut figures ==");
-        println!("seed: {seed}");
+        if jobs > 1 {
+            println!(
+                "seed: {seed} (--jobs {jobs}: seeds {seed}..={})",
+                seed.wrapping_add(jobs as u64 - 1)
+            );
+        } else {
+            println!("seed: {seed}");
+        }
         println!(
             "power cuts: {} ({} during boot or recovery); config changes: {}",
             self.cuts, self.cuts_in_recovery, self.changes
@@ -1021,7 +1069,8 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
     };
     figures.qcow2_apps = plans.iter().filter(|a| a.qcow2).count();
     println!(
-        "VM apps on qcow2 volumes: {} of {}{}",
+        "{}VM apps on qcow2 volumes: {} of {}{}",
+        options.label,
         figures.qcow2_apps,
         plans.len(),
         if vm_disk.is_none() {
@@ -1064,7 +1113,8 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
         );
     }
     println!(
-        "device up: {} apps running, {:.1}s from qemu's launch",
+        "{}device up: {} apps running, {:.1}s from qemu's launch",
+        options.label,
         plans.len(),
         guest.launched.elapsed().as_secs_f64()
     );
@@ -1108,7 +1158,7 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
         if let Some(problem) = check_qcow2(&persist) {
             figures
                 .qcow2_problems
-                .push(format!("after cut {cut}: {problem}"));
+                .push(format!("{}after cut {cut}: {problem}", options.label));
         }
         guest = Guest::boot(image, work, false, &console_log, vm_disk.as_deref())?;
         // One cut in five falls while the device boots or recovers.
@@ -1116,7 +1166,8 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
             let delay = rng.u64(2000..=40_000);
             std::thread::sleep(Duration::from_millis(delay));
             println!(
-                "#{cut} {}; next cut {:.1}s into the boot",
+                "{}#{cut} {}; next cut {:.1}s into the boot",
+                options.label,
                 what.join("; "),
                 delay as f64 / 1000.0
             );
@@ -1137,7 +1188,8 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
         match took {
             Some(took) => {
                 println!(
-                    "#{cut} {}: converged {:.1}s after launch",
+                    "{}#{cut} {}: converged {:.1}s after launch",
+                    options.label,
                     what.join("; "),
                     took.as_secs_f64()
                 );
@@ -1147,7 +1199,8 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
             }
             None => {
                 println!(
-                    "#{cut} {}: NOT CONVERGED {:?}",
+                    "{}#{cut} {}: NOT CONVERGED {:?}",
+                    options.label,
                     what.join("; "),
                     seen.faults
                 );
@@ -1156,7 +1209,9 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
                         figures.leaks.insert(leak.clone());
                     }
                 }
-                figures.stuck.push((cut, seen.faults.clone()));
+                figures
+                    .stuck
+                    .push((format!("{}{cut}", options.label), seen.faults.clone()));
                 if !guest.alive()
                     || guest
                         .wait_for("CAIRN-AGENTS-READY", Duration::ZERO)
@@ -1172,6 +1227,52 @@ fn run(options: &Options, image: &Path, work: &Path, figures: &mut Figures) -> a
     }
     guest.power_off();
     Ok(())
+}
+
+/// `--jobs`: the devices side by side, each a [`run`] of its share of the cuts, on its own
+/// seed and work directory; the first error is the outcome, after every job has ended.
+fn run_jobs(
+    options: &Options,
+    image: &Path,
+    work: &Path,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
+    let outcomes = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..options.jobs)
+            .map(|j| {
+                let job = Options {
+                    cuts: options.cuts / options.jobs
+                        + usize::from(j < options.cuts % options.jobs),
+                    seed: options.seed.wrapping_add(j as u64),
+                    jobs: 1,
+                    label: format!("[{j}] "),
+                    ..options.clone()
+                };
+                let dir = work.join(format!("job-{j}"));
+                scope.spawn(move || {
+                    let mut figures = Figures::default();
+                    let outcome = std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))
+                        .and_then(|()| run(&job, image, &dir, &mut figures))
+                        .with_context(|| format!("job {j} (seed {})", job.seed));
+                    (figures, outcome)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("a job's thread panicked"))
+            .collect::<Vec<_>>()
+    });
+    let mut first_error = None;
+    for (job_figures, outcome) in outcomes {
+        figures.merge(job_figures);
+        if let Err(e) = outcome {
+            println!("{e:#}");
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 fn main() -> ExitCode {
@@ -1219,8 +1320,12 @@ fn main_inner() -> anyhow::Result<bool> {
     };
     let started = Instant::now();
     let mut figures = Figures::default();
-    let outcome = run(&options, &image, &work, &mut figures);
-    figures.print(options.seed);
+    let outcome = if options.jobs == 1 {
+        run(&options, &image, &work, &mut figures)
+    } else {
+        run_jobs(&options, &image, &work, &mut figures)
+    };
+    figures.print(options.seed, options.jobs);
     println!("run took {:.0}s", started.elapsed().as_secs_f64());
     // A run that saw something keeps its console log and disk for a look.
     if remove_work && outcome.is_ok() && figures.clean() {
