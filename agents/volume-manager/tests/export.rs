@@ -468,6 +468,58 @@ async fn a_bitmap_left_in_use_by_a_crashed_vm_gives_a_full_export_that_says_so()
     );
 }
 
+/// The agent with a test-only `qemu-nbd` first on its PATH whose socket file is there a
+/// second and a half before anything listens on it.
+fn agent_with_slow_nbd(h: &Harness) -> Agent {
+    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slow-nbd");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::iter::once(wrapper).chain(std::env::split_paths(&path));
+    Agent::start_with(
+        &h.persist,
+        &h.run,
+        None,
+        &[("PATH", std::env::join_paths(dirs).unwrap())],
+    )
+}
+
+/// A loaded machine shows qemu-nbd's socket file before the server listens on it: change
+/// tracking must still start after a full export (it compares the volume with the snapshot
+/// through that server), so the next export is incremental, not a full one "for no bitmap".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nbd_server_slow_to_listen_still_starts_change_tracking() {
+    let mut h = Harness::new().await;
+    let _agent = agent_with_slow_nbd(&h);
+    let mut cli = Cli::new(&h).await;
+    let (config, file) = volume_with_data(&mut h, 32, 8).await;
+    let first = snapshot(&mut h, &config, 1).await;
+    let target = h.root.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    let full = cli.run(ExportAction::Export, first, &target, false).await;
+    assert_eq!(full.state, ExportState::Done, "{}", full.error);
+    let tracking = format!("cairn-{first}");
+    assert!(
+        bitmaps(&file).contains(&tracking),
+        "no bitmap {tracking} after the full export: {:?}",
+        bitmaps(&file)
+    );
+    sh(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xab 1M 1M",
+            file.to_str().unwrap(),
+        ],
+    );
+    let second = snapshot(&mut h, &config, 2).await;
+    let inc = cli.run(ExportAction::Export, second, &target, true).await;
+    assert_eq!(inc.state, ExportState::Done, "{}", inc.error);
+    assert!(!inc.fell_back_to_full, "{:?}", inc.volumes);
+    assert_eq!(inc.volumes[0].kind, ExportKind::Incremental);
+    assert_eq!(inc.volumes[0].data_bytes, MIB);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_target_is_refused_and_one_that_fills_up_leaves_no_partial_export() {
     let mut h = Harness::new().await;

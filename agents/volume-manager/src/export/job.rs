@@ -36,6 +36,8 @@ const MIN_FREE: u64 = 16 << 20;
 /// Dirty extents closer than this are read as one (fewer qemu-img runs, a little more data).
 const MERGE_GAP: u64 = 1 << 20;
 const TOOL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// How long a `qemu-nbd` may take to serve (a loaded device starts it in well under a second).
+const NBD_START: Duration = Duration::from_secs(30);
 
 /// What the manager knows about the snapshot an export job names.
 #[derive(Debug, Clone, Default)]
@@ -1520,8 +1522,13 @@ impl Nbd {
             .spawn()
             .map_err(|e| format!("cannot run qemu-nbd (Debian package qemu-utils): {e}"))?;
         let mut server = Self { child, socket };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !server.socket.exists() {
+        let deadline = Instant::now() + NBD_START;
+        // Ready when it accepts a connection: the socket file is there from qemu-nbd's bind,
+        // before it listens, and a client that came in between (a loaded machine) was refused.
+        while tokio::net::UnixStream::connect(&server.socket)
+            .await
+            .is_err()
+        {
             if let Ok(Some(status)) = server.child.try_wait() {
                 let mut text = String::new();
                 if let Some(mut err) = server.child.stderr.take() {
@@ -1535,7 +1542,10 @@ impl Nbd {
                 ));
             }
             if Instant::now() > deadline {
-                return Err("qemu-nbd did not start within 10 s".into());
+                return Err(format!(
+                    "qemu-nbd did not start within {} s",
+                    NBD_START.as_secs()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
