@@ -73,8 +73,9 @@ fn control(version: Version) -> &'static str {
     }
 }
 
-async fn write(cgroup: &str, path: PathBuf, value: &str) -> Result<(), FreezeError> {
-    tokio::fs::write(&path, value).await.map_err(|source| {
+#[allow(clippy::disallowed_methods)] // on the blocking pool
+fn write(cgroup: &str, path: PathBuf, value: &str) -> Result<(), FreezeError> {
+    std::fs::write(&path, value).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             FreezeError::NoFreezer {
                 cgroup: cgroup.to_string(),
@@ -92,24 +93,46 @@ async fn write(cgroup: &str, path: PathBuf, value: &str) -> Result<(), FreezeErr
     })
 }
 
-/// Whether every task of the cgroup has stopped.
-async fn is_frozen(cgroup: &str, version: Version, dir: &Path) -> Result<bool, FreezeError> {
+/// Whether every task of the cgroup has stopped. On v1 the read itself is what moves the state
+/// from FREEZING to FROZEN (the kernel checks the tasks then), so it is asked, not waited for.
+#[allow(clippy::disallowed_methods)] // on the blocking pool
+fn is_frozen(cgroup: &str, version: Version, dir: &Path) -> Result<bool, FreezeError> {
     let path = match version {
         Version::V1 => dir.join("freezer.state"),
         Version::V2 => dir.join("cgroup.events"),
     };
-    let text = tokio::fs::read_to_string(&path)
-        .await
-        .map_err(|source| FreezeError::Io {
-            cgroup: cgroup.to_string(),
-            what: "cannot read",
-            path,
-            source,
-        })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| FreezeError::Io {
+        cgroup: cgroup.to_string(),
+        what: "cannot read",
+        path,
+        source,
+    })?;
     Ok(match version {
         Version::V1 => text.trim() == "FROZEN",
         Version::V2 => text.lines().any(|l| l.trim() == "frozen 1"),
     })
+}
+
+/// The waits between two looks at the freezer's state: a task in user space stops within
+/// microseconds, so the first looks come quickly, then less often for one held in the kernel.
+fn next_wait(wait: Duration) -> Duration {
+    (wait * 2).clamp(Duration::from_micros(20), Duration::from_millis(1))
+}
+
+/// Runs `job` on the blocking pool: the freezer's files are written and read by plain system
+/// calls on one thread, without a trip back to the runtime between them.
+async fn blocking<T: Send + 'static>(
+    cgroup: &str,
+    job: impl FnOnce() -> Result<T, FreezeError> + Send + 'static,
+) -> Result<T, FreezeError> {
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(|e| FreezeError::Io {
+            cgroup: cgroup.to_string(),
+            what: "background task failed on",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e),
+        })?
 }
 
 impl Frozen {
@@ -120,38 +143,53 @@ impl Frozen {
     }
 
     async fn freeze_under(root: &Path, cgroup: &str) -> Result<Self, FreezeError> {
-        let (version, dir) = locate(root, cgroup);
+        let (root, name) = (root.to_path_buf(), cgroup.to_string());
+        blocking(cgroup, move || {
+            let (version, dir) = locate(&root, &name);
+            Self::freeze_blocking(name, version, dir)
+        })
+        .await
+    }
+
+    fn freeze_blocking(
+        cgroup: String,
+        version: Version,
+        dir: PathBuf,
+    ) -> Result<Self, FreezeError> {
         let value = match version {
             Version::V1 => "FROZEN",
             Version::V2 => "1",
         };
         let since = Instant::now();
-        write(cgroup, dir.join(control(version)), value).await?;
+        write(&cgroup, dir.join(control(version)), value)?;
         let mut frozen = Self {
-            cgroup: cgroup.to_string(),
+            cgroup,
             version,
             dir,
             since,
             stopping: Duration::ZERO,
         };
+        let mut wait = Duration::ZERO;
         loop {
-            match is_frozen(cgroup, version, &frozen.dir).await {
+            match is_frozen(&frozen.cgroup, version, &frozen.dir) {
                 Ok(true) => {
                     frozen.stopping = since.elapsed();
                     return Ok(frozen);
                 }
                 Ok(false) if since.elapsed() < FREEZE_WITHIN => {
-                    tokio::time::sleep(Duration::from_micros(200)).await;
+                    wait = next_wait(wait);
+                    std::thread::sleep(wait);
                 }
                 Ok(false) => {
-                    let _ = frozen.thaw().await;
+                    let cgroup = frozen.cgroup.clone();
+                    let _ = frozen.thaw_blocking();
                     return Err(FreezeError::Timeout {
-                        cgroup: cgroup.to_string(),
+                        cgroup,
                         within: FREEZE_WITHIN,
                     });
                 }
                 Err(e) => {
-                    let _ = frozen.thaw().await;
+                    let _ = frozen.thaw_blocking();
                     return Err(e);
                 }
             }
@@ -160,11 +198,16 @@ impl Frozen {
 
     /// Thaws the cgroup; returns how long it was frozen (from the freeze request on).
     pub async fn thaw(self) -> Result<Duration, FreezeError> {
+        let cgroup = self.cgroup.clone();
+        blocking(&cgroup, move || self.thaw_blocking()).await
+    }
+
+    fn thaw_blocking(self) -> Result<Duration, FreezeError> {
         let value = match self.version {
             Version::V1 => "THAWED",
             Version::V2 => "0",
         };
-        write(&self.cgroup, self.dir.join(control(self.version)), value).await?;
+        write(&self.cgroup, self.dir.join(control(self.version)), value)?;
         Ok(self.since.elapsed())
     }
 }
@@ -172,12 +215,16 @@ impl Frozen {
 /// Thaws `cgroup` whatever its state: a create interrupted between freeze and thaw left it
 /// frozen. A cgroup that is gone (the container ended) is nothing to thaw.
 pub async fn thaw(cgroup: &str) -> Result<(), FreezeError> {
-    let (version, dir) = locate(Path::new("/sys/fs/cgroup"), cgroup);
-    let value = match version {
-        Version::V1 => "THAWED",
-        Version::V2 => "0",
-    };
-    match write(cgroup, dir.join(control(version)), value).await {
+    let name = cgroup.to_string();
+    let thawed = blocking(cgroup, move || {
+        let (version, dir) = locate(Path::new("/sys/fs/cgroup"), &name);
+        let value = match version {
+            Version::V1 => "THAWED",
+            Version::V2 => "0",
+        };
+        write(&name, dir.join(control(version)), value)
+    });
+    match thawed.await {
         Err(FreezeError::NoFreezer { .. }) => Ok(()),
         other => other,
     }

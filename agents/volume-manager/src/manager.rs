@@ -1287,7 +1287,7 @@ impl VolumeManager {
                 work => work,
             },
             VolumesSnapshotAction::Rollback => self.begin_rollback(config),
-            VolumesSnapshotAction::Delete => self.begin_delete(config),
+            VolumesSnapshotAction::Delete => self.begin_delete(config).await,
             VolumesSnapshotAction::Unspecified => Step::Done(Vec::new()),
         }
     }
@@ -1450,7 +1450,7 @@ impl VolumeManager {
                     request_counter: record.in_progress_counter,
                     ..VolumesSnapshotConfig::default()
                 };
-                let step = self.begin_delete(config);
+                let step = self.begin_delete(config).await;
                 let _ = self.run(step).await;
                 Vec::new()
             }
@@ -1805,9 +1805,9 @@ impl VolumeManager {
 
     /// A delete's first half: the snapshots to delete, and the intent in the records (a clone
     /// of this snapshot is refused from now on).
-    fn begin_delete(&mut self, config: VolumesSnapshotConfig) -> Step {
+    async fn begin_delete(&mut self, config: VolumesSnapshotConfig) -> Step {
         let id = config.snapshot_id;
-        let Some(previous) = self.records.get(&id).cloned() else {
+        let Some(mut previous) = self.records.get(&id).cloned() else {
             // Already gone: a delete of nothing succeeds.
             return Step::Done(vec![Publish::Snapshot(VolumesSnapshotStatus {
                 snapshot_id: id,
@@ -1817,6 +1817,18 @@ impl VolumeManager {
                 ..VolumesSnapshotStatus::default()
             })]);
         };
+        // A live create cut short between freeze and thaw left the container frozen (its
+        // record names the cgroup until it ends); asked to delete it instead of again, nobody
+        // else will thaw it.
+        if !previous.freeze_cgroup.is_empty() {
+            match crate::freeze::thaw(&previous.freeze_cgroup).await {
+                Ok(()) => {
+                    tracing::info!(snapshot = %id, cgroup = %previous.freeze_cgroup, "thawed the container of an interrupted live create asked to be deleted");
+                    previous.freeze_cgroup.clear();
+                }
+                Err(e) => tracing::error!(snapshot = %id, "{e}"),
+            }
+        }
         let mut record = previous.clone();
         record.in_progress = VolumesSnapshotAction::Delete;
         record.in_progress_counter = config.request_counter;

@@ -229,6 +229,54 @@ async fn sigkill_while_a_cgroup_is_frozen_with_the_request_withdrawn_thaws_it() 
     }
 }
 
+/// A live create of a container killed while its cgroup is frozen, then asked to be deleted
+/// (not withdrawn) while the agent is down: the restarted agent thaws the cgroup before it
+/// deletes what the create made (the writer in it goes on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_a_cgroup_is_frozen_then_a_delete_of_the_create_thaws_it() {
+    let mut h = Harness::new().await;
+    let _fs = LoopFs::new("btrfs", &cairn_types::layout::volumes_dir(&h.persist), 300);
+    let a = volume(VolumeFormat::Dir, 0);
+    let id = Uuid::new_v4();
+    h.volume_configs.publish(a.clone()).await.unwrap();
+    let mut agent = h.agent(Some(CRASH_AFTER_BACKEND_CREATE));
+    let path = h.ready(&a).await.file_location;
+    let cgroup = FreezerCgroup::with_writer(&path);
+    let mut live = request(id, Create, &[&a], 1);
+    live.live = true;
+    live.freeze_cgroup = cgroup.name.clone();
+    h.snapshot_configs.publish(live).await.unwrap();
+    agent.wait_killed(WAIT);
+    drop(agent);
+    assert_eq!(cgroup.state(), "FROZEN", "the killed agent left it frozen");
+    let snapshot = h.record(id).unwrap().meta_of(a.volume_id).unwrap();
+    assert!(snapshot.snapshot_location.exists(), "the create made it");
+    // The app-manager asked for the snapshot's delete while the agent was down.
+    h.snapshot_configs
+        .publish(request(id, Delete, &[&a], 2))
+        .await
+        .unwrap();
+    let _agent = h.agent(None);
+    let s = h.answer(id, Delete, 2).await;
+    assert!(!s.error.is_error(), "{s:?}");
+    assert!(h.record(id).is_none());
+    assert!(
+        !snapshot.snapshot_location.exists(),
+        "the delete removed it"
+    );
+    assert_eq!(cgroup.state(), "THAWED", "the delete thawed the container");
+    let len = || std::fs::metadata(path.join("log")).unwrap().len();
+    let at = len();
+    let deadline = std::time::Instant::now() + WAIT;
+    while len() == at {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer runs again"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_after_backend_delete_finishes_the_delete_after_restart() {
     let mut h = Harness::new().await;

@@ -368,6 +368,46 @@ async fn btrfs_directory_volumes_snapshot_roll_back_and_delete() {
     assert!(!path.exists());
 }
 
+/// The ioctl a live snapshot's pause makes (no `btrfs` process): a read-only subvolume with the
+/// tree of its source at that moment, which the kernel and the CLI both see as read-only.
+#[test]
+fn the_snapshot_ioctl_makes_a_read_only_subvolume_of_the_tree() {
+    use cairn_volume_manager::backend::btrfs_ioctl::snapshot_read_only;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fs = LoopFs::new("btrfs", &dir.path().join("fs"), 300);
+    let source = fs.mount.join("volume");
+    sh("btrfs", &["subvolume", "create", source.to_str().unwrap()]);
+    std::fs::write(source.join("data"), b"taken").unwrap();
+    snapshot_read_only(
+        &std::fs::File::open(&source).unwrap(),
+        &std::fs::File::open(&fs.mount).unwrap(),
+        std::ffi::OsStr::new("snap"),
+    )
+    .unwrap();
+    std::fs::write(source.join("data"), b"after").unwrap();
+    let snap = fs.mount.join("snap");
+    assert_eq!(std::fs::metadata(&snap).unwrap().ino(), 256, "a subvolume");
+    assert_eq!(std::fs::read(snap.join("data")).unwrap(), b"taken");
+    let e = std::fs::write(snap.join("x"), b"").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(nix::libc::EROFS), "{e}");
+    let ro = sh(
+        "btrfs",
+        &["property", "get", "-ts", snap.to_str().unwrap(), "ro"],
+    );
+    assert_eq!(ro.trim(), "ro=true");
+    let again = snapshot_read_only(
+        &std::fs::File::open(&source).unwrap(),
+        &std::fs::File::open(&fs.mount).unwrap(),
+        std::ffi::OsStr::new("snap"),
+    );
+    assert_eq!(
+        again,
+        Err(nix::errno::Errno::EEXIST),
+        "an existing name is the snapshot's error"
+    );
+}
+
 /// A fresh device root on btrfs: `<persist>/volumes` does not exist yet when the first volume's
 /// backend is chosen; the filesystem it will be made on decides, and the status says why.
 #[tokio::test]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use cairn_types::volume::{SnapshotBackendKind, VolumeSnapshotMeta};
 
+use super::btrfs_ioctl;
 use super::{
     Auto, CloneTarget, SnapshotBackend, ToolSpec, VolumeRef, exchange, exists_blocking,
     snapshot_path,
@@ -95,6 +96,47 @@ pub async fn writable_snapshot(volume: &str, from: &Path, to: &Path) -> Result<(
         ],
     )
     .await
+}
+
+/// What [`snapshot_by_ioctl`] did.
+enum Taken {
+    Made,
+    /// The snapshot was there already (made before a restart).
+    Adopted,
+    /// The ioctl is not available here: the CLI is to make it.
+    NoIoctl(nix::errno::Errno),
+}
+
+/// The read-only snapshot of the subvolume `from` at `to`, by the kernel's ioctl (blocking).
+#[allow(clippy::disallowed_methods)] // on the blocking pool
+fn snapshot_by_ioctl(key: &str, from: &Path, to: &Path) -> Result<Taken> {
+    if !from.exists() {
+        return Err(VolumeError::Missing {
+            volume: key.to_string(),
+            path: from.to_path_buf(),
+        });
+    }
+    if to.exists() {
+        return Ok(Taken::Adopted);
+    }
+    super::ensure_parent(key, to)?;
+    let (Some(parent), Some(name)) = (to.parent(), to.file_name()) else {
+        return Err(VolumeError::Unsupported {
+            volume: key.to_string(),
+            what: format!("{} is no place for a snapshot", to.display()),
+        });
+    };
+    let source = std::fs::File::open(from).map_err(VolumeError::io(key, "cannot open", from))?;
+    let dir = std::fs::File::open(parent).map_err(VolumeError::io(key, "cannot open", parent))?;
+    match btrfs_ioctl::snapshot_read_only(&source, &dir, name) {
+        Ok(()) => Ok(Taken::Made),
+        Err(e) if btrfs_ioctl::unavailable(e) => Ok(Taken::NoIoctl(e)),
+        Err(e) => Err(VolumeError::io(
+            key,
+            "cannot make the read-only snapshot",
+            to,
+        )(e.into())),
+    }
 }
 
 impl SnapshotBackend for BtrfsBackend {
@@ -211,23 +253,34 @@ impl SnapshotBackend for BtrfsBackend {
         fresh: bool,
     ) -> Result<VolumeSnapshotMeta> {
         let _ = fresh; // looking is as cheap as not
-        let (meta, there) = super::create_preamble(self, volume, name, true).await?;
-        if there {
-            return Ok(meta);
+        let meta = self.plan(volume, name);
+        // One trip to the blocking pool for the checks and the snapshot: inside a live
+        // create's pause every hop counts.
+        let (key, from, to) = (
+            volume.key.clone(),
+            volume.path.clone(),
+            meta.snapshot_location.clone(),
+        );
+        match super::blocking(&volume.key, move || snapshot_by_ioctl(&key, &from, &to)).await? {
+            Taken::Made => {}
+            Taken::Adopted => {
+                tracing::info!(volume = %volume.key, snapshot = name, backend = self.name(), "snapshot already there: adopted");
+            }
+            Taken::NoIoctl(e) => {
+                tracing::debug!(volume = %volume.key, "btrfs snapshot ioctl unavailable ({e}): the CLI makes it");
+                btrfs(
+                    &volume.key,
+                    &[
+                        "subvolume".as_ref(),
+                        "snapshot".as_ref(),
+                        "-r".as_ref(),
+                        volume.path.as_os_str(),
+                        meta.snapshot_location.as_os_str(),
+                    ],
+                )
+                .await?;
+            }
         }
-        let (key, location) = (volume.key.clone(), meta.snapshot_location.clone());
-        super::blocking(&volume.key, move || super::ensure_parent(&key, &location)).await?;
-        btrfs(
-            &volume.key,
-            &[
-                "subvolume".as_ref(),
-                "snapshot".as_ref(),
-                "-r".as_ref(),
-                volume.path.as_os_str(),
-                meta.snapshot_location.as_os_str(),
-            ],
-        )
-        .await?;
         Ok(meta)
     }
 

@@ -12,6 +12,7 @@ use crate::error::{Result, VolumeError};
 pub use tools::{Tool, ToolSpec, Tools};
 
 pub mod btrfs;
+pub mod btrfs_ioctl;
 pub mod copy;
 pub mod purgeable;
 pub mod qcow2;
