@@ -1,0 +1,287 @@
+//! The baseos-manager's own file calls failing during an update: the real agent runs under
+//! libfiu's POSIX preload (`fiu-run -x`, Debian `fiu-utils`) on a boot disk made of three
+//! files (boot state, slot A, slot B), the test publishing the controller's `BaseOsConfig` and
+//! the downloader's `ContentTreeStatus`; `fiu-ctrl` makes one call fail. After each fault the
+//! status names the update and the fault, the agent still runs, and the update record agrees
+//! with the slots and the boot state: nothing is written into slot B before its record says
+//! so, and a record that says failed has no trial mark beside it.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // test code: blocking file work is fine here
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_baseos_manager::bootstate::{BootState, SECTOR, Slot};
+use cairn_baseos_manager::bundle::{self, SigningKey};
+use cairn_baseos_manager::update::{Phase, UpdateRecord, record_path};
+use cairn_fiu::{EIO, ENOSPC, Fiu, fault_words};
+use cairn_pubsub::{Bus, Publication, PublishOptions, Subscription};
+use cairn_types::{
+    BaseOsConfig, BaseOsStatus, BaseOsUpdateStatus, ContentFormat, ContentTreeState,
+    ContentTreeStatus,
+};
+
+const TREE: &str = "5d4c3b2a-1f0e-4d9c-8b7a-695847362514";
+const SLOT_BYTES: u64 = 40 << 20;
+/// Big enough that the copy into the slot lasts a while (the debug build hashes as it
+/// copies), so that a fault armed when the status says "writing" reaches it.
+const ROOT_BYTES: usize = 24 << 20;
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Harness {
+    root: tempfile::TempDir,
+    fiu: Fiu,
+    agent: Agent,
+    statuses: Subscription<BaseOsStatus>,
+    configs: Publication<BaseOsConfig>,
+    trees: Publication<ContentTreeStatus>,
+    bundle: PathBuf,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path();
+        let (run, persist) = (dir.join("run"), dir.join("persist"));
+        std::fs::create_dir_all(dir.join("boot")).unwrap();
+        let disk = dir.join("boot/disk");
+        let mut state = vec![0u8; 2 * SECTOR];
+        state[SECTOR..].copy_from_slice(&BootState::initial().encode());
+        std::fs::write(dir.join("boot/disk1"), state).unwrap();
+        for slot in ["boot/disk2", "boot/disk3"] {
+            std::fs::File::create(dir.join(slot))
+                .unwrap()
+                .set_len(SLOT_BYTES)
+                .unwrap();
+        }
+        let key_path = dir.join("signing.pem");
+        std::fs::write(&key_path, SigningKey::generate_pem().unwrap()).unwrap();
+        let key = SigningKey::load(&key_path).unwrap();
+        std::fs::write(dir.join("update.pub"), key.public_key().to_hex()).unwrap();
+        let image: Vec<u8> = (0..ROOT_BYTES).map(|i| (i * 7 + i / 251) as u8).collect();
+        std::fs::write(dir.join("root.squashfs"), image).unwrap();
+        std::fs::write(dir.join("manifest.txt"), "manifest\n").unwrap();
+        let bundle = dir.join("update.bundle");
+        bundle::create(
+            &key,
+            "2.0",
+            1,
+            &dir.join("manifest.txt"),
+            &dir.join("root.squashfs"),
+            &bundle,
+        )
+        .unwrap();
+        std::fs::write(dir.join("release"), "VERSION=1.0\n").unwrap();
+
+        let fiu = Fiu::new(dir);
+        let agent = Agent(
+            cairn_fiu::command_via(&fiu.launcher(), env!("CARGO_BIN_EXE_cairn-baseos-manager"))
+                .env("CAIRN_RUN_DIR", &run)
+                .env("CAIRN_PERSIST_DIR", &persist)
+                .env("CAIRN_BOOT_DISK", &disk)
+                .env("CAIRN_BOOT_SLOT", "A")
+                .env("CAIRN_BOOT_MODE", "committed")
+                .env("CAIRN_UPDATE_KEY", dir.join("update.pub"))
+                .env("CAIRN_RELEASE_FILE", dir.join("release"))
+                .env("CAIRN_REBOOT_COMMAND", "true")
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| panic!("fiu-run is required (Debian fiu-utils): {e}")),
+        );
+        let controller = Bus::new("config-agent", run.clone(), persist.clone());
+        let configs = controller
+            .publish::<BaseOsConfig>(PublishOptions::default())
+            .await
+            .unwrap();
+        let downloader = Bus::new("downloader", run.clone(), persist.clone());
+        let trees = downloader
+            .publish::<ContentTreeStatus>(PublishOptions::default())
+            .await
+            .unwrap();
+        let reader = Bus::new("cli", run, persist);
+        let statuses = reader.subscribe::<BaseOsStatus>("baseos-manager");
+        let mut h = Self {
+            root,
+            fiu,
+            agent,
+            statuses,
+            configs,
+            trees,
+            bundle,
+        };
+        h.until("the slots reported", |s| s.slots.len() == 2).await;
+        h
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.path().join(rel)
+    }
+
+    /// The bundle, downloaded and verified, and the controller asking for it (activate).
+    async fn offer(&self, retry_counter: u32) {
+        self.trees
+            .publish(ContentTreeStatus {
+                content_id: TREE.parse().unwrap(),
+                display_name: "update".into(),
+                format: ContentFormat::Raw,
+                content_sha256: "ab".repeat(32),
+                state: ContentTreeState::Loaded,
+                progress: 100,
+                file_location: self.bundle.display().to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        self.configs
+            .publish(BaseOsConfig {
+                content_tree_uuid: TREE.parse().unwrap(),
+                base_os_version: "2.0".into(),
+                retry_update_counter: retry_counter,
+                activate: true,
+                unusable: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn until(&mut self, what: &str, done: impl Fn(&BaseOsStatus) -> bool) -> BaseOsStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.statuses.get("global")
+                && done(status)
+            {
+                return status.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never: {what}; last {:?}",
+                self.statuses.get("global").map(|s| &s.update)
+            );
+            assert!(
+                self.agent.0.try_wait().unwrap().is_none(),
+                "the agent ended"
+            );
+            let _ = tokio::time::timeout(Duration::from_millis(50), self.statuses.recv()).await;
+        }
+    }
+
+    fn record(&self) -> Option<UpdateRecord> {
+        cairn_persist::load::<UpdateRecord>(&record_path(&self.path("persist")))
+            .ok()
+            .map(|l| l.record)
+    }
+
+    fn boot_state(&self) -> BootState {
+        BootState::read(&self.path("boot/disk1")).unwrap()
+    }
+
+    fn slot_b_is_blank(&self) -> bool {
+        let bytes = std::fs::read(self.path("boot/disk3")).unwrap();
+        bytes.iter().all(|b| *b == 0)
+    }
+
+    /// Installed into slot B and marked for its trial, the record saying so.
+    async fn until_installed(&mut self) {
+        self.until("installed into slot B", |s| {
+            s.update.as_ref().is_some_and(|u| {
+                u.partition_label == "IMGB" && u.progress == 100 && !u.error.is_error()
+            }) && s
+                .slots
+                .iter()
+                .any(|slot| slot.partition_state == "updating")
+        })
+        .await;
+        let record = self.record().unwrap();
+        assert_eq!(
+            (record.phase, record.slot()),
+            (Phase::Installed, Some(Slot::B))
+        );
+        assert_eq!(self.boot_state().trial, Some(Slot::B));
+        let slot = std::fs::read(self.path("boot/disk3")).unwrap();
+        let image = std::fs::read(self.path("root.squashfs")).unwrap();
+        assert!(slot[..image.len()] == image[..], "slot B is not the image");
+    }
+}
+
+fn error_of(status: &BaseOsStatus) -> &str {
+    status
+        .update
+        .as_ref()
+        .map_or("", |u: &BaseOsUpdateStatus| u.error.error.as_str())
+}
+
+/// The first fsync of an update is its record's, written before any byte of the slot: it
+/// fails, the status says so, nothing is written, and the update goes on 5 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_record_that_cannot_be_synced_is_reported_and_the_update_goes_on_later() {
+    let mut h = Harness::start().await;
+    h.fiu.fail_once(h.agent.0.id(), "posix/io/sync/fsync", EIO);
+    h.offer(0).await;
+    let failed = h
+        .until("the record fault reported", |s| !error_of(s).is_empty())
+        .await;
+    let text = error_of(&failed).to_string();
+    println!("fiu baseos-manager posix/io/sync/fsync errno={EIO} (update record): {text}");
+    assert!(
+        text.contains("base OS 2.0")
+            && text.contains("update record")
+            && text.to_lowercase().contains(fault_words(EIO)),
+        "{text}"
+    );
+    assert!(h.slot_b_is_blank(), "slot B written without its record");
+    assert_eq!(h.boot_state().trial, None);
+    h.until_installed().await;
+}
+
+/// A fault while the root image is written into slot B: the install fails with the slot and
+/// the fault named, the record says failed and the slot is not marked; a new retry counter
+/// installs it.
+async fn a_slot_write_that_fails(point: &str, errno: i32) {
+    let mut h = Harness::start().await;
+    h.offer(0).await;
+    h.until("the copy into slot B started", |s| {
+        s.update
+            .as_ref()
+            .is_some_and(|u| u.step.starts_with("writing"))
+    })
+    .await;
+    h.fiu.fail_once(h.agent.0.id(), point, errno);
+    let failed = h
+        .until("the slot fault reported", |s| !error_of(s).is_empty())
+        .await;
+    let text = error_of(&failed).to_string();
+    println!("fiu baseos-manager {point} errno={errno} (slot B): {text}");
+    assert!(
+        text.contains("slot IMGB") && text.to_lowercase().contains(fault_words(errno)),
+        "{text}"
+    );
+    let record = h.record().unwrap();
+    assert_eq!(record.phase, Phase::Failed, "{record:?}");
+    assert_eq!(
+        h.boot_state().trial,
+        None,
+        "a failed install left a trial mark"
+    );
+
+    h.offer(1).await;
+    h.until_installed().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_whose_fsync_fails_fails_the_install_with_no_trial_mark() {
+    a_slot_write_that_fails("posix/io/sync/fsync", EIO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_write_without_space_fails_the_install_with_no_trial_mark() {
+    a_slot_write_that_fails("posix/io/rw/write", ENOSPC).await;
+}
