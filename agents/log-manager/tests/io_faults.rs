@@ -16,6 +16,8 @@ use cairn_fiu::{EIO, ENOSPC, Fiu, fault_words};
 use cairn_pubsub::{Bus, PublishOptions, Subscription};
 use cairn_types::{DeviceStatus, LogManagerStatus};
 
+const DEVICE: &str = "0b7c6d5e-1f2a-4b3c-9d8e-7f6a5b4c3d2e";
+
 struct Agent(Child);
 
 impl Drop for Agent {
@@ -37,7 +39,7 @@ struct Harness {
 impl Harness {
     /// The agent under libfiu, told the device's UUID; the controller unreachable (no link
     /// files unless `link` writes them).
-    async fn start(link: impl FnOnce(&Path)) -> Self {
+    async fn start(device_uuid: &str, link: impl FnOnce(&Path)) -> Self {
         let root = tempfile::tempdir().unwrap();
         let (run, persist) = (root.path().join("run"), root.path().join("persist"));
         std::fs::create_dir_all(root.path().join("logs")).unwrap();
@@ -63,7 +65,7 @@ impl Harness {
             .unwrap();
         device
             .publish(DeviceStatus {
-                device_uuid: "0b7c6d5e-1f2a-4b3c-9d8e-7f6a5b4c3d2e".into(),
+                device_uuid: device_uuid.into(),
                 ..Default::default()
             })
             .await
@@ -183,7 +185,7 @@ fn numbered(tag: &str, n: usize) -> Vec<String> {
 /// The fault hits the first flush of lines that wait in memory: each line must still end in
 /// the queue, once, and the status must have named the file and the fault meanwhile.
 async fn a_queue_file_that_cannot_be_written(point: &str, errno: i32) {
-    let mut h = Harness::start(|_| {}).await;
+    let mut h = Harness::start(DEVICE, |_| {}).await;
     // Up, and its first status out (the uploader's "no controller" among it): from here on
     // nothing but a flush writes or syncs a file.
     h.until_status("the uploader waits for a controller", |s| {
@@ -242,7 +244,7 @@ fn unreachable_controller(persist: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_file_that_cannot_be_read_is_reported_and_kept() {
-    let mut h = Harness::start(unreachable_controller).await;
+    let mut h = Harness::start(DEVICE, unreachable_controller).await;
     h.append(numbered("kept", 20));
     h.until_queued("kept-019").await;
     let queued: Vec<PathBuf> = std::fs::read_dir(h.queue_dir())
@@ -287,4 +289,53 @@ async fn a_queued_file_that_cannot_be_read_is_reported_and_kept() {
     for line in numbered("kept", 20) {
         assert!(lines.iter().any(|l| l.contains(&line)), "{line} lost");
     }
+}
+
+/// The controller takes a file, and the file cannot be removed: said, not sent again (the
+/// controller has it once), removed at the next try. Before, the agent ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sent_file_that_cannot_be_removed_is_reported_and_not_sent_again() {
+    let controller = cairn_test_controller::TestController::start()
+        .await
+        .unwrap();
+    let serial = "CAIRN-LOGS-FIU";
+    let device = controller.device_uuid(serial).to_string();
+    let (server, root_pem) = (
+        controller.url().trim_start_matches("https://").to_string(),
+        controller.root_pem().to_string(),
+    );
+    let mut h = Harness::start(&device, |persist| {
+        let dir = persist.join("config");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("server"), server).unwrap();
+        std::fs::write(dir.join("root-certificate.pem"), root_pem).unwrap();
+    })
+    .await;
+    // Up, its first status out; from here on only the removal of a sent file unlinks.
+    h.until_status("the agent up", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.fiu.fail_once(h.agent.0.id(), "posix/io/dir/unlink", EIO);
+    h.append(numbered("sent", 10));
+
+    let failed = h
+        .until_status("the removal fault reported", |s| !s.queue_error.is_empty())
+        .await;
+    println!(
+        "fiu log-manager posix/io/dir/unlink errno={EIO} (a sent file): {}",
+        failed.queue_error
+    );
+    assert!(
+        failed.queue_error.contains("not sent again")
+            && failed.queue_error.to_lowercase().contains(fault_words(EIO)),
+        "{}",
+        failed.queue_error
+    );
+    h.until_status("removed at the next try", |s| {
+        s.queue_error.is_empty() && s.queued_files == 0 && s.sent_files == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let uploads = controller.device(serial).map_or(0, |d| d.logs.len());
+    assert_eq!(uploads, 1, "the controller got the file {uploads} times");
+    assert!(h.agent.0.try_wait().unwrap().is_none(), "the agent ended");
 }
