@@ -431,7 +431,6 @@ async fn upload_loop(
                             ));
                             note(&|p| p.set_aside_files += 1);
                             unreadable = None;
-                            clear_problem();
                         }
                         Err(e) => problem(&format!("{error}; setting it aside failed too: {e}")),
                     }
