@@ -132,20 +132,46 @@ pub async fn run(
             verdict = async { trial.as_mut().expect("guarded").await }, if trial.is_some() => {
                 trial = None;
                 let boot = trial_boot.clone().expect("a trial boot");
-                let s = settings.clone();
-                let status = match verdict {
-                    Ok(waited) => tokio::task::spawn_blocking(move || commit(&s, &boot, waited)).await??,
-                    Err(reason) => {
-                        let status = tokio::task::spawn_blocking(move || roll_back(&s, &boot, &reason)).await??;
-                        updater.status = BaseOsStatus { update: updater.status.update.clone(), ..status };
+                let (s, b, v) = (settings.clone(), boot.clone(), verdict.clone());
+                let recorded = match v {
+                    Ok(waited) => tokio::task::spawn_blocking(move || commit(&s, &b, waited)).await?,
+                    Err(reason) => tokio::task::spawn_blocking(move || roll_back(&s, &b, &reason)).await?,
+                };
+                let status = match recorded {
+                    Ok(status) => status,
+                    Err(e) => {
+                        // The verdict stands; recording it (the boot state, the outcome) is
+                        // done again from what is on disk, as after a kill.
+                        let what = if verdict.is_ok() { "committed" } else { "rolled back" };
+                        let text = format!(
+                            "the trial boot of slot {} cannot be {what}: {e:#}; tried again every {} s",
+                            boot.slot.label(),
+                            STEP_RETRY.as_secs()
+                        );
+                        tracing::error!(error = %text, "the trial's verdict cannot be recorded");
+                        if let Some(slot) = updater
+                            .status
+                            .slots
+                            .iter_mut()
+                            .find(|s| s.partition_label == boot.slot.label())
+                        {
+                            slot.error = text;
+                        }
                         statuses.publish(updater.status.clone()).await?;
-                        tracing::warn!("rebooting into the committed slot");
-                        reboot(&settings.reboot).await;
+                        trial = Some(Box::pin(async move {
+                            tokio::time::sleep(STEP_RETRY).await;
+                            verdict
+                        }));
                         continue;
                     }
                 };
                 updater.status = BaseOsStatus { update: updater.status.update.clone(), ..status };
                 statuses.publish(updater.status.clone()).await?;
+                if verdict.is_err() {
+                    tracing::warn!("rebooting into the committed slot");
+                    reboot(&settings.reboot).await;
+                    continue;
+                }
             }
             _ = configs.recv() => {}
             _ = trees.recv() => {}
@@ -781,8 +807,10 @@ fn load_outcome(persist: &Path) -> Option<UpdateOutcome> {
 
 #[allow(clippy::disallowed_methods)] // blocking: runs on the blocking pool
 fn store_outcome(persist: &Path, outcome: &UpdateOutcome) -> anyhow::Result<()> {
-    cairn_persist::create_dir_durable(&persist.join("baseos"))?;
-    cairn_persist::store(&outcome_path(persist), outcome)?;
+    let path = outcome_path(persist);
+    let context = || format!("cannot write the update outcome {}", path.display());
+    cairn_persist::create_dir_durable(&persist.join("baseos")).with_context(context)?;
+    cairn_persist::store(&path, outcome).with_context(context)?;
     Ok(())
 }
 

@@ -49,14 +49,21 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
+        Self::start_with(BootState::initial(), "A", "committed", "").await
+    }
+
+    /// Booted from `slot` in `mode` with `state` on the boot disk; the trial deadline
+    /// `deadline_s` (empty: the default).
+    async fn start_with(state: BootState, slot: &str, mode: &str, deadline_s: &str) -> Self {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path();
         let (run, persist) = (dir.join("run"), dir.join("persist"));
         std::fs::create_dir_all(dir.join("boot")).unwrap();
         let disk = dir.join("boot/disk");
-        let mut state = vec![0u8; 2 * SECTOR];
-        state[SECTOR..].copy_from_slice(&BootState::initial().encode());
-        std::fs::write(dir.join("boot/disk1"), state).unwrap();
+        let mut sectors = vec![0u8; 2 * SECTOR];
+        let at = (state.seq % 2) as usize * SECTOR;
+        sectors[at..at + SECTOR].copy_from_slice(&state.encode());
+        std::fs::write(dir.join("boot/disk1"), sectors).unwrap();
         for slot in ["boot/disk2", "boot/disk3"] {
             std::fs::File::create(dir.join(slot))
                 .unwrap()
@@ -83,17 +90,26 @@ impl Harness {
         std::fs::write(dir.join("release"), "VERSION=1.0\n").unwrap();
 
         let fiu = Fiu::new(dir);
+        let mut command =
+            cairn_fiu::command_via(&fiu.launcher(), env!("CARGO_BIN_EXE_cairn-baseos-manager"));
+        command
+            .env("CAIRN_RUN_DIR", &run)
+            .env("CAIRN_PERSIST_DIR", &persist)
+            .env("CAIRN_BOOT_DISK", &disk)
+            .env("CAIRN_BOOT_SLOT", slot)
+            .env("CAIRN_BOOT_MODE", mode)
+            .env("CAIRN_UPDATE_KEY", dir.join("update.pub"))
+            .env("CAIRN_RELEASE_FILE", dir.join("release"))
+            .env(
+                "CAIRN_REBOOT_COMMAND",
+                format!("touch {}", dir.join("rebooted").display()),
+            )
+            .stderr(Stdio::inherit());
+        if !deadline_s.is_empty() {
+            command.env("CAIRN_TRIAL_DEADLINE_S", deadline_s);
+        }
         let agent = Agent(
-            cairn_fiu::command_via(&fiu.launcher(), env!("CARGO_BIN_EXE_cairn-baseos-manager"))
-                .env("CAIRN_RUN_DIR", &run)
-                .env("CAIRN_PERSIST_DIR", &persist)
-                .env("CAIRN_BOOT_DISK", &disk)
-                .env("CAIRN_BOOT_SLOT", "A")
-                .env("CAIRN_BOOT_MODE", "committed")
-                .env("CAIRN_UPDATE_KEY", dir.join("update.pub"))
-                .env("CAIRN_RELEASE_FILE", dir.join("release"))
-                .env("CAIRN_REBOOT_COMMAND", "true")
-                .stderr(Stdio::inherit())
+            command
                 .spawn()
                 .unwrap_or_else(|e| panic!("fiu-run is required (Debian fiu-utils): {e}")),
         );
@@ -284,4 +300,62 @@ async fn a_slot_whose_fsync_fails_fails_the_install_with_no_trial_mark() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_write_without_space_fails_the_install_with_no_trial_mark() {
     a_slot_write_that_fails("posix/io/rw/write", ENOSPC).await;
+}
+
+/// A trial boot that is not healthy in time (no other agent runs here) is rolled back; the
+/// roll-back's first fsync (its outcome record) fails: the running slot's error says so, and
+/// 5 s later the roll-back is done: the trial failed in the boot state, the outcome recorded,
+/// the reboot asked. Before, the agent ended and the trial was left to the try counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_roll_back_that_cannot_be_recorded_is_reported_and_done_later() {
+    let on_trial = BootState {
+        seq: 2,
+        ..BootState::initial().mark_trial(Slot::B, 0)
+    };
+    let mut h = Harness::start_with(on_trial, "B", "trial", "1").await;
+    h.fiu.fail_once(h.agent.0.id(), "posix/io/sync/fsync", EIO);
+    let failed = h
+        .until("the roll-back fault reported", |s| {
+            s.slots
+                .iter()
+                .any(|slot| slot.error.contains("cannot be rolled back"))
+        })
+        .await;
+    let text = failed
+        .slots
+        .iter()
+        .find(|slot| slot.partition_label == "IMGB")
+        .map(|slot| slot.error.clone())
+        .unwrap();
+    println!("fiu baseos-manager posix/io/sync/fsync errno={EIO} (trial roll-back): {text}");
+    assert!(
+        text.contains("slot IMGB")
+            && text.contains("last-update.json")
+            && text.to_lowercase().contains(fault_words(EIO)),
+        "{text}"
+    );
+    assert!(
+        !h.path("rebooted").exists(),
+        "rebooted before the verdict was recorded"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !h.path("rebooted").exists() {
+        assert!(Instant::now() < deadline, "never rolled back");
+        assert!(h.agent.0.try_wait().unwrap().is_none(), "the agent ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = h.boot_state();
+    assert_eq!(
+        (state.committed, state.trial, state.failed),
+        (Slot::A, None, Some(Slot::B))
+    );
+    let outcome = cairn_persist::load::<cairn_types::UpdateOutcome>(
+        &h.path("persist/baseos/last-update.json"),
+    )
+    .unwrap()
+    .record;
+    assert_eq!(
+        (outcome.result.as_str(), outcome.partition_label.as_str()),
+        ("failed", "IMGB")
+    );
 }
