@@ -23,10 +23,10 @@ use cairn_types::{
 };
 
 const TREE: &str = "5d4c3b2a-1f0e-4d9c-8b7a-695847362514";
-const SLOT_BYTES: u64 = 40 << 20;
-/// Big enough that the copy into the slot lasts a while (the debug build hashes as it
-/// copies), so that a fault armed when the status says "writing" reaches it.
-const ROOT_BYTES: usize = 24 << 20;
+const SLOT_BYTES: u64 = 80 << 20;
+/// Big enough that checking and copying the image last a while, so that a fault armed when
+/// the status says "verifying" reaches the copy's fsync.
+const ROOT_BYTES: usize = 64 << 20;
 
 struct Agent(Child);
 
@@ -38,13 +38,14 @@ impl Drop for Agent {
 }
 
 struct Harness {
-    root: tempfile::TempDir,
-    fiu: Fiu,
+    // Fields drop in order: the agent is killed first, its directory goes last.
     agent: Agent,
+    fiu: Fiu,
     statuses: Subscription<BaseOsStatus>,
     configs: Publication<BaseOsConfig>,
     trees: Publication<ContentTreeStatus>,
     bundle: PathBuf,
+    root: tempfile::TempDir,
 }
 
 impl Harness {
@@ -258,26 +259,16 @@ async fn an_update_record_that_cannot_be_synced_is_reported_and_the_update_goes_
     h.until_installed().await;
 }
 
-/// A fault while the root image is written into slot B: the install fails with the slot and
-/// the fault named, the record says failed and the slot is not marked; a new retry counter
-/// installs it.
-async fn a_slot_write_that_fails(point: &str, errno: i32) {
-    let mut h = Harness::start().await;
-    h.offer(0).await;
-    h.until("the copy into slot B started", |s| {
-        s.update
-            .as_ref()
-            .is_some_and(|u| u.step.starts_with("writing"))
-    })
-    .await;
-    h.fiu.fail_once(h.agent.0.id(), point, errno);
+/// The install failed with slot B named and `fault` in words: the record says failed and the
+/// slot is not marked.
+async fn failed_with_no_trial_mark(h: &mut Harness, what: &str, fault: &str) {
     let failed = h
         .until("the slot fault reported", |s| !error_of(s).is_empty())
         .await;
     let text = error_of(&failed).to_string();
-    println!("fiu baseos-manager {point} errno={errno} (slot B): {text}");
+    println!("fiu baseos-manager {what} (slot B): {text}");
     assert!(
-        text.contains("slot IMGB") && text.to_lowercase().contains(fault_words(errno)),
+        text.contains("slot IMGB") && text.to_lowercase().contains(fault),
         "{text}"
     );
     let record = h.record().unwrap();
@@ -287,19 +278,72 @@ async fn a_slot_write_that_fails(point: &str, errno: i32) {
         None,
         "a failed install left a trial mark"
     );
+}
 
+/// The slot's fsync fails (the first fsync after the bundle check starts: the install's
+/// record is already written): the install fails, nothing marked; a new retry counter
+/// installs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_whose_fsync_fails_fails_the_install_with_no_trial_mark() {
+    let mut h = Harness::start().await;
+    h.offer(0).await;
+    h.until("the bundle check or the copy under way", |s| {
+        s.update
+            .as_ref()
+            .is_some_and(|u| u.step.starts_with("verifying") || u.step.starts_with("writing"))
+    })
+    .await;
+    h.fiu.fail_once(h.agent.0.id(), "posix/io/sync/fsync", EIO);
+    failed_with_no_trial_mark(&mut h, "posix/io/sync/fsync errno=5", fault_words(EIO)).await;
     h.offer(1).await;
     h.until_installed().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slot_whose_fsync_fails_fails_the_install_with_no_trial_mark() {
-    a_slot_write_that_fails("posix/io/sync/fsync", EIO).await;
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
 }
 
+/// Slot B on a real full file system (a tmpfs smaller than the image): the copy's write
+/// fails with ENOSPC; the install fails, nothing marked; with room made (remounted bigger), a
+/// new retry counter installs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slot_write_without_space_fails_the_install_with_no_trial_mark() {
-    a_slot_write_that_fails("posix/io/rw/write", ENOSPC).await;
+async fn a_slot_on_a_full_disk_fails_the_install_with_no_trial_mark() {
+    let mut h = Harness::start().await;
+    let small = h.path("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "cairn-slot-b"])
+        .arg(&small)
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        return;
+    }
+    let disk = SmallDisk(small.clone());
+    std::fs::File::create(small.join("slot-b"))
+        .unwrap()
+        .set_len(SLOT_BYTES)
+        .unwrap();
+    std::fs::remove_file(h.path("boot/disk3")).unwrap();
+    std::os::unix::fs::symlink(small.join("slot-b"), h.path("boot/disk3")).unwrap();
+    h.offer(0).await;
+    failed_with_no_trial_mark(&mut h, "a full tmpfs, write", fault_words(ENOSPC)).await;
+    let remounted = std::process::Command::new("mount")
+        .args(["-o", "remount,size=128m"])
+        .arg(&disk.0)
+        .status()
+        .unwrap();
+    assert!(remounted.success());
+    h.offer(1).await;
+    h.until_installed().await;
 }
 
 /// A trial boot that is not healthy in time (no other agent runs here) is rolled back; the

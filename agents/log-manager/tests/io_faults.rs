@@ -28,12 +28,13 @@ impl Drop for Agent {
 }
 
 struct Harness {
-    root: tempfile::TempDir,
-    fiu: Fiu,
+    // Fields drop in order: the agent is killed first, its directory goes last.
     agent: Agent,
+    fiu: Fiu,
     statuses: Subscription<LogManagerStatus>,
     // Held for the device UUID it publishes (the collector waits for it).
     _device: cairn_pubsub::Publication<DeviceStatus>,
+    root: tempfile::TempDir,
 }
 
 impl Harness {
