@@ -22,6 +22,9 @@ pub struct LogManagerStatus {
     pub set_aside_files: u64,
     /// Why the last upload failed; empty when it worked.
     pub last_error: String,
+    /// Why lines could not be written into the queue (or a queued file not kept); empty when
+    /// the last attempt worked. The lines wait in their source files meanwhile.
+    pub queue_error: String,
     #[serde(with = "go_time")]
     pub last_upload: Option<DateTime<Utc>>,
     /// The remote log levels in force (EVE's `debug.default.remote.loglevel` as `default`,

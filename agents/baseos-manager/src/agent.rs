@@ -8,11 +8,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use cairn_pubsub::{Bus, PublishOptions};
 use cairn_readout::readout::{Roots, device_view};
 use cairn_types::{
     BaseOsConfig, BaseOsSlot, BaseOsStatus, BaseOsUpdateStatus, ConfigSource, ContentTreeStatus,
-    DeviceStatus, UpdateOutcome,
+    DeviceStatus, ErrorDescription, ErrorEntityType, ErrorSeverity, UpdateOutcome,
 };
 use chrono::{DateTime, Utc};
 
@@ -101,6 +102,7 @@ pub async fn run(
     let mut trees = bus.subscribe::<ContentTreeStatus>("downloader");
     let trial_boot = settings.boot.clone().filter(|b| b.mode == "trial");
     let mut trial: Option<std::pin::Pin<Box<dyn std::future::Future<Output = _>>>> = None;
+    let mut retry: Option<tokio::time::Instant> = None;
     if let Some(boot) = trial_boot.clone() {
         // Restarted after the verdict (a kill between it and the reboot): keep it.
         let disk = BootDisk::partitions_of(&boot.disk);
@@ -130,34 +132,77 @@ pub async fn run(
             verdict = async { trial.as_mut().expect("guarded").await }, if trial.is_some() => {
                 trial = None;
                 let boot = trial_boot.clone().expect("a trial boot");
-                let s = settings.clone();
-                let status = match verdict {
-                    Ok(waited) => tokio::task::spawn_blocking(move || commit(&s, &boot, waited)).await??,
-                    Err(reason) => {
-                        let status = tokio::task::spawn_blocking(move || roll_back(&s, &boot, &reason)).await??;
-                        updater.status = BaseOsStatus { update: updater.status.update.clone(), ..status };
+                let (s, b, v) = (settings.clone(), boot.clone(), verdict.clone());
+                let recorded = match v {
+                    Ok(waited) => tokio::task::spawn_blocking(move || commit(&s, &b, waited)).await?,
+                    Err(reason) => tokio::task::spawn_blocking(move || roll_back(&s, &b, &reason)).await?,
+                };
+                let status = match recorded {
+                    Ok(status) => status,
+                    Err(e) => {
+                        // The verdict stands; recording it (the boot state, the outcome) is
+                        // done again from what is on disk, as after a kill.
+                        let what = if verdict.is_ok() { "committed" } else { "rolled back" };
+                        let text = format!(
+                            "the trial boot of slot {} cannot be {what}: {e:#}; tried again every {} s",
+                            boot.slot.label(),
+                            STEP_RETRY.as_secs()
+                        );
+                        tracing::error!(error = %text, "the trial's verdict cannot be recorded");
+                        if let Some(slot) = updater
+                            .status
+                            .slots
+                            .iter_mut()
+                            .find(|s| s.partition_label == boot.slot.label())
+                        {
+                            slot.error = text;
+                        }
                         statuses.publish(updater.status.clone()).await?;
-                        tracing::warn!("rebooting into the committed slot");
-                        reboot(&settings.reboot).await;
+                        trial = Some(Box::pin(async move {
+                            tokio::time::sleep(STEP_RETRY).await;
+                            verdict
+                        }));
                         continue;
                     }
                 };
                 updater.status = BaseOsStatus { update: updater.status.update.clone(), ..status };
                 statuses.publish(updater.status.clone()).await?;
+                if verdict.is_err() {
+                    tracing::warn!("rebooting into the committed slot");
+                    reboot(&settings.reboot).await;
+                    continue;
+                }
             }
             _ = configs.recv() => {}
             _ = trees.recv() => {}
+            () = async { tokio::time::sleep_until(retry.expect("guarded")).await }, if retry.is_some() => {
+                retry = None;
+            }
             () = &mut shutdown => return Ok(()),
         }
         let config = configs.values().next().cloned();
         let tree = config
             .as_ref()
             .and_then(|c| trees.get(&c.content_tree_uuid.to_string()).cloned());
-        updater
+        // A record or the boot state that cannot be read or written (a disk error, a full
+        // /persist) is reported and the step taken again later: the decision is made afresh
+        // from what is on disk, as after a kill at the same instruction.
+        match updater
             .step(config.as_ref(), tree.as_ref(), &statuses)
-            .await?;
+            .await
+        {
+            Ok(()) => updater.fault_cleared(&statuses).await?,
+            Err(e) => {
+                updater.fault(config.as_ref(), &e, &statuses).await?;
+                retry = Some(tokio::time::Instant::now() + STEP_RETRY);
+            }
+        }
     }
 }
+
+/// How long after a failed step (a record or the boot state unreadable or unwritable) the
+/// update is looked at again.
+const STEP_RETRY: Duration = Duration::from_secs(5);
 
 /// Asks for a reboot: the configured command (tests observe it), else SIGTERM to PID 1 (the
 /// image's init reboots on it).
@@ -195,6 +240,8 @@ async fn reboot(how: &Reboot) {
 struct Updater {
     settings: Settings,
     status: BaseOsStatus,
+    /// Why the last step failed, shown until a step succeeds.
+    fault: Option<ErrorDescription>,
     record: Option<UpdateRecord>,
     verified: Option<(uuid::Uuid, String)>,
     rebooted_for: Option<String>,
@@ -207,6 +254,7 @@ impl Updater {
         Ok(Self {
             settings: settings.clone(),
             status,
+            fault: None,
             record,
             verified: None,
             rebooted_for: None,
@@ -286,11 +334,74 @@ impl Updater {
         }
     }
 
+    /// A step failed: said in the update's status (the request's object and the fault) and
+    /// in the log, once per new fault.
+    async fn fault(
+        &mut self,
+        config: Option<&BaseOsConfig>,
+        error: &anyhow::Error,
+        statuses: &cairn_pubsub::Publication<BaseOsStatus>,
+    ) -> anyhow::Result<()> {
+        let Some(config) = config else {
+            tracing::error!(error = %format!("{error:#}"), "the base OS status cannot be read");
+            return Ok(());
+        };
+        let message = format!(
+            "base OS {} from content tree {}: {error:#}; tried again every {} s",
+            config.base_os_version,
+            config.content_tree_uuid,
+            STEP_RETRY.as_secs()
+        );
+        if self.fault.as_ref().is_some_and(|f| f.error == message) {
+            return Ok(());
+        }
+        tracing::error!(version = %config.base_os_version, error = %message, "the base OS update cannot go on now");
+        let fault = ErrorDescription::new(message, ErrorSeverity::Error, Utc::now())
+            .about(ErrorEntityType::BaseOs, config.content_tree_uuid);
+        let update = self
+            .status
+            .update
+            .get_or_insert_with(|| BaseOsUpdateStatus {
+                content_tree_uuid: config.content_tree_uuid,
+                base_os_version: config.base_os_version.clone(),
+                activate: config.activate,
+                ..Default::default()
+            });
+        update.error = fault.clone();
+        self.fault = Some(fault);
+        statuses.publish(self.status.clone()).await?;
+        Ok(())
+    }
+
+    /// A step succeeded: a fault shown is taken back.
+    async fn fault_cleared(
+        &mut self,
+        statuses: &cairn_pubsub::Publication<BaseOsStatus>,
+    ) -> anyhow::Result<()> {
+        let Some(fault) = self.fault.take() else {
+            return Ok(());
+        };
+        tracing::info!("the base OS update goes on");
+        if let Some(update) = self.status.update.as_mut()
+            && update.error.error == fault.error
+        {
+            update.error = ErrorDescription::default();
+            statuses.publish(self.status.clone()).await?;
+        }
+        Ok(())
+    }
+
     async fn show(
         &mut self,
         mut update: BaseOsUpdateStatus,
         statuses: &cairn_pubsub::Publication<BaseOsStatus>,
     ) -> anyhow::Result<()> {
+        // A fault being retried stays shown until a step gets past it.
+        if !update.error.is_error()
+            && let Some(fault) = &self.fault
+        {
+            update.error = fault.clone();
+        }
         // The same error keeps the time it was first seen (no new report for nothing new).
         if let Some(old) = self.status.update.as_ref()
             && old.error.error == update.error.error
@@ -364,10 +475,12 @@ impl Updater {
         );
         tracing::error!(version = %config.base_os_version, %error, "the base OS update failed");
         let record = UpdateRecord {
-            error,
+            error: error.clone(),
             ..Self::new_record(config, tree, Phase::Failed, None)
         };
-        self.store(record).await
+        self.store(record)
+            .await
+            .with_context(|| format!("{error}; recording that failed"))
     }
 
     async fn key(&self) -> Result<PublicKey, String> {
@@ -545,8 +658,10 @@ impl Updater {
 
 #[allow(clippy::disallowed_methods)] // blocking: runs on the blocking pool
 fn store_record(persist: &Path, record: &UpdateRecord) -> anyhow::Result<()> {
-    cairn_persist::create_dir_durable(&persist.join("baseos"))?;
-    cairn_persist::store(&update::record_path(persist), record)?;
+    let path = update::record_path(persist);
+    let context = || format!("cannot write the update record {}", path.display());
+    cairn_persist::create_dir_durable(&persist.join("baseos")).with_context(context)?;
+    cairn_persist::store(&path, record).with_context(context)?;
     Ok(())
 }
 
@@ -692,8 +807,10 @@ fn load_outcome(persist: &Path) -> Option<UpdateOutcome> {
 
 #[allow(clippy::disallowed_methods)] // blocking: runs on the blocking pool
 fn store_outcome(persist: &Path, outcome: &UpdateOutcome) -> anyhow::Result<()> {
-    cairn_persist::create_dir_durable(&persist.join("baseos"))?;
-    cairn_persist::store(&outcome_path(persist), outcome)?;
+    let path = outcome_path(persist);
+    let context = || format!("cannot write the update outcome {}", path.display());
+    cairn_persist::create_dir_durable(&persist.join("baseos")).with_context(context)?;
+    cairn_persist::store(&path, outcome).with_context(context)?;
     Ok(())
 }
 

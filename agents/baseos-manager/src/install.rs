@@ -175,9 +175,22 @@ pub fn install(
         "marking slot {} for one trial boot",
         target.label()
     ));
-    let state = state
+    let state = match state
         .mark_trial(target, 1)
-        .write_next(&disk.state, state.seq)?;
+        .write_next(&disk.state, state.seq)
+    {
+        Ok(state) => state,
+        Err(first) => {
+            // A failed fsync can leave the mark in the page cache: read (and perhaps booted)
+            // though never made durable. Written once more, so that what is read is synced;
+            // failing again, the mark is taken back so that a failed install marks nothing.
+            progress(&format!(
+                "{first}; writing the boot state again to mark slot {}",
+                target.label()
+            ));
+            mark_again(&disk.state, target)?
+        }
+    };
     Ok(Installed {
         slot: target,
         verified,
@@ -185,6 +198,23 @@ pub fn install(
         verify_time,
         write_time,
     })
+}
+
+/// The trial mark of `target` written over whatever the boot state reads now; if that fails
+/// too, a mark that reads back is cleared (best effort) and the second error returned.
+fn mark_again(device: &Path, target: Slot) -> Result<BootState, BootStateError> {
+    let now = BootState::read(device)?;
+    match now.mark_trial(target, 1).write_next(device, now.seq) {
+        Ok(state) => Ok(state),
+        Err(e) => {
+            if let Ok(now) = BootState::read(device)
+                && now.trial == Some(target)
+            {
+                let _ = now.clear_trial().write_next(device, now.seq);
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Copies the root image from the bundle into the slot; returns the sha256 of what was written.

@@ -147,14 +147,15 @@ fn system(out: &mut String, opt: &str, view: &View) {
             Some(logs) => {
                 let _ = writeln!(
                     out,
-                    " queued files {}, bytes {}; sent {}; dropped {}; set aside {}; last upload {}; last error {:?}",
+                    " queued files {}, bytes {}; sent {}; dropped {}; set aside {}; last upload {}; last error {:?}; queue error {:?}",
                     logs.queued_files,
                     logs.queued_bytes,
                     logs.sent_files,
                     logs.dropped_files,
                     logs.set_aside_files,
                     when(logs.last_upload),
-                    logs.last_error
+                    logs.last_error,
+                    logs.queue_error
                 );
             }
             None => out.push_str(" the log-manager publishes no status\n"),

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::collect::{self, Collector, Headers};
 use crate::levels::RemoteLevels;
-use crate::queue::Queue;
+use crate::queue::{Queue, Queued};
 use crate::upload::{self, Backoff, MAX_4XX_RETRIES, Outcome};
 
 #[derive(Debug, Clone)]
@@ -37,8 +37,28 @@ pub struct Settings {
     pub technicians_gid: Option<u32>,
 }
 
-/// What the uploader did, for the status.
-type Progress = Arc<Mutex<LogManagerStatus>>;
+/// What the collector and the uploader did, for the status.
+type Progress = Arc<Reported>;
+
+#[derive(Default)]
+struct Reported {
+    status: Mutex<LogManagerStatus>,
+    /// Wakes the report loop, so a fault shows in the status while it lasts.
+    changed: Notify,
+}
+
+impl Reported {
+    fn note(&self, f: impl FnOnce(&mut LogManagerStatus)) {
+        if let Ok(mut status) = self.status.lock() {
+            f(&mut status);
+        }
+        self.changed.notify_one();
+    }
+}
+
+/// A write into the queue that failed is tried again after this long (the lines wait in their
+/// files meanwhile).
+const QUEUE_RETRY: Duration = Duration::from_secs(2);
 /// The remote log levels of the config in force, from the bus to the collector.
 type Levels = Arc<Mutex<RemoteLevels>>;
 
@@ -64,14 +84,15 @@ pub async fn run(
     let written = Arc::new(Notify::new());
     let levels = Levels::default();
 
+    let progress = Progress::default();
     let collecting = collect_loop(
         collector,
         settings.clone(),
         headers.clone(),
         levels.clone(),
         written.clone(),
+        progress.clone(),
     );
-    let progress = Progress::default();
     let uploading = upload_loop(settings.clone(), device_rx, written, progress.clone());
     let following = follow_bus(bus, headers, levels.clone(), device_tx);
     let reporting = report_loop(bus, settings.clone(), progress, levels);
@@ -106,17 +127,26 @@ async fn report_loop(
     let queue = Arc::new(tokio::task::spawn_blocking(move || Queue::open(root)).await??);
     let cursors = queue.root().join("cursors.json");
     let mut last = None;
+    let mut last_dropped = 0;
     let mut restarted = false;
     loop {
         let (q, path) = (queue.clone(), cursors.clone());
         let (usage, dropped) =
             tokio::task::spawn_blocking(move || (q.usage(), collect::dropped_files(&path))).await?;
-        let mut status = progress.lock().map(|p| p.clone()).unwrap_or_default();
+        let mut status = progress
+            .status
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default();
         if let Ok((files, bytes)) = usage {
             status.queued_files = files as u64;
             status.queued_bytes = bytes;
         }
-        status.dropped_files = dropped;
+        // An unreadable record keeps the count last read.
+        if let Some(dropped) = dropped {
+            last_dropped = dropped;
+        }
+        status.dropped_files = last_dropped;
         status.remote_log_levels = levels.lock().map(|l| l.named().clone()).unwrap_or_default();
         if last.as_ref() != Some(&status) {
             statuses.publish(status.clone()).await?;
@@ -126,7 +156,7 @@ async fn report_loop(
             statuses.signal_restarted().await?;
             restarted = true;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), progress.changed.notified()).await;
     }
 }
 
@@ -199,9 +229,11 @@ async fn collect_loop(
     headers: Arc<Mutex<Headers>>,
     levels: Levels,
     written: Arc<Notify>,
+    progress: Progress,
 ) -> anyhow::Result<()> {
     let apps_dir = settings.run.join("domain-manager").join("apps");
     let mut first_unflushed: Option<Instant> = None;
+    let mut queue_error = String::new();
     loop {
         let headers_now = headers.lock().map(|h| h.clone()).unwrap_or_default();
         let levels_now = levels.lock().map(|l| l.clone()).unwrap_or_default();
@@ -246,9 +278,30 @@ async fn collect_loop(
                     first_unflushed = Some(Instant::now());
                 }
             }
-            // A full disk or an unreadable file: said, and tried again next cycle (the
-            // cursors were not moved, so nothing is lost).
-            Err(e) => tracing::warn!(error = %e, "collecting logs failed; retrying"),
+            // A full disk or an unreadable file: said, and tried again from the stored
+            // cursors (the collector went back to them), so nothing is lost.
+            Err(e) => {
+                let error = format!(
+                    "{e}; the lines wait in their files, tried again every {} s",
+                    QUEUE_RETRY.as_secs()
+                );
+                if error != queue_error {
+                    tracing::warn!(error = %e, "collecting logs failed; retrying");
+                    progress.note(|p| p.queue_error = error.clone());
+                    queue_error = error;
+                }
+                tokio::time::sleep(QUEUE_RETRY).await;
+                continue;
+            }
+        }
+        if !queue_error.is_empty() {
+            tracing::info!("log lines are read and queued again");
+            progress.note(|p| {
+                if p.queue_error == queue_error {
+                    p.queue_error.clear();
+                }
+            });
+            queue_error.clear();
         }
         tokio::time::sleep(settings.collect_every).await;
     }
@@ -260,17 +313,39 @@ async fn upload_loop(
     written: Arc<Notify>,
     progress: Progress,
 ) -> anyhow::Result<()> {
-    let note = |f: &dyn Fn(&mut LogManagerStatus)| {
-        if let Ok(mut p) = progress.lock() {
-            f(&mut p);
-        }
-    };
+    let note = |f: &dyn Fn(&mut LogManagerStatus)| progress.note(f);
     let root = settings.persist.join("newlog");
     let queue = Arc::new(tokio::task::spawn_blocking(move || Queue::open(root)).await??);
     let mut backoff = Backoff::new(settings.retry_min, settings.retry_max);
     let mut refused: Option<(String, u32)> = None;
     let mut https: Option<Https> = None;
     let mut last_problem = String::new();
+    let mut unreadable: Option<(String, u32)> = None;
+    let mut sent_not_removed: Option<PathBuf> = None;
+    // A fault of the queue on disk: in the status and the log (once per new text).
+    let last_queue_problem = Mutex::new(String::new());
+    let problem = |text: &str| {
+        note(&|p| p.queue_error = text.to_string());
+        if let Ok(mut last) = last_queue_problem.lock()
+            && *last != text
+        {
+            tracing::warn!(error = %text, "log queue");
+            *last = text.to_string();
+        }
+    };
+    let clear_problem = || {
+        if let Ok(mut last) = last_queue_problem.lock()
+            && !last.is_empty()
+        {
+            tracing::info!("the log queue works again");
+            note(&|p| {
+                if p.queue_error == *last {
+                    p.queue_error.clear();
+                }
+            });
+            last.clear();
+        }
+    };
     loop {
         let Some(uuid) = *device.borrow_and_update() else {
             let _ = device.changed().await;
@@ -311,28 +386,71 @@ async fn upload_loop(
             }
         };
         let listing = queue.clone();
-        let oldest = tokio::task::spawn_blocking(move || listing.pending())
-            .await??
-            .into_iter()
-            .next();
+        let oldest = match tokio::task::spawn_blocking(move || listing.pending()).await? {
+            Ok(queued) => queued.into_iter().next(),
+            Err(e) => {
+                problem(&format!("{e}; tried again in {} s", QUEUE_RETRY.as_secs()));
+                tokio::time::sleep(QUEUE_RETRY).await;
+                continue;
+            }
+        };
         let Some(file) = oldest else {
             // Woken by the collector's next file, or a look every few seconds.
             let _ = tokio::time::timeout(Duration::from_secs(5), written.notified()).await;
             continue;
         };
+        if sent_not_removed.as_ref() == Some(&file.path) {
+            // The controller has it: sending it again would only make a duplicate.
+            if remove_sent(&queue, &file, &problem).await? {
+                sent_not_removed = None;
+                clear_problem();
+            } else {
+                tokio::time::sleep(QUEUE_RETRY).await;
+            }
+            continue;
+        }
         let outcome = match upload::send(&client, uuid, &file).await {
             Ok(outcome) => outcome,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
-                tracing::warn!(file = %file.name(), error = %e, "log file unreadable; dropped");
-                let listing = queue.clone();
-                tokio::task::spawn_blocking(move || listing.remove(&file)).await??;
+                // A disk error is not the file's fault: it stays queued and is read again.
+                // One that never reads is set aside as a refused one is, kept on the device.
+                let name = file.name();
+                let count = match &unreadable {
+                    Some((n, c)) if *n == name => c + 1,
+                    _ => 1,
+                };
+                let error = format!("log file {}: cannot read it: {e}", file.path.display());
+                if count >= MAX_4XX_RETRIES {
+                    let listing = queue.clone();
+                    match tokio::task::spawn_blocking(move || listing.set_aside(&file)).await? {
+                        Ok(to) => {
+                            problem(&format!(
+                                "{error}; set aside as {} after {count} tries",
+                                to.display()
+                            ));
+                            note(&|p| p.set_aside_files += 1);
+                            unreadable = None;
+                        }
+                        Err(e) => problem(&format!("{error}; setting it aside failed too: {e}")),
+                    }
+                } else {
+                    problem(&format!(
+                        "{error}; kept in the queue, tried again ({count} of {MAX_4XX_RETRIES})"
+                    ));
+                    unreadable = Some((name, count));
+                }
+                tokio::time::sleep(QUEUE_RETRY).await;
                 continue;
             }
         };
+        unreadable = None;
+        clear_problem();
         match outcome {
             Outcome::Sent => {
-                let (listing, done) = (queue.clone(), file.clone());
-                tokio::task::spawn_blocking(move || listing.remove(&done)).await??;
+                if !remove_sent(&queue, &file, &problem).await? {
+                    sent_not_removed = Some(file.path.clone());
+                }
                 if !last_problem.is_empty() {
                     tracing::info!(file = %file.name(), "log upload works again");
                     last_problem.clear();
@@ -362,20 +480,45 @@ async fn upload_loop(
                 };
                 if count >= MAX_4XX_RETRIES {
                     let listing = queue.clone();
-                    let to =
-                        tokio::task::spawn_blocking(move || listing.set_aside(&file)).await??;
-                    tracing::warn!(
-                        file = %name, status, to = %to.display(),
-                        "the controller refused this log file {MAX_4XX_RETRIES} times; set aside"
-                    );
-                    refused = None;
-                    note(&|p| p.set_aside_files += 1);
+                    match tokio::task::spawn_blocking(move || listing.set_aside(&file)).await? {
+                        Ok(to) => {
+                            tracing::warn!(
+                                file = %name, status, to = %to.display(),
+                                "the controller refused this log file {MAX_4XX_RETRIES} times; set aside"
+                            );
+                            refused = None;
+                            note(&|p| p.set_aside_files += 1);
+                        }
+                        // Kept in the queue and refused once more: set aside at the next try.
+                        Err(e) => {
+                            problem(&format!("{e}; tried again later"));
+                            tokio::time::sleep(QUEUE_RETRY).await;
+                        }
+                    }
                 } else {
                     tracing::info!(file = %name, status, count, "log file refused; will retry");
                     refused = Some((name, count));
                     tokio::time::sleep(backoff.failed()).await;
                 }
             }
+        }
+    }
+}
+
+/// Removes a file the controller took; false (and said) when it cannot be removed now.
+async fn remove_sent(
+    queue: &Arc<Queue>,
+    file: &Queued,
+    problem: &impl Fn(&str),
+) -> anyhow::Result<bool> {
+    let (listing, done) = (queue.clone(), file.clone());
+    match tokio::task::spawn_blocking(move || listing.remove(&done)).await? {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            problem(&format!(
+                "{e}; the controller has it, so it is not sent again; removed later"
+            ));
+            Ok(false)
         }
     }
 }

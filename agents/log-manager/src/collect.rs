@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::entry::{self, BundleMeta};
 use crate::levels::RemoteLevels;
-use crate::queue::{GzipBatch, Queue, QueueError, Stream};
+use crate::queue::{GzipBatch, Queue, QueueError, Queued, Stream};
 
 /// At most this much of one file is read per cycle, so a burst costs bounded memory.
 const READ_PER_CYCLE: u64 = 1 << 20;
@@ -82,11 +82,14 @@ pub struct Source {
     pub name: String,
 }
 
-/// The files dropped so far, as the stored cursors at `path` say (0 when none are stored).
-pub fn dropped_files(path: &Path) -> u64 {
-    cairn_persist::load_with_backup::<LogCursors>(path)
-        .map(|l| l.record.dropped_files)
-        .unwrap_or(0)
+/// The files dropped so far, as the stored cursors at `path` say (0 when none are stored;
+/// None when they cannot be read now).
+pub fn dropped_files(path: &Path) -> Option<u64> {
+    match cairn_persist::load_with_backup::<LogCursors>(path) {
+        Ok(loaded) => Some(loaded.record.dropped_files),
+        Err(_) if !path.exists() && !cairn_persist::backup_path(path).exists() => Some(0),
+        Err(_) => None,
+    }
 }
 
 /// The files to follow now.
@@ -160,6 +163,8 @@ pub struct Collector {
     device_uuid: Option<Uuid>,
     /// Which agent lines are uploaded; the others are skipped (they stay in their files).
     remote: RemoteLevels,
+    /// Files (and bytes) dropped for the cap whose count is not stored yet (a flush failed).
+    dropped_unstored: (u64, u64),
 }
 
 impl Collector {
@@ -189,6 +194,7 @@ impl Collector {
             batches: BTreeMap::new(),
             cap,
             remote: RemoteLevels::default(),
+            dropped_unstored: (0, 0),
         })
     }
 
@@ -315,8 +321,25 @@ impl Collector {
 
     /// Drops the oldest queued files if the new ones would not fit under the cap, writes every
     /// open batch into the queue durably, then stores the cursors (the order that makes a crash
-    /// lose nothing).
+    /// lose nothing). A flush that fails (a full disk, an I/O error) is undone as a kill before
+    /// it would be: the files it wrote go, the lines since the stored cursors are read again
+    /// at the next cycle.
     pub fn flush(&mut self) -> Result<Flushed, CollectError> {
+        let mut written = Vec::new();
+        let result = self.write_batches(&mut written);
+        if result.is_err() {
+            for file in &written {
+                // A file left behind would only be a duplicate of lines written again.
+                let _ = self.queue.remove(file);
+            }
+            self.batches.clear();
+            self.read = self.stored.files.clone();
+            self.next_msgid = self.stored.next_msgid.max(1);
+        }
+        result
+    }
+
+    fn write_batches(&mut self, written: &mut Vec<Queued>) -> Result<Flushed, CollectError> {
         let mut flushed = Flushed::default();
         let mut files = Vec::new();
         for (stream, batches) in std::mem::take(&mut self.batches) {
@@ -331,10 +354,20 @@ impl Collector {
         }
         let incoming: u64 = files.iter().map(|(_, gzip)| gzip.len() as u64).sum();
         let dropped = self.queue.make_room(self.cap, incoming)?;
+        // Counted even when the writes below fail: those files are gone either way.
+        self.dropped_unstored.0 += dropped.len() as u64;
+        self.dropped_unstored.1 += dropped.iter().map(|d| d.bytes).sum::<u64>();
         let mut seq = self.stored.next_seq;
         for (stream, gzip) in files {
-            let written = self.queue.write(seq, stream, &gzip)?;
-            flushed.gzip_bytes += written.bytes;
+            // Listed before it is written: a write that fails after its rename leaves it.
+            written.push(Queued {
+                seq,
+                stream,
+                path: self.queue.path_of(seq, stream),
+                bytes: gzip.len() as u64,
+            });
+            let file = self.queue.write(seq, stream, &gzip)?;
+            flushed.gzip_bytes += file.bytes;
             flushed.files += 1;
             seq += 1;
         }
@@ -343,12 +376,13 @@ impl Collector {
         next.next_msgid = self.next_msgid;
         next.next_seq = seq;
         next.device_uuid = self.device_uuid;
-        next.dropped_files += dropped.len() as u64;
-        next.dropped_bytes += dropped.iter().map(|d| d.bytes).sum::<u64>();
+        next.dropped_files += self.dropped_unstored.0;
+        next.dropped_bytes += self.dropped_unstored.1;
         if next != self.stored {
             cairn_persist::crash_point("log-manager:before-cursors");
             cairn_persist::store_with_backup(&self.cursors_path, &next)?;
             self.stored = next;
+            self.dropped_unstored = (0, 0);
         }
         flushed.dropped_files = dropped.len();
         if !dropped.is_empty() {

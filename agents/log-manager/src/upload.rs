@@ -43,13 +43,11 @@ pub fn outcome(answer: Result<u16, &HttpsError>) -> Outcome {
     }
 }
 
-/// Sends one file; a file over loguploader's hard limit is refused here, never sent.
-pub async fn send(https: &Https, device: Uuid, file: &Queued) -> Result<Outcome, String> {
+/// Sends one file; a file over loguploader's hard limit is refused here, never sent. Err: the
+/// file could not be read.
+pub async fn send(https: &Https, device: Uuid, file: &Queued) -> std::io::Result<Outcome> {
     let path = file.path.clone();
-    let body = tokio::task::spawn_blocking(move || std::fs::read(path))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot read {}: {e}", file.path.display()))?;
+    let body = tokio::task::spawn_blocking(move || std::fs::read(path)).await??;
     if body.len() as u64 > MAX_UPLOAD_BYTES {
         return Ok(Outcome::Refused(413));
     }
