@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use cairn_types::{ContentTreeConfig, DatastoreConfig};
 use futures_util::StreamExt;
+use oci_client::RegistryOperation;
 use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
@@ -49,6 +50,8 @@ pub struct ImageSource {
     pub ca_pem: Vec<String>,
     /// The manifest digest the config names (`sha256:<hex>`), if it names one.
     pub expected: Option<String>,
+    /// The datastore whose credentials are used, named when they fail.
+    pub datastore: uuid::Uuid,
 }
 
 impl std::fmt::Debug for ImageSource {
@@ -57,6 +60,7 @@ impl std::fmt::Debug for ImageSource {
         f.debug_struct("ImageSource")
             .field("reference", &self.reference.whole())
             .field("expected", &self.expected)
+            .field("datastore", &self.datastore)
             .finish()
     }
 }
@@ -121,6 +125,7 @@ pub fn source(config: &ContentTreeConfig) -> Result<ImageSource, String> {
         auth,
         ca_pem: ds.ds_cert_pem.clone(),
         expected,
+        datastore: ds.uuid,
     })
 }
 
@@ -177,16 +182,68 @@ pub struct Pulled {
 }
 
 /// Why a pull failed, worded for the content tree's status.
-fn describe(what: &str, e: oci_client::errors::OciDistributionError) -> String {
+fn describe(
+    what: &str,
+    datastore: uuid::Uuid,
+    e: oci_client::errors::OciDistributionError,
+) -> String {
     use oci_client::errors::OciDistributionError as E;
     match e {
-        E::AuthenticationFailure(reason) => {
-            format!("{what}: the registry refused the datastore's credentials: {reason}")
-        }
+        E::AuthenticationFailure(reason) => format!(
+            "{what}: the registry refused the credentials of datastore {datastore}: {reason}"
+        ),
         E::UnauthorizedError { url } => format!(
-            "{what}: the registry refused the datastore's credentials (HTTP 401 Unauthorized at {url})"
+            "{what}: the registry refused the credentials of datastore {datastore} (HTTP 401 Unauthorized at {url})"
         ),
         other => format!("{what}: {other}"),
+    }
+}
+
+/// Why the authentication with a registry failed, naming the datastore whose credentials were
+/// taken, and telling a refusal from a server that cannot be reached.
+fn describe_auth(
+    what: &str,
+    datastore: uuid::Uuid,
+    e: oci_client::errors::OciDistributionError,
+) -> String {
+    use oci_client::errors::OciDistributionError as E;
+    match e {
+        // Only the token request answers this: the registry's own 401 comes later.
+        E::AuthenticationFailure(reason) => format!(
+            "image {what}: the registry's token server refused the credentials of datastore {datastore}: {}",
+            reason.trim()
+        ),
+        E::RequestError(e) => {
+            // The query holds only the scope asked for; the URL without it is the server.
+            let url = e.url().map_or_else(String::new, |u| {
+                let mut u = u.clone();
+                u.set_query(None);
+                u.to_string()
+            });
+            let mut cause = String::new();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                cause = s.to_string();
+                source = s.source();
+            }
+            // oci-client asks the registry's `/v2/` first, then the realm its challenge names.
+            let server = if url.ends_with("/v2/") {
+                "the registry"
+            } else {
+                "the registry's token server"
+            };
+            let cause = if cause.is_empty() {
+                e.to_string()
+            } else {
+                cause
+            };
+            format!(
+                "image {what}: {server} at {url} could not be reached to authenticate with the credentials of datastore {datastore}: {cause}"
+            )
+        }
+        other => format!(
+            "image {what}: authenticating with the credentials of datastore {datastore}: {other}"
+        ),
     }
 }
 
@@ -277,11 +334,19 @@ pub async fn pull(
     if let Some(expected) = &source.expected {
         reference = reference.clone_with_digest(expected.clone());
     }
+    // The auth handshake on its own first: oci-client's manifest and blob calls drop a failed
+    // token request and go on without a token, so a refused password and a token server that
+    // is down would both end as the registry's bare 401. The token is cached in the client
+    // for the calls below.
+    client
+        .auth(&reference, &source.auth, RegistryOperation::Pull)
+        .await
+        .map_err(|e| describe_auth(&what, source.datastore, e))?;
     let accepted = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
     let (top, _) = client
         .pull_manifest_raw(&reference, &source.auth, &accepted)
         .await
-        .map_err(|e| describe(&format!("image {what}: manifest"), e))?;
+        .map_err(|e| describe(&format!("image {what}: manifest"), source.datastore, e))?;
     // The digest is computed here from the bytes, never taken from the registry's header.
     let top_sha = sha256_hex(&top);
     if let Some(expected) = &source.expected
@@ -311,7 +376,13 @@ pub async fn pull(
                 &accepted,
             )
             .await
-            .map_err(|e| describe(&format!("image {what}: manifest {digest}"), e))?;
+            .map_err(|e| {
+                describe(
+                    &format!("image {what}: manifest {digest}"),
+                    source.datastore,
+                    e,
+                )
+            })?;
         let sha = sha256_hex(&bytes);
         if format!("sha256:{sha}") != digest {
             return Err(format!(
@@ -340,7 +411,18 @@ pub async fn pull(
             ..Default::default()
         };
         pull_blob(
-            &client, &reference, tree, &desc, &sha, store, content, &what, done, total, &progress,
+            &client,
+            &reference,
+            source.datastore,
+            tree,
+            &desc,
+            &sha,
+            store,
+            content,
+            &what,
+            done,
+            total,
+            &progress,
         )
         .await?;
         done += d.size();
@@ -359,6 +441,7 @@ pub async fn pull(
 async fn pull_blob(
     client: &Client,
     reference: &Reference,
+    datastore: uuid::Uuid,
     tree: uuid::Uuid,
     desc: &OciDescriptor,
     sha: &str,
@@ -390,7 +473,7 @@ async fn pull_blob(
     let response = client
         .pull_blob_stream_partial(reference, desc, have, None)
         .await
-        .map_err(|e| describe(&layer, e))?;
+        .map_err(|e| describe(&layer, datastore, e))?;
     let (mut stream, append) = match response {
         BlobResponse::Partial(s) => {
             tracing::info!(layer = %desc.digest, from = have, "resuming a layer download");

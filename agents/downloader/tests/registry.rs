@@ -1,5 +1,6 @@
 //! The real cairn-downloader pulling container images (format CONTAINER) from Debian's
-//! `docker-registry` with TLS (a test CA) and htpasswd basic auth, images built from
+//! `docker-registry` with TLS (a test CA) and htpasswd basic auth or the distribution token
+//! scheme (a token server of the test's own issuing the JWTs the registry checks), images built from
 //! busybox-static with umoci and pushed with skopeo (`cairn_test_controller::registry`).
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)] // test code
@@ -11,7 +12,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use cairn_pubsub::{Bus, Publication, PublishOptions, Subscription};
-use cairn_test_controller::registry::{TestRegistry, busybox_image};
+use cairn_test_controller::registry::{TOKEN_SERVICE, TestRegistry, busybox_image};
 use cairn_types::{ContentFormat, ContentTreeConfig, ContentTreeStatus, DatastoreConfig};
 use sha2::Digest;
 use uuid::Uuid;
@@ -38,14 +39,23 @@ struct Harness {
 }
 
 impl Harness {
-    /// A registry holding `app:v1` (busybox plus a file), and the bus.
+    /// A registry (basic auth) holding `app:v1` (busybox plus a file), and the bus.
     async fn new() -> Self {
+        Self::with_registry(TestRegistry::start).await
+    }
+
+    /// [`Self::new`] with a registry that takes tokens from a token server.
+    async fn new_token() -> Self {
+        Self::with_registry(TestRegistry::start_token).await
+    }
+
+    async fn with_registry(start: fn(&Path) -> anyhow::Result<TestRegistry>) -> Self {
         let root = tempfile::tempdir().unwrap();
         let persist = root.path().join("persist");
         let run = root.path().join("run");
         std::fs::create_dir_all(&persist).unwrap();
         std::fs::create_dir_all(&run).unwrap();
-        let registry = TestRegistry::start(&root.path().join("registry")).unwrap();
+        let registry = start(&root.path().join("registry")).unwrap();
         let image = busybox_image(&root.path().join("image"), "v1").unwrap();
         image
             .layer(|r| Ok(std::fs::write(r.join("etc/greeting"), "hello\n")?))
@@ -226,8 +236,12 @@ async fn wrong_credentials_are_refused_and_a_tampered_layer_is_refused_by_name()
         })
         .await;
     assert!(
-        status.error.error.contains("credentials"),
-        "{}",
+        status.error.error.contains("credentials")
+            && status
+                .error
+                .error
+                .contains(&denied.datastores[0].uuid.to_string()),
+        "says the credentials of that datastore were refused: {}",
         status.error.error
     );
     assert!(!status.is_loaded());
@@ -383,6 +397,123 @@ async fn a_registry_killed_mid_pull_is_resumed_from_where_it_broke_off() {
     assert!(
         !text.contains("downloading the layer from its start"),
         "the registry honoured the Range request"
+    );
+    drop(h.root);
+}
+
+fn sha256_of(path: &Path) -> String {
+    sha2::Sha256::digest(std::fs::read(path).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The distribution token scheme: the registry answers 401 with a Bearer challenge, the
+/// downloader takes the datastore's apiKey/password to the token server's realm and pulls
+/// with the token it gets. The image named by its digest arrives with every blob verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_auth_registry_is_pulled_from_with_a_token_for_the_datastores_credentials() {
+    let mut h = Harness::new_token().await;
+    let pushes = h.registry.token_requests().len();
+    assert!(pushes > 0, "skopeo's push went through the token server");
+    let _agent = h.agent();
+    let manifest = h.digest.trim_start_matches("sha256:").to_string();
+    let password = h.registry.password().to_string();
+    let tree = h.tree("app:v1", &manifest, &password);
+    h.configs.publish(tree.clone()).await.unwrap();
+    let loaded = h
+        .status_where(tree.content_id, "LOADED", |s| s.is_loaded())
+        .await;
+    assert_eq!(loaded.content_sha256, manifest);
+    assert_eq!(loaded.blobs[0], manifest);
+    let layers = manifest_layers(&h.blobs(), &manifest);
+    assert_eq!(layers.len(), 2);
+    for blob in &loaded.blobs {
+        assert_eq!(
+            sha256_of(&h.blobs().join(blob)),
+            *blob,
+            "blob {blob} is stored under its own sha256"
+        );
+    }
+    let asked: Vec<_> = h.registry.token_requests().split_off(pushes);
+    assert!(
+        asked.iter().any(|r| r.status == 200
+            && r.user.as_deref() == Some(h.registry.user())
+            && r.service.as_deref() == Some(TOKEN_SERVICE)
+            && r.scopes.iter().any(|s| s == "repository:cairn/app:pull")),
+        "the downloader got a pull token for the datastore's user: {asked:?}"
+    );
+    drop(h.root);
+}
+
+/// A password the token server refuses: the tree's error says the credentials of that
+/// datastore were refused (not a bare 401 of the registry), and the request did reach the
+/// token server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_server_refusing_the_credentials_is_reported_naming_the_datastore() {
+    let mut h = Harness::new_token().await;
+    let pushes = h.registry.token_requests().len();
+    let _agent = h.agent();
+    let denied = h.tree("app:v1", "", "not-the-password");
+    let datastore = denied.datastores[0].uuid.to_string();
+    h.configs.publish(denied.clone()).await.unwrap();
+    let status = h
+        .status_where(denied.content_id, "refused for its credentials", |s| {
+            s.error.is_error()
+        })
+        .await;
+    let error = &status.error.error;
+    assert!(!status.is_loaded());
+    assert!(error.contains(&datastore), "names the datastore: {error}");
+    assert!(
+        error.contains("token server refused the credentials"),
+        "says what refused what: {error}"
+    );
+    let asked: Vec<_> = h.registry.token_requests().split_off(pushes);
+    assert!(
+        asked
+            .iter()
+            .any(|r| r.status == 401 && r.user.as_deref() == Some(h.registry.user())),
+        "the token server saw the request and refused it: {asked:?}"
+    );
+    assert!(
+        asked.iter().all(|r| r.status != 200),
+        "no token was issued for a wrong password: {asked:?}"
+    );
+    drop(h.root);
+}
+
+/// The registry up, its token server down: the error says the token server cannot be reached
+/// (its URL, the datastore), not that the registry refused the credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_server_that_is_down_is_reported_as_unreachable() {
+    let mut h = Harness::new_token().await;
+    h.registry.stop_token_server();
+    let _agent = h.agent();
+    let password = h.registry.password().to_string();
+    let tree = h.tree("app:v1", "", &password);
+    let datastore = tree.datastores[0].uuid.to_string();
+    h.configs.publish(tree.clone()).await.unwrap();
+    let status = h
+        .status_where(tree.content_id, "failed without its token server", |s| {
+            s.error.is_error()
+        })
+        .await;
+    let error = &status.error.error;
+    assert!(!status.is_loaded());
+    assert!(error.contains(&datastore), "names the datastore: {error}");
+    assert!(
+        error.contains("/token") && error.contains("could not be reached"),
+        "says the token server is unreachable: {error}"
+    );
+    assert!(
+        !error.contains("refused the"),
+        "not reported as refused credentials: {error}"
+    );
+    assert!(
+        status.error.error_retry_condition.contains("retry"),
+        "{:?}",
+        status.error
     );
     drop(h.root);
 }

@@ -18,6 +18,7 @@ pub mod datastore;
 pub mod dispatcher;
 pub mod logs;
 pub mod registry;
+pub mod token;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
 //! A container registry for tests: Debian's `docker-registry` (the distribution registry)
-//! started on loopback with TLS from a CA of its own and htpasswd basic auth, and OCI images
+//! started on loopback with TLS from a CA of its own and htpasswd basic auth (or token auth
+//! with a [`TokenServer`] of its own, [`TestRegistry::start_token`]), and OCI images
 //! built in the test from `busybox-static` with `umoci`, pushed with `skopeo copy`. The
 //! registry is stopped by its pid when the value is dropped.
 //!
@@ -13,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::token::{TokenRequest, TokenServer};
+
 /// How long the registry may take to listen.
 const START_WAIT: Duration = Duration::from_secs(30);
 
@@ -22,8 +25,14 @@ pub struct TestRegistry {
     ca_pem: String,
     user: String,
     password: String,
+    token: Option<TokenServer>,
     child: Child,
 }
+
+/// The `service` the registry names in its token challenges, and the tokens' audience.
+pub const TOKEN_SERVICE: &str = "cairn-test-registry";
+/// The issuer the registry accepts tokens from.
+pub const TOKEN_ISSUER: &str = "cairn-test-token-server";
 
 impl Drop for TestRegistry {
     fn drop(&mut self) {
@@ -49,9 +58,20 @@ pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
 }
 
 impl TestRegistry {
-    /// Starts a registry under `dir` (created) with user `cairn` and a password of its own;
-    /// returns once it accepts connections.
+    /// Starts a registry under `dir` (created) with user `cairn` and a password of its own,
+    /// htpasswd basic auth; returns once it accepts connections.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, false)
+    }
+
+    /// [`Self::start`] with the distribution token scheme instead: the registry sends clients
+    /// to a [`TokenServer`] (HTTPS, a certificate from the registry's CA) that takes the
+    /// user's basic credentials and issues the tokens the registry accepts.
+    pub fn start_token(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, true)
+    }
+
+    fn start_with(dir: &Path, token: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("data"))?;
         let (issuer, ca_pem) = crate::ca("registry CA")?;
         let (cert, key) = crate::leaf(
@@ -68,6 +88,32 @@ impl TestRegistry {
         // The registry's htpasswd auth takes bcrypt entries only.
         let entry = run("htpasswd", &["-Bbn", &user, &password])?;
         std::fs::write(dir.join("htpasswd"), entry.trim())?;
+        let token = if token {
+            Some(TokenServer::start(
+                &issuer,
+                &user,
+                &password,
+                TOKEN_SERVICE,
+                TOKEN_ISSUER,
+            )?)
+        } else {
+            None
+        };
+        let auth = match &token {
+            Some(server) => {
+                std::fs::write(dir.join("token-root.pem"), server.root_pem())?;
+                format!(
+                    "auth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    \
+                     issuer: {TOKEN_ISSUER}\n    rootcertbundle: {dir}/token-root.pem\n",
+                    realm = server.realm(),
+                    dir = dir.display(),
+                )
+            }
+            None => format!(
+                "auth:\n  htpasswd:\n    realm: cairn-test\n    path: {}/htpasswd\n",
+                dir.display()
+            ),
+        };
         // A port the kernel gave out a moment ago; the registry binds it itself.
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let config = format!(
@@ -75,7 +121,7 @@ impl TestRegistry {
              log:\n  level: warn\n\
              storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n\
              http:\n  addr: {addr}\n  tls:\n    certificate: {dir}/cert.pem\n    key: {dir}/key.pem\n\
-             auth:\n  htpasswd:\n    realm: cairn-test\n    path: {dir}/htpasswd\n",
+             {auth}",
             data = dir.join("data").display(),
             dir = dir.display(),
         );
@@ -86,6 +132,7 @@ impl TestRegistry {
             ca_pem,
             user,
             password,
+            token,
             child: Self::spawn(dir)?,
         };
         registry.wait_listening()?;
@@ -177,6 +224,21 @@ impl TestRegistry {
 
     pub fn password(&self) -> &str {
         &self.password
+    }
+
+    /// Every request the token server had, in arrival order (empty for a basic-auth registry).
+    pub fn token_requests(&self) -> Vec<TokenRequest> {
+        self.token
+            .as_ref()
+            .map(TokenServer::requests)
+            .unwrap_or_default()
+    }
+
+    /// Stops the token server (the registry goes on): its port refuses connections.
+    pub fn stop_token_server(&mut self) {
+        if let Some(token) = &mut self.token {
+            token.stop();
+        }
     }
 
     /// Where the registry keeps its blobs (a test may tamper with them).
