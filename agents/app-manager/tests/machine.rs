@@ -2751,7 +2751,9 @@ fn configs_of(state: &AppState) -> Vec<&SharedConfig> {
 
 /// A state as a build that kept a copy of the config per holder wrote it: nothing shared.
 fn unshared(mut state: AppState) -> AppState {
-    let copy = |c: &SharedConfig| SharedConfig::new(AppInstanceConfig::clone(c));
+    fn copy(c: &SharedConfig) -> SharedConfig {
+        SharedConfig::new(AppInstanceConfig::clone(c))
+    }
     state.controller = copy(&state.controller);
     state.local = state.local.as_ref().map(copy);
     state.running = state.running.as_ref().map(copy);
