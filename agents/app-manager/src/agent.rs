@@ -1135,7 +1135,7 @@ impl AppManager {
         let config = record
             .config
             .clone()
-            .unwrap_or_else(|| state.effective().clone());
+            .unwrap_or_else(|| state.effective_shared().clone());
         let status = snapshot_instance_status(state, record);
         tokio::task::spawn_blocking(move || store_snapshot_files(&dir, &config, &status))
             .await
@@ -1209,7 +1209,8 @@ fn load_state_files(dir: &Path) -> std::io::Result<Vec<StateFile>> {
         else {
             continue;
         };
-        let loaded = cairn_persist::load_with_backup::<AppState>(&path);
+        let loaded =
+            machine::shared::sharing(|| cairn_persist::load_with_backup::<AppState>(&path));
         states.push((app, path, loaded));
     }
     Ok(states)

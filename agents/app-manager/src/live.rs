@@ -125,7 +125,7 @@ pub fn take(state: &mut AppState) -> Next {
         return Next::Usual;
     }
     state.steps.pop_front();
-    if state.running.as_ref().is_some_and(is_vm) {
+    if state.running.as_deref().is_some_and(is_vm) {
         state.request_counter += 1;
         let op = if mode == SnapshotMode::Stateful {
             DomainLiveOp::StateSave

@@ -70,7 +70,9 @@ use policy::{Which, on_tick, sync_schedule};
 pub use quiesce::{HookKind, HookRequest, QuiesceStage, SnapshotOutcome};
 pub use restart::{Failure, domain_restart_counter};
 
+pub mod shared;
 mod state;
+pub use shared::SharedConfig;
 pub use state::*;
 
 /// One decision: the new state and what to do, `Persist` first and `Status` last.
@@ -136,9 +138,14 @@ pub fn step(mut state: AppState, input: Input, now: DateTime<Utc>) -> (AppState,
 fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>) {
     let before_version = state.controller.uuid_and_version.version.clone();
     let before_domain = state.effective().domain.clone();
-    state.controller = config;
     // The controller names its generations; the local ones are this app-manager's.
-    stamp(&mut state.controller, &state.local_generations);
+    let mut config = config;
+    stamp(&mut config, &state.local_generations);
+    // The same config again (every config at a restart) stays the one the running domain and
+    // the snapshots share.
+    if *state.controller != config {
+        state.controller = SharedConfig::new(config);
+    }
     // A new version from the controller ends a rollback's override.
     if state.local.is_some()
         && state.local_over.as_deref() != Some(&state.controller.uuid_and_version.version)
@@ -147,7 +154,7 @@ fn on_config(state: &mut AppState, config: AppInstanceConfig, now: DateTime<Utc>
         state.local_over = None;
     }
     if let Some(local) = &mut state.local {
-        fix_up(local, &state.controller);
+        fix_up(local.make_mut(), &state.controller);
     }
     // A new generation of a volume the app runs on is a purge too (the controller's way of
     // asking for fresh volumes). Decided before a rollback below changes the config in force.
@@ -290,9 +297,9 @@ fn next_local_generations(state: &mut AppState) {
             },
         );
     }
-    stamp(&mut state.controller, &state.local_generations);
+    stamp(state.controller.make_mut(), &state.local_generations);
     if let Some(local) = &mut state.local {
-        stamp(local, &state.local_generations);
+        stamp(local.make_mut(), &state.local_generations);
     }
 }
 
@@ -340,7 +347,7 @@ fn import(state: &mut AppState, found: FoundSnapshot) {
             state: SnapshotState::Available,
             time_triggered: found.time_triggered,
             time_created: found.time_created,
-            config: Some(found.config),
+            config: Some(SharedConfig::new(found.config)),
             error: None,
             scheduled: false,
             due: None,
@@ -355,7 +362,7 @@ fn import(state: &mut AppState, found: FoundSnapshot) {
 fn on_domain(state: &mut AppState, active: bool, now: DateTime<Utc>) {
     state.domain_active = active;
     if active && state.running.is_none() && state.phase == Phase::Idle {
-        state.running = Some(state.effective().clone());
+        state.running = Some(state.effective_shared().clone());
     }
     restart::on_domain(state, active, now);
 }
@@ -365,7 +372,7 @@ fn trigger(state: &mut AppState, id: Uuid, now: DateTime<Utc>) {
     let config = state
         .running
         .clone()
-        .unwrap_or_else(|| state.effective().clone());
+        .unwrap_or_else(|| state.effective_shared().clone());
     if let Some(record) = state.snapshot_mut(id) {
         record.state = SnapshotState::Triggered;
         record.time_triggered = Some(now);
@@ -388,7 +395,7 @@ fn request_rollback(state: &mut AppState) {
         ));
         return;
     };
-    fix_up(&mut config, &state.controller);
+    fix_up(config.make_mut(), &state.controller);
     state.local_over = Some(state.controller.uuid_and_version.version.clone());
     state.local = Some(config);
     state.steps.push_back(Step::Rollback(id));
@@ -676,7 +683,7 @@ fn advance(state: &mut AppState, now: DateTime<Utc>, actions: &mut Vec<Action>) 
             return;
         }
         restart::starting(state);
-        state.running = Some(state.effective().clone());
+        state.running = Some(state.effective_shared().clone());
         state.phase = Phase::Starting;
         actions.push(domain_action(state, true));
     } else if !state.effective().activate {
@@ -719,12 +726,12 @@ fn queue_deletions(state: &mut AppState) {
 fn domain_action(state: &AppState, activate: bool) -> Action {
     Action::Domain {
         activate,
-        config: Box::new(
+        config: Box::new(AppInstanceConfig::clone(
             state
                 .running
-                .clone()
-                .unwrap_or_else(|| state.effective().clone()),
-        ),
+                .as_deref()
+                .unwrap_or_else(|| state.effective()),
+        )),
     }
 }
 
@@ -734,7 +741,7 @@ fn volumes_action(state: &AppState, step: Step, counter: u64) -> Action {
         Step::Create(id) | Step::Rollback(id) | Step::Delete(id) => state
             .snapshot(id)
             .and_then(|s| s.config.clone())
-            .unwrap_or_else(|| state.effective().clone()),
+            .unwrap_or_else(|| state.effective_shared().clone()),
     };
     let refs = &config.volume_ref_config_list;
     Action::Volumes(VolumesSnapshotConfig {

@@ -9,8 +9,10 @@
 use std::collections::{BTreeSet, VecDeque};
 
 use cairn_app_manager::app_status;
+use cairn_app_manager::machine::shared::sharing;
 use cairn_app_manager::machine::{
-    Action, AppState, FoundSnapshot, Input, Phase, SnapshotState, next_wakeup, step, volume_keys,
+    Action, AppState, FoundSnapshot, Input, Phase, SharedConfig, SnapshotState, next_wakeup, step,
+    volume_keys,
 };
 use cairn_types::{
     AppInstanceConfig, ErrorDescription, ErrorSeverity, SnapshotConfig, SnapshotDesc,
@@ -1011,7 +1013,7 @@ fn an_imported_snapshot_counts_against_max_snapshots_oldest_first() {
     let mut world = World::new(c.clone());
     assert_eq!(world.state_of(2), Some(SnapshotState::Available));
     // The config lists an older snapshot 1 as well, found on disk.
-    world.state.controller = with_snapshot(c, 1, SnapshotType::Immediate);
+    world.state.controller = with_snapshot(c, 1, SnapshotType::Immediate).into();
     let older = world.now - Duration::days(1);
     world.input(Input::Import(Box::new(found(1, "1", older))));
     assert_eq!(world.state_of(1), Some(SnapshotState::PendingDeletion));
@@ -2732,4 +2734,86 @@ fn a_post_hook_warning_is_about_the_latest_snapshot_only() {
             None => assert!(warnings.is_empty(), "{warnings:?}"),
         }
     }
+}
+
+/// Every config a state holds: the controller's, a rollback's, the running one, its snapshots'.
+fn configs_of(state: &AppState) -> Vec<&SharedConfig> {
+    [
+        Some(&state.controller),
+        state.local.as_ref(),
+        state.running.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .chain(state.snapshots.iter().filter_map(|s| s.config.as_ref()))
+    .collect()
+}
+
+/// A state as a build that kept a copy of the config per holder wrote it: nothing shared.
+fn unshared(mut state: AppState) -> AppState {
+    fn copy(c: &SharedConfig) -> SharedConfig {
+        SharedConfig::new(AppInstanceConfig::clone(c))
+    }
+    state.controller = copy(&state.controller);
+    state.local = state.local.as_ref().map(copy);
+    state.running = state.running.as_ref().map(copy);
+    for s in &mut state.snapshots {
+        s.config = s.config.as_ref().map(copy);
+    }
+    state
+}
+
+#[test]
+fn equal_configs_of_a_loaded_state_are_one_and_written_as_before() {
+    let mut world = World::new(config("1"));
+    let mut listed = config("1");
+    for n in 1..=3 {
+        listed = with_snapshot(listed, n, SnapshotType::Immediate);
+    }
+    world.config(listed);
+    world.settle();
+    let state = unshared(world.state.clone());
+    let bytes = cairn_persist::encode(&state).unwrap();
+
+    let loaded = sharing(|| cairn_persist::decode::<AppState>(&bytes))
+        .unwrap()
+        .record;
+    assert_eq!(loaded, state);
+    assert_eq!(
+        cairn_persist::encode(&loaded).unwrap(),
+        bytes,
+        "the file is written as before"
+    );
+    let configs = configs_of(&loaded);
+    assert_eq!(configs.len(), 5, "controller, running, three snapshots");
+    let mut shared = 0;
+    for (i, a) in configs.iter().enumerate() {
+        for b in &configs[i + 1..] {
+            assert_eq!(
+                ***a == ***b,
+                a.ptr_eq(b),
+                "equal configs are one, others apart"
+            );
+            shared += usize::from(a.ptr_eq(b));
+        }
+    }
+    assert!(shared > 0, "some configs are equal: {configs:?}");
+
+    // Outside a load nothing is kept between decodings.
+    let again = cairn_persist::decode::<AppState>(&bytes).unwrap().record;
+    assert!(!again.controller.ptr_eq(&loaded.controller));
+}
+
+#[test]
+fn a_mistyped_field_of_a_snapshots_config_is_named_by_its_path() {
+    let mut world = World::new(config("1"));
+    world.config(with_snapshot(config("1"), 1, SnapshotType::Immediate));
+    let mut value = serde_json::to_value(&world.state).unwrap();
+    value["snapshots"][0]["config"]["DisplayName"] = serde_json::json!(7);
+    let error = sharing(|| cairn_persist::deserialize_value::<AppState>(value)).unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("snapshots[0].config") && text.contains("DisplayName"),
+        "{text}"
+    );
 }

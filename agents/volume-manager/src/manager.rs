@@ -61,7 +61,7 @@
 //! reason, and it is made as soon as a create of that snapshot succeeds (or its config comes
 //! again). Once made, a clone is an ordinary volume: nothing ties it to its source.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -147,6 +147,35 @@ enum Step {
     Work(Work),
 }
 
+/// The volumes an event may have changed the fate of: every one, or those with these uuids.
+enum Scope {
+    All,
+    Volumes(BTreeSet<Uuid>),
+}
+
+impl Scope {
+    /// The volumes these keys name; every volume if one is not a volume key.
+    fn of_keys<K: AsRef<str>>(keys: impl IntoIterator<Item = K>) -> Self {
+        let mut ids = BTreeSet::new();
+        for key in keys {
+            match parse_volume_key(key.as_ref()) {
+                Some((id, _, _)) => ids.insert(id),
+                None => return Self::All,
+            };
+        }
+        Self::Volumes(ids)
+    }
+}
+
+/// The entries of a map keyed by volume key (`<uuid>#<generation>[.<local>]`) that name the
+/// volume `id`, at any generation: they sort together, between `<uuid>#` and `<uuid>$`.
+fn of_volume<V>(
+    map: &BTreeMap<String, V>,
+    id: Uuid,
+) -> std::collections::btree_map::Range<'_, String, V> {
+    map.range(format!("{id}#")..format!("{id}$"))
+}
+
 /// The path of a snapshot's volume record.
 pub fn record_path(persist: &Path, snapshot: Uuid) -> PathBuf {
     snapshot_dir(persist, snapshot).join(VOLUMES_SNAPSHOT_STATUS_FILE)
@@ -165,6 +194,9 @@ pub struct VolumeManager {
     pub unreadable_records: Vec<(PathBuf, String)>,
     /// Per app, the volume keys it holds (the app-manager's `AppVolumeRefs`).
     app_holds: BTreeMap<Uuid, BTreeSet<String>>,
+    /// `app_holds` the other way round: per held key, the apps holding it. Keyed by volume key
+    /// like `statuses` and `configs`, so one volume's entries are one range ([`of_volume`]).
+    held: BTreeMap<String, BTreeSet<Uuid>>,
     /// Whether `app_holds` is the app-manager's whole table; until it is, nothing is released.
     app_holds_known: bool,
     /// The deletion grace of a volume that left the config, once the config items are known.
@@ -215,6 +247,7 @@ impl VolumeManager {
             records,
             unreadable_records,
             app_holds: BTreeMap::new(),
+            held: BTreeMap::new(),
             app_holds_known: false,
             delete_grace: None,
             queue: Queue::new(default_parallel_operations()),
@@ -275,7 +308,10 @@ impl VolumeManager {
         } else {
             out.extend(self.make_volume(&config).await);
         }
-        out.extend(self.make_held().await);
+        out.extend(
+            self.make_held(&Scope::Volumes(BTreeSet::from([config.volume_id])))
+                .await,
+        );
         out
     }
 
@@ -556,8 +592,9 @@ impl VolumeManager {
         for config in waiting {
             out.extend(self.handle_volume_config(config).await);
         }
-        out.extend(self.make_held().await);
-        out.extend(self.collect_volumes().await);
+        let scope = Scope::Volumes(free);
+        out.extend(self.make_held(&scope).await);
+        out.extend(self.collect_volumes(&scope).await);
         out
     }
 
@@ -696,9 +733,16 @@ impl VolumeManager {
 
     /// Held keys with no volume whose line is configured: made from the line's config at the
     /// held local generation (a bare purge's fresh volume; or, after a rollback to a snapshot
-    /// taken before the purge, the superseded line volume again).
-    async fn make_held(&mut self) -> Vec<Publish> {
-        let held: BTreeSet<String> = self.app_holds.values().flatten().cloned().collect();
+    /// taken before the purge, the superseded line volume again). Only the keys of the volumes
+    /// in `scope`: what an event can have changed.
+    async fn make_held(&mut self, scope: &Scope) -> Vec<Publish> {
+        let held: Vec<String> = match scope {
+            Scope::All => self.held.keys().cloned().collect(),
+            Scope::Volumes(ids) => ids
+                .iter()
+                .flat_map(|id| of_volume(&self.held, *id).map(|(k, _)| k.clone()))
+                .collect(),
+        };
         let mut wanted = Vec::new();
         for key in held {
             if self.statuses.contains_key(&key) {
@@ -707,10 +751,9 @@ impl VolumeManager {
             let Some((volume_id, generation, local)) = parse_volume_key(&key) else {
                 continue;
             };
-            let line = self
-                .configs
-                .values()
-                .find(|c| c.volume_id == volume_id && c.generation_counter == generation);
+            let line = of_volume(&self.configs, volume_id)
+                .map(|(_, c)| c)
+                .find(|c| c.generation_counter == generation);
             if let Some(line) = line {
                 let mut config = line.clone();
                 config.local_generation_counter = local;
@@ -733,11 +776,15 @@ impl VolumeManager {
         let Some((id, generation, local)) = parse_volume_key(key) else {
             return false;
         };
-        let known_before = before.then_some(&self.known_before).into_iter().flatten();
-        self.statuses
-            .keys()
+        let range = format!("{id}#")..format!("{id}$");
+        let known_before = before
+            .then(|| self.known_before.range(range))
+            .into_iter()
+            .flatten();
+        of_volume(&self.statuses, id)
+            .map(|(k, _)| k)
             .chain(known_before)
-            .chain(self.app_holds.values().flatten())
+            .chain(of_volume(&self.held, id).map(|(k, _)| k))
             .filter_map(|k| parse_volume_key(k))
             .any(|(i, g, l)| i == id && g == generation && l > local)
     }
@@ -745,57 +792,73 @@ impl VolumeManager {
     /// Whether `key`'s line (uuid, generation) is configured.
     fn line_configured(&self, key: &str) -> bool {
         match parse_volume_key(key) {
-            Some((id, generation, _)) => self
-                .configs
-                .values()
-                .any(|c| c.volume_id == id && c.generation_counter == generation),
+            Some((id, generation, _)) => {
+                of_volume(&self.configs, id).any(|(_, c)| c.generation_counter == generation)
+            }
             None => self.configs.contains_key(key),
         }
     }
 
-    /// The volumes that are not their configured line's newest ([`line_configured`] and not
-    /// [`superseded`]), which is kept like a configured one, held or not (the app may be
-    /// deactivated: its purged volume is its data now). One pass over volumes, holds and
-    /// configs: asked volume by volume, a collection cost 1,000 apps millions of key parses.
+    /// The volumes in `scope` that are not their configured line's newest ([`line_configured`]
+    /// and not [`superseded`]), which is kept like a configured one, held or not (the app may
+    /// be deactivated: its purged volume is its data now). Volume by volume, each a range of
+    /// the maps keyed by volume key: an app's event costs its own volumes, not a pass over all
+    /// of them (at 1,000 apps that pass at every `AppVolumeRefs` made populating quadratic).
     ///
     /// [`line_configured`]: Self::line_configured
     /// [`superseded`]: Self::superseded
-    fn not_current(&self) -> Vec<String> {
-        let configured: HashSet<(Uuid, i64)> = self
-            .configs
-            .values()
-            .map(|c| (c.volume_id, c.generation_counter))
-            .collect();
-        let mut newest: HashMap<(Uuid, i64), i64> = HashMap::new();
-        for key in self
-            .statuses
-            .keys()
-            .chain(self.app_holds.values().flatten())
-        {
-            if let Some((id, generation, local)) = parse_volume_key(key) {
-                let top = newest.entry((id, generation)).or_insert(local);
-                *top = (*top).max(local);
+    fn not_current(&self, scope: &Scope) -> Vec<String> {
+        match scope {
+            Scope::All => {
+                let mut ids = BTreeSet::new();
+                let mut out = Vec::new();
+                for key in self.statuses.keys() {
+                    match parse_volume_key(key) {
+                        Some((id, _, _)) => {
+                            ids.insert(id);
+                        }
+                        None if !self.configs.contains_key(key) => out.push(key.clone()),
+                        None => {}
+                    }
+                }
+                for id in ids {
+                    out.extend(self.not_current_of(id));
+                }
+                out
             }
+            Scope::Volumes(ids) => ids.iter().flat_map(|id| self.not_current_of(*id)).collect(),
         }
-        self.statuses
-            .keys()
-            .filter(|key| match parse_volume_key(key) {
-                Some((id, generation, local)) => {
-                    !configured.contains(&(id, generation))
-                        || newest
-                            .get(&(id, generation))
-                            .is_some_and(|top| *top > local)
+    }
+
+    /// [`Self::not_current`] of the volume `id`'s keys (any generation).
+    fn not_current_of(&self, id: Uuid) -> Vec<String> {
+        let configured: BTreeSet<i64> = of_volume(&self.configs, id)
+            .map(|(_, c)| c.generation_counter)
+            .collect();
+        let mut newest: BTreeMap<i64, i64> = BTreeMap::new();
+        let keys = of_volume(&self.statuses, id)
+            .map(|(k, _)| k)
+            .chain(of_volume(&self.held, id).map(|(k, _)| k));
+        for (_, generation, local) in keys.filter_map(|k| parse_volume_key(k)) {
+            let top = newest.entry(generation).or_insert(local);
+            *top = (*top).max(local);
+        }
+        of_volume(&self.statuses, id)
+            .filter(|(key, _)| match parse_volume_key(key) {
+                Some((_, generation, local)) => {
+                    !configured.contains(&generation)
+                        || newest.get(&generation).is_some_and(|top| *top > local)
                 }
                 None => !self.configs.contains_key(*key),
             })
-            .cloned()
+            .map(|(key, _)| key.clone())
             .collect()
     }
 
     /// `VolumeConfig` delete: the volume goes unless a snapshot still keeps it.
     pub async fn handle_volume_config_delete(&mut self, key: &str) -> Vec<Publish> {
         self.configs.remove(key);
-        self.collect_volumes().await
+        self.collect_volumes(&Scope::of_keys([key])).await
     }
 
     /// Volumes published by a previous run whose config is gone: removed unless a snapshot
@@ -809,7 +872,7 @@ impl VolumeManager {
                 adopted.push(key);
             }
         }
-        let mut out = self.collect_volumes().await;
+        let mut out = self.collect_volumes(&Scope::All).await;
         // Published again before the restart barrier, which drops what was not: a kept volume
         // (pending deletion, or held) must stay visible.
         for key in adopted {
@@ -822,26 +885,51 @@ impl VolumeManager {
 
     // ---- apps' holds ---------------------------------------------------------------------
 
+    /// Replaces `app`'s holds (none: it holds nothing any more), keeping [`Self::held`] in
+    /// step; the volumes whose holds changed, released or taken.
+    ///
+    /// [`Self::held`]: VolumeManager
+    fn set_holds(&mut self, app: Uuid, keys: Option<BTreeSet<String>>) -> Scope {
+        let old = match keys.clone() {
+            Some(keys) => self.app_holds.insert(app, keys),
+            None => self.app_holds.remove(&app),
+        }
+        .unwrap_or_default();
+        let new = keys.unwrap_or_default();
+        for key in old.difference(&new) {
+            if let Some(apps) = self.held.get_mut(key) {
+                apps.remove(&app);
+                if apps.is_empty() {
+                    self.held.remove(key);
+                }
+            }
+        }
+        for key in new.difference(&old) {
+            self.held.entry(key.clone()).or_default().insert(app);
+        }
+        Scope::of_keys(old.symmetric_difference(&new))
+    }
+
     /// `AppVolumeRefs` create or modify: volumes the app no longer holds may go.
     /// Held keys of a new local generation are made first.
     pub async fn handle_app_volume_refs(&mut self, refs: AppVolumeRefs) -> Vec<Publish> {
-        self.app_holds.insert(refs.app_uuid, refs.volume_keys);
-        let mut out = self.make_held().await;
-        out.extend(self.collect_volumes().await);
+        let scope = self.set_holds(refs.app_uuid, Some(refs.volume_keys));
+        let mut out = self.make_held(&scope).await;
+        out.extend(self.collect_volumes(&scope).await);
         out
     }
 
     /// `AppVolumeRefs` delete: the app holds nothing any more.
     pub async fn handle_app_volume_refs_delete(&mut self, app: Uuid) -> Vec<Publish> {
-        self.app_holds.remove(&app);
-        self.collect_volumes().await
+        let scope = self.set_holds(app, None);
+        self.collect_volumes(&scope).await
     }
 
     /// The app-manager's table is complete (its publication passed its restart barrier):
     /// volumes nothing refers to may go from now on.
     pub async fn handle_app_volume_refs_complete(&mut self) -> Vec<Publish> {
         self.app_holds_known = true;
-        self.collect_volumes().await
+        self.collect_volumes(&Scope::All).await
     }
 
     /// The app-manager restarted: until its table is complete again, no volume is released (a
@@ -882,7 +970,7 @@ impl VolumeManager {
             known = self.delete_grace.is_some(),
             "volume deletion grace"
         );
-        out.extend(self.collect_volumes().await);
+        out.extend(self.collect_volumes(&Scope::All).await);
         out
     }
 
@@ -909,7 +997,7 @@ impl VolumeManager {
 
     /// A deadline passed: the volumes due go (unless held or kept by a snapshot).
     pub async fn handle_deletion_due(&mut self) -> Vec<Publish> {
-        self.collect_volumes().await
+        self.collect_volumes(&Scope::All).await
     }
 
     /// Whether `key`'s volume is kept for its deletion grace: its uuid has left the config
@@ -919,7 +1007,7 @@ impl VolumeManager {
         let Some((id, _, _)) = parse_volume_key(key) else {
             return false;
         };
-        if self.configs.values().any(|c| c.volume_id == id) {
+        if of_volume(&self.configs, id).next().is_some() {
             return false; // superseded by another generation: a purge, EVE's rules
         }
         let grace = self.grace_or_default();
@@ -962,11 +1050,10 @@ impl VolumeManager {
     }
 
     fn holding_apps(&self, key: &str) -> Vec<Uuid> {
-        self.app_holds
-            .iter()
-            .filter(|(_, keys)| keys.contains(key))
-            .map(|(app, _)| *app)
-            .collect()
+        self.held
+            .get(key)
+            .map(|apps| apps.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Snapshots that live in the volume `key` (see the module doc): a copy or btrfs snapshot
@@ -984,11 +1071,11 @@ impl VolumeManager {
             .collect()
     }
 
-    /// Removes volumes no config (or only a superseded one), no app and no snapshot living in
-    /// them refers to; marks the ones kept.
-    async fn collect_volumes(&mut self) -> Vec<Publish> {
+    /// Removes the volumes in `scope` no config (or only a superseded one), no app and no
+    /// snapshot living in them refers to; marks the ones kept.
+    async fn collect_volumes(&mut self, scope: &Scope) -> Vec<Publish> {
         let mut out = Vec::new();
-        let orphans = self.not_current();
+        let orphans = self.not_current(scope);
         for key in orphans {
             if self.volume_work.contains(&key) {
                 continue; // being made (seen again at its end) or already being removed
@@ -1088,9 +1175,8 @@ impl VolumeManager {
 
     /// The current volume of `volume_id` (its highest configured generation).
     fn current_volume(&self, volume_id: Uuid) -> Option<(VolumeRef, SnapshotBackendKind)> {
-        self.configs
-            .values()
-            .filter(|c| c.volume_id == volume_id)
+        of_volume(&self.configs, volume_id)
+            .map(|(_, c)| c)
             .max_by_key(|c| c.generation_counter + c.local_generation_counter)
             .and_then(|c| self.statuses.get(&c.key()))
             .map(|s| {
@@ -1172,8 +1258,9 @@ impl VolumeManager {
                         .collect(),
                 };
                 // A config or hold that went while the volume was made: it may go now.
-                if self.statuses.contains_key(&key) && self.not_current().contains(&key) {
-                    out.extend(self.collect_volumes().await);
+                let scope = Scope::of_keys([&key]);
+                if self.statuses.contains_key(&key) && self.not_current(&scope).contains(&key) {
+                    out.extend(self.collect_volumes(&scope).await);
                 }
                 out.extend(self.dispatch().await);
                 out.extend(self.retry_deferred().await);
@@ -1360,7 +1447,15 @@ impl VolumeManager {
                 Deleted::Removed(status) => {
                     self.records.remove(&status.snapshot_id);
                     out.push(Publish::Snapshot(status));
-                    out.extend(self.collect_volumes().await);
+                    // Only the volumes it was taken of can have been kept by it.
+                    let taken_of = previous.volume_snapshot_meta.iter().flat_map(|(id, m)| {
+                        let key = VolumeSnapshotMeta::from_value(m).volume_key;
+                        [*id]
+                            .into_iter()
+                            .chain(parse_volume_key(&key).map(|(i, _, _)| i))
+                    });
+                    let scope = Scope::Volumes(taken_of.collect());
+                    out.extend(self.collect_volumes(&scope).await);
                 }
                 Deleted::Kept(record) => {
                     self.records.insert(record.snapshot_id, record.clone());
@@ -1427,7 +1522,7 @@ impl VolumeManager {
                         tracing::error!(snapshot = %id, "{e}");
                     }
                     self.records.remove(&id);
-                    return self.collect_volumes().await;
+                    return self.collect_volumes(&Scope::All).await;
                 }
                 let mut record = record;
                 record.volume_snapshot_meta = left;
@@ -1779,11 +1874,10 @@ impl VolumeManager {
         }
         let (volume_id, generation, local) =
             parse_volume_key(&meta.volume_key).unwrap_or((volume, 0, 0));
-        let line = self
-            .configs
-            .values()
-            .find(|c| c.volume_id == volume_id && c.generation_counter == generation)
-            .or_else(|| self.configs.values().find(|c| c.volume_id == volume_id));
+        let line = of_volume(&self.configs, volume_id)
+            .map(|(_, c)| c)
+            .find(|c| c.generation_counter == generation)
+            .or_else(|| of_volume(&self.configs, volume_id).map(|(_, c)| c).next());
         let status = VolumeStatus {
             volume_id,
             generation_counter: generation,

@@ -155,7 +155,7 @@ pub(super) fn hook_request(state: &AppState) -> Option<HookRequest> {
     let hooks = state.effective().quiesce.clone().unwrap_or_default();
     let config = state
         .snapshot(snapshot)
-        .and_then(|s| s.config.as_ref())
+        .and_then(|s| s.config.as_deref())
         .unwrap_or_else(|| state.effective());
     let (outcome, thaw_guest) = match state.quiesced.get(&snapshot) {
         Some(QuiesceStage::Thaw { outcome, guest }) => (Some(*outcome), *guest),

@@ -220,7 +220,7 @@ pub fn retry_condition(state: &AppState) -> Option<String> {
     let failure = state.failure.as_ref().filter(|f| f.held)?;
     let policy = state
         .running
-        .as_ref()
+        .as_deref()
         .unwrap_or_else(|| state.effective())
         .restart_policy;
     Some(match failure.retry_at {

@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::shared::SharedConfig;
 use super::{Failure, HookKind, HookRequest, QuiesceStage, Which, volume_keys};
 
 /// Where a snapshot stands. Each snapshot the app-manager knows is in exactly one state.
@@ -43,7 +44,7 @@ pub struct SnapshotRecord {
     pub time_triggered: Option<DateTime<Utc>>,
     pub time_created: Option<DateTime<Utc>>,
     /// The config the snapshot belongs to: what a rollback restores.
-    pub config: Option<AppInstanceConfig>,
+    pub config: Option<SharedConfig>,
     pub error: Option<String>,
     /// Device-originated: taken by the app's schedule, not listed by the controller. Its
     /// expiry and the retention delete it, never its absence from the controller's list.
@@ -166,13 +167,13 @@ pub struct AppState {
     pub app: Uuid,
     /// The controller's latest config.
     #[persist(mandatory)]
-    pub controller: AppInstanceConfig,
+    pub controller: SharedConfig,
     /// A rollback's config, in force instead of the controller's while the controller still
     /// sends the version `local_over`.
-    pub local: Option<AppInstanceConfig>,
+    pub local: Option<SharedConfig>,
     pub local_over: Option<String>,
     /// The config the domain was last started with: "the config in use".
-    pub running: Option<AppInstanceConfig>,
+    pub running: Option<SharedConfig>,
     pub domain_active: bool,
     pub volumes_ready: bool,
     /// In the order they were requested.
@@ -347,7 +348,7 @@ impl AppState {
             handled_rollback: config.snapshot.rollback_cmd.counter,
             handled_restart: config.restart_cmd.counter,
             handled_purge: config.purge_cmd.counter,
-            controller: config,
+            controller: SharedConfig::new(config),
             local: None,
             local_over: None,
             running: None,
@@ -419,6 +420,11 @@ impl AppState {
 
     /// The config in force: a rollback's local config, else the controller's.
     pub fn effective(&self) -> &AppInstanceConfig {
+        self.effective_shared()
+    }
+
+    /// [`Self::effective`], to share.
+    pub fn effective_shared(&self) -> &SharedConfig {
         self.local.as_ref().unwrap_or(&self.controller)
     }
 
@@ -426,7 +432,7 @@ impl AppState {
     pub fn version(&self) -> &UUIDandVersion {
         &self
             .running
-            .as_ref()
+            .as_deref()
             .unwrap_or_else(|| self.effective())
             .uuid_and_version
     }
@@ -434,7 +440,7 @@ impl AppState {
     /// The domain request in force: what the last `Action::Domain` asked for, so that a
     /// restarted app-manager can publish it again. `None` before the app was ever started.
     pub fn domain_request(&self) -> Option<(bool, &AppInstanceConfig)> {
-        let config = self.running.as_ref().unwrap_or_else(|| self.effective());
+        let config = self.running.as_deref().unwrap_or_else(|| self.effective());
         // A live snapshot is taken while the domain runs.
         if self.live.is_some() && self.domain_active {
             return Some((true, config));
@@ -444,11 +450,11 @@ impl AppState {
             Phase::Starting => Some((true, config)),
             // Brought back after a reboot only once its start delay has passed.
             Phase::Idle if self.start_delayed_until.is_some() => Some((false, config)),
-            Phase::Idle => self.running.as_ref().map(|running| (true, running)),
+            Phase::Idle => self.running.as_deref().map(|running| (true, running)),
             // A hook runs beside the domain as it is: running (a `pre` before the stop), or
             // stopped for the snapshot.
             Phase::Hook { .. } if self.domain_active => {
-                self.running.as_ref().map(|running| (true, running))
+                self.running.as_deref().map(|running| (true, running))
             }
             Phase::Hook { .. } => Some((false, config)),
         }
