@@ -163,7 +163,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut config_exports = bus.subscribe::<ExportConfig>("config-agent");
     let mut scheduled_exports = bus.subscribe::<ExportConfig>("app-manager");
     // Those whose remote's config has not arrived yet (both come from the same config, on
-    // two topics): started when it does.
+    // two topics), or whose snapshot is not taken yet: started when it is there.
     let mut waiting_for_remote: Vec<ExportConfig> = Vec::new();
     // The object-store remotes exports may go to.
     let mut remotes = bus.subscribe::<cairn_types::RemoteConfig>("config-agent");
@@ -262,6 +262,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             done = manager.operation_done(), if manager.operations_running() => {
                 let actions = manager.complete(done).await;
                 outputs.apply(actions).await;
+                // A snapshot taken: the standing exports that waited for it start.
+                for config in std::mem::take(&mut waiting_for_remote) {
+                    let event = Event::Create {
+                        key: config.job_id.to_string(),
+                        value: config,
+                    };
+                    standing_export(event, &manager, &remotes, &mut exports, &mut waiting_for_remote);
+                }
             }
             event = app_holds.recv() => {
                 let actions = match event {
@@ -355,6 +363,15 @@ fn standing_export(
             let remote = remotes.get(&value.remote).cloned();
             if remote.is_none() && !value.remote.is_empty() && !value.cancel {
                 tracing::info!(job = %value.job_id, remote = %value.remote, "export waits for its remote's config");
+                waiting.push(value);
+                return;
+            }
+            // The config asks before the app-manager has taken the snapshot: wait for it.
+            let taken = manager
+                .record(value.snapshot_id)
+                .is_some_and(|r| !r.is_in_progress());
+            if !taken && !value.cancel {
+                tracing::info!(job = %value.job_id, snapshot = %value.snapshot_id, "export waits for its snapshot");
                 waiting.push(value);
                 return;
             }
