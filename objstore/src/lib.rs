@@ -575,6 +575,15 @@ impl Remote {
         Ok(out)
     }
 
+    /// Deletes the one object `key` (already absent: nothing to do). Not `delete_under`,
+    /// which lists `key` as a directory.
+    pub async fn delete(&self, key: &str) -> Result<(), RemoteError> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(&format!("deleting {key}"), e)),
+        }
+    }
+
     /// Deletes every object under `key`; returns how many.
     pub async fn delete_under(&self, key: &str) -> Result<usize, RemoteError> {
         let objects = self.list_objects(key).await?;

@@ -51,6 +51,16 @@ pub struct ExportConfig {
     pub remote: String,
     /// Under the remote's own prefix: the key prefix the export is written below.
     pub remote_prefix: String,
+    /// An incremental export to a remote: a full one instead once the base's chain already
+    /// has this many links (a full export every N); 0: chains grow without limit.
+    pub full_every: u32,
+    /// After a complete export to a remote: keep the newest this many exports of the app under
+    /// the prefix (and every export a kept one builds on), delete the others; 0: keep all.
+    pub keep_exports: u32,
+    /// A request that stays in force (the config's, the schedule's): when a complete export of
+    /// this snapshot is already under the prefix, the job is Done with it and writes nothing,
+    /// so a request replayed after a restart does not export again.
+    pub once: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]
@@ -110,6 +120,12 @@ pub struct ExportStatus {
     pub remote_export: String,
     /// What failed, naming the volume and file where one is at fault.
     pub error: String,
+    /// When the job ended (Done, Failed or Cancelled); none while it runs.
+    #[serde(with = "go_time")]
+    pub finished: Option<DateTime<Utc>>,
+    /// Retention after the export: the exports it removed from the remote (their keys).
+    #[serde(deserialize_with = "null_as_default")]
+    pub removed_exports: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]

@@ -42,7 +42,7 @@ pub use export::{
     ExportAction, ExportConfig, ExportKind, ExportManifest, ExportState, ExportStatus,
 };
 pub use logs::LogManagerStatus;
-pub use policy::{ConsistencyGroup, Retention, SnapshotPolicy};
+pub use policy::{ConsistencyGroup, Retention, ScheduledExport, SnapshotPolicy};
 pub use remote::RemoteConfig;
 pub use snapshot::{
     SnapshotConfig, SnapshotDesc, SnapshotInstanceStatus, SnapshotMode, SnapshotType, SnapshotWhen,

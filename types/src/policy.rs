@@ -50,6 +50,32 @@ pub struct SnapshotPolicy {
     pub pattern: String,
     /// How scheduled snapshots are taken: stopped (default), live or stateful.
     pub mode: crate::snapshot::SnapshotMode,
+    /// Each scheduled snapshot is exported to an object-store remote; none: no export.
+    pub export: Option<ScheduledExport>,
+}
+
+/// Where and how scheduled snapshots are exported: incremental exports over the previous one,
+/// a full one every `full_every`, and the newest `keep_exports` kept in the bucket (with the
+/// exports they build on).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, Persist)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct ScheduledExport {
+    /// The id of a configured remote.
+    pub remote: String,
+    /// Under the remote's prefix: where this app's exports go.
+    pub prefix: String,
+    /// A full export every this many exports, incremental ones between; 0 or 1: all full.
+    pub full_every: u32,
+    /// Exports kept in the bucket, newest first; 0: all.
+    pub keep_exports: u32,
+}
+
+impl ScheduledExport {
+    /// The export job of scheduled snapshot `snapshot`: the same id whoever asks and however
+    /// often (a restart publishes it again).
+    pub fn job_id(snapshot: Uuid) -> Uuid {
+        Uuid::new_v5(&snapshot, b"cairn-scheduled-export")
+    }
 }
 
 /// A consistency group: apps snapshotted together, all or none, at one logical

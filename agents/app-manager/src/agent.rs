@@ -13,8 +13,8 @@ use cairn_types::domain::{
 use cairn_types::layout::{APP_INSTANCE_CONFIG_FILE, SNAPSHOT_INSTANCE_STATUS_FILE, snapshot_dir};
 use cairn_types::{
     AppInstanceConfig, AppInstanceStatus, AppVolumeRefs, DiskConfig, DomainConfig, DomainSpec,
-    DomainState, DomainStatus, VolumeState, VolumeStatus, VolumesSnapshotConfig,
-    VolumesSnapshotStatus,
+    DomainState, DomainStatus, ExportConfig, ExportState, ExportStatus, VolumeState, VolumeStatus,
+    VolumesSnapshotConfig, VolumesSnapshotStatus,
 };
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -127,6 +127,15 @@ pub struct AppManager {
     /// Snapshots taken whose records (config, status) could not be written, by snapshot:
     /// tried again with the held steps, said in their app's status meanwhile.
     unwritten: BTreeMap<Uuid, Unwritten>,
+    /// Exports of scheduled snapshots asked of the volume-manager (`machine::scheduled_exports`),
+    /// and its outcomes: a request stays published until its job has ended.
+    export_requests: Publication<ExportConfig>,
+    export_statuses: Subscription<ExportStatus>,
+    /// Per app, the export jobs published for it.
+    exports_published: BTreeMap<Uuid, BTreeSet<Uuid>>,
+    /// Per app, export jobs of its requests that have ended (their requests are withdrawn);
+    /// forgotten with their snapshot.
+    exports_ended: BTreeMap<Uuid, BTreeSet<Uuid>>,
 }
 
 impl AppManager {
@@ -175,6 +184,10 @@ impl AppManager {
             unrecorded: BTreeMap::new(),
             boot_ready_at: None,
             unwritten: BTreeMap::new(),
+            export_requests: bus.publish(PublishOptions::for_requests()).await?,
+            export_statuses: bus.subscribe("volume-manager"),
+            exports_published: BTreeMap::new(),
+            exports_ended: BTreeMap::new(),
         };
         let began = std::time::Instant::now();
         manager.load_states().await?;
@@ -354,6 +367,7 @@ impl AppManager {
         self.volume_requests.signal_restarted().await?;
         self.volume_refs.signal_restarted().await?;
         self.live_requests.signal_restarted().await?;
+        self.export_requests.signal_restarted().await?;
         self.statuses.signal_restarted().await?;
         // Where a start's time goes, for the figures at scale.
         tracing::info!(
@@ -378,6 +392,7 @@ impl AppManager {
                 event = self.volumes.recv() => self.on_volume(event).await?,
                 event = self.results.recv() => self.on_result(event).await?,
                 event = self.live_results.recv() => self.on_live_result(event).await?,
+                event = self.export_statuses.recv() => self.on_export_status(event).await?,
                 Some(done) = self.hook_results.recv() => {
                     if self.apps.contains_key(&done.app) {
                         self.input(done.app, done.input).await?;
@@ -699,6 +714,66 @@ impl AppManager {
         Ok(())
     }
 
+    /// Publishes the export requests `app`'s scheduled snapshots call for and withdraws those
+    /// no longer wanted (the snapshot is gone) or whose job has ended.
+    async fn sync_exports(&mut self, app: Uuid) -> Result<(), AgentError> {
+        let mut wanted: Vec<ExportConfig> = self
+            .apps
+            .get(&app)
+            .map(machine::scheduled_exports)
+            .unwrap_or_default();
+        let ended = self.exports_ended.entry(app).or_default();
+        ended.retain(|job| wanted.iter().any(|c| c.job_id == *job));
+        wanted.retain(|c| !ended.contains(&c.job_id));
+        if ended.is_empty() {
+            self.exports_ended.remove(&app);
+        }
+        let published = self.exports_published.entry(app).or_default();
+        let gone: Vec<Uuid> = published
+            .iter()
+            .filter(|job| !wanted.iter().any(|c| c.job_id == **job))
+            .copied()
+            .collect();
+        for job in gone {
+            published.remove(&job);
+            self.export_requests.unpublish(&job.to_string()).await?;
+        }
+        for config in wanted {
+            if published.insert(config.job_id) {
+                tracing::info!(app = %app, snapshot = %config.snapshot_id, remote = %config.remote, "export of a scheduled snapshot asked");
+                self.export_requests.publish(config).await?;
+            }
+        }
+        if published.is_empty() {
+            self.exports_published.remove(&app);
+        }
+        Ok(())
+    }
+
+    /// An export job of this agent's ended: its request is withdrawn.
+    async fn on_export_status(&mut self, event: Event<ExportStatus>) -> Result<(), AgentError> {
+        let (Event::Create { value, .. } | Event::Modify { new: value, .. }) = event else {
+            return Ok(());
+        };
+        if value.state == ExportState::Running {
+            return Ok(());
+        }
+        let app = self
+            .exports_published
+            .iter()
+            .find(|(_, jobs)| jobs.contains(&value.job_id))
+            .map(|(app, _)| *app);
+        if let Some(app) = app {
+            tracing::info!(app = %app, job = %value.job_id, state = ?value.state, export = %value.remote_export, error = %value.error, "export of a scheduled snapshot ended");
+            self.exports_ended
+                .entry(app)
+                .or_default()
+                .insert(value.job_id);
+            self.sync_exports(app).await?;
+        }
+        Ok(())
+    }
+
     async fn on_live_result(&mut self, event: Event<DomainLiveOpStatus>) -> Result<(), AgentError> {
         let (Event::Create { value, .. } | Event::Modify { new: value, .. }) = event else {
             return Ok(());
@@ -876,6 +951,7 @@ impl AppManager {
                 }
             }
             self.sync_live_request(app).await?;
+            self.sync_exports(app).await?;
             let forgotten = was_ready && self.apps.get(&app).is_some_and(|s| !s.volumes_ready);
             if forgotten && self.volumes_ready(app) {
                 next = Some(Input::Volumes { ready: true });

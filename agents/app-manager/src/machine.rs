@@ -65,8 +65,8 @@ mod quiesce;
 pub mod restart;
 pub use groups::{coordinate, group_of};
 use groups::{group_abort, group_done, group_go};
-pub use policy::next_wakeup;
 use policy::{Which, on_tick, sync_schedule};
+pub use policy::{next_wakeup, scheduled_exports};
 pub use quiesce::{HookKind, HookRequest, QuiesceStage, SnapshotOutcome};
 pub use restart::{Failure, domain_restart_counter};
 

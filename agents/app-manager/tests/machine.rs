@@ -2817,3 +2817,58 @@ fn a_mistyped_field_of_a_snapshots_config_is_named_by_its_path() {
         "{text}"
     );
 }
+
+#[test]
+fn each_available_scheduled_snapshot_asks_for_its_export_when_the_policy_names_a_remote() {
+    let (mut world, _) = hourly_world(|p| {
+        p.export = Some(cairn_types::ScheduledExport {
+            remote: "backups".into(),
+            prefix: "site-a".into(),
+            full_every: 3,
+            keep_exports: 5,
+        });
+    });
+    assert!(cairn_app_manager::machine::scheduled_exports(&world.state).is_empty());
+    let first = world.tick_at(at("2026-01-01T01:00:00Z"));
+    let second = world.tick_at(at("2026-01-01T02:00:00Z"));
+    let asked = cairn_app_manager::machine::scheduled_exports(&world.state);
+    let snapshots: Vec<Uuid> = asked.iter().map(|c| c.snapshot_id).collect();
+    assert_eq!(snapshots, [first, second]);
+    let request = &asked[1];
+    assert_eq!(
+        request.job_id,
+        cairn_types::ScheduledExport::job_id(second),
+        "the same job whoever asks again"
+    );
+    assert_eq!(request.app_uuid, id(APP));
+    assert_eq!(
+        (request.remote.as_str(), request.remote_prefix.as_str()),
+        ("backups", "site-a")
+    );
+    assert!(request.incremental && request.once);
+    assert_eq!((request.full_every, request.keep_exports), (3, 5));
+
+    // A snapshot asked for by the config is not the schedule's to export.
+    let mut c = world.state.controller.clone();
+    c = with_snapshot(c, 7, SnapshotType::Immediate);
+    world.input(Input::Config(c));
+    assert_eq!(
+        cairn_app_manager::machine::scheduled_exports(&world.state).len(),
+        2
+    );
+    // Every export full: not incremental.
+    let (mut world, _) = hourly_world(|p| {
+        p.export = Some(cairn_types::ScheduledExport {
+            remote: "backups".into(),
+            full_every: 1,
+            ..Default::default()
+        });
+    });
+    world.tick_at(at("2026-01-01T01:00:00Z"));
+    let asked = cairn_app_manager::machine::scheduled_exports(&world.state);
+    assert!(!asked[0].incremental);
+    // No export in the policy: nothing asked.
+    let (mut world, _) = hourly_world(|_| {});
+    world.tick_at(at("2026-01-01T01:00:00Z"));
+    assert!(cairn_app_manager::machine::scheduled_exports(&world.state).is_empty());
+}

@@ -7,7 +7,8 @@ use std::time::Duration;
 use cairn_pubsub::{Access, Bus, BusError, Publication, PublishOptions, Topic};
 use cairn_types::{
     AppInstanceConfig, BaseOsConfig, ConfigItemValueMap, ConfigSource, ContentTreeConfig,
-    DeviceStatus, EdgeviewConfig, ErrorDescription, ErrorSeverity, RemoteConfig, VolumeConfig,
+    DeviceStatus, EdgeviewConfig, ErrorDescription, ErrorSeverity, ExportConfig, RemoteConfig,
+    VolumeConfig,
 };
 use chrono::Utc;
 
@@ -24,6 +25,8 @@ pub struct Publications {
     pub items: Publication<ConfigItemValueMap>,
     /// Object-store remotes (issue 22), for the volume-manager's exports.
     pub remotes: Publication<RemoteConfig>,
+    /// Exports of snapshots the config asks for, for the volume-manager.
+    pub exports: Publication<ExportConfig>,
     /// EdgeView's token and policies, for the edgeview agent (absent: EdgeView off).
     pub edgeview: Publication<EdgeviewConfig>,
     /// The base OS to run (EVE's `baseos`), for the baseos-manager.
@@ -50,6 +53,7 @@ impl Publications {
             content_trees: bus.publish(PublishOptions::for_requests()).await?,
             items: bus.publish(PublishOptions::for_requests()).await?,
             remotes: bus.publish(PublishOptions::for_requests()).await?,
+            exports: bus.publish(PublishOptions::for_requests()).await?,
             edgeview: bus.publish(PublishOptions::for_requests()).await?,
             baseos: bus.publish(PublishOptions::for_requests()).await?,
             device: bus
@@ -74,6 +78,8 @@ impl Publications {
         replace(&self.content_trees, &config.content_trees).await?;
         replace(&self.volumes, &config.volumes).await?;
         replace(&self.apps, &config.apps).await?;
+        // After the remotes they name and the apps whose snapshots they export.
+        replace(&self.exports, &config.exports).await?;
         replace(&self.edgeview, config.edgeview.as_slice()).await?;
         // After the content trees: the bundle's tree is asked for before the request needs it.
         replace(&self.baseos, config.baseos.as_slice()).await?;
@@ -92,6 +98,7 @@ impl Publications {
         self.content_trees.signal_restarted().await?;
         self.volumes.signal_restarted().await?;
         self.apps.signal_restarted().await?;
+        self.exports.signal_restarted().await?;
         self.edgeview.signal_restarted().await?;
         self.baseos.signal_restarted().await?;
         self.device.signal_restarted().await

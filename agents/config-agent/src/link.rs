@@ -50,6 +50,8 @@ enum Wake {
     BaseOs,
     /// The edgeview agent's status: EVE's ZInfoEdgeview while a token is in force.
     Edgeview(Box<Event<cairn_types::EdgeviewStatus>>),
+    /// An export job's status: its app's report goes again.
+    Export(uuid::Uuid),
     Report,
     Metrics,
 }
@@ -68,6 +70,8 @@ pub async fn run(
     let mut domain_metrics = bus.subscribe::<DomainMetric>("domain-manager");
     let mut baseos = bus.subscribe::<cairn_types::BaseOsStatus>("baseos-manager");
     let mut edgeview = bus.subscribe::<cairn_types::EdgeviewStatus>("edgeview");
+    // Export jobs: each reported in its app's ZInfoApp.
+    let mut exports = bus.subscribe::<cairn_types::ExportStatus>("volume-manager");
     let mut queue = Queue::new(options.first_backoff, options.max_backoff);
     let mut state = State {
         status: DeviceStatus {
@@ -130,6 +134,11 @@ pub async fn run(
                 _ = domain_metrics.recv() => Wake::DomainMetric,
                 _ = baseos.recv() => Wake::BaseOs,
                 event = edgeview.recv() => Wake::Edgeview(Box::new(event)),
+                event = exports.recv() => match event {
+                    Event::Create { value, .. } | Event::Modify { new: value, .. } => Wake::Export(value.app_uuid),
+                    Event::Delete { last, .. } => Wake::Export(last.app_uuid),
+                    _ => Wake::Export(uuid::Uuid::nil()),
+                },
                 _ = sleep_until(next_metrics) => Wake::Metrics,
                 _ = sleep_until(report_due.unwrap_or_else(Instant::now)), if report_due.is_some() => Wake::Report,
             }
@@ -223,6 +232,12 @@ pub async fn run(
                 _ => {}
             },
             Wake::DomainMetric => {}
+            Wake::Export(app) => {
+                let key = app.to_string();
+                if let Some(status) = statuses.get(&key) {
+                    queue.put(key, Report::App(Some(status.clone())));
+                }
+            }
             Wake::Edgeview(event) => {
                 if let Event::Create { value, .. } | Event::Modify { new: value, .. } = *event
                     && value.active()
@@ -296,7 +311,8 @@ pub async fn run(
                                 Report::App(status) => {
                                     let volumes =
                                         state.volume_refs.get(&app).map_or(&[][..], Vec::as_slice);
-                                    report::app_info(device, &app, status.as_ref(), volumes)
+                                    let jobs = report::app_exports(exports.values(), &app);
+                                    report::app_info(device, &app, status.as_ref(), volumes, &jobs)
                                 }
                                 Report::Device(facts) => {
                                     report::device_info(device, (**facts).clone())

@@ -5,7 +5,8 @@
 //! those numbers; EVE skips them as unknown fields.
 
 pub use crate::eve::cairn::{
-    CairnClone, CairnDomain, CairnGroup, CairnQuiesce, CairnRemote, CairnRetention,
+    CairnClone, CairnDomain, CairnExportJob, CairnExportRequest, CairnGroup, CairnQuiesce,
+    CairnRemote, CairnRetention, CairnScheduledExport,
 };
 pub use crate::eve::org::lfedge::eve::auth::{AuthBody, AuthContainer};
 pub use crate::eve::org::lfedge::eve::certs::{ZCert, ZCertType, ZControllerCert};

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use cairn_types::{
     AppInstanceStatus, ContentTreeState, ContentTreeStatus, ErrorDescription, ErrorSeverity,
-    SnapshotInstanceStatus, SnapshotType, SwState, VolumeState, VolumeStatus,
+    ExportState, ExportStatus, SnapshotInstanceStatus, SnapshotType, SwState, VolumeState,
+    VolumeStatus,
 };
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
@@ -409,12 +410,13 @@ pub fn edgeview_info(device: uuid::Uuid, status: &cairn_types::EdgeviewStatus) -
 
 /// The info message for one app. `None` status: the app is gone (EVE sends the bare app id).
 /// `volume_refs`: the app's volume ids in the config in force (the app-manager's status does
-/// not carry them).
+/// not carry them). `exports`: the volume-manager's export jobs of the app.
 pub fn app_info(
     device: uuid::Uuid,
     app: &str,
     status: Option<&AppInstanceStatus>,
     volume_refs: &[String],
+    exports: &[&ExportStatus],
 ) -> ZInfoMsg {
     let mut info = ZInfoApp {
         app_id: app.to_string(),
@@ -446,6 +448,7 @@ pub fn app_info(
             )
             .map(snapshot_info)
             .collect();
+        info.cairn_exports = exports.iter().map(|job| export_job(job)).collect();
     }
     ZInfoMsg {
         ztype: ZInfoTypes::ZiApp as i32,
@@ -555,6 +558,51 @@ fn content_tree_state(state: ContentTreeState) -> ZSwState {
         ContentTreeState::Verified => ZSwState::Verified,
         ContentTreeState::Loading => ZSwState::Loading,
         ContentTreeState::Loaded => ZSwState::Delivered,
+    }
+}
+
+/// At most this many export jobs per app in its `ZInfoApp`: a schedule adds one per snapshot.
+pub const EXPORTS_REPORTED: usize = 16;
+
+/// App `app`'s export jobs to report: running ones first, then the latest to end.
+pub fn app_exports<'a>(
+    jobs: impl Iterator<Item = &'a ExportStatus>,
+    app: &str,
+) -> Vec<&'a ExportStatus> {
+    let mut mine: Vec<&ExportStatus> = jobs.filter(|j| j.app_uuid.to_string() == app).collect();
+    mine.sort_by_key(|j| {
+        (
+            j.state != ExportState::Running,
+            std::cmp::Reverse(j.finished),
+            j.job_id,
+        )
+    });
+    mine.truncate(EXPORTS_REPORTED);
+    mine
+}
+
+/// One export job as `ZInfoApp.cairn_exports` carries it.
+fn export_job(job: &ExportStatus) -> proto::CairnExportJob {
+    proto::CairnExportJob {
+        id: job.job_id.to_string(),
+        snapshot: job.snapshot_id.to_string(),
+        state: match job.state {
+            ExportState::Running => "RUNNING",
+            ExportState::Done => "DONE",
+            ExportState::Failed => "FAILED",
+            ExportState::Cancelled => "CANCELLED",
+        }
+        .to_string(),
+        bytes_done: job.bytes_done,
+        bytes_total: job.bytes_total,
+        bytes_uploaded: job.bytes_uploaded,
+        export: job.remote_export.clone(),
+        last_success: job
+            .finished
+            .filter(|_| job.state == ExportState::Done)
+            .map(timestamp),
+        error: job.error.clone(),
+        removed: job.removed_exports.clone(),
     }
 }
 
@@ -739,7 +787,7 @@ mod tests {
         };
         broken.restarts = 3;
         broken.last_failure = broken.error.clone();
-        let msg = app_info(uuid::Uuid::new_v4(), "a", Some(&broken), &[]);
+        let msg = app_info(uuid::Uuid::new_v4(), "a", Some(&broken), &[], &[]);
         let Some(InfoContent::Ainfo(app)) = msg.info_content else {
             panic!("an app info")
         };
@@ -753,6 +801,69 @@ mod tests {
     }
 
     #[test]
+    fn an_apps_export_jobs_are_reported_running_first_then_the_latest_ended_with_their_fields() {
+        let app = uuid::Uuid::new_v4();
+        let job = |n: u128, state: ExportState, minute: i64| ExportStatus {
+            job_id: uuid::Uuid::from_u128(n),
+            app_uuid: app,
+            state,
+            bytes_done: 10,
+            bytes_total: 20,
+            bytes_uploaded: 5,
+            remote_export: format!("backups:k/{n}"),
+            finished: (state != ExportState::Running)
+                .then(|| DateTime::from_timestamp(minute * 60, 0).unwrap_or_default()),
+            error: if state == ExportState::Failed {
+                "remote backups: access denied".into()
+            } else {
+                String::new()
+            },
+            ..ExportStatus::default()
+        };
+        let mut jobs = vec![
+            job(1, ExportState::Done, 1),
+            job(2, ExportState::Failed, 2),
+            job(3, ExportState::Running, 0),
+            ExportStatus {
+                app_uuid: uuid::Uuid::new_v4(),
+                ..job(4, ExportState::Done, 3)
+            },
+        ];
+        jobs.extend((10..40).map(|n| job(n, ExportState::Done, -(n as i64))));
+        let picked = app_exports(jobs.iter(), &app.to_string());
+        assert_eq!(picked.len(), EXPORTS_REPORTED);
+        let ids: Vec<u128> = picked.iter().take(3).map(|j| j.job_id.as_u128()).collect();
+        assert_eq!(
+            ids,
+            [3, 2, 1],
+            "running first, then the latest ended; not another app's"
+        );
+        let msg = app_info(
+            uuid::Uuid::new_v4(),
+            &app.to_string(),
+            Some(&status("1", "")),
+            &[],
+            &picked,
+        );
+        let Some(InfoContent::Ainfo(info)) = msg.info_content else {
+            panic!("an app info")
+        };
+        let done = &info.cairn_exports[2];
+        assert_eq!(done.state, "DONE");
+        assert_eq!(
+            (done.bytes_done, done.bytes_total, done.bytes_uploaded),
+            (10, 20, 5)
+        );
+        assert_eq!(done.export, "backups:k/1");
+        assert_eq!(done.last_success.as_ref().map(|t| t.seconds), Some(60));
+        let failed = &info.cairn_exports[1];
+        assert_eq!(failed.state, "FAILED");
+        assert!(failed.last_success.is_none());
+        assert_eq!(failed.error, "remote backups: access denied");
+        assert_eq!(info.cairn_exports[0].state, "RUNNING");
+    }
+
+    #[test]
     fn available_and_failed_snapshots_are_reported_with_their_fields() {
         let device = uuid::Uuid::new_v4();
         let volume = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d".to_string();
@@ -761,6 +872,7 @@ mod tests {
             "a",
             Some(&status("2", "disk full")),
             std::slice::from_ref(&volume),
+            &[],
         );
         let Some(InfoContent::Ainfo(app)) = msg.info_content else {
             panic!("an app info")

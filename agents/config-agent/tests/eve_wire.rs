@@ -1122,6 +1122,13 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
             proceed_without_guest_agent: true,
         }),
         cairn_restart_policy: "on_failure".into(),
+        cairn_export_requests: vec![c::CairnExportRequest {
+            id: "77777777-8888-4777-8666-555555555555".into(),
+            snapshot: "s".into(),
+            remote: "backups".into(),
+            prefix: "site-a".into(),
+            incremental: true,
+        }],
         ..cairn_app(1)
     };
     eve_ignores_extensions(
@@ -1133,6 +1140,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
             "org.lfedge.eve.config.AppInstanceConfig#1002",
             "org.lfedge.eve.config.AppInstanceConfig#1003",
             "org.lfedge.eve.config.AppInstanceConfig#1004",
+            "org.lfedge.eve.config.AppInstanceConfig#1005",
         ],
     );
 
@@ -1171,12 +1179,18 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
         }),
         cairn_pattern: "auto-%Y%m%d".into(),
         cairn_schedule_mode: "live".into(),
+        cairn_export: Some(c::CairnScheduledExport {
+            remote: "backups".into(),
+            prefix: "site-a".into(),
+            full_every: 7,
+            keep_exports: 14,
+        }),
         ..cairn_snapshot_config()
     };
     eve_ignores_extensions(
         &policy,
         &eve_snapshot_config(),
-        &(1000..=1006)
+        &(1000..=1007)
             .map(|n| format!("org.lfedge.eve.config.SnapshotConfig#{n}"))
             .collect::<Vec<_>>()
             .iter()
@@ -1219,6 +1233,31 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
         ],
     );
 
+    let reported_app = c::ZInfoApp {
+        cairn_restarts: 2,
+        cairn_exports: vec![c::CairnExportJob {
+            id: "77777777-8888-4777-8666-555555555555".into(),
+            snapshot: "s".into(),
+            state: "DONE".into(),
+            bytes_done: 1 << 20,
+            bytes_total: 1 << 20,
+            bytes_uploaded: 4096,
+            export: "backups:fleet/dev-1/site-a/x".into(),
+            last_success: Some(cairn_ts(20)),
+            error: String::new(),
+            removed: vec!["fleet/dev-1/site-a/old".into()],
+        }],
+        ..cairn_info_app()
+    };
+    eve_ignores_extensions(
+        &reported_app,
+        &eve_info_app(false),
+        &[
+            "org.lfedge.eve.info.ZInfoApp#1000",
+            "org.lfedge.eve.info.ZInfoApp#1002",
+        ],
+    );
+
     // Nested inside the whole config, too.
     let config = c::EdgeDevConfig {
         apps: vec![app.clone(), app],
@@ -1250,7 +1289,7 @@ fn cairn_extensions_are_unknown_fields_to_eve() {
     );
     let mut unknown = vec!["org.lfedge.eve.config.EdgeDevConfig#1000".to_string()];
     for i in 0..2 {
-        for n in 1000..=1004 {
+        for n in 1000..=1005 {
             unknown.push(format!("org.lfedge.eve.config.EdgeDevConfig.apps[{i}]#{n}"));
         }
     }

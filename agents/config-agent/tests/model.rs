@@ -1184,3 +1184,102 @@ fn a_volume_from_an_export_at_a_remote_names_a_configured_remote_and_a_key() {
     ))));
     assert_eq!(e.path, "volumes[0].from_export", "{e}");
 }
+
+#[test]
+fn export_requests_and_scheduled_exports_come_alike_from_either_source_and_name_a_configured_remote()
+ {
+    let remote = r#"{"id": "backups", "endpoint": "https://s3.example:9000", "bucket": "fleet",
+        "credentials_file": "s3.json"}"#;
+    let job = "77777777-8888-4777-8666-555555555555";
+    let text = |request_remote: &str, policy_remote: &str| {
+        with_remotes(local(""), &format!("[{remote}]"))
+            .replacen(
+                r#""snapshot": {"max_snapshots": 2, "snapshots": []}"#,
+                &format!(
+                    r#""snapshot": {{"max_snapshots": 2, "snapshots": [], "schedule": "@daily",
+                        "export": {{"remote": "{policy_remote}", "prefix": "site-a",
+                                    "full_every": 7, "keep_exports": 14}}}},
+                       "export_requests": [{{"id": "{job}", "snapshot": "{SNAP1}",
+                           "remote": "{request_remote}", "prefix": "/by-hand/", "incremental": true}}]"#
+                ),
+                1,
+            )
+    };
+    let file = from_local_json(&text("backups", "backups")).unwrap();
+    let export = file.apps[0]
+        .snapshot
+        .policy
+        .as_ref()
+        .and_then(|p| p.export.clone())
+        .unwrap();
+    assert_eq!(
+        export,
+        cairn_types::ScheduledExport {
+            remote: "backups".into(),
+            prefix: "site-a".into(),
+            full_every: 7,
+            keep_exports: 14,
+        }
+    );
+    assert_eq!(file.exports.len(), 1);
+    let request = &file.exports[0];
+    assert_eq!(request.job_id.to_string(), job);
+    assert_eq!(request.snapshot_id.to_string(), SNAP1);
+    assert_eq!(request.app_uuid.to_string(), APP);
+    assert_eq!(
+        (request.remote.as_str(), request.remote_prefix.as_str()),
+        ("backups", "by-hand")
+    );
+    assert!(request.incremental && request.once);
+
+    // The controller's extension fields give the same, through the wire.
+    let mut edge = proto_config(&[]);
+    edge.cairn_remotes.push(proto::CairnRemote {
+        id: "backups".into(),
+        endpoint: "https://s3.example:9000".into(),
+        bucket: "fleet".into(),
+        credentials_file: "s3.json".into(),
+        ..Default::default()
+    });
+    let app = &mut edge.apps[0];
+    if let Some(s) = app.snapshot.as_mut() {
+        s.cairn_schedule = "@daily".into();
+        s.cairn_export = Some(proto::CairnScheduledExport {
+            remote: "backups".into(),
+            prefix: "site-a".into(),
+            full_every: 7,
+            keep_exports: 14,
+        });
+    }
+    app.cairn_export_requests.push(proto::CairnExportRequest {
+        id: job.into(),
+        snapshot: SNAP1.into(),
+        remote: "backups".into(),
+        prefix: "/by-hand/".into(),
+        incremental: true,
+    });
+    let decoded = proto::EdgeDevConfig::decode(edge.encode_to_vec().as_slice()).unwrap();
+    let controller = from_proto(&decoded).unwrap();
+    assert_eq!(controller.exports, file.exports);
+    assert_eq!(
+        controller.apps[0].snapshot.policy,
+        file.apps[0].snapshot.policy
+    );
+
+    // A remote not in the config is refused, named, in either place and either source.
+    let e = err(from_local_json(&text("elsewhere", "backups")));
+    assert_eq!(e.path, "apps[0].export_requests[0].remote", "{e}");
+    assert!(e.to_string().contains("remote elsewhere"), "{e}");
+    let e = err(from_local_json(&text("backups", "nowhere")));
+    assert_eq!(e.path, "apps[0].snapshot.export.remote", "{e}");
+    assert!(e.to_string().contains("remote nowhere"), "{e}");
+    edge.apps[0].cairn_export_requests[0].remote = "elsewhere".into();
+    let e = err(from_proto(&edge));
+    assert_eq!(e.path, "apps[0].cairn_export_requests[0].remote", "{e}");
+    assert!(e.to_string().contains("remote elsewhere"), "{e}");
+    // A key prefix that climbs out is refused too.
+    let e = err(from_local_json(
+        &text("backups", "backups").replace("/by-hand/", "a/../b"),
+    ));
+    assert_eq!(e.path, "apps[0].export_requests[0].prefix", "{e}");
+}

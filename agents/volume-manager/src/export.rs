@@ -28,10 +28,12 @@ pub mod bitmap;
 pub mod import;
 mod job;
 pub mod restore;
+pub mod retention;
 pub mod tree;
 pub mod verify;
 
 pub use job::{ExportJobs, JobSource};
+pub use retention::CRASH_MID_RETENTION;
 pub use verify::{VerifyError, verify_export};
 
 /// Crash point: after the first volume file of an export is written, before the manifest.

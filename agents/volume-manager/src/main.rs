@@ -159,9 +159,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("publishing ExportStatus")?;
     let mut export_configs = bus.subscribe::<ExportConfig>("cli");
+    // Export requests in force: the config's (local file or controller) and the schedule's.
+    let mut config_exports = bus.subscribe::<ExportConfig>("config-agent");
+    let mut scheduled_exports = bus.subscribe::<ExportConfig>("app-manager");
+    // Those whose remote's config has not arrived yet (both come from the same config, on
+    // two topics), or whose snapshot is not taken yet: started when it is there.
+    let mut waiting_for_remote: Vec<ExportConfig> = Vec::new();
     // The object-store remotes exports may go to.
     let mut remotes = bus.subscribe::<cairn_types::RemoteConfig>("config-agent");
     let (mut exports, mut export_updates) = ExportJobs::open(&persist_dir).await;
+    exports.remember(export_statuses.values());
     tracing::info!(persist = %persist_dir.display(), records = manager.records().count(), parallel, "volume-manager started");
 
     // Snapshot requests wait until the volumes are known.
@@ -255,6 +262,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             done = manager.operation_done(), if manager.operations_running() => {
                 let actions = manager.complete(done).await;
                 outputs.apply(actions).await;
+                // A snapshot taken: the standing exports that waited for it start.
+                for config in std::mem::take(&mut waiting_for_remote) {
+                    let event = Event::Create {
+                        key: config.job_id.to_string(),
+                        value: config,
+                    };
+                    standing_export(event, &manager, &remotes, &mut exports, &mut waiting_for_remote);
+                }
             }
             event = app_holds.recv() => {
                 let actions = match event {
@@ -282,15 +297,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Event::Delete { key, .. } => exports.handle_config_delete(&key),
                 _ => {}
             },
+            event = config_exports.recv() => {
+                standing_export(event, &manager, &remotes, &mut exports, &mut waiting_for_remote);
+            }
+            event = scheduled_exports.recv() => {
+                standing_export(event, &manager, &remotes, &mut exports, &mut waiting_for_remote);
+            }
             event = remotes.recv() => {
                 if let Event::Create { value, .. } | Event::Modify { new: value, .. } = event {
                     exports.handle_remote(&value);
+                    let (ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut waiting_for_remote)
+                        .into_iter()
+                        .partition(|c| c.remote == value.id);
+                    waiting_for_remote = still;
+                    for config in ready {
+                        let mut source = export_source(&manager, &config);
+                        source.remote = Some(value.clone());
+                        exports.handle_config(config, source);
+                    }
                     let actions = manager.handle_remote(value).await;
                     outputs.apply(actions).await;
                 }
             }
-            Some(status) = export_updates.recv() => {
-                exports.note(&status);
+            Some(mut status) = export_updates.recv() => {
+                exports.note(&mut status);
                 if let Err(e) = export_statuses.publish(status).await {
                     tracing::error!("publishing ExportStatus: {e}");
                 }
@@ -316,6 +346,45 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("volume-manager stopping");
     Ok(())
+}
+
+/// An export request that stays in force (the config's or the schedule's): started once its
+/// remote is known; withdrawn, cancelled if it runs.
+fn standing_export(
+    event: Event<ExportConfig>,
+    manager: &VolumeManager,
+    remotes: &cairn_pubsub::Subscription<cairn_types::RemoteConfig>,
+    exports: &mut ExportJobs,
+    waiting: &mut Vec<ExportConfig>,
+) {
+    match event {
+        Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+            waiting.retain(|c| c.job_id != value.job_id);
+            let remote = remotes.get(&value.remote).cloned();
+            if remote.is_none() && !value.remote.is_empty() && !value.cancel {
+                tracing::info!(job = %value.job_id, remote = %value.remote, "export waits for its remote's config");
+                waiting.push(value);
+                return;
+            }
+            // The config asks before the app-manager has taken the snapshot: wait for it.
+            let taken = manager
+                .record(value.snapshot_id)
+                .is_some_and(|r| !r.is_in_progress());
+            if !taken && !value.cancel {
+                tracing::info!(job = %value.job_id, snapshot = %value.snapshot_id, "export waits for its snapshot");
+                waiting.push(value);
+                return;
+            }
+            let mut source = export_source(manager, &value);
+            source.remote = remote;
+            exports.handle_config(value, source);
+        }
+        Event::Delete { key, .. } => {
+            waiting.retain(|c| c.job_id.to_string() != key);
+            exports.handle_config_delete(&key);
+        }
+        _ => {}
+    }
 }
 
 /// The snapshot record and volume names an export job needs, from the manager's state.

@@ -6,13 +6,14 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cairn_objstore::seaweedfs::{SECRET_KEY, SeaweedFs};
 use cairn_pubsub::{Bus, Publication, PublishOptions};
 use cairn_types::RemoteConfig;
-use cairn_types::export::{ExportState, MANIFEST_FILE};
+use cairn_types::export::{ExportKind, ExportState, MANIFEST_FILE};
 use cairn_types::volume::{VolumeFormat, VolumeOrigin, VolumeState};
 use common::exports::*;
 use common::*;
@@ -366,6 +367,193 @@ async fn a_cancelled_upload_leaves_no_object_and_no_open_upload() {
         server.multipart_uploads(BUCKET)
     );
     assert!(server.keys(BUCKET).is_empty(), "{:?}", server.keys(BUCKET));
+    nothing_left_locally(&h.persist);
+}
+
+/// Plays the requests that stay in force (the config-agent's export requests; the
+/// app-manager's for scheduled snapshots are the same message): published as `config-agent`.
+async fn standing_requests(h: &Harness) -> Publication<cairn_types::ExportConfig> {
+    Bus::new("config-agent", &h.run, &h.persist)
+        .publish(PublishOptions::for_requests())
+        .await
+        .unwrap()
+}
+
+/// A standing export request of `snapshot` as a schedule asks it: incremental, a full export
+/// every `full_every`, the newest `keep` kept, once per snapshot.
+fn standing(snapshot: uuid::Uuid, full_every: u32, keep: u32) -> cairn_types::ExportConfig {
+    cairn_types::ExportConfig {
+        job_id: uuid::Uuid::new_v4(),
+        snapshot_id: snapshot,
+        remote: "backups".into(),
+        remote_prefix: "site-a".into(),
+        incremental: true,
+        full_every,
+        keep_exports: keep,
+        once: true,
+        ..cairn_types::ExportConfig::default()
+    }
+}
+
+/// The export directories (names) with a manifest under `site-a`, and those without.
+fn exports_in_bucket(server: &SeaweedFs) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut dirs = BTreeSet::new();
+    let mut complete = BTreeSet::new();
+    for key in server.keys(BUCKET) {
+        let Some(rest) = key.strip_prefix(&format!("{PREFIX}/site-a/")) else {
+            continue;
+        };
+        let (dir, file) = rest.split_once('/').unwrap();
+        dirs.insert(dir.to_string());
+        if file == MANIFEST_FILE {
+            complete.insert(dir.to_string());
+        }
+    }
+    let partial = dirs.difference(&complete).cloned().collect();
+    (complete, partial)
+}
+
+fn dir_of(status: &cairn_types::export::ExportStatus) -> String {
+    status.remote_export.rsplit('/').next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_exports_go_full_then_incremental_and_retention_keeps_every_base_a_kept_export_needs()
+ {
+    let (server, mut h, _remotes) = device_with_backups().await;
+    let _agent = h.agent(None);
+    let mut cli = Cli::new(&h).await;
+    let requests = standing_requests(&h).await;
+    let (config, file) = volume_with_data(&mut h, 64, 8).await;
+    // A full export every 2, keep 1: e1 full, e2 over e1, e3 full, e4 over e3.
+    let mut done = Vec::new();
+    for n in 1..=4u64 {
+        sh(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("write -P {n} {}M 1M", 16 + n),
+                file.to_str().unwrap(),
+            ],
+        );
+        let id = snapshot(&mut h, &config, n).await;
+        let request = standing(id, 2, 1);
+        requests.publish(request.clone()).await.unwrap();
+        let end = cli
+            .wait(request.job_id, |s| s.state != ExportState::Running)
+            .await;
+        assert_eq!(end.state, ExportState::Done, "export {n}: {}", end.error);
+        assert!(end.error.is_empty(), "export {n}: {}", end.error);
+        assert!(end.finished.is_some(), "export {n}: no end time");
+        done.push(end);
+    }
+    let kinds: Vec<ExportKind> = done.iter().map(|d| d.volumes[0].kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ExportKind::Full,
+            ExportKind::Incremental,
+            ExportKind::Full,
+            ExportKind::Incremental
+        ],
+        "{:?}",
+        done.iter().map(|d| &d.volumes).collect::<Vec<_>>()
+    );
+    assert!(
+        done[2].volumes[0]
+            .fallback_reason
+            .contains("a full export every 2"),
+        "{:?}",
+        done[2].volumes[0]
+    );
+    let dirs: Vec<String> = done.iter().map(dir_of).collect();
+    // After e2 (keep 1): e2 is kept and its base e1 with it.
+    assert!(done[1].removed_exports.is_empty(), "{:?}", done[1]);
+    // After e3: e3 is a chain of its own; e1 ← e2 is needed by no kept export and goes, the
+    // incremental before its base.
+    let removed: Vec<String> = done[2]
+        .removed_exports
+        .iter()
+        .map(|k| k.rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert_eq!(removed, [dirs[1].clone(), dirs[0].clone()]);
+    // After e4: e4 kept with its base e3.
+    assert!(done[3].removed_exports.is_empty(), "{:?}", done[3]);
+    let (complete, partial) = exports_in_bucket(&server);
+    assert_eq!(complete, BTreeSet::from([dirs[2].clone(), dirs[3].clone()]));
+    assert!(partial.is_empty(), "{partial:?}");
+
+    // The request stays in force: published again (as after a restart) it writes nothing.
+    let before = server.keys(BUCKET);
+    let mut again = standing(done[3].snapshot_id, 2, 1);
+    again.job_id = uuid::Uuid::new_v4();
+    requests.publish(again.clone()).await.unwrap();
+    let end = cli
+        .wait(again.job_id, |s| s.state != ExportState::Running)
+        .await;
+    assert_eq!(end.state, ExportState::Done, "{}", end.error);
+    assert_eq!(end.remote_export, done[3].remote_export);
+    assert_eq!(end.bytes_uploaded, 0);
+    assert_eq!(server.keys(BUCKET), before);
+
+    // The kept chain restores the newest snapshot exactly.
+    let local = h.root.path().join("downloaded");
+    for dir in [&dirs[2], &dirs[3]] {
+        download(&server, &format!("{PREFIX}/site-a/{dir}"), &local.join(dir));
+    }
+    cairn_volume_manager::export::verify_export(&local.join(&dirs[3]), &mut |_, _| true).unwrap();
+    nothing_left_locally(&h.persist);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_killed_between_manifest_and_files_leaves_no_complete_looking_export_and_finishes_after_restart()
+ {
+    let (server, mut h, _remotes) = device_with_backups().await;
+    let mut agent = h.agent(Some(cairn_volume_manager::export::CRASH_MID_RETENTION));
+    let mut cli = Cli::new(&h).await;
+    let requests = standing_requests(&h).await;
+    let (config, _) = volume_with_data(&mut h, 64, 8).await;
+    // Every export full, keep 1: the second export's retention deletes the first.
+    let first = snapshot(&mut h, &config, 1).await;
+    let request = standing(first, 1, 1);
+    requests.publish(request.clone()).await.unwrap();
+    let e1 = cli
+        .wait(request.job_id, |s| s.state != ExportState::Running)
+        .await;
+    assert_eq!(e1.state, ExportState::Done, "{}", e1.error);
+    let second = snapshot(&mut h, &config, 2).await;
+    let request = standing(second, 1, 1);
+    requests.publish(request.clone()).await.unwrap();
+    agent.wait_killed(Duration::from_secs(120));
+
+    // Killed after the first export's manifest went, before its files: it no longer looks
+    // complete; the second is whole.
+    let (complete, partial) = exports_in_bucket(&server);
+    assert_eq!(complete.len(), 1, "{complete:?}");
+    assert_eq!(partial, BTreeSet::from([dir_of(&e1)]), "{partial:?}");
+    assert!(!complete.contains(&dir_of(&e1)));
+
+    // Restarted, the request (still in force) finds its export done and the retention ends.
+    drop(agent);
+    let _agent = h.agent(None);
+    let end = cli
+        .wait(request.job_id, |s| {
+            s.state != ExportState::Running && !s.remote_export.is_empty()
+        })
+        .await;
+    assert_eq!(end.state, ExportState::Done, "{}", end.error);
+    let removed: Vec<String> = end
+        .removed_exports
+        .iter()
+        .map(|k| k.rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert_eq!(removed, [dir_of(&e1)]);
+    let (complete, partial) = exports_in_bucket(&server);
+    assert_eq!(complete, BTreeSet::from([dir_of(&end)]));
+    assert!(partial.is_empty(), "{partial:?}");
+    assert!(server.multipart_uploads(BUCKET).is_empty());
     nothing_left_locally(&h.persist);
 }
 

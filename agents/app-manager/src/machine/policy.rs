@@ -334,3 +334,30 @@ fn take_scheduled(
     trigger(state, id, now);
     enforce_max(state);
 }
+
+/// The export requests the app's policy asks for: one per available scheduled snapshot when the
+/// policy names a remote (incremental over the previous export, a full one every
+/// `full_every`, the bucket's retention with it). `once`: a request published again after a
+/// restart finds its export done and writes nothing.
+pub fn scheduled_exports(state: &AppState) -> Vec<cairn_types::ExportConfig> {
+    state
+        .snapshots
+        .iter()
+        .filter(|r| r.scheduled && r.state == SnapshotState::Available)
+        .filter_map(|r| {
+            let export = state.policy_for(r)?.export.as_ref()?;
+            Some(cairn_types::ExportConfig {
+                job_id: cairn_types::ScheduledExport::job_id(r.id()),
+                snapshot_id: r.id(),
+                app_uuid: state.app,
+                remote: export.remote.clone(),
+                remote_prefix: export.prefix.clone(),
+                incremental: export.full_every != 1,
+                full_every: export.full_every,
+                keep_exports: export.keep_exports,
+                once: true,
+                ..Default::default()
+            })
+        })
+        .collect()
+}

@@ -22,8 +22,22 @@ use super::{ConfigError, DeviceConfig};
 pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigError> {
     let mut apps = Vec::new();
     let mut clones = Vec::new();
+    let mut exports = Vec::new();
     for (i, app) in config.apps.iter().enumerate() {
-        apps.push(proto_app(app, &format!("apps[{i}]"))?);
+        let made = proto_app(app, &format!("apps[{i}]"))?;
+        for (j, request) in app.cairn_export_requests.iter().enumerate() {
+            let at = format!("apps[{i}].cairn_export_requests[{j}]");
+            let text = super::remotes::ExportRequestText {
+                id: parse_uuid(&request.id, &format!("{at}.id"))?,
+                snapshot: parse_uuid(&request.snapshot, &format!("{at}.snapshot"))?,
+                remote: &request.remote,
+                prefix: &request.prefix,
+                incremental: request.incremental,
+            };
+            let export = super::remotes::export_request(made.uuid_and_version.uuid, text, &at)?;
+            exports.push((at, export));
+        }
+        apps.push(made);
         if let Some(clone) = &app.cairn_clone {
             let at = format!("apps[{i}].cairn_clone");
             clones.push(CloneSpec {
@@ -106,8 +120,22 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
                 encryption_key_file: r.encryption_key_file.clone().into(),
             })
             .collect(),
+        exports: Vec::new(),
     };
     super::remotes::check_remotes(&config.remotes, "cairn_remotes")?;
+    let policies: Vec<(String, &cairn_types::ScheduledExport)> = config
+        .apps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            let export = a.snapshot.policy.as_ref()?.export.as_ref()?;
+            Some((format!("apps[{i}].snapshot.cairn_export.remote"), export))
+        })
+        .collect();
+    let requests: Vec<(String, &cairn_types::ExportConfig)> =
+        exports.iter().map(|(at, e)| (at.clone(), e)).collect();
+    super::remotes::check_export_remotes(&config.remotes, &requests, &policies, "cairn_remotes")?;
+    config.exports = exports.into_iter().map(|(_, e)| e).collect();
     crate::container::image_volumes_are_dirs(&mut config);
     mark_unusable_volumes(&mut config);
     validate(&config)?;
@@ -137,6 +165,7 @@ fn proto_group(group: &proto::CairnGroup, path: &str) -> Result<ConsistencyGroup
             pattern: &group.pattern,
             // A group snapshot stops its members (they meet at stop barriers).
             mode: cairn_types::SnapshotMode::Stopped,
+            export: None,
         },
         path,
     )?;
@@ -157,6 +186,8 @@ pub(super) struct PolicyText<'a> {
     pub(super) retention: Retention,
     pub(super) pattern: &'a str,
     pub(super) mode: cairn_types::SnapshotMode,
+    /// Checked by the source (its remote against the config's remotes).
+    pub(super) export: Option<cairn_types::ScheduledExport>,
 }
 
 /// Checks every part of a policy, naming the field at fault.
@@ -186,6 +217,7 @@ pub(super) fn policy(
         expiry_seconds,
         retention: text.retention,
         pattern: text.pattern.to_string(),
+        export: text.export,
     };
     Ok((policy != SnapshotPolicy::default()).then(|| Box::new(policy)))
 }
@@ -309,6 +341,16 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
                         &snapshot.cairn_schedule_mode,
                         &format!("{path}.snapshot.cairn_schedule_mode"),
                     )?,
+                    export: match &snapshot.cairn_export {
+                        None => None,
+                        Some(e) => Some(super::remotes::scheduled_export(
+                            &e.remote,
+                            &e.prefix,
+                            e.full_every,
+                            e.keep_exports,
+                            &format!("{path}.snapshot.cairn_export"),
+                        )?),
+                    },
                 },
                 &format!("{path}.snapshot"),
             )?,

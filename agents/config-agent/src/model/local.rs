@@ -16,7 +16,9 @@ use uuid::Uuid;
 use super::clones::{CloneSpec, apply_clones};
 use super::controller::{PolicyText, expiry, policy};
 use super::groups::apply_groups;
-use super::remotes::check_remotes;
+use super::remotes::{
+    ExportRequestText, check_export_remotes, check_remotes, export_request, scheduled_export,
+};
 use super::validate::{mark_unusable_volumes, restart_policy, validate};
 use super::{ConfigError, DeviceConfig};
 
@@ -249,6 +251,35 @@ struct LocalApp {
     /// EVE's `start_delay_in_seconds`: wait this long after the device comes up.
     #[serde(default)]
     start_delay_in_seconds: u32,
+    /// Exports of the app's snapshots to object-store remotes, each run once.
+    #[serde(default)]
+    export_requests: Vec<LocalExportRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalExportRequest {
+    /// Names the job (a UUID); a new id asks again.
+    id: Uuid,
+    snapshot: Uuid,
+    remote: String,
+    #[serde(default)]
+    prefix: String,
+    #[serde(default)]
+    incremental: bool,
+}
+
+/// Each scheduled snapshot exported to a remote.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalScheduledExport {
+    remote: String,
+    #[serde(default)]
+    prefix: String,
+    #[serde(default)]
+    full_every: u32,
+    #[serde(default)]
+    keep_exports: u32,
 }
 
 /// Quiesce hooks: each an argv (`["/usr/bin/flush", "--all"]`) or a shell command string
@@ -318,6 +349,8 @@ struct LocalSnapshotConfig {
     retention: LocalRetention,
     #[serde(default)]
     pattern: String,
+    /// Each scheduled snapshot exported to a remote.
+    export: Option<LocalScheduledExport>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -534,6 +567,20 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
             })
         })
         .collect();
+    let mut exports = Vec::new();
+    for (i, app) in local.apps.iter().enumerate() {
+        for (j, request) in app.export_requests.iter().enumerate() {
+            let at = format!("apps[{i}].export_requests[{j}]");
+            let text = ExportRequestText {
+                id: request.id,
+                snapshot: request.snapshot,
+                remote: &request.remote,
+                prefix: &request.prefix,
+                incremental: request.incremental,
+            };
+            exports.push((at.clone(), export_request(app.uuid, text, &at)?));
+        }
+    }
     let mut config = DeviceConfig {
         apps: local
             .apps
@@ -597,6 +644,7 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
                 encryption_key_file: r.encryption_key_file,
             })
             .collect(),
+        exports: Vec::new(),
         edgeview: local.edgeview.map(|ev| cairn_types::EdgeviewConfig {
             jw_token: ev.token,
             disp_cert_pem: ev.disp_cert_pem,
@@ -615,6 +663,19 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
         }),
     };
     check_remotes(&config.remotes, "remotes")?;
+    let policies: Vec<(String, &cairn_types::ScheduledExport)> = config
+        .apps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            let export = a.snapshot.policy.as_ref()?.export.as_ref()?;
+            Some((format!("apps[{i}].snapshot.export.remote"), export))
+        })
+        .collect();
+    let requests: Vec<(String, &cairn_types::ExportConfig)> =
+        exports.iter().map(|(at, e)| (at.clone(), e)).collect();
+    check_export_remotes(&config.remotes, &requests, &policies, "remotes")?;
+    config.exports = exports.into_iter().map(|(_, e)| e).collect();
     config.baseos = local.baseos.map(|b| {
         super::baseos_config(
             &b.content_tree_uuid,
@@ -649,6 +710,7 @@ fn local_group(group: LocalGroup, path: &str) -> Result<ConsistencyGroup, Config
             pattern: &group.pattern,
             // A group snapshot stops its members (they meet at stop barriers).
             mode: cairn_types::SnapshotMode::Stopped,
+            export: None,
         },
         path,
     )?;
@@ -695,6 +757,16 @@ fn local_app(app: LocalApp, path: &str) -> Result<AppInstanceConfig, ConfigError
             retention: local_retention(r),
             pattern: &app.snapshot.pattern,
             mode: app.snapshot.schedule_mode,
+            export: match &app.snapshot.export {
+                None => None,
+                Some(e) => Some(scheduled_export(
+                    &e.remote,
+                    &e.prefix,
+                    e.full_every,
+                    e.keep_exports,
+                    &format!("{path}.snapshot.export"),
+                )?),
+            },
         },
         &format!("{path}.snapshot"),
     )?;

@@ -13,7 +13,8 @@
 use std::collections::BTreeMap;
 
 use cairn_types::{
-    AppInstanceConfig, BaseOsConfig, ContentTreeConfig, EdgeviewConfig, RemoteConfig, VolumeConfig,
+    AppInstanceConfig, BaseOsConfig, ContentTreeConfig, EdgeviewConfig, ExportConfig, RemoteConfig,
+    VolumeConfig,
 };
 
 mod clones;
@@ -40,6 +41,8 @@ pub struct DeviceConfig {
     pub shutdown_counter: Option<u32>,
     /// Object-store remotes exports may go to.
     pub remotes: Vec<RemoteConfig>,
+    /// Exports of snapshots the config asks for (each app's `export_requests`), run once each.
+    pub exports: Vec<ExportConfig>,
     /// EdgeView (EVE `EdgeDevConfig.edgeview`), for the edgeview agent. Its token is checked
     /// there, as EVE checks it outside the config parse: a bad token refuses EdgeView only.
     /// The signing certificate and device UUID are the link's, filled in when put in force.

@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 
-use cairn_types::RemoteConfig;
+use cairn_types::{ExportConfig, RemoteConfig, ScheduledExport};
+use uuid::Uuid;
 
 use super::ConfigError;
 
@@ -48,6 +49,135 @@ pub(super) fn check_remotes(remotes: &[RemoteConfig], list: &str) -> Result<(), 
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// A remote an export names must be one of the config's (`list` is their name in the source).
+pub(super) fn check_named_remote(
+    remotes: &[RemoteConfig],
+    id: &str,
+    path: &str,
+    what: &str,
+    list: &str,
+) -> Result<(), ConfigError> {
+    if remotes.iter().any(|r| r.id == id) {
+        return Ok(());
+    }
+    Err(ConfigError::at(
+        path,
+        if id.is_empty() {
+            format!("{what} names no remote")
+        } else {
+            format!("{what} names remote {id}, which is not configured (not in {list})")
+        },
+    ))
+}
+
+/// A scheduled export as either source gives it: a remote id is required, a prefix is a key.
+pub(super) fn scheduled_export(
+    remote: &str,
+    prefix: &str,
+    full_every: u32,
+    keep_exports: u32,
+    path: &str,
+) -> Result<ScheduledExport, ConfigError> {
+    if remote.trim().is_empty() {
+        return Err(ConfigError::at(
+            format!("{path}.remote"),
+            "the scheduled export names no remote",
+        ));
+    }
+    check_prefix(prefix, &format!("{path}.prefix"))?;
+    Ok(ScheduledExport {
+        remote: remote.trim().to_string(),
+        prefix: prefix.trim_matches('/').to_string(),
+        full_every,
+        keep_exports,
+    })
+}
+
+/// A key prefix: no empty, `.` or `..` segment (a device never writes outside its prefix).
+fn check_prefix(prefix: &str, path: &str) -> Result<(), ConfigError> {
+    let trimmed = prefix.trim_matches('/');
+    if !trimmed.is_empty()
+        && trimmed
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err(ConfigError::at(
+            path,
+            format!("prefix {prefix:?} has an empty, '.' or '..' part"),
+        ));
+    }
+    Ok(())
+}
+
+/// The text of one export request, as either source gives it.
+pub(super) struct ExportRequestText<'a> {
+    pub(super) id: Uuid,
+    pub(super) snapshot: Uuid,
+    pub(super) remote: &'a str,
+    pub(super) prefix: &'a str,
+    pub(super) incremental: bool,
+}
+
+/// An app's export request as the bus request the volume-manager runs (once: a snapshot
+/// already exported under the prefix is not exported again after a restart).
+pub(super) fn export_request(
+    app: Uuid,
+    text: ExportRequestText<'_>,
+    path: &str,
+) -> Result<ExportConfig, ConfigError> {
+    if text.id.is_nil() {
+        return Err(ConfigError::at(
+            format!("{path}.id"),
+            "an export request needs an id (a UUID naming the job)",
+        ));
+    }
+    check_prefix(text.prefix, &format!("{path}.prefix"))?;
+    Ok(ExportConfig {
+        job_id: text.id,
+        snapshot_id: text.snapshot,
+        app_uuid: app,
+        remote: text.remote.trim().to_string(),
+        remote_prefix: text.prefix.trim_matches('/').to_string(),
+        incremental: text.incremental,
+        once: true,
+        ..ExportConfig::default()
+    })
+}
+
+/// Every remote an export names (a request, an app's scheduled export) is configured; job ids
+/// are unique. `requests`: each request with its path; `policies`: each app's scheduled
+/// export with the path of its `remote` field.
+pub(super) fn check_export_remotes(
+    remotes: &[RemoteConfig],
+    requests: &[(String, &ExportConfig)],
+    policies: &[(String, &ScheduledExport)],
+    list: &str,
+) -> Result<(), ConfigError> {
+    let mut ids = HashMap::new();
+    for (path, request) in requests {
+        check_named_remote(
+            remotes,
+            &request.remote,
+            &format!("{path}.remote"),
+            &format!("the export request {}", request.job_id),
+            list,
+        )?;
+        if let Some(first) = ids.insert(request.job_id, path) {
+            return Err(ConfigError::at(
+                format!("{path}.id"),
+                format!(
+                    "export request {} appears twice (also {first})",
+                    request.job_id
+                ),
+            ));
+        }
+    }
+    for (path, export) in policies {
+        check_named_remote(remotes, &export.remote, path, "the scheduled export", list)?;
     }
     Ok(())
 }

@@ -118,6 +118,9 @@ enum JobError {
     Failed(String),
     #[error("cancelled")]
     Cancelled,
+    /// A standing request for a snapshot older than the app's newest export: not exported.
+    #[error("{0}")]
+    Superseded(String),
 }
 
 impl ExportJobs {
@@ -204,9 +207,11 @@ impl ExportJobs {
         }
     }
 
-    /// Notes a status the bus is about to publish; a final one ends the job.
-    pub fn note(&mut self, status: &ExportStatus) {
+    /// Notes a status the bus is about to publish; a final one ends the job (and gets its
+    /// end time).
+    pub fn note(&mut self, status: &mut ExportStatus) {
         if status.state != ExportState::Running {
+            status.finished.get_or_insert_with(chrono::Utc::now);
             self.running.remove(&status.job_id);
             self.settling.remove(&status.job_id);
             tracing::info!(job = %status.job_id, state = ?status.state, dir = %status.export_dir.display(), error = %status.error, "export job ended");
@@ -216,6 +221,16 @@ impl ExportJobs {
 
     pub fn is_running(&self) -> bool {
         !self.running.is_empty()
+    }
+
+    /// The statuses a previous process published (the bus kept them): their jobs ended and
+    /// are not run again when their requests, still in force, come again.
+    pub fn remember(&mut self, statuses: impl IntoIterator<Item = ExportStatus>) {
+        for status in statuses {
+            if status.state != ExportState::Running {
+                self.finished.entry(status.job_id).or_insert(status);
+            }
+        }
     }
 
     /// A remote's config (new or changed): exports to it a previous process left unfinished
@@ -441,6 +456,9 @@ async fn run_job(
             .await;
             progress.status.remote_export =
                 remote.as_ref().map(RemoteTarget::shown).unwrap_or_default();
+            if let Some(target) = &remote {
+                keep_exports(persist, &config, &target.remote, &mut progress.status).await;
+            }
             Ok(())
         }
         (Ok(Some(final_dir)), Some(dir)) => {
@@ -465,7 +483,7 @@ async fn run_job(
         Ok(()) => status.state = ExportState::Done,
         Err(e) => {
             status.state = match e {
-                JobError::Cancelled => ExportState::Cancelled,
+                JobError::Cancelled | JobError::Superseded(_) => ExportState::Cancelled,
                 _ => ExportState::Failed,
             };
             status.error = e.to_string();
@@ -674,6 +692,36 @@ async fn export(
     };
     let snapshot_time = record.time_created;
 
+    // A request that stays in force, replayed after a restart: done if its export is there.
+    if let (true, Some(remote)) = (config.once, &remote) {
+        let listed = super::retention::list(remote, &config.remote_prefix, app)
+            .await
+            .map_err(JobError::Failed)?;
+        if let Some(done) = listed
+            .iter()
+            .find(|l| l.complete.is_some() && l.snapshot == snapshot)
+        {
+            let key = join_key(&[&config.remote_prefix, &done.dir]);
+            progress.status.remote_export = format!("{}:{}", remote.id, remote.full_key(&key));
+            tracing::info!(job = %config.job_id, export = %progress.status.remote_export, "snapshot already exported: nothing to write");
+            // A retention a kill interrupted after the export is finished now.
+            keep_exports(persist, config, remote, &mut progress.status).await;
+            return Ok(None);
+        }
+        // Its export may be gone by retention (a schedule's request published again after a
+        // reboot): an export of a newer snapshot is there, so this one is not made again.
+        if let Some(newer) = listed.iter().find(|l| {
+            l.complete.is_some()
+                && matches!((l.snapshot_time, snapshot_time), (Some(t), Some(mine)) if t > mine)
+        }) {
+            return Err(JobError::Superseded(format!(
+                "not exported: snapshot {snapshot} is older than the export {} already at {} (a request kept in force is not made again once a newer export is there)",
+                newer.dir,
+                remote.full_key(&config.remote_prefix)
+            )));
+        }
+    }
+
     // Leftovers of this app's interrupted jobs on this target go first (only this app's: a
     // share may hold other devices' exports in progress).
     let target_clone = target.clone();
@@ -693,6 +741,25 @@ async fn export(
             .unwrap_or_else(|e| Err(format!("looking for a base export: {e}")))
     } else {
         Err(String::new())
+    };
+    // A full export every `full_every`: the base's chain is long enough already.
+    let base = match (base, &remote) {
+        (Ok((dir, manifest, sha)), Some(remote)) if config.full_every > 0 => {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            super::retention::check_chain(
+                remote,
+                &config.remote_prefix,
+                &name,
+                &manifest,
+                config.full_every,
+            )
+            .await
+            .map(|()| (dir, manifest, sha))
+        }
+        (base, _) => base,
     };
 
     let mut plans = Vec::new();
@@ -1118,6 +1185,38 @@ async fn upload_volume(
     tokio::fs::remove_file(local)
         .await
         .map_err(|e| format!("removing the spooled {}: {e}", local.display()))
+}
+
+/// After a complete export to a remote: retention of the app's exports under the prefix. Its
+/// failure does not undo the export (it is complete); the status says what was not removed.
+async fn keep_exports(
+    persist: &Path,
+    config: &ExportConfig,
+    remote: &Remote,
+    status: &mut ExportStatus,
+) {
+    if config.keep_exports == 0 {
+        return;
+    }
+    match super::retention::apply(
+        persist,
+        remote,
+        &config.remote_prefix,
+        status.app_uuid,
+        config.job_id,
+        config.keep_exports,
+    )
+    .await
+    {
+        Ok(removed) => status.removed_exports = removed,
+        Err(e) => {
+            tracing::warn!(job = %config.job_id, "retention of exports at {}: {e}", remote.id);
+            status.error = format!(
+                "the export is complete, but retention (keep {}) at remote {} did not finish: {e}; it is tried again after the next export",
+                config.keep_exports, remote.id
+            );
+        }
+    }
 }
 
 /// The newest complete export of `app` under `prefix` of the remote from a snapshot older
