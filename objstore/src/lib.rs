@@ -18,6 +18,7 @@ use object_store::{
 };
 use tokio::io::AsyncReadExt;
 
+pub mod crypt;
 #[cfg(feature = "seaweedfs")]
 pub mod seaweedfs;
 
@@ -25,6 +26,8 @@ pub mod seaweedfs;
 pub const PART_SIZE: usize = 8 << 20;
 /// Parts of one upload sent at once (memory: this many parts).
 pub const PARTS_IN_FLIGHT: usize = 3;
+/// Ciphertext gathered before it is opened on the blocking pool (one hand-off per batch).
+const OPEN_BATCH: usize = 1 << 20;
 /// How long an upload step is retried while the server is unreachable or failing (5xx): the
 /// client's own retries give up within seconds when connections are refused, shorter than a
 /// server restart.
@@ -48,6 +51,11 @@ pub enum ErrorKind {
     Denied,
     /// The bucket or the object does not exist.
     NotFound,
+    /// An encrypted object was sealed with another key than the remote's.
+    WrongKey,
+    /// An object fails authentication (tampered, truncated, damaged), or its encryption is not
+    /// what the remote's configuration says.
+    Damaged,
     Other,
 }
 
@@ -77,29 +85,57 @@ pub struct Remote {
     secrets: Arc<[String]>,
     /// When a request last found the server unreachable or failing.
     last_outage: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// The client-side encryption key (see [`crypt`]); `None`: objects are stored as they are.
+    key: Option<crypt::Key>,
+    /// The key's file, for messages.
+    key_file: String,
 }
 
 /// The credentials file of `config`: a relative name is taken under `<persist>/config/`, an
 /// absolute one must be there.
 pub fn credentials_path(config: &RemoteConfig, persist: &Path) -> Result<PathBuf, RemoteError> {
+    config_file_path(
+        config,
+        persist,
+        "credentials file",
+        &config.credentials_file,
+    )
+}
+
+/// The encryption key file of `config` (same rules as the credentials file); `None` when none
+/// is configured.
+pub fn key_path(config: &RemoteConfig, persist: &Path) -> Result<Option<PathBuf>, RemoteError> {
+    if config.encryption_key_file.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    config_file_path(
+        config,
+        persist,
+        "encryption key file",
+        &config.encryption_key_file,
+    )
+    .map(Some)
+}
+
+fn config_file_path(
+    config: &RemoteConfig,
+    persist: &Path,
+    what: &str,
+    file: &Path,
+) -> Result<PathBuf, RemoteError> {
     let dir = persist.join("config");
-    let file = &config.credentials_file;
     if file.as_os_str().is_empty() {
-        return Err(config_error(config, "no credentials file configured"));
+        return Err(config_error(config, format!("no {what} configured")));
     }
     let path = if file.is_absolute() {
-        file.clone()
+        file.to_path_buf()
     } else {
         dir.join(file)
     };
     if !path.starts_with(&dir) || path.components().any(|c| c.as_os_str() == "..") {
         return Err(config_error(
             config,
-            format!(
-                "credentials file {} is not under {}",
-                path.display(),
-                dir.display()
-            ),
+            format!("{what} {} is not under {}", path.display(), dir.display()),
         ));
     }
     Ok(path)
@@ -113,36 +149,48 @@ fn config_error(config: &RemoteConfig, message: impl Into<String>) -> RemoteErro
     }
 }
 
-async fn read_credentials(
+/// The content of the secret file `path` (`what` for messages): refused unless it is a regular
+/// file of mode 0600 owned by root.
+async fn read_secret_file(
     config: &RemoteConfig,
-    persist: &Path,
-) -> Result<Credentials, RemoteError> {
+    path: &Path,
+    what: &str,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, RemoteError> {
     use std::os::unix::fs::MetadataExt;
-    let path = credentials_path(config, persist)?;
     let shown = path.display().to_string();
     let meta = tokio::fs::symlink_metadata(&path)
         .await
-        .map_err(|e| config_error(config, format!("credentials file {shown}: {e}")))?;
+        .map_err(|e| config_error(config, format!("{what} {shown}: {e}")))?;
     if !meta.is_file() {
         return Err(config_error(
             config,
-            format!("credentials file {shown} is not a regular file"),
+            format!("{what} {shown} is not a regular file"),
         ));
     }
-    // Anyone else able to read (or replace) it could take the fleet's backups.
+    // Anyone else able to read (or replace) it could take (or forge) the fleet's backups.
     if meta.mode() & 0o777 != 0o600 || meta.uid() != 0 {
         return Err(config_error(
             config,
             format!(
-                "credentials file {shown} is refused: it must be mode 0600 and owned by root (it is mode {:04o}, owner uid {})",
+                "{what} {shown} is refused: it must be mode 0600 and owned by root (it is mode {:04o}, owner uid {})",
                 meta.mode() & 0o7777,
                 meta.uid()
             ),
         ));
     }
-    let bytes = tokio::fs::read(&path)
+    tokio::fs::read(&path)
         .await
-        .map_err(|e| config_error(config, format!("credentials file {shown}: {e}")))?;
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| config_error(config, format!("{what} {shown}: {e}")))
+}
+
+async fn read_credentials(
+    config: &RemoteConfig,
+    persist: &Path,
+) -> Result<Credentials, RemoteError> {
+    let path = credentials_path(config, persist)?;
+    let shown = path.display().to_string();
+    let bytes = read_secret_file(config, &path, "credentials file").await?;
     // serde's message could quote the file's content: only its position is kept.
     serde_json::from_slice::<Credentials>(&bytes).map_err(|e| {
         config_error(
@@ -154,6 +202,21 @@ async fn read_credentials(
             ),
         )
     })
+}
+
+/// The remote's encryption key and its file's name, when one is configured.
+async fn read_key(
+    config: &RemoteConfig,
+    persist: &Path,
+) -> Result<Option<(crypt::Key, String)>, RemoteError> {
+    let Some(path) = key_path(config, persist)? else {
+        return Ok(None);
+    };
+    let shown = path.display().to_string();
+    let bytes = read_secret_file(config, &path, "encryption key file").await?;
+    crypt::Key::parse(&bytes)
+        .map(|key| Some((key, shown.clone())))
+        .map_err(|why| config_error(config, format!("encryption key file {shown}: {why}")))
 }
 
 /// Joins key parts with `/`, skipping empty ones and stray slashes.
@@ -176,6 +239,7 @@ impl Remote {
             return Err(config_error(config, "an endpoint and a bucket are needed"));
         }
         let credentials = read_credentials(config, persist).await?;
+        let key = read_key(config, persist).await?;
         let mut options = ClientOptions::new()
             .with_allow_http(config.endpoint.starts_with("http://"))
             .with_connect_timeout(Duration::from_secs(10))
@@ -247,7 +311,52 @@ impl Remote {
                 credentials.secret_access_key,
             ]),
             last_outage: Arc::default(),
+            key_file: key.as_ref().map(|(_, f)| f.clone()).unwrap_or_default(),
+            key: key.map(|(k, _)| k),
         })
+    }
+
+    /// An object that cannot be opened, named.
+    fn open_error(&self, key: &str, e: crypt::OpenError) -> RemoteError {
+        let kind = match e {
+            crypt::OpenError::WrongKey => ErrorKind::WrongKey,
+            _ => ErrorKind::Damaged,
+        };
+        let file = if kind == ErrorKind::WrongKey {
+            format!(" (key file {})", self.key_file)
+        } else {
+            String::new()
+        };
+        RemoteError {
+            remote: self.id.clone(),
+            kind,
+            message: format!(
+                "object {} in bucket {}: {e}{file}",
+                self.full_key(key),
+                self.bucket
+            ),
+        }
+    }
+
+    /// An encrypted object found by a remote with no key.
+    fn unexpected_ciphertext(&self, key: &str) -> RemoteError {
+        RemoteError {
+            remote: self.id.clone(),
+            kind: ErrorKind::Damaged,
+            message: format!(
+                "object {} in bucket {} is encrypted, but this remote has no encryption key file configured",
+                self.full_key(key),
+                self.bucket
+            ),
+        }
+    }
+
+    fn local_error(&self, message: String) -> RemoteError {
+        RemoteError {
+            remote: self.id.clone(),
+            kind: ErrorKind::Other,
+            message,
+        }
     }
 
     /// The full object key of `key` (relative to the remote's prefix).
@@ -356,8 +465,9 @@ impl Remote {
     }
 
     /// Sends the file at `local` as the parts of upload `upload_id` of `key`, read in
-    /// [`PART_SIZE`] pieces ([`PARTS_IN_FLIGHT`] at most in memory), and completes it; `progress` gets
-    /// the bytes sent so far. A failed upload is aborted. Returns the bytes sent.
+    /// [`PART_SIZE`] pieces ([`PARTS_IN_FLIGHT`] at most in memory; each sealed on the blocking
+    /// pool when the remote encrypts), and completes it; `progress` gets the bytes of the file
+    /// sent so far. A failed upload is aborted. Returns the file's bytes sent.
     pub async fn send_file(
         &self,
         local: &Path,
@@ -375,6 +485,14 @@ impl Remote {
                     kind: ErrorKind::Other,
                     message: format!("reading {}: {e}", local.display()),
                 })?;
+            let sealer = match &self.key {
+                Some(k) => {
+                    Some(Arc::new(k.sealer(key).map_err(|e| {
+                        self.local_error(format!("encrypting {key}: {e}"))
+                    })?))
+                }
+                None => None,
+            };
             let began = Instant::now();
             // Up to PARTS_IN_FLIGHT parts are sent at once (one TCP stream leaves a loopback
             // or LAN link half idle while the server writes); read in order, completed in order.
@@ -395,17 +513,39 @@ impl Remote {
                             message: format!("reading {}: {e}", local.display()),
                         })?;
                     read_all = n < PART_SIZE;
-                    if n > 0 || parts.is_empty() {
+                    // Encrypted, the short read always makes a part: it ends the stream (its
+                    // last chunk may be empty, its tag is not).
+                    if n > 0 || parts.is_empty() || sealer.is_some() {
                         let index = parts.len();
                         parts.push(None);
-                        let payload = PutPayload::from(Bytes::from(buf));
-                        let (path, id) = (&path, &id);
+                        let (path, id, sealer) = (&path, &id, sealer.clone());
+                        let last = read_all;
                         in_flight.push(async move {
-                            let part = self
-                                .retrying(&format!("uploading part {index} of {key}"), || {
+                            let part = async {
+                                let bytes = match sealer {
+                                    Some(sealer) => {
+                                        let first = (index * (PART_SIZE / crypt::CHUNK)) as u64;
+                                        tokio::task::spawn_blocking(move || {
+                                            sealer.seal(&buf, first, last)
+                                        })
+                                        .await
+                                        .map_err(|e| e.to_string())
+                                        .and_then(|sealed| sealed)
+                                        .map_err(|e| {
+                                            self.local_error(format!(
+                                                "encrypting part {index} of {key}: {e}"
+                                            ))
+                                        })?
+                                    }
+                                    None => buf,
+                                };
+                                let payload = PutPayload::from(Bytes::from(bytes));
+                                self.retrying(&format!("uploading part {index} of {key}"), || {
                                     self.store.put_part(path, id, index, payload.clone())
                                 })
-                                .await;
+                                .await
+                            }
+                            .await;
                             (index, n as u64, part)
                         });
                     }
@@ -466,9 +606,16 @@ impl Remote {
         }
     }
 
-    /// Writes a small object in one request.
+    /// Writes a small object in one request (sealed whole when the remote encrypts).
     pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), RemoteError> {
         let path = self.path(key);
+        let bytes = match &self.key {
+            Some(k) => k
+                .sealer(key)
+                .and_then(|sealer| sealer.seal_all(&bytes))
+                .map_err(|e| self.local_error(format!("encrypting {key}: {e}")))?,
+            None => bytes,
+        };
         let payload = PutPayload::from(bytes);
         self.retrying(&format!("writing {key}"), || {
             self.store.put(&path, payload.clone())
@@ -477,33 +624,36 @@ impl Remote {
         .map(drop)
     }
 
-    /// Reads a whole (small) object.
+    /// Reads a whole (small) object (opened, authenticated, when the remote encrypts).
     pub async fn get(&self, key: &str) -> Result<Bytes, RemoteError> {
         let path = self.path(key);
         let got = self
             .retrying(&format!("reading {key}"), || self.store.get(&path))
             .await?;
-        got.bytes()
+        let bytes = got
+            .bytes()
             .await
-            .map_err(|e| self.error(&format!("reading {key}"), e))
+            .map_err(|e| self.error(&format!("reading {key}"), e))?;
+        match &self.key {
+            Some(k) => crypt::open_all(k, key, &bytes)
+                .map(Bytes::from)
+                .map_err(|e| self.open_error(key, e)),
+            None if crypt::is_encrypted(&bytes) => Err(self.unexpected_ciphertext(key)),
+            None => Ok(bytes),
+        }
     }
 
-    /// Streams an object into `out` chunk by chunk; returns its size.
+    /// Streams an object's content into `out` chunk by chunk; returns its size.
     pub async fn download(
         &self,
         key: &str,
         out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
     ) -> Result<u64, RemoteError> {
         use tokio::io::AsyncWriteExt;
-        let got = self
-            .store
-            .get(&self.path(key))
-            .await
-            .map_err(|e| self.error(&format!("reading {key}"), e))?;
-        let mut stream = got.into_stream();
+        let mut stream = self.read_stream(key).await?;
         let mut size = 0u64;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.error(&format!("reading {key}"), e))?;
+            let chunk = chunk?;
             out.write_all(&chunk).await.map_err(|e| RemoteError {
                 remote: self.id.clone(),
                 kind: ErrorKind::Other,
@@ -515,7 +665,9 @@ impl Remote {
     }
 
     /// An object's content as a stream of chunks, as they arrive (a missing object is a
-    /// [`ErrorKind::NotFound`] error naming `key`).
+    /// [`ErrorKind::NotFound`] error naming `key`). When the remote encrypts, the chunks are
+    /// opened as they come (on the blocking pool, [`OPEN_BATCH`] at a time) and only what
+    /// authenticated is handed on; a fault ends the stream with an error naming the object.
     pub async fn read_stream(
         &self,
         key: &str,
@@ -526,11 +678,33 @@ impl Remote {
             .retrying(&format!("reading {key}"), || self.store.get(&path))
             .await?;
         let remote = self.clone();
-        let key = key.to_string();
-        Ok(got
+        let name = key.to_string();
+        let raw = got
             .into_stream()
-            .map(move |chunk| chunk.map_err(|e| remote.error(&format!("reading {key}"), e)))
-            .boxed())
+            .map(move |chunk| chunk.map_err(|e| remote.error(&format!("reading {name}"), e)))
+            .boxed();
+        let Some(k) = &self.key else {
+            // Without a key, an encrypted object is refused at its first bytes.
+            let remote = self.clone();
+            let name = key.to_string();
+            let mut first = true;
+            return Ok(raw
+                .map(move |chunk| {
+                    let chunk = chunk?;
+                    if std::mem::take(&mut first) && crypt::is_encrypted(&chunk) {
+                        return Err(remote.unexpected_ciphertext(&name));
+                    }
+                    Ok(chunk)
+                })
+                .boxed());
+        };
+        let state = Opening {
+            raw,
+            opener: Some(k.opener(key)),
+            remote: self.clone(),
+            key: key.to_string(),
+        };
+        Ok(futures_util::stream::try_unfold(state, Opening::next).boxed())
     }
 
     /// Whether an object exists.
@@ -594,6 +768,54 @@ impl Remote {
             }
         }
         Ok(objects.len())
+    }
+}
+
+/// An encrypted object being read: its ciphertext stream and the opener (gone at the end).
+struct Opening {
+    raw: futures_util::stream::BoxStream<'static, Result<Bytes, RemoteError>>,
+    opener: Option<crypt::Opener>,
+    remote: Remote,
+    key: String,
+}
+
+impl Opening {
+    /// The next plaintext that authenticated, or `None` after the last chunk.
+    async fn next(mut self) -> Result<Option<(Bytes, Self)>, RemoteError> {
+        loop {
+            let Some(mut opener) = self.opener.take() else {
+                return Ok(None);
+            };
+            let mut batch = Vec::with_capacity(OPEN_BATCH);
+            let mut ended = false;
+            while batch.len() < OPEN_BATCH {
+                match self.raw.next().await {
+                    Some(chunk) => batch.extend_from_slice(&chunk?),
+                    None => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+            let opened = tokio::task::spawn_blocking(move || {
+                let mut out = opener.push(&batch)?;
+                if ended {
+                    out.extend(opener.finish()?);
+                    return Ok((None, out));
+                }
+                Ok((Some(opener), out))
+            })
+            .await
+            .map_err(|e| {
+                self.remote
+                    .local_error(format!("opening {}: {e}", self.key))
+            })?;
+            let (opener, out) = opened.map_err(|e| self.remote.open_error(&self.key, e))?;
+            self.opener = opener;
+            if !out.is_empty() {
+                return Ok(Some((Bytes::from(out), self)));
+            }
+        }
     }
 }
 
