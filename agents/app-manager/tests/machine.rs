@@ -2849,7 +2849,7 @@ fn each_available_scheduled_snapshot_asks_for_its_export_when_the_policy_names_a
     assert_eq!((request.full_every, request.keep_exports), (3, 5));
 
     // A snapshot asked for by the config is not the schedule's to export.
-    let mut c = world.state.controller.clone();
+    let mut c = (*world.state.controller).clone();
     c = with_snapshot(c, 7, SnapshotType::Immediate);
     world.input(Input::Config(c));
     assert_eq!(

@@ -83,6 +83,10 @@ pub async fn run(roots: &Roots, request: JobRequest, json: bool) -> anyhow::Resu
         cancel: false,
         remote,
         remote_prefix,
+        // A job asked by hand: no chain limit, no retention, run even if done before.
+        full_every: 0,
+        keep_exports: 0,
+        once: false,
     };
     let key = config.job_id.to_string();
     let mut statuses = bus.subscribe::<ExportStatus>("volume-manager");
