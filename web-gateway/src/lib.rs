@@ -267,8 +267,34 @@ fn follow_changes(roots: &Roots) -> watch::Receiver<u64> {
     spawn_follow(bus.notice::<DomainStatus>("domain-manager"), tx.clone());
     // Export progress and downloads move on the page too.
     spawn_follow(bus.notice::<ExportStatus>("volume-manager"), tx.clone());
-    spawn_follow(bus.notice::<ContentTreeStatus>("downloader"), tx);
+    spawn_follow(bus.notice::<ContentTreeStatus>("downloader"), tx.clone());
+    spawn_persist_watch(roots.persist.clone(), tx);
     rx
+}
+
+/// How often the server looks whether `<persist>` turned read-only or full: no agent publishes
+/// that (none can record it), and an open page must show it.
+const PERSIST_LOOK: Duration = Duration::from_secs(2);
+
+/// Bumps the counter when `<persist>`'s fault comes or goes (one `statvfs` per look).
+fn spawn_persist_watch(persist: PathBuf, tx: Arc<watch::Sender<u64>>) {
+    tokio::spawn(async move {
+        let mut last: Option<String> = None;
+        loop {
+            let path = persist.clone();
+            let fault = tokio::task::spawn_blocking(move || readout::persist_fault(&path))
+                .await
+                .unwrap_or_default();
+            if fault != last {
+                tx.send_modify(|n| *n += 1);
+                last = fault;
+            }
+            if tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(PERSIST_LOOK).await;
+        }
+    });
 }
 
 fn spawn_follow<T: Topic>(
@@ -292,16 +318,30 @@ fn spawn_follow<T: Topic>(
     });
 }
 
-/// The device as `scope` may see it: a tenant sees its apps, the device and the agents, and no
-/// volumes or domains (they are not tenants' values), as on the socket and D-Bus.
+/// The device as `scope` may see it: a tenant sees its apps with their volumes, the device
+/// and the agents; no other app's volumes, no domains, no downloads (the images of every
+/// tenant), as on the socket and D-Bus, where a tenant reads its apps and the device only.
 pub fn scoped(mut view: DeviceView, scope: &Scope) -> DeviceView {
+    use cairn_readout::problems::About;
     if let Scope::Tenant(tenant) = scope {
         view.apps.retain(|app| &app.tenant == tenant);
-        view.volumes.clear();
+        let own: std::collections::HashSet<String> = view
+            .apps
+            .iter()
+            .flat_map(|app| readout::app_volumes(&view, app))
+            .map(VolumeStatus::key)
+            .collect();
+        view.volumes.retain(|v| own.contains(&v.key()));
         view.domains.clear();
+        view.content_trees.clear();
         // Exports of its own apps only (a job found after a restart names no app: hidden).
         let apps: Vec<_> = view.apps.iter().map(|a| a.uuid_and_version.uuid).collect();
         view.exports.retain(|job| apps.contains(&job.app_uuid));
+        let apps: Vec<String> = apps.iter().map(ToString::to_string).collect();
+        view.problems.retain(|p| match p.about {
+            About::Device | About::Persist => true,
+            _ => apps.contains(&p.app),
+        });
     }
     view
 }
