@@ -88,6 +88,8 @@ pub struct Web {
     failures: auth::Failures,
     changes: watch::Receiver<u64>,
     rendered: std::sync::Mutex<HashMap<(&'static str, Scope), Rendered>>,
+    /// Held while a body is rendered (see `cached`).
+    rendering: tokio::sync::Mutex<()>,
 }
 
 /// A body as last rendered for one route and scope. Pages are read far more often than the
@@ -239,6 +241,7 @@ pub async fn router(addr: SocketAddr, roots: Roots) -> Result<Router, WebError> 
         failures: auth::Failures::default(),
         changes,
         rendered: std::sync::Mutex::new(HashMap::new()),
+        rendering: tokio::sync::Mutex::new(()),
     });
     Ok(Router::new()
         .route("/", get(page_handler))
@@ -495,14 +498,26 @@ async fn cached<F>(
 where
     F: std::future::Future<Output = Result<(&'static str, Body), String>>,
 {
-    let changes = *web.changes.borrow();
     let key = (route, scope.clone());
-    let hit = {
+    let current = |changes: u64| {
         let rendered = web.rendered.lock().unwrap_or_else(|e| e.into_inner());
         rendered
             .get(&key)
             .filter(|r| r.changes == changes && r.at.elapsed() < RENDER_FOR)
             .map(|r| (r.content_type, r.gzip.clone(), r.len))
+    };
+    let mut changes = *web.changes.borrow();
+    let mut hit = current(changes);
+    // One rendering at a time: the pages that ask together after a change wait for it and
+    // share it, instead of each holding a device view and a body of its own at once.
+    let _turn = match hit {
+        Some(_) => None,
+        None => {
+            let turn = web.rendering.lock().await;
+            changes = *web.changes.borrow();
+            hit = current(changes);
+            Some(turn)
+        }
     };
     let (content_type, gzip, len) = match hit {
         Some(hit) => hit,
