@@ -455,7 +455,13 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
     }
     match &view.device {
         Some(d) => {
-            let or_none = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+            let or_none = |s: &str| {
+                if s.is_empty() {
+                    "-".to_string()
+                } else {
+                    s.to_string()
+                }
+            };
             println!(
                 "identity name {}  serial {}  machine serial {}  host {}  uuid {}",
                 or_none(&d.device_name),

@@ -285,7 +285,9 @@ fn a_non_loopback_bind_needs_tokens_and_each_tenant_sees_only_its_apps() {
         // Its app's volume on its card, with backend and size; none of the other tenant's.
         let volume = text_when(
             &browser,
-            &format!("section.app[data-app=\"pump\"] table.volumes tr[data-volume=\"{NORTH_VOLUME}\"]"),
+            &format!(
+                "section.app[data-app=\"pump\"] table.volumes tr[data-volume=\"{NORTH_VOLUME}\"]"
+            ),
             |t| t.contains("Ready"),
         )
         .await;
@@ -294,7 +296,10 @@ fn a_non_loopback_bind_needs_tokens_and_each_tenant_sees_only_its_apps() {
             "backend and size: {volume}"
         );
         let html = browser.source().await.unwrap();
-        assert!(!html.contains(SOUTH_VOLUME), "another tenant's volume shown");
+        assert!(
+            !html.contains(SOUTH_VOLUME),
+            "another tenant's volume shown"
+        );
         let body = text_when(&browser, "body", |_| true).await;
         assert!(!body.contains("valve"), "{body}");
         assert!(!body.contains(NORTH_TOKEN), "a token is never rendered");
@@ -878,7 +883,8 @@ fn the_page_names_the_device_and_shows_each_apps_kind_volumes_and_errors_with_wh
     );
     up.wait_status(Duration::from_secs(90), |v| {
         common::app(v, "kept").is_some_and(|a| a["State"] == common::RUNNING)
-            && common::app(v, "vm-app").is_some_and(|a| !a["Error"]["Error"].as_str().unwrap_or("").is_empty())
+            && common::app(v, "vm-app")
+                .is_some_and(|a| !a["Error"]["Error"].as_str().unwrap_or("").is_empty())
             && v["volumes"].as_array().is_some_and(|v| !v.is_empty())
     });
 
@@ -917,7 +923,10 @@ fn the_page_names_the_device_and_shows_each_apps_kind_volumes_and_errors_with_wh
         text.contains("name pump-station-7") && text.contains("serial SN-WEB-42"),
         "{text}"
     );
-    assert!(text.contains("error    app vm-app") && text.contains("  to do  "), "{text}");
+    assert!(
+        text.contains("error    app vm-app") && text.contains("  to do  "),
+        "{text}"
+    );
 
     let shots = screenshot_dir("identity");
     browse(|browser| async move {
@@ -940,15 +949,22 @@ fn the_page_names_the_device_and_shows_each_apps_kind_volumes_and_errors_with_wh
         // The volume on its app's card, with its backend and size.
         let volume = text_when(
             &browser,
-            &format!("section.app[data-app=\"kept\"] table.volumes tr[data-volume=\"{DATA_VOLUME}\"]"),
+            &format!(
+                "section.app[data-app=\"kept\"] table.volumes tr[data-volume=\"{DATA_VOLUME}\"]"
+            ),
             |t| t.contains("Ready"),
         )
         .await;
-        assert!(volume.contains("data") && volume.contains("of 1.0 MiB"), "{volume}");
+        assert!(
+            volume.contains("data") && volume.contains("of 1.0 MiB"),
+            "{volume}"
+        );
         // The VM's error with its time and what to do.
-        let problem = text_when(&browser, "section.app[data-app=\"vm-app\"] li.problem", |t| {
-            t.contains("What to do:")
-        })
+        let problem = text_when(
+            &browser,
+            "section.app[data-app=\"vm-app\"] li.problem",
+            |t| t.contains("What to do:"),
+        )
         .await;
         assert!(problem.contains("ago"), "its time: {problem}");
         std::fs::write(
@@ -995,7 +1011,10 @@ fn a_read_only_persist_shows_on_the_open_page_with_what_to_do() {
             .await
             .unwrap();
         wait_css(&browser, "#live.ok").await;
-        text_when(&browser, "section.app[data-app=\"kept\"]", |t| t.contains("RUNNING")).await;
+        text_when(&browser, "section.app[data-app=\"kept\"]", |t| {
+            t.contains("RUNNING")
+        })
+        .await;
         // A page that reloaded would lose this mark.
         browser
             .execute("window.cairnMark = 7", vec![])
@@ -1025,7 +1044,10 @@ fn a_read_only_persist_shows_on_the_open_page_with_what_to_do() {
             .await
             .unwrap();
         assert_eq!(mark, serde_json::json!(7), "the page was reloaded");
-        browser.execute("window.scrollTo(0, 0)", vec![]).await.unwrap();
+        browser
+            .execute("window.scrollTo(0, 0)", vec![])
+            .await
+            .unwrap();
         std::fs::write(
             shots.join("read-only-persist.png"),
             browser.screenshot().await.unwrap(),

@@ -100,7 +100,11 @@ pub fn what_to_do(about: About, error: &str, persist: &str) -> String {
     if lower.starts_with("read-only") {
         return read_only(persist);
     }
-    if has(&["deleting snapshot", "next deactivation", "waits for the app to stop"]) {
+    if has(&[
+        "deleting snapshot",
+        "next deactivation",
+        "waits for the app to stop",
+    ]) {
         return DELETION.into();
     }
     // A config's refusal names the config; a connection's refusal does not.
@@ -112,7 +116,11 @@ pub fn what_to_do(about: About, error: &str, persist: &str) -> String {
                 correct the path in the config; the device tries again by itself."
             .into();
     }
-    if has(&["permission denied", "os error 13", "operation not permitted"]) {
+    if has(&[
+        "permission denied",
+        "os error 13",
+        "operation not permitted",
+    ]) {
         return "The agent may not use the file the error names: check its owner and mode, and \
                 that nothing (chattr +i, a read-only bind mount, SELinux or AppArmor) locks it."
             .into();
