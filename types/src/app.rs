@@ -46,6 +46,9 @@ pub struct AppInstanceConfig {
     pub snapshot: SnapshotConfig,
     /// Cairn: how the app runs (EVE derives this from `FixedResources` and its images).
     pub domain: Option<DomainSpec>,
+    /// EVE's `FixedResources.virtualizationMode` by name (`HVM`, `PV`, `NOHYPER`), as the
+    /// controller gave it; empty from the local file, whose `kind` says it.
+    pub virtualization_mode: String,
     /// Cairn: the tenant the app belongs to; `""` is the default tenant. A technician admitted
     /// for some tenants only reads their apps and snapshots.
     pub tenant: String,
@@ -266,6 +269,16 @@ pub struct AppInstanceStatus {
     /// Cairn: the app's last unasked end or failed start, kept after it runs again; empty:
     /// none since the device knows the app.
     pub last_failure: ErrorDescription,
+    /// Cairn: how the app runs: `vm`, `container` or `process`; empty when it cannot run
+    /// as configured (see `error`).
+    pub domain_kind: String,
+    /// EVE's virtualization mode of the app (`VmMode` by name: `HVM`, `PV`, `NOHYPER` for a
+    /// container); empty for a process, which EVE has no mode for.
+    pub virtualization_mode: String,
+    /// The volumes the app uses, as its config lists them (EVE's `VolumeRefStatusList`, by
+    /// its identifying fields).
+    #[serde(rename = "VolumeRefStatusList", deserialize_with = "null_as_default")]
+    pub volume_refs: Vec<VolumeRefConfig>,
 }
 
 impl crate::Topic for AppInstanceConfig {

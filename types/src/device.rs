@@ -41,6 +41,18 @@ pub struct DeviceStatus {
     pub volumes: u32,
     /// The last refused config or failed contact; empty when the last attempt succeeded.
     pub last_error: ErrorDescription,
+    /// The device's name as the controller knows it (EVE's `EdgeDevConfig.device_name`), or
+    /// the local config's `device_name`; empty when the config in force names none.
+    pub device_name: String,
+    /// The serial number the device registers with (EVE's `ZRegisterMsg.serial`): the one
+    /// given at onboarding (`<persist>/config/serial`), else the machine's [`Self::product_serial`]
+    /// as EVE takes it; empty when neither is known.
+    pub serial: String,
+    /// The machine's own serial number from its firmware (DMI `product_serial`, EVE's
+    /// `ZInfoManufacturer.serialNumber`); empty where the machine has none or hides it.
+    pub product_serial: String,
+    /// The host name (EVE's `ZInfoDevice.HostName`).
+    pub host_name: String,
     /// The UUID the controller gave this device; empty before the first contact (or offline).
     #[serde(rename = "DeviceUUID")]
     pub device_uuid: String,

@@ -1,20 +1,26 @@
 //! The web read-out's cost, run by hand:
 //!
 //! ```sh
-//! cargo bench -p cairn-web --bench page
+//! cargo bench -p cairn-web --bench page --profile dev   # debug build, as the tests run
+//! cargo bench -p cairn-web --bench page                 # release build, as a device runs
 //! ```
 //!
 //! Real bus publications (this process publishes the status topics the page follows as the
-//! agents would, with 100 apps × 10 available snapshots; volumes, domains, exports and
-//! downloads empty), the real server on loopback, plain HTTP/1.1 clients.
+//! agents would, with 100 apps × 10 available snapshots, each with its record on disk under
+//! `<persist>/snapshots/`; volumes, domains, exports and downloads empty), the real server on
+//! loopback, plain HTTP/1.1 clients.
 //! Prints: render time of `/` and `/api/v1/status` (p50, p99 of 200 requests each, one client
 //! at a time, without and with `Accept-Encoding: gzip` as a browser sends it); the process RSS
-//! before the server, after serving those requests and with 20 pages holding their event
-//! streams open (and of it, the anonymous memory: the file-backed rest is the binary's code
-//! run for the first time); the CPU the process spends idle, in % of one core, with the page
-//! served and with the 20 pages open; change events delivered per second to those 20 pages
-//! while one app's status changes 10 times a second. Figures only: nothing here fails on
-//! timing.
+//! before the server, after serving those requests, and after 20 open pages followed 5 s of
+//! snapshot activity (and of it, the anonymous memory: the file-backed rest is the binary's
+//! code run for the first time); the CPU the process spends idle, in % of one core, with the
+//! page served and with the 20 pages open; the change events delivered per second to those 20
+//! pages, and the contents they fetched, while snapshots are taken: 5 a second, each
+//! requested (the app's status published with it), then taken (its record written, the
+//! status published with it available and the app's oldest snapshot gone, its record removed),
+//! as the app-manager does. Each page does what the page's script does: on an event it fetches
+//! `/content` again, one fetch at a time, events during a fetch making one more.
+//! Figures only: nothing here fails on timing.
 
 #![allow(clippy::unwrap_used)] // bench code: a failed unwrap is a failed run
 #![allow(clippy::expect_used)]
@@ -24,6 +30,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use std::sync::mpsc;
 
 use cairn_pubsub::{Bus, PublishOptions};
 use cairn_readout::readout::Roots;
@@ -40,6 +48,9 @@ const REQUESTS: usize = 200;
 const PAGES: usize = 20;
 
 const IDLE: Duration = Duration::from_secs(16);
+/// Snapshots taken per second during the activity, and for how long.
+const SNAPSHOTS_PER_SECOND: usize = 5;
+const ACTIVITY: Duration = Duration::from_secs(5);
 
 /// A field of `/proc/self/status`, in KiB.
 fn status_kib(field: &str) -> u64 {
@@ -79,31 +90,86 @@ fn idle_cpu_percent() -> f64 {
     (cpu_time() - cpu).as_secs_f64() / start.elapsed().as_secs_f64() * 100.0
 }
 
+fn app_uuid(n: usize) -> Uuid {
+    Uuid::from_u128(0xa000_0000 + n as u128)
+}
+
+/// Snapshot `s` of app `n`, taken.
+fn snapshot(n: usize, s: usize) -> SnapshotInstanceStatus {
+    let mut snapshot = SnapshotInstanceStatus {
+        snapshot: SnapshotDesc {
+            snapshot_id: Uuid::from_u128((n as u128) << 32 | s as u128),
+            name: format!("nightly-{s}"),
+            mode: SnapshotMode::Stopped,
+            ..Default::default()
+        },
+        app_instance_id: app_uuid(n),
+        time_triggered: Some(chrono::Utc::now()),
+        time_created: Some(chrono::Utc::now()),
+        ..Default::default()
+    };
+    snapshot.config_version.version = "1".into();
+    snapshot
+}
+
 fn app(n: usize) -> AppInstanceStatus {
-    let uuid = Uuid::from_u128(0xa000_0000 + n as u128);
     let mut status = AppInstanceStatus {
         display_name: format!("app-{n:03}"),
         state: SwState::Running,
         ..Default::default()
     };
-    status.uuid_and_version.uuid = uuid;
+    status.uuid_and_version.uuid = app_uuid(n);
     status.uuid_and_version.version = "1".into();
-    for s in 0..SNAPSHOTS {
-        let mut snapshot = SnapshotInstanceStatus {
-            snapshot: SnapshotDesc {
-                snapshot_id: Uuid::from_u128((n as u128) << 32 | s as u128),
-                name: format!("nightly-{s}"),
-                mode: SnapshotMode::Stopped,
-                ..Default::default()
-            },
-            app_instance_id: uuid,
-            time_created: Some(chrono::Utc::now()),
-            ..Default::default()
-        };
-        snapshot.config_version.version = "1".into();
-        status.snap_status.available_snapshots.push(snapshot);
-    }
+    status.snap_status.available_snapshots = (0..SNAPSHOTS).map(|s| snapshot(n, s)).collect();
     status
+}
+
+/// Where the app-manager keeps a snapshot's record.
+fn record_path(persist: &std::path::Path, s: &SnapshotInstanceStatus) -> std::path::PathBuf {
+    cairn_types::layout::snapshots_dir(persist)
+        .join(s.snapshot.snapshot_id.to_string())
+        .join(cairn_types::layout::SNAPSHOT_INSTANCE_STATUS_FILE)
+}
+
+// The publisher's file work runs on the bench's main thread (`block_on`), not on the
+// server's workers.
+#[allow(clippy::disallowed_methods)]
+fn write_record(persist: &std::path::Path, s: &SnapshotInstanceStatus) {
+    let path = record_path(persist, s);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    cairn_persist::store_unsynced(&path, s).unwrap();
+}
+
+#[allow(clippy::disallowed_methods)]
+fn remove_record(persist: &std::path::Path, s: &SnapshotInstanceStatus) {
+    let path = record_path(persist, s);
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}
+
+/// One open page: holds the event stream and, on each event, fetches `/content` again as the
+/// page's script does (one fetch at a time; events during a fetch make one more).
+fn open_page(addr: SocketAddr, events: Arc<AtomicU64>, fetches: Arc<AtomicU64>) {
+    let (tx, rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        write!(stream, "GET /api/v1/events HTTP/1.1\r\nHost: bench\r\n\r\n").unwrap();
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            if line == "event: change" {
+                events.fetch_add(1, Ordering::Relaxed);
+                if tx.send(()).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        while rx.recv().is_ok() {
+            while rx.try_recv().is_ok() {}
+            get(addr, "/content", "Accept-Encoding: gzip\r\n");
+            fetches.fetch_add(1, Ordering::Relaxed);
+        }
+    });
 }
 
 fn get(addr: SocketAddr, path: &str, extra: &str) -> usize {
@@ -144,7 +210,11 @@ fn main() {
             .await
             .unwrap();
         for n in 0..APPS {
-            apps.publish(app(n)).await.unwrap();
+            let status = app(n);
+            for s in &status.snap_status.available_snapshots {
+                write_record(&roots.persist, s);
+            }
+            apps.publish(status).await.unwrap();
         }
         // Every topic the page follows has its publisher, as on a device whose agents run.
         let volume_manager = Bus::new("volume-manager", &roots.run, &roots.persist);
@@ -220,43 +290,54 @@ fn main() {
     let served = rss_kib();
     let idle_served = idle_cpu_percent();
 
-    // 20 open pages, each counting the change events it receives.
-    let received = Arc::new(AtomicU64::new(0));
+    // 20 open pages, each counting the change events it receives and the contents it fetches.
+    let events = Arc::new(AtomicU64::new(0));
+    let fetches = Arc::new(AtomicU64::new(0));
     for _ in 0..PAGES {
-        let received = received.clone();
-        std::thread::spawn(move || {
-            let mut stream = TcpStream::connect(addr).unwrap();
-            write!(stream, "GET /api/v1/events HTTP/1.1\r\nHost: bench\r\n\r\n").unwrap();
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { return };
-                if line == "event: change" {
-                    received.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
+        open_page(addr, events.clone(), fetches.clone());
     }
     std::thread::sleep(Duration::from_millis(500));
     let (_device, apps, _others) = apps;
-    let seconds = 5;
+    let mut statuses: Vec<AppInstanceStatus> = (0..APPS).map(app).collect();
+    let taken = (ACTIVITY.as_secs() as usize) * SNAPSHOTS_PER_SECOND;
+    let step = Duration::from_secs(1) / (2 * SNAPSHOTS_PER_SECOND as u32);
     let start = Instant::now();
     runtime.block_on(async {
-        for tick in 0..seconds * 10 {
-            let mut changed = app(0);
-            changed.restarts = tick as u32;
-            apps.publish(changed).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        for t in 0..taken {
+            let n = t % APPS;
+            let next = SNAPSHOTS + t / APPS;
+            let status = &mut statuses[n];
+            // Requested: listed with the app's requests.
+            let mut new = snapshot(n, next);
+            new.time_created = None;
+            status.snap_status.requested_snapshots.push(new.clone());
+            apps.publish(status.clone()).await.unwrap();
+            tokio::time::sleep(step).await;
+            // Taken: its record written, available; the oldest rotated out, its record gone.
+            new.time_created = Some(chrono::Utc::now());
+            write_record(&roots.persist, &new);
+            status.snap_status.requested_snapshots.clear();
+            status.snap_status.available_snapshots.push(new);
+            let oldest = status.snap_status.available_snapshots.remove(0);
+            remove_record(&roots.persist, &oldest);
+            apps.publish(status.clone()).await.unwrap();
+            tokio::time::sleep(step).await;
         }
     });
     std::thread::sleep(Duration::from_millis(500));
     let elapsed = start.elapsed().as_secs_f64();
-    let events = received.load(Ordering::Relaxed);
+    let events = events.load(Ordering::Relaxed);
+    let fetches = fetches.load(Ordering::Relaxed);
     let pages_open = rss_kib();
     let idle_pages = idle_cpu_percent();
     println!(
-        "  events: {events} delivered to {PAGES} pages in {elapsed:.1} s of 10 changes/s \
-         ({:.0}/s in all, {:.1}/s per page)",
+        "  snapshot activity: {taken} snapshots in {elapsed:.1} s ({SNAPSHOTS_PER_SECOND}/s, \
+         {} status changes/s): {events} events delivered to {PAGES} pages \
+         ({:.1}/s per page, {:.0}/s in all), {fetches} contents fetched ({:.1}/s per page)",
+        2 * SNAPSHOTS_PER_SECOND,
+        events as f64 / elapsed / PAGES as f64,
         events as f64 / elapsed,
-        events as f64 / elapsed / PAGES as f64
+        fetches as f64 / elapsed / PAGES as f64
     );
     let grown = |(rss, anon): (u64, u64)| {
         format!(
@@ -266,7 +347,8 @@ fn main() {
         )
     };
     println!(
-        "  RSS: {} KiB before the server, {} after {requests} requests, {} with {PAGES} pages open",
+        "  RSS: {} KiB before the server, {} after {requests} requests, {} after {PAGES} pages \
+         followed the snapshot activity",
         before.0,
         grown(served),
         grown(pages_open)

@@ -88,6 +88,8 @@ pub struct Web {
     failures: auth::Failures,
     changes: watch::Receiver<u64>,
     rendered: std::sync::Mutex<HashMap<(&'static str, Scope), Rendered>>,
+    /// Held while a body is rendered (see `cached`).
+    rendering: tokio::sync::Mutex<()>,
 }
 
 /// A body as last rendered for one route and scope. Pages are read far more often than the
@@ -239,6 +241,7 @@ pub async fn router(addr: SocketAddr, roots: Roots) -> Result<Router, WebError> 
         failures: auth::Failures::default(),
         changes,
         rendered: std::sync::Mutex::new(HashMap::new()),
+        rendering: tokio::sync::Mutex::new(()),
     });
     Ok(Router::new()
         .route("/", get(page_handler))
@@ -267,8 +270,34 @@ fn follow_changes(roots: &Roots) -> watch::Receiver<u64> {
     spawn_follow(bus.notice::<DomainStatus>("domain-manager"), tx.clone());
     // Export progress and downloads move on the page too.
     spawn_follow(bus.notice::<ExportStatus>("volume-manager"), tx.clone());
-    spawn_follow(bus.notice::<ContentTreeStatus>("downloader"), tx);
+    spawn_follow(bus.notice::<ContentTreeStatus>("downloader"), tx.clone());
+    spawn_persist_watch(roots.persist.clone(), tx);
     rx
+}
+
+/// How often the server looks whether `<persist>` turned read-only or full: no agent publishes
+/// that (none can record it), and an open page must show it.
+const PERSIST_LOOK: Duration = Duration::from_secs(2);
+
+/// Bumps the counter when `<persist>`'s fault comes or goes (one `statvfs` per look).
+fn spawn_persist_watch(persist: PathBuf, tx: Arc<watch::Sender<u64>>) {
+    tokio::spawn(async move {
+        let mut last: Option<String> = None;
+        loop {
+            let path = persist.clone();
+            let fault = tokio::task::spawn_blocking(move || readout::persist_fault(&path))
+                .await
+                .unwrap_or_default();
+            if fault != last {
+                tx.send_modify(|n| *n += 1);
+                last = fault;
+            }
+            if tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(PERSIST_LOOK).await;
+        }
+    });
 }
 
 fn spawn_follow<T: Topic>(
@@ -292,16 +321,30 @@ fn spawn_follow<T: Topic>(
     });
 }
 
-/// The device as `scope` may see it: a tenant sees its apps, the device and the agents, and no
-/// volumes or domains (they are not tenants' values), as on the socket and D-Bus.
+/// The device as `scope` may see it: a tenant sees its apps with their volumes, the device
+/// and the agents; no other app's volumes, no domains, no downloads (the images of every
+/// tenant), as on the socket and D-Bus, where a tenant reads its apps and the device only.
 pub fn scoped(mut view: DeviceView, scope: &Scope) -> DeviceView {
+    use cairn_readout::problems::About;
     if let Scope::Tenant(tenant) = scope {
         view.apps.retain(|app| &app.tenant == tenant);
-        view.volumes.clear();
+        let own: std::collections::HashSet<String> = view
+            .apps
+            .iter()
+            .flat_map(|app| readout::app_volumes(&view, app))
+            .map(VolumeStatus::key)
+            .collect();
+        view.volumes.retain(|v| own.contains(&v.key()));
         view.domains.clear();
+        view.content_trees.clear();
         // Exports of its own apps only (a job found after a restart names no app: hidden).
         let apps: Vec<_> = view.apps.iter().map(|a| a.uuid_and_version.uuid).collect();
         view.exports.retain(|job| apps.contains(&job.app_uuid));
+        let apps: Vec<String> = apps.iter().map(ToString::to_string).collect();
+        view.problems.retain(|p| match p.about {
+            About::Device | About::Persist => true,
+            _ => apps.contains(&p.app),
+        });
     }
     view
 }
@@ -455,14 +498,26 @@ async fn cached<F>(
 where
     F: std::future::Future<Output = Result<(&'static str, Body), String>>,
 {
-    let changes = *web.changes.borrow();
     let key = (route, scope.clone());
-    let hit = {
+    let current = |changes: u64| {
         let rendered = web.rendered.lock().unwrap_or_else(|e| e.into_inner());
         rendered
             .get(&key)
             .filter(|r| r.changes == changes && r.at.elapsed() < RENDER_FOR)
             .map(|r| (r.content_type, r.gzip.clone(), r.len))
+    };
+    let mut changes = *web.changes.borrow();
+    let mut hit = current(changes);
+    // One rendering at a time: the pages that ask together after a change wait for it and
+    // share it, instead of each holding a device view and a body of its own at once.
+    let _turn = match hit {
+        Some(_) => None,
+        None => {
+            let turn = web.rendering.lock().await;
+            changes = *web.changes.borrow();
+            hit = current(changes);
+            Some(turn)
+        }
     };
     let (content_type, gzip, len) = match hit {
         Some(hit) => hit,

@@ -2,9 +2,10 @@
 //! construction). States carry a colour and always their name; times are shown relative
 //! ("3 min ago") with the device's local time as the tooltip.
 
-use cairn_readout::readout::{DeviceView, SnapshotRow};
+use cairn_readout::problems::{About, Problem};
+use cairn_readout::readout::{DeviceView, SnapshotRow, app_volumes};
 use cairn_types::export::{ExportState, ExportStatus};
-use cairn_types::{AppInstanceStatus, SwState};
+use cairn_types::{AppInstanceStatus, SwState, VolumeStatus};
 use chrono::{DateTime, Local, NaiveDateTime, Utc};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
@@ -37,6 +38,9 @@ td.why{white-space:normal;min-width:12em}
 .err{color:#a0111f;margin:4px 0}
 .note{color:#555;font-size:13px}
 #live{font-size:13px}
+ul.problems{list-style:none;padding:0;margin:4px 0}
+li.problem{border-left:3px solid #a0111f;padding:2px 8px;margin:4px 0}
+.todo{font-size:14px;margin-top:2px}
 "#;
 
 /// Relative times and live updates: no build step, no library.
@@ -52,6 +56,14 @@ es.onerror=()=>{live.textContent='reconnecting';live.className='st warn';};
 rel();setInterval(rel,30000);
 "#;
 
+/// The name a technician knows the device by: the config's, else its host name.
+fn device_name(view: &DeviceView) -> Option<&str> {
+    let d = view.device.as_ref()?;
+    [d.device_name.as_str(), d.host_name.as_str()]
+        .into_iter()
+        .find(|n| !n.is_empty())
+}
+
 pub fn page(view: &DeviceView, rows: &[SnapshotRow], scope: &Scope, disk: Option<Disk>) -> Markup {
     html! {
         (DOCTYPE)
@@ -64,7 +76,7 @@ pub fn page(view: &DeviceView, rows: &[SnapshotRow], scope: &Scope, disk: Option
             }
             body {
                 header {
-                    h1 { "Cairn device" }
+                    h1 { "Cairn device" @if let Some(name) = device_name(view) { " " span #device-name { (name) } } }
                     small { "read-only · showing " (scope.describe()) }
                     span #live .st.idle { "connecting" }
                 }
@@ -86,13 +98,27 @@ pub fn content(
         main {
             (device(view, disk))
             (agents(view))
+            @let device_problems: Vec<&Problem> = view.problems.iter().filter(|p| p.app.is_empty()).collect();
+            @if !device_problems.is_empty() {
+                section.wide #problems {
+                    h2 { "Last errors" }
+                    (problem_list(&device_problems))
+                }
+            }
             @if view.apps.is_empty() {
                 section.wide { h2 { "Apps" } p.note { "No apps " (match scope { Scope::Device => "on this device".to_string(), s => format!("of {}", s.describe()) }) "." } }
             }
             @for app in &view.apps {
                 (app_card(view, app, rows))
             }
-            @if !view.volumes.is_empty() { (volumes(view)) }
+            @let loose: Vec<&VolumeStatus> = view.volumes.iter().filter(|v| !view.apps.iter().any(|a| app_volumes(view, a).iter().any(|u| u.key() == v.key()))).collect();
+            @if !loose.is_empty() {
+                section.wide #volumes {
+                    h2 { "Volumes of no app" }
+                    p.note { "Volumes no app shown here uses: pending deletion, or not referenced by any app." }
+                    (volume_table(&loose))
+                }
+            }
             @let strays: Vec<&SnapshotRow> = rows.iter().filter(|r| r.app.is_empty()).collect();
             @if !strays.is_empty() {
                 section.wide {
@@ -179,6 +205,14 @@ fn device(view: &DeviceView, disk: Option<Disk>) -> Markup {
             @match &view.device {
                 None => p.err { "The config-agent does not answer: the device's config and controller link are unknown." },
                 Some(d) => dl {
+                    dt { "Name" } dd #name {
+                        @if !d.device_name.is_empty() { (d.device_name) } @else { span.note { "none in the config" } }
+                        @if !d.host_name.is_empty() { " · host " (d.host_name) }
+                    }
+                    dt { "Serial" } dd #serial {
+                        @if d.serial.is_empty() { span.note { "unknown (none given at onboarding, none in the firmware)" } } @else { code { (d.serial) } }
+                        @if !d.product_serial.is_empty() && d.product_serial != d.serial { " · machine " code { (d.product_serial) } }
+                    }
                     dt { "UUID" } dd { @if d.device_uuid.is_empty() { "not onboarded" } @else { (d.device_uuid) } }
                     dt { "Controller" } dd {
                         @if d.controller_reachable { (badge("ok", "reachable")) }
@@ -197,9 +231,6 @@ fn device(view: &DeviceView, disk: Option<Disk>) -> Markup {
                     @if let Some(counter) = d.shutdown_cmd {
                         dt { "Shutdown" } dd { (badge("warn", "apps stopped")) " by the controller's shutdown command " (counter) ", until the next boot" }
                     }
-                    @if d.last_error.is_error() {
-                        dt { "Last error" } dd.err { (d.last_error.error) " (" (when(d.last_error.error_time)) ")" }
-                    }
                 },
             }
             dl {
@@ -209,7 +240,7 @@ fn device(view: &DeviceView, disk: Option<Disk>) -> Markup {
                         @if disk.total > 0 && disk.free * 10 < disk.total { (badge("bad", "disk almost full")) }
                     }
                     @if let Some(fault) = &view.persist_fault {
-                        " " (badge("bad", "fault")) " " span.err { (fault) }
+                        " " (badge("bad", if fault.starts_with("read-only") { "read-only" } else { "full" })) " " span.err #persist-fault { (fault) }
                     }
                 }
             }
@@ -267,19 +298,28 @@ fn app_card(view: &DeviceView, app: &AppInstanceStatus, rows: &[SnapshotRow]) ->
             dl {
                 dt { "UUID" } dd { code { (uuid) } " version " (app.uuid_and_version.version) }
                 @if !app.tenant.is_empty() { dt { "Tenant" } dd { (app.tenant) } }
+                dt { "Runs as" } dd.kind {
+                    @match app.domain_kind.as_str() {
+                        "" => span.note { "nothing: it cannot run as configured" },
+                        "vm" => "VM",
+                        kind => (kind),
+                    }
+                    @if !app.virtualization_mode.is_empty() { " · EVE mode " code { (app.virtualization_mode) } }
+                }
                 @if let Some(d) = domain {
                     dt { "Domain" } dd { (format!("{:?}", d.state)) @if !d.accel.is_empty() { " · " (d.accel) } " · booted " (when(d.boot_time)) }
                 }
                 @if app.restarts > 0 { dt { "Restarts" } dd { (app.restarts) } }
                 @if app.snap_status.rollback_in_progress { dt { "Rollback" } dd { (badge("warn", "in progress")) } }
             }
-            @if app.error.is_error() {
-                p.err { "Error (" (when(app.error.error_time)) "): " (app.error.error) }
+            @let problems: Vec<&Problem> = view.problems.iter().filter(|p| p.app == uuid).collect();
+            @if !problems.is_empty() {
+                h3 { "Last errors (" (problems.len()) ")" }
+                (problem_list(&problems))
             }
-            @if app.last_failure.is_error() {
-                p.err { "Last failure (" (when(app.last_failure.error_time)) "): " (app.last_failure.error) }
-            }
-            @for w in &app.warnings { p.err.warning { "Warning: " (w) } }
+            @let volumes = app_volumes(view, app);
+            h3 { "Volumes (" (volumes.len()) ")" }
+            @if volumes.is_empty() { p.note { @if app.volume_refs.is_empty() { "none" } @else { (app.volume_refs.len()) " in its config, none reported by the volume-manager yet" } } } @else { (volume_table(&volumes)) }
             h3 { "Snapshots (" (snapshots.len()) ")" }
             @if snapshots.is_empty() { p.note { "none" } } @else { (snapshot_table(&snapshots)) }
             @let exports: Vec<&ExportStatus> = view.exports.iter().filter(|j| j.app_uuid == app.uuid_and_version.uuid).collect();
@@ -352,28 +392,52 @@ fn snapshot_table(rows: &[&SnapshotRow]) -> Markup {
     }
 }
 
-fn volumes(view: &DeviceView) -> Markup {
+fn volume_table(volumes: &[&VolumeStatus]) -> Markup {
     html! {
-        section.wide #volumes {
-            h2 { "Volumes" }
-            div.scroll { table {
-                thead { tr { th { "Volume" } th { "State" } th { "Backend" } th { "Size" } th { "Note" } } }
-                tbody {
-                    @for v in &view.volumes {
-                        tr {
-                            td { (v.display_name) }
-                            td { (badge(if v.error.is_error() { "bad" } else { "ok" }, &format!("{:?}", v.state))) }
-                            td.why { (format!("{:?}", v.backend)) @if !v.backend_reason.is_empty() { " " span.note { (v.backend_reason) } } }
-                            td { (bytes(v.current_size)) @if v.max_vol_size > 0 { " of " (bytes(v.max_vol_size)) } }
-                            td.why {
-                                @if v.error.is_error() { span.err { (v.error.error) } }
-                                @if let Some(p) = &v.pending_deletion { (badge("warn", "pending deletion")) " " (p.reason) " · deleted " (when(p.delete_at)) }
-                            }
+        div.scroll { table.volumes {
+            thead { tr { th { "Volume" } th { "State" } th { "Backend" } th { "Size" } th { "Note" } } }
+            tbody {
+                @for v in volumes {
+                    tr data-volume=(v.volume_id) {
+                        td { (v.display_name) }
+                        td { (badge(if v.error.is_error() { "bad" } else { "ok" }, &format!("{:?}", v.state))) }
+                        td.why { (format!("{:?}", v.backend)) @if !v.backend_reason.is_empty() { " " span.note { (v.backend_reason) } } }
+                        td { (bytes(v.current_size)) @if v.max_vol_size > 0 { " of " (bytes(v.max_vol_size)) } }
+                        td.why {
+                            @if v.error.is_error() { span.err { (v.error.error) } }
+                            @if let Some(p) = &v.pending_deletion { (badge("warn", "pending deletion")) " " (p.reason) " · deleted " (when(p.delete_at)) }
                         }
                     }
                 }
-            } }
+            }
+        } }
+    }
+}
+
+/// Errors with their time and what to do, newest first where times are known.
+fn problem_list(problems: &[&Problem]) -> Markup {
+    html! {
+        ul.problems {
+            @for p in problems {
+                li.problem data-about=(about_name(p.about)) {
+                    (badge("bad", "error")) " " strong { (p.object) } @if p.time.is_some() { " · " (when(p.time)) }
+                    div.err { (p.error) }
+                    div.todo { strong { "What to do: " } (p.what_to_do) }
+                }
+            }
         }
+    }
+}
+
+fn about_name(about: About) -> &'static str {
+    match about {
+        About::Device => "device",
+        About::Persist => "persist",
+        About::App => "app",
+        About::Snapshot => "snapshot",
+        About::Volume => "volume",
+        About::Download => "download",
+        About::Export => "export",
     }
 }
 

@@ -134,5 +134,36 @@ pub fn app_status(state: &AppState) -> AppInstanceStatus {
             .as_ref()
             .map(failure_error)
             .unwrap_or_default(),
+        domain_kind: domain_kind(state.effective()).into(),
+        virtualization_mode: virtualization_mode(state.effective()),
+        volume_refs: state.effective().volume_ref_config_list.clone(),
+    }
+}
+
+/// How the app runs, in the read-outs' words; empty when it cannot run as configured.
+fn domain_kind(config: &cairn_types::AppInstanceConfig) -> &'static str {
+    use cairn_types::DomainSpec;
+    match config.domain {
+        Some(DomainSpec::Vm(_)) => "vm",
+        Some(DomainSpec::Container(_)) => "container",
+        Some(DomainSpec::Process(_)) => "process",
+        None => "",
+    }
+}
+
+/// EVE's name of the app's virtualization mode: the controller's, else what the local kind
+/// is in EVE's terms (a KVM VM with virtio devices is HVM, a container NOHYPER); a process has
+/// none.
+fn virtualization_mode(config: &cairn_types::AppInstanceConfig) -> String {
+    use cairn_types::DomainSpec;
+    match &config.domain {
+        Some(DomainSpec::Vm(_)) | Some(DomainSpec::Container(_))
+            if !config.virtualization_mode.is_empty() =>
+        {
+            config.virtualization_mode.clone()
+        }
+        Some(DomainSpec::Vm(_)) => "HVM".into(),
+        Some(DomainSpec::Container(_)) => "NOHYPER".into(),
+        Some(DomainSpec::Process(_)) | None => String::new(),
     }
 }

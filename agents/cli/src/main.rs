@@ -455,6 +455,25 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
     }
     match &view.device {
         Some(d) => {
+            let or_none = |s: &str| {
+                if s.is_empty() {
+                    "-".to_string()
+                } else {
+                    s.to_string()
+                }
+            };
+            println!(
+                "identity name {}  serial {}  machine serial {}  host {}  uuid {}",
+                or_none(&d.device_name),
+                or_none(&d.serial),
+                or_none(&d.product_serial),
+                or_none(&d.host_name),
+                if d.device_uuid.is_empty() {
+                    "not onboarded".to_string()
+                } else {
+                    d.device_uuid.clone()
+                }
+            );
             println!(
                 "config   {}  applied {}  hash {}  apps {}  volumes {}",
                 readout::config_source_text(&d.config_source),
@@ -478,11 +497,17 @@ fn print_status(view: &DeviceView, json: bool) -> anyhow::Result<()> {
                     "shutdown the controller's shutdown command {counter} stopped every app until the next boot"
                 );
             }
-            if d.last_error.is_error() {
-                println!("error    {}", d.last_error.error);
-            }
         }
         None => println!("config   unknown (config-agent not answering)"),
+    }
+    // Every error with its time and what to do: the device's own and each app's.
+    for p in &view.problems {
+        let at = p
+            .time
+            .map(|t| format!(" at {}", t.format("%Y-%m-%d %H:%M:%S UTC")))
+            .unwrap_or_default();
+        println!("error    {}{at}: {}", p.object, p.error);
+        println!("  to do  {}", p.what_to_do);
     }
     let agents: Vec<String> = view
         .agents

@@ -158,7 +158,7 @@ fn boots_and_records_nothing_it_cannot(fault: Fault) {
     let (code, _, page) = get(port, "/");
     assert_eq!(code, 200, "{page}");
     let shown = page
-        .split("fault</span>")
+        .split("id=\"persist-fault\">")
         .nth(1)
         .unwrap_or_else(|| panic!("no fault badge on the page: {page}"));
     assert!(shown.contains(fault.said()), "{shown}");

@@ -15,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    DEMO_APP, DEMO_SNAPSHOT, SOUTH_APP, Up, cairn_bin, demo_ready, free_port, get, http,
-    two_tenants_config, write_atomically,
+    DEMO_APP, DEMO_SNAPSHOT, NORTH_VOLUME, SOUTH_APP, SOUTH_VOLUME, Up, cairn_bin, demo_ready,
+    free_port, get, http, two_tenants_config, write_atomically,
 };
 use fantoccini::{Client, ClientBuilder, Locator};
 use nix::sys::signal::Signal;
@@ -226,6 +226,25 @@ fn a_non_loopback_bind_needs_tokens_and_each_tenant_sees_only_its_apps() {
     assert_eq!(status, 200, "{north}");
     assert_eq!(app_names(&north), ["pump"]);
     assert!(!north.contains(SOUTH_APP), "{north}");
+    // A tenant sees its own apps' volumes, and no other tenant's.
+    let volume_ids = |status_json: &str| -> Vec<String> {
+        let view: serde_json::Value = serde_json::from_str(status_json).unwrap();
+        let mut ids: Vec<String> = view["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["VolumeID"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(volume_ids(&all), [NORTH_VOLUME, SOUTH_VOLUME], "{all}");
+    assert_eq!(volume_ids(&north), [NORTH_VOLUME], "{north}");
+    let north_view: serde_json::Value = serde_json::from_str(&north).unwrap();
+    let backend = north_view["volumes"][0]["Backend"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (_, _, south_page) = http(port, "GET", "/", &bearer(SOUTH_TOKEN));
     assert!(
         south_page.contains("valve") && !south_page.contains("pump"),
@@ -263,6 +282,24 @@ fn a_non_loopback_bind_needs_tokens_and_each_tenant_sees_only_its_apps() {
             t.contains("RUNNING")
         })
         .await;
+        // Its app's volume on its card, with backend and size; none of the other tenant's.
+        let volume = text_when(
+            &browser,
+            &format!(
+                "section.app[data-app=\"pump\"] table.volumes tr[data-volume=\"{NORTH_VOLUME}\"]"
+            ),
+            |t| t.contains("Ready"),
+        )
+        .await;
+        assert!(
+            volume.contains(&backend) && (volume.contains(" B") || volume.contains("iB")),
+            "backend and size: {volume}"
+        );
+        let html = browser.source().await.unwrap();
+        assert!(
+            !html.contains(SOUTH_VOLUME),
+            "another tenant's volume shown"
+        );
         let body = text_when(&browser, "body", |_| true).await;
         assert!(!body.contains("valve"), "{body}");
         assert!(!body.contains(NORTH_TOKEN), "a token is never rendered");
@@ -804,4 +841,218 @@ fn a_token_added_or_revoked_in_the_file_counts_from_the_next_request_and_a_broke
         !log.contains(replacement) && !log.contains(DEVICE_TOKEN),
         "a token was logged"
     );
+}
+
+const KEPT_APP: &str = "0000000a-0000-4000-8000-0000000000f1";
+const VM_APP: &str = "0000000a-0000-4000-8000-0000000000f2";
+const DATA_VOLUME: &str = "0000000b-0000-4000-8000-000000000001";
+
+/// A named device with a process app on a directory volume, and a VM whose kernel is missing
+/// (it cannot boot: an error to act on).
+fn identity_config() -> String {
+    let process = common::process_app_config(KEPT_APP, "kept", "1", &[]);
+    let mut config: serde_json::Value = serde_json::from_str(&process).unwrap();
+    config["device_name"] = "pump-station-7".into();
+    config["apps"].as_array_mut().unwrap().push(serde_json::json!({
+        "uuid": VM_APP, "version": "1", "display_name": "vm-app",
+        "domain": { "kind": "vm", "kernel": "/nonexistent/vmlinuz", "initrd": "/nonexistent/initrd",
+                    "memory_mib": 64 }
+    }));
+    config.to_string()
+}
+
+#[test]
+fn the_page_names_the_device_and_shows_each_apps_kind_volumes_and_errors_with_what_to_do() {
+    let root = tempfile::tempdir().unwrap();
+    // The serial given at onboarding (`cairn up --serial`) is kept here.
+    let config_dir = root.path().join("persist/config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    std::fs::write(config_dir.join("serial"), "SN-WEB-42\n").unwrap();
+    let config = root.path().join("device.json");
+    write_atomically(&config, &identity_config());
+    let port = free_port("127.0.0.1");
+    let up = Up::start_in(
+        root,
+        &cairn_bin(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--http",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    up.wait_status(Duration::from_secs(90), |v| {
+        common::app(v, "kept").is_some_and(|a| a["State"] == common::RUNNING)
+            && common::app(v, "vm-app")
+                .is_some_and(|a| !a["Error"]["Error"].as_str().unwrap_or("").is_empty())
+            && v["volumes"].as_array().is_some_and(|v| !v.is_empty())
+    });
+
+    // The JSON API: the device's name and serial, each app's kind, volumes and errors.
+    let (status, _, body) = get(port, "/api/v1/status");
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let device = &view["device"];
+    assert_eq!(device["DeviceName"], "pump-station-7", "{device}");
+    assert_eq!(device["Serial"], "SN-WEB-42", "{device}");
+    assert!(!device["HostName"].as_str().unwrap().is_empty(), "{device}");
+    let kept = common::app(&view, "kept").unwrap();
+    assert_eq!(kept["DomainKind"], "process", "{kept}");
+    assert_eq!(kept["VirtualizationMode"], "", "{kept}");
+    assert_eq!(
+        kept["VolumeRefStatusList"][0]["VolumeID"], DATA_VOLUME,
+        "{kept}"
+    );
+    let vm = common::app(&view, "vm-app").unwrap();
+    assert_eq!(vm["DomainKind"], "vm", "{vm}");
+    assert_eq!(vm["VirtualizationMode"], "HVM", "{vm}");
+    let problem = view["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["app"] == VM_APP)
+        .unwrap_or_else(|| panic!("no problem of vm-app: {}", view["problems"]));
+    assert!(problem["time"].is_string(), "{problem}");
+    assert!(
+        !problem["what_to_do"].as_str().unwrap().is_empty(),
+        "{problem}"
+    );
+    // `cairn status` prints the same, in words.
+    let (_, text, _) = up.cairn(&["status"]);
+    assert!(
+        text.contains("name pump-station-7") && text.contains("serial SN-WEB-42"),
+        "{text}"
+    );
+    assert!(
+        text.contains("error    app vm-app") && text.contains("  to do  "),
+        "{text}"
+    );
+
+    let shots = screenshot_dir("identity");
+    browse(|browser| async move {
+        browser
+            .goto(&format!("http://127.0.0.1:{port}/"))
+            .await
+            .unwrap();
+        wait_css(&browser, "#live.ok").await;
+        let header = text_when(&browser, "header h1", |t| t.contains("pump-station-7")).await;
+        assert!(header.contains("Cairn device"), "{header}");
+        text_when(&browser, "#serial", |t| t.contains("SN-WEB-42")).await;
+        text_when(&browser, "section.app[data-app=\"kept\"] dd.kind", |t| {
+            t.contains("process")
+        })
+        .await;
+        text_when(&browser, "section.app[data-app=\"vm-app\"] dd.kind", |t| {
+            t.contains("VM") && t.contains("HVM")
+        })
+        .await;
+        // The volume on its app's card, with its backend and size.
+        let volume = text_when(
+            &browser,
+            &format!(
+                "section.app[data-app=\"kept\"] table.volumes tr[data-volume=\"{DATA_VOLUME}\"]"
+            ),
+            |t| t.contains("Ready"),
+        )
+        .await;
+        assert!(
+            volume.contains("data") && volume.contains("of 1.0 MiB"),
+            "{volume}"
+        );
+        // The VM's error with its time and what to do.
+        let problem = text_when(
+            &browser,
+            "section.app[data-app=\"vm-app\"] li.problem",
+            |t| t.contains("What to do:"),
+        )
+        .await;
+        assert!(problem.contains("ago"), "its time: {problem}");
+        std::fs::write(
+            shots.join("identity-1920.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+        browser.set_window_size(360, 800).await.unwrap();
+        std::fs::write(
+            shots.join("identity-360.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+    });
+    drop(up);
+}
+
+#[test]
+fn a_read_only_persist_shows_on_the_open_page_with_what_to_do() {
+    const APP: &str = "0000000a-0000-4000-8000-0000000000f3";
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("device.json");
+    // One quiet app: nothing the agents publish changes while persist turns read-only.
+    write_atomically(&config, &common::process_app_config(APP, "kept", "1", &[]));
+    let port = free_port("127.0.0.1");
+    let up = Up::start_in(
+        root,
+        &cairn_bin(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--http",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    up.wait_status(Duration::from_secs(90), |v| {
+        common::app(v, "kept").is_some_and(|a| a["State"] == common::RUNNING)
+    });
+    let persist_for_browser = up.path().join("persist");
+    let shots = screenshot_dir("read-only-persist");
+    browse(|browser| async move {
+        browser
+            .goto(&format!("http://127.0.0.1:{port}/"))
+            .await
+            .unwrap();
+        wait_css(&browser, "#live.ok").await;
+        text_when(&browser, "section.app[data-app=\"kept\"]", |t| {
+            t.contains("RUNNING")
+        })
+        .await;
+        // A page that reloaded would lose this mark.
+        browser
+            .execute("window.cairnMark = 7", vec![])
+            .await
+            .unwrap();
+
+        // Persist made read-only under the open page (a real read-only bind mount): the page
+        // says so, and what to do, without a reload.
+        let path = persist_for_browser.to_str().unwrap().to_string();
+        let mount = |args: &[&str]| {
+            let status = Command::new("mount").args(args).status().unwrap();
+            assert!(status.success(), "mount {args:?} (this test needs root)");
+        };
+        mount(&["--bind", &path, &path]);
+        let _unmount = Unmount(persist_for_browser.clone());
+        mount(&["-o", "remount,bind,ro", &path]);
+        text_when(&browser, "#persist-fault", |t| t.starts_with("read-only")).await;
+        let advice = text_when(
+            &browser,
+            "#problems li.problem[data-about=\"persist\"]",
+            |t| t.contains("What to do:"),
+        )
+        .await;
+        assert!(advice.contains("remount it read-write"), "{advice}");
+        let mark = browser
+            .execute("return window.cairnMark", vec![])
+            .await
+            .unwrap();
+        assert_eq!(mark, serde_json::json!(7), "the page was reloaded");
+        browser
+            .execute("window.scrollTo(0, 0)", vec![])
+            .await
+            .unwrap();
+        std::fs::write(
+            shots.join("read-only-persist.png"),
+            browser.screenshot().await.unwrap(),
+        )
+        .unwrap();
+    });
+    drop(up);
 }

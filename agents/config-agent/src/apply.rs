@@ -139,13 +139,14 @@ pub async fn follow_local_file(
     publications: &Publications,
     path: &Path,
     safety_net: Duration,
+    persist: &Path,
 ) -> Result<(), BusError> {
     let source = ConfigSource::LocalFile {
         path: path.display().to_string(),
     };
     let mut status = DeviceStatus {
         config_source: source,
-        ..agent_health()
+        ..agent_health(persist).await
     };
     let mut applied_hash: Option<String> = None;
     let mut first = true;
@@ -183,6 +184,7 @@ pub async fn follow_local_file(
                 status.last_config_time = Some(Utc::now());
                 status.apps = config.apps.len() as u32;
                 status.volumes = config.volumes.len() as u32;
+                status.device_name = config.device_name.clone();
                 status.last_error = ErrorDescription::default();
                 publications.status(status.clone()).await?;
                 applied_hash = Some(hash);
@@ -262,12 +264,43 @@ async fn read_local(path: &Path) -> Result<(String, DeviceConfig), (Option<Strin
     Ok((hash, config))
 }
 
-/// A `DeviceStatus` carrying the config-agent's own health.
-pub fn agent_health() -> DeviceStatus {
+/// A `DeviceStatus` carrying the config-agent's own health and the device's identity.
+pub async fn agent_health(persist: &Path) -> DeviceStatus {
+    let persist = persist.to_path_buf();
+    let identity = tokio::task::spawn_blocking(move || device_identity(&persist))
+        .await
+        .unwrap_or_default();
     DeviceStatus {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         agent_pid: std::process::id(),
         agent_started: Some(Utc::now()),
+        ..identity
+    }
+}
+
+/// The machine's serial number from its firmware, readable by root only.
+pub const PRODUCT_SERIAL: &str = "/sys/class/dmi/id/product_serial";
+
+/// What names this device to a technician: the serial given at onboarding (else the
+/// machine's, as EVE registers with it), the machine's own serial, the host name. What cannot
+/// be read stays empty. Blocking (small file reads).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+pub fn device_identity(persist: &Path) -> DeviceStatus {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let product_serial = read(Path::new(PRODUCT_SERIAL));
+    let onboarded = read(&crate::identity::dir(persist).join(crate::identity::SERIAL));
+    DeviceStatus {
+        serial: if onboarded.is_empty() {
+            product_serial.clone()
+        } else {
+            onboarded
+        },
+        product_serial,
+        host_name: read(Path::new("/proc/sys/kernel/hostname")),
         ..Default::default()
     }
 }

@@ -76,7 +76,7 @@ pub async fn run(
     let mut state = State {
         status: DeviceStatus {
             config_source: ConfigSource::None,
-            ..crate::apply::agent_health()
+            ..crate::apply::agent_health(&options.persist).await
         },
         in_force: None,
         refused: None,
@@ -537,6 +537,7 @@ impl State {
         self.status.last_config_hash = hash.to_string();
         self.status.last_config_time = Some(Utc::now());
         self.status.apps = config.apps.len() as u32;
+        self.status.device_name = config.device_name.clone();
         self.volume_refs = config
             .apps
             .iter()

@@ -90,7 +90,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         match &args.config {
             Some(config) => {
                 let safety_net = Duration::from_millis(args.poll_ms.max(10));
-                follow_local_file(&publications, config, safety_net)
+                follow_local_file(&publications, config, safety_net, &args.common.persist_dir)
                     .await
                     .context("publishing the config")
             }

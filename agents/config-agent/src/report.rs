@@ -116,6 +116,7 @@ pub fn device_facts(persist: &Path) -> ZInfoDevice {
         manufacturer: read("/sys/class/dmi/id/sys_vendor"),
         product_name: read("/sys/class/dmi/id/product_name"),
         version: read("/sys/class/dmi/id/product_version"),
+        serial_number: read(crate::apply::PRODUCT_SERIAL),
         ..Default::default()
     };
     ZInfoDevice {

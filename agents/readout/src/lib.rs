@@ -2,5 +2,6 @@
 //! (`cairn-web`) print the same values, so they cannot tell a technician different things.
 //! Read-only: it subscribes to the agents' status topics and reads records on disk.
 
+pub mod problems;
 pub mod readout;
 pub mod supervision;

@@ -135,6 +135,9 @@ pub struct DeviceView {
     /// The root slots and the last update (the baseos-manager).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseos: Option<cairn_types::BaseOsStatus>,
+    /// The errors above, each with its time and what to do (`problems::problems`).
+    #[serde(default)]
+    pub problems: Vec<crate::problems::Problem>,
 }
 
 enum Read<T> {
@@ -304,7 +307,7 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
     let persist_fault = tokio::task::spawn_blocking(move || persist_fault(&persist))
         .await
         .unwrap_or_default();
-    DeviceView {
+    let mut view = DeviceView {
         run_dir: roots.run.display().to_string(),
         persist_dir: roots.persist.display().to_string(),
         persist_fault,
@@ -317,7 +320,25 @@ pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
         logs: values(log_manager).into_iter().next(),
         exports: values(exports),
         baseos: values(baseos).into_iter().next(),
-    }
+        problems: Vec::new(),
+    };
+    view.problems = crate::problems::problems(&view, chrono::Utc::now());
+    view
+}
+
+/// The volumes `app` uses, in its config's order (those the volume-manager reports).
+pub fn app_volumes<'a>(view: &'a DeviceView, app: &AppInstanceStatus) -> Vec<&'a VolumeStatus> {
+    app.volume_refs
+        .iter()
+        .filter_map(|r| {
+            let key = cairn_types::volume::volume_key_local(
+                r.volume_id,
+                r.generation_counter,
+                r.local_generation_counter,
+            );
+            view.volumes.iter().find(|v| v.key() == key)
+        })
+        .collect()
 }
 
 /// Less free space than this and a record write may fail: the persist file system is full.
@@ -547,7 +568,9 @@ pub fn rows_from(
                     .unwrap_or_default(),
                 name: desc.name.clone(),
                 expires: None,
-                note: "waits for the app to stop: deleted at its next deactivation".into(),
+                note: "waits for the app to stop: deleted at its next deactivation (a restart of \
+                       the app deletes it now)"
+                    .into(),
             });
         }
     }

@@ -315,6 +315,8 @@ pub fn wait_line(
 
 pub const NORTH_APP: &str = "d8b50000-0000-4000-8000-00000000a001";
 pub const SOUTH_APP: &str = "d8b50000-0000-4000-8000-00000000a002";
+pub const NORTH_VOLUME: &str = "d8b50000-0000-4000-8000-00000000b001";
+pub const SOUTH_VOLUME: &str = "d8b50000-0000-4000-8000-00000000b002";
 
 /// Two process apps, one per tenant (north: pump, south: valve), each on its own directory volume.
 pub fn two_tenants_config() -> String {
@@ -325,10 +327,7 @@ pub fn two_tenants_config() -> String {
                 "domain": {{"kind": "process", "command": "/bin/sh", "args": ["-c", "while :; do sleep 1; done"]}}}}"#
         )
     };
-    let volumes = [
-        "d8b50000-0000-4000-8000-00000000b001",
-        "d8b50000-0000-4000-8000-00000000b002",
-    ];
+    let volumes = [NORTH_VOLUME, SOUTH_VOLUME];
     format!(
         r#"{{"apps": [{}, {}],
             "volumes": [{{"uuid": "{}", "format": "dir"}}, {{"uuid": "{}", "format": "dir"}}]}}"#,

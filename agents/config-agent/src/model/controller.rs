@@ -105,6 +105,7 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
             .collect(),
         edgeview: config.edgeview.as_ref().map(proto_edgeview),
         shutdown_counter: config.shutdown.as_ref().map(|cmd| cmd.counter),
+        device_name: config.device_name.clone(),
         remotes: config
             .cairn_remotes
             .iter()
@@ -357,6 +358,13 @@ fn proto_app(app: &proto::AppInstanceConfig, path: &str) -> Result<AppInstanceCo
         },
         domain,
         unrunnable,
+        // The mode as EVE names it, whatever Cairn makes of it (PV and HVM run alike).
+        virtualization_mode: app
+            .fixedresources
+            .as_ref()
+            .and_then(|vm| proto::VmMode::try_from(vm.virtualization_mode).ok())
+            .map(|mode| mode.as_str_name().to_string())
+            .unwrap_or_default(),
         tenant: app.cairn_tenant.clone(),
         start_delay_seconds: app.start_delay_in_seconds,
         restart_policy: restart_policy(

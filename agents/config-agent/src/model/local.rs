@@ -50,6 +50,9 @@ struct LocalConfig {
     /// The base OS to run: EVE's `BaseOS` in its JSON form (proto or camelCase names).
     #[serde(default)]
     baseos: Option<LocalBaseOs>,
+    /// The device's name, shown to technicians (EVE's `EdgeDevConfig.device_name`).
+    #[serde(default)]
+    device_name: String,
 }
 
 /// EVE's `BaseOS` message as protobuf's JSON mapping writes it (`contentTreeUuid`), or with
@@ -629,6 +632,7 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
         config_items: local.config_items,
         // A controller command: the local file has none.
         shutdown_counter: None,
+        device_name: local.device_name.trim().to_string(),
         remotes: local
             .remotes
             .into_iter()

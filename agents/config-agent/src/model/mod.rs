@@ -49,6 +49,8 @@ pub struct DeviceConfig {
     pub edgeview: Option<EdgeviewConfig>,
     /// The base OS to run (EVE's `baseos`), if the config names one.
     pub baseos: Option<BaseOsConfig>,
+    /// The device's name (EVE's `EdgeDevConfig.device_name`); empty: none given.
+    pub device_name: String,
 }
 
 /// EVE's `baseos` block as a bus request; a content tree the config does not have makes it
