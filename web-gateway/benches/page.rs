@@ -8,18 +8,21 @@
 //! Real bus publications (this process publishes the status topics the page follows as the
 //! agents would, with 100 apps × 10 available snapshots, each with its record on disk under
 //! `<persist>/snapshots/`; volumes, domains, exports and downloads empty), the real server on
-//! loopback, plain HTTP/1.1 clients.
+//! loopback, plain HTTP/1.1 clients. The clients run in a second process (this bench run again
+//! with `CAIRN_WEB_BENCH_CLIENT` set, told the server's address and each step on its stdin), so
+//! their threads, stacks and malloc arenas are not counted in the server's memory.
 //! Prints: render time of `/` and `/api/v1/status` (p50, p99 of 200 requests each, one client
-//! at a time, without and with `Accept-Encoding: gzip` as a browser sends it); the process RSS
-//! before the server, after serving those requests, and after 20 open pages followed 5 s of
-//! snapshot activity (and of it, the anonymous memory: the file-backed rest is the binary's
-//! code run for the first time); the CPU the process spends idle, in % of one core, with the
-//! page served and with the 20 pages open; the change events delivered per second to those 20
-//! pages, and the contents they fetched, while snapshots are taken: 5 a second, each
-//! requested (the app's status published with it), then taken (its record written, the
-//! status published with it available and the app's oldest snapshot gone, its record removed),
-//! as the app-manager does. Each page does what the page's script does: on an event it fetches
-//! `/content` again, one fetch at a time, events during a fetch making one more.
+//! at a time, without and with `Accept-Encoding: gzip` as a browser sends it, timed by the
+//! client); the server process's RSS before the server, after serving those requests, and after
+//! 20 open pages followed 5 s of snapshot activity (and of it, the anonymous memory: the
+//! file-backed rest is the binary's code run for the first time); the CPU the server process
+//! spends idle, in % of one core, with the page served and with the 20 pages open; the change
+//! events delivered per second to those 20 pages, and the contents they fetched, while
+//! snapshots are taken: 5 a second, each requested (the app's status published with it), then
+//! taken (its record written, the status published with it available and the app's oldest
+//! snapshot gone, its record removed), as the app-manager does. Each page does what the page's
+//! script does: on an event it fetches `/content` again, one fetch at a time, events during a
+//! fetch making one more.
 //! Figures only: nothing here fails on timing.
 
 #![allow(clippy::unwrap_used)] // bench code: a failed unwrap is a failed run
@@ -27,6 +30,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -51,6 +55,9 @@ const IDLE: Duration = Duration::from_secs(16);
 /// Snapshots taken per second during the activity, and for how long.
 const SNAPSHOTS_PER_SECOND: usize = 5;
 const ACTIVITY: Duration = Duration::from_secs(5);
+
+/// Set in the client process this bench runs beside the server.
+const CLIENT_ENV: &str = "CAIRN_WEB_BENCH_CLIENT";
 
 /// A field of `/proc/self/status`, in KiB.
 fn status_kib(field: &str) -> u64 {
@@ -83,7 +90,7 @@ fn cpu_time() -> Duration {
 }
 
 /// The process's CPU use over [`IDLE`] of nothing happening, in % of one core (it includes this
-/// bench's idle publishers and clients: an upper bound for the server).
+/// bench's idle publishers: an upper bound for the server).
 fn idle_cpu_percent() -> f64 {
     let (cpu, start) = (cpu_time(), Instant::now());
     std::thread::sleep(IDLE);
@@ -191,7 +198,83 @@ fn percentiles(mut times: Vec<Duration>) -> (Duration, Duration) {
     (at(0.50), at(0.99))
 }
 
+/// The client process: given the server's address on stdin, the timed requests, then the open
+/// pages, each step when the server process says so on stdin (one word a line); it answers on
+/// stdout, where the server process prints what is not an answer.
+fn client() {
+    let mut orders = std::io::stdin().lines();
+    let addr: SocketAddr = orders.next().unwrap().unwrap().parse().unwrap();
+    let mut order = |word: &str| {
+        let line = orders.next().and_then(Result::ok);
+        assert_eq!(line.as_deref(), Some(word), "the client's order");
+    };
+    let gzip = "Accept-Encoding: gzip\r\n";
+    let mut requests = 0;
+    for (path, extra) in [
+        ("/", ""),
+        ("/api/v1/status", ""),
+        ("/api/v1/snapshots", ""),
+        ("/", gzip),
+        ("/api/v1/status", gzip),
+    ] {
+        let size = get(addr, path, extra);
+        let times: Vec<Duration> = (0..REQUESTS)
+            .map(|_| {
+                let start = Instant::now();
+                get(addr, path, extra);
+                start.elapsed()
+            })
+            .collect();
+        requests += REQUESTS + 1;
+        let (p50, p99) = percentiles(times);
+        let how = if extra.is_empty() { "" } else { " (gzip)" };
+        println!(
+            "  {:<27} p50 {p50:>10.2?}  p99 {p99:>10.2?}  ({size} bytes with head)",
+            format!("{path}{how}")
+        );
+    }
+    println!("served {requests}");
+
+    // 20 open pages, each counting the change events it receives and the contents it fetches.
+    order("open");
+    let events = Arc::new(AtomicU64::new(0));
+    let fetches = Arc::new(AtomicU64::new(0));
+    for _ in 0..PAGES {
+        open_page(addr, events.clone(), fetches.clone());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    println!("open");
+    order("count");
+    println!(
+        "counts {} {}",
+        events.load(Ordering::Relaxed),
+        fetches.load(Ordering::Relaxed)
+    );
+    // The pages stay open until the server process is done measuring (it closes stdin).
+    let _ = orders.next();
+}
+
+/// Reads the client's output up to its answer `word`, printing the rest; returns what follows
+/// the word.
+fn answer(from: &mut impl BufRead, word: &str) -> String {
+    loop {
+        let mut line = String::new();
+        assert!(
+            from.read_line(&mut line).unwrap() > 0,
+            "the client process ended before answering {word:?}"
+        );
+        let line = line.trim_end();
+        match line.strip_prefix(word) {
+            Some(rest) => return rest.trim().to_string(),
+            None => println!("{line}"),
+        }
+    }
+}
+
 fn main() {
+    if std::env::var_os(CLIENT_ENV).is_some() {
+        return client();
+    }
     let root = tempfile::tempdir().unwrap();
     let roots = Roots::under(root.path());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -238,6 +321,16 @@ fn main() {
         );
         (device, apps, others)
     });
+    // The clients' process, started before the first reading so that starting it is not
+    // counted either.
+    let mut clients = Command::new(std::env::current_exe().unwrap())
+        .env(CLIENT_ENV, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_clients = clients.stdin.take().unwrap();
+    let mut from_clients = BufReader::new(clients.stdout.take().unwrap());
     let before = rss_kib();
 
     let (stop, stopping) = tokio::sync::watch::channel(false);
@@ -261,42 +354,14 @@ fn main() {
         .unwrap();
     });
 
+    writeln!(to_clients, "{addr}").unwrap();
     println!("web read-out, {APPS} apps x {SNAPSHOTS} snapshots, {REQUESTS} requests each:");
-    let gzip = "Accept-Encoding: gzip\r\n";
-    let mut requests = 0;
-    for (path, extra) in [
-        ("/", ""),
-        ("/api/v1/status", ""),
-        ("/api/v1/snapshots", ""),
-        ("/", gzip),
-        ("/api/v1/status", gzip),
-    ] {
-        let size = get(addr, path, extra);
-        let times: Vec<Duration> = (0..REQUESTS)
-            .map(|_| {
-                let start = Instant::now();
-                get(addr, path, extra);
-                start.elapsed()
-            })
-            .collect();
-        requests += REQUESTS + 1;
-        let (p50, p99) = percentiles(times);
-        let how = if extra.is_empty() { "" } else { " (gzip)" };
-        println!(
-            "  {:<27} p50 {p50:>10.2?}  p99 {p99:>10.2?}  ({size} bytes with head)",
-            format!("{path}{how}")
-        );
-    }
+    let requests: usize = answer(&mut from_clients, "served").parse().unwrap();
     let served = rss_kib();
     let idle_served = idle_cpu_percent();
 
-    // 20 open pages, each counting the change events it receives and the contents it fetches.
-    let events = Arc::new(AtomicU64::new(0));
-    let fetches = Arc::new(AtomicU64::new(0));
-    for _ in 0..PAGES {
-        open_page(addr, events.clone(), fetches.clone());
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    writeln!(to_clients, "open").unwrap();
+    answer(&mut from_clients, "open");
     let (_device, apps, _others) = apps;
     let mut statuses: Vec<AppInstanceStatus> = (0..APPS).map(app).collect();
     let taken = (ACTIVITY.as_secs() as usize) * SNAPSHOTS_PER_SECOND;
@@ -326,8 +391,10 @@ fn main() {
     });
     std::thread::sleep(Duration::from_millis(500));
     let elapsed = start.elapsed().as_secs_f64();
-    let events = events.load(Ordering::Relaxed);
-    let fetches = fetches.load(Ordering::Relaxed);
+    writeln!(to_clients, "count").unwrap();
+    let counts = answer(&mut from_clients, "counts");
+    let (events, fetches) = counts.split_once(' ').unwrap();
+    let (events, fetches): (u64, u64) = (events.parse().unwrap(), fetches.parse().unwrap());
     let pages_open = rss_kib();
     let idle_pages = idle_cpu_percent();
     println!(
@@ -347,7 +414,7 @@ fn main() {
         )
     };
     println!(
-        "  RSS: {} KiB before the server, {} after {requests} requests, {} after {PAGES} pages \
+        "  server process RSS: {} KiB before the server, {} after {requests} requests, {} after {PAGES} pages \
          followed the snapshot activity",
         before.0,
         grown(served),
@@ -356,6 +423,11 @@ fn main() {
     println!(
         "  idle CPU over {IDLE:?}: {idle_served:.2}% of one core with the page served, \
          {idle_pages:.2}% with {PAGES} pages open"
+    );
+    drop(to_clients);
+    assert!(
+        clients.wait().unwrap().success(),
+        "the client process failed"
     );
     let _ = stop.send(true);
 }
