@@ -123,20 +123,7 @@ pub fn from_proto(config: &proto::EdgeDevConfig) -> Result<DeviceConfig, ConfigE
             .collect(),
         exports: Vec::new(),
     };
-    super::remotes::check_remotes(&config.remotes, "cairn_remotes")?;
-    let policies: Vec<(String, &cairn_types::ScheduledExport)> = config
-        .apps
-        .iter()
-        .enumerate()
-        .filter_map(|(i, a)| {
-            let export = a.snapshot.policy.as_ref()?.export.as_ref()?;
-            Some((format!("apps[{i}].snapshot.cairn_export.remote"), export))
-        })
-        .collect();
-    let requests: Vec<(String, &cairn_types::ExportConfig)> =
-        exports.iter().map(|(at, e)| (at.clone(), e)).collect();
-    super::remotes::check_export_remotes(&config.remotes, &requests, &policies, "cairn_remotes")?;
-    config.exports = exports.into_iter().map(|(_, e)| e).collect();
+    super::remotes::settle_exports(&mut config, exports, "cairn_export", "cairn_remotes")?;
     crate::container::image_volumes_are_dirs(&mut config);
     mark_unusable_volumes(&mut config);
     validate(&config)?;

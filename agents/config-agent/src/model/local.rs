@@ -16,9 +16,7 @@ use uuid::Uuid;
 use super::clones::{CloneSpec, apply_clones};
 use super::controller::{PolicyText, expiry, policy};
 use super::groups::apply_groups;
-use super::remotes::{
-    ExportRequestText, check_export_remotes, check_remotes, export_request, scheduled_export,
-};
+use super::remotes::{ExportRequestText, export_request, scheduled_export, settle_exports};
 use super::validate::{mark_unusable_volumes, restart_policy, validate};
 use super::{ConfigError, DeviceConfig};
 
@@ -666,20 +664,7 @@ pub fn from_local_json(text: &str) -> Result<DeviceConfig, ConfigError> {
             device_uuid: String::new(),
         }),
     };
-    check_remotes(&config.remotes, "remotes")?;
-    let policies: Vec<(String, &cairn_types::ScheduledExport)> = config
-        .apps
-        .iter()
-        .enumerate()
-        .filter_map(|(i, a)| {
-            let export = a.snapshot.policy.as_ref()?.export.as_ref()?;
-            Some((format!("apps[{i}].snapshot.export.remote"), export))
-        })
-        .collect();
-    let requests: Vec<(String, &cairn_types::ExportConfig)> =
-        exports.iter().map(|(at, e)| (at.clone(), e)).collect();
-    check_export_remotes(&config.remotes, &requests, &policies, "remotes")?;
-    config.exports = exports.into_iter().map(|(_, e)| e).collect();
+    settle_exports(&mut config, exports, "export", "remotes")?;
     config.baseos = local.baseos.map(|b| {
         super::baseos_config(
             &b.content_tree_uuid,

@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use cairn_types::{ExportConfig, RemoteConfig, ScheduledExport};
 use uuid::Uuid;
 
-use super::ConfigError;
+use super::{ConfigError, DeviceConfig};
 
 /// A remote has an id (unique, usable in `REMOTE:PREFIX`), an http(s) endpoint, a bucket and a
 /// credentials file. `list` is the remotes' name in the source.
-pub(super) fn check_remotes(remotes: &[RemoteConfig], list: &str) -> Result<(), ConfigError> {
+fn check_remotes(remotes: &[RemoteConfig], list: &str) -> Result<(), ConfigError> {
     let mut ids: HashMap<&str, usize> = HashMap::new();
     for (i, remote) in remotes.iter().enumerate() {
         let at = format!("{list}[{i}]");
@@ -148,10 +148,37 @@ pub(super) fn export_request(
     })
 }
 
+/// What both sources do once their apps are read: the remotes are checked, and every remote an
+/// export names; then the export requests (each with its path) are put in the config.
+/// `policy_field`: the source's name of an app's scheduled export (`export`, `cairn_export`);
+/// `list`: the source's name of its remotes.
+pub(super) fn settle_exports(
+    config: &mut DeviceConfig,
+    exports: Vec<(String, ExportConfig)>,
+    policy_field: &str,
+    list: &str,
+) -> Result<(), ConfigError> {
+    check_remotes(&config.remotes, list)?;
+    let policies: Vec<(String, &ScheduledExport)> = config
+        .apps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            let export = a.snapshot.policy.as_ref()?.export.as_ref()?;
+            Some((format!("apps[{i}].snapshot.{policy_field}.remote"), export))
+        })
+        .collect();
+    let requests: Vec<(String, &ExportConfig)> =
+        exports.iter().map(|(at, e)| (at.clone(), e)).collect();
+    check_export_remotes(&config.remotes, &requests, &policies, list)?;
+    config.exports = exports.into_iter().map(|(_, e)| e).collect();
+    Ok(())
+}
+
 /// Every remote an export names (a request, an app's scheduled export) is configured; job ids
 /// are unique. `requests`: each request with its path; `policies`: each app's scheduled
 /// export with the path of its `remote` field.
-pub(super) fn check_export_remotes(
+fn check_export_remotes(
     remotes: &[RemoteConfig],
     requests: &[(String, &ExportConfig)],
     policies: &[(String, &ScheduledExport)],
