@@ -471,15 +471,7 @@ async fn a_bitmap_left_in_use_by_a_crashed_vm_gives_a_full_export_that_says_so()
 /// The agent with a test-only `qemu-nbd` first on its PATH whose socket file is there a
 /// second and a half before anything listens on it.
 fn agent_with_slow_nbd(h: &Harness) -> Agent {
-    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slow-nbd");
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs = std::iter::once(wrapper).chain(std::env::split_paths(&path));
-    Agent::start_with(
-        &h.persist,
-        &h.run,
-        None,
-        &[("PATH", std::env::join_paths(dirs).unwrap())],
-    )
+    Agent::start_with_tools(&h.persist, &h.run, "slow-nbd", &[])
 }
 
 /// A loaded machine shows qemu-nbd's socket file before the server listens on it: change

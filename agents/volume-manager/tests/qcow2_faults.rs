@@ -23,17 +23,11 @@ const ENOSPC: i32 = 28;
 
 /// The real agent with the test-only qemu-img first on its PATH, reading rules from `rules`.
 fn agent(h: &Harness, rules: &Path) -> Agent {
-    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/blkdebug");
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs = std::iter::once(wrapper).chain(std::env::split_paths(&path));
-    Agent::start_with(
+    Agent::start_with_tools(
         &h.persist,
         &h.run,
-        None,
-        &[
-            ("PATH", std::env::join_paths(dirs).unwrap()),
-            ("CAIRN_TEST_BLKDEBUG", OsString::from(rules)),
-        ],
+        "blkdebug",
+        &[("CAIRN_TEST_BLKDEBUG", OsString::from(rules))],
     )
 }
 

@@ -243,6 +243,24 @@ impl Agent {
         Self::spawn(&[], persist, run, crash_at, env)
     }
 
+    /// Started with the test-only tools of `tools` (a directory of this crate's `tests/`) first
+    /// on its PATH, the product calling them by name as always, and `env` added.
+    pub fn start_with_tools(
+        persist: &Path,
+        run: &Path,
+        tools: &str,
+        env: &[(&str, std::ffi::OsString)],
+    ) -> Self {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests")
+            .join(tools);
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let dirs = std::iter::once(dir).chain(std::env::split_paths(&path));
+        let mut all = vec![("PATH", std::env::join_paths(dirs).unwrap())];
+        all.extend(env.iter().cloned());
+        Self::spawn(&[], persist, run, None, &all)
+    }
+
     /// Started through `launcher` (`fiu-run -x …`), which runs the binary given after it.
     pub fn start_via(launcher: &[&str], persist: &Path, run: &Path) -> Self {
         Self::spawn(launcher, persist, run, None, &[])
