@@ -798,6 +798,23 @@ async fn a_container_whose_stop_a_killed_domain_manager_left_half_done_is_stoppe
     assert_cleaned_up(&device, &log).await;
 }
 
+/// The domain-manager SIGKILLed right after it sent SIGTERM to a container that heeds it: the
+/// container ends while no domain-manager watches it; the restarted one finds it gone, reports
+/// the stop done (halted, not broken) and starts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_ends_while_its_killed_domain_manager_is_down_is_reported_halted() {
+    let (mut device, _containers, _registry, log, _before) = stop_cut_short(SCRIPT, "30").await;
+    device
+        .until(
+            SETTLE,
+            "the container ends on the SIGTERM it was sent",
+            || container_processes(&device).is_empty(),
+        )
+        .await;
+    device.start("domain-manager", None);
+    assert_cleaned_up(&device, &log).await;
+}
+
 /// A stock EVE controller's container app: a `DsContainerRegistry` datastore with `apiKey`,
 /// `password` and `dsCertPEM`, a content tree of format CONTAINER named by tag (no sha256),
 /// a volume downloaded from it (`VCOT_DOWNLOAD`, no Cairn format), and an app in
