@@ -647,6 +647,174 @@ async fn a_running_container_is_adopted_by_a_restarted_domain_manager_not_starte
     );
 }
 
+/// The counter app's config with the app deactivated (`activate: false`).
+fn deactivated(registry: &TestRegistry) -> String {
+    config(registry, None, 0, registry.password()).replacen(
+        r#""version": "1","#,
+        r#""version": "1", "activate": false,"#,
+        1,
+    )
+}
+
+/// The containers crun holds state for under this device's runtime root (`crun list`), and
+/// whether the app's container has a state directory there.
+fn crun_state(device: &Device) -> (Vec<String>, bool) {
+    let root = device.run_dir().join("domain-manager/oci");
+    let listed = std::process::Command::new("crun")
+        .arg("--root")
+        .arg(&root)
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "crun list: {listed:?}");
+    let ids = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let dir = root.join(cairn_types::domain::container_id(
+        &device.run_dir(),
+        id(APP),
+    ));
+    (ids, dir.exists())
+}
+
+/// After a restarted domain-manager was to stop the app: the domain is reported halted (by the
+/// domain-manager, with no pid, and by the app-manager), no process of the container is left,
+/// crun holds nothing of it, and it is not started again.
+async fn assert_cleaned_up(device: &Device, log: &Path) {
+    let domain = device
+        .wait_for::<cairn_types::DomainStatus>("domain-manager", SETTLE, |d| {
+            d.state == cairn_types::DomainState::Halted && d.pid.is_none()
+        })
+        .await
+        .unwrap();
+    assert!(!domain.activated, "{domain:?}");
+    let app = device
+        .app_status(SETTLE, |s| {
+            s.state == cairn_types::SwState::Halted && !s.activated
+        })
+        .await
+        .unwrap();
+    assert!(app.error.error.is_empty(), "{:?}", app.error);
+    device
+        .until(SETTLE, "no process of the container is left", || {
+            container_processes(device).is_empty()
+        })
+        .await;
+    assert_eq!(
+        crun_state(device),
+        (vec![], false),
+        "crun holds no container"
+    );
+    // Long enough for a wrongful start to show (a start logs within a second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(container_processes(device).is_empty(), "not started again");
+    assert_eq!(starts(log).len(), 1, "started once only");
+    assert_eq!(
+        crun_state(device),
+        (vec![], false),
+        "crun holds no container"
+    );
+}
+
+/// The domain-manager SIGKILLed while the container runs, and the app deactivated while it is
+/// down: the container it left behind runs on until the next domain-manager stops it and removes
+/// it from crun; the app is reported halted and the container is not started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_left_running_by_a_killed_domain_manager_is_stopped_once_the_app_is_deactivated()
+ {
+    let (mut device, _containers, registry, _data, log) =
+        counting_container(SCRIPT, "30", false).await;
+    let before = container_processes(&device);
+    assert_eq!(before.len(), 1, "{before:?}");
+    device.kill("domain-manager");
+    device.write_config(&deactivated(&registry));
+    // The app-manager has taken the deactivation: it waits for the domain to halt.
+    device
+        .app_status(SETTLE, |s| s.state == cairn_types::SwState::Halting)
+        .await
+        .unwrap();
+    assert_eq!(
+        container_processes(&device),
+        before,
+        "with no domain-manager, the container runs on"
+    );
+    assert_eq!(
+        crun_state(&device).0.len(),
+        1,
+        "crun holds the running container"
+    );
+    device.start("domain-manager", None);
+    assert_cleaned_up(&device, &log).await;
+}
+
+/// A device whose domain-manager was SIGKILLed right after it sent SIGTERM to the container
+/// running `script` (the app deactivated; the stop timeout `stop_timeout` seconds): the
+/// domain-manager is down and the stop is left half done. The crash point is armed by a
+/// restart, so the stop cut short is of a container that domain-manager adopted.
+async fn stop_cut_short(
+    script: &str,
+    stop_timeout: &str,
+) -> (Device, Containers, TestRegistry, PathBuf, Vec<u32>) {
+    let (mut device, containers, registry, _data, log) =
+        counting_container(script, stop_timeout, false).await;
+    let before = container_processes(&device);
+    assert_eq!(before.len(), 1, "{before:?}");
+    device.kill("domain-manager");
+    device.start(
+        "domain-manager",
+        Some("domain-manager:process-stop-signalled"),
+    );
+    let agent_log = device.agent_log("domain-manager");
+    device
+        .until(SETTLE, "the domain-manager adopts the container", || {
+            std::fs::read_to_string(&agent_log)
+                .unwrap_or_default()
+                .contains("re-adopted running domain")
+        })
+        .await;
+    device.write_config(&deactivated(&registry));
+    assert!(
+        device.died_within("domain-manager", SETTLE),
+        "the domain-manager reached its crash point"
+    );
+    (device, containers, registry, log, before)
+}
+
+/// The domain-manager SIGKILLed right after it sent SIGTERM to a container that ignores it
+/// (the app deactivated): the container, left behind half stopped, is stopped by the restarted
+/// domain-manager (SIGKILL after the stop timeout) and removed from crun; the app is reported
+/// halted and the container is not started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_whose_stop_a_killed_domain_manager_left_half_done_is_stopped_once_restarted() {
+    let stubborn = SCRIPT.replace("trap 'exit 0' TERM; ", "");
+    let (mut device, _containers, _registry, log, before) = stop_cut_short(&stubborn, "2").await;
+    assert_eq!(
+        container_processes(&device),
+        before,
+        "the container ignored the SIGTERM and runs on"
+    );
+    device.start("domain-manager", None);
+    assert_cleaned_up(&device, &log).await;
+}
+
+/// The domain-manager SIGKILLed right after it sent SIGTERM to a container that heeds it: the
+/// container ends while no domain-manager watches it; the restarted one finds it gone, reports
+/// the stop done (halted, not broken) and starts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_ends_while_its_killed_domain_manager_is_down_is_reported_halted() {
+    let (mut device, _containers, _registry, log, _before) = stop_cut_short(SCRIPT, "30").await;
+    device
+        .until(
+            SETTLE,
+            "the container ends on the SIGTERM it was sent",
+            || container_processes(&device).is_empty(),
+        )
+        .await;
+    device.start("domain-manager", None);
+    assert_cleaned_up(&device, &log).await;
+}
+
 /// A stock EVE controller's container app: a `DsContainerRegistry` datastore with `apiKey`,
 /// `password` and `dsCertPEM`, a content tree of format CONTAINER named by tag (no sha256),
 /// a volume downloaded from it (`VCOT_DOWNLOAD`, no Cairn format), and an app in

@@ -580,6 +580,12 @@ impl Domain {
         };
         self.set_state(DomainState::Halting);
         self.publish().await;
+        // Statuses are written behind; this one is on file before the first signal, so that a
+        // domain-manager killed mid-stop is followed by one that knows the stop was asked: a
+        // domain gone by then is halted, not reported as ended on its own.
+        if let Err(e) = self.shared.statuses.flush().await {
+            tracing::warn!(app = %self.app, error = %e, "could not write the Halting DomainStatus");
+        }
         let t = self.shared.timeouts.clone();
         let pid = running.id.pid;
         let socket = self.dir.qmp_socket();
