@@ -111,6 +111,16 @@ fn runs(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Waits until the app has started `n` times on `dir` (its status says Running a moment before
+/// its script has written its start), then says whether it is exactly `n`.
+async fn started_times(dir: &Path, n: usize) -> usize {
+    let deadline = std::time::Instant::now() + SETTLE;
+    while runs(dir) < n && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    runs(dir)
+}
+
 /// Where the copy backend keeps snapshot S1 of the volume at `generation`.
 fn copy_of_s1(device: &Device, generation: i64) -> PathBuf {
     cairn_types::layout::volumes_dir(&device.persist_dir())
@@ -410,7 +420,11 @@ async fn a_purge_keeps_the_purgeable_volume_for_its_snapshot_and_a_rollback_retu
         .app_status(SETTLE, |s| settled(s, "2", &[s1()]))
         .await
         .unwrap();
-    assert_eq!(runs(&gen1), 1, "the app runs on the fresh generation");
+    assert_eq!(
+        started_times(&gen1, 1).await,
+        1,
+        "the app runs on the fresh generation"
+    );
     assert!(!gen1.join("pre-purge").exists());
     assert!(
         gen0.join("pre-purge").exists(),
@@ -436,7 +450,11 @@ async fn a_purge_keeps_the_purgeable_volume_for_its_snapshot_and_a_rollback_retu
         .app_status(SETTLE, |s| settled(s, "1", &[s1()]))
         .await
         .unwrap();
-    assert_eq!(runs(&gen0), 2, "started again on the pre-purge volume");
+    assert_eq!(
+        started_times(&gen0, 2).await,
+        2,
+        "started again on the pre-purge volume"
+    );
     assert_eq!(runs(&gen1), 1);
 
     // The snapshot goes and the controller sends version 3 (on generation 1): nothing refers
@@ -454,7 +472,7 @@ async fn a_purge_keeps_the_purgeable_volume_for_its_snapshot_and_a_rollback_retu
         .app_status(SETTLE, |s| settled(s, "3", &[]))
         .await
         .unwrap();
-    assert_eq!(runs(&gen1), 2);
+    assert_eq!(started_times(&gen1, 2).await, 2);
     let deadline = std::time::Instant::now() + SETTLE;
     while gen0.exists() {
         assert!(
