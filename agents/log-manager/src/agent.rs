@@ -448,7 +448,8 @@ async fn upload_loop(
         clear_problem();
         match outcome {
             Outcome::Sent => {
-                if !remove_sent(&queue, &file, &problem).await? {
+                let removed = remove_sent(&queue, &file, &problem).await?;
+                if !removed {
                     sent_not_removed = Some(file.path.clone());
                 }
                 if !last_problem.is_empty() {
@@ -462,6 +463,11 @@ async fn upload_loop(
                     p.last_error.clear();
                     p.last_upload = Some(chrono::Utc::now());
                 });
+                if !removed {
+                    // Tried again after a while, as every queue fault is: the fault stays
+                    // in the status meanwhile rather than being cleared a moment later.
+                    tokio::time::sleep(QUEUE_RETRY).await;
+                }
             }
             Outcome::Later(why) => {
                 note(&|p| p.last_error = format!("{}: {why}", file.name()));
