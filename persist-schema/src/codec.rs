@@ -296,10 +296,7 @@ pub fn deserialize_value<T: serde::de::DeserializeOwned>(value: Value) -> Result
 }
 
 fn checksum(schema: &str, version: u32, readable_from: u32, record: &[u8]) -> String {
-    digest(schema, version, readable_from, record)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::digest::hex(&digest(schema, version, readable_from, record))
 }
 
 fn digest(schema: &str, version: u32, readable_from: u32, record: &[u8]) -> [u8; 32] {

@@ -14,6 +14,7 @@ extern crate self as cairn_persist;
 
 mod codec;
 mod crash;
+pub mod digest;
 mod error;
 mod file;
 pub mod schema;

@@ -210,9 +210,7 @@ impl PublicKey {
     }
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use cairn_persist::digest::hex;
 
 /// Writes a bundle of `root` and `manifest` signed by `key` to `out`.
 pub fn create(

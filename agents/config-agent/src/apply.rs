@@ -12,6 +12,8 @@ use cairn_types::{
 };
 use chrono::Utc;
 
+use cairn_persist::digest::sha256_hex;
+
 use crate::model::{self, DeviceConfig};
 use crate::watch::FileWatch;
 
@@ -116,14 +118,6 @@ async fn replace<T: Topic>(publication: &Publication<T>, values: &[T]) -> Result
         }
     }
     Ok(())
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// How soon a config that could not be put on the bus is applied again.

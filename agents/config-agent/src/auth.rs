@@ -3,6 +3,7 @@
 //! signature over SHA-256 of the payload, and whose `senderCertHash` is the SHA-256 of the
 //! sender's PEM certificate (algorithm `SHA256_32BYTES`).
 
+use cairn_persist::digest::hex;
 use p256::ecdsa::signature::{Signer, Verifier};
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use p256::pkcs8::{DecodePrivateKey, DecodePublicKey};
@@ -157,10 +158,6 @@ fn public_key_of(cert_pem: &[u8], what: &str) -> Result<VerifyingKey, AuthError>
     let cert = pem.parse_x509().map_err(|e| bad(e.to_string()))?;
     VerifyingKey::from_public_key_der(cert.public_key().raw)
         .map_err(|e| bad(format!("its key is not P-256: {e}")))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -91,11 +91,7 @@ fn store_blob(
     file.sync_all()
         .map_err(|e| format!("cannot sync {}: {e}", partial.display()))?;
     drop(file);
-    let actual: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let actual = cairn_persist::digest::hex(&hasher.finalize());
     if actual != sha {
         let _ = crate::store::remove_if_present(&partial);
         return Err(format!(
@@ -229,12 +225,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn sha(bytes: &[u8]) -> String {
-        sha2::Sha256::digest(bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
+    use cairn_persist::digest::sha256_hex as sha;
 
     /// An archive of one image (config, one layer); `tamper` changes the layer's bytes after
     /// its name was taken from them.

@@ -28,7 +28,8 @@ use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use oci_spec::image::{ImageIndex, ImageManifest};
-use sha2::Digest;
+
+use cairn_persist::digest::sha256_hex;
 
 use crate::fetch::Progress;
 use crate::store::{self, ContentStore};
@@ -245,13 +246,6 @@ fn describe_auth(
             "image {what}: authenticating with the credentials of datastore {datastore}: {other}"
         ),
     }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn hex_of(digest: &str) -> Result<&str, String> {

@@ -18,14 +18,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use cairn_persist::Persist;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 use uuid::Uuid;
 
 /// After a reference is written, before anything is downloaded for it.
@@ -346,24 +345,7 @@ fn remove_file(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// The sha256 of a file, lower-case hex (streamed in 1 MiB reads).
-pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut file = fs::File::open(path)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
+pub use cairn_persist::digest::sha256_file;
 
 #[cfg(test)]
 mod tests {

@@ -2,14 +2,12 @@
 //! volumes (a btrfs subvolume when the volume root is on btrfs). A volume is built under a dot
 //! name and renamed into place, so a crash never leaves a half-made volume under its real name.
 
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use cairn_types::volume::{
     SnapshotBackendKind, VolumeConfig, VolumeFormat, VolumeOrigin, VolumeSnapshotMeta,
 };
-use sha2::{Digest, Sha256};
 
 use crate::backend::{self, Backends, CloneTarget, Tools, restore_mode};
 use crate::error::{Result, VolumeError};
@@ -101,24 +99,7 @@ pub async fn check_existing_blocking(key: &str, path: &Path, format: VolumeForma
     backend::blocking(key, move || check_existing(&k, &p, format)).await
 }
 
-/// The hex sha256 of a file (blocking).
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
+pub use cairn_persist::digest::sha256_file;
 
 /// Checks an existing volume is usable: present, and for qcow2 a qcow2 header.
 pub fn check_existing(key: &str, path: &Path, format: VolumeFormat) -> Result<()> {
@@ -128,7 +109,8 @@ pub fn check_existing(key: &str, path: &Path, format: VolumeFormat) -> Result<()
     })?;
     if format == VolumeFormat::Qcow2 {
         let mut magic = [0u8; 4];
-        let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic));
+        let read = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic));
         if meta.len() < 4 || read.is_err() || &magic != QCOW2_MAGIC {
             return Err(VolumeError::Corrupt {
                 volume: key.to_string(),
@@ -442,22 +424,5 @@ pub async fn sweep_leftovers(volumes: &Path) {
         if let Err(e) = remove(&name, &path).await {
             tracing::warn!("{e}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn sha256_of_a_known_text() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("x");
-        std::fs::write(&f, b"abc").unwrap();
-        assert_eq!(
-            sha256_file(&f).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 }

@@ -4,13 +4,11 @@
 // File work: its blocking calls run on the blocking pool (`blocking`, `spawn_blocking`).
 #![allow(clippy::disallowed_methods)]
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use cairn_types::export::{
     ExportKind, ExportManifest, MANIFEST_FILE, MANIFEST_FORMAT, PARTIAL_SUFFIX,
 };
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,29 +30,7 @@ pub enum VerifyError {
     Cancelled,
 }
 
-/// sha256 of a file, hex; `progress` gets the bytes read so far and may stop the read by
-/// returning false.
-pub fn sha256_file(path: &Path, progress: &mut dyn FnMut(u64) -> bool) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        done += n as u64;
-        if !progress(done) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::Interrupted,
-                "cancelled",
-            ));
-        }
-    }
-    Ok(format!("{:x}", hasher.finalize()))
-}
+pub use cairn_persist::digest::sha256_file_with_progress as sha256_file;
 
 /// Reads and parses `dir/manifest.json`; returns it and the file's sha256.
 pub fn read_manifest(dir: &Path) -> Result<(ExportManifest, String), VerifyError> {
@@ -78,7 +54,7 @@ pub fn read_manifest(dir: &Path) -> Result<(ExportManifest, String), VerifyError
         std::fs::read(&path).map_err(|e| fail(format!("{MANIFEST_FILE} cannot be read: {e}")))?;
     let manifest =
         parse_manifest(&bytes).map_err(|what| fail(format!("{MANIFEST_FILE} {what}")))?;
-    Ok((manifest, format!("{:x}", Sha256::digest(&bytes))))
+    Ok((manifest, cairn_persist::digest::sha256_hex(&bytes)))
 }
 
 /// A manifest's bytes parsed and checked (format, at least one volume); the error says what is
