@@ -181,6 +181,64 @@ async fn repair(volume: &str, file: &Path, failed: VolumeError) -> VolumeError {
     }
 }
 
+/// A writer stopped half-way (a power cut or a SIGKILL under `qemu-img snapshot`, a VM's qemu
+/// killed while it allocated) leaves clusters counted that no table references: qemu runs on
+/// with them, but their space is lost and `qemu-img check` is no longer clean, and nothing
+/// later would mend them. So an existing image is checked and its leaks repaired when the
+/// agent takes it up, before an app is started on it. An image a running VM holds (the agent
+/// restarted under it) is that VM's to write: left alone. A check that cannot run (a
+/// read-only or failing disk) is said and the volume used as it is: leaks cost space, not data.
+/// Corruption that leak repair cannot mend refuses the volume, naming the image.
+pub async fn mend_leaks(volume: &str, file: &Path) -> Result<()> {
+    let checked = process::run(
+        TOOL,
+        &[
+            "check".as_ref(),
+            "-r".as_ref(),
+            "leaks".as_ref(),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            file.as_os_str(),
+        ],
+        COMMAND_TIMEOUT,
+    )
+    .await;
+    match checked {
+        Ok(out) => {
+            let fixed = leaks_fixed(&out.stdout);
+            if fixed > 0 {
+                tracing::warn!(volume, file = %file.display(), clusters = fixed, "repaired leaked qcow2 clusters an unclean stop left (`qemu-img check -r leaks`)");
+            }
+            Ok(())
+        }
+        Err(e) if matches!(&e, CommandError::Failed { status, .. } if status.contains("exit status: 2")) => {
+            Err(VolumeError::Corrupt {
+                volume: volume.to_string(),
+                file: file.to_path_buf(),
+                detail: format!("`qemu-img check -r leaks` found corruption it cannot repair: {e}"),
+            })
+        }
+        Err(e) => {
+            match classify(volume, file, e) {
+                VolumeError::Locked { .. } => {}
+                other => {
+                    tracing::warn!(volume, file = %file.display(), "the image could not be checked for leaked clusters; used as it is: {other}")
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The `leaks-fixed` count of `qemu-img check --output=json`; 0 when absent.
+fn leaks_fixed(json: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| v.get("leaks-fixed").and_then(serde_json::Value::as_u64))
+        .unwrap_or(0)
+}
+
 async fn raw_snapshot_op(volume: &str, op: &str, name: &str, file: &Path) -> Result<()> {
     process::run(
         TOOL,
@@ -222,6 +280,11 @@ impl SnapshotBackend for Qcow2Backend {
 
     fn live_taken_by_hypervisor(&self) -> bool {
         true
+    }
+
+    /// An existing image is mended before anything starts it: see [`mend_leaks`].
+    async fn activate(&self, key: &str, path: &Path) -> Result<()> {
+        mend_leaks(key, path).await
     }
 
     /// Records the internal snapshot `name` the domain-manager took of a running VM's disk.
