@@ -220,7 +220,8 @@ async fn download_verified(remote: &Remote, link: &Link, local: &Path) -> Result
         }
         Err(e) => return Err(e.to_string()),
     };
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    // Pieces arrive up to a range (8 MiB) at a time: two waiting bound the memory.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(2);
     let path = local.to_path_buf();
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
         let mut file = std::io::BufWriter::with_capacity(PIECE, std::fs::File::create(&path)?);
@@ -239,8 +240,17 @@ async fn download_verified(remote: &Remote, link: &Link, local: &Path) -> Result
     while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(chunk) => {
-                piece.extend_from_slice(&chunk);
-                if piece.len() >= PIECE && tx.send(piece.split().freeze()).await.is_err() {
+                // A whole range goes on as it came; small network chunks are gathered.
+                let full = if piece.is_empty() && chunk.len() >= PIECE {
+                    chunk
+                } else {
+                    piece.extend_from_slice(&chunk);
+                    if piece.len() < PIECE {
+                        continue;
+                    }
+                    piece.split().freeze()
+                };
+                if tx.send(full).await.is_err() {
                     break;
                 }
             }
