@@ -27,11 +27,6 @@ pub mod seaweedfs;
 pub const PART_SIZE: usize = 8 << 20;
 /// Parts of one upload sent at once (memory: this many parts).
 pub const PARTS_IN_FLIGHT: usize = 3;
-/// Objects larger than this are downloaded as ranges of this size (memory: this many bytes
-/// per range in flight).
-pub const RANGE_SIZE: u64 = 8 << 20;
-/// Ranges of one object requested at once.
-pub const RANGES_IN_FLIGHT: usize = 3;
 /// Ciphertext gathered before it is opened on the blocking pool (one hand-off per batch).
 const OPEN_BATCH: usize = 1 << 20;
 /// How long an upload step is retried while the server is unreachable or failing (5xx): the
@@ -702,45 +697,21 @@ impl Remote {
     /// [`ErrorKind::NotFound`] error naming `key`). When the remote encrypts, the chunks are
     /// opened as they come (on the blocking pool, [`OPEN_BATCH`] at a time) and only what
     /// authenticated is handed on; a fault ends the stream with an error naming the object.
-    ///
-    /// An object larger than [`RANGE_SIZE`] is read as ranges, [`RANGES_IN_FLIGHT`] requests at
-    /// once, handed on in order: one stream leaves the link and the server half idle (as for
-    /// uploads), and a range that fails is retried alone.
     pub async fn read_stream(
         &self,
         key: &str,
     ) -> Result<futures_util::stream::BoxStream<'static, Result<Bytes, RemoteError>>, RemoteError>
     {
         let path = self.path(key);
-        let size = self
-            .retrying(&format!("reading {key}"), || self.store.head(&path))
-            .await?
-            .size;
-        let raw = if size > RANGE_SIZE {
-            let (remote, name) = (self.clone(), key.to_string());
-            futures_util::stream::iter((0..size).step_by(RANGE_SIZE as usize))
-                .map(move |start| {
-                    let (remote, path, name) = (remote.clone(), path.clone(), name.clone());
-                    async move {
-                        let range = start..(start + RANGE_SIZE).min(size);
-                        remote
-                            .retrying(&format!("reading {name} at {start}"), || {
-                                remote.store.get_range(&path, range.clone())
-                            })
-                            .await
-                    }
-                })
-                .buffered(RANGES_IN_FLIGHT)
-                .boxed()
-        } else {
-            let got = self
-                .retrying(&format!("reading {key}"), || self.store.get(&path))
-                .await?;
-            let (remote, name) = (self.clone(), key.to_string());
-            got.into_stream()
-                .map(move |chunk| chunk.map_err(|e| remote.error(&format!("reading {name}"), e)))
-                .boxed()
-        };
+        let got = self
+            .retrying(&format!("reading {key}"), || self.store.get(&path))
+            .await?;
+        let remote = self.clone();
+        let name = key.to_string();
+        let raw = got
+            .into_stream()
+            .map(move |chunk| chunk.map_err(|e| remote.error(&format!("reading {name}"), e)))
+            .boxed();
         let Some(k) = &self.key else {
             // Without a key, an encrypted object is refused at its first bytes.
             let remote = self.clone();

@@ -220,8 +220,7 @@ async fn download_verified(remote: &Remote, link: &Link, local: &Path) -> Result
         }
         Err(e) => return Err(e.to_string()),
     };
-    // Pieces arrive up to a range (8 MiB) at a time: two waiting bound the memory.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let path = local.to_path_buf();
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
         let mut file = std::io::BufWriter::with_capacity(PIECE, std::fs::File::create(&path)?);
@@ -240,17 +239,8 @@ async fn download_verified(remote: &Remote, link: &Link, local: &Path) -> Result
     while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(chunk) => {
-                // A whole range goes on as it came; small network chunks are gathered.
-                let full = if piece.is_empty() && chunk.len() >= PIECE {
-                    chunk
-                } else {
-                    piece.extend_from_slice(&chunk);
-                    if piece.len() < PIECE {
-                        continue;
-                    }
-                    piece.split().freeze()
-                };
-                if tx.send(full).await.is_err() {
+                piece.extend_from_slice(&chunk);
+                if piece.len() >= PIECE && tx.send(piece.split().freeze()).await.is_err() {
                     break;
                 }
             }
