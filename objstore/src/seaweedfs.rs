@@ -112,6 +112,8 @@ impl SeaweedFs {
             ))
             .arg(format!("-s3.config={}", d.join("s3.json").display()))
             .arg("-master.volumeSizeLimitMB=256")
+            // Eight volumes (weed's default) hold 2 GiB: a figures run writing more stalled.
+            .arg("-volume.max=32")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -1019,7 +1019,8 @@ async fn export(
             volume = %plan.volume_id,
             ?kind,
             write_ms = written.as_millis() as u64,
-            hash_ms = (hashed - written).as_millis() as u64,
+            // To a remote: the upload, which hashes as it reads; to a directory: hash + fsync.
+            hash_or_upload_ms = (hashed - written).as_millis() as u64,
             tracking_ms = (began.elapsed() - hashed).as_millis() as u64,
             "volume exported"
         );
