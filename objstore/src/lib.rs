@@ -16,6 +16,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
 };
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 pub mod crypt;
@@ -57,6 +58,14 @@ pub enum ErrorKind {
     /// what the remote's configuration says.
     Damaged,
     Other,
+}
+
+/// A file sent by [`Remote::send_file`]: its size and the sha256 of its content (the
+/// plaintext, also when the remote encrypts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentFile {
+    pub size: u64,
+    pub sha256: String,
 }
 
 /// The access key pair, as read from the credentials file. Its Debug shows no secret.
@@ -467,14 +476,15 @@ impl Remote {
     /// Sends the file at `local` as the parts of upload `upload_id` of `key`, read in
     /// [`PART_SIZE`] pieces ([`PARTS_IN_FLIGHT`] at most in memory; each sealed on the blocking
     /// pool when the remote encrypts), and completes it; `progress` gets the bytes of the file
-    /// sent so far. A failed upload is aborted. Returns the file's bytes sent.
+    /// sent so far. A failed upload is aborted. Returns the file's size and the sha256 of its
+    /// content (hashed on the blocking pool as the parts are read: the file is read once).
     pub async fn send_file(
         &self,
         local: &Path,
         key: &str,
         upload_id: &str,
         progress: &mut (dyn FnMut(u64) + Send),
-    ) -> Result<u64, RemoteError> {
+    ) -> Result<SentFile, RemoteError> {
         let path = self.path(key);
         let id = upload_id.to_string();
         let result = async {
@@ -500,6 +510,9 @@ impl Remote {
             let mut parts: Vec<Option<PartId>> = Vec::new();
             let mut sent = 0u64;
             let mut read_all = false;
+            // The hash of the parts read so far, running on the blocking pool one part at a
+            // time while the next is read and sent.
+            let mut hashing = tokio::task::spawn_blocking(Sha256::new);
             while !read_all || !in_flight.is_empty() {
                 if !read_all && in_flight.len() < PARTS_IN_FLIGHT {
                     let mut buf = Vec::with_capacity(PART_SIZE);
@@ -513,6 +526,15 @@ impl Remote {
                             message: format!("reading {}: {e}", local.display()),
                         })?;
                     read_all = n < PART_SIZE;
+                    let buf = Bytes::from(buf);
+                    let mut hasher = hashing
+                        .await
+                        .map_err(|e| self.local_error(format!("hashing {key}: {e}")))?;
+                    let hashed = buf.clone();
+                    hashing = tokio::task::spawn_blocking(move || {
+                        hasher.update(&hashed);
+                        hasher
+                    });
                     // Encrypted, the short read always makes a part: it ends the stream (its
                     // last chunk may be empty, its tag is not).
                     if n > 0 || parts.is_empty() || sealer.is_some() {
@@ -526,7 +548,7 @@ impl Remote {
                                     Some(sealer) => {
                                         let first = (index * (PART_SIZE / crypt::CHUNK)) as u64;
                                         tokio::task::spawn_blocking(move || {
-                                            sealer.seal(&buf, first, last)
+                                            sealer.seal(&buf, first, last).map(Bytes::from)
                                         })
                                         .await
                                         .map_err(|e| e.to_string())
@@ -539,7 +561,7 @@ impl Remote {
                                     }
                                     None => buf,
                                 };
-                                let payload = PutPayload::from(Bytes::from(bytes));
+                                let payload = PutPayload::from(bytes);
                                 self.retrying(&format!("uploading part {index} of {key}"), || {
                                     self.store.put_part(path, id, index, payload.clone())
                                 })
@@ -559,11 +581,18 @@ impl Remote {
                 }
             }
             let parts: Vec<PartId> = parts.into_iter().flatten().collect();
+            let sha256 = hashing
+                .await
+                .map_err(|e| self.local_error(format!("hashing {key}: {e}")))?
+                .finalize();
             self.retrying(&format!("completing the upload of {key}"), || {
                 self.store.complete_multipart(&path, &id, parts.clone())
             })
             .await?;
-            Ok(sent)
+            Ok(SentFile {
+                size: sent,
+                sha256: format!("{sha256:x}"),
+            })
         }
         .await;
         if result.is_err()
@@ -575,7 +604,7 @@ impl Remote {
     }
 
     /// [`Remote::begin_upload`] and [`Remote::send_file`] in one.
-    pub async fn upload_file(&self, local: &Path, key: &str) -> Result<u64, RemoteError> {
+    pub async fn upload_file(&self, local: &Path, key: &str) -> Result<SentFile, RemoteError> {
         let id = self.begin_upload(key).await?;
         self.send_file(local, key, &id, &mut |_| {}).await
     }

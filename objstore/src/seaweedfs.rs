@@ -112,6 +112,8 @@ impl SeaweedFs {
             ))
             .arg(format!("-s3.config={}", d.join("s3.json").display()))
             .arg("-master.volumeSizeLimitMB=256")
+            // Eight volumes (weed's default) hold 2 GiB: a figures run writing more stalled.
+            .arg("-volume.max=32")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -219,6 +221,26 @@ impl SeaweedFs {
             .skip(1)
             .filter_map(|s| s.split("</Key>").next())
             .map(str::to_string)
+            .collect()
+    }
+
+    /// The objects under `prefix` in `bucket` with their sizes as the server stores them
+    /// (`ListObjectsV2` of the bucket, first page: up to 1,000 keys; curl signs a `prefix`
+    /// query the server does not accept).
+    pub fn objects(&self, bucket: &str, prefix: &str) -> Vec<(String, u64)> {
+        let (code, body) = self.curl("GET", &format!("{bucket}?list-type=2"), &[]);
+        assert_eq!(code, 200, "listing {bucket}: {body}");
+        let field = |entry: &str, name: &str| -> Option<String> {
+            let (_, rest) = entry.split_once(&format!("<{name}>"))?;
+            Some(rest.split_once(&format!("</{name}>"))?.0.to_string())
+        };
+        body.split("<Contents>")
+            .skip(1)
+            .filter_map(|entry| {
+                let size = field(entry, "Size")?.parse().ok()?;
+                Some((field(entry, "Key")?, size))
+            })
+            .filter(|(key, _)| key.starts_with(prefix))
             .collect()
     }
 

@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use cairn_objstore::seaweedfs::{SECRET_KEY, SeaweedFs};
 use cairn_objstore::{ErrorKind, Remote};
 use cairn_types::RemoteConfig;
+use sha2::{Digest, Sha256};
 
 fn config(server: &SeaweedFs, bucket: &str) -> RemoteConfig {
     RemoteConfig {
@@ -41,7 +42,9 @@ async fn a_file_goes_up_in_parts_and_comes_back_identical() {
         .send_file(&local, "e1/v.qcow2", &id, &mut |n| last = n)
         .await
         .unwrap();
-    assert_eq!(sent, data.len() as u64);
+    assert_eq!(sent.size, data.len() as u64);
+    // The hash taken on the way up is the file's: the export's manifest records it.
+    assert_eq!(sent.sha256, format!("{:x}", Sha256::digest(&data)));
     assert_eq!(last, data.len() as u64);
     assert!(
         server

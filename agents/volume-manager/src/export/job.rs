@@ -956,7 +956,13 @@ async fn export(
         done += data_bytes;
         progress.set(done);
         let written = began.elapsed();
-        let (sha, size) = {
+        let (sha, size) = if let Some(target) = remote_target.as_mut() {
+            // Hashed as it goes up, no fsync: a spooled file is removed once sent, and what
+            // a crash leaves in the spool is swept at start.
+            upload_volume(target, &out, &file, progress)
+                .await
+                .map_err(&fail)?
+        } else {
             let file_path = out.clone();
             tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
                 let out = file_path;
@@ -1004,11 +1010,6 @@ async fn export(
             },
         });
         let hashed = began.elapsed();
-        if let Some(target) = remote_target.as_mut() {
-            upload_volume(target, &out, &file, progress)
-                .await
-                .map_err(&fail)?;
-        }
         cairn_persist::crash_point(super::CRASH_MID_EXPORT);
         // Tracking starts at this snapshot if the volume still equals it.
         if kind == ExportKind::Full && plan.tree.is_none() {
@@ -1018,7 +1019,8 @@ async fn export(
             volume = %plan.volume_id,
             ?kind,
             write_ms = written.as_millis() as u64,
-            hash_ms = (hashed - written).as_millis() as u64,
+            // To a remote: the upload, which hashes as it reads; to a directory: hash + fsync.
+            hash_or_upload_ms = (hashed - written).as_millis() as u64,
             tracking_ms = (began.elapsed() - hashed).as_millis() as u64,
             "volume exported"
         );
@@ -1150,13 +1152,13 @@ async fn open_remote(
 }
 
 /// Uploads a spooled volume file (its upload id recorded first, so that a restart after a
-/// crash aborts it), then removes it from the spool.
+/// crash aborts it), then removes it from the spool; returns its sha256 and size.
 async fn upload_volume(
     target: &mut RemoteTarget,
     local: &Path,
     file: &str,
     progress: &mut Progress,
-) -> Result<(), String> {
+) -> Result<(String, u64), String> {
     let key = join_key(&[&target.dir, file]);
     let upload_id = target
         .remote
@@ -1171,7 +1173,7 @@ async fn upload_volume(
         .await
         .map_err(|e| e.to_string())?;
     let before = progress.status.bytes_uploaded;
-    target
+    let sent = target
         .remote
         .send_file(local, &key, &upload_id, &mut |sent| {
             progress.uploaded(before + sent);
@@ -1181,10 +1183,11 @@ async fn upload_volume(
         })
         .await
         .map_err(|e| e.to_string())?;
-    progress.uploaded(before + file_len(local).await);
+    progress.uploaded(before + sent.size);
     tokio::fs::remove_file(local)
         .await
-        .map_err(|e| format!("removing the spooled {}: {e}", local.display()))
+        .map_err(|e| format!("removing the spooled {}: {e}", local.display()))?;
+    Ok((sent.sha256, sent.size))
 }
 
 /// After a complete export to a remote: retention of the app's exports under the prefix. Its
@@ -1293,13 +1296,6 @@ async fn create_placeholder(path: &Path, size: u64) -> Result<(), String> {
     .await
     .map(drop)
     .map_err(|e| e.to_string())
-}
-
-async fn file_len(path: &Path) -> u64 {
-    tokio::fs::metadata(path)
-        .await
-        .map(|m| m.len())
-        .unwrap_or(0)
 }
 
 /// Renames the written export to its final name (not cancellable: it is complete) and drops

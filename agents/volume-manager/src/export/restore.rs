@@ -57,6 +57,7 @@ pub async fn materialize(
         volume: key.to_string(),
         what: format!("cannot be restored from export {shown}: {what}"),
     };
+    let opening = std::time::Instant::now();
     let remote = Remote::open(config, persist)
         .await
         .map_err(|e| failed(e.to_string()))?;
@@ -64,6 +65,7 @@ pub async fn materialize(
     if let Some(last) = links.first() {
         super::import::check_content(last.content, tree).map_err(&failed)?;
     }
+    let began = std::time::Instant::now();
     let result = async {
         let stage_dir = stage.to_path_buf();
         tokio::task::spawn_blocking(move || std::fs::create_dir_all(stage_dir))
@@ -89,11 +91,22 @@ pub async fn materialize(
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("unpacking {}/{}: {e}", last.key, last.file));
         }
+        let downloaded = began.elapsed();
         check_backing(&links, stage).await?;
         tracing::info!(volume = key, export = %shown, links = links.len(), "restoring a volume from an export at a remote");
+        let checked = began.elapsed();
         super::import::convert_into_volume(&source, out)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            volume = key,
+            open_and_manifests_ms = (began - opening).as_millis() as u64,
+            download_ms = downloaded.as_millis() as u64,
+            check_ms = (checked - downloaded).as_millis() as u64,
+            convert_ms = (began.elapsed() - checked).as_millis() as u64,
+            "volume restored from an export at a remote"
+        );
+        Ok(())
     }
     .await;
     let stage_dir = stage.to_path_buf();
