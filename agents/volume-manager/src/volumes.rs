@@ -342,9 +342,18 @@ fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
     cairn_persist::create_dir_durable(dir)
 }
 
-/// Renames the made volume into place, and its directory entry durably (blocking).
+/// Makes the made volume durable, renames it into place, and its directory entry durably
+/// (blocking). The makers do not all sync what they write (`qemu-img convert` leaves its output
+/// in the page cache), and Ready must not be said of data a power cut can take.
 #[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 fn rename_durably(key: &str, from: &Path, to: &Path) -> Result<()> {
+    if from.is_dir() {
+        backend::sync_tree(key, from)?;
+    } else {
+        std::fs::File::open(from)
+            .and_then(|f| f.sync_all())
+            .map_err(VolumeError::io(key, "cannot sync", from))?;
+    }
     std::fs::rename(from, to).map_err(VolumeError::io(key, "cannot rename into", to))?;
     // A failed fsync is an error: Ready must not be said of a volume a power cut can take.
     backend::sync_parent(key, to)

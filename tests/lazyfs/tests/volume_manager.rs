@@ -405,3 +405,88 @@ fn a_new_volume_survives_a_cut_at_every_request() {
         },
     );
 }
+
+/// A qcow2 volume made from a base image by `qemu-img convert`, which leaves what it writes in
+/// the page cache: once the manager says Ready, a cut must find the image whole.
+#[test]
+fn a_volume_made_from_a_base_image_survives_a_cut_at_every_request() {
+    use cairn_types::volume::{VolumeFormat, VolumeOrigin, VolumeState};
+    use cairn_volume_manager::Publish;
+    const IMAGE_VOLUME_ID: uuid::Uuid = uuid::Uuid::from_u128(0x502);
+    const MIB: u64 = 1 << 20;
+    let images = tempfile::tempdir().unwrap();
+    let base = images.path().join("base.qcow2");
+    let qemu = |program: &str, args: &[&str]| {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{program} {args:?}: {out:?}");
+        out
+    };
+    let base_str = base.to_str().unwrap();
+    qemu(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", base_str, "16M"],
+    );
+    qemu(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P 90 0 {MIB}"),
+            base_str,
+        ],
+    );
+    let config = cairn_types::volume::VolumeConfig {
+        volume_id: IMAGE_VOLUME_ID,
+        display_name: "disk".into(),
+        max_vol_size: 16 * MIB,
+        format: VolumeFormat::Qcow2,
+        origin: VolumeOrigin::BaseImage {
+            path: base.clone(),
+            sha256: cairn_persist::digest::sha256_file(&base).unwrap(),
+        },
+        ..Default::default()
+    };
+    let rt = runtime();
+    let key = "volume 502";
+    both_modes(
+        "volume-manager volume from a base image",
+        &mut |_| {},
+        &mut |root, ledger| {
+            rt.block_on(async {
+                let mut m = volume_manager(root).await;
+                m.handle_app_volume_refs_complete().await;
+                ledger.begin(key, Some(1));
+                let out = m.handle_volume_config(config.clone()).await;
+                if matches!(out.first(), Some(Publish::Volume(v)) if v.state == VolumeState::Ready)
+                {
+                    ledger.ack(key);
+                }
+            });
+        },
+        &mut |root, _| {
+            let file = root
+                .join("volumes")
+                .join(format!("{IMAGE_VOLUME_ID}#0.qcow2"));
+            let got = if !file.exists() {
+                Found::Absent
+            } else {
+                let read = std::process::Command::new("qemu-io")
+                    .args(["-f", "qcow2", "-r", "-c", &format!("read -P 90 0 {MIB}")])
+                    .arg(&file)
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&read.stdout).into_owned();
+                if read.status.success() && !text.contains("Pattern verification failed") {
+                    RIGHT
+                } else {
+                    Found::Unreadable(format!("{text}{}", String::from_utf8_lossy(&read.stderr)))
+                }
+            };
+            BTreeMap::from([(key.to_string(), got)])
+        },
+    );
+}
