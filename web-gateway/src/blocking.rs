@@ -57,3 +57,29 @@ impl Blocking {
         result.await.map_err(|_| Failed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_job_runs_on_the_one_thread_and_a_panic_fails_only_its_own() {
+        let io = Blocking::start().unwrap();
+        let here = std::thread::current().id();
+        let first = io.run(|| std::thread::current().id()).await.unwrap();
+        assert_ne!(first, here, "the job ran on the runtime's thread");
+        let panicked = io.run(|| -> u32 { panic!("a bug in a job") }).await;
+        assert!(panicked.is_err(), "a panicking job gave an answer");
+        for _ in 0..10 {
+            let (a, b) = tokio::join!(
+                io.run(|| std::thread::current().id()),
+                io.run(|| std::thread::current().id())
+            );
+            assert_eq!(
+                (a.unwrap(), b.unwrap()),
+                (first, first),
+                "a job ran on another thread (or the thread died with the panic)"
+            );
+        }
+    }
+}
