@@ -10,12 +10,17 @@
 //! `<persist>/snapshots/`; volumes, domains, exports and downloads empty), the real server on
 //! loopback, plain HTTP/1.1 clients. The clients run in a second process (this bench run again
 //! with `CAIRN_WEB_BENCH_CLIENT` set, told the server's address and each step on its stdin), so
-//! their threads, stacks and malloc arenas are not counted in the server's memory.
+//! their threads, stacks and malloc arenas are not counted in the server's memory. The server
+//! runs as `cairn up` runs it: on a current-thread runtime on the process's main thread; the
+//! publishers share that runtime (on a device they are the agents' processes), so their
+//! memory is counted with the server's: the figures are an upper bound for the server's.
 //! Prints: render time of `/` and `/api/v1/status` (p50, p99 of 200 requests each, one client
 //! at a time, without and with `Accept-Encoding: gzip` as a browser sends it, timed by the
 //! client); the server process's RSS before the server, after serving those requests, and after
 //! 20 open pages followed 5 s of snapshot activity (and of it, the anonymous memory: the
-//! file-backed rest is the binary's code run for the first time); the CPU the server process
+//! file-backed rest is the binary's code run for the first time), and where it grew (main
+//! heap, glibc's per-thread malloc arenas, stacks, other anonymous memory, file-backed pages,
+//! from `/proc/self/smaps`); the CPU the server process
 //! spends idle, in % of one core, with the page served and with the 20 pages open; the change
 //! events delivered per second to those 20 pages, and the contents they fetched, while
 //! snapshots are taken: 5 a second, each requested (the app's status published with it), then
@@ -23,19 +28,29 @@
 //! snapshot gone, its record removed), as the app-manager does. Each page does what the page's
 //! script does: on an event it fetches `/content` again, one fetch at a time, events during a
 //! fetch making one more.
-//! Figures only: nothing here fails on timing.
+//! Figures only: nothing here fails on timing. With `CAIRN_WEB_BENCH_PAUSE=SECONDS` the server
+//! process prints its pid and waits that long at the end, the pages still open, for a look at
+//! its `/proc/PID/smaps` (or `heaptrack`).
+//!
+//! Last figures (release, load average ~15-20 from other builds): RSS growth after the 20
+//! pages followed the activity +3.5 MiB (anonymous +2.3 MiB; main heap +1.7, arenas +0.1,
+//! file-backed +1.3 MiB), against +5.2 MiB (arenas +1.5 MiB) with the server's file work on
+//! tokio's blocking pool and the record check on every core. See the README's table.
 
 #![allow(clippy::unwrap_used)] // bench code: a failed unwrap is a failed run
 #![allow(clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use std::sync::mpsc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{ChildStdin, ChildStdout};
 
 use cairn_pubsub::{Bus, PublishOptions};
 use cairn_readout::readout::Roots;
@@ -74,6 +89,68 @@ fn rss_kib() -> (u64, u64) {
     (status_kib("VmRSS:"), status_kib("RssAnon:"))
 }
 
+/// The process's resident memory by where it sits, in KiB, from `/proc/self/smaps`: the main
+/// heap (`brk`), glibc's per-thread malloc arenas (anonymous maps starting on a 64 MiB
+/// boundary, as glibc aligns them), thread stacks (the main one and those behind a guard
+/// page), the rest of the anonymous memory, and the file-backed pages (the binary's code and
+/// data run or read for the first time; shared with any process running the same binary).
+#[derive(Clone, Copy, Default)]
+struct Where {
+    heap: u64,
+    arenas: u64,
+    stacks: u64,
+    other_anon: u64,
+    files: u64,
+}
+
+fn where_kib() -> Where {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut at = Where::default();
+    // (start, end, is a guard page (no access), name) of the map being read
+    let mut map: Option<(u64, u64, String)> = None;
+    let mut guard_end = 0;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        {
+            let perms = fields.next().unwrap_or_default();
+            let name = fields.nth(3).unwrap_or_default().to_string();
+            if let Some((_, end, name)) = &map
+                && name == "guard"
+            {
+                guard_end = *end;
+            }
+            let name = if perms.starts_with("---") && name.is_empty() {
+                "guard".to_string()
+            } else {
+                name
+            };
+            map = Some((start, end, name));
+            continue;
+        }
+        if first != "Rss:" {
+            continue;
+        }
+        let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let Some((start, end, name)) = &map else {
+            continue;
+        };
+        let slot = match name.as_str() {
+            "[heap]" => &mut at.heap,
+            "[stack]" => &mut at.stacks,
+            n if n.starts_with('/') => &mut at.files,
+            "" if start % (64 << 20) == 0 => &mut at.arenas,
+            "" if guard_end == *start && end - start >= 1 << 20 => &mut at.stacks,
+            _ => &mut at.other_anon,
+        };
+        *slot += kib;
+    }
+    at
+}
+
 /// CPU time (user and system) of the whole process so far.
 fn cpu_time() -> Duration {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
@@ -91,9 +168,9 @@ fn cpu_time() -> Duration {
 
 /// The process's CPU use over [`IDLE`] of nothing happening, in % of one core (it includes this
 /// bench's idle publishers: an upper bound for the server).
-fn idle_cpu_percent() -> f64 {
+async fn idle_cpu_percent() -> f64 {
     let (cpu, start) = (cpu_time(), Instant::now());
-    std::thread::sleep(IDLE);
+    tokio::time::sleep(IDLE).await;
     (cpu_time() - cpu).as_secs_f64() / start.elapsed().as_secs_f64() * 100.0
 }
 
@@ -160,7 +237,7 @@ fn open_page(addr: SocketAddr, events: Arc<AtomicU64>, fetches: Arc<AtomicU64>) 
     std::thread::spawn(move || {
         let mut stream = TcpStream::connect(addr).unwrap();
         write!(stream, "GET /api/v1/events HTTP/1.1\r\nHost: bench\r\n\r\n").unwrap();
-        for line in BufReader::new(stream).lines() {
+        for line in std::io::BufReader::new(stream).lines() {
             let Ok(line) = line else { return };
             if line == "event: change" {
                 events.fetch_add(1, Ordering::Relaxed);
@@ -256,13 +333,11 @@ fn client() {
 
 /// Reads the client's output up to its answer `word`, printing the rest; returns what follows
 /// the word.
-fn answer(from: &mut impl BufRead, word: &str) -> String {
+async fn answer(from: &mut Lines<BufReader<ChildStdout>>, word: &str) -> String {
     loop {
-        let mut line = String::new();
-        assert!(
-            from.read_line(&mut line).unwrap() > 0,
-            "the client process ended before answering {word:?}"
-        );
+        let line = from.next_line().await.unwrap();
+        let line =
+            line.unwrap_or_else(|| panic!("the client process ended before answering {word:?}"));
         let line = line.trim_end();
         match line.strip_prefix(word) {
             Some(rest) => return rest.trim().to_string(),
@@ -271,77 +346,86 @@ fn answer(from: &mut impl BufRead, word: &str) -> String {
     }
 }
 
+/// Tells the client process its next step.
+async fn order(to: &mut ChildStdin, line: &str) {
+    to.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+}
+
 fn main() {
     if std::env::var_os(CLIENT_ENV).is_some() {
         return client();
     }
-    let root = tempfile::tempdir().unwrap();
-    let roots = Roots::under(root.path());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // The server runs as `cairn up` runs it: on a current-thread runtime on the process's main
+    // thread (`cairn up`'s `main` is `#[tokio::main(flavor = "current_thread")]`), here with
+    // the publishers and this bench's steps beside it.
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
+        .unwrap()
+        .block_on(server());
+}
+
+async fn server() {
+    let root = tempfile::tempdir().unwrap();
+    let roots = Roots::under(root.path());
+    let device = Bus::new("config-agent", &roots.run, &roots.persist)
+        .publish::<DeviceStatus>(PublishOptions::default())
+        .await
         .unwrap();
-    let apps = runtime.block_on(async {
-        let device = Bus::new("config-agent", &roots.run, &roots.persist)
-            .publish::<DeviceStatus>(PublishOptions::default())
-            .await
-            .unwrap();
-        device.publish(DeviceStatus::default()).await.unwrap();
-        let apps = Bus::new("app-manager", &roots.run, &roots.persist)
-            .publish::<AppInstanceStatus>(PublishOptions::default())
-            .await
-            .unwrap();
-        for n in 0..APPS {
-            let status = app(n);
-            for s in &status.snap_status.available_snapshots {
-                write_record(&roots.persist, s);
-            }
-            apps.publish(status).await.unwrap();
+    device.publish(DeviceStatus::default()).await.unwrap();
+    let apps = Bus::new("app-manager", &roots.run, &roots.persist)
+        .publish::<AppInstanceStatus>(PublishOptions::default())
+        .await
+        .unwrap();
+    for n in 0..APPS {
+        let status = app(n);
+        for s in &status.snap_status.available_snapshots {
+            write_record(&roots.persist, s);
         }
-        // Every topic the page follows has its publisher, as on a device whose agents run.
-        let volume_manager = Bus::new("volume-manager", &roots.run, &roots.persist);
-        let others = (
-            volume_manager
-                .publish::<VolumeStatus>(PublishOptions::default())
-                .await
-                .unwrap(),
-            volume_manager
-                .publish::<ExportStatus>(PublishOptions::default())
-                .await
-                .unwrap(),
-            Bus::new("domain-manager", &roots.run, &roots.persist)
-                .publish::<DomainStatus>(PublishOptions::default())
-                .await
-                .unwrap(),
-            Bus::new("downloader", &roots.run, &roots.persist)
-                .publish::<ContentTreeStatus>(PublishOptions::default())
-                .await
-                .unwrap(),
-        );
-        (device, apps, others)
-    });
+        apps.publish(status).await.unwrap();
+    }
+    // Every topic the page follows has its publisher, as on a device whose agents run.
+    let volume_manager = Bus::new("volume-manager", &roots.run, &roots.persist);
+    let _others = (
+        volume_manager
+            .publish::<VolumeStatus>(PublishOptions::default())
+            .await
+            .unwrap(),
+        volume_manager
+            .publish::<ExportStatus>(PublishOptions::default())
+            .await
+            .unwrap(),
+        Bus::new("domain-manager", &roots.run, &roots.persist)
+            .publish::<DomainStatus>(PublishOptions::default())
+            .await
+            .unwrap(),
+        Bus::new("downloader", &roots.run, &roots.persist)
+            .publish::<ContentTreeStatus>(PublishOptions::default())
+            .await
+            .unwrap(),
+    );
+    // The statuses the activity below publishes, made before the first reading: they are the
+    // publisher's, not the server's.
+    let mut statuses: Vec<AppInstanceStatus> = (0..APPS).map(app).collect();
     // The clients' process, started before the first reading so that starting it is not
     // counted either.
-    let mut clients = Command::new(std::env::current_exe().unwrap())
+    let mut clients = tokio::process::Command::new(std::env::current_exe().unwrap())
         .env(CLIENT_ENV, "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut to_clients = clients.stdin.take().unwrap();
-    let mut from_clients = BufReader::new(clients.stdout.take().unwrap());
+    let mut from_clients = BufReader::new(clients.stdout.take().unwrap()).lines();
+    // Read first: the reading's own scratch is then in the RSS read after it, every time.
+    let before_where = where_kib();
     let before = rss_kib();
 
     let (stop, stopping) = tokio::sync::watch::channel(false);
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = runtime
-        .block_on(cairn_web::router(addr, roots.clone()))
-        .unwrap();
-    runtime.spawn(async move {
+    let router = cairn_web::router(addr, roots.clone()).await.unwrap();
+    let served = tokio::spawn(async move {
         let mut stopping = stopping;
         axum::serve(
             listener,
@@ -354,49 +438,49 @@ fn main() {
         .unwrap();
     });
 
-    writeln!(to_clients, "{addr}").unwrap();
+    order(&mut to_clients, &addr.to_string()).await;
     println!("web read-out, {APPS} apps x {SNAPSHOTS} snapshots, {REQUESTS} requests each:");
-    let requests: usize = answer(&mut from_clients, "served").parse().unwrap();
-    let served = rss_kib();
-    let idle_served = idle_cpu_percent();
+    let requests: usize = answer(&mut from_clients, "served").await.parse().unwrap();
+    // Read first: the reading's own scratch is then in the RSS read after it, every time.
+    let after_requests_where = where_kib();
+    let after_requests = rss_kib();
+    let idle_served = idle_cpu_percent().await;
 
-    writeln!(to_clients, "open").unwrap();
-    answer(&mut from_clients, "open");
-    let (_device, apps, _others) = apps;
-    let mut statuses: Vec<AppInstanceStatus> = (0..APPS).map(app).collect();
+    order(&mut to_clients, "open").await;
+    answer(&mut from_clients, "open").await;
     let taken = (ACTIVITY.as_secs() as usize) * SNAPSHOTS_PER_SECOND;
     let step = Duration::from_secs(1) / (2 * SNAPSHOTS_PER_SECOND as u32);
     let start = Instant::now();
-    runtime.block_on(async {
-        for t in 0..taken {
-            let n = t % APPS;
-            let next = SNAPSHOTS + t / APPS;
-            let status = &mut statuses[n];
-            // Requested: listed with the app's requests.
-            let mut new = snapshot(n, next);
-            new.time_created = None;
-            status.snap_status.requested_snapshots.push(new.clone());
-            apps.publish(status.clone()).await.unwrap();
-            tokio::time::sleep(step).await;
-            // Taken: its record written, available; the oldest rotated out, its record gone.
-            new.time_created = Some(chrono::Utc::now());
-            write_record(&roots.persist, &new);
-            status.snap_status.requested_snapshots.clear();
-            status.snap_status.available_snapshots.push(new);
-            let oldest = status.snap_status.available_snapshots.remove(0);
-            remove_record(&roots.persist, &oldest);
-            apps.publish(status.clone()).await.unwrap();
-            tokio::time::sleep(step).await;
-        }
-    });
-    std::thread::sleep(Duration::from_millis(500));
+    for t in 0..taken {
+        let n = t % APPS;
+        let next = SNAPSHOTS + t / APPS;
+        let status = &mut statuses[n];
+        // Requested: listed with the app's requests.
+        let mut new = snapshot(n, next);
+        new.time_created = None;
+        status.snap_status.requested_snapshots.push(new.clone());
+        apps.publish(status.clone()).await.unwrap();
+        tokio::time::sleep(step).await;
+        // Taken: its record written, available; the oldest rotated out, its record gone.
+        new.time_created = Some(chrono::Utc::now());
+        write_record(&roots.persist, &new);
+        status.snap_status.requested_snapshots.clear();
+        status.snap_status.available_snapshots.push(new);
+        let oldest = status.snap_status.available_snapshots.remove(0);
+        remove_record(&roots.persist, &oldest);
+        apps.publish(status.clone()).await.unwrap();
+        tokio::time::sleep(step).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let elapsed = start.elapsed().as_secs_f64();
-    writeln!(to_clients, "count").unwrap();
-    let counts = answer(&mut from_clients, "counts");
+    order(&mut to_clients, "count").await;
+    let counts = answer(&mut from_clients, "counts").await;
     let (events, fetches) = counts.split_once(' ').unwrap();
     let (events, fetches): (u64, u64) = (events.parse().unwrap(), fetches.parse().unwrap());
+    // Read first: the reading's own scratch is then in the RSS read after it, every time.
+    let pages_open_where = where_kib();
     let pages_open = rss_kib();
-    let idle_pages = idle_cpu_percent();
+    let idle_pages = idle_cpu_percent().await;
     println!(
         "  snapshot activity: {taken} snapshots in {elapsed:.1} s ({SNAPSHOTS_PER_SECOND}/s, \
          {} status changes/s): {events} events delivered to {PAGES} pages \
@@ -417,17 +501,43 @@ fn main() {
         "  server process RSS: {} KiB before the server, {} after {requests} requests, {} after {PAGES} pages \
          followed the snapshot activity",
         before.0,
-        grown(served),
+        grown(after_requests),
         grown(pages_open)
+    );
+    let grown_where = |now: Where| {
+        let d = |now: u64, then: u64| now as i64 - then as i64;
+        format!(
+            "main heap {:+}, malloc arenas {:+}, stacks {:+}, other anonymous {:+}, \
+             file-backed {:+} KiB",
+            d(now.heap, before_where.heap),
+            d(now.arenas, before_where.arenas),
+            d(now.stacks, before_where.stacks),
+            d(now.other_anon, before_where.other_anon),
+            d(now.files, before_where.files),
+        )
+    };
+    println!(
+        "  where it grew (smaps): after the requests {}; after the pages {}",
+        grown_where(after_requests_where),
+        grown_where(pages_open_where)
     );
     println!(
         "  idle CPU over {IDLE:?}: {idle_served:.2}% of one core with the page served, \
          {idle_pages:.2}% with {PAGES} pages open"
     );
+    if let Some(pause) = std::env::var_os("CAIRN_WEB_BENCH_PAUSE") {
+        // For a look at the server's /proc/PID/smaps with the pages open.
+        println!("  pid {} paused {pause:?} s", std::process::id());
+        tokio::time::sleep(Duration::from_secs(
+            pause.to_str().unwrap().parse().unwrap(),
+        ))
+        .await;
+    }
     drop(to_clients);
     assert!(
-        clients.wait().unwrap().success(),
+        clients.wait().await.unwrap().success(),
         "the client process failed"
     );
     let _ = stop.send(true);
+    served.await.unwrap();
 }

@@ -12,6 +12,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 
+use crate::blocking::Blocking;
 use crate::{Web, WebError};
 
 /// The token file under `<persist>/config/`: one `device TOKEN` or `tenant:NAME TOKEN` per line
@@ -142,6 +143,8 @@ impl Tokens {
 /// change times) changes, so a token added or revoked counts from the next request, without a restart.
 pub struct TokenFile {
     file: PathBuf,
+    /// The file is looked at on every request with a token: on the server's file thread.
+    io: Blocking,
     cached: tokio::sync::Mutex<(Option<FileStamp>, Arc<Tokens>)>,
 }
 
@@ -156,11 +159,12 @@ struct FileStamp {
 
 impl TokenFile {
     /// Reads `file` once: a fault at start is the caller's error (the server does not start).
-    pub async fn open(file: PathBuf) -> Result<Self, WebError> {
-        let stamp = stamp(&file).await;
-        let tokens = load_blocking(file.clone()).await?;
+    pub(crate) async fn open(file: PathBuf, io: Blocking) -> Result<Self, WebError> {
+        let stamp = stamp(&io, &file).await;
+        let tokens = load_blocking(&io, file.clone()).await?;
         Ok(Self {
             file,
+            io,
             cached: tokio::sync::Mutex::new((stamp, Arc::new(tokens))),
         })
     }
@@ -169,10 +173,10 @@ impl TokenFile {
     /// closed: a revocation with a typo must not keep the revoked token valid); the fault is
     /// logged naming the line, never a token.
     pub async fn current(&self) -> Arc<Tokens> {
-        let now = stamp(&self.file).await;
+        let now = stamp(&self.io, &self.file).await;
         let mut cached = self.cached.lock().await;
         if cached.0 != now {
-            let tokens = match load_blocking(self.file.clone()).await {
+            let tokens = match load_blocking(&self.io, self.file.clone()).await {
                 Ok(tokens) => {
                     tracing::info!(file = %self.file.display(), tokens = tokens.0.len(), "web read-out: tokens re-read");
                     tokens
@@ -188,9 +192,10 @@ impl TokenFile {
     }
 }
 
-async fn stamp(file: &Path) -> Option<FileStamp> {
+async fn stamp(io: &Blocking, file: &Path) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt;
-    let meta = tokio::fs::metadata(file).await.ok()?;
+    let file = file.to_path_buf();
+    let meta = io.run(move || std::fs::metadata(file)).await.ok()?.ok()?;
     Some(FileStamp {
         inode: meta.ino(),
         len: meta.len(),
@@ -199,9 +204,9 @@ async fn stamp(file: &Path) -> Option<FileStamp> {
     })
 }
 
-async fn load_blocking(file: PathBuf) -> Result<Tokens, WebError> {
+async fn load_blocking(io: &Blocking, file: PathBuf) -> Result<Tokens, WebError> {
     let shown = file.clone();
-    tokio::task::spawn_blocking(move || Tokens::load(&file))
+    io.run(move || Tokens::load(&file))
         .await
         .map_err(|e| WebError::Tokens {
             file: shown,

@@ -17,6 +17,7 @@
 //! listens on `/api/v1/events` (server-sent events) and fetches its content again on a change.
 
 mod auth;
+mod blocking;
 mod page;
 
 use std::collections::HashMap;
@@ -37,6 +38,8 @@ use cairn_types::export::ExportStatus;
 use cairn_types::{AppInstanceStatus, ContentTreeStatus, DeviceStatus, DomainStatus, VolumeStatus};
 use futures_util::StreamExt;
 use tokio::sync::watch;
+
+use crate::blocking::Blocking;
 
 pub use auth::{
     FAILURE_LIMIT, FAILURE_WINDOW, MAX_HEADER_BYTES, Scope, TOKENS_FILE, TokenFile, Tokens,
@@ -71,6 +74,12 @@ pub enum WebError {
         key: PathBuf,
         fault: String,
     },
+    #[error("web read-out on {addr}: cannot start its file thread: {source}")]
+    Thread {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("web read-out on {addr}: {source}")]
     Serve {
         addr: SocketAddr,
@@ -82,6 +91,8 @@ pub enum WebError {
 /// The server's shared state.
 pub struct Web {
     roots: Roots,
+    /// Where the server's file work runs (see [`blocking`]).
+    io: Blocking,
     tokens: TokenFile,
     /// Loopback binds admit requests without a token (the device's own users).
     loopback: bool,
@@ -229,13 +240,15 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, St
 pub async fn router(addr: SocketAddr, roots: Roots) -> Result<Router, WebError> {
     let file = tokens_path(&roots.persist);
     let loopback = addr.ip().is_loopback();
-    let tokens = TokenFile::open(file.clone()).await?;
+    let io = Blocking::start().map_err(|source| WebError::Thread { addr, source })?;
+    let tokens = TokenFile::open(file.clone(), io.clone()).await?;
     if !loopback && tokens.current().await.is_empty() {
         return Err(WebError::TokensRequired { addr, file });
     }
-    let changes = follow_changes(&roots);
+    let changes = follow_changes(&roots, &io);
     let web = Arc::new(Web {
         roots,
+        io,
         tokens,
         loopback,
         failures: auth::Failures::default(),
@@ -260,7 +273,7 @@ pub async fn router(addr: SocketAddr, roots: Roots) -> Result<Router, WebError> 
 
 /// A counter bumped on every change of a status topic the page shows. The followers keep a
 /// digest per key, not the tables: a rendering reads the tables afresh, as the CLI does.
-fn follow_changes(roots: &Roots) -> watch::Receiver<u64> {
+fn follow_changes(roots: &Roots, io: &Blocking) -> watch::Receiver<u64> {
     let (tx, rx) = watch::channel(0u64);
     let tx = Arc::new(tx);
     let bus = roots.bus();
@@ -271,7 +284,7 @@ fn follow_changes(roots: &Roots) -> watch::Receiver<u64> {
     // Export progress and downloads move on the page too.
     spawn_follow(bus.notice::<ExportStatus>("volume-manager"), tx.clone());
     spawn_follow(bus.notice::<ContentTreeStatus>("downloader"), tx.clone());
-    spawn_persist_watch(roots.persist.clone(), tx);
+    spawn_persist_watch(roots.persist.clone(), io.clone(), tx);
     rx
 }
 
@@ -280,12 +293,13 @@ fn follow_changes(roots: &Roots) -> watch::Receiver<u64> {
 const PERSIST_LOOK: Duration = Duration::from_secs(2);
 
 /// Bumps the counter when `<persist>`'s fault comes or goes (one `statvfs` per look).
-fn spawn_persist_watch(persist: PathBuf, tx: Arc<watch::Sender<u64>>) {
+fn spawn_persist_watch(persist: PathBuf, io: Blocking, tx: Arc<watch::Sender<u64>>) {
     tokio::spawn(async move {
         let mut last: Option<String> = None;
         loop {
             let path = persist.clone();
-            let fault = tokio::task::spawn_blocking(move || readout::persist_fault(&path))
+            let fault = io
+                .run(move || readout::persist_fault(&path))
                 .await
                 .unwrap_or_default();
             if fault != last {
@@ -369,16 +383,22 @@ async fn read_view(web: &Web, scope: &Scope) -> DeviceView {
     scoped(readout::device_view(&web.roots, READ_WAIT).await, scope)
 }
 
-/// The view and its snapshot rows; the rows read snapshot directories, off the runtime.
+/// The view and its snapshot rows. The records are checked on the server's file thread while
+/// the bus is read (as `cairn snapshots` does); the rows are made here, on the runtime's thread,
+/// so that thread's heap, not the file thread's, holds them while the body is rendered.
 async fn read_all(web: &Web, scope: &Scope, app: Option<String>) -> (DeviceView, Vec<SnapshotRow>) {
-    let view = read_view(web, scope).await;
     let persist = web.roots.persist.clone();
-    let for_rows = view.clone();
-    let rows = tokio::task::spawn_blocking(move || {
-        readout::snapshot_rows(&for_rows, &persist, app.as_deref())
-    })
-    .await
-    .unwrap_or_default();
+    let (view, on_disk) = tokio::join!(
+        read_view(web, scope),
+        web.io
+            .run(move || readout::unloadable_records_serial(&persist))
+    );
+    let on_disk = on_disk.unwrap_or_else(|e| {
+        // The rows still show what the app-manager reports; only the records' verdict is missing.
+        tracing::error!("web read-out: checking the snapshot records: {e}");
+        Default::default()
+    });
+    let rows = readout::rows_from(&view, on_disk, app.as_deref());
     let rows = scoped_rows(rows, &view, scope);
     (view, rows)
 }
@@ -661,7 +681,7 @@ async fn page_handler(
 ) -> Response {
     cached(&web, "page", &scope, &headers, async {
         let (view, rows) = read_all(&web, &scope, None).await;
-        let disk = disk_space(&web.roots.persist).await;
+        let disk = disk_space(&web).await;
         Body::html(page::page(&view, &rows, &scope, disk))
     })
     .await
@@ -674,7 +694,7 @@ async fn content_handler(
 ) -> Response {
     cached(&web, "content", &scope, &headers, async {
         let (view, rows) = read_all(&web, &scope, None).await;
-        let disk = disk_space(&web.roots.persist).await;
+        let disk = disk_space(&web).await;
         Body::html(page::content(&view, &rows, &scope, disk))
     })
     .await
@@ -709,17 +729,18 @@ pub struct Disk {
     pub total: u64,
 }
 
-async fn disk_space(persist: &Path) -> Option<Disk> {
-    let persist = persist.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let s = nix::sys::statvfs::statvfs(&persist).ok()?;
-        let unit = s.fragment_size() as u64;
-        Some(Disk {
-            free: s.blocks_available() as u64 * unit,
-            total: s.blocks() as u64 * unit,
+async fn disk_space(web: &Web) -> Option<Disk> {
+    let persist = web.roots.persist.clone();
+    web.io
+        .run(move || {
+            let s = nix::sys::statvfs::statvfs(&persist).ok()?;
+            let unit = s.fragment_size() as u64;
+            Some(Disk {
+                free: s.blocks_available() as u64 * unit,
+                total: s.blocks() as u64 * unit,
+            })
         })
-    })
-    .await
-    .ok()
-    .flatten()
+        .await
+        .ok()
+        .flatten()
 }

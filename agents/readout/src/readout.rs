@@ -415,27 +415,14 @@ pub enum OnDisk {
 /// every record is read, on every core (10,000 snapshots are 10,000 records), and checked by
 /// its envelope and checksum; only one that fails that is decoded.
 /// Independent of the bus: a caller may run it while it reads the topics ([`rows_from`]).
-#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
 pub fn unloadable_records(persist: &Path) -> std::collections::BTreeMap<String, OnDisk> {
-    let Ok(entries) = std::fs::read_dir(snapshots_dir(persist)) else {
-        return Default::default();
-    };
-    let dirs: Vec<(String, PathBuf)> = entries
-        .flatten()
-        .map(|entry| {
-            (
-                entry.file_name().to_string_lossy().into_owned(),
-                entry.path(),
-            )
-        })
-        .filter(|(_, dir)| dir.is_dir())
-        .collect();
+    let dirs: Vec<_> = snapshot_dirs(persist).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
     let per_thread = dirs.len().div_ceil(threads).max(1);
     std::thread::scope(|scope| {
         let parts: Vec<_> = dirs
             .chunks(per_thread)
-            .map(|part| scope.spawn(move || unloadable_in(part)))
+            .map(|part| scope.spawn(move || unloadable_in(part.iter().cloned())))
             .collect();
         parts
             .into_iter()
@@ -448,9 +435,33 @@ pub fn unloadable_records(persist: &Path) -> std::collections::BTreeMap<String, 
     })
 }
 
+/// [`unloadable_records`] on the calling thread alone, for a process that lives for months:
+/// each thread that allocates keeps a malloc arena for the life of the process (glibc), so a
+/// server checks on one thread of its own rather than start one per core on every reading,
+/// and one directory at a time, never holding the list of them.
+pub fn unloadable_records_serial(persist: &Path) -> std::collections::BTreeMap<String, OnDisk> {
+    unloadable_in(snapshot_dirs(persist)).into_iter().collect()
+}
+
+/// The snapshot directories under `<persist>/snapshots/`, by name (the snapshot's id).
+#[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
+fn snapshot_dirs(persist: &Path) -> impl Iterator<Item = (String, PathBuf)> {
+    std::fs::read_dir(snapshots_dir(persist))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| {
+            (
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.path(),
+            )
+        })
+        .filter(|(_, dir)| dir.is_dir())
+}
+
 /// Those of `dirs` (named by snapshot id) whose record is missing or does not load. Blocking.
 #[allow(clippy::disallowed_methods)] // blocking: called on the blocking pool
-fn unloadable_in(dirs: &[(String, PathBuf)]) -> Vec<(String, OnDisk)> {
+fn unloadable_in(dirs: impl Iterator<Item = (String, PathBuf)>) -> Vec<(String, OnDisk)> {
     let mut found = Vec::new();
     for (name, dir) in dirs {
         let file = dir.join(SNAPSHOT_INSTANCE_STATUS_FILE);
@@ -463,12 +474,10 @@ fn unloadable_in(dirs: &[(String, PathBuf)]) -> Vec<(String, OnDisk)> {
         }
         let state = match cairn_persist::load::<SnapshotInstanceStatus>(&file) {
             Ok(_) => continue,
-            Err(e) if matches!(e.kind, cairn_persist::ErrorKind::NotFound) => {
-                OnDisk::NoRecord(dir.clone())
-            }
+            Err(e) if matches!(e.kind, cairn_persist::ErrorKind::NotFound) => OnDisk::NoRecord(dir),
             Err(e) => OnDisk::Corrupt(e.to_string()),
         };
-        found.push((name.clone(), state));
+        found.push((name, state));
     }
     found
 }
