@@ -635,8 +635,8 @@ async fn cairn_side(cairn: &Path, storage: &BtrfsLoop) -> CairnFigures {
         let at = |i: usize| steps[i].at.unwrap();
         rollback.push(at(6) - written);
         rollback_parts[0].push(at(0) - written);
-        for i in 1..7 {
-            rollback_parts[i].push(at(i) - at(i - 1));
+        for (i, part) in rollback_parts.iter_mut().enumerate().skip(1) {
+            part.push(at(i) - at(i - 1));
         }
     }
 
@@ -702,8 +702,8 @@ async fn cairn_side(cairn: &Path, storage: &BtrfsLoop) -> CairnFigures {
         let at = |i: usize| steps[i].at.unwrap();
         delete.push(at(3) - written);
         delete_parts[0].push(at(0) - written);
-        for i in 1..4 {
-            delete_parts[i].push(at(i) - at(i - 1));
+        for (i, part) in delete_parts.iter_mut().enumerate().skip(1) {
+            part.push(at(i) - at(i - 1));
         }
     }
     drop(observer);
