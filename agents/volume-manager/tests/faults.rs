@@ -350,12 +350,25 @@ async fn btrfs_directory_volumes_snapshot_roll_back_and_delete() {
         "read-only snapshot"
     );
     std::fs::write(path.join("data"), b"after").unwrap();
+    // What a rollback cut short leaves beside the volume: its scratch subvolume.
+    let scratch = cairn_volume_manager::backend::rollback_scratch(&path);
+    sh("btrfs", &["subvolume", "create", scratch.to_str().unwrap()]);
     let s = snapshot_of(
         &m.handle_snapshot_config(request(id, Rollback, &[&a], 2))
             .await,
     );
     assert!(!s.error.is_error(), "{s:?}");
     assert_eq!(std::fs::read(path.join("data")).unwrap(), b"before");
+    assert!(
+        !scratch.exists(),
+        "neither the stale scratch nor the old content is left"
+    );
+    let list = sh("btrfs", &["subvolume", "list", volumes.to_str().unwrap()]);
+    assert_eq!(
+        list.lines().count(),
+        2,
+        "the volume and its snapshot, nothing else: {list}"
+    );
     std::fs::write(path.join("data"), b"writable again").unwrap();
     let s = snapshot_of(
         &m.handle_snapshot_config(request(id, Delete, &[&a], 3))
@@ -405,6 +418,57 @@ fn the_snapshot_ioctl_makes_a_read_only_subvolume_of_the_tree() {
         again,
         Err(nix::errno::Errno::EEXIST),
         "an existing name is the snapshot's error"
+    );
+}
+
+/// The ioctls a rollback and a delete make (no `btrfs` process): a writable snapshot of a
+/// read-only one, and the subvolume deletion, which also deletes a read-only snapshot and
+/// refuses a plain directory as the CLI does.
+#[test]
+fn the_rollback_and_delete_ioctls_make_a_writable_snapshot_and_delete_subvolumes() {
+    use cairn_volume_manager::backend::btrfs_ioctl::{
+        destroy, snapshot_read_only, snapshot_writable,
+    };
+    use std::ffi::OsStr;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fs = LoopFs::new("btrfs", &dir.path().join("fs"), 300);
+    let open = |p: &std::path::Path| std::fs::File::open(p).unwrap();
+    let source = fs.mount.join("volume");
+    sh("btrfs", &["subvolume", "create", source.to_str().unwrap()]);
+    std::fs::write(source.join("data"), b"taken").unwrap();
+    snapshot_read_only(&open(&source), &open(&fs.mount), OsStr::new("snap")).unwrap();
+    let snap = fs.mount.join("snap");
+    snapshot_writable(&open(&snap), &open(&fs.mount), OsStr::new("back")).unwrap();
+    let back = fs.mount.join("back");
+    assert_eq!(std::fs::metadata(&back).unwrap().ino(), 256, "a subvolume");
+    assert_eq!(std::fs::read(back.join("data")).unwrap(), b"taken");
+    std::fs::write(back.join("data"), b"writable").unwrap();
+    assert_eq!(std::fs::read(snap.join("data")).unwrap(), b"taken");
+    let ro = sh(
+        "btrfs",
+        &["property", "get", "-ts", back.to_str().unwrap(), "ro"],
+    );
+    assert_eq!(ro.trim(), "ro=false");
+    for name in ["back", "snap"] {
+        destroy(&open(&fs.mount), OsStr::new(name)).unwrap();
+        assert!(!fs.mount.join(name).exists(), "{name} deleted");
+    }
+    let list = sh("btrfs", &["subvolume", "list", fs.mount.to_str().unwrap()]);
+    assert!(
+        !list.contains(" back\n") && !list.contains(" snap\n"),
+        "gone from the subvolume list: {list}"
+    );
+    std::fs::create_dir(fs.mount.join("plain")).unwrap();
+    assert_eq!(
+        destroy(&open(&fs.mount), OsStr::new("plain")),
+        Err(nix::errno::Errno::EINVAL),
+        "a plain directory is no subvolume"
+    );
+    assert!(fs.mount.join("plain").is_dir());
+    assert_eq!(
+        destroy(&open(&fs.mount), OsStr::new("none")),
+        Err(nix::errno::Errno::ENOENT)
     );
 }
 

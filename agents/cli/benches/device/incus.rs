@@ -15,6 +15,8 @@
 //! - idle memory: the four agents (and everything `cairn up` runs, itself included) vs `incusd`
 //!   and the container's `[lxc monitor]`.
 //!
+//! Each Cairn operation is also broken down by stage, as seen on the bus (which agent the time
+//! went to); `CAIRN_BENCH_LOGS=<dir>` keeps the agents' own logs, at info level, in `<dir>`.
 //! Where Incus is not installed, this says so and skips. Figures only.
 
 use super::*;
@@ -114,10 +116,27 @@ pub async fn compare(cairn: &Path) -> Option<Figures> {
             ),
         ),
         (
+            "〃 Cairn's stages: written → in force (config-agent) / → stop asked (app-manager) \
+             / → stopped (domain-manager) / → volumes asked (app-manager) / → rolled back \
+             (volume-manager) / → start asked (app-manager) / → running (domain-manager)"
+                .into(),
+            cairn.rollback_parts.join(" / "),
+            "–".into(),
+            "–".into(),
+        ),
+        (
             format!("delete of a stopped app's snapshot ({} runs)", RUNS - 1),
             spread(&cairn.delete),
             spread(&incus.delete),
             format!("{} (target ≤ 1×)", ratio(&cairn.delete, &incus.delete)),
+        ),
+        (
+            "〃 Cairn's stages: written → in force (config-agent) / → volumes asked (app-manager) \
+             / → deleted (volume-manager) / → gone from the app's status (app-manager)"
+                .into(),
+            cairn.delete_parts.join(" / "),
+            "–".into(),
+            "–".into(),
         ),
         (
             "idle RSS: Cairn's four agents vs incusd + the container's [lxc monitor]".into(),
@@ -437,6 +456,11 @@ async fn incus_side(storage: &BtrfsLoop) -> IncusFigures {
 struct CairnFigures {
     /// The live snapshot's stages: config-agent, app-manager, volume-manager, app-manager.
     parts: [String; 4],
+    /// The rollback's stages: config-agent, app-manager, domain-manager, app-manager,
+    /// volume-manager, app-manager, domain-manager.
+    rollback_parts: [String; 7],
+    /// The delete's stages: config-agent, app-manager, volume-manager, app-manager.
+    delete_parts: [String; 4],
     snapshot: Vec<Duration>,
     snapshot_from_config: Vec<Duration>,
     rollback: Vec<Duration>,
@@ -487,7 +511,13 @@ async fn cairn_side(cairn: &Path, storage: &BtrfsLoop) -> CairnFigures {
     };
     #[allow(clippy::reversed_empty_ranges)] // no snapshot yet: the empty range
     device.write_config(&config(1..=0, 0, true));
-    let mut up = device.up(cairn);
+    // `CAIRN_BENCH_LOGS=<dir>`: the agents log at info level, and their logs are copied to
+    // `<dir>` before the loop device goes (each line is time-stamped: the stages in detail).
+    let keep_logs = std::env::var_os("CAIRN_BENCH_LOGS").map(PathBuf::from);
+    let mut up = match keep_logs {
+        Some(_) => device.up_with(cairn, &[("RUST_LOG", "info")]),
+        None => device.up(cairn),
+    };
     let mut observer = Observer::start(&device);
     observer
         .until(Duration::from_secs(60), |o| {
@@ -549,10 +579,27 @@ async fn cairn_side(cairn: &Path, storage: &BtrfsLoop) -> CairnFigures {
     }
 
     let mut rollback = Vec::new();
+    // Written → in force (config-agent), → stop asked (app-manager), → stopped
+    // (domain-manager), → volumes asked (app-manager), → rolled back (volume-manager), → start
+    // asked (app-manager), → running (domain-manager).
+    let mut rollback_parts: [Vec<Duration>; 7] = Default::default();
     for n in 1..=ROLLBACKS {
+        // The rollback request of this run is the first with a counter above the last one seen.
+        let asked_before = observer
+            .snapshot_requests
+            .values()
+            .filter(|r| r.action == VolumesSnapshotAction::Rollback)
+            .map(|r| r.request_counter)
+            .max()
+            .unwrap_or(0);
         let written = Instant::now();
         device.write_config(&config(1..=RUNS, n, true));
         let counter = n as u32;
+        let rollback_asked = move |o: &Observer| {
+            o.snapshot_requests.values().any(|r| {
+                r.action == VolumesSnapshotAction::Rollback && r.request_counter > asked_before
+            })
+        };
         let mut steps = vec![
             Milestone::new("config in force", None, move |o: &Observer| {
                 o.configs
@@ -567,14 +614,30 @@ async fn cairn_side(cairn: &Path, storage: &BtrfsLoop) -> CairnFigures {
                     .values()
                     .any(|d| !d.activated && d.state != DomainState::Running)
             }),
-            Milestone::new("running", Some(2), |o: &Observer| {
+            Milestone::new("volumes asked", Some(2), rollback_asked),
+            Milestone::new("rolled back", Some(3), move |o: &Observer| {
+                o.snapshot_results.values().any(|r| {
+                    r.result_of_action == VolumesSnapshotAction::Rollback
+                        && r.request_counter > asked_before
+                        && !r.is_in_progress()
+                })
+            }),
+            Milestone::new("start asked", Some(4), |o: &Observer| {
+                o.domain_configs.values().any(|c| c.activate)
+            }),
+            Milestone::new("running", Some(5), |o: &Observer| {
                 o.domains
                     .values()
                     .any(|d| d.activated && d.state == DomainState::Running)
             }),
         ];
         observer.reach(Duration::from_secs(60), &mut steps).await;
-        rollback.push(steps[3].at.unwrap() - written);
+        let at = |i: usize| steps[i].at.unwrap();
+        rollback.push(at(6) - written);
+        rollback_parts[0].push(at(0) - written);
+        for (i, part) in rollback_parts.iter_mut().enumerate().skip(1) {
+            part.push(at(i) - at(i - 1));
+        }
     }
 
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -595,30 +658,70 @@ async fn cairn_side(cairn: &Path, storage: &BtrfsLoop) -> CairnFigures {
         .await;
     // The newest first, down to the second: the first is the one rolled back to.
     let mut delete = Vec::new();
+    // Written → in force (config-agent), → volumes asked (app-manager), → deleted
+    // (volume-manager), → gone from the app's status (app-manager).
+    let mut delete_parts: [Vec<Duration>; 4] = Default::default();
     for i in (2..=RUNS).rev() {
         let id = snapshot(i);
         let written = Instant::now();
         device.write_config(&config(1..=i - 1, ROLLBACKS, false));
-        let mut steps = vec![Milestone::new("gone", None, move |o: &Observer| {
-            o.apps.values().any(|a| {
-                !a.snap_status
-                    .available_snapshots
-                    .iter()
-                    .any(|s| s.snapshot.snapshot_id == id)
-                    && !a
-                        .snap_status
-                        .snapshots_to_be_deleted
+        let mut steps = vec![
+            Milestone::new("config in force", None, move |o: &Observer| {
+                o.configs.values().any(|c| {
+                    !c.snapshot.snapshots.is_empty()
+                        && !c.snapshot.snapshots.iter().any(|s| s.snapshot_id == id)
+                })
+            }),
+            Milestone::new("volumes asked", Some(0), move |o: &Observer| {
+                o.snapshot_requests
+                    .values()
+                    .any(|r| r.snapshot_id == id && r.action == VolumesSnapshotAction::Delete)
+            }),
+            Milestone::new("deleted", Some(1), move |o: &Observer| {
+                o.snapshot_results.values().any(|r| {
+                    r.snapshot_id == id
+                        && r.result_of_action == VolumesSnapshotAction::Delete
+                        && !r.is_in_progress()
+                })
+            }),
+            Milestone::new("gone", Some(2), move |o: &Observer| {
+                o.apps.values().any(|a| {
+                    !a.snap_status
+                        .available_snapshots
                         .iter()
-                        .any(|s| s.snapshot_id == id)
-            })
-        })];
+                        .any(|s| s.snapshot.snapshot_id == id)
+                        && !a
+                            .snap_status
+                            .snapshots_to_be_deleted
+                            .iter()
+                            .any(|s| s.snapshot_id == id)
+                })
+            }),
+        ];
         observer.reach(Duration::from_secs(60), &mut steps).await;
-        delete.push(steps[0].at.unwrap() - written);
+        let at = |i: usize| steps[i].at.unwrap();
+        delete.push(at(3) - written);
+        delete_parts[0].push(at(0) - written);
+        for (i, part) in delete_parts.iter_mut().enumerate().skip(1) {
+            part.push(at(i) - at(i - 1));
+        }
     }
     drop(observer);
     up.stop();
+    if let Some(dir) = keep_logs {
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(device.run().join("logs"))
+            .unwrap()
+            .flatten()
+        {
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+        eprintln!("the agents' logs are in {}", dir.display());
+    }
     CairnFigures {
         parts: parts.map(|p| spread(&p)),
+        rollback_parts: rollback_parts.map(|p| spread(&p)),
+        delete_parts: delete_parts.map(|p| spread(&p)),
         snapshot: taken,
         snapshot_from_config: from_config,
         rollback,

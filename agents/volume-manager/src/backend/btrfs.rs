@@ -62,20 +62,49 @@ fn is_subvolume(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.ino() == 256) && is_btrfs(path)
 }
 
-/// `btrfs subvolume delete <path>`; a missing path is not an error.
+/// Deletes the subvolume at `path` (`BTRFS_IOC_SNAP_DESTROY`, `btrfs subvolume delete` where
+/// the ioctl is not there); a missing path is not an error.
 pub async fn delete_subvolume(volume: &str, path: &Path) -> Result<()> {
-    let p = path.to_path_buf();
-    let there = tokio::task::spawn_blocking(move || std::fs::symlink_metadata(p).is_ok())
-        .await
-        .unwrap_or(true);
-    if !there {
-        return Ok(());
+    let (key, p) = (volume.to_string(), path.to_path_buf());
+    match super::blocking(volume, move || destroy_by_ioctl(&key, &p)).await? {
+        Destroyed::Done => Ok(()),
+        Destroyed::NoIoctl(e) => {
+            tracing::debug!(volume, path = %path.display(), "btrfs delete ioctl unavailable ({e}): the CLI deletes it");
+            btrfs(
+                volume,
+                &["subvolume".as_ref(), "delete".as_ref(), path.as_os_str()],
+            )
+            .await
+        }
     }
-    btrfs(
-        volume,
-        &["subvolume".as_ref(), "delete".as_ref(), path.as_os_str()],
-    )
-    .await
+}
+
+/// What [`destroy_by_ioctl`] did.
+enum Destroyed {
+    /// Deleted, or there was nothing at the path.
+    Done,
+    /// The ioctl is not available here (or the path is no subvolume): the CLI is to delete it,
+    /// and say why not if it cannot.
+    NoIoctl(nix::errno::Errno),
+}
+
+/// Deletes the subvolume at `path` by the kernel's ioctl (blocking).
+#[allow(clippy::disallowed_methods)] // on the blocking pool
+fn destroy_by_ioctl(key: &str, path: &Path) -> Result<Destroyed> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(Destroyed::Done);
+    }
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(Destroyed::NoIoctl(nix::errno::Errno::EINVAL));
+    };
+    let dir = std::fs::File::open(parent).map_err(VolumeError::io(key, "cannot open", parent))?;
+    match btrfs_ioctl::destroy(&dir, name) {
+        Ok(()) => Ok(Destroyed::Done),
+        Err(e) if btrfs_ioctl::unavailable(e) => Ok(Destroyed::NoIoctl(e)),
+        Err(e) => Err(VolumeError::io(key, "cannot delete the subvolume", path)(
+            e.into(),
+        )),
+    }
 }
 
 /// `btrfs subvolume snapshot <from> <to>`: a writable snapshot (a clone's volume).
@@ -137,6 +166,112 @@ fn snapshot_by_ioctl(key: &str, from: &Path, to: &Path) -> Result<Taken> {
             to,
         )(e.into())),
     }
+}
+
+/// The rollback by the kernel's ioctls (blocking): a writable snapshot of the snapshot `from`
+/// (named `snapshot`)
+/// under the scratch name beside the volume `to`, exchanged with the volume in one
+/// `renameat2`, and the old content (now under the scratch name) deleted. A scratch left by
+/// an interrupted rollback goes first. `NoIoctl` before anything changed when the calls are
+/// not there.
+#[allow(clippy::disallowed_methods)] // on the blocking pool
+fn rollback_by_ioctl(key: &str, snapshot: &str, from: &Path, to: &Path) -> Result<Destroyed> {
+    if !from.exists() {
+        return Err(VolumeError::NoSnapshot {
+            volume: key.to_string(),
+            snapshot: snapshot.to_string(),
+        });
+    }
+    let scratch = super::rollback_scratch(to);
+    if let Destroyed::NoIoctl(e) = destroy_by_ioctl(key, &scratch)? {
+        return Ok(Destroyed::NoIoctl(e));
+    }
+    let (Some(parent), Some(name)) = (scratch.parent(), scratch.file_name()) else {
+        return Ok(Destroyed::NoIoctl(nix::errno::Errno::EINVAL));
+    };
+    let source = std::fs::File::open(from).map_err(VolumeError::io(key, "cannot open", from))?;
+    let dir = std::fs::File::open(parent).map_err(VolumeError::io(key, "cannot open", parent))?;
+    match btrfs_ioctl::snapshot_writable(&source, &dir, name) {
+        Ok(()) => {}
+        Err(e) if btrfs_ioctl::unavailable(e) => return Ok(Destroyed::NoIoctl(e)),
+        Err(e) => {
+            return Err(VolumeError::io(
+                key,
+                "cannot make the writable snapshot",
+                &scratch,
+            )(e.into()));
+        }
+    }
+    if !to.exists() {
+        std::fs::rename(&scratch, to).map_err(VolumeError::io(
+            key,
+            "cannot move the rolled-back subvolume to",
+            to,
+        ))?;
+        return Ok(Destroyed::Done);
+    }
+    exchange(&scratch, to).map_err(VolumeError::io(
+        key,
+        "cannot exchange the rolled-back subvolume with",
+        to,
+    ))?;
+    // The old content: its deletion cannot be unavailable now that the calls above worked,
+    // but where it is, the CLI deletes it.
+    match destroy_by_ioctl(key, &scratch)? {
+        Destroyed::Done => Ok(Destroyed::Done),
+        Destroyed::NoIoctl(e) => Err(VolumeError::io(
+            key,
+            "cannot delete the old content of the volume at",
+            &scratch,
+        )(e.into())),
+    }
+}
+
+/// The rollback by the `btrfs` CLI, where the ioctls are not there: the same steps.
+async fn rollback_by_cli(meta: &VolumeSnapshotMeta) -> Result<()> {
+    let volume = &meta.volume_key;
+    if !exists_blocking(&meta.snapshot_location).await {
+        return Err(VolumeError::NoSnapshot {
+            volume: volume.clone(),
+            snapshot: meta.name.clone(),
+        });
+    }
+    let scratch = super::rollback_scratch(&meta.file_location);
+    delete_subvolume(volume, &scratch).await?;
+    btrfs(
+        volume,
+        &[
+            "subvolume".as_ref(),
+            "snapshot".as_ref(),
+            meta.snapshot_location.as_os_str(),
+            scratch.as_os_str(),
+        ],
+    )
+    .await?;
+    let (k, from, to) = (volume.clone(), scratch.clone(), meta.file_location.clone());
+    #[allow(clippy::disallowed_methods)] // on the blocking pool
+    let exchanged = super::blocking(volume, move || {
+        if to.exists() {
+            exchange(&from, &to).map_err(VolumeError::io(
+                &k,
+                "cannot exchange the rolled-back subvolume with",
+                &to,
+            ))?;
+            Ok(true)
+        } else {
+            std::fs::rename(&from, &to).map_err(VolumeError::io(
+                &k,
+                "cannot move the rolled-back subvolume to",
+                &to,
+            ))?;
+            Ok(false)
+        }
+    })
+    .await?;
+    if exchanged {
+        delete_subvolume(volume, &scratch).await?;
+    }
+    Ok(())
 }
 
 impl SnapshotBackend for BtrfsBackend {
@@ -286,48 +421,21 @@ impl SnapshotBackend for BtrfsBackend {
 
     async fn rollback(&self, meta: &VolumeSnapshotMeta) -> Result<()> {
         let volume = &meta.volume_key;
-        if !exists_blocking(&meta.snapshot_location).await {
-            return Err(VolumeError::NoSnapshot {
-                volume: volume.clone(),
-                snapshot: meta.name.clone(),
-            });
-        }
-        let scratch = super::rollback_scratch(&meta.file_location);
-        delete_subvolume(volume, &scratch).await?;
-        btrfs(
-            volume,
-            &[
-                "subvolume".as_ref(),
-                "snapshot".as_ref(),
-                meta.snapshot_location.as_os_str(),
-                scratch.as_os_str(),
-            ],
-        )
-        .await?;
-        let (k, from, to) = (volume.clone(), scratch.clone(), meta.file_location.clone());
-        #[allow(clippy::disallowed_methods)] // on the blocking pool
-        let exchanged = super::blocking(volume, move || {
-            if to.exists() {
-                exchange(&from, &to).map_err(VolumeError::io(
-                    &k,
-                    "cannot exchange the rolled-back subvolume with",
-                    &to,
-                ))?;
-                Ok(true)
-            } else {
-                std::fs::rename(&from, &to).map_err(VolumeError::io(
-                    &k,
-                    "cannot move the rolled-back subvolume to",
-                    &to,
-                ))?;
-                Ok(false)
+        // One trip to the blocking pool for the whole swap, by ioctls: the app waits, stopped,
+        // for this step, and three `btrfs` processes were most of it.
+        let (key, name, from, to) = (
+            volume.clone(),
+            meta.name.clone(),
+            meta.snapshot_location.clone(),
+            meta.file_location.clone(),
+        );
+        match super::blocking(volume, move || rollback_by_ioctl(&key, &name, &from, &to)).await? {
+            Destroyed::Done => Ok(()),
+            Destroyed::NoIoctl(e) => {
+                tracing::debug!(volume = %volume, "btrfs ioctls unavailable ({e}): the CLI rolls back");
+                rollback_by_cli(meta).await
             }
-        })
-        .await?;
-        if exchanged {
-            delete_subvolume(volume, &scratch).await?;
         }
-        Ok(())
     }
 
     async fn delete(&self, meta: &VolumeSnapshotMeta) -> Result<()> {

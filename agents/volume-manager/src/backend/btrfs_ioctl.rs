@@ -1,11 +1,15 @@
-//! The one btrfs call inside a live snapshot's pause: `BTRFS_IOC_SNAP_CREATE_V2` with
-//! `BTRFS_SUBVOL_RDONLY`, the ioctl `btrfs subvolume snapshot -r` makes, called directly so
-//! the frozen container does not wait for a process to be spawned and loaded.
+//! The btrfs calls Cairn makes without the `btrfs` CLI: `BTRFS_IOC_SNAP_CREATE_V2` (the
+//! ioctl `btrfs subvolume snapshot [-r]` makes) and `BTRFS_IOC_SNAP_DESTROY` (that of `btrfs
+//! subvolume delete`). A live snapshot's pause makes the first, so the frozen container does not
+//! wait for a process to be spawned and loaded; a rollback makes all three of its subvolume
+//! operations this way (a writable snapshot, then the old content deleted), and a snapshot's
+//! delete its one, each process spawned being the largest part of the step on a busy device.
 //!
-//! Its argument is defined here from the kernel's uapi header (`include/uapi/linux/btrfs.h`,
+//! Their arguments are defined here from the kernel's uapi header (`include/uapi/linux/btrfs.h`,
 //! a stable ABI since 2.6.37): libbtrfsutil's bindings would need libclang to build and a
-//! shared library beside the agent in the device image, for one struct and one call.
-//! Everything else btrfs does (rollback, delete, clones) keeps the CLI: none of it is paused.
+//! shared library beside the agent in the device image, for two structs and two calls.
+//! Creating a subvolume and a clone's snapshot keep the CLI: neither is on a path anyone waits
+//! on twice.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -38,6 +42,20 @@ struct VolArgsV2 {
 const _: () = assert!(std::mem::size_of::<VolArgsV2>() == 4096);
 const _: () = assert!(std::mem::align_of::<VolArgsV2>() == 8);
 
+/// `BTRFS_PATH_NAME_MAX`: the longest name `struct btrfs_ioctl_vol_args` holds, without its NUL.
+const PATH_NAME_MAX: usize = 4087;
+
+/// `struct btrfs_ioctl_vol_args`: the subvolume to delete, by its name in the directory the
+/// ioctl is called on (`fd` is unused by this call).
+#[repr(C)]
+struct VolArgs {
+    fd: i64,
+    name: [u8; PATH_NAME_MAX + 1],
+}
+
+const _: () = assert!(std::mem::size_of::<VolArgs>() == 4096);
+const _: () = assert!(std::mem::align_of::<VolArgs>() == 8);
+
 /// `_IOW(BTRFS_IOCTL_MAGIC, 23, struct btrfs_ioctl_vol_args_v2)` in the generic encoding
 /// (`include/uapi/asm-generic/ioctl.h`: direction in bits 30-31, write = 1; size in 16-29;
 /// type in 8-15; number in 0-7). Architectures with another encoding use the CLI.
@@ -59,29 +77,65 @@ const SNAP_CREATE_V2: Option<u64> =
 )))]
 const SNAP_CREATE_V2: Option<u64> = None;
 
-/// Makes `name` in the directory `parent` a read-only snapshot of the subvolume `source`; when
-/// the call returns, the snapshot is committed (the kernel commits the transaction for it).
-/// Blocking. `Err(ENOTTY)` also when this build has no encoding for the request.
-pub fn snapshot_read_only(source: &File, parent: &File, name: &OsStr) -> Result<(), Errno> {
-    let Some(request) = SNAP_CREATE_V2 else {
-        return Err(Errno::ENOTTY);
-    };
+/// `_IOW(BTRFS_IOCTL_MAGIC, 15, struct btrfs_ioctl_vol_args)`, encoded as above.
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64"
+))]
+const SNAP_DESTROY: Option<u64> =
+    Some((1 << 30) | ((std::mem::size_of::<VolArgs>() as u64) << 16) | (0x94 << 8) | 15);
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64"
+)))]
+const SNAP_DESTROY: Option<u64> = None;
+
+/// A name the kernel takes for a subvolume in a directory: not empty, no `/`, no NUL, at most
+/// `max` bytes.
+fn check_name(name: &OsStr, max: usize) -> Result<&[u8], Errno> {
     let bytes = name.as_bytes();
-    if bytes.len() > SUBVOL_NAME_MAX {
+    if bytes.len() > max {
         return Err(Errno::ENAMETOOLONG);
     }
     if bytes.is_empty() || bytes.contains(&0) || bytes.contains(&b'/') {
         return Err(Errno::EINVAL);
     }
+    Ok(bytes)
+}
+
+/// Makes `name` in the directory `parent` a read-only snapshot of the subvolume `source`; when
+/// the call returns, the snapshot is committed (the kernel commits the transaction for it).
+/// Blocking. `Err(ENOTTY)` also when this build has no encoding for the request.
+pub fn snapshot_read_only(source: &File, parent: &File, name: &OsStr) -> Result<(), Errno> {
+    snapshot(source, parent, name, SUBVOL_RDONLY)
+}
+
+/// Makes `name` in the directory `parent` a writable snapshot of the subvolume `source` (what
+/// a rollback puts in the volume's place), committed when the call returns. Blocking.
+pub fn snapshot_writable(source: &File, parent: &File, name: &OsStr) -> Result<(), Errno> {
+    snapshot(source, parent, name, 0)
+}
+
+fn snapshot(source: &File, parent: &File, name: &OsStr, flags: u64) -> Result<(), Errno> {
+    let Some(request) = SNAP_CREATE_V2 else {
+        return Err(Errno::ENOTTY);
+    };
+    let bytes = check_name(name, SUBVOL_NAME_MAX)?;
     let mut args = VolArgsV2 {
         fd: i64::from(source.as_raw_fd()),
         transid: 0,
-        flags: SUBVOL_RDONLY,
+        flags,
         unused: [0; 4],
         name: [0; SUBVOL_NAME_MAX + 1],
     };
     args.name[..bytes.len()].copy_from_slice(bytes);
-    #[allow(unsafe_code)] // the one system call nix has no wrapper for
+    #[allow(unsafe_code)] // a system call nix has no wrapper for
     // SAFETY: `parent` is an open descriptor for the call's duration, and `args` is a
     // `btrfs_ioctl_vol_args_v2` laid out as the kernel reads it (size checked above), alive
     // and not moved while the kernel reads it; the kernel only reads it (an `_IOW` request).
@@ -95,7 +149,35 @@ pub fn snapshot_read_only(source: &File, parent: &File, name: &OsStr) -> Result<
     Errno::result(done).map(drop)
 }
 
-/// Whether an error of [`snapshot_read_only`] says the call itself is not there (no btrfs
+/// Deletes the subvolume `name` in the directory `parent`, as `btrfs subvolume delete` does
+/// (the kernel unlinks it at once and frees its extents in the background; no commit waited
+/// for). Blocking. `Err(EINVAL)` for a name that is no subvolume (the kernel's answer too),
+/// `Err(ENOTTY)` when this build has no encoding for the request.
+pub fn destroy(parent: &File, name: &OsStr) -> Result<(), Errno> {
+    let Some(request) = SNAP_DESTROY else {
+        return Err(Errno::ENOTTY);
+    };
+    let bytes = check_name(name, PATH_NAME_MAX)?;
+    let mut args = VolArgs {
+        fd: 0,
+        name: [0; PATH_NAME_MAX + 1],
+    };
+    args.name[..bytes.len()].copy_from_slice(bytes);
+    #[allow(unsafe_code)] // a system call nix has no wrapper for
+    // SAFETY: `parent` is an open descriptor for the call's duration, and `args` is a
+    // `btrfs_ioctl_vol_args` laid out as the kernel reads it (size checked above), alive and
+    // not moved while the kernel reads it; the kernel only reads it (an `_IOW` request).
+    let done = unsafe {
+        nix::libc::ioctl(
+            parent.as_raw_fd(),
+            request as _,
+            std::ptr::from_mut(&mut args),
+        )
+    };
+    Errno::result(done).map(drop)
+}
+
+/// Whether an error of these calls says the call itself is not there (no btrfs
 /// ioctl on this file, a kernel or filter without it, a flag it does not know), so that the
 /// `btrfs` CLI should be tried; any other error is the snapshot's own and reported as is.
 pub fn unavailable(e: Errno) -> bool {
@@ -114,6 +196,8 @@ mod tests {
     fn the_request_number_is_the_kernels() {
         // BTRFS_IOC_SNAP_CREATE_V2 as the kernel headers evaluate it on x86_64.
         assert_eq!(SNAP_CREATE_V2, Some(0x5000_9417));
+        // BTRFS_IOC_SNAP_DESTROY likewise.
+        assert_eq!(SNAP_DESTROY, Some(0x5000_940f));
     }
 
     #[test]
@@ -128,6 +212,9 @@ mod tests {
             snapshot_read_only(&dir, &dir, OsStr::new("a/b")),
             Err(Errno::EINVAL)
         );
+        let long = "a".repeat(PATH_NAME_MAX + 1);
+        assert_eq!(destroy(&dir, OsStr::new(&long)), Err(Errno::ENAMETOOLONG));
+        assert_eq!(destroy(&dir, OsStr::new("a/b")), Err(Errno::EINVAL));
     }
 
     #[test]
