@@ -499,7 +499,13 @@ async fn startup_with_history(cairn: &Path) -> StartupFigures {
             "–".to_string(),
         )
     } else {
-        let device = Device::new();
+        // Kept from the start when asked: a panic or an early exit during the minutes that
+        // follow must not remove what they made (a drop would start deleting it).
+        let device = if std::env::var_os("CAIRN_BENCH_KEEP").is_some() {
+            Device::kept()
+        } else {
+            Device::new()
+        };
         let app = |n: usize| Uuid::from_u128(0xbe9d_0000_0000_4000_8000_0000_0000_0000 + n as u128);
         let volume =
             |n: usize| Uuid::from_u128(0xbe9e_0000_0000_4000_8000_0000_0000_0000 + n as u128);
@@ -603,11 +609,6 @@ async fn startup_with_history(cairn: &Path) -> StartupFigures {
         }
         up.stop();
         restarts.push((accel, synchronized, running));
-    }
-    if std::env::var_os("CAIRN_BENCH_KEEP").is_some()
-        && let Some(temp) = device.temp.take()
-    {
-        eprintln!("device root kept: {}", temp.keep().display());
     }
     let figure = |synchronized: &BTreeMap<&'static str, Result<Duration, String>>| {
         format!(
@@ -797,8 +798,8 @@ const RUNNING: &str = "all apps running";
 
 struct Device {
     dir: PathBuf,
-    /// Removed on drop unless kept; `None` for a reused root.
-    temp: Option<tempfile::TempDir>,
+    /// Removes the root on drop; `None` for a kept or reused root.
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl Device {
@@ -806,14 +807,22 @@ impl Device {
         let temp = tempfile::tempdir().unwrap();
         Self {
             dir: temp.path().to_path_buf(),
-            temp: Some(temp),
+            _temp: Some(temp),
         }
+    }
+
+    /// A new root that no drop removes (`CAIRN_BENCH_KEEP`), named before anything is put in
+    /// it, for `CAIRN_BENCH_REUSE`.
+    fn kept() -> Self {
+        let dir = tempfile::tempdir().unwrap().keep();
+        eprintln!("device root kept: {}", dir.display());
+        Self { dir, _temp: None }
     }
 
     /// A root kept by an earlier run (`CAIRN_BENCH_KEEP`), measured again and kept
     /// (`CAIRN_BENCH_REUSE=<root>`): a populated device of 1,000 apps takes minutes to make.
     fn reused(dir: PathBuf) -> Self {
-        Self { dir, temp: None }
+        Self { dir, _temp: None }
     }
 
     fn run(&self) -> PathBuf {
