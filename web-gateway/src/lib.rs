@@ -373,9 +373,9 @@ async fn read_view(web: &Web, scope: &Scope) -> DeviceView {
 async fn read_all(web: &Web, scope: &Scope, app: Option<String>) -> (DeviceView, Vec<SnapshotRow>) {
     let view = read_view(web, scope).await;
     let persist = web.roots.persist.clone();
-    let for_rows = view.clone();
+    let apps = view.apps.clone();
     let rows = tokio::task::spawn_blocking(move || {
-        readout::snapshot_rows(&for_rows, &persist, app.as_deref())
+        readout::snapshot_rows(&apps, &persist, app.as_deref())
     })
     .await
     .unwrap_or_default();
