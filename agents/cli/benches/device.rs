@@ -478,7 +478,7 @@ async fn startup_with_history(cairn: &Path) -> StartupFigures {
         figures
     };
     let reuse = std::env::var_os("CAIRN_BENCH_REUSE").map(PathBuf::from);
-    let (mut device, tables, populate, idle_rss) = if let Some(root) = reuse {
+    let (device, tables, populate, idle_rss) = if let Some(root) = reuse {
         // The tables a populated device of n_apps apps holds (see the first run below).
         let tables: Tables = [
             (AppInstanceConfig::NAME, n_apps),
