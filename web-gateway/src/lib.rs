@@ -398,7 +398,7 @@ async fn read_all(web: &Web, scope: &Scope, app: Option<String>) -> (DeviceView,
         tracing::error!("web read-out: checking the snapshot records: {e}");
         Default::default()
     });
-    let rows = readout::rows_from(&view, on_disk, app.as_deref());
+    let rows = readout::rows_from(&view.apps, on_disk, app.as_deref());
     let rows = scoped_rows(rows, &view, scope);
     (view, rows)
 }

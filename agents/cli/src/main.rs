@@ -328,29 +328,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status | Command::Apps | Command::Snapshots { .. } => {
+        Command::Snapshots { app } => {
             let roots = Roots::resolve(cli.root.as_deref());
             // The snapshot records are checked on the blocking pool while the bus is read.
-            let records = matches!(cli.command, Command::Snapshots { .. }).then(|| {
-                let persist = roots.persist.clone();
-                tokio::task::spawn_blocking(move || readout::unloadable_records(&persist))
-            });
+            let persist = roots.persist.clone();
+            let records =
+                tokio::task::spawn_blocking(move || readout::unloadable_records(&persist));
+            let apps = match readout::app_statuses(&roots, WAIT).await {
+                Some(apps) => apps,
+                // No app-manager to read: the whole device says why, or that the others run
+                // (the records on disk are still listed then).
+                None => {
+                    let view = readout::device_view(&roots, WAIT).await;
+                    if let Some(code) = unreadable(&view, &roots, cli.root.is_some()) {
+                        return Ok(code);
+                    }
+                    view.apps
+                }
+            };
+            let rows = readout::rows_from(&apps, records.await?, app.as_deref());
+            print_snapshots(&rows, cli.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status | Command::Apps => {
+            let roots = Roots::resolve(cli.root.as_deref());
             let view = readout::device_view(&roots, WAIT).await;
             if let Some(code) = unreadable(&view, &roots, cli.root.is_some()) {
                 return Ok(code);
             }
-            match cli.command {
-                Command::Status => print_status(&view, cli.json)?,
-                Command::Apps => print_apps(&view, cli.json)?,
-                Command::Snapshots { app } => {
-                    let on_disk = match records {
-                        Some(records) => records.await?,
-                        None => Default::default(),
-                    };
-                    let rows = readout::rows_from(&view, on_disk, app.as_deref());
-                    print_snapshots(&rows, cli.json)?;
-                }
-                _ => {}
+            if matches!(cli.command, Command::Status) {
+                print_status(&view, cli.json)?;
+            } else {
+                print_apps(&view, cli.json)?;
             }
             Ok(ExitCode::SUCCESS)
         }

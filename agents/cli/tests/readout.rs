@@ -146,6 +146,77 @@ async fn status_and_snapshots_read_the_bus_and_show_corrupt_records() {
     drop((device, apps));
 }
 
+/// `cairn snapshots` subscribes to the app-manager's topic alone: at 1,000 apps the other
+/// status topics are thousands of values it prints nothing of. Listening sockets stand in for
+/// the other agents' topics and count who connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_reads_only_the_app_managers_topic() {
+    use cairn_types::{Topic, VolumeStatus};
+    let root = tempfile::tempdir().unwrap();
+    let (run, persist) = (root.path().join("run"), root.path().join("persist"));
+    let app = Uuid::from_u128(0xa14);
+    let apps = Bus::new("app-manager", &run, &persist)
+        .publish::<AppInstanceStatus>(PublishOptions::default())
+        .await
+        .unwrap();
+    apps.publish(AppInstanceStatus {
+        uuid_and_version: UUIDandVersion {
+            uuid: app,
+            version: "1".into(),
+        },
+        display_name: "sensor".into(),
+        snap_status: SnapshottingStatus {
+            available_snapshots: vec![SnapshotInstanceStatus {
+                snapshot: SnapshotDesc {
+                    snapshot_id: Uuid::from_u128(1),
+                    ..Default::default()
+                },
+                app_instance_id: app,
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let others: Vec<std::os::unix::net::UnixListener> = [
+        ("config-agent", DeviceStatus::NAME),
+        ("domain-manager", cairn_types::DomainStatus::NAME),
+        ("volume-manager", VolumeStatus::NAME),
+    ]
+    .into_iter()
+    .map(|(agent, topic)| {
+        let socket = cairn_pubsub::socket_path(&run, agent, topic);
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        listener
+    })
+    .collect();
+
+    let root_path = root.path().to_path_buf();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || cairn(&root_path, &["snapshots", "--json"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows[0]["app_name"], "sensor", "{rows:#}");
+    assert_eq!(rows[0]["state"], "available", "{rows:#}");
+    for listener in &others {
+        // A connection made and closed meanwhile is still queued to be accepted.
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!(
+                "cairn snapshots connected to {:?}: {other:?}",
+                listener.local_addr().unwrap()
+            ),
+        }
+    }
+    drop(apps);
+}
+
 #[test]
 fn with_no_agents_it_says_how_to_start_them() {
     let root = tempfile::tempdir().unwrap();

@@ -208,6 +208,16 @@ pub fn socket_refusal(socket: &Path) -> Option<String> {
     }
 }
 
+/// The app-manager's statuses alone, or `None` when it does not answer (down, refused, too
+/// slow): every column of `cairn snapshots` but the records' own verdicts comes from this one
+/// topic, and the other eight are thousands of values at scale that it would read for nothing.
+pub async fn app_statuses(roots: &Roots, wait: Duration) -> Option<Vec<AppInstanceStatus>> {
+    match read::<AppInstanceStatus>(roots, "app-manager", wait).await {
+        Read::Values(apps) => Some(apps),
+        Read::Down | Read::Refused(_) => None,
+    }
+}
+
 /// Reads every agent's status topics.
 pub async fn device_view(roots: &Roots, wait: Duration) -> DeviceView {
     let (device, apps, domains, volumes, content_trees, log_manager, exports, baseos, edgeview) = tokio::join!(
@@ -486,16 +496,16 @@ fn unloadable_in(dirs: impl Iterator<Item = (String, PathBuf)>) -> Vec<(String, 
 /// row per snapshot: a reported snapshot whose record is corrupt is shown `corrupt`, not also
 /// `available`.
 pub fn snapshot_rows(
-    view: &DeviceView,
+    apps: &[AppInstanceStatus],
     persist: &Path,
     app_filter: Option<&str>,
 ) -> Vec<SnapshotRow> {
-    rows_from(view, unloadable_records(persist), app_filter)
+    rows_from(apps, unloadable_records(persist), app_filter)
 }
 
 /// [`snapshot_rows`] with the records' check already made ([`unloadable_records`]).
 pub fn rows_from(
-    view: &DeviceView,
+    apps: &[AppInstanceStatus],
     mut on_disk: std::collections::BTreeMap<String, OnDisk>,
     app_filter: Option<&str>,
 ) -> Vec<SnapshotRow> {
@@ -504,7 +514,7 @@ pub fn rows_from(
             .is_none_or(|f| app.uuid_and_version.uuid.to_string() == f || app.display_name == f)
     };
     let mut rows = Vec::new();
-    for app in view.apps.iter() {
+    for app in apps {
         let snap = &app.snap_status;
         let listed = !wanted(app);
         for s in &snap.available_snapshots {
