@@ -968,8 +968,8 @@ async fn export(
                 let out = file_path;
                 let f = std::fs::File::open(&out)?;
                 let size = f.metadata()?.len();
-                // qemu-img flushed the file at close; the hash reads it from the page cache
-                // while this fsync confirms it, instead of after.
+                // qemu-img writes without a flush: this fsync makes the file durable while the
+                // hash reads it from the page cache, instead of after.
                 std::thread::scope(|scope| {
                     let synced = scope.spawn(|| f.sync_all());
                     let sha = verify::sha256_file(&out, &mut |_| true);
