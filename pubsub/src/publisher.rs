@@ -245,6 +245,13 @@ impl<T: Topic> Publication<T> {
         })
     }
 
+    /// How many updates the group-commit queue has room for without growing (diagnostics and
+    /// tests: a burst must not keep its peak).
+    pub fn commit_queue_capacity(&self) -> usize {
+        let queue = lock(&self.shared.queue);
+        queue.latest.capacity().max(queue.ops.capacity())
+    }
+
     /// Publishes `value` under its key. An equal value is not sent again (see [`republish`]).
     /// For a persistent topic the key file is durable before any subscriber sees the value.
     ///
@@ -610,6 +617,12 @@ async fn commit_loop<T: Topic>(shared: Arc<Shared<T>>, journal: Arc<Mutex<Journa
                 {
                     queue.latest.remove(&op.key);
                 }
+            }
+            // The map holds whole values: a burst (every record published again at start) must
+            // not keep its peak for the life of the agent.
+            if queue.latest.capacity() > 4 * queue.latest.len().max(16) {
+                let keep = queue.latest.len() * 2;
+                queue.latest.shrink_to(keep);
             }
             if result.is_ok() {
                 for op in &mut ops {

@@ -723,3 +723,35 @@ async fn a_subscriber_allocates_for_bytes_received_not_for_a_declared_frame_leng
     let second = fake.await.unwrap();
     drop(second);
 }
+
+/// Every record published again at an agent's start comes as one burst of durable updates; the
+/// group-commit queue, which holds whole values, must not keep room for the burst afterwards.
+#[tokio::test]
+async fn a_burst_of_durable_updates_does_not_keep_its_peak_in_the_commit_queue() {
+    let roots = Roots::new();
+    let publication = std::sync::Arc::new(
+        roots
+            .bus("app-manager")
+            .publish::<TestStatus>(PublishOptions {
+                persistent: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+    );
+    let burst: Vec<_> = (0..2000u64)
+        .map(|i| {
+            let publication = publication.clone();
+            tokio::spawn(async move { publication.publish(status(&format!("k{i}"), i)).await })
+        })
+        .collect();
+    for update in burst {
+        update.await.unwrap().unwrap();
+    }
+    assert_eq!(publication.keys().len(), 2000);
+    assert!(
+        publication.commit_queue_capacity() < 128,
+        "the queue keeps room for {} updates after the burst",
+        publication.commit_queue_capacity()
+    );
+}
