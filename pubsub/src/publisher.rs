@@ -119,6 +119,9 @@ struct Shared<T: Topic> {
     gate: tokio::sync::Mutex<()>,
     dirty: Mutex<BTreeMap<String, Option<T>>>,
     dirty_notify: Notify,
+    /// Held by a write-behind flush while it writes on the blocking pool: the publication's
+    /// drop waits for it, so that no key file is written once the publication is gone.
+    writing: Arc<Mutex<()>>,
     /// Persistent topics: updates waiting for the committer's next group.
     queue: Mutex<CommitQueue<T>>,
     queue_notify: Notify,
@@ -220,6 +223,7 @@ impl<T: Topic> Publication<T> {
             gate: tokio::sync::Mutex::new(()),
             dirty: Mutex::new(BTreeMap::new()),
             dirty_notify: Notify::new(),
+            writing: Arc::new(Mutex::new(())),
             queue: Mutex::new(CommitQueue {
                 ops: Vec::new(),
                 latest: HashMap::new(),
@@ -490,6 +494,8 @@ impl<T: Topic> Drop for Publication<T> {
             outbox.close();
         }
         let _ = std::fs::remove_file(&self.socket);
+        // A flush already on the blocking pool runs on after its task is aborted: waited for.
+        let _writing = lock(&self.shared.writing);
         // Best effort: values published just before the drop reach their files.
         let pending = std::mem::take(&mut *lock(&self.shared.dirty));
         for (key, (_, e)) in write_dirty(&self.shared.files, pending) {
@@ -893,9 +899,13 @@ async fn flush_dirty<T: Topic>(shared: &Arc<Shared<T>>) -> Result<(), BusError> 
         return Ok(());
     }
     let files = shared.files.clone();
-    let failed = tokio::task::spawn_blocking(move || write_dirty(&files, pending))
-        .await
-        .map_err(|e| BusError::io("writing", &shared.files.dir, std::io::Error::other(e)))?;
+    let writing = shared.writing.clone();
+    let failed = tokio::task::spawn_blocking(move || {
+        let _writing = lock(&writing);
+        write_dirty(&files, pending)
+    })
+    .await
+    .map_err(|e| BusError::io("writing", &shared.files.dir, std::io::Error::other(e)))?;
     let Some((first_key, first_error)) = failed
         .iter()
         .next()

@@ -180,7 +180,7 @@ async fn a_new_subscriber_gets_the_full_table() {
 }
 
 #[tokio::test]
-async fn a_sixteen_mib_value_is_delivered_whole() {
+async fn a_sixteen_mib_value_is_delivered_whole_and_its_file_is_not_written_after_the_drop() {
     let roots = Roots::new();
     let publication = roots.publish("volume-manager").await;
     let mut sub = roots
@@ -198,6 +198,17 @@ async fn a_sixteen_mib_value_is_delivered_whole() {
         Event::Create { value, .. } => assert_eq!(value, big),
         other => panic!("expected the big value, got {other:?}"),
     }
+    // Its 16 MiB key file is written behind, on the blocking pool: once the publication is
+    // dropped nothing may be written (a write that ran on made the run directory again).
+    drop(sub);
+    drop(publication);
+    let root = roots.dir.path().to_path_buf();
+    drop(roots);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !root.exists(),
+        "a key file was written after the publication was dropped"
+    );
 }
 
 #[tokio::test]
