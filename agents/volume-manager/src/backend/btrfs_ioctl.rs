@@ -56,45 +56,31 @@ struct VolArgs {
 const _: () = assert!(std::mem::size_of::<VolArgs>() == 4096);
 const _: () = assert!(std::mem::align_of::<VolArgs>() == 8);
 
-/// `_IOW(BTRFS_IOCTL_MAGIC, 23, struct btrfs_ioctl_vol_args_v2)` in the generic encoding
-/// (`include/uapi/asm-generic/ioctl.h`: direction in bits 30-31, write = 1; size in 16-29;
-/// type in 8-15; number in 0-7). Architectures with another encoding use the CLI.
-#[cfg(any(
+/// Whether this architecture encodes ioctl requests the generic way
+/// (`include/uapi/asm-generic/ioctl.h`: direction in bits 30-31, write = 1; size in 16-29; type
+/// in 8-15; number in 0-7). Architectures with another encoding use the CLI.
+const GENERIC_IOCTL_ENCODING: bool = cfg!(any(
     target_arch = "x86_64",
     target_arch = "x86",
     target_arch = "aarch64",
     target_arch = "arm",
     target_arch = "riscv64"
-))]
-const SNAP_CREATE_V2: Option<u64> =
-    Some((1 << 30) | ((std::mem::size_of::<VolArgsV2>() as u64) << 16) | (0x94 << 8) | 23);
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64"
-)))]
-const SNAP_CREATE_V2: Option<u64> = None;
+));
 
-/// `_IOW(BTRFS_IOCTL_MAGIC, 15, struct btrfs_ioctl_vol_args)`, encoded as above.
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64"
-))]
-const SNAP_DESTROY: Option<u64> =
-    Some((1 << 30) | ((std::mem::size_of::<VolArgs>() as u64) << 16) | (0x94 << 8) | 15);
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64"
-)))]
-const SNAP_DESTROY: Option<u64> = None;
+/// `_IOW(BTRFS_IOCTL_MAGIC, nr, <a struct of size bytes>)`, where the encoding is the generic one.
+const fn btrfs_iow(nr: u64, size: usize) -> Option<u64> {
+    if GENERIC_IOCTL_ENCODING {
+        Some((1 << 30) | ((size as u64) << 16) | (0x94 << 8) | nr)
+    } else {
+        None
+    }
+}
+
+/// `_IOW(BTRFS_IOCTL_MAGIC, 23, struct btrfs_ioctl_vol_args_v2)`.
+const SNAP_CREATE_V2: Option<u64> = btrfs_iow(23, std::mem::size_of::<VolArgsV2>());
+
+/// `_IOW(BTRFS_IOCTL_MAGIC, 15, struct btrfs_ioctl_vol_args)`.
+const SNAP_DESTROY: Option<u64> = btrfs_iow(15, std::mem::size_of::<VolArgs>());
 
 /// A name the kernel takes for a subvolume in a directory: not empty, no `/`, no NUL, at most
 /// `max` bytes.

@@ -141,20 +141,7 @@ async fn snapshot_op(volume: &str, op: &str, name: &str, file: &Path) -> Result<
 /// further writes could corrupt data. `check -r leaks` sets the refcounts to what the tables
 /// reference (what qemu-iotests do after blkdebug errors), before anything writes again.
 async fn repair(volume: &str, file: &Path, failed: VolumeError) -> VolumeError {
-    let checked = process::run(
-        TOOL,
-        &[
-            "check".as_ref(),
-            "-r".as_ref(),
-            "leaks".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            file.as_os_str(),
-        ],
-        COMMAND_TIMEOUT,
-    )
-    .await;
-    match checked {
+    match check_repairing_leaks(file).await {
         Ok(_) => {
             tracing::warn!(volume, file = %file.display(), "qcow2 refcounts repaired after a failed snapshot operation: {failed}");
             VolumeError::Repaired {
@@ -162,16 +149,12 @@ async fn repair(volume: &str, file: &Path, failed: VolumeError) -> VolumeError {
                 source: Box::new(failed),
             }
         }
-        // Exit 2: corruption leak repair cannot mend; the volume is unusable as it is.
-        Err(e) if matches!(&e, CommandError::Failed { status, .. } if status.contains("exit status: 2")) => {
-            VolumeError::Corrupt {
-                volume: volume.to_string(),
-                file: file.to_path_buf(),
-                detail: format!(
-                    "{failed}; then `qemu-img check -r leaks` could not repair it: {e}"
-                ),
-            }
-        }
+        // Corruption leak repair cannot mend: the volume is unusable as it is.
+        Err(e) if unrepairable(&e) => VolumeError::Corrupt {
+            volume: volume.to_string(),
+            file: file.to_path_buf(),
+            detail: format!("{failed}; then `qemu-img check -r leaks` could not repair it: {e}"),
+        },
         // The check itself failed (the same full or failing disk): nothing known either way.
         Err(e) => VolumeError::Unchecked {
             file: file.to_path_buf(),
@@ -190,7 +173,34 @@ async fn repair(volume: &str, file: &Path, failed: VolumeError) -> VolumeError {
 /// read-only or failing disk) is said and the volume used as it is: leaks cost space, not data.
 /// Corruption that leak repair cannot mend refuses the volume, naming the image.
 pub async fn mend_leaks(volume: &str, file: &Path) -> Result<()> {
-    let checked = process::run(
+    match check_repairing_leaks(file).await {
+        Ok(out) => {
+            let fixed = leaks_fixed(&out.stdout);
+            if fixed > 0 {
+                tracing::warn!(volume, file = %file.display(), clusters = fixed, "repaired leaked qcow2 clusters an unclean stop left (`qemu-img check -r leaks`)");
+            }
+            Ok(())
+        }
+        Err(e) if unrepairable(&e) => Err(VolumeError::Corrupt {
+            volume: volume.to_string(),
+            file: file.to_path_buf(),
+            detail: format!("`qemu-img check -r leaks` found corruption it cannot repair: {e}"),
+        }),
+        Err(e) => {
+            match classify(volume, file, e) {
+                VolumeError::Locked { .. } => {}
+                other => {
+                    tracing::warn!(volume, file = %file.display(), "the image could not be checked for leaked clusters; used as it is: {other}")
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `qemu-img check -r leaks` of `file`, its report as JSON.
+async fn check_repairing_leaks(file: &Path) -> std::result::Result<process::Output, CommandError> {
+    process::run(
         TOOL,
         &[
             "check".as_ref(),
@@ -203,32 +213,12 @@ pub async fn mend_leaks(volume: &str, file: &Path) -> Result<()> {
         ],
         COMMAND_TIMEOUT,
     )
-    .await;
-    match checked {
-        Ok(out) => {
-            let fixed = leaks_fixed(&out.stdout);
-            if fixed > 0 {
-                tracing::warn!(volume, file = %file.display(), clusters = fixed, "repaired leaked qcow2 clusters an unclean stop left (`qemu-img check -r leaks`)");
-            }
-            Ok(())
-        }
-        Err(e) if matches!(&e, CommandError::Failed { status, .. } if status.contains("exit status: 2")) => {
-            Err(VolumeError::Corrupt {
-                volume: volume.to_string(),
-                file: file.to_path_buf(),
-                detail: format!("`qemu-img check -r leaks` found corruption it cannot repair: {e}"),
-            })
-        }
-        Err(e) => {
-            match classify(volume, file, e) {
-                VolumeError::Locked { .. } => {}
-                other => {
-                    tracing::warn!(volume, file = %file.display(), "the image could not be checked for leaked clusters; used as it is: {other}")
-                }
-            }
-            Ok(())
-        }
-    }
+    .await
+}
+
+/// Exit 2 of `qemu-img check`: corruption that leak repair cannot mend.
+fn unrepairable(e: &CommandError) -> bool {
+    matches!(e, CommandError::Failed { status, .. } if status.contains("exit status: 2"))
 }
 
 /// The `leaks-fixed` count of `qemu-img check --output=json`; 0 when absent.
