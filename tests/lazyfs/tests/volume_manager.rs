@@ -376,28 +376,37 @@ fn snapshot_delete_in(mode: DirRestoreMode) {
 
 /// A directory volume made: once the manager said Ready (and published it), the volume is
 /// there after a cut; a restarted manager would otherwise report it missing.
+/// The workload of a new volume: a manager opened on `root` makes `config`; `key` is
+/// acknowledged once it answers Ready.
+fn make_volume(
+    rt: &tokio::runtime::Runtime,
+    root: &Path,
+    ledger: &mut Ledger<'_>,
+    key: &str,
+    config: cairn_types::volume::VolumeConfig,
+) {
+    use cairn_types::volume::VolumeState;
+    use cairn_volume_manager::Publish;
+    rt.block_on(async {
+        let mut m = volume_manager(root).await;
+        m.handle_app_volume_refs_complete().await;
+        ledger.begin(key, Some(1));
+        let out = m.handle_volume_config(config).await;
+        if matches!(out.first(), Some(Publish::Volume(v)) if v.state == VolumeState::Ready) {
+            ledger.ack(key);
+        }
+    });
+}
+
 #[test]
 fn a_new_volume_survives_a_cut_at_every_request() {
     let mode = DirRestoreMode::Auto;
-    use cairn_types::volume::VolumeState;
-    use cairn_volume_manager::Publish;
     let rt = runtime();
     let key = "volume 501";
     both_modes(
         "volume-manager volume create",
         &mut |_| {},
-        &mut |root, ledger| {
-            rt.block_on(async {
-                let mut m = volume_manager(root).await;
-                m.handle_app_volume_refs_complete().await;
-                ledger.begin(key, Some(1));
-                let out = m.handle_volume_config(dir_volume(mode)).await;
-                if matches!(out.first(), Some(Publish::Volume(v)) if v.state == VolumeState::Ready)
-                {
-                    ledger.ack(key);
-                }
-            });
-        },
+        &mut |root, ledger| make_volume(&rt, root, ledger, key, dir_volume(mode)),
         &mut |root, _| {
             let dir = root.join("volumes").join(format!("{VOLUME_ID}#0"));
             let got = if dir.is_dir() { RIGHT } else { Found::Absent };
@@ -410,8 +419,7 @@ fn a_new_volume_survives_a_cut_at_every_request() {
 /// the page cache: once the manager says Ready, a cut must find the image whole.
 #[test]
 fn a_volume_made_from_a_base_image_survives_a_cut_at_every_request() {
-    use cairn_types::volume::{VolumeFormat, VolumeOrigin, VolumeState};
-    use cairn_volume_manager::Publish;
+    use cairn_types::volume::{VolumeFormat, VolumeOrigin};
     const IMAGE_VOLUME_ID: uuid::Uuid = uuid::Uuid::from_u128(0x502);
     const MIB: u64 = 1 << 20;
     let images = tempfile::tempdir().unwrap();
@@ -455,18 +463,7 @@ fn a_volume_made_from_a_base_image_survives_a_cut_at_every_request() {
     both_modes(
         "volume-manager volume from a base image",
         &mut |_| {},
-        &mut |root, ledger| {
-            rt.block_on(async {
-                let mut m = volume_manager(root).await;
-                m.handle_app_volume_refs_complete().await;
-                ledger.begin(key, Some(1));
-                let out = m.handle_volume_config(config.clone()).await;
-                if matches!(out.first(), Some(Publish::Volume(v)) if v.state == VolumeState::Ready)
-                {
-                    ledger.ack(key);
-                }
-            });
-        },
+        &mut |root, ledger| make_volume(&rt, root, ledger, key, config.clone()),
         &mut |root, _| {
             let file = root
                 .join("volumes")
